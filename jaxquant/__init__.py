@@ -1,0 +1,48 @@
+"""jaxquant: low-precision number formats and quantization for JAX.
+
+Functional, jit-compiled quantizers over pytrees: FP8 / BF16 / FP6 / FP4 / INT8 / INT4 /
+NF4 / MX / binary / ternary, with per-tensor, per-channel, per-block and per-token scales,
+several calibrations, round-to-nearest-even and stochastic rounding, saturating casts.
+"""
+
+from jaxquant import formats, metrics
+from jaxquant._src.calibration import absmax, fixed, kl, mean_std, minmax, mse, percentile
+from jaxquant._src.explain import explain
+from jaxquant._src.granularity import per_block, per_channel, per_tensor, per_token
+from jaxquant._src.qarray import QArray
+from jaxquant._src.quantize import (
+    dequantize,
+    dequantize_tree,
+    fake_quant,
+    quantize,
+    quantize_tree,
+)
+from jaxquant._src.rounding import random_bits
+from jaxquant._src.spec import QuantSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QArray",
+    "QuantSpec",
+    "absmax",
+    "dequantize",
+    "dequantize_tree",
+    "explain",
+    "fake_quant",
+    "fixed",
+    "formats",
+    "kl",
+    "mean_std",
+    "metrics",
+    "minmax",
+    "mse",
+    "per_block",
+    "per_channel",
+    "per_tensor",
+    "per_token",
+    "percentile",
+    "quantize",
+    "quantize_tree",
+    "random_bits",
+]

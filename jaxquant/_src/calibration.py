@@ -1,0 +1,301 @@
+"""Calibration: choosing the range [lo, hi] that a quantizer maps onto its grid.
+
+Each method reduces a (blocked) float32 view over ``axes`` with ``keepdims=True`` and
+returns ``(lo, hi)``; symmetric quantizers use ``amax = max(-lo, hi)``. Non-finite values
+are ignored, so one NaN or Inf cannot poison a whole tensor's scale (they are handled
+element-wise by the rounding policy instead). An all-zero group gives ``lo = hi = 0``,
+which the scale rule maps to a unit scale.
+
+Methods that search (``mse``, ``kl``) need to quantize candidates: they receive ``qdq``, a
+function ``(x, lo, hi) -> x_hat`` built by the quantizer for its own format and rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+QDQ = Callable[[Array, Array, Array], Array]
+
+
+def _finite(x: Array) -> Array:
+    return jnp.isfinite(x)
+
+
+def _masked_max(x: Array, axes: tuple[int, ...]) -> Array:
+    return jnp.max(jnp.where(_finite(x), x, -jnp.inf), axis=axes, keepdims=True, initial=-jnp.inf)
+
+
+def _min_max(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    hi = _masked_max(x, axes)
+    lo = -_masked_max(-x, axes)
+    empty = jnp.isinf(hi)  # no finite value in the group
+    return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
+
+
+def _sym(lo: Array, hi: Array, symmetric: bool) -> tuple[Array, Array]:
+    if symmetric:
+        amax = jnp.maximum(-lo, hi)
+        return -amax, amax
+    return lo, hi
+
+
+@dataclasses.dataclass(frozen=True)
+class AbsMax:
+    """``amax = max |x|`` ("max quantization"); asymmetric: ``[min x, max x]``."""
+
+    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+        return _sym(*_min_max(x, axes), symmetric)
+
+    def __str__(self) -> str:
+        return "absmax"
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMax(AbsMax):
+    """Same as :class:`AbsMax`; the name users expect for asymmetric quantization."""
+
+    def __str__(self) -> str:
+        return "minmax"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanStd:
+    """Clip to ``mean +- k * std`` (within the data's own range): robust to outliers.
+
+    Symmetric: ``amax = min(max|x|, |mean| + k * std)``.
+    """
+
+    k: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not self.k > 0:
+            raise ValueError(f"mean_std: k must be > 0, got {self.k}.")
+
+    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+        fin = _finite(x)
+        n = jnp.maximum(jnp.sum(fin, axis=axes, keepdims=True), 1).astype(jnp.float32)
+        xz = jnp.where(fin, x, 0.0)
+        mean = jnp.sum(xz, axis=axes, keepdims=True) / n
+        var = jnp.sum(jnp.where(fin, (x - mean) ** 2, 0.0), axis=axes, keepdims=True) / n
+        std = jnp.sqrt(var)
+        lo, hi = _min_max(x, axes)
+        if symmetric:
+            amax = jnp.minimum(jnp.maximum(-lo, hi), jnp.abs(mean) + self.k * std)
+            return -amax, amax
+        return jnp.maximum(lo, mean - self.k * std), jnp.minimum(hi, mean + self.k * std)
+
+    def __str__(self) -> str:
+        return f"mean_std({self.k:g})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Percentile:
+    """Clip at the ``p``-th percentile of ``|x|`` (asymmetric: the ``100-p`` and ``p`` ones)."""
+
+    p: float = 99.9
+
+    def __post_init__(self) -> None:
+        if not 0 < self.p <= 100:
+            raise ValueError(f"percentile: p must be in (0, 100], got {self.p}.")
+
+    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+        xn = jnp.where(_finite(x), x, jnp.nan)
+        q = self.p / 100.0
+        if symmetric:
+            amax = jnp.nanquantile(jnp.abs(xn), q, axis=axes, keepdims=True)
+            amax = jnp.nan_to_num(amax)
+            return -amax, amax
+        lo = jnp.nan_to_num(jnp.nanquantile(xn, 1.0 - q, axis=axes, keepdims=True))
+        hi = jnp.nan_to_num(jnp.nanquantile(xn, q, axis=axes, keepdims=True))
+        return lo, hi
+
+    def __str__(self) -> str:
+        return f"percentile({self.p:g})"
+
+
+@dataclasses.dataclass(frozen=True)
+class MSE:
+    """Search clip ratios ``r`` in ``[min_ratio, 1]`` of the abs-max range for the lowest
+    quantization MSE, per scale group (``num`` candidates, evaluated one at a time with
+    ``lax.scan`` so memory stays at one copy of the input).
+    """
+
+    num: int = 32
+    min_ratio: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.num < 1 or not 0 < self.min_ratio <= 1:
+            raise ValueError(
+                f"mse: need num >= 1 and 0 < min_ratio <= 1, got {self.num}, {self.min_ratio}."
+            )
+
+    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+        lo0, hi0 = _sym(*_min_max(x, axes), symmetric)
+        fin = _finite(x)
+        xz = jnp.where(fin, x, 0.0)
+        ratios = jnp.linspace(self.min_ratio, 1.0, self.num, dtype=jnp.float32)
+
+        def step(best, r):
+            best_err, best_r = best
+            err = jnp.sum(jnp.square(qdq(xz, lo0 * r, hi0 * r) - xz), axis=axes, keepdims=True)
+            better = err < best_err
+            return (jnp.where(better, err, best_err), jnp.where(better, r, best_r)), None
+
+        init = (jnp.full(lo0.shape, jnp.inf, jnp.float32), jnp.ones(lo0.shape, jnp.float32))
+        (_, r), _ = jax.lax.scan(step, init, ratios)
+        return lo0 * r, hi0 * r
+
+    def __str__(self) -> str:
+        return f"mse({self.num})"
+
+
+def _histogram(idx: Array, valid: Array, axes: tuple[int, ...], nb: int) -> Array:
+    """Counts of ``idx`` in [0, nb) per group (``axes`` reduced, kept as 1) on a new last axis."""
+    keep = [i for i in range(idx.ndim) if i not in axes]
+    perm = keep + list(axes)
+    moved = jnp.transpose(idx, perm)
+    vmoved = jnp.transpose(valid, perm)
+    gshape = moved.shape[: len(keep)]
+    groups = 1
+    for d in gshape:
+        groups *= d
+    flat = moved.reshape(groups, -1)
+    ids = (flat + nb * jnp.arange(groups)[:, None]).reshape(-1)
+    w = vmoved.reshape(-1).astype(jnp.float32)
+    hist = jax.ops.segment_sum(w, ids, groups * nb).reshape(*gshape, nb)
+    out_shape = tuple(1 if i in axes else d for i, d in enumerate(idx.shape)) + (nb,)
+    return hist.reshape(out_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class KL:
+    """Entropy calibration (TensorRT, Migacz 2017): the clip threshold whose quantized
+    histogram of ``|x|`` has the smallest KL divergence from the clipped original.
+
+    A ``bins``-bin histogram of ``|x|`` per scale group; ``num`` candidate thresholds between
+    ``bins/8`` and ``bins`` bins. For each, the bins are quantized with the real quantizer
+    (``qdq``) and merged by the level they land on; each level's mass is spread evenly over
+    its non-empty bins. Symmetric only (it calibrates ``|x|``).
+    """
+
+    bins: int = 512
+    num: int = 64
+
+    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+        if not symmetric:
+            raise ValueError("kl calibration is symmetric only; use symmetric=True or minmax().")
+        _, amax = _sym(*_min_max(x, axes), True)
+        a = jnp.where(_finite(x), jnp.abs(x), 0.0)
+        nb = self.bins
+        width = jnp.where(amax > 0, amax / nb, 1.0)
+        idx = jnp.clip(jnp.floor(a / width), 0, nb - 1).astype(jnp.int32)
+        hist = _histogram(idx, _finite(x), axes, nb)  # [...keepdims..., nb]
+        centers = (jnp.arange(nb, dtype=jnp.float32) + 0.5) * width  # [..., nb]
+        ks = jnp.linspace(nb // 8, nb, self.num).astype(jnp.int32)
+        bin_ids = jnp.arange(nb)
+
+        def divergence(k):
+            thr = k.astype(jnp.float32) * width
+            inside = bin_ids < k
+            tail = jnp.sum(jnp.where(inside, 0.0, hist), axis=-1, keepdims=True)
+            p = jnp.where(inside, hist, 0.0)
+            p = p + jnp.where(bin_ids == k - 1, tail, 0.0)
+            levels = qdq(centers, -thr, thr)  # the value each bin centre quantizes to
+            levels = jnp.broadcast_to(levels, p.shape)
+            # qdq is monotone, so bins sharing a level form contiguous runs: give each run
+            # an id, then sum mass and count non-empty bins per run with segment sums.
+            change = jnp.concatenate(
+                [jnp.ones_like(levels[..., :1], bool), levels[..., 1:] != levels[..., :-1]], -1
+            )
+            run = jnp.cumsum(change, axis=-1) - 1
+            groups = p.size // nb
+            ids = (run + nb * jnp.arange(groups).reshape(p.shape[:-1] + (1,))).reshape(-1)
+            nz = (p > 0).astype(jnp.float32)
+            seg = groups * nb
+            mass = jax.ops.segment_sum(p.reshape(-1), ids, seg)[ids].reshape(p.shape)
+            count = jax.ops.segment_sum(nz.reshape(-1), ids, seg)[ids].reshape(p.shape)
+            q = jnp.where(p > 0, mass / jnp.maximum(count, 1.0), 0.0)
+            ps = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+            qs = q / jnp.maximum(jnp.sum(q, axis=-1, keepdims=True), 1e-30)
+            terms = jnp.where(ps > 0, ps * (jnp.log(ps) - jnp.log(jnp.maximum(qs, 1e-30))), 0.0)
+            return jnp.sum(terms, axis=-1, keepdims=True)
+
+        divs = jax.lax.map(divergence, ks)  # [num, ..., 1]
+        best = jnp.argmin(divs, axis=0)
+        thr = ks[best].astype(jnp.float32) * width
+        thr = jnp.reshape(thr, amax.shape)
+        thr = jnp.minimum(thr, amax)
+        return -thr, thr
+
+    def __str__(self) -> str:
+        return f"kl({self.bins})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+    """A fixed range from calibration or a config: ``amax`` (symmetric) or ``(lo, hi)``."""
+
+    amax: float | tuple[float, float]
+
+    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+        if isinstance(self.amax, tuple):
+            lo, hi = self.amax
+        else:
+            lo, hi = -float(self.amax), float(self.amax)
+        lo_a = jnp.full(shape, lo, jnp.float32)
+        hi_a = jnp.full(shape, hi, jnp.float32)
+        return _sym(lo_a, hi_a, symmetric)
+
+    def __str__(self) -> str:
+        return f"fixed({self.amax})"
+
+
+Calibration = AbsMax | MinMax | MeanStd | Percentile | MSE | KL | Fixed
+
+
+def absmax() -> AbsMax:
+    """``amax = max|x|``: the seed's "max quantization"."""
+    return AbsMax()
+
+
+def minmax() -> MinMax:
+    """``[min x, max x]``: the natural range for zero-point quantization."""
+    return MinMax()
+
+
+def mean_std(k: float = 3.0) -> MeanStd:
+    """Clip to ``mean +- k std``: more robust to outliers than absmax."""
+    return MeanStd(float(k))
+
+
+def percentile(p: float = 99.9) -> Percentile:
+    """Clip at the ``p``-th percentile of ``|x|``."""
+    return Percentile(float(p))
+
+
+def mse(num: int = 32, min_ratio: float = 0.2) -> MSE:
+    """Grid-search the clip ratio minimizing the quantization MSE."""
+    return MSE(int(num), float(min_ratio))
+
+
+def kl(bins: int = 512, num: int = 64) -> KL:
+    """KL-divergence (entropy) calibration of the clip threshold."""
+    return KL(int(bins), int(num))
+
+
+def fixed(amax: float | tuple[float, float]) -> Fixed:
+    """A fixed, known range: ``amax`` or ``(lo, hi)``."""
+    if isinstance(amax, tuple | list):
+        lo, hi = (float(v) for v in amax)
+        if not lo <= hi:
+            raise ValueError(f"fixed: need lo <= hi, got ({lo}, {hi}).")
+        return Fixed((lo, hi))
+    if not float(amax) >= 0:
+        raise ValueError(f"fixed: amax must be >= 0, got {amax}.")
+    return Fixed(float(amax))

@@ -1,0 +1,618 @@
+"""Number formats: one registry of every format jaxquant can quantize to.
+
+A :class:`Format` is a frozen, hashable description of a set of representable values and
+how they are encoded in bits. Four kinds exist:
+
+* ``"float"`` -- IEEE-like ``ExMy`` floats (sign, ``e`` exponent bits, ``m`` mantissa bits,
+  a bias, subnormals). Every float type that ``ml_dtypes`` ships is registered with its
+  ``dtype``; :func:`float_format` builds *any* other ``ExMy`` format, emulated in float32
+  (bit-for-bit equal to ml_dtypes wherever both have the format).
+* ``"int"`` -- two's-complement signed ``int1``..``int8``, ``int16`` and unsigned ``uint1``..``uint8``.
+* ``"codebook"`` -- a sorted table of values: NF4 (QLoRA), binary ``{-1, +1}``,
+  ternary ``{-1, 0, +1}``.
+* ``"mx"`` -- OCP Microscaling: an element format plus one shared power-of-two (``e8m0``)
+  scale per block of 32 elements.
+
+Float encodings differ in how they spend their top exponent code (``nan_style``):
+
+==========  ===================================================  ======================
+style       meaning                                              examples
+==========  ===================================================  ======================
+``ieee``    top exponent reserved: mantissa 0 is Inf, else NaN   fp32, fp16, bf16, e5m2
+``fn``      finite + NaN: only ``S.1..1.1..1`` is NaN, no Inf    e4m3fn
+``fnuz``    finite, unsigned zero: ``1.0..0.0..0`` is NaN        e4m3fnuz, e5m2fnuz
+``none``    finite only: every code is a number                  fp6, fp4 (OCP MX)
+==========  ===================================================  ======================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+
+Kind = Literal["float", "int", "codebook", "mx"]
+NanStyle = Literal["ieee", "fn", "fnuz", "none"]
+
+# QLoRA's NormalFloat4 (arXiv 2305.14314, Appendix E): quantiles of N(0, 1) normalised to
+# [-1, 1], asymmetric so that 0 is exact. papers/nf4 rebuilds them from the definition.
+NF4_VALUES: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A number format: its value set, its encoding, and its properties.
+
+    Instances are immutable and hashable, so they can be closed over or passed as static
+    arguments under ``jax.jit``. Build them with :func:`get`, :func:`float_format`,
+    :func:`int_format`; don't call the constructor directly.
+
+    Attributes:
+      name: canonical name (``"float8_e4m3fn"``, ``"int4"``, ``"nf4"``, ``"mxfp8"``).
+      kind: ``"float"``, ``"int"``, ``"codebook"`` or ``"mx"``.
+      bits: bits per stored element (for ``mx``, the element's bits; see ``bits_per_value``).
+      exp_bits, man_bits, bias: the float layout (0 for non-floats).
+      nan_style: how the float spends its top codes (see module docstring).
+      signed: whether negative values exist.
+      dtype: the numpy/ml_dtypes storage dtype when one exists, else ``None`` (emulated).
+      codebook: the sorted values of a codebook format.
+      element: the element format of an ``mx`` format.
+      block_size: elements per shared scale of an ``mx`` format.
+    """
+
+    name: str
+    kind: Kind
+    bits: int
+    exp_bits: int = 0
+    man_bits: int = 0
+    bias: int = 0
+    nan_style: NanStyle = "none"
+    signed: bool = True
+    dtype: np.dtype | None = dataclasses.field(default=None, compare=False)
+    codebook: tuple[float, ...] | None = None
+    element: Format | None = None
+    block_size: int = 0
+
+    def __repr__(self) -> str:
+        return f"Format({self.name!r})"
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def is_float(self) -> bool:
+        return self.kind == "float"
+
+    @property
+    def is_int(self) -> bool:
+        return self.kind == "int"
+
+    @property
+    def has_inf(self) -> bool:
+        return self.kind == "float" and self.nan_style == "ieee"
+
+    @property
+    def has_nan(self) -> bool:
+        return self.kind == "float" and self.nan_style != "none"
+
+    @property
+    def has_negative_zero(self) -> bool:
+        return (
+            self.kind == "float" and self.signed and self.nan_style != "fnuz" and self.man_bits >= 0
+        )
+
+    @property
+    def has_subnormals(self) -> bool:
+        return self.kind == "float" and self.man_bits > 0
+
+    @property
+    def emax(self) -> int:
+        """Unbiased exponent of the largest finite value (floats); 0 otherwise."""
+        if self.kind == "mx":
+            assert self.element is not None
+            return self.element.emax
+        if self.kind != "float":
+            return 0
+        top = 2**self.exp_bits - 1  # the all-ones exponent field
+        if self.nan_style == "ieee" or (self.nan_style == "fn" and self.man_bits == 0):
+            top -= 1  # Inf/NaN own the whole top field (e8m0: 0xFF is NaN)
+        return top - self.bias
+
+    @property
+    def emin(self) -> int:
+        """Unbiased exponent of the smallest normal value (floats); 0 otherwise."""
+        if self.kind != "float":
+            return 0
+        if self.man_bits == 0:  # e8m0: no subnormals, field 0 is a normal number
+            return -self.bias
+        return 1 - self.bias
+
+    @property
+    def max(self) -> float:
+        """Largest finite value."""
+        if self.kind == "mx":
+            assert self.element is not None
+            return self.element.max
+        if self.kind == "int":
+            return float(2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1)
+        if self.kind == "codebook":
+            assert self.codebook is not None
+            return float(max(self.codebook))
+        m = self.man_bits
+        frac_codes = 2**m - 1  # largest mantissa field
+        if self.nan_style == "fn" and m > 0:
+            frac_codes -= 1  # S.1..1.1..1 is NaN
+        return float((1 + frac_codes / 2**m) * 2.0**self.emax)
+
+    @property
+    def min(self) -> float:
+        """Smallest (most negative) finite value."""
+        if self.kind == "int":
+            return float(-(2 ** (self.bits - 1)) if self.signed else 0)
+        if self.kind == "codebook":
+            assert self.codebook is not None
+            return float(min(self.codebook))
+        return -self.max if self.signed else (self.min_subnormal if self.kind == "float" else 0.0)
+
+    @property
+    def min_normal(self) -> float:
+        """Smallest positive normal value (1 for integers, the smallest |nonzero| for codebooks)."""
+        if self.kind == "mx":
+            assert self.element is not None
+            return self.element.min_normal
+        if self.kind == "float":
+            return float(2.0**self.emin)
+        return self.min_subnormal
+
+    @property
+    def min_subnormal(self) -> float:
+        """Smallest positive value."""
+        if self.kind == "mx":
+            assert self.element is not None
+            return self.element.min_subnormal
+        if self.kind == "float":
+            return float(2.0 ** (self.emin - self.man_bits))
+        if self.kind == "int":
+            return 1.0
+        assert self.codebook is not None
+        return float(min(abs(v) for v in self.codebook if v != 0))
+
+    @property
+    def eps(self) -> float:
+        """Distance from 1 to the next larger value (floats: 2^-man_bits); 1 for integers."""
+        if self.kind == "mx":
+            assert self.element is not None
+            return self.element.eps
+        if self.kind == "float":
+            return float(2.0**-self.man_bits)
+        if self.kind == "int":
+            return 1.0
+        assert self.codebook is not None
+        above = [v for v in self.codebook if v > 1.0]
+        below = sorted(v for v in self.codebook if v < 1.0)
+        return float(above[0] - 1.0) if above else float(1.0 - below[-1])
+
+    @property
+    def decimal_digits(self) -> float:
+        """Significant decimal digits: (man_bits + 1) * log10(2) for floats."""
+        if self.kind == "mx":
+            assert self.element is not None
+            return self.element.decimal_digits
+        if self.kind == "float":
+            return (self.man_bits + 1) * math.log10(2)
+        if self.kind == "int":
+            return (self.bits - (1 if self.signed else 0)) * math.log10(2)
+        return math.log10(len(self.codebook or ()))
+
+    @property
+    def num_codes(self) -> int:
+        """Number of bit patterns (2^bits; 3 for ternary)."""
+        if self.kind == "codebook":
+            assert self.codebook is not None
+            return len(self.codebook)
+        return 2**self.bits
+
+    @property
+    def num_finite(self) -> int:
+        """Number of distinct finite values (+0 and -0 counted once)."""
+        if self.kind != "float":
+            return self.num_codes
+        return len(finite_values(self))
+
+    @property
+    def dynamic_range_db(self) -> float:
+        """20 log10(max / smallest positive value)."""
+        return 20 * math.log10(max(abs(self.max), abs(self.min)) / self.min_subnormal)
+
+    @property
+    def bits_per_value(self) -> float:
+        """Storage bits per element, including shared scales for ``mx`` formats."""
+        if self.kind == "mx":
+            assert self.element is not None
+            return self.element.bits + 8 / self.block_size
+        return float(self.bits)
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        """dtype of the unpacked values held in memory (codes for emulated/sub-byte formats)."""
+        if self.kind == "mx":
+            assert self.element is not None
+            return self.element.storage_dtype
+        if self.dtype is not None and self.bits >= 8:
+            return self.dtype
+        if self.kind == "int" and self.bits == 16:
+            return np.dtype(np.int16)
+        return np.dtype(np.uint8) if self.bits <= 8 else np.dtype(np.uint16)
+
+    @property
+    def packed(self) -> bool:
+        """Whether QArray stores these values bit-packed (fewer than 8 bits each)."""
+        return self.bits < 8
+
+    def properties(self) -> dict[str, object]:
+        """All properties as a plain dict (used by the ``jaxquant formats`` table)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "bits": self.bits_per_value,
+            "exp_bits": self.exp_bits if self.kind == "float" else None,
+            "man_bits": self.man_bits if self.kind == "float" else None,
+            "bias": self.bias if self.kind == "float" else None,
+            "max": self.max,
+            "min_normal": self.min_normal,
+            "min_subnormal": self.min_subnormal,
+            "eps": self.eps,
+            "decimal_digits": round(self.decimal_digits, 2),
+            "inf": self.has_inf,
+            "nan": self.has_nan,
+            "codes": self.num_codes,
+            "dynamic_range_db": round(self.dynamic_range_db, 1),
+        }
+
+
+# ------------------------------------------------------------------------- constructors
+
+
+def float_format(
+    exp_bits: int,
+    man_bits: int,
+    *,
+    bias: int | None = None,
+    nan_style: NanStyle = "ieee",
+    signed: bool = True,
+    name: str | None = None,
+) -> Format:
+    """An IEEE-like ``ExMy`` float, emulated exactly in float32.
+
+    Values are ``(-1)^s * 2^(E - bias) * (1 + M / 2^m)`` for exponent field ``E >= 1`` and
+    ``(-1)^s * 2^(1 - bias) * (M / 2^m)`` for ``E = 0`` (subnormals).
+
+    Args:
+      exp_bits: exponent bits, 1..8.
+      man_bits: mantissa bits, 0..23 (a 0-mantissa format needs ``signed=False`` or
+        ``nan_style`` other than ``"ieee"`` to have finite values).
+      bias: exponent bias; default ``2^(exp_bits-1) - 1``.
+      nan_style: ``"ieee"``, ``"fn"``, ``"fnuz"`` or ``"none"`` (see module docstring).
+      signed: whether a sign bit exists.
+      name: registry name; default ``"e{exp_bits}m{man_bits}"`` plus a suffix.
+
+    Returns:
+      The :class:`Format`. If ml_dtypes has the same format, its ``dtype`` is attached.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> jq.formats.float_format(4, 3, nan_style="fn").max
+      448.0
+    """
+    if not (1 <= exp_bits <= 8):
+        raise ValueError(f"float_format: exp_bits must be in 1..8, got {exp_bits}.")
+    if not (0 <= man_bits <= 23):
+        raise ValueError(f"float_format: man_bits must be in 0..23, got {man_bits}.")
+    if nan_style not in ("ieee", "fn", "fnuz", "none"):
+        raise ValueError(
+            f"float_format: nan_style must be 'ieee', 'fn', 'fnuz' or 'none', got {nan_style!r}."
+        )
+    if bias is None:
+        bias = 2 ** (exp_bits - 1) - 1
+    bits = int(signed) + exp_bits + man_bits
+    if bits > 32:
+        raise ValueError(f"float_format: {bits} bits is wider than float32.")
+    if nan_style == "ieee" and exp_bits == 1:
+        raise ValueError("float_format: an 'ieee' format needs exp_bits >= 2 (E1 is all Inf/NaN).")
+    probe = Format(
+        name="",
+        kind="float",
+        bits=bits,
+        exp_bits=exp_bits,
+        man_bits=man_bits,
+        bias=bias,
+        nan_style=nan_style,
+        signed=signed,
+    )
+    if (probe.emin < -126 and man_bits > 0) or probe.emin < -127 or probe.emax > 127:
+        raise ValueError(
+            f"float_format: exponent range [{probe.emin}, {probe.emax}] (bias {bias}) does not "
+            "fit float32's normal range [-126, 127]; choose a bias closer to "
+            f"{2 ** (exp_bits - 1) - 1}."
+        )
+    if name is None:
+        suffix = {"ieee": "", "fn": "fn", "fnuz": "fnuz", "none": "fn"}[nan_style]
+        default_bias = 2 ** (exp_bits - 1) - 1
+        bias_part = "" if bias == default_bias else f"b{bias}"
+        name = f"e{exp_bits}m{man_bits}{bias_part}{suffix}" + ("" if signed else "u")
+    fmt = Format(
+        name=name,
+        kind="float",
+        bits=bits,
+        exp_bits=exp_bits,
+        man_bits=man_bits,
+        bias=bias,
+        nan_style=nan_style,
+        signed=signed,
+    )
+    # Attach the ml_dtypes dtype when the same format exists there.
+    for dt in _ML_FLOATS:
+        if _float_layout(dt) == (exp_bits, man_bits, bias, nan_style, signed):
+            fmt = dataclasses.replace(fmt, dtype=np.dtype(dt))
+            break
+    return fmt
+
+
+def int_format(bits: int, *, signed: bool = True) -> Format:
+    """Two's-complement ``int{bits}`` (signed) or ``uint{bits}``; bits in 1..8 or 16."""
+    if bits not in (*range(1, 9), 16):
+        raise ValueError(f"int_format: bits must be 1..8 or 16, got {bits}.")
+    name = f"{'' if signed else 'u'}int{bits}"
+    dtype = getattr(ml_dtypes, name, None) or getattr(np, name, None)
+    return Format(
+        name=name,
+        kind="int",
+        bits=bits,
+        signed=signed,
+        dtype=None if dtype is None else np.dtype(dtype),
+    )
+
+
+def codebook_format(name: str, values: tuple[float, ...], bits: int) -> Format:
+    """A codebook format: ``values`` sorted ascending, stored as ``bits``-bit indices."""
+    vals = tuple(float(v) for v in values)
+    if list(vals) != sorted(vals) or len(set(vals)) != len(vals):
+        raise ValueError(f"codebook_format: values must be strictly increasing, got {vals}.")
+    if len(vals) > 2**bits:
+        raise ValueError(f"codebook_format: {len(vals)} values don't fit in {bits} bits.")
+    return Format(name=name, kind="codebook", bits=bits, codebook=vals, signed=vals[0] < 0)
+
+
+def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
+    """An OCP Microscaling format: ``element`` values sharing one e8m0 scale per block."""
+    return Format(
+        name=name,
+        kind="mx",
+        bits=element.bits,
+        element=element,
+        block_size=block_size,
+        signed=element.signed,
+    )
+
+
+# ----------------------------------------------------------------- ml_dtypes float layouts
+
+_ML_FLOATS = [
+    np.float32,
+    np.float16,
+    ml_dtypes.bfloat16,
+    ml_dtypes.float8_e4m3fn,
+    ml_dtypes.float8_e5m2,
+    ml_dtypes.float8_e4m3fnuz,
+    ml_dtypes.float8_e5m2fnuz,
+    ml_dtypes.float8_e4m3b11fnuz,
+    ml_dtypes.float8_e3m4,
+    ml_dtypes.float8_e4m3,
+    ml_dtypes.float8_e8m0fnu,
+    ml_dtypes.float6_e2m3fn,
+    ml_dtypes.float6_e3m2fn,
+    ml_dtypes.float4_e2m1fn,
+]
+
+
+@functools.cache
+def _float_layout(dt: type) -> tuple[int, int, int, NanStyle, bool]:
+    """(exp_bits, man_bits, bias, nan_style, signed) of an ml_dtypes/numpy float type."""
+    name = np.dtype(dt).name
+    fi = ml_dtypes.finfo(dt)
+    man = int(fi.nmant)
+    signed = name != "float8_e8m0fnu"
+    total = np.dtype(dt).itemsize * 8 if name not in _SUBBYTE_BITS else _SUBBYTE_BITS[name]
+    exp = total - man - int(signed)
+    if name.endswith("fnuz"):
+        style: NanStyle = "fnuz"
+    elif name in ("float8_e4m3fn", "float8_e8m0fnu"):
+        style = "fn"
+    elif name.startswith(("float6", "float4")):
+        style = "none"
+    else:
+        style = "ieee"
+    bias = 1 - int(fi.minexp) if man > 0 else -int(fi.minexp)
+    return exp, man, bias, style, signed
+
+
+_SUBBYTE_BITS = {"float6_e2m3fn": 6, "float6_e3m2fn": 6, "float4_e2m1fn": 4}
+
+
+def _from_dtype(dt: type, name: str) -> Format:
+    exp, man, bias, style, signed = _float_layout(dt)
+    return dataclasses.replace(
+        float_format(exp, man, bias=bias, nan_style=style, signed=signed), name=name
+    )
+
+
+# ------------------------------------------------------------------------------ registry
+
+_REGISTRY: dict[str, Format] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(fmt: Format, *aliases: str) -> Format:
+    """Add ``fmt`` to the registry under its name and ``aliases`` (case-insensitive)."""
+    _REGISTRY[fmt.name] = fmt
+    for a in (fmt.name, *aliases):
+        _ALIASES[a.lower()] = fmt.name
+    return fmt
+
+
+def _register_builtins() -> None:
+    float_names = {
+        np.float32: ("float32", "fp32", "f32", "e8m23"),
+        np.float16: ("float16", "fp16", "f16", "half", "e5m10"),
+        ml_dtypes.bfloat16: ("bfloat16", "bf16", "e8m7"),
+        ml_dtypes.float8_e4m3fn: ("float8_e4m3fn", "fp8", "e4m3", "e4m3fn", "fp8_e4m3"),
+        ml_dtypes.float8_e5m2: ("float8_e5m2", "e5m2", "fp8_e5m2"),
+        ml_dtypes.float8_e4m3fnuz: ("float8_e4m3fnuz", "e4m3fnuz"),
+        ml_dtypes.float8_e5m2fnuz: ("float8_e5m2fnuz", "e5m2fnuz"),
+        ml_dtypes.float8_e4m3b11fnuz: ("float8_e4m3b11fnuz", "e4m3b11fnuz", "e4m3b11"),
+        ml_dtypes.float8_e3m4: ("float8_e3m4", "e3m4"),
+        ml_dtypes.float8_e4m3: ("float8_e4m3", "e4m3ieee"),
+        ml_dtypes.float8_e8m0fnu: ("float8_e8m0fnu", "e8m0", "e8m0fnu"),
+        ml_dtypes.float6_e2m3fn: ("float6_e2m3fn", "fp6", "e2m3", "fp6_e2m3"),
+        ml_dtypes.float6_e3m2fn: ("float6_e3m2fn", "e3m2", "fp6_e3m2"),
+        ml_dtypes.float4_e2m1fn: ("float4_e2m1fn", "fp4", "e2m1", "fp4_e2m1"),
+    }
+    for dt, (name, *aliases) in float_names.items():
+        register(_from_dtype(dt, name), *aliases)
+    for b in (*range(1, 9), 16):
+        register(int_format(b, signed=True))
+    for b in range(1, 9):
+        register(int_format(b, signed=False))
+    register(codebook_format("nf4", NF4_VALUES, 4), "normalfloat4")
+    register(codebook_format("binary", (-1.0, 1.0), 1), "bnn", "sign")
+    register(codebook_format("ternary", (-1.0, 0.0, 1.0), 2), "tnn", "twn")
+    register(mx_format("mxfp8", get("e4m3")), "mxfp8_e4m3")
+    register(mx_format("mxfp8_e5m2", get("e5m2")))
+    register(mx_format("mxfp6", get("e2m3")), "mxfp6_e2m3")
+    register(mx_format("mxfp6_e3m2", get("e3m2")))
+    register(mx_format("mxfp4", get("e2m1")), "mxfp4_e2m1")
+
+
+def get(fmt: str | Format) -> Format:
+    """Look up a format by name or alias (case-insensitive); a Format passes through.
+
+    Besides registered names, ``"eXmY"`` strings build an emulated IEEE-style float, and
+    ``"intB"`` / ``"uintB"`` any integer width.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> jq.formats.get("fp8").name
+      'float8_e4m3fn'
+    """
+    if isinstance(fmt, Format):
+        return fmt
+    if not isinstance(fmt, str):
+        raise TypeError(f"A format is a name (str) or a Format, got {type(fmt).__name__}.")
+    key = fmt.strip().lower()
+    if key in _ALIASES:
+        return _REGISTRY[_ALIASES[key]]
+    parsed = _parse_exmy(key)
+    if parsed is not None:
+        return parsed
+    close = sorted(n for n in _ALIASES if n[:2] == key[:2])[:6]
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    raise ValueError(
+        f"Unknown format {fmt!r}.{hint} Run `jaxquant formats` for the list, or build one with "
+        "jq.formats.float_format(exp_bits, man_bits)."
+    )
+
+
+def _parse_exmy(key: str) -> Format | None:
+    import re
+
+    m = re.fullmatch(r"e(\d)m(\d{1,2})(fn|fnuz)?", key)
+    if not m:
+        return None
+    style: NanStyle = {"fn": "fn", "fnuz": "fnuz", None: "ieee"}[m.group(3)]
+    return float_format(int(m.group(1)), int(m.group(2)), nan_style=style)
+
+
+def names() -> list[str]:
+    """Canonical names of every registered format, in registration order."""
+    return list(_REGISTRY)
+
+
+def all_formats() -> list[Format]:
+    """Every registered format."""
+    return list(_REGISTRY.values())
+
+
+# ------------------------------------------------------------------- code <-> value tables
+
+
+def decode_code(fmt: Format, code: int) -> float:
+    """The value of bit pattern ``code`` of a float/int/codebook format (pure Python)."""
+    if fmt.kind == "int":
+        code &= 2**fmt.bits - 1
+        if fmt.signed and code >= 2 ** (fmt.bits - 1):
+            code -= 2**fmt.bits
+        return float(code)
+    if fmt.kind == "codebook":
+        assert fmt.codebook is not None
+        return fmt.codebook[code] if code < len(fmt.codebook) else math.nan
+    if fmt.kind != "float":
+        raise ValueError(f"decode_code: {fmt.name} has no single-element codes.")
+    e, m = fmt.exp_bits, fmt.man_bits
+    sign = (code >> (e + m)) & 1 if fmt.signed else 0
+    ef = (code >> m) & (2**e - 1)
+    mf = code & (2**m - 1)
+    s = -1.0 if sign else 1.0
+    top = 2**e - 1
+    if fmt.nan_style == "ieee" and ef == top:
+        return s * math.inf if mf == 0 else math.nan
+    if fmt.nan_style == "fn" and ef == top and mf == 2**m - 1:
+        return math.nan
+    if fmt.nan_style == "fnuz" and sign == 1 and ef == 0 and mf == 0:
+        return math.nan
+    if m == 0:  # e8m0: every field is a power of two
+        return s * 2.0 ** (ef - fmt.bias)
+    if ef == 0:
+        return s * mf / 2**m * 2.0 ** (1 - fmt.bias)
+    return s * (1 + mf / 2**m) * 2.0 ** (ef - fmt.bias)
+
+
+@functools.cache
+def code_table(fmt: Format) -> np.ndarray:
+    """float64 array of the value of every code, indexed by code (NaN where a code is NaN)."""
+    if fmt.kind == "mx":
+        assert fmt.element is not None
+        return code_table(fmt.element)
+    if fmt.num_codes > 2**16:
+        raise ValueError(f"code_table: {fmt.name} has {fmt.num_codes} codes; too many to list.")
+    return np.array([decode_code(fmt, c) for c in range(fmt.num_codes)], dtype=np.float64)
+
+
+@functools.cache
+def finite_values(fmt: Format) -> np.ndarray:
+    """Sorted distinct finite values of a format (-0 merged with +0)."""
+    if fmt.kind == "float" and fmt.bits > 16:
+        raise ValueError(f"finite_values: {fmt.name} has too many values to list.")
+    t = code_table(fmt)
+    return np.unique(t[np.isfinite(t)] + 0.0)
+
+
+_register_builtins()

@@ -1,0 +1,126 @@
+"""Quantization error metrics: jit-safe, each returns a float32 scalar array.
+
+All take the reference ``x`` and its approximation ``x_hat`` (an array or a QArray, which
+is dequantized). Non-finite reference elements are excluded from error sums and counted
+separately by :func:`nan_count` / :func:`inf_count`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant._src.qarray import QArray
+
+Array = jax.Array
+
+
+def _pair(x: Any, x_hat: Any) -> tuple[Array, Array, Array]:
+    if isinstance(x_hat, QArray):
+        x_hat = x_hat.dequantize()
+    x = jnp.asarray(x).astype(jnp.float32)
+    x_hat = jnp.asarray(x_hat).astype(jnp.float32)
+    if x.shape != x_hat.shape:
+        raise ValueError(f"metrics: shapes differ: x {x.shape} vs x_hat {x_hat.shape}.")
+    return x, x_hat, jnp.isfinite(x)
+
+
+def mse(x: Any, x_hat: Any) -> Array:
+    """Mean squared error over finite elements of ``x``."""
+    x, x_hat, fin = _pair(x, x_hat)
+    n = jnp.maximum(jnp.sum(fin), 1)
+    return jnp.sum(jnp.where(fin, (x - x_hat) ** 2, 0.0)) / n
+
+
+def max_abs_error(x: Any, x_hat: Any) -> Array:
+    """max |x - x_hat| over finite elements of ``x`` (0 for an empty array)."""
+    x, x_hat, fin = _pair(x, x_hat)
+    return jnp.max(jnp.where(fin, jnp.abs(x - x_hat), 0.0), initial=0.0)
+
+
+def sqnr(x: Any, x_hat: Any) -> Array:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum x^2 / sum (x - x_hat)^2)``.
+
+    ``+inf`` when the approximation is exact (including an all-zero ``x``).
+    """
+    x, x_hat, fin = _pair(x, x_hat)
+    sig = jnp.sum(jnp.where(fin, x * x, 0.0))
+    noise = jnp.sum(jnp.where(fin, (x - x_hat) ** 2, 0.0))
+    safe = jnp.where(noise > 0, noise, 1.0)
+    return jnp.where(noise > 0, 10.0 * jnp.log10(jnp.maximum(sig, 1e-45) / safe), jnp.inf)
+
+
+def saturation_rate(x: Any, q: QArray) -> Array:
+    """Fraction of finite elements of ``x`` outside the range ``q`` can represent (clipped)."""
+    if not isinstance(q, QArray):
+        raise TypeError("saturation_rate needs the QArray (it knows the representable range).")
+    x = jnp.asarray(x).astype(jnp.float32)
+    spec = q.spec
+    plan = spec.granularity.plan(q.shape)
+    qmin, qmax = spec.qrange
+    s = q.scale.astype(jnp.float32)
+    z = 0.0 if q.zero_point is None else q.zero_point.astype(jnp.float32)
+    xv = x.reshape(plan.view)
+    lo, hi = (qmin - z) * s, (qmax - z) * s
+    fin = jnp.isfinite(xv)
+    out = fin & ((xv < lo) | (xv > hi))
+    return jnp.sum(out) / jnp.maximum(jnp.sum(fin), 1)
+
+
+def underflow_rate(x: Any, x_hat: Any) -> Array:
+    """Fraction of non-zero finite elements of ``x`` that became exactly 0."""
+    x, x_hat, fin = _pair(x, x_hat)
+    nz = fin & (x != 0)
+    return jnp.sum(nz & (x_hat == 0)) / jnp.maximum(jnp.sum(nz), 1)
+
+
+def nan_count(x: Any) -> Array:
+    """Number of NaN elements (of an array or a dequantized QArray)."""
+    if isinstance(x, QArray):
+        x = x.dequantize()
+    return jnp.sum(jnp.isnan(jnp.asarray(x)))
+
+
+def inf_count(x: Any) -> Array:
+    """Number of +-Inf elements."""
+    if isinstance(x, QArray):
+        x = x.dequantize()
+    return jnp.sum(jnp.isinf(jnp.asarray(x)))
+
+
+def summary(x: Any, x_hat: Any) -> dict[str, Array]:
+    """Every metric for one pair (saturation only when ``x_hat`` is a QArray)."""
+    out = {
+        "sqnr_db": sqnr(x, x_hat),
+        "mse": mse(x, x_hat),
+        "max_abs_error": max_abs_error(x, x_hat),
+        "underflow_rate": underflow_rate(x, x_hat),
+        "nan_in": nan_count(x),
+        "nan_out": nan_count(x_hat),
+    }
+    if isinstance(x_hat, QArray):
+        out["saturation_rate"] = saturation_rate(x, x_hat)
+        out["bits_per_value"] = jnp.float32(x_hat.bits_per_value)
+    return out
+
+
+def report(tree: Any, qtree: Any) -> dict[str, dict[str, Array]]:
+    """Per-leaf :func:`summary` over two pytrees of the same structure.
+
+    Keys are ``jax.tree_util.keystr`` paths; leaves of ``qtree`` that are not QArrays and
+    equal their original are reported too (SQNR inf). Returns arrays, so it runs under jit.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    qflat = jax.tree_util.tree_flatten_with_path(qtree, is_leaf=lambda a: isinstance(a, QArray))[0]
+    if len(flat) != len(qflat):
+        raise ValueError(
+            f"report: the trees differ: {len(flat)} leaves vs {len(qflat)}. Pass the tree "
+            "that was quantized and the result of quantize_tree on it."
+        )
+    out = {}
+    for (path, leaf), (_, qleaf) in zip(flat, qflat, strict=True):
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+            out[jax.tree_util.keystr(path)] = summary(leaf, qleaf)
+    return out

@@ -1,0 +1,215 @@
+"""QArray: quantized values, their scales and zero points, as one pytree.
+
+Byte layout of ``QArray.values``
+--------------------------------
+* 8- and 16-bit formats with a numpy/ml_dtypes type (int8, uint8, int16, fp8 variants,
+  fp16, bf16) are stored in that dtype, in the array's own shape.
+* Other formats of at most 16 bits (emulated ``ExMy``) are stored as their bit patterns
+  (``uint8``/``uint16``), in the array's own shape.
+* Formats of fewer than 8 bits (int1..int7, uint1..uint7, fp4, fp6, nf4, binary, ternary,
+  MX elements of 4/6 bits) are **bit-packed along the last axis**: each row of ``n``
+  codes becomes ``ceil(n * bits / 8)`` bytes (``uint8``). Codes form an LSB-first bit
+  stream: code ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``, stream bit ``j`` is
+  bit ``j % 8`` of byte ``j // 8``. For 4-bit formats, element ``2k`` is the low nibble of
+  byte ``k``. Codes are two's complement for signed ints, the IEEE-style bit pattern for
+  floats, and the index into the sorted value table for codebooks. A row's unused tail
+  bits are zero. Leading axes are untouched, so sharding along them is preserved.
+
+``scale`` has the granularity plan's ``scale_shape`` (the blocked view with reduced axes
+of size 1) and is stored in the spec's scale format (float32, bfloat16, float16 or e8m0).
+``zero_point`` (asymmetric only) has the same shape, in the smallest integer type that
+holds the format's range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src import formats
+from jaxquant._src.formats import Format
+from jaxquant._src.spec import QuantSpec
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["values", "scale", "zero_point"],
+    meta_fields=["spec", "shape", "dtype"],
+)
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A quantized array.
+
+    Invariants: ``dequantize()`` returns an array of ``shape`` and ``dtype``; ``values`` uses
+    the layout in this module's docstring; ``scale`` (and ``zero_point`` when not None) have
+    ``spec.granularity.plan(shape).scale_shape``.
+
+    Attributes:
+      values: stored codes or low-precision values (packed for sub-byte formats).
+      scale: per-group scales, in the spec's scale format.
+      zero_point: per-group integer zero points, or None for symmetric quantization.
+      spec: the static :class:`QuantSpec` that produced it.
+      shape: the original array's shape.
+      dtype: the original array's dtype (what ``dequantize`` returns).
+    """
+
+    values: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    spec: QuantSpec
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """True storage size in bytes: packed values + scales + zero points."""
+        n = _nbytes(self.values) + _nbytes(self.scale)
+        if self.zero_point is not None:
+            n += _nbytes(self.zero_point)
+        return n
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def bits_per_value(self) -> float:
+        """Average stored bits per element, scales included."""
+        return 8 * self.nbytes / max(self.size, 1)
+
+    def dequantize(self) -> jax.Array:
+        """The float array this QArray represents (``(q - z) * s``, in ``dtype``)."""
+        from jaxquant._src.quantize import dequantize
+
+        return dequantize(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"QArray(shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
+            f"spec={self.spec}, nbytes={self.nbytes})"
+        )
+
+
+def _nbytes(a: jax.Array) -> int:
+    return int(math.prod(a.shape)) * np.dtype(a.dtype).itemsize
+
+
+# ---------------------------------------------------------------- values <-> codes
+
+
+def _sorted_codes(fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted finite values, their codes) with -0 given the +0 code."""
+    table = formats.code_table(fmt)
+    codes = np.arange(len(table))
+    finite = np.isfinite(table)
+    vals, cods = table[finite], codes[finite]
+    order = np.lexsort((np.signbit(vals), vals))  # +0 before -0 among equal values
+    vals, cods = vals[order], cods[order]
+    keep = np.concatenate([[True], vals[1:] != vals[:-1]])
+    return vals[keep].astype(np.float32), cods[keep]
+
+
+def _nan_code(fmt: Format) -> int:
+    table = formats.code_table(fmt)
+    nans = np.nonzero(np.isnan(table))[0]
+    return int(nans[-1]) if len(nans) else int(np.argmin(np.abs(table)))
+
+
+def encode(v: jax.Array, fmt: Format) -> jax.Array:
+    """Encode float32 values already on ``fmt``'s grid into ``fmt.storage_dtype``.
+
+    NaN becomes the format's NaN code, or code 0 (the value 0) where it has none (ints,
+    codebooks, fp6, fp4), as ml_dtypes casts do.
+    """
+    sdt = fmt.storage_dtype
+    if fmt.kind == "mx":
+        assert fmt.element is not None
+        return encode(v, fmt.element)
+    if fmt.kind == "int":
+        v = jnp.nan_to_num(v, nan=0.0)
+        if fmt.bits < 8:
+            return (v.astype(jnp.int32) & (2**fmt.bits - 1)).astype(jnp.uint8)
+        return v.astype(sdt)
+    if fmt.kind == "float" and fmt.dtype is not None and fmt.bits >= 8:
+        return v.astype(sdt)
+    if fmt.kind == "codebook":  # v already holds indices (see quantize)
+        return v.astype(sdt)
+    # Emulated or sub-byte float: binary search in the sorted value table.
+    vals, cods = _sorted_codes(fmt)
+    i = jnp.clip(jnp.searchsorted(jnp.asarray(vals), v), 0, len(vals) - 1)
+    code = jnp.asarray(cods.astype(np.int32))[i]
+    if fmt.signed and fmt.nan_style != "fnuz":  # keep the sign of zero
+        negzero = (v == 0) & jnp.signbit(v)
+        code = jnp.where(negzero, code | (1 << (fmt.bits - 1)), code)
+    code = jnp.where(jnp.isnan(v), _nan_code(fmt), code)
+    return code.astype(sdt)
+
+
+def decode(c: jax.Array, fmt: Format) -> jax.Array:
+    """float32 values of stored codes/values (inverse of :func:`encode`)."""
+    if fmt.kind == "mx":
+        assert fmt.element is not None
+        return decode(c, fmt.element)
+    if c.dtype in (jnp.uint8, jnp.uint16) and not (fmt.kind == "int" and fmt.bits >= 8):
+        table = jnp.asarray(formats.code_table(fmt).astype(np.float32))
+        return table[c.astype(jnp.int32)]
+    return c.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------- bit packing
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes holding ``n`` codes of ``bits`` bits."""
+    return -(-n * bits // 8)
+
+
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+    """Pack uint8 ``codes`` (< 2^bits) along the last axis into an LSB-first bit stream."""
+    if not 1 <= bits < 8:
+        raise ValueError(f"pack: bits must be 1..7, got {bits}.")
+    codes = codes.astype(jnp.uint8)
+    *lead, n = codes.shape
+    if 8 % bits == 0:  # 1, 2, 4 bits: k codes per byte
+        k = 8 // bits
+        pad = (-n) % k
+        c = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, -1, k)
+        shifts = jnp.arange(k, dtype=jnp.uint8) * jnp.uint8(bits)
+        return _or_reduce(c << shifts)
+    # 3, 5, 6, 7 bits: expand to a bit stream, regroup by 8.
+    pad = (-n) % 8  # 8 codes -> `bits` whole bytes
+    c = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, pad)])
+    stream = (c[..., None] >> jnp.arange(bits, dtype=jnp.uint8)) & jnp.uint8(1)
+    stream = stream.reshape(*lead, -1, 8)
+    out = _or_reduce(stream << jnp.arange(8, dtype=jnp.uint8))
+    return out[..., : packed_length(n, bits)]
+
+
+def _or_reduce(x: jax.Array) -> jax.Array:
+    # Bits don't overlap, so a sum is an OR (and reduces faster everywhere).
+    return jnp.sum(x, axis=-1, dtype=jnp.uint8)
+
+
+def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
+    """Inverse of :func:`pack`: uint8 codes of length ``n`` along the last axis."""
+    *lead, nbytes = packed.shape
+    mask = jnp.uint8(2**bits - 1)
+    if 8 % bits == 0:
+        k = 8 // bits
+        shifts = jnp.arange(k, dtype=jnp.uint8) * jnp.uint8(bits)
+        c = (packed[..., None] >> shifts) & mask
+        return c.reshape(*lead, nbytes * k)[..., :n]
+    stream = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & jnp.uint8(1)
+    stream = stream.reshape(*lead, -1)
+    total = n * bits
+    stream = stream[..., :total].reshape(*lead, n, bits)
+    return _or_reduce(stream << jnp.arange(bits, dtype=jnp.uint8))

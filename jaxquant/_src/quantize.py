@@ -1,0 +1,397 @@
+"""quantize / dequantize / fake_quant / quantize_tree.
+
+The pipeline for one array ``x`` and a :class:`QuantSpec`:
+
+1. view ``x`` (float32) through the granularity plan (blocks for per-block);
+2. calibrate ``[lo, hi]`` per group (non-finite values ignored);
+3. scale ``s`` (and zero point ``z``) from the range and the format's ``qmax``, rounded to
+   the scale format; a zero range gives ``s = 1`` (never a division by zero);
+4. ``y = x / s + z`` rounded onto the format's grid (nearest-even or stochastic) and
+   saturated to ``[qmin, qmax]``;
+5. ``quantize`` encodes ``y`` into storage (packing sub-byte codes), ``fake_quant`` returns
+   ``(y - z) * s`` in the caller's dtype with a straight-through gradient.
+
+NaN/Inf policy: calibration ignores non-finite values. ``+-Inf`` saturates to ``+-qmax``
+(with ``saturate=False``, float formats with Inf keep it). NaN stays NaN in ``fake_quant``
+and in float formats that have a NaN code; formats without one (ints, codebooks, fp6, fp4)
+store it as 0 -- use :func:`jaxquant.metrics.nan_count` on the input to detect it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src import rounding
+from jaxquant._src.granularity import Plan
+from jaxquant._src.qarray import QArray, decode, encode, pack, unpack
+from jaxquant._src.spec import QuantSpec
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _check_input(x: Any, fn: str) -> Array:
+    if isinstance(x, QArray):
+        raise TypeError(f"{fn}: got a QArray; call jq.dequantize(q) first.")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{fn} expects a floating-point array, got dtype {x.dtype}. Cast it first, e.g. "
+            "x.astype(jnp.float32)."
+        )
+    return x
+
+
+def _check_key(spec: QuantSpec, key: Array | None, fn: str) -> None:
+    if spec.stochastic and key is None:
+        raise ValueError(
+            f"{fn}: rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed) "
+            "(split it per call so steps get fresh noise)."
+        )
+
+
+# ------------------------------------------------------------------------ scale rules
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+    """num / den where den > 0 and finite, else 1 -- double where keeps gradients finite."""
+    ok = (den > 0) & jnp.isfinite(den)
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 1.0)
+
+
+def _round_scale(s: Array, spec: QuantSpec) -> Array:
+    """Round positive float32 scales to the scale format (e8m0: up to a power of two)."""
+    name = spec.scale_format.name
+    if name == "float32":
+        return s
+    if name in ("bfloat16", "float16"):
+        t = s.astype(spec.scale_format.dtype).astype(jnp.float32)
+        return jnp.where(t > 0, t, jnp.float32(spec.scale_format.min_subnormal))
+    mant, exp = jnp.frexp(s)  # s = mant * 2^exp, mant in [0.5, 1)
+    exp = jnp.where(mant == 0.5, exp - 1, exp)  # exact powers of two stay
+    return jnp.ldexp(jnp.float32(1.0), jnp.clip(exp, -127, 127))
+
+
+def _mx_scale(amax: Array, spec: QuantSpec) -> Array:
+    """OCP MX v1.0: X = 2^(floor(log2(amax)) - emax_elem), clamped to e8m0's range."""
+    _, exp = jnp.frexp(amax)  # amax in [2^(exp-1), 2^exp)
+    e = jnp.clip(exp - 1 - spec.element.emax, -127, 127)
+    return jnp.where(amax > 0, jnp.ldexp(jnp.float32(1.0), e), 1.0)
+
+
+def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array | None]:
+    """(scale, zero_point) for the calibrated range ``[lo, hi]`` of each group."""
+    qmin, qmax = spec.qrange
+    if spec.format.kind == "mx":
+        return _mx_scale(jnp.maximum(-lo, hi), spec), None
+    if spec.symmetric:
+        amax = jnp.maximum(-lo, hi) if qmin < 0 else jnp.maximum(hi, 0.0)
+        s = _safe_div(amax, jnp.float32(qmax))
+        s = jnp.where(amax > 0, s, 1.0)
+        return _round_scale(s, spec), None
+    lo = jnp.minimum(lo, 0.0)  # the range must contain 0 so that 0 is exact
+    hi = jnp.maximum(hi, 0.0)
+    s = _safe_div(hi - lo, jnp.float32(qmax - qmin))
+    s = jnp.where(hi > lo, s, 1.0)
+    s = _round_scale(s, spec)
+    z = jnp.clip(jnp.round(qmin - lo / s), qmin, qmax)
+    return s, z
+
+
+# ------------------------------------------------------------------------ the core
+
+
+def _noise(spec: QuantSpec, key: Array | None, shape: tuple[int, ...]) -> Array | None:
+    if not spec.stochastic:
+        return None
+    assert key is not None
+    return rounding.uniform_from_bits(rounding.random_bits(key, shape, impl=spec.rng))
+
+
+def _round_scaled(y: Array, spec: QuantSpec, u: Array | None) -> Array:
+    """Round scaled values onto the element grid (float32 out; codebooks: indices)."""
+    f = spec.element
+    qmin, qmax = spec.qrange
+    if f.kind == "float":
+        r = rounding.round_float(y, f, u, saturate=spec.saturate)
+        return r if f.signed else jnp.maximum(r, 0.0)
+    if f.kind == "int":
+        return rounding.round_int(y, qmin, qmax, u)
+    assert f.codebook is not None
+    return rounding.round_codebook(y, f.codebook, u).astype(jnp.float32)
+
+
+def _to_grid(y: Array, spec: QuantSpec) -> Array:
+    """Map rounded values to the numbers they stand for (codebook index -> value)."""
+    if spec.element.kind == "codebook":
+        table = jnp.asarray(np.asarray(spec.element.codebook, np.float32))
+        return table[y.astype(jnp.int32)]
+    return y
+
+
+def _qdq_range(spec: QuantSpec) -> Callable[[Array, Array, Array], Array]:
+    """qdq(x, lo, hi) for calibration searches (nearest rounding, no noise)."""
+    det = spec.replace(rounding="nearest")
+
+    def qdq(x: Array, lo: Array, hi: Array) -> Array:
+        s, z = compute_scale(lo, hi, det)
+        y = x / s if z is None else x / s + z
+        v = _to_grid(_round_scaled(y, det, None), det)
+        return v * s if z is None else (v - z) * s
+
+    return qdq
+
+
+def _core(
+    x: Array,
+    spec: QuantSpec,
+    key: Array | None,
+    scale: Array | None,
+    zero_point: Array | None = None,
+) -> tuple[Array, Array, Array | None, Plan]:
+    """(rounded values in the blocked view, scale, zero point, plan); all float32."""
+    plan = spec.granularity.plan(tuple(x.shape))
+    xv = x.astype(jnp.float32).reshape(plan.view)
+    if scale is not None:
+        s = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), plan.scale_shape)
+        z = None
+        if zero_point is not None:
+            z = jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), plan.scale_shape)
+        elif not spec.symmetric:
+            raise ValueError("an asymmetric spec with a given scale also needs zero_point=.")
+    elif spec.calibration is None:
+        s = jnp.ones(plan.scale_shape, jnp.float32)
+        z = None
+    elif x.size == 0:
+        s = jnp.ones(plan.scale_shape, jnp.float32)
+        z = None if spec.symmetric else jnp.zeros(plan.scale_shape, jnp.float32)
+    else:
+        lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, _qdq_range(spec))
+        s, z = compute_scale(jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi), spec)
+    y = xv / s if z is None else xv / s + z
+    r = _round_scaled(y, spec, _noise(spec, key, plan.view))
+    return r, s, z, plan
+
+
+# ---------------------------------------------------------------------- public API
+
+
+def quantize(
+    x: jax.typing.ArrayLike,
+    spec: QuantSpec,
+    *,
+    key: Array | None = None,
+    scale: jax.typing.ArrayLike | None = None,
+    zero_point: jax.typing.ArrayLike | None = None,
+) -> QArray:
+    """Quantize ``x`` to a :class:`QArray`: ``q = clip(round(x / s) + z, qmin, qmax)``.
+
+    Args:
+      x: floating-point array (float32, bfloat16, float16, float64).
+      spec: the :class:`QuantSpec`.
+      key: PRNG key, required when ``spec.rounding == "stochastic"``.
+      scale: a known scale (static or delayed scaling) broadcastable to the plan's
+        ``scale_shape``; skips calibration.
+      zero_point: the known zero point that goes with ``scale`` (asymmetric only).
+
+    Returns:
+      A QArray whose ``values`` are real low-precision storage (see
+      :mod:`jaxquant._src.qarray` for the byte layout).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> q = jq.quantize(jnp.array([-0.5, 0.3, 1.2, -2.1]), jq.QuantSpec("int8"))
+      >>> q.values.tolist()
+      [-30, 18, 73, -127]
+    """
+    x = _check_input(x, "quantize")
+    _check_key(spec, key, "quantize")
+    r, s, z, plan = _core(
+        x,
+        spec,
+        key,
+        None if scale is None else jnp.asarray(scale),
+        None if zero_point is None else jnp.asarray(zero_point),
+    )
+    values = encode(r.reshape(plan.shape), spec.format)
+    if spec.element.packed:
+        if values.ndim == 0:
+            values = values.reshape(1)
+        values = pack(values, spec.element.bits)
+    s_store = s.astype(spec.scale_format.dtype)
+    z_store = None if z is None else z.astype(_zp_dtype(spec))
+    return QArray(values, s_store, z_store, spec, tuple(x.shape), np.dtype(x.dtype))
+
+
+def _zp_dtype(spec: QuantSpec) -> np.dtype:
+    qmin, qmax = spec.qrange
+    for dt in (np.int8, np.uint8, np.int16):
+        if np.iinfo(dt).min <= qmin and qmax <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int32)
+
+
+def dequantize(q: QArray, dtype: jax.typing.DTypeLike | None = None) -> Array:
+    """The array a QArray stands for: ``(q - z) * s``, in ``q.dtype`` (or ``dtype``)."""
+    if not isinstance(q, QArray):
+        raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}.")
+    spec = q.spec
+    plan = spec.granularity.plan(q.shape)
+    values = q.values
+    if spec.element.packed:
+        n = q.shape[-1] if q.shape else 1
+        values = unpack(values, spec.element.bits, n)
+        if not q.shape:
+            values = values.reshape(())
+    v = decode(values, spec.element)
+    v = v.reshape(plan.view)
+    s = q.scale.astype(jnp.float32)
+    out = v * s if q.zero_point is None else (v - q.zero_point.astype(jnp.float32)) * s
+    return out.reshape(q.shape).astype(dtype or q.dtype)
+
+
+def fake_quant(
+    x: jax.typing.ArrayLike,
+    spec: QuantSpec,
+    *,
+    key: Array | None = None,
+    scale: jax.typing.ArrayLike | None = None,
+    zero_point: jax.typing.ArrayLike | None = None,
+    ste: Literal["plain", "clipped"] = "plain",
+) -> Array:
+    """Quantize-dequantize ``x`` in its own dtype, with a straight-through gradient.
+
+    Forward: ``dequantize(quantize(x))`` computed without materializing storage. Backward:
+    the straight-through estimator (Bengio et al. 2013, arXiv 1308.3432): ``ste="plain"``
+    passes the gradient unchanged; ``ste="clipped"`` zeroes it where ``x`` was clipped
+    (outside ``[qmin, qmax] * s``). The scale gets no gradient.
+
+    Args:
+      x, spec, key, scale, zero_point: as in :func:`quantize`.
+      ste: ``"plain"`` or ``"clipped"``.
+
+    Returns:
+      An array of ``x``'s shape and dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> jq.fake_quant(jnp.array([-0.5, 0.3, 1.2, -2.1]), jq.QuantSpec("int8")).tolist()
+      [-0.4960630536079407, 0.29763782024383545, 1.2070866823196411, -2.0999999046325684]
+    """
+    x = _check_input(x, "fake_quant")
+    _check_key(spec, key, "fake_quant")
+    if ste not in ("plain", "clipped"):
+        raise ValueError(f"fake_quant: ste must be 'plain' or 'clipped', got {ste!r}.")
+    scale = None if scale is None else jnp.asarray(scale)
+    zero_point = None if zero_point is None else jnp.asarray(zero_point)
+    return _fake_quant(x, key, scale, zero_point, spec, ste)
+
+
+def _qdq(x: Array, key, scale, zero_point, spec: QuantSpec) -> tuple[Array, Array, Array | None]:
+    r, s, z, plan = _core(x, spec, key, scale, zero_point)
+    v = _to_grid(r, spec)
+    out = v * s if z is None else (v - z) * s
+    return out.reshape(plan.shape).astype(x.dtype), s, z
+
+
+@jax.custom_vjp
+def _ste_identity(x: Array, y: Array, mask: Array | None) -> Array:
+    del x, mask
+    return y
+
+
+def _ste_fwd(x, y, mask):
+    return y, mask
+
+
+def _ste_bwd(mask, g):
+    gx = g if mask is None else jnp.where(mask, g, jnp.zeros_like(g))
+    return gx, jnp.zeros_like(g), None
+
+
+_ste_identity.defvjp(_ste_fwd, _ste_bwd)
+
+
+def _fake_quant(x, key, scale, zero_point, spec: QuantSpec, ste: str) -> Array:
+    y, s, z = _qdq(jax.lax.stop_gradient(x), key, scale, zero_point, spec)
+    mask = None
+    if ste == "clipped":
+        plan = spec.granularity.plan(tuple(x.shape))
+        qmin, qmax = spec.qrange
+        xv = jax.lax.stop_gradient(x).astype(jnp.float32).reshape(plan.view)
+        t = xv / s if z is None else xv / s + z
+        mask = ((t >= qmin) & (t <= qmax)).reshape(x.shape)
+    return _ste_identity(x, y, mask)
+
+
+# ------------------------------------------------------------------------ pytrees
+
+Policy = QuantSpec | Callable[[tuple, Any], QuantSpec | None]
+
+
+def _resolve(policy: Policy, path: tuple, leaf: Any) -> QuantSpec | None:
+    if isinstance(policy, QuantSpec):
+        is_float = hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+        return policy if is_float else None
+    if not callable(policy):
+        raise TypeError(
+            "quantize_tree: policy must be a QuantSpec or a function (path, leaf) -> "
+            f"QuantSpec | None, got {type(policy).__name__}."
+        )
+    spec = policy(path, leaf)
+    if spec is not None and not isinstance(spec, QuantSpec):
+        raise TypeError(
+            f"quantize_tree: the policy returned {spec!r} for {jax.tree_util.keystr(path)}; "
+            "it must return a QuantSpec or None."
+        )
+    return spec
+
+
+def quantize_tree(tree: Any, policy: Policy, *, key: Array | None = None) -> Any:
+    """Quantize every leaf the policy selects; other leaves pass through unchanged.
+
+    Args:
+      tree: any pytree of arrays (e.g. Flax params).
+      policy: a :class:`QuantSpec` (applied to every floating-point leaf) or a function
+        ``(path, leaf) -> QuantSpec | None`` (None leaves the leaf as it is).
+      key: PRNG key for stochastic specs; each leaf gets ``fold_in(key, leaf_index)``.
+
+    Returns:
+      The same structure with QArrays in place of quantized leaves.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> qt = jq.quantize_tree({"w": jnp.ones((4, 4)), "step": jnp.array(3)},
+      ...                       jq.QuantSpec("int4"))
+      >>> type(qt["w"]).__name__, qt["step"].tolist()
+      ('QArray', 3)
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        spec = _resolve(policy, path, leaf)
+        if spec is None:
+            out.append(leaf)
+            continue
+        k = None if key is None else jax.random.fold_in(key, i)
+        try:
+            out.append(quantize(leaf, spec, key=k))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"quantize_tree at {jax.tree_util.keystr(path)}: {err}") from None
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dequantize_tree(tree: Any) -> Any:
+    """Replace every QArray in ``tree`` by its dequantized array."""
+    return jax.tree_util.tree_map(
+        lambda a: a.dequantize() if isinstance(a, QArray) else a,
+        tree,
+        is_leaf=lambda a: isinstance(a, QArray),
+    )

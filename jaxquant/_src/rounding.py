@@ -1,0 +1,181 @@
+"""Rounding to a format's grid: round-to-nearest-even and stochastic, saturating by default.
+
+Everything here maps float32 values to float32 values that lie exactly on a format's grid;
+encoding those into storage bits is :mod:`jaxquant._src.qarray`'s job.
+
+Float formats (any ``ExMy``) are rounded with integer exponent arithmetic, not by casting,
+so the same code serves formats XLA has no type for. For ``|x|`` with float32 exponent
+``e``, the grid spacing (quantum) is ``2^(max(e, emin) - m)``. Scaling by the inverse
+quantum is exact (a power of two, applied in two halves so it never overflows), which
+turns rounding into integer rounding: ``round_half_even`` for nearest, and
+``floor(y) + [u < frac(y)]`` with ``u ~ U[0, 1)`` for stochastic rounding. The latter is
+unbiased, ``E[SR(x)] = x``, up to the 2^-24 resolution of ``u``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant._src.formats import Format
+
+# ---------------------------------------------------------------------- random numbers
+
+
+def _lowbias32(x: jax.Array) -> jax.Array:
+    """Chris Wellons' lowbias32 integer hash: a bijection of uint32 with strong avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Two uint32 words from a typed or raw (uint32[2]) PRNG key."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        data = jax.random.key_data(key)
+    else:
+        data = jnp.asarray(key)
+        if data.dtype != jnp.uint32 or data.ndim != 1 or data.shape[0] < 2:
+            raise TypeError(
+                "key must be a PRNG key from jax.random.key(seed) (or jax.random.PRNGKey), got "
+                f"an array of dtype {data.dtype} and shape {data.shape}."
+            )
+    data = data.reshape(-1).astype(jnp.uint32)
+    return data[0], data[-1]
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...], *, impl: str = "hash") -> jax.Array:
+    """uint32 random bits of ``shape`` from ``key``.
+
+    ``impl="hash"`` hashes each element's linear index with the key (two lowbias32
+    rounds): element-wise, so XLA fuses it into the quantizer and it costs no extra pass
+    over memory. ``impl="threefry"`` uses ``jax.random.bits`` (the JAX default generator).
+    Both are deterministic functions of (key, shape).
+    """
+    if impl == "threefry":
+        return jax.random.bits(key, shape, jnp.uint32)
+    if impl != "hash":
+        raise ValueError(f"rng impl must be 'hash' or 'threefry', got {impl!r}.")
+    k0, k1 = _key_words(key)
+    idx = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        idx = idx + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    seed = _lowbias32(k0 ^ jnp.uint32(0x9E3779B9))
+    return _lowbias32(_lowbias32(idx + seed) ^ k1)
+
+
+def uniform_from_bits(bits: jax.Array) -> jax.Array:
+    """float32 in [0, 1) on a 2^-24 grid from uint32 bits (top 24 bits used)."""
+    return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+# ---------------------------------------------------------------------- rounding rules
+
+
+def _exp2i(k: jax.Array) -> jax.Array:
+    """Exact float32 2^k for int32 k in [-126, 127], built from bits."""
+    return lax.bitcast_convert_type((k + 127).astype(jnp.int32) << 23, jnp.float32)
+
+
+def round_to_integer(y: jax.Array, u: jax.Array | None) -> jax.Array:
+    """Round float32 ``y`` to an integer: nearest-even if ``u`` is None, else stochastically.
+
+    Stochastic: ``floor(y) + [u < y - floor(y)]``; ``y - floor(y)`` is exact in float32, so
+    the probability of rounding up is ``frac(y)`` to within the resolution of ``u``.
+    """
+    if u is None:
+        return jnp.round(y)  # half to even
+    lo = jnp.floor(y)
+    return lo + (u < (y - lo)).astype(y.dtype)
+
+
+def round_float(
+    x: jax.Array, fmt: Format, u: jax.Array | None = None, *, saturate: bool = True
+) -> jax.Array:
+    """Round float32 ``x`` onto the value grid of float format ``fmt``.
+
+    Args:
+      x: float32 array.
+      fmt: a ``kind == "float"`` format (any ExMy, emulated or ml_dtypes-backed).
+      u: uniform [0, 1) float32 noise of ``x.shape`` for stochastic rounding, or None for
+        round-to-nearest-even.
+      saturate: if True, finite overflow and +-Inf become +-max (PTX ``cvt.satfinite``
+        semantics); if False, overflow becomes +-Inf where the format has Inf, else NaN
+        (ml_dtypes cast semantics). Formats with neither (fp6, fp4) always saturate.
+
+    Returns:
+      float32 values, each exactly representable in ``fmt``. NaN stays NaN. The sign of
+      zero follows ``x`` (numerically irrelevant; encoding to an ``fnuz`` format drops it).
+    """
+    x = x.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    biased = ((bits >> 23) & 0xFF).astype(jnp.int32)
+    e = jnp.maximum(biased, 1) - 127
+    neg_qe = fmt.man_bits - jnp.maximum(e, fmt.emin)  # -(exponent of the quantum)
+    a = neg_qe // 2
+    b = neg_qe - a
+    y = (jnp.abs(x) * _exp2i(a)) * _exp2i(b)  # |x| / quantum, exact
+    # XLA's CPU backend flushes float32 subnormals in multiplies (DAZ/FTZ). Formats whose
+    # grid reaches below 2^-126 (bf16, fp32) take subnormal inputs and outputs through
+    # integer arithmetic on the bits instead, so they round exactly like ml_dtypes.
+    sub_grid = fmt.emin - fmt.man_bits < -126
+    if sub_grid:
+        is_sub = biased == 0
+        mant = (bits & 0x7FFFFF).astype(jnp.float32)  # exact: < 2^23
+        y = jnp.where(is_sub, mant * jnp.float32(2.0 ** (fmt.man_bits - 23)), y)
+    r = round_to_integer(y, u)
+    out = (r * _exp2i(-a)) * _exp2i(-b)
+    fmax = jnp.float32(fmt.max)
+    if saturate or fmt.nan_style == "none":
+        out = jnp.minimum(out, fmax)  # also maps Inf to max; NaN propagates
+    else:
+        overflow_to = jnp.float32(np.inf if fmt.has_inf else np.nan)
+        out = jnp.where(out > fmax, overflow_to, out)
+    if sub_grid:  # select last: min/where would flush a subnormal result too
+        shift = jnp.uint32(23 - fmt.man_bits)
+        sub_out = lax.bitcast_convert_type(
+            jnp.nan_to_num(r).astype(jnp.uint32) << shift, jnp.float32
+        )
+        out = jnp.where(is_sub, sub_out, out)
+    return jnp.copysign(out, x)
+
+
+def round_int(y: jax.Array, qmin: float, qmax: float, u: jax.Array | None = None) -> jax.Array:
+    """Round float32 ``y`` to integers in [qmin, qmax] (clip after rounding; NaN stays NaN)."""
+    return jnp.clip(round_to_integer(y, u), qmin, qmax)
+
+
+def round_codebook(
+    y: jax.Array, values: tuple[float, ...], u: jax.Array | None = None
+) -> jax.Array:
+    """Index (int32) of the codebook value ``y`` rounds to; ``y`` is clipped to the range first.
+
+    Nearest: ties go to the value of smaller magnitude (and to +1 for binary's 0), so the
+    rule is symmetric. Stochastic: the upper neighbour with probability
+    ``(y - lo) / (hi - lo)``, which is unbiased inside the range. NaN maps to the index of
+    the value nearest 0.
+    """
+    c = np.asarray(values, np.float32)
+    n = len(c)
+    yc = jnp.clip(y, c[0], c[-1])
+    hi_i = jnp.clip(jnp.searchsorted(jnp.asarray(c), yc, side="left"), 1, n - 1).astype(jnp.int32)
+    lo_i = hi_i - 1
+    table = jnp.asarray(c)
+    lo = table[lo_i]
+    hi = table[hi_i]
+    if u is None:
+        d_lo = yc - lo
+        d_hi = hi - yc
+        prefer_hi = (jnp.abs(hi) < jnp.abs(lo)) | ((jnp.abs(hi) == jnp.abs(lo)) & (hi > 0))
+        up = (d_hi < d_lo) | ((d_hi == d_lo) & prefer_hi)
+    else:
+        up = u * (hi - lo) < (yc - lo)
+    idx = jnp.where(up, hi_i, lo_i)
+    zero_i = int(np.argmin(np.abs(c)))
+    return jnp.where(jnp.isnan(y), zero_i, idx)

@@ -1,0 +1,212 @@
+"""QuantSpec: everything static about one quantizer, frozen and hashable."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jaxquant._src import calibration as cal
+from jaxquant._src import formats
+from jaxquant._src import granularity as gran
+
+Rounding = Literal["nearest", "stochastic"]
+_SCALE_FORMATS = {
+    "float32": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "float8_e8m0fnu": "float8_e8m0fnu",
+}
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class QuantSpec:
+    """A quantizer's static configuration.
+
+    ``q = clip(round(x / s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``, where the scale
+    ``s`` (and zero point ``z``) come from ``calibration`` over the groups of
+    ``granularity``, rounded to ``scale_format``.
+
+    Args:
+      format: a :class:`~jaxquant.formats.Format` or its name (``"int8"``, ``"fp8"``,
+        ``"nf4"``, ``"mxfp4"``, ``"e3m2"``...).
+      granularity: :func:`per_tensor` (default), :func:`per_channel`, :func:`per_block`,
+        :func:`per_token`. MX formats force ``per_block(-1, 32)`` unless given another
+        per-block granularity.
+      calibration: how the range is chosen (:func:`absmax` default, :func:`mean_std`,
+        :func:`percentile`, :func:`mse`, :func:`kl`, :func:`fixed`, :func:`minmax`), or
+        ``None`` for no scaling at all: a plain (saturating) cast, ``s = 1``.
+      symmetric: ``True``: ``z = 0`` and, for signed ints, the restricted range
+        ``[-(2^(b-1)-1), 2^(b-1)-1]`` so negation is exact. ``False``: zero-point
+        quantization (integer formats only), float 0 maps exactly to the integer ``z``.
+      rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (needs ``key=``).
+      scale_format: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or ``"e8m0"``
+        (power of two, rounded up so nothing extra clips; MX formats use the OCP rule).
+      narrow_range: for symmetric signed ints, use ``-(2^(b-1)-1)`` as the minimum (default
+        True). False allows ``-2^(b-1)``.
+      saturate: out-of-range values become the largest finite value (default). False
+        follows ml_dtypes: overflow to Inf where the format has it, else NaN.
+      rng: the stochastic-rounding noise source, ``"hash"`` (a per-element counter hash,
+        fused by XLA into the quantizer, default) or ``"threefry"`` (``jax.random.bits``).
+
+    Raises:
+      ValueError: for unknown names and invalid combinations, naming the field and the fix.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> jq.QuantSpec("int8", granularity=jq.per_channel(-1)).format.name
+      'int8'
+    """
+
+    format: formats.Format
+    granularity: gran.Granularity
+    calibration: cal.Calibration | None
+    symmetric: bool
+    rounding: Rounding
+    scale_format: formats.Format
+    narrow_range: bool
+    saturate: bool
+    rng: Literal["hash", "threefry"]
+
+    def __init__(
+        self,
+        format: str | formats.Format,
+        granularity: gran.Granularity | None = None,
+        calibration: cal.Calibration | None = cal.AbsMax(),  # noqa: B008 - frozen, hashable
+        *,
+        symmetric: bool = True,
+        rounding: Rounding = "nearest",
+        scale_format: str | formats.Format = "float32",
+        narrow_range: bool = True,
+        saturate: bool = True,
+        rng: Literal["hash", "threefry"] = "hash",
+    ) -> None:
+        fmt = formats.get(format)
+        sfmt = formats.get(scale_format)
+        if sfmt.name not in _SCALE_FORMATS:
+            raise ValueError(
+                f"QuantSpec.scale_format: {sfmt.name!r} is not a scale format; use one of "
+                "'float32', 'bfloat16', 'float16', 'e8m0'."
+            )
+        if fmt.name == "float8_e8m0fnu":
+            raise ValueError(
+                "QuantSpec.format: e8m0 has no zero and no sign; it is a scale format. Use "
+                "scale_format='e8m0' with an element format, or an MX format such as 'mxfp8'."
+            )
+        if granularity is None:
+            granularity = (
+                gran.PerBlock(-1, fmt.block_size) if fmt.kind == "mx" else gran.PerTensor()
+            )
+        if not isinstance(
+            granularity, gran.PerTensor | gran.PerChannel | gran.PerBlock | gran.PerToken
+        ):
+            raise TypeError(
+                "QuantSpec.granularity: expected per_tensor(), per_channel(axes), "
+                f"per_block(axis, size) or per_token(), got {granularity!r}."
+            )
+        if fmt.kind == "mx":
+            if not isinstance(granularity, gran.PerBlock):
+                raise ValueError(
+                    f"QuantSpec.granularity: {fmt.name} shares one scale per block; use "
+                    f"per_block(axis, {fmt.block_size}) (the default) instead of {granularity}."
+                )
+            if calibration is None:
+                raise ValueError(f"QuantSpec.calibration: {fmt.name} needs a calibration.")
+            sfmt = formats.get("e8m0")
+        if calibration is not None and not isinstance(
+            calibration,
+            cal.AbsMax | cal.MeanStd | cal.Percentile | cal.MSE | cal.KL | cal.Fixed,
+        ):
+            raise TypeError(
+                "QuantSpec.calibration: expected absmax(), minmax(), mean_std(k), "
+                f"percentile(p), mse(), kl(), fixed(amax) or None, got {calibration!r}."
+            )
+        if not symmetric:
+            if fmt.kind != "int":
+                raise ValueError(
+                    f"QuantSpec.symmetric=False: zero-point quantization needs an integer "
+                    f"format, got {fmt.name}. Use symmetric=True, or an int/uint format."
+                )
+            if calibration is None:
+                raise ValueError("QuantSpec: symmetric=False needs a calibration, e.g. minmax().")
+            if isinstance(calibration, cal.KL):
+                raise ValueError("QuantSpec: kl() calibration is symmetric only; use minmax().")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(
+                f"QuantSpec.rounding must be 'nearest' or 'stochastic', got {rounding!r}."
+            )
+        if rng not in ("hash", "threefry"):
+            raise ValueError(f"QuantSpec.rng must be 'hash' or 'threefry', got {rng!r}.")
+        if fmt.kind == "int" and not saturate:
+            raise ValueError(
+                "QuantSpec.saturate=False: integers have no Inf/NaN to overflow to (a raw cast "
+                "would wrap); integer formats always saturate. Drop saturate=False."
+            )
+        if fmt.kind == "int" and fmt.bits == 1 and fmt.signed and symmetric and narrow_range:
+            raise ValueError(
+                "QuantSpec: int1's restricted symmetric range is {0}; use 'binary' for {-1,+1}, "
+                "or narrow_range=False."
+            )
+        set_ = object.__setattr__
+        set_(self, "format", fmt)
+        set_(self, "granularity", granularity)
+        set_(self, "calibration", calibration)
+        set_(self, "symmetric", bool(symmetric))
+        set_(self, "rounding", rounding)
+        set_(self, "scale_format", sfmt)
+        set_(self, "narrow_range", bool(narrow_range))
+        set_(self, "saturate", bool(saturate))
+        set_(self, "rng", rng)
+
+    # ---------------------------------------------------------------- derived, static
+    @property
+    def stochastic(self) -> bool:
+        return self.rounding == "stochastic"
+
+    @property
+    def element(self) -> formats.Format:
+        """The format each value is rounded to (the element format of an MX format)."""
+        if self.format.kind == "mx":
+            assert self.format.element is not None
+            return self.format.element
+        return self.format
+
+    @property
+    def qrange(self) -> tuple[float, float]:
+        """(qmin, qmax) of the quantized values (in the scaled domain)."""
+        f = self.element
+        if f.kind == "int":
+            if not f.signed:
+                return 0.0, f.max
+            if self.symmetric and self.narrow_range:
+                return -f.max, f.max
+            return f.min, f.max
+        if f.kind == "codebook":
+            return f.min, f.max
+        return (-f.max if f.signed else 0.0), f.max
+
+    def replace(self, **changes: object) -> QuantSpec:
+        """A copy with some fields changed (validated again)."""
+        fields = {
+            "format": self.format,
+            "granularity": self.granularity,
+            "calibration": self.calibration,
+            "symmetric": self.symmetric,
+            "rounding": self.rounding,
+            "scale_format": self.scale_format,
+            "narrow_range": self.narrow_range,
+            "saturate": self.saturate,
+            "rng": self.rng,
+        }
+        fields.update(changes)
+        fmt = fields.pop("format")
+        return QuantSpec(fmt, **fields)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        parts = [self.format.name, str(self.granularity), str(self.calibration or "no-scale")]
+        if not self.symmetric:
+            parts.append("asymmetric")
+        if self.stochastic:
+            parts.append("stochastic")
+        if self.scale_format.name != "float32":
+            parts.append(f"scale={self.scale_format.name}")
+        return "QuantSpec(" + ", ".join(parts) + ")"
