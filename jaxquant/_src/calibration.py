@@ -168,7 +168,7 @@ def _histogram(idx: Array, valid: Array, axes: tuple[int, ...], nb: int) -> Arra
     ids = (flat + nb * jnp.arange(groups)[:, None]).reshape(-1)
     w = vmoved.reshape(-1).astype(jnp.float32)
     hist = jax.ops.segment_sum(w, ids, groups * nb).reshape(*gshape, nb)
-    out_shape = tuple(1 if i in axes else d for i, d in enumerate(idx.shape)) + (nb,)
+    out_shape = (*(1 if i in axes else d for i, d in enumerate(idx.shape)), nb)
     return hist.reshape(out_shape)
 
 
@@ -195,12 +195,14 @@ class KL:
         width = jnp.where(amax > 0, amax / nb, 1.0)
         idx = jnp.clip(jnp.floor(a / width), 0, nb - 1).astype(jnp.int32)
         hist = _histogram(idx, _finite(x), axes, nb)  # [...keepdims..., nb]
-        centers = (jnp.arange(nb, dtype=jnp.float32) + 0.5) * width  # [..., nb]
+        lead = (1,) * amax.ndim
+        bin_ids = jnp.arange(nb).reshape(*lead, nb)
+        w = width[..., None]
+        centers = (bin_ids.astype(jnp.float32) + 0.5) * w
         ks = jnp.linspace(nb // 8, nb, self.num).astype(jnp.int32)
-        bin_ids = jnp.arange(nb)
 
         def divergence(k):
-            thr = k.astype(jnp.float32) * width
+            thr = k.astype(jnp.float32) * w
             inside = bin_ids < k
             tail = jnp.sum(jnp.where(inside, 0.0, hist), axis=-1, keepdims=True)
             p = jnp.where(inside, hist, 0.0)
@@ -214,7 +216,8 @@ class KL:
             )
             run = jnp.cumsum(change, axis=-1) - 1
             groups = p.size // nb
-            ids = (run + nb * jnp.arange(groups).reshape(p.shape[:-1] + (1,))).reshape(-1)
+            offsets = nb * jnp.arange(groups).reshape(*p.shape[:-1], 1)
+            ids = (run + offsets).reshape(-1)
             nz = (p > 0).astype(jnp.float32)
             seg = groups * nb
             mass = jax.ops.segment_sum(p.reshape(-1), ids, seg)[ids].reshape(p.shape)
@@ -227,8 +230,7 @@ class KL:
 
         divs = jax.lax.map(divergence, ks)  # [num, ..., 1]
         best = jnp.argmin(divs, axis=0)
-        thr = ks[best].astype(jnp.float32) * width
-        thr = jnp.reshape(thr, amax.shape)
+        thr = jnp.reshape(ks[best], amax.shape).astype(jnp.float32) * width
         thr = jnp.minimum(thr, amax)
         return -thr, thr
 

@@ -183,15 +183,19 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
         k = 8 // bits
         pad = (-n) % k
         c = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, -1, k)
-        shifts = jnp.arange(k, dtype=jnp.uint8) * jnp.uint8(bits)
-        return _or_reduce(c << shifts)
+        return _or_reduce(c << _lanes(k, bits, c.ndim))
     # 3, 5, 6, 7 bits: expand to a bit stream, regroup by 8.
     pad = (-n) % 8  # 8 codes -> `bits` whole bytes
     c = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, pad)])
-    stream = (c[..., None] >> jnp.arange(bits, dtype=jnp.uint8)) & jnp.uint8(1)
+    stream = (c[..., None] >> _lanes(bits, 1, c.ndim + 1)) & jnp.uint8(1)
     stream = stream.reshape(*lead, -1, 8)
-    out = _or_reduce(stream << jnp.arange(8, dtype=jnp.uint8))
+    out = _or_reduce(stream << _lanes(8, 1, stream.ndim))
     return out[..., : packed_length(n, bits)]
+
+
+def _lanes(n: int, step: int, ndim: int) -> jax.Array:
+    """uint8 shifts ``0, step, 2 step, ...`` shaped to broadcast on a trailing axis of n."""
+    return (jnp.arange(n, dtype=jnp.uint8) * jnp.uint8(step)).reshape((1,) * (ndim - 1) + (n,))
 
 
 def _or_reduce(x: jax.Array) -> jax.Array:
@@ -205,11 +209,10 @@ def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
     mask = jnp.uint8(2**bits - 1)
     if 8 % bits == 0:
         k = 8 // bits
-        shifts = jnp.arange(k, dtype=jnp.uint8) * jnp.uint8(bits)
-        c = (packed[..., None] >> shifts) & mask
+        c = (packed[..., None] >> _lanes(k, bits, packed.ndim + 1)) & mask
         return c.reshape(*lead, nbytes * k)[..., :n]
-    stream = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & jnp.uint8(1)
+    stream = (packed[..., None] >> _lanes(8, 1, packed.ndim + 1)) & jnp.uint8(1)
     stream = stream.reshape(*lead, -1)
     total = n * bits
     stream = stream[..., :total].reshape(*lead, n, bits)
-    return _or_reduce(stream << jnp.arange(bits, dtype=jnp.uint8))
+    return _or_reduce(stream << _lanes(bits, 1, stream.ndim))

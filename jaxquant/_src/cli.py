@@ -1,0 +1,576 @@
+"""The ``jaxquant`` command line: look at formats, numbers and quantization step by step.
+
+Subcommands::
+
+    jaxquant formats [--json] [--kind float|int|codebook|mx]
+    jaxquant explain 0.3 --format fp32 fp16 bf16
+    jaxquant explain 0b11111111 --format int8 uint8
+    jaxquant quantize -0.5 0.3 1.2 -2.1 --format int8 [--calibration absmax|mean_std:K|
+        percentile:P|mse|minmax] [--asymmetric] [--stochastic --seed N]
+
+Each subcommand is a ``(name, add_arguments, run)`` entry of :data:`SUBCOMMANDS`; adding one
+means writing those two functions and appending the entry. ``run(args)`` prints to stdout
+and returns the exit status. Errors (unknown format, a bad number, a bad calibration) print
+one line ``jaxquant: error: ...`` on stderr and exit with status 2 (usage) or 1 (library).
+
+``quantize`` prints numbers computed by the library itself -- the calibration object, the
+``compute_scale`` rule, the quantizer core and :func:`jaxquant.fake_quant` -- never a
+re-implementation that could disagree with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src import calibration as cal
+from jaxquant._src import formats, rounding
+from jaxquant._src import metrics as qmetrics
+from jaxquant._src import quantize as qz
+from jaxquant._src.explain import explain
+from jaxquant._src.spec import QuantSpec
+
+PROG = "jaxquant"
+
+
+class Subcommand(NamedTuple):
+    """One ``jaxquant NAME`` subcommand."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A command-line usage error (bad option, bad number): exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------- argument types
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text.strip().replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text.strip()!r} is not a number (examples: 0.3, -2.1, 1e-3, inf)"
+        ) from None
+
+
+def _value_or_pattern(text: str) -> str:
+    """explain's VALUE: a number or a bit pattern (0b..., 0x...), checked here."""
+    t = text.strip()
+    if t.lower().startswith(("0b", "0x")):
+        return t
+    _number(t)
+    return t
+
+
+_CALIBRATIONS = "absmax, minmax, mean_std[:K], percentile[:P], mse[:N] or kl"
+
+
+def parse_calibration(text: str) -> cal.Calibration:
+    """``absmax`` / ``minmax`` / ``mean_std:K`` / ``percentile:P`` / ``mse:N`` / ``kl``."""
+    name, _, arg = text.strip().lower().partition(":")
+    name = name.replace("-", "_")
+    makers: dict[str, tuple[Callable[..., cal.Calibration], Callable[[str], object] | None]] = {
+        "absmax": (cal.absmax, None),
+        "max": (cal.absmax, None),
+        "minmax": (cal.minmax, None),
+        "mean_std": (cal.mean_std, float),
+        "meanstd": (cal.mean_std, float),
+        "percentile": (cal.percentile, float),
+        "mse": (cal.mse, int),
+        "kl": (cal.kl, None),
+    }
+    if name not in makers:
+        raise argparse.ArgumentTypeError(
+            f"unknown calibration {text!r}; use {_CALIBRATIONS} (e.g. mean_std:3, percentile:99.9)"
+        )
+    make, conv = makers[name]
+    if not arg:
+        return make()
+    if conv is None:
+        raise argparse.ArgumentTypeError(f"calibration {name!r} takes no parameter, got {text!r}")
+    try:
+        return make(conv(arg))
+    except ValueError as err:
+        msg = str(err) if "must" in str(err) else f"{arg!r} is not a valid parameter"
+        raise argparse.ArgumentTypeError(f"bad calibration {text!r}: {msg}") from None
+
+
+def _protect_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """Keep negative numbers (``-2.1``, ``-1e-3``, ``-inf``) positional, not options.
+
+    argparse already treats ``-2.1`` as a value, but not ``-1e-3`` or ``-inf``; a leading
+    space makes any token positional, and ``float`` ignores it.
+    """
+    out = []
+    for a in argv:
+        if re.fullmatch(r"-(\d|\.\d|inf|nan|infinity).*", a, flags=re.IGNORECASE):
+            try:
+                float(a)
+            except ValueError:
+                pass
+            else:
+                a = " " + a
+        out.append(a)
+    return out
+
+
+# --------------------------------------------------------------------------- formats
+
+
+_FORMAT_COLUMNS = (
+    ("name", "name"),
+    ("kind", "kind"),
+    ("bits", "bits"),
+    ("E", "exp_bits"),
+    ("M", "man_bits"),
+    ("bias", "bias"),
+    ("max", "max"),
+    ("min normal", "min_normal"),
+    ("min subnormal", "min_subnormal"),
+    ("eps", "eps"),
+    ("digits", "decimal_digits"),
+    ("inf", "inf"),
+    ("nan", "nan"),
+    ("codes", "codes"),
+    ("range dB", "dynamic_range_db"),
+)
+
+
+def _cell(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v == int(v) and abs(v) < 1e7:
+            return str(int(v))
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _add_formats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--kind",
+        choices=("float", "int", "codebook", "mx"),
+        help="only formats of this kind",
+    )
+
+
+def _run_formats(args: argparse.Namespace) -> int:
+    fmts = [f for f in formats.all_formats() if args.kind is None or f.kind == args.kind]
+    props = [f.properties() for f in fmts]
+    if args.json:
+        print(json.dumps(props, indent=2))
+        return 0
+    rows = [[h for h, _ in _FORMAT_COLUMNS]]
+    rows += [[_cell(p[k]) for _, k in _FORMAT_COLUMNS] for p in props]
+    print(_table(rows, left=2))
+    print()
+    print(
+        "bits: storage bits per value (MX: with the shared scale). E/M: exponent/mantissa "
+        "bits. eps: the gap above 1. digits: significant decimal digits. range dB: "
+        "20·log10(max / min subnormal)."
+    )
+    return 0
+
+
+def _table(rows: list[list[str]], left: int = 1) -> str:
+    """Columns padded to width: the first ``left`` left-aligned, the rest right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [
+            f"{c:<{w}}" if i < left else f"{c:>{w}}"
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _add_explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "value",
+        type=_value_or_pattern,
+        help="a number (0.3, -2.1, 1e-8, inf, nan) or a bit pattern (0b11111111, 0x3c00)",
+    )
+    p.add_argument(
+        "-f",
+        "--format",
+        nargs="+",
+        default=["float32"],
+        metavar="FORMAT",
+        help="one format, or several to compare side by side (default: float32)",
+    )
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    fmts = [formats.get(f) for f in args.format]  # unknown names fail before any work
+    value = args.value.strip()
+    print(explain(value, fmts[0] if len(fmts) == 1 else fmts))
+    return 0
+
+
+# -------------------------------------------------------------------------- quantize
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("values", nargs="+", type=_number, metavar="X", help="the numbers to quantize")
+    p.add_argument("-f", "--format", default="int8", help="target format (default: int8)")
+    p.add_argument(
+        "-c",
+        "--calibration",
+        type=parse_calibration,
+        default=cal.absmax(),
+        metavar="CAL",
+        help=f"how the range is chosen: {_CALIBRATIONS} (default: absmax)",
+    )
+    p.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="zero-point quantization (integer formats): q = clip(round(x / s) + z)",
+    )
+    p.add_argument(
+        "--stochastic", action="store_true", help="stochastic rounding instead of nearest-even"
+    )
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for --stochastic (default 0)")
+
+
+class Steps(NamedTuple):
+    """Every intermediate of one quantization, each computed by the library (float32)."""
+
+    spec: QuantSpec
+    x: np.ndarray  # the input
+    lo: np.ndarray  # calibrated range, per scale group
+    hi: np.ndarray
+    scale: np.ndarray  # per scale group
+    zero_point: np.ndarray | None
+    y: np.ndarray  # x / s (+ z), per element
+    rounded: np.ndarray  # y rounded, before saturation (codebooks: y clipped)
+    q: np.ndarray  # the quantized values (the numbers they stand for; codebooks: values)
+    index: np.ndarray | None  # codebook indices
+    x_hat: np.ndarray  # jq.fake_quant(x, spec)
+
+
+def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) -> Steps:
+    """Run the library's quantizer on a 1-D ``x`` and keep every intermediate.
+
+    The scale, zero point and quantized values come from the quantizer core (calibration,
+    ``compute_scale``, rounding), ``x_hat`` from :func:`jaxquant.fake_quant`; the two are
+    checked against each other.
+    """
+    plan = spec.granularity.plan(tuple(x.shape))
+    r, s, z, _ = qz._core(x, spec, key, None)
+    xv = x.astype(jnp.float32).reshape(plan.view)
+    assert spec.calibration is not None
+    lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, qz._qdq_range(spec))
+    y = xv / s if z is None else xv / s + z
+    u = qz._noise(spec, key, plan.view)
+    elem = spec.element
+    index = None
+    if elem.kind == "int":
+        pre = rounding.round_to_integer(y, u)
+    elif elem.kind == "float":
+        pre = rounding.round_float(y, elem, u, saturate=False)
+        if not elem.signed:
+            pre = jnp.maximum(pre, 0.0)
+    else:
+        assert elem.codebook is not None
+        pre = jnp.clip(y, elem.codebook[0], elem.codebook[-1])
+        index = np.asarray(r, np.int32).reshape(-1)
+    q = qz._to_grid(r, spec)
+    x_hat = qz.fake_quant(x, spec, key=key)
+    ours = q * s if z is None else (q - z) * s
+    if not np.array_equal(
+        np.asarray(ours.reshape(x.shape)), np.asarray(x_hat), equal_nan=True
+    ):  # pragma: no cover - the library disagrees with itself
+        raise RuntimeError("jaxquant quantize: the quantizer core and fake_quant disagree.")
+
+    def flat(a: jax.Array) -> np.ndarray:
+        return np.asarray(jnp.broadcast_to(a, plan.view), np.float32).reshape(-1)
+
+    return Steps(
+        spec=spec,
+        x=np.asarray(x, np.float32),
+        lo=np.asarray(lo, np.float32).reshape(-1),
+        hi=np.asarray(hi, np.float32).reshape(-1),
+        scale=np.asarray(s, np.float32).reshape(-1),
+        zero_point=None if z is None else np.asarray(z, np.float32).reshape(-1),
+        y=flat(y),
+        rounded=flat(pre),
+        q=flat(q),
+        index=index,
+        x_hat=np.asarray(x_hat, np.float32),
+    )
+
+
+def _f(v: float | np.floating) -> str:
+    """The shortest text that reads back as the same float32."""
+    v = np.float32(v)
+    if np.isnan(v):
+        return "NaN"
+    if np.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return str(v)
+
+
+def _q(v: float | np.floating, integer: bool) -> str:
+    if integer and np.isfinite(v):
+        return str(int(v))
+    return _f(v)
+
+
+def _list(a: np.ndarray, integer: bool = False) -> str:
+    return "[" + ", ".join(_q(v, integer) for v in a) + "]"
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    spec = QuantSpec(
+        args.format,
+        calibration=args.calibration,
+        symmetric=not args.asymmetric,
+        rounding="stochastic" if args.stochastic else "nearest",
+    )
+    key = jax.random.key(args.seed) if args.stochastic else None
+    x = jnp.asarray(np.asarray(args.values, np.float32))
+    print(render_steps(quantize_steps(x, spec, key), seed=args.seed if key is not None else None))
+    return 0
+
+
+def render_steps(st: Steps, seed: int | None = None) -> str:
+    """The worked example: every step of ``st`` with its numbers."""
+    spec = st.spec
+    fmt, elem = spec.format, spec.element
+    qmin, qmax = spec.qrange
+    is_int = elem.kind == "int"
+    sym = spec.symmetric
+    rnd = (
+        f"stochastic rounding (seed {seed})"
+        if spec.stochastic
+        else "round to nearest, ties to even"
+    )
+    out = [
+        f"Quantize {st.x.size} value{'s' if st.x.size != 1 else ''} to {fmt.name} "
+        f"({'symmetric' if sym else 'asymmetric, with a zero point'}, "
+        f"{spec.calibration} calibration, {rnd})",
+        "",
+        f"  x = {_list(st.x)}",
+        "",
+    ]
+    one = st.scale.size == 1
+    s_sym = "s" if one else "s[block]"
+    amax = np.maximum(-st.lo, st.hi)
+    # 1. range
+    if fmt.kind == "mx" or sym:
+        what = "max(x, 0)" if (sym and qmin >= 0 and fmt.kind != "mx") else "max|x|"
+        if isinstance(spec.calibration, cal.AbsMax):
+            rng = f"{what} = {_list(amax) if not one else _f(amax[0])}"
+        else:
+            true_max = np.max(np.abs(st.x[np.isfinite(st.x)]), initial=0.0)
+            val = _list(amax) if not one else _f(amax[0])
+            rng = f"amax = {val}  ({spec.calibration} clips the range; max|x| = {_f(true_max)})"
+    else:
+        lo0 = np.minimum(st.lo, 0.0)
+        hi0 = np.maximum(st.hi, 0.0)
+        rng = f"[lo, hi] = [{_f(st.lo[0])}, {_f(st.hi[0])}]" if one else "per block"
+        if one and (lo0[0] != st.lo[0] or hi0[0] != st.hi[0]):
+            rng += f", widened to contain 0: [{_f(lo0[0])}, {_f(hi0[0])}]"
+    out.append(f"1. range:       {rng}")
+    # 2. scale
+    if fmt.kind == "mx":
+        scale = (
+            f"{s_sym} = 2^(floor(log2(max|x|)) - emax) with emax = {elem.emax} "
+            f"(the OCP MX rule; a power of two shared by each block of {fmt.block_size}) = "
+            + (_f(st.scale[0]) if one else _list(st.scale))
+        )
+    elif sym:
+        top = {"int": "qmax", "float": "fmax", "codebook": "max|codebook|"}[elem.kind]
+        if one and amax[0] > 0:
+            scale = f"s = amax / {top} = {_f(amax[0])} / {_q(qmax, True)} = {_f(st.scale[0])}"
+        elif one:
+            scale = "s = 1 (the range is 0: nothing to scale)"
+        else:
+            scale = f"s = amax / {top} = {_list(st.scale)}"
+    else:
+        assert st.zero_point is not None
+        span = np.maximum(st.hi, 0.0) - np.minimum(st.lo, 0.0)
+        scale = (
+            f"s = (hi - lo) / (qmax - qmin) = {_f(span[0])} / {_q(qmax - qmin, True)} = "
+            f"{_f(st.scale[0])};  z = clip(round(qmin - lo / s), {_q(qmin, True)}, "
+            f"{_q(qmax, True)}) = {_q(st.zero_point[0], True)}"
+        )
+    out.append(f"2. scale:       {scale}")
+    if spec.scale_format.name != "float32":
+        out.append(f"                (s rounded to {spec.scale_format.name})")
+    # 3. quantize
+    ys = "x / s" if sym else "x / s + z"
+    if elem.kind == "int":
+        rule = f"q = clip(round({ys}), {_q(qmin, True)}, {_q(qmax, True)})"
+    elif elem.kind == "float":
+        rule = (
+            f"q = {elem.name} nearest to {ys}, saturated to ±{_q(qmax, True)}"
+            if not spec.stochastic
+            else f"q = {elem.name} neighbour of {ys} chosen at random, saturated to ±{_q(qmax, True)}"
+        )
+    else:
+        rule = f"q = the {elem.name} value nearest to clip({ys}, {_f(qmin)}, {_f(qmax)})"
+    out.append(f"3. quantize:    {rule}")
+    deq = "x_hat = q × s" if sym else "x_hat = (q - z) × s"
+    out.append(f"4. dequantize:  {deq}")
+    out.append("")
+    # the table
+    rname = "stoch. round" if spec.stochastic else "round"
+    if elem.kind == "codebook":
+        head = ["x", ys, "clip", "q (nearest)", "index", deq.split(" = ")[0], "error"]
+    else:
+        head = ["x", ys, rname, "q = clip", deq.split(" = ")[0], "error"]
+    rows = [head]
+    clipped = False
+    err = st.x - st.x_hat
+    for i in range(st.x.size):
+        if elem.kind == "codebook":
+            assert st.index is not None
+            row = [
+                _f(st.x[i]),
+                _f(st.y[i]),
+                _f(st.rounded[i]),
+                _f(st.q[i]),
+                str(st.index[i]),
+                _f(st.x_hat[i]),
+                _f(err[i]),
+            ]
+        else:
+            mark = ""
+            same = st.rounded[i] == st.q[i] or (np.isnan(st.rounded[i]) and np.isnan(st.q[i]))
+            if not same:
+                mark = " *"
+                clipped = True
+            row = [
+                _f(st.x[i]),
+                _f(st.y[i]),
+                _q(st.rounded[i], is_int),
+                _q(st.q[i], is_int) + mark,
+                _f(st.x_hat[i]),
+                _f(err[i]),
+            ]
+        rows.append(row)
+    out += ["  " + line for line in _table(rows, left=0).splitlines()]
+    if clipped:
+        out.append(f"  * saturated to the range [{_q(qmin, True)}, {_q(qmax, True)}]")
+    out.append("")
+    # 5. error
+    xj = jnp.asarray(st.x)
+    xh = jnp.asarray(st.x_hat)
+    sqnr = float(qmetrics.sqnr(xj, xh))
+    mse = float(qmetrics.mse(xj, xh))
+    mae = float(qmetrics.max_abs_error(xj, xh))
+    sq = "inf (exact)" if math.isinf(sqnr) else f"{sqnr:.2f} dB"
+    out.append(
+        f"5. error:       max|x - x_hat| = {_f(mae)}, MSE = {mse:.4g}, "
+        f"SQNR = 10·log10(Σx² / Σ(x - x_hat)²) = {sq}"
+    )
+    out.append("")
+    out.append(f"{elem.name} values: q = {_list(st.q, is_int)}")
+    if st.index is not None:
+        out.append(f"stored indices:  {_list(st.index.astype(np.float32), True)}")
+    out.append(f"dequantized:   x_hat = {_list(st.x_hat)}")
+    n = st.x.size
+    vbytes = math.ceil(n * elem.bits / 8)
+    sbytes = st.scale.size * spec.scale_format.bits // 8
+    extra = f" + {st.scale.size} {spec.scale_format.name} scale{'s' if st.scale.size > 1 else ''}"
+    extra += f" ({sbytes} bytes)"
+    if st.zero_point is not None:
+        extra += f" + zero point ({st.zero_point.size} byte{'s' if st.zero_point.size > 1 else ''})"
+    out.append(
+        f"storage:       {n} × {elem.bits} bits = {vbytes} byte{'s' if vbytes != 1 else ''}"
+        f"{extra}; in float32: {4 * n} bytes"
+    )
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- main
+
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand(
+        "formats", "list every number format and its properties", _add_formats, _run_formats
+    ),
+    Subcommand(
+        "explain",
+        "show how a number (or a bit pattern) is stored in one or more formats",
+        _add_explain,
+        _run_explain,
+    ),
+    Subcommand(
+        "quantize",
+        "quantize a few numbers, printing every step (scale, rounding, clipping, error)",
+        _add_quantize,
+        _run_quantize,
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with one subparser per entry of :data:`SUBCOMMANDS`."""
+    parser = _Parser(
+        prog=PROG,
+        description="jaxquant: low-precision number formats and quantization, explained.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for cmd in SUBCOMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``jaxquant`` command line; returns the exit status."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(_protect_negative_numbers(args_in))
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args.run(args))
+    except UsageError as err:
+        _error(str(err))
+        return 2
+    except (ValueError, TypeError) as err:
+        _error(str(err))
+        return 1
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+def _error(message: str) -> None:
+    one_line = " ".join(message.split())
+    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Rounding: exact agreement with ml_dtypes casts, and unbiased stochastic rounding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant._src import formats as F
+from jaxquant._src import qarray, rounding
+
+CAST_FORMATS = [
+    f for f in F.all_formats()
+    if f.kind == "float" and f.dtype is not None and f.bits <= 16 and f.man_bits > 0
+]
+
+
+def _probe_values(fmt, seed=0):
+    """Every finite value, every tie between neighbours, random values over the whole
+    range and the subnormals, overflow, and specials."""
+    rng = np.random.default_rng(seed)
+    t = F.finite_values(fmt).astype(np.float64)
+    ties = (t[1:] + t[:-1]) / 2
+    near_ties = np.concatenate([np.nextafter(ties.astype(np.float32), np.float32(np.inf)),
+                                np.nextafter(ties.astype(np.float32), np.float32(-np.inf))])
+    rnd = rng.standard_normal(20000) * np.exp(rng.uniform(np.log(fmt.min_subnormal),
+                                                          np.log(fmt.max), 20000))
+    over = np.array([fmt.max * 1.01, fmt.max * 1.999, -fmt.max * 4, 1e38, -3e38])
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0])
+    with np.errstate(over="ignore"):
+        x = np.concatenate([t, ties, near_ties, rnd, over, special]).astype(np.float32)
+    return x
+
+
+def _same(a, b):
+    """Equal as float32 bit-for-bit, except that any NaN equals any NaN."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    both_nan = np.isnan(a) & np.isnan(b)
+    return both_nan | (a.view(np.uint32) == b.view(np.uint32))
+
+
+def _ref_cast(x, fmt, saturate):
+    if saturate:
+        x = np.clip(x, np.float32(-fmt.max), np.float32(fmt.max))
+    with np.errstate(invalid="ignore", over="ignore"):
+        return x.astype(fmt.dtype).astype(np.float32)
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+@pytest.mark.parametrize("use_jit", [True, False])
+@pytest.mark.parametrize("fmt", CAST_FORMATS, ids=lambda f: f.name)
+def test_round_nearest_matches_ml_dtypes(fmt, use_jit, saturate):
+    x = _probe_values(fmt)
+    fn = lambda v: rounding.round_float(v, fmt, saturate=saturate)
+    ours = np.asarray((jax.jit(fn) if use_jit else fn)(jnp.asarray(x)))
+    ref = _ref_cast(x, fmt, saturate)
+    if fmt.nan_style == "fnuz":  # no -0 in the format: compare values, not zero signs
+        ours = ours + np.float32(0.0)
+        ref = ref + np.float32(0.0)
+    ok = _same(ours, ref)
+    if not fmt.has_nan:  # fp6/fp4: NaN stays NaN in the value domain (storage maps it to 0)
+        ok |= np.isnan(x) & np.isnan(ours)
+    assert ok.all(), (x[~ok][:8], ours[~ok][:8], ref[~ok][:8])
+
+
+def test_saturation_semantics():
+    x = jnp.array([500.0, -1e6, jnp.inf, -jnp.inf, jnp.nan], jnp.float32)
+    e4m3 = jq.formats.get("e4m3")
+    sat = np.asarray(rounding.round_float(x, e4m3))
+    np.testing.assert_array_equal(sat[:4], [448, -448, 448, -448])
+    assert np.isnan(sat[4])
+    raw = np.asarray(rounding.round_float(x, e4m3, saturate=False))
+    assert np.isnan(raw[:4]).all()  # e4m3fn has no Inf: overflow is NaN, as in ml_dtypes
+    x = x.at[0].set(1e5)
+    e5m2 = np.asarray(rounding.round_float(x, jq.formats.get("e5m2"), saturate=False))
+    np.testing.assert_array_equal(e5m2[:4], [np.inf, -np.inf, np.inf, -np.inf])
+
+
+@pytest.mark.parametrize("fmt", [f for f in CAST_FORMATS if f.bits <= 8], ids=lambda f: f.name)
+def test_emulated_encoding_matches_ml_dtypes_bits(fmt):
+    """The emulated path (no dtype: binary search in the code table) produces the same bit
+    patterns as ml_dtypes' own storage."""
+    emulated = dataclasses.replace(fmt, dtype=None)
+    x = _probe_values(fmt)
+    v = rounding.round_float(jnp.asarray(x), emulated)
+    codes = np.asarray(qarray.encode(v, emulated))
+    ref = np.asarray(v).astype(fmt.dtype).view(np.uint8)
+    if fmt.nan_style == "fnuz":
+        ok = codes == ref
+    else:
+        ok = (codes == ref) | (np.isnan(np.asarray(v)))  # NaN has several codes
+    assert ok.all(), (x[~ok][:5], codes[~ok][:5], ref[~ok][:5])
+    back = np.asarray(qarray.decode(jnp.asarray(codes), emulated))
+    v = np.asarray(v)
+    if fmt.nan_style == "fnuz":
+        back, v = back + np.float32(0), v + np.float32(0)
+    fin = ~np.isnan(v)
+    assert _same(back[fin], v[fin]).all()
+    assert (np.isnan(back[~fin]) == fmt.has_nan).all()
+
+
+@pytest.mark.parametrize("e,m", [(3, 3), (5, 3), (2, 2), (6, 2)])
+def test_emulated_rounding_is_nearest_on_the_grid(e, m):
+    """For formats ml_dtypes lacks: the result is the nearest grid value, ties to even code."""
+    fmt = jq.formats.float_format(e, m)
+    grid = F.finite_values(fmt)
+    x = _probe_values(fmt, seed=1)
+    x = x[np.isfinite(x) & (np.abs(x) <= fmt.max)]
+    r = np.asarray(rounding.round_float(jnp.asarray(x), fmt)).astype(np.float64)
+    assert np.isin(r, grid).all()
+    dist = np.abs(grid[None, :] - x[:, None].astype(np.float64))
+    best = dist.min(axis=1)
+    np.testing.assert_array_equal(np.abs(r - x), best)
+    # ties: the chosen value has an even mantissa field
+    ties = np.isclose(np.sort(dist, axis=1)[:, 1], best, rtol=0, atol=0)
+    man = np.asarray(qarray.encode(jnp.asarray(r[ties], jnp.float32), fmt)) & (2**m - 1)
+    assert (man % 2 == 0).all()
+
+
+# ------------------------------------------------------------------ stochastic rounding
+
+SR_CASES = ["bf16", "fp16", "e4m3", "e5m2", "e2m3", "e3m2", "e2m1", "e3m3"]
+
+
+def _neighbours(fmt, x):
+    grid = F.finite_values(fmt).astype(np.float64)
+    i = np.searchsorted(grid, x, side="right")
+    lo = grid[np.clip(i - 1, 0, len(grid) - 1)]
+    hi = grid[np.clip(i, 0, len(grid) - 1)]
+    return lo, hi
+
+
+@pytest.mark.parametrize("rng", ["hash", "threefry"])
+@pytest.mark.parametrize("name", SR_CASES)
+def test_stochastic_rounding_unbiased_float(name, rng):
+    """E[SR(x)] = x and Var = p(1-p) q^2 for values across the range, subnormals included.
+
+    N = 20000 samples per value; the mean must be within 6 standard errors of x, where the
+    standard error is q sqrt(p(1-p)/N) (p = the probability of rounding up), plus the 2^-24
+    resolution of the noise. The sample variance is within 25% of p(1-p) q^2.
+    """
+    fmt = jq.formats.get(name)
+    rs = np.random.default_rng(0)
+    grid = F.finite_values(fmt)
+    pos = grid[(grid > 0) & (grid < fmt.max)]
+    picks = rs.choice(len(pos) - 1, 12)
+    frac = rs.uniform(0.05, 0.95, 12)
+    x = (pos[picks] + frac * (pos[picks + 1] - pos[picks])).astype(np.float32)
+    x = np.concatenate([x, -x, [pos[0] * 0.3]]).astype(np.float32)  # subnormal/underflow too
+    n = 20000
+    keys = jax.random.split(jax.random.key(42), n)
+    spec = jq.QuantSpec(fmt, calibration=None, rounding="stochastic", rng=rng)
+
+    @jax.jit
+    def sample(k):
+        return jq.fake_quant(jnp.asarray(x), spec, key=k)
+
+    s = np.asarray(jax.lax.map(sample, keys), np.float64)  # [n, len(x)]
+    lo, hi = _neighbours(fmt, x.astype(np.float64))
+    assert np.all((s == lo) | (s == hi))  # only the two neighbours
+    q = hi - lo
+    p = (x - lo) / q
+    se = q * np.sqrt(p * (1 - p) / n)
+    err = np.abs(s.mean(0) - x)
+    assert np.all(err <= 6 * se + q * 2.0**-24), (x, err / se)
+    var = s.var(0)
+    np.testing.assert_allclose(var, p * (1 - p) * q**2, rtol=0.25)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "nf4", "ternary"])
+def test_stochastic_rounding_unbiased_int_and_codebook(name):
+    spec = jq.QuantSpec(name, calibration=jq.fixed(1.0), rounding="stochastic")
+    x = jnp.asarray(np.random.default_rng(1).uniform(-0.99, 0.99, 64).astype(np.float32))
+    n = 20000
+    keys = jax.random.split(jax.random.key(7), n)
+    s = np.asarray(jax.lax.map(jax.jit(lambda k: jq.fake_quant(x, spec, key=k)), keys),
+                   np.float64)
+    scale = 1.0 / spec.qrange[1]
+    grid = np.unique(s)
+    xs = np.asarray(x, np.float64)
+    i = np.searchsorted(grid, xs, side="right")
+    lo = grid[i - 1]
+    hi = grid[np.minimum(i, len(grid) - 1)]
+    q = np.maximum(hi - lo, scale * 1e-6)
+    p = (xs - lo) / q
+    se = q * np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(s.mean(0) - xs) <= 6 * se + 1e-6)
+
+
+def test_nearest_is_deterministic_and_sr_needs_key():
+    spec = jq.QuantSpec("e4m3", rounding="stochastic")
+    with pytest.raises(ValueError, match="PRNG key"):
+        jq.fake_quant(jnp.ones(4), spec)
+
+
+def test_random_bits_hash_quality():
+    k = jax.random.key(3)
+    b = np.asarray(rounding.random_bits(k, (256, 1024)))
+    u = np.asarray(rounding.uniform_from_bits(jnp.asarray(b)))
+    n = u.size
+    assert abs(u.mean() - 0.5) < 6 * np.sqrt(1 / 12 / n)
+    hist = np.bincount((u.ravel() * 64).astype(int), minlength=64)
+    chi2 = ((hist - n / 64) ** 2 / (n / 64)).sum()
+    assert chi2 < 63 + 6 * np.sqrt(2 * 63)  # 63 dof, 6 sigma
+    # every bit position is fair, and neighbours are uncorrelated
+    bits = (b[..., None] >> np.arange(32)) & 1
+    assert np.all(np.abs(bits.mean(axis=(0, 1)) - 0.5) < 6 * 0.5 / np.sqrt(n))
+    flat = u.reshape(-1)
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 6 / np.sqrt(n)
+    # deterministic in the key, different across keys
+    np.testing.assert_array_equal(b, np.asarray(rounding.random_bits(k, (256, 1024))))
+    b2 = np.asarray(rounding.random_bits(jax.random.key(4), (256, 1024)))
+    assert (b != b2).mean() > 0.99
+    raw = np.asarray(rounding.random_bits(jax.random.PRNGKey(3), (8,)))
+    assert raw.shape == (8,)
+
+
+def test_bf16_sr_beats_rne_for_accumulation():
+    """Adding 1e-3 to 1.0 a thousand times in bf16: RNE stalls at 1, SR tracks ~2."""
+    spec_sr = jq.QuantSpec("bf16", calibration=None, rounding="stochastic")
+    spec_rn = jq.QuantSpec("bf16", calibration=None)
+
+    def run(spec):
+        def body(i, acc):
+            return jq.fake_quant(acc + 1e-3, spec, key=jax.random.fold_in(jax.random.key(0), i))
+        return float(jax.lax.fori_loop(0, 1000, body, jnp.float32(1.0)))
+
+    assert run(spec_rn) == 1.0
+    assert abs(run(spec_sr) - 2.0) < 0.1
+
+
+def test_ml_dtypes_types_are_what_we_think():
+    assert jq.formats.get("e2m1").dtype == np.dtype(ml_dtypes.float4_e2m1fn)
