@@ -87,9 +87,17 @@ def test_seed_float_layouts():
 
 @pytest.mark.parametrize(
     "alias,name",
-    [("fp8", "float8_e4m3fn"), ("E4M3", "float8_e4m3fn"), ("bf16", "bfloat16"),
-     ("half", "float16"), ("fp4", "float4_e2m1fn"), ("nf4", "nf4"), ("int4", "int4"),
-     ("mxfp8", "mxfp8"), ("e8m0", "float8_e8m0fnu")],
+    [
+        ("fp8", "float8_e4m3fn"),
+        ("E4M3", "float8_e4m3fn"),
+        ("bf16", "bfloat16"),
+        ("half", "float16"),
+        ("fp4", "float4_e2m1fn"),
+        ("nf4", "nf4"),
+        ("int4", "int4"),
+        ("mxfp8", "mxfp8"),
+        ("e8m0", "float8_e8m0fnu"),
+    ],
 )
 def test_aliases(alias, name):
     assert jq.formats.get(alias).name == name
@@ -129,8 +137,18 @@ def test_mx_formats():
 def test_properties_dict_complete():
     for f in F.all_formats():
         p = f.properties()
-        for k in ("bits", "max", "min_normal", "min_subnormal", "eps", "decimal_digits",
-                  "inf", "nan", "codes", "dynamic_range_db"):
+        for k in (
+            "bits",
+            "max",
+            "min_normal",
+            "min_subnormal",
+            "eps",
+            "decimal_digits",
+            "inf",
+            "nan",
+            "codes",
+            "dynamic_range_db",
+        ):
             assert k in p, (f.name, k)
 
 

@@ -13,7 +13,8 @@ from jaxquant._src import formats as F
 from jaxquant._src import qarray, rounding
 
 CAST_FORMATS = [
-    f for f in F.all_formats()
+    f
+    for f in F.all_formats()
     if f.kind == "float" and f.dtype is not None and f.bits <= 16 and f.man_bits > 0
 ]
 
@@ -24,10 +25,15 @@ def _probe_values(fmt, seed=0):
     rng = np.random.default_rng(seed)
     t = F.finite_values(fmt).astype(np.float64)
     ties = (t[1:] + t[:-1]) / 2
-    near_ties = np.concatenate([np.nextafter(ties.astype(np.float32), np.float32(np.inf)),
-                                np.nextafter(ties.astype(np.float32), np.float32(-np.inf))])
-    rnd = rng.standard_normal(20000) * np.exp(rng.uniform(np.log(fmt.min_subnormal),
-                                                          np.log(fmt.max), 20000))
+    near_ties = np.concatenate(
+        [
+            np.nextafter(ties.astype(np.float32), np.float32(np.inf)),
+            np.nextafter(ties.astype(np.float32), np.float32(-np.inf)),
+        ]
+    )
+    rnd = rng.standard_normal(20000) * np.exp(
+        rng.uniform(np.log(fmt.min_subnormal), np.log(fmt.max), 20000)
+    )
     over = np.array([fmt.max * 1.01, fmt.max * 1.999, -fmt.max * 4, 1e38, -3e38])
     special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0])
     with np.errstate(over="ignore"):
@@ -177,8 +183,7 @@ def test_stochastic_rounding_unbiased_int_and_codebook(name):
     x = jnp.asarray(np.random.default_rng(1).uniform(-0.99, 0.99, 64).astype(np.float32))
     n = 20000
     keys = jax.random.split(jax.random.key(7), n)
-    s = np.asarray(jax.lax.map(jax.jit(lambda k: jq.fake_quant(x, spec, key=k)), keys),
-                   np.float64)
+    s = np.asarray(jax.lax.map(jax.jit(lambda k: jq.fake_quant(x, spec, key=k)), keys), np.float64)
     scale = 1.0 / spec.qrange[1]
     grid = np.unique(s)
     xs = np.asarray(x, np.float64)
@@ -227,6 +232,7 @@ def test_bf16_sr_beats_rne_for_accumulation():
     def run(spec):
         def body(i, acc):
             return jq.fake_quant(acc + 1e-3, spec, key=jax.random.fold_in(jax.random.key(0), i))
+
         return float(jax.lax.fori_loop(0, 1000, body, jnp.float32(1.0)))
 
     assert run(spec_rn) == 1.0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -83,11 +84,12 @@ def _value_or_pattern(text: str) -> str:
     return t
 
 
-_CALIBRATIONS = "absmax, minmax, mean_std[:K], percentile[:P], mse[:N] or kl"
+_CALIBRATIONS = "absmax, minmax, mean_std[:K], percentile[:P], mse[:N], kl or none"
 
 
-def parse_calibration(text: str) -> cal.Calibration:
-    """``absmax`` / ``minmax`` / ``mean_std:K`` / ``percentile:P`` / ``mse:N`` / ``kl``."""
+def parse_calibration(text: str) -> cal.Calibration | None:
+    """``absmax`` / ``minmax`` / ``mean_std:K`` / ``percentile:P`` / ``mse:N`` / ``kl`` /
+    ``none`` (no scaling: a plain cast, ``s = 1``)."""
     name, _, arg = text.strip().lower().partition(":")
     name = name.replace("-", "_")
     makers: dict[str, tuple[Callable[..., cal.Calibration], Callable[[str], object] | None]] = {
@@ -100,6 +102,8 @@ def parse_calibration(text: str) -> cal.Calibration:
         "mse": (cal.mse, int),
         "kl": (cal.kl, None),
     }
+    if name == "none" and not arg:
+        return None
     if name not in makers:
         raise argparse.ArgumentTypeError(
             f"unknown calibration {text!r}; use {_CALIBRATIONS} (e.g. mean_std:3, percentile:99.9)"
@@ -286,8 +290,10 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
     plan = spec.granularity.plan(tuple(x.shape))
     r, s, z, _ = qz._core(x, spec, key, None)
     xv = x.astype(jnp.float32).reshape(plan.view)
-    assert spec.calibration is not None
-    lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, qz._qdq_range(spec))
+    if spec.calibration is None:  # a plain cast: s = 1
+        lo = hi = jnp.zeros(plan.scale_shape, jnp.float32)
+    else:
+        lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, qz._qdq_range(spec))
     y = xv / s if z is None else xv / s + z
     u = qz._noise(spec, key, plan.view)
     elem = spec.element
@@ -368,148 +374,185 @@ def render_steps(st: Steps, seed: int | None = None) -> str:
     qmin, qmax = spec.qrange
     is_int = elem.kind == "int"
     sym = spec.symmetric
+    one = st.scale.size == 1
     rnd = (
-        f"stochastic rounding (seed {seed})"
-        if spec.stochastic
-        else "round to nearest, ties to even"
+        f"stochastic rounding, seed {seed}" if spec.stochastic else "round to nearest, ties to even"
     )
+    calib = f"{spec.calibration} calibration" if spec.calibration is not None else "no scaling"
+    kind = "symmetric" if sym else "asymmetric with a zero point"
+    n = st.x.size
     out = [
-        f"Quantize {st.x.size} value{'s' if st.x.size != 1 else ''} to {fmt.name} "
-        f"({'symmetric' if sym else 'asymmetric, with a zero point'}, "
-        f"{spec.calibration} calibration, {rnd})",
+        f"Quantize {n} value{'s' if n != 1 else ''} to {fmt.name} ({kind}, {calib}, {rnd})",
         "",
         f"  x = {_list(st.x)}",
         "",
     ]
-    one = st.scale.size == 1
-    s_sym = "s" if one else "s[block]"
-    amax = np.maximum(-st.lo, st.hi)
-    # 1. range
-    if fmt.kind == "mx" or sym:
-        what = "max(x, 0)" if (sym and qmin >= 0 and fmt.kind != "mx") else "max|x|"
-        if isinstance(spec.calibration, cal.AbsMax):
-            rng = f"{what} = {_list(amax) if not one else _f(amax[0])}"
-        else:
-            true_max = np.max(np.abs(st.x[np.isfinite(st.x)]), initial=0.0)
-            val = _list(amax) if not one else _f(amax[0])
-            rng = f"amax = {val}  ({spec.calibration} clips the range; max|x| = {_f(true_max)})"
-    else:
-        lo0 = np.minimum(st.lo, 0.0)
-        hi0 = np.maximum(st.hi, 0.0)
-        rng = f"[lo, hi] = [{_f(st.lo[0])}, {_f(st.hi[0])}]" if one else "per block"
-        if one and (lo0[0] != st.lo[0] or hi0[0] != st.hi[0]):
-            rng += f", widened to contain 0: [{_f(lo0[0])}, {_f(hi0[0])}]"
-    out.append(f"1. range:       {rng}")
-    # 2. scale
-    if fmt.kind == "mx":
-        scale = (
-            f"{s_sym} = 2^(floor(log2(max|x|)) - emax) with emax = {elem.emax} "
-            f"(the OCP MX rule; a power of two shared by each block of {fmt.block_size}) = "
-            + (_f(st.scale[0]) if one else _list(st.scale))
-        )
-    elif sym:
-        top = {"int": "qmax", "float": "fmax", "codebook": "max|codebook|"}[elem.kind]
-        if one and amax[0] > 0:
-            scale = f"s = amax / {top} = {_f(amax[0])} / {_q(qmax, True)} = {_f(st.scale[0])}"
-        elif one:
-            scale = "s = 1 (the range is 0: nothing to scale)"
-        else:
-            scale = f"s = amax / {top} = {_list(st.scale)}"
-    else:
-        assert st.zero_point is not None
-        span = np.maximum(st.hi, 0.0) - np.minimum(st.lo, 0.0)
-        scale = (
-            f"s = (hi - lo) / (qmax - qmin) = {_f(span[0])} / {_q(qmax - qmin, True)} = "
-            f"{_f(st.scale[0])};  z = clip(round(qmin - lo / s), {_q(qmin, True)}, "
-            f"{_q(qmax, True)}) = {_q(st.zero_point[0], True)}"
-        )
-    out.append(f"2. scale:       {scale}")
-    if spec.scale_format.name != "float32":
-        out.append(f"                (s rounded to {spec.scale_format.name})")
-    # 3. quantize
+    out.append(f"1. range:       {_range_text(st)}")
+    out.append(f"2. scale:       {_scale_text(st)}")
     ys = "x / s" if sym else "x / s + z"
+    lo_q, hi_q = _q(qmin, True), _q(qmax, True)
     if elem.kind == "int":
-        rule = f"q = clip(round({ys}), {_q(qmin, True)}, {_q(qmax, True)})"
+        rule = f"q = clip(round({ys}), {lo_q}, {hi_q})"
+        if spec.stochastic:
+            rule += ", rounding up with probability frac(x / s)"
     elif elem.kind == "float":
-        rule = (
-            f"q = {elem.name} nearest to {ys}, saturated to ±{_q(qmax, True)}"
-            if not spec.stochastic
-            else f"q = {elem.name} neighbour of {ys} chosen at random, saturated to ±{_q(qmax, True)}"
-        )
+        how = "a random neighbour (the nearer one more often) of" if spec.stochastic else "nearest"
+        rule = f"q = the {elem.name} value {how} {ys}, saturated to ±{hi_q}"
     else:
-        rule = f"q = the {elem.name} value nearest to clip({ys}, {_f(qmin)}, {_f(qmax)})"
+        rule = f"q = the {elem.name} value nearest to clip({ys}, {lo_q}, {hi_q})"
     out.append(f"3. quantize:    {rule}")
-    deq = "x_hat = q × s" if sym else "x_hat = (q - z) × s"
-    out.append(f"4. dequantize:  {deq}")
+    out.append(f"4. dequantize:  {'x_hat = q × s' if sym else 'x_hat = (q - z) × s'}")
     out.append("")
-    # the table
-    rname = "stoch. round" if spec.stochastic else "round"
-    if elem.kind == "codebook":
-        head = ["x", ys, "clip", "q (nearest)", "index", deq.split(" = ")[0], "error"]
-    else:
-        head = ["x", ys, rname, "q = clip", deq.split(" = ")[0], "error"]
-    rows = [head]
-    clipped = False
-    err = st.x - st.x_hat
-    for i in range(st.x.size):
-        if elem.kind == "codebook":
-            assert st.index is not None
-            row = [
-                _f(st.x[i]),
-                _f(st.y[i]),
-                _f(st.rounded[i]),
-                _f(st.q[i]),
-                str(st.index[i]),
-                _f(st.x_hat[i]),
-                _f(err[i]),
-            ]
-        else:
-            mark = ""
-            same = st.rounded[i] == st.q[i] or (np.isnan(st.rounded[i]) and np.isnan(st.q[i]))
-            if not same:
-                mark = " *"
-                clipped = True
-            row = [
-                _f(st.x[i]),
-                _f(st.y[i]),
-                _q(st.rounded[i], is_int),
-                _q(st.q[i], is_int) + mark,
-                _f(st.x_hat[i]),
-                _f(err[i]),
-            ]
-        rows.append(row)
-    out += ["  " + line for line in _table(rows, left=0).splitlines()]
-    if clipped:
-        out.append(f"  * saturated to the range [{_q(qmin, True)}, {_q(qmax, True)}]")
+    out += ["  " + line for line in _steps_table(st).splitlines()]
     out.append("")
-    # 5. error
-    xj = jnp.asarray(st.x)
-    xh = jnp.asarray(st.x_hat)
+    xj, xh = jnp.asarray(st.x), jnp.asarray(st.x_hat)
     sqnr = float(qmetrics.sqnr(xj, xh))
-    mse = float(qmetrics.mse(xj, xh))
     mae = float(qmetrics.max_abs_error(xj, xh))
+    # metrics.mse divides a float32 sum by an int32 count, which strict dtype promotion
+    # rejects; allow the implicit promotion for this one call.
+    with jax.numpy_dtype_promotion("standard"):
+        mse = float(qmetrics.mse(xj, xh))
     sq = "inf (exact)" if math.isinf(sqnr) else f"{sqnr:.2f} dB"
-    out.append(
-        f"5. error:       max|x - x_hat| = {_f(mae)}, MSE = {mse:.4g}, "
-        f"SQNR = 10·log10(Σx² / Σ(x - x_hat)²) = {sq}"
-    )
+    out.append(f"5. error:       max|x - x_hat| = {_f(mae)}, MSE = {mse:.4g}")
+    out.append(f"                SQNR = 10·log10(Σx² / Σ(x - x_hat)²) = {sq}")
     out.append("")
-    out.append(f"{elem.name} values: q = {_list(st.q, is_int)}")
+    out.append(f"quantized:     q = {_list(st.q, is_int)}  ({elem.name})")
     if st.index is not None:
-        out.append(f"stored indices:  {_list(st.index.astype(np.float32), True)}")
+        out.append(f"indices:       {_list(st.index.astype(np.float32), True)}")
     out.append(f"dequantized:   x_hat = {_list(st.x_hat)}")
-    n = st.x.size
     vbytes = math.ceil(n * elem.bits / 8)
     sbytes = st.scale.size * spec.scale_format.bits // 8
-    extra = f" + {st.scale.size} {spec.scale_format.name} scale{'s' if st.scale.size > 1 else ''}"
-    extra += f" ({sbytes} bytes)"
-    if st.zero_point is not None:
-        extra += f" + zero point ({st.zero_point.size} byte{'s' if st.zero_point.size > 1 else ''})"
-    out.append(
-        f"storage:       {n} × {elem.bits} bits = {vbytes} byte{'s' if vbytes != 1 else ''}"
-        f"{extra}; in float32: {4 * n} bytes"
+    plural = "s" if st.scale.size > 1 else ""
+    storage = (
+        f"{n} × {elem.bits} bits = {vbytes} byte{'s' if vbytes != 1 else ''} + "
+        f"{st.scale.size} {spec.scale_format.name} scale{plural} ({sbytes} bytes)"
     )
+    if st.zero_point is not None:
+        storage += f" + {st.zero_point.size} zero point{plural}"
+    out.append(f"storage:       {storage}; as float32: {4 * n} bytes")
+    if not one:
+        out.append(f"               (one scale per block of {fmt.block_size or n} values)")
     return "\n".join(out)
+
+
+def _range_text(st: Steps) -> str:
+    spec = st.spec
+    fmt = spec.format
+    one = st.scale.size == 1
+    if spec.calibration is None:
+        return "none: no scaling, s = 1 (a plain cast to the format)"
+    if not spec.symmetric and fmt.kind != "mx":
+        if not one:
+            return f"[lo, hi] per group: lo = {_list(st.lo)}, hi = {_list(st.hi)}"
+        text = f"[lo, hi] = [{_f(st.lo[0])}, {_f(st.hi[0])}]"
+        lo0, hi0 = min(float(st.lo[0]), 0.0), max(float(st.hi[0]), 0.0)
+        if (lo0, hi0) != (float(st.lo[0]), float(st.hi[0])):
+            text += f", widened to contain 0: [{_f(lo0)}, {_f(hi0)}]"
+        return text
+    amax = _amax(st)
+    val = _f(amax[0]) if one else _list(amax)
+    name = _amax_name(st)
+    if isinstance(spec.calibration, cal.AbsMax):
+        return f"{name} = {val}"
+    finite = st.x[np.isfinite(st.x)]
+    true_max = float(np.max(np.abs(finite), initial=0.0))
+    return f"{name} = {val}  ({spec.calibration} clips the range; max|x| = {_f(true_max)})"
+
+
+def _amax(st: Steps) -> np.ndarray:
+    qmin = st.spec.qrange[0]
+    if qmin >= 0 and st.spec.format.kind != "mx":  # unsigned: only the positive side counts
+        return np.maximum(st.hi, 0.0)
+    return np.maximum(-st.lo, st.hi)
+
+
+def _amax_name(st: Steps) -> str:
+    if not isinstance(st.spec.calibration, cal.AbsMax):
+        return "amax"
+    unsigned = st.spec.qrange[0] >= 0 and st.spec.format.kind != "mx"
+    return "max(x, 0)" if unsigned else "max|x|"
+
+
+def _scale_text(st: Steps) -> str:
+    spec = st.spec
+    fmt, elem = spec.format, spec.element
+    qmin, qmax = spec.qrange
+    one = st.scale.size == 1
+    s_val = _f(st.scale[0]) if one else _list(st.scale)
+    if spec.calibration is None:
+        return "s = 1"
+    if fmt.kind == "mx":
+        return (
+            f"s = 2^(floor(log2 max|x|) - {elem.emax}) = {s_val}  (OCP MX: a power of two, "
+            f"{elem.emax} being the exponent of {elem.name}'s largest value)"
+        )
+    if not spec.symmetric:
+        assert st.zero_point is not None
+        if not one:
+            return f"s = (hi - lo) / (qmax - qmin) = {s_val}; z = {_list(st.zero_point, True)}"
+        span = max(float(st.hi[0]), 0.0) - min(float(st.lo[0]), 0.0)
+        return (
+            f"s = (hi - lo) / (qmax - qmin) = {_f(span)} / {_q(qmax - qmin, True)} = {s_val};"
+            f"  z = clip(round(qmin - lo / s), {_q(qmin, True)}, {_q(qmax, True)}) = "
+            f"{_q(st.zero_point[0], True)}"
+        )
+    top = {"int": "qmax", "float": "fmax", "codebook": "max|codebook|"}[elem.kind]
+    amax = _amax(st)
+    if not one:
+        return f"s = {_amax_name(st)} / {top} = {s_val}"
+    if amax[0] <= 0:
+        return "s = 1 (the range is 0: nothing to scale)"
+    text = f"s = {_amax_name(st)} / {top} = {_f(amax[0])} / {_q(qmax, True)} = {s_val}"
+    if spec.scale_format.name != "float32":
+        text += f" (rounded to {spec.scale_format.name})"
+    return text
+
+
+def _steps_table(st: Steps) -> str:
+    spec = st.spec
+    elem = spec.element
+    is_int = elem.kind == "int"
+    ys = "x / s" if spec.symmetric else "x / s + z"
+    err = st.x - st.x_hat
+    if elem.kind == "codebook":
+        assert st.index is not None
+        rows = [["x", ys, "clip", "q (nearest)", "index", "x_hat", "x - x_hat"]]
+        for i in range(st.x.size):
+            rows.append(
+                [
+                    _f(st.x[i]),
+                    _f(st.y[i]),
+                    _f(st.rounded[i]),
+                    _f(st.q[i]),
+                    str(st.index[i]),
+                    _f(st.x_hat[i]),
+                    _f(err[i]),
+                ]
+            )
+        return _table(rows, left=0)
+    rname = "random round" if spec.stochastic else "round"
+    rows = [["x", ys, rname, "q = clip", "x_hat", "x - x_hat"]]
+    clipped = False
+    for i in range(st.x.size):
+        r, q = st.rounded[i], st.q[i]
+        mark = ""
+        if not (r == q or (np.isnan(r) and np.isnan(q))):
+            mark, clipped = " *", True
+        rows.append(
+            [
+                _f(st.x[i]),
+                _f(st.y[i]),
+                _q(r, is_int),
+                _q(q, is_int) + mark,
+                _f(st.x_hat[i]),
+                _f(err[i]),
+            ]
+        )
+    text = _table(rows, left=0)
+    if clipped:
+        qmin, qmax = spec.qrange
+        text += f"\n* saturated to [{_q(qmin, True)}, {_q(qmax, True)}]"
+    return text
 
 
 # ---------------------------------------------------------------------------- main
@@ -565,6 +608,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    except BrokenPipeError:  # `jaxquant formats | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 def _error(message: str) -> None:

@@ -32,6 +32,7 @@ import math
 import numbers
 from collections.abc import Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,6 +40,11 @@ from jaxquant._src import formats, rounding
 from jaxquant._src.formats import Format
 
 FormatLike = str | Format
+
+# The library's rounding rules, compiled once per format (a scalar at a time).
+_round_float_jit = jax.jit(rounding.round_float, static_argnames=("fmt", "saturate"))
+_round_int_jit = jax.jit(rounding.round_int, static_argnames=("qmin", "qmax"))
+_round_codebook_jit = jax.jit(rounding.round_codebook, static_argnames=("values",))
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -585,7 +591,7 @@ def _round_float(x32: float, elem: Format) -> float:
         # signed grid that contains 0).
         with np.errstate(over="ignore", invalid="ignore"):
             return float(np.array(x32, np.float32).astype(elem.dtype).astype(np.float64))
-    r = float(rounding.round_float(jnp.asarray(x32, jnp.float32), elem, saturate=False))
+    r = float(_round_float_jit(jnp.asarray(x32, jnp.float32), fmt=elem, saturate=False))
     if not elem.signed and (r < 0 or (r == 0 and math.copysign(1.0, r) < 0)):
         r = 0.0
     return r
@@ -662,9 +668,9 @@ def _explain_int(fmt: Format, elem: Format, x: float, x32: float, notes: list[st
             "with jq.metrics.nan_count before quantizing."
         )
     else:
-        r = rounding.round_int(jnp.asarray(x32, jnp.float32), elem.min, elem.max)
+        r = _round_int_jit(jnp.asarray(x32, jnp.float32), qmin=elem.min, qmax=elem.max)
         stored = float(r) + 0.0
-        unclipped = float(jnp.round(jnp.asarray(x32, jnp.float32)))
+        unclipped = float(rounding.round_to_integer(jnp.asarray(x32, jnp.float32), None))
         if math.isfinite(x) and unclipped != x32:
             text = f"{_num(x)} is not an integer: rounded to the nearest, {_num(unclipped)}"
             if abs(x32 - math.floor(x32) - 0.5) == 0:
@@ -691,7 +697,7 @@ def _explain_codebook(
 ) -> Explanation:
     assert elem.codebook is not None
     book = elem.codebook
-    idx = int(rounding.round_codebook(jnp.asarray(x32, jnp.float32), book))
+    idx = int(_round_codebook_jit(jnp.asarray(x32, jnp.float32), values=book))
     stored = float(book[idx])
     saturated = False
     if math.isnan(x):
@@ -886,7 +892,7 @@ def _division_lines(div: tuple[tuple[int, int, int], ...], bits: str) -> list[st
             tag = "   (lowest bit)"
         if i == len(div) - 1:
             tag = "   (highest bit)" if i else "   (the only bit)"
-        lines.append(f"{n:>{w}} ÷ 2 = {q:>{w}} remainder {r}{tag}")
+        lines.append(f"{n:>{w}} ÷ 2 = {q:<{w}} remainder {r}{tag}")
     digits = "".join(str(r) for *_, r in reversed(div))
     tail = f", padded to {len(bits)} bits: {bits}" if len(digits) < len(bits) else ""
     lines.append(f"remainders read from the last to the first: {digits}{tail}")

@@ -7,7 +7,7 @@ how they are encoded in bits. Four kinds exist:
   a bias, subnormals). Every float type that ``ml_dtypes`` ships is registered with its
   ``dtype``; :func:`float_format` builds *any* other ``ExMy`` format, emulated in float32
   (bit-for-bit equal to ml_dtypes wherever both have the format).
-* ``"int"`` -- two's-complement signed ``int1``..``int8``, ``int16`` and unsigned ``uint1``..``uint8``.
+* ``"int"`` -- two's-complement ``int1``..``int8``, ``int16``, and ``uint1``..``uint8``.
 * ``"codebook"`` -- a sorted table of values: NF4 (QLoRA), binary ``{-1, +1}``,
   ternary ``{-1, 0, +1}``.
 * ``"mx"`` -- OCP Microscaling: an element format plus one shared power-of-two (``e8m0``)

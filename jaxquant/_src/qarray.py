@@ -182,13 +182,13 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
     if 8 % bits == 0:  # 1, 2, 4 bits: k codes per byte
         k = 8 // bits
         pad = (-n) % k
-        c = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, -1, k)
+        c = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, (n + pad) // k, k)
         return _or_reduce(c << _lanes(k, bits, c.ndim))
     # 3, 5, 6, 7 bits: expand to a bit stream, regroup by 8.
     pad = (-n) % 8  # 8 codes -> `bits` whole bytes
     c = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, pad)])
     stream = (c[..., None] >> _lanes(bits, 1, c.ndim + 1)) & jnp.uint8(1)
-    stream = stream.reshape(*lead, -1, 8)
+    stream = stream.reshape(*lead, (n + pad) * bits // 8, 8)
     out = _or_reduce(stream << _lanes(8, 1, stream.ndim))
     return out[..., : packed_length(n, bits)]
 
@@ -212,7 +212,7 @@ def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
         c = (packed[..., None] >> _lanes(k, bits, packed.ndim + 1)) & mask
         return c.reshape(*lead, nbytes * k)[..., :n]
     stream = (packed[..., None] >> _lanes(8, 1, packed.ndim + 1)) & jnp.uint8(1)
-    stream = stream.reshape(*lead, -1)
+    stream = stream.reshape(*lead, nbytes * 8)
     total = n * bits
     stream = stream[..., :total].reshape(*lead, n, bits)
     return _or_reduce(stream << _lanes(bits, 1, stream.ndim))

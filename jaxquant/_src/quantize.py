@@ -60,10 +60,21 @@ def _check_key(spec: QuantSpec, key: Array | None, fn: str) -> None:
 # ------------------------------------------------------------------------ scale rules
 
 
-def _safe_div(num: Array, den: Array) -> Array:
-    """num / den where den > 0 and finite, else 1 -- double where keeps gradients finite."""
-    ok = (den > 0) & jnp.isfinite(den)
-    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 1.0)
+def _div_const(num: Array, c: float) -> Array:
+    """``num / c`` computed as a true division.
+
+    XLA rewrites division by a literal into multiplication by its (rounded) reciprocal,
+    which is up to 1 ulp off and differs between jit and eager execution; hiding the
+    constant behind an optimization barrier keeps the division exact and reproducible.
+    """
+    return num / jax.lax.optimization_barrier(jnp.float32(c))
+
+
+def _guard_scale(s: Array, nonzero: Array) -> Array:
+    """1 for empty/zero groups; otherwise clamp to float32's normal range, so that XLA's
+    flush-to-zero of subnormals can never turn ``x / s`` into a division by zero."""
+    s = jnp.clip(s, jnp.float32(2.0**-126), jnp.float32(np.finfo(np.float32).max))
+    return jnp.where(nonzero & jnp.isfinite(s), s, 1.0)
 
 
 def _round_scale(s: Array, spec: QuantSpec) -> Array:
@@ -93,13 +104,11 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
         return _mx_scale(jnp.maximum(-lo, hi), spec), None
     if spec.symmetric:
         amax = jnp.maximum(-lo, hi) if qmin < 0 else jnp.maximum(hi, 0.0)
-        s = _safe_div(amax, jnp.float32(qmax))
-        s = jnp.where(amax > 0, s, 1.0)
+        s = _guard_scale(_div_const(amax, qmax), amax > 0)
         return _round_scale(s, spec), None
     lo = jnp.minimum(lo, 0.0)  # the range must contain 0 so that 0 is exact
     hi = jnp.maximum(hi, 0.0)
-    s = _safe_div(hi - lo, jnp.float32(qmax - qmin))
-    s = jnp.where(hi > lo, s, 1.0)
+    s = _guard_scale(_div_const(hi - lo, qmax - qmin), hi > lo)
     s = _round_scale(s, spec)
     z = jnp.clip(jnp.round(qmin - lo / s), qmin, qmax)
     return s, z
