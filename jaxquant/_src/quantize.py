@@ -129,7 +129,10 @@ def _round_scaled(y: Array, spec: QuantSpec, u: Array | None) -> Array:
     f = spec.element
     qmin, qmax = spec.qrange
     if f.kind == "float":
-        r = rounding.round_float(y, f, u, saturate=spec.saturate)
+        if u is None and spec.saturate and rounding.has_native_cast(f):
+            r = rounding.cast_float(y, f)
+        else:
+            r = rounding.round_float(y, f, u, saturate=spec.saturate)
         return r if f.signed else jnp.maximum(r, 0.0)
     if f.kind == "int":
         return rounding.round_int(y, qmin, qmax, u)
