@@ -6,7 +6,7 @@ Subcommands::
     jaxquant explain 0.3 --format fp32 fp16 bf16
     jaxquant explain 0b11111111 --format int8 uint8
     jaxquant quantize -0.5 0.3 1.2 -2.1 --format int8 [--calibration absmax|mean_std:K|
-        percentile:P|mse|minmax] [--asymmetric] [--stochastic --seed N]
+        percentile:P|mse|minmax|kl|none] [--asymmetric] [--stochastic --seed N]
 
 Each subcommand is a ``(name, add_arguments, run)`` entry of :data:`SUBCOMMANDS`; adding one
 means writing those two functions and appending the entry. ``run(args)`` prints to stdout
@@ -114,10 +114,16 @@ def parse_calibration(text: str) -> cal.Calibration | None:
     if conv is None:
         raise argparse.ArgumentTypeError(f"calibration {name!r} takes no parameter, got {text!r}")
     try:
-        return make(conv(arg))
-    except ValueError as err:
-        msg = str(err) if "must" in str(err) else f"{arg!r} is not a valid parameter"
-        raise argparse.ArgumentTypeError(f"bad calibration {text!r}: {msg}") from None
+        param = conv(arg)
+    except ValueError:
+        kind = "an integer" if conv is int else "a number"
+        raise argparse.ArgumentTypeError(
+            f"bad calibration {text!r}: {arg!r} is not {kind}"
+        ) from None
+    try:
+        return make(param)
+    except ValueError as err:  # out of range, e.g. mean_std:-1
+        raise argparse.ArgumentTypeError(f"bad calibration {text!r}: {err}") from None
 
 
 def _protect_negative_numbers(argv: Sequence[str]) -> list[str]:
@@ -276,7 +282,7 @@ class Steps(NamedTuple):
     y: np.ndarray  # x / s (+ z), per element
     rounded: np.ndarray  # y rounded, before saturation (codebooks: y clipped)
     q: np.ndarray  # the quantized values (the numbers they stand for; codebooks: values)
-    index: np.ndarray | None  # codebook indices
+    indices: np.ndarray | None  # codebook indices
     x_hat: np.ndarray  # jq.fake_quant(x, spec)
 
 
@@ -329,7 +335,7 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
         y=flat(y),
         rounded=flat(pre),
         q=flat(q),
-        index=index,
+        indices=index,
         x_hat=np.asarray(x_hat, np.float32),
     )
 
@@ -408,17 +414,14 @@ def render_steps(st: Steps, seed: int | None = None) -> str:
     xj, xh = jnp.asarray(st.x), jnp.asarray(st.x_hat)
     sqnr = float(qmetrics.sqnr(xj, xh))
     mae = float(qmetrics.max_abs_error(xj, xh))
-    # metrics.mse divides a float32 sum by an int32 count, which strict dtype promotion
-    # rejects; allow the implicit promotion for this one call.
-    with jax.numpy_dtype_promotion("standard"):
-        mse = float(qmetrics.mse(xj, xh))
+    mse = float(qmetrics.mse(xj, xh))
     sq = "inf (exact)" if math.isinf(sqnr) else f"{sqnr:.2f} dB"
     out.append(f"5. error:       max|x - x_hat| = {_f(mae)}, MSE = {mse:.4g}")
     out.append(f"                SQNR = 10·log10(Σx² / Σ(x - x_hat)²) = {sq}")
     out.append("")
     out.append(f"quantized:     q = {_list(st.q, is_int)}  ({elem.name})")
-    if st.index is not None:
-        out.append(f"indices:       {_list(st.index.astype(np.float32), True)}")
+    if st.indices is not None:
+        out.append(f"indices:       {_list(st.indices.astype(np.float32), True)}")
     out.append(f"dequantized:   x_hat = {_list(st.x_hat)}")
     vbytes = math.ceil(n * elem.bits / 8)
     sbytes = st.scale.size * spec.scale_format.bits // 8
@@ -515,7 +518,7 @@ def _steps_table(st: Steps) -> str:
     ys = "x / s" if spec.symmetric else "x / s + z"
     err = st.x - st.x_hat
     if elem.kind == "codebook":
-        assert st.index is not None
+        assert st.indices is not None
         rows = [["x", ys, "clip", "q (nearest)", "index", "x_hat", "x - x_hat"]]
         for i in range(st.x.size):
             rows.append(
@@ -524,7 +527,7 @@ def _steps_table(st: Steps) -> str:
                     _f(st.y[i]),
                     _f(st.rounded[i]),
                     _f(st.q[i]),
-                    str(st.index[i]),
+                    str(st.indices[i]),
                     _f(st.x_hat[i]),
                     _f(err[i]),
                 ]

@@ -129,6 +129,11 @@ class Explanation:
         return self.category == "nan"
 
     @property
+    def index(self) -> int | None:
+        """Codebooks: the index of the stored value (``code``); None for other formats."""
+        return self.code if self.category == "codebook" else None
+
+    @property
     def exact(self) -> bool:
         """Whether the value is stored without any error."""
         return self.abs_error == 0
@@ -425,17 +430,19 @@ def _parse_value(value: object) -> float:
             ) from None
     if isinstance(value, bool | np.bool_):
         raise TypeError(f"explain: expected a number, got the bool {value!r}.")
-    if isinstance(value, numbers.Real):
+    if isinstance(value, numbers.Integral):
+        n = int(value)
         try:
-            return float(value)
+            return float(n)
         except OverflowError:  # a Python int beyond float64
-            return math.inf if value > 0 else -math.inf
-    arr = np.asarray(value) if hasattr(value, "dtype") else None
-    numeric = arr is not None and (
-        arr.dtype.kind in "iuf" or str(arr.dtype).startswith(("float", "bfloat"))
-    )
-    if not numeric:
+            return math.inf if n > 0 else -math.inf
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if not hasattr(value, "dtype"):
         raise TypeError(f"explain: expected one real number, got {type(value).__name__} {value!r}.")
+    arr = np.asarray(value)
+    if not (arr.dtype.kind in "iuf" or str(arr.dtype).startswith(("float", "bfloat"))):
+        raise TypeError(f"explain: expected one real number, got an array of dtype {arr.dtype}.")
     if arr.size != 1:
         raise TypeError(
             f"explain: expected one number, got an array of shape {arr.shape}. Explain one "
@@ -579,12 +586,6 @@ def _explain_float(
     return _build(fmt, elem, x, stored, code, notes, saturated=saturated, overflow=overflow)
 
 
-def _half_up(elem: Format) -> float:
-    """The midpoint between max and the next step above it (where rounding stops at max)."""
-    step = 2.0 ** (elem.emax - elem.man_bits)
-    return elem.max + step / 2
-
-
 def _round_float(x32: float, elem: Format) -> float:
     if not elem.signed and elem.dtype is not None:
         # e8m0 has no zero and no sign: use the ml_dtypes cast (round_float assumes a
@@ -607,14 +608,15 @@ def _float_rounding_note(x: float, x32: float, stored: float, elem: Format, code
         f"{_num(x)} is not representable in {elem.name}: it lies between {_num(lo)} and "
         f"{_num(hi)}; round to nearest gives {_num(stored)}"
     )
-    if abs(x32 - stored) == abs(other - x32):
+    src = x if elem.man_bits >= 23 else x32  # where the rounding happened
+    if abs(src - stored) == abs(other - src):
         text += " (exactly halfway: ties go to the even mantissa)"
     return text + "."
 
 
 def _neighbour(elem: Format, stored: float, x: float, code: int) -> float | None:
     """The grid value next to ``stored`` on the side of ``x``."""
-    if elem.num_codes > 2**32 or not math.isfinite(stored):
+    if not math.isfinite(stored):
         return None
     sign_bit = 1 << (elem.bits - 1) if elem.signed else 0
     mag = code & ~sign_bit if elem.signed else code

@@ -30,7 +30,7 @@ def _pair(x: Any, x_hat: Any) -> tuple[Array, Array, Array]:
 def mse(x: Any, x_hat: Any) -> Array:
     """Mean squared error over finite elements of ``x``."""
     x, x_hat, fin = _pair(x, x_hat)
-    n = jnp.maximum(jnp.sum(fin), 1)
+    n = jnp.maximum(jnp.sum(fin), 1).astype(jnp.float32)
     return jnp.sum(jnp.where(fin, (x - x_hat) ** 2, 0.0)) / n
 
 

@@ -19,6 +19,7 @@ store it as 0 -- use :func:`jaxquant.metrics.nan_count` on the input to detect i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -225,13 +226,15 @@ def quantize(
     """
     x = _check_input(x, "quantize")
     _check_key(spec, key, "quantize")
-    r, s, z, plan = _core(
-        x,
-        spec,
-        key,
-        None if scale is None else jnp.asarray(scale),
-        None if zero_point is None else jnp.asarray(zero_point),
-    )
+    scale = None if scale is None else jnp.asarray(scale)
+    zero_point = None if zero_point is None else jnp.asarray(zero_point)
+    return _quantize(x, key, scale, zero_point, spec)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _quantize(x, key, scale, zero_point, spec: QuantSpec) -> QArray:
+    # One compiled program for eager and jit callers alike: same fusion, same numerics.
+    r, s, z, plan = _core(x, spec, key, scale, zero_point)
     values = encode(r.reshape(plan.shape), spec.format)
     if spec.element.packed:
         if values.ndim == 0:
@@ -254,6 +257,11 @@ def dequantize(q: QArray, dtype: jax.typing.DTypeLike | None = None) -> Array:
     """The array a QArray stands for: ``(q - z) * s``, in ``q.dtype`` (or ``dtype``)."""
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}.")
+    return _dequantize(q, np.dtype(dtype or q.dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(q: QArray, dtype: np.dtype) -> Array:
     spec = q.spec
     plan = spec.granularity.plan(q.shape)
     values = q.values
@@ -262,11 +270,10 @@ def dequantize(q: QArray, dtype: jax.typing.DTypeLike | None = None) -> Array:
         values = unpack(values, spec.element.bits, n)
         if not q.shape:
             values = values.reshape(())
-    v = decode(values, spec.element)
-    v = v.reshape(plan.view)
+    v = decode(values, spec.element).reshape(plan.view)
     s = q.scale.astype(jnp.float32)
     out = v * s if q.zero_point is None else (v - q.zero_point.astype(jnp.float32)) * s
-    return out.reshape(q.shape).astype(dtype or q.dtype)
+    return out.reshape(q.shape).astype(dtype)
 
 
 def fake_quant(
@@ -332,6 +339,7 @@ def _ste_bwd(mask, g):
 _ste_identity.defvjp(_ste_fwd, _ste_bwd)
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))
 def _fake_quant(x, key, scale, zero_point, spec: QuantSpec, ste: str) -> Array:
     y, s, z = _qdq(jax.lax.stop_gradient(x), key, scale, zero_point, spec)
     mask = None

@@ -113,6 +113,11 @@ def round_float(
       float32 values, each exactly representable in ``fmt``. NaN stays NaN. The sign of
       zero follows ``x`` (numerically irrelevant; encoding to an ``fnuz`` format drops it).
     """
+    if fmt.kind != "float" or fmt.man_bits == 0 or not fmt.signed:
+        raise ValueError(
+            f"round_float: {fmt.name} is not a signed float format with a mantissa (e8m0 is a "
+            "scale format: use QuantSpec(..., scale_format='e8m0'))."
+        )
     x = x.astype(jnp.float32)
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     biased = ((bits >> 23) & 0xFF).astype(jnp.int32)
