@@ -21,7 +21,7 @@ def test_seed_worked_example_int8(use_jit):
     assert float(np.max(np.abs(SEED_X))) == amax
     s = amax / np.float32(127)
     assert q.scale.shape == (1,) and np.float32(q.scale[0]) == s
-    y = SEED_X / s
+    y = SEED_X * (np.float32(1) / s)  # the quantizer multiplies by the reciprocal
     np.testing.assert_allclose(y, [-30.238, 18.143, 72.571, -127.0], atol=1e-3)
     assert np.asarray(q.values).tolist() == [-30, 18, 73, -127]
     assert q.values.dtype == jnp.int8
@@ -38,7 +38,7 @@ def test_seed_worked_example_fp16():
     q = jq.quantize(jnp.asarray(SEED_X), spec)
     s = np.float32(2.1) / np.float32(65504)
     assert np.float32(q.scale[0]) == s
-    y = SEED_X / s
+    y = SEED_X * (np.float32(1) / s)
     assert q.values.dtype == jnp.float16
     np.testing.assert_array_equal(np.asarray(q.values), y.astype(np.float16))
     np.testing.assert_array_equal(np.asarray(q.values, np.float32), [-15600, 9360, 37440, -65504])
@@ -61,7 +61,8 @@ def test_fp8_values_are_real_fp8_storage():
     x = jax.random.normal(jax.random.key(0), (16, 32))
     q = jq.quantize(x, jq.QuantSpec("e4m3", jq.per_channel(-1)))
     assert q.values.dtype == jnp.float8_e4m3fn
-    expected = (np.asarray(x) / np.asarray(q.scale)).astype(ml_dtypes.float8_e4m3fn)
+    inv = np.float32(1) / np.asarray(q.scale)
+    expected = (np.asarray(x) * inv).astype(ml_dtypes.float8_e4m3fn)
     np.testing.assert_array_equal(np.asarray(q.values), expected)
     assert np.max(np.abs(np.asarray(q.values, np.float32))) == 448  # absmax hits fmax
 
@@ -218,6 +219,28 @@ def test_known_scale_equals_fixed_calibration():
     )
     with pytest.raises(ValueError, match="zero_point"):
         jq.quantize(x, jq.QuantSpec("uint8", calibration=jq.minmax(), symmetric=False), scale=0.1)
+
+
+def test_quantizer_is_exactly_reproducible_with_numpy():
+    """Per-block scales are the true quotient amax / qmax, and y = x * (1/s): the same
+    bits in numpy, eager and jit (XLA would otherwise rewrite divisions by constants)."""
+    x = np.random.default_rng(1).standard_normal((64, 4096)).astype(np.float32)
+    spec = jq.QuantSpec("int8", jq.per_block(-1, 32))
+    q = jq.quantize(jnp.asarray(x), spec)
+    qj = jax.jit(lambda v: jq.quantize(v, spec))(jnp.asarray(x))
+    amax = np.abs(x.reshape(64, 128, 32)).max(-1, keepdims=True)
+    s = amax / np.float32(127)
+    np.testing.assert_array_equal(np.asarray(q.scale), s)
+    np.testing.assert_array_equal(np.asarray(qj.scale), s)
+    y = x.reshape(64, 128, 32) * (np.float32(1) / s)
+    ref = np.clip(np.round(y), -127, 127).astype(np.int8).reshape(64, 4096)
+    np.testing.assert_array_equal(np.asarray(q.values), ref)
+    np.testing.assert_array_equal(np.asarray(qj.values), ref)
+    # a value that lands exactly on a tie after scaling rounds half to even
+    t = np.float32(71.5) * (np.float32(3) / np.float32(127))
+    known = jq.quantize(jnp.full((2,), t), jq.QuantSpec("int8"), scale=np.float32(3 / 127))
+    y_t = t * (np.float32(1) / np.float32(3 / 127))
+    assert np.asarray(known.values).tolist() == [int(np.round(y_t))] * 2
 
 
 def test_scale_formats():

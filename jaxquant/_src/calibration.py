@@ -37,6 +37,30 @@ def _min_max(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
 
 
+def _masked_absmax(x: Array, axes: tuple[int, ...]) -> Array:
+    return jnp.max(jnp.where(_finite(x), jnp.abs(x), 0.0), axis=axes, keepdims=True, initial=0.0)
+
+
+def _absmax(x: Array, axes: tuple[int, ...]) -> Array:
+    """max |x| over the finite elements of each group (0 for an empty group).
+
+    On CPU, XLA materializes the finite-mask before its reduce kernel, so the masked
+    reduction costs several extra passes; there we reduce ``|x|`` unmasked and redo it
+    masked only when the result says a non-finite value was present. Other backends fuse
+    the mask into the reduction and take the masked form directly.
+    """
+
+    def cpu(x):
+        fast = jnp.max(jnp.abs(x), axis=axes, keepdims=True, initial=0.0)
+        return jax.lax.cond(
+            jnp.all(jnp.isfinite(fast)), lambda: fast, lambda: _masked_absmax(x, axes)
+        )
+
+    return jax.lax.platform_dependent(
+        x, cpu=cpu, default=lambda x: _masked_absmax(x, axes)
+    )
+
+
 def _sym(lo: Array, hi: Array, symmetric: bool) -> tuple[Array, Array]:
     if symmetric:
         amax = jnp.maximum(-lo, hi)
@@ -49,7 +73,10 @@ class AbsMax:
     """``amax = max |x|`` ("max quantization"); asymmetric: ``[min x, max x]``."""
 
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
-        return _sym(*_min_max(x, axes), symmetric)
+        if symmetric:
+            amax = _absmax(x, axes)
+            return -amax, amax
+        return _min_max(x, axes)
 
     def __str__(self) -> str:
         return "absmax"
@@ -83,10 +110,10 @@ class MeanStd:
         mean = jnp.sum(xz, axis=axes, keepdims=True) / n
         var = jnp.sum(jnp.where(fin, (x - mean) ** 2, 0.0), axis=axes, keepdims=True) / n
         std = jnp.sqrt(var)
-        lo, hi = _min_max(x, axes)
         if symmetric:
-            amax = jnp.minimum(jnp.maximum(-lo, hi), jnp.abs(mean) + self.k * std)
+            amax = jnp.minimum(_absmax(x, axes), jnp.abs(mean) + self.k * std)
             return -amax, amax
+        lo, hi = _min_max(x, axes)
         return jnp.maximum(lo, mean - self.k * std), jnp.minimum(hi, mean + self.k * std)
 
     def __str__(self) -> str:
@@ -135,7 +162,7 @@ class MSE:
             )
 
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
-        lo0, hi0 = _sym(*_min_max(x, axes), symmetric)
+        lo0, hi0 = AbsMax()(x, axes, symmetric, qdq)
         fin = _finite(x)
         xz = jnp.where(fin, x, 0.0)
         ratios = jnp.linspace(self.min_ratio, 1.0, self.num, dtype=jnp.float32)
@@ -189,7 +216,7 @@ class KL:
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
         if not symmetric:
             raise ValueError("kl calibration is symmetric only; use symmetric=True or minmax().")
-        _, amax = _sym(*_min_max(x, axes), True)
+        amax = _absmax(x, axes)
         a = jnp.where(_finite(x), jnp.abs(x), 0.0)
         nb = self.bins
         width = jnp.where(amax > 0, amax / nb, 1.0)

@@ -300,7 +300,7 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
         lo = hi = jnp.zeros(plan.scale_shape, jnp.float32)
     else:
         lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, qz._qdq_range(spec))
-    y = xv / s if z is None else xv / s + z
+    y = qz.scale_input(xv, s, z)
     u = qz._noise(spec, key, plan.view)
     elem = spec.element
     index = None

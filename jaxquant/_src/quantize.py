@@ -6,8 +6,12 @@ The pipeline for one array ``x`` and a :class:`QuantSpec`:
 2. calibrate ``[lo, hi]`` per group (non-finite values ignored);
 3. scale ``s`` (and zero point ``z``) from the range and the format's ``qmax``, rounded to
    the scale format; a zero range gives ``s = 1`` (never a division by zero);
-4. ``y = x / s + z`` rounded onto the format's grid (nearest-even or stochastic) and
-   saturated to ``[qmin, qmax]``;
+4. ``y = x * (1/s) + z`` rounded onto the format's grid (nearest-even or stochastic) and
+   saturated to ``[qmin, qmax]``. The reciprocal is one correctly rounded division per
+   group; XLA turns a division by a broadcast scale into exactly this multiplication
+   anyway, so we define the quantizer that way, and jit, eager and kernels agree bit for
+   bit. It can differ from ``x / s`` by one ulp before rounding (exact for power-of-two
+   scales);
 5. ``quantize`` encodes ``y`` into storage (packing sub-byte codes), ``fake_quant`` returns
    ``(y - z) * s`` in the caller's dtype with a straight-through gradient.
 
@@ -68,7 +72,8 @@ def _div_const(num: Array, c: float) -> Array:
     which is up to 1 ulp off and differs between jit and eager execution; hiding the
     constant behind an optimization barrier keeps the division exact and reproducible.
     """
-    return num / jax.lax.optimization_barrier(jnp.float32(c))
+    # A full-shaped divisor: XLA also rewrites A / broadcast(B) into A * broadcast(1/B).
+    return num / jax.lax.optimization_barrier(jnp.full(num.shape, c, jnp.float32))
 
 
 def _guard_scale(s: Array, nonzero: Array) -> Array:
@@ -118,6 +123,13 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
 # ------------------------------------------------------------------------ the core
 
 
+def scale_input(x: Array, s: Array, z: Array | None) -> Array:
+    """The scaled value ``x * (1/s) (+ z)`` that gets rounded (see the module docstring)."""
+    y = x * (1.0 / s)
+    return y if z is None else y + z
+
+
+
 def _noise(spec: QuantSpec, key: Array | None, shape: tuple[int, ...]) -> Array | None:
     if not spec.stochastic:
         return None
@@ -155,8 +167,7 @@ def _qdq_range(spec: QuantSpec) -> Callable[[Array, Array, Array], Array]:
 
     def qdq(x: Array, lo: Array, hi: Array) -> Array:
         s, z = compute_scale(lo, hi, det)
-        y = x / s if z is None else x / s + z
-        v = _to_grid(_round_scaled(y, det, None), det)
+        v = _to_grid(_round_scaled(scale_input(x, s, z), det, None), det)
         return v * s if z is None else (v - z) * s
 
     return qdq
@@ -188,8 +199,7 @@ def _core(
     else:
         lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, _qdq_range(spec))
         s, z = compute_scale(jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi), spec)
-    y = xv / s if z is None else xv / s + z
-    r = _round_scaled(y, spec, _noise(spec, key, plan.view))
+    r = _round_scaled(scale_input(xv, s, z), spec, _noise(spec, key, plan.view))
     return r, s, z, plan
 
 
@@ -204,7 +214,7 @@ def quantize(
     scale: jax.typing.ArrayLike | None = None,
     zero_point: jax.typing.ArrayLike | None = None,
 ) -> QArray:
-    """Quantize ``x`` to a :class:`QArray`: ``q = clip(round(x / s) + z, qmin, qmax)``.
+    """Quantize ``x`` to a :class:`QArray`: ``q = clip(round(x * (1/s)) + z, qmin, qmax)``.
 
     Args:
       x: floating-point array (float32, bfloat16, float16, float64).
@@ -347,7 +357,7 @@ def _fake_quant(x, key, scale, zero_point, spec: QuantSpec, ste: str) -> Array:
         plan = spec.granularity.plan(tuple(x.shape))
         qmin, qmax = spec.qrange
         xv = jax.lax.stop_gradient(x).astype(jnp.float32).reshape(plan.view)
-        t = xv / s if z is None else xv / s + z
+        t = scale_input(xv, s, z)
         mask = ((t >= qmin) & (t <= qmax)).reshape(x.shape)
     return _ste_identity(x, y, mask)
 

@@ -22,7 +22,7 @@ _SCALE_FORMATS = {
 class QuantSpec:
     """A quantizer's static configuration.
 
-    ``q = clip(round(x / s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``, where the scale
+    ``q = clip(round(x * (1/s)) + z, qmin, qmax)``, ``x_hat = (q - z) * s``, where the scale
     ``s`` (and zero point ``z``) come from ``calibration`` over the groups of
     ``granularity``, rounded to ``scale_format``.
 
