@@ -181,7 +181,8 @@ def test_stochastic_rounding_unbiased_float(name, rng):
     def sample(k):
         return jq.fake_quant(jnp.asarray(x), spec, key=k)
 
-    s = np.asarray(jax.lax.map(sample, keys), np.float64)  # [n, len(x)]
+    # vmap, not lax.map: XLA's CPU while loop flushes float32 subnormals in its outputs
+    s = np.asarray(jax.vmap(sample)(keys), np.float64)  # [n, len(x)]
     lo, hi = _neighbours(fmt, x.astype(np.float64))
     assert np.all((s == lo) | (s == hi))  # only the two neighbours
     q = hi - lo
@@ -199,7 +200,7 @@ def test_stochastic_rounding_unbiased_int_and_codebook(name):
     x = jnp.asarray(np.random.default_rng(1).uniform(-0.99, 0.99, 64).astype(np.float32))
     n = 20000
     keys = jax.random.split(jax.random.key(7), n)
-    s = np.asarray(jax.lax.map(jax.jit(lambda k: jq.fake_quant(x, spec, key=k)), keys), np.float64)
+    s = np.asarray(jax.vmap(lambda k: jq.fake_quant(x, spec, key=k))(keys), np.float64)
     scale = 1.0 / spec.qrange[1]
     grid = np.unique(s)
     xs = np.asarray(x, np.float64)
@@ -257,3 +258,23 @@ def test_bf16_sr_beats_rne_for_accumulation():
 
 def test_ml_dtypes_types_are_what_we_think():
     assert jq.formats.get("e2m1").dtype == np.dtype(ml_dtypes.float4_e2m1fn)
+
+
+def test_stochastic_truncate_bf16_edges():
+    bf16 = jq.formats.get("bf16")
+    x = jnp.array(
+        [1.0 + 2.0**-10, -(1.0 + 2.0**-10), 1e-39, 3.395e38, jnp.inf, jnp.nan, 0.0], jnp.float32
+    )
+    lo = np.asarray(rounding.stochastic_truncate(x, bf16, jnp.zeros(x.shape, jnp.uint32)))
+    hi = np.asarray(
+        rounding.stochastic_truncate(x, bf16, jnp.full(x.shape, 0xFFFFFFFF, jnp.uint32))
+    )
+    xb = np.asarray(x).view(np.uint32)
+    trunc = (xb & np.uint32(0xFFFF0000)).view(np.float32)
+    np.testing.assert_array_equal(lo[:3], trunc[:3])  # zero noise: truncation
+    up = ((xb & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32)
+    np.testing.assert_array_equal(hi[:3], up[:3])  # maximal noise: one step away from zero
+    assert hi[0] == 1.0 + 2.0**-7 and hi[1] == -(1.0 + 2.0**-7)
+    assert hi[2] - lo[2] == np.float32(2.0**-133)  # a subnormal step, not flushed
+    assert hi[3] == bf16.max == lo[3] and hi[4] == bf16.max  # saturates, never overflows
+    assert np.isnan(lo[5]) and np.isnan(hi[5]) and lo[6] == 0 and hi[6] == 0

@@ -56,9 +56,7 @@ def _absmax(x: Array, axes: tuple[int, ...]) -> Array:
             jnp.all(jnp.isfinite(fast)), lambda: fast, lambda: _masked_absmax(x, axes)
         )
 
-    return jax.lax.platform_dependent(
-        x, cpu=cpu, default=lambda x: _masked_absmax(x, axes)
-    )
+    return jax.lax.platform_dependent(x, cpu=cpu, default=lambda x: _masked_absmax(x, axes))
 
 
 def _sym(lo: Array, hi: Array, symmetric: bool) -> tuple[Array, Array]:

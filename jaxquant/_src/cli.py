@@ -301,11 +301,14 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
     else:
         lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, qz._qdq_range(spec))
     y = qz.scale_input(xv, s, z)
-    u = qz._noise(spec, key, plan.view)
+    bits = qz._noise(spec, key, plan.view)
+    u = None if bits is None else rounding.uniform_from_bits(bits)
     elem = spec.element
     index = None
     if elem.kind == "int":
         pre = rounding.round_to_integer(y, u)
+    elif bits is not None and rounding.is_float32_prefix(elem):
+        pre = rounding.stochastic_truncate(y, elem, bits, saturate=False)
     elif elem.kind == "float":
         pre = rounding.round_float(y, elem, u, saturate=False)
         if not elem.signed:

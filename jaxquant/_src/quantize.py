@@ -129,18 +129,21 @@ def scale_input(x: Array, s: Array, z: Array | None) -> Array:
     return y if z is None else y + z
 
 
-
 def _noise(spec: QuantSpec, key: Array | None, shape: tuple[int, ...]) -> Array | None:
+    """uint32 random bits for stochastic rounding (None for nearest)."""
     if not spec.stochastic:
         return None
     assert key is not None
-    return rounding.uniform_from_bits(rounding.random_bits(key, shape, impl=spec.rng))
+    return rounding.random_bits(key, shape, impl=spec.rng)
 
 
-def _round_scaled(y: Array, spec: QuantSpec, u: Array | None) -> Array:
+def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None) -> Array:
     """Round scaled values onto the element grid (float32 out; codebooks: indices)."""
     f = spec.element
     qmin, qmax = spec.qrange
+    if bits is not None and rounding.is_float32_prefix(f):
+        return rounding.stochastic_truncate(y, f, bits, saturate=spec.saturate)
+    u = None if bits is None else rounding.uniform_from_bits(bits)
     if f.kind == "float":
         if u is None and spec.saturate and rounding.has_native_cast(f):
             r = rounding.cast_float(y, f)
@@ -199,8 +202,15 @@ def _core(
     else:
         lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, _qdq_range(spec))
         s, z = compute_scale(jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi), spec)
-    r = _round_scaled(scale_input(xv, s, z), spec, _noise(spec, key, plan.view))
+    # A plain cast (no calibration, no given scale) must not multiply by s = 1: XLA's CPU
+    # backend flushes float32 subnormals in multiplies, and bf16 has subnormals there.
+    y = xv if _unit_scale(spec, scale) else scale_input(xv, s, z)
+    r = _round_scaled(y, spec, _noise(spec, key, plan.view))
     return r, s, z, plan
+
+
+def _unit_scale(spec: QuantSpec, scale: Array | None) -> bool:
+    return spec.calibration is None and scale is None
 
 
 # ---------------------------------------------------------------------- public API
@@ -327,7 +337,10 @@ def fake_quant(
 def _qdq(x: Array, key, scale, zero_point, spec: QuantSpec) -> tuple[Array, Array, Array | None]:
     r, s, z, plan = _core(x, spec, key, scale, zero_point)
     v = _to_grid(r, spec)
-    out = v * s if z is None else (v - z) * s
+    if _unit_scale(spec, scale):
+        out = v
+    else:
+        out = v * s if z is None else (v - z) * s
     return out.reshape(plan.shape).astype(x.dtype), s, z
 
 

@@ -151,6 +151,42 @@ def round_float(
     return jnp.copysign(out, x)
 
 
+def is_float32_prefix(fmt: Format) -> bool:
+    """Whether ``fmt`` is float32 with the low mantissa bits dropped (bf16, e8m3...)."""
+    return (
+        fmt.kind == "float"
+        and fmt.exp_bits == 8
+        and fmt.bias == 127
+        and fmt.signed
+        and fmt.nan_style == "ieee"
+        and 0 < fmt.man_bits < 23
+    )
+
+
+def stochastic_truncate(
+    x: jax.Array, fmt: Format, bits: jax.Array, *, saturate: bool = True
+) -> jax.Array:
+    """Stochastic rounding to a float32-prefix format (bf16) by integer add-and-truncate.
+
+    Adding a uniform random integer in ``[0, 2^k)`` to the ``k`` bits that are dropped,
+    then truncating them, rounds the magnitude up with probability exactly
+    ``dropped / 2^k``: exactly unbiased, subnormals included (integer arithmetic never
+    flushes), and only a few integer operations per element.
+    """
+    if not is_float32_prefix(fmt):
+        raise ValueError(f"stochastic_truncate: {fmt.name} is not a float32-prefix format.")
+    x = x.astype(jnp.float32)
+    drop = 23 - fmt.man_bits
+    xb = lax.bitcast_convert_type(x, jnp.uint32)
+    r = bits >> jnp.uint32(32 - drop)
+    out = lax.bitcast_convert_type((xb + r) & jnp.uint32(~(2**drop - 1) & 0xFFFFFFFF), jnp.float32)
+    out = jnp.where(jnp.isnan(x), x, out)  # a NaN payload must not carry into the sign
+    fmax = jnp.float32(fmt.max)
+    if saturate:
+        out = jnp.where(jnp.abs(out) > fmax, jnp.copysign(fmax, x), out)
+    return out
+
+
 def has_native_cast(fmt: Format) -> bool:
     """Whether XLA has a type for ``fmt`` that :func:`cast_float` may use (8/16-bit floats)."""
     return fmt.kind == "float" and fmt.dtype is not None and fmt.bits in (8, 16)
