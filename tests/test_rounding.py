@@ -80,7 +80,7 @@ def test_round_nearest_matches_ml_dtypes(fmt, use_jit, saturate):
 def test_native_cast_matches_emulated_rounding(fmt, use_jit):
     """The fast path (XLA convert) gives exactly the emulated saturating RNE values."""
     x = jnp.asarray(_probe_values(fmt, seed=3))
-    fn = lambda v: rounding.cast_float(v, fmt)  # noqa: E731
+    fn = lambda v: rounding.cast_float(v, fmt)
     fast = np.asarray((jax.jit(fn) if use_jit else fn)(x))
     ref = np.asarray(rounding.round_float(x, fmt))
     if fmt.nan_style == "fnuz":
