@@ -106,22 +106,41 @@ def _nbytes(a: jax.Array) -> int:
 # ---------------------------------------------------------------- values <-> codes
 
 
-def _sorted_codes(fmt: Format) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted finite values, their codes) with -0 given the +0 code."""
-    table = formats.code_table(fmt)
-    codes = np.arange(len(table))
-    finite = np.isfinite(table)
-    vals, cods = table[finite], codes[finite]
-    order = np.lexsort((np.signbit(vals), vals))  # +0 before -0 among equal values
-    vals, cods = vals[order], cods[order]
-    keep = np.concatenate([[True], vals[1:] != vals[:-1]])
-    return vals[keep].astype(np.float32), cods[keep]
-
-
 def _nan_code(fmt: Format) -> int:
     table = formats.code_table(fmt)
     nans = np.nonzero(np.isnan(table))[0]
     return int(nans[-1]) if len(nans) else int(np.argmin(np.abs(table)))
+
+
+def float_codes(v: jax.Array, fmt: Format) -> jax.Array:
+    """uint32 bit patterns of float32 values already on float format ``fmt``'s grid.
+
+    Integer arithmetic on the float32 bits: the exponent is re-biased and the mantissa
+    shifted (further, for the format's subnormals). Exact for every grid value; NaN gets
+    the format's NaN code (0 where it has none), +-Inf its Inf code, and formats without a
+    negative zero (fnuz) store -0 as +0.
+    """
+    e_bits, m = fmt.exp_bits, fmt.man_bits
+    bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.uint32)
+    sign = bits >> 31
+    mag = bits & jnp.uint32(0x7FFFFFFF)
+    biased = (mag >> 23).astype(jnp.int32)
+    eu = jnp.maximum(biased, 1) - 127  # unbiased exponent
+    sig = (mag & jnp.uint32(0x7FFFFF)) | jnp.where(biased > 0, jnp.uint32(1 << 23), jnp.uint32(0))
+    normal = eu >= fmt.emin
+    shift = jnp.clip(23 - m + jnp.maximum(fmt.emin - eu, 0), 0, 31).astype(jnp.uint32)
+    man = (sig >> shift) & jnp.uint32(2**m - 1)
+    exp = jnp.where(normal, eu + fmt.bias, 0).astype(jnp.uint32)
+    code = (exp << m) | man
+    if fmt.signed:
+        code = code | (sign << (e_bits + m))
+    if fmt.nan_style == "fnuz":
+        code = jnp.where(mag == 0, jnp.uint32(0), code)
+    if fmt.has_inf:
+        inf_code = jnp.uint32((2**e_bits - 1) << m)
+        code = jnp.where(jnp.isinf(v), inf_code | (sign << (e_bits + m)), code)
+    nan_code = _nan_code(fmt) if fmt.has_nan else 0
+    return jnp.where(jnp.isnan(v), jnp.uint32(nan_code), code)
 
 
 def encode(v: jax.Array, fmt: Format) -> jax.Array:
@@ -139,19 +158,19 @@ def encode(v: jax.Array, fmt: Format) -> jax.Array:
         if fmt.bits < 8:
             return (v.astype(jnp.int32) & (2**fmt.bits - 1)).astype(jnp.uint8)
         return v.astype(sdt)
-    if fmt.kind == "float" and fmt.dtype is not None and fmt.bits >= 8:
-        return v.astype(sdt)
     if fmt.kind == "codebook":  # v already holds indices (see quantize)
         return v.astype(sdt)
-    # Emulated or sub-byte float: binary search in the sorted value table.
-    vals, cods = _sorted_codes(fmt)
-    i = jnp.clip(jnp.searchsorted(jnp.asarray(vals), v), 0, len(vals) - 1)
-    code = jnp.asarray(cods.astype(np.int32))[i]
-    if fmt.signed and fmt.nan_style != "fnuz":  # keep the sign of zero
-        negzero = (v == 0) & jnp.signbit(v)
-        code = jnp.where(negzero, code | (1 << (fmt.bits - 1)), code)
-    code = jnp.where(jnp.isnan(v), _nan_code(fmt), code)
-    return code.astype(sdt)
+    if fmt.dtype is not None and fmt.bits == 16:
+        return v.astype(sdt)
+    if fmt.dtype is not None and fmt.bits == 8:
+        # Same bits either way (tested); XLA's CPU backend converts to fp8 in software,
+        # slower than building the bit pattern, while GPUs convert in hardware.
+        def by_bits(v):
+            return jax.lax.bitcast_convert_type(float_codes(v, fmt).astype(jnp.uint8), sdt)
+
+        return jax.lax.platform_dependent(v, cpu=by_bits, default=lambda v: v.astype(sdt))
+    int_dtype = jnp.uint8 if fmt.bits <= 8 else jnp.uint16
+    return float_codes(v, fmt).astype(int_dtype)
 
 
 def decode(c: jax.Array, fmt: Format) -> jax.Array:

@@ -83,24 +83,38 @@ def _guard_scale(s: Array, nonzero: Array) -> Array:
     return jnp.where(nonzero & jnp.isfinite(s), s, 1.0)
 
 
+def _exponent(a: Array) -> Array:
+    """floor(log2(a)) for positive normal float32 ``a``, from its exponent bits (exact)."""
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    return ((bits >> 23) & 0xFF).astype(jnp.int32) - 127
+
+
+def _pow2(e: Array) -> Array:
+    """Exact float32 2^e for int32 e, clamped to the normal range [-126, 127]."""
+    e = jnp.clip(e, -126, 127)
+    return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+
+
 def _round_scale(s: Array, spec: QuantSpec) -> Array:
-    """Round positive float32 scales to the scale format (e8m0: up to a power of two)."""
+    """Round positive float32 scales to the scale format (e8m0: up to a power of two).
+
+    Power-of-two scales stay within float32's normal range (e8m0's 2^-127 is not used:
+    XLA flushes float32 subnormals on CPU).
+    """
     name = spec.scale_format.name
     if name == "float32":
         return s
     if name in ("bfloat16", "float16"):
         t = s.astype(spec.scale_format.dtype).astype(jnp.float32)
-        return jnp.where(t > 0, t, jnp.float32(spec.scale_format.min_subnormal))
-    mant, exp = jnp.frexp(s)  # s = mant * 2^exp, mant in [0.5, 1)
-    exp = jnp.where(mant == 0.5, exp - 1, exp)  # exact powers of two stay
-    return jnp.ldexp(jnp.float32(1.0), jnp.clip(exp, -127, 127))
+        return jnp.where(t > 0, t, jnp.float32(spec.scale_format.min_normal))
+    bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
+    ceil = _exponent(s) + ((bits & 0x7FFFFF) != 0).astype(jnp.int32)  # ceil(log2 s)
+    return _pow2(ceil)
 
 
 def _mx_scale(amax: Array, spec: QuantSpec) -> Array:
-    """OCP MX v1.0: X = 2^(floor(log2(amax)) - emax_elem), clamped to e8m0's range."""
-    _, exp = jnp.frexp(amax)  # amax in [2^(exp-1), 2^exp)
-    e = jnp.clip(exp - 1 - spec.element.emax, -127, 127)
-    return jnp.where(amax > 0, jnp.ldexp(jnp.float32(1.0), e), 1.0)
+    """OCP MX v1.0: X = 2^(floor(log2(amax)) - emax_elem); 1 for an all-zero block."""
+    return jnp.where(amax > 0, _pow2(_exponent(amax) - spec.element.emax), 1.0)
 
 
 def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array | None]:
@@ -146,7 +160,17 @@ def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None) -> Array:
     u = None if bits is None else rounding.uniform_from_bits(bits)
     if f.kind == "float":
         if u is None and spec.saturate and rounding.has_native_cast(f):
-            r = rounding.cast_float(y, f)
+            # Same values either way (tested); XLA's CPU backend converts to fp8 in software,
+            # slower than the integer emulation, while GPUs convert in hardware.
+            r = (
+                jax.lax.platform_dependent(
+                    y,
+                    cpu=lambda y: rounding.round_float(y, f),
+                    default=lambda y: rounding.cast_float(y, f),
+                )
+                if f.bits == 8
+                else rounding.cast_float(y, f)
+            )
         else:
             r = rounding.round_float(y, f, u, saturate=spec.saturate)
         return r if f.signed else jnp.maximum(r, 0.0)
