@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import rounding
+from jaxquant._src import kernels, rounding
 from jaxquant._src.granularity import Plan
 from jaxquant._src.qarray import QArray, decode, encode, pack, unpack
 from jaxquant._src.spec import QuantSpec
@@ -278,6 +278,8 @@ def quantize(
 @functools.partial(jax.jit, static_argnums=4)
 def _quantize(x, key, scale, zero_point, spec: QuantSpec) -> QArray:
     # One compiled program for eager and jit callers alike: same fusion, same numerics.
+    if _use_kernel(x, spec, "quantize", scale, zero_point):
+        return _quantize_one_pass(x, spec)
     r, s, z, plan = _core(x, spec, key, scale, zero_point)
     values = encode(r.reshape(plan.shape), spec.format)
     if spec.element.packed:
@@ -287,6 +289,29 @@ def _quantize(x, key, scale, zero_point, spec: QuantSpec) -> QArray:
     s_store = s.astype(spec.scale_format.dtype)
     z_store = None if z is None else z.astype(_zp_dtype(spec))
     return QArray(values, s_store, z_store, spec, tuple(x.shape), np.dtype(x.dtype))
+
+
+def _use_kernel(x: Array, spec: QuantSpec, op: str, scale, zero_point) -> bool:
+    """Whether the one-pass Pallas kernel computes this quantizer (GPU, block-local
+    power-of-two scales: bit-identical to the jnp path, which stays the reference)."""
+    return (
+        scale is None
+        and zero_point is None
+        and kernels.supported(spec, tuple(x.shape), x.dtype, jax.default_backend(), op=op)
+    )
+
+
+def _quantize_one_pass(x: Array, spec: QuantSpec) -> QArray:
+    def jnp_path(x):
+        r, s, _, plan = _core(x, spec, None, None, None)
+        return encode(r.reshape(plan.shape), spec.format), s.astype(spec.scale_format.dtype)
+
+    def kernel(x):
+        return kernels.block_quantize(x, spec, scale_dtype=spec.scale_format.dtype)
+
+    # platform_dependent: a GPU host lowering for CPU never sees the Triton call.
+    values, s = jax.lax.platform_dependent(x, cuda=kernel, default=jnp_path)
+    return QArray(values, s, None, spec, tuple(x.shape), np.dtype(x.dtype))
 
 
 def _zp_dtype(spec: QuantSpec) -> np.dtype:
@@ -388,6 +413,14 @@ _ste_identity.defvjp(_ste_fwd, _ste_bwd)
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _fake_quant(x, key, scale, zero_point, spec: QuantSpec, ste: str) -> Array:
+    if ste == "plain" and _use_kernel(x, spec, "fake_quant", scale, zero_point):
+        xs = jax.lax.stop_gradient(x)
+        y = jax.lax.platform_dependent(
+            xs,
+            cuda=lambda xs: kernels.block_fake_quant(xs, spec),
+            default=lambda xs: _qdq(xs, None, None, None, spec)[0],
+        )
+        return _ste_identity(x, y, None)
     y, s, z = _qdq(jax.lax.stop_gradient(x), key, scale, zero_point, spec)
     mask = None
     if ste == "clipped":

@@ -5,6 +5,11 @@ Each kernel is bit-identical to the jnp path it replaces and says, through a
 :mod:`jaxquant._src.quantize` uses it only then and keeps the jnp path otherwise.
 """
 
-from jaxquant._src.kernels.block_quant import block_fake_quant, block_quantize, supported
+from jaxquant._src.kernels.block_quant import (
+    block_fake_quant,
+    block_quantize,
+    disabled,
+    supported,
+)
 
-__all__ = ["block_fake_quant", "block_quantize", "supported"]
+__all__ = ["block_fake_quant", "block_quantize", "disabled", "supported"]

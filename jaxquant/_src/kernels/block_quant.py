@@ -30,10 +30,11 @@ path of :func:`jaxquant.fake_quant` / :func:`jaxquant.quantize` on every backend
   (Triton has no ``round``): round-half-to-even is ``floor(t) + [frac > 1/2 or
   (frac = 1/2 and floor(t) odd)]`` on ``t = |y|``, all exact.
 
-Float comparisons and multiplies are written exactly as the jnp path writes them, so a
-backend that flushes float32 subnormals (XLA:CPU, which runs ``interpret=True``) flushes
-them in both alike. Triton's float ``min``/``max`` ignore NaN, so the kernels saturate with
-selects and reduce the absmax on the integer bits of ``|x|`` (non-finite values masked to 0).
+The float operations that a backend flushing float32 subnormals (XLA:CPU, which also runs
+``interpret=True``) treats differently are the jnp path's own: ``amax > 0``, ``x * (1/s)``,
+``v * s``; so such a backend flushes them alike on both paths. Triton's float
+``min``/``max`` ignore NaN, so the kernels saturate with selects and reduce the absmax on
+the integer bits of ``|x|`` (non-finite values masked to 0).
 
 NaN/Inf policy (as jaxquant's): the absmax ignores non-finite values; ``+-Inf`` saturates to
 ``+-max``; NaN stays NaN in ``fake_quant`` (compare NaNs by position: their payload is not
@@ -43,9 +44,11 @@ storage and 0 in integer storage.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +79,22 @@ _SIGN = -(2**31)  # int32 0x80000000
 _ABS = 0x7FFFFFFF
 _INF_BITS = 0x7F800000
 _GPU_BACKENDS = ("gpu", "cuda")
+_E8M0 = np.dtype(jnp.float8_e8m0fnu)
+_disabled = False
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Make :func:`supported` return False inside the block, e.g. to trace the jnp path on a
+    GPU for comparison. It acts when a dispatcher *traces*: a function jit-compiled earlier
+    keeps the path it was traced with.
+    """
+    global _disabled
+    before, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = before
 
 
 # ------------------------------------------------------------------------ static plan
@@ -144,6 +163,8 @@ def _reason(spec: QuantSpec, shape: tuple[int, ...], dtype, op: str) -> str | No
             return f"unsupported MX element format {f.name}"
     elif spec.scale_format.name != "float8_e8m0fnu":
         return f"non-MX specs need scale_format='e8m0', got {spec.scale_format.name}"
+    elif spec.qrange[1] < 4:  # else s = 2^127 can occur and 1/s is subnormal
+        return f"e8m0 scales need qmax >= 4, {f.name} has {spec.qrange[1]}"
     elif f.kind == "int":
         if not f.signed or f.bits not in (4, 5, 6, 7, 8, 16):
             return f"integer element format {f.name}: need signed int4..int8 or int16"
@@ -208,7 +229,7 @@ def supported(
     hold at least ``min(size, 1024)`` elements. Everything else (and every other backend)
     uses the jnp path.
     """
-    if backend not in _GPU_BACKENDS:
+    if _disabled or backend not in _GPU_BACKENDS:
         return False
     shape = tuple(int(d) for d in shape)
     if _reason(spec, shape, dtype, op) is not None:
@@ -238,8 +259,9 @@ def _exp2i(k: Array) -> Array:
 def _round_half_even(t: Array) -> Array:
     """Round non-negative float32 ``t`` to the nearest integer, ties to even (Inf, NaN stay).
 
-    ``t - floor(t)`` is exact for ``t >= 0``; ``floor(t)/2`` is exact, so ``floor(t)`` is odd
-    iff halving it leaves a fraction.
+    ``t - floor(t)`` is exact for ``t >= 0``, and so is ``floor(t) / 2``: ``floor(t)`` is odd
+    iff halving it leaves a fraction. (Pallas-Triton has no lowering for ``lax.round``; the
+    ``(t + 2^23) - 2^23`` trick is not safe: XLA:CPU folds it away.)
     """
     lo = jnp.floor(t)
     frac = t - lo
@@ -255,15 +277,18 @@ def _with_sign(mag: Array, like_bits: Array) -> Array:
 
 
 def _round_float(y: Array, p: _Params) -> Array:
-    """``rounding.round_float(y, fmt)`` (nearest, saturating) in Triton-lowerable ops."""
+    """``rounding.round_float(y, fmt)`` (nearest, saturating) in Triton-lowerable ops.
+
+    The quantum of ``|y|`` is ``2^(max(e, emin) - m)`` (``e``: its float32 exponent);
+    ``|y| / quantum`` and back are single exact multiplies by normal powers of two (the jnp
+    path splits them in two halves; both are exact, so the results agree).
+    """
     yb = _i32(y)
     mag = yb & _ABS
-    e = jnp.maximum(mag >> 23, 1) - 127
-    neg_qe = p.man_bits - jnp.maximum(e, p.emin)  # -(exponent of the quantum)
-    a = neg_qe >> 1  # floor(neg_qe / 2)
-    b = neg_qe - a
-    t = (_f32(mag) * _exp2i(a)) * _exp2i(b)  # |y| / quantum, exact
-    out = (_round_half_even(t) * _exp2i(-a)) * _exp2i(-b)
+    neg_qe = p.man_bits + 127 - jnp.maximum(mag >> 23, p.emin + 127)  # >= m - 128
+    neg_qe = jnp.maximum(neg_qe, -126)  # only Inf/NaN (e = 128) with m = 1 go below
+    t = _f32(mag) * _exp2i(neg_qe)  # |y| / quantum, exact
+    out = _round_half_even(t) * _exp2i(-neg_qe)
     out = jnp.where(out > p.fmax, jnp.float32(p.fmax), out)  # Inf -> max; NaN stays
     return _with_sign(out, yb)
 
@@ -329,26 +354,39 @@ def _quant_kernel(x_ref, v_ref, s_ref, *, p: _Params, fmt: Format):
         v_ref[...] = _float8_codes(v, fmt).astype(v_ref.dtype)
     else:
         v_ref[...] = jnp.where(v != v, 0.0, v).astype(v_ref.dtype)  # NaN stores as 0
-    s_ref[...] = _exp2i(k)
+    if s_ref.dtype == jnp.uint8:  # e8m0 codes: the biased exponent
+        s_ref[...] = (k + 127).astype(jnp.uint8)
+    else:
+        s_ref[...] = _exp2i(k)
 
 
 def _compiler_params(p: _Params):
+    """Triton launch parameters: 8 warps for 8192-element tiles, no software pipelining."""
     if _CompilerParams is None:
         return None
-    return _CompilerParams(num_warps=8 if p.tile_blocks * p.block >= 8192 else 4, num_stages=1)
+    warps = 8 if p.tile_blocks * p.block >= 8192 else 4
+    try:
+        return _CompilerParams(num_warps=warps, num_stages=1)
+    except TypeError:  # a jax whose CompilerParams changed fields: Triton's defaults
+        return None
 
 
 def _call(x: Array, p: _Params, outs, kernel, interpret: bool):
+    """Run ``kernel`` over tiles of ``tile_blocks`` blocks of the ``(n_blocks, B)`` view.
+
+    ``outs``: ``(per_block, dtype)`` per output: ``per_block`` is ``(B,)`` for an
+    element-wise output (a ``(tile_blocks, B)`` tile) or ``()`` for one value per block.
+    """
     n_blocks = x.size // p.block
     tb = p.tile_blocks
-    rows = pl.BlockSpec((tb, p.block), lambda i: (i, 0))
-    specs = {2: rows, 1: pl.BlockSpec((tb,), lambda i: (i,))}
+    tile = pl.BlockSpec((tb, p.block), lambda i: (i, 0))
+    per_block = pl.BlockSpec((tb,), lambda i: (i,))
     return pl.pallas_call(
         kernel,
-        out_shape=tuple(jax.ShapeDtypeStruct((n_blocks, *s[1:]), dt) for s, dt in outs),
+        out_shape=tuple(jax.ShapeDtypeStruct((n_blocks, *sh), dt) for sh, dt in outs),
         grid=(n_blocks // tb,),
-        in_specs=[rows],
-        out_specs=tuple(specs[len(s)] for s, _ in outs),
+        in_specs=[tile],
+        out_specs=tuple(tile if sh else per_block for sh, _ in outs),
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(p),
         name="jaxquant_block_quant",
@@ -370,22 +408,25 @@ def _check(x: jax.typing.ArrayLike, spec: QuantSpec, op: str) -> Array:
 def _fake_quant_impl(x: Array, spec: QuantSpec, interpret: bool, tile_elems: int) -> Array:
     p = _params(spec, tuple(x.shape), tile_elems)
     kernel = functools.partial(_fake_kernel, p=p)
-    (out,) = _call(x, p, [((0, p.block), x.dtype)], kernel, interpret)
+    (out,) = _call(x, p, [((p.block,), x.dtype)], kernel, interpret)
     return out.reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "interpret", "tile_elems"))
+@functools.partial(jax.jit, static_argnames=("spec", "interpret", "tile_elems", "scale_dtype"))
 def _quantize_impl(
-    x: Array, spec: QuantSpec, interpret: bool, tile_elems: int
+    x: Array, spec: QuantSpec, interpret: bool, tile_elems: int, scale_dtype: np.dtype
 ) -> tuple[Array, Array]:
     p = _params(spec, tuple(x.shape), tile_elems)
     fmt = spec.element
     code_dtype = jnp.uint8 if fmt.kind == "float" else fmt.storage_dtype
+    s_dtype = jnp.uint8 if scale_dtype == _E8M0 else jnp.float32
     kernel = functools.partial(_quant_kernel, p=p, fmt=fmt)
-    codes, s = _call(x, p, [((0, p.block), code_dtype), ((0,), jnp.float32)], kernel, interpret)
+    codes, s = _call(x, p, [((p.block,), code_dtype), ((), s_dtype)], kernel, interpret)
     values = codes.reshape(x.shape)
     if fmt.kind == "float":
         values = lax.bitcast_convert_type(values, fmt.storage_dtype)
+    if scale_dtype == _E8M0:
+        s = lax.bitcast_convert_type(s, _E8M0)
     return values, s.reshape(*x.shape[:-1], x.shape[-1] // p.block, 1)
 
 
@@ -436,24 +477,31 @@ def block_quantize(
     *,
     interpret: bool = False,
     tile_elems: int = TILE_ELEMS,
+    scale_dtype: jax.typing.DTypeLike = jnp.float32,
 ) -> tuple[Array, Array]:
     """``(values, scale)`` of ``jq.quantize(x, spec)`` in one pass, for 8/16-bit elements.
 
     Args:
       x, spec, interpret, tile_elems: as in :func:`block_fake_quant`; the element format
         must be stored unpacked (int8, int16, float8 e4m3/e5m2/...).
+      scale_dtype: ``float32`` (default) or ``float8_e8m0fnu``: the scales written as e8m0
+        codes directly (what ``QArray.scale`` stores; saves the cast).
 
     Returns:
       ``values``: the codes in jaxquant's storage layout (``x``'s shape; float8 dtypes for
-      float8 elements, int8/int16 for integers). ``scale``: float32 powers of two of shape
-      ``x.shape[:-1] + (x.shape[-1] // B, 1)`` (the plan's ``scale_shape``); cast it to the
-      spec's scale format (e8m0) for storage, which is exact.
+      float8 elements, int8/int16 for integers). ``scale``: the powers of two ``s`` of shape
+      ``x.shape[:-1] + (x.shape[-1] // B, 1)`` (the plan's ``scale_shape``) in
+      ``scale_dtype``; casting float32 scales to e8m0 is exact.
 
     Raises:
       NotImplementedError: as in :func:`block_fake_quant`.
+      ValueError: for another ``scale_dtype``.
     """
     x = _check(x, spec, "quantize")
-    return _quantize_impl(x, spec, bool(interpret), _tile_arg(tile_elems))
+    sdt = np.dtype(scale_dtype)
+    if sdt not in (np.dtype(np.float32), _E8M0):
+        raise ValueError(f"scale_dtype must be float32 or float8_e8m0fnu, got {sdt}.")
+    return _quantize_impl(x, spec, bool(interpret), _tile_arg(tile_elems), sdt)
 
 
 def _tile_arg(tile_elems: int) -> int:
