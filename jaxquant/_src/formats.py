@@ -60,6 +60,19 @@ NF4_VALUES: tuple[float, ...] = (
 )
 
 
+def _element_property(fn):
+    """A property that an MX format takes from its element format."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def get(self):
+        if self.kind == "mx":
+            return getattr(self.element, name)
+        return fn(self)
+
+    return property(get)
+
+
 @dataclasses.dataclass(frozen=True)
 class Format:
     """A number format: its value set, its encoding, and its properties.
@@ -124,12 +137,9 @@ class Format:
     def has_subnormals(self) -> bool:
         return self.kind == "float" and self.man_bits > 0
 
-    @property
+    @_element_property
     def emax(self) -> int:
         """Unbiased exponent of the largest finite value (floats); 0 otherwise."""
-        if self.kind == "mx":
-            assert self.element is not None
-            return self.element.emax
         if self.kind != "float":
             return 0
         top = 2**self.exp_bits - 1  # the all-ones exponent field
@@ -146,12 +156,9 @@ class Format:
             return -self.bias
         return 1 - self.bias
 
-    @property
+    @_element_property
     def max(self) -> float:
         """Largest finite value."""
-        if self.kind == "mx":
-            assert self.element is not None
-            return self.element.max
         if self.kind == "int":
             return float(2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1)
         if self.kind == "codebook":
@@ -173,22 +180,16 @@ class Format:
             return float(min(self.codebook))
         return -self.max if self.signed else (self.min_subnormal if self.kind == "float" else 0.0)
 
-    @property
+    @_element_property
     def min_normal(self) -> float:
         """Smallest positive normal value (1 for integers, the smallest |nonzero| for codebooks)."""
-        if self.kind == "mx":
-            assert self.element is not None
-            return self.element.min_normal
         if self.kind == "float":
             return float(2.0**self.emin)
         return self.min_subnormal
 
-    @property
+    @_element_property
     def min_subnormal(self) -> float:
         """Smallest positive value."""
-        if self.kind == "mx":
-            assert self.element is not None
-            return self.element.min_subnormal
         if self.kind == "float":
             return float(2.0 ** (self.emin - self.man_bits))
         if self.kind == "int":
@@ -196,12 +197,9 @@ class Format:
         assert self.codebook is not None
         return float(min(abs(v) for v in self.codebook if v != 0))
 
-    @property
+    @_element_property
     def eps(self) -> float:
         """Distance from 1 to the next larger value (floats: 2^-man_bits); 1 for integers."""
-        if self.kind == "mx":
-            assert self.element is not None
-            return self.element.eps
         if self.kind == "float":
             return float(2.0**-self.man_bits)
         if self.kind == "int":
@@ -211,12 +209,9 @@ class Format:
         below = sorted(v for v in self.codebook if v < 1.0)
         return float(above[0] - 1.0) if above else float(1.0 - below[-1])
 
-    @property
+    @_element_property
     def decimal_digits(self) -> float:
         """Significant decimal digits: (man_bits + 1) * log10(2) for floats."""
-        if self.kind == "mx":
-            assert self.element is not None
-            return self.element.decimal_digits
         if self.kind == "float":
             return (self.man_bits + 1) * math.log10(2)
         if self.kind == "int":
@@ -251,12 +246,9 @@ class Format:
             return self.element.bits + 8 / self.block_size
         return float(self.bits)
 
-    @property
+    @_element_property
     def storage_dtype(self) -> np.dtype:
         """dtype of the unpacked values held in memory (codes for emulated/sub-byte formats)."""
-        if self.kind == "mx":
-            assert self.element is not None
-            return self.element.storage_dtype
         if self.dtype is not None and self.bits >= 8:
             return self.dtype
         if self.kind == "int" and self.bits == 16:
