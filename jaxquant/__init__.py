@@ -7,6 +7,7 @@ several calibrations, round-to-nearest-even and stochastic rounding, saturating 
 
 from jaxquant import formats, metrics
 from jaxquant._src.calibration import absmax, fixed, kl, mean_std, minmax, mse, percentile
+from jaxquant._src.dot import dot_capabilities, dot_general, einsum
 from jaxquant._src.explain import explain
 from jaxquant._src.granularity import per_block, per_channel, per_tensor, per_token
 from jaxquant._src.qarray import QArray
@@ -18,6 +19,15 @@ from jaxquant._src.quantize import (
     quantize_tree,
 )
 from jaxquant._src.rounding import random_bits
+from jaxquant._src.scaling import (
+    ScaleState,
+    Scaling,
+    current_scaling,
+    delayed_scaling,
+    fake_quant_with,
+    quantize_with,
+    static_scaling,
+)
 from jaxquant._src.spec import QuantSpec
 
 __version__ = "0.1.0"
@@ -25,11 +35,19 @@ __version__ = "0.1.0"
 __all__ = [
     "QArray",
     "QuantSpec",
+    "ScaleState",
+    "Scaling",
     "absmax",
+    "current_scaling",
+    "delayed_scaling",
     "dequantize",
     "dequantize_tree",
+    "dot_capabilities",
+    "dot_general",
+    "einsum",
     "explain",
     "fake_quant",
+    "fake_quant_with",
     "fixed",
     "formats",
     "kl",
@@ -44,5 +62,7 @@ __all__ = [
     "percentile",
     "quantize",
     "quantize_tree",
+    "quantize_with",
     "random_bits",
+    "static_scaling",
 ]

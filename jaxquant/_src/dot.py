@@ -1,0 +1,698 @@
+"""Quantized ``dot_general`` / ``einsum`` with a custom VJP and real int8 / fp8 compute.
+
+For operands ``a`` and ``b`` quantized symmetrically with scales ``s_a``, ``s_b`` that are
+constant along the contracted axes::
+
+    dot(a_hat, b_hat) = dot(q_a * s_a, q_b * s_b) = dot(q_a, q_b) * (s_a (x) s_b)
+
+where ``q`` are the values on the format's grid and ``(x)`` is the outer product of the
+per-row / per-column scales laid out like the output (batch, lhs free, rhs free). The dot
+of the grid values runs in low precision when the hardware has it:
+
+* int8 x int8: ``lax.dot_general(int8, int8, preferred_element_type=int32)`` (exact integer
+  accumulation; overflows only past ``2^31 / 127^2 ~ 133 000`` contracted elements);
+* fp8 x fp8 (e4m3fn / e5m2, any mix the backend supports):
+  ``lax.dot_general(f8, f8, preferred_element_type=float32)``;
+* otherwise (other formats, mixed int8/fp8, no hardware support) the grid values are held
+  in float32 and multiplied by a float32 dot ("emulated"). Grid values are exact in
+  float32 (and in TF32 / bf16, which GPUs and TPUs use for a default-precision float32
+  dot, for every format of at most 8 bits but NF4), so only the accumulation order
+  differs from the real path.
+
+:func:`dot_capabilities` says which of these the backend runs natively; ``mode="auto"``
+follows it, ``mode="real"`` always emits the int8 / fp8 ``dot_general`` (on CPU, XLA then
+converts fp8 operands to f32 itself), ``mode="emulate"`` never does.
+
+The backward pass (straight-through for the operands' quantizers) quantizes the incoming
+gradient with ``grad_spec`` and computes ``dlhs = dot(g_q, rhs_q)`` and
+``drhs = dot(g_q, lhs_q)`` from the quantized operands saved by the forward pass (in their
+low-precision storage, so the residuals are small). Each backward dot factors its scales
+out like the forward one when they are constant along *its* contracted axes (per-tensor
+scales always are); when they are not -- a per-output-channel weight scale lies along the
+axis ``dlhs`` contracts -- that factor is dequantized and the dot is a float32 one.
+
+NaN: the emulated path propagates NaN like ``fake_quant``; int8 storage, having no NaN,
+stores it as 0 (as :func:`jaxquant.quantize` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import string
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant._src.granularity import PerBlock
+from jaxquant._src.qarray import encode
+from jaxquant._src.quantize import _core, _to_grid
+from jaxquant._src.spec import QuantSpec
+
+Array = jax.Array
+Mode = Literal["auto", "real", "emulate"]
+DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
+
+_FP8 = ("float8_e4m3fn", "float8_e5m2")
+_ALL_FP8_PAIRS = tuple((a, b) for a in _FP8 for b in _FP8)
+# cuBLASLt's fp8 GEMM takes e4m3 x e4m3, e4m3 x e5m2 and e5m2 x e4m3, not e5m2 x e5m2.
+_CUBLASLT_FP8_PAIRS = tuple(p for p in _ALL_FP8_PAIRS if p != ("float8_e5m2", "float8_e5m2"))
+
+
+# --------------------------------------------------------------------- capabilities
+
+
+def _parse_cc(cc: Any) -> tuple[int, int] | None:
+    try:
+        major, minor = str(cc).split(".")[:2]
+        return int(major), int(minor)
+    except (ValueError, TypeError):
+        return None
+
+
+@functools.cache
+def _capabilities(backend: str) -> dict[str, Any]:
+    device = jax.devices(backend)[0]
+    platform = device.platform
+    cc_raw = getattr(device, "compute_capability", None)
+    cc = _parse_cc(cc_raw)
+    caps: dict[str, Any] = {
+        "backend": backend,
+        "platform": platform,
+        "device_kind": device.device_kind,
+        "compute_capability": None if cc_raw is None else str(cc_raw),
+        "int8": False,
+        "fp8": False,
+        "fp8_pairs": (),
+        "int8_path": "emulated",
+        "fp8_path": "emulated",
+    }
+    if platform == "cpu":
+        caps.update(
+            int8=True,
+            int8_path="real: XLA:CPU compiles s8 x s8 -> s32 dot_general to an s8 dot",
+            fp8_path=(
+                "emulated: XLA:CPU accepts an fp8 dot_general but converts both operands to "
+                "f32 before the dot, so jaxquant multiplies the f32 grid values directly"
+            ),
+        )
+    elif platform == "gpu" and cc is not None:  # CUDA
+        int8 = cc >= (6, 1)
+        fp8 = cc >= (8, 9)
+        caps.update(
+            int8=int8,
+            fp8=fp8,
+            fp8_pairs=_CUBLASLT_FP8_PAIRS if fp8 else (),
+            int8_path="real: s8 x s8 -> s32 GEMM" if int8 else "emulated: compute capability < 6.1",
+            fp8_path=(
+                "real: f8 x f8 -> f32 cuBLASLt GEMM (e5m2 x e5m2 is emulated)"
+                if fp8
+                else f"emulated: compute capability {cc_raw} < 8.9 has no fp8 tensor cores"
+            ),
+        )
+    elif platform in ("gpu", "rocm"):
+        caps.update(
+            int8=True,
+            int8_path="real: s8 x s8 -> s32 GEMM",
+            fp8_path="emulated: ROCm GPUs use the fnuz fp8 variants, not e4m3fn/e5m2",
+        )
+    elif platform == "tpu":
+        caps.update(
+            int8=True,
+            int8_path="real: s8 x s8 -> s32 on the MXU",
+            fp8_path="emulated: fp8 operands are upcast",
+        )
+    return caps
+
+
+def dot_capabilities(backend: str | None = None) -> dict[str, Any]:
+    """Whether ``backend`` multiplies int8 and fp8 operands natively.
+
+    Decides the path of :func:`dot_general` with ``mode="auto"``: real int8 needs
+    ``"int8"``, real fp8 needs ``"fp8"`` and the pair of fp8 formats in ``"fp8_pairs"``.
+
+    * CPU: int8 real (XLA:CPU compiles an s8 x s8 -> s32 dot); fp8 emulated (XLA:CPU runs
+      an fp8 dot_general by converting the operands to f32 first).
+    * CUDA GPU: int8 real (compute capability >= 6.1); fp8 real from compute capability 8.9
+      (Ada, Hopper, Blackwell) for e4m3 x e4m3, e4m3 x e5m2 and e5m2 x e4m3.
+    * TPU: int8 real, fp8 emulated. ROCm: int8 real, fp8 emulated.
+
+    Args:
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"``...; default ``jax.default_backend()``.
+
+    Returns:
+      A dict with ``backend``, ``platform``, ``device_kind``, ``compute_capability`` (None
+      when the device has none), ``int8`` and ``fp8`` (bool), ``fp8_pairs`` (tuple of
+      (lhs, rhs) dtype names), ``int8_path`` and ``fp8_path`` (explanations).
+
+    Example:
+      >>> import jaxquant as jq
+      >>> caps = jq.dot_capabilities("cpu")
+      >>> caps["int8"], caps["fp8"]
+      (True, False)
+    """
+    return dict(_capabilities(backend or jax.default_backend()))
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything static about one quantized dot (hashable: a jit static argument)."""
+
+    dn: DimensionNumbers
+    lhs_spec: QuantSpec | None
+    rhs_spec: QuantSpec | None
+    grad_spec: QuantSpec | None
+    lhs_store: np.dtype | None  # low-precision storage of the operand's values, or None
+    rhs_store: np.dtype | None  # (None: float32 grid values, the emulated path)
+    grad_store: np.dtype | None
+    fp8_pairs: tuple[tuple[str, str], ...]
+    precision: Any
+    out_dtype: np.dtype
+    lhs_dtype: np.dtype
+    rhs_dtype: np.dtype
+    out_sharding: Any
+
+
+def _normalize_dn(dn: Any) -> DimensionNumbers:
+    try:
+        (lc, rc), (lb, rb) = dn
+        return (
+            (tuple(int(a) for a in lc), tuple(int(a) for a in rc)),
+            (tuple(int(a) for a in lb), tuple(int(a) for a in rb)),
+        )
+    except (TypeError, ValueError):
+        raise TypeError(
+            "dot_general: dimension_numbers must be ((lhs_contracting, rhs_contracting), "
+            f"(lhs_batch, rhs_batch)), tuples of ints, got {dn!r}."
+        ) from None
+
+
+def _check_spec(spec: Any, name: str, fn: str) -> QuantSpec | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{fn}: {name} must be a jq.QuantSpec or None, got {spec!r}.")
+    if not spec.symmetric:
+        raise ValueError(
+            f"{fn}: {name} {spec} is asymmetric; a zero point does not factor out of a dot. "
+            "Use symmetric=True."
+        )
+    return spec
+
+
+def _check_operand(
+    spec: QuantSpec | None, x: Array, contract: tuple[int, ...], batch: tuple[int, ...], name: str
+) -> None:
+    """The scales of a forward operand must be constant along its contracted axes."""
+    if spec is None:
+        return
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"dot_general: {name}_spec quantizes {name}, which must be floating point; got "
+            f"dtype {x.dtype}. Cast it (x.astype(jnp.float32)) or pass {name}_spec=None."
+        )
+    free = [i for i in range(x.ndim) if i not in contract and i not in batch]
+    hint = (
+        f"Use per_tensor(), or one scale per index of the non-contracted axes "
+        f"{tuple(batch) + tuple(free)} of {name}: per_channel({', '.join(map(str, free))})"
+        if free
+        else "Use per_tensor()"
+    )
+    if len(contract) == 1:
+        hint += f" or per_token({contract[0]})"
+    if isinstance(spec.granularity, PerBlock):
+        raise ValueError(
+            f"dot_general: {name}_spec uses {spec.granularity} (format {spec.format.name}); "
+            "block scales change along the contracted axis and cannot be factored out of "
+            f"the dot. {hint}."
+        )
+    plan = spec.granularity.plan(tuple(x.shape))
+    bad = tuple(d for d in contract if plan.scale_shape[d] != 1)
+    if bad:
+        raise ValueError(
+            f"dot_general: {name}_spec {spec.granularity} gives {name} (shape "
+            f"{tuple(x.shape)}) a different scale at each index of axis "
+            f"{bad[0] if len(bad) == 1 else bad}, "
+            f"which dimension_numbers contract (contracting axes {contract}). Scales must be "
+            f"constant along contracted axes to be factored out of the sum. {hint}."
+        )
+
+
+def _store_dtype(spec: QuantSpec | None, mode: str, caps: dict[str, Any]) -> np.dtype | None:
+    """int8 / fp8 storage for the real path, None for float32 grid values."""
+    if spec is None or mode == "emulate":
+        return None
+    name = spec.format.name
+    if name == "int8":
+        return np.dtype(np.int8) if mode == "real" or caps["int8"] else None
+    if name in _FP8:
+        return spec.format.storage_dtype if mode == "real" or caps["fp8"] else None
+    return None
+
+
+def _real_pair(a: QuantSpec | None, b: QuantSpec | None) -> bool:
+    if a is None or b is None:
+        return False
+    an, bn = a.format.name, b.format.name
+    return (an == bn == "int8") or (an in _FP8 and bn in _FP8)
+
+
+# ---------------------------------------------------------------------- operand math
+
+
+def _quantize_operand(
+    x: Array, spec: QuantSpec | None, key: Array | None, scale: Array | None, store
+) -> tuple[Array, Array | None]:
+    """(values, scale): grid values (int8/fp8 storage or float32) and the scale laid out
+    like ``x`` (size 1 along shared axes); ``(x, None)`` for an operand left as it is."""
+    if spec is None:
+        return x, None
+    r, s, _, plan = _core(x, spec, key, scale)
+    if plan.view != plan.shape:  # block scales (gradients only): dequantize
+        return (_to_grid(r, spec) * s).reshape(plan.shape), None
+    if store is not None:
+        return encode(r, spec.format), s
+    return _to_grid(r, spec), s
+
+
+def _scale_constant_along(s: Array | None, axes: tuple[int, ...]) -> bool:
+    return s is None or all(s.shape[d] == 1 for d in axes)
+
+
+def _out_factor(
+    s: Array, batch: tuple[int, ...], contract: tuple[int, ...], n_other: int, first: bool
+) -> Array:
+    """Scale ``s`` (operand layout) laid out like the dot's output (batch, lhs, rhs)."""
+    free = tuple(i for i in range(s.ndim) if i not in batch and i not in contract)
+    t = jnp.transpose(s, (*batch, *free, *contract))
+    t = t.reshape(t.shape[: len(batch) + len(free)])  # the contracted axes are all 1
+    nb = len(batch)
+    ones = (1,) * n_other
+    shape = (*t.shape, *ones) if first else (*t.shape[:nb], *ones, *t.shape[nb:])
+    return t.reshape(shape)
+
+
+def _scaled_dot(
+    a: Array,
+    sa: Array | None,
+    b: Array,
+    sb: Array | None,
+    dn: DimensionNumbers,
+    cfg: _Config,
+    out_sharding: Any = None,
+) -> Array:
+    """float32 ``dot_general(a * sa, b * sb, dn)``, low precision where the pair allows."""
+    (ca, cb), (ba, bb) = dn
+    if not _scale_constant_along(sa, ca):
+        a, sa = a.astype(jnp.float32) * sa, None
+    if not _scale_constant_along(sb, cb):
+        b, sb = b.astype(jnp.float32) * sb, None
+    pair = (np.dtype(a.dtype).name, np.dtype(b.dtype).name)
+    precision = None  # meaningless for int8 / fp8 operands; GEMM rewriters want the default
+    if pair == ("int8", "int8"):
+        pet = jnp.int32
+    elif pair in cfg.fp8_pairs:
+        pet = jnp.float32
+    else:
+        a, b, pet = a.astype(jnp.float32), b.astype(jnp.float32), jnp.float32
+        precision = cfg.precision
+    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+    out = lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet, **kw).astype(
+        jnp.float32
+    )
+    fa = len([i for i in range(a.ndim) if i not in ca and i not in ba])
+    fb = len([i for i in range(b.ndim) if i not in cb and i not in bb])
+    if sa is not None:
+        out = out * _out_factor(sa, ba, ca, fb, first=True)
+    if sb is not None:
+        out = out * _out_factor(sb, bb, cb, fa, first=False)
+    return out
+
+
+def _remaining(n: int, *taken: tuple[int, ...]) -> tuple[int, ...]:
+    skip = {i for t in taken for i in t}
+    return tuple(i for i in range(n) if i not in skip)
+
+
+def _transpose_dot(
+    g: Array,
+    gs: Array | None,
+    y: Array,
+    ys: Array | None,
+    dn: DimensionNumbers,
+    x_ndim: int,
+    cfg: _Config,
+    *,
+    swap_ans: bool,
+) -> Array:
+    """Cotangent of ``x`` in ``dot_general(x, y, dn)`` (``swap_ans``: of ``dot(y, x)``),
+    as in ``jax.lax``'s transpose rule, with scaled operands."""
+    (x_contract, y_contract), (x_batch, y_batch) = dn
+    x_kept = _remaining(x_ndim, x_contract, x_batch)
+    y_kept = _remaining(y.ndim, y_contract, y_batch)
+    nb = len(x_batch)
+    ans_batch = tuple(range(nb))
+    if swap_ans:
+        ans_y = tuple(range(nb, nb + len(y_kept)))
+    else:
+        ans_y = tuple(range(nb + len(x_kept), nb + len(x_kept) + len(y_kept)))
+    dims = ((ans_y, y_kept), (ans_batch, y_batch))
+    x_contract_sorted_by_y = [x_contract[i] for i in np.argsort(y_contract)]
+    out_axes = tuple(int(i) for i in np.argsort([*x_batch, *x_kept, *x_contract_sorted_by_y]))
+    return jnp.transpose(_scaled_dot(g, gs, y, ys, dims, cfg), out_axes)
+
+
+def _keys(key: Array | None) -> tuple[Array | None, Array | None, Array | None]:
+    if key is None:
+        return None, None, None
+    return tuple(jax.random.fold_in(key, i) for i in range(3))  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------ custom vjp
+
+
+def _fwd_impl(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
+    kl, kr, kg = _keys(key)
+    lv, ls = _quantize_operand(lhs, cfg.lhs_spec, kl, lhs_scale, cfg.lhs_store)
+    rv, rs = _quantize_operand(rhs, cfg.rhs_spec, kr, rhs_scale, cfg.rhs_store)
+    out = _scaled_dot(lv, ls, rv, rs, cfg.dn, cfg, cfg.out_sharding).astype(cfg.out_dtype)
+    return out, (lv, ls, rv, rs, grad_scale, kg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qdot(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
+    return _fwd_impl(cfg, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key)[0]
+
+
+def _qdot_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
+    return _fwd_impl(cfg, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key)
+
+
+def _qdot_bwd(cfg: _Config, res, g):
+    lv, ls, rv, rs, grad_scale, kg = res
+    if cfg.grad_spec is not None:
+        gv, gs = _quantize_operand(g, cfg.grad_spec, kg, grad_scale, cfg.grad_store)
+    else:
+        gv, gs = g, None
+    (lc, rc), (lb, rb) = cfg.dn
+    dlhs = _transpose_dot(gv, gs, rv, rs, cfg.dn, lv.ndim, cfg, swap_ans=False)
+    swapped = ((rc, lc), (rb, lb))
+    drhs = _transpose_dot(gv, gs, lv, ls, swapped, rv.ndim, cfg, swap_ans=True)
+    return dlhs.astype(cfg.lhs_dtype), drhs.astype(cfg.rhs_dtype), None, None, None, None
+
+
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
+# One compiled program for eager and jit callers alike.
+_qdot_jit = jax.jit(_qdot, static_argnums=0)
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def dot_general(
+    lhs: jax.typing.ArrayLike,
+    rhs: jax.typing.ArrayLike,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+    *,
+    lhs_spec: QuantSpec | None = None,
+    rhs_spec: QuantSpec | None = None,
+    grad_spec: QuantSpec | None = None,
+    lhs_scale: jax.typing.ArrayLike | None = None,
+    rhs_scale: jax.typing.ArrayLike | None = None,
+    grad_scale: jax.typing.ArrayLike | None = None,
+    key: Array | None = None,
+    mode: Mode = "auto",
+    out_sharding: Any = None,
+) -> Array:
+    """Quantized ``jax.lax.dot_general``: real int8 / fp8 matmuls, quantized gradients.
+
+    Forward: ``dot_general(Q_lhs(lhs), Q_rhs(rhs))`` computed as
+    ``dot(q_lhs, q_rhs) * (s_lhs (x) s_rhs)`` (see the module docstring), returned in
+    ``preferred_element_type`` (default: ``lax.dot_general``'s result dtype). Backward:
+    straight-through for both quantizers; the output gradient is quantized with
+    ``grad_spec`` and multiplied with the saved quantized operands.
+
+    A drop-in for ``lax.dot_general`` (same positional arguments, ``out_sharding`` too), so
+    ``functools.partial(jq.dot_general, lhs_spec=..., rhs_spec=...)`` can be given to
+    ``flax.linen.Dense(dot_general=...)`` or ``flax.nnx.Linear(dot_general=...)``.
+
+    Args:
+      lhs, rhs: the operands. A quantized operand must be floating point.
+      dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
+      precision, preferred_element_type, out_sharding: as in ``lax.dot_general``
+        (``precision`` applies to the float dots; ``out_sharding`` to the forward dot).
+      lhs_spec, rhs_spec: symmetric :class:`QuantSpec` per operand, or None to leave it in
+        its dtype. Scales must be constant along the contracted axes: ``per_tensor()``,
+        ``per_channel`` / ``per_token`` over non-contracted axes (e.g. ``per_token(-1)``
+        for activations ``(..., tokens, features)`` and ``per_channel(-1)`` for a
+        ``(in, out)`` kernel). Anything else raises ValueError.
+      grad_spec: :class:`QuantSpec` for the output gradient (e.g. e5m2, per-tensor,
+        optionally ``rounding="stochastic"``), or None to keep it in its dtype.
+      lhs_scale, rhs_scale, grad_scale: known scales (static or delayed scaling, see
+        :func:`delayed_scaling`), broadcastable to the plan's scale shape; they skip
+        calibration and get no gradient.
+      key: PRNG key for stochastic specs: ``fold_in(key, 0)`` rounds ``lhs``,
+        ``fold_in(key, 1)`` ``rhs`` and ``fold_in(key, 2)`` the gradient.
+      mode: ``"auto"`` (real int8 / fp8 dot where :func:`dot_capabilities` of the default
+        backend says so), ``"real"`` (always call ``lax.dot_general`` on int8 / fp8 arrays;
+        needs both operand specs int8 or both fp8) or ``"emulate"`` (float32 dot of the
+        grid values).
+
+    Returns:
+      The product, shaped like ``lax.dot_general``'s.
+
+    Raises:
+      ValueError: scales that vary along a contracted axis (per-block, MX, a per-channel
+        axis that is contracted), asymmetric specs, a stochastic spec without ``key``,
+        ``mode="real"`` for operand formats without a low-precision dot.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x, w = jnp.ones((2, 3)), jnp.full((3, 4), 0.5)
+      >>> y = jq.dot_general(x, w, (((1,), (0,)), ((), ())),
+      ...                    lhs_spec=jq.QuantSpec("int8", jq.per_token(-1)),
+      ...                    rhs_spec=jq.QuantSpec("int8", jq.per_channel(-1)))
+      >>> y.tolist()
+      [[1.5, 1.5, 1.5, 1.5], [1.5, 1.5, 1.5, 1.5]]
+
+    References:
+      Micikevicius et al., "FP8 Formats for Deep Learning", https://arxiv.org/abs/2209.05433;
+      Jacob et al., "Quantization and Training of Neural Networks for Efficient
+      Integer-Arithmetic-Only Inference", https://arxiv.org/abs/1712.05877
+    """
+    fn = "dot_general"
+    dn = _normalize_dn(dimension_numbers)
+    lhs_spec = _check_spec(lhs_spec, "lhs_spec", fn)
+    rhs_spec = _check_spec(rhs_spec, "rhs_spec", fn)
+    grad_spec = _check_spec(grad_spec, "grad_spec", fn)
+    if mode not in ("auto", "real", "emulate"):
+        raise ValueError(f"{fn}: mode must be 'auto', 'real' or 'emulate', got {mode!r}.")
+    lhs = jnp.asarray(lhs)
+    rhs = jnp.asarray(rhs)
+    kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+    if lhs_spec is None and rhs_spec is None and grad_spec is None:
+        return lax.dot_general(lhs, rhs, dn, precision, preferred_element_type, **kw)
+    out_aval = jax.eval_shape(
+        functools.partial(
+            lax.dot_general,
+            dimension_numbers=dn,
+            preferred_element_type=preferred_element_type,
+        ),
+        jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
+        jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
+    )
+    (lc, rc), (lb, rb) = dn
+    _check_operand(lhs_spec, lhs, lc, lb, "lhs")
+    _check_operand(rhs_spec, rhs, rc, rb, "rhs")
+    if grad_spec is not None:
+        if not jnp.issubdtype(out_aval.dtype, jnp.floating):
+            raise TypeError(f"{fn}: grad_spec needs a floating-point output, got {out_aval.dtype}.")
+        grad_spec.granularity.plan(tuple(out_aval.shape))  # axis errors now, not in backward
+    for name, spec in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec)):
+        if spec is not None and spec.stochastic and key is None:
+            raise ValueError(
+                f"{fn}: {name} rounds stochastically and needs a PRNG key: pass "
+                "key=jax.random.key(seed) (split it per step)."
+            )
+    if mode == "real" and not _real_pair(lhs_spec, rhs_spec):
+        names = [s.format.name if s else "None" for s in (lhs_spec, rhs_spec)]
+        raise ValueError(
+            f"{fn}: mode='real' needs both operands int8 or both fp8 (e4m3 / e5m2), got "
+            f"lhs {names[0]} and rhs {names[1]}. Use mode='auto' or 'emulate'."
+        )
+    caps = dot_capabilities()
+    if mode == "real":
+        fp8_pairs = _ALL_FP8_PAIRS
+    elif mode == "auto":
+        fp8_pairs = caps["fp8_pairs"]
+    else:
+        fp8_pairs = ()
+    cfg = _Config(
+        dn=dn,
+        lhs_spec=lhs_spec,
+        rhs_spec=rhs_spec,
+        grad_spec=grad_spec,
+        lhs_store=_store_dtype(lhs_spec, mode, caps),
+        rhs_store=_store_dtype(rhs_spec, mode, caps),
+        grad_store=_store_dtype(grad_spec, mode, caps),
+        fp8_pairs=tuple(fp8_pairs),
+        precision=_hashable(precision),
+        out_dtype=np.dtype(out_aval.dtype),
+        lhs_dtype=np.dtype(lhs.dtype),
+        rhs_dtype=np.dtype(rhs.dtype),
+        out_sharding=out_sharding,
+    )
+
+    def opt(s):
+        return None if s is None else jnp.asarray(s, jnp.float32)
+
+    return _qdot_jit(cfg, lhs, rhs, opt(lhs_scale), opt(rhs_scale), opt(grad_scale), key)
+
+
+def _hashable(precision: Any) -> Any:
+    if isinstance(precision, list):
+        return tuple(precision)
+    return precision
+
+
+# --------------------------------------------------------------------------- einsum
+
+_LETTERS = string.ascii_letters
+
+
+def _parse_einsum(subscripts: str, a_ndim: int, b_ndim: int) -> tuple[str, str, str]:
+    """Labels of lhs, rhs and output, ellipses expanded to fresh letters."""
+    s = subscripts.replace(" ", "")
+    if "->" in s:
+        ins, out = s.split("->")
+        explicit = True
+    else:
+        ins, out, explicit = s, "", False
+    parts = ins.split(",")
+    if len(parts) != 2:
+        raise ValueError(
+            f"einsum: jq.einsum takes exactly two operands, got {len(parts)} in {subscripts!r}."
+        )
+    used = set(s) - set(".,->")
+    if any(c not in _LETTERS for c in used):
+        raise ValueError(f"einsum: labels must be letters, got {subscripts!r}.")
+    fresh = [c for c in _LETTERS if c not in used]
+    ell_ranks = []
+    for p, ndim in zip(parts, (a_ndim, b_ndim), strict=True):
+        if p.count("...") > 1 or p.replace("...", "").count(".") or out.count("...") > 1:
+            raise ValueError(f"einsum: malformed ellipsis in {subscripts!r}.")
+        n = len(p.replace("...", ""))
+        if "..." in p:
+            if n > ndim:
+                raise ValueError(f"einsum: {p!r} has more labels than the operand's {ndim} axes.")
+            ell_ranks.append(ndim - n)
+        else:
+            if n != ndim:
+                raise ValueError(
+                    f"einsum: {p!r} names {n} axes but the operand has {ndim}: {subscripts!r}."
+                )
+            ell_ranks.append(0)
+    n_ell = max(ell_ranks)
+    ell = "".join(fresh[:n_ell])
+    la = parts[0].replace("...", ell[n_ell - ell_ranks[0] :])
+    lb = parts[1].replace("...", ell[n_ell - ell_ranks[1] :])
+    if explicit:
+        lo = out.replace("...", ell)
+    else:
+        counts = {c: (la + lb).count(c) for c in set(la + lb) if c not in ell}
+        lo = ell + "".join(sorted(c for c, k in counts.items() if k == 1))
+    return la, lb, lo
+
+
+def einsum(
+    subscripts: str,
+    a: jax.typing.ArrayLike,
+    b: jax.typing.ArrayLike,
+    *,
+    lhs_spec: QuantSpec | None = None,
+    rhs_spec: QuantSpec | None = None,
+    grad_spec: QuantSpec | None = None,
+    lhs_scale: jax.typing.ArrayLike | None = None,
+    rhs_scale: jax.typing.ArrayLike | None = None,
+    grad_scale: jax.typing.ArrayLike | None = None,
+    precision: Any = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+    key: Array | None = None,
+    mode: Mode = "auto",
+) -> Array:
+    """Quantized two-operand ``jnp.einsum``, computed by :func:`dot_general`.
+
+    Labels in both operands and the output are batch axes, in both operands only are
+    contracted, in one operand and the output are free. ``...`` and implicit outputs work
+    as in numpy. Specs refer to the operands' own axes (``per_channel(-1)`` is the last
+    axis of that operand). Labels summed within one operand (``"ij,jk->k"``'s ``i``) and
+    repeated labels (traces, diagonals) are refused: sum or slice the operand first.
+
+    Args:
+      subscripts: e.g. ``"btd,df->btf"``.
+      a, b: the operands.
+      lhs_spec, rhs_spec, grad_spec, lhs_scale, rhs_scale, grad_scale, precision,
+      preferred_element_type, key, mode: as in :func:`dot_general` (``lhs`` is ``a``).
+
+    Returns:
+      The product, with the output labels' axis order.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> y = jq.einsum("btd,df->btf", jnp.ones((2, 3, 4)), jnp.ones((4, 5)),
+      ...               lhs_spec=jq.QuantSpec("e4m3"), rhs_spec=jq.QuantSpec("e4m3"))
+      >>> y.shape, round(float(y[0, 0, 0]), 5)
+      ((2, 3, 5), 4.0)
+    """
+    a = jnp.asarray(a)
+    b = jnp.asarray(b)
+    la, lb, lo = _parse_einsum(subscripts, a.ndim, b.ndim)
+    for labels, what in ((la, "lhs"), (lb, "rhs"), (lo, "output")):
+        if len(set(labels)) != len(labels):
+            raise ValueError(
+                f"einsum: a label repeats in the {what} of {subscripts!r}; jq.einsum supports "
+                "no traces or diagonals. Take them with jnp.einsum / jnp.diagonal first."
+            )
+    for c in lo:
+        if c not in la and c not in lb:
+            raise ValueError(f"einsum: output label {c!r} is in no operand of {subscripts!r}.")
+    for labels, other, what in ((la, lb, "lhs"), (lb, la, "rhs")):
+        for c in labels:
+            if c not in other and c not in lo:
+                raise ValueError(
+                    f"einsum: label {c!r} of {what} in {subscripts!r} is summed within one "
+                    f"operand; jq.einsum quantizes whole operands, so sum it first "
+                    f"(jnp.sum(x, axis={labels.index(c)}))."
+                )
+    batch = [c for c in la if c in lb and c in lo]
+    contract = [c for c in la if c in lb and c not in lo]
+    dn = (
+        (tuple(la.index(c) for c in contract), tuple(lb.index(c) for c in contract)),
+        (tuple(la.index(c) for c in batch), tuple(lb.index(c) for c in batch)),
+    )
+    names = batch + [c for c in la if c not in lb] + [c for c in lb if c not in la]
+    out = dot_general(
+        a,
+        b,
+        dn,
+        precision,
+        preferred_element_type,
+        lhs_spec=lhs_spec,
+        rhs_spec=rhs_spec,
+        grad_spec=grad_spec,
+        lhs_scale=lhs_scale,
+        rhs_scale=rhs_scale,
+        grad_scale=grad_scale,
+        key=key,
+        mode=mode,
+    )
+    perm = tuple(names.index(c) for c in lo)
+    return out if perm == tuple(range(len(perm))) else jnp.transpose(out, perm)

@@ -1,0 +1,572 @@
+"""Quantized dot_general / einsum: numerics against fake-quant references, STE gradients,
+real int8 / fp8 dots in the compiled HLO, errors, capabilities, flax injection."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxquant as jq
+from jaxquant._src.dot import dot_capabilities, dot_general, einsum
+from jaxquant._src.scaling import delayed_scaling
+
+EPS32 = float(np.finfo(np.float32).eps)
+MATMUL = (((1,), (0,)), ((), ()))
+
+
+def _normal(seed, shape, scale=1.0, dtype=jnp.float32):
+    return (jax.random.normal(jax.random.key(seed), shape) * scale).astype(dtype)
+
+
+def _fq(x, spec, key=None):
+    return x if spec is None else jq.fake_quant(x, spec, key=key)
+
+
+def _grad_fq(spec, key=None):
+    """Identity whose backward fake-quantizes the incoming gradient with ``spec``."""
+
+    @jax.custom_vjp
+    def ident(y):
+        return y
+
+    def fwd(y):
+        return y, None
+
+    def bwd(_, g):
+        return (g if spec is None else jq.fake_quant(g, spec, key=key),)
+
+    ident.defvjp(fwd, bwd)
+    return ident
+
+
+def _assert_dot_close(got, ref, bound_abs, k, factor=4.0):
+    """|got - ref| <= factor * k * eps32 * (|A| @ |B|): float32 accumulation-order error."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    bound = factor * k * EPS32 * np.asarray(bound_abs, np.float64) + 1e-30
+    err = np.abs(got - ref)
+    assert np.all(err <= bound), f"max err {err.max()} vs bound {bound[err > bound].min()}"
+
+
+def _abs_dot(a, b, dn):
+    a = jnp.abs(jnp.asarray(a, jnp.float32))
+    b = jnp.abs(jnp.asarray(b, jnp.float32))
+    return lax.dot_general(a, b, dn, precision=lax.Precision.HIGHEST)
+
+
+# Specs: per-tensor, per-row x per-column (the matmul's natural per-channel layout).
+GRANS = {
+    "per_tensor": (jq.per_tensor(), jq.per_tensor()),
+    "per_channel": (jq.per_token(-1), jq.per_channel(-1)),
+    "per_channel_axis": (jq.per_channel(0), jq.per_token(0)),
+}
+
+
+def _specs(fmt, gran):
+    gl, gr = GRANS[gran]
+    return jq.QuantSpec(fmt, gl), jq.QuantSpec(fmt, gr)
+
+
+# ------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize(
+    ("mode", "use_jit"), [("auto", True), ("auto", False), ("real", True), ("emulate", True)]
+)
+@pytest.mark.parametrize("gran", list(GRANS))
+@pytest.mark.parametrize("fmt", ["int8", "e4m3"])
+def test_forward_matches_fake_quant_reference(fmt, gran, mode, use_jit):
+    ls, rs = _specs(fmt, gran)
+    lhs = _normal(0, (16, 64), 2.0)
+    rhs = _normal(1, (64, 24), 0.1)
+    f = functools.partial(
+        dot_general, dimension_numbers=MATMUL, lhs_spec=ls, rhs_spec=rs, mode=mode
+    )
+    f = jax.jit(f) if use_jit else f
+    y = f(lhs, rhs)
+    a, b = _fq(lhs, ls), _fq(rhs, rs)
+    ref = jnp.dot(a, b, precision=lax.Precision.HIGHEST)
+    assert y.shape == ref.shape and y.dtype == jnp.float32
+    _assert_dot_close(y, ref, _abs_dot(a, b, MATMUL), k=64)
+
+
+def test_int8_real_equals_emulated_bitwise():
+    """Small K: f32 accumulation of integer products is exact, so both paths agree exactly."""
+    ls, rs = _specs("int8", "per_channel")
+    lhs, rhs = _normal(2, (8, 32)), _normal(3, (32, 8))
+    real = dot_general(lhs, rhs, MATMUL, lhs_spec=ls, rhs_spec=rs, mode="real")
+    emu = dot_general(lhs, rhs, MATMUL, lhs_spec=ls, rhs_spec=rs, mode="emulate")
+    np.testing.assert_array_equal(np.asarray(real), np.asarray(emu))
+
+
+@pytest.mark.parametrize(
+    ("lhs_shape", "rhs_shape", "dn", "gl", "gr"),
+    [
+        # batched matmul, per-batch-and-row / per-batch-and-column scales
+        ((3, 8, 16), (3, 16, 4), (((2,), (1,)), ((0,), (0,))), jq.per_token(-1), jq.per_token(1)),
+        # contraction on lhs axis 0 (x^T @ w), per-column scales
+        ((16, 8), (16, 4), (((0,), (0,)), ((), ())), jq.per_channel(1), jq.per_channel(1)),
+        # two contracted axes, per-tensor
+        ((4, 6, 5), (6, 5, 3), (((1, 2), (0, 1)), ((), ())), jq.per_tensor(), jq.per_tensor()),
+        # two contracted axes, per-channel over the free axes
+        ((4, 6, 5), (5, 3, 6), (((1, 2), (2, 0)), ((), ())), jq.per_channel(0), jq.per_channel(1)),
+        # batch axis not leading, scale per batch index only
+        ((8, 2, 16), (2, 16, 4), (((2,), (1,)), ((1,), (0,))), jq.per_channel(1), jq.per_tensor()),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["int8", "e4m3"])
+def test_general_dimension_numbers(fmt, lhs_shape, rhs_shape, dn, gl, gr):
+    ls, rs = jq.QuantSpec(fmt, gl), jq.QuantSpec(fmt, gr)
+    lhs, rhs = _normal(4, lhs_shape), _normal(5, rhs_shape)
+    gs = jq.QuantSpec("e5m2")
+    y = jax.jit(lambda a, b: dot_general(a, b, dn, lhs_spec=ls, rhs_spec=rs, grad_spec=gs))(
+        lhs, rhs
+    )
+    a, b = _fq(lhs, ls), _fq(rhs, rs)
+    ref = lax.dot_general(a, b, dn, precision=lax.Precision.HIGHEST)
+    k = int(np.prod([lhs_shape[d] for d in dn[0][0]]))
+    _assert_dot_close(y, ref, _abs_dot(a, b, dn), k)
+    # Gradients in the same layouts as lax's.
+    c = _normal(6, ref.shape)
+
+    def ours(a, b):
+        return jnp.sum(dot_general(a, b, dn, lhs_spec=ls, rhs_spec=rs, grad_spec=gs) * c)
+
+    def reference(a, b):
+        y = lax.dot_general(_fq(a, ls), _fq(b, rs), dn, precision=lax.Precision.HIGHEST)
+        return jnp.sum(_grad_fq(gs)(y) * c)
+
+    got = jax.grad(ours, (0, 1))(lhs, rhs)
+    want = jax.grad(reference, (0, 1))(lhs, rhs)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "e5m2", "e2m1", "nf4", "e3m2"])
+def test_emulated_formats(fmt):
+    """Formats without a low-precision dot run as a float32 dot of their grid values."""
+    ls = jq.QuantSpec(fmt, jq.per_token(-1))
+    rs = jq.QuantSpec(fmt, jq.per_channel(-1))
+    lhs, rhs = _normal(7, (8, 32)), _normal(8, (32, 8))
+    y = dot_general(lhs, rhs, MATMUL, lhs_spec=ls, rhs_spec=rs)
+    a, b = _fq(lhs, ls), _fq(rhs, rs)
+    ref = jnp.dot(a, b, precision=lax.Precision.HIGHEST)
+    _assert_dot_close(y, ref, _abs_dot(a, b, MATMUL), k=32)
+
+
+def test_one_operand_unquantized_and_mixed_formats():
+    lhs, rhs = _normal(9, (8, 32)), _normal(10, (32, 8))
+    rs = jq.QuantSpec("int8", jq.per_channel(-1))
+    y = dot_general(lhs, rhs, MATMUL, rhs_spec=rs)  # weight-only quantization
+    ref = jnp.dot(lhs, _fq(rhs, rs), precision=lax.Precision.HIGHEST)
+    _assert_dot_close(y, ref, _abs_dot(lhs, _fq(rhs, rs), MATMUL), k=32)
+    ls = jq.QuantSpec("e4m3")
+    y = dot_general(lhs, rhs, MATMUL, lhs_spec=ls, rhs_spec=rs)  # int8 x fp8: emulated
+    a, b = _fq(lhs, ls), _fq(rhs, rs)
+    _assert_dot_close(y, jnp.dot(a, b, precision="highest"), _abs_dot(a, b, MATMUL), k=32)
+
+
+def test_no_specs_is_plain_dot_general():
+    lhs, rhs = _normal(11, (4, 8)), _normal(12, (8, 3))
+    np.testing.assert_array_equal(
+        np.asarray(dot_general(lhs, rhs, MATMUL)), np.asarray(lax.dot_general(lhs, rhs, MATMUL))
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_inputs_keep_their_dtype(dtype):
+    ls, rs = _specs("e4m3", "per_tensor")
+    lhs, rhs = _normal(13, (8, 32), dtype=dtype), _normal(14, (32, 8), dtype=dtype)
+    y = dot_general(lhs, rhs, MATMUL, lhs_spec=ls, rhs_spec=rs, grad_spec=jq.QuantSpec("e5m2"))
+    assert y.dtype == dtype
+    a, b = _fq(lhs, ls).astype(jnp.float32), _fq(rhs, rs).astype(jnp.float32)
+    ref = jnp.dot(a, b, precision="highest")
+    tol = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), np.asarray(ref), rtol=tol, atol=tol * float(jnp.max(ref))
+    )
+    f = lambda a, b: jnp.sum(
+        dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs).astype(jnp.float32) ** 2
+    )
+    gl, gr = jax.grad(f, (0, 1))(lhs, rhs)
+    assert gl.dtype == dtype and gr.dtype == dtype
+    # preferred_element_type widens the output.
+    y32 = dot_general(lhs, rhs, MATMUL, None, jnp.float32, lhs_spec=ls, rhs_spec=rs)
+    assert y32.dtype == jnp.float32
+
+
+# ------------------------------------------------------------------------ backward
+
+
+@pytest.mark.parametrize("mode", ["auto", "real", "emulate"])
+@pytest.mark.parametrize(
+    ("fmt", "gfmt", "gran"),
+    [
+        ("e4m3", "e5m2", "per_tensor"),
+        ("e4m3", "e5m2", "per_channel"),
+        ("int8", "int8", "per_tensor"),
+        ("int8", "int8", "per_channel"),
+        ("int8", None, "per_channel"),
+    ],
+)
+def test_gradients_match_ste_reference(fmt, gfmt, gran, mode):
+    ls, rs = _specs(fmt, gran)
+    gs = None if gfmt is None else jq.QuantSpec(gfmt)
+    lhs, rhs = _normal(15, (16, 48), 3.0), _normal(16, (48, 8), 0.2)
+    c = _normal(17, (16, 8), 10.0)
+
+    def ours(a, b):
+        y = dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs, grad_spec=gs, mode=mode)
+        return jnp.sum(y * c)
+
+    def reference(a, b):
+        fa, fb = _fq(a, ls), _fq(b, rs)
+        return jnp.sum(_grad_fq(gs)(jnp.dot(fa, fb, precision="highest")) * c)
+
+    dl, dr = jax.jit(jax.grad(ours, (0, 1)))(lhs, rhs)
+    rl, rr = jax.grad(reference, (0, 1))(lhs, rhs)
+    gq = _fq(c, gs)
+    fa, fb = _fq(lhs, ls), _fq(rhs, rs)
+    _assert_dot_close(dl, rl, _abs_dot(gq, fb, (((1,), (1,)), ((), ()))), k=8)
+    _assert_dot_close(dr, rr, _abs_dot(fa, gq, (((0,), (0,)), ((), ()))), k=16)
+
+
+def test_stochastic_gradient_rounding_uses_documented_keys(key):
+    ls, rs = _specs("e4m3", "per_tensor")
+    gs = jq.QuantSpec("e5m2", rounding="stochastic")
+    lhs, rhs = _normal(18, (16, 32)), _normal(19, (32, 8))
+    c = _normal(20, (16, 8))
+
+    def ours(a, b, k):
+        return jnp.sum(dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs, grad_spec=gs, key=k) * c)
+
+    def reference(a, b):
+        y = jnp.dot(_fq(a, ls), _fq(b, rs), precision="highest")
+        return jnp.sum(_grad_fq(gs, jax.random.fold_in(key, 2))(y) * c)
+
+    got = jax.grad(ours, (0, 1))(lhs, rhs, key)
+    want = jax.grad(reference, (0, 1))(lhs, rhs)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    other = jax.grad(ours, (0, 1))(lhs, rhs, jax.random.key(1))
+    assert not np.array_equal(np.asarray(other[0]), np.asarray(got[0]))
+    # Stochastic operand rounding: lhs uses fold_in(key, 0), rhs fold_in(key, 1).
+    sl = jq.QuantSpec("int8", rounding="stochastic")
+    y = dot_general(lhs, rhs, MATMUL, lhs_spec=sl, rhs_spec=sl, key=key)
+    a = jq.fake_quant(lhs, sl, key=jax.random.fold_in(key, 0))
+    b = jq.fake_quant(rhs, sl, key=jax.random.fold_in(key, 1))
+    _assert_dot_close(y, jnp.dot(a, b, precision="highest"), _abs_dot(a, b, MATMUL), k=32)
+
+
+def test_known_scales_plug_in_and_get_no_gradient():
+    spec = jq.QuantSpec("int8")
+    lhs, rhs = _normal(21, (4, 16)), _normal(22, (16, 4))
+    sl, sr = jnp.float32(0.05), jnp.float32(0.01)
+    y = dot_general(lhs, rhs, MATMUL, lhs_spec=spec, rhs_spec=spec, lhs_scale=sl, rhs_scale=sr)
+    a, b = jq.fake_quant(lhs, spec, scale=sl), jq.fake_quant(rhs, spec, scale=sr)
+    _assert_dot_close(y, jnp.dot(a, b, precision="highest"), _abs_dot(a, b, MATMUL), k=16)
+    g = jax.grad(
+        lambda s: jnp.sum(dot_general(lhs, rhs, MATMUL, lhs_spec=spec, rhs_spec=spec, lhs_scale=s))
+    )(sl)
+    assert float(g) == 0.0
+
+
+def test_delayed_scaling_drives_the_dot():
+    spec = jq.QuantSpec("e4m3")
+    sc = delayed_scaling(spec)
+    lhs, rhs = _normal(23, (8, 16)), _normal(24, (16, 8))
+
+    @jax.jit
+    def step(state, a, b):
+        s, state = sc.update(state, a)
+        return dot_general(a, b, MATMUL, lhs_spec=spec, rhs_spec=spec, lhs_scale=s), state
+
+    state = sc.init(lhs)
+    _, state = step(state, lhs, rhs)
+    y1, state = step(state, lhs * 2, rhs)  # scale from step 0's amax: the doubled values clip
+    a = jq.fake_quant(lhs * 2, spec, scale=float(jnp.max(jnp.abs(lhs))) / 448)
+    ref = jnp.dot(a, _fq(rhs, spec), precision="highest")
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert int(state.count) == 2
+
+
+# --------------------------------------------------------------- transformations
+
+
+def test_vmap_and_jit_of_grad():
+    ls, rs = _specs("int8", "per_tensor")
+    gs = jq.QuantSpec("int8")
+    lhs = _normal(25, (5, 8, 32))
+    rhs = _normal(26, (32, 8))
+    f = lambda a, b: dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs, grad_spec=gs)
+    yv = jax.vmap(f, in_axes=(0, None))(lhs, rhs)
+    for i in range(5):  # per-tensor scales are per example under vmap
+        np.testing.assert_allclose(np.asarray(yv[i]), np.asarray(f(lhs[i], rhs)), rtol=1e-6)
+    loss = lambda a, b: jnp.sum(f(a, b) ** 2)
+    gv = jax.jit(jax.vmap(jax.grad(loss, (0, 1)), in_axes=(0, None)))(lhs, rhs)
+    for i in range(5):
+        g = jax.grad(loss, (0, 1))(lhs[i], rhs)
+        np.testing.assert_allclose(np.asarray(gv[0][i]), np.asarray(g[0]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(gv[1][i]), np.asarray(g[1]), rtol=1e-6)
+    # Second-order transformations compose: grad of a jitted function under vmap.
+    hv = jax.vmap(jax.grad(lambda a: loss(a, rhs)))(lhs)
+    assert hv.shape == lhs.shape
+
+
+def test_sharded_rows_keep_their_sharding():
+    devices = np.array(jax.devices()[:8])
+    if devices.size < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.sharding.Mesh(devices, ("x",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x", None))
+    ls, rs = _specs("int8", "per_channel")
+    lhs = jax.device_put(_normal(27, (16, 32)), rows)
+    rhs = _normal(28, (32, 8))
+    y = jax.jit(lambda a, b: dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs))(lhs, rhs)
+    assert y.sharding.is_equivalent_to(rows, 2)
+    ref = dot_general(np.asarray(lhs), rhs, MATMUL, lhs_spec=ls, rhs_spec=rs)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+
+
+# ------------------------------------------------------------- HLO: real low precision
+
+
+def _hlo_dots(text):
+    """(result type, lhs type, rhs type) of every ``dot`` in an optimized HLO module."""
+    found = []
+    for comp in re.split(r"\n\s*\n", text):
+        types = {}
+        header = re.match(r"\s*(?:ENTRY\s+)?%[\w.\-]+\s*\((.*?)\)\s*->", comp)
+        if header:
+            for m in re.finditer(r"([\w.\-]+):\s*(\w+)\[", header.group(1)):
+                types[m.group(1)] = m.group(2)
+        for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", comp):
+            types[m.group(1)] = m.group(2)
+        for m in re.finditer(r"= (\w+)\[[^\n]*? dot\(([^)]*)\)", comp):
+            ops = []
+            for op in m.group(2).split(","):
+                inline = re.match(r"\s*(\w+)\[", op)
+                name = re.search(r"%([\w.\-]+)", op)
+                ops.append(inline.group(1) if inline else types.get(name.group(1)))
+            found.append((m.group(1), *ops))
+    return found
+
+
+def _stablehlo_dots(text):
+    """(lhs, rhs, result) element types of every stablehlo.dot_general."""
+    t = r"tensor<(?:\d+x)*(\w+)>"
+    return re.findall(rf"stablehlo\.dot_general .*?: \({t}, {t}\) -> {t}", text)
+
+
+def test_int8_forward_compiles_to_s8_dot_on_cpu():
+    """What we check: the *optimized* HLO (``jit(f).lower(...).compile().as_text()``) holds a
+    ``dot`` with two s8 operands and an s32 result (XLA:CPU wraps it in a YNNPACK fusion)."""
+    ls, rs = _specs("int8", "per_channel")
+    f = jax.jit(lambda a, b: dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs))
+    lhs, rhs = _normal(29, (64, 128)), _normal(30, (128, 32))
+    lowered = f.lower(lhs, rhs)
+    assert ("i8", "i8", "i32") in _stablehlo_dots(lowered.as_text())
+    dots = _hlo_dots(lowered.compile().as_text())
+    assert ("s32", "s8", "s8") in dots, dots
+    assert not any(d[0] == "f32" for d in dots), dots  # no float dot besides it
+
+
+def test_int8_training_step_runs_all_three_dots_in_integers():
+    """Per-tensor int8 operands and gradient: the forward and ``dlhs = g @ w^T`` compile to
+    s8 x s8 -> s32 dots. ``drhs = x^T @ g`` contracts the major axis of both operands;
+    XLA:CPU converts such a dot's s8 operands to s32 (its int8 GEMM wants the lhs
+    contracted axis minor, and it folds away any transpose we insert), so on CPU that
+    one is an s32 dot: still exact integer arithmetic, never a float dot."""
+    spec = jq.QuantSpec("int8")
+    f = lambda a, b: jnp.sum(
+        dot_general(a, b, MATMUL, lhs_spec=spec, rhs_spec=spec, grad_spec=spec) ** 2
+    )
+    g = jax.jit(jax.grad(f, (0, 1)))
+    lhs, rhs = _normal(31, (32, 64)), _normal(32, (64, 16))
+    dots = _hlo_dots(g.lower(lhs, rhs).compile().as_text())
+    assert len(dots) == 3, dots
+    assert dots.count(("s32", "s8", "s8")) >= 2, dots
+    assert all(d[0] == "s32" for d in dots), dots
+
+
+def test_fp8_paths_on_cpu():
+    """CPU: mode='auto' emulates fp8 (a float32 dot of the grid values, no f8 dot at all);
+    mode='real' emits a StableHLO dot_general on f8E4M3FN operands, which XLA:CPU compiles by
+    converting the operands to f32 before its dot."""
+    ls, rs = _specs("e4m3", "per_tensor")
+    lhs, rhs = _normal(33, (32, 64)), _normal(34, (64, 16))
+    auto = jax.jit(lambda a, b: dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs)).lower(lhs, rhs)
+    assert _stablehlo_dots(auto.as_text()) == [("f32", "f32", "f32")]
+    real = jax.jit(
+        lambda a, b: dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs, mode="real")
+    ).lower(lhs, rhs)
+    assert ("f8E4M3FN", "f8E4M3FN", "f32") in _stablehlo_dots(real.as_text())
+    compiled = real.compile().as_text()
+    assert re.search(r"f32\[32,64\][^\n]* convert\(", compiled)  # XLA:CPU upcasts
+    mixed = jax.jit(
+        lambda a, b: dot_general(
+            a, b, MATMUL, lhs_spec=ls, rhs_spec=jq.QuantSpec("e5m2"), mode="real"
+        )
+    ).lower(lhs, rhs)
+    assert ("f8E4M3FN", "f8E5M2", "f32") in _stablehlo_dots(mixed.as_text())
+
+
+def test_dot_capabilities_on_cpu():
+    caps = dot_capabilities()
+    assert caps["backend"] == "cpu" and caps["platform"] == "cpu"
+    assert caps["int8"] is True and caps["fp8"] is False
+    assert caps["fp8_pairs"] == ()
+    assert caps["compute_capability"] is None
+    assert "emulated" in caps["fp8_path"] and "real" in caps["int8_path"]
+    assert dot_capabilities("cpu") == caps
+    caps["int8"] = False  # a copy: the cache is not mutated
+    assert dot_capabilities()["int8"] is True
+    with pytest.raises(RuntimeError):
+        dot_capabilities("no_such_backend")
+
+
+# -------------------------------------------------------------------------- errors
+
+
+def test_errors_for_scales_along_the_contraction():
+    lhs, rhs = jnp.ones((4, 8)), jnp.ones((8, 3))
+    q = lambda gran, fmt="int8": jq.QuantSpec(fmt, gran)
+    with pytest.raises(ValueError, match=r"lhs_spec per_channel\(1,\).*axis 1.*per_token\(1\)"):
+        dot_general(lhs, rhs, MATMUL, lhs_spec=q(jq.per_channel(1)))
+    with pytest.raises(ValueError, match=r"rhs_spec per_token.*axis 0, which dimension_numbers"):
+        dot_general(lhs, rhs, MATMUL, rhs_spec=q(jq.per_token(-1)))
+    with pytest.raises(ValueError, match="block scales"):
+        dot_general(lhs, rhs, MATMUL, lhs_spec=q(jq.per_block(1, 4)))
+    with pytest.raises(ValueError, match="block scales"):
+        dot_general(lhs, rhs, MATMUL, rhs_spec=jq.QuantSpec("mxfp8", jq.per_block(0, 8)))
+    with pytest.raises(ValueError, match="asymmetric"):
+        dot_general(
+            lhs,
+            rhs,
+            MATMUL,
+            lhs_spec=jq.QuantSpec("uint8", calibration=jq.minmax(), symmetric=False),
+        )
+    with pytest.raises(ValueError, match="PRNG key"):
+        dot_general(lhs, rhs, MATMUL, grad_spec=jq.QuantSpec("e5m2", rounding="stochastic"))
+    with pytest.raises(ValueError, match="mode='real'"):
+        dot_general(
+            lhs, rhs, MATMUL, lhs_spec=q(None, "int4"), rhs_spec=q(None, "int4"), mode="real"
+        )
+    with pytest.raises(ValueError, match="mode='real'"):
+        dot_general(lhs, rhs, MATMUL, lhs_spec=q(None), rhs_spec=q(None, "e4m3"), mode="real")
+    with pytest.raises(ValueError, match="mode must be"):
+        dot_general(lhs, rhs, MATMUL, lhs_spec=q(None), mode="fast")
+    with pytest.raises(TypeError, match="QuantSpec or None"):
+        dot_general(lhs, rhs, MATMUL, lhs_spec="int8")
+    with pytest.raises(TypeError, match="floating point"):
+        dot_general(jnp.ones((4, 8), jnp.int32), rhs, MATMUL, lhs_spec=q(None))
+    with pytest.raises(TypeError, match="dimension_numbers"):
+        dot_general(lhs, rhs, (1, 0), lhs_spec=q(None))
+    with pytest.raises(TypeError):  # lax's own shape check
+        dot_general(lhs, jnp.ones((5, 3)), MATMUL, lhs_spec=q(None))
+    with pytest.raises(ValueError, match="out of range"):
+        dot_general(lhs, rhs, MATMUL, grad_spec=q(jq.per_channel(2)))
+
+
+# -------------------------------------------------------------------------- einsum
+
+
+@pytest.mark.parametrize(
+    ("subscripts", "a_shape", "b_shape", "gl", "gr"),
+    [
+        ("btd,df->btf", (2, 3, 16), (16, 5), jq.per_token(-1), jq.per_channel(-1)),
+        ("...d,df->...f", (2, 3, 16), (16, 5), jq.per_token(-1), jq.per_channel(-1)),
+        ("ij,jk", (4, 16), (16, 3), jq.per_channel(0), jq.per_tensor()),
+        ("bij,bjk->bki", (2, 4, 16), (2, 16, 3), jq.per_channel(0, 1), jq.per_channel(0, 2)),
+        ("bhqd,bhkd->bhqk", (2, 2, 4, 8), (2, 2, 5, 8), jq.per_token(-1), jq.per_token(-1)),
+        ("ij,kj->ik", (4, 16), (3, 16), jq.per_tensor(), jq.per_token(-1)),
+    ],
+)
+def test_einsum_matches_jnp_einsum_of_fake_quant(subscripts, a_shape, b_shape, gl, gr):
+    ls, rs = jq.QuantSpec("int8", gl), jq.QuantSpec("int8", gr)
+    gs = jq.QuantSpec("e5m2")
+    a, b = _normal(35, a_shape), _normal(36, b_shape)
+    y = einsum(subscripts, a, b, lhs_spec=ls, rhs_spec=rs, grad_spec=gs)
+    ref = jnp.einsum(subscripts, _fq(a, ls), _fq(b, rs), precision="highest")
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    c = _normal(37, ref.shape)
+    got = jax.grad(
+        lambda a, b: jnp.sum(einsum(subscripts, a, b, lhs_spec=ls, rhs_spec=rs, grad_spec=gs) * c),
+        (0, 1),
+    )(a, b)
+    want = jax.grad(
+        lambda a, b: jnp.sum(
+            _grad_fq(gs)(jnp.einsum(subscripts, _fq(a, ls), _fq(b, rs), precision="highest")) * c
+        ),
+        (0, 1),
+    )(a, b)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_errors():
+    a, b = jnp.ones((4, 4)), jnp.ones((4, 3))
+    spec = jq.QuantSpec("int8")
+    with pytest.raises(ValueError, match="exactly two"):
+        einsum("ij,jk,kl->il", a, b, lhs_spec=spec)
+    with pytest.raises(ValueError, match="repeats"):
+        einsum("ii,ik->k", a, b, lhs_spec=spec)
+    with pytest.raises(ValueError, match="summed within one operand"):
+        einsum("ij,jk->k", a, b, lhs_spec=spec)
+    with pytest.raises(ValueError, match="names 3 axes"):
+        einsum("ijk,jk->i", a, b, lhs_spec=spec)
+    with pytest.raises(ValueError, match="in no operand"):
+        einsum("ij,jk->iz", a, b, lhs_spec=spec)
+    with pytest.raises(ValueError, match="contract"):
+        einsum("ij,jk->ik", a, b, lhs_spec=jq.QuantSpec("int8", jq.per_channel(1)))
+
+
+# ----------------------------------------------------------------------- flax injection
+
+
+def test_flax_linen_dense_injection():
+    import flax.linen as nn
+
+    ls, rs = _specs("int8", "per_channel")
+    qdot = functools.partial(dot_general, lhs_spec=ls, rhs_spec=rs)
+    model = nn.Dense(8, dot_general=qdot)
+    x = _normal(38, (4, 16))
+    params = model.init(jax.random.key(0), x)
+    y = model.apply(params, x)
+    k, bias = params["params"]["kernel"], params["params"]["bias"]
+    ref = jnp.dot(_fq(x, ls), _fq(k, rs), precision="highest") + bias[None, :]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))(params)
+    assert grads["params"]["kernel"].shape == k.shape
+    # DenseGeneral passes batch dims and several contracted axes.
+    dg = nn.DenseGeneral(
+        (2, 3),
+        axis=(-2, -1),
+        dot_general=functools.partial(
+            dot_general, lhs_spec=jq.QuantSpec("e4m3"), rhs_spec=jq.QuantSpec("e4m3")
+        ),
+    )
+    xg = _normal(39, (5, 4, 6))
+    pg = dg.init(jax.random.key(1), xg)
+    assert dg.apply(pg, xg).shape == (5, 2, 3)
+
+
+def test_flax_nnx_linear_injection():
+    from flax import nnx
+
+    ls, rs = _specs("e4m3", "per_channel")
+    qdot = functools.partial(dot_general, lhs_spec=ls, rhs_spec=rs, grad_spec=jq.QuantSpec("e5m2"))
+    layer = nnx.Linear(16, 8, dot_general=qdot, rngs=nnx.Rngs(0))
+    x = _normal(40, (4, 16))
+    y = layer(x)  # nnx passes out_sharding=None
+    ref = jnp.dot(_fq(x, ls), _fq(layer.kernel[...], rs), precision="highest")
+    ref = ref + layer.bias[...][None, :]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    assert grads.kernel[...].shape == (16, 8)
