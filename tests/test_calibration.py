@@ -385,10 +385,6 @@ def _mixed_columns():
     return np.stack(cols, axis=1).astype(np.float32)
 
 
-MSE_BUG = (
-    "jaxquant bug: mse(num=1) searches linspace(min_ratio, 1, 1) = [min_ratio] only, not the "
-    "ratio 1.0 (absmax), so it always clips to min_ratio * amax"
-)
 
 
 @pytest.mark.parametrize(
@@ -399,7 +395,6 @@ MSE_BUG = (
         ("e2m1", 32),
         ("nf4", 32),
         ("int4", 2),  # candidates {min_ratio, 1.0}
-        pytest.param("int4", 1, marks=pytest.mark.xfail(strict=True, reason=MSE_BUG)),
     ],
 )
 def test_mse_never_worse_than_absmax_per_group(fmt, num):
@@ -481,14 +476,8 @@ def test_kl_without_jit_matches_jit():
     assert _kl_threshold(x, "int4", use_jit=False) == pytest.approx(_kl_threshold(x, "int4"))
 
 
-KL_BUG = (
-    "jaxquant bug: kl() builds the candidate distribution Q from the histogram with the "
-    "clipped tail already folded into the last bin (P), so clipping is never penalized and "
-    "int8 always picks the smallest candidate threshold, amax / 8"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=KL_BUG)
 def test_kl_does_not_clip_uniform_data_at_int8():
     """Uniform data has no tail: any clipping only loses information."""
     x = _kl_data("uniform")
@@ -496,7 +485,7 @@ def test_kl_does_not_clip_uniform_data_at_int8():
 
 
 @pytest.mark.parametrize(
-    "fmt", [pytest.param("int8", marks=pytest.mark.xfail(strict=True, reason=KL_BUG)), "int4"]
+    "fmt", ["int8", "int4"]
 )
 def test_kl_lower_mse_than_absmax_on_laplace(fmt):
     """2^18 Laplace(0, 1) samples (seed 9): max |x| ~ 12.5 wastes the grid on the tail; the
@@ -528,3 +517,8 @@ def test_calibration_of_low_precision_inputs(cal, dtype):
     expected = (_np_amax(x32, (0,), cal) / 127).astype(np.float32)
     np.testing.assert_allclose(scale, expected, rtol=2e-6)
     assert _fake_quant(x, spec).dtype == dtype
+
+
+def test_mse_needs_two_candidates():
+    with pytest.raises(ValueError, match="num >= 2"):
+        jq.mse(1)

@@ -57,15 +57,7 @@ GRID = np.arange(-127, 128, dtype=np.float32) * np.float32(0.5)  # k * 0.5, amax
     [
         ("int8", GRID),  # s = 63.5 / 127 = 0.5: every value is on the grid
         ("bfloat16", GRID),  # plain casts of representable values
-        pytest.param(
-            "float32",
-            _gauss(64, 11),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="jaxquant bug: encode() has no path for 32-bit formats since 322637d; "
-                "quantize to float32 raises 'code_table: float32 has 4294967296 codes'",
-            ),
-        ),
+        ("float32", _gauss(64, 11)),
     ],
     ids=["int8", "bfloat16", "float32"],
 )
@@ -89,11 +81,6 @@ def test_sqnr_ignores_non_finite_reference_elements():
     assert got == pytest.approx(ref, rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jaxquant bug: sqnr returns +inf ('exact') when x_hat has a NaN where x is finite: "
-    "the noise sum is NaN and `noise > 0` is False for NaN",
-)
 @pytest.mark.parametrize("use_jit", JIT)
 def test_sqnr_of_a_nan_approximation_is_not_exact(use_jit):
     """A NaN in x_hat (e.g. an overflowing cast) must not be reported as a perfect +inf dB."""

@@ -154,9 +154,10 @@ class MSE:
     min_ratio: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.num < 1 or not 0 < self.min_ratio <= 1:
+        if self.num < 2 or not 0 < self.min_ratio <= 1:
             raise ValueError(
-                f"mse: need num >= 1 and 0 < min_ratio <= 1, got {self.num}, {self.min_ratio}."
+                f"mse: need num >= 2 candidates (the last is the full range) and "
+                f"0 < min_ratio <= 1, got num={self.num}, min_ratio={self.min_ratio}."
             )
 
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
@@ -230,8 +231,8 @@ class KL:
             thr = k.astype(jnp.float32) * w
             inside = bin_ids < k
             tail = jnp.sum(jnp.where(inside, 0.0, hist), axis=-1, keepdims=True)
-            p = jnp.where(inside, hist, 0.0)
-            p = p + jnp.where(bin_ids == k - 1, tail, 0.0)
+            clipped = jnp.where(inside, hist, 0.0)  # Q is built from this, without the tail,
+            p = clipped + jnp.where(bin_ids == k - 1, tail, 0.0)  # so clipping costs KL
             levels = qdq(centers, -thr, thr)  # the value each bin centre quantizes to
             levels = jnp.broadcast_to(levels, p.shape)
             # qdq is monotone, so bins sharing a level form contiguous runs: give each run
@@ -243,11 +244,11 @@ class KL:
             groups = p.size // nb
             offsets = nb * jnp.arange(groups).reshape(*p.shape[:-1], 1)
             ids = (run + offsets).reshape(-1)
-            nz = (p > 0).astype(jnp.float32)
+            nz = (clipped > 0).astype(jnp.float32)
             seg = groups * nb
-            mass = jax.ops.segment_sum(p.reshape(-1), ids, seg)[ids].reshape(p.shape)
+            mass = jax.ops.segment_sum(clipped.reshape(-1), ids, seg)[ids].reshape(p.shape)
             count = jax.ops.segment_sum(nz.reshape(-1), ids, seg)[ids].reshape(p.shape)
-            q = jnp.where(p > 0, mass / jnp.maximum(count, 1.0), 0.0)
+            q = jnp.where(clipped > 0, mass / jnp.maximum(count, 1.0), 0.0)
             ps = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
             qs = q / jnp.maximum(jnp.sum(q, axis=-1, keepdims=True), 1e-30)
             terms = jnp.where(ps > 0, ps * (jnp.log(ps) - jnp.log(jnp.maximum(qs, 1e-30))), 0.0)

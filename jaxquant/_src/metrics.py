@@ -49,7 +49,8 @@ def sqnr(x: Any, x_hat: Any) -> Array:
     sig = jnp.sum(jnp.where(fin, x * x, 0.0))
     noise = jnp.sum(jnp.where(fin, (x - x_hat) ** 2, 0.0))
     safe = jnp.where(noise > 0, noise, 1.0)
-    return jnp.where(noise > 0, 10.0 * jnp.log10(jnp.maximum(sig, 1e-45) / safe), jnp.inf)
+    db = jnp.where(noise > 0, 10.0 * jnp.log10(jnp.maximum(sig, 1e-45) / safe), jnp.inf)
+    return jnp.where(jnp.isnan(noise), jnp.nan, db)  # a NaN in x_hat is not "exact"
 
 
 def saturation_rate(x: Any, q: QArray) -> Array:

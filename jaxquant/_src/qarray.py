@@ -160,7 +160,7 @@ def encode(v: jax.Array, fmt: Format) -> jax.Array:
         return v.astype(sdt)
     if fmt.kind == "codebook":  # v already holds indices (see quantize)
         return v.astype(sdt)
-    if fmt.dtype is not None and fmt.bits == 16:
+    if fmt.dtype is not None and fmt.bits in (16, 32):
         return v.astype(sdt)
     if fmt.dtype is not None and fmt.bits == 8:
         # Same bits either way (tested); XLA's CPU backend converts to fp8 in software,

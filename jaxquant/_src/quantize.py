@@ -104,8 +104,8 @@ def _round_scale(s: Array, spec: QuantSpec) -> Array:
     name = spec.scale_format.name
     if name == "float32":
         return s
-    if name in ("bfloat16", "float16"):
-        t = s.astype(spec.scale_format.dtype).astype(jnp.float32)
+    if name in ("bfloat16", "float16"):  # integer rounding: a convert pair could be elided
+        t = rounding.round_float(s, spec.scale_format)
         return jnp.where(t > 0, t, jnp.float32(spec.scale_format.min_normal))
     bits = jax.lax.bitcast_convert_type(s, jnp.uint32)
     ceil = _exponent(s) + ((bits & 0x7FFFFF) != 0).astype(jnp.int32)  # ceil(log2 s)
@@ -159,20 +159,10 @@ def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None) -> Array:
         return rounding.stochastic_truncate(y, f, bits, saturate=spec.saturate)
     u = None if bits is None else rounding.uniform_from_bits(bits)
     if f.kind == "float":
-        if u is None and spec.saturate and rounding.has_native_cast(f):
-            # Same values either way (tested); XLA's CPU backend converts to fp8 in software,
-            # slower than the integer emulation, while GPUs convert in hardware.
-            r = (
-                jax.lax.platform_dependent(
-                    y,
-                    cpu=lambda y: rounding.round_float(y, f),
-                    default=lambda y: rounding.cast_float(y, f),
-                )
-                if f.bits == 8
-                else rounding.cast_float(y, f)
-            )
-        else:
-            r = rounding.round_float(y, f, u, saturate=spec.saturate)
+        # Never `x.astype(fp8).astype(f32)`: XLA (xla_allow_excess_precision, on by default)
+        # may delete such a round trip -- it did on an H200 -- leaving x unrounded. The
+        # integer emulation cannot be elided and is exact on every backend.
+        r = rounding.round_float(y, f, u, saturate=spec.saturate)
         return r if f.signed else jnp.maximum(r, 0.0)
     if f.kind == "int":
         return rounding.round_int(y, qmin, qmax, u)
@@ -293,9 +283,16 @@ def _quantize(x, key, scale, zero_point, spec: QuantSpec) -> QArray:
 
 def _use_kernel(x: Array, spec: QuantSpec, op: str, scale, zero_point) -> bool:
     """Whether the one-pass Pallas kernel computes this quantizer (GPU, block-local
-    power-of-two scales: bit-identical to the jnp path, which stays the reference)."""
+    power-of-two scales: bit-identical to the jnp path, which stays the reference).
+
+    Only MX formats for now: they matched the jnp path bit for bit on an H200, including
+    the edge cases. The kernel also handles ``scale_format="e8m0"`` integer specs, but on
+    blocks of float32 subnormals it disagreed with XLA:GPU (which flushes them), so those
+    stay on the jnp path until that is settled.
+    """
     return (
-        scale is None
+        spec.format.kind == "mx"
+        and scale is None
         and zero_point is None
         and kernels.supported(spec, tuple(x.shape), x.dtype, jax.default_backend(), op=op)
     )

@@ -187,26 +187,6 @@ def stochastic_truncate(
     return out
 
 
-def has_native_cast(fmt: Format) -> bool:
-    """Whether XLA has a type for ``fmt`` that :func:`cast_float` may use (8/16-bit floats)."""
-    return fmt.kind == "float" and fmt.dtype is not None and fmt.bits in (8, 16)
-
-
-def cast_float(x: jax.Array, fmt: Format) -> jax.Array:
-    """Saturating round-to-nearest-even onto ``fmt`` through XLA's own convert.
-
-    Same values as ``round_float(x, fmt)`` (tested over every code, tie and overflow) but a
-    single hardware/XLA conversion instead of the integer emulation. Saturation uses a
-    select, not min/max, so float32 subnormals survive XLA's CPU flush-to-zero.
-    """
-    if not has_native_cast(fmt):
-        raise ValueError(f"cast_float: {fmt.name} has no native XLA type; use round_float.")
-    x = x.astype(jnp.float32)
-    fmax = jnp.float32(fmt.max)
-    x = jnp.where(jnp.abs(x) > fmax, jnp.copysign(fmax, x), x)  # NaN stays NaN
-    return x.astype(fmt.dtype).astype(jnp.float32)
-
-
 def round_int(y: jax.Array, qmin: float, qmax: float, u: jax.Array | None = None) -> jax.Array:
     """Round float32 ``y`` to integers in [qmin, qmax] (clip after rounding; NaN stays NaN)."""
     return jnp.clip(round_to_integer(y, u), qmin, qmax)
