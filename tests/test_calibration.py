@@ -385,8 +385,6 @@ def _mixed_columns():
     return np.stack(cols, axis=1).astype(np.float32)
 
 
-
-
 @pytest.mark.parametrize(
     ("fmt", "num"),
     [
@@ -476,17 +474,13 @@ def test_kl_without_jit_matches_jit():
     assert _kl_threshold(x, "int4", use_jit=False) == pytest.approx(_kl_threshold(x, "int4"))
 
 
-
-
 def test_kl_does_not_clip_uniform_data_at_int8():
     """Uniform data has no tail: any clipping only loses information."""
     x = _kl_data("uniform")
     assert _kl_threshold(x, "int8") >= 0.9 * float(np.abs(x).max())
 
 
-@pytest.mark.parametrize(
-    "fmt", ["int8", "int4"]
-)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_kl_lower_mse_than_absmax_on_laplace(fmt):
     """2^18 Laplace(0, 1) samples (seed 9): max |x| ~ 12.5 wastes the grid on the tail; the
     KL threshold gives a lower MSE than absmax."""

@@ -245,7 +245,7 @@ def test_quantize_negative_first_value(capsys, first):
         (["quantize", "1", "x2"], ["'x2' is not a number"]),
         (["quantize", "1", "2", "--calibration", "foo"], ["unknown calibration 'foo'"]),
         (["quantize", "1", "2", "-c", "percentile:abc"], ["'abc' is not a number"]),
-        (["quantize", "1", "2", "-c", "mse:0"], ["need num >= 1"]),
+        (["quantize", "1", "2", "-c", "mse:0"], ["need num >= 2"]),
         (["quantize", "1", "2", "-c", "mean_std:-1"], ["k must be > 0"]),
         (["quantize", "1", "2", "-c", "absmax:3"], ["takes no parameter"]),
         (["quantize", "1", "2", "--format", "fp16", "--asymmetric"], ["integer format"]),

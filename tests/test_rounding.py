@@ -262,3 +262,27 @@ def test_stochastic_truncate_bf16_edges():
     assert hi[2] - lo[2] == np.float32(2.0**-133)  # a subnormal step, not flushed
     assert hi[3] == bf16.max == lo[3] and hi[4] == bf16.max  # saturates, never overflows
     assert np.isnan(lo[5]) and np.isnan(hi[5]) and lo[6] == 0 and hi[6] == 0
+
+
+@pytest.mark.parametrize("use_jit", [True, False])
+def test_div_rn_is_ieee_division(use_jit):
+    """Integer long division matches numpy's correctly rounded float32 division bit for bit
+    (200k random pairs over 2^+-115 plus equal mantissas, powers of two and qmax-like
+    divisors; subnormal dividends included, results below 2^-126 flush to 0)."""
+    rng = np.random.default_rng(0)
+    n = 200_000
+    a = (rng.standard_normal(n) * np.exp(rng.uniform(-80, 80, n))).astype(np.float32)
+    b = (rng.standard_normal(n) * np.exp(rng.uniform(-40, 40, n))).astype(np.float32)
+    a[:1000] = b[:1000]
+    b[1000:2000] = 127
+    b[2000:3000] = 2.0 ** rng.integers(-20, 20, 1000)
+    a[3000:4000] = 0
+    a[4000:5000] = rng.uniform(1e-45, 1e-38, 1000).astype(np.float32)  # subnormal dividends
+    with np.errstate(over="ignore", under="ignore"):
+        ref = a / b
+    fn = jax.jit(rounding.div_rn) if use_jit else rounding.div_rn
+    out = np.asarray(fn(jnp.asarray(a), jnp.asarray(b)))
+    normal = np.isfinite(ref) & ((np.abs(ref) >= 2.0**-126) | (ref == 0))
+    assert normal.sum() > 0.9 * n
+    np.testing.assert_array_equal(out[normal].view(np.uint32), ref[normal].view(np.uint32))
+    assert np.all(out[np.abs(ref) < 2.0**-126] == 0)

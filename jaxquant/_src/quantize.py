@@ -7,11 +7,11 @@ The pipeline for one array ``x`` and a :class:`QuantSpec`:
 3. scale ``s`` (and zero point ``z``) from the range and the format's ``qmax``, rounded to
    the scale format; a zero range gives ``s = 1`` (never a division by zero);
 4. ``y = x * (1/s) + z`` rounded onto the format's grid (nearest-even or stochastic) and
-   saturated to ``[qmin, qmax]``. The reciprocal is one correctly rounded division per
-   group; XLA turns a division by a broadcast scale into exactly this multiplication
-   anyway, so we define the quantizer that way, and jit, eager and kernels agree bit for
-   bit. It can differ from ``x / s`` by one ulp before rounding (exact for power-of-two
-   scales);
+   saturated to ``[qmin, qmax]``. The scale ``s = amax / qmax`` and the reciprocal ``1/s``
+   are correctly rounded divisions, one per group, done in integer arithmetic
+   (:func:`rounding.div_rn`) because XLA's own f32 division is not IEEE on every backend;
+   the per-element work is a multiply. So CPU, GPU, jit and eager agree bit for bit. ``y``
+   can differ from ``x / s`` by one ulp before rounding (exact for power-of-two scales);
 5. ``quantize`` encodes ``y`` into storage (packing sub-byte codes), ``fake_quant`` returns
    ``(y - z) * s`` in the caller's dtype with a straight-through gradient.
 
@@ -66,14 +66,8 @@ def _check_key(spec: QuantSpec, key: Array | None, fn: str) -> None:
 
 
 def _div_const(num: Array, c: float) -> Array:
-    """``num / c`` computed as a true division.
-
-    XLA rewrites division by a literal into multiplication by its (rounded) reciprocal,
-    which is up to 1 ulp off and differs between jit and eager execution; hiding the
-    constant behind an optimization barrier keeps the division exact and reproducible.
-    """
-    # A full-shaped divisor: XLA also rewrites A / broadcast(B) into A * broadcast(1/B).
-    return num / jax.lax.optimization_barrier(jnp.full(num.shape, c, jnp.float32))
+    """``num / c``, correctly rounded on every backend (see :func:`rounding.div_rn`)."""
+    return rounding.div_rn(num, jnp.float32(c))
 
 
 def _guard_scale(s: Array, nonzero: Array) -> Array:
@@ -130,7 +124,7 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
     hi = jnp.maximum(hi, 0.0)
     s = _guard_scale(_div_const(hi - lo, qmax - qmin), hi > lo)
     s = _round_scale(s, spec)
-    z = jnp.clip(jnp.round(qmin - lo / s), qmin, qmax)
+    z = jnp.clip(jnp.round(qmin - rounding.div_rn(lo, s)), qmin, qmax)
     return s, z
 
 
@@ -139,7 +133,7 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
 
 def scale_input(x: Array, s: Array, z: Array | None) -> Array:
     """The scaled value ``x * (1/s) (+ z)`` that gets rounded (see the module docstring)."""
-    y = x * (1.0 / s)
+    y = x * rounding.div_rn(jnp.float32(1.0), s)
     return y if z is None else y + z
 
 
