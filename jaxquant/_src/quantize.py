@@ -66,8 +66,8 @@ def _check_key(spec: QuantSpec, key: Array | None, fn: str) -> None:
 
 
 def _div_const(num: Array, c: float) -> Array:
-    """``num / c``, correctly rounded on every backend (see :func:`rounding.div_rn`)."""
-    return rounding.div_rn(num, jnp.float32(c))
+    """``num / c``, correctly rounded on every backend (see :func:`rounding.divide`)."""
+    return rounding.divide(num, jnp.float32(c))
 
 
 def _guard_scale(s: Array, nonzero: Array) -> Array:
@@ -124,7 +124,7 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
     hi = jnp.maximum(hi, 0.0)
     s = _guard_scale(_div_const(hi - lo, qmax - qmin), hi > lo)
     s = _round_scale(s, spec)
-    z = jnp.clip(jnp.round(qmin - rounding.div_rn(lo, s)), qmin, qmax)
+    z = jnp.clip(jnp.round(qmin - rounding.divide(lo, s)), qmin, qmax)
     return s, z
 
 
@@ -133,7 +133,10 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
 
 def scale_input(x: Array, s: Array, z: Array | None) -> Array:
     """The scaled value ``x * (1/s) (+ z)`` that gets rounded (see the module docstring)."""
-    y = x * rounding.div_rn(jnp.float32(1.0), s)
+    # The barrier keeps XLA from fusing the per-group division into the per-element loop
+    # (it would redo it for every element).
+    inv = jax.lax.optimization_barrier(rounding.divide(jnp.float32(1.0), s))
+    y = x * inv
     return y if z is None else y + z
 
 

@@ -131,6 +131,24 @@ def div_rn(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(neg, -out, out)
 
 
+def divide(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Correctly rounded float32 ``a / b`` for same-shaped arrays, fast where possible.
+
+    On CPU, XLA's division between two full arrays is IEEE (the optimization barrier keeps
+    it from being rewritten into a multiplication by a reciprocal); elsewhere (GPU, TPU)
+    :func:`div_rn`. Results below 2^-126 are 0 on both paths; on CPU a subnormal operand
+    also counts as 0 (XLA flushes it), which jaxquant's scales never depend on (they are
+    clamped to >= 2^-126).
+    """
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+
+    def cpu(a, b):
+        q = a / lax.optimization_barrier(b)
+        return jnp.where(jnp.abs(q) < jnp.float32(2.0**-126), jnp.copysign(0.0, q), q)
+
+    return lax.platform_dependent(a, b, cpu=cpu, default=div_rn)
+
+
 # ---------------------------------------------------------------------- rounding rules
 
 
