@@ -308,7 +308,7 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
     if elem.kind == "int":
         pre = rounding.round_to_integer(y, u)
     elif bits is not None and rounding.is_float32_prefix(elem):
-        pre = rounding.stochastic_truncate(y, elem, bits, saturate=False)
+        pre = rounding.round_float32_prefix(y, elem, bits, saturate=False)
     elif elem.kind == "float":
         pre = rounding.round_float(y, elem, u, saturate=False)
         if not elem.signed:

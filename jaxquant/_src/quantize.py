@@ -152,8 +152,8 @@ def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None) -> Array:
     """Round scaled values onto the element grid (float32 out; codebooks: indices)."""
     f = spec.element
     qmin, qmax = spec.qrange
-    if bits is not None and rounding.is_float32_prefix(f):
-        return rounding.stochastic_truncate(y, f, bits, saturate=spec.saturate)
+    if rounding.is_float32_prefix(f):  # bf16: integer add-and-truncate, RNE or SR
+        return rounding.round_float32_prefix(y, f, bits, saturate=spec.saturate)
     u = None if bits is None else rounding.uniform_from_bits(bits)
     if f.kind == "float":
         # Never `x.astype(fp8).astype(f32)`: XLA (xla_allow_excess_precision, on by default)
