@@ -347,6 +347,7 @@ def test_public_api_dispatches_to_the_kernel_on_gpu(op, monkeypatch):
     from jaxquant._src import kernels as K
 
     real = K.supported
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)  # the kernel is single-device only
     monkeypatch.setattr(
         K,
         "supported",
@@ -362,3 +363,21 @@ def test_public_api_dispatches_to_the_kernel_on_gpu(op, monkeypatch):
     out = fn(x, spec)
     out = out if op == "fake_quant" else out.values
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
+def test_multi_device_processes_keep_the_jnp_path(monkeypatch):
+    """On a mesh the kernel would gather its input (no SPMD rule): never dispatched there."""
+    from jaxquant._src import kernels as K
+    from jaxquant._src import quantize as Q
+
+    real = K.supported
+    monkeypatch.setattr(
+        K,
+        "supported",
+        lambda spec, shape, dtype, backend, **kw: real(spec, shape, dtype, "gpu", **kw),
+    )
+    x = jnp.ones((64, 1024), jnp.float32)
+    assert jax.device_count() == 8  # tests/conftest.py
+    assert not Q._use_kernel(x, jq.QuantSpec("mxfp8"), "fake_quant", None, None)
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    assert Q._use_kernel(x, jq.QuantSpec("mxfp8"), "fake_quant", None, None)

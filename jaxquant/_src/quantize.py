@@ -286,9 +286,13 @@ def _use_kernel(x: Array, spec: QuantSpec, op: str, scale, zero_point) -> bool:
     the edge cases. The kernel also handles ``scale_format="e8m0"`` integer specs, but on
     blocks of float32 subnormals it disagreed with XLA:GPU (which flushes them), so those
     stay on the jnp path until that is settled.
+
+    Single-device processes only: a ``pallas_call`` has no SPMD partitioning rule, so on a
+    device mesh it would gather its input; the jnp path keeps the input's sharding.
     """
     return (
         spec.format.kind == "mx"
+        and jax.device_count() == 1
         and scale is None
         and zero_point is None
         and kernels.supported(spec, tuple(x.shape), x.dtype, jax.default_backend(), op=op)
