@@ -330,22 +330,6 @@ def float_format(
         raise ValueError(f"float_format: {bits} bits is wider than float32.")
     if nan_style == "ieee" and exp_bits == 1:
         raise ValueError("float_format: an 'ieee' format needs exp_bits >= 2 (E1 is all Inf/NaN).")
-    probe = Format(
-        name="",
-        kind="float",
-        bits=bits,
-        exp_bits=exp_bits,
-        man_bits=man_bits,
-        bias=bias,
-        nan_style=nan_style,
-        signed=signed,
-    )
-    if (probe.emin < -126 and man_bits > 0) or probe.emin < -127 or probe.emax > 127:
-        raise ValueError(
-            f"float_format: exponent range [{probe.emin}, {probe.emax}] (bias {bias}) does not "
-            "fit float32's normal range [-126, 127]; choose a bias closer to "
-            f"{2 ** (exp_bits - 1) - 1}."
-        )
     if name is None:
         suffix = {"ieee": "", "fn": "fn", "fnuz": "fnuz", "none": "fn"}[nan_style]
         default_bias = 2 ** (exp_bits - 1) - 1
@@ -361,6 +345,12 @@ def float_format(
         nan_style=nan_style,
         signed=signed,
     )
+    if (fmt.emin < -126 and man_bits > 0) or fmt.emin < -127 or fmt.emax > 127:
+        raise ValueError(
+            f"float_format: exponent range [{fmt.emin}, {fmt.emax}] (bias {bias}) does not "
+            "fit float32's normal range [-126, 127]; choose a bias closer to "
+            f"{2 ** (exp_bits - 1) - 1}."
+        )
     # Attach the ml_dtypes dtype when the same format exists there.
     for dt in _ML_FLOATS:
         if _float_layout(dt) == (exp_bits, man_bits, bias, nan_style, signed):
