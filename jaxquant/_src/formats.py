@@ -127,16 +127,6 @@ class Format:
     def has_nan(self) -> bool:
         return self.kind == "float" and self.nan_style != "none"
 
-    @property
-    def has_negative_zero(self) -> bool:
-        return (
-            self.kind == "float" and self.signed and self.nan_style != "fnuz" and self.man_bits >= 0
-        )
-
-    @property
-    def has_subnormals(self) -> bool:
-        return self.kind == "float" and self.man_bits > 0
-
     @_element_property
     def emax(self) -> int:
         """Unbiased exponent of the largest finite value (floats); 0 otherwise."""
