@@ -1,0 +1,1 @@
+"""optax integration (the only part of jaxquant's core tree that imports optax)."""
