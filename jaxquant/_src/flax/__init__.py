@@ -1,0 +1,78 @@
+"""Flax integration: one rule-based ``quantize_model`` for Linen and NNX models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import flax.linen as nn
+from flax import nnx as flax_nnx  # not `nnx`: the submodule jaxquant._src.flax.nnx
+
+from jaxquant._src.flax.linen import QuantizedModule, quantize_linen, report_linen
+from jaxquant._src.flax.nnx import quantize_nnx, report_nnx
+from jaxquant._src.flax.rules import Match, Rule, as_rules
+
+M = TypeVar("M")
+
+
+def quantize_model(model: M, rules: Rule | Iterable[Rule], *, strict: bool = True) -> Any:
+    """Quantization-aware training for an existing Flax model, chosen by rules.
+
+    Each ``nn.Dense`` / ``nn.DenseGeneral`` (Linen) or ``nnx.Linear`` /
+    ``nnx.LinearGeneral`` / ``nnx.Einsum`` (NNX) whose path matches a rule (first match
+    wins, :func:`re.fullmatch`) computes its product with :func:`jaxquant.dot_general`:
+    ``lhs_spec=rule.act``, ``rhs_spec=rule.weight``, ``grad_spec=rule.grad``; real int8 /
+    fp8 compute where the backend has it, straight-through gradients.
+
+    * Linen: returns a new module, :class:`QuantizedModule`, with exactly the model's
+      variables tree (existing params and TrainStates work); the model is not modified.
+    * NNX: modifies ``model`` in place (no copy of any parameter, no forward pass) and
+      returns it.
+
+    A rule that matches no quantizable module raises ValueError listing the paths that
+    exist (``strict=True``), or warns (``strict=False``); never a silent no-op. For Linen
+    the check runs when the model first runs (``init`` / ``apply``), since Linen modules
+    only exist then.
+
+    Args:
+      model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
+      rules: a :class:`Rule` or a sequence of them.
+      strict: raise (True) or warn (False) for rules that match nothing.
+
+    Returns:
+      The quantized model; :func:`report` lists what was quantized with which rule.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, quantize_model, report
+      >>> rule = Rule("layers_0", weight=jq.QuantSpec("int8", jq.per_channel(-1)),
+      ...             act=jq.QuantSpec("int8"))
+      >>> qmodel = quantize_model(nn.Sequential([nn.Dense(4), nn.Dense(2)]), [rule])
+      >>> params = qmodel.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> [(m.path, m.module) for m in report(qmodel)]
+      [('layers_0', 'Dense')]
+    """
+    rs = as_rules(rules)
+    if isinstance(model, nn.Module):
+        return quantize_linen(model, rs, strict)
+    if isinstance(model, flax_nnx.Module):
+        return quantize_nnx(model, rs, strict)
+    raise TypeError(
+        f"quantize_model: expected a flax.linen.Module or flax.nnx.Module, got "
+        f"{type(model).__name__}."
+    )
+
+
+def report(model: Any) -> list[Match]:
+    """The quantized modules of a model from :func:`quantize_model`: ``Match(path, module,
+    rule)`` per module, in graph order (NNX) or call order (Linen, from the last call)."""
+    if isinstance(model, QuantizedModule):
+        return report_linen(model)
+    if isinstance(model, flax_nnx.Module):
+        return report_nnx(model)
+    raise TypeError(
+        f"jq.flax.report: expected a model returned by quantize_model, got {type(model).__name__}."
+    )
+
+
+__all__ = ["Match", "QuantizedModule", "Rule", "quantize_model", "report"]

@@ -1,0 +1,10 @@
+"""jaxquant's Flax integration (imports flax; ``import jaxquant`` alone does not).
+
+Rule-based quantization-aware training of existing Linen and NNX models::
+
+    from jaxquant.flax import Rule, quantize_model, report
+"""
+
+from jaxquant._src.flax import Match, QuantizedModule, Rule, quantize_model, report
+
+__all__ = ["Match", "QuantizedModule", "Rule", "quantize_model", "report"]
