@@ -32,6 +32,15 @@ from jaxquant._src.spec import QuantSpec
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The integrations import flax / optax; load them on first use (jq.flax, jq.optax).
+    if name in ("flax", "optax"):
+        import importlib
+
+        return importlib.import_module(f"jaxquant.{name}")
+    raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")
+
 __all__ = [
     "QArray",
     "QuantSpec",
