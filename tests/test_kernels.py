@@ -347,6 +347,7 @@ def test_public_api_dispatches_to_the_kernel_on_gpu(op, monkeypatch):
     from jaxquant._src import kernels as K
 
     real = K.supported
+    jax.clear_caches()  # the dispatch is decided while tracing: no cached trace may hide it
     monkeypatch.setattr(jax, "device_count", lambda *a: 1)  # the kernel is single-device only
     monkeypatch.setattr(
         K,
