@@ -5,11 +5,22 @@ NF4 / MX / binary / ternary, with per-tensor, per-channel, per-block and per-tok
 several calibrations, round-to-nearest-even and stochastic rounding, saturating casts.
 """
 
-from jaxquant import formats, metrics
-from jaxquant._src.calibration import absmax, fixed, kl, mean_std, minmax, mse, percentile
+from jaxquant import formats, metrics, recipes
+from jaxquant._src.calibration import (
+    absmax,
+    fixed,
+    kl,
+    mean_abs,
+    mean_std,
+    minmax,
+    mse,
+    percentile,
+    twn,
+)
 from jaxquant._src.dot import dot_capabilities, dot_general, einsum
 from jaxquant._src.explain import explain
 from jaxquant._src.granularity import per_block, per_channel, per_tensor, per_token
+from jaxquant._src.lsq import lsq_fake_quant, lsq_init
 from jaxquant._src.qarray import QArray
 from jaxquant._src.quantize import (
     dequantize,
@@ -41,6 +52,7 @@ def __getattr__(name: str):
         return importlib.import_module(f"jaxquant.{name}")
     raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")
 
+
 __all__ = [
     "QArray",
     "QuantSpec",
@@ -60,6 +72,9 @@ __all__ = [
     "fixed",
     "formats",
     "kl",
+    "lsq_fake_quant",
+    "lsq_init",
+    "mean_abs",
     "mean_std",
     "metrics",
     "minmax",
@@ -73,5 +88,7 @@ __all__ = [
     "quantize_tree",
     "quantize_with",
     "random_bits",
+    "recipes",
     "static_scaling",
+    "twn",
 ]

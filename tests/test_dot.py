@@ -436,14 +436,17 @@ def test_dot_capabilities_on_cpu():
 def test_errors_for_scales_along_the_contraction():
     lhs, rhs = jnp.ones((4, 8)), jnp.ones((8, 3))
     q = lambda gran, fmt="int8": jq.QuantSpec(fmt, gran)
+    real = functools.partial(dot_general, lhs, rhs, MATMUL, mode="real")
     with pytest.raises(ValueError, match=r"lhs_spec per_channel\(1,\).*axis 1.*per_token\(1\)"):
-        dot_general(lhs, rhs, MATMUL, lhs_spec=q(jq.per_channel(1)))
+        real(lhs_spec=q(jq.per_channel(1)), rhs_spec=q(None))
     with pytest.raises(ValueError, match=r"rhs_spec per_token.*axis 0, which dimension_numbers"):
-        dot_general(lhs, rhs, MATMUL, rhs_spec=q(jq.per_token(-1)))
+        real(lhs_spec=q(None), rhs_spec=q(jq.per_token(-1)))
+    with pytest.raises(ValueError, match="block scales.*mode='auto'"):
+        real(lhs_spec=q(jq.per_block(1, 4)), rhs_spec=q(None))
     with pytest.raises(ValueError, match="block scales"):
-        dot_general(lhs, rhs, MATMUL, lhs_spec=q(jq.per_block(1, 4)))
-    with pytest.raises(ValueError, match="block scales"):
-        dot_general(lhs, rhs, MATMUL, rhs_spec=jq.QuantSpec("mxfp8", jq.per_block(0, 8)))
+        real(lhs_spec=q(None), rhs_spec=jq.QuantSpec("mxfp8", jq.per_block(0, 8)))
+    with pytest.raises(ValueError, match="does not divide|divid"):
+        dot_general(lhs, rhs, MATMUL, lhs_spec=q(jq.per_block(1, 3)))
     with pytest.raises(ValueError, match="asymmetric"):
         dot_general(
             lhs,
@@ -524,7 +527,10 @@ def test_einsum_errors():
     with pytest.raises(ValueError, match="in no operand"):
         einsum("ij,jk->iz", a, b, lhs_spec=spec)
     with pytest.raises(ValueError, match="contract"):
-        einsum("ij,jk->ik", a, b, lhs_spec=jq.QuantSpec("int8", jq.per_channel(1)))
+        einsum(
+            "ij,jk->ik", a, b, lhs_spec=jq.QuantSpec("int8", jq.per_channel(1)), rhs_spec=spec,
+            mode="real",
+        )
 
 
 # ----------------------------------------------------------------------- flax injection
@@ -570,3 +576,56 @@ def test_flax_nnx_linear_injection():
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
     assert grads.kernel[...].shape == (16, 8)
+
+
+# ------------------------------------------------- scales along the contraction (auto)
+
+
+@pytest.mark.parametrize(
+    "lhs_spec, rhs_spec",
+    [
+        (jq.QuantSpec("int8", jq.per_block(1, 4)), jq.QuantSpec("int4", jq.per_block(0, 4))),
+        (jq.QuantSpec("mxfp8", jq.per_block(1, 8)), jq.QuantSpec("mxfp8", jq.per_block(0, 8))),
+        (None, jq.QuantSpec("int8", jq.per_channel(0))),
+    ],
+)
+def test_auto_mode_dequantizes_operands_with_contracted_scales(lhs_spec, rhs_spec):
+    """Block / contracted-axis scales: the product of the fake-quantized operands, and
+    straight-through gradients (the same as differentiating that float product)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    lhs = jax.random.normal(k1, (6, 16))
+    rhs = jax.random.normal(k2, (16, 5))
+    g = jax.random.normal(k3, (6, 5))
+
+    def fq(x, spec):
+        return x if spec is None else jq.fake_quant(x, spec)
+
+    def ours(a, b):
+        return jnp.sum(dot_general(a, b, MATMUL, lhs_spec=lhs_spec, rhs_spec=rhs_spec) * g)
+
+    def ref(a, b):
+        return jnp.sum(jnp.dot(fq(a, lhs_spec), fq(b, rhs_spec), precision="highest") * g)
+
+    np.testing.assert_allclose(jax.jit(ours)(lhs, rhs), ref(lhs, rhs), rtol=1e-5)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1)))(lhs, rhs)
+    want = jax.grad(ref, argnums=(0, 1))(lhs, rhs)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_clipped_ste_zeroes_the_gradient_of_saturated_elements():
+    # A fixed range of 1.0: |x| > 1 saturates and must get no gradient.
+    spec = jq.QuantSpec("int8", calibration=jq.fixed(1.0))
+    lhs = jnp.array([[0.5, -2.0, 0.9, 3.0]])
+    rhs = jnp.array([[1.0], [0.25], [-3.0], [0.5]])
+
+    def f(a, b, ste):
+        return jnp.sum(dot_general(a, b, MATMUL, lhs_spec=spec, rhs_spec=spec, ste=ste))
+
+    gl, gr = jax.grad(f, argnums=(0, 1))(lhs, rhs, "clipped")
+    pl, pr = jax.grad(f, argnums=(0, 1))(lhs, rhs, "plain")
+    assert gl.tolist()[0][1] == 0.0 and gl.tolist()[0][3] == 0.0
+    assert gl.tolist()[0][0] == pl.tolist()[0][0] != 0.0
+    assert gr.tolist()[2][0] == 0.0 and gr.tolist()[0][0] == pr.tolist()[0][0] != 0.0
+    with pytest.raises(ValueError, match="ste must be"):
+        f(lhs, rhs, "lsq")

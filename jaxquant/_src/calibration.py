@@ -284,7 +284,58 @@ class Fixed:
         return f"fixed({self.amax})"
 
 
-Calibration = AbsMax | MinMax | MeanStd | Percentile | MSE | KL | Fixed
+@dataclasses.dataclass(frozen=True)
+class MeanAbs:
+    """``amax = k * mean|x|`` over the finite elements: the scale of binary-weight
+    networks (BWN / XNOR-Net: ``alpha = E|W|`` with a ``{-1, +1}`` grid, ``k = 1``)."""
+
+    k: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.k > 0:
+            raise ValueError(f"mean_abs: k must be > 0, got {self.k}.")
+
+    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+        fin = _finite(x)
+        n = jnp.maximum(jnp.sum(fin, axis=axes, keepdims=True), 1).astype(jnp.float32)
+        amax = self.k * jnp.sum(jnp.where(fin, jnp.abs(x), 0.0), axis=axes, keepdims=True) / n
+        return -amax, amax
+
+    def __str__(self) -> str:
+        return f"mean_abs({self.k:g})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TWN:
+    """Ternary weight networks (Li & Liu 2016): threshold ``delta = t * E|W|``, scale
+    ``alpha = E[|W| : |W| > delta]``; ``W`` maps to ``alpha * sign(W)`` where
+    ``|W| > delta``, else 0. Only for the ``ternary`` format, whose rounding the quantizer
+    does at the threshold (``x / (2 delta)`` to nearest) while storing ``alpha``.
+    """
+
+    threshold: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold:
+            raise ValueError(f"twn: threshold must be > 0, got {self.threshold}.")
+
+    def delta(self, x: Array, axes: tuple[int, ...]) -> Array:
+        """``t * mean|x|`` per group (finite elements)."""
+        return MeanAbs(self.threshold)(x, axes, True, None)[1]  # type: ignore[arg-type]
+
+    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+        delta = self.delta(x, axes)
+        big = _finite(x) & (jnp.abs(x) > delta)
+        n = jnp.sum(big, axis=axes, keepdims=True).astype(jnp.float32)
+        total = jnp.sum(jnp.where(big, jnp.abs(x), 0.0), axis=axes, keepdims=True)
+        alpha = jnp.where(n > 0, total / jnp.maximum(n, 1.0), 0.0)
+        return -alpha, alpha
+
+    def __str__(self) -> str:
+        return f"twn({self.threshold:g})"
+
+
+Calibration = AbsMax | MinMax | MeanStd | Percentile | MSE | KL | Fixed | MeanAbs | TWN
 
 
 def absmax() -> AbsMax:
@@ -327,3 +378,33 @@ def fixed(amax: float | tuple[float, float]) -> Fixed:
     if not float(amax) >= 0:
         raise ValueError(f"fixed: amax must be >= 0, got {amax}.")
     return Fixed(float(amax))
+
+
+def mean_abs(k: float = 1.0) -> MeanAbs:
+    """``amax = k * mean|x|``: binary-weight scaling (``alpha = E|W|``).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> spec = jq.QuantSpec("binary", calibration=jq.mean_abs())
+      >>> jq.fake_quant(jnp.array([0.5, -1.5, 1.0]), spec).tolist()
+      [1.0, -1.0, 1.0]
+
+    References:
+      Rastegari et al., "XNOR-Net", https://arxiv.org/abs/1603.05279
+    """
+    return MeanAbs(float(k))
+
+
+def twn(threshold: float = 0.7) -> TWN:
+    """Ternary weight networks: zero below ``threshold * E|W|``, else ``+-E[|W| : kept]``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> spec = jq.QuantSpec("ternary", calibration=jq.twn())
+      >>> jq.fake_quant(jnp.array([0.1, -2.0, 1.0, 0.5]), spec).tolist()
+      [0.0, -1.5, 1.5, 0.0]
+
+    References:
+      Li & Liu, "Ternary Weight Networks", https://arxiv.org/abs/1605.04711
+    """
+    return TWN(float(threshold))

@@ -31,6 +31,11 @@ out like the forward one when they are constant along *its* contracted axes (per
 scales always are); when they are not -- a per-output-channel weight scale lies along the
 axis ``dlhs`` contracts -- that factor is dequantized and the dot is a float32 one.
 
+Operands whose scales change along a contracted axis (per-block and MX specs, a
+per-channel scale on a contracted axis) cannot be factored out; with ``mode="auto"`` or
+``"emulate"`` such an operand is quantized and dequantized (float32) before a float dot --
+weight-only int4 groups, MX recipes -- and ``mode="real"`` refuses it.
+
 NaN: the emulated path propagates NaN like ``fake_quant``; int8 storage, having no NaN,
 stores it as 0 (as :func:`jaxquant.quantize` does).
 """
@@ -49,7 +54,7 @@ from jax import lax
 
 from jaxquant._src.granularity import PerBlock
 from jaxquant._src.qarray import encode
-from jaxquant._src.quantize import _core, _to_grid
+from jaxquant._src.quantize import _core, _to_grid, scale_input
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -177,6 +182,7 @@ class _Config:
     lhs_dtype: np.dtype
     rhs_dtype: np.dtype
     out_sharding: Any
+    ste: str = "plain"  # "plain" or "clipped" (zero gradient where an operand saturated)
 
 
 def _normalize_dn(dn: Any) -> DimensionNumbers:
@@ -207,9 +213,15 @@ def _check_spec(spec: Any, name: str, fn: str) -> QuantSpec | None:
 
 
 def _check_operand(
-    spec: QuantSpec | None, x: Array, contract: tuple[int, ...], batch: tuple[int, ...], name: str
+    spec: QuantSpec | None,
+    x: Array,
+    contract: tuple[int, ...],
+    batch: tuple[int, ...],
+    name: str,
+    mode: str,
 ) -> None:
-    """The scales of a forward operand must be constant along its contracted axes."""
+    """With ``mode="real"``, the scales of a forward operand must be constant along its
+    contracted axes (other modes dequantize such an operand before a float dot)."""
     if spec is None:
         return
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -217,6 +229,9 @@ def _check_operand(
             f"dot_general: {name}_spec quantizes {name}, which must be floating point; got "
             f"dtype {x.dtype}. Cast it (x.astype(jnp.float32)) or pass {name}_spec=None."
         )
+    if mode != "real":
+        spec.granularity.plan(tuple(x.shape))  # shape errors now, with the spec's message
+        return
     free = [i for i in range(x.ndim) if i not in contract and i not in batch]
     hint = (
         f"Use per_tensor(), or one scale per index of the non-contracted axes "
@@ -230,7 +245,8 @@ def _check_operand(
         raise ValueError(
             f"dot_general: {name}_spec uses {spec.granularity} (format {spec.format.name}); "
             "block scales change along the contracted axis and cannot be factored out of "
-            f"the dot. {hint}."
+            f"an int8 / fp8 dot (mode='real'). {hint}, or mode='auto' to dequantize the "
+            "operand before a float dot."
         )
     plan = spec.granularity.plan(tuple(x.shape))
     bad = tuple(d for d in contract if plan.scale_shape[d] != 1)
@@ -240,7 +256,8 @@ def _check_operand(
             f"{tuple(x.shape)}) a different scale at each index of axis "
             f"{bad[0] if len(bad) == 1 else bad}, "
             f"which dimension_numbers contract (contracting axes {contract}). Scales must be "
-            f"constant along contracted axes to be factored out of the sum. {hint}."
+            f"constant along contracted axes to be factored out of an int8 / fp8 dot "
+            f"(mode='real'). {hint}, or mode='auto' to dequantize the operand first."
         )
 
 
@@ -270,15 +287,27 @@ def _quantize_operand(
     x: Array, spec: QuantSpec | None, key: Array | None, scale: Array | None, store
 ) -> tuple[Array, Array | None]:
     """(values, scale): grid values (int8/fp8 storage or float32) and the scale laid out
-    like ``x`` (size 1 along shared axes); ``(x, None)`` for an operand left as it is."""
+    like ``x`` (size 1 along shared axes); ``(x, None)`` for an operand left as it is.
+    Block scales (which change along the blocked axis) are applied here: the values come
+    back dequantized, in float32, with scale None."""
     if spec is None:
         return x, None
     r, s, _, plan = _core(x, spec, key, scale)
-    if plan.view != plan.shape:  # block scales (gradients only): dequantize
+    if plan.view != plan.shape:
         return (_to_grid(r, spec) * s).reshape(plan.shape), None
     if store is not None:
         return encode(r, spec.format), s
     return _to_grid(r, spec), s
+
+
+def _in_range(x: Array, spec: QuantSpec | None, scale: Array | None) -> Array | None:
+    """Clipped-STE mask: where ``x`` lies inside the quantizer's range (None: no spec)."""
+    if spec is None:
+        return None
+    _, s, _, plan = _core(jax.lax.stop_gradient(x), spec, None, scale)
+    qmin, qmax = spec.qrange
+    t = scale_input(x.astype(jnp.float32).reshape(plan.view), s, None)
+    return ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
 
 
 def _scale_constant_along(s: Array | None, axes: tuple[int, ...]) -> bool:
@@ -382,7 +411,10 @@ def _fwd_impl(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
     lv, ls = _quantize_operand(lhs, cfg.lhs_spec, kl, lhs_scale, cfg.lhs_store)
     rv, rs = _quantize_operand(rhs, cfg.rhs_spec, kr, rhs_scale, cfg.rhs_store)
     out = _scaled_dot(lv, ls, rv, rs, cfg.dn, cfg, cfg.out_sharding).astype(cfg.out_dtype)
-    return out, (lv, ls, rv, rs, grad_scale, kg)
+    masks = (None, None)
+    if cfg.ste == "clipped":
+        masks = (_in_range(lhs, cfg.lhs_spec, lhs_scale), _in_range(rhs, cfg.rhs_spec, rhs_scale))
+    return out, (lv, ls, rv, rs, grad_scale, kg, masks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -395,7 +427,7 @@ def _qdot_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
 
 
 def _qdot_bwd(cfg: _Config, res, g):
-    lv, ls, rv, rs, grad_scale, kg = res
+    lv, ls, rv, rs, grad_scale, kg, (lmask, rmask) = res
     if cfg.grad_spec is not None:
         gv, gs = _quantize_operand(g, cfg.grad_spec, kg, grad_scale, cfg.grad_store)
     else:
@@ -404,6 +436,10 @@ def _qdot_bwd(cfg: _Config, res, g):
     dlhs = _transpose_dot(gv, gs, rv, rs, cfg.dn, lv.ndim, cfg, swap_ans=False)
     swapped = ((rc, lc), (rb, lb))
     drhs = _transpose_dot(gv, gs, lv, ls, swapped, rv.ndim, cfg, swap_ans=True)
+    if lmask is not None:
+        dlhs = jnp.where(lmask, dlhs, 0.0)
+    if rmask is not None:
+        drhs = jnp.where(rmask, drhs, 0.0)
     return dlhs.astype(cfg.lhs_dtype), drhs.astype(cfg.rhs_dtype), None, None, None, None
 
 
@@ -430,6 +466,7 @@ def dot_general(
     grad_scale: jax.typing.ArrayLike | None = None,
     key: Array | None = None,
     mode: Mode = "auto",
+    ste: Literal["plain", "clipped"] = "plain",
     out_sharding: Any = None,
 ) -> Array:
     """Quantized ``jax.lax.dot_general``: real int8 / fp8 matmuls, quantized gradients.
@@ -465,6 +502,8 @@ def dot_general(
         backend says so), ``"real"`` (always call ``lax.dot_general`` on int8 / fp8 arrays;
         needs both operand specs int8 or both fp8) or ``"emulate"`` (float32 dot of the
         grid values).
+      ste: the operands' straight-through estimator: ``"plain"`` passes the gradient
+        through the quantizer; ``"clipped"`` zeroes it where the operand saturated.
 
     Returns:
       The product, shaped like ``lax.dot_general``'s.
@@ -495,6 +534,11 @@ def dot_general(
     grad_spec = _check_spec(grad_spec, "grad_spec", fn)
     if mode not in ("auto", "real", "emulate"):
         raise ValueError(f"{fn}: mode must be 'auto', 'real' or 'emulate', got {mode!r}.")
+    if ste not in ("plain", "clipped"):
+        raise ValueError(
+            f"{fn}: ste must be 'plain' or 'clipped', got {ste!r} (learned step sizes: "
+            "Rule(ste='lsq') in jaxquant.flax, or jq.lsq_fake_quant on the operand)."
+        )
     lhs = jnp.asarray(lhs)
     rhs = jnp.asarray(rhs)
     kw = {} if out_sharding is None else {"out_sharding": out_sharding}
@@ -510,8 +554,8 @@ def dot_general(
         jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
     )
     (lc, rc), (lb, rb) = dn
-    _check_operand(lhs_spec, lhs, lc, lb, "lhs")
-    _check_operand(rhs_spec, rhs, rc, rb, "rhs")
+    _check_operand(lhs_spec, lhs, lc, lb, "lhs", mode)
+    _check_operand(rhs_spec, rhs, rc, rb, "rhs", mode)
     if grad_spec is not None:
         if not jnp.issubdtype(out_aval.dtype, jnp.floating):
             raise TypeError(f"{fn}: grad_spec needs a floating-point output, got {out_aval.dtype}.")
@@ -549,6 +593,7 @@ def dot_general(
         lhs_dtype=np.dtype(lhs.dtype),
         rhs_dtype=np.dtype(rhs.dtype),
         out_sharding=out_sharding,
+        ste=ste,
     )
 
     def opt(s):
@@ -627,6 +672,7 @@ def einsum(
     preferred_element_type: jax.typing.DTypeLike | None = None,
     key: Array | None = None,
     mode: Mode = "auto",
+    ste: Literal["plain", "clipped"] = "plain",
 ) -> Array:
     """Quantized two-operand ``jnp.einsum``, computed by :func:`dot_general`.
 
@@ -640,7 +686,7 @@ def einsum(
       subscripts: e.g. ``"btd,df->btf"``.
       a, b: the operands.
       lhs_spec, rhs_spec, grad_spec, lhs_scale, rhs_scale, grad_scale, precision,
-      preferred_element_type, key, mode: as in :func:`dot_general` (``lhs`` is ``a``).
+      preferred_element_type, key, mode, ste: as in :func:`dot_general` (``lhs`` is ``a``).
 
     Returns:
       The product, with the output labels' axis order.
@@ -693,6 +739,7 @@ def einsum(
         grad_scale=grad_scale,
         key=key,
         mode=mode,
+        ste=ste,
     )
     perm = tuple(names.index(c) for c in lo)
     return out if perm == tuple(range(len(perm))) else jnp.transpose(out, perm)

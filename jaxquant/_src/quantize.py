@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src import kernels, rounding
+from jaxquant._src.calibration import TWN
 from jaxquant._src.granularity import Plan
 from jaxquant._src.qarray import QArray, decode, encode, pack, unpack
 from jaxquant._src.spec import QuantSpec
@@ -215,7 +216,14 @@ def _core(
         s, z = compute_scale(jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi), spec)
     # A plain cast (no calibration, no given scale) must not multiply by s = 1: XLA's CPU
     # backend flushes float32 subnormals in multiplies, and bf16 has subnormals there.
-    y = xv if _unit_scale(spec, scale) else scale_input(xv, s, z)
+    if _unit_scale(spec, scale):
+        y = xv
+    elif isinstance(spec.calibration, TWN) and scale is None:
+        # Ternary weight networks round at the threshold delta, not at alpha / 2.
+        delta = jax.lax.stop_gradient(spec.calibration.delta(xv, plan.reduce_axes))
+        y = scale_input(xv, _guard_scale(2.0 * delta, delta > 0), None)
+    else:
+        y = scale_input(xv, s, z)
     r = _round_scaled(y, spec, _noise(spec, key, plan.view))
     return r, s, z, plan
 

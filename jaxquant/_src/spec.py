@@ -114,11 +114,25 @@ class QuantSpec:
             sfmt = formats.get("e8m0")
         if calibration is not None and not isinstance(
             calibration,
-            cal.AbsMax | cal.MeanStd | cal.Percentile | cal.MSE | cal.KL | cal.Fixed,
+            cal.AbsMax
+            | cal.MeanStd
+            | cal.Percentile
+            | cal.MSE
+            | cal.KL
+            | cal.Fixed
+            | cal.MeanAbs
+            | cal.TWN,
         ):
             raise TypeError(
                 "QuantSpec.calibration: expected absmax(), minmax(), mean_std(k), "
-                f"percentile(p), mse(), kl(), fixed(amax) or None, got {calibration!r}."
+                f"percentile(p), mse(), kl(), fixed(amax), mean_abs(k), twn(t) or None, got "
+                f"{calibration!r}."
+            )
+        if isinstance(calibration, cal.TWN) and fmt.name != "ternary":
+            raise ValueError(
+                f"QuantSpec.calibration: twn() thresholds onto {{-1, 0, +1}}; it needs the "
+                f"'ternary' format, got {fmt.name}. Use QuantSpec('ternary', "
+                "calibration=jq.twn())."
             )
         if not symmetric:
             if fmt.kind != "int":

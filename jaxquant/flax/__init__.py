@@ -5,6 +5,22 @@ Rule-based quantization-aware training of existing Linen and NNX models::
     from jaxquant.flax import Rule, quantize_model, report
 """
 
-from jaxquant._src.flax import Match, QuantizedModule, Rule, quantize_model, report
+from jaxquant._src.flax import (
+    Match,
+    NnxQuantOp,
+    QuantizedModule,
+    QuantState,
+    Rule,
+    quantize_model,
+    report,
+)
 
-__all__ = ["Match", "QuantizedModule", "Rule", "quantize_model", "report"]
+__all__ = [
+    "Match",
+    "NnxQuantOp",
+    "QuantState",
+    "QuantizedModule",
+    "Rule",
+    "quantize_model",
+    "report",
+]

@@ -9,13 +9,20 @@ import flax.linen as nn
 from flax import nnx as flax_nnx  # not `nnx`: the submodule jaxquant._src.flax.nnx
 
 from jaxquant._src.flax.linen import QuantizedModule, quantize_linen, report_linen
-from jaxquant._src.flax.nnx import quantize_nnx, report_nnx
+from jaxquant._src.flax.nnx import QuantOp as NnxQuantOp
+from jaxquant._src.flax.nnx import QuantState, quantize_nnx, report_nnx
 from jaxquant._src.flax.rules import Match, Rule, as_rules
 
 M = TypeVar("M")
 
 
-def quantize_model(model: M, rules: Rule | Iterable[Rule], *, strict: bool = True) -> Any:
+def quantize_model(
+    model: M,
+    rules: Rule | Iterable[Rule],
+    *,
+    strict: bool = True,
+    rngs: flax_nnx.Rngs | None = None,
+) -> Any:
     """Quantization-aware training for an existing Flax model, chosen by rules.
 
     Each ``nn.Dense`` / ``nn.DenseGeneral`` (Linen) or ``nnx.Linear`` /
@@ -38,6 +45,8 @@ def quantize_model(model: M, rules: Rule | Iterable[Rule], *, strict: bool = Tru
       model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
       rules: a :class:`Rule` or a sequence of them.
       strict: raise (True) or warn (False) for rules that match nothing.
+      rngs: NNX only: an ``nnx.Rngs`` with a ``quant`` stream, required when a rule rounds
+        stochastically (Linen models take ``rngs={"quant": key}`` in ``apply`` instead).
 
     Returns:
       The quantized model; :func:`report` lists what was quantized with which rule.
@@ -54,9 +63,14 @@ def quantize_model(model: M, rules: Rule | Iterable[Rule], *, strict: bool = Tru
     """
     rs = as_rules(rules)
     if isinstance(model, nn.Module):
+        if rngs is not None:
+            raise TypeError(
+                "quantize_model: a Linen model takes its PRNG keys in apply "
+                "(rngs={'quant': key}), not rngs= here."
+            )
         return quantize_linen(model, rs, strict)
     if isinstance(model, flax_nnx.Module):
-        return quantize_nnx(model, rs, strict)
+        return quantize_nnx(model, rs, strict, rngs)
     raise TypeError(
         f"quantize_model: expected a flax.linen.Module or flax.nnx.Module, got "
         f"{type(model).__name__}."
@@ -75,4 +89,12 @@ def report(model: Any) -> list[Match]:
     )
 
 
-__all__ = ["Match", "QuantizedModule", "Rule", "quantize_model", "report"]
+__all__ = [
+    "Match",
+    "NnxQuantOp",
+    "QuantState",
+    "QuantizedModule",
+    "Rule",
+    "quantize_model",
+    "report",
+]

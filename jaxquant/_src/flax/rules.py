@@ -19,7 +19,13 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+
 from jaxquant._src.dot import dot_general, einsum
+from jaxquant._src.granularity import PerChannel, PerTensor
+from jaxquant._src.lsq import lsq_fake_quant, lsq_init
+from jaxquant._src.scaling import Scaling, delayed_scaling
 from jaxquant._src.spec import QuantSpec
 
 _MODES = ("auto", "real", "emulate")
@@ -37,10 +43,24 @@ class Rule:
       act: spec of the input activation (the dot's ``lhs``), e.g. int8 per-tensor.
       grad: spec of the output gradient in the backward pass (e.g. e5m2).
       mode: passed to :func:`jaxquant.dot_general`: ``"auto"``, ``"real"`` or ``"emulate"``.
+      scaling: ``"current"`` (each step's own amax) or ``"delayed"``: the weight and
+        activation scales come from an amax history (:func:`jaxquant.delayed_scaling`)
+        kept in the ``"quant_state"`` collection (Linen: pass ``mutable=["quant_state"]``
+        to ``apply`` while training; NNX: :class:`QuantState` variables updated in place
+        unless the model is in ``eval()`` mode). Delayed specs must be per-tensor or
+        per-channel over the kernel's output axes (one history per scale).
+      history_len, margin: of the delayed scaling.
+      ste: the operands' straight-through estimator: ``"plain"``, ``"clipped"`` (zero
+        gradient where an operand saturated) or ``"lsq"`` (learned step size, Esser et al.
+        2019: each quantized operand's step is a trained parameter, ``params`` in Linen,
+        ``nnx.Param`` in NNX, with LSQ's gradient; the product is then a float dot).
+
+    Stochastic specs (``rounding="stochastic"``) draw their keys from the ``"quant"`` PRNG
+    stream: ``apply(..., rngs={"quant": key})`` in Linen, ``quantize_model(model, rules,
+    rngs=nnx.Rngs(quant=seed))`` in NNX.
 
     Raises:
-      ValueError: for an invalid regex, an unknown mode, or a stochastic spec (the model
-        rewrite has no PRNG key to give it).
+      ValueError: for an invalid regex, or an unknown mode, scaling or ste.
 
     Example:
       >>> import jaxquant as jq
@@ -55,6 +75,10 @@ class Rule:
     act: QuantSpec | None = None
     grad: QuantSpec | None = None
     mode: str = "auto"
+    scaling: str = "current"
+    history_len: int = 16
+    margin: int = 0
+    ste: str = "plain"
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str):
@@ -69,14 +93,43 @@ class Rule:
                 continue
             if not isinstance(spec, QuantSpec):
                 raise TypeError(f"Rule.{name} must be a jq.QuantSpec or None, got {spec!r}.")
-            if spec.stochastic:
-                raise ValueError(
-                    f"Rule.{name}: {spec} uses stochastic rounding, which needs a PRNG key "
-                    "per step; quantize_model has none to give. Use rounding='nearest', or "
-                    "call jq.dot_general(..., key=...) yourself."
-                )
         if self.mode not in _MODES:
             raise ValueError(f"Rule.mode must be one of {_MODES}, got {self.mode!r}.")
+        if self.scaling not in ("current", "delayed"):
+            raise ValueError(f"Rule.scaling must be 'current' or 'delayed', got {self.scaling!r}.")
+        if self.ste not in ("plain", "clipped", "lsq"):
+            raise ValueError(f"Rule.ste must be 'plain', 'clipped' or 'lsq', got {self.ste!r}.")
+        if not isinstance(self.history_len, int) or self.history_len < 1:
+            raise ValueError(f"Rule.history_len must be an int >= 1, got {self.history_len!r}.")
+        if self.scaling == "delayed" and self.ste == "lsq":
+            raise ValueError(
+                "Rule: scaling='delayed' and ste='lsq' both choose the operands' scales; pick one."
+            )
+        for name in ("weight", "act") if self.scaling == "delayed" or self.ste == "lsq" else ():
+            spec = getattr(self, name)
+            if spec is None:
+                continue
+            bad_gran = not isinstance(spec.granularity, PerTensor | PerChannel) or (
+                name == "act" and not isinstance(spec.granularity, PerTensor)
+            )
+            if spec.calibration is None or spec.format.kind == "mx" or bad_gran:
+                what = "scaling='delayed'" if self.scaling == "delayed" else "ste='lsq'"
+                raise ValueError(
+                    f"Rule.{name}: {what} keeps one scale per group across steps, so the "
+                    f"groups must not depend on the batch or on blocks; got {spec}. Use "
+                    "per_tensor() (or, for the weight, per_channel over the kernel's output "
+                    "axes)."
+                )
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the rule keeps variables (delayed scales, learned steps) or PRNG keys."""
+        specs = (self.weight, self.act, self.grad)
+        return (
+            self.scaling == "delayed"
+            or self.ste == "lsq"
+            or any(s is not None and s.stochastic for s in specs)
+        )
 
     @property
     def quantizes(self) -> bool:
@@ -171,6 +224,7 @@ class QuantDot:
             rhs_spec=r.weight,
             grad_spec=r.grad,
             mode=r.mode,  # type: ignore[arg-type]
+            ste=r.ste,  # type: ignore[arg-type]
             out_sharding=out_sharding,
         )
 
@@ -208,4 +262,118 @@ class QuantEinsum:
             precision=precision,
             preferred_element_type=preferred_element_type,
             mode=r.mode,  # type: ignore[arg-type]
+            ste=r.ste,  # type: ignore[arg-type]
         )
+
+
+# ------------------------------------------------------------ stateful rules (shared)
+#
+# A stateful rule (delayed scaling, LSQ, stochastic rounding) needs variables and keys;
+# the Linen and NNX front ends keep them in their own way and call `run_stateful`.
+
+OPERANDS = (("lhs", "act"), ("rhs", "weight"))  # (dot operand, rule field)
+
+
+def operand_specs(rule: Rule) -> list[tuple[str, QuantSpec]]:
+    """``[(operand, spec)]`` for the operands the rule quantizes."""
+    return [(op, getattr(rule, f)) for op, f in OPERANDS if getattr(rule, f) is not None]
+
+
+def scaling_for(rule: Rule, spec: QuantSpec) -> Scaling:
+    return delayed_scaling(spec, history_len=rule.history_len, margin=rule.margin)
+
+
+def step_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of a learned step: ``()`` per-tensor, else the plan's scale shape."""
+    if isinstance(spec.granularity, PerTensor):
+        return ()
+    return spec.granularity.plan(shape).scale_shape
+
+
+def step_base(base: jax.Array, x: jax.Array, spec: QuantSpec) -> jax.Array:
+    """LSQ's data-dependent initial step, taken from ``x`` while ``base`` holds none (0)."""
+    init = lsq_init(x, spec).reshape(base.shape)
+    return jax.lax.stop_gradient(jnp.where(base > 0, base, init))
+
+
+def deterministic_rule(rule: Rule) -> Rule:
+    """The rule with stochastic specs rounding to nearest (evaluation)."""
+
+    def det(spec: QuantSpec | None) -> QuantSpec | None:
+        return spec.replace(rounding="nearest") if spec is not None and spec.stochastic else spec
+
+    return dataclasses.replace(
+        rule, weight=det(rule.weight), act=det(rule.act), grad=det(rule.grad)
+    )
+
+
+def needs_key(rule: Rule) -> bool:
+    return any(s is not None and s.stochastic for s in (rule.weight, rule.act, rule.grad))
+
+
+def run_stateful(
+    rule: Rule,
+    lhs: Any,
+    rhs: Any,
+    *,
+    dimension_numbers: Any = None,
+    subscripts: str | None = None,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    out_sharding: Any = None,
+    scales: dict[str, jax.Array] | None = None,
+    steps: dict[str, jax.Array] | None = None,
+    key: jax.Array | None = None,
+) -> Any:
+    """One quantized product for ``rule`` with this step's scales (delayed scaling),
+    learned steps (LSQ) and PRNG key: ``dot_general`` (``dimension_numbers``) or
+    ``einsum`` (``subscripts``)."""
+    scales = scales or {}
+    lhs_spec, rhs_spec, ste = rule.act, rule.weight, rule.ste
+    if rule.ste == "lsq":
+        assert steps is not None
+        kl = kr = None
+        if key is not None:
+            kl, kr, key = (jax.random.fold_in(key, i) for i in range(3))
+        if lhs_spec is not None:
+            lhs = lsq_fake_quant(
+                lhs, lhs_spec, steps["lhs"], key=kl if lhs_spec.stochastic else None
+            )
+        if rhs_spec is not None:
+            rhs = lsq_fake_quant(
+                rhs, rhs_spec, steps["rhs"], key=kr if rhs_spec.stochastic else None
+            )
+        lhs_spec = rhs_spec = None
+        ste = "plain"
+    kw: dict[str, Any] = dict(
+        lhs_spec=lhs_spec,
+        rhs_spec=rhs_spec,
+        grad_spec=rule.grad,
+        lhs_scale=scales.get("lhs"),
+        rhs_scale=scales.get("rhs"),
+        key=key,
+        mode=rule.mode,
+        ste=ste,
+    )
+    if subscripts is not None:
+        if out_sharding is not None:
+            raise ValueError(
+                "jq.einsum takes no out_sharding; leave it None for a quantized Einsum."
+            )
+        return einsum(
+            subscripts,
+            lhs,
+            rhs,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            **kw,
+        )
+    return dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision,
+        preferred_element_type,
+        out_sharding=out_sharding,
+        **kw,
+    )

@@ -1,0 +1,32 @@
+"""Named quantized-training recipes (fp8, int8, int4, binary, ternary, MX)::
+
+import jaxquant as jq
+rules = jq.recipes.get("w8a8_int8").rules()        # for jaxquant.flax.quantize_model
+kw = jq.recipes.get("fp8_current").dot_kwargs()    # for jq.dot_general / jq.einsum
+"""
+
+from jaxquant._src.recipes import (
+    Recipe,
+    binary,
+    fp8_current,
+    fp8_delayed,
+    get,
+    mxfp8,
+    names,
+    ternary,
+    w4a16_int4,
+    w8a8_int8,
+)
+
+__all__ = [
+    "Recipe",
+    "binary",
+    "fp8_current",
+    "fp8_delayed",
+    "get",
+    "mxfp8",
+    "names",
+    "ternary",
+    "w4a16_int4",
+    "w8a8_int8",
+]
