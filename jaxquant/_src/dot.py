@@ -183,6 +183,21 @@ class _Config:
     rhs_dtype: np.dtype
     out_sharding: Any
     ste: str = "plain"  # "plain" or "clipped" (zero gradient where an operand saturated)
+    fp8_lowering: str = "f32_out"  # see _FP8_LOWERING
+    native_cast: bool = False  # see _NATIVE_FP8_CAST
+
+
+# How a real fp8 x fp8 dot with per-tensor scales is written for XLA (GPU):
+# * "f32_out": dot(f8, f8) -> f32, then the f32 result times the scales;
+# * "dequant_out": dot(convert(f8) * s_a, convert(f8) * s_b) in the output dtype (bf16 /
+#   f16, else f32): the pattern XLA's GEMM rewriter turns into one cuBLASLt fp8 GEMM with
+#   the scales and the output conversion fused;
+# * "dequant_f32": the same pattern in float32.
+_FP8_LOWERING = "f32_out"
+# Round fp8 operands of a real dot with the device's own conversion (after the scale
+# and a clip to the format's range) instead of the integer emulation. Both round to
+# nearest-even; the conversion is cheaper per element.
+_NATIVE_FP8_CAST = False
 
 
 def _normalize_dn(dn: Any) -> DimensionNumbers:
@@ -284,7 +299,12 @@ def _real_pair(a: QuantSpec | None, b: QuantSpec | None) -> bool:
 
 
 def _quantize_operand(
-    x: Array, spec: QuantSpec | None, key: Array | None, scale: Array | None, store
+    x: Array,
+    spec: QuantSpec | None,
+    key: Array | None,
+    scale: Array | None,
+    store,
+    native_cast: bool = False,
 ) -> tuple[Array, Array | None]:
     """(values, scale): grid values (int8/fp8 storage or float32) and the scale laid out
     like ``x`` (size 1 along shared axes); ``(x, None)`` for an operand left as it is.
@@ -292,7 +312,16 @@ def _quantize_operand(
     back dequantized, in float32, with scale None."""
     if spec is None:
         return x, None
-    r, s, _, plan = _core(x, spec, key, scale)
+    native = (
+        native_cast
+        and store is not None
+        and np.dtype(store).name in _FP8
+        and not spec.stochastic
+        and spec.saturate
+    )
+    r, s, _, plan = _core(x, spec, key, scale, rounded=not native)
+    if native:  # the GPU's RNE conversion (cvt.rn.satfinite) rounds; values are in range
+        return r.astype(store), s
     if plan.view != plan.shape:
         return (_to_grid(r, spec) * s).reshape(plan.shape), None
     if store is not None:
@@ -335,8 +364,10 @@ def _scaled_dot(
     dn: DimensionNumbers,
     cfg: _Config,
     out_sharding: Any = None,
+    out_dtype: Any = jnp.float32,
 ) -> Array:
-    """float32 ``dot_general(a * sa, b * sb, dn)``, low precision where the pair allows."""
+    """``dot_general(a * sa, b * sb, dn)``, low precision where the pair allows; float32,
+    or ``out_dtype`` when a fused fp8 GEMM writes it directly."""
     (ca, cb), (ba, bb) = dn
     if not _scale_constant_along(sa, ca):
         a, sa = a.astype(jnp.float32) * sa, None
@@ -347,6 +378,14 @@ def _scaled_dot(
     if pair == ("int8", "int8"):
         pet = jnp.int32
     elif pair in cfg.fp8_pairs:
+        if cfg.fp8_lowering != "f32_out" and _scalar(sa) and _scalar(sb):
+            cdt = jnp.float32
+            if cfg.fp8_lowering == "dequant_out" and np.dtype(out_dtype) in _HALF:
+                cdt = out_dtype
+            a = a.astype(cdt) if sa is None else a.astype(cdt) * sa.reshape(()).astype(cdt)
+            b = b.astype(cdt) if sb is None else b.astype(cdt) * sb.reshape(()).astype(cdt)
+            kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+            return lax.dot_general(a, b, dn, preferred_element_type=cdt, **kw)
         pet = jnp.float32
     else:
         a, b, pet = a.astype(jnp.float32), b.astype(jnp.float32), jnp.float32
@@ -364,6 +403,13 @@ def _scaled_dot(
     return out
 
 
+_HALF = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+def _scalar(s: Array | None) -> bool:
+    return s is None or s.size == 1
+
+
 def _remaining(n: int, *taken: tuple[int, ...]) -> tuple[int, ...]:
     skip = {i for t in taken for i in t}
     return tuple(i for i in range(n) if i not in skip)
@@ -379,6 +425,7 @@ def _transpose_dot(
     cfg: _Config,
     *,
     swap_ans: bool,
+    out_dtype: Any,
 ) -> Array:
     """Cotangent of ``x`` in ``dot_general(x, y, dn)`` (``swap_ans``: of ``dot(y, x)``),
     as in ``jax.lax``'s transpose rule, with scaled operands."""
@@ -394,7 +441,7 @@ def _transpose_dot(
     dims = ((ans_y, y_kept), (ans_batch, y_batch))
     x_contract_sorted_by_y = [x_contract[i] for i in np.argsort(y_contract)]
     out_axes = tuple(int(i) for i in np.argsort([*x_batch, *x_kept, *x_contract_sorted_by_y]))
-    return jnp.transpose(_scaled_dot(g, gs, y, ys, dims, cfg), out_axes)
+    return jnp.transpose(_scaled_dot(g, gs, y, ys, dims, cfg, out_dtype=out_dtype), out_axes)
 
 
 def _keys(key: Array | None) -> tuple[Array | None, Array | None, Array | None]:
@@ -408,9 +455,11 @@ def _keys(key: Array | None) -> tuple[Array | None, Array | None, Array | None]:
 
 def _fwd_impl(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
     kl, kr, kg = _keys(key)
-    lv, ls = _quantize_operand(lhs, cfg.lhs_spec, kl, lhs_scale, cfg.lhs_store)
-    rv, rs = _quantize_operand(rhs, cfg.rhs_spec, kr, rhs_scale, cfg.rhs_store)
-    out = _scaled_dot(lv, ls, rv, rs, cfg.dn, cfg, cfg.out_sharding).astype(cfg.out_dtype)
+    nc = cfg.native_cast
+    lv, ls = _quantize_operand(lhs, cfg.lhs_spec, kl, lhs_scale, cfg.lhs_store, nc)
+    rv, rs = _quantize_operand(rhs, cfg.rhs_spec, kr, rhs_scale, cfg.rhs_store, nc)
+    out = _scaled_dot(lv, ls, rv, rs, cfg.dn, cfg, cfg.out_sharding, cfg.out_dtype)
+    out = out.astype(cfg.out_dtype)
     masks = (None, None)
     if cfg.ste == "clipped":
         masks = (_in_range(lhs, cfg.lhs_spec, lhs_scale), _in_range(rhs, cfg.rhs_spec, rhs_scale))
@@ -429,13 +478,19 @@ def _qdot_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
 def _qdot_bwd(cfg: _Config, res, g):
     lv, ls, rv, rs, grad_scale, kg, (lmask, rmask) = res
     if cfg.grad_spec is not None:
-        gv, gs = _quantize_operand(g, cfg.grad_spec, kg, grad_scale, cfg.grad_store)
+        gv, gs = _quantize_operand(
+            g, cfg.grad_spec, kg, grad_scale, cfg.grad_store, cfg.native_cast
+        )
     else:
         gv, gs = g, None
     (lc, rc), (lb, rb) = cfg.dn
-    dlhs = _transpose_dot(gv, gs, rv, rs, cfg.dn, lv.ndim, cfg, swap_ans=False)
+    dlhs = _transpose_dot(
+        gv, gs, rv, rs, cfg.dn, lv.ndim, cfg, swap_ans=False, out_dtype=cfg.lhs_dtype
+    )
     swapped = ((rc, lc), (rb, lb))
-    drhs = _transpose_dot(gv, gs, lv, ls, swapped, rv.ndim, cfg, swap_ans=True)
+    drhs = _transpose_dot(
+        gv, gs, lv, ls, swapped, rv.ndim, cfg, swap_ans=True, out_dtype=cfg.rhs_dtype
+    )
     if lmask is not None:
         dlhs = jnp.where(lmask, dlhs, 0.0)
     if rmask is not None:
@@ -594,6 +649,8 @@ def dot_general(
         rhs_dtype=np.dtype(rhs.dtype),
         out_sharding=out_sharding,
         ste=ste,
+        fp8_lowering=_FP8_LOWERING if caps["platform"] == "gpu" else "f32_out",
+        native_cast=_NATIVE_FP8_CAST and caps["platform"] == "gpu",
     )
 
     def opt(s):

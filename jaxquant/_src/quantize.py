@@ -194,8 +194,15 @@ def _core(
     key: Array | None,
     scale: Array | None,
     zero_point: Array | None = None,
+    *,
+    rounded: bool = True,
 ) -> tuple[Array, Array, Array | None, Plan]:
-    """(rounded values in the blocked view, scale, zero point, plan); all float32."""
+    """(rounded values in the blocked view, scale, zero point, plan); all float32.
+
+    ``rounded=False`` (nearest, saturating float specs only) returns the scaled values
+    clipped to the format's range instead, for a caller that rounds them with the
+    hardware's own round-to-nearest-even conversion into the format's dtype.
+    """
     plan = spec.granularity.plan(tuple(x.shape))
     xv = x.astype(jnp.float32).reshape(plan.view)
     if scale is not None:
@@ -224,6 +231,10 @@ def _core(
         y = scale_input(xv, _guard_scale(2.0 * delta, delta > 0), None)
     else:
         y = scale_input(xv, s, z)
+    if not rounded:
+        assert spec.element.kind == "float" and not spec.stochastic and spec.saturate
+        fmax = float(spec.element.max)
+        return jnp.clip(y, -fmax, fmax), s, z, plan
     r = _round_scaled(y, spec, _noise(spec, key, plan.view))
     return r, s, z, plan
 
