@@ -629,3 +629,38 @@ def test_clipped_ste_zeroes_the_gradient_of_saturated_elements():
     assert gr.tolist()[2][0] == 0.0 and gr.tolist()[0][0] == pr.tolist()[0][0] != 0.0
     with pytest.raises(ValueError, match="ste must be"):
         f(lhs, rhs, "lsq")
+
+
+def test_native_fp8_cast_matches_the_integer_rounding(monkeypatch):
+    """The GPU fast path (hardware RNE conversion, bit-decoded fallbacks) forced on CPU:
+    the same product and gradients as the integer-emulated rounding, for a real pair and
+    for an e5m2 x e5m2 pair that cuBLASLt lacks (decoded through its bits)."""
+    from jaxquant._src import dot as D
+
+    k1, k2 = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(k1, (16, 64)) * 3.0
+    w = jax.random.normal(k2, (64, 8))
+
+    def run(lspec, rspec):
+        f = lambda a, b: jnp.sum(
+            dot_general(a, b, MATMUL, lhs_spec=lspec, rhs_spec=rspec, grad_spec=rspec) ** 2
+        )
+        return jax.value_and_grad(f, argnums=(0, 1))(x, w)
+
+    cases = [
+        (jq.QuantSpec("e4m3"), jq.QuantSpec("e4m3")),
+        (jq.QuantSpec("e5m2"), jq.QuantSpec("e5m2")),
+        (jq.QuantSpec("e4m3", jq.per_token(-1)), jq.QuantSpec("e4m3", jq.per_channel(-1))),
+    ]
+    want = [run(*c) for c in cases]
+    fake_gpu = {**D._capabilities("cpu"), "platform": "gpu", "fp8": True}
+    fake_gpu["fp8_pairs"] = D._CUBLASLT_FP8_PAIRS
+    monkeypatch.setattr(D, "_capabilities", lambda backend: fake_gpu)
+    monkeypatch.setattr(D, "_NATIVE_FP8_CAST", True)
+    jax.clear_caches()
+    for case, (v0, g0) in zip(cases, want, strict=True):
+        v1, g1 = run(*case)
+        np.testing.assert_allclose(v1, v0, rtol=1e-6)
+        for a, b in zip(g1, g0, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jax.clear_caches()

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxquant._src import formats
 from jaxquant._src.granularity import PerBlock
 from jaxquant._src.qarray import encode
 from jaxquant._src.quantize import _core, _to_grid, scale_input
@@ -187,16 +188,16 @@ class _Config:
     native_cast: bool = False  # see _NATIVE_FP8_CAST
 
 
-# How a real fp8 x fp8 dot with per-tensor scales is written for XLA (GPU):
-# * "f32_out": dot(f8, f8) -> f32, then the f32 result times the scales;
-# * "dequant_out": dot(convert(f8) * s_a, convert(f8) * s_b) in the output dtype (bf16 /
-#   f16, else f32): the pattern XLA's GEMM rewriter turns into one cuBLASLt fp8 GEMM with
-#   the scales and the output conversion fused;
-# * "dequant_f32": the same pattern in float32.
+# How a real fp8 x fp8 dot is written for XLA (GPU):
+# * "f32_out": dot(f8, f8) -> float32, then times the scales (default);
+# * "half_out": dot(f8, f8) -> the output dtype when it is bf16 / f16, then the scales
+#   (rounds twice: the GEMM's output, then the scaled value).
+# The "dequantize, then dot" pattern (convert(f8) * s) that flax's fp8 ops write was not
+# rewritten into an fp8 GEMM by jax 0.11 on an H200 (benchmarks/README.md).
 _FP8_LOWERING = "f32_out"
 # Round fp8 operands of a real dot with the device's own conversion (after the scale
 # and a clip to the format's range) instead of the integer emulation. Both round to
-# nearest-even; the conversion is cheaper per element.
+# nearest-even (bit-identical on an H200); the conversion is cheaper per element.
 _NATIVE_FP8_CAST = False
 
 
@@ -314,6 +315,7 @@ def _quantize_operand(
         return x, None
     native = (
         native_cast
+        and spec.granularity.plan(tuple(x.shape)).view == tuple(x.shape)
         and store is not None
         and np.dtype(store).name in _FP8
         and not spec.stochastic
@@ -370,30 +372,28 @@ def _scaled_dot(
     or ``out_dtype`` when a fused fp8 GEMM writes it directly."""
     (ca, cb), (ba, bb) = dn
     if not _scale_constant_along(sa, ca):
-        a, sa = a.astype(jnp.float32) * sa, None
+        a, sa = _to_f32(a, cfg) * sa, None
     if not _scale_constant_along(sb, cb):
-        b, sb = b.astype(jnp.float32) * sb, None
+        b, sb = _to_f32(b, cfg) * sb, None
     pair = (np.dtype(a.dtype).name, np.dtype(b.dtype).name)
     precision = None  # meaningless for int8 / fp8 operands; GEMM rewriters want the default
+    pet: Any = jnp.float32
     if pair == ("int8", "int8"):
         pet = jnp.int32
     elif pair in cfg.fp8_pairs:
-        if cfg.fp8_lowering != "f32_out" and _scalar(sa) and _scalar(sb):
-            cdt = jnp.float32
-            if cfg.fp8_lowering == "dequant_out" and np.dtype(out_dtype) in _HALF:
-                cdt = out_dtype
-            a = a.astype(cdt) if sa is None else a.astype(cdt) * sa.reshape(()).astype(cdt)
-            b = b.astype(cdt) if sb is None else b.astype(cdt) * sb.reshape(()).astype(cdt)
-            kw = {} if out_sharding is None else {"out_sharding": out_sharding}
-            return lax.dot_general(a, b, dn, preferred_element_type=cdt, **kw)
-        pet = jnp.float32
+        if cfg.fp8_lowering == "half_out" and np.dtype(out_dtype) in _HALF:
+            pet = out_dtype
     else:
-        a, b, pet = a.astype(jnp.float32), b.astype(jnp.float32), jnp.float32
+        a, b = _to_f32(a, cfg), _to_f32(b, cfg)
         precision = cfg.precision
     kw = {} if out_sharding is None else {"out_sharding": out_sharding}
-    out = lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet, **kw).astype(
-        jnp.float32
-    )
+    out = lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet, **kw)
+    out = out.astype(jnp.float32)
+    if _scalar(sa) and _scalar(sb):  # one scalar multiply (XLA can fuse it into the GEMM)
+        scales = [s.reshape(()) for s in (sa, sb) if s is not None]
+        if not scales:
+            return out
+        return out * (scales[0] * scales[1] if len(scales) == 2 else scales[0])
     fa = len([i for i in range(a.ndim) if i not in ca and i not in ba])
     fb = len([i for i in range(b.ndim) if i not in cb and i not in bb])
     if sa is not None:
@@ -401,6 +401,18 @@ def _scaled_dot(
     if sb is not None:
         out = out * _out_factor(sb, bb, cb, fa, first=False)
     return out
+
+
+def _to_f32(a: Array, cfg: _Config) -> Array:
+    """float32 values of an operand. fp8 values rounded by the device's conversion
+    (``native_cast``) are decoded through their bits: a ``convert`` back to float32 could
+    be folded with the rounding one by XLA (``xla_allow_excess_precision``), which would
+    silently skip the quantization."""
+    if cfg.native_cast and np.dtype(a.dtype).name in _FP8:
+        fmt = formats.get(np.dtype(a.dtype).name)
+        table = jnp.asarray(formats.code_table(fmt).astype(np.float32))
+        return table[jax.lax.bitcast_convert_type(a, jnp.uint8).astype(jnp.int32)]
+    return a.astype(jnp.float32)
 
 
 _HALF = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
