@@ -200,6 +200,7 @@ def run_gpu(args) -> dict:
     rows = []
     base_t = None
     losses = {}
+    defaults = _dot._FP8_LOWERING, _dot._NATIVE_FP8_CAST
     for name, model, knobs in variants:
         if knobs is not None:
             _dot._FP8_LOWERING, _dot._NATIVE_FP8_CAST = knobs
@@ -227,7 +228,7 @@ def run_gpu(args) -> dict:
             row[f"loss_after_{args.loss_steps}"] = losses[name]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    _dot._FP8_LOWERING, _dot._NATIVE_FP8_CAST = "f32_out", False
+    _dot._FP8_LOWERING, _dot._NATIVE_FP8_CAST = defaults
     return {
         "config": {
             "model": f"{n_layers} x Dense {width}",
@@ -251,7 +252,7 @@ def main() -> None:
     p.add_argument("--loss-steps", type=int, default=100)
     p.add_argument("--lowerings", nargs="+", default=["f32_out", "half_out"])
     p.add_argument("--native", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--loss-check", nargs=2, default=["f32_out", "1"])
+    p.add_argument("--loss-check", nargs=2, default=["half_out", "1"])
     p.add_argument("--reference", type=int, default=1, help="time the hand-written step")
     p.add_argument("--out", type=Path)
     p.add_argument("--markdown", action="store_true")
