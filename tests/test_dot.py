@@ -528,7 +528,11 @@ def test_einsum_errors():
         einsum("ij,jk->iz", a, b, lhs_spec=spec)
     with pytest.raises(ValueError, match="contract"):
         einsum(
-            "ij,jk->ik", a, b, lhs_spec=jq.QuantSpec("int8", jq.per_channel(1)), rhs_spec=spec,
+            "ij,jk->ik",
+            a,
+            b,
+            lhs_spec=jq.QuantSpec("int8", jq.per_channel(1)),
+            rhs_spec=spec,
             mode="real",
         )
 

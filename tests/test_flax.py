@@ -253,8 +253,7 @@ def test_custom_dot_general_is_not_replaced():
 def test_rule_validation():
     with pytest.raises(ValueError, match="not a valid regex"):
         Rule("Dense_(")
-    with pytest.raises(ValueError, match="stochastic"):
-        Rule("x", weight=jq.QuantSpec("int8", rounding="stochastic"))
+    assert Rule("x", weight=jq.QuantSpec("int8", rounding="stochastic")).stateful
     with pytest.raises(TypeError, match="QuantSpec"):
         Rule("x", weight="int8")
     with pytest.raises(ValueError, match="mode"):

@@ -7,20 +7,28 @@ Rule-based quantization-aware training of existing Linen and NNX models::
 
 from jaxquant._src.flax import (
     Match,
+    NnxPolicyModule,
     NnxQuantOp,
+    Policy,
+    PolicyModule,
     QuantizedModule,
     QuantState,
     Rule,
+    apply_policy,
     quantize_model,
     report,
 )
 
 __all__ = [
     "Match",
+    "NnxPolicyModule",
     "NnxQuantOp",
+    "Policy",
+    "PolicyModule",
     "QuantState",
     "QuantizedModule",
     "Rule",
+    "apply_policy",
     "quantize_model",
     "report",
 ]

@@ -11,6 +11,7 @@ from flax import nnx as flax_nnx  # not `nnx`: the submodule jaxquant._src.flax.
 from jaxquant._src.flax.linen import QuantizedModule, quantize_linen, report_linen
 from jaxquant._src.flax.nnx import QuantOp as NnxQuantOp
 from jaxquant._src.flax.nnx import QuantState, quantize_nnx, report_nnx
+from jaxquant._src.flax.policy import NnxPolicyModule, Policy, PolicyModule, apply_policy
 from jaxquant._src.flax.rules import Match, Rule, as_rules
 
 M = TypeVar("M")
@@ -91,10 +92,14 @@ def report(model: Any) -> list[Match]:
 
 __all__ = [
     "Match",
+    "NnxPolicyModule",
     "NnxQuantOp",
+    "Policy",
+    "PolicyModule",
     "QuantState",
     "QuantizedModule",
     "Rule",
+    "apply_policy",
     "quantize_model",
     "report",
 ]

@@ -1,0 +1,131 @@
+"""Mixed-precision policy for Flax models: parameter, compute and output dtypes.
+
+A :class:`Policy` (jmp's idea, applied to Flax's own ``dtype`` / ``param_dtype`` fields):
+
+* ``param_dtype``: the dtype parameters are stored (and updated) in, e.g. float32;
+* ``compute_dtype``: the dtype layers compute in (Flax's ``dtype``), e.g. bfloat16;
+* ``output_dtype``: the dtype of the model's output, e.g. float32 for the loss.
+
+Every layer that has both ``dtype`` and ``param_dtype`` (Dense, DenseGeneral, Einsum,
+Conv, Embed, LayerNorm, attention...) gets them; layers without them run as written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Parameter / compute / output dtypes (frozen, hashable).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxquant.flax import Policy, apply_policy
+      >>> model = apply_policy(nn.Dense(3), Policy(compute_dtype=jnp.bfloat16))
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 2)))
+      >>> variables["params"]["kernel"].dtype, model.apply(variables, jnp.ones((1, 2))).dtype
+      (dtype('float32'), dtype('float32'))
+    """
+
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = jnp.bfloat16
+    output_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "compute_dtype", "output_dtype"):
+            dt = np.dtype(getattr(self, name))
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise ValueError(f"Policy.{name} must be a floating dtype, got {dt}.")
+            object.__setattr__(self, name, dt)
+
+    def cast_output(self, tree: Any) -> Any:
+        """Floating leaves of ``tree`` in ``output_dtype``."""
+
+        def cast(x: Any) -> Any:
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+                return x.astype(self.output_dtype)
+            return x
+
+        return jax.tree.map(cast, tree)
+
+
+def _has_dtypes(m: Any) -> bool:
+    return hasattr(m, "dtype") and hasattr(m, "param_dtype")
+
+
+class PolicyModule(nn.Module):
+    """A Linen model run under a :class:`Policy` (same variables as the model)."""
+
+    inner: nn.Module  # not `module`: QuantizedModule's field, which may wrap this one
+    policy: Policy
+
+    def setup(self) -> None:
+        nn.share_scope(self, self.inner)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        policy = self.policy
+
+        def interceptor(next_fun, args, kwargs, context):
+            m = context.module
+            if context.method_name != "__call__" or not _has_dtypes(m):
+                return next_fun(*args, **kwargs)
+            if m.dtype == policy.compute_dtype and m.param_dtype == policy.param_dtype:
+                return next_fun(*args, **kwargs)
+            q = m.clone(parent=m.scope, dtype=policy.compute_dtype, param_dtype=policy.param_dtype)
+            return q(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            out = self.inner(*args, **kwargs)
+        return policy.cast_output(out)
+
+
+class NnxPolicyModule(nnx.Module):
+    """An NNX model under a :class:`Policy`: the same model object (changed in place),
+    with its output cast to the policy's output dtype."""
+
+    def __init__(self, module: nnx.Module, policy: Policy) -> None:
+        self.module = module
+        self.policy = policy
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.policy.cast_output(self.module(*args, **kwargs))
+
+
+def apply_policy(model: Any, policy: Policy) -> Any:
+    """Run ``model`` under ``policy``.
+
+    * Linen: returns a :class:`PolicyModule` with the model's variables (``init`` creates
+      parameters in ``param_dtype``; existing ones are used as given).
+    * NNX: sets ``dtype`` / ``param_dtype`` of every layer that has them and casts their
+      ``nnx.Param`` values to ``param_dtype`` in place, then returns an
+      :class:`NnxPolicyModule` that wraps the (same) model and casts its output.
+
+    Composes with :func:`quantize_model` in either order: the quantized dot receives the
+    layer's compute-dtype operands.
+    """
+    if not isinstance(policy, Policy):
+        raise TypeError(f"apply_policy: expected a jq.flax.Policy, got {policy!r}.")
+    if isinstance(model, nn.Module):
+        return PolicyModule(model, policy)
+    if isinstance(model, nnx.Module):
+        for _, node in nnx.iter_graph(model):
+            if not isinstance(node, nnx.Module) or not _has_dtypes(node):
+                continue
+            node.dtype = policy.compute_dtype
+            node.param_dtype = policy.param_dtype
+            for _, var in nnx.iter_graph(node):
+                if isinstance(var, nnx.Param) and jnp.issubdtype(var[...].dtype, jnp.floating):
+                    var.set_value(var[...].astype(policy.param_dtype))
+        return NnxPolicyModule(model, policy)
+    raise TypeError(
+        f"apply_policy: expected a flax.linen.Module or flax.nnx.Module, got "
+        f"{type(model).__name__}."
+    )
