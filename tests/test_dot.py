@@ -441,11 +441,11 @@ def test_errors_for_scales_along_the_contraction():
         real(lhs_spec=q(jq.per_channel(1)), rhs_spec=q(None))
     with pytest.raises(ValueError, match=r"rhs_spec per_token.*axis 0, which dimension_numbers"):
         real(lhs_spec=q(None), rhs_spec=q(jq.per_token(-1)))
-    with pytest.raises(ValueError, match="block scales.*mode='auto'"):
+    with pytest.raises(ValueError, match=r"block scales.*mode='auto'"):
         real(lhs_spec=q(jq.per_block(1, 4)), rhs_spec=q(None))
     with pytest.raises(ValueError, match="block scales"):
         real(lhs_spec=q(None), rhs_spec=jq.QuantSpec("mxfp8", jq.per_block(0, 8)))
-    with pytest.raises(ValueError, match="does not divide|divid"):
+    with pytest.raises(ValueError, match=r"divid"):
         dot_general(lhs, rhs, MATMUL, lhs_spec=q(jq.per_block(1, 3)))
     with pytest.raises(ValueError, match="asymmetric"):
         dot_general(
