@@ -17,6 +17,7 @@ from jaxquant._src.calibration import (
     percentile,
     twn,
 )
+from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_capabilities, dot_general, einsum
 from jaxquant._src.explain import explain
 from jaxquant._src.granularity import per_block, per_channel, per_tensor, per_token
@@ -59,6 +60,7 @@ __all__ = [
     "ScaleState",
     "Scaling",
     "absmax",
+    "conv_general_dilated",
     "current_scaling",
     "delayed_scaling",
     "dequantize",

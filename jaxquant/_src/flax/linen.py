@@ -26,9 +26,11 @@ from jax import lax
 
 from jaxquant._src.flax.rules import (
     Match,
+    QuantConv,
     QuantDot,
     QuantEinsum,
     Rule,
+    check_conv_rule,
     check_unmatched,
     first_match,
     needs_key,
@@ -41,7 +43,7 @@ from jaxquant._src.flax.rules import (
 )
 
 _DOTS = (nn.Dense, nn.DenseGeneral)
-_QUANTIZABLE = (*_DOTS, nn.Einsum)
+_QUANTIZABLE = (*_DOTS, nn.Einsum, nn.Conv)
 STATE = "quant_state"  # the variable collection of delayed scales and LSQ base steps
 
 
@@ -222,10 +224,15 @@ class QuantizedModule(nn.Module):
             m = context.module
             if context.method_name != "__call__" or not isinstance(m, _QUANTIZABLE):
                 return next_fun(*args, **kwargs)
-            if isinstance(m, _QuantEinsum) or (
-                isinstance(m, _DOTS)
-                and (
-                    isinstance(m.dot_general, QuantDot) or isinstance(m.dot_general_cls, _OpFactory)
+            if (
+                isinstance(m, _QuantEinsum)
+                or (isinstance(m, nn.Conv) and isinstance(m.conv_general_dilated, QuantConv))
+                or (
+                    isinstance(m, _DOTS)
+                    and (
+                        isinstance(m.dot_general, QuantDot)
+                        or isinstance(m.dot_general_cls, _OpFactory)
+                    )
                 )
             ):  # our own clone, already quantized
                 return next_fun(*args, **kwargs)
@@ -241,6 +248,18 @@ class QuantizedModule(nn.Module):
                 return next_fun(*args, **kwargs)
             if all(x.path != path for x in matches):
                 matches.append(Match(path, type(m).__name__, rule))
+            if isinstance(m, nn.Conv):
+                check_conv_rule(rule, path)
+                if m.conv_general_dilated_cls is not None or m.conv_general_dilated not in (
+                    None,
+                    lax.conv_general_dilated,
+                ):
+                    raise ValueError(
+                        f"quantize_model: Conv at {path!r} already has a custom "
+                        "conv_general_dilated; jaxquant will not silently replace it."
+                    )
+                q = m.clone(parent=m.scope, conv_general_dilated=QuantConv(rule, path))
+                return q(*args, **kwargs)
             if isinstance(m, nn.Einsum):
                 if type(m) is not nn.Einsum:
                     raise ValueError(

@@ -21,9 +21,11 @@ from jax import lax
 
 from jaxquant._src.flax.rules import (
     Match,
+    QuantConv,
     QuantDot,
     QuantEinsum,
     Rule,
+    check_conv_rule,
     check_unmatched,
     deterministic_rule,
     first_match,
@@ -120,7 +122,7 @@ def _quantizable(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return [
         (path_str(p), node)
         for p, node in nnx.iter_graph(model)
-        if isinstance(node, (*_DOT, nnx.Einsum))
+        if isinstance(node, (*_DOT, nnx.Einsum, nnx.Conv))
     ]
 
 
@@ -144,8 +146,16 @@ def quantize_nnx(
             "quantize_model: a rule rounds stochastically and needs a 'quant' PRNG stream: "
             "pass rngs=nnx.Rngs(quant=seed) (each call then draws a fresh key)."
         )
-    for path, node, _ in plan:
-        if isinstance(node, nnx.Einsum):
+    for path, node, rule in plan:
+        if isinstance(node, nnx.Conv):
+            check_conv_rule(rule, path)
+            op = node.conv_general_dilated
+            if not (op is lax.conv_general_dilated or isinstance(op, QuantConv)):
+                raise ValueError(
+                    f"quantize_model: Conv at {path!r} already has a custom "
+                    f"conv_general_dilated ({op!r}); jaxquant will not silently replace it."
+                )
+        elif isinstance(node, nnx.Einsum):
             op = node.einsum_op
             if not (op is jnp.einsum or isinstance(op, QuantEinsum | QuantOp)):
                 raise ValueError(
@@ -164,6 +174,9 @@ def quantize_nnx(
                     "specs, or remove the custom dot_general."
                 )
     for path, node, rule in plan:
+        if isinstance(node, nnx.Conv):
+            node.conv_general_dilated = QuantConv(rule, path)
+            continue
         is_einsum = isinstance(node, nnx.Einsum)
         if rule.stateful:
             shape = tuple(node.kernel[...].shape)
@@ -182,7 +195,10 @@ def quantize_nnx(
 def report_nnx(model: nnx.Module) -> list[Match]:
     out = []
     for path, node in _quantizable(model):
-        q = node.einsum_op if isinstance(node, nnx.Einsum) else node.dot_general
-        if isinstance(q, QuantDot | QuantEinsum | QuantOp):
+        if isinstance(node, nnx.Conv):
+            q = node.conv_general_dilated
+        else:
+            q = node.einsum_op if isinstance(node, nnx.Einsum) else node.dot_general
+        if isinstance(q, QuantDot | QuantEinsum | QuantOp | QuantConv):
             out.append(Match(path, type(node).__name__, q.rule))
     return out

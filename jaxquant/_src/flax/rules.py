@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_general, einsum
 from jaxquant._src.granularity import PerChannel, PerTensor
 from jaxquant._src.lsq import lsq_fake_quant, lsq_init
@@ -377,3 +378,41 @@ def run_stateful(
         out_sharding=out_sharding,
         **kw,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConv:
+    """A ``lax.conv_general_dilated`` drop-in (``nn.Conv`` / ``nnx.Conv``) that calls
+    :func:`jaxquant.conv_general_dilated` with a stateless rule's specs."""
+
+    rule: Rule
+    path: str
+
+    def __call__(
+        self, lhs: Any, rhs: Any, window_strides: Any, padding: Any, *args: Any, **kw: Any
+    ):
+        if kw.pop("out_sharding", None) is not None:
+            raise ValueError(f"{self.path}: a quantized Conv takes no out_sharding.")
+        r = self.rule
+        return conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            *args,
+            lhs_spec=r.act,
+            rhs_spec=r.weight,
+            grad_spec=r.grad,
+            ste="plain" if r.ste == "plain" else "clipped",
+            **kw,
+        )
+
+
+def check_conv_rule(rule: Rule, path: str) -> None:
+    if rule.stateful:
+        raise ValueError(
+            f"quantize_model: the Conv at {path!r} matched a rule with delayed scaling, LSQ "
+            "or stochastic rounding; jaxquant quantizes convolutions with stateless rules "
+            "only (current scaling, nearest rounding, plain / clipped STE). Give the conv "
+            "layers their own rule, listed before this one."
+        )

@@ -1,0 +1,206 @@
+"""Quantized ``lax.conv_general_dilated`` with a straight-through custom VJP (emulated).
+
+Forward: ``conv(Q_lhs(lhs), Q_rhs(rhs))`` where each ``Q`` quantizes and dequantizes its
+operand (any granularity: per-tensor, per-output-channel kernels, per-block...), and the
+convolution runs in float32 on the dequantized values. Backward: the output gradient is
+quantized with ``grad_spec`` and pushed through the convolution's own transpose at the
+quantized operands; the operands' quantizers are straight-through (``ste="plain"``) or
+zero the gradient where they saturated (``"clipped"``).
+
+This is the QAT / research path: the numbers are those of an int8 / fp8 convolution with
+float32 accumulation, but no int8 / fp8 convolution kernel is called (XLA's are backend-
+specific); :func:`jaxquant.dot_general` is the one with real low-precision compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant._src.quantize import _core, _to_grid, scale_input
+from jaxquant._src.spec import QuantSpec
+
+Array = jax.Array
+
+
+def _hashable(x: Any) -> Any:
+    """Lists -> tuples, recursively (jit static arguments); NamedTuples kept as they are."""
+    if isinstance(x, list) or type(x) is tuple:
+        return tuple(_hashable(v) for v in x)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvConfig:
+    conv: tuple[tuple[str, Any], ...]  # keyword arguments of lax.conv_general_dilated
+    lhs_spec: QuantSpec | None
+    rhs_spec: QuantSpec | None
+    grad_spec: QuantSpec | None
+    ste: str
+    out_dtype: np.dtype
+    lhs_dtype: np.dtype
+    rhs_dtype: np.dtype
+
+
+def _fq(x: Array, spec: QuantSpec | None, key, scale) -> tuple[Array, Array | None]:
+    """(float32 quantize-dequantized x, clipped-STE mask or None)."""
+    if spec is None:
+        return x.astype(jnp.float32), None
+    r, s, _, plan = _core(x, spec, key, scale)
+    out = (_to_grid(r, spec) * s).reshape(plan.shape)
+    qmin, qmax = spec.qrange
+    t = scale_input(x.astype(jnp.float32).reshape(plan.view), s, None)
+    return out, ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
+
+
+def _keys(key):
+    if key is None:
+        return None, None, None
+    return tuple(jax.random.fold_in(key, i) for i in range(3))
+
+
+def _conv(cfg: _ConvConfig, a: Array, b: Array) -> Array:
+    return lax.conv_general_dilated(a, b, **dict(cfg.conv))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qconv(cfg: _ConvConfig, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
+    return _qconv_fwd(cfg, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key)[0]
+
+
+def _qconv_fwd(cfg: _ConvConfig, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
+    kl, kr, kg = _keys(key)
+    lq, lm = _fq(lhs, cfg.lhs_spec, kl, lhs_scale)
+    rq, rm = _fq(rhs, cfg.rhs_spec, kr, rhs_scale)
+    out = _conv(cfg, lq, rq).astype(cfg.out_dtype)
+    masks = (lm, rm) if cfg.ste == "clipped" else (None, None)
+    return out, (lq, rq, masks, grad_scale, kg)
+
+
+def _qconv_bwd(cfg: _ConvConfig, res, g):
+    lq, rq, (lm, rm), grad_scale, kg = res
+    gq = g.astype(jnp.float32)
+    if cfg.grad_spec is not None:
+        gq, _ = _fq(g, cfg.grad_spec, kg, grad_scale)
+    _, vjp = jax.vjp(functools.partial(_conv, cfg), lq, rq)
+    dl, dr = vjp(gq)
+    if lm is not None:
+        dl = jnp.where(lm, dl, 0.0)
+    if rm is not None:
+        dr = jnp.where(rm, dr, 0.0)
+    return dl.astype(cfg.lhs_dtype), dr.astype(cfg.rhs_dtype), None, None, None, None
+
+
+_qconv.defvjp(_qconv_fwd, _qconv_bwd)
+_qconv_jit = jax.jit(_qconv, static_argnums=0)
+
+
+def conv_general_dilated(
+    lhs: jax.typing.ArrayLike,
+    rhs: jax.typing.ArrayLike,
+    window_strides: Any,
+    padding: Any,
+    lhs_dilation: Any = None,
+    rhs_dilation: Any = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+    *,
+    lhs_spec: QuantSpec | None = None,
+    rhs_spec: QuantSpec | None = None,
+    grad_spec: QuantSpec | None = None,
+    lhs_scale: jax.typing.ArrayLike | None = None,
+    rhs_scale: jax.typing.ArrayLike | None = None,
+    grad_scale: jax.typing.ArrayLike | None = None,
+    key: Array | None = None,
+    ste: Literal["plain", "clipped"] = "plain",
+) -> Array:
+    """Quantized ``jax.lax.conv_general_dilated`` (emulated; see the module docstring).
+
+    A drop-in for ``lax.conv_general_dilated`` (same positional arguments), so
+    ``functools.partial(jq.conv_general_dilated, lhs_spec=..., rhs_spec=...)`` can be given
+    to ``flax.linen.Conv(conv_general_dilated=...)`` / ``flax.nnx.Conv``; rule-based QAT
+    (:func:`jaxquant.flax.quantize_model`) does that for you.
+
+    Args:
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision, preferred_element_type: as in
+        ``lax.conv_general_dilated``.
+      lhs_spec, rhs_spec, grad_spec: :class:`QuantSpec` of the input, the kernel and the
+        output gradient, or None (float). Any granularity (the kernel's output-channel axis
+        is its last in Flax's HWIO layout: ``per_channel(-1)``).
+      lhs_scale, rhs_scale, grad_scale: known scales (static / delayed scaling).
+      key: PRNG key for stochastic specs (``fold_in(key, 0/1/2)`` for lhs / rhs / grad).
+      ste: ``"plain"`` or ``"clipped"`` straight-through estimator for the operands.
+
+    Returns:
+      The convolution, in ``lax.conv_general_dilated``'s result dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x, k = jnp.ones((1, 1, 5)), jnp.full((1, 1, 3), 0.5)
+      >>> jq.conv_general_dilated(x, k, (1,), "VALID", rhs_spec=jq.QuantSpec("int8")).tolist()
+      [[[1.5, 1.5, 1.5]]]
+    """
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    for name, spec, x in (("lhs_spec", lhs_spec, lhs), ("rhs_spec", rhs_spec, rhs)):
+        if spec is None:
+            continue
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"conv_general_dilated: {name} must be a jq.QuantSpec or None.")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"conv_general_dilated: {name} quantizes a {x.dtype} operand.")
+        spec.granularity.plan(tuple(x.shape))
+    if grad_spec is not None and not isinstance(grad_spec, QuantSpec):
+        raise TypeError("conv_general_dilated: grad_spec must be a jq.QuantSpec or None.")
+    if ste not in ("plain", "clipped"):
+        raise ValueError(f"conv_general_dilated: ste must be 'plain' or 'clipped', got {ste!r}.")
+    for name, spec in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec)):
+        if spec is not None and spec.stochastic and key is None:
+            raise ValueError(f"conv_general_dilated: {name} rounds stochastically and needs key=.")
+    conv = dict(
+        window_strides=_hashable(window_strides),
+        padding=_hashable(padding),
+        lhs_dilation=_hashable(lhs_dilation),
+        rhs_dilation=_hashable(rhs_dilation),
+        dimension_numbers=_hashable(dimension_numbers),
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=_hashable(precision),
+    )
+    out_aval = jax.eval_shape(
+        functools.partial(
+            lax.conv_general_dilated, **conv, preferred_element_type=preferred_element_type
+        ),
+        jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
+        jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
+    )
+    if lhs_spec is None and rhs_spec is None and grad_spec is None:
+        return lax.conv_general_dilated(
+            lhs, rhs, **conv, preferred_element_type=preferred_element_type
+        )
+    if grad_spec is not None:
+        grad_spec.granularity.plan(tuple(out_aval.shape))
+    cfg = _ConvConfig(
+        conv=tuple(conv.items()),
+        lhs_spec=lhs_spec,
+        rhs_spec=rhs_spec,
+        grad_spec=grad_spec,
+        ste=ste,
+        out_dtype=np.dtype(out_aval.dtype),
+        lhs_dtype=np.dtype(lhs.dtype),
+        rhs_dtype=np.dtype(rhs.dtype),
+    )
+
+    def opt(s):
+        return None if s is None else jnp.asarray(s, jnp.float32)
+
+    return _qconv_jit(cfg, lhs, rhs, opt(lhs_scale), opt(rhs_scale), opt(grad_scale), key)
