@@ -19,6 +19,7 @@ bf16's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import statistics
@@ -116,13 +117,17 @@ def run_cpu(args) -> dict:
             jq.recipes.get("w8a8_int8").replace(ste="lsq", act=jq.QuantSpec("int8")),
         )
     )
+    variants.append(("w8a8_int8 (mode=emulate)", jq.recipes.get("w8a8_int8")))
     steps = {}
     for name, recipe in variants:
         if name == "w4a16_int4":
             recipe = jq.recipes.get(name, group_size=64)
         # MX blocks of 32 need the output width to divide: the 10-class head stays float.
         keep = ("Dense_2",) if name == "mxfp8" else ()
-        model = base if recipe is None else quantize_model(base, recipe.rules(keep_float=keep))
+        rules = () if recipe is None else recipe.rules(keep_float=keep)
+        if "emulate" in name:  # the same numbers from a float32 dot of the int8 grid values
+            rules = tuple(dataclasses.replace(r, mode="emulate") for r in rules)
+        model = base if recipe is None else quantize_model(base, rules)
         step = _make_step(model, tx, "xent")
         steps[name] = (step, _time(step, _init(model, tx, x), (x, y), iters=1, repeats=1)[1])
     # Interleaved rounds: every variant once per round, ratios taken within a round, so

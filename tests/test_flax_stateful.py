@@ -338,3 +338,39 @@ def test_nnx_policy_casts_params_in_place():
     pm = apply_policy(m, Policy(param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16))
     assert m.kernel is kernel and m.kernel[...].dtype == jnp.bfloat16 and m.dtype == jnp.bfloat16
     assert pm(X).dtype == np.float32
+
+
+def test_delayed_state_in_a_train_state_loop():
+    """The BatchNorm pattern: a TrainState with the extra collection, updated each step."""
+    from flax.training import train_state
+
+    class State(train_state.TrainState):
+        quant_state: dict
+
+    qmodel = quantize_model(nn.Dense(5), DELAYED.rules())
+    v = qmodel.init(jax.random.key(1), X)
+    with jax.numpy_dtype_promotion("standard"):
+        st = State.create(
+            apply_fn=qmodel.apply,
+            params=v["params"],
+            tx=optax.sgd(0.1),
+            quant_state=v["quant_state"],
+        )
+
+        @jax.jit
+        def step(st, x):
+            def loss(p):
+                y, new = st.apply_fn(
+                    {"params": p, "quant_state": st.quant_state}, x, mutable=["quant_state"]
+                )
+                return jnp.mean(y**2), new["quant_state"]
+
+            (val, qs), g = jax.value_and_grad(loss, has_aux=True)(st.params)
+            return st.apply_gradients(grads=g, quant_state=qs), val
+
+        losses = []
+        for _ in range(5):
+            st, val = step(st, X)
+            losses.append(float(val))
+    assert int(st.quant_state["quant"]["lhs_scaling"].count) == 5
+    assert losses[-1] < losses[0]

@@ -67,10 +67,9 @@ def _train_digits(method, seed=0):
         params, state = d.split_variables(model.init(jax.random.key(seed), x[:1]))
         train = d.make_trainer(model, tx, cfg)
         params, state, _, losses = train(params, state, tx.init(params), x, y, jax.random.key(1))
-    acc = d.make_eval(model)(
-        params, state, jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
-    )
-    return model, params, float(acc), np.asarray(losses)
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(data["x_test"]))
+    acc = jnp.mean(jnp.argmax(logits, axis=-1) == jnp.asarray(data["y_test"]))
+    return model, params, logits, float(acc), np.asarray(losses)
 
 
 def _manual_w8a8(params, x):
@@ -87,8 +86,8 @@ def _manual_w8a8(params, x):
 
 
 def test_digits_int8_qat_learns_and_is_quantized():
-    _, _, acc_f, _ = _train_digits("float")
-    qmodel, params, acc_q, losses = _train_digits("w8a8_int8")
+    _, _, _, acc_f, _ = _train_digits("float")
+    qmodel, params, y, acc_q, losses = _train_digits("w8a8_int8")
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.25 * losses[0], losses
     assert acc_q > 0.85, acc_q  # chance is 0.10
     assert abs(acc_q - acc_f) <= 0.04, (acc_q, acc_f)
@@ -98,7 +97,6 @@ def test_digits_int8_qat_learns_and_is_quantized():
     ]
     # The trained QAT model computes the fake-quantized forward, not the float one.
     x = jnp.asarray(_digits_data()["x_test"])
-    y = jax.jit(qmodel.apply)({"params": params}, x)
     np.testing.assert_allclose(
         np.asarray(y), np.asarray(_manual_w8a8(params, x)), rtol=1e-4, atol=1e-4
     )
@@ -119,7 +117,7 @@ def _mesh():
 def test_data_parallel_step_matches_single_device(recipe):
     d = _bench("qat_digits")
     data = _digits_data()
-    model = quantize_model(d.MLP((64, 64), 10), jq.recipes.get(recipe).rules())
+    model = quantize_model(d.MLP((64,), 10), jq.recipes.get(recipe).rules())
     x = jnp.asarray(data["x_train"][:64])
     y = jnp.asarray(data["y_train"][:64])
     params = model.init(jax.random.key(0), x[:1])["params"]
@@ -131,12 +129,9 @@ def test_data_parallel_step_matches_single_device(recipe):
             logits = model.apply({"params": p}, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
-        state = opt.init(params)
-        for _ in range(3):
-            (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, state = opt.update(g, state)
-            params = optax.apply_updates(params, updates)
-        return params, loss, logits
+        (loss, logits), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, _ = opt.update(g, opt.init(params))
+        return optax.apply_updates(params, updates), loss, logits
 
     cpu0 = jax.devices()[0]
     ref = steps(*jax.device_put((params, x, y), cpu0))
@@ -162,12 +157,12 @@ def test_data_parallel_step_matches_single_device(recipe):
 
 def test_lm_nnx_trains_with_delayed_fp8():
     lm = _bench("qat_lm")
-    cfg = lm.config(type("Args", (), {"quick": True, "steps": 40})())
+    cfg = lm.config(type("Args", (), {"quick": True, "steps": 40})()) | {"layers": 1}
     corpus = lm.load_corpus(val_every=10, max_files=20)
     model = lm.build("fp8_delayed", 0, cfg)
     assert sorted(m.path for m in report(model)) == [
         f"blocks/{i}/{name}"
-        for i in range(2)
+        for i in range(1)
         for name in ("attn/k", "attn/o", "attn/q", "attn/v", "mlp/fc1", "mlp/fc2")
     ]
     quant_state = lambda m: jax.tree.leaves(nnx.state(m, nnx.Not(nnx.Param)))
@@ -186,4 +181,4 @@ def test_lm_nnx_trains_with_delayed_fp8():
     trained, _ = nnx.merge(graphdef, state)
     after = [np.asarray(v) for v in quant_state(trained)]
     assert any(not np.array_equal(a, b) for a, b in zip(after, before, strict=True))
-    assert len(report(trained)) == 12  # still quantized after split / merge under jit
+    assert len(report(trained)) == 6  # still quantized after split / merge under jit
