@@ -171,8 +171,7 @@ def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None) -> Array:
 def _to_grid(y: Array, spec: QuantSpec) -> Array:
     """Map rounded values to the numbers they stand for (codebook index -> value)."""
     if spec.element.kind == "codebook":
-        table = jnp.asarray(np.asarray(spec.element.codebook, np.float32))
-        return table[y.astype(jnp.int32)]
+        return rounding.table_lookup(y.astype(jnp.int32), np.asarray(spec.element.codebook))
     return y
 
 

@@ -287,11 +287,15 @@ def round_codebook(
     c = np.asarray(values, np.float32)
     n = len(c)
     yc = jnp.clip(y, c[0], c[-1])
-    hi_i = jnp.clip(jnp.searchsorted(jnp.asarray(c), yc, side="left"), 1, n - 1).astype(jnp.int32)
+    if n <= 16:  # compares and selects: element-wise, fused and vectorized by XLA
+        count = sum((yc > float(v)).astype(jnp.int32) for v in c[:-1])
+        hi_i = jnp.clip(count, 1, n - 1)
+    else:
+        hi_i = jnp.clip(jnp.searchsorted(jnp.asarray(c), yc, side="left"), 1, n - 1)
+        hi_i = hi_i.astype(jnp.int32)
     lo_i = hi_i - 1
-    table = jnp.asarray(c)
-    lo = table[lo_i]
-    hi = table[hi_i]
+    lo = table_lookup(lo_i, c)
+    hi = table_lookup(hi_i, c)
     if u is None:
         d_lo = yc - lo
         d_hi = hi - yc
@@ -302,3 +306,15 @@ def round_codebook(
     idx = jnp.where(up, hi_i, lo_i)
     zero_i = int(np.argmin(np.abs(c)))
     return jnp.where(jnp.isnan(y), zero_i, idx)
+
+
+def table_lookup(idx: jax.Array, table: np.ndarray) -> jax.Array:
+    """``table[idx]`` (float32) for int32 ``idx`` in range; a select chain for tables of
+    up to 16 entries (a gather is far slower on CPU), a gather beyond."""
+    t = np.asarray(table, np.float32)
+    if len(t) > 16:
+        return jnp.asarray(t)[idx]
+    out = jnp.full(idx.shape, t[0], jnp.float32)
+    for k in range(1, len(t)):
+        out = jnp.where(idx == k, jnp.float32(t[k]), out)
+    return out
