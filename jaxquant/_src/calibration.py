@@ -59,6 +59,28 @@ def _absmax(x: Array, axes: tuple[int, ...]) -> Array:
     return jax.lax.platform_dependent(x, cpu=cpu, default=lambda x: _masked_absmax(x, axes))
 
 
+def _masked_mean_abs(x: Array, axes: tuple[int, ...]) -> Array:
+    fin = _finite(x)
+    n = jnp.maximum(jnp.sum(fin, axis=axes, keepdims=True), 1).astype(jnp.float32)
+    return jnp.sum(jnp.where(fin, jnp.abs(x), 0.0), axis=axes, keepdims=True) / n
+
+
+def _mean_abs(x: Array, axes: tuple[int, ...]) -> Array:
+    """mean |x| over the finite elements of each group (0 for an empty group); on CPU an
+    unmasked sum first, redone masked only if it met a non-finite value (see _absmax)."""
+    count = 1
+    for a in axes:
+        count *= x.shape[a]
+
+    def cpu(x):
+        fast = jnp.sum(jnp.abs(x), axis=axes, keepdims=True) / max(count, 1)
+        return jax.lax.cond(
+            jnp.all(jnp.isfinite(fast)), lambda: fast, lambda: _masked_mean_abs(x, axes)
+        )
+
+    return jax.lax.platform_dependent(x, cpu=cpu, default=lambda x: _masked_mean_abs(x, axes))
+
+
 def _sym(lo: Array, hi: Array, symmetric: bool) -> tuple[Array, Array]:
     if symmetric:
         amax = jnp.maximum(-lo, hi)
@@ -296,9 +318,7 @@ class MeanAbs:
             raise ValueError(f"mean_abs: k must be > 0, got {self.k}.")
 
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
-        fin = _finite(x)
-        n = jnp.maximum(jnp.sum(fin, axis=axes, keepdims=True), 1).astype(jnp.float32)
-        amax = self.k * jnp.sum(jnp.where(fin, jnp.abs(x), 0.0), axis=axes, keepdims=True) / n
+        amax = self.k * _mean_abs(x, axes)
         return -amax, amax
 
     def __str__(self) -> str:
