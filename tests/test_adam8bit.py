@@ -334,3 +334,19 @@ def test_shape_mismatch_raises():
     opt = jqo.scale_by_adam_8bit()
     with pytest.raises(ValueError, match="does not match"):
         opt.update(jnp.ones(4), opt.init(jnp.ones(3)))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_code_equals_the_binary_search(signed):
+    """The closed-form code search is exactly searchsorted on the float32 midpoints: at
+    every code, every midpoint and their float32 neighbours, and across all decades."""
+    from jaxquant._src.optax import adam8bit as A
+
+    table, mid = A._table(signed), A._midpoints(signed)
+    u = np.random.default_rng(0).uniform(0, 1, 50_000).astype(np.float32)
+    parts = [table, mid, u, u**4, 10.0 ** (-8 * u), [0.0, 1.0, 1e-30, 5e-8, 0.1, 1e-6]]
+    parts += [np.nextafter(np.float32(v), np.float32(d)) for v in (table, mid) for d in (-2, 2)]
+    x = np.clip(np.concatenate([np.asarray(p, np.float32).ravel() for p in parts]), -1, 1)
+    x = np.concatenate([x, -x]) if signed else np.abs(x)
+    got = np.asarray(jax.jit(lambda y: A._nearest_code(y, signed))(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.searchsorted(mid, x, side="left"))

@@ -142,11 +142,50 @@ def quantize_blockwise(
     # Double where: never divide by a zero scale.
     denom = jnp.where(nonzero, absmax, jnp.ones((), jnp.float32))
     normed = jnp.where(nonzero[:, None], safe / denom[:, None], jnp.zeros((), jnp.float32))
-    table = _table(signed)
-    midpoints = jnp.asarray((table[1:] + table[:-1]) / 2, jnp.float32)
-    codes = jnp.searchsorted(midpoints, normed).astype(jnp.uint8)
+    codes = _nearest_code(normed, signed).astype(jnp.uint8)
     absmax = jnp.where(finite, absmax, jnp.full((), jnp.nan, jnp.float32))
     return QuantizedMoment(codes=codes, absmax=absmax, shape=shape, signed=signed)
+
+
+def _midpoints(signed: bool) -> np.ndarray:
+    table = _table(signed)
+    return ((table[1:] + table[:-1]) / 2).astype(np.float32)
+
+
+def _nearest_code(y: jax.Array, signed: bool) -> jax.Array:
+    """``searchsorted(midpoints, y)`` (the nearest code; a tie goes to the lower one) for
+    finite ``y`` in [-1, 1], without a binary search.
+
+    The index is computed from the code's structure (the decade ``E`` of ``|y|``, the
+    fraction bin ``j`` within it) and then corrected against the exact float32 midpoints,
+    up to two steps each way: the estimate is at most one code off (rounding at a bin or
+    decade edge), so the result is exactly the binary search's (tested against it). A
+    binary search on XLA:CPU (eight dependent gathers) cost more than the rest of the Adam
+    update: this is 2.3x faster.
+    """
+    decades = 7 if signed else 8
+    a = jnp.abs(y)
+    # Decade E: a in (10^-(E+1), 10^-E]; compares and selects (no log10 / pow on CPU).
+    e = sum((a <= np.float32(10.0**-k)).astype(jnp.int32) for k in range(1, decades))
+    ten_e = jnp.full(a.shape, 1.0, jnp.float32)
+    for k in range(1, decades):
+        ten_e = jnp.where(e == k, np.float32(10.0**k), ten_e)
+    two_f = jax.lax.shift_left(1, (decades - 1) - e).astype(jnp.float32)  # 2**F bins
+    j = jnp.clip(jnp.round((a * ten_e - 0.1) * (two_f / 0.9) - 1.0), 0.0, two_f - 1.0)
+    rank = (two_f - 1.0 + j).astype(jnp.int32)  # among the magnitudes, ascending
+    if signed:  # [-1 .. -1e-6] (127), 0, 1e-7, [1e-6 .. 1] (127)
+        k = jnp.where(y < 0, 126 - rank, 129 + rank)
+    else:  # 0, [1e-7 .. 1] (255)
+        k = 1 + rank
+    k = jnp.clip(k, 0, 255)
+    mid = _midpoints(signed)
+    upper = jnp.asarray(np.append(mid, np.inf).astype(np.float32))  # upper[k] = mid[k]
+    lower = jnp.asarray(np.insert(mid, 0, -np.inf).astype(np.float32))  # lower[k] = mid[k-1]
+    for _ in range(2):
+        k = k + (upper[k] < y).astype(jnp.int32)
+    for _ in range(2):
+        k = k - (lower[k] >= y).astype(jnp.int32)
+    return k
 
 
 def dequantize_blockwise(q: QuantizedMoment) -> jax.Array:
