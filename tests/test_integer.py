@@ -1,0 +1,133 @@
+"""Integer-only arithmetic against an int64 numpy transcription of gemmlowp."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+import jaxquant.integer as jqi
+
+I32 = np.iinfo(np.int32)
+
+
+def _srdhm_ref(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.int64), b.astype(np.int64)
+    ab = a64 * b64
+    nudge = np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    # C integer division truncates toward zero.
+    s = ab + nudge
+    q = np.where(s >= 0, s // (1 << 31), -((-s) // (1 << 31)))
+    out = q.astype(np.int64)
+    out = np.where((a == I32.min) & (b == I32.min), I32.max, out)
+    return out.astype(np.int32)
+
+
+def _rdbp_ref(x: np.ndarray, e: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.int64)
+    mask = (np.int64(1) << e.astype(np.int64)) - 1
+    rem = x64 & mask
+    thr = (mask >> 1) + (x64 < 0)
+    return ((x64 >> e.astype(np.int64)) + (rem > thr)).astype(np.int32)
+
+
+def _edges(rng: np.random.Generator, n: int) -> np.ndarray:
+    special = np.array(
+        [
+            0,
+            1,
+            -1,
+            2,
+            -2,
+            I32.max,
+            I32.min,
+            I32.min + 1,
+            I32.max - 1,
+            1 << 30,
+            -(1 << 30),
+            (1 << 16) - 1,
+            1 << 16,
+            -(1 << 16),
+        ],
+        np.int64,
+    )
+    r = rng.integers(I32.min, I32.max, n, dtype=np.int64, endpoint=True)
+    small = rng.integers(-(1 << 20), 1 << 20, n, dtype=np.int64)
+    return np.concatenate([special, r, small]).astype(np.int32)
+
+
+def test_doubling_high_mul_is_bit_exact():
+    rng = np.random.default_rng(0)
+    a = _edges(rng, 20000)
+    b = np.concatenate([_edges(rng, 20000)[: a.size - 14], a[:14][::-1]])
+    b = rng.permutation(b)
+    got = np.asarray(jax.jit(jqi.saturating_rounding_doubling_high_mul)(a, b))
+    np.testing.assert_array_equal(got, _srdhm_ref(a, b))
+    sp = _edges(rng, 0)
+    A, B = np.meshgrid(sp, sp)
+    got = np.asarray(jqi.saturating_rounding_doubling_high_mul(A.ravel(), B.ravel()))
+    np.testing.assert_array_equal(got, _srdhm_ref(A.ravel(), B.ravel()))
+
+
+def test_rounding_divide_by_pot_is_bit_exact():
+    rng = np.random.default_rng(1)
+    x = _edges(rng, 5000)
+    for e in range(0, 32):
+        ee = np.full(x.shape, e, np.int32)
+        np.testing.assert_array_equal(
+            np.asarray(jqi.rounding_divide_by_pot(x, ee)), _rdbp_ref(x, ee)
+        )
+
+
+def test_quantize_multiplier_round_trips():
+    m = np.array([0.3, 1e-4, 0.999, 0.5, 2.5, 7.3e-7], np.float32)
+    m0, shift = jqi.quantize_multiplier(m)
+    m0, shift = np.asarray(m0), np.asarray(shift)
+    assert np.all((m0 >= 1 << 30) & (m0.astype(np.int64) < 1 << 31))
+    np.testing.assert_array_equal(
+        m0.astype(np.float64) * 2.0 ** (-31.0 - shift), m.astype(np.float64)
+    )
+    x = np.arange(-5000, 5000, 7, dtype=np.int32)
+    for mm, a, s in zip(m[:4], m0[:4], shift[:4], strict=True):
+        got = np.asarray(jqi.multiply_by_quantized_multiplier(x, a, s))
+        assert np.max(np.abs(got - np.round(x * np.float64(mm)))) <= 1
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_integer_dense_agrees_with_the_simulated_path_within_one_lsb(relu, per_channel):
+    """Jacob et al.'s claim: the integer-only layer equals the float-simulated quantized
+    layer to within 1 LSB of the output."""
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.nn.relu(jax.random.normal(k[0], (64, 96))) + 0.05  # post-ReLU activations
+    w = jax.random.normal(k[1], (96, 40)) * 0.1
+    b = jax.random.normal(k[2], (40,)) * 0.1
+    xs = jq.QuantSpec("uint8", calibration=jq.minmax(), symmetric=False)
+    qx = jq.quantize(x, xs)
+    ws = jq.QuantSpec("int8", jq.per_channel(-1) if per_channel else None)
+    qw = jq.quantize(w, ws)
+    s1, z1 = qx.scale.reshape(()), qx.zero_point.reshape(()).astype(jnp.int32)
+    s2 = qw.scale.reshape(-1)
+    # Output quantizer from the float layer's range.
+    y_float = x @ w + b[None]
+    s3 = (jnp.max(y_float) - jnp.min(y_float)) / 255.0
+    z3 = jnp.round(-jnp.min(y_float) / s3).astype(jnp.int32)
+    bias_q = jnp.round(b / (s1 * s2)).astype(jnp.int32)  # [40] (s2: [1] or [40])
+    m0, shift = jqi.quantize_multiplier(s1 * s2 / s3)
+    got = jax.jit(jqi.dense, static_argnames=("relu",))(
+        qx.values, z1, qw.values, bias_q, m0, shift, z3, relu=relu
+    )
+    assert got.dtype == jnp.uint8
+    # Simulated: dequantized operands and bias, float matmul, output fake-quantized.
+    z1f, z3f = z1.astype(jnp.float32), z3.astype(jnp.float32)
+    xr = (qx.values.astype(jnp.float32) - z1f) * s1
+    r = jnp.dot(xr, qw.values.astype(jnp.float32) * s2[None], precision="highest")
+    r = r + (bias_q.astype(jnp.float32) * (s1 * s2))[None]
+    sim = jnp.clip(jnp.round(r / s3) + z3f, z3f if relu else 0.0, 255.0)
+    diff = np.abs(np.asarray(got, np.int64) - np.asarray(sim, np.int64))
+    assert diff.max() <= 1
+    assert (diff == 0).mean() > 0.95
+    with pytest.raises(TypeError, match="int8"):
+        jqi.dense(qx.values, z1, w, None, m0, shift, z3)
