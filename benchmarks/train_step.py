@@ -118,8 +118,10 @@ def run_cpu(args) -> dict:
         )
     )
     variants.append(("w8a8_int8 (mode=emulate)", jq.recipes.get("w8a8_int8")))
+    variants.append(("float + adam_8bit", None))
     steps = {}
     for name, recipe in variants:
+        opt = jq.optax.adam_8bit(1e-3) if "adam_8bit" in name else tx
         if name == "w4a16_int4":
             recipe = jq.recipes.get(name, group_size=64)
         # MX blocks of 32 need the output width to divide: the 10-class head stays float.
@@ -128,8 +130,8 @@ def run_cpu(args) -> dict:
         if "emulate" in name:  # the same numbers from a float32 dot of the int8 grid values
             rules = tuple(dataclasses.replace(r, mode="emulate") for r in rules)
         model = base if recipe is None else quantize_model(base, rules)
-        step = _make_step(model, tx, "xent")
-        steps[name] = (step, _time(step, _init(model, tx, x), (x, y), iters=1, repeats=1)[1])
+        step = _make_step(model, opt, "xent")
+        steps[name] = (step, _time(step, _init(model, opt, x), (x, y), iters=1, repeats=1)[1])
     # Interleaved rounds: every variant once per round, ratios taken within a round, so
     # that load from other processes on a shared machine hits all variants alike.
     times: dict[str, list[float]] = {name: [] for name in steps}

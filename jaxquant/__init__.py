@@ -5,7 +5,7 @@ NF4 / MX / binary / ternary, with per-tensor, per-channel, per-block and per-tok
 several calibrations, round-to-nearest-even and stochastic rounding, saturating casts.
 """
 
-from jaxquant import formats, metrics, recipes
+from jaxquant import formats, integer, metrics, recipes
 from jaxquant._src.calibration import (
     absmax,
     fixed,
@@ -73,6 +73,7 @@ __all__ = [
     "fake_quant_with",
     "fixed",
     "formats",
+    "integer",
     "kl",
     "lsq_fake_quant",
     "lsq_init",

@@ -87,7 +87,7 @@ def _manual_w8a8(params, x):
 
 def test_digits_int8_qat_learns_and_is_quantized():
     _, _, _, acc_f, _ = _train_digits("float")
-    qmodel, params, y, acc_q, losses = _train_digits("w8a8_int8")
+    qmodel, params, logits, acc_q, losses = _train_digits("w8a8_int8")
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.25 * losses[0], losses
     assert acc_q > 0.85, acc_q  # chance is 0.10
     assert abs(acc_q - acc_f) <= 0.04, (acc_q, acc_f)
@@ -98,10 +98,10 @@ def test_digits_int8_qat_learns_and_is_quantized():
     # The trained QAT model computes the fake-quantized forward, not the float one.
     x = jnp.asarray(_digits_data()["x_test"])
     np.testing.assert_allclose(
-        np.asarray(y), np.asarray(_manual_w8a8(params, x)), rtol=1e-4, atol=1e-4
+        np.asarray(logits), np.asarray(_manual_w8a8(params, x)), rtol=1e-4, atol=1e-4
     )
-    y_float = qmodel.module.apply({"params": params}, x)
-    assert not np.allclose(np.asarray(y), np.asarray(y_float), atol=1e-3)
+    float_logits = qmodel.module.apply({"params": params}, x)
+    assert not np.allclose(np.asarray(logits), np.asarray(float_logits), atol=1e-3)
 
 
 # -------------------------------------------------------------------- data parallel
@@ -124,7 +124,7 @@ def test_data_parallel_step_matches_single_device(recipe):
     opt = optax.sgd(0.1)
 
     @jax.jit
-    def steps(params, x, y):
+    def step(params, x, y):
         def loss_fn(p):
             logits = model.apply({"params": p}, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
@@ -134,14 +134,13 @@ def test_data_parallel_step_matches_single_device(recipe):
         return optax.apply_updates(params, updates), loss, logits
 
     cpu0 = jax.devices()[0]
-    ref = steps(*jax.device_put((params, x, y), cpu0))
+    ref = step(*jax.device_put((params, x, y), cpu0))
 
     mesh = _mesh()
     batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    out = steps(
+    new_params, loss, logits = step(
         jax.device_put(params, replicated), jax.device_put(x, batch), jax.device_put(y, batch)
     )
-    new_params, loss, logits = out
     assert logits.sharding.is_equivalent_to(batch, logits.ndim)
     assert loss.sharding.is_fully_replicated
     for leaf in jax.tree.leaves(new_params):
