@@ -374,3 +374,16 @@ def test_delayed_state_in_a_train_state_loop():
             losses.append(float(val))
     assert int(st.quant_state["quant"]["lhs_scaling"].count) == 5
     assert losses[-1] < losses[0]
+
+
+def test_errors_name_the_layer():
+    model = nn.Sequential([nn.Dense(64), nn.Dense(10)])
+    qmodel = quantize_model(model, jq.recipes.get("mxfp8").rules())
+    with pytest.raises(ValueError, match=r"layer 'layers_1'.*grad_spec.*\(4, 10\).*in float"):
+        qmodel.init(jax.random.key(0), jnp.ones((4, 64)))
+    m = nnx.Linear(64, 10, rngs=nnx.Rngs(0))
+    quantize_model(
+        m, jq.recipes.get("fp8_delayed").replace(grad=jq.recipes.get("mxfp8").grad).rules()
+    )
+    with pytest.raises(ValueError, match=r"the model itself.*grad_spec"):
+        m(jnp.ones((4, 64)))

@@ -72,6 +72,7 @@ def _train_digits(method, seed=0):
     return model, params, logits, float(acc), np.asarray(losses)
 
 
+@jax.jit
 def _manual_w8a8(params, x):
     """The w8a8_int8 MLP by hand: int8 per-token activations, int8 per-output-channel
     weights, fake-quantized, float dots."""

@@ -631,7 +631,15 @@ def dot_general(
     if grad_spec is not None:
         if not jnp.issubdtype(out_aval.dtype, jnp.floating):
             raise TypeError(f"{fn}: grad_spec needs a floating-point output, got {out_aval.dtype}.")
-        grad_spec.granularity.plan(tuple(out_aval.shape))  # axis errors now, not in backward
+        try:  # axis errors now, not in the backward pass
+            grad_spec.granularity.plan(tuple(out_aval.shape))
+        except ValueError as e:
+            raise ValueError(
+                f"{fn}: grad_spec {grad_spec} does not fit the output gradient, of shape "
+                f"{tuple(out_aval.shape)}: {e} For MX / per-block gradients the output's "
+                "blocked axis must be a multiple of the block size; keep such a layer in "
+                "float or give it a per-tensor grad_spec."
+            ) from None
     for name, spec in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec)):
         if spec is not None and spec.stochastic and key is None:
             raise ValueError(

@@ -70,7 +70,8 @@ class Recipe:
     description: str = ""
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with fields changed, e.g. ``recipe.replace(ste="lsq")``."""
+        """A copy with fields changed, e.g. learned step sizes (which need a per-tensor
+        activation spec): ``recipe.replace(ste="lsq", act=jq.QuantSpec("int8"))``."""
         return dataclasses.replace(self, **changes)
 
     def dot_kwargs(self) -> dict[str, Any]:

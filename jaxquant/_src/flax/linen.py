@@ -118,6 +118,7 @@ class QuantOp(nn.Module):
             scales=scales,
             steps=steps,
             key=key,
+            where=self.where,
         )
 
 

@@ -106,7 +106,9 @@ class QuantOp(nnx.Module):
                     base_var[...] = base
                 steps[op] = getattr(self, f"{op}_step")[...] * base
         key = self.rngs.quant() if needs_key(rule) else None
-        return run_stateful(rule, lhs, rhs, scales=scales, steps=steps, key=key, **kw)
+        return run_stateful(
+            rule, lhs, rhs, scales=scales, steps=steps, key=key, where=self.path, **kw
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.einsum:  # einsum_op(subscripts, lhs, rhs, *, precision, ...)

@@ -13,10 +13,11 @@ This module imports no Flax: the Linen and NNX front ends share it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -141,6 +142,16 @@ class Rule:
         return re.fullmatch(self.pattern, path) is not None
 
 
+@contextlib.contextmanager
+def _at(path: str) -> Iterator[None]:
+    """Prefix a ValueError / TypeError raised inside with the layer's path."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        where = repr(path) if path else "(the model itself)"
+        raise type(e)(f"quantized layer {where}: {e}") from None
+
+
 class Match(NamedTuple):
     """One quantized module: its path, its class name and the rule that matched it."""
 
@@ -215,19 +226,20 @@ class QuantDot:
         out_sharding: Any = None,
     ) -> Any:
         r = self.rule
-        return dot_general(
-            lhs,
-            rhs,
-            dimension_numbers,
-            precision,
-            preferred_element_type,
-            lhs_spec=r.act,
-            rhs_spec=r.weight,
-            grad_spec=r.grad,
-            mode=r.mode,  # type: ignore[arg-type]
-            ste=r.ste,  # type: ignore[arg-type]
-            out_sharding=out_sharding,
-        )
+        with _at(self.path):
+            return dot_general(
+                lhs,
+                rhs,
+                dimension_numbers,
+                precision,
+                preferred_element_type,
+                lhs_spec=r.act,
+                rhs_spec=r.weight,
+                grad_spec=r.grad,
+                mode=r.mode,  # type: ignore[arg-type]
+                ste=r.ste,  # type: ignore[arg-type]
+                out_sharding=out_sharding,
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,18 +265,19 @@ class QuantEinsum:
                 "out_sharding=None for a quantized Einsum (jit keeps the input's sharding)."
             )
         r = self.rule
-        return einsum(
-            subscripts,
-            lhs,
-            rhs,
-            lhs_spec=r.act,
-            rhs_spec=r.weight,
-            grad_spec=r.grad,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-            mode=r.mode,  # type: ignore[arg-type]
-            ste=r.ste,  # type: ignore[arg-type]
-        )
+        with _at(self.path):
+            return einsum(
+                subscripts,
+                lhs,
+                rhs,
+                lhs_spec=r.act,
+                rhs_spec=r.weight,
+                grad_spec=r.grad,
+                precision=precision,
+                preferred_element_type=preferred_element_type,
+                mode=r.mode,  # type: ignore[arg-type]
+                ste=r.ste,  # type: ignore[arg-type]
+            )
 
 
 # ------------------------------------------------------------ stateful rules (shared)
@@ -325,11 +338,40 @@ def run_stateful(
     scales: dict[str, jax.Array] | None = None,
     steps: dict[str, jax.Array] | None = None,
     key: jax.Array | None = None,
+    where: str = "",
 ) -> Any:
     """One quantized product for ``rule`` with this step's scales (delayed scaling),
     learned steps (LSQ) and PRNG key: ``dot_general`` (``dimension_numbers``) or
     ``einsum`` (``subscripts``)."""
-    scales = scales or {}
+    with _at(where):
+        return _run_stateful(
+            rule,
+            lhs,
+            rhs,
+            dimension_numbers,
+            subscripts,
+            precision,
+            preferred_element_type,
+            out_sharding,
+            scales or {},
+            steps,
+            key,
+        )
+
+
+def _run_stateful(
+    rule,
+    lhs,
+    rhs,
+    dimension_numbers,
+    subscripts,
+    precision,
+    preferred_element_type,
+    out_sharding,
+    scales,
+    steps,
+    key,
+) -> Any:
     lhs_spec, rhs_spec, ste = rule.act, rule.weight, rule.ste
     if rule.ste == "lsq":
         assert steps is not None
@@ -394,18 +436,19 @@ class QuantConv:
         if kw.pop("out_sharding", None) is not None:
             raise ValueError(f"{self.path}: a quantized Conv takes no out_sharding.")
         r = self.rule
-        return conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            *args,
-            lhs_spec=r.act,
-            rhs_spec=r.weight,
-            grad_spec=r.grad,
-            ste="plain" if r.ste == "plain" else "clipped",
-            **kw,
-        )
+        with _at(self.path):
+            return conv_general_dilated(
+                lhs,
+                rhs,
+                window_strides,
+                padding,
+                *args,
+                lhs_spec=r.act,
+                rhs_spec=r.weight,
+                grad_spec=r.grad,
+                ste="plain" if r.ste == "plain" else "clipped",
+                **kw,
+            )
 
 
 def check_conv_rule(rule: Rule, path: str) -> None:
