@@ -60,128 +60,19 @@ QUANTIZED = r"blocks/.*"  # every Linear inside the transformer blocks
 VOCAB = 256
 
 
-# ---------------------------------------------------------------- results (shared shape)
-# The three accuracy scripts (qat_digits, qat_lm, mixed_precision) write the same JSON
-# layout; each carries its own copy of these helpers so that it runs on its own.
-
-
-def _parser(doc: str, name: str, methods: tuple[str, ...]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run")
-    p.add_argument("--quick", action="store_true", help="tiny configuration (seconds)")
-    p.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(methods)}")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
-    p.add_argument(
-        "--markdown", default="", metavar="JSON", help="print the table of a result file"
-    )
-    return p
-
-
-def _select(arg: str, methods: tuple[str, ...]) -> tuple[str, ...]:
-    if not arg:
-        return methods
-    chosen = tuple(m.strip() for m in arg.split(",") if m.strip())
-    unknown = [m for m in chosen if m not in methods]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(methods)}")
-    return chosen
-
-
-def _summarize(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
-    """Per-seed runs plus mean and (population) std of ``keys`` over the seeds that ran."""
-    ok = [r for r in runs if "error" not in r]
-    out: dict[str, Any] = {"runs": runs}
-    if not ok:
-        out["error"] = runs[0]["error"] if runs else "no runs"
-        return out
-    out["mean"] = {k: float(np.mean([r[k] for r in ok])) for k in keys}
-    out["std"] = {k: float(np.std([r[k] for r in ok])) for k in keys}
-    out["n"] = len(ok)
-    return out
-
-
-def _document(name: str, cfg: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
-    import datetime
-    import platform
-
-    return {
-        "benchmark": name,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-        "python": platform.python_version(),
-        "jaxquant_git": _GIT_AT_START,
-        "config": cfg,
-        "results": results,
-    }
-
-
-def _git_state() -> str:
-    """The checkout's commit, ``+dirty`` if ``jaxquant/`` has uncommitted changes."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--", "jaxquant")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-_GIT_AT_START = _git_state()  # the code that runs is the code imported now
-
-
-def _save(doc: dict[str, Any], path: str) -> None:
-    import json
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}", flush=True)
-
-
-def _load(path: str) -> dict[str, Any]:
-    import json
-
-    return json.loads(Path(path).read_text())
-
-
-def _header(doc: dict[str, Any]) -> str:
-    return (
-        f"{doc['benchmark']}: jax {doc['jax']}, {doc['backend']} ({doc['device']}), "
-        f"{doc['date']}, seeds {doc['config'].get('seeds')}"
-    )
-
-
-def _brief(r: dict[str, Any], key: str) -> str:
-    if "error" in r:
-        return f"FAILED {r['error'][:200]}"
-    return f"{key} {r[key]:.4f} ({r['seconds']:.1f} s)"
-
-
-def _downsample(xs: list[float], n: int) -> list[float]:
-    """``n`` means of consecutive equal slices of ``xs`` (a short loss curve)."""
-    if len(xs) <= n:
-        return [float(x) for x in xs]
-    return [float(np.mean(c)) for c in np.array_split(np.asarray(xs), n)]
-
-
-def _paired(results: dict[str, Any], method: str, key: str) -> tuple[float, float] | None:
-    """Mean and std over seeds of ``method - float`` for ``key``, seed by seed (same
-    initialisation and data order: the seed-to-seed variation common to both cancels)."""
-    ref = {r["seed"]: r[key] for r in results.get("float", {}).get("runs", []) if key in r}
-    d = [r[key] - ref[r["seed"]] for r in results[method]["runs"] if key in r and r["seed"] in ref]
-    if method == "float" or not d:
-        return None
-    return round(float(np.mean(d)), 4) + 0.0, float(np.std(d))  # no "-0.00"
-
+# The JSON / table helpers are qat_digits.py's (one shape for the three accuracy scripts).
+from benchmarks.qat_digits import (  # noqa: E402
+    _brief,
+    _document,
+    _downsample,
+    _header,
+    _load,
+    _paired,
+    _parser,
+    _save,
+    _select,
+    _summarize,
+)
 
 # ------------------------------------------------------------------------------- data
 
