@@ -26,11 +26,16 @@ def quantize_model(
 ) -> Any:
     """Quantization-aware training for an existing Flax model, chosen by rules.
 
-    Each ``nn.Dense`` / ``nn.DenseGeneral`` (Linen) or ``nnx.Linear`` /
-    ``nnx.LinearGeneral`` / ``nnx.Einsum`` (NNX) whose path matches a rule (first match
-    wins, :func:`re.fullmatch`) computes its product with :func:`jaxquant.dot_general`:
-    ``lhs_spec=rule.act``, ``rhs_spec=rule.weight``, ``grad_spec=rule.grad``; real int8 /
-    fp8 compute where the backend has it, straight-through gradients.
+    Each ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` / ``nn.Conv`` (Linen) or
+    ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` / ``nnx.Conv`` (NNX) whose path
+    matches a rule (first match wins, :func:`re.fullmatch`) computes its product with
+    :func:`jaxquant.dot_general` / :func:`jaxquant.einsum` /
+    :func:`jaxquant.conv_general_dilated`: ``lhs_spec=rule.act``, ``rhs_spec=rule.weight``,
+    ``grad_spec=rule.grad``; real int8 / fp8 compute where the backend has it,
+    straight-through gradients. Rules with delayed scaling, learned step sizes (LSQ) or
+    stochastic rounding keep their state in the ``"quant_state"`` collection (Linen; LSQ
+    steps in ``"params"``) or in :class:`QuantState` / ``nnx.Param`` variables (NNX); see
+    :class:`Rule`. Named recipes: :mod:`jaxquant.recipes`.
 
     * Linen: returns a new module, :class:`QuantizedModule`, with exactly the model's
       variables tree (existing params and TrainStates work); the model is not modified.
