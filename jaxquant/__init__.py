@@ -40,6 +40,7 @@ from jaxquant._src.scaling import (
     quantize_with,
     static_scaling,
 )
+from jaxquant._src.size import SizeReport, size_report
 from jaxquant._src.spec import QuantSpec
 
 __version__ = "0.1.0"
@@ -59,6 +60,7 @@ __all__ = [
     "QuantSpec",
     "ScaleState",
     "Scaling",
+    "SizeReport",
     "absmax",
     "conv_general_dilated",
     "current_scaling",
@@ -92,6 +94,7 @@ __all__ = [
     "quantize_with",
     "random_bits",
     "recipes",
+    "size_report",
     "static_scaling",
     "twn",
 ]
