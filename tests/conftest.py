@@ -10,6 +10,9 @@ import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The tests bound float32 dots by float32 rounding; GPUs and TPUs would otherwise run them
+# in TF32 / bf16 passes (a no-op on CPU, which the suite targets).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from jaxquant._src.dot import dot_capabilities, dot_general, einsum
 from jaxquant._src.scaling import delayed_scaling
 
 EPS32 = float(np.finfo(np.float32).eps)
+CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="asserts XLA:CPU's HLO")
 MATMUL = (((1,), (0,)), ((), ()))
 
 
@@ -376,6 +377,7 @@ def test_int8_forward_compiles_to_s8_dot_on_cpu():
     assert not any(d[0] == "f32" for d in dots), dots  # no float dot besides it
 
 
+@CPU_ONLY
 def test_int8_training_step_runs_all_three_dots_in_integers():
     """Per-tensor int8 operands and gradient: the forward and ``dlhs = g @ w^T`` compile to
     s8 x s8 -> s32 dots. ``drhs = x^T @ g`` contracts the major axis of both operands;
@@ -394,6 +396,7 @@ def test_int8_training_step_runs_all_three_dots_in_integers():
     assert all(d[0] == "s32" for d in dots), dots
 
 
+@CPU_ONLY
 def test_fp8_paths_on_cpu():
     """CPU: mode='auto' emulates fp8 (a float32 dot of the grid values, no f8 dot at all);
     mode='real' emits a StableHLO dot_general on f8E4M3FN operands, which XLA:CPU compiles by
@@ -416,6 +419,7 @@ def test_fp8_paths_on_cpu():
     assert ("f8E4M3FN", "f8E5M2", "f32") in _stablehlo_dots(mixed.as_text())
 
 
+@CPU_ONLY
 def test_dot_capabilities_on_cpu():
     caps = dot_capabilities()
     assert caps["backend"] == "cpu" and caps["platform"] == "cpu"

@@ -381,7 +381,9 @@ def _scaled_dot(
     if not _scale_constant_along(sb, cb):
         b, sb = _to_f32(b, cfg) * sb, None
     pair = (np.dtype(a.dtype).name, np.dtype(b.dtype).name)
-    precision = None  # meaningless for int8 / fp8 operands; GEMM rewriters want the default
+    # Explicitly DEFAULT for int8 / fp8 operands (a global jax_default_matmul_precision
+    # of "highest" must not keep XLA from its int8 / fp8 GEMMs).
+    precision: Any = lax.Precision.DEFAULT
     pet: Any = jnp.float32
     if pair == ("int8", "int8"):
         pet = jnp.int32
