@@ -18,6 +18,7 @@ from jaxquant._src.calibration import (
     twn,
 )
 from jaxquant._src.conv import conv_general_dilated
+from jaxquant._src.convert import convert
 from jaxquant._src.dot import dot_capabilities, dot_general, einsum
 from jaxquant._src.explain import explain
 from jaxquant._src.granularity import per_block, per_channel, per_tensor, per_token
@@ -63,6 +64,7 @@ __all__ = [
     "SizeReport",
     "absmax",
     "conv_general_dilated",
+    "convert",
     "current_scaling",
     "delayed_scaling",
     "dequantize",

@@ -1,0 +1,156 @@
+"""Convert a parameter tree to QArrays leaf by leaf, never holding two whole copies.
+
+:func:`convert` walks the tree one leaf at a time. A concrete float leaf is quantized and,
+with ``delete=True``, its buffer is freed as soon as its QArray exists; an abstract leaf
+(``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape(model.init, ...)``) is materialized by
+``load(path, leaf)`` (a checkpoint reader, an initializer), quantized and dropped. Peak
+memory is therefore the quantized tree plus one float leaf, not float + quantized models.
+
+Policies are a :class:`~jaxquant.QuantSpec` (every float leaf), a function
+``(path, leaf) -> QuantSpec | None``, or an ordered list of ``(regex, spec | None)`` pairs
+matched with :func:`re.fullmatch` against the ``/``-joined leaf path (first match wins; a
+pattern that matches no leaf is an error, so a typo cannot silently leave a model float).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src.quantize import _resolve, quantize
+from jaxquant._src.spec import QuantSpec
+
+Policy = QuantSpec | Callable[[tuple, Any], QuantSpec | None] | Sequence[tuple[str, Any]]
+
+
+def _path_str(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _pattern_policy(pairs: Sequence[tuple[str, Any]]):
+    compiled = []
+    for item in pairs:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(
+                f"convert: a pattern policy is a list of (regex, QuantSpec | None) pairs, got "
+                f"{item!r}."
+            )
+        pattern, spec = item
+        if spec is not None and not isinstance(spec, QuantSpec):
+            raise TypeError(f"convert: pattern {pattern!r} maps to {spec!r}, not a QuantSpec.")
+        try:
+            compiled.append((re.compile(pattern), spec))
+        except re.error as e:
+            raise ValueError(f"convert: {pattern!r} is not a valid regex: {e}.") from None
+    used: set[int] = set()
+
+    def policy(path: tuple, leaf: Any) -> QuantSpec | None:
+        name = _path_str(path)
+        for i, (rx, spec) in enumerate(compiled):
+            if rx.fullmatch(name):
+                used.add(i)
+                return spec
+        return None
+
+    def check(names: list[str]) -> None:
+        missed = [compiled[i][0].pattern for i in range(len(compiled)) if i not in used]
+        if missed:
+            raise ValueError(
+                f"convert: pattern(s) {missed} matched no leaf. Leaf paths (matched with "
+                f"re.fullmatch): {names}. Fix the regex ('.*name.*' for a substring)."
+            )
+
+    return policy, check
+
+
+def convert(
+    tree: Any,
+    policy: Policy,
+    *,
+    load: Callable[[tuple, jax.ShapeDtypeStruct], Any] | None = None,
+    delete: bool = False,
+    key: jax.Array | None = None,
+) -> Any:
+    """Quantize the leaves ``policy`` selects, one leaf at a time.
+
+    Args:
+      tree: a pytree of arrays and / or ``jax.ShapeDtypeStruct`` leaves.
+      policy: a :class:`QuantSpec`, a function ``(path, leaf) -> QuantSpec | None``, or a
+        list of ``(regex, QuantSpec | None)`` pairs over ``/``-joined paths.
+      load: ``load(path, abstract_leaf) -> array`` for abstract leaves (required if any);
+        its result must have the leaf's shape and dtype.
+      delete: free each concrete float leaf that was quantized once its QArray is ready
+        (the caller's arrays are deleted: use it when the float tree is no longer needed).
+      key: PRNG key for stochastic specs (``fold_in(key, leaf_index)`` per leaf).
+
+    Returns:
+      The tree with QArrays in place of quantized leaves and loaded arrays in place of
+      abstract leaves that stay float.
+
+    Raises:
+      ValueError / TypeError naming the leaf: an abstract leaf without ``load``, a loaded
+      array of the wrong shape or dtype, a pattern that matched no leaf, a spec that does
+      not fit its leaf.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxquant as jq
+      >>> abstract = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32),
+      ...             "b": jax.ShapeDtypeStruct((64,), jnp.float32)}
+      >>> q = jq.convert(abstract, [("w", jq.QuantSpec("int8"))],
+      ...                load=lambda path, leaf: jnp.ones(leaf.shape, leaf.dtype))
+      >>> type(q["w"]).__name__, q["w"].nbytes, q["b"].shape
+      ('QArray', 4100, (64,))
+    """
+    check = None
+    if isinstance(policy, list | tuple):
+        policy, check = _pattern_policy(policy)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    # First every check, then the conversion: a bad policy never leaves a half-deleted tree.
+    specs = []
+    for path, leaf in leaves:
+        name = _path_str(path)
+        try:
+            spec = _resolve(policy, path, leaf)
+            if spec is not None:
+                if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                    raise TypeError(f"its dtype {leaf.dtype} is not floating point")
+                spec.granularity.plan(tuple(leaf.shape))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"convert at {name!r}: {e}") from None
+        if isinstance(leaf, jax.ShapeDtypeStruct) and load is None:
+            raise ValueError(
+                f"convert: leaf {name!r} is abstract ({leaf.shape}, {leaf.dtype}); pass "
+                "load=(path, leaf) -> array to materialize it."
+            )
+        specs.append(spec)
+    if check is not None:
+        check([_path_str(p) for p, _ in leaves])
+    out = []
+    for i, ((path, leaf), spec) in enumerate(zip(leaves, specs, strict=True)):
+        name = _path_str(path)
+        abstract = isinstance(leaf, jax.ShapeDtypeStruct)
+        if abstract:
+            assert load is not None
+            x = jnp.asarray(load(path, leaf))
+            if x.shape != tuple(leaf.shape) or np.dtype(x.dtype) != np.dtype(leaf.dtype):
+                raise ValueError(
+                    f"convert: load returned {x.shape} {x.dtype} for leaf {name!r}, which is "
+                    f"{tuple(leaf.shape)} {np.dtype(leaf.dtype)}."
+                )
+        else:
+            x = leaf
+        if spec is None:
+            out.append(x)
+            continue
+        k = None if key is None else jax.random.fold_in(key, i)
+        q = quantize(x, spec, key=k)
+        if delete and not abstract and isinstance(x, jax.Array):
+            jax.block_until_ready(q)
+            x.delete()  # this leaf's float copy is gone before the next leaf is converted
+        out.append(q)  # a loaded float leaf is dropped here (the loader's own copy stays)
+    return jax.tree_util.tree_unflatten(treedef, out)
