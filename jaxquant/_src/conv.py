@@ -48,12 +48,16 @@ class _ConvConfig:
     rhs_dtype: np.dtype
 
 
-def _fq(x: Array, spec: QuantSpec | None, key, scale) -> tuple[Array, Array | None]:
-    """(float32 quantize-dequantized x, clipped-STE mask or None)."""
+def _fq(
+    x: Array, spec: QuantSpec | None, key, scale, clipped: bool = False
+) -> tuple[Array, Array | None]:
+    """(float32 quantize-dequantized x, clipped-STE mask if ``clipped`` else None)."""
     if spec is None:
         return x.astype(jnp.float32), None
     r, s, _, plan = _core(x, spec, key, scale)
     out = (_to_grid(r, spec) * s).reshape(plan.shape)
+    if not clipped:
+        return out, None
     qmin, qmax = spec.qrange
     t = scale_input(x.astype(jnp.float32).reshape(plan.view), s, None)
     return out, ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
@@ -76,11 +80,11 @@ def _qconv(cfg: _ConvConfig, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
 
 def _qconv_fwd(cfg: _ConvConfig, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
     kl, kr, kg = _keys(key)
-    lq, lm = _fq(lhs, cfg.lhs_spec, kl, lhs_scale)
-    rq, rm = _fq(rhs, cfg.rhs_spec, kr, rhs_scale)
+    clip = cfg.ste == "clipped"
+    lq, lm = _fq(lhs, cfg.lhs_spec, kl, lhs_scale, clip)
+    rq, rm = _fq(rhs, cfg.rhs_spec, kr, rhs_scale, clip)
     out = _conv(cfg, lq, rq).astype(cfg.out_dtype)
-    masks = (lm, rm) if cfg.ste == "clipped" else (None, None)
-    return out, (lq, rq, masks, grad_scale, kg)
+    return out, (lq, rq, (lm, rm), grad_scale, kg)
 
 
 def _qconv_bwd(cfg: _ConvConfig, res, g):

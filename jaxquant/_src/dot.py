@@ -311,13 +311,16 @@ def _quantize_operand(
     scale: Array | None,
     store,
     native_cast: bool = False,
-) -> tuple[Array, Array | None]:
-    """(values, scale): grid values (int8/fp8 storage or float32) and the scale laid out
-    like ``x`` (size 1 along shared axes); ``(x, None)`` for an operand left as it is.
-    Block scales (which change along the blocked axis) are applied here: the values come
-    back dequantized, in float32, with scale None."""
+    clipped: bool = False,
+) -> tuple[Array, Array | None, Array | None]:
+    """(values, scale, mask): grid values (int8/fp8 storage or float32), the scale laid out
+    like ``x`` (size 1 along shared axes) and, with ``clipped``, the clipped-STE mask (where
+    ``x`` lies inside the quantizer's range; from the same scale, no second calibration).
+    ``(x, None, None)`` for an operand left as it is. Block scales (which change along the
+    blocked axis) are applied here: the values come back dequantized, in float32, with
+    scale None."""
     if spec is None:
-        return x, None
+        return x, None, None
     native = (
         native_cast
         and spec.granularity.plan(tuple(x.shape)).view == tuple(x.shape)
@@ -327,23 +330,18 @@ def _quantize_operand(
         and spec.saturate
     )
     r, s, _, plan = _core(x, spec, key, scale, rounded=not native)
+    mask = None
+    if clipped:
+        qmin, qmax = spec.qrange
+        t = scale_input(jax.lax.stop_gradient(x).astype(jnp.float32).reshape(plan.view), s, None)
+        mask = ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
     if native:  # the GPU's RNE conversion (cvt.rn.satfinite) rounds; values are in range
-        return r.astype(store), s
+        return r.astype(store), s, mask
     if plan.view != plan.shape:
-        return (_to_grid(r, spec) * s).reshape(plan.shape), None
+        return (_to_grid(r, spec) * s).reshape(plan.shape), None, mask
     if store is not None:
-        return encode(r, spec.format), s
-    return _to_grid(r, spec), s
-
-
-def _in_range(x: Array, spec: QuantSpec | None, scale: Array | None) -> Array | None:
-    """Clipped-STE mask: where ``x`` lies inside the quantizer's range (None: no spec)."""
-    if spec is None:
-        return None
-    _, s, _, plan = _core(jax.lax.stop_gradient(x), spec, None, scale)
-    qmin, qmax = spec.qrange
-    t = scale_input(x.astype(jnp.float32).reshape(plan.view), s, None)
-    return ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
+        return encode(r, spec.format), s, mask
+    return _to_grid(r, spec), s, mask
 
 
 def _scale_constant_along(s: Array | None, axes: tuple[int, ...]) -> bool:
@@ -475,14 +473,12 @@ def _keys(key: Array | None) -> tuple[Array | None, Array | None, Array | None]:
 def _fwd_impl(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
     kl, kr, kg = _keys(key)
     nc = cfg.native_cast
-    lv, ls = _quantize_operand(lhs, cfg.lhs_spec, kl, lhs_scale, cfg.lhs_store, nc)
-    rv, rs = _quantize_operand(rhs, cfg.rhs_spec, kr, rhs_scale, cfg.rhs_store, nc)
+    clip = cfg.ste == "clipped"
+    lv, ls, lmask = _quantize_operand(lhs, cfg.lhs_spec, kl, lhs_scale, cfg.lhs_store, nc, clip)
+    rv, rs, rmask = _quantize_operand(rhs, cfg.rhs_spec, kr, rhs_scale, cfg.rhs_store, nc, clip)
     out = _scaled_dot(lv, ls, rv, rs, cfg.dn, cfg, cfg.out_sharding, cfg.out_dtype)
     out = out.astype(cfg.out_dtype)
-    masks = (None, None)
-    if cfg.ste == "clipped":
-        masks = (_in_range(lhs, cfg.lhs_spec, lhs_scale), _in_range(rhs, cfg.rhs_spec, rhs_scale))
-    return out, (lv, ls, rv, rs, grad_scale, kg, masks)
+    return out, (lv, ls, rv, rs, grad_scale, kg, (lmask, rmask))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -497,7 +493,7 @@ def _qdot_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
 def _qdot_bwd(cfg: _Config, res, g):
     lv, ls, rv, rs, grad_scale, kg, (lmask, rmask) = res
     if cfg.grad_spec is not None:
-        gv, gs = _quantize_operand(
+        gv, gs, _ = _quantize_operand(
             g, cfg.grad_spec, kg, grad_scale, cfg.grad_store, cfg.native_cast
         )
     else:

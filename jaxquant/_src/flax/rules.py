@@ -152,6 +152,11 @@ def _at(path: str) -> Iterator[None]:
         raise type(e)(f"quantized layer {where}: {e}") from None
 
 
+def _spec_kwargs(r: Rule) -> dict[str, Any]:
+    """The keyword arguments every quantized op of a stateless rule takes."""
+    return {"lhs_spec": r.act, "rhs_spec": r.weight, "grad_spec": r.grad, "ste": r.ste}
+
+
 class Match(NamedTuple):
     """One quantized module: its path, its class name and the rule that matched it."""
 
@@ -233,11 +238,8 @@ class QuantDot:
                 dimension_numbers,
                 precision,
                 preferred_element_type,
-                lhs_spec=r.act,
-                rhs_spec=r.weight,
-                grad_spec=r.grad,
                 mode=r.mode,  # type: ignore[arg-type]
-                ste=r.ste,  # type: ignore[arg-type]
+                **_spec_kwargs(r),
                 out_sharding=out_sharding,
             )
 
@@ -270,13 +272,10 @@ class QuantEinsum:
                 subscripts,
                 lhs,
                 rhs,
-                lhs_spec=r.act,
-                rhs_spec=r.weight,
-                grad_spec=r.grad,
                 precision=precision,
                 preferred_element_type=preferred_element_type,
                 mode=r.mode,  # type: ignore[arg-type]
-                ste=r.ste,  # type: ignore[arg-type]
+                **_spec_kwargs(r),
             )
 
 
@@ -443,10 +442,7 @@ class QuantConv:
                 window_strides,
                 padding,
                 *args,
-                lhs_spec=r.act,
-                rhs_spec=r.weight,
-                grad_spec=r.grad,
-                ste="plain" if r.ste == "plain" else "clipped",
+                **_spec_kwargs(r),  # conv rules are stateless: ste is plain or clipped
                 **kw,
             )
 
