@@ -243,47 +243,55 @@ class KL:
         width = jnp.where(amax > 0, amax / nb, 1.0)
         idx = jnp.clip(jnp.floor(a / width), 0, nb - 1).astype(jnp.int32)
         hist = _histogram(idx, _finite(x), axes, nb)  # [...keepdims..., nb]
-        lead = (1,) * amax.ndim
-        bin_ids = jnp.arange(nb).reshape(*lead, nb)
-        w = width[..., None]
-        centers = (bin_ids.astype(jnp.float32) + 0.5) * w
-        ks = jnp.linspace(nb // 8, nb, self.num).astype(jnp.int32)
-
-        def divergence(k):
-            thr = k.astype(jnp.float32) * w
-            inside = bin_ids < k
-            tail = jnp.sum(jnp.where(inside, 0.0, hist), axis=-1, keepdims=True)
-            clipped = jnp.where(inside, hist, 0.0)  # Q is built from this, without the tail,
-            p = clipped + jnp.where(bin_ids == k - 1, tail, 0.0)  # so clipping costs KL
-            levels = qdq(centers, -thr, thr)  # the value each bin centre quantizes to
-            levels = jnp.broadcast_to(levels, p.shape)
-            # qdq is monotone, so bins sharing a level form contiguous runs: give each run
-            # an id, then sum mass and count non-empty bins per run with segment sums.
-            change = jnp.concatenate(
-                [jnp.ones_like(levels[..., :1], bool), levels[..., 1:] != levels[..., :-1]], -1
-            )
-            run = jnp.cumsum(change, axis=-1) - 1
-            groups = p.size // nb
-            offsets = nb * jnp.arange(groups).reshape(*p.shape[:-1], 1)
-            ids = (run + offsets).reshape(-1)
-            nz = (clipped > 0).astype(jnp.float32)
-            seg = groups * nb
-            mass = jax.ops.segment_sum(clipped.reshape(-1), ids, seg)[ids].reshape(p.shape)
-            count = jax.ops.segment_sum(nz.reshape(-1), ids, seg)[ids].reshape(p.shape)
-            q = jnp.where(clipped > 0, mass / jnp.maximum(count, 1.0), 0.0)
-            ps = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-            qs = q / jnp.maximum(jnp.sum(q, axis=-1, keepdims=True), 1e-30)
-            terms = jnp.where(ps > 0, ps * (jnp.log(ps) - jnp.log(jnp.maximum(qs, 1e-30))), 0.0)
-            return jnp.sum(terms, axis=-1, keepdims=True)
-
-        divs = jax.lax.map(divergence, ks)  # [num, ..., 1]
-        best = jnp.argmin(divs, axis=0)
-        thr = jnp.reshape(ks[best], amax.shape).astype(jnp.float32) * width
-        thr = jnp.minimum(thr, amax)
-        return -thr, thr
+        return kl_threshold(hist, width, amax, qdq, self.num)
 
     def __str__(self) -> str:
         return f"kl({self.bins})"
+
+
+def kl_threshold(hist: Array, width: Array, amax: Array, qdq: QDQ, num: int) -> tuple:
+    """:class:`KL`'s search on a histogram of ``|x|``: ``hist`` ``[..., nb]`` counts of
+    bins of ``width`` (shape ``[...]``) from 0; returns ``(-thr, thr)`` shaped like
+    ``amax``. Shared with the streaming calibration pass (jaxquant.flax.calibrate)."""
+    nb = hist.shape[-1]
+    lead = (1,) * amax.ndim
+    bin_ids = jnp.arange(nb).reshape(*lead, nb)
+    w = width[..., None]
+    centers = (bin_ids.astype(jnp.float32) + 0.5) * w
+    ks = jnp.linspace(nb // 8, nb, num).astype(jnp.int32)
+
+    def divergence(k):
+        thr = k.astype(jnp.float32) * w
+        inside = bin_ids < k
+        tail = jnp.sum(jnp.where(inside, 0.0, hist), axis=-1, keepdims=True)
+        clipped = jnp.where(inside, hist, 0.0)  # Q is built from this, without the tail,
+        p = clipped + jnp.where(bin_ids == k - 1, tail, 0.0)  # so clipping costs KL
+        levels = qdq(centers, -thr, thr)  # the value each bin centre quantizes to
+        levels = jnp.broadcast_to(levels, p.shape)
+        # qdq is monotone, so bins sharing a level form contiguous runs: give each run
+        # an id, then sum mass and count non-empty bins per run with segment sums.
+        change = jnp.concatenate(
+            [jnp.ones_like(levels[..., :1], bool), levels[..., 1:] != levels[..., :-1]], -1
+        )
+        run = jnp.cumsum(change, axis=-1) - 1
+        groups = p.size // nb
+        offsets = nb * jnp.arange(groups).reshape(*p.shape[:-1], 1)
+        ids = (run + offsets).reshape(-1)
+        nz = (clipped > 0).astype(jnp.float32)
+        seg = groups * nb
+        mass = jax.ops.segment_sum(clipped.reshape(-1), ids, seg)[ids].reshape(p.shape)
+        count = jax.ops.segment_sum(nz.reshape(-1), ids, seg)[ids].reshape(p.shape)
+        q = jnp.where(clipped > 0, mass / jnp.maximum(count, 1.0), 0.0)
+        ps = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+        qs = q / jnp.maximum(jnp.sum(q, axis=-1, keepdims=True), 1e-30)
+        terms = jnp.where(ps > 0, ps * (jnp.log(ps) - jnp.log(jnp.maximum(qs, 1e-30))), 0.0)
+        return jnp.sum(terms, axis=-1, keepdims=True)
+
+    divs = jax.lax.map(divergence, ks)  # [num, ..., 1]
+    best = jnp.argmin(divs, axis=0)
+    thr = jnp.reshape(ks[best], amax.shape).astype(jnp.float32) * width
+    thr = jnp.minimum(thr, amax)
+    return -thr, thr
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,8 +54,9 @@ from jax import lax
 
 from jaxquant._src import formats
 from jaxquant._src.granularity import PerBlock
-from jaxquant._src.qarray import encode
+from jaxquant._src.qarray import QArray, encode
 from jaxquant._src.quantize import _core, _to_grid, scale_input
+from jaxquant._src.serve import dot_qarray
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -186,6 +187,9 @@ class _Config:
     ste: str = "plain"  # "plain" or "clipped" (zero gradient where an operand saturated)
     fp8_lowering: str = "f32_out"  # "f32_out" | "half_out", see _FP8_LOWERING
     native_cast: bool = False  # see _NATIVE_FP8_CAST
+    # fp8 pairs without an fp8 GEMM: widen to bf16 (exact for e4m3 / e5m2) and accumulate
+    # in float32 -- the fp8 GEMM's own products and accumulator (serving; see serve.py).
+    fp8_via_bf16: bool = False
 
 
 # How a real fp8 x fp8 dot is written for XLA (GPU only; CPU never takes these paths):
@@ -388,6 +392,8 @@ def _scaled_dot(
     elif pair in cfg.fp8_pairs:
         if cfg.fp8_lowering == "half_out" and np.dtype(out_dtype) in _HALF:
             pet = out_dtype
+    elif cfg.fp8_via_bf16 and pair[0] in _FP8 and pair[1] in _FP8 and not cfg.native_cast:
+        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
     else:
         a, b = _to_f32(a, cfg), _to_f32(b, cfg)
         precision = cfg.precision
@@ -599,6 +605,33 @@ def dot_general(
     """
     fn = "dot_general"
     dn = _normalize_dn(dimension_numbers)
+    if isinstance(lhs, QArray):
+        raise TypeError(
+            f"{fn}: a QArray must be the rhs (the weight); the lhs is the float activation. "
+            "Swap the operands (and the dimension numbers), or dequantize() it."
+        )
+    if isinstance(rhs, QArray):
+        if rhs_spec is not None or grad_spec is not None or rhs_scale is not None:
+            raise ValueError(
+                f"{fn}: rhs is a QArray, already quantized with {rhs.spec}; pass no "
+                "rhs_spec / rhs_scale / grad_spec (it has no gradient)."
+            )
+        if lhs_scale is not None or key is not None or mode == "emulate" or ste != "plain":
+            raise ValueError(
+                f"{fn}: with a QArray rhs (serving), lhs is quantized by lhs_spec alone: a "
+                "static scale is lhs_spec.replace(calibration=jq.fixed(amax)); lhs_scale, "
+                "key, mode='emulate' and ste do not apply."
+            )
+        lhs_spec = _check_spec(lhs_spec, "lhs_spec", fn) if lhs_spec is not None else None
+        return dot_qarray(
+            jnp.asarray(lhs),
+            rhs,
+            dn,
+            precision,
+            preferred_element_type,
+            lhs_spec=lhs_spec,
+            out_sharding=out_sharding,
+        )
     lhs_spec = _check_spec(lhs_spec, "lhs_spec", fn)
     rhs_spec = _check_spec(rhs_spec, "rhs_spec", fn)
     grad_spec = _check_spec(grad_spec, "grad_spec", fn)
@@ -779,7 +812,7 @@ def einsum(
       ((2, 3, 5), 4.0)
     """
     a = jnp.asarray(a)
-    b = jnp.asarray(b)
+    b = b if isinstance(b, QArray) else jnp.asarray(b)
     la, lb, lo = _parse_einsum(subscripts, a.ndim, b.ndim)
     for labels, what in ((la, "lhs"), (lb, "rhs"), (lo, "output")):
         if len(set(labels)) != len(labels):

@@ -86,6 +86,16 @@ class QArray:
         """Average stored bits per element, scales included."""
         return 8 * self.nbytes / max(self.size, 1)
 
+    def __getitem__(self, index: object) -> QArray:
+        """``q[...]`` is ``q`` itself (how ``nnx.Variable`` reads its value); any other
+        index is an error: slice the dequantized array, or quantize the slice."""
+        if index is Ellipsis:
+            return self
+        raise TypeError(
+            f"QArray does not support indexing with {index!r}: its values may be packed and "
+            "its scales blocked. Use q.dequantize()[...] or quantize the slice."
+        )
+
     def dequantize(self) -> jax.Array:
         """The float array this QArray represents (``(q - z) * s``, in ``dtype``)."""
         from jaxquant._src.quantize import dequantize

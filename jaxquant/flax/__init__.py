@@ -6,6 +6,7 @@ Rule-based quantization-aware training of existing Linen and NNX models::
 """
 
 from jaxquant._src.flax import (
+    CalibrationResult,
     Match,
     NnxPolicyModule,
     NnxQuantOp,
@@ -15,11 +16,14 @@ from jaxquant._src.flax import (
     QuantState,
     Rule,
     apply_policy,
+    calibrate,
+    convert,
     quantize_model,
     report,
 )
 
 __all__ = [
+    "CalibrationResult",
     "Match",
     "NnxPolicyModule",
     "NnxQuantOp",
@@ -29,6 +33,8 @@ __all__ = [
     "QuantizedModule",
     "Rule",
     "apply_policy",
+    "calibrate",
+    "convert",
     "quantize_model",
     "report",
 ]

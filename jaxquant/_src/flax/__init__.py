@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import flax.linen as nn
+import jax
 from flax import nnx as flax_nnx  # not `nnx`: the submodule jaxquant._src.flax.nnx
 
+from jaxquant._src.flax.calibrate import CalibrationResult, calibrate
 from jaxquant._src.flax.linen import QuantizedModule, quantize_linen, report_linen
 from jaxquant._src.flax.nnx import QuantOp as NnxQuantOp
 from jaxquant._src.flax.nnx import QuantState, quantize_nnx, report_nnx
 from jaxquant._src.flax.policy import NnxPolicyModule, Policy, PolicyModule, apply_policy
 from jaxquant._src.flax.rules import Match, Rule, as_rules
+from jaxquant._src.flax.serve import convert_linen, convert_nnx
 
 M = TypeVar("M")
 
@@ -83,6 +86,69 @@ def quantize_model(
     )
 
 
+def convert(
+    model: Any,
+    variables: Any = None,
+    *,
+    load: Callable[[tuple, jax.ShapeDtypeStruct], Any] | None = None,
+    delete: bool = False,
+) -> Any:
+    """Convert the kernels a quantized model's rules quantize to QArrays, for serving.
+
+    Each matched layer's ``kernel`` becomes a :class:`~jaxquant.QArray` of its rule's
+    weight spec (int8 values, int4 packed two per byte, NF4 codes, fp8, MX...), converted
+    one leaf at a time by :func:`jaxquant.convert`; nothing else is kept of it (no float
+    copy). The quantized model then runs on the converted params: weight-only rules
+    multiply in the activation's dtype, rules with an activation spec quantize the
+    activation (static scales from :func:`calibrate`'s rules) and run int8 / fp8 GEMMs
+    where both operands allow (see :mod:`jaxquant._src.serve`).
+
+    Args:
+      model: from :func:`quantize_model`. Linen: it must have run once (``init``,
+        ``apply`` or ``jax.eval_shape`` of them) so that its layers are known. NNX: it is
+        converted in place.
+      variables: Linen: the variables (or params) to convert; NNX: None.
+      load: for abstract kernels (``jax.eval_shape``): ``load(path, leaf) -> array``.
+      delete: Linen: free each float kernel once converted (the caller's arrays).
+
+    Returns:
+      Linen: the converted variables (``model.apply(converted, x)`` serves them). NNX:
+      the model.
+
+    Raises:
+      ValueError: a Linen model that has not run, params without a matched layer's
+        kernel, a kernel already converted, a stateful rule (delayed scaling, LSQ or
+        stochastic rounding: calibrate static scales first).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, quantize_model, convert
+      >>> rule = Rule(".*", weight=jq.QuantSpec("int4", jq.per_block(0, 32)))
+      >>> qmodel = quantize_model(nn.Dense(64), rule)
+      >>> variables = qmodel.init(jax.random.key(0), jnp.ones((2, 64)))
+      >>> served = convert(qmodel, variables)
+      >>> served["params"]["kernel"].values.shape, served["params"]["kernel"].values.dtype
+      ((64, 32), dtype('uint8'))
+      >>> qmodel.apply(served, jnp.ones((2, 64))).shape
+      (2, 64)
+    """
+    if isinstance(model, QuantizedModule):
+        if variables is None:
+            raise ValueError("jq.flax.convert: a Linen model needs its variables to convert.")
+        return convert_linen(variables, report_linen(model), load=load, delete=delete)
+    if isinstance(model, flax_nnx.Module):
+        if variables is not None:
+            raise ValueError(
+                "jq.flax.convert: an NNX model is converted in place; pass no variables."
+            )
+        if delete:
+            raise ValueError("jq.flax.convert: delete= is for Linen variables.")
+        return convert_nnx(model, report_nnx(model), load=load)
+    raise TypeError(
+        f"jq.flax.convert: expected a model returned by quantize_model, got {type(model).__name__}."
+    )
+
+
 def report(model: Any) -> list[Match]:
     """The quantized modules of a model from :func:`quantize_model`: ``Match(path, module,
     rule)`` per module, in graph order (NNX) or call order (Linen, from the last call)."""
@@ -96,6 +162,7 @@ def report(model: Any) -> list[Match]:
 
 
 __all__ = [
+    "CalibrationResult",
     "Match",
     "NnxPolicyModule",
     "NnxQuantOp",
@@ -105,6 +172,8 @@ __all__ = [
     "QuantizedModule",
     "Rule",
     "apply_policy",
+    "calibrate",
+    "convert",
     "quantize_model",
     "report",
 ]

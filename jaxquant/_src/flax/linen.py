@@ -41,6 +41,8 @@ from jaxquant._src.flax.rules import (
     step_base,
     step_shape,
 )
+from jaxquant._src.flax.serve import linen_layer
+from jaxquant._src.qarray import QArray
 
 _DOTS = (nn.Dense, nn.DenseGeneral)
 _QUANTIZABLE = (*_DOTS, nn.Einsum, nn.Conv)
@@ -241,14 +243,24 @@ class QuantizedModule(nn.Module):
             if path not in candidates:
                 candidates.append(path)
             i = first_match(rules, path)
-            if i is None:
+            served = m.has_variable("params", "kernel") and isinstance(
+                m.get_variable("params", "kernel"), QArray
+            )
+            if i is not None:
+                used.add(i)
+            if i is None or not rules[i].quantizes:
+                if served:
+                    raise ValueError(
+                        f"quantize_model: the kernel of {path!r} is a QArray (converted "
+                        "params) but no quantizing rule matches the layer; apply the params "
+                        "with the rules they were converted with."
+                    )
                 return next_fun(*args, **kwargs)
-            used.add(i)
             rule = rules[i]
-            if not rule.quantizes:
-                return next_fun(*args, **kwargs)
             if all(x.path != path for x in matches):
                 matches.append(Match(path, type(m).__name__, rule))
+            if served:
+                return linen_layer(m, rule, path, args, kwargs)
             if isinstance(m, nn.Conv):
                 check_conv_rule(rule, path)
                 if m.conv_general_dilated_cls is not None or m.conv_general_dilated not in (

@@ -27,6 +27,7 @@ from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_general, einsum
 from jaxquant._src.granularity import PerChannel, PerTensor
 from jaxquant._src.lsq import lsq_fake_quant, lsq_init
+from jaxquant._src.qarray import QArray
 from jaxquant._src.scaling import Scaling, delayed_scaling
 from jaxquant._src.spec import QuantSpec
 
@@ -152,9 +153,34 @@ def _at(path: str) -> Iterator[None]:
         raise type(e)(f"quantized layer {where}: {e}") from None
 
 
-def _spec_kwargs(r: Rule) -> dict[str, Any]:
-    """The keyword arguments every quantized op of a stateless rule takes."""
+def _spec_kwargs(r: Rule, rhs: Any = None) -> dict[str, Any]:
+    """The keyword arguments every quantized op of a stateless rule takes. A QArray
+    ``rhs`` (converted params, serving) is already quantized: only the activation's spec
+    applies, and the QArray must have been made with the rule's weight spec."""
+    if isinstance(rhs, QArray):
+        check_served_weight(r, rhs)
+        return {"lhs_spec": r.act}
     return {"lhs_spec": r.act, "rhs_spec": r.weight, "grad_spec": r.grad, "ste": r.ste}
+
+
+def check_served_weight(r: Rule, w: QArray) -> None:
+    """A converted kernel must come from the rule's own weight spec (no silent mix-up)."""
+    if r.weight != w.spec:
+        raise ValueError(
+            f"the kernel is a QArray quantized with {w.spec}, but the rule {r.pattern!r} "
+            f"says weight={r.weight}. Convert the params with the same rules "
+            "(jq.flax.convert) or fix the rule."
+        )
+    if r.stateful:
+        raise ValueError(
+            f"rule {r.pattern!r} is stateful (delayed scaling, LSQ or stochastic rounding); "
+            "serving converted params takes stateless rules: static activation scales "
+            "come from jq.flax.calibrate(...).rules."
+        )
+
+
+def _mode_kwargs(r: Rule, rhs: Any) -> dict[str, Any]:
+    return {} if isinstance(rhs, QArray) else {"mode": r.mode}
 
 
 class Match(NamedTuple):
@@ -238,8 +264,8 @@ class QuantDot:
                 dimension_numbers,
                 precision,
                 preferred_element_type,
-                mode=r.mode,  # type: ignore[arg-type]
-                **_spec_kwargs(r),
+                **_mode_kwargs(r, rhs),
+                **_spec_kwargs(r, rhs),
                 out_sharding=out_sharding,
             )
 
@@ -274,8 +300,8 @@ class QuantEinsum:
                 rhs,
                 precision=precision,
                 preferred_element_type=preferred_element_type,
-                mode=r.mode,  # type: ignore[arg-type]
-                **_spec_kwargs(r),
+                **_mode_kwargs(r, rhs),
+                **_spec_kwargs(r, rhs),
             )
 
 
@@ -343,6 +369,8 @@ def run_stateful(
     learned steps (LSQ) and PRNG key: ``dot_general`` (``dimension_numbers``) or
     ``einsum`` (``subscripts``)."""
     with _at(where):
+        if isinstance(rhs, QArray):
+            check_served_weight(rule, rhs)
         return _run_stateful(
             rule,
             lhs,
@@ -436,6 +464,9 @@ class QuantConv:
             raise ValueError(f"{self.path}: a quantized Conv takes no out_sharding.")
         r = self.rule
         with _at(self.path):
+            if isinstance(rhs, QArray):  # served: conv kernels are small, dequantize it
+                check_served_weight(r, rhs)
+                rhs, r = rhs.dequantize(), dataclasses.replace(r, weight=None, grad=None)
             return conv_general_dilated(
                 lhs,
                 rhs,

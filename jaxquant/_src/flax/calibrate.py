@@ -1,0 +1,369 @@
+"""The calibration pass: static activation ranges for every quantized layer of a model.
+
+:func:`calibrate` runs the *float* model over calibration batches and watches the input of
+every layer whose rule quantizes its activation (the dot's ``lhs``). Per layer it keeps
+mergeable statistics (:mod:`jaxquant._src.observe`): exact min / max / mean / std /
+mean |x| from one pass, and, for percentile, MSE and KL calibration, fixed-range
+histograms from a second pass over the same batches. The rule's own calibration method
+then turns them into one range per layer, and :attr:`CalibrationResult.rules` are the
+model's rules with ``act`` calibrated by :func:`jaxquant.fixed` at that range: a static
+scale, the same for every batch, ready for :func:`jaxquant.flax.quantize_model` and
+serving (:func:`jaxquant.flax.convert`).
+
+``aggregate="ema"`` / ``"mean"`` run the method on each batch instead and average the
+ranges (exponential moving average with ``momentum``, or the plain mean), as
+TensorFlow's moving-average min / max quantizers do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from jaxquant._src import observe
+from jaxquant._src.calibration import Fixed, fixed
+from jaxquant._src.flax.linen import _QUANTIZABLE, QuantizedModule
+from jaxquant._src.flax.nnx import _quantizable
+from jaxquant._src.flax.rules import Rule, as_rules, first_match, path_str
+from jaxquant._src.flax.serve import exact_rule
+
+_AGGREGATES = ("global", "ema", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationResult:
+    """What :func:`calibrate` measured.
+
+    Attributes:
+      rules: one exact-path :class:`~jaxquant.flax.Rule` per quantized layer, in the order
+        the model calls them: the rule it matched, with ``act`` calibrated by
+        :func:`jaxquant.fixed` at the measured range (layers whose activation is not
+        quantized keep their rule as it was).
+      ranges: layer path -> ``(lo, hi)`` of its activation spec (``lo = -hi`` when
+        symmetric).
+      stats: layer path -> ``count``, ``nonfinite``, ``min``, ``max``, ``mean``, ``std``,
+        ``mean_abs`` of its input over all batches.
+      methods: layer path -> the calibration method that chose its range.
+      num_batches: how many batches were seen.
+      aggregate: ``"global"``, ``"ema"`` or ``"mean"``.
+    """
+
+    rules: tuple[Rule, ...]
+    ranges: Mapping[str, tuple[float, float]]
+    stats: Mapping[str, Mapping[str, float]]
+    methods: Mapping[str, str]
+    num_batches: int
+    aggregate: str
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<28} {'method':<18} {'range':>22} {'max |x|':>10}"]
+        for path, (lo, hi) in self.ranges.items():
+            st = self.stats[path]
+            method = self.methods[path]
+            lines.append(
+                f"{path:<28} {method:<18} {f'[{lo:.4g}, {hi:.4g}]':>22} "
+                f"{max(-st['min'], st['max']):>10.4g}"
+            )
+        return "\n".join(lines)
+
+
+def _args(batch: Any) -> tuple[tuple, dict]:
+    if isinstance(batch, tuple):
+        return batch, {}
+    if isinstance(batch, dict):
+        return (), batch
+    return (batch,), {}
+
+
+def _wants_range(rule: Rule) -> bool:
+    act = rule.act
+    return (
+        act is not None and act.calibration is not None and not isinstance(act.calibration, Fixed)
+    )
+
+
+def calibrate(
+    model: Any,
+    batches: Iterable[Any],
+    variables: Any = None,
+    *,
+    rules: Rule | Iterable[Rule] | None = None,
+    aggregate: str = "global",
+    momentum: float = 0.9,
+    bins: int = 2048,
+) -> CalibrationResult:
+    """Static activation ranges for a model's quantized layers, from calibration batches.
+
+    Args:
+      model: a model from :func:`jaxquant.flax.quantize_model` (Linen
+        :class:`QuantizedModule` or a quantized NNX module: its rules are used), or a
+        plain Linen / NNX model together with ``rules=``. The float model is what runs:
+        activations are observed unquantized.
+      batches: the calibration inputs: arrays (``model(x)``), tuples (``model(*args)``)
+        or dicts (keyword arguments). Iterated twice for percentile / MSE / KL methods
+        (a one-shot iterator is read into a list first).
+      variables: the Linen model's variables (None for NNX).
+      rules: the rules, when ``model`` is not already quantized.
+      aggregate: ``"global"`` (one range over all batches' values), ``"ema"`` or
+        ``"mean"`` (the method per batch, then an exponential moving average with
+        ``momentum`` / the mean of the per-batch ranges).
+      momentum: of ``"ema"``: ``range = momentum * range + (1 - momentum) * batch_range``.
+      bins: histogram bins of the percentile and MSE methods (KL uses its own ``bins``).
+
+    Returns:
+      A :class:`CalibrationResult`; its ``rules`` give the quantized model static
+      activation scales.
+
+    Raises:
+      ValueError: no batches; a batch whose activations at a quantized layer are NaN or
+        Inf (naming the batch and the layer); an activation spec that is not per tensor;
+        an unknown ``aggregate``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, quantize_model, calibrate
+      >>> qmodel = quantize_model(nn.Dense(4), Rule(".*", weight=jq.QuantSpec("int8"),
+      ...                                           act=jq.QuantSpec("int8")))
+      >>> x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+      >>> variables = qmodel.init(jax.random.key(0), x)
+      >>> result = calibrate(qmodel, [x], variables)
+      >>> result.ranges[""], result.rules[0].act.calibration
+      ((-2.0, 2.0), Fixed(amax=2.0))
+    """
+    if aggregate not in _AGGREGATES:
+        raise ValueError(f"calibrate: aggregate must be one of {_AGGREGATES}, got {aggregate!r}.")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"calibrate: momentum must be in [0, 1), got {momentum}.")
+    if not isinstance(bins, int) or bins < 8:
+        raise ValueError(f"calibrate: bins must be an int >= 8, got {bins!r}.")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate: no calibration batches; pass a non-empty list of inputs.")
+    run = _runner(model, variables, rules)
+    found: dict[str, Rule] = {}  # path -> matched rule, in call order (filled while tracing)
+
+    def observe_batch(payload, args, kwargs):
+        acts = run(payload, args, kwargs, found)
+        out = {}
+        for path, xs in acts.items():
+            spec = found[path].act
+            m = observe.moments(xs[0])
+            for x in xs[1:]:
+                m = observe.merge(m, observe.moments(x))
+            r = None
+            if aggregate != "global":  # a layer called twice: the union of its ranges
+                los, his = zip(*(observe.batch_range(x, spec) for x in xs), strict=True)
+                r = (jnp.min(jnp.stack(los)), jnp.max(jnp.stack(his)))
+            out[path] = (m, r)
+        return out
+
+    payload = run.payload
+    step1 = jax.jit(observe_batch)
+    moments: dict[str, observe.Moments] = {}
+    ranges: dict[str, tuple[Any, Any]] = {}
+    for b, batch in enumerate(batches):
+        args, kwargs = _args(batch)
+        out = step1(payload, args, kwargs)
+        for path, (m, r) in out.items():
+            bad = float(m.nonfinite)
+            if bad:
+                raise ValueError(
+                    f"calibrate: batch {b} gives {int(bad)} non-finite activation values "
+                    f"(NaN / Inf) at the input of {path!r}; a range from them would be "
+                    "meaningless. Check that batch (and, if it is the first layer, the "
+                    "data itself) or the float model's params."
+                )
+            moments[path] = m if path not in moments else observe.merge(moments[path], m)
+            if r is not None:
+                if path not in ranges:
+                    ranges[path] = r
+                elif aggregate == "ema":
+                    lo, hi = ranges[path]
+                    ranges[path] = (
+                        momentum * lo + (1 - momentum) * r[0],
+                        momentum * hi + (1 - momentum) * r[1],
+                    )
+                else:
+                    lo, hi = ranges[path]
+                    ranges[path] = (lo + r[0], hi + r[1])
+    if aggregate == "mean":
+        ranges = {p: (lo / len(batches), hi / len(batches)) for p, (lo, hi) in ranges.items()}
+    if aggregate == "global":
+        hist_paths = [p for p in moments if observe.needs_histogram(found[p].act)]
+        hists = _histograms(run, payload, batches, found, moments, hist_paths, bins)
+        for path, m in moments.items():
+            ranges[path] = observe.finalize(found[path].act, m, hists.get(path))
+    out_ranges = {p: (float(lo), float(hi)) for p, (lo, hi) in ranges.items()}
+    new_rules = []
+    for path, rule in found.items():
+        if path in out_ranges:
+            lo, hi = out_ranges[path]
+            act = rule.act
+            cal = fixed(max(-lo, hi)) if act.symmetric else fixed((lo, hi))
+            new_rules.append(exact_rule(path, rule, act=act.replace(calibration=cal)))
+        else:
+            new_rules.append(exact_rule(path, rule))
+    stats = {p: _summary(m) for p, m in moments.items()}
+    methods = {p: str(found[p].act.calibration) for p in out_ranges}
+    return CalibrationResult(tuple(new_rules), out_ranges, stats, methods, len(batches), aggregate)
+
+
+def _summary(m: observe.Moments) -> dict[str, float]:
+    n = float(m.count)
+    return {
+        "count": n,
+        "nonfinite": float(m.nonfinite),
+        "min": float(m.lo) if n else 0.0,
+        "max": float(m.hi) if n else 0.0,
+        "mean": float(m.mean),
+        "std": float(jnp.sqrt(m.m2 / max(n, 1.0))),
+        "mean_abs": float(m.mean_abs),
+    }
+
+
+def _histograms(run, payload, batches, found, moments, paths, bins) -> dict[str, observe.Hist]:
+    if not paths:
+        return {}
+    spans = {p: observe.hist_range(moments[p]) for p in paths}
+
+    def nbins(p: str) -> int:
+        c = found[p].act.calibration
+        return c.bins if hasattr(c, "bins") else bins
+
+    def hist_batch(payload, args, kwargs, spans):
+        acts = run(payload, args, kwargs, {})
+        out = {}
+        for p in paths:
+            hs = [observe.histograms(x, *spans[p], nbins(p)) for x in acts[p]]
+            h = hs[0]
+            for other in hs[1:]:
+                h = observe.add_hist(h, other)
+            out[p] = h
+        return out
+
+    step2 = jax.jit(hist_batch)
+    total: dict[str, observe.Hist] = {}
+    for batch in batches:
+        args, kwargs = _args(batch)
+        for p, h in step2(payload, args, kwargs, spans).items():
+            total[p] = h if p not in total else observe.add_hist(total[p], h)
+    return total
+
+
+# ------------------------------------------------------------------ running the model
+
+
+class _Runner:
+    """Runs the float model on one batch, returning the inputs of the watched layers."""
+
+    def __init__(self, fn, payload) -> None:
+        self.fn = fn
+        self.payload = payload
+
+    def __call__(self, payload, args, kwargs, found):
+        return self.fn(payload, args, kwargs, found)
+
+
+def _runner(model: Any, variables: Any, rules: Any) -> _Runner:
+    if isinstance(model, nn.Module):
+        if variables is None:
+            raise ValueError("calibrate: a Linen model needs its variables (model.init(...)).")
+        if isinstance(model, QuantizedModule):
+            if rules is not None:
+                raise ValueError("calibrate: the model is quantized already; pass no rules=.")
+            rs, inner = model.rules, model.module
+        else:
+            if rules is None:
+                raise ValueError(
+                    "calibrate: pass a model from jq.flax.quantize_model, or rules= with a "
+                    "plain model."
+                )
+            rs, inner = as_rules(rules), model
+        return _Runner(_linen_fn(inner, rs), variables)
+    if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise ValueError("calibrate: an NNX model holds its own variables; pass none.")
+        if rules is None:
+            from jaxquant._src.flax.nnx import report_nnx
+
+            matches = report_nnx(model)
+            if not matches:
+                raise ValueError(
+                    "calibrate: the NNX model quantizes nothing; pass a model from "
+                    "jq.flax.quantize_model or rules=."
+                )
+            rs = tuple(exact_rule(m.path, m.rule) for m in matches)
+        else:
+            rs = as_rules(rules)
+        graphdef, state = nnx.split(model)
+        return _Runner(_nnx_fn(graphdef, rs), state)
+    raise TypeError(f"calibrate: expected a Flax Linen or NNX model, got {type(model).__name__}.")
+
+
+def _record(path: str, rule: Rule | None, x: Any, acts: dict, found: dict) -> None:
+    if rule is None or not rule.quantizes:
+        return
+    if path not in found:
+        found[path] = rule
+    if _wants_range(rule):
+        assert rule.act is not None
+        observe.check_activation_spec(rule.act, path)
+        acts.setdefault(path, []).append(jnp.asarray(x))
+
+
+def _linen_fn(model: nn.Module, rules: tuple[Rule, ...]):
+    def fn(variables, args, kwargs, found):
+        acts: dict[str, list] = {}
+
+        def interceptor(next_fun, a, kw, context):
+            m = context.module
+            if context.method_name == "__call__" and isinstance(m, _QUANTIZABLE):
+                path = path_str(m.path)
+                i = first_match(rules, path)
+                _record(path, None if i is None else rules[i], a[0], acts, found)
+            return next_fun(*a, **kw)
+
+        with nn.intercept_methods(interceptor):
+            model.apply(variables, *args, **kwargs)
+        return acts
+
+    return fn
+
+
+class _Recorder:
+    """Stands in for a layer's product op: records the activation, computes in float."""
+
+    def __init__(self, op, position: int, path: str, rule: Rule | None, acts, found) -> None:
+        self.op, self.position, self.path, self.rule = op, position, path, rule
+        self.acts, self.found = acts, found
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _record(self.path, self.rule, args[self.position], self.acts, self.found)
+        return self.op(*args, **kwargs)
+
+
+def _nnx_fn(graphdef: Any, rules: tuple[Rule, ...]):
+    def fn(state, args, kwargs, found):
+        model = nnx.merge(graphdef, state)
+        acts: dict[str, list] = {}
+        for path, node in _quantizable(model):
+            i = first_match(rules, path)
+            rule = None if i is None else rules[i]
+            if isinstance(node, nnx.Conv):
+                rec = _Recorder(lax.conv_general_dilated, 0, path, rule, acts, found)
+                node.conv_general_dilated = rec
+            elif isinstance(node, nnx.Einsum):
+                node.einsum_op = _Recorder(jnp.einsum, 1, path, rule, acts, found)
+            else:
+                node.dot_general = _Recorder(lax.dot_general, 0, path, rule, acts, found)
+        model(*args, **kwargs)
+        return acts
+
+    return fn

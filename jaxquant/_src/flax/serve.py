@@ -1,0 +1,204 @@
+"""Serving converted Flax models: kernels stored as QArrays, products on their values.
+
+:func:`convert` replaces the kernel of every layer a quantized model's rules quantize by a
+:class:`~jaxquant.QArray` (int8 values, int4 packed two per byte, ...), keeping nothing
+else of it: the converted tree holds no float copy of a quantized kernel. The quantized
+model then runs on such params directly:
+
+* **Linen**: :class:`~jaxquant.flax.QuantizedModule`'s interceptor sees a QArray kernel
+  and computes the layer itself (Dense, DenseGeneral, Einsum: :func:`jaxquant.dot_general`
+  with the QArray, see :mod:`jaxquant._src.serve`; Conv: flax's own Conv on the
+  dequantized kernel, which is small) -- Linen's ``param`` would otherwise compare the
+  packed values' shape with the float kernel's;
+* **NNX**: the layers stay the same objects; their ``kernel`` variable holds the QArray
+  and their ``promote_dtype`` is :func:`promote_keep_qarray`, so flax's own ``__call__``
+  hands the QArray to the rule's ``dot_general`` / ``einsum_op`` /
+  ``conv_general_dilated``.
+
+Weight-only rules (``act=None``) multiply with the activation's dtype (bfloat16
+activations: a 16-bit GEMM, "w4a16"); rules with an activation spec quantize the
+activation, with the static scale of a :func:`jaxquant.fixed` calibration
+(:func:`jaxquant.flax.calibrate` writes those) or the batch's own, and run int8 / fp8
+GEMMs where the pair allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxquant._src.convert import convert as convert_tree
+from jaxquant._src.flax.rules import (
+    QuantConv,
+    QuantDot,
+    QuantEinsum,
+    Rule,
+    check_served_weight,
+)
+from jaxquant._src.qarray import QArray
+
+
+def promote_keep_qarray(args: tuple, *, dtype: Any = None, inexact: bool = True) -> tuple:
+    """``flax.nnx``'s ``promote_dtype`` that passes QArrays through: arrays are cast to
+    ``dtype`` (default: the result type of the arrays and the QArrays' float dtypes)."""
+    del inexact
+    if dtype is None:
+        dts = [a.dtype for a in args if a is not None]
+        dtype = jnp.result_type(*dts) if dts else None
+    return tuple(a if a is None or isinstance(a, QArray) else jnp.asarray(a, dtype) for a in args)
+
+
+# ------------------------------------------------------------------------------ Linen
+
+
+def linen_layer(m: nn.Module, rule: Rule, path: str, args: tuple, kwargs: dict) -> Any:
+    """The output of Linen layer ``m`` (Dense / DenseGeneral / Einsum / Conv) whose kernel
+    variable is a QArray, computed with ``rule``'s activation spec."""
+    kernel = m.get_variable("params", "kernel")
+    assert isinstance(kernel, QArray)
+    if not rule.quantizes:
+        raise ValueError(
+            f"quantized layer {path!r}: its kernel is a QArray but its rule keeps it float; "
+            "convert the params with the same rules the model is quantized with."
+        )
+    try:
+        check_served_weight(rule, kernel)
+    except ValueError as e:
+        raise ValueError(f"quantized layer {path!r}: {e}") from None
+    bias = m.get_variable("params", "bias") if m.has_variable("params", "bias") else None
+    if isinstance(m, nn.Conv):  # flax's own Conv on the dequantized (small) kernel
+        act_only = dataclasses.replace(rule, weight=None, grad=None)
+        conv = m.clone(parent=None, conv_general_dilated=QuantConv(act_only, path))
+        w = kernel.dequantize()
+        params = {"kernel": w} if bias is None else {"kernel": w, "bias": bias}
+        return conv.apply({"params": params}, *args, **kwargs)
+    (x,) = args[:1]
+    x = jnp.asarray(x)
+    dtype = m.dtype
+    if dtype is None:
+        dtype = jnp.result_type(x.dtype, kernel.dtype, *(() if bias is None else (bias.dtype,)))
+    x = x.astype(dtype)
+    pet = getattr(m, "preferred_element_type", None)
+    if isinstance(m, nn.Einsum):
+        subscripts = nn.merge_param("einsum_str", m.einsum_str, kwargs.get("einsum_str"))
+        subscripts = subscripts.replace(" ", "")
+        y = QuantEinsum(rule, path)(
+            subscripts, x, kernel, precision=m.precision, preferred_element_type=pet
+        )
+        if bias is not None:
+            _, shape = m._get_bias_shape(subscripts, x, kernel)
+            y = y + jnp.reshape(bias.astype(dtype), shape)
+        return y.astype(dtype)
+    if kwargs:
+        raise TypeError(f"quantized layer {path!r}: unexpected arguments {sorted(kwargs)}.")
+    if isinstance(m, nn.DenseGeneral):
+        if m.batch_dims:
+            raise ValueError(
+                f"quantized layer {path!r}: serving a DenseGeneral with batch_dims is not "
+                "supported; keep it float (an earlier Rule without specs)."
+            )
+        axis = m.axis if isinstance(m.axis, tuple | list) else (m.axis,)
+        axis = tuple(a % x.ndim for a in axis)
+        dn = ((axis, tuple(range(len(axis)))), ((), ()))
+    else:  # nn.Dense
+        dn = (((x.ndim - 1,), (0,)), ((), ()))
+    y = QuantDot(rule, path)(x, kernel, dn, m.precision, pet)
+    if bias is not None:
+        y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - bias.ndim) + bias.shape)
+    return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def _kernel_policy(targets: dict[str, Rule]) -> Callable[[tuple, Any], Any]:
+    def policy(path: tuple, leaf: Any) -> Any:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        rule = targets.get(name)
+        return None if rule is None else rule.weight
+
+    return policy
+
+
+def convert_linen(variables: Any, matches: list, *, load: Any = None, delete: bool = False) -> Any:
+    """Linen: the variables with the matched layers' kernels converted (module docstring)."""
+    has_params = isinstance(variables, dict | nn.FrozenDict) and "params" in variables
+    params = variables["params"] if has_params else variables
+    targets = {f"{m.path}/kernel" if m.path else "kernel": m.rule for m in matches}
+    targets = {k: r for k, r in targets.items() if r.weight is not None}
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda t: isinstance(t, QArray))[
+        0
+    ]
+    kinds = {jax.tree_util.keystr(p, simple=True, separator="/"): v for p, v in leaves}
+    for name in targets:
+        if name not in kinds:
+            raise ValueError(
+                f"jq.flax.convert: the model quantizes {name!r} but the params have no such "
+                f"leaf (they have {sorted(kinds)}). Pass the variables of this model."
+            )
+        if isinstance(kinds[name], QArray):
+            raise ValueError(
+                f"jq.flax.convert: {name!r} is already a QArray; convert the float params once."
+            )
+    out = convert_tree(params, _kernel_policy(targets), load=load, delete=delete)
+    if has_params:
+        return {**variables, "params": out}
+    return out
+
+
+def convert_nnx(model: nnx.Module, matches: list, *, load: Any = None) -> nnx.Module:
+    """NNX, in place: kernels of matched layers become QArrays (module docstring)."""
+    nodes = dict(_nnx_layers(model))
+    plan = []
+    for m in matches:
+        if m.rule.weight is None:
+            continue
+        node = nodes[m.path]
+        k = node.kernel[...]
+        if isinstance(k, QArray):
+            raise ValueError(
+                f"jq.flax.convert: the kernel of {m.path!r} is already a QArray; convert once."
+            )
+        if isinstance(k, jax.ShapeDtypeStruct) and load is None:
+            raise ValueError(
+                f"jq.flax.convert: the kernel of {m.path!r} is abstract; pass "
+                "load=(path, leaf) -> array."
+            )
+        if m.rule.stateful:
+            raise ValueError(
+                f"jq.flax.convert: {m.path!r} has a stateful rule (delayed scaling, LSQ or "
+                "stochastic rounding); serving takes stateless rules (jq.flax.calibrate "
+                "writes static ones). Re-quantize the model with them first."
+            )
+        m.rule.weight.granularity.plan(tuple(k.shape))
+        plan.append((m, node, k))
+    for m, node, k in plan:
+        (q,) = jax.tree_util.tree_leaves(
+            convert_tree(
+                [k],
+                m.rule.weight,
+                load=None if load is None else (lambda p, leaf, path=m.path: load(path, leaf)),
+            ),
+            is_leaf=lambda t: isinstance(t, QArray),
+        )
+        node.kernel.value = q
+        node.promote_dtype = promote_keep_qarray
+    return model
+
+
+def _nnx_layers(model: nnx.Module) -> list[tuple[str, Any]]:
+    from jaxquant._src.flax.nnx import _quantizable
+
+    return _quantizable(model)
+
+
+def exact_rule(path: str, rule: Rule, **changes: Any) -> Rule:
+    """``rule`` restricted to exactly the module at ``path``."""
+    return dataclasses.replace(rule, pattern=re.escape(path), **changes)

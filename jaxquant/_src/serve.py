@@ -1,0 +1,226 @@
+"""Products with already-quantized weights: :func:`jaxquant.dot_general` with a QArray.
+
+Serving a converted model multiplies float activations by a :class:`QArray` weight
+``W = (q - z) * s`` that was quantized once, offline. Nothing here re-quantizes the weight
+or materializes a float copy of it where the maths lets us avoid one:
+
+* **w8a8 / fp8** (the activation spec and the weight are both int8, or both fp8, the
+  weight's scales are constant along the contracted axes and it has no zero point): the
+  activation is quantized (a static scale when its calibration is :func:`jaxquant.fixed`,
+  the batch's own otherwise) and the dot runs on the stored values --
+  ``int8 x int8 -> int32`` or ``fp8 x fp8 -> float32`` GEMMs -- with the scales applied
+  to the output, ``dot(q_x, q_w) * (s_x (x) s_w)``. Where the backend has no fp8 GEMM
+  (CPU), both operands are widened to bfloat16, which holds every e4m3 / e5m2 value
+  exactly, and multiplied with float32 accumulation: the same products and accumulator
+  as the fp8 GEMM, at bf16 GEMM speed.
+* **weight-only** (no activation spec): with per-output-channel scales (constant along
+  the contracted axes), the stored values are widened to the activation's dtype -- exact
+  for every integer format of at most 8 bits and every fp8 / fp6 / fp4 value in bfloat16,
+  float16 and float32 -- multiplied with float32 accumulation, and the scale is applied to
+  the output. With per-group scales along the contracted axis (int4 groups of 32, NF4)
+  the weight is dequantized in float32 and rounded once to the activation's dtype. A
+  bfloat16 / float16 activation ("a16") gives a 16-bit GEMM, float32 a float32 one.
+* anything else (mixed formats, block-scaled activations, a weight zero point) is
+  emulated: the activation is fake-quantized, the weight dequantized, a float dot.
+
+There is no gradient with respect to a QArray (it holds integers); gradients with respect
+to the activation are straight-through.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant._src import formats
+from jaxquant._src.qarray import QArray, decode, unpack
+from jaxquant._src.quantize import dequantize, fake_quant
+from jaxquant._src.spec import QuantSpec
+
+Array = jax.Array
+_FP8 = ("float8_e4m3fn", "float8_e5m2")
+_HALF = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+def weight_path(lhs_spec: QuantSpec | None, w: QArray, contract: tuple[int, ...]) -> str:
+    """Which product :func:`dot_qarray` computes: ``"int8"``, ``"fp8"``, ``"weight_only"``
+    (per-channel scales out of the dot), ``"weight_only_dequant"`` or ``"emulate"``."""
+    plan = w.spec.granularity.plan(w.shape)
+    factored = (
+        plan.view == tuple(w.shape)
+        and w.zero_point is None
+        and all(w.scale.shape[d] == 1 for d in contract)
+        and w.spec.format.kind != "mx"
+    )
+    if lhs_spec is None:
+        return "weight_only" if factored else "weight_only_dequant"
+    if not factored or not lhs_spec.symmetric or lhs_spec.stochastic:
+        return "emulate"
+    a, b = lhs_spec.format.name, w.spec.format.name
+    if a == b == "int8":
+        return "int8"
+    if a in _FP8 and b in _FP8:
+        return "fp8"
+    return "emulate"
+
+
+def _grid(w: QArray) -> Array:
+    """The weight's stored values on its grid, in the narrowest exact dtype: int8 / fp8 /
+    bf16-or-f32 values of sub-byte formats (no scale applied)."""
+    spec = w.spec
+    values = w.values
+    if spec.element.packed:
+        values = unpack(values, spec.element.bits, w.shape[-1] if w.shape else 1)
+        values = values.reshape(w.shape)
+    if values.dtype in (jnp.int8, jnp.int16) or np.dtype(values.dtype).name in _FP8:
+        return values
+    v = decode(values, spec.element)  # float32 grid values (codes through the table)
+    exact_bf16 = spec.element.kind in ("int", "float") and spec.element.bits <= 8
+    return v.astype(jnp.bfloat16) if exact_bf16 else v
+
+
+def _out_scale(s: Array, dn: Any, lhs_ndim: int) -> Array:
+    """The weight's scale (operand layout, size 1 along contracted axes) laid out like the
+    dot's output: batch axes, then lhs free axes (size 1), then rhs free axes."""
+    (_, rc), (_, rb) = dn
+    free = tuple(i for i in range(s.ndim) if i not in rb and i not in rc)
+    t = jnp.transpose(s, (*rb, *free, *rc))
+    t = t.reshape(t.shape[: len(rb) + len(free)])
+    n_lhs_free = lhs_ndim - len(dn[0][0]) - len(rb)
+    return t.reshape((*t.shape[: len(rb)], *(1,) * n_lhs_free, *t.shape[len(rb) :]))
+
+
+def _compute_dtype(x: Array) -> np.dtype:
+    return np.dtype(x.dtype) if np.dtype(x.dtype) in _HALF else np.dtype(jnp.float32)
+
+
+def dot_qarray(
+    lhs: Array,
+    w: QArray,
+    dn: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    *,
+    lhs_spec: QuantSpec | None = None,
+    out_sharding: Any = None,
+) -> Array:
+    """``dot_general(Q(lhs), W, dn)`` for a pre-quantized weight ``W`` (module docstring).
+
+    The gradient with respect to ``lhs`` is straight-through (that of ``dot(lhs, W)``
+    with the dequantized weight); ``W`` gets none.
+    """
+    if not isinstance(lhs, jax.Array | np.ndarray) or not jnp.issubdtype(lhs.dtype, jnp.floating):
+        raise TypeError(
+            "dot_general: the activation multiplying a QArray must be a floating-point array, "
+            f"got {getattr(lhs, 'dtype', type(lhs).__name__)}."
+        )
+    if lhs_spec is not None and lhs_spec.stochastic:
+        raise ValueError(
+            "dot_general: a stochastic activation spec needs a key per call; serving uses "
+            "rounding='nearest' (spec.replace(rounding='nearest'))."
+        )
+    if w.ndim != len(w.shape) or len(dn[0][1]) != len(dn[0][0]):
+        raise ValueError(f"dot_general: bad dimension_numbers {dn} for a QArray of {w.shape}.")
+    out_dtype = np.dtype(preferred_element_type or jnp.result_type(lhs.dtype, w.dtype))
+    cfg = _Serve(dn, precision, lhs_spec, out_sharding)
+    return _serve(jnp.asarray(lhs), w, cfg).astype(out_dtype)
+
+
+class _Serve(NamedTuple):
+    dn: Any
+    precision: Any
+    lhs_spec: QuantSpec | None
+    out_sharding: Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _serve(lhs: Array, w: QArray, cfg: _Serve) -> Array:
+    return _forward(lhs, w, cfg)
+
+
+def _serve_fwd(lhs: Array, w: QArray, cfg: _Serve):
+    return _forward(lhs, w, cfg), (w, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype))
+
+
+def _serve_bwd(cfg: _Serve, res, g):
+    w, aval = res
+    wd = dequantize(w, jnp.float32)
+    f = lambda x: lax.dot_general(x, wd, cfg.dn, cfg.precision)
+    (dx,) = jax.linear_transpose(f, jax.ShapeDtypeStruct(aval.shape, jnp.float32))(
+        g.astype(jnp.float32)
+    )
+    return dx.astype(aval.dtype), None
+
+
+_serve.defvjp(_serve_fwd, _serve_bwd)
+
+
+def _forward(lhs: Array, w: QArray, cfg: _Serve) -> Array:
+    dn, precision, lhs_spec = cfg.dn, cfg.precision, cfg.lhs_spec
+    kw = {} if cfg.out_sharding is None else {"out_sharding": cfg.out_sharding}
+    path = weight_path(lhs_spec, w, dn[0][1])
+    if path in ("int8", "fp8"):
+        assert lhs_spec is not None
+        return _low_precision_dot(lhs, lhs_spec, w, dn, path, kw)
+    cd = _compute_dtype(lhs)
+    p = precision if cd == np.float32 else lax.Precision.DEFAULT
+    if path == "weight_only":
+        out = lax.dot_general(
+            lhs.astype(cd), _grid(w).astype(cd), dn, p, preferred_element_type=jnp.float32, **kw
+        )
+        return out * _out_scale(w.scale.astype(jnp.float32), dn, lhs.ndim)
+    if path == "weight_only_dequant":
+        wd = dequantize(w, cd)
+        return lax.dot_general(lhs.astype(cd), wd, dn, p, preferred_element_type=jnp.float32, **kw)
+    assert lhs_spec is not None
+    xq = fake_quant(lhs.astype(jnp.float32), lhs_spec)
+    wd = dequantize(w, jnp.float32)
+    return lax.dot_general(xq, wd, dn, precision, preferred_element_type=jnp.float32, **kw)
+
+
+def _low_precision_dot(
+    x: Array, lhs_spec: QuantSpec, w: QArray, dn: Any, path: str, kw: dict
+) -> Array:
+    from jaxquant._src.dot import _Config, _quantize_operand, _scaled_dot, dot_capabilities
+
+    caps = dot_capabilities()
+    gpu = caps["platform"] == "gpu"
+    wv = w.values
+    if path == "int8":
+        store: Any = np.dtype(np.int8)
+        real = bool(caps["int8"])
+    else:
+        store = lhs_spec.format.storage_dtype
+        real = (np.dtype(store).name, np.dtype(wv.dtype).name) in tuple(caps["fp8_pairs"])
+    a, sa, _ = _quantize_operand(x, lhs_spec, None, None, store, native_cast=gpu and real)
+    cfg = _Config(
+        dn=dn,
+        lhs_spec=lhs_spec,
+        rhs_spec=w.spec,
+        grad_spec=None,
+        lhs_store=store,
+        rhs_store=np.dtype(wv.dtype),
+        grad_store=None,
+        fp8_pairs=tuple(caps["fp8_pairs"]),
+        precision=None,
+        out_dtype=np.dtype(jnp.float32),
+        lhs_dtype=np.dtype(x.dtype),
+        rhs_dtype=np.dtype(w.dtype),
+        out_sharding=kw.get("out_sharding"),
+        fp8_lowering="f32_out",
+        native_cast=gpu and real,
+        fp8_via_bf16=True,
+    )
+    return _scaled_dot(a, sa, wv, w.scale.astype(jnp.float32), dn, cfg, **kw)
+
+
+def grid_values_exact(fmt_name: str, dtype: Any) -> bool:
+    """Whether every value of format ``fmt_name`` is exact in ``dtype`` (tests, docs)."""
+    table = formats.code_table(formats.get(fmt_name)).astype(np.float64)
+    table = table[np.isfinite(table)]
+    return bool(np.all(table.astype(dtype).astype(np.float64) == table))
