@@ -48,8 +48,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The integrations import flax / optax; load them on first use (jq.flax, jq.optax).
-    if name in ("flax", "optax"):
+    # The integrations import flax / optax / orbax; load them on first use (jq.flax,
+    # jq.optax, jq.orbax).
+    if name in ("flax", "optax", "orbax"):
         import importlib
 
         return importlib.import_module(f"jaxquant.{name}")

@@ -126,7 +126,7 @@ def dot_qarray(
         )
     if w.ndim != len(w.shape) or len(dn[0][1]) != len(dn[0][0]):
         raise ValueError(f"dot_general: bad dimension_numbers {dn} for a QArray of {w.shape}.")
-    out_dtype = np.dtype(preferred_element_type or jnp.result_type(lhs.dtype, w.dtype))
+    out_dtype = np.dtype(preferred_element_type or lhs.dtype)  # the caller's dtype
     cfg = _Serve(dn, precision, lhs_spec, out_sharding)
     return _serve(jnp.asarray(lhs), w, cfg).astype(out_dtype)
 

@@ -6,7 +6,9 @@ Rule-based quantization-aware training of existing Linen and NNX models::
 """
 
 from jaxquant._src.flax import (
+    Assignment,
     CalibrationResult,
+    LayerSensitivity,
     Match,
     NnxPolicyModule,
     NnxQuantOp,
@@ -15,15 +17,20 @@ from jaxquant._src.flax import (
     QuantizedModule,
     QuantState,
     Rule,
+    Sensitivity,
     apply_policy,
     calibrate,
     convert,
+    mixed_precision,
     quantize_model,
     report,
+    sensitivity,
 )
 
 __all__ = [
+    "Assignment",
     "CalibrationResult",
+    "LayerSensitivity",
     "Match",
     "NnxPolicyModule",
     "NnxQuantOp",
@@ -32,9 +39,12 @@ __all__ = [
     "QuantState",
     "QuantizedModule",
     "Rule",
+    "Sensitivity",
     "apply_policy",
     "calibrate",
     "convert",
+    "mixed_precision",
     "quantize_model",
     "report",
+    "sensitivity",
 ]

@@ -15,6 +15,13 @@ from jaxquant._src.flax.nnx import QuantOp as NnxQuantOp
 from jaxquant._src.flax.nnx import QuantState, quantize_nnx, report_nnx
 from jaxquant._src.flax.policy import NnxPolicyModule, Policy, PolicyModule, apply_policy
 from jaxquant._src.flax.rules import Match, Rule, as_rules
+from jaxquant._src.flax.sensitivity import (
+    Assignment,
+    LayerSensitivity,
+    Sensitivity,
+    mixed_precision,
+    sensitivity,
+)
 from jaxquant._src.flax.serve import convert_linen, convert_nnx
 
 M = TypeVar("M")
@@ -162,7 +169,9 @@ def report(model: Any) -> list[Match]:
 
 
 __all__ = [
+    "Assignment",
     "CalibrationResult",
+    "LayerSensitivity",
     "Match",
     "NnxPolicyModule",
     "NnxQuantOp",
@@ -171,9 +180,12 @@ __all__ = [
     "QuantState",
     "QuantizedModule",
     "Rule",
+    "Sensitivity",
     "apply_policy",
     "calibrate",
     "convert",
+    "mixed_precision",
     "quantize_model",
     "report",
+    "sensitivity",
 ]

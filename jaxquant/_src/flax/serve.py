@@ -188,7 +188,7 @@ def convert_nnx(model: nnx.Module, matches: list, *, load: Any = None) -> nnx.Mo
             ),
             is_leaf=lambda t: isinstance(t, QArray),
         )
-        node.kernel.value = q
+        node.kernel.set_value(q)
         node.promote_dtype = promote_keep_qarray
     return model
 

@@ -1,0 +1,866 @@
+"""Per-layer quantization sensitivity and mixed-precision assignment under a size budget.
+
+:func:`sensitivity` quantizes one layer of a Linen or NNX model at a time with each
+candidate :class:`~jaxquant.flax.Rule` (everything else stays float), evaluates a metric
+on the given batches and records, per (layer, option), the metric, its *damage* against
+the float model and the layer's exact weight bytes. :func:`mixed_precision` then picks
+one option per layer minimizing the summed damage under a total byte budget (an exact
+multiple-choice knapsack) and returns the :class:`~jaxquant.flax.Rule` objects that
+:func:`~jaxquant.flax.quantize_model` takes.
+
+Damage (larger is worse, 0 for float; it can be negative when quantizing a layer helps):
+
+=============  ==========================================================================
+metric         damage of an option with metric value ``m``, float model's value ``m0``
+=============  ==========================================================================
+accuracy       ``m0 - m`` (a fraction: 0.01 is one point of accuracy)
+loss           ``m - m0`` (mean softmax cross-entropy)
+sqnr           the output noise-to-signal power ratio ``sum (y - y_q)^2 / sum y^2`` over
+               all batches, ``= 10^(-m / 10)`` (``m`` in dB; the float model's SQNR
+               against itself is ``+inf``, so a difference of dB would be ``-inf``)
+callable       ``m0 - m``, or ``m - m0`` with ``higher_is_better=False``
+=============  ==========================================================================
+
+A trial whose outputs contain NaN or Inf (or whose metric is NaN) is recorded, not
+raised: metric ``nan``, damage ``+inf``; :func:`mixed_precision` never chooses it.
+
+The assignment assumes that damages add up across layers (each layer's damage is measured
+with every other layer in float). That is a first-order approximation: for SQNR it is
+exact when the layers' output noises are uncorrelated and small; for accuracy it tends to
+underestimate the damage of quantizing many layers at once. Measure the returned plan
+(``quantize_model(model, plan)``) before relying on it.
+
+Weight bytes count each layer's ``kernel`` only (biases, norms and embeddings stay as they
+are): the packed values, scales and zero points of ``jq.quantize(kernel, rule.weight)``,
+or 4 bytes per element for float and for rules that leave the weight in float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx as flax_nnx
+
+from jaxquant._src.flax.rules import Rule, deterministic_rule, path_str
+from jaxquant._src.quantize import quantize
+from jaxquant._src.spec import QuantSpec
+
+FLOAT = "float"  # the implicit option: the layer keeps its float32 kernel
+_METRICS = ("accuracy", "loss", "sqnr")
+_QUANTIZABLE_NNX = (flax_nnx.Linear, flax_nnx.LinearGeneral, flax_nnx.Einsum, flax_nnx.Conv)
+
+
+# ------------------------------------------------------------------------------ results
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSensitivity:
+    """One layer's sensitivity: per option (``"float"`` and each candidate name).
+
+    Attributes:
+      path: the module path, as :func:`~jaxquant.flax.report` gives it.
+      module: the module's class name (``"Dense"``, ``"Linear"``...).
+      shape: the kernel's shape.
+      metric: the metric with only this layer quantized with the option (``"float"``: the
+        float model's); ``nan`` where the outputs were not finite.
+      damage: see the module docstring; ``0.0`` for ``"float"``, ``inf`` where the outputs
+        were not finite.
+      nbytes: the kernel's storage bytes under the option (``"float"``: 4 per element).
+    """
+
+    path: str
+    module: str
+    shape: tuple[int, ...]
+    metric: dict[str, float]
+    damage: dict[str, float]
+    nbytes: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sensitivity:
+    """The result of :func:`sensitivity`: plain Python data; ``str()`` is a table.
+
+    Damage, per (layer, option), larger is worse: ``baseline - metric`` for accuracy and
+    callables (``metric - baseline`` for the loss and callables with
+    ``higher_is_better=False``); for SQNR the output noise-to-signal power ratio
+    ``sum (y - y_q)^2 / sum y^2 = 10^(-sqnr_dB / 10)``, since the float model's SQNR is
+    ``+inf``. It is 0.0 for ``"float"``, can be negative (quantizing helped), and is
+    ``+inf`` (metric ``nan``) where the outputs were not finite.
+
+    Attributes:
+      metric: ``"accuracy"``, ``"loss"``, ``"sqnr"``, or the callable's name.
+      higher_is_better: the metric's direction (True for accuracy and SQNR).
+      baseline: the float model's metric (``inf`` for SQNR: the float model is exact).
+      candidates: the rule templates by name (their ``pattern`` is not used).
+      layers: one :class:`LayerSensitivity` per layer considered, in model order.
+      all_layers: per candidate, the metric with every considered layer quantized with it.
+      all_layers_damage: the damage of those, measured (not summed per layer).
+
+    Invariants: every layer's dicts have the keys :attr:`options`, ``damage["float"]`` is
+    0.0 and ``nbytes["float"]`` is 4 bytes per kernel element.
+    """
+
+    metric: str
+    higher_is_better: bool
+    baseline: float
+    candidates: dict[str, Rule]
+    layers: tuple[LayerSensitivity, ...]
+    all_layers: dict[str, float]
+    all_layers_damage: dict[str, float]
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """``("float", *candidates)``."""
+        return (FLOAT, *self.candidates)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(layer.path for layer in self.layers)
+
+    @property
+    def float32_bytes(self) -> int:
+        """Total kernel bytes of the considered layers in float32."""
+        return sum(layer.nbytes[FLOAT] for layer in self.layers)
+
+    def layer(self, path: str) -> LayerSensitivity:
+        """The :class:`LayerSensitivity` of ``path``."""
+        for layer in self.layers:
+            if layer.path == path:
+                return layer
+        raise KeyError(f"Sensitivity: no layer {path!r}; layers: {list(self.paths)}.")
+
+    def total_bytes(self, option: str) -> int:
+        """Total kernel bytes with every considered layer in ``option``."""
+        if option not in self.options:
+            raise KeyError(f"Sensitivity: no option {option!r}; options: {list(self.options)}.")
+        return sum(layer.nbytes[option] for layer in self.layers)
+
+    def table(self) -> str:
+        """A markdown table: per layer and option, ``metric (damage, bytes)``."""
+        direction = "higher" if self.higher_is_better else "lower"
+        head = (
+            f"sensitivity: {self.metric} ({direction} is better), float model "
+            f"{_fmt(self.baseline)}; cells: metric with only that layer quantized "
+            "(damage, kernel bytes)"
+        )
+        opts = self.options
+        rows = [
+            head,
+            "",
+            "| layer | module | kernel | " + " | ".join(opts) + " |",
+            "|---|---|---|" + "--:|" * len(opts),
+        ]
+        for layer in self.layers:
+            cells = [
+                f"{_fmt(layer.metric[o])} ({_fmt(layer.damage[o])}, {layer.nbytes[o]} B)"
+                for o in opts
+            ]
+            shape = "x".join(str(d) for d in layer.shape)
+            rows.append(f"| {layer.path} | {layer.module} | {shape} | " + " | ".join(cells) + " |")
+        cells = [f"{_fmt(self.baseline)} (0, {self.float32_bytes} B)"]
+        cells += [
+            f"{_fmt(self.all_layers[o])} ({_fmt(self.all_layers_damage[o])}, "
+            f"{self.total_bytes(o)} B)"
+            for o in self.candidates
+        ]
+        rows.append("| **all layers** | | | " + " | ".join(cells) + " |")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """A mixed-precision plan from :func:`mixed_precision`.
+
+    Iterating over it yields its :attr:`rules`, so ``quantize_model(model, assignment)``
+    works directly.
+
+    Attributes:
+      rules: one rule per layer, pattern ``re.escape(path)``: the chosen candidate's
+        template, or a rule without specs for layers kept in float.
+      choice: the option name per layer path (``"float"`` or a candidate name).
+      nbytes: total kernel bytes of the choice (``<= budget``).
+      damage: the predicted damage: the sum of the chosen per-layer damages.
+      budget: the budget in bytes.
+      float32_bytes: total kernel bytes of the layers in float32.
+    """
+
+    rules: tuple[Rule, ...]
+    choice: dict[str, str]
+    nbytes: int
+    damage: float
+    budget: int
+    float32_bytes: int
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __str__(self) -> str:
+        rows = ["| layer | option |", "|---|---|"]
+        rows += [f"| {p} | {o} |" for p, o in self.choice.items()]
+        rows.append(
+            f"| **total** | {self.nbytes} B of budget {self.budget} B "
+            f"({self.nbytes / max(self.float32_bytes, 1):.1%} of float32), predicted damage "
+            f"{_fmt(self.damage)} |"
+        )
+        return "\n".join(rows)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def sensitivity(
+    model: Any,
+    variables: Any,
+    candidates: Mapping[str, Rule],
+    data: Any,
+    *,
+    metric: str | Callable[[Any, Any], Any] = "accuracy",
+    layers: str | Sequence[str] | None = None,
+    higher_is_better: bool | None = None,
+) -> Sensitivity:
+    """How much each layer suffers from each quantization candidate, on its own.
+
+    For every considered layer ``l`` and candidate ``c``, the model runs (jitted) on
+    ``data`` with only ``l`` quantized by ``c`` (the rule ``Rule(re.escape(l), **c)``, see
+    :func:`~jaxquant.flax.quantize_model`); the metric is compared with the float
+    model's. Each candidate is also measured with every considered layer quantized. The
+    model is never modified (NNX: each trial runs on ``nnx.clone(model)``).
+
+    Candidates are evaluated as post-training quantization: stochastic rounding is
+    replaced by round-to-nearest; rules with state (``scaling="delayed"``,
+    ``ste="lsq"``) are rejected. The model is called as given (``model.apply(variables,
+    x)`` / ``model(x)``): put an NNX model in ``eval()`` mode first, and give Linen
+    models their evaluation flags in their attributes.
+
+    Args:
+      model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
+      variables: the Linen model's variables (``{"params": ...}``); None for NNX.
+      candidates: name -> :class:`~jaxquant.flax.Rule` template (its ``pattern`` is
+        ignored), e.g. ``{"int8": Rule(".*", weight=jq.QuantSpec("int8",
+        jq.per_channel(-1)))}``. ``"float"`` (keep the layer in float32) is always an
+        option and cannot be a candidate name.
+      data: the evaluation batches: a sequence or iterable of ``(x, y)`` pairs, a single
+        ``(x, y)`` pair of arrays, or a function returning either (called once; the
+        batches are kept for every trial). ``y`` may be None for ``"sqnr"``.
+      metric: ``"accuracy"`` (``argmax(outputs, -1) == y``, over all examples),
+        ``"loss"`` (mean softmax cross-entropy with integer labels), ``"sqnr"`` (dB of
+        the outputs against the float model's, pooled over batches; see
+        :func:`jaxquant.metrics.sqnr`), or ``f(outputs, y) -> float``, averaged over
+        batches weighted by their size (``len(y)``, or ``len(x)`` when ``y`` is None).
+      layers: None for every quantizable layer the model calls (Linen: found by tracing
+        it once; NNX: every Linear / LinearGeneral / Einsum / Conv in its graph), a list
+        of exact paths, or a regex (:func:`re.fullmatch`) selecting among those.
+      higher_is_better: the direction of a callable metric (default True); fixed for the
+        named metrics.
+
+    Returns:
+      A :class:`Sensitivity`: ``.layers[i].metric / .damage / .nbytes`` per option,
+      ``.baseline``, ``.all_layers``; ``print(sens)`` gives a table. Damage: 0 for float,
+      larger is worse, ``inf`` for non-finite outputs (see :class:`Sensitivity`).
+
+    Raises:
+      ValueError: for no candidates, the name ``"float"``, a stateful candidate, an
+        unknown metric, no batches, a ``layers`` entry that is not a quantizable layer, or
+        a float model whose outputs or metric are not finite.
+
+    Example:
+      >>> import jax, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, sensitivity
+      >>> model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(4)])
+      >>> x = jax.random.normal(jax.random.key(0), (64, 16))
+      >>> variables = model.init(jax.random.key(1), x)
+      >>> cands = {b: Rule(".*", weight=jq.QuantSpec(b, jq.per_channel(-1)))
+      ...          for b in ("int8", "int4")}
+      >>> sens = sensitivity(model, variables, cands, [(x, None)], metric="sqnr")
+      >>> [(s.path, s.nbytes["float"], s.nbytes["int8"], s.nbytes["int4"]) for s in sens.layers]
+      [('layers_0', 2048, 640, 384), ('layers_2', 512, 144, 80)]
+      >>> all(s.damage["int8"] < s.damage["int4"] for s in sens.layers)
+      True
+    """
+    templates = _check_candidates(candidates)
+    name, higher, stats_fn = _metric(metric, higher_is_better)
+    batches = _batches(data)
+    if isinstance(model, nn.Module):
+        if variables is None:
+            raise ValueError(
+                "sensitivity: a Linen model needs its variables (model.init(...) or trained "
+                "{'params': ...}); got None."
+            )
+        runner = _LinenRunner(model, variables)
+    elif isinstance(model, flax_nnx.Module):
+        if variables is not None:
+            raise ValueError(
+                "sensitivity: an NNX model holds its own parameters; pass variables=None."
+            )
+        runner = _NnxRunner(model)
+    else:
+        raise TypeError(
+            f"sensitivity: expected a flax.linen.Module or flax.nnx.Module, got "
+            f"{type(model).__name__}."
+        )
+    found = runner.discover(batches[0][0])
+    paths = _select(layers, [p for p, _ in found])
+    modules = dict(found)
+
+    ev = _Evaluator(runner, batches, stats_fn, higher, metric if callable(metric) else None)
+
+    out_layers = []
+    for path in paths:
+        kernel = runner.kernel(path)
+        nbytes = {FLOAT: 4 * math.prod(kernel.shape)}
+        metrics = {FLOAT: ev.baseline}
+        damages = {FLOAT: 0.0}
+        for cname, t in templates.items():
+            nbytes[cname] = _weight_bytes(kernel, t.weight, cname, path)
+            metrics[cname], damages[cname] = ev.trial((_at(t, path),))
+        out_layers.append(
+            LayerSensitivity(path, modules[path], tuple(kernel.shape), metrics, damages, nbytes)
+        )
+    all_metric, all_damage = {}, {}
+    for cname, t in templates.items():
+        all_metric[cname], all_damage[cname] = ev.trial(tuple(_at(t, p) for p in paths))
+    return Sensitivity(
+        metric=name,
+        higher_is_better=higher,
+        baseline=ev.baseline,
+        candidates=dict(candidates),
+        layers=tuple(out_layers),
+        all_layers=all_metric,
+        all_layers_damage=all_damage,
+    )
+
+
+def _at(template: Rule, path: str) -> Rule:
+    return dataclasses.replace(template, pattern=re.escape(path))
+
+
+def _check_candidates(candidates: Any) -> dict[str, Rule]:
+    """The templates for evaluation (stochastic rounding -> nearest), checked."""
+    if not isinstance(candidates, Mapping):
+        raise TypeError(
+            "sensitivity: candidates must be a mapping name -> Rule, e.g. "
+            f"{{'int8': Rule('.*', weight=...)}}; got {type(candidates).__name__}."
+        )
+    if not candidates:
+        raise ValueError(
+            "sensitivity: candidates is empty; give at least one name -> Rule ('float' is "
+            "always an option on its own)."
+        )
+    out = {}
+    for cname, t in candidates.items():
+        if not isinstance(cname, str):
+            raise TypeError(f"sensitivity: candidate names must be str, got {cname!r}.")
+        if cname == FLOAT:
+            raise ValueError(
+                "sensitivity: 'float' is the implicit keep-in-float option; give the "
+                "candidate another name."
+            )
+        if not isinstance(t, Rule):
+            raise TypeError(f"sensitivity: candidate {cname!r} must be a jq.flax.Rule, got {t!r}.")
+        if not t.quantizes:
+            raise ValueError(
+                f"sensitivity: candidate {cname!r} has no weight / act / grad spec, so it "
+                "is the same as 'float'; drop it."
+            )
+        if t.scaling == "delayed" or t.ste == "lsq":
+            raise ValueError(
+                f"sensitivity: candidate {cname!r} has scaling={t.scaling!r}, "
+                f"ste={t.ste!r}: its scales are state learned in training, which a "
+                "post-training measurement does not have. Use current scaling and the "
+                "plain or clipped STE."
+            )
+        out[cname] = deterministic_rule(t)
+    return out
+
+
+def _weight_bytes(
+    kernel: jax.ShapeDtypeStruct, spec: QuantSpec | None, cname: str, path: str
+) -> int:
+    if spec is None:
+        return 4 * math.prod(kernel.shape)
+    try:
+        return int(jax.eval_shape(lambda k: quantize(k, spec), kernel).nbytes)
+    except (ValueError, TypeError) as e:
+        raise type(e)(
+            f"sensitivity: candidate {cname!r} cannot quantize the kernel of layer {path!r} "
+            f"(shape {tuple(kernel.shape)}): {e}"
+        ) from None
+
+
+def _select(layers: Any, found: list[str]) -> list[str]:
+    listing = ", ".join(repr(p) for p in found) or "(none)"
+    if not found:
+        raise ValueError("sensitivity: the model has no quantizable layer (Dense, Linear, ...).")
+    if layers is None:
+        return found
+    if isinstance(layers, str):
+        chosen = [p for p in found if re.fullmatch(layers, p)]
+        if not chosen:
+            raise ValueError(
+                f"sensitivity: layers={layers!r} matches none of the quantizable layers "
+                f"{listing} (matched with re.fullmatch)."
+            )
+        return chosen
+    chosen = list(layers)
+    for p in chosen:
+        if not isinstance(p, str):
+            raise TypeError(f"sensitivity: layers must hold path strings, got {p!r}.")
+    missing = [p for p in chosen if p not in found]
+    if missing:
+        raise ValueError(
+            f"sensitivity: layers {missing} are not quantizable layers of the model; "
+            f"these are: {listing}. Give exact paths, or a regex string."
+        )
+    if not chosen:
+        raise ValueError("sensitivity: layers is empty; pass None for every layer.")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"sensitivity: layers lists a path twice: {chosen}.")
+    return chosen
+
+
+def _batches(data: Any) -> list[tuple[Any, Any]]:
+    if callable(data):
+        data = data()
+    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+        if data[1] is None or hasattr(data[1], "shape"):
+            data = [data]  # one (x, y) batch
+    try:
+        batches = list(data)
+    except TypeError:
+        raise TypeError(
+            f"sensitivity: data must be an iterable of (x, y) batches, got {type(data).__name__}."
+        ) from None
+    out = []
+    for b in batches:
+        if not (isinstance(b, tuple | list) and len(b) == 2):
+            raise TypeError(
+                f"sensitivity: every batch must be an (x, y) pair, got {type(b).__name__}."
+            )
+        # On the device once, not once per trial.
+        out.append((jax.device_put(b[0]), None if b[1] is None else jnp.asarray(b[1])))
+    if not out:
+        raise ValueError("sensitivity: data holds no batches.")
+    return out
+
+
+# ---------------------------------------------------------------------------- metrics
+
+_Stats = Callable[[Any, Any, Any], dict[str, Any]]
+
+
+def _metric(metric: Any, higher_is_better: bool | None) -> tuple[str, bool, _Stats]:
+    if callable(metric):
+        higher = True if higher_is_better is None else bool(higher_is_better)
+        return getattr(metric, "__name__", "metric"), higher, _callable_stats
+    if higher_is_better is not None:
+        raise ValueError(
+            f"sensitivity: higher_is_better is for callable metrics; {metric!r} has a fixed "
+            "direction."
+        )
+    stats = {"accuracy": _accuracy_stats, "loss": _loss_stats, "sqnr": _sqnr_stats}
+    if metric not in stats:
+        raise ValueError(
+            f"sensitivity: unknown metric {metric!r}; use one of {_METRICS} or a function "
+            "(outputs, y) -> float."
+        )
+    return metric, metric != "loss", stats[metric]
+
+
+def _nonfinite(out: Any) -> jax.Array:
+    leaves = [jnp.sum(~jnp.isfinite(a)) for a in jax.tree.leaves(out)]
+    return sum(leaves, jnp.int32(0))
+
+
+def _logits(out: Any, y: Any, what: str) -> jax.Array:
+    if not hasattr(out, "shape") or y is None:
+        raise ValueError(
+            f"sensitivity: metric {what!r} needs array outputs (logits) and integer labels "
+            f"y; got outputs {type(out).__name__} and y {type(y).__name__}."
+        )
+    if out.shape[:-1] != y.shape or not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(
+            f"sensitivity: metric {what!r} needs logits (..., classes) and integer labels "
+            f"(...); got outputs {out.shape} and y {y.shape} {y.dtype}."
+        )
+    return out.astype(jnp.float32)
+
+
+def _accuracy_stats(out: Any, y: Any, ref: Any) -> dict[str, Any]:
+    del ref
+    logits = _logits(out, y, "accuracy")
+    hit = jnp.argmax(logits, axis=-1) == y
+    return {"sum": jnp.sum(hit.astype(jnp.float32)), "count": jnp.float32(y.size)}
+
+
+def _loss_stats(out: Any, y: Any, ref: Any) -> dict[str, Any]:
+    del ref
+    ce = optax.softmax_cross_entropy_with_integer_labels(_logits(out, y, "loss"), y)
+    return {"sum": jnp.sum(ce), "count": jnp.float32(y.size)}
+
+
+def _sqnr_stats(out: Any, y: Any, ref: Any) -> dict[str, Any]:
+    del y
+    sig, noise = jnp.float32(0.0), jnp.float32(0.0)
+    for a, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        a, r = a.astype(jnp.float32), r.astype(jnp.float32)
+        sig = sig + jnp.sum(r * r)
+        noise = noise + jnp.sum((r - a) ** 2)
+    return {"signal": sig, "noise": noise}
+
+
+def _callable_stats(out: Any, y: Any, ref: Any) -> dict[str, Any]:
+    del y, ref
+    return {"outputs": out}
+
+
+class _Evaluator:
+    """Runs trials (a tuple of rules, or None for float) and turns them into metrics."""
+
+    def __init__(self, runner, batches, stats_fn, higher: bool, metric_fn) -> None:
+        self.runner, self.batches, self.higher = runner, batches, higher
+        self.stats_fn, self.metric_fn = stats_fn, metric_fn
+        self.needs_ref = stats_fn is _sqnr_stats
+        self.refs: list[Any] = [None] * len(batches)
+        self.cache: dict[tuple[Rule, ...], tuple[float, float]] = {}
+        if self.needs_ref:
+            fwd = runner.compile(None, lambda out, y, ref: {"out": out, "bad": _nonfinite(out)})
+            got = [fwd(x, y, None) for x, y in batches]
+            if any(int(g["bad"]) for g in got):
+                raise ValueError(
+                    "sensitivity: the float model's outputs are not finite on the data; "
+                    "nothing to compare quantized models with."
+                )
+            self.refs = [g["out"] for g in got]
+            self.baseline = math.inf
+            return
+        self.base, bad = self._run(None)
+        value = self.base["sum"] / self.base["count"]
+        if bad or not math.isfinite(value):
+            raise ValueError(
+                f"sensitivity: the float model's metric is {value} (outputs "
+                f"{'not ' if bad else ''}finite); check the model, the data and the metric."
+            )
+        self.baseline = value
+
+    def _run(self, rules: tuple[Rule, ...] | None) -> tuple[dict[str, float], bool]:
+        """The metric's sums over all batches, and whether any output was not finite."""
+        stats_fn = self.stats_fn
+
+        def post(out, y, ref):
+            return {"stats": stats_fn(out, y, ref), "bad": _nonfinite(out)}
+
+        fwd = self.runner.compile(rules, post)
+        totals: dict[str, float] = {}
+        bad = False
+        for (x, y), ref in zip(self.batches, self.refs, strict=True):
+            got = fwd(x, y, ref)
+            bad = bad or bool(int(got["bad"]))
+            st = got["stats"]
+            if stats_fn is _callable_stats:
+                n = float(_batch_size(x, y))
+                st = {"sum": n * float(self.metric_fn(st["outputs"], y)), "count": n}
+            for k, v in st.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        return totals, bad
+
+    def trial(self, rules: tuple[Rule, ...]) -> tuple[float, float]:
+        """(metric, damage) of the model quantized by ``rules`` (each set run once)."""
+        if rules not in self.cache:
+            self.cache[rules] = self._trial(rules)
+        return self.cache[rules]
+
+    def _trial(self, rules: tuple[Rule, ...]) -> tuple[float, float]:
+        t, bad = self._run(rules)
+        if self.needs_ref:
+            sig, noise = t["signal"], t["noise"]
+            if bad or math.isnan(noise):
+                return math.nan, math.inf
+            value = math.inf if noise == 0 else 10.0 * math.log10(max(sig, 1e-45) / noise)
+            return value, (noise / sig if sig > 0 else (0.0 if noise == 0 else math.inf))
+        value = t["sum"] / t["count"]
+        if bad or math.isnan(value):
+            return math.nan, math.inf
+        # From the sums, so that equal counts give exactly opposite damages (accuracy).
+        base = self.base["sum"]
+        drop = (base - t["sum"]) if self.higher else (t["sum"] - base)
+        return value, drop / t["count"]
+
+
+def _batch_size(x: Any, y: Any) -> int:
+    lead = y if y is not None else jax.tree.leaves(x)[0]
+    return int(lead.shape[0]) if lead.ndim else 1
+
+
+# ---------------------------------------------------------------------------- runners
+
+
+def _discovery_rule() -> Rule:
+    return Rule(".*", weight=QuantSpec("int8"))
+
+
+class _LinenRunner:
+    def __init__(self, model: nn.Module, variables: Any) -> None:
+        self.model, self.variables = model, variables
+
+    def discover(self, x: Any) -> list[tuple[str, str]]:
+        from jaxquant._src.flax import quantize_model, report
+
+        probe = quantize_model(self.model, _discovery_rule(), strict=False)
+        with warnings.catch_warnings():
+            # "rule '.*' matched no module": _select raises its own error for that
+            warnings.filterwarnings("ignore", "quantize_model", UserWarning)
+            jax.eval_shape(probe.apply, self.variables, x)
+        return [(m.path, m.module) for m in report(probe)]
+
+    def kernel(self, path: str) -> jax.ShapeDtypeStruct:
+        node = self.variables.get("params", {}) if hasattr(self.variables, "get") else {}
+        try:
+            for name in path.split("/") if path else ():
+                node = node[name]
+            k = node["kernel"]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"sensitivity: no variables['params'] entry {path!r}/kernel for the layer "
+                f"{path!r}; sensitivity needs each quantized layer's kernel under its path."
+            ) from None
+        return jax.ShapeDtypeStruct(tuple(k.shape), k.dtype)
+
+    def compile(self, rules: tuple[Rule, ...] | None, post: Callable) -> Callable:
+        from jaxquant._src.flax import quantize_model
+
+        m = self.model if rules is None else quantize_model(self.model, rules)
+        jitted = jax.jit(lambda v, x, y, ref: post(m.apply(v, x), y, ref))
+        variables = self.variables
+        return lambda x, y, ref: jitted(variables, x, y, ref)
+
+
+class _NnxRunner:
+    def __init__(self, model: flax_nnx.Module) -> None:
+        self.model = model
+
+    def discover(self, x: Any) -> list[tuple[str, str]]:
+        del x
+        return [
+            (path_str(p), type(node).__name__)
+            for p, node in flax_nnx.iter_graph(self.model)
+            if isinstance(node, _QUANTIZABLE_NNX)
+        ]
+
+    def kernel(self, path: str) -> jax.ShapeDtypeStruct:
+        for p, node in flax_nnx.iter_graph(self.model):
+            if path_str(p) == path and isinstance(node, _QUANTIZABLE_NNX):
+                k = node.kernel[...]
+                return jax.ShapeDtypeStruct(tuple(k.shape), k.dtype)
+        raise ValueError(f"sensitivity: no quantizable layer {path!r} in the NNX model.")
+
+    def compile(self, rules: tuple[Rule, ...] | None, post: Callable) -> Callable:
+        from jaxquant._src.flax import quantize_model
+
+        m = flax_nnx.clone(self.model)  # never touch the caller's model
+        if rules is not None:
+            quantize_model(m, rules)
+        graphdef, state = flax_nnx.split(m)
+        jitted = jax.jit(lambda st, x, y, ref: post(flax_nnx.merge(graphdef, st)(x), y, ref))
+        return lambda x, y, ref: jitted(state, x, y, ref)
+
+
+# ---------------------------------------------------------------------- mixed precision
+
+
+def mixed_precision(
+    sens: Sensitivity,
+    *,
+    budget: int | float,
+    objective: Callable[[LayerSensitivity, str], float] | None = None,
+) -> Assignment:
+    """One option per layer minimizing the summed damage within a weight-byte budget.
+
+    Solves the multiple-choice knapsack exactly: ``min sum_l cost(l, o_l)`` subject to
+    ``sum_l nbytes(l, o_l) <= budget``, over the options ``"float"`` and every candidate,
+    by dynamic programming over the layers on the Pareto frontier of (bytes, damage)
+    partial sums (dominated partial assignments dropped; bytes are exact integers, no
+    discretization). Options with infinite cost (non-finite outputs) are never chosen.
+    Ties go to fewer bytes. The predicted damage assumes that per-layer damages, each
+    measured with every other layer in float, add up: a first-order approximation (for
+    SQNR exact when the layers' output noises are small and uncorrelated; for accuracy it
+    tends to underestimate quantizing many layers at once). Measure the result.
+
+    Args:
+      sens: the :class:`Sensitivity` of :func:`sensitivity`.
+      budget: total kernel bytes of the considered layers (an int), or a float in
+        ``(0, 1]``: that fraction of their float32 bytes (rounded down).
+      objective: ``cost(layer, option) -> float`` to minimize instead of
+        ``layer.damage[option]`` (e.g. a weighted damage); ``inf`` forbids an option.
+
+    Returns:
+      An :class:`Assignment`: ``.rules`` (one exact-path rule per layer, float layers with
+      a rule without specs; the assignment iterates over them, so
+      ``quantize_model(model, assignment)`` works), ``.choice`` (path -> option),
+      ``.nbytes``, ``.damage``.
+
+    The rules carry the candidate templates as given to :func:`sensitivity` (stochastic
+    rounding included, which the measurement replaced by round-to-nearest).
+
+    Raises:
+      ValueError: if even the smallest allowed option of every layer exceeds the budget
+        (the message gives the minimum), or for a budget that is not a positive int or a
+        float in ``(0, 1]``.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> from jaxquant.flax import LayerSensitivity, Rule, Sensitivity, mixed_precision
+      >>> int4 = Rule(".*", weight=jq.QuantSpec("int4", jq.per_channel(-1)))
+      >>> def layer(path, damage):
+      ...     return LayerSensitivity(path, "Dense", (64, 64), {}, {"float": 0.0, "int4": damage},
+      ...                             {"float": 16384, "int4": 2304})
+      >>> sens = Sensitivity("accuracy", True, 0.9, {"int4": int4},
+      ...                    (layer("a", 0.05), layer("b", 0.01)), {}, {})
+      >>> plan = mixed_precision(sens, budget=0.6)
+      >>> plan.choice, plan.nbytes, plan.damage
+      ({'a': 'float', 'b': 'int4'}, 18688, 0.01)
+      >>> [(r.pattern, r.quantizes) for r in plan.rules]
+      [('a', False), ('b', True)]
+
+    References:
+      Dong et al., "HAWQ: Hessian AWare Quantization of Neural Networks with Mixed
+      Precision", https://arxiv.org/abs/1905.03696; Yao et al., "HAWQ-V3: Dyadic Neural
+      Network Quantization" (bit allocation as an integer program under a size budget),
+      https://arxiv.org/abs/2011.10680
+    """
+    if not isinstance(sens, Sensitivity):
+        raise TypeError(
+            f"mixed_precision: expected the Sensitivity of jq.flax.sensitivity, got "
+            f"{type(sens).__name__}."
+        )
+    if not sens.layers:
+        raise ValueError("mixed_precision: the Sensitivity has no layers.")
+    total_f32 = sens.float32_bytes
+    limit = _budget(budget, total_f32)
+    options = sens.options
+    costs: list[list[tuple[int, float]]] = []
+    for layer in sens.layers:
+        row = []
+        for o in options:
+            c = float(layer.damage[o] if objective is None else objective(layer, o))
+            if math.isnan(c) or c == -math.inf:
+                raise ValueError(
+                    f"mixed_precision: the cost of {o!r} at layer {layer.path!r} is {c}; "
+                    "costs must be numbers, not NaN or -inf (+inf forbids an option)."
+                )
+            row.append((int(layer.nbytes[o]), c))
+        costs.append(row)
+    solved = solve_knapsack(costs, limit)
+    if solved is None:
+        allowed = [[b for b, c in row if c != math.inf] for row in costs]
+        if any(not a for a in allowed):
+            bad = [sens.layers[i].path for i, a in enumerate(allowed) if not a]
+            raise ValueError(f"mixed_precision: every option of layer(s) {bad} has infinite cost.")
+        smallest = sum(min(a) for a in allowed)
+        raise ValueError(
+            f"mixed_precision: the budget of {limit} bytes is below the smallest achievable "
+            f"total, {smallest} bytes ({smallest / max(total_f32, 1):.3f} of the float32 "
+            f"{total_f32} bytes; every layer in its smallest allowed option). Raise the "
+            "budget or add smaller candidates."
+        )
+    idx, nbytes, damage = solved
+    choice, rules = {}, []
+    for layer, k in zip(sens.layers, idx, strict=True):
+        o = options[k]
+        choice[layer.path] = o
+        pattern = re.escape(layer.path)
+        rules.append(Rule(pattern) if o == FLOAT else _at(sens.candidates[o], layer.path))
+    return Assignment(tuple(rules), choice, nbytes, damage, limit, total_f32)
+
+
+def _budget(budget: Any, total: int) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(
+            f"mixed_precision: budget must be an int (bytes) or a float in (0, 1] (fraction "
+            f"of float32), got {budget!r}."
+        )
+    if isinstance(budget, numbers.Integral):
+        if budget <= 0:
+            raise ValueError(f"mixed_precision: budget must be > 0 bytes, got {budget}.")
+        return int(budget)
+    if not 0.0 < float(budget) <= 1.0:
+        raise ValueError(
+            f"mixed_precision: a float budget is a fraction of the float32 bytes in (0, 1], "
+            f"got {budget!r}; pass an int for a number of bytes."
+        )
+    return math.floor(float(budget) * total)
+
+
+def solve_knapsack(
+    costs: Sequence[Sequence[tuple[int, float]]], budget: int
+) -> tuple[list[int], int, float] | None:
+    """Exact multiple-choice knapsack: one ``(bytes, cost)`` option per group.
+
+    Minimizes the total cost (summed left to right, as floats) subject to total bytes
+    ``<= budget``; ties go to fewer bytes, then to the first found. Options with cost
+    ``inf`` are skipped. Returns ``(option index per group, bytes, cost)``, or None when
+    nothing fits.
+
+    The frontier after each group holds the partial sums not dominated by another (fewer
+    or equal bytes and lower or equal cost); a dominated partial sum stays dominated after
+    the same completion (float addition is monotone), so dropping it is exact.
+    """
+    groups = [[(int(b), float(c)) for b, c in row] for row in costs]
+    # rest[i]: the fewest bytes groups i.. can still take: prunes partial sums that cannot fit
+    rest = [0] * (len(groups) + 1)
+    for i in range(len(groups) - 1, -1, -1):
+        allowed = [b for b, c in groups[i] if c != math.inf]
+        if not allowed:
+            return None
+        rest[i] = rest[i + 1] + min(allowed)
+    # (bytes, cost, back-pointer (previous pointer, option index))
+    frontier: list[tuple[int, float, Any]] = [(0, 0.0, None)]
+    for i, row in enumerate(groups):
+        new = [
+            (b + ob, c + oc, (ptr, k))
+            for b, c, ptr in frontier
+            for k, (ob, oc) in enumerate(row)
+            if oc != math.inf and b + ob + rest[i + 1] <= budget
+        ]
+        new.sort(key=lambda t: (t[0], t[1]))
+        frontier = []
+        for t in new:
+            if not frontier or t[1] < frontier[-1][1]:
+                frontier.append(t)
+        if not frontier:
+            return None
+    best = min(frontier, key=lambda t: (t[1], t[0]))
+    idx: list[int] = []
+    ptr = best[2]
+    while ptr is not None:
+        ptr, k = ptr
+        idx.append(k)
+    return idx[::-1], best[0], best[1]
+
+
+__all__ = [
+    "Assignment",
+    "LayerSensitivity",
+    "Sensitivity",
+    "mixed_precision",
+    "sensitivity",
+]

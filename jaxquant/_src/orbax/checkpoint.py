@@ -1,0 +1,619 @@
+"""Implementation of :mod:`jaxquant.orbax`, whose docstring specifies the on-disk layout.
+
+``save`` flattens the tree (QArrays as leaves), turns every array into a host ``numpy``
+array in a dtype any zarr reader knows (ml_dtypes types bitcast to same-width unsigned
+ints), writes them as one orbax ``StandardCheckpointer`` checkpoint and describes the rest
+(paths, specs, shapes, dtypes, checksums) in a JSON manifest. ``restore`` checks the
+manifest and every file before orbax reads a byte, then every array after, so a damaged
+checkpoint raises a ValueError naming the leaf instead of returning wrong values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+
+import jaxquant
+from jaxquant._src.qarray import QArray
+from jaxquant._src.serialize import spec_from_dict, spec_to_dict
+
+FORMAT = "jaxquant.orbax"
+VERSION = 1
+MANIFEST = "jaxquant.json"
+ARRAYS = "arrays"
+
+# Dtypes every zarr reader knows; anything else (ml_dtypes) is bitcast to uint<width>.
+_NATIVE = frozenset(
+    np.dtype(t)
+    for t in (
+        *(np.bool_, np.int8, np.int16, np.int32, np.int64),
+        *(np.uint8, np.uint16, np.uint32, np.uint64),
+        *(np.float16, np.float32, np.float64, np.complex64, np.complex128),
+    )
+)
+_UINT = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
+_UINT[8] = np.dtype(np.uint64)
+_PATH_KEYS = (
+    (jax.tree_util.DictKey, "key", "key"),
+    (jax.tree_util.SequenceKey, "index", "idx"),
+    (jax.tree_util.GetAttrKey, "attr", "name"),
+    (jax.tree_util.FlattenedIndexKey, "flat", "key"),
+)
+_QARRAY_FIELDS = ("values", "scale", "zero_point")
+
+
+def _is_qarray(x: Any) -> bool:
+    return isinstance(x, QArray)
+
+
+def _name(path: tuple) -> str:  # a leaf's name, as in jq.size_report
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+# --------------------------------------------------------------------------------- save
+
+
+def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
+    """Save a pytree of arrays and :class:`~jaxquant.QArray` s as an orbax checkpoint.
+
+    Everything is written to a hidden sibling directory first; only a complete checkpoint
+    is renamed to ``directory``. With ``force=True`` an existing checkpoint there is
+    renamed aside, the new one renamed in, and only then is the old one deleted, so an
+    interrupted save never loses what was saved before (after a crash between the two
+    renames it is at ``.<name>.old-<id>`` next to ``directory``, and :func:`restore`
+    says so).
+
+    Args:
+      directory: where the checkpoint goes; must not exist unless ``force``.
+      tree: a pytree (dicts, lists, tuples, flax ``FrozenDict`` / ``nnx.State``...) whose
+        leaves are ``jax.Array`` / ``numpy`` arrays and QArrays.
+      force: replace an existing checkpoint at ``directory`` (only a jaxquant checkpoint
+        or an empty directory is ever replaced).
+
+    Raises:
+      FileExistsError: ``directory`` exists and ``force`` is False.
+      ValueError: ``force`` would replace something that is not a jaxquant checkpoint.
+      TypeError: a leaf that is not a concrete array or QArray (named in the message).
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp, jaxquant as jq
+      >>> import jaxquant.orbax
+      >>> params = {"w": jnp.linspace(-1, 1, 64 * 64).reshape(64, 64), "b": jnp.zeros(64)}
+      >>> q = jq.convert(params, [("w", jq.QuantSpec("int4", jq.per_block(-1, 32)))])
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     jq.orbax.save(os.path.join(tmp, "ckpt"), q)
+      ...     r = jq.orbax.restore(os.path.join(tmp, "ckpt"))
+      >>> r["w"].spec == q["w"].spec, bool((r["w"].values == q["w"].values).all())
+      (True, True)
+    """
+    directory = Path(directory).expanduser().absolute()
+    if directory.exists() or directory.is_symlink():
+        if not force:
+            raise FileExistsError(
+                f"save: {directory} already exists. Pass force=True to replace it (the old "
+                "checkpoint is kept until the new one is complete), or choose another path."
+            )
+        is_ckpt = (directory / MANIFEST).is_file()
+        if not directory.is_dir() or not (is_ckpt or not any(directory.iterdir())):
+            raise ValueError(
+                f"save(force=True): {directory} is neither a jaxquant checkpoint (no "
+                f"{MANIFEST}) nor an empty directory; refusing to replace it. Remove it "
+                "yourself or choose another path."
+            )
+    leaves, stored = _flatten(tree)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        if stored:
+            with _quiet_orbax_merge_notice(), ocp.StandardCheckpointer(use_ocdbt=False) as ck:
+                ck.save(tmp / ARRAYS, stored)
+                ck.wait_until_finished()
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "jaxquant_version": jaxquant.__version__,
+            "checksum": "sha256",
+            "files": _file_digests(tmp),
+            "leaves": leaves,
+        }
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _flatten(tree: Any) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
+    """(manifest leaf entries, orbax tree ``{"leaf_<i>": {field: host array}}``)."""
+    entries, stored = [], {}
+    for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree, _is_qarray)[0]):
+        name = _name(path)
+        entry: dict[str, Any] = {"name": name, "path": _encode_path(path, name, "save")}
+        fields: dict[str, Any]
+        if isinstance(leaf, QArray):
+            entry.update(
+                kind="qarray",
+                shape=list(leaf.shape),
+                dtype=np.dtype(leaf.dtype).name,
+                spec=spec_to_dict(leaf.spec),
+            )
+            fields = {f: getattr(leaf, f) for f in _QARRAY_FIELDS}
+        else:
+            host = _to_host(leaf, repr(name))
+            numpy = isinstance(leaf, np.ndarray | np.generic)
+            entry.update(
+                kind="array",
+                type="numpy" if numpy else "jax",
+                shape=list(host.shape),
+                dtype=host.dtype.name,
+            )
+            fields = {"array": host}
+        entry["arrays"] = {}
+        for field, x in fields.items():
+            info = None
+            if x is not None:
+                host = _to_host(x, f"{name!r} ({field})")
+                info, disk = _stored_info(host, f"leaf_{i}.{field}")
+                if info["key"] is not None:
+                    stored.setdefault(f"leaf_{i}", {})[field] = disk
+            entry["arrays"][field] = info
+        entries.append(entry)
+    return entries, stored
+
+
+def _encode_path(path: tuple, name: str, fn: str) -> list[list[Any]]:
+    out = []
+    for k in path:
+        found = [(kind, getattr(k, attr)) for cls, kind, attr in _PATH_KEYS if isinstance(k, cls)]
+        if not found:
+            raise TypeError(f"{fn}: leaf {name!r} has a path entry {k!r} of unknown type.")
+        kind, key = found[0]
+        if not isinstance(key, str | int):
+            raise TypeError(
+                f"{fn}: leaf {name!r} sits under the key {key!r} ({type(key).__name__}); only "
+                "str and int keys can be saved. Use str keys."
+            )
+        out.append([kind, key])
+    return out
+
+
+def _to_host(x: Any, what: str) -> np.ndarray:
+    abstract = TypeError(
+        f"save: leaf {what} is abstract ({type(x).__name__}); save needs concrete arrays, "
+        "outside jax.jit."
+    )
+    if isinstance(x, jax.ShapeDtypeStruct):
+        raise abstract
+    if not isinstance(x, jax.Array | np.ndarray | np.generic):
+        raise TypeError(
+            f"save: leaf {what} is a {type(x).__name__}, not an array or QArray. Wrap it with "
+            "jnp.asarray, or keep it out of the saved tree."
+        )
+    try:
+        host = np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        raise abstract from None
+    except Exception as e:  # e.g. PRNG key arrays, arrays spread over several hosts
+        raise TypeError(f"save: leaf {what} cannot be copied to the host: {e}") from None
+    if not host.dtype.isnative:
+        host = host.astype(host.dtype.newbyteorder("="))
+    return np.asarray(host, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+
+
+def _stored_info(x: np.ndarray, key: str) -> tuple[dict[str, Any], np.ndarray]:
+    """Manifest entry of one array and the array as written (bitcast if needed)."""
+    if x.dtype in _NATIVE:
+        disk = x
+    elif x.dtype.itemsize in _UINT and not x.dtype.hasobject and x.dtype.names is None:
+        disk = x.view(_UINT[x.dtype.itemsize])
+    else:
+        raise TypeError(f"save: {key}: dtype {x.dtype} cannot be stored.")
+    info = {
+        "key": key if disk.size else None,  # orbax refuses zero-size arrays
+        "shape": list(x.shape),
+        "dtype": x.dtype.name,
+        "stored_dtype": disk.dtype.name,
+        "sha256": _sha256(disk),
+    }
+    return info, disk
+
+
+def _sha256(x: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(x, order="C").reshape(-1).view(np.uint8).data).hexdigest()
+
+
+def _file_digests(root: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under ``root/arrays``, each flushed to disk."""
+    out = {}
+    for dirpath, _, names in sorted(os.walk(root / ARRAYS)):
+        for n in sorted(names):
+            p = Path(dirpath) / n
+            with open(p, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+                os.fsync(f.fileno())
+            out[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": digest}
+        _fsync_dir(Path(dirpath))
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Rename the finished ``tmp`` to ``directory``; an old checkpoint there is renamed
+    aside first and deleted last, so one complete checkpoint exists at every moment."""
+    _fsync_dir(tmp)
+    if not (directory.exists() or directory.is_symlink()):
+        os.rename(tmp, directory)
+        _fsync_dir(directory.parent)
+        return
+    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(directory, old)
+    try:
+        os.rename(tmp, directory)
+    except BaseException:
+        os.rename(old, directory)
+        raise
+    _fsync_dir(directory.parent)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+class _DropMergeNotice(logging.Filter):
+    # orbax 0.12 tries to merge OCDBT files after every save and, with use_ocdbt=False,
+    # logs a WARNING that there are none to merge; the save itself is complete.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_orbax_merge_notice():
+    logger, drop = logging.getLogger("absl"), _DropMergeNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+# ------------------------------------------------------------------------------ restore
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    key: str | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stored_dtype: np.dtype
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    name: str
+    path: list
+    kind: str  # "qarray" | "array"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    spec: Any  # QuantSpec for a qarray
+    numpy: bool  # an array leaf saved from numpy
+    arrays: dict[str, _Stored | None]
+
+
+def layout(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest (``jaxquant.json``) of the checkpoint at ``directory``, as a dict.
+
+    Its fields are specified in the docstring of :mod:`jaxquant.orbax`. The format name
+    and version are checked; the arrays are not read.
+
+    Raises:
+      ValueError: no directory, no or unreadable manifest, another format or version.
+    """
+    return _manifest(Path(directory).expanduser().absolute(), "layout")
+
+
+def _manifest(directory: Path, fn: str) -> dict[str, Any]:
+    if not directory.is_dir():
+        hint = ""
+        olds = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+        if olds and not directory.exists():
+            hint = (
+                f" A save(force=True) was interrupted: the previous checkpoint is at {olds[-1]}; "
+                f"rename it to {directory}."
+            )
+        raise ValueError(f"{fn}: no checkpoint at {directory} (not a directory).{hint}")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ValueError(
+            f"{fn}: {path} is missing, so {directory} is not a checkpoint written by "
+            "jaxquant.orbax.save (a plain orbax checkpoint is read with orbax.checkpoint)."
+        )
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{fn}: cannot read {path}: {e}. The checkpoint is damaged.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{fn}: {path} is not a {FORMAT} manifest (no 'format': '{FORMAT}').")
+    if manifest.get("version") != VERSION:
+        raise ValueError(
+            f"{fn}: {path} has format version {manifest.get('version')!r} (written by jaxquant "
+            f"{manifest.get('jaxquant_version')}); this jaxquant {jaxquant.__version__} reads "
+            f"version {VERSION}. Restore with the jaxquant that wrote it, then save again."
+        )
+    return manifest
+
+
+def restore(directory: str | os.PathLike, target: Any = None) -> Any:
+    """Restore a tree written by :func:`save`, QArrays rebuilt bit for bit.
+
+    Before orbax reads anything, the manifest is validated and every file is checked
+    against its recorded size and sha256; after reading, every array against its own
+    sha256. Damage anywhere raises, naming the leaf, rather than returning wrong values.
+
+    Args:
+      directory: the checkpoint directory.
+      target: optional tree of the same structure, concrete or abstract (e.g.
+        ``jax.eval_shape(lambda p: jq.convert(p, policy), params)``). Its container types
+        (``FrozenDict``, ``nnx.State``, tuples...) are used for the result, its leaves
+        must match the checkpoint's (QArray spec, shape and dtype; array shape and dtype),
+        and a leaf with a ``sharding`` is placed with it. Without ``target`` the result is
+        nested dicts and lists.
+
+    Returns:
+      The tree: QArrays with ``jax.Array`` fields, ``jax.Array`` leaves, and ``numpy``
+      arrays for leaves that were numpy arrays when saved (or are in ``target``).
+
+    Raises:
+      ValueError: a missing directory or manifest, another format version, a damaged or
+        truncated file, an array whose checksum does not match, or a ``target`` that does
+        not match (the first differing leaf path is named).
+    """
+    directory = Path(directory).expanduser().absolute()
+    manifest = _manifest(directory, "restore")
+    leaves, files = _parse(manifest, directory / MANIFEST)
+    targets = [None] * len(leaves)
+    if target is not None:
+        targets, treedef = _match_target(target, leaves)
+    _check_files(directory, files, leaves)
+    raw = _read(directory, leaves)
+    out = []
+    for leaf, t in zip(leaves, targets, strict=True):
+        host = {
+            f: None if s is None else _from_disk(leaf, f, s, raw) for f, s in leaf.arrays.items()
+        }
+        if leaf.kind == "qarray":
+            fields = {
+                f: None if x is None else _place(x, getattr(t, f, None), False)
+                for f, x in host.items()
+            }
+            out.append(QArray(**fields, spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype))
+        else:
+            as_numpy = leaf.numpy if target is None else isinstance(t, np.ndarray | np.generic)
+            out.append(_place(host["array"], t, as_numpy))
+    if target is not None:
+        return jax.tree_util.tree_unflatten(treedef, out)
+    return _nest([(leaf.path, x) for leaf, x in zip(leaves, out, strict=True)])
+
+
+def _dtype(name: Any) -> np.dtype:
+    if not isinstance(name, str):
+        raise TypeError(f"a dtype name is a str, got {name!r}")
+    try:
+        return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+    except TypeError:
+        raise ValueError(f"unknown dtype {name!r}") from None
+
+
+def _parse(manifest: dict[str, Any], where: Path) -> tuple[list[_Leaf], dict[str, tuple]]:
+    """The manifest's leaves and ``{file: (size, sha256)}``; ValueError if malformed."""
+    errors = (KeyError, TypeError, ValueError, AttributeError)
+    try:
+        files = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in manifest["files"].items()}
+        entries = list(manifest["leaves"])
+    except errors as e:
+        raise ValueError(f"restore: {where} is malformed ({type(e).__name__}: {e}).") from None
+    leaves = []
+    for i, e in enumerate(entries):
+        try:
+            leaves.append(_parse_leaf(e))
+        except errors as err:
+            name = e.get("name") if isinstance(e, dict) else None
+            raise ValueError(
+                f"restore: {where} is malformed at leaf {i} ({name!r}): "
+                f"{type(err).__name__}: {err}."
+            ) from None
+    return leaves, files
+
+
+def _parse_leaf(e: dict[str, Any]) -> _Leaf:
+    arrays = {}
+    for field, s in e["arrays"].items():
+        arrays[field] = None
+        if s is not None:
+            stored = _Stored(
+                None if s["key"] is None else str(s["key"]),
+                tuple(int(d) for d in s["shape"]),
+                _dtype(s["dtype"]),
+                _dtype(s["stored_dtype"]),
+                str(s["sha256"]),
+            )
+            if stored.dtype.itemsize != stored.stored_dtype.itemsize:
+                raise ValueError(f"{field} is stored in a dtype of another width")
+            arrays[field] = stored
+    kind = e["kind"]
+    expected = set(_QARRAY_FIELDS) if kind == "qarray" else {"array"}
+    if kind not in ("qarray", "array") or set(arrays) != expected:
+        raise ValueError(f"kind {kind!r} with arrays {sorted(arrays)}")
+    leaf = _Leaf(
+        name=str(e["name"]),
+        path=[[str(k), v] for k, v in e["path"]],
+        kind=kind,
+        shape=tuple(int(d) for d in e["shape"]),
+        dtype=_dtype(e["dtype"]),
+        spec=spec_from_dict(e["spec"]) if kind == "qarray" else None,
+        numpy=kind == "array" and e["type"] == "numpy",
+        arrays=arrays,
+    )
+    if kind == "qarray":
+        scale = arrays["scale"]
+        want = leaf.spec.granularity.plan(leaf.shape).scale_shape
+        if arrays["values"] is None or scale is None or scale.shape != want:
+            raise ValueError(f"its scale shape is not {want}")
+        if (arrays["zero_point"] is None) != leaf.spec.symmetric:
+            raise ValueError("zero_point does not match symmetric")
+    return leaf
+
+
+def _match_target(target: Any, leaves: list[_Leaf]) -> tuple[list[Any], Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target, _is_qarray)
+    for i in range(max(len(flat), len(leaves))):
+        tpath = None
+        if i < len(flat):
+            tpath = _encode_path(flat[i][0], _name(flat[i][0]), "restore (target)")
+        if tpath != (None if i >= len(leaves) else leaves[i].path):
+            have = "nothing" if tpath is None else repr(_name(flat[i][0]))
+            want = "nothing" if i >= len(leaves) else repr(leaves[i].name)
+            raise ValueError(
+                f"restore: target does not match the checkpoint at leaf {i}: the target has "
+                f"{have}, the checkpoint has {want}. Pass a target of the saved structure "
+                "(e.g. jax.eval_shape of what was saved), or no target."
+            )
+    for (path, t), leaf in zip(flat, leaves, strict=True):
+        name = _name(path)
+        if leaf.kind == "qarray":
+            got = (t.spec, t.shape, np.dtype(t.dtype)) if isinstance(t, QArray) else None
+            want = (leaf.spec, leaf.shape, leaf.dtype)
+        else:
+            has = hasattr(t, "shape") and hasattr(t, "dtype") and not isinstance(t, QArray)
+            got = (tuple(t.shape), np.dtype(t.dtype)) if has else None
+            want = (leaf.shape, leaf.dtype)
+        if got != want:
+            kind = "a QArray" if leaf.kind == "qarray" else "an array"
+            raise ValueError(
+                f"restore: target leaf {name!r} does not match the checkpoint, which holds "
+                f"{kind} {_describe(want)}; the target has {_describe(got, t)}."
+            )
+    return [t for _, t in flat], treedef
+
+
+def _describe(fields: tuple | None, t: Any = None) -> str:
+    if fields is None:
+        return f"a {type(t).__name__}"
+    *spec, shape, dtype = fields
+    return f"{shape} {dtype.name}" + (f" {spec[0]}" if spec else "")
+
+
+def _check_files(directory: Path, files: dict[str, tuple[int, str]], leaves: list[_Leaf]) -> None:
+    for rel, (size, digest) in files.items():
+        p = directory / rel
+        if not p.is_file():
+            problem = "missing"
+        elif p.stat().st_size != size:
+            problem = f"{p.stat().st_size} bytes instead of {size} (truncated or overwritten)"
+        else:
+            with open(p, "rb") as f:
+                ok = hashlib.file_digest(f, "sha256").hexdigest() == digest
+            problem = None if ok else "corrupted (its sha256 does not match the manifest)"
+        if problem:
+            raise ValueError(
+                f"restore: {p} is {problem}; it holds {_owner(rel, leaves)}. The checkpoint at "
+                f"{directory} is damaged: restore it from a copy, or save again."
+            )
+
+
+def _owner(rel: str, leaves: list[_Leaf]) -> str:
+    parts = rel.split("/")
+    for leaf in leaves:
+        for field, s in leaf.arrays.items():
+            if s is not None and len(parts) > 2 and parts[1] == s.key:
+                return f"leaf {leaf.name!r}" + ("" if field == "array" else f" ({field})")
+    return "orbax's metadata of all arrays"
+
+
+def _read(directory: Path, leaves: list[_Leaf]) -> dict[str, np.ndarray]:
+    abstract: dict[str, dict[str, jax.ShapeDtypeStruct]] = {}
+    for leaf in leaves:
+        for s in leaf.arrays.values():
+            if s is not None and s.key is not None:
+                group, field = s.key.split(".")
+                abstract.setdefault(group, {})[field] = jax.ShapeDtypeStruct(
+                    s.shape, s.stored_dtype
+                )
+    if not abstract:
+        return {}
+    try:
+        with ocp.StandardCheckpointer(use_ocdbt=False) as ck:
+            tree = ck.restore(directory / ARRAYS, abstract)
+    except Exception as e:
+        raise ValueError(
+            f"restore: orbax could not read the arrays of {directory}: {e}. The files match "
+            "their checksums, so check the installed orbax-checkpoint / tensorstore."
+        ) from e
+    return {f"{g}.{f}": np.asarray(x) for g, fields in tree.items() for f, x in fields.items()}
+
+
+def _from_disk(leaf: _Leaf, field: str, s: _Stored, raw: dict[str, np.ndarray]) -> np.ndarray:
+    what = f"leaf {leaf.name!r}" + ("" if field == "array" else f" ({field})")
+    if s.key is None:
+        x = np.zeros(s.shape, s.stored_dtype)
+    else:
+        x = raw[s.key]
+    if x.shape != s.shape or x.dtype != s.stored_dtype or _sha256(x) != s.sha256:
+        raise ValueError(
+            f"restore: {what} read back as {x.shape} {x.dtype} with another checksum than it "
+            f"was saved with ({s.shape} {s.stored_dtype.name}). The checkpoint is damaged: "
+            "restore it from a copy, or save again."
+        )
+    return x.view(s.dtype) if s.dtype != s.stored_dtype else x
+
+
+def _place(x: np.ndarray, t: Any, as_numpy: bool) -> Any:
+    if as_numpy:
+        return x
+    sharding = getattr(t, "sharding", None)
+    return jax.device_put(x, sharding) if sharding is not None else jax.device_put(x)
+
+
+def _nest(items: list[tuple[list, Any]]) -> Any:
+    """Nested dicts (and lists, for sequence keys) from ``(path, value)`` pairs."""
+    if not items:
+        return {}
+    if len(items) == 1 and not items[0][0]:
+        return items[0][1]
+    groups: dict[Any, list] = {}
+    kinds = set()
+    for path, x in items:
+        (kind, key), rest = path[0], path[1:]
+        kinds.add(kind)
+        groups.setdefault(key, []).append((rest, x))
+    if kinds == {"index"}:
+        out: list[Any] = [None] * (max(groups) + 1)
+        for i, sub in groups.items():
+            out[i] = _nest(sub)
+        return out
+    return {key: _nest(sub) for key, sub in groups.items()}

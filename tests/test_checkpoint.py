@@ -1,0 +1,531 @@
+"""jaxquant.orbax save / restore (bit-exact, damage detected) and QuantSpec <-> dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from flax.core import FrozenDict
+
+import jaxquant as jq
+import jaxquant.orbax as jqo
+from jaxquant._src import formats
+from jaxquant._src.orbax import checkpoint as ckpt_impl
+from jaxquant._src.serialize import spec_from_dict, spec_to_dict
+
+
+def _is_q(x):
+    return isinstance(x, jq.QArray)
+
+
+def _bits(x) -> np.ndarray:
+    """The raw bytes of an array (bit patterns, whatever the dtype)."""
+    x = np.ascontiguousarray(np.asarray(x))
+    return x.reshape(-1).view(np.uint8)
+
+
+def assert_identical(got, want):
+    """Same tree structure (QArray specs, shapes, dtypes included) and the same bits."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.dtype(g.dtype) == np.dtype(w.dtype) and g.shape == w.shape
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+def _ramp(shape, lo=-3.0, hi=5.0, dtype=jnp.float32):
+    n = int(np.prod(shape))
+    x = jnp.linspace(lo, hi, n, dtype=jnp.float32) * jnp.cos(jnp.arange(n, dtype=jnp.float32))
+    return x.reshape(shape).astype(dtype)
+
+
+# ----------------------------------------------------------------------- spec <-> dict
+
+SPECS = [
+    *(jq.QuantSpec(n) for n in formats.names() if n not in ("float8_e8m0fnu", "int1")),
+    jq.QuantSpec("int1", narrow_range=False),
+    jq.QuantSpec("int8", jq.per_channel(-1)),
+    jq.QuantSpec("int8", jq.per_channel(0, 2), jq.percentile(99.5)),
+    jq.QuantSpec("int4", jq.per_block(-1, 32), jq.mse(16, 0.5)),
+    jq.QuantSpec("int8", jq.per_token(), jq.mean_std(2.5)),
+    jq.QuantSpec("int8", jq.per_token(0), jq.kl(256, 32)),
+    jq.QuantSpec("int8", calibration=jq.fixed(3.5)),
+    jq.QuantSpec("uint8", calibration=jq.fixed((-1.0, 2.0)), symmetric=False),
+    jq.QuantSpec("int8", calibration=jq.fixed(float("inf"))),
+    jq.QuantSpec("uint4", jq.per_block(0, 16), jq.minmax(), symmetric=False),
+    jq.QuantSpec("int8", narrow_range=False, rounding="stochastic", rng="threefry"),
+    jq.QuantSpec("binary", calibration=jq.mean_abs(0.8)),
+    jq.QuantSpec("ternary", calibration=jq.twn(0.6)),
+    jq.QuantSpec("fp8", calibration=None, saturate=False),
+    jq.QuantSpec("e5m2", scale_format="bf16"),
+    jq.QuantSpec("int8", scale_format="fp16"),
+    jq.QuantSpec("int4", jq.per_block(-1, 32), scale_format="e8m0"),
+    jq.QuantSpec("mxfp4", jq.per_block(0, 32)),
+    jq.QuantSpec("e3m3"),  # emulated, parsed from its name
+    jq.QuantSpec(formats.float_format(5, 4, bias=10, nan_style="fnuz", name="my_e5m4")),
+    jq.QuantSpec(formats.float_format(4, 3, nan_style="fn", name="my_fp8")),  # ml_dtypes layout
+    jq.QuantSpec(formats.codebook_format("my_cb", (-2.0, -0.5, 0.0, 0.5, 2.0), 3)),
+    jq.QuantSpec(formats.mx_format("my_mx", formats.get("e3m2"), 16)),
+    jq.QuantSpec(formats.int_format(16)),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_spec_dict_round_trip(spec):
+    d = spec_to_dict(spec)
+    assert set(d) == {f.name for f in dataclasses.fields(jq.QuantSpec)}
+    back = spec_from_dict(json.loads(json.dumps(d, allow_nan=False)))
+    assert back == spec and hash(back) == hash(spec)
+    assert back.format.dtype == spec.format.dtype  # Format equality ignores dtype
+    assert back.element.storage_dtype == spec.element.storage_dtype
+
+
+def test_spec_dict_covers_every_format_name():
+    named = {spec_to_dict(s)["format"]["name"] for s in SPECS}
+    assert set(formats.names()) - named == {"float8_e8m0fnu"}  # a scale format only
+    assert "float8_e8m0fnu" in {spec_to_dict(s)["scale_format"] for s in SPECS}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda d: d.pop("rng"), r"missing field\(s\) \['rng'\]"),
+        (lambda d: d.update(extra=1), r"unknown field\(s\) \['extra'\]"),
+        (lambda d: d.update(symmetric="yes"), "'symmetric' must be a bool"),
+        (lambda d: d.update(granularity={"type": "per_row"}), "granularity must be a dict"),
+        (lambda d: d.update(calibration={"type": "mse", "bins": 3}), "mse"),
+        (lambda d: d.update(format={"name": "x", "kind": "posit"}), "unknown kind 'posit'"),
+        (lambda d: d["format"].update(bits=3), "describe 'int3'"),
+        (lambda d: d.update(scale_format="int8"), "not a scale format"),
+    ],
+)
+def test_spec_from_dict_errors(change, match):
+    d = spec_to_dict(jq.QuantSpec("int8", jq.per_channel(-1), jq.mse()))
+    change(d)
+    with pytest.raises(ValueError, match=match):
+        spec_from_dict(d)
+
+
+def test_spec_to_dict_refuses_what_would_not_decode_to_itself():
+    odd = dataclasses.replace(formats.get("int8"), bits=7)  # not built by a constructor
+    with pytest.raises(ValueError, match="does not survive a round trip"):
+        spec_to_dict(jq.QuantSpec(odd))
+    with pytest.raises(TypeError, match="expected a QuantSpec"):
+        spec_to_dict("int8")
+
+
+# ---------------------------------------------------------------- bit-exact round trips
+
+CASES = [
+    ("int8 per-channel", jq.QuantSpec("int8", jq.per_channel(-1)), (64, 48)),
+    ("int4 per-group", jq.QuantSpec("int4", jq.per_block(-1, 32)), (16, 64)),
+    ("int3 odd row", jq.QuantSpec("int3", jq.per_channel(0)), (5, 7)),  # 21 bits per row
+    ("nf4", jq.QuantSpec("nf4", jq.per_block(-1, 64)), (8, 128)),
+    ("fp8 e4m3fn", jq.QuantSpec("fp8", jq.per_channel(-1)), (32, 32)),
+    ("fp8 e5m2 no-saturate", jq.QuantSpec("e5m2", calibration=None, saturate=False), (9, 8)),
+    ("fp4", jq.QuantSpec("fp4", jq.per_block(-1, 16)), (8, 32)),
+    ("fp6 e2m3", jq.QuantSpec("fp6"), (4, 20)),
+    ("fp6 e3m2", jq.QuantSpec("e3m2", jq.per_channel(0)), (4, 20)),
+    ("mxfp4", jq.QuantSpec("mxfp4"), (8, 64)),
+    ("mxfp8", jq.QuantSpec("mxfp8"), (4, 96)),
+    ("mxfp6", jq.QuantSpec("mxfp6"), (2, 64)),
+    (
+        "uint8 asymmetric",
+        jq.QuantSpec("uint8", jq.per_channel(0), jq.minmax(), symmetric=False),
+        (6, 40),
+    ),
+    (
+        "uint4 asymmetric",
+        jq.QuantSpec("uint4", jq.per_block(-1, 8), jq.minmax(), symmetric=False),
+        (3, 16),
+    ),
+    ("binary", jq.QuantSpec("binary", jq.per_channel(-1), jq.mean_abs()), (10, 12)),
+    ("ternary", jq.QuantSpec("ternary", calibration=jq.twn()), (7, 9)),
+    ("int8 bf16 scale", jq.QuantSpec("int8", jq.per_channel(-1), scale_format="bf16"), (16, 8)),
+    ("int8 fp16 scale", jq.QuantSpec("int8", jq.per_channel(0), scale_format="fp16"), (16, 8)),
+    ("int4 e8m0 scale", jq.QuantSpec("int4", jq.per_block(-1, 32), scale_format="e8m0"), (4, 64)),
+    ("bf16 cast", jq.QuantSpec("bf16", calibration=None), (5, 3)),
+    ("int8 scalar", jq.QuantSpec("int8"), ()),
+]
+
+
+def _tree_for(spec, shape, dtype=jnp.float32):
+    x = _ramp(shape, dtype=dtype)
+    if not spec.saturate:  # non-finite values stay Inf / NaN in the stored codes
+        x = x.at[0, :3].set(jnp.array([jnp.inf, -jnp.inf, jnp.nan], dtype))
+    nan_payloads = np.array([0x7FC00001, 0xFFFFFFFF, 0x3F800000, 0x80000000], np.uint32)
+    return {
+        "q": jq.quantize(x, spec),
+        "float": {"bf16": _ramp((3, 5), dtype=jnp.bfloat16), "f32": _ramp((7,))},
+        "int": jnp.arange(-4, 5, dtype=jnp.int32),
+        "numpy": [nan_payloads.view(np.float32), np.arange(6, dtype=np.int16).reshape(2, 3)],
+        "fp8": jnp.asarray(_ramp((4, 4)), jnp.float8_e4m3fn),
+        "scalar": jnp.float32(2.5),
+        "empty": jnp.zeros((0, 3), jnp.bfloat16),
+        "none": None,
+    }
+
+
+@pytest.mark.parametrize("name, spec, shape", CASES, ids=[c[0] for c in CASES])
+def test_round_trip_is_bit_exact(tmp_path, name, spec, shape):
+    tree = _tree_for(spec, shape, jnp.bfloat16 if "scalar" in name else jnp.float32)
+    jqo.save(tmp_path / "ckpt", tree)
+    # Without a target: dicts and lists, None dropped; everything else identical.
+    got = jqo.restore(tmp_path / "ckpt")
+    assert_identical(got, {k: v for k, v in tree.items() if k != "none"})
+    assert isinstance(got["numpy"][0], np.ndarray) and isinstance(got["int"], jax.Array)
+    q = got["q"]
+    assert q.spec == spec and q.shape == tuple(shape) and q.nbytes == tree["q"].nbytes
+    np.testing.assert_array_equal(_bits(jq.dequantize(q)), _bits(jq.dequantize(tree["q"])))
+    np.testing.assert_array_equal(_bits(jax.jit(jq.dequantize)(q)), _bits(tree["q"].dequantize()))
+    # With an abstract target: the exact structure again, None included.
+    assert_identical(jqo.restore(tmp_path / "ckpt", jax.eval_shape(lambda: tree)), tree)
+
+
+def test_stored_dtypes_are_plain_and_of_the_same_width(tmp_path):
+    tree = _tree_for(jq.QuantSpec("mxfp8"), (4, 64))
+    jqo.save(tmp_path / "c", tree)
+    leaves = {e["name"]: e for e in jqo.layout(tmp_path / "c")["leaves"]}
+    want = {
+        "q": {"values": ("float8_e4m3fn", "uint8"), "scale": ("float8_e8m0fnu", "uint8")},
+        "float/bf16": {"array": ("bfloat16", "uint16")},
+        "float/f32": {"array": ("float32", "float32")},
+        "int": {"array": ("int32", "int32")},
+        "fp8": {"array": ("float8_e4m3fn", "uint8")},
+    }
+    for name, fields in want.items():
+        for field, dtypes in fields.items():
+            a = leaves[name]["arrays"][field]
+            assert (a["dtype"], a["stored_dtype"]) == dtypes
+    assert leaves["q"]["arrays"]["zero_point"] is None
+    assert leaves["empty"]["arrays"]["array"]["key"] is None  # zero-size: manifest only
+    assert leaves["numpy/0"]["type"] == "numpy" and leaves["int"]["type"] == "jax"
+    raw = _raw_arrays(tmp_path / "c")
+    assert {np.dtype(x.dtype).name for x in raw.values()} <= {
+        "uint8",
+        "uint16",
+        "float32",
+        "int32",
+        "int16",
+    }
+
+
+def _raw_arrays(directory: Path) -> dict[str, np.ndarray]:
+    """The arrays as orbax stored them, read with orbax alone (no jaxquant)."""
+    with ocp.StandardCheckpointer() as ck:
+        tree = ck.restore(directory / "arrays")
+    return {f"{g}.{f}": np.asarray(x) for g, fs in tree.items() for f, x in fs.items()}
+
+
+def test_size_report_matches_the_arrays_orbax_saved(tmp_path):
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(128)(x))
+            x = nn.relu(nn.Dense(96)(x))
+            return nn.Dense(10)(x)
+
+    params = MLP().init(jax.random.key(0), jnp.ones((1, 64)))
+    policy = [
+        (r".*Dense_0/kernel", jq.QuantSpec("int4", jq.per_block(0, 32))),
+        (r".*Dense_1/kernel", jq.QuantSpec("int8", jq.per_channel(-1))),
+        (
+            r".*Dense_2/kernel",
+            jq.QuantSpec("uint8", jq.per_channel(-1), jq.minmax(), symmetric=False),
+        ),
+    ]
+    q = jq.convert(params, policy)
+    jqo.save(tmp_path / "mlp", q)
+    raw = _raw_arrays(tmp_path / "mlp")
+    report = {leaf.path: leaf for leaf in jq.size_report(q).leaves}
+    entries = jqo.layout(tmp_path / "mlp")["leaves"]
+    assert [e["name"] for e in entries] == list(report)
+    qleaves = dict(
+        (jax.tree_util.keystr(p, simple=True, separator="/"), x)
+        for p, x in jax.tree_util.tree_flatten_with_path(q, is_leaf=_is_q)[0]
+    )
+
+    def saved(entry, *fields):
+        arrays = [entry["arrays"][f] for f in fields if entry["arrays"].get(f) is not None]
+        return sum(raw[a["key"]].nbytes for a in arrays)
+
+    for e in entries:
+        leaf = report[e["name"]]
+        if e["kind"] == "qarray":
+            assert saved(e, "values") == leaf.value_bytes
+            assert saved(e, "scale", "zero_point") == leaf.scale_bytes
+            assert saved(e, "values", "scale", "zero_point") == qleaves[e["name"]].nbytes
+        else:
+            assert saved(e, "array") == leaf.value_bytes and leaf.scale_bytes == 0
+    assert sum(x.nbytes for x in raw.values()) == jq.size_report(q).nbytes
+    dense0 = report["params/Dense_0/kernel"]
+    assert dense0.value_bytes == 64 * 128 // 2  # two int4 codes per byte on disk too
+    assert_identical(jqo.restore(tmp_path / "mlp", jax.eval_shape(lambda: q)), q)
+
+
+def test_flax_containers_with_a_target(tmp_path):
+    frozen = FrozenDict(
+        {"a": {"w": jq.quantize(_ramp((8, 32)), jq.QuantSpec("int4", jq.per_block(-1, 16)))}}
+    )
+    jqo.save(tmp_path / "frozen", frozen)
+    got = jqo.restore(tmp_path / "frozen", frozen)
+    assert isinstance(got, FrozenDict)
+    assert_identical(got, frozen)
+    assert type(jqo.restore(tmp_path / "frozen")) is dict  # no target: plain dicts
+
+    state = nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    jqo.save(tmp_path / "nnx", state)
+    got = jqo.restore(tmp_path / "nnx", state)
+    assert isinstance(got, nnx.State)
+    assert_identical(got, state)
+    assert set(jqo.restore(tmp_path / "nnx")) == {"bias", "kernel"}
+
+
+def test_restore_places_leaves_with_the_target_sharding(tmp_path):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("x",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    w = jq.quantize(_ramp((8, 64)), jq.QuantSpec("int4", jq.per_block(-1, 32)))
+    tree = {"w": w, "b": _ramp((8,))}
+    jqo.save(tmp_path / "c", tree)
+    sharded = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows)
+    target = {"w": jax.tree.map(sharded, w), "b": sharded(tree["b"])}
+    got = jqo.restore(tmp_path / "c", target)
+    assert_identical(got, tree)
+    assert got["w"].values.sharding == rows and got["w"].scale.sharding == rows
+    assert got["b"].sharding == rows
+
+
+def test_empty_and_zero_size_trees(tmp_path):
+    jqo.save(tmp_path / "empty", {})
+    assert jqo.restore(tmp_path / "empty") == {}
+    tree = {"z": jnp.zeros((0, 4), jnp.bfloat16), "l": [jnp.zeros((3, 0), jnp.int8)]}
+    jqo.save(tmp_path / "zero", tree)
+    assert not (tmp_path / "zero" / "arrays").exists()
+    assert_identical(jqo.restore(tmp_path / "zero"), tree)
+    jqo.save(tmp_path / "leaf", jnp.arange(3))  # a bare array is a tree too
+    assert_identical(jqo.restore(tmp_path / "leaf"), jnp.arange(3))
+
+
+def test_save_is_quiet(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        jqo.save(tmp_path / "c", {"a": jnp.ones(3)})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_core_jaxquant_does_not_import_orbax():
+    code = "import sys, jaxquant; assert 'orbax' not in sys.modules; import jaxquant.orbax"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# ------------------------------------------------------------------ overwrite & crashes
+
+
+def test_refuses_to_overwrite_without_force(tmp_path):
+    path = tmp_path / "c"
+    jqo.save(path, {"a": jnp.ones(3)})
+    with pytest.raises(FileExistsError, match="force=True"):
+        jqo.save(path, {"a": jnp.zeros(3)})
+    assert_identical(jqo.restore(path), {"a": jnp.ones(3)})
+    jqo.save(path, {"b": jnp.zeros(2)}, force=True)
+    assert_identical(jqo.restore(path), {"b": jnp.zeros(2)})
+    assert sorted(os.listdir(tmp_path)) == ["c"]  # no temporary or old copies left
+
+
+def test_force_only_replaces_checkpoints_or_empty_directories(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"neither a jaxquant checkpoint.*refusing"):
+        jqo.save(tmp_path / "mine", {"a": jnp.ones(3)}, force=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    jqo.save(tmp_path / "empty", {"a": jnp.ones(3)}, force=True)
+    assert_identical(jqo.restore(tmp_path / "empty"), {"a": jnp.ones(3)})
+
+
+def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c"
+    jqo.save(path, {"a": jnp.ones(3)})
+
+    def crash(root):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ckpt_impl, "_file_digests", crash)  # after orbax wrote, before swap
+    with pytest.raises(RuntimeError, match="disk full"):
+        jqo.save(path, {"a": jnp.zeros(3)}, force=True)
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+    assert_identical(jqo.restore(path), {"a": jnp.ones(3)})
+
+
+def test_an_interrupted_swap_is_explained(tmp_path):
+    path = tmp_path / "c"
+    jqo.save(path, {"a": jnp.ones(3)})
+    os.rename(path, tmp_path / ".c.old-1234abcd")  # where save(force=True) parks it
+    with pytest.raises(ValueError, match=r"interrupted.*\.c\.old-1234abcd; rename it"):
+        jqo.restore(path)
+
+
+def test_save_rejects_what_it_cannot_store(tmp_path):
+    with pytest.raises(TypeError, match=r"'a/b'.*float.*jnp.asarray"):
+        jqo.save(tmp_path / "c", {"a": {"b": 1.0}})
+    with pytest.raises(TypeError, match=r"'x'.*abstract"):
+        jqo.save(tmp_path / "c", {"x": jax.ShapeDtypeStruct((2,), jnp.float32)})
+    with pytest.raises(TypeError, match=r"'k'.*host"):
+        jqo.save(tmp_path / "c", {"k": jax.random.key(0)})
+
+    @jax.jit
+    def under_jit(x):
+        jqo.save(tmp_path / "c", {"x": x})
+        return x
+
+    with pytest.raises(TypeError, match=r"'x'.*abstract.*jax.jit"):
+        under_jit(jnp.ones(2))
+    assert os.listdir(tmp_path) == []  # nothing written, no temporary left
+
+
+# ------------------------------------------------------------------------ damage & errors
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint with a packed QArray leaf 'model/w' (leaf 1) and a float leaf."""
+    tree = {
+        "model": {
+            "b": _ramp((32,)),
+            "w": jq.quantize(_ramp((64, 64)), jq.QuantSpec("int4", jq.per_block(-1, 32))),
+        }
+    }
+    jqo.save(tmp_path / "c", tree)
+    return tmp_path / "c", tree
+
+
+def _chunk(directory: Path, key: str) -> Path:
+    files = [f for f in jqo.layout(directory)["files"] if f.startswith(f"arrays/{key}/")]
+    (chunk,) = [f for f in files if not f.endswith(".zarray")]
+    return directory / chunk
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("flip", "corrupted"),
+        ("truncate", r"\d+ bytes instead of \d+ \(truncated"),
+        ("delete", "missing"),
+    ],
+)
+def test_damaged_array_files_raise_naming_the_leaf(saved, damage, match):
+    path, _ = saved
+    chunk = _chunk(path, "leaf_1.values")
+    data = bytearray(chunk.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x10
+        chunk.write_bytes(bytes(data))
+    elif damage == "truncate":
+        chunk.write_bytes(bytes(data[: len(data) - 7]))
+    else:
+        chunk.unlink()
+    with pytest.raises(ValueError, match=match + r".*leaf 'model/w' \(values\).*damaged"):
+        jqo.restore(path)
+
+
+def test_damaged_orbax_metadata_raises(saved):
+    path, _ = saved
+    meta = path / "arrays" / "_METADATA"
+    meta.write_bytes(meta.read_bytes()[:-1] + b" ")
+    with pytest.raises(ValueError, match=r"_METADATA is corrupted.*orbax's metadata"):
+        jqo.restore(path)
+
+
+def test_array_checksums_catch_what_the_file_check_cannot(saved):
+    """Bytes that differ from what was saved once read back (e.g. written by a buggy
+    copy that also rewrote the file digests): the per-array sha256 catches them."""
+    path, _ = saved
+    manifest = json.loads((path / "jaxquant.json").read_text())
+    manifest["leaves"][1]["arrays"]["scale"]["sha256"] = "0" * 64
+    (path / "jaxquant.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"leaf 'model/w' \(scale\).*another checksum"):
+        jqo.restore(path)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.update(version=2), r"format version 2.*reads version 1"),
+        (lambda m: m.update(format="other"), "not a jaxquant.orbax manifest"),
+        (
+            lambda m: m["leaves"][1].pop("spec"),
+            r"malformed at leaf 1 \('model/w'\): KeyError: 'spec'",
+        ),
+        (lambda m: m["leaves"][1].update(dtype="float99"), "malformed.*float99"),
+        (lambda m: m["leaves"][1]["spec"].update(symmetric=1), "malformed.*symmetric"),
+        (lambda m: m["leaves"][1].update(shape=[64, 32]), "malformed.*scale shape"),
+    ],
+)
+def test_bad_manifests(saved, edit, match):
+    path, _ = saved
+    manifest = json.loads((path / "jaxquant.json").read_text())
+    edit(manifest)
+    (path / "jaxquant.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=match):
+        jqo.restore(path)
+
+
+def test_missing_directory_and_manifest(tmp_path, saved):
+    with pytest.raises(ValueError, match=r"no checkpoint at .*nowhere"):
+        jqo.restore(tmp_path / "nowhere")
+    path, _ = saved
+    (path / "jaxquant.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot read .*jaxquant.json.*damaged"):
+        jqo.restore(path)
+    (path / "jaxquant.json").unlink()
+    with pytest.raises(ValueError, match=r"jaxquant.json is missing.*not a checkpoint"):
+        jqo.restore(path)
+
+
+def test_target_mismatches_name_the_first_differing_path(saved):
+    path, tree = saved
+    w, b = tree["model"]["w"], tree["model"]["b"]
+    with pytest.raises(
+        ValueError, match=r"leaf 1: the target has 'model/x', the checkpoint has 'model/w'"
+    ):
+        jqo.restore(path, {"model": {"b": b, "x": w}})
+    with pytest.raises(ValueError, match=r"leaf 2: the target has 'z', the checkpoint has nothing"):
+        jqo.restore(path, {"model": {"b": b, "w": w}, "z": b})
+    with pytest.raises(ValueError, match=r"leaf 1: the target has nothing"):
+        jqo.restore(path, {"model": {"b": b}})
+    int8 = jq.quantize(_ramp((64, 64)), jq.QuantSpec("int8"))
+    with pytest.raises(ValueError, match=r"'model/w'.*holds a QArray.*int4.*target has .*int8"):
+        jqo.restore(path, {"model": {"b": b, "w": int8}})
+    with pytest.raises(ValueError, match=r"'model/w'.*holds a QArray.*target has a ArrayImpl"):
+        jqo.restore(path, {"model": {"b": b, "w": b}})
+    with pytest.raises(
+        ValueError, match=r"'model/b'.*holds an array \(32,\) float32.*\(32,\) bfloat16"
+    ):
+        jqo.restore(path, {"model": {"b": b.astype(jnp.bfloat16), "w": w}})
+    assert_identical(jqo.restore(path, tree), tree)
+
+
+def test_layout_is_the_manifest(saved):
+    path, _ = saved
+    m = jqo.layout(path)
+    assert m["format"] == "jaxquant.orbax" and m["version"] == 1 and m["checksum"] == "sha256"
+    assert m["jaxquant_version"] == jq.__version__
+    assert [e["name"] for e in m["leaves"]] == ["model/b", "model/w"]
+    w = m["leaves"][1]
+    assert w["path"] == [["key", "model"], ["key", "w"]] and w["shape"] == [64, 64]
+    assert spec_from_dict(w["spec"]) == jq.QuantSpec("int4", jq.per_block(-1, 32))
+    assert w["arrays"]["values"]["shape"] == [64, 32]  # packed: 64 codes -> 32 bytes
+    assert w["arrays"]["scale"]["shape"] == [64, 2, 1]
+    for rel, info in m["files"].items():
+        assert (path / rel).stat().st_size == info["size"]
+    assert all(rel.startswith("arrays/") for rel in m["files"])

@@ -1,0 +1,490 @@
+"""jaxquant.flax sensitivity / mixed_precision: per-layer sensitivity and exact knapsack.
+
+A Linen MLP 64-64-64-10 trained 300 Adam steps on scikit-learn's digits, and the same MLP
+in NNX with the Linen weights copied in (module-scoped fixtures; training and each
+sensitivity run take a few seconds on 2 CPU cores). The test set, 597 images, is split
+into 3 batches of 199 (one compile per trial).
+"""
+
+import dataclasses
+import itertools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxquant as jq
+from jaxquant._src.flax.sensitivity import (
+    Assignment,
+    LayerSensitivity,
+    Sensitivity,
+    mixed_precision,
+    sensitivity,
+    solve_knapsack,
+)
+from jaxquant.flax import Rule, quantize_model, report
+
+PATHS = ("Dense_0", "Dense_1", "Dense_2")
+PC = jq.per_channel(-1)
+CANDIDATES = {  # the accuracy fixture's; other tests take subsets (each trial compiles)
+    "int8": Rule(".*", weight=jq.QuantSpec("int8", PC)),
+    "int4_g32": Rule(".*", weight=jq.QuantSpec("int4", jq.per_block(0, 32))),
+    "int2": Rule(".*", weight=jq.QuantSpec("int2", PC)),
+    "binary": Rule(".*", weight=jq.QuantSpec("binary", PC, jq.mean_abs())),
+}
+NF4 = Rule(".*", weight=jq.QuantSpec("nf4", jq.per_block(0, 32)))
+# Weights cast to e4m3 without saturation at a 1e-3 range: every weight overflows to NaN.
+BROKEN = Rule(
+    ".*", weight=jq.QuantSpec("float8_e4m3fn", calibration=jq.fixed(1e-3), saturate=False)
+)
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(64)(x))
+        x = nn.relu(nn.Dense(64)(x))
+        return nn.Dense(10)(x)
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.Dense_0 = nnx.Linear(64, 64, rngs=rngs)
+        self.Dense_1 = nnx.Linear(64, 64, rngs=rngs)
+        self.Dense_2 = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.Dense_0(x))
+        x = nnx.relu(self.Dense_1(x))
+        return self.Dense_2(x)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """(x_train, y_train, test batches): standardized digits, 1200 / 597 split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = ((d.data - d.data.mean(0)) / (d.data.std(0) + 1e-6)).astype(np.float32)
+    y = d.target.astype(np.int32)
+    perm = np.random.default_rng(0).permutation(len(x))
+    tr, te = perm[:1200], perm[1200:]
+    batches = [(x[te[i : i + 199]], y[te[i : i + 199]]) for i in range(0, 597, 199)]
+    return jnp.asarray(x[tr]), jnp.asarray(y[tr]), batches
+
+
+@pytest.fixture(scope="module")
+def linen(digits):
+    """(model, variables): the Linen MLP after 300 Adam steps."""
+    x, y, _ = digits
+    model = LinenMLP()
+    variables = model.init(jax.random.key(0), x[:1])
+    tx = optax.adam(3e-3)
+
+    def loss(v, idx):
+        logits = model.apply(v, x[idx])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
+
+    @jax.jit
+    def train(v):
+        def step(carry, i):
+            v, opt = carry
+            idx = jax.random.randint(jax.random.fold_in(jax.random.key(1), i), (64,), 0, 1200)
+            g = jax.grad(loss)(v, idx)
+            u, opt = tx.update(g, opt, v)
+            return (optax.apply_updates(v, u), opt), None
+
+        return jax.lax.scan(step, (v, tx.init(v)), jnp.arange(300))[0][0]
+
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam is not strict-clean
+        variables = train(variables)
+    return model, variables
+
+
+def _to_nnx(variables):
+    m = NnxMLP(nnx.Rngs(0))
+    for p in PATHS:
+        layer = getattr(m, p)
+        layer.kernel[...] = variables["params"][p]["kernel"]
+        layer.bias[...] = variables["params"][p]["bias"]
+    return m
+
+
+@pytest.fixture(scope="module")
+def nnx_model(linen):
+    return _to_nnx(linen[1])
+
+
+@pytest.fixture(scope="module")
+def sens_acc(linen, digits):
+    model, variables = linen
+    return sensitivity(model, variables, CANDIDATES, digits[2], metric="accuracy")
+
+
+def _accuracy(fwd, batches):
+    hits = sum(int(jnp.sum(jnp.argmax(fwd(x), -1) == y)) for x, y in batches)
+    return hits / sum(len(y) for _, y in batches)
+
+
+def _linen_accuracy(model, variables, rules, batches):
+    m = model if rules is None else quantize_model(model, rules)
+    apply = jax.jit(m.apply)
+    return _accuracy(lambda x: apply(variables, x), batches)
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def test_accuracy_sensitivity_values(sens_acc, linen, digits):
+    s = sens_acc
+    assert s.metric == "accuracy" and s.higher_is_better
+    assert s.paths == PATHS
+    assert s.options == ("float", *CANDIDATES)
+    assert [layer.module for layer in s.layers] == ["Dense"] * 3
+    assert [layer.shape for layer in s.layers] == [(64, 64), (64, 64), (64, 10)]
+    assert s.baseline > 0.9, s.baseline  # the model learned (chance is 0.1)
+    for layer in s.layers:
+        assert set(layer.metric) == set(layer.damage) == set(layer.nbytes) == set(s.options)
+        assert all(math.isfinite(v) for v in (*layer.metric.values(), *layer.damage.values()))
+        assert layer.damage["float"] == 0.0 and layer.metric["float"] == s.baseline
+        for o in CANDIDATES:  # damage is the drop of accuracy
+            assert layer.damage[o] == pytest.approx(s.baseline - layer.metric[o], abs=1e-12)
+        assert layer.damage["int8"] <= 0.005, (layer.path, layer.damage)
+        assert layer.damage["int2"] > layer.damage["int8"], (layer.path, layer.damage)
+        assert layer.damage["binary"] > layer.damage["int8"], (layer.path, layer.damage)
+    assert all(math.isfinite(v) for v in s.all_layers.values())
+    assert s.all_layers_damage["binary"] > 0.05 > s.all_layers_damage["int8"]
+    assert "| Dense_1 | Dense | 64x64 |" in str(s) and "**all layers**" in s.table()
+
+
+def test_one_layer_trial_is_that_layer_quantized(sens_acc, linen, digits):
+    """The recorded metric is the model with exactly that layer quantized, and the
+    all-layers metric the model with every layer quantized."""
+    model, variables = linen
+    rule = dataclasses.replace(CANDIDATES["int2"], pattern="Dense_1")
+    got = _linen_accuracy(model, variables, [rule], digits[2])
+    assert got == sens_acc.layer("Dense_1").metric["int2"]
+    got = _linen_accuracy(model, variables, [CANDIDATES["binary"]], digits[2])
+    assert got == sens_acc.all_layers["binary"]
+    assert _linen_accuracy(model, variables, None, digits[2]) == sens_acc.baseline
+
+
+def test_weight_bytes_are_the_quantized_kernels(sens_acc, linen):
+    _, variables = linen
+    for layer in sens_acc.layers:
+        k = variables["params"][layer.path]["kernel"]
+        assert layer.nbytes["float"] == 4 * k.size
+        for o, rule in CANDIDATES.items():
+            q = jq.quantize(k, rule.weight)  # real arrays, not eval_shape
+            assert layer.nbytes[o] == q.nbytes == jq.size_report(q).nbytes, (layer.path, o)
+    # 64x64 int8 per channel: 4096 codes + 64 float32 scales; int4 g32: 2048 + 128 * 4
+    assert sens_acc.layer("Dense_0").nbytes["int8"] == 4096 + 256
+    assert sens_acc.layer("Dense_0").nbytes["int4_g32"] == 2048 + 512
+    assert sens_acc.float32_bytes == 4 * (64 * 64 * 2 + 64 * 10)
+    assert sens_acc.total_bytes("int4_g32") == 2 * 2560 + 400
+
+
+def test_sqnr_sensitivity(linen, digits):
+    model, variables = linen
+    batches = digits[2]
+    cands = {"int8": CANDIDATES["int8"], "nf4_g32": NF4, "int2": CANDIDATES["int2"]}
+    s = sensitivity(model, variables, cands, batches, metric="sqnr")
+    assert s.baseline == math.inf and s.higher_is_better
+    for layer in s.layers:
+        d = layer.damage
+        assert d["float"] == 0.0
+        assert 0 < d["int8"] < d["nf4_g32"] < d["int2"], (layer.path, d)
+        for o in cands:  # damage: noise-to-signal power ratio
+            assert d[o] == pytest.approx(10 ** (-layer.metric[o] / 10), rel=1e-9)
+    # Pooled over batches = the SQNR of the concatenated outputs.
+    rule = dataclasses.replace(NF4, pattern="Dense_2")
+    x = jnp.concatenate([jnp.asarray(b[0]) for b in batches])
+    ref = model.apply(variables, x)
+    out = quantize_model(model, [rule]).apply(variables, x)
+    want = float(jq.metrics.sqnr(ref, out))
+    assert s.layer("Dense_2").metric["nf4_g32"] == pytest.approx(want, abs=1e-3)
+
+
+def test_loss_and_callable_metrics(sens_acc, linen, digits):
+    model, variables = linen
+    batches = digits[2]
+    cands = {"int2": CANDIDATES["int2"]}
+    s = sensitivity(model, variables, cands, batches, metric="loss", layers=["Dense_0"])
+    assert not s.higher_is_better
+    x = jnp.concatenate([jnp.asarray(b[0]) for b in batches])
+    y = jnp.concatenate([jnp.asarray(b[1]) for b in batches])
+    rule = dataclasses.replace(cands["int2"], pattern="Dense_0")
+    logits = quantize_model(model, [rule]).apply(variables, x)
+    want = float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    assert s.layers[0].metric["int2"] == pytest.approx(want, rel=1e-5)
+    assert s.layers[0].damage["int2"] == pytest.approx(want - s.baseline, rel=1e-4)
+    assert s.layers[0].damage["int2"] > 0  # loss rises: positive damage
+
+    # A callable, averaged over unequal batches weighted by their size, is the accuracy
+    # over all examples (the fixture's, measured on 3 equal batches).
+    uneven = [
+        (np.asarray(x[:100]), np.asarray(y[:100])),
+        (np.asarray(x[100:]), np.asarray(y[100:])),
+    ]
+
+    def acc(out, yb):
+        return float(jnp.mean((jnp.argmax(out, -1) == yb).astype(jnp.float32)))
+
+    c = sensitivity(model, variables, cands, uneven, metric=acc, layers=["Dense_0"])
+    assert c.metric == "acc" and c.higher_is_better
+    ref = sens_acc.layer("Dense_0")
+    assert c.baseline == pytest.approx(sens_acc.baseline, abs=1e-6)  # float32 means
+    assert c.layers[0].metric["int2"] == pytest.approx(ref.metric["int2"], abs=1e-6)
+    assert c.layers[0].damage["int2"] == pytest.approx(ref.damage["int2"], abs=1e-6)
+    # higher_is_better=False flips the sign of the damage.
+    lo = sensitivity(
+        model, variables, cands, [(x, y)], metric=acc, layers=["Dense_0"], higher_is_better=False
+    )
+    assert lo.layers[0].damage["int2"] == pytest.approx(-ref.damage["int2"], abs=1e-6)
+
+
+def test_data_forms(linen, digits):
+    """A list, a generator (one pass), a function and a single (x, y) pair all work."""
+    model, variables = linen
+    x, y = digits[2][0]
+    cands = {"int4_g32": CANDIDATES["int4_g32"]}
+
+    def run(data):
+        s = sensitivity(model, variables, cands, data, layers="Dense_2")
+        return s.baseline, s.layers[0].metric["int4_g32"]
+
+    want = run([(x, y)])
+    assert run((x, y)) == want
+    assert run(lambda: iter([(x, y)])) == want
+    assert run(b for b in [(x, y)]) == want
+    assert run([(x, y.astype(np.int64))]) == want
+
+
+def test_layers_selection(linen, digits):
+    model, variables = linen
+    cands = {"int8": CANDIDATES["int8"]}
+    batches = digits[2][:1]
+    s = sensitivity(model, variables, cands, batches, layers=["Dense_2", "Dense_0"])
+    assert s.paths == ("Dense_2", "Dense_0")
+    s = sensitivity(model, variables, cands, batches, layers=r"Dense_[01]")
+    assert s.paths == ("Dense_0", "Dense_1")
+
+
+def test_nnx_matches_linen_and_leaves_model_untouched(sens_acc, nnx_model, digits):
+    kernels = [getattr(nnx_model, p).kernel for p in PATHS]
+    values = [k[...] for k in kernels]
+    cands = {k: CANDIDATES[k] for k in ("int8", "binary")}
+    s = sensitivity(nnx_model, None, cands, digits[2], metric="accuracy")
+    assert s.paths == PATHS and [layer.module for layer in s.layers] == ["Linear"] * 3
+    assert s.baseline == sens_acc.baseline
+    for a, b in zip(sens_acc.layers, s.layers, strict=True):
+        for o in s.options:
+            assert b.nbytes[o] == a.nbytes[o]
+            assert b.damage[o] == pytest.approx(a.damage[o], abs=1e-9), (a.path, o)
+    for o in cands:
+        assert s.all_layers[o] == pytest.approx(sens_acc.all_layers[o], abs=1e-9)
+    # The caller's model: not quantized, same Variables, same values.
+    assert report(nnx_model) == []
+    for p, k, v in zip(PATHS, kernels, values, strict=True):
+        assert getattr(nnx_model, p).kernel is k
+        np.testing.assert_array_equal(np.asarray(k[...]), np.asarray(v))
+
+
+def test_nan_candidate_is_infinite_damage(linen, nnx_model, digits):
+    """A candidate whose outputs are NaN is recorded (metric nan, damage inf), not raised,
+    and mixed_precision never chooses it."""
+    model, variables = linen
+    cands = {"int8": CANDIDATES["int8"], "broken": BROKEN}
+    batches = digits[2][:1]
+    for m, v, metric in ((model, variables, "accuracy"), (nnx_model, None, "sqnr")):
+        s = sensitivity(m, v, cands, batches, metric=metric, layers=["Dense_1"])
+        layer = s.layers[0]
+        assert math.isnan(layer.metric["broken"]) and layer.damage["broken"] == math.inf
+        assert math.isnan(s.all_layers["broken"]) and s.all_layers_damage["broken"] == math.inf
+        assert math.isfinite(layer.damage["int8"])
+        assert layer.nbytes["broken"] < layer.nbytes["int8"]  # the cheapest option...
+        assert mixed_precision(s, budget=1.0).choice["Dense_1"] != "broken"  # ...never taken
+        with pytest.raises(ValueError, match="smallest achievable total, 4352 bytes"):
+            mixed_precision(s, budget=layer.nbytes["int8"] - 1)
+
+
+# ----------------------------------------------------------------------- mixed precision
+
+
+def test_generous_budget_picks_each_layers_best(sens_acc):
+    plan = mixed_precision(sens_acc, budget=1.0)
+    assert isinstance(plan, Assignment)
+    for layer in sens_acc.layers:
+        best = min(sens_acc.options, key=lambda o: (layer.damage[o], layer.nbytes[o]))
+        assert plan.choice[layer.path] == best
+    assert plan.damage == sum(sens_acc.layer(p).damage[o] for p, o in plan.choice.items())
+    assert plan.nbytes == sum(sens_acc.layer(p).nbytes[o] for p, o in plan.choice.items())
+    assert plan.budget == sens_acc.float32_bytes
+
+
+def test_int4_budget_plan_is_within_budget_and_as_good(sens_acc, linen, nnx_model, digits):
+    model, variables = linen
+    budget = sens_acc.total_bytes("int4_g32")
+    plan = mixed_precision(sens_acc, budget=budget)
+    assert plan.nbytes <= budget == plan.budget
+    assert plan.damage <= sum(layer.damage["int4_g32"] for layer in sens_acc.layers)
+    # The rules: one exact-path rule per layer, in layer order, accepted strictly.
+    assert [r.pattern for r in plan.rules] == list(PATHS)
+    for r, (path, o) in zip(plan.rules, plan.choice.items(), strict=True):
+        want = None if o == "float" else CANDIDATES[o].weight
+        assert r.weight == want, (path, o)
+    measured = _linen_accuracy(model, variables, plan, digits[2])  # the plan is iterable
+    all_int4 = sens_acc.all_layers["int4_g32"]
+    assert measured >= all_int4 - 0.01, (measured, all_int4, plan.choice)
+    # The same rules work on the NNX model.
+    q = quantize_model(nnx.clone(nnx_model), plan.rules)
+    assert _accuracy(q, digits[2]) == pytest.approx(measured, abs=1e-9)
+    quantized = {m.path for m in report(q)}
+    assert quantized == {p for p, o in plan.choice.items() if o != "float"}
+
+
+def test_float_layers_get_spec_free_rules(sens_acc, linen, digits):
+    """A budget that forces float somewhere is impossible here (float is biggest), so
+    force it through the objective: forbid every candidate on Dense_2."""
+    model, variables = linen
+
+    def cost(layer, option):
+        return math.inf if layer.path == "Dense_2" and option != "float" else layer.damage[option]
+
+    plan = mixed_precision(sens_acc, budget=1.0, objective=cost)
+    assert plan.choice["Dense_2"] == "float"
+    assert plan.rules[2] == Rule("Dense_2")
+    # strict quantize_model accepts the spec-free rule and leaves Dense_2 in float
+    q = quantize_model(model, plan)
+    q.apply(variables, digits[2][0][0])
+    assert "Dense_2" not in {m.path for m in report(q)}
+
+
+def _synthetic(costs):
+    """A Sensitivity with the given per-layer (bytes, damage) options."""
+    n_opt = len(costs[0])
+    names = [f"c{i}" for i in range(n_opt - 1)]
+    cands = {n: Rule(".*", weight=jq.QuantSpec("int8")) for n in names}
+    layers = []
+    for i, row in enumerate(costs):
+        opts = ["float", *names]
+        layers.append(
+            LayerSensitivity(
+                f"layer_{i}",
+                "Dense",
+                (1,),
+                {o: 0.0 for o in opts},
+                {o: d for o, (_, d) in zip(opts, row, strict=True)},
+                {o: b for o, (b, _) in zip(opts, row, strict=True)},
+            )
+        )
+    return Sensitivity("accuracy", True, 1.0, cands, tuple(layers), {}, {})
+
+
+def _brute(costs, budget):
+    best = None
+    for combo in itertools.product(*[range(len(r)) for r in costs]):
+        b, d = 0, 0.0
+        for row, k in zip(costs, combo, strict=True):
+            b, d = b + row[k][0], d + row[k][1]
+        if b <= budget and d != math.inf and (best is None or d < best[1]):
+            best = (b, d)
+    return best
+
+
+def test_knapsack_is_exact_against_brute_force():
+    rng = np.random.default_rng(0)
+    n_feasible = 0
+    for _ in range(300):
+        n_layers, n_opt = int(rng.integers(1, 6)), int(rng.integers(2, 5))
+        costs = []
+        for _ in range(n_layers):
+            row = [(int(rng.integers(20, 60)), 0.0)]  # "float": the largest, no damage
+            for _ in range(n_opt - 1):
+                d = float(rng.normal(0.3, 0.3)) if rng.random() > 0.1 else math.inf
+                row.append((int(rng.integers(1, 40)), d))
+            costs.append(row)
+        lo = sum(min(b for b, _ in r) for r in costs)
+        hi = sum(max(b for b, _ in r) for r in costs)
+        budget = int(rng.integers(max(lo - 5, 1), hi + 2))
+        want = _brute(costs, budget)
+        sens = _synthetic(costs)
+        if want is None:
+            with pytest.raises(ValueError, match="smallest achievable"):
+                mixed_precision(sens, budget=budget)
+            assert solve_knapsack(costs, budget) is None
+            continue
+        n_feasible += 1
+        plan = mixed_precision(sens, budget=budget)
+        assert plan.damage == want[1], (costs, budget)
+        assert plan.nbytes <= budget
+        # the reported bytes / damage are those of the reported choice
+        layers = {layer.path: layer for layer in sens.layers}
+        assert plan.nbytes == sum(layers[p].nbytes[o] for p, o in plan.choice.items())
+        d = 0.0
+        for p, o in plan.choice.items():
+            d += layers[p].damage[o]
+        assert d == plan.damage
+    assert n_feasible > 150  # the instances exercise the solver, not just the error
+
+
+# -------------------------------------------------------------------------------- errors
+
+
+def test_errors(linen, nnx_model, digits, sens_acc):
+    model, variables = linen
+    data = digits[2][:1]
+    cands = {"int8": CANDIDATES["int8"]}
+    with pytest.raises(ValueError, match="unknown metric 'top5'"):
+        sensitivity(model, variables, cands, data, metric="top5")
+    with pytest.raises(ValueError, match="candidates is empty"):
+        sensitivity(model, variables, {}, data)
+    with pytest.raises(ValueError, match="'float' is the implicit"):
+        sensitivity(model, variables, {"float": CANDIDATES["int8"]}, data)
+    with pytest.raises(TypeError, match=r"must be a jq\.flax\.Rule"):
+        sensitivity(model, variables, {"int8": jq.QuantSpec("int8")}, data)
+    with pytest.raises(ValueError, match="same as 'float'"):
+        sensitivity(model, variables, {"none": Rule(".*")}, data)
+    lsq = Rule(".*", weight=jq.QuantSpec("int8", PC), ste="lsq")
+    with pytest.raises(ValueError, match="post-training"):
+        sensitivity(model, variables, {"lsq": lsq}, data)
+    with pytest.raises(ValueError, match=r"\['Dense_7'\] are not quantizable layers.*'Dense_0'"):
+        sensitivity(model, variables, cands, data, layers=["Dense_0", "Dense_7"])
+    with pytest.raises(ValueError, match="matches none"):
+        sensitivity(nnx_model, None, cands, data, layers="Conv.*")
+    with pytest.raises(ValueError, match="no batches"):
+        sensitivity(model, variables, cands, [])
+    with pytest.raises(ValueError, match="needs its variables"):
+        sensitivity(model, None, cands, data)
+    with pytest.raises(ValueError, match="variables=None"):
+        sensitivity(nnx_model, variables, cands, data)
+    with pytest.raises(TypeError, match=r"flax\.linen\.Module or flax\.nnx\.Module"):
+        sensitivity(object(), None, cands, data)
+    with pytest.raises(ValueError, match="higher_is_better is for callable"):
+        sensitivity(model, variables, cands, data, higher_is_better=False)
+    with pytest.raises(ValueError, match="integer labels"):
+        sensitivity(model, variables, cands, [(data[0][0], None)], metric="accuracy")
+    bad_x = data[0][0].copy()
+    bad_x[0, 0] = np.nan
+    with pytest.raises(ValueError, match="float model's"):
+        sensitivity(model, variables, cands, [(bad_x, data[0][1])])
+
+    smallest = sens_acc.total_bytes("binary")  # binary is every layer's smallest option
+    with pytest.raises(ValueError, match=f"smallest achievable total, {smallest} bytes"):
+        mixed_precision(sens_acc, budget=smallest - 1)
+    assert mixed_precision(sens_acc, budget=smallest).choice == dict.fromkeys(PATHS, "binary")
+    for bad in (0, -3, 0.0, 1.5):
+        with pytest.raises(ValueError, match="budget"):
+            mixed_precision(sens_acc, budget=bad)
+    for bad in (True, "1000", None):
+        with pytest.raises(TypeError, match="budget"):
+            mixed_precision(sens_acc, budget=bad)
+    with pytest.raises(ValueError, match="NaN"):
+        mixed_precision(sens_acc, budget=1.0, objective=lambda layer, o: math.nan)
+    with pytest.raises(TypeError, match="Sensitivity"):
+        mixed_precision({"layers": []}, budget=1.0)
