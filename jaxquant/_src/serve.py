@@ -186,7 +186,13 @@ def _forward(lhs: Array, w: QArray, cfg: _Serve) -> Array:
 def _low_precision_dot(
     x: Array, lhs_spec: QuantSpec, w: QArray, dn: Any, path: str, kw: dict
 ) -> Array:
-    from jaxquant._src.dot import _Config, _quantize_operand, _scaled_dot, dot_capabilities
+    from jaxquant._src.dot import (
+        _FP8_LOWERING,
+        _Config,
+        _quantize_operand,
+        _scaled_dot,
+        dot_capabilities,
+    )
 
     caps = dot_capabilities()
     gpu = caps["platform"] == "gpu"
@@ -212,11 +218,13 @@ def _low_precision_dot(
         lhs_dtype=np.dtype(x.dtype),
         rhs_dtype=np.dtype(w.dtype),
         out_sharding=kw.get("out_sharding"),
-        fp8_lowering="f32_out",
+        fp8_lowering=_FP8_LOWERING if gpu else "f32_out",
         native_cast=gpu and real,
         fp8_via_bf16=True,
     )
-    return _scaled_dot(a, sa, wv, w.scale.astype(jnp.float32), dn, cfg, **kw)
+    # A bf16 / f16 activation lets cuBLASLt write the fp8 GEMM's output in that dtype.
+    out_dtype = x.dtype if np.dtype(x.dtype) in _HALF else jnp.float32
+    return _scaled_dot(a, sa, wv, w.scale.astype(jnp.float32), dn, cfg, out_dtype=out_dtype, **kw)
 
 
 def grid_values_exact(fmt_name: str, dtype: Any) -> bool:
