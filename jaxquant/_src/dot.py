@@ -190,6 +190,8 @@ class _Config:
     # fp8 pairs without an fp8 GEMM: widen to bf16 (exact for e4m3 / e5m2) and accumulate
     # in float32 -- the fp8 GEMM's own products and accumulator (serving; see serve.py).
     fp8_via_bf16: bool = False
+    # GPU: int8 GEMMs of small shapes go through float32 (see _GPU_INT8_MIN).
+    int8_guard: bool = False
 
 
 # How a real fp8 x fp8 dot is written for XLA (GPU only; CPU never takes these paths):
@@ -387,10 +389,15 @@ def _scaled_dot(
     # of "highest" must not keep XLA from its int8 / fp8 GEMMs).
     precision: Any = lax.Precision.DEFAULT
     pet: Any = jnp.float32
-    if pair == ("int8", "int8"):
+    if pair == ("int8", "int8") and cfg.int8_guard and not _int8_gemm_ok(a.shape, b.shape, dn):
+        # Exact: |products| <= 127^2, so float32 sums are exact up to K = 1040.
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        precision = lax.Precision.HIGHEST
+    elif pair == ("int8", "int8"):
         pet = jnp.int32
     elif pair in cfg.fp8_pairs:
-        if cfg.fp8_lowering == "half_out" and np.dtype(out_dtype) in _HALF:
+        # bf16 only: the GEMM's output is unscaled (|q| up to 448^2 * K), beyond float16.
+        if cfg.fp8_lowering == "half_out" and np.dtype(out_dtype) == np.dtype(jnp.bfloat16):
             pet = out_dtype
     elif cfg.fp8_via_bf16 and pair[0] in _FP8 and pair[1] in _FP8 and not cfg.native_cast:
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
@@ -412,6 +419,22 @@ def _scaled_dot(
     if sb is not None:
         out = out * _out_factor(sb, bb, cb, fa, first=False)
     return out
+
+
+# XLA's s8 x s8 -> s32 dot gave wrong results on an H200 (jax 0.11.2) for small shapes --
+# outputs off by a factor of 2, or garbage, e.g. M = 24, K = 16 or 32 -- while 8192-sized
+# GEMMs (cuBLASLt) were exact (benchmarks/gpu_int8_probe.py maps the shapes). Below these
+# sizes (M, K, N) the product runs in float32 instead: exact, and too small to gain from
+# int8.
+_GPU_INT8_MIN = (16, 64, 16)
+
+
+def _int8_gemm_ok(a_shape: tuple, b_shape: tuple, dn: DimensionNumbers) -> bool:
+    (ca, cb), (ba, bb) = dn
+    m = int(np.prod([d for i, d in enumerate(a_shape) if i not in ca and i not in ba]))
+    n = int(np.prod([d for i, d in enumerate(b_shape) if i not in cb and i not in bb]))
+    k = int(np.prod([a_shape[i] for i in ca]))
+    return m >= _GPU_INT8_MIN[0] and k >= _GPU_INT8_MIN[1] and n >= _GPU_INT8_MIN[2]
 
 
 def _to_f32(a: Array, cfg: _Config) -> Array:
@@ -707,6 +730,7 @@ def dot_general(
         ste=ste,
         fp8_lowering=_FP8_LOWERING if caps["platform"] == "gpu" else "f32_out",
         native_cast=_NATIVE_FP8_CAST and caps["platform"] == "gpu",
+        int8_guard=caps["platform"] == "gpu",
     )
 
     def opt(s):

@@ -127,8 +127,9 @@ def dot_qarray(
     if w.ndim != len(w.shape) or len(dn[0][1]) != len(dn[0][0]):
         raise ValueError(f"dot_general: bad dimension_numbers {dn} for a QArray of {w.shape}.")
     out_dtype = np.dtype(preferred_element_type or lhs.dtype)  # the caller's dtype
-    cfg = _Serve(dn, precision, lhs_spec, out_sharding)
-    return _serve(jnp.asarray(lhs), w, cfg).astype(out_dtype)
+    lhs = jnp.asarray(lhs)
+    cfg = _Serve(dn, precision, lhs_spec, out_sharding, tuple(lhs.shape), np.dtype(lhs.dtype))
+    return _serve_jit(lhs, w, cfg).astype(out_dtype)
 
 
 class _Serve(NamedTuple):
@@ -136,6 +137,8 @@ class _Serve(NamedTuple):
     precision: Any
     lhs_spec: QuantSpec | None
     out_sharding: Any
+    lhs_shape: tuple[int, ...]
+    lhs_dtype: np.dtype
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -144,20 +147,21 @@ def _serve(lhs: Array, w: QArray, cfg: _Serve) -> Array:
 
 
 def _serve_fwd(lhs: Array, w: QArray, cfg: _Serve):
-    return _forward(lhs, w, cfg), (w, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype))
+    return _forward(lhs, w, cfg), w
 
 
-def _serve_bwd(cfg: _Serve, res, g):
-    w, aval = res
+def _serve_bwd(cfg: _Serve, w, g):
     wd = dequantize(w, jnp.float32)
     f = lambda x: lax.dot_general(x, wd, cfg.dn, cfg.precision)
-    (dx,) = jax.linear_transpose(f, jax.ShapeDtypeStruct(aval.shape, jnp.float32))(
+    (dx,) = jax.linear_transpose(f, jax.ShapeDtypeStruct(cfg.lhs_shape, jnp.float32))(
         g.astype(jnp.float32)
     )
-    return dx.astype(aval.dtype), None
+    return dx.astype(cfg.lhs_dtype), None
 
 
 _serve.defvjp(_serve_fwd, _serve_bwd)
+# One compiled program for eager and jit callers alike: same fusion, same numerics.
+_serve_jit = jax.jit(_serve, static_argnums=2)
 
 
 def _forward(lhs: Array, w: QArray, cfg: _Serve) -> Array:
@@ -221,6 +225,7 @@ def _low_precision_dot(
         fp8_lowering=_FP8_LOWERING if gpu else "f32_out",
         native_cast=gpu and real,
         fp8_via_bf16=True,
+        int8_guard=gpu,
     )
     # A bf16 / f16 activation lets cuBLASLt write the fp8 GEMM's output in that dtype.
     out_dtype = x.dtype if np.dtype(x.dtype) in _HALF else jnp.float32
