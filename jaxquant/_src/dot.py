@@ -406,6 +406,8 @@ def _scaled_dot(
         precision = cfg.precision
     kw = {} if out_sharding is None else {"out_sharding": out_sharding}
     out = lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet, **kw)
+    if pet == jnp.int32 and cfg.int8_guard and _INT8_BARRIER:
+        out = lax.optimization_barrier(out)  # keep the epilogue out of XLA's GEMM fusion
     out = out.astype(jnp.float32)
     if _scalar(sa) and _scalar(sb):  # one scalar multiply (XLA can fuse it into the GEMM)
         scales = [s.reshape(()) for s in (sa, sb) if s is not None]
@@ -427,6 +429,7 @@ def _scaled_dot(
 # sizes (M, K, N) the product runs in float32 instead: exact, and too small to gain from
 # int8.
 _GPU_INT8_MIN = (16, 64, 16)
+_INT8_BARRIER = True
 
 
 def _int8_gemm_ok(a_shape: tuple, b_shape: tuple, dn: DimensionNumbers) -> bool:
