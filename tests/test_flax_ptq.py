@@ -70,11 +70,11 @@ def test_absmax_ranges_are_exact_and_rules_static(setup):
     static = quantize_model(model, res.rules)
     full = static.apply(variables, batches[1])
     one = static.apply(variables, batches[1][:1])
-    np.testing.assert_array_equal(full[:1], one)
+    # equal up to the GEMM's accumulation order (which a GPU picks by batch size)
+    np.testing.assert_allclose(full[:1], one, rtol=1e-6, atol=1e-6)
     dynamic = quantize_model(model, W8A8)
-    assert not np.array_equal(
-        dynamic.apply(variables, batches[1])[:1], dynamic.apply(variables, batches[1][:1])
-    )
+    moved = dynamic.apply(variables, batches[1])[:1] - dynamic.apply(variables, batches[1][:1])
+    assert float(jnp.max(jnp.abs(moved))) > 1e-3  # a dynamic scale depends on the batch
 
 
 def test_ema_and_mean_aggregate(setup):
