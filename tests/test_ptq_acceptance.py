@@ -1,27 +1,29 @@
 """Post-training quantization acceptance on digits, with ``benchmarks/ptq_digits.py``'s code.
 
-A fast version of the benchmark (3 seeds, smaller training; the full sweep and its
-numbers are in ``benchmarks/results/ptq_digits.json`` / ``accuracy.md``): float models are
-trained, then every method runs the real serving pipeline (``quantize_model`` ->
-``calibrate`` on training batches -> ``quantize_model(cal.rules)`` -> ``convert`` ->
-``apply`` on the converted params), and the issue's acceptance criteria are checked on the
-means over seeds with the benchmark's own ``criteria``:
+A fast version of the benchmark (3 seeds, smaller training, fewer methods; the full sweep
+and its numbers are in ``benchmarks/results/ptq_digits.json`` and ``accuracy.md``). Float
+models are trained, then every method runs the real serving pipeline (``quantize_model``
+-> ``calibrate`` on training batches -> ``quantize_model(cal.rules)`` -> ``convert`` ->
+``apply`` on the converted params) and the issue's acceptance criteria are checked on the
+means over seeds, with the benchmark's own ``criteria``:
 
-* w8a8 (int8 per-channel weights, static int8 activations) within 0.5 point of float;
-* int4 weight-only in groups of 32 within 2 points of float;
-* int4 per channel beats per tensor in weight reconstruction error (every seed) and output
-  SQNR (mean);
-* percentile / MSE calibration of int4-int6 activations at least as good as absmax;
+* w8a8 (int8 per-channel weights, static int8 activations) within 0.5 point of float (MLP
+  and CNN);
+* int4 weight-only in groups of 32 within 2 points of float (MLP and CNN);
+* int4 per channel beats per tensor in weight reconstruction error (every seed) and in
+  the SQNR of the logits (mean; MLP);
+* percentile / MSE calibration of int4 and int6 static activations at least as good as
+  absmax (MLP; the CNN at int4);
 * NF4 beats int4 (groups of 32) on normally distributed weights.
 
-Not asserted, because on these models they do not hold (see accuracy.md): NF4 beating int4
-on the *trained* weights (their distribution is flatter than a normal one: Flax's default
-init is a normal truncated at 2 std), and int4 per-channel accuracy beating per-tensor
-(the task saturates at int4: both are within noise of float).
+Not asserted, because on these models they do not hold (benchmarks/results/accuracy.md):
+NF4 beating int4 in reconstruction error on the *trained* weights (flatter than normal:
+Flax's default init is a normal truncated at 2 std, and the short training keeps that
+shape), and int4 per-channel accuracy beating (or matching) per-tensor (at int4 the task
+saturates: both are within one or two test images of float).
 
-Training uses optax's Adam, which does not trace under strict dtype promotion, so the
-benchmark trains under ``jax.numpy_dtype_promotion("standard")``; the PTQ pipeline runs
-strict.
+The PTQ pipeline runs under the suite's strict dtype promotion; the benchmark trains under
+``jax.numpy_dtype_promotion("standard")`` (optax's Adam is not strict-clean).
 """
 
 import functools
@@ -69,10 +71,19 @@ def _config():
     return cfg
 
 
-_COMMON = ("float", "w8a8", "w4_g32", "int4_channel", "int4_tensor")
-_METHODS = {  # (time) int5 lies between the ends; the CNN checks its conv activations at int4
-    "mlp": (*_COMMON, *(f"a{b}_{c}" for b in (4, 6) for c in ACT_CALS)),
-    "cnn": (*_COMMON, "a4_absmax", "a4_p99.9"),
+# Fewer methods than the benchmark (time): int5 activations lie between int4 and int6, and
+# the CNN checks the served conv path (int8 weights and activations, groups of 32, static
+# int4 conv activations).
+_METHODS = {
+    "mlp": (
+        "float",
+        "w8a8",
+        "w4_g32",
+        "int4_channel",
+        "int4_tensor",
+        *(f"a{b}_{c}" for b in (4, 6) for c in ACT_CALS),
+    ),
+    "cnn": ("float", "w8a8", "w4_g32", "a4_absmax", "a4_p99.9"),
 }
 
 
@@ -112,10 +123,12 @@ def test_ptq_acceptance(kind):
         c = _criterion(crit, name)
         assert c["met"], msg.format(f"{name}: {c}")
     # int4 per channel vs per tensor: the weights on every seed, the logits on average
-    for ch, te in zip(res["int4_channel"]["runs"], res["int4_tensor"]["runs"], strict=True):
-        assert ch["weight_rel_err"] < 0.9 * te["weight_rel_err"], (ch, te)
-    c = _criterion(crit, "int4 per channel better than per tensor (logit SQNR)")
-    assert c["met"], msg.format(c)
+    if "int4_channel" in res:
+        pairs = zip(res["int4_channel"]["runs"], res["int4_tensor"]["runs"], strict=True)
+        for ch, te in pairs:
+            assert ch["weight_rel_err"] < 0.9 * te["weight_rel_err"], (ch, te)
+        c = _criterion(crit, "int4 per channel better than per tensor (logit SQNR)")
+        assert c["met"], msg.format(c)
     # static activation calibration at <= 6 bits: percentile or MSE >= absmax (mean acc)
     for bits in (4, 5, 6):
         name = f"percentile or mse >= absmax at int{bits} activations (test acc)"
