@@ -142,31 +142,35 @@ def load_digits_split(seed: int = 0) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- steps
 
 
-def make_step(model: nn.Module, tx: optax.GradientTransformation):
-    """One jitted Adam step; non-param collections (fp8 scales, Qwix / AQT state) are
-    threaded through as mutable state, as each library documents."""
+OWG = "_overwrite_with_gradient"  # flax fp8 ops: scales updated through their "gradient"
 
-    def loss_fn(params, state, x, y):
-        out, new_state = (
-            model.apply({"params": params, **state}, x, mutable=list(state.keys()) or False)
-            if state
-            else (model.apply({"params": params}, x), {})
-        )
+
+def make_step(model: nn.Module, tx: optax.GradientTransformation):
+    """One jitted Adam step. Non-param collections (Qwix / AQT state) are threaded through
+    as mutable state; flax's fp8 scales and amax histories (``_overwrite_with_gradient``)
+    are differentiated and overwritten with their gradients, as flax documents."""
+
+    def loss_fn(params, owg, state, x, y):
+        variables = {"params": params, **state, **({OWG: owg} if owg is not None else {})}
+        if state:
+            out, new_state = model.apply(variables, x, mutable=list(state))
+        else:
+            out, new_state = model.apply(variables, x), {}
         loss = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
         return loss, new_state
 
     @jax.jit
     def step(params, state, opt_state, x, y):
-        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y)
-        # flax's fp8 ops keep their scales in a collection updated through gradients
-        # (OVERWRITE_WITH_GRADIENT); take them from the grads where present.
-        if "_overwrite_with_gradient" in grads:
-            new_state = {
-                **new_state,
-                "_overwrite_with_gradient": grads.pop("_overwrite_with_gradient"),
-            }
+        owg = state.get(OWG)
+        rest = {k: v for k, v in state.items() if k != OWG}
+        (loss, new_rest), (grads, owg_grads) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(params, owg, rest, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), {**state, **new_state}, opt_state, loss
+        new_state = {**rest, **new_rest}
+        if owg is not None:
+            new_state[OWG] = owg_grads
+        return optax.apply_updates(params, updates), new_state, opt_state, loss
 
     return step
 
@@ -175,12 +179,6 @@ def init(model: nn.Module, seed: int, x: jax.Array):
     variables = model.init(jax.random.key(seed), x)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
-    return params, state
-
-
-def _split_fp8(params: dict, state: dict) -> tuple[dict, dict]:
-    """flax fp8 puts its scales under params['_overwrite_with_gradient']-style collections;
-    keep trainable params only in ``params``."""
     return params, state
 
 
