@@ -208,7 +208,8 @@ def _core(
         s = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), plan.scale_shape)
         z = None
         if zero_point is not None:
-            z = jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), plan.scale_shape)
+            # An integer grid point (a given half-integer would be stored truncated).
+            z = jnp.round(jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), plan.scale_shape))
         elif not spec.symmetric:
             raise ValueError("an asymmetric spec with a given scale also needs zero_point=.")
     elif spec.calibration is None:
