@@ -295,3 +295,16 @@ def test_quantize_tree_stochastic_keys_differ_per_leaf():
     spec = jq.QuantSpec("int8", calibration=jq.fixed(127.0), rounding="stochastic")
     qt = jq.quantize_tree({"a": x, "b": x}, spec, key=jax.random.key(0))
     assert not np.array_equal(np.asarray(qt["a"].values), np.asarray(qt["b"].values))
+
+
+def test_given_half_integer_zero_point_is_rounded_consistently():
+    """A given zero point is an integer grid point: quantize (which stores it) and
+    fake_quant (which does not) round it the same way, so they agree."""
+    spec = jq.QuantSpec("int4", symmetric=False)
+    x = jnp.linspace(-1.0, 1.0, 33)
+    for z in (-0.5, 0.5, 1.5, 2.0):
+        q = jq.quantize(x, spec, scale=0.125, zero_point=z)
+        np.testing.assert_array_equal(
+            jq.dequantize(q), jq.fake_quant(x, spec, scale=0.125, zero_point=z)
+        )
+        assert float(q.zero_point.reshape(())) == float(np.round(z))
