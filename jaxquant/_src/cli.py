@@ -39,6 +39,7 @@ from jaxquant._src import metrics as qmetrics
 from jaxquant._src import quantize as qz
 from jaxquant._src.explain import explain
 from jaxquant._src.spec import QuantSpec
+from jaxquant._src.sweep import command as sweep_command
 
 PROG = "jaxquant"
 
@@ -578,6 +579,12 @@ SUBCOMMANDS: list[Subcommand] = [
         "quantize a few numbers, printing every step (scale, rounding, clipping, error)",
         _add_quantize,
         _run_quantize,
+    ),
+    Subcommand(
+        "sweep",
+        "evaluate a grid of formats x granularity x calibration x rounding x PTQ/QAT",
+        sweep_command.add_arguments,
+        sweep_command.run,
     ),
 ]
 

@@ -1,0 +1,370 @@
+"""The sweep's configuration: presets, TOML loading and validation, the config hash.
+
+A configuration is a plain, JSON-able dict (the *resolved* config, written back as
+``config.toml`` in the run folder). :func:`load` validates every key and value before
+anything runs; a mistake raises :class:`ConfigError` with one line naming the key::
+
+    sweep config: grid.formats[2] = 'int9' is not a format; known: float32, fp16, ...
+
+Layout (every key optional; a preset fills the rest)::
+
+    preset = "digits-mlp"            # base: digits-mlp | digits-cnn
+    seeds = [0, 1]
+
+    [task]                           # a custom task names a Flax model and a data function
+    name = "my-task"
+    model = "pkg.module:ModelClass"  # a flax.linen.Module class (or factory) by import path
+    model_kwargs = { features = [64] }
+    data = "pkg.module:load"         # () -> {x_train, y_train, x_test, y_test}
+    epochs = 20                      # float training
+    lr = 1e-3
+    batch = 64
+
+    [grid]                           # PTQ: the cartesian product, made canonical (grid.py)
+    formats = ["int8", "int4"]
+    granularities = ["tensor", "channel", "block32"]
+    calibrations = ["absmax", "mse"]
+    roundings = ["nearest", "stochastic"]
+    modes = ["ptq", "qat"]
+
+    [qat]                            # QAT cells: formats x granularities, nearest rounding
+    formats = ["int4", "ternary"]
+    granularities = ["channel"]
+    steps = 200
+    lr = 3e-4
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad sweep configuration; the message is one line naming the key."""
+
+
+# Formats the sweep knows by short name -> jaxquant format name.
+FORMATS: dict[str, str] = {
+    "float32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+    "int8": "int8",
+    "int4": "int4",
+    "int2": "int2",
+    "nf4": "nf4",
+    "mxfp8": "mxfp8",
+    "mxfp4": "mxfp4",
+    "fp4": "float4_e2m1fn",
+    "ternary": "ternary",
+    "binary": "binary",
+}
+CALIBRATIONS = ("absmax", "mse", "percentile:P", "mean_std:K", "kl", "none")
+ROUNDINGS = ("nearest", "stochastic")
+MODES = ("ptq", "qat")
+_GRAN_RE = re.compile(r"tensor|channel|block(\d+)")
+_CAL_RE = re.compile(r"absmax|mse|kl|none|percentile:([0-9.]+)|mean_std:([0-9.]+)")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits-mlp": {
+        "seeds": [0, 1],
+        "task": {
+            "name": "digits-mlp",
+            "model": "jaxquant._src.sweep.tasks:MLP",
+            "model_kwargs": {"features": [256, 256]},
+            "data": "jaxquant._src.sweep.tasks:load_digits",
+            "epochs": 30,
+            "lr": 1e-3,
+            "batch": 64,
+        },
+        "grid": {
+            "formats": [
+                "float32",
+                "fp16",
+                "bf16",
+                "fp8_e4m3",
+                "fp8_e5m2",
+                "int8",
+                "int4",
+                "nf4",
+                "mxfp4",
+                "ternary",
+                "binary",
+            ],
+            "granularities": ["channel", "block32"],
+            "calibrations": ["absmax", "mse"],
+            "roundings": ["nearest", "stochastic"],
+            "modes": ["ptq", "qat"],
+        },
+        "qat": {
+            "formats": ["fp8_e4m3", "int4", "ternary", "binary"],
+            "granularities": ["channel"],
+            "steps": 200,
+            "lr": 3e-4,
+        },
+    },
+}
+PRESETS["digits-cnn"] = copy.deepcopy(PRESETS["digits-mlp"])
+PRESETS["digits-cnn"]["task"] |= {
+    "name": "digits-cnn",
+    "model": "jaxquant._src.sweep.tasks:CNN",
+    "model_kwargs": {"channels": [32, 32], "hidden": 64},
+    "epochs": 15,
+    "lr": 2e-3,
+}
+PRESETS["digits-cnn"]["qat"]["steps"] = 100
+QUICK = {  # --quick: a smoke test of every kind of cell (< 40 s on 2 cores)
+    "seeds": [0],
+    "task": {"model_kwargs": {"features": [64, 64]}, "epochs": 10},
+    "grid": {
+        "formats": ["float32", "int8", "int4", "ternary"],
+        "granularities": ["channel"],
+        "calibrations": ["absmax"],
+        "roundings": ["nearest"],
+        "modes": ["ptq", "qat"],
+    },
+    "qat": {"formats": ["int4"], "granularities": ["channel"], "steps": 30},
+}
+
+_SCHEMA: dict[str, Any] = {
+    "preset": str,
+    "seeds": list,
+    "task": {
+        "name": str,
+        "model": str,
+        "model_kwargs": dict,
+        "data": str,
+        "epochs": int,
+        "lr": float,
+        "batch": int,
+    },
+    "grid": {
+        "formats": list,
+        "granularities": list,
+        "calibrations": list,
+        "roundings": list,
+        "modes": list,
+    },
+    "qat": {"formats": list, "granularities": list, "steps": int, "lr": float},
+}
+
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "a table",
+}
+
+
+def _fail(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"sweep config: {key} {msg}")
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over``, one level of tables deep (lists are replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "model_kwargs":
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _check_schema(raw: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> None:
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if k not in schema:
+            raise _fail(key, f"is not a known key; known: {', '.join(schema)}")
+        want = schema[k]
+        if isinstance(want, dict):
+            if not isinstance(v, dict):
+                raise _fail(key, f"must be a table ([{key}]), got {type(v).__name__}")
+            _check_schema(v, want, key + ".")
+            continue
+        ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if not ok:
+            raise _fail(key, f"= {v!r} must be {_TYPE_NAMES[want]}")
+
+
+def _check_list(key: str, values: list, check) -> None:
+    if not values:
+        raise _fail(key, "is empty; give at least one value")
+    seen = set()
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise _fail(f"{key}[{i}]", f"= {v!r} must be a string")
+        err = check(v)
+        if err:
+            raise _fail(f"{key}[{i}]", f"= {v!r} {err}")
+        if v in seen:
+            raise _fail(f"{key}[{i}]", f"= {v!r} is repeated")
+        seen.add(v)
+
+
+def _format_err(v: str) -> str | None:
+    return None if v in FORMATS else f"is not a format; known: {', '.join(FORMATS)}"
+
+
+def _gran_err(v: str) -> str | None:
+    m = _GRAN_RE.fullmatch(v)
+    if m is None or (m.group(1) is not None and int(m.group(1)) < 1):
+        return "is not a granularity; use tensor, channel or blockN (e.g. block32)"
+    return None
+
+
+def _cal_err(v: str) -> str | None:
+    m = _CAL_RE.fullmatch(v)
+    if m is None:
+        return f"is not a calibration; known: {', '.join(CALIBRATIONS)}"
+    if m.group(1) is not None and not 0 < float(m.group(1)) <= 100:
+        return "needs a percentile in (0, 100]"
+    return None
+
+
+def _import_err(v: str) -> str | None:
+    if ":" not in v:
+        return "must be an import path 'package.module:name'"
+    mod, _, name = v.partition(":")
+    try:
+        obj = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as err:
+        return f"cannot be imported ({type(err).__name__}: {err})"
+    return None if callable(obj) else "is not callable"
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check a resolved config; returns it. Raises :class:`ConfigError` naming the key."""
+    _check_schema(cfg, _SCHEMA)
+    for key in ("seeds", "task", "grid", "qat"):
+        if key not in cfg:
+            raise _fail(key, "is missing (set it, or name a preset)")
+    seeds = cfg["seeds"]
+    if not seeds:
+        raise _fail("seeds", "is empty; give at least one seed")
+    for i, s in enumerate(seeds):
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise _fail(f"seeds[{i}]", f"= {s!r} must be a non-negative integer")
+    if len(set(seeds)) != len(seeds):
+        raise _fail("seeds", f"= {seeds} has repeated seeds")
+    task = cfg["task"]
+    for k in ("name", "model", "data", "epochs", "lr", "batch"):
+        if k not in task:
+            raise _fail(f"task.{k}", "is missing")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", task["name"]):
+        raise _fail("task.name", f"= {task['name']!r} must be letters, digits, '_', '.', '-'")
+    for k in ("model", "data"):
+        err = _import_err(task[k])
+        if err:
+            raise _fail(f"task.{k}", f"= {task[k]!r} {err}")
+    for k in ("epochs", "batch"):
+        if task[k] < 1:
+            raise _fail(f"task.{k}", f"= {task[k]} must be >= 1")
+    if not (task["lr"] > 0 and math.isfinite(task["lr"])):
+        raise _fail("task.lr", f"= {task['lr']} must be a positive number")
+    grid, qat = cfg["grid"], cfg["qat"]
+    for k in _SCHEMA["grid"]:
+        if k not in grid:
+            raise _fail(f"grid.{k}", "is missing")
+    _check_list("grid.formats", grid["formats"], _format_err)
+    _check_list("grid.granularities", grid["granularities"], _gran_err)
+    _check_list("grid.calibrations", grid["calibrations"], _cal_err)
+    _check_list(
+        "grid.roundings",
+        grid["roundings"],
+        lambda v: None if v in ROUNDINGS else f"is not a rounding; known: {', '.join(ROUNDINGS)}",
+    )
+    _check_list(
+        "grid.modes",
+        grid["modes"],
+        lambda v: None if v in MODES else f"is not a mode; known: {', '.join(MODES)}",
+    )
+    for k in _SCHEMA["qat"]:
+        if k not in qat:
+            raise _fail(f"qat.{k}", "is missing")
+    _check_list("qat.formats", qat["formats"], _format_err)
+    _check_list("qat.granularities", qat["granularities"], _gran_err)
+    if qat["steps"] < 1:
+        raise _fail("qat.steps", f"= {qat['steps']} must be >= 1")
+    if not (qat["lr"] > 0 and math.isfinite(qat["lr"])):
+        raise _fail("qat.lr", f"= {qat['lr']} must be a positive number")
+    return cfg
+
+
+def resolve(
+    raw: dict[str, Any] | None = None, *, preset: str | None = None, quick: bool = False
+) -> dict[str, Any]:
+    """The validated config: ``preset`` (or the file's ``preset`` key, default
+    ``digits-mlp``), then ``--quick``'s overrides, then the file's keys."""
+    raw = dict(raw or {})
+    _check_schema(raw, _SCHEMA)
+    name = preset or raw.pop("preset", None) or "digits-mlp"
+    raw.pop("preset", None)
+    if name not in PRESETS:
+        raise _fail("preset", f"= {name!r} is not a preset; known: {', '.join(PRESETS)}")
+    cfg = copy.deepcopy(PRESETS[name])
+    if quick:
+        q = copy.deepcopy(QUICK)
+        if name != "digits-mlp":
+            q["task"].pop("model_kwargs")
+            q["task"]["epochs"] = 3
+        cfg = merge(cfg, q)
+    custom_model = "model" in raw.get("task", {})
+    cfg = merge(cfg, raw)
+    if custom_model and "model_kwargs" not in raw.get("task", {}):
+        cfg["task"]["model_kwargs"] = {}  # the preset's kwargs belong to the preset's model
+    cfg["preset"] = name
+    return validate(cfg)
+
+
+def load(path: str | Path, *, preset: str | None = None, quick: bool = False) -> dict[str, Any]:
+    """Read and validate a TOML config file."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"sweep config: cannot read {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"sweep config: {path} is not valid TOML: {err}") from None
+    return resolve(raw, preset=preset, quick=quick)
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """10 hex digits of the SHA-256 of the canonical JSON of ``cfg``."""
+    blob = json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg: dict[str, Any]) -> str:
+    """``cfg`` as TOML (top-level scalars first, then one ``[table]`` per dict)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"

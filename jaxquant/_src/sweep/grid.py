@@ -1,0 +1,122 @@
+"""The sweep's cells: one (task, seed, format, granularity, calibration, rounding, mode).
+
+The grid is the cartesian product of the config's axes, made canonical so that no two
+cells compute the same thing (then deduplicated, order kept):
+
+* ``float32`` / ``fp16`` / ``bf16`` are plain casts: granularity ``tensor``, calibration
+  ``none`` (float32 is the float baseline);
+* MX formats carry their own scales: granularity ``block32``, calibration ``absmax``;
+* ``binary`` uses ``mean_abs`` (BWN), ``ternary`` uses ``twn`` (TWN);
+* QAT cells are ``qat.formats x qat.granularities`` with the format's default
+  calibration and nearest rounding.
+
+Every quantized layer is a leaf named ``kernel`` of rank >= 2 (Dense ``(in, out)``, Conv
+``(kh, kw, in, out)``). ``blockN`` groups N values along the contracted input axis (-2);
+a kernel whose input axis is shorter than N gets one scale per output channel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jaxquant as jq
+from jaxquant._src.sweep.config import FORMATS
+
+_CASTS = ("float32", "fp16", "bf16")
+_MX = ("mxfp8", "mxfp4")
+
+
+class Cell(NamedTuple):
+    """One experiment of the grid (all fields strings but ``seed``)."""
+
+    task: str
+    seed: int
+    format: str
+    granularity: str
+    calibration: str
+    rounding: str
+    mode: str
+
+    @property
+    def id(self) -> str:
+        return "/".join(str(v) for v in self)
+
+
+def canonical(fmt: str, granularity: str, calibration: str, rounding: str) -> tuple:
+    if fmt in _CASTS:
+        return fmt, "tensor", "none", rounding
+    if fmt in _MX:
+        return fmt, "block32", "absmax", rounding
+    if fmt == "binary":
+        return fmt, granularity, "mean_abs", rounding
+    if fmt == "ternary":
+        return fmt, granularity, "twn", rounding
+    return fmt, granularity, calibration, rounding
+
+
+def expand(cfg: dict[str, Any]) -> list[Cell]:
+    """Every cell of ``cfg``, seed-major (one float training per seed), deduplicated."""
+    g, task = cfg["grid"], cfg["task"]["name"]
+    out: dict[str, Cell] = {}
+    for seed in cfg["seeds"]:
+        if "ptq" in g["modes"]:
+            for f in g["formats"]:
+                for gr in g["granularities"]:
+                    for c in g["calibrations"]:
+                        for r in g["roundings"]:
+                            cell = Cell(task, seed, *canonical(f, gr, c, r), "ptq")
+                            out.setdefault(cell.id, cell)
+        if "qat" in g["modes"]:
+            for f in cfg["qat"]["formats"]:
+                for gr in cfg["qat"]["granularities"]:
+                    cell = Cell(task, seed, *canonical(f, gr, "absmax", "nearest"), "qat")
+                    out.setdefault(cell.id, cell)
+    return list(out.values())
+
+
+def shard(cells: list[Cell], index: int, count: int) -> list[Cell]:
+    """The cells of shard ``index`` of ``count``: those at positions ``i % count == index``
+    of the full, deterministic cell list."""
+    return [c for i, c in enumerate(cells) if i % count == index]
+
+
+def _calibration(name: str) -> Any:
+    if name == "none":
+        return None
+    if name.startswith("percentile:"):
+        return jq.percentile(float(name.split(":", 1)[1]))
+    if name.startswith("mean_std:"):
+        return jq.mean_std(float(name.split(":", 1)[1]))
+    return {
+        "absmax": jq.absmax,
+        "mse": jq.mse,
+        "kl": jq.kl,
+        "mean_abs": jq.mean_abs,
+        "twn": jq.twn,
+    }[name]()
+
+
+def _granularity(name: str, fmt: str, shape: tuple[int, ...]) -> Any:
+    if fmt in _MX:
+        size = 32
+        if shape[-2] >= size:
+            return jq.per_block(-2, size)
+        return jq.per_block(-1, size)  # e.g. a first conv with one input channel
+    if name == "tensor":
+        return jq.per_tensor()
+    if name == "channel":
+        return jq.per_channel(-1)
+    size = int(name.removeprefix("block"))
+    if shape[-2] < size:
+        return jq.per_channel(-1)
+    return jq.per_block(-2, size)
+
+
+def spec_for(cell: Cell, shape: tuple[int, ...]) -> jq.QuantSpec:
+    """The weight spec of ``cell`` for a kernel of ``shape``."""
+    return jq.QuantSpec(
+        FORMATS[cell.format],
+        _granularity(cell.granularity, cell.format, shape),
+        _calibration(cell.calibration),
+        rounding=cell.rounding,  # type: ignore[arg-type]
+    )

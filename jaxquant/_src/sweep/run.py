@@ -1,0 +1,565 @@
+"""Run a sweep: evaluate cells, write each result as it comes, resume, shard, merge.
+
+Run folder (``runs/<timestamp>-<confighash>/`` or ``--out``)::
+
+    config.toml     the resolved config (a re-run with another config is refused)
+    env.json        package versions, backend, device, git commit, config hash, seeds, shard
+    results.jsonl   one JSON object per finished cell, appended, flushed and fsynced
+    results.csv     the latest row of every cell (rewritten atomically at the end)
+    summary.md      the printed table (means over seeds)
+    plots/*.png     accuracy vs bits, SQNR vs bits, size vs accuracy
+
+Re-running with the same ``--out`` skips cells whose latest row has status ``ok`` (failed
+cells are retried). ``--shard i/n`` runs the cells at positions ``i % n`` of the full list;
+:func:`merge` combines shard folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src.sweep import config as C
+from jaxquant._src.sweep import grid as G
+
+COLUMNS = (
+    "id",
+    "task",
+    "seed",
+    "format",
+    "granularity",
+    "calibration",
+    "rounding",
+    "mode",
+    "status",
+    "test_acc",
+    "float_acc",
+    "ptq_acc",
+    "weight_sqnr_db",
+    "bits_per_weight",
+    "model_bytes",
+    "float32_bytes",
+    "seconds",
+    "error",
+)
+
+
+# ------------------------------------------------------------------------ files
+
+
+def _atomic_write(path: Path, text: str | bytes) -> None:
+    """Write to ``path.tmp`` then rename: readers see the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = text.encode() if isinstance(text, str) else text
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and make it durable (flush + fsync)."""
+    line = json.dumps(row, allow_nan=True) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def repair(path: Path) -> None:
+    """Drop a torn last line (a write cut short), so the next append starts a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results.jsonl; a torn last line (an interrupted write) is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def latest(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per cell id its latest row, except that an ``ok`` row is never replaced by an error."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        old = out.get(r["id"])
+        if old is not None and old["status"] == "ok" and r["status"] != "ok":
+            continue
+        out[r["id"]] = r
+    return out
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in COLUMNS})
+    _atomic_write(path, buf.getvalue())
+
+
+# -------------------------------------------------------------------------- env
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--", "jaxquant")
+        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(cfg: dict[str, Any], shard: tuple[int, int]) -> dict[str, Any]:
+    """What a row needs to be reproduced: versions, backend, device, git, config, seeds."""
+    from importlib import metadata
+
+    versions = {}
+    for pkg in (
+        "jaxquant",
+        "jax",
+        "jaxlib",
+        "flax",
+        "optax",
+        "numpy",
+        "ml_dtypes",
+        "scikit-learn",
+        "matplotlib",
+    ):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "backend": jax.default_backend(),
+        "device": dev.device_kind,
+        "device_count": jax.device_count(),
+        "process": [jax.process_index(), jax.process_count()],
+        "git": _git_commit(),
+        "config_hash": C.config_hash(cfg),
+        "seeds": cfg["seeds"],
+        "shard": list(shard),
+        "jax_config": {
+            "jax_enable_x64": bool(jax.config.jax_enable_x64),
+            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+        },
+    }
+
+
+# -------------------------------------------------------------------- progress
+
+
+class Progress:
+    """``\\r[#####.....] 12/40 cells  eta 1m10s`` on a stream (stderr)."""
+
+    def __init__(self, total: int, stream: TextIO | None, width: int = 30):
+        self.total, self.stream, self.width = total, stream, width
+        self.t0 = time.perf_counter()
+
+    def update(self, done: int, note: str = "") -> None:
+        if self.stream is None:
+            return
+        frac = done / self.total if self.total else 1.0
+        bar = "#" * round(frac * self.width) + "." * (self.width - round(frac * self.width))
+        el = time.perf_counter() - self.t0
+        eta = _dur(el / done * (self.total - done)) if done else "?"
+        line = f"\r[{bar}] {done}/{self.total} cells  eta {eta}  {note[:40]:<40}"
+        self.stream.write(line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _dur(s: float) -> str:
+    s = round(s)
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def _set_kernel(params: dict, layer: str, value: Any) -> dict:
+    """A copy of ``params`` with ``layer``'s kernel replaced (``layer``: "a/b" path)."""
+    keys = layer.split("/")
+    out = dict(params)
+    node = out
+    for k in keys:
+        node[k] = dict(node[k])
+        node = node[k]
+    node["kernel"] = value
+    return out
+
+
+def _get_kernel(params: dict, layer: str) -> Any:
+    node = params
+    for k in layer.split("/"):
+        node = node[k]
+    return node["kernel"]
+
+
+class Evaluator:
+    """Evaluates cells of one task; the float model is trained once per seed and the
+    jitted forward passes and QAT trainers are compiled once and reused."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        from jaxquant._src.sweep import tasks
+
+        self.cfg, self.task = cfg, cfg["task"]
+        self.tasks = tasks
+        self.model = tasks.build_model(self.task)
+        self.data = tasks.load_data(self.task)
+        self.x, self.y = jnp.asarray(self.data["x_train"]), jnp.asarray(self.data["y_train"])
+        self.xt, self.yt = jnp.asarray(self.data["x_test"]), jnp.asarray(self.data["y_test"])
+        self.float: dict[int, tuple[dict, float] | Exception] = {}
+        self._qat: dict[Any, Any] = {}
+
+    def accuracy(self, model: Any, params: Any) -> float:
+        fn = self.tasks.make_correct(model)
+        return 100.0 * int(fn(params, self.xt, self.yt)) / int(self.yt.shape[0])
+
+    def float_model(self, seed: int) -> tuple[dict, float]:
+        if seed not in self.float:
+            try:
+                params, _ = self.tasks.train_float(self.model, self.task, self.data, seed)
+                self.float[seed] = (params, self.accuracy(self.model, params))
+            except Exception as err:  # every cell of the seed fails with this error
+                self.float[seed] = err
+        got = self.float[seed]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def _weights(self, cell: G.Cell, params: dict, key: jax.Array | None) -> tuple[dict, dict]:
+        """Fake-quantized params and the size / SQNR metrics of ``cell``'s weights."""
+        import jaxquant as jq
+
+        qparams, tree = params, params
+        sig = noise = 0.0
+        kbytes = kcount = 0
+        for i, (layer, shape) in enumerate(self.tasks.kernels(params).items()):
+            spec = G.spec_for(cell, shape)
+            w = _get_kernel(params, layer)
+            k = None if key is None else jax.random.fold_in(key, i)
+            wq = jq.fake_quant(w, spec, key=k)
+            qabs = jax.eval_shape(lambda a, s=spec, k=k: jq.quantize(a, s, key=k), w)
+            qparams = _set_kernel(qparams, layer, wq)
+            tree = _set_kernel(tree, layer, qabs)
+            w64, q64 = np.asarray(w, np.float64), np.asarray(wq, np.float64)
+            sig += float(np.sum(w64**2))
+            noise += float(np.sum((w64 - q64) ** 2))
+            kbytes += jq.size_report({"k": qabs}).nbytes
+            kcount += math.prod(shape)
+        if not np.isfinite(noise):
+            raise FloatingPointError("quantized weights are not finite")
+        rep = jq.size_report(tree)
+        sqnr = float("inf") if noise == 0 else 10.0 * math.log10(sig / noise)
+        return qparams, {
+            "weight_sqnr_db": sqnr,
+            "bits_per_weight": 8.0 * kbytes / max(kcount, 1),
+            "model_bytes": rep.nbytes,
+            "float32_bytes": rep.float32_bytes,
+        }
+
+    def __call__(self, cell: G.Cell) -> dict[str, Any]:
+        params, float_acc = self.float_model(cell.seed)
+        key = jax.random.key(cell.seed) if cell.rounding == "stochastic" else None
+        if cell.mode == "ptq":
+            qparams, m = self._weights(cell, params, key)
+            return {"test_acc": self.accuracy(self.model, qparams), "float_acc": float_acc, **m}
+        return self._qat_cell(cell, params, float_acc)
+
+    def _qat_cell(self, cell: G.Cell, params: dict, float_acc: float) -> dict[str, Any]:
+        from jaxquant.flax import Rule, quantize_model
+
+        name = cell._replace(seed=-1)
+        if name not in self._qat:
+            rules = [
+                Rule(re.escape(layer), weight=G.spec_for(cell, shape))
+                for layer, shape in self.tasks.kernels(params).items()
+            ]
+            qmodel = quantize_model(self.model, rules)
+            q = self.cfg["qat"]
+            trainer = self.tasks.make_trainer(qmodel, self.task["batch"], q["steps"], q["lr"])
+            self._qat[name] = (qmodel, trainer)
+        qmodel, trainer = self._qat[name]
+        ptq_acc = self.accuracy(qmodel, params)
+        key = jax.random.fold_in(jax.random.key(cell.seed), 1)
+        tuned, losses = trainer(params, self.x, self.y, key)
+        if not np.isfinite(float(losses[-1])):
+            raise FloatingPointError(f"QAT: non-finite loss {float(losses[-1])}")
+        _, m = self._weights(cell, tuned, None)
+        return {
+            "test_acc": self.accuracy(qmodel, tuned),
+            "float_acc": float_acc,
+            "ptq_acc": ptq_acc,
+            **m,
+        }
+
+
+# ------------------------------------------------------------------------- run
+
+
+def default_out(cfg: dict[str, Any]) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{C.config_hash(cfg)}"
+
+
+def default_shard() -> tuple[int, int]:
+    """``(jax.process_index(), jax.process_count())``: one shard per host of a slice."""
+    return jax.process_index(), jax.process_count()
+
+
+def _prepare(out: Path, cfg: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    old = out / "config.toml"
+    if old.exists():
+        import tomllib
+
+        try:
+            prev = tomllib.loads(old.read_text())
+        except tomllib.TOMLDecodeError:
+            prev = None
+        if prev is not None and C.config_hash(prev) != C.config_hash(cfg):
+            raise C.ConfigError(
+                f"sweep: {out} holds results of another config (hash {C.config_hash(prev)}, "
+                f"this one {C.config_hash(cfg)}); pass a new --out to start a new run."
+            )
+    _atomic_write(old, C.to_toml(cfg))
+
+
+def _record_env(out: Path, env: dict[str, Any]) -> None:
+    path = out / "env.json"
+    sessions = []
+    if path.exists():
+        with contextlib.suppress(ValueError, KeyError):
+            sessions = json.loads(path.read_text())["sessions"]
+    doc = {**env, "sessions": [*sessions, {k: env[k] for k in ("date", "host", "shard", "git")}]}
+    _atomic_write(path, json.dumps(doc, indent=1) + "\n")
+
+
+def run_sweep(
+    cfg: dict[str, Any],
+    out: Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    progress: TextIO | None = sys.stderr,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Evaluate this shard's cells of ``cfg`` into ``out``, skipping finished ones.
+
+    Returns ``{"rows": latest rows of the shard's cells, "ran": n, "skipped": n,
+    "table": markdown}``. A cell that raises is recorded with ``status="error"``;
+    KeyboardInterrupt stops after the finished cells' rows are written (then re-raised).
+    """
+    out = Path(out)
+    cells = G.shard(G.expand(cfg), *shard)
+    _prepare(out, cfg)
+    env = environment(cfg, shard)
+    _record_env(out, env)
+    jsonl = out / "results.jsonl"
+    repair(jsonl)
+    done = {i for i, r in latest(read_rows(jsonl)).items() if r["status"] == "ok"}
+    todo = [c for c in cells if c.id not in done]
+    bar = Progress(len(cells), progress)
+    n_done = len(cells) - len(todo)
+    bar.update(n_done, "training" if todo else "")
+    try:
+        with _sigterm_as_interrupt():
+            _loop(todo, cfg, env, shard, jsonl, bar, n_done)
+    finally:  # also when interrupted: the csv / summary / plots of what is done
+        ids = {c.id for c in cells}
+        rows = [r for r in latest(read_rows(jsonl)).values() if r["id"] in ids]
+        table = finalize(out, rows, cfg, plots=plots)
+    return {"rows": rows, "ran": len(todo), "skipped": len(cells) - len(todo), "table": table}
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a killed job) raises KeyboardInterrupt, so the finished rows get their
+    csv / summary written on the way out (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _loop(todo, cfg, env, shard, jsonl, bar, n_done) -> None:
+    evaluator: Evaluator | Exception | None = None
+    try:
+        for cell in todo:
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"id": cell.id, **cell._asdict()}
+            try:
+                if evaluator is None:
+                    try:
+                        evaluator = Evaluator(cfg)
+                    except Exception as err:
+                        evaluator = err  # the task cannot load: every cell fails with it
+                if isinstance(evaluator, Exception):
+                    raise evaluator
+                row |= {"status": "ok", **evaluator(cell)}
+            except Exception as err:  # one broken cell must not stop the sweep
+                msg = " ".join(f"{type(err).__name__}: {err}".split())
+                row |= {"status": "error", "error": msg[:500]}
+            row |= {
+                "seconds": round(time.perf_counter() - t0, 3),
+                "config_hash": env["config_hash"],
+                "git": env["git"],
+                "shard": list(shard),
+            }
+            append_row(jsonl, row)
+            n_done += 1
+            bar.update(n_done, cell.id)
+    finally:
+        bar.close()
+
+
+def finalize(out: Path, rows: list[dict[str, Any]], cfg: dict[str, Any], *, plots: bool) -> str:
+    """Write results.csv, summary.md and the plots (each atomically); returns the table."""
+    order = {c.id: i for i, c in enumerate(G.expand(cfg))}
+    rows = sorted(rows, key=lambda r: order.get(r["id"], len(order)))
+    write_csv(out / "results.csv", rows)
+    table = summary_table(rows)
+    _atomic_write(out / "summary.md", table + "\n")
+    if plots and rows:
+        from jaxquant._src.sweep import plots as P
+
+        P.write_plots(out / "plots", rows)
+    return table
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per cell configuration, means (and std of accuracy) over seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["task"], r["mode"], r["format"], r["granularity"], r["calibration"], r["rounding"])
+        groups.setdefault(key, []).append(r)
+    lines = [
+        "| task | mode | format | granularity | calibration | rounding | seeds ok "
+        "| bits/w | KiB | SQNR dB | acc % | vs float | error |",
+        "|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for key, rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        err = next((r["error"] for r in rs if r["status"] != "ok"), "")
+
+        def mean(k: str, ok: list = ok) -> float | None:
+            vals = [r[k] for r in ok if r.get(k) is not None]
+            return float(np.mean(vals)) if vals else None
+
+        acc = mean("test_acc")
+        std = float(np.std([r["test_acc"] for r in ok])) if len(ok) > 1 else None
+        delta = None if acc is None else acc - (mean("float_acc") or 0.0)
+        kib = mean("model_bytes")
+        acc_s = _fmt(acc, ".2f") + ("" if std is None else f" ± {std:.2f}")
+        lines.append(
+            "| "
+            + " | ".join(key)
+            + f" | {len(ok)}/{len(rs)} | {_fmt(mean('bits_per_weight'), '.2f')}"
+            f" | {_fmt(None if kib is None else kib / 1024, '.1f')}"
+            f" | {_fmt(mean('weight_sqnr_db'), '.1f')} | {acc_s} | {_fmt(delta, '+.2f')}"
+            f" | {err[:60].replace('|', '/')} |"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ merge
+
+
+def merge(dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
+    """Combine shard folders (same config) into ``out``: results.jsonl (deduplicated),
+    csv, summary, plots; env.json lists every shard's environment."""
+    if not dirs:
+        raise C.ConfigError("sweep merge: no folders given")
+    cfgs, envs, rows = [], [], []
+    import tomllib
+
+    for d in map(Path, dirs):
+        path = d / "config.toml"
+        if not path.exists():
+            raise C.ConfigError(f"sweep merge: {d} has no config.toml (not a sweep folder)")
+        cfgs.append(tomllib.loads(path.read_text()))
+        with contextlib.suppress(OSError, ValueError):
+            envs.append(json.loads((d / "env.json").read_text()))
+        rows += read_rows(d / "results.jsonl")
+    hashes = {C.config_hash(c) for c in cfgs}
+    if len(hashes) != 1:
+        raise C.ConfigError(f"sweep merge: the folders hold different configs {sorted(hashes)}")
+    cfg = cfgs[0]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "config.toml", C.to_toml(cfg))
+    _atomic_write(out / "env.json", json.dumps({"merged_from": envs}, indent=1) + "\n")
+    merged = list(latest(rows).values())
+    text = "".join(json.dumps(r) + "\n" for r in merged)
+    _atomic_write(out / "results.jsonl", text)
+    expected = {c.id for c in G.expand(cfg)}
+    missing = sorted(expected - {r["id"] for r in merged if r["status"] == "ok"})
+    table = finalize(out, merged, cfg, plots=plots)
+    return {"rows": merged, "missing": missing, "table": table}

@@ -1,0 +1,284 @@
+"""``jaxquant sweep``: end to end, resume, shards + merge, failing cells, config errors,
+custom tasks by import path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from jaxquant._src.cli import main
+from jaxquant._src.sweep import config as C
+from jaxquant._src.sweep import grid as G
+from jaxquant._src.sweep import run as R
+
+TINY_MODULE = """
+import flax.linen as nn
+import numpy as np
+
+
+class Tiny(nn.Module):
+    features: tuple = (16,)
+
+    @nn.compact
+    def __call__(self, x):
+        for f in self.features:
+            x = nn.relu(nn.Dense(f)(x))
+        return nn.Dense(3)(x)
+
+
+def data():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)).astype(np.float32) * 3
+    y = rng.integers(0, 3, 240).astype(np.int32)
+    x = (centers[y] + rng.normal(size=(240, 8))).astype(np.float32)
+    return {"x_train": x[:160], "y_train": y[:160], "x_test": x[160:], "y_test": y[160:]}
+"""
+
+
+def tiny_toml(tmp_path: Path, *, granularities=("tensor", "channel"), extra: str = "") -> Path:
+    """A custom task (model and data by import path) with a small grid."""
+    path = tmp_path / "tiny.toml"
+    grans = ", ".join(f'"{g}"' for g in granularities)
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            seeds = [0, 1]
+            [task]
+            name = "tiny"
+            model = "sweep_tiny_task:Tiny"
+            model_kwargs = {{ features = [16] }}
+            data = "sweep_tiny_task:data"
+            epochs = 3
+            lr = 0.01
+            batch = 32
+            [grid]
+            formats = ["float32", "int8", "int4", "ternary"]
+            granularities = [{grans}]
+            calibrations = ["absmax"]
+            roundings = ["nearest"]
+            modes = ["ptq", "qat"]
+            [qat]
+            formats = ["int4"]
+            granularities = ["channel"]
+            steps = 5
+            lr = 0.001
+            """
+        )
+        + extra
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_module(tmp_path_factory):
+    """A module ``sweep_tiny_task`` on sys.path (kept for the module: the jitted trainers
+    of its model are reused across tests)."""
+    mod_dir = tmp_path_factory.mktemp("mods")
+    (mod_dir / "sweep_tiny_task.py").write_text(TINY_MODULE)
+    sys.path.insert(0, str(mod_dir))
+    yield
+    sys.path.remove(str(mod_dir))
+    sys.modules.pop("sweep_tiny_task", None)
+
+
+@pytest.fixture
+def tiny(tmp_path, tiny_module):
+    return tmp_path
+
+
+def sweep(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["sweep", "--no-progress", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ids(folder: Path) -> list[str]:
+    return [r["id"] for r in R.read_rows(folder / "results.jsonl")]
+
+
+def test_quick_digits_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, text, err = sweep(capsys, "--quick", "--out", str(out), "--shard", "0/1")
+    assert code == 0, err
+    cfg = C.resolve(quick=True)
+    cells = G.expand(cfg)
+    rows = R.read_rows(out / "results.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted(c.id for c in cells)
+    assert all(r["status"] == "ok" for r in rows)
+    assert {"ptq", "qat"} == {r["mode"] for r in rows}
+    by = {(r["format"], r["granularity"], r["mode"]): r for r in rows}
+    f32 = by["float32", "tensor", "ptq"]
+    assert f32["test_acc"] == f32["float_acc"] > 80.0  # the float model learned the digits
+    assert f32["weight_sqnr_db"] == float("inf")
+    int8 = by["int8", "channel", "ptq"]
+    assert 8.0 < int8["bits_per_weight"] < 9.0 and int8["weight_sqnr_db"] > 35.0
+    assert abs(int8["test_acc"] - int8["float_acc"]) <= 2.0
+    assert by["int4", "channel", "ptq"]["model_bytes"] < int8["model_bytes"]
+    assert "ptq_acc" in by["int4", "channel", "qat"]
+    # env, csv, summary, plots
+    env = json.loads((out / "env.json").read_text())
+    for k in ("versions", "backend", "device", "git", "config_hash", "seeds", "shard"):
+        assert k in env
+    assert env["config_hash"] == C.config_hash(cfg) == rows[0]["config_hash"]
+    assert C.config_hash(C.load(out / "config.toml")) == env["config_hash"]
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(cells)
+    for name in ("accuracy_vs_bits", "sqnr_vs_bits", "size_vs_accuracy"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| int4 | channel |" in text and (out / "summary.md").read_text().strip() in text
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_resume_skips_finished_cells(tiny, capsys):
+    toml = tiny_toml(tiny)
+    out = tiny / "run"
+    cells = G.expand(C.load(toml))
+    assert sweep(capsys, "--config", str(toml), "--out", str(out), "--no-plots")[0] == 0
+    assert len(ids(out)) == len(cells)
+    # Simulate an interruption: drop the last two rows and tear the line before them.
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])
+    code, text, _ = sweep(capsys, "--config", str(toml), "--out", str(out), "--no-plots")
+    assert code == 0
+    assert f"(3 run, {len(cells) - 3} already done, 0 failed)" in text
+    assert sorted(set(ids(out))) == sorted(c.id for c in cells)
+    code, text, _ = sweep(capsys, "--config", str(toml), "--out", str(out), "--no-plots")
+    assert f"(0 run, {len(cells)} already done" in text
+
+
+def test_resume_refuses_another_config(tiny, capsys):
+    out = tiny / "run"
+    assert sweep(capsys, "--config", str(tiny_toml(tiny)), "--out", str(out), "--no-plots")[0] == 0
+    other = tiny_toml(tiny, granularities=("tensor",))
+    code, _, err = sweep(capsys, "--config", str(other), "--out", str(out))
+    assert code == 2 and "another config" in err and err.count("\n") == 1
+
+
+def test_shards_merge_to_the_full_sweep(tiny, capsys):
+    toml = tiny_toml(tiny)
+    cells = G.expand(C.load(toml))
+    for i in range(2):
+        code, _, _ = sweep(
+            capsys,
+            "--config",
+            str(toml),
+            "--out",
+            str(tiny / f"s{i}"),
+            "--shard",
+            f"{i}/2",
+            "--no-plots",
+        )
+        assert code == 0
+    s0, s1 = ids(tiny / "s0"), ids(tiny / "s1")
+    assert s0 and s1 and not set(s0) & set(s1)
+    code, text, _ = sweep(
+        capsys, "--merge", str(tiny / "s0"), str(tiny / "s1"), "--out", str(tiny / "all")
+    )
+    assert code == 0 and "0 missing" in text
+    assert sorted(ids(tiny / "all")) == sorted(c.id for c in cells)
+    assert (tiny / "all" / "plots" / "accuracy_vs_bits.png").exists()
+    # an incomplete merge says so
+    code, text, _ = sweep(
+        capsys, "--merge", str(tiny / "s0"), "--out", str(tiny / "half"), "--no-plots"
+    )
+    assert code == 1 and f"{len(s1)} missing" in text
+
+
+def test_failing_cell_is_recorded_and_sweep_goes_on(tiny, capsys):
+    # block7 does not divide the 8 inputs of Dense_0: those cells raise.
+    toml = tiny_toml(tiny, granularities=("block7", "channel"))
+    out = tiny / "run"
+    code, text, _ = sweep(capsys, "--config", str(toml), "--out", str(out), "--no-plots")
+    assert code == 1
+    rows = R.latest(R.read_rows(out / "results.jsonl"))
+    bad = [r for r in rows.values() if r["status"] == "error"]
+    good = [r for r in rows.values() if r["status"] == "ok"]
+    assert bad and all(r["granularity"] == "block7" for r in bad)
+    assert all("does not divide" in r["error"] for r in bad)
+    assert any(r["granularity"] == "channel" and r["format"] == "int4" for r in good)
+    assert "failed" in text and "does not divide" in text
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ('[grid]\nformats = ["int8", "int4", "int9"]', "grid.formats[2] = 'int9' is not a format"),
+        ('[grid]\nformatz = ["int8"]', "grid.formatz is not a known key"),
+        ('[grid]\ngranularities = ["row"]', "grid.granularities[0] = 'row'"),
+        ('[grid]\ncalibrations = ["percentile:200"]', "grid.calibrations[0]"),
+        ('[grid]\nroundings = ["up"]', "grid.roundings[0] = 'up' is not a rounding"),
+        ("[grid]\nmodes = []", "grid.modes is empty"),
+        ("seeds = [0, -1]", "seeds[1] = -1"),
+        ('seeds = "0"', "seeds = '0' must be a list"),
+        ("[task]\nepochs = 0", "task.epochs = 0"),
+        ('[task]\nmodel = "no_such_module_xyz:M"', "task.model = 'no_such_module_xyz:M' cannot"),
+        ('[task]\ndata = "json"', "task.data = 'json' must be an import path"),
+        ('preset = "digits-rnn"', "preset = 'digits-rnn' is not a preset"),
+        ("[qat]\nsteps = 1.5", "qat.steps = 1.5 must be an integer"),
+        ("[grid", "is not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, capsys, toml, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(C.ConfigError, match=r"^sweep config: "):
+        C.load(path)
+    code, out, err = sweep(capsys, "--config", str(path), "--out", str(tmp_path / "never"))
+    assert code == 2 and out == ""
+    assert err.startswith("jaxquant: error: sweep config:") and err.count("\n") == 1
+    assert needle in err
+    assert not (tmp_path / "never").exists()  # validated before anything runs
+
+
+def test_bad_shard_is_a_usage_error(capsys):
+    assert main(["sweep", "--shard", "2/2"]) == 2
+    assert "not a shard" in capsys.readouterr().err
+
+
+def test_grid_is_canonical_and_shards_partition():
+    cfg = C.resolve()
+    cells = G.expand(cfg)
+    assert len({c.id for c in cells}) == len(cells)
+    casts = [c for c in cells if c.format in ("float32", "fp16", "bf16")]
+    assert {(c.granularity, c.calibration) for c in casts} == {("tensor", "none")}
+    assert {c.granularity for c in cells if c.format == "mxfp4"} == {"block32"}
+    parts = [G.shard(cells, i, 3) for i in range(3)]
+    assert sorted(c.id for p in parts for c in p) == sorted(c.id for c in cells)
+    qat = [c for c in cells if c.mode == "qat"]
+    assert len(qat) == len(cfg["seeds"]) * len(cfg["qat"]["formats"])
+
+
+def test_config_toml_round_trip(tmp_path):
+    cfg = C.resolve(preset="digits-cnn")
+    path = tmp_path / "c.toml"
+    path.write_text(C.to_toml(cfg))
+    assert C.load(path) == cfg
+
+
+def test_interrupt_keeps_finished_rows(tiny, capsys, monkeypatch):
+    toml = tiny_toml(tiny)
+    out = tiny / "run"
+    cells = G.expand(C.load(toml))
+    real = R.Evaluator.__call__
+    calls = []
+
+    def flaky(self, cell):
+        calls.append(cell.id)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, cell)
+
+    monkeypatch.setattr(R.Evaluator, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main(["sweep", "--no-progress", "--no-plots", "--config", str(toml), "--out", str(out)])
+    assert ids(out) == [c.id for c in cells[:3]]
+    with open(out / "results.csv") as f:  # the csv of what finished was written on the way out
+        assert [r["id"] for r in csv.DictReader(f)] == ids(out)
+    monkeypatch.setattr(R.Evaluator, "__call__", real)
+    code, text, _ = sweep(capsys, "--config", str(toml), "--out", str(out), "--no-plots")
+    assert code == 0 and f"({len(cells) - 3} run, 3 already done, 0 failed)" in text
