@@ -672,3 +672,16 @@ def test_native_fp8_cast_matches_the_integer_rounding(monkeypatch):
         for a, b in zip(g1, g0, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     jax.clear_caches()
+
+
+def test_bf16_specs_with_absmax_scales_do_not_overflow():
+    """bf16 has float32's range: its absmax scale is ~1e-38, so the scales cannot be
+    factored out of the dot (grid products overflow, scale products underflow)."""
+    a, b = _normal(0, (8, 16)), _normal(1, (16, 4))
+    s = jq.QuantSpec("bf16")
+    y, g = jax.value_and_grad(
+        lambda a: jnp.sum(dot_general(a, b, MATMUL, lhs_spec=s, rhs_spec=s, grad_spec=s) ** 2)
+    )(a)
+    ref = jnp.dot(jq.fake_quant(a, s), jq.fake_quant(b, s), precision="highest")
+    assert np.isfinite(float(y)) and bool(jnp.all(jnp.isfinite(g)))
+    np.testing.assert_allclose(y, jnp.sum(ref**2), rtol=1e-5)

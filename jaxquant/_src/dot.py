@@ -344,11 +344,19 @@ def _quantize_operand(
         mask = ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
     if native:  # the GPU's RNE conversion (cvt.rn.satfinite) rounds; values are in range
         return r.astype(store), s, mask
-    if plan.view != plan.shape:
+    if plan.view != plan.shape or _wide(spec):
         return (_to_grid(r, spec) * s).reshape(plan.shape), None, mask
     if store is not None:
         return encode(r, spec.format), s, mask
     return _to_grid(r, spec), s, mask
+
+
+def _wide(spec: QuantSpec) -> bool:
+    """Formats with float32's exponent range (bf16): an absmax scale is ~1e-38 and the grid
+    values ~1e38, so the scales cannot be factored out of the dot (the product of two
+    grid values overflows, that of two scales underflows). Such operands are multiplied
+    dequantized."""
+    return spec.element.kind == "float" and float(spec.element.max) > 2.0**64
 
 
 def _scale_constant_along(s: Array | None, axes: tuple[int, ...]) -> bool:
