@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
+from jaxquant.datasets import digits  # noqa: E402
 from jaxquant.flax import Rule, calibrate, convert, quantize_model  # noqa: E402
 
 EVERY = r"Dense_\d+"
@@ -56,24 +57,6 @@ CALIBRATIONS = {
     "mse": jq.mse(),
     "entropy": jq.kl(),
 }
-
-
-def load_digits_data() -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(
-        x.astype(np.float32), y.astype(np.int32), test_size=0.25, stratify=y, random_state=0
-    )
-    mean, std = xtr.mean(axis=0), xtr.std(axis=0)
-    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
-    return {
-        "x_train": (xtr - mean) / std,
-        "y_train": ytr,
-        "x_test": (xte - mean) / std,
-        "y_test": yte,
-    }
 
 
 class MLP(nn.Module):
@@ -156,7 +139,7 @@ def main(fast: bool = False) -> dict[str, Any]:
     act_bits = (4,) if fast else (4, 5)
     cals = ("max", "entropy") if fast else tuple(CALIBRATIONS)
     t0 = time.perf_counter()
-    data = load_digits_data()
+    data = digits()
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
     xt, yt = jnp.asarray(data["x_test"]), np.asarray(data["y_test"])
     model = MLP((64, 64) if fast else (256, 256))

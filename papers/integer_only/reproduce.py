@@ -44,29 +44,12 @@ import optax  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 import jaxquant.integer as jqi  # noqa: E402
+from jaxquant.datasets import digits  # noqa: E402
 
 SIZES = (64, 128, 128, 10)
 ACT = jq.QuantSpec("uint8", calibration=jq.minmax(), symmetric=False)
 WEIGHT = jq.QuantSpec("int8", jq.per_channel(-1))
 MULTIPLIERS = (0.3, 0.999, 0.5, 1e-4, 7.3e-7, 2.5)
-
-
-def load_digits_data() -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(
-        x.astype(np.float32), y.astype(np.int32), test_size=0.25, stratify=y, random_state=0
-    )
-    mean, std = xtr.mean(axis=0), xtr.std(axis=0)
-    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
-    return {
-        "x_train": (xtr - mean) / std,
-        "y_train": ytr,
-        "x_test": (xte - mean) / std,
-        "y_test": yte,
-    }
 
 
 def init_mlp(key: jax.Array) -> list[dict[str, jax.Array]]:
@@ -207,7 +190,7 @@ def main(fast: bool = False) -> dict[str, Any]:
     seeds = 1 if fast else 3
     steps = 300 if fast else 1500
     t0 = time.perf_counter()
-    data = load_digits_data()
+    data = digits()
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
     xt, yt = jnp.asarray(data["x_test"]), np.asarray(data["y_test"])
     runs = []

@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxquant.optax as jqo  # noqa: E402
+from jaxquant.datasets import digits  # noqa: E402
 
 COEF_LOG2 = -20
 SIZES = (64, 128, 128, 10)
@@ -56,24 +57,6 @@ FP16_TINY = 2.0**-24  # smallest subnormal
 FP16_MIN_NORMAL = 2.0**-14
 FP16_MAX = 65504.0
 ARMS = ("fp32", "fp16", "fp16_loss_scale")
-
-
-def load_digits_data() -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(
-        x.astype(np.float32), y.astype(np.int32), test_size=0.25, stratify=y, random_state=0
-    )
-    mean, std = xtr.mean(axis=0), xtr.std(axis=0)
-    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
-    return {
-        "x_train": (xtr - mean) / std,
-        "y_train": ytr,
-        "x_test": (xte - mean) / std,
-        "y_test": yte,
-    }
 
 
 def init_mlp(key: jax.Array) -> list[dict[str, jax.Array]]:
@@ -164,7 +147,7 @@ def main(fast: bool = False) -> dict[str, Any]:
     steps = 200 if fast else 1500
     coef = 2.0**COEF_LOG2
     t0 = time.perf_counter()
-    data = load_digits_data()
+    data = digits()
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
     xt, yt = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
     n_params = sum(a * b + b for a, b in itertools.pairwise(SIZES))

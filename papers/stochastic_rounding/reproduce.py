@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
+from jaxquant.datasets import digits  # noqa: E402
 
 FL = 8  # fractional bits of the pass criterion: <IL=8, FL=8>, LSB = 2^-8
 SWEEP_FL = (10, 12, 14)  # full mode: also these (RN gap shrinks as the LSB does)
@@ -47,24 +48,6 @@ PAPER = {  # Fig. 2 (MNIST, fully connected DNN), qualitative: curves, no table
     "fixed16_nearest": "<16, 14> round to nearest: stalls, error far above float",
     "fixed16_stochastic": "<16, 14> stochastic rounding: matches float",
 }
-
-
-def load_digits_data() -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(
-        x.astype(np.float32), y.astype(np.int32), test_size=0.25, stratify=y, random_state=0
-    )
-    mean, std = xtr.mean(axis=0), xtr.std(axis=0)
-    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
-    return {
-        "x_train": (xtr - mean) / std,
-        "y_train": ytr,
-        "x_test": (xte - mean) / std,
-        "y_test": yte,
-    }
 
 
 def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> list[dict[str, jax.Array]]:
@@ -135,7 +118,7 @@ def make_run(arm: str, steps: int, fl: int = FL):
 def main(fast: bool = False) -> dict[str, Any]:
     seeds = 1 if fast else 3
     steps = 500 if fast else 3000
-    data = load_digits_data()
+    data = digits()
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
     xt, yt = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
     sizes = (64, HIDDEN, 10)

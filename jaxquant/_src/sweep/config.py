@@ -81,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "name": "digits-mlp",
             "model": "jaxquant._src.sweep.tasks:MLP",
             "model_kwargs": {"features": [256, 256]},
-            "data": "jaxquant._src.sweep.tasks:load_digits",
+            "data": "jaxquant.datasets:digits",
             "epochs": 30,
             "lr": 1e-3,
             "batch": 64,

@@ -1,9 +1,9 @@
 """Built-in tasks (scikit-learn digits: an MLP and a CNN), custom tasks by import path,
 and the float training / QAT fine-tuning loops.
 
-Data: ``load_digits`` (bundled with scikit-learn, no download), split 75 / 25 (stratified,
-``random_state=0``: 1347 train, 450 test images), standardized with the training split's
-per-pixel statistics -- the split of ``benchmarks/qat_digits.py``.
+Data: :func:`jaxquant.datasets.digits` (bundled with scikit-learn, no download): split
+75 / 25 (stratified, ``random_state=0``: 1347 train, 450 test images), standardized with
+the training split's per-pixel statistics -- the split of ``benchmarks/qat_digits.py``.
 
 Training: Adam with cosine decay on mini-batches, the whole run one jitted ``lax.scan``.
 optax does not trace under strict dtype promotion, so training runs under
@@ -21,26 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-
-def load_digits() -> dict[str, np.ndarray]:
-    """Digits: ``x_*`` float32 ``(n, 64)`` standardized, ``y_*`` int32 labels 0..9."""
-    from sklearn.datasets import load_digits as _load
-    from sklearn.model_selection import train_test_split
-
-    x, y = _load(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(
-        x.astype(np.float32), y.astype(np.int32), test_size=0.25, stratify=y, random_state=0
-    )
-    mean = xtr.mean(axis=0)
-    std = xtr.std(axis=0)
-    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
-    return {
-        "x_train": (xtr - mean) / std,
-        "y_train": ytr,
-        "x_test": (xte - mean) / std,
-        "y_test": yte,
-    }
 
 
 class MLP(nn.Module):
