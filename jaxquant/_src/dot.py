@@ -415,8 +415,6 @@ def _scaled_dot(
         precision = cfg.precision
     kw = {} if out_sharding is None else {"out_sharding": out_sharding}
     out = lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet, **kw)
-    if pet == jnp.int32 and cfg.int8_guard and _INT8_BARRIER:
-        out = lax.optimization_barrier(out)  # keep the epilogue out of XLA's GEMM fusion
     out = out.astype(jnp.float32)
     if _scalar(sa) and _scalar(sb):  # one scalar multiply (XLA can fuse it into the GEMM)
         scales = [s.reshape(()) for s in (sa, sb) if s is not None]
@@ -438,10 +436,7 @@ def _scaled_dot(
 # probed (benchmarks/gpu_int8_probe.py, gpu_int8_probe2.py) and 8192-sized GEMMs
 # (cuBLASLt) were right. Below these sizes (M, K, N) the product runs in float32 instead:
 # exact, and too small to gain from int8; with this guard every int8 test passed there.
-# _INT8_BARRIER (untested on a GPU, off) would instead keep the epilogue out of the
-# GEMM's fusion.
 _GPU_INT8_MIN = (16, 64, 16)
-_INT8_BARRIER = False
 
 
 def _fp8_gemm_ok(dn: DimensionNumbers) -> bool:

@@ -124,7 +124,7 @@ def dot_qarray(
             "dot_general: a stochastic activation spec needs a key per call; serving uses "
             "rounding='nearest' (spec.replace(rounding='nearest'))."
         )
-    if w.ndim != len(w.shape) or len(dn[0][1]) != len(dn[0][0]):
+    if len(dn[0][1]) != len(dn[0][0]):
         raise ValueError(f"dot_general: bad dimension_numbers {dn} for a QArray of {w.shape}.")
     out_dtype = np.dtype(preferred_element_type or lhs.dtype)  # the caller's dtype
     lhs = jnp.asarray(lhs)

@@ -146,7 +146,7 @@ def calibrate(
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate: no calibration batches; pass a non-empty list of inputs.")
-    run = _runner(model, variables, rules)
+    run, payload = _runner(model, variables, rules)
     found: dict[str, Rule] = {}  # path -> matched rule, in call order (filled while tracing)
 
     def observe_batch(payload, args, kwargs):
@@ -164,7 +164,6 @@ def calibrate(
             out[path] = (m, r)
         return out
 
-    payload = run.payload
     step1 = jax.jit(observe_batch)
     moments: dict[str, observe.Moments] = {}
     ranges: dict[str, tuple[Any, Any]] = {}
@@ -260,18 +259,9 @@ def _histograms(run, payload, batches, found, moments, paths, bins) -> dict[str,
 # ------------------------------------------------------------------ running the model
 
 
-class _Runner:
-    """Runs the float model on one batch, returning the inputs of the watched layers."""
-
-    def __init__(self, fn, payload) -> None:
-        self.fn = fn
-        self.payload = payload
-
-    def __call__(self, payload, args, kwargs, found):
-        return self.fn(payload, args, kwargs, found)
-
-
-def _runner(model: Any, variables: Any, rules: Any) -> _Runner:
+def _runner(model: Any, variables: Any, rules: Any) -> tuple[Any, Any]:
+    """``(fn, payload)``: ``fn(payload, args, kwargs, found)`` runs the float model on one
+    batch and returns the inputs of the watched layers; ``payload`` is its variables."""
     if isinstance(model, nn.Module):
         if variables is None:
             raise ValueError("calibrate: a Linen model needs its variables (model.init(...)).")
@@ -286,7 +276,7 @@ def _runner(model: Any, variables: Any, rules: Any) -> _Runner:
                     "plain model."
                 )
             rs, inner = as_rules(rules), model
-        return _Runner(_linen_fn(inner, rs), variables)
+        return _linen_fn(inner, rs), variables
     if isinstance(model, nnx.Module):
         if variables is not None:
             raise ValueError("calibrate: an NNX model holds its own variables; pass none.")
@@ -303,7 +293,7 @@ def _runner(model: Any, variables: Any, rules: Any) -> _Runner:
         else:
             rs = as_rules(rules)
         graphdef, state = nnx.split(model)
-        return _Runner(_nnx_fn(graphdef, rs), state)
+        return _nnx_fn(graphdef, rs), state
     raise TypeError(f"calibrate: expected a Flax Linen or NNX model, got {type(model).__name__}.")
 
 
