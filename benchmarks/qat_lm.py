@@ -24,10 +24,8 @@ Run (8-11 minutes on a 2-core CPU)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import sys
-import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
+from jaxquant._src.datasets import spaced_windows  # noqa: E402
+from jaxquant.datasets import stdlib_corpus  # noqa: E402
 from jaxquant.flax import quantize_model, report  # noqa: E402
 
 NAME = "qat_lm"
@@ -77,39 +77,12 @@ from benchmarks.qat_digits import (  # noqa: E402
 # ------------------------------------------------------------------------------- data
 
 
-def load_corpus(val_every: int = 10, max_files: int | None = None) -> dict[str, Any]:
-    """Top-level stdlib ``.py`` files, sorted; every ``val_every``-th one (index
-    ``val_every - 1``, ``2 val_every - 1``, ...) is validation. Files are joined by a
-    newline. Returns uint8 arrays and a description (file counts, bytes, sha256)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
-    if max_files is not None:
-        files = files[:max_files]
-    if len(files) < val_every:
-        raise RuntimeError(f"found only {len(files)} .py files in {stdlib}")
-    train, val = [], []
-    for i, f in enumerate(files):
-        (val if i % val_every == val_every - 1 else train).append(f.read_bytes())
-    tr, va = b"\n".join(train), b"\n".join(val)
-    return {
-        "train": np.frombuffer(tr, np.uint8),
-        "val": np.frombuffer(va, np.uint8),
-        "info": {
-            "stdlib": str(stdlib),
-            "python": sys.version.split()[0],
-            "files_train": len(train),
-            "files_val": len(val),
-            "bytes_train": len(tr),
-            "bytes_val": len(va),
-            "sha256": hashlib.sha256(tr + b"\0" + va).hexdigest(),
-        },
-    }
+load_corpus = stdlib_corpus  # the split and bytes recorded in results/qat_lm.json
 
 
 def val_windows(val: np.ndarray, seq: int, n: int) -> np.ndarray:
     """``n`` windows of ``seq + 1`` bytes, evenly spaced over the validation bytes."""
-    starts = np.linspace(0, len(val) - seq - 1, n).astype(np.int64)
-    return np.stack([val[s : s + seq + 1] for s in starts]).astype(np.int32)
+    return spaced_windows(val, seq + 1, n)
 
 
 # ------------------------------------------------------------------------------ model

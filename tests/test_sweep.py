@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from jaxquant._src.cli import main
@@ -31,16 +33,19 @@ class Tiny(nn.Module):
         return nn.Dense(3)(x)
 
 
-def data():
+def data(n=240):
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(3, 8)).astype(np.float32) * 3
-    y = rng.integers(0, 3, 240).astype(np.int32)
-    x = (centers[y] + rng.normal(size=(240, 8))).astype(np.float32)
-    return {"x_train": x[:160], "y_train": y[:160], "x_test": x[160:], "y_test": y[160:]}
+    y = rng.integers(0, 3, n).astype(np.int32)
+    x = (centers[y] + rng.normal(size=(n, 8))).astype(np.float32)
+    k = n * 2 // 3
+    return {"x_train": x[:k], "y_train": y[:k], "x_test": x[k:], "y_test": y[k:]}
 """
 
 
-def tiny_toml(tmp_path: Path, *, granularities=("tensor", "channel"), extra: str = "") -> Path:
+def tiny_toml(
+    tmp_path: Path, *, granularities=("tensor", "channel"), extra: str = "", task_extra: str = ""
+) -> Path:
     """A custom task (model and data by import path) with a small grid."""
     path = tmp_path / "tiny.toml"
     grans = ", ".join(f'"{g}"' for g in granularities)
@@ -56,6 +61,7 @@ def tiny_toml(tmp_path: Path, *, granularities=("tensor", "channel"), extra: str
             epochs = 3
             lr = 0.01
             batch = 32
+            {task_extra}
             [grid]
             formats = ["float32", "int8", "int4", "ternary"]
             granularities = [{grans}]
@@ -221,6 +227,9 @@ def test_failing_cell_is_recorded_and_sweep_goes_on(tiny, capsys):
         ('preset = "digits-rnn"', "preset = 'digits-rnn' is not a preset"),
         ("[qat]\nsteps = 1.5", "qat.steps = 1.5 must be an integer"),
         ("[grid", "is not valid TOML"),
+        ('[task]\nlayers = "Dense_(0"', "task.layers = 'Dense_(0' is not a regular expression"),
+        ("[task]\nsteps = -1", "task.steps = -1 must be >= 0"),
+        ("[task]\ndata_kwargs = 3", "task.data_kwargs = 3 must be a table"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, capsys, toml, needle):
@@ -282,3 +291,77 @@ def test_interrupt_keeps_finished_rows(tiny, capsys, monkeypatch):
     monkeypatch.setattr(R.Evaluator, "__call__", real)
     code, text, _ = sweep(capsys, "--config", str(toml), "--out", str(out), "--no-plots")
     assert code == 0 and f"({len(cells) - 3} run, 3 already done, 0 failed)" in text
+
+
+def test_quick_lm_end_to_end(tmp_path, capsys):
+    """The byte-level transformer preset: per-position labels, only the blocks quantized."""
+    out = tmp_path / "lm"
+    code, text, err = sweep(capsys, "--preset", "stdlib-lm", "--quick", "--out", str(out))
+    assert code == 0, err
+    cfg = C.resolve(preset="stdlib-lm", quick=True)
+    rows = {(r["format"], r["mode"]): r for r in R.read_rows(out / "results.jsonl")}
+    assert len(rows) == len(G.expand(cfg)) and all(r["status"] == "ok" for r in rows.values())
+    f32 = rows["float32", "ptq"]
+    # The float model learned something: below the uniform byte's log(256) = 5.55 nats.
+    assert f32["test_loss"] == f32["float_loss"] < 4.6
+    assert f32["test_acc"] == f32["float_acc"] > 10.0
+    int8 = rows["int8", "ptq"]
+    assert abs(int8["test_loss"] - f32["test_loss"]) < 0.02
+    assert rows["ternary", "ptq"]["test_loss"] > int8["test_loss"]
+    qat = rows["int4", "qat"]
+    assert qat["test_loss"] < 5.0 and "ptq_acc" in qat
+    # Only the 6 Linear layers inside each block are quantized: the head and embedding stay
+    # float32, so int8 saves 3 of 4 bytes of the blocks' weights, less a float32 scale per
+    # output channel (the float32 cell may hold one scale per kernel).
+    m = cfg["task"]["model_kwargs"]
+    d, h, n = m["d"], m["hidden"], m["layers"]
+    block_w, channels = n * (4 * d * d + 2 * d * h), n * (5 * d + h)
+    saved = f32["model_bytes"] - int8["model_bytes"]
+    assert 0 <= saved - (3 * block_w - 4 * channels) <= 4 * 6 * n
+    assert "| stdlib-lm | qat | int4 |" in text
+
+
+def test_lm_data_and_model_shapes():
+    from jaxquant._src.sweep import tasks
+    from jaxquant.datasets import stdlib_bytes
+
+    d = stdlib_bytes(seq=16, test_windows=4, max_files=20)
+    assert d["x_train"].shape[1:] == d["y_train"].shape[1:] == (16,)
+    assert (d["x_train"][:, 1:] == d["y_train"][:, :-1]).all()  # targets: the next byte
+    assert (d["x_train"][1:, 0] == d["y_train"][:-1, -1]).all()  # windows tile the bytes
+    model = tasks.ByteLM(seq=16, d=16, layers=2, heads=2, hidden=32)
+
+    params = model.init(jax.random.key(0), d["x_test"][:1])["params"]
+    assert sorted(tasks.kernels(params, "block.*")) == sorted(
+        f"block{i}/{n}"
+        for i in range(2)
+        for n in ("attn/q", "attn/k", "attn/v", "attn/o", "fc1", "fc2")
+    )
+    assert "head" in tasks.kernels(params)
+    with pytest.raises(ValueError, match="exceed seq=16"):
+        model.apply({"params": params}, np.zeros((1, 17), np.int32))
+
+
+def test_task_layers_steps_and_data_kwargs(tiny, capsys):
+    toml = tiny_toml(tiny, task_extra='layers = "Dense_1"\nsteps = 7\ndata_kwargs = { n = 300 }')
+    cfg = C.load(toml)
+    assert cfg["task"]["layers"] == "Dense_1" and cfg["task"]["data_kwargs"] == {"n": 300}
+    out = tiny / "run"
+    assert sweep(capsys, "--config", str(toml), "--out", str(out), "--no-plots")[0] == 0
+    rows = {(r["format"], r["granularity"]): r for r in R.read_rows(out / "results.jsonl")}
+    # Only Dense_1 (16 x 3) is quantized: per tensor, int8 saves 3/4 of its 192 bytes (one
+    # float32 scale each); per channel, less the two more scales.
+    f32 = rows["float32", "tensor"]["model_bytes"]
+    assert f32 - rows["int8", "tensor"]["model_bytes"] == 144
+    assert f32 - rows["int8", "channel"]["model_bytes"] == 144 - 2 * 4
+    ev = R.Evaluator(cfg)
+    assert ev.yt.shape[0] == 100  # data_kwargs reached the data function
+    from jaxquant._src.sweep.tasks import train_steps
+
+    assert train_steps(cfg["task"], 200) == 7  # task.steps wins over epochs ...
+    assert train_steps({"epochs": 3, "batch": 32, "steps": 0}, 200) == 3 * 6  # ... when > 0
+    # A pattern that matches nothing fails every cell, naming the key.
+    bad = tiny / "bad.toml"
+    bad.write_text(toml.read_text().replace('layers = "Dense_1"', 'layers = "Conv.*"'))
+    code, text, _ = sweep(capsys, "--config", str(bad), "--out", str(tiny / "bad"), "--no-plots")
+    assert code == 1 and "task.layers = 'Conv.*' matches no" in text

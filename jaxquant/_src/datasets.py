@@ -35,3 +35,100 @@ def digits() -> dict[str, np.ndarray]:
         "x_test": (xte - mean) / std,
         "y_test": yte,
     }
+
+
+def stdlib_corpus(val_every: int = 10, max_files: int | None = None) -> dict:
+    """The Python standard library's own top-level ``.py`` files as bytes: present
+    offline on every machine (the exact bytes depend on the Python version: ``info``
+    records it with a sha256).
+
+    Files are sorted by name; every ``val_every``-th one (indices ``val_every - 1``,
+    ``2 val_every - 1``, ...) is held out for validation; each split is its files joined
+    by a newline. ``max_files`` keeps the first files only (quick runs).
+
+    Returns:
+      ``{"train": uint8 array, "val": uint8 array, "info": {stdlib, python, files_train,
+      files_val, bytes_train, bytes_val, sha256}}``.
+    """
+    import hashlib
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    if val_every < 2:
+        raise ValueError(f"stdlib_corpus: val_every={val_every} must be >= 2.")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
+    if max_files is not None:
+        files = files[:max_files]
+    if len(files) < val_every:
+        raise RuntimeError(
+            f"stdlib_corpus: found only {len(files)} .py files in {stdlib}; need at least "
+            f"val_every={val_every} (raise max_files)."
+        )
+    train, val = [], []
+    for i, f in enumerate(files):
+        (val if i % val_every == val_every - 1 else train).append(f.read_bytes())
+    tr, va = b"\n".join(train), b"\n".join(val)
+    return {
+        "train": np.frombuffer(tr, np.uint8),
+        "val": np.frombuffer(va, np.uint8),
+        "info": {
+            "stdlib": str(stdlib),
+            "python": sys.version.split()[0],
+            "files_train": len(train),
+            "files_val": len(val),
+            "bytes_train": len(tr),
+            "bytes_val": len(va),
+            "sha256": hashlib.sha256(tr + b"\0" + va).hexdigest(),
+        },
+    }
+
+
+def spaced_windows(data: np.ndarray, length: int, n: int) -> np.ndarray:
+    """``n`` windows of ``length`` bytes, evenly spaced over ``data`` (int32 ``(n, length)``)."""
+    if len(data) < length + 1:
+        raise ValueError(f"spaced_windows: {len(data)} bytes hold no window of {length}.")
+    starts = np.linspace(0, len(data) - length, n).astype(np.int64)
+    return np.stack([data[s : s + length] for s in starts]).astype(np.int32)
+
+
+def stdlib_bytes(
+    seq: int = 128,
+    *,
+    test_windows: int = 512,
+    val_every: int = 10,
+    max_files: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Next-byte prediction on :func:`stdlib_corpus`, as a supervised data set.
+
+    Training windows tile the training bytes (stride ``seq``, no overlap); the test set is
+    ``test_windows`` windows evenly spaced over the held-out files. Inputs are a window's
+    first ``seq`` bytes, targets the same window shifted by one.
+
+    Returns:
+      ``x_train`` / ``x_test``: int32 ``(n, seq)`` byte values; ``y_train`` / ``y_test``:
+      int32 ``(n, seq)``, the next byte at every position.
+
+    Example:
+      >>> from jaxquant.datasets import stdlib_bytes
+      >>> d = stdlib_bytes(seq=32, test_windows=8, max_files=20)
+      >>> d["x_test"].shape, d["y_test"].dtype
+      ((8, 32), dtype('int32'))
+    """
+    if seq < 1 or test_windows < 1:
+        raise ValueError(f"stdlib_bytes: seq={seq} and test_windows={test_windows} must be >= 1.")
+    corpus = stdlib_corpus(val_every, max_files)
+    tr = corpus["train"]
+    n = (len(tr) - 1) // seq
+    if n < 1:
+        raise ValueError(f"stdlib_bytes: {len(tr)} training bytes hold no window of {seq + 1}.")
+    idx = np.arange(n)[:, None] * seq + np.arange(seq + 1)[None, :]
+    train = tr[idx].astype(np.int32)
+    test = spaced_windows(corpus["val"], seq + 1, test_windows)
+    return {
+        "x_train": train[:, :-1],
+        "y_train": train[:, 1:],
+        "x_test": test[:, :-1],
+        "y_test": test[:, 1:],
+    }

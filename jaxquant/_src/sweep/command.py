@@ -4,7 +4,7 @@ Usage::
 
     jaxquant sweep                              # the default grid (digits MLP, 2 seeds)
     jaxquant sweep --quick                      # a tiny grid, one seed (seconds)
-    jaxquant sweep --preset digits-cnn
+    jaxquant sweep --preset digits-cnn            # or stdlib-lm (a byte-level transformer)
     jaxquant sweep --config my.toml --out runs/mine   # re-run the same line to resume
     jaxquant sweep --shard 0/2 --out runs/a          # on host 0; host 1 runs --shard 1/2
     jaxquant sweep --merge runs/a runs/b --out runs/ab

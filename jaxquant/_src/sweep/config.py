@@ -8,17 +8,20 @@ anything runs; a mistake raises :class:`ConfigError` with one line naming the ke
 
 Layout (every key optional; a preset fills the rest)::
 
-    preset = "digits-mlp"            # base: digits-mlp | digits-cnn
+    preset = "digits-mlp"            # base: digits-mlp | digits-cnn | stdlib-lm
     seeds = [0, 1]
 
     [task]                           # a custom task names a Flax model and a data function
     name = "my-task"
     model = "pkg.module:ModelClass"  # a flax.linen.Module class (or factory) by import path
     model_kwargs = { features = [64] }
-    data = "pkg.module:load"         # () -> {x_train, y_train, x_test, y_test}
-    epochs = 20                      # float training
+    data = "pkg.module:load"         # (**data_kwargs) -> {x_train, y_train, x_test, y_test}
+    data_kwargs = { seq = 64 }       # optional
+    epochs = 20                      # float training: epochs over x_train ...
+    steps = 0                        # ... or this many steps when > 0 (optional)
     lr = 1e-3
     batch = 64
+    layers = "block.*"               # optional: quantize the layers whose path fullmatches
 
     [grid]                           # PTQ: the cartesian product, made canonical (grid.py)
     formats = ["int8", "int4"]
@@ -122,9 +125,42 @@ PRESETS["digits-cnn"]["task"] |= {
     "lr": 2e-3,
 }
 PRESETS["digits-cnn"]["qat"]["steps"] = 100
+# The byte-level transformer of benchmarks/qat_lm.py (Linen twin), on the stdlib's source:
+# the Linear layers inside the blocks are quantized; embedding, positions, LayerNorms, the
+# attention products and the output head stay in float (as in the benchmark).
+PRESETS["stdlib-lm"] = {
+    "seeds": [0],
+    "task": {
+        "name": "stdlib-lm",
+        "model": "jaxquant._src.sweep.tasks:ByteLM",
+        "model_kwargs": {"seq": 128, "d": 128, "layers": 2, "heads": 4, "hidden": 512},
+        "data": "jaxquant.datasets:stdlib_bytes",
+        "data_kwargs": {"seq": 128, "test_windows": 256},
+        "epochs": 1,
+        "steps": 300,
+        "lr": 2e-3,
+        "batch": 16,
+        "layers": "block.*",
+    },
+    "grid": copy.deepcopy(PRESETS["digits-mlp"]["grid"]) | {"roundings": ["nearest"]},
+    "qat": {
+        "formats": ["fp8_e4m3", "int4", "ternary"],
+        "granularities": ["channel"],
+        "steps": 100,
+        "lr": 5e-4,
+    },
+}
+QUICK_TASK: dict[str, dict[str, Any]] = {  # --quick: each preset's small model
+    "digits-mlp": {"model_kwargs": {"features": [64, 64]}, "epochs": 10},
+    "digits-cnn": {"epochs": 3},
+    "stdlib-lm": {
+        "model_kwargs": {"seq": 32, "d": 32, "layers": 1, "heads": 2, "hidden": 64},
+        "data_kwargs": {"seq": 32, "test_windows": 32, "max_files": 20},
+        "steps": 30,
+    },
+}
 QUICK = {  # --quick: a smoke test of every kind of cell (< 40 s on 2 cores)
     "seeds": [0],
-    "task": {"model_kwargs": {"features": [64, 64]}, "epochs": 10},
     "grid": {
         "formats": ["float32", "int8", "int4", "ternary"],
         "granularities": ["channel"],
@@ -143,9 +179,12 @@ _SCHEMA: dict[str, Any] = {
         "model": str,
         "model_kwargs": dict,
         "data": str,
+        "data_kwargs": dict,
         "epochs": int,
+        "steps": int,
         "lr": float,
         "batch": int,
+        "layers": str,
     },
     "grid": {
         "formats": list,
@@ -175,7 +214,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``base`` updated by ``over``, one level of tables deep (lists are replaced)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "model_kwargs":
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not k.endswith("_kwargs"):
             out[k] = merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
@@ -273,6 +312,14 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for k in ("epochs", "batch"):
         if task[k] < 1:
             raise _fail(f"task.{k}", f"= {task[k]} must be >= 1")
+    if task.get("steps", 0) < 0:
+        raise _fail("task.steps", f"= {task['steps']} must be >= 0 (0: use task.epochs)")
+    if "layers" in task:
+        try:
+            re.compile(task["layers"])
+        except re.error as err:
+            msg = f"= {task['layers']!r} is not a regular expression ({err})"
+            raise _fail("task.layers", msg) from None
     if not (task["lr"] > 0 and math.isfinite(task["lr"])):
         raise _fail("task.lr", f"= {task['lr']} must be a positive number")
     grid, qat = cfg["grid"], cfg["qat"]
@@ -317,15 +364,17 @@ def resolve(
         raise _fail("preset", f"= {name!r} is not a preset; known: {', '.join(PRESETS)}")
     cfg = copy.deepcopy(PRESETS[name])
     if quick:
-        q = copy.deepcopy(QUICK)
-        if name != "digits-mlp":
-            q["task"].pop("model_kwargs")
-            q["task"]["epochs"] = 3
-        cfg = merge(cfg, q)
-    custom_model = "model" in raw.get("task", {})
+        cfg = merge(cfg, QUICK | {"task": QUICK_TASK[name]})
+    raw_task = raw.get("task", {})
     cfg = merge(cfg, raw)
-    if custom_model and "model_kwargs" not in raw.get("task", {}):
-        cfg["task"]["model_kwargs"] = {}  # the preset's kwargs belong to the preset's model
+    # The preset's kwargs (and layer pattern) belong to the preset's model and data.
+    if "model" in raw_task:
+        if "model_kwargs" not in raw_task:
+            cfg["task"]["model_kwargs"] = {}
+        if "layers" not in raw_task:
+            cfg["task"].pop("layers", None)
+    if "data" in raw_task and "data_kwargs" not in raw_task:
+        cfg["task"].pop("data_kwargs", None)
     cfg["preset"] = name
     return validate(cfg)
 

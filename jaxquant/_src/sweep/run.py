@@ -53,6 +53,8 @@ COLUMNS = (
     "test_acc",
     "float_acc",
     "ptq_acc",
+    "test_loss",
+    "float_loss",
     "weight_sqnr_db",
     "bits_per_weight",
     "model_bytes",
@@ -261,18 +263,28 @@ class Evaluator:
         self.data = tasks.load_data(self.task)
         self.x, self.y = jnp.asarray(self.data["x_train"]), jnp.asarray(self.data["y_train"])
         self.xt, self.yt = jnp.asarray(self.data["x_test"]), jnp.asarray(self.data["y_test"])
-        self.float: dict[int, tuple[dict, float] | Exception] = {}
+        self.layers = self.task.get("layers", ".*")
+        self.float: dict[int, tuple[dict, dict[str, float]] | Exception] = {}
         self._qat: dict[Any, Any] = {}
 
-    def accuracy(self, model: Any, params: Any) -> float:
-        fn = self.tasks.make_correct(model)
-        return 100.0 * int(fn(params, self.xt, self.yt)) / int(self.yt.shape[0])
+    def evaluate(self, model: Any, params: Any) -> tuple[float, float]:
+        """``(accuracy %, mean cross-entropy in nats)`` on the test split (over every
+        label: per image, or per byte position for a language model)."""
+        correct, nll = self.tasks.make_eval(model)(params, self.xt, self.yt)
+        n = int(self.yt.size)
+        return 100.0 * int(correct) / n, float(nll) / n
 
-    def float_model(self, seed: int) -> tuple[dict, float]:
+    def float_model(self, seed: int) -> tuple[dict, dict[str, float]]:
         if seed not in self.float:
             try:
                 params, _ = self.tasks.train_float(self.model, self.task, self.data, seed)
-                self.float[seed] = (params, self.accuracy(self.model, params))
+                if not self.tasks.kernels(params, self.layers):
+                    raise ValueError(
+                        f"task.layers = {self.layers!r} matches no Dense / Conv kernel of "
+                        f"the model; its layers: {', '.join(self.tasks.kernels(params))}."
+                    )
+                acc, loss = self.evaluate(self.model, params)
+                self.float[seed] = (params, {"float_acc": acc, "float_loss": loss})
             except Exception as err:  # every cell of the seed fails with this error
                 self.float[seed] = err
         got = self.float[seed]
@@ -287,7 +299,7 @@ class Evaluator:
         qparams, tree = params, params
         sig = noise = 0.0
         kbytes = kcount = 0
-        for i, (layer, shape) in enumerate(self.tasks.kernels(params).items()):
+        for i, (layer, shape) in enumerate(self.tasks.kernels(params, self.layers).items()):
             spec = G.spec_for(cell, shape)
             w = _get_kernel(params, layer)
             k = None if key is None else jax.random.fold_in(key, i)
@@ -312,39 +324,36 @@ class Evaluator:
         }
 
     def __call__(self, cell: G.Cell) -> dict[str, Any]:
-        params, float_acc = self.float_model(cell.seed)
+        params, base = self.float_model(cell.seed)
         key = jax.random.key(cell.seed) if cell.rounding == "stochastic" else None
         if cell.mode == "ptq":
             qparams, m = self._weights(cell, params, key)
-            return {"test_acc": self.accuracy(self.model, qparams), "float_acc": float_acc, **m}
-        return self._qat_cell(cell, params, float_acc)
+            acc, loss = self.evaluate(self.model, qparams)
+            return {"test_acc": acc, "test_loss": loss, **base, **m}
+        return self._qat_cell(cell, params, base)
 
-    def _qat_cell(self, cell: G.Cell, params: dict, float_acc: float) -> dict[str, Any]:
+    def _qat_cell(self, cell: G.Cell, params: dict, base: dict[str, float]) -> dict[str, Any]:
         from jaxquant.flax import Rule, quantize_model
 
         name = cell._replace(seed=-1)
         if name not in self._qat:
             rules = [
                 Rule(re.escape(layer), weight=G.spec_for(cell, shape))
-                for layer, shape in self.tasks.kernels(params).items()
+                for layer, shape in self.tasks.kernels(params, self.layers).items()
             ]
             qmodel = quantize_model(self.model, rules)
             q = self.cfg["qat"]
             trainer = self.tasks.make_trainer(qmodel, self.task["batch"], q["steps"], q["lr"])
             self._qat[name] = (qmodel, trainer)
         qmodel, trainer = self._qat[name]
-        ptq_acc = self.accuracy(qmodel, params)
+        ptq_acc, _ = self.evaluate(qmodel, params)
         key = jax.random.fold_in(jax.random.key(cell.seed), 1)
         tuned, losses = trainer(params, self.x, self.y, key)
         if not np.isfinite(float(losses[-1])):
             raise FloatingPointError(f"QAT: non-finite loss {float(losses[-1])}")
         _, m = self._weights(cell, tuned, None)
-        return {
-            "test_acc": self.accuracy(qmodel, tuned),
-            "float_acc": float_acc,
-            "ptq_acc": ptq_acc,
-            **m,
-        }
+        acc, loss = self.evaluate(qmodel, tuned)
+        return {"test_acc": acc, "test_loss": loss, **base, "ptq_acc": ptq_acc, **m}
 
 
 # ------------------------------------------------------------------------- run
@@ -502,8 +511,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         groups.setdefault(key, []).append(r)
     lines = [
         "| task | mode | format | granularity | calibration | rounding | seeds ok "
-        "| bits/w | KiB | SQNR dB | acc % | vs float | error |",
-        "|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|---|",
+        "| bits/w | KiB | SQNR dB | acc % | vs float | loss | error |",
+        "|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for key, rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
@@ -524,6 +533,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             + f" | {len(ok)}/{len(rs)} | {_fmt(mean('bits_per_weight'), '.2f')}"
             f" | {_fmt(None if kib is None else kib / 1024, '.1f')}"
             f" | {_fmt(mean('weight_sqnr_db'), '.1f')} | {acc_s} | {_fmt(delta, '+.2f')}"
+            f" | {_fmt(mean('test_loss'), '.3f')}"
             f" | {err[:60].replace('|', '/')} |"
         )
     return "\n".join(lines)
