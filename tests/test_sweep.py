@@ -44,7 +44,12 @@ def data(n=240):
 
 
 def tiny_toml(
-    tmp_path: Path, *, granularities=("tensor", "channel"), extra: str = "", task_extra: str = ""
+    tmp_path: Path,
+    *,
+    granularities=("tensor", "channel"),
+    extra: str = "",
+    task_extra: str = "",
+    grid_extra: str = "",
 ) -> Path:
     """A custom task (model and data by import path) with a small grid."""
     path = tmp_path / "tiny.toml"
@@ -68,6 +73,7 @@ def tiny_toml(
             calibrations = ["absmax"]
             roundings = ["nearest"]
             modes = ["ptq", "qat"]
+            {grid_extra}
             [qat]
             formats = ["int4"]
             granularities = ["channel"]
@@ -136,7 +142,7 @@ def test_quick_digits_end_to_end(tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == len(cells)
     for name in ("accuracy_vs_bits", "sqnr_vs_bits", "size_vs_accuracy"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| int4 | channel |" in text and (out / "summary.md").read_text().strip() in text
+    assert "| int4 | none | channel |" in text and (out / "summary.md").read_text().strip() in text
     assert not list(out.rglob("*.tmp*"))
 
 
@@ -229,6 +235,8 @@ def test_failing_cell_is_recorded_and_sweep_goes_on(tiny, capsys):
         ("[grid", "is not valid TOML"),
         ('[task]\nlayers = "Dense_(0"', "task.layers = 'Dense_(0' is not a regular expression"),
         ("[task]\nsteps = -1", "task.steps = -1 must be >= 0"),
+        ('[grid]\nactivations = ["mxfp4"]', "grid.activations[0] = 'mxfp4' is not an activation"),
+        ('[qat]\nactivations = ["int8", "int8"]', "qat.activations[1] = 'int8' is repeated"),
         ("[task]\ndata_kwargs = 3", "task.data_kwargs = 3 must be a table"),
     ],
 )
@@ -365,3 +373,45 @@ def test_task_layers_steps_and_data_kwargs(tiny, capsys):
     bad.write_text(toml.read_text().replace('layers = "Dense_1"', 'layers = "Conv.*"'))
     code, text, _ = sweep(capsys, "--config", str(bad), "--out", str(tiny / "bad"), "--no-plots")
     assert code == 1 and "task.layers = 'Conv.*' matches no" in text
+
+
+def test_activation_cells(tiny, capsys):
+    """grid.activations: static ranges calibrated on the weight-quantized model (PTQ);
+    qat.activations: per-batch absmax in QAT. Ids of float-activation cells are unchanged."""
+    toml = tiny_toml(
+        tiny,
+        granularities=("channel",),
+        grid_extra='activations = ["none", "int8", "int4"]',
+        extra='activations = ["none", "int8"]\n',  # lands in [qat]
+    )
+    cfg = C.load(toml)
+    cells = G.expand(cfg)
+    assert {c.act for c in cells if c.mode == "ptq"} == {"none", "int8", "int4"}
+    assert {c.act for c in cells if c.mode == "qat"} == {"none", "int8"}
+    plain = [c for c in cells if c.act == "none"]
+    assert all("act=" not in c.id for c in plain)  # the ids of runs before activations
+    assert all(c.id.endswith(f"/act={c.act}") for c in cells if c.act != "none")
+    out = tiny / "run"
+    code, text, _ = sweep(capsys, "--config", str(toml), "--out", str(out), "--no-plots")
+    assert code == 0
+    all_rows = R.read_rows(out / "results.jsonl")
+    assert len(all_rows) == len(cells) and all(r["status"] == "ok" for r in all_rows)
+    rows = {(r["format"], r["mode"], r["act"]): r for r in all_rows if r["seed"] == 0}
+    for fmt in ("float32", "int8"):
+        assert abs(rows[fmt, "ptq", "int8"]["test_acc"] - rows[fmt, "ptq", "none"]["test_acc"]) <= 3
+    # int4 activations differ from int8 ones: the activation spec is really applied.
+    assert rows["int8", "ptq", "int4"]["test_loss"] != rows["int8", "ptq", "int8"]["test_loss"]
+    assert rows["int4", "qat", "int8"]["status"] == "ok"
+    with open(out / "results.csv") as f:
+        assert {r["act"] for r in csv.DictReader(f)} == {"none", "int8", "int4"}
+    assert "| tiny | ptq | int8 | int4 | channel |" in text
+    # The PTQ activation model has static (Fixed) ranges, one per quantized layer.
+    import jaxquant as jq
+
+    ev = R.Evaluator(cfg)
+    params, _ = ev.float_model(0)
+    cell = next(c for c in cells if c.act == "int8" and c.mode == "ptq" and c.format == "int8")
+    model = ev._static_act_model(cell, params)
+    acts = [r.act for r in model.rules]
+    assert len(acts) == 2 and all(isinstance(a.calibration, type(jq.fixed(1.0))) for a in acts)
+    assert all(a.format.name == "int8" for a in acts)

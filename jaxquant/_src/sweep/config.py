@@ -29,10 +29,12 @@ Layout (every key optional; a preset fills the rest)::
     calibrations = ["absmax", "mse"]
     roundings = ["nearest", "stochastic"]
     modes = ["ptq", "qat"]
+    activations = ["none", "int8"]   # optional: also quantize layer inputs (static ranges)
 
     [qat]                            # QAT cells: formats x granularities, nearest rounding
     formats = ["int4", "ternary"]
     granularities = ["channel"]
+    activations = ["none"]           # optional: dynamic per-batch activation quantization
     steps = 200
     lr = 3e-4
 """
@@ -71,6 +73,8 @@ FORMATS: dict[str, str] = {
     "ternary": "ternary",
     "binary": "binary",
 }
+# Activation formats (per tensor, one static or per-batch scale): "none" keeps them float.
+ACTIVATIONS = ("none", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4")
 CALIBRATIONS = ("absmax", "mse", "percentile:P", "mean_std:K", "kl", "none")
 ROUNDINGS = ("nearest", "stochastic")
 MODES = ("ptq", "qat")
@@ -192,8 +196,15 @@ _SCHEMA: dict[str, Any] = {
         "calibrations": list,
         "roundings": list,
         "modes": list,
+        "activations": list,
     },
-    "qat": {"formats": list, "granularities": list, "steps": int, "lr": float},
+    "qat": {
+        "formats": list,
+        "granularities": list,
+        "steps": int,
+        "lr": float,
+        "activations": list,
+    },
 }
 
 
@@ -256,6 +267,12 @@ def _check_list(key: str, values: list, check) -> None:
 
 def _format_err(v: str) -> str | None:
     return None if v in FORMATS else f"is not a format; known: {', '.join(FORMATS)}"
+
+
+def _act_err(v: str) -> str | None:
+    if v in ACTIVATIONS:
+        return None
+    return f"is not an activation format; known: {', '.join(ACTIVATIONS)}"
 
 
 def _gran_err(v: str) -> str | None:
@@ -324,7 +341,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise _fail("task.lr", f"= {task['lr']} must be a positive number")
     grid, qat = cfg["grid"], cfg["qat"]
     for k in _SCHEMA["grid"]:
-        if k not in grid:
+        if k not in grid and k != "activations":
             raise _fail(f"grid.{k}", "is missing")
     _check_list("grid.formats", grid["formats"], _format_err)
     _check_list("grid.granularities", grid["granularities"], _gran_err)
@@ -340,8 +357,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         lambda v: None if v in MODES else f"is not a mode; known: {', '.join(MODES)}",
     )
     for k in _SCHEMA["qat"]:
-        if k not in qat:
+        if k not in qat and k != "activations":
             raise _fail(f"qat.{k}", "is missing")
+    for table, key in ((grid, "grid.activations"), (qat, "qat.activations")):
+        if "activations" in table:
+            _check_list(key, table["activations"], _act_err)
     _check_list("qat.formats", qat["formats"], _format_err)
     _check_list("qat.granularities", qat["granularities"], _gran_err)
     if qat["steps"] < 1:

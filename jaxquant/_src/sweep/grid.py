@@ -7,8 +7,14 @@ cells compute the same thing (then deduplicated, order kept):
   ``none`` (float32 is the float baseline);
 * MX formats carry their own scales: granularity ``block32``, calibration ``absmax``;
 * ``binary`` uses ``mean_abs`` (BWN), ``ternary`` uses ``twn`` (TWN);
-* QAT cells are ``qat.formats x qat.granularities`` with the format's default
-  calibration and nearest rounding.
+* QAT cells are ``qat.formats x qat.granularities x qat.activations`` with the format's
+  default calibration and nearest rounding.
+
+``grid.activations`` / ``qat.activations`` (optional, default ``["none"]``) also quantize
+every quantized layer's input, per tensor: in PTQ cells with a static range calibrated on
+training batches by the cell's calibration method (absmax for the ternary / binary /
+MX / cast cells, whose weight calibrations don't apply to activations), in QAT cells
+dynamically (each batch's absmax). A cell's id ends in ``/act=<format>`` unless ``none``.
 
 Every quantized layer is a leaf named ``kernel`` of rank >= 2 (Dense ``(in, out)``, Conv
 ``(kh, kw, in, out)``). ``blockN`` groups N values along the contracted input axis (-2);
@@ -36,10 +42,12 @@ class Cell(NamedTuple):
     calibration: str
     rounding: str
     mode: str
+    act: str = "none"
 
     @property
     def id(self) -> str:
-        return "/".join(str(v) for v in self)
+        base = "/".join(str(v) for v in self[:-1])
+        return base if self.act == "none" else f"{base}/act={self.act}"
 
 
 def canonical(fmt: str, granularity: str, calibration: str, rounding: str) -> tuple:
@@ -56,21 +64,23 @@ def canonical(fmt: str, granularity: str, calibration: str, rounding: str) -> tu
 
 def expand(cfg: dict[str, Any]) -> list[Cell]:
     """Every cell of ``cfg``, seed-major (one float training per seed), deduplicated."""
-    g, task = cfg["grid"], cfg["task"]["name"]
+    g, q, task = cfg["grid"], cfg["qat"], cfg["task"]["name"]
     out: dict[str, Cell] = {}
     for seed in cfg["seeds"]:
         if "ptq" in g["modes"]:
-            for f in g["formats"]:
-                for gr in g["granularities"]:
-                    for c in g["calibrations"]:
-                        for r in g["roundings"]:
-                            cell = Cell(task, seed, *canonical(f, gr, c, r), "ptq")
-                            out.setdefault(cell.id, cell)
+            for a in g.get("activations", ["none"]):
+                for f in g["formats"]:
+                    for gr in g["granularities"]:
+                        for c in g["calibrations"]:
+                            for r in g["roundings"]:
+                                cell = Cell(task, seed, *canonical(f, gr, c, r), "ptq", a)
+                                out.setdefault(cell.id, cell)
         if "qat" in g["modes"]:
-            for f in cfg["qat"]["formats"]:
-                for gr in cfg["qat"]["granularities"]:
-                    cell = Cell(task, seed, *canonical(f, gr, "absmax", "nearest"), "qat")
-                    out.setdefault(cell.id, cell)
+            for a in q.get("activations", ["none"]):
+                for f in q["formats"]:
+                    for gr in q["granularities"]:
+                        cell = Cell(task, seed, *canonical(f, gr, "absmax", "nearest"), "qat", a)
+                        out.setdefault(cell.id, cell)
     return list(out.values())
 
 
@@ -110,6 +120,21 @@ def _granularity(name: str, fmt: str, shape: tuple[int, ...]) -> Any:
     if shape[-2] < size:
         return jq.per_channel(-1)
     return jq.per_block(-2, size)
+
+
+def act_spec(cell: Cell) -> jq.QuantSpec | None:
+    """The activation spec of ``cell`` (per tensor; None: float activations). PTQ cells
+    carry the calibration method that :func:`jaxquant.flax.calibrate` turns into a static
+    range; QAT cells quantize each batch by its absmax."""
+    if cell.act == "none":
+        return None
+    fmt = FORMATS[cell.act]
+    if cell.act in _CASTS:
+        return jq.QuantSpec(fmt, calibration=None)
+    method = cell.calibration if cell.mode == "ptq" else "absmax"
+    if method in ("none", "mean_abs", "twn"):  # weight-only methods: absmax instead
+        method = "absmax"
+    return jq.QuantSpec(fmt, jq.per_tensor(), _calibration(method))
 
 
 def spec_for(cell: Cell, shape: tuple[int, ...]) -> jq.QuantSpec:

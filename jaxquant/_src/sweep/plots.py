@@ -17,7 +17,9 @@ def _points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if r.get("status") != "ok":
             continue
-        key = (r["mode"], r["format"], r["granularity"], r["calibration"], r["rounding"])
+        act = r.get("act", "none")
+        fmt = r["format"] if act == "none" else f"{r['format']} / act {act}"
+        key = (r["mode"], fmt, r["granularity"], r["calibration"], r["rounding"])
         groups.setdefault(key, []).append(r)
     pts = []
     for (mode, fmt, *_), rs in groups.items():

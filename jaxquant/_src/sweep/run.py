@@ -49,6 +49,7 @@ COLUMNS = (
     "calibration",
     "rounding",
     "mode",
+    "act",
     "status",
     "test_acc",
     "float_acc",
@@ -328,17 +329,36 @@ class Evaluator:
         key = jax.random.key(cell.seed) if cell.rounding == "stochastic" else None
         if cell.mode == "ptq":
             qparams, m = self._weights(cell, params, key)
-            acc, loss = self.evaluate(self.model, qparams)
+            model = self._static_act_model(cell, qparams)
+            acc, loss = self.evaluate(model, qparams)
             return {"test_acc": acc, "test_loss": loss, **base, **m}
         return self._qat_cell(cell, params, base)
+
+    def _static_act_model(self, cell: G.Cell, qparams: dict) -> Any:
+        """The float model, or (``cell.act``) the model whose layer inputs are quantized
+        with static ranges: :func:`jaxquant.flax.calibrate` on up to 8 training batches,
+        run on the weight-quantized model (weights first, then activations)."""
+        spec = G.act_spec(cell)
+        if spec is None:
+            return self.model
+        from jaxquant.flax import Rule, calibrate, quantize_model
+
+        rules = [Rule(re.escape(k), act=spec) for k in self.tasks.kernels(qparams, self.layers)]
+        b = self.task["batch"]
+        n = min(8 * b, int(self.x.shape[0]))
+        batches = [self.x[i : i + b] for i in range(0, n, b)]
+        with jax.numpy_dtype_promotion("standard"):
+            result = calibrate(self.model, batches, {"params": qparams}, rules=rules)
+        return quantize_model(self.model, result.rules)
 
     def _qat_cell(self, cell: G.Cell, params: dict, base: dict[str, float]) -> dict[str, Any]:
         from jaxquant.flax import Rule, quantize_model
 
         name = cell._replace(seed=-1)
         if name not in self._qat:
+            act = G.act_spec(cell)
             rules = [
-                Rule(re.escape(layer), weight=G.spec_for(cell, shape))
+                Rule(re.escape(layer), weight=G.spec_for(cell, shape), act=act)
                 for layer, shape in self.tasks.kernels(params, self.layers).items()
             ]
             qmodel = quantize_model(self.model, rules)
@@ -507,12 +527,20 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per cell configuration, means (and std of accuracy) over seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["task"], r["mode"], r["format"], r["granularity"], r["calibration"], r["rounding"])
+        key = (
+            r["task"],
+            r["mode"],
+            r["format"],
+            r.get("act", "none"),
+            r["granularity"],
+            r["calibration"],
+            r["rounding"],
+        )
         groups.setdefault(key, []).append(r)
     lines = [
-        "| task | mode | format | granularity | calibration | rounding | seeds ok "
+        "| task | mode | format | act | granularity | calibration | rounding | seeds ok "
         "| bits/w | KiB | SQNR dB | acc % | vs float | loss | error |",
-        "|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        "|---|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for key, rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
