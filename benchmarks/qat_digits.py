@@ -46,6 +46,7 @@ import optax  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 import jaxquant.optax as jqo  # noqa: E402
+from jaxquant.datasets import digits  # noqa: E402
 from jaxquant.flax import quantize_model, report  # noqa: E402
 
 NAME = "qat_digits"
@@ -193,26 +194,9 @@ def _paired(results: dict[str, Any], method: str, key: str) -> tuple[float, floa
 
 def load_data(n_train: int | None = None) -> dict[str, np.ndarray]:
     """Digits, stratified 75 / 25 split (``random_state=0``), standardized with the
-    training statistics (constant pixels get std 1). ``n_train`` keeps the first
-    ``n_train`` training samples (for quick runs)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(
-        x.astype(np.float32), y.astype(np.int32), test_size=0.25, stratify=y, random_state=0
-    )
-    if n_train is not None:
-        xtr, ytr = xtr[:n_train], ytr[:n_train]
-    mean = xtr.mean(axis=0)
-    std = xtr.std(axis=0)
-    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
-    return {
-        "x_train": (xtr - mean) / std,
-        "y_train": ytr,
-        "x_test": (xte - mean) / std,
-        "y_test": yte,
-    }
+    training statistics (constant pixels get std 1): :func:`jaxquant.datasets.digits`.
+    ``n_train`` keeps the first ``n_train`` training samples (for quick runs)."""
+    return digits(n_train)
 
 
 # ------------------------------------------------------------------------------ model

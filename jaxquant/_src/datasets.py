@@ -6,9 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def digits() -> dict[str, np.ndarray]:
+def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
     """scikit-learn's 8x8 digits, split 75 / 25 (stratified, ``random_state=0``) and
     standardized with the training split's per-pixel mean and std (constant pixels: std 1).
+
+    Args:
+      n_train: keep only the first ``n_train`` training images (quick runs); the
+        standardization then uses their statistics.
 
     Returns:
       ``x_train`` / ``x_test``: float32 ``(n, 64)``; ``y_train`` / ``y_test``: int32 labels
@@ -27,6 +31,10 @@ def digits() -> dict[str, np.ndarray]:
     xtr, xte, ytr, yte = train_test_split(
         x.astype(np.float32), y.astype(np.int32), test_size=0.25, stratify=y, random_state=0
     )
+    if n_train is not None:
+        if n_train < 1:
+            raise ValueError(f"digits: n_train={n_train} must be >= 1.")
+        xtr, ytr = xtr[:n_train], ytr[:n_train]
     mean, std = xtr.mean(axis=0), xtr.std(axis=0)
     std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
     return {
