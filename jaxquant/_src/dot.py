@@ -193,6 +193,9 @@ class _Config:
     # GPU: int8 GEMMs of small shapes and fp8 GEMMs with non-leading batch axes go through
     # float32 (see _GPU_INT8_MIN, _fp8_gemm_ok).
     int8_guard: bool = False
+    # CPU: a transposed product keeps the dot's own orientation when that has the wider
+    # minor axis (see _keep_orientation).
+    cpu_layout: bool = False
 
 
 # How a real fp8 x fp8 dot is written for XLA (GPU only; CPU never takes these paths):
@@ -385,9 +388,12 @@ def _scaled_dot(
     cfg: _Config,
     out_sharding: Any = None,
     out_dtype: Any = jnp.float32,
+    out_perm: tuple[int, ...] | None = None,
 ) -> Array:
     """``dot_general(a * sa, b * sb, dn)``, low precision where the pair allows; float32,
-    or ``out_dtype`` when a fused fp8 GEMM writes it directly."""
+    or ``out_dtype`` when a fused fp8 GEMM writes it directly. ``out_perm`` transposes the
+    product right after the dot, before the scales are applied (a transpose of the dot
+    itself, which XLA folds into the GEMM; the values are the same either way)."""
     (ca, cb), (ba, bb) = dn
     if not _scale_constant_along(sa, ca):
         a, sa = _to_f32(a, cfg) * sa, None
@@ -415,6 +421,10 @@ def _scaled_dot(
         precision = cfg.precision
     kw = {} if out_sharding is None else {"out_sharding": out_sharding}
     out = lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet, **kw)
+    if out_perm is not None:
+        if cfg.cpu_layout and _keep_orientation(out.shape, out_perm):
+            out = lax.optimization_barrier(out)
+        out = jnp.transpose(out, out_perm)
     out = out.astype(jnp.float32)
     if _scalar(sa) and _scalar(sb):  # one scalar multiply (XLA can fuse it into the GEMM)
         scales = [s.reshape(()) for s in (sa, sb) if s is not None]
@@ -423,11 +433,27 @@ def _scaled_dot(
         return out * (scales[0] * scales[1] if len(scales) == 2 else scales[0])
     fa = len([i for i in range(a.ndim) if i not in ca and i not in ba])
     fb = len([i for i in range(b.ndim) if i not in cb and i not in bb])
+    perm = (lambda t: t) if out_perm is None else (lambda t: jnp.transpose(t, out_perm))
     if sa is not None:
-        out = out * _out_factor(sa, ba, ca, fb, first=True)
+        out = out * perm(_out_factor(sa, ba, ca, fb, first=True))
     if sb is not None:
-        out = out * _out_factor(sb, bb, cb, fa, first=False)
+        out = out * perm(_out_factor(sb, bb, cb, fa, first=False))
     return out
+
+
+def _keep_orientation(shape: tuple[int, ...], perm: tuple[int, ...]) -> bool:
+    """Whether to compute a transposed product in the dot's own orientation and transpose
+    it afterwards (the barrier stops XLA from folding the transpose into the dot).
+
+    XLA:CPU's dot of two operands contracted along their leading axis (the weight
+    gradient ``x^T g``) is several times faster when its output's minor axis is the wider
+    one: for the digits MLP's 512 x 10 layer, 42 us for ``[10, 512]`` against 200 us for
+    ``[512, 10]`` (and the reverse for 64 x 512). A transpose folded into the dot gives it
+    the requested layout, which is right for square and wide outputs; for narrow ones
+    (fewer output columns than the dot's own minor axis) the dot keeps its orientation and
+    the small transposed copy is nearly free. Same values either way (a transpose).
+    """
+    return shape[-1] > shape[perm[-1]]
 
 
 # On an H200 (jax 0.11.2) XLA's s8 x s8 -> s32 dot *followed by the scaling epilogue* gave
@@ -506,7 +532,9 @@ def _transpose_dot(
     dims = ((ans_y, y_kept), (ans_batch, y_batch))
     x_contract_sorted_by_y = [x_contract[i] for i in np.argsort(y_contract)]
     out_axes = tuple(int(i) for i in np.argsort([*x_batch, *x_kept, *x_contract_sorted_by_y]))
-    return jnp.transpose(_scaled_dot(g, gs, y, ys, dims, cfg, out_dtype=out_dtype), out_axes)
+    # Transposed before the scales: a transpose straight after the dot folds into it (XLA
+    # picks the operand order); after the scale multiply it would be an extra copy.
+    return _scaled_dot(g, gs, y, ys, dims, cfg, out_dtype=out_dtype, out_perm=out_axes)
 
 
 def _keys(key: Array | None) -> tuple[Array | None, Array | None, Array | None]:
@@ -750,6 +778,7 @@ def dot_general(
         fp8_lowering=_FP8_LOWERING if caps["platform"] == "gpu" else "f32_out",
         native_cast=_NATIVE_FP8_CAST and caps["platform"] == "gpu",
         int8_guard=caps["platform"] == "gpu",
+        cpu_layout=caps["platform"] == "cpu",
     )
 
     def opt(s):

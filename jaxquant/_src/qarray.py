@@ -157,14 +157,16 @@ def encode(v: jax.Array, fmt: Format) -> jax.Array:
     """Encode float32 values already on ``fmt``'s grid into ``fmt.storage_dtype``.
 
     NaN becomes the format's NaN code, or code 0 (the value 0) where it has none (ints,
-    codebooks, fp6, fp4), as ml_dtypes casts do.
+    codebooks, fp6, fp4), as ml_dtypes casts do. (An integer grid is finite: the
+    quantizers clip onto ``[qmin, qmax]`` before they encode, so NaN is the one
+    non-grid value an integer format gets here.)
     """
     sdt = fmt.storage_dtype
     if fmt.kind == "mx":
         assert fmt.element is not None
         return encode(v, fmt.element)
     if fmt.kind == "int":
-        v = jnp.nan_to_num(v, nan=0.0)
+        v = jnp.where(jnp.isnan(v), jnp.float32(0.0), v)
         if fmt.bits < 8:
             return (v.astype(jnp.int32) & (2**fmt.bits - 1)).astype(jnp.uint8)
         return v.astype(sdt)

@@ -134,9 +134,10 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
 
 def scale_input(x: Array, s: Array, z: Array | None) -> Array:
     """The scaled value ``x * (1/s) (+ z)`` that gets rounded (see the module docstring)."""
-    # The barrier keeps XLA from fusing the per-group division into the per-element loop
-    # (it would redo it for every element).
-    inv = jax.lax.optimization_barrier(rounding.divide(jnp.float32(1.0), s))
+    # One division per group, kept out of the per-element loop: the barrier and
+    # reciprocal()'s division-last form (XLA would otherwise redo the per-group work for
+    # every element).
+    inv = jax.lax.optimization_barrier(rounding.reciprocal(s))
     y = x * inv
     return y if z is None else y + z
 

@@ -151,6 +151,30 @@ def divide(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.platform_dependent(a, b, cpu=cpu, default=div_rn)
 
 
+def reciprocal(b: jax.Array) -> jax.Array:
+    """``divide(1, b)``, bit for bit, written so that a division is its last operation.
+
+    The quantizers multiply every element by the reciprocal of its group's scale. XLA
+    fuses cheap per-group operations into the per-element loop that consumes them (and
+    redoes them for every element), but not a division. :func:`divide`'s CPU path ends in
+    a select (the flush of results below 2^-126), which XLA fused into every quantizer
+    loop; here the flush happens before the division instead: ``|1/b| < 2^-126`` exactly
+    when ``|b| > 2^126`` (``1 / 2^126 = 2^-126``; for any larger ``b`` the exact quotient
+    is below 2^-126 by more than half a subnormal ulp, so it cannot round up to it), and
+    ``1 / +-inf`` is the zero of ``b``'s sign that :func:`divide` returns. NaN, zero and
+    Inf divisors go through unchanged, as in :func:`divide`. Elsewhere (GPU, TPU) this is
+    :func:`div_rn` as before.
+    """
+    b = jnp.asarray(b, jnp.float32)
+
+    def cpu(b):
+        big = jnp.abs(b) > jnp.float32(2.0**126)
+        b = jnp.where(big, jnp.copysign(jnp.float32(np.inf), b), b)
+        return jnp.float32(1.0) / lax.optimization_barrier(b)
+
+    return lax.platform_dependent(b, cpu=cpu, default=lambda b: div_rn(jnp.ones_like(b), b))
+
+
 # ---------------------------------------------------------------------- rounding rules
 
 
