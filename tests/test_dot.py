@@ -201,6 +201,45 @@ def test_low_precision_inputs_keep_their_dtype(dtype):
     assert y32.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("fmt", ["int8", "e4m3"])
+def test_half_precision_backward_multiplies_in_half(dtype, fmt):
+    """bf16 / f16 operands: the backward dots take the cotangent in its own dtype, as the
+    transpose of a half-precision dot does. ``dlhs = g . w_hat``, ``w_hat`` the weight's
+    fake-quant value in ``dtype`` (its per-channel scale lies along this dot's contracted
+    axis); ``drhs = x_q^T . g`` with the grid values exact in ``dtype`` and the scale
+    applied in float32 after the dot. Both accumulate in float32, rounded once."""
+    ls, rs = jq.QuantSpec(fmt), jq.QuantSpec(fmt, jq.per_channel(-1))
+    lhs, rhs = _normal(31, (32, 96), 2.0, dtype), _normal(32, (96, 64), 0.1, dtype)
+    c = _normal(33, (32, 64), 1.0, dtype)
+
+    def loss(a, b):
+        y = dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs)
+        return jnp.sum((y * c).astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, (0, 1)))
+    gl, gr = grad(lhs, rhs)
+    assert gl.dtype == dtype and gr.dtype == dtype
+    c32 = c.astype(jnp.float32)
+    w_hat = jq.fake_quant(rhs, rs)  # in dtype
+    assert w_hat.dtype == dtype
+    x_hat = jq.fake_quant(lhs.astype(jnp.float32), ls)  # exact grid value x scale
+    want_l = jnp.dot(c32, w_hat.astype(jnp.float32).T, precision="highest")
+    want_r = jnp.dot(x_hat.T, c32, precision="highest")
+    eps = float(jnp.finfo(dtype).eps)
+    for got, want in ((gl, want_l), (gr, want_r)):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        # one rounding to dtype (half an ulp) plus float32 accumulation order
+        assert np.all(np.abs(got - want) <= eps * np.abs(want) + 1e-6 * np.abs(want).max())
+    hlo = grad.lower(lhs, rhs).as_text()
+    dots = re.findall(r"dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", hlo)
+    half = jnp.dtype(dtype).name.replace("float16", "f16").replace("bfloat16", "bf16")
+    # the two backward dots (the forward product is not needed for the gradients)
+    assert dots == [(f"tensor<32x64x{half}>", f"tensor<96x64x{half}>")] + [
+        (f"tensor<32x64x{half}>", f"tensor<32x96x{half}>")
+    ]
+
+
 # ------------------------------------------------------------------------ backward
 
 

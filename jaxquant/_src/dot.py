@@ -389,17 +389,32 @@ def _scaled_dot(
     out_sharding: Any = None,
     out_dtype: Any = jnp.float32,
     out_perm: tuple[int, ...] | None = None,
+    b_dtype: Any = None,
+    b_exact: bool = False,
 ) -> Array:
     """``dot_general(a * sa, b * sb, dn)``, low precision where the pair allows; float32,
     or ``out_dtype`` when a fused fp8 GEMM writes it directly. ``out_perm`` transposes the
     product right after the dot, before the scales are applied (a transpose of the dot
-    itself, which XLA folds into the GEMM; the values are the same either way)."""
+    itself, which XLA folds into the GEMM; the values are the same either way).
+
+    ``b_dtype``: ``b``'s dtype before quantization. When ``b`` must be dequantized (its
+    scale changes along the contracted axes) and ``a`` is already in that half-precision
+    dtype, the dequantized ``b`` is rounded to it -- the value ``fake_quant`` gives a
+    bf16 / f16 operand -- and the dot runs in half precision, as the transpose of a half
+    precision dot does (the backward pass's ``g . w_hat``). ``b_exact``: ``b``'s float32
+    grid values are exact in ``b_dtype`` (:func:`_grid_exact_in`), so a dot with an ``a``
+    in that half-precision dtype runs in it too."""
     (ca, cb), (ba, bb) = dn
     if not _scale_constant_along(sa, ca):
         a, sa = _to_f32(a, cfg) * sa, None
     if not _scale_constant_along(sb, cb):
         b, sb = _to_f32(b, cfg) * sb, None
+        if b_dtype is not None and np.dtype(b_dtype) in _HALF and a.dtype == b_dtype:
+            b = b.astype(b_dtype)
     pair = (np.dtype(a.dtype).name, np.dtype(b.dtype).name)
+    half = _exact_half(pair)
+    if half is None and b_exact and sb is not None and a.dtype == b_dtype:
+        half = np.dtype(b_dtype)
     # Explicitly DEFAULT for int8 / fp8 operands (a global jax_default_matmul_precision
     # of "highest" must not keep XLA from its int8 / fp8 GEMMs).
     precision: Any = lax.Precision.DEFAULT
@@ -416,6 +431,8 @@ def _scaled_dot(
             pet = out_dtype
     elif cfg.fp8_via_bf16 and pair[0] in _FP8 and pair[1] in _FP8 and not cfg.native_cast:
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    elif half is not None:  # exact in ``half``: the same products, accumulated in float32
+        a, b = (v if v.dtype == half else _to_f32(v, cfg).astype(half) for v in (a, b))
     else:
         a, b = _to_f32(a, cfg), _to_f32(b, cfg)
         precision = cfg.precision
@@ -495,6 +512,35 @@ def _to_f32(a: Array, cfg: _Config) -> Array:
 
 
 _HALF = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+# Storage dtypes whose every value is exact in bfloat16 and float16: |int8| <= 128 needs 8
+# significant bits (bf16 has 8, f16 11); fp8's 2-3 mantissa bits and exponents
+# (e4m3fn 2^-9..448, e5m2 2^-16..57344) fit both.
+_EXACT_IN_HALF = ("int8", *_FP8)
+
+
+@functools.cache
+def _grid_exact_in(spec: QuantSpec, dtype: np.dtype) -> bool:
+    """Whether every grid value of ``spec`` (symmetric, at most 8 bits, not a codebook) is
+    exact in the half-precision ``dtype``."""
+    fmt = spec.element
+    if not (spec.symmetric and fmt.kind in ("int", "float") and fmt.bits <= 8):
+        return False
+    v = formats.finite_values(fmt)
+    return bool(np.array_equal(v.astype(dtype).astype(np.float64), v))
+
+
+def _exact_half(pair: tuple[str, str]) -> np.dtype | None:
+    """The half-precision dtype in which a dot of this dtype pair is exact (one operand
+    already in it, the other in it or in :data:`_EXACT_IN_HALF`), or None. A bf16 / f16
+    cotangent times int8 / fp8 grid values then multiplies in half precision with float32
+    accumulation -- the same products as the float32 dot, at half the operand bytes (a
+    tensor-core GEMM on GPUs) -- instead of widening both to float32."""
+    for h in _HALF:
+        if h.name in pair:
+            other = pair[1] if pair[0] == h.name else pair[0]
+            if other == h.name or other in _EXACT_IN_HALF:
+                return h
+    return None
 
 
 def _scalar(s: Array | None) -> bool:
@@ -517,9 +563,12 @@ def _transpose_dot(
     *,
     swap_ans: bool,
     out_dtype: Any,
+    y_dtype: Any = None,
+    y_spec: QuantSpec | None = None,
 ) -> Array:
     """Cotangent of ``x`` in ``dot_general(x, y, dn)`` (``swap_ans``: of ``dot(y, x)``),
-    as in ``jax.lax``'s transpose rule, with scaled operands."""
+    as in ``jax.lax``'s transpose rule, with scaled operands (``y_dtype``: ``y``'s dtype
+    before quantization, ``y_spec`` its spec; see :func:`_scaled_dot`)."""
     (x_contract, y_contract), (x_batch, y_batch) = dn
     x_kept = _remaining(x_ndim, x_contract, x_batch)
     y_kept = _remaining(y.ndim, y_contract, y_batch)
@@ -534,7 +583,24 @@ def _transpose_dot(
     out_axes = tuple(int(i) for i in np.argsort([*x_batch, *x_kept, *x_contract_sorted_by_y]))
     # Transposed before the scales: a transpose straight after the dot folds into it (XLA
     # picks the operand order); after the scale multiply it would be an extra copy.
-    return _scaled_dot(g, gs, y, ys, dims, cfg, out_dtype=out_dtype, out_perm=out_axes)
+    exact = (
+        y_spec is not None
+        and y_dtype is not None
+        and np.dtype(y_dtype) in _HALF
+        and _grid_exact_in(y_spec, np.dtype(y_dtype))
+    )
+    return _scaled_dot(
+        g,
+        gs,
+        y,
+        ys,
+        dims,
+        cfg,
+        out_dtype=out_dtype,
+        out_perm=out_axes,
+        b_dtype=y_dtype,
+        b_exact=exact,
+    )
 
 
 def _keys(key: Array | None) -> tuple[Array | None, Array | None, Array | None]:
@@ -576,11 +642,31 @@ def _qdot_bwd(cfg: _Config, res, g):
         gv, gs = g, None
     (lc, rc), (lb, rb) = cfg.dn
     dlhs = _transpose_dot(
-        gv, gs, rv, rs, cfg.dn, lv.ndim, cfg, swap_ans=False, out_dtype=cfg.lhs_dtype
+        gv,
+        gs,
+        rv,
+        rs,
+        cfg.dn,
+        lv.ndim,
+        cfg,
+        swap_ans=False,
+        out_dtype=cfg.lhs_dtype,
+        y_dtype=cfg.rhs_dtype,
+        y_spec=cfg.rhs_spec,
     )
     swapped = ((rc, lc), (rb, lb))
     drhs = _transpose_dot(
-        gv, gs, lv, ls, swapped, rv.ndim, cfg, swap_ans=True, out_dtype=cfg.rhs_dtype
+        gv,
+        gs,
+        lv,
+        ls,
+        swapped,
+        rv.ndim,
+        cfg,
+        swap_ans=True,
+        out_dtype=cfg.rhs_dtype,
+        y_dtype=cfg.lhs_dtype,
+        y_spec=cfg.lhs_spec,
     )
     if lmask is not None:
         dlhs = jnp.where(lmask, dlhs, 0.0)
