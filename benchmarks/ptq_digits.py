@@ -81,6 +81,7 @@ import optax  # noqa: E402
 import qat_digits as qd  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
+from jaxquant._src.sweep.tasks import CNN  # noqa: E402  (the sweep's digits CNN)
 from jaxquant.flax import Rule, calibrate, convert, quantize_model, report  # noqa: E402
 
 NAME = "ptq_digits"
@@ -125,24 +126,6 @@ GROUP = 32
 
 
 # ------------------------------------------------------------------------------ models
-
-
-class CNN(nn.Module):
-    """Two 3x3 VALID convolutions and two Dense layers on 8x8x1 images (flat inputs of 64
-    pixels are reshaped): ``Conv_0``, ``Conv_1``, ``Dense_0``, ``Dense_1``."""
-
-    channels: tuple[int, ...] = (32, 32)
-    hidden: int = 64
-    n_out: int = 10
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[0], 8, 8, 1)
-        for c in self.channels:
-            x = nn.relu(nn.Conv(c, (3, 3), padding="VALID")(x))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.n_out)(x)
 
 
 class GaussMLP(nn.Module):
