@@ -347,6 +347,24 @@ def _init_all(
     return states
 
 
+def _time_steps(models, tx, x, y, rounds: int, reps: int, errors: dict[str, str] | None):
+    """Compile every model's training step on ``(x, y)`` and time it against the float
+    step (:func:`paired_ratios`). Returns ``(steps, states, timing)``; a model that fails
+    to initialize is dropped (``errors``)."""
+    steps = {name: make_step(m, tx) for name, m in models.items()}
+    states = _init_all(models, tx, x, errors)
+
+    def runner(name):
+        def run():
+            p, s, o = states[name]
+            return steps[name](p, s, o, x, y)
+
+        return run
+
+    others = {k: runner(k) for k in models if k != "float"}
+    return steps, states, paired_ratios(runner("float"), others, rounds, reps, errors)
+
+
 def qat(
     peers: dict[str, Any], args: argparse.Namespace, errors: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -357,23 +375,7 @@ def qat(
     bs = 128
     xb = jnp.asarray(data["x_train"][:bs])
     yb = jnp.asarray(data["y_train"][:bs])
-    steps = {name: make_step(m, tx) for name, m in models.items()}
-    states = _init_all(models, tx, xb, errors)
-
-    def runner(name):
-        def run():
-            p, s, o = states[name]
-            return steps[name](p, s, o, xb, yb)
-
-        return run
-
-    timing = paired_ratios(
-        runner("float"),
-        {k: runner(k) for k in models if k != "float"},
-        args.rounds,
-        args.reps,
-        errors,
-    )
+    steps, _, timing = _time_steps(models, tx, xb, yb, args.rounds, args.reps, errors)
     # accuracy of the same recipe: same init seed, same data order and steps
     acc: dict[str, list[float]] = {k: [] for k in models if k == "float" or k in timing}
     for seed in range(args.seeds):
@@ -449,23 +451,7 @@ def large(
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (b, w), jnp.float32).astype(dtype)
     y = jax.random.randint(ky, (b,), 0, w)
-    steps = {name: make_step(m, tx) for name, m in models.items()}
-    states = _init_all(models, tx, x, errors)
-
-    def runner(name):
-        def run():
-            p, s, o = states[name]
-            return steps[name](p, s, o, x, y)
-
-        return run
-
-    timing = paired_ratios(
-        runner("float"),
-        {k: runner(k) for k in models if k != "float"},
-        args.rounds,
-        args.large_reps,
-        errors,
-    )
+    steps, states, timing = _time_steps(models, tx, x, y, args.rounds, args.large_reps, errors)
     out: dict[str, Any] = {
         "model": f"MLP {w}-{w}-{w}-{w}, batch {b}, {dtype.name} compute, float32 params, Adam",
         # 8 GEMMs of 2 b w^2 flop: 3 forward, 3 weight gradients, 2 input gradients
