@@ -136,6 +136,49 @@ def test_state_survives_jit_tree_map_and_serialization():
     assert _tree_equal(a, b)
 
 
+def _types(tree):
+    return jax.tree_util.tree_map(
+        lambda x: (x.shape, np.dtype(x.dtype), x.weak_type), jax.eval_shape(lambda: tree)
+    )
+
+
+@pytest.mark.parametrize(
+    "inner", [optax.adam(1e-2), optax.sgd(0.1, momentum=0.9)], ids=["adam", "momentum"]
+)
+def test_state_types_do_not_change_with_bf16_params(inner):
+    """The float32 unscaled gradients used to turn adam's bf16 moments float32 after one
+    update, so a lax.scan over steps did not compile and a restore against init's state
+    refused. Every leaf of the state keeps its shape and dtype, on good and bad steps."""
+    params = {"w": jnp.array([1.0, -2.0, 3.0], jnp.bfloat16), "b": jnp.array(0.5, jnp.bfloat16)}
+    grads = {  # scaled gradients of 3 steps; the second overflows
+        "w": jnp.array([[8.0, 16.0, -24.0], [jnp.inf, 1.0, 2.0], [4.0, -4.0, 8.0]], jnp.bfloat16),
+        "b": jnp.array([32.0, 1.0, -8.0], jnp.bfloat16),
+    }
+    opt = jqo.dynamic_loss_scale(inner, initial_scale=8.0, growth_interval=2)
+    state0 = opt.init(params)
+    assert jax.tree_util.tree_leaves(_types(state0.inner_state))  # there is state to check
+
+    def step(carry, g):
+        p, s = carry
+        updates, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+    # optax's moment update mixes the float32 gradients with the bf16 moments.
+    with jax.numpy_dtype_promotion("standard"):
+        (p_scan, s_scan), _ = jax.jit(lambda c: jax.lax.scan(step, c, grads))((params, state0))
+        carry, states = (params, state0), [state0]
+        for i in range(3):
+            carry = step(carry, jax.tree_util.tree_map(lambda g, i=i: g[i], grads))[0]
+            states.append(carry[1])
+    for s in states[1:]:
+        assert _types(s) == _types(state0)
+    assert _types(p_scan) == _types(params)
+    assert (float(s_scan.scale), int(s_scan.good_steps)) == (4.0, 1)  # as stepped eagerly
+    assert [float(s.scale) for s in states] == [8.0, 8.0, 4.0, 4.0]  # the bad step backed off
+    assert _tree_equal(states[2].inner_state, states[1].inner_state)  # and kept the state
+    assert not _tree_equal(states[3].inner_state, states[1].inner_state)
+
+
 def test_scale_loss_dtype_and_overflow():
     opt = jqo.dynamic_loss_scale(optax.sgd(0.1), initial_scale=2.0**10)
     state = opt.init(PARAMS)
