@@ -296,15 +296,14 @@ def test_non_finite_value_only_affects_its_own_group(cal):
 
 @pytest.mark.parametrize(
     ("cal", "ste"),
-    [(c, "clipped") for c in [*ALL_CALIBRATIONS, "minmax"]] + [("fixed0", "plain")],
+    # fixed(0) used to be the plain-STE case; a zero fixed range now raises (test below).
+    [(c, "clipped") for c in [*ALL_CALIBRATIONS, "minmax"]] + [("absmax", "plain")],
 )
 def test_all_zero_group_gives_unit_scale_zero_output_finite_grads(cal, ste):
     x = _data(shape=(64, 8), seed=6)
     x[:, 2] = 0.0
     if cal == "minmax":
         spec = jq.QuantSpec("int8", jq.per_channel(-1), jq.minmax(), symmetric=False)
-    elif cal == "fixed0":
-        spec = jq.QuantSpec("int8", jq.per_channel(-1), jq.fixed(0.0))
     else:
         spec = jq.QuantSpec("int8", jq.per_channel(-1), ALL_CALIBRATIONS[cal])
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxquant._src.checks import check_int, check_real, describe
+
 Array = jax.Array
 QDQ = Callable[[Array, Array, Array], Array]
 
@@ -120,8 +122,8 @@ class MeanStd:
     k: float = 3.0
 
     def __post_init__(self) -> None:
-        if not self.k > 0:
-            raise ValueError(f"mean_std: k must be > 0, got {self.k}.")
+        k = check_real(self.k, "mean_std(k)", gt=0, hint="Typical values are 2..4.")
+        object.__setattr__(self, "k", k)
 
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
         fin = _finite(x)
@@ -147,8 +149,10 @@ class Percentile:
     p: float = 99.9
 
     def __post_init__(self) -> None:
-        if not 0 < self.p <= 100:
-            raise ValueError(f"percentile: p must be in (0, 100], got {self.p}.")
+        p = check_real(
+            self.p, "percentile(p)", gt=0, le=100, hint="p is in percent, e.g. 99.9 (not 0.999)."
+        )
+        object.__setattr__(self, "p", p)
 
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
         xn = jnp.where(_finite(x), x, jnp.nan)
@@ -176,11 +180,20 @@ class MSE:
     min_ratio: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.num < 2 or not 0 < self.min_ratio <= 1:
+        num = check_int(self.num, "mse(num)")
+        if num < 2:
             raise ValueError(
-                f"mse: need num >= 2 candidates (the last is the full range) and "
-                f"0 < min_ratio <= 1, got num={self.num}, min_ratio={self.min_ratio}."
+                f"mse(num): need num >= 2 candidates (the last is the full range), got {num}."
             )
+        ratio = check_real(
+            self.min_ratio,
+            "mse(min_ratio)",
+            gt=0,
+            le=1,
+            hint="It is the smallest clip ratio tried, a fraction of the abs-max range.",
+        )
+        object.__setattr__(self, "num", num)
+        object.__setattr__(self, "min_ratio", ratio)
 
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
         lo0, hi0 = AbsMax()(x, axes, symmetric, qdq)
@@ -233,6 +246,13 @@ class KL:
 
     bins: int = 512
     num: int = 64
+
+    def __post_init__(self) -> None:
+        # Candidates start at bins // 8 bins: fewer than 8 bins would try a zero threshold.
+        bins = check_int(self.bins, "kl(bins)", lo=8)
+        num = check_int(self.num, "kl(num)", lo=2)
+        object.__setattr__(self, "bins", bins)
+        object.__setattr__(self, "num", num)
 
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
         if not symmetric:
@@ -300,6 +320,9 @@ class Fixed:
 
     amax: float | tuple[float, float]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "amax", _fixed_range(self.amax))
+
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
         shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
         if isinstance(self.amax, tuple):
@@ -322,8 +345,7 @@ class MeanAbs:
     k: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.k > 0:
-            raise ValueError(f"mean_abs: k must be > 0, got {self.k}.")
+        object.__setattr__(self, "k", check_real(self.k, "mean_abs(k)", gt=0))
 
     def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
         amax = self.k * _mean_abs(x, axes)
@@ -344,8 +366,8 @@ class TWN:
     threshold: float = 0.7
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold:
-            raise ValueError(f"twn: threshold must be > 0, got {self.threshold}.")
+        t = check_real(self.threshold, "twn(threshold)", gt=0, hint="TWN's default is 0.7.")
+        object.__setattr__(self, "threshold", t)
 
     def delta(self, x: Array, axes: tuple[int, ...]) -> Array:
         """``t * mean|x|`` per group (finite elements)."""
@@ -363,6 +385,35 @@ class TWN:
         return f"twn({self.threshold:g})"
 
 
+def _fixed_range(amax: object) -> float | tuple[float, float]:
+    """``fixed(amax)``'s argument checked and normalised to floats."""
+    if isinstance(amax, tuple | list):
+        if len(amax) != 2:
+            raise ValueError(
+                f"fixed(amax): a range is a pair (lo, hi), got {len(amax)} values {amax!r}."
+            )
+        lo = check_real(amax[0], "fixed(amax): lo of (lo, hi)")
+        hi = check_real(amax[1], "fixed(amax): hi of (lo, hi)")
+        if not lo <= hi or lo == hi == 0:
+            raise ValueError(
+                f"fixed(amax): need lo <= hi and a nonzero range, got ({lo!r}, {hi!r}). Swap "
+                "them, or pass the calibrated range."
+            )
+        return lo, hi
+    if getattr(amax, "shape", ()) != ():
+        raise TypeError(
+            f"fixed(amax): expected a number or a pair (lo, hi), got {describe(amax)}. For "
+            "one range per channel, use jq.static_scaling(spec, amax) or quantize(..., scale=)."
+        )
+    return check_real(
+        amax,
+        "fixed(amax)",
+        gt=0,
+        hint="amax is the largest magnitude kept, a positive finite number; for no scaling "
+        "use calibration=None.",
+    )
+
+
 Calibration = AbsMax | MinMax | MeanStd | Percentile | MSE | KL | Fixed | MeanAbs | TWN
 
 
@@ -378,34 +429,41 @@ def minmax() -> MinMax:
 
 def mean_std(k: float = 3.0) -> MeanStd:
     """Clip to ``mean +- k std``: more robust to outliers than absmax."""
-    return MeanStd(float(k))
+    return MeanStd(k)
 
 
 def percentile(p: float = 99.9) -> Percentile:
     """Clip at the ``p``-th percentile of ``|x|``."""
-    return Percentile(float(p))
+    return Percentile(p)
 
 
 def mse(num: int = 32, min_ratio: float = 0.2) -> MSE:
     """Grid-search the clip ratio minimizing the quantization MSE."""
-    return MSE(int(num), float(min_ratio))
+    return MSE(num, min_ratio)
 
 
 def kl(bins: int = 512, num: int = 64) -> KL:
     """KL-divergence (entropy) calibration of the clip threshold."""
-    return KL(int(bins), int(num))
+    return KL(bins, num)
 
 
 def fixed(amax: float | tuple[float, float]) -> Fixed:
-    """A fixed, known range: ``amax`` or ``(lo, hi)``."""
-    if isinstance(amax, tuple | list):
-        lo, hi = (float(v) for v in amax)
-        if not lo <= hi:
-            raise ValueError(f"fixed: need lo <= hi, got ({lo}, {hi}).")
-        return Fixed((lo, hi))
-    if not float(amax) >= 0:
-        raise ValueError(f"fixed: amax must be >= 0, got {amax}.")
-    return Fixed(float(amax))
+    """A fixed, known range: ``amax`` (symmetric, ``[-amax, amax]``) or ``(lo, hi)``.
+
+    Args:
+      amax: a finite number > 0, or a pair of finite numbers ``lo <= hi`` that is not
+        ``(0, 0)``. A zero, infinite or NaN range has no scale that means anything (amax 0
+        would fall back to a unit scale, Inf to all zeros), so it raises.
+
+    Raises:
+      ValueError, TypeError: a range that is empty, not finite or not numbers.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> jq.fixed(2.5), jq.fixed((-1, 3))
+      (Fixed(amax=2.5), Fixed(amax=(-1.0, 3.0)))
+    """
+    return Fixed(amax)
 
 
 def mean_abs(k: float = 1.0) -> MeanAbs:
@@ -420,7 +478,7 @@ def mean_abs(k: float = 1.0) -> MeanAbs:
     References:
       Rastegari et al., "XNOR-Net", https://arxiv.org/abs/1603.05279
     """
-    return MeanAbs(float(k))
+    return MeanAbs(k)
 
 
 def twn(threshold: float = 0.7) -> TWN:
@@ -435,4 +493,4 @@ def twn(threshold: float = 0.7) -> TWN:
     References:
       Li & Liu, "Ternary Weight Networks", https://arxiv.org/abs/1605.04711
     """
-    return TWN(float(threshold))
+    return TWN(threshold)

@@ -35,6 +35,8 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 
+from jaxquant._src.checks import check_bool, check_int, describe
+
 Kind = Literal["float", "int", "codebook", "mx"]
 NanStyle = Literal["ieee", "fn", "fnuz", "none"]
 
@@ -106,6 +108,18 @@ class Format:
     codebook: tuple[float, ...] | None = None
     element: Format | None = None
     block_size: int = 0
+
+    def __post_init__(self) -> None:
+        # The builders validate layouts; this catches direct construction with the wrong
+        # kind of value, which would otherwise fail far away inside the quantizer.
+        _check_name(self.name, "Format(name)")
+        if self.kind not in ("float", "int", "codebook", "mx"):
+            raise ValueError(
+                f"Format(kind): must be 'float', 'int', 'codebook' or 'mx', got {self.kind!r}. "
+                "Build formats with float_format, int_format, codebook_format or mx_format."
+            )
+        check_int(self.bits, "Format(bits)", lo=1, hi=32)
+        check_bool(self.signed, "Format(signed)")
 
     def __repr__(self) -> str:
         return f"Format({self.name!r})"
@@ -305,13 +319,29 @@ def float_format(
       >>> jq.formats.float_format(4, 3, nan_style="fn").max
       448.0
     """
+    exp_bits = check_int(exp_bits, "float_format(exp_bits)")
+    man_bits = check_int(man_bits, "float_format(man_bits)")
     if not (1 <= exp_bits <= 8):
-        raise ValueError(f"float_format: exp_bits must be in 1..8, got {exp_bits}.")
-    if not (0 <= man_bits <= 23):
-        raise ValueError(f"float_format: man_bits must be in 0..23, got {man_bits}.")
-    if nan_style not in ("ieee", "fn", "fnuz", "none"):
         raise ValueError(
-            f"float_format: nan_style must be 'ieee', 'fn', 'fnuz' or 'none', got {nan_style!r}."
+            f"float_format(exp_bits): exp_bits must be in 1..8 (float32's exponent is the "
+            f"widest jaxquant emulates), got {exp_bits}."
+        )
+    if not (0 <= man_bits <= 23):
+        raise ValueError(
+            f"float_format(man_bits): man_bits must be in 0..23 (float32's mantissa is the "
+            f"widest jaxquant emulates), got {man_bits}."
+        )
+    if not isinstance(nan_style, str) or nan_style not in ("ieee", "fn", "fnuz", "none"):
+        raise ValueError(
+            "float_format(nan_style): nan_style must be 'ieee', 'fn', 'fnuz' or 'none', got "
+            f"{nan_style!r}."
+        )
+    signed = check_bool(signed, "float_format(signed)")
+    if bias is not None:
+        bias = check_int(bias, "float_format(bias)")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise TypeError(
+            f"float_format(name): expected a non-empty str or None, got {describe(name)}."
         )
     if bias is None:
         bias = 2 ** (exp_bits - 1) - 1
@@ -351,8 +381,10 @@ def float_format(
 
 def int_format(bits: int, *, signed: bool = True) -> Format:
     """Two's-complement ``int{bits}`` (signed) or ``uint{bits}``; bits in 1..8 or 16."""
+    bits = check_int(bits, "int_format(bits)")
     if bits not in (*range(1, 9), 16):
-        raise ValueError(f"int_format: bits must be 1..8 or 16, got {bits}.")
+        raise ValueError(f"int_format(bits): bits must be 1..8 or 16, got {bits}.")
+    signed = check_bool(signed, "int_format(signed)")
     name = f"{'' if signed else 'u'}int{bits}"
     dtype = getattr(ml_dtypes, name, None) or getattr(np, name, None)
     return Format(
@@ -366,16 +398,72 @@ def int_format(bits: int, *, signed: bool = True) -> Format:
 
 def codebook_format(name: str, values: tuple[float, ...], bits: int) -> Format:
     """A codebook format: ``values`` sorted ascending, stored as ``bits``-bit indices."""
-    vals = tuple(float(v) for v in values)
+    _check_name(name, "codebook_format(name)")
+    if isinstance(values, str | bytes) or not hasattr(values, "__len__"):
+        raise TypeError(
+            f"codebook_format(values): expected a sequence of numbers, got {describe(values)}."
+        )
+    if any(isinstance(v, bool | np.bool_ | str | bytes) for v in values):
+        raise TypeError(f"codebook_format(values): expected numbers, got {values!r}.")
+    try:
+        vals = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise TypeError(f"codebook_format(values): expected numbers, got {values!r}.") from None
+    if len(vals) < 2 or not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"codebook_format(values): need at least 2 finite values, got {vals}.")
     if list(vals) != sorted(vals) or len(set(vals)) != len(vals):
-        raise ValueError(f"codebook_format: values must be strictly increasing, got {vals}.")
+        raise ValueError(
+            f"codebook_format(values): values must be strictly increasing, got {vals}."
+        )
+    bits = check_int(bits, "codebook_format(bits)", lo=1, hi=16)
     if len(vals) > 2**bits:
-        raise ValueError(f"codebook_format: {len(vals)} values don't fit in {bits} bits.")
+        raise ValueError(
+            f"codebook_format(bits): {len(vals)} values don't fit in {bits} bits; use "
+            f"bits={math.ceil(math.log2(len(vals)))}."
+        )
     return Format(name=name, kind="codebook", bits=bits, codebook=vals, signed=vals[0] < 0)
 
 
+# The element formats of the OCP Microscaling spec v1.0 (Table 1), by layout
+# (exp_bits, man_bits, bias, nan_style, signed). MXINT8 is not among them: the quantizer's
+# MX path rounds scales by the float rule (emax of the element), which an int element
+# does not have.
+_OCP_MX_ELEMENTS = {
+    (4, 3, 7, "fn", True): "e4m3 (float8_e4m3fn)",
+    (5, 2, 15, "ieee", True): "e5m2 (float8_e5m2)",
+    (2, 3, 1, "none", True): "e2m3 (float6_e2m3fn)",
+    (3, 2, 3, "none", True): "e3m2 (float6_e3m2fn)",
+    (2, 1, 1, "none", True): "e2m1 (float4_e2m1fn)",
+}
+
+
 def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
-    """An OCP Microscaling format: ``element`` values sharing one e8m0 scale per block."""
+    """An OCP Microscaling format: ``element`` values sharing one e8m0 scale per block.
+
+    Args:
+      name: the registry name.
+      element: an element format of the OCP MX spec: e4m3, e5m2 (FP8), e2m3, e3m2 (FP6)
+        or e2m1 (FP4), as a Format or a name.
+      block_size: elements per shared scale (the spec's 32; others are accepted).
+
+    Raises:
+      ValueError: another element format (int, codebook or a float outside the spec).
+    """
+    _check_name(name, "mx_format(name)")
+    if isinstance(element, str):
+        element = get(element)
+    if not isinstance(element, Format):
+        raise TypeError(
+            f"mx_format(element): expected a Format or a format name, got {describe(element)}."
+        )
+    layout = (element.exp_bits, element.man_bits, element.bias, element.nan_style, element.signed)
+    if element.kind != "float" or layout not in _OCP_MX_ELEMENTS:
+        raise ValueError(
+            f"mx_format(element): {element.name} is not an OCP MX element format; use one of "
+            f"{', '.join(_OCP_MX_ELEMENTS.values())}. For integer or codebook values with "
+            "a shared scale, use QuantSpec(fmt, per_block(axis, size), scale_format='e8m0')."
+        )
+    block_size = check_int(block_size, "mx_format(block_size)", lo=1)
     return Format(
         name=name,
         kind="mx",
@@ -384,6 +472,19 @@ def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
         block_size=block_size,
         signed=element.signed,
     )
+
+
+def _check_format(fmt: object, what: str) -> Format:
+    if isinstance(fmt, str):
+        return get(fmt)
+    if not isinstance(fmt, Format):
+        raise TypeError(f"{what}: expected a Format or a format name, got {describe(fmt)}.")
+    return fmt
+
+
+def _check_name(name: object, what: str) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"{what}: expected a non-empty str, got {describe(name)}.")
 
 
 # ----------------------------------------------------------------- ml_dtypes float layouts
@@ -445,6 +546,13 @@ _ALIASES: dict[str, str] = {}
 
 def register(fmt: Format, *aliases: str) -> Format:
     """Add ``fmt`` to the registry under its name and ``aliases`` (case-insensitive)."""
+    if not isinstance(fmt, Format):
+        raise TypeError(
+            f"register(fmt): expected a Format (from float_format, int_format, "
+            f"codebook_format or mx_format), got {describe(fmt)}."
+        )
+    for a in aliases:
+        _check_name(a, "register(aliases)")
     _REGISTRY[fmt.name] = fmt
     for a in (fmt.name, *aliases):
         _ALIASES[a.lower()] = fmt.name
@@ -498,7 +606,10 @@ def get(fmt: str | Format) -> Format:
     if isinstance(fmt, Format):
         return fmt
     if not isinstance(fmt, str):
-        raise TypeError(f"A format is a name (str) or a Format, got {type(fmt).__name__}.")
+        raise TypeError(
+            f"get(fmt): a format is a name (str) or a Format, got {describe(fmt)}. Use e.g. "
+            "'int8', 'fp8' or jq.formats.float_format(4, 3)."
+        )
     key = fmt.strip().lower()
     if key in _ALIASES:
         return _REGISTRY[_ALIASES[key]]
@@ -536,8 +647,11 @@ def all_formats() -> list[Format]:
 # ------------------------------------------------------------------- code <-> value tables
 
 
-def decode_code(fmt: Format, code: int) -> float:
+def decode_code(fmt: Format | str, code: int) -> float:
     """The value of bit pattern ``code`` of a float/int/codebook format (pure Python)."""
+    fmt = _check_format(fmt, "decode_code(fmt)")
+    if fmt.kind != "mx":
+        code = check_int(code, "decode_code(code)", lo=0, hi=fmt.num_codes - 1)
     if fmt.kind == "int":
         code &= 2**fmt.bits - 1
         if fmt.signed and code >= 2 ** (fmt.bits - 1):
@@ -567,9 +681,13 @@ def decode_code(fmt: Format, code: int) -> float:
     return s * (1 + mf / 2**m) * 2.0 ** (ef - fmt.bias)
 
 
-@functools.cache
-def code_table(fmt: Format) -> np.ndarray:
+def code_table(fmt: Format | str) -> np.ndarray:
     """float64 array of the value of every code, indexed by code (NaN where a code is NaN)."""
+    return _code_table(_check_format(fmt, "code_table(fmt)"))
+
+
+@functools.cache
+def _code_table(fmt: Format) -> np.ndarray:
     if fmt.kind == "mx":
         assert fmt.element is not None
         return code_table(fmt.element)
@@ -578,9 +696,13 @@ def code_table(fmt: Format) -> np.ndarray:
     return np.array([decode_code(fmt, c) for c in range(fmt.num_codes)], dtype=np.float64)
 
 
-@functools.cache
-def finite_values(fmt: Format) -> np.ndarray:
+def finite_values(fmt: Format | str) -> np.ndarray:
     """Sorted distinct finite values of a format (-0 merged with +0)."""
+    return _finite_values(_check_format(fmt, "finite_values(fmt)"))
+
+
+@functools.cache
+def _finite_values(fmt: Format) -> np.ndarray:
     if fmt.kind == "float" and fmt.bits > 16:
         raise ValueError(f"finite_values: {fmt.name} has too many values to list.")
     t = code_table(fmt)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+from jaxquant._src.checks import check_int, describe
+
 
 class Plan(NamedTuple):
     """How to view an array of ``shape`` for one granularity."""
@@ -31,8 +33,7 @@ class Plan(NamedTuple):
 
 
 def _norm_axis(axis: int, ndim: int, what: str) -> int:
-    if not isinstance(axis, int):
-        raise TypeError(f"{what}: axis must be an int, got {axis!r}.")
+    axis = check_int(axis, f"{what}: axis")
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"{what}: axis {axis} is out of range for an array of rank {ndim} "
@@ -63,8 +64,28 @@ class PerChannel:
 
     axes: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.axes, tuple | list):
+            raise TypeError(
+                f"per_channel(axes): expected a tuple of ints, got {describe(self.axes)}. "
+                "Write per_channel(-1) or per_channel(0, 2)."
+            )
+        axes = tuple(check_int(a, "per_channel(axes): each axis") for a in self.axes)
+        if not axes:
+            raise ValueError("per_channel needs at least one axis, e.g. per_channel(-1).")
+        if len(set(axes)) != len(axes):
+            raise ValueError(
+                f"per_channel(axes): axis repeated in {axes}; name each kept axis once."
+            )
+        object.__setattr__(self, "axes", axes)
+
     def plan(self, shape: tuple[int, ...]) -> Plan:
         keep = {_norm_axis(a, len(shape), "per_channel") for a in self.axes}
+        if len(keep) != len(self.axes):
+            raise ValueError(
+                f"per_channel(axes): {self.axes} names the same axis twice for an array of "
+                f"rank {len(shape)} (negative axes count from the end); name each axis once."
+            )
         return _plan(shape, shape, tuple(i for i in range(len(shape)) if i not in keep))
 
     def __str__(self) -> str:
@@ -79,8 +100,14 @@ class PerBlock:
     size: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"per_block: size must be a positive int, got {self.size!r}.")
+        object.__setattr__(self, "axis", check_int(self.axis, "per_block(axis)"))
+        size = check_int(self.size, "per_block(size)")
+        if size < 1:
+            raise ValueError(
+                f"per_block(size): size must be a positive int, got {size}; it is the number "
+                "of elements sharing one scale, e.g. 32."
+            )
+        object.__setattr__(self, "size", size)
 
     def plan(self, shape: tuple[int, ...]) -> Plan:
         ax = _norm_axis(self.axis, len(shape), "per_block")
@@ -106,6 +133,9 @@ class PerToken:
 
     axis: int = -1
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axis", check_int(self.axis, "per_token(axis)"))
+
     def plan(self, shape: tuple[int, ...]) -> Plan:
         ax = _norm_axis(self.axis, len(shape), "per_token")
         return _plan(shape, shape, (ax,))
@@ -126,8 +156,6 @@ def per_channel(*axes: int) -> PerChannel:
     """One scale per index along ``axes`` (e.g. ``per_channel(-1)`` for output channels)."""
     if len(axes) == 1 and isinstance(axes[0], tuple | list):
         axes = tuple(axes[0])
-    if not axes:
-        raise ValueError("per_channel needs at least one axis, e.g. per_channel(-1).")
     return PerChannel(tuple(axes))
 
 

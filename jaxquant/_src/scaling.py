@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant._src.checks import check_int, describe
 from jaxquant._src.qarray import QArray
 from jaxquant._src.quantize import _check_input, _qdq_range, compute_scale, fake_quant, quantize
 from jaxquant._src.spec import QuantSpec
@@ -92,16 +93,17 @@ def _check_spec(spec: Any, fn: str, *, calibrated: bool = True) -> QuantSpec:
 
 
 def _shape_of(shape_or_x: Any) -> tuple[int, ...]:
+    if isinstance(shape_or_x, QArray):
+        return tuple(shape_or_x.shape)
     if hasattr(shape_or_x, "shape"):
         return tuple(int(d) for d in shape_or_x.shape)
-    if isinstance(shape_or_x, int):
-        return (int(shape_or_x),)
+    dims = shape_or_x if isinstance(shape_or_x, tuple | list) else (shape_or_x,)
     try:
-        return tuple(int(d) for d in shape_or_x)
-    except TypeError:
-        raise TypeError(
-            "init expects a shape (tuple of ints), an array or a jax.ShapeDtypeStruct, got "
-            f"{type(shape_or_x).__name__}."
+        return tuple(check_int(d, "init(shape): each dimension", lo=0) for d in dims)
+    except (TypeError, ValueError) as e:
+        raise type(e)(
+            f"{e} init expects a shape (a tuple of ints >= 0), an array or a "
+            f"jax.ShapeDtypeStruct, got {describe(shape_or_x)}."
         ) from None
 
 
@@ -196,9 +198,27 @@ def static_scaling(spec: QuantSpec, amax: jax.typing.ArrayLike) -> Scaling:
       0.1
     """
     spec = _check_spec(spec, "static_scaling", calibrated=False)
-    amax_np = np.asarray(amax, np.float32)
+    if isinstance(amax, QArray | str | bytes) or amax is None:
+        raise TypeError(
+            f"static_scaling(amax): expected a number or a float array, got {describe(amax)}."
+        )
+    try:
+        amax_np = np.asarray(amax)
+    except Exception:  # a tracer: jax.errors.TracerArrayConversionError
+        raise TypeError(
+            "static_scaling(amax): the range is static configuration and needs concrete "
+            f"values, got a traced {describe(amax)}. Compute it outside jax.jit, or use "
+            "jq.quantize(x, spec, scale=...) with a traced scale."
+        ) from None
+    if amax_np.dtype.kind not in "iuf":
+        raise TypeError(
+            f"static_scaling(amax): expected a number or a float array, got {describe(amax)}."
+        )
+    amax_np = amax_np.astype(np.float32)
     if not np.all(np.isfinite(amax_np)) or np.any(amax_np < 0):
-        raise ValueError(f"static_scaling: amax must be finite and >= 0, got {amax!r}.")
+        raise ValueError(
+            f"static_scaling(amax): amax must be finite and >= 0 (in float32), got {amax!r}."
+        )
     amax_arr = jnp.asarray(amax_np)
 
     def init(shape_or_x: Any) -> tuple:
@@ -265,15 +285,15 @@ def delayed_scaling(
       Micikevicius et al., "FP8 Formats for Deep Learning", https://arxiv.org/abs/2209.05433
     """
     spec = _check_spec(spec, "delayed_scaling")
-    if not isinstance(history_len, int | np.integer) or int(history_len) < 1:
-        raise ValueError(f"delayed_scaling: history_len must be an int >= 1, got {history_len!r}.")
-    history_len = int(history_len)
-    if not isinstance(margin, int | np.integer) or isinstance(margin, bool):
-        raise TypeError(
-            f"delayed_scaling: margin must be an int (a power of two of headroom), got {margin!r}."
+    history_len = check_int(history_len, "delayed_scaling: history_len", lo=1, hi=_INT32_MAX)
+    # 2^margin multiplies a float32 amax: beyond +-126 it is no longer a normal float32.
+    margin = check_int(margin, "delayed_scaling: margin (a power of two of headroom)")
+    if not -126 <= margin <= 126:
+        raise ValueError(
+            f"delayed_scaling: margin must be in -126..126 (2^margin scales a float32 amax), "
+            f"got {margin}. Transformer Engine uses 0."
         )
-    margin = int(margin)
-    if reduction not in ("max", "most_recent"):
+    if not isinstance(reduction, str) or reduction not in ("max", "most_recent"):
         raise ValueError(
             f"delayed_scaling: reduction must be 'max' or 'most_recent', got {reduction!r}."
         )
@@ -288,10 +308,12 @@ def delayed_scaling(
         )
 
     def update(state: ScaleState, x: Array) -> tuple[Array, ScaleState]:
-        if not isinstance(state, ScaleState):
+        if not isinstance(state, ScaleState) or not all(
+            hasattr(v, "shape") and hasattr(v, "dtype") for v in state
+        ):
             raise TypeError(
-                "delayed_scaling: update expects the ScaleState from init, got "
-                f"{type(state).__name__}."
+                "delayed_scaling: update expects the ScaleState from init (arrays), got "
+                f"{describe(state)}."
             )
         amax = current_amax(x, spec)
         want = (history_len, *amax.shape)

@@ -8,6 +8,7 @@ from typing import Literal
 from jaxquant._src import calibration as cal
 from jaxquant._src import formats
 from jaxquant._src import granularity as gran
+from jaxquant._src.checks import check_bool
 
 Rounding = Literal["nearest", "stochastic"]
 _SCALE_FORMATS = {
@@ -80,8 +81,11 @@ class QuantSpec:
         saturate: bool = True,
         rng: Literal["hash", "threefry"] = "hash",
     ) -> None:
-        fmt = formats.get(format)
-        sfmt = formats.get(scale_format)
+        symmetric = check_bool(symmetric, "QuantSpec.symmetric")
+        narrow_range = check_bool(narrow_range, "QuantSpec.narrow_range")
+        saturate = check_bool(saturate, "QuantSpec.saturate")
+        fmt = _get_format(format, "format")
+        sfmt = _get_format(scale_format, "scale_format")
         if sfmt.name not in _SCALE_FORMATS:
             raise ValueError(
                 f"QuantSpec.scale_format: {sfmt.name!r} is not a scale format; use one of "
@@ -144,11 +148,11 @@ class QuantSpec:
                 raise ValueError("QuantSpec: symmetric=False needs a calibration, e.g. minmax().")
             if isinstance(calibration, cal.KL):
                 raise ValueError("QuantSpec: kl() calibration is symmetric only; use minmax().")
-        if rounding not in ("nearest", "stochastic"):
+        if not isinstance(rounding, str) or rounding not in ("nearest", "stochastic"):
             raise ValueError(
                 f"QuantSpec.rounding must be 'nearest' or 'stochastic', got {rounding!r}."
             )
-        if rng not in ("hash", "threefry"):
+        if not isinstance(rng, str) or rng not in ("hash", "threefry"):
             raise ValueError(f"QuantSpec.rng must be 'hash' or 'threefry', got {rng!r}.")
         if fmt.kind == "int" and not saturate:
             raise ValueError(
@@ -164,11 +168,11 @@ class QuantSpec:
         set_(self, "format", fmt)
         set_(self, "granularity", granularity)
         set_(self, "calibration", calibration)
-        set_(self, "symmetric", bool(symmetric))
+        set_(self, "symmetric", symmetric)
         set_(self, "rounding", rounding)
         set_(self, "scale_format", sfmt)
-        set_(self, "narrow_range", bool(narrow_range))
-        set_(self, "saturate", bool(saturate))
+        set_(self, "narrow_range", narrow_range)
+        set_(self, "saturate", saturate)
         set_(self, "rng", rng)
 
     # ---------------------------------------------------------------- derived, static
@@ -224,3 +228,11 @@ class QuantSpec:
         if self.scale_format.name != "float32":
             parts.append(f"scale={self.scale_format.name}")
         return "QuantSpec(" + ", ".join(parts) + ")"
+
+
+def _get_format(fmt: object, field: str) -> formats.Format:
+    """formats.get, with the QuantSpec field named in its error."""
+    try:
+        return formats.get(fmt)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"QuantSpec.{field}: {e}") from None
