@@ -2,7 +2,10 @@
 
 ``save(directory, tree)`` writes a pytree of arrays and :class:`~jaxquant.QArray` s,
 ``restore(directory, target=None)`` reads it back bit for bit (values, scales and zero
-points, whatever their dtype), ``layout(directory)`` returns its manifest.
+points, whatever their dtype; without a target, its dicts, lists, tuples and ``None`` s,
+empty ones included), ``layout(directory)`` returns its manifest. Damage anywhere (one
+flipped bit of the manifest included) makes ``restore`` raise a ValueError naming the
+checkpoint and what is wrong.
 
 On-disk layout (format ``"jaxquant.orbax"``, version 1)
 -------------------------------------------------------
@@ -39,7 +42,8 @@ The stored arrays read back with orbax alone:
 
     {
       "format": "jaxquant.orbax", "version": 1, "jaxquant_version": "0.1.0",
-      "checksum": "sha256",
+      "checksum": "sha256",                         # the algorithm of every digest
+      "manifest_sha256": <hex>,                     # this manifest's own (below)
       "files": {"arrays/<relative path>": {"size": <bytes>, "sha256": <hex>}, ...},
       "leaves": [
         {"name": "params/Dense_0/kernel",           # jq.size_report's leaf path
@@ -57,13 +61,36 @@ The stored arrays read back with orbax alone:
          "type": "jax",                             # or "numpy": restored as numpy
          "shape": [32], "dtype": "bfloat16",
          "arrays": {"array": {"key": "leaf_1.array", "shape": [32], "dtype": "bfloat16",
-                              "stored_dtype": "uint16", "sha256": <hex>}}}]}
+                              "stored_dtype": "uint16", "sha256": <hex>}}}],
+      "structure": {"dict": [["params", {"dict": [["Dense_0", {"dict": [
+                       ["kernel", 0], ["bias", 1]]}]]}]]}}
 
 Path entries are ``["key", k]`` (dict key, str or int), ``["index", i]`` (list/tuple
 position), ``["attr", name]`` (dataclass / namedtuple / flax Variable field) and
-``["flat", i]``; without a ``target``, restore builds dicts for the first and the last
-two and lists for ``index``. ``key`` is ``null`` for a zero-size array. Each array's
-``sha256`` is that of its stored bytes (C order, stored dtype); each file's, of the file.
+``["flat", i]``. ``key`` is ``null`` for a zero-size array, else ``leaf_<i>.<field>``
+of its own leaf and field (restore refuses entries moved between leaves or fields), and
+its shape and dtype follow from the leaf's (for a QArray, from its spec and shape). Each
+array's ``sha256`` is that of its stored bytes (C order, stored dtype); each file's, of
+the file.
+
+``structure`` describes the tree's containers, so that restore without a target rebuilds
+them all: a leaf is its number ``i``, ``None`` is ``null``, a dict
+``{"dict": [[key, child], ...]}`` (flattening order), a list ``{"list": [child, ...]}``, a
+tuple ``{"tuple": [...]}``, any other container ``{"node": [[kind, key, child], ...]}``
+with the path entry of each child (restored as a dict keyed by them, or a list for
+``index`` entries). Leaves appear in their order ``0, 1, ...``, each at its ``path``.
+
+``manifest_sha256`` is the sha256 of the manifest without that key, serialized as
+``json.dumps(m, sort_keys=True, separators=(",", ":"), ensure_ascii=True)`` (UTF-8), so it
+does not depend on the file's whitespace. A manifest without it (and without
+``structure``) was written before jaxquant sealed its manifests: it restores with a
+``UserWarning`` (damage to it cannot be detected; without a target, containers holding no
+arrays are dropped); ``save(path, restore(path, target), force=True)`` seals it.
+
+A save writes into ``.<name>.tmp-<id>/`` beside ``<directory>`` while holding an
+exclusive ``flock`` on ``.<name>.tmp-<id>.lock``, then renames the folder; a killed save
+leaves both, never a checkpoint (restore refuses the folder), and the next save to the
+same parent removes them once their lock is free (the writer is dead).
 """
 
 from jaxquant._src.orbax import layout, restore, save

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -62,7 +63,6 @@ SPECS = [
     jq.QuantSpec("int8", jq.per_token(0), jq.kl(256, 32)),
     jq.QuantSpec("int8", calibration=jq.fixed(3.5)),
     jq.QuantSpec("uint8", calibration=jq.fixed((-1.0, 2.0)), symmetric=False),
-    jq.QuantSpec("int8", calibration=jq.fixed(float("inf"))),
     jq.QuantSpec("uint4", jq.per_block(0, 16), jq.minmax(), symmetric=False),
     jq.QuantSpec("int8", narrow_range=False, rounding="stochastic", rng="threefry"),
     jq.QuantSpec("binary", calibration=jq.mean_abs(0.8)),
@@ -181,9 +181,9 @@ def _tree_for(spec, shape, dtype=jnp.float32):
 def test_round_trip_is_bit_exact(tmp_path, name, spec, shape):
     tree = _tree_for(spec, shape, jnp.bfloat16 if "scalar" in name else jnp.float32)
     jqo.save(tmp_path / "ckpt", tree)
-    # Without a target: dicts and lists, None dropped; everything else identical.
+    # Without a target: the same tree, None included.
     got = jqo.restore(tmp_path / "ckpt")
-    assert_identical(got, {k: v for k, v in tree.items() if k != "none"})
+    assert_identical(got, tree)
     assert isinstance(got["numpy"][0], np.ndarray) and isinstance(got["int"], jax.Array)
     q = got["q"]
     assert q.spec == spec and q.shape == tuple(shape) and q.nbytes == tree["q"].nbytes
@@ -306,6 +306,41 @@ def test_restore_places_leaves_with_the_target_sharding(tmp_path):
     assert got["b"].sharding == rows
 
 
+EMPTIES = {
+    "none": None,
+    "tuple": (),
+    "dict": {},
+    "list": [],
+    "nested empties": {"a": [(), {}, None, [[]]], "b": ({"c": ()},), "d": {"e": {"f": {}}}},
+    "mixed": {
+        "none": None,
+        "t": (jnp.ones(2), None, (jnp.arange(3), ()), []),
+        "l": [None, {"x": jnp.zeros((0, 2))}, ({},)],
+        "q": (jq.quantize(_ramp((4, 32)), jq.QuantSpec("int4", jq.per_block(-1, 32))), None),
+    },
+    "int keys": {3: {"x": ()}, 5: jnp.ones(1), 7: None},
+    "bare tuple of leaves": (jnp.ones(1), np.arange(2)),
+}
+
+
+@pytest.mark.parametrize("tree", EMPTIES.values(), ids=EMPTIES.keys())
+def test_restore_without_a_target_keeps_every_container(tmp_path, tree):
+    jqo.save(tmp_path / "c", tree)
+    got = jqo.restore(tmp_path / "c")
+    assert_identical(got, tree)  # the same treedef: None, (), {}, [] and tuples included
+
+
+def test_restore_without_a_target_turns_other_containers_into_dicts(tmp_path):
+    import optax
+
+    state = optax.adam(1e-3).init({"w": jnp.ones(3)})  # (ScaleByAdamState, EmptyState())
+    jqo.save(tmp_path / "c", state)
+    got = jqo.restore(tmp_path / "c")
+    assert isinstance(got, tuple) and got[1] == {}
+    assert set(got[0]) == {"count", "mu", "nu"} and isinstance(got[0]["mu"], dict)
+    assert_identical(jqo.restore(tmp_path / "c", state), state)
+
+
 def test_empty_and_zero_size_trees(tmp_path):
     jqo.save(tmp_path / "empty", {})
     assert jqo.restore(tmp_path / "empty") == {}
@@ -373,6 +408,60 @@ def test_an_interrupted_swap_is_explained(tmp_path):
     os.rename(path, tmp_path / ".c.old-1234abcd")  # where save(force=True) parks it
     with pytest.raises(ValueError, match=r"interrupted.*\.c\.old-1234abcd; rename it"):
         jqo.restore(path)
+
+
+def _kill_a_save(parent: Path, name: str) -> Path:
+    """The temporary folder a save of ``parent / name`` leaves when its process dies while
+    writing: a complete-looking checkpoint there, and the lock file, no longer held."""
+    tmp, fd = ckpt_impl._start_temporary(parent / name)
+    jqo.save(parent / "scratch", {"a": jnp.ones(3)})
+    for f in os.listdir(parent / "scratch"):
+        os.rename(parent / "scratch" / f, tmp / f)
+    os.rmdir(parent / "scratch")
+    os.close(fd)  # what the kernel does to a killed process's descriptors (and flocks)
+    return tmp
+
+
+def test_a_killed_save_is_no_checkpoint_and_the_next_save_cleans_it(tmp_path):
+    dead = _kill_a_save(tmp_path, "c")
+    live, live_fd = ckpt_impl._start_temporary(tmp_path / "d")  # a save still running
+    old = tmp_path / ".e.tmp-1234abcd"  # a jaxquant without locks left it: kept
+    old.mkdir()
+    assert dead.is_dir() and (tmp_path / f"{dead.name}.lock").is_file()
+    with pytest.raises(ValueError, match=r"no checkpoint at .*/c .*did not finish"):
+        jqo.restore(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"temporary folder of a save that did not finish"):
+        jqo.restore(dead)
+    with pytest.raises(ValueError, match=r"temporary folder"):
+        jqo.layout(dead)
+
+    jqo.save(tmp_path / "f", {"a": jnp.ones(3)})  # any save to the same parent
+    left = sorted(os.listdir(tmp_path))
+    assert left == sorted([live.name, f"{live.name}.lock", old.name, "f"])
+    ckpt_impl._end_temporary(live, live_fd)  # what a finished save does
+    os.rmdir(live)
+    jqo.save(tmp_path / "c", {"b": jnp.zeros(2)})
+    assert sorted(os.listdir(tmp_path)) == sorted([old.name, "c", "f"])
+    assert_identical(jqo.restore(tmp_path / "c"), {"b": jnp.zeros(2)})
+
+
+def test_a_sigkilled_save_is_cleaned_by_the_next_one(tmp_path):
+    """A real SIGKILL in the middle of a save (after orbax wrote the arrays)."""
+    code = f"""
+import os, signal, jax.numpy as jnp, jaxquant.orbax as jqo
+from jaxquant._src.orbax import checkpoint as impl
+impl._file_digests = lambda root: os.kill(os.getpid(), signal.SIGKILL)
+jqo.save({str(tmp_path / "c")!r}, {{"a": jnp.ones(3)}})
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    assert run.returncode == -9
+    (tmp,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert tmp.name.startswith(".c.tmp-") and (tmp / "arrays").is_dir()
+    with pytest.raises(ValueError, match=r"no checkpoint at .*did not finish"):
+        jqo.restore(tmp_path / "c")
+    jqo.save(tmp_path / "c", {"a": jnp.zeros(3)})
+    assert os.listdir(tmp_path) == ["c"]
+    assert_identical(jqo.restore(tmp_path / "c"), {"a": jnp.zeros(3)})
 
 
 def test_save_rejects_what_it_cannot_store(tmp_path):
@@ -446,38 +535,241 @@ def test_damaged_orbax_metadata_raises(saved):
         jqo.restore(path)
 
 
+def _seal(manifest: dict) -> str:
+    """manifest_sha256 as jaxquant.orbax documents it (written independently here)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _edit_manifest(path: Path, edit, *, reseal: bool) -> None:
+    """Edit the manifest; with ``reseal``, as a buggy writer would: checksum recomputed."""
+    manifest = json.loads((path / "jaxquant.json").read_text())
+    edit(manifest)
+    if reseal:
+        manifest["manifest_sha256"] = _seal(manifest)
+    (path / "jaxquant.json").write_text(json.dumps(manifest, indent=1))
+
+
+def test_the_manifest_checksum_is_documented_canonical_json(saved):
+    path, _ = saved
+    manifest = jqo.layout(path)
+    assert manifest["manifest_sha256"] == _seal(manifest)
+    assert "manifest_sha256" in (jqo.__doc__ or "") and "sort_keys" in (jqo.__doc__ or "")
+
+
 def test_array_checksums_catch_what_the_file_check_cannot(saved):
     """Bytes that differ from what was saved once read back (e.g. written by a buggy
     copy that also rewrote the file digests): the per-array sha256 catches them."""
     path, _ = saved
-    manifest = json.loads((path / "jaxquant.json").read_text())
-    manifest["leaves"][1]["arrays"]["scale"]["sha256"] = "0" * 64
-    (path / "jaxquant.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"leaf 'model/w' \(scale\).*another checksum"):
+    scale = lambda m: m["leaves"][1]["arrays"]["scale"].update(sha256="0" * 64)
+    _edit_manifest(path, scale, reseal=True)
+    with pytest.raises(
+        ValueError, match=rf"leaf 'model/w' \(scale\).*another checksum.*{path}.*damaged"
+    ):
         jqo.restore(path)
 
 
-@pytest.mark.parametrize(
-    "edit, match",
-    [
-        (lambda m: m.update(version=2), r"format version 2.*reads version 1"),
-        (lambda m: m.update(format="other"), "not a jaxquant.orbax manifest"),
-        (
-            lambda m: m["leaves"][1].pop("spec"),
-            r"malformed at leaf 1 \('model/w'\): KeyError: 'spec'",
-        ),
-        (lambda m: m["leaves"][1].update(dtype="float99"), "malformed.*float99"),
-        (lambda m: m["leaves"][1]["spec"].update(symmetric=1), "malformed.*symmetric"),
-        (lambda m: m["leaves"][1].update(shape=[64, 32]), "malformed.*scale shape"),
-    ],
-)
-def test_bad_manifests(saved, edit, match):
+BAD_MANIFESTS = [
+    (lambda m: m.update(version=2), r"format version 2.*reads version 1"),
+    (lambda m: m.update(format="other"), "not a jaxquant.orbax manifest"),
+    (
+        lambda m: m["leaves"][1].pop("spec"),
+        r"malformed at leaf 1 \('model/w'\): KeyError: 'spec'",
+    ),
+    (lambda m: m["leaves"][1].update(dtype="float99"), "malformed.*float99"),
+    (lambda m: m["leaves"][1]["spec"].update(symmetric=1), "malformed.*symmetric"),
+    (lambda m: m["leaves"][1].update(shape=[64, 32]), "malformed.*scale shape"),
+    (
+        lambda m: m["structure"]["dict"][0][1]["dict"].reverse(),
+        r"malformed: its structure.*leaf 1 where leaf 0 belongs",
+    ),
+    (lambda m: m["structure"]["dict"].append([[1], None]), r"malformed: its structure"),
+    (lambda m: m.update(structure={"set": []}), r"malformed: its structure.*'set'"),
+]
+
+
+@pytest.mark.parametrize("edit, match", BAD_MANIFESTS)
+def test_bad_manifests_with_a_valid_checksum(saved, edit, match):
+    """What a buggy writer could produce (its checksum recomputed): refused as malformed."""
     path, _ = saved
-    manifest = json.loads((path / "jaxquant.json").read_text())
-    edit(manifest)
-    (path / "jaxquant.json").write_text(json.dumps(manifest))
+    _edit_manifest(path, edit, reseal=True)
     with pytest.raises(ValueError, match=match):
         jqo.restore(path)
+
+
+@pytest.mark.parametrize("edit, match", BAD_MANIFESTS)
+def test_bad_manifests_fail_their_checksum(saved, edit, match):
+    path, _ = saved
+    _edit_manifest(path, edit, reseal=False)
+    if "version" in match or "not a" in match:  # reported as such, damage suspected
+        match = r"or it is damaged: its checksum does not match"
+    else:
+        match = r"damaged: it does not match its checksum"
+    with pytest.raises(ValueError, match=rf"{path}.*{match}"):
+        jqo.restore(path)
+
+
+@pytest.fixture
+def rich(tmp_path):
+    """A checkpoint with two same-shape float leaves ('a', 'b'), an int4 QArray ('w'), an
+    asymmetric uint8 QArray ('u'), numpy and bf16 leaves, and empty containers."""
+    tree = {
+        "a": _ramp((32,)),
+        "b": _ramp((32,), lo=1.0),
+        "e": {"none": None, "tuple": (), "list": [], "dict": {}},
+        "n": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "t": (_ramp((3, 5), dtype=jnp.bfloat16), None),
+        "u": jq.quantize(
+            _ramp((6, 40)), jq.QuantSpec("uint8", jq.per_channel(0), jq.minmax(), symmetric=False)
+        ),
+        "w": jq.quantize(_ramp((64, 64)), jq.QuantSpec("int4", jq.per_block(-1, 32))),
+    }
+    jqo.save(tmp_path / "c", tree)
+    return tmp_path / "c", tree
+
+
+def _leaf(m: dict, name: str) -> dict:
+    (entry,) = [e for e in m["leaves"] if e["name"] == name]
+    return entry
+
+
+def _swap_arrays(m, x="a", y="b"):
+    ex, ey = _leaf(m, x), _leaf(m, y)
+    ex["arrays"], ey["arrays"] = ey["arrays"], ex["arrays"]
+
+
+def _set_spec(name, **fields):
+    return lambda m: _leaf(m, name)["spec"].update(fields)
+
+
+def _int8(m):
+    _leaf(m, "w")["spec"]["format"] = spec_to_dict(jq.QuantSpec("int8"))["format"]
+
+
+# (edit, what the error says when the manifest is resealed; None: a consistent edit that
+# only the checksum can catch)
+EDITS = {
+    "swap two leaves' arrays": (_swap_arrays, r"leaf \d+ \('a'\).*key 'leaf_\d+.array'"),
+    "swap values and scale": (
+        lambda m: _leaf(m, "w")["arrays"].update(
+            values=_leaf(m, "w")["arrays"]["scale"], scale=_leaf(m, "w")["arrays"]["values"]
+        ),
+        r"\('w'\).*(key|scale shape)",
+    ),
+    "spec format int4 -> int8": (_int8, r"\('w'\).*values is \(64, 32\) uint8.*\(64, 64\) int8"),
+    "spec format int4 -> uint4": (
+        lambda m: _leaf(m, "w")["spec"]["format"].update(name="uint4", signed=False),
+        None,
+    ),
+    "spec block size": (
+        lambda m: _leaf(m, "w")["spec"]["granularity"].update(size=16),
+        r"\('w'\).*scale shape",
+    ),
+    "spec calibration": (_set_spec("w", calibration={"type": "minmax"}), None),
+    "spec symmetric": (_set_spec("u", symmetric=True), r"\('u'\).*zero_point"),
+    "array shape": (lambda m: _leaf(m, "a").update(shape=[2, 16]), r"\('a'\).*\(2, 16\)"),
+    "array dtype": (lambda m: _leaf(m, "a").update(dtype="int32"), r"\('a'\).*int32"),
+    "numpy type": (lambda m: _leaf(m, "n").update(type="jax"), None),
+    "qarray shape": (lambda m: _leaf(m, "w").update(shape=[32, 64]), r"\('w'\).*\(32, "),
+    "qarray dtype": (lambda m: _leaf(m, "w").update(dtype="bfloat16"), None),
+    "a leaf's path": (lambda m: _leaf(m, "b")["path"][0].__setitem__(1, "c"), "structure"),
+    "an empty container": (
+        lambda m: m["structure"]["dict"][2][1]["dict"][3].__setitem__(1, None),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("edit, tied", EDITS.values(), ids=EDITS.keys())
+def test_manifest_edits_raise(rich, edit, tied):
+    """Every edit of a spec, shape, dtype or array entry fails the manifest's checksum;
+    those that make the arrays disagree with their leaf also fail when it is resealed."""
+    path, tree = rich
+    original = (path / "jaxquant.json").read_bytes()
+    _edit_manifest(path, edit, reseal=False)
+    assert (path / "jaxquant.json").read_bytes() != original
+    with pytest.raises(ValueError, match=rf"{path}.*damaged: it does not match its checksum"):
+        jqo.restore(path)
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        jqo.layout(path)
+    (path / "jaxquant.json").write_bytes(original)
+    _edit_manifest(path, edit, reseal=True)
+    if tied is not None:
+        with pytest.raises(ValueError, match=rf"{path}.*malformed.*{tied}"):
+            jqo.restore(path)
+    (path / "jaxquant.json").write_bytes(original)
+    assert_identical(jqo.restore(path), tree)
+
+
+def test_random_bit_flips_in_the_manifest_all_raise(rich):
+    """1,500 single-bit flips (seeded) anywhere in the manifest: each raises a ValueError
+    naming the checkpoint, or restores exactly what was saved. (Before manifests had a
+    checksum, 15 of 1,500 restored other values without an error.)"""
+    path, tree = rich
+    manifest = path / "jaxquant.json"
+    original = manifest.read_bytes()
+    rng = np.random.default_rng(11)
+    raised = 0
+    for bit in rng.integers(0, 8 * len(original), size=1500):
+        data = bytearray(original)
+        data[bit // 8] ^= 1 << (bit % 8)
+        manifest.write_bytes(bytes(data))
+        try:
+            got = jqo.restore(path)
+        except ValueError as e:
+            assert str(path) in str(e), str(e)
+            raised += 1
+        else:
+            assert json.loads(bytes(data)) == json.loads(original), f"bit {bit}: no error"
+            assert_identical(got, tree)
+    # The canonical JSON is sealed, and the file holds no byte whose flip keeps its meaning.
+    assert raised == 1500
+    manifest.write_bytes(original)
+    assert_identical(jqo.restore(path), tree)
+
+
+def test_old_checkpoints_without_a_checksum_restore_with_a_warning(rich):
+    path, tree = rich
+
+    def unseal(m):
+        del m["manifest_sha256"], m["structure"]
+
+    _edit_manifest(path, unseal, reseal=False)
+    with pytest.warns(UserWarning, match=r"no checksum.*cannot be detected.*Save it again"):
+        got = jqo.restore(path)
+    # As then: without a target, containers holding no arrays are dropped.
+    want = {k: v for k, v in tree.items() if k != "e"}
+    assert_identical(got, {**want, "t": [tree["t"][0]]})
+    with pytest.warns(UserWarning, match="no checksum"):
+        assert_identical(jqo.restore(path, tree), tree)
+    with pytest.warns(UserWarning, match="no checksum"):
+        jqo.save(path, jqo.restore(path, tree), force=True)  # as the warning says
+    assert_identical(jqo.restore(path), tree)  # sealed again, no warning
+
+    # Damage that removes the checksum's own name is not taken for an old checkpoint.
+    _edit_manifest(path, lambda m: m.update(manifest_sha257=m.pop("manifest_sha256")), reseal=False)
+    with pytest.raises(ValueError, match=r"damaged: it has no 'manifest_sha256'.*sha257"):
+        jqo.restore(path)
+
+
+def test_the_qarray_layout_restore_expects_is_what_quantize_makes():
+    """The shapes and dtypes restore expects of a QArray's arrays (from its spec and shape)
+    are those quantize produces, for every spec here: valid checkpoints always restore."""
+    for spec in SPECS:
+        for shape in [(64, 64)]:
+            try:
+                spec.granularity.plan(shape)
+            except ValueError:  # e.g. per_channel(0, 2) of a matrix
+                continue
+            key = jax.random.key(0) if spec.rounding == "stochastic" else None
+            x = jax.ShapeDtypeStruct(shape, jnp.float32)
+            q = jax.eval_shape(lambda x, spec=spec, key=key: jq.quantize(x, spec, key=key), x)
+            want = {
+                f: (tuple(getattr(q, f).shape), np.dtype(getattr(q, f).dtype))
+                for f in ("values", "scale")
+            }
+            assert ckpt_impl._qarray_arrays(spec, shape) == want, (spec, shape)
 
 
 def test_missing_directory_and_manifest(tmp_path, saved):
@@ -529,3 +821,20 @@ def test_layout_is_the_manifest(saved):
     for rel, info in m["files"].items():
         assert (path / rel).stat().st_size == info["size"]
     assert all(rel.startswith("arrays/") for rel in m["files"])
+
+
+def test_a_loss_scaled_bf16_optimizer_state_restores_into_its_init_state(tmp_path):
+    """dynamic_loss_scale used to turn adam's bf16 moments float32 after one step, so a
+    restore with ``opt.init(params)`` as the target refused the checkpoint."""
+    import optax
+
+    import jaxquant.optax as jq_optax
+
+    params = {"w": _ramp((4, 8), dtype=jnp.bfloat16)}
+    opt = jq_optax.dynamic_loss_scale(optax.adam(1e-2), initial_scale=4.0)
+    state = opt.init(params)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes f32 gradients, bf16 moments
+        for _ in range(2):
+            _, state = jax.jit(opt.update)(jax.tree.map(jnp.ones_like, params), state, params)
+    jqo.save(tmp_path / "c", state)
+    assert_identical(jqo.restore(tmp_path / "c", opt.init(params)), state)

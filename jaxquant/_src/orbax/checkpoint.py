@@ -3,9 +3,18 @@
 ``save`` flattens the tree (QArrays as leaves), turns every array into a host ``numpy``
 array in a dtype any zarr reader knows (ml_dtypes types bitcast to same-width unsigned
 ints), writes them as one orbax ``StandardCheckpointer`` checkpoint and describes the rest
-(paths, specs, shapes, dtypes, checksums) in a JSON manifest. ``restore`` checks the
-manifest and every file before orbax reads a byte, then every array after, so a damaged
-checkpoint raises a ValueError naming the leaf instead of returning wrong values.
+(paths, specs, shapes, dtypes, checksums, the container structure) in a JSON manifest
+sealed by its own sha256. ``restore`` checks the manifest's checksum, then that every
+array entry belongs to its leaf (key, shape and dtype agree with the leaf's spec, shape
+and dtype), then every file before orbax reads a byte, then every array after, so a
+damaged checkpoint raises a ValueError naming the path and the leaf instead of returning
+wrong values.
+
+A save writes into a hidden ``.<name>.tmp-<id>`` folder beside the checkpoint and holds
+an exclusive ``flock`` on ``.<name>.tmp-<id>.lock`` while it runs. The kernel drops the
+lock when the writer dies however it dies (SIGKILL included), so the next save to the same
+parent removes the folders whose lock it can take: those of dead writers, never a running
+save's.
 """
 
 from __future__ import annotations
@@ -13,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +39,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import jaxquant
-from jaxquant._src.qarray import QArray
+from jaxquant._src.qarray import QArray, packed_length
 from jaxquant._src.serialize import spec_from_dict, spec_to_dict
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, so temporaries of killed saves are never cleaned
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "jaxquant.orbax"
 VERSION = 1
 MANIFEST = "jaxquant.json"
 ARRAYS = "arrays"
+SEAL = "manifest_sha256"  # the manifest's own checksum, over its canonical JSON
+
+# A manifest without SEAL was written before manifests were sealed (and had no
+# "structure"); it must have exactly these keys, so that damage to SEAL's own name (which
+# also removes it) is not taken for an old checkpoint.
+_UNSEALED_KEYS = frozenset({"format", "version", "jaxquant_version", "checksum", "files", "leaves"})
+_TMP_DIR = re.compile(r"\..+\.tmp-[0-9a-f]+")
+_TMP_LOCK = re.compile(r"(\..+\.tmp-[0-9a-f]+)\.lock")
 
 # Dtypes every zarr reader knows; anything else (ml_dtypes) is bitcast to uint<width>.
 _NATIVE = frozenset(
@@ -69,12 +94,18 @@ def _name(path: tuple) -> str:  # a leaf's name, as in jq.size_report
 def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     """Save a pytree of arrays and :class:`~jaxquant.QArray` s as an orbax checkpoint.
 
-    Everything is written to a hidden sibling directory first; only a complete checkpoint
-    is renamed to ``directory``. With ``force=True`` an existing checkpoint there is
-    renamed aside, the new one renamed in, and only then is the old one deleted, so an
-    interrupted save never loses what was saved before (after a crash between the two
-    renames it is at ``.<name>.old-<id>`` next to ``directory``, and :func:`restore`
-    says so).
+    Everything is written to a hidden sibling directory ``.<name>.tmp-<id>`` first; only
+    a complete checkpoint is renamed to ``directory``. With ``force=True`` an existing
+    checkpoint there is renamed aside, the new one renamed in, and only then is the old
+    one deleted, so an interrupted save never loses what was saved before (after a crash
+    between the two renames it is at ``.<name>.old-<id>`` next to ``directory``, and
+    :func:`restore` says so). A killed save leaves its ``.tmp-<id>`` folder behind (it is
+    never a checkpoint: :func:`restore` refuses it); every save first removes those of
+    dead writers in the same parent directory (a running save holds a lock on its own).
+    Folders of a jaxquant without these locks are left alone: remove them by hand.
+
+    The manifest records the tree's containers too, so :func:`restore` without a target
+    gives back ``None``, ``()``, ``{}``, ``[]``, tuples and lists as they were.
 
     Args:
       directory: where the checkpoint goes; must not exist unless ``force``.
@@ -114,9 +145,10 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
                 "yourself or choose another path."
             )
     leaves, stored = _flatten(tree)
+    structure = _structure(tree)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    _remove_dead_temporaries(directory.parent)
+    tmp, lock = _start_temporary(directory)
     try:
         if stored:
             with _quiet_orbax_merge_notice(), ocp.StandardCheckpointer(use_ocdbt=False) as ck:
@@ -129,7 +161,9 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
             "checksum": "sha256",
             "files": _file_digests(tmp),
             "leaves": leaves,
+            "structure": structure,
         }
+        manifest[SEAL] = _seal(manifest)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -138,6 +172,8 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:  # after tmp is renamed or removed: a folder without its lock is never live
+        _end_temporary(tmp, lock)
 
 
 def _flatten(tree: Any) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
@@ -176,6 +212,44 @@ def _flatten(tree: Any) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
             entry["arrays"][field] = info
         entries.append(entry)
     return entries, stored
+
+
+def _structure(tree: Any) -> Any:
+    """The tree's containers as JSON: a leaf is its index in flattening order, ``None`` is
+    ``null``, a dict ``{"dict": [[key, child], ...]}``, a list or tuple ``{"list": [...]}``
+    or ``{"tuple": [...]}``, any other node ``{"node": [[kind, key, child], ...]}`` with
+    the path entry of each child (:mod:`jaxquant.orbax` docstring)."""
+    count = itertools.count()
+
+    def walk(x: Any, path: tuple) -> Any:
+        if x is None:
+            return None
+        # One level: x's children, each with its one path entry (x itself if a leaf).
+        children = jax.tree_util.tree_flatten_with_path(
+            x, is_leaf=lambda y: y is not x or _is_qarray(y)
+        )[0]
+        if len(children) == 1 and not children[0][0]:
+            return next(count)
+        kids = [walk(c, (*path, *p)) for p, c in children]
+        if type(x) in (list, tuple):
+            return {type(x).__name__: kids}
+        keys = [_encode_path(p, _name((*path, *p)), "save")[0] for p, _ in children]
+        if type(x) is dict:
+            return {"dict": [[key, kid] for (_, key), kid in zip(keys, kids, strict=True)]}
+        return {"node": [[*k, kid] for k, kid in zip(keys, kids, strict=True)]}
+
+    return walk(tree, ())
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    """The bytes ``SEAL`` is the sha256 of: the manifest without ``SEAL``, sorted keys, no
+    whitespace, ASCII (so the seal does not depend on how the file is indented)."""
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _seal(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical(manifest)).hexdigest()
 
 
 def _encode_path(path: tuple, name: str, fn: str) -> list[list[Any]]:
@@ -261,6 +335,72 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _start_temporary(directory: Path) -> tuple[Path, int]:
+    """A new ``.<name>.tmp-<id>`` folder beside ``directory`` and the descriptor of its
+    lock file, held (``flock``) until :func:`_end_temporary`. The lock exists before the
+    folder and outlives it, so a folder whose lock can be taken has no live writer."""
+    while True:
+        tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            fd = os.open(_lock_of(tmp), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:  # another writer drew the same id
+            continue
+    try:
+        if fcntl is not None:
+            # No locks on this filesystem: the folder will never count as dead.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tmp.mkdir()
+    except BaseException:
+        _end_temporary(tmp, fd)
+        raise
+    return tmp, fd
+
+
+def _end_temporary(tmp: Path, fd: int) -> None:
+    try:
+        _lock_of(tmp).unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_of(tmp: Path) -> Path:
+    return tmp.parent / f"{tmp.name}.lock"
+
+
+def _remove_dead_temporaries(parent: Path) -> None:
+    """Remove the ``.<name>.tmp-<id>`` folders (and lock files) of dead writers in
+    ``parent``: those whose lock can be taken. A folder without a lock file (written by a
+    jaxquant before these locks) cannot be told from a running save and is kept."""
+    if fcntl is None:
+        return
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for n in sorted(names):
+        m = _TMP_LOCK.fullmatch(n)
+        if m is None:
+            continue
+        try:
+            fd = os.open(parent / n, os.O_RDWR)
+        except OSError:  # its writer just finished
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by a running save, or no locks on this filesystem
+                continue
+            tmp = parent / m.group(1)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not tmp.exists():
+                (parent / n).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
 def _swap_in(tmp: Path, directory: Path) -> None:
     """Rename the finished ``tmp`` to ``directory``; an old checkpoint there is renamed
     aside first and deleted last, so one complete checkpoint exists at every moment."""
@@ -327,24 +467,35 @@ class _Leaf:
 def layout(directory: str | os.PathLike) -> dict[str, Any]:
     """The manifest (``jaxquant.json``) of the checkpoint at ``directory``, as a dict.
 
-    Its fields are specified in the docstring of :mod:`jaxquant.orbax`. The format name
-    and version are checked; the arrays are not read.
+    Its fields are specified in the docstring of :mod:`jaxquant.orbax`. The format name,
+    version and the manifest's checksum are checked; the arrays are not read.
 
     Raises:
-      ValueError: no directory, no or unreadable manifest, another format or version.
+      ValueError: no directory, no or unreadable manifest, another format or version, a
+        manifest whose checksum does not match.
     """
     return _manifest(Path(directory).expanduser().absolute(), "layout")
 
 
 def _manifest(directory: Path, fn: str) -> dict[str, Any]:
+    """The manifest, its checksum verified (warning, in restore, if it predates them)."""
+    if _TMP_DIR.fullmatch(directory.name):
+        raise ValueError(
+            f"{fn}: {directory} is the temporary folder of a save that did not finish (it was "
+            "killed, or is still running), not a checkpoint. The next save to "
+            f"{directory.parent} removes it once its writer is gone."
+        )
     if not directory.is_dir():
         hint = ""
         olds = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+        tmps = sorted(directory.parent.glob(f".{directory.name}.tmp-*"))
         if olds and not directory.exists():
             hint = (
                 f" A save(force=True) was interrupted: the previous checkpoint is at {olds[-1]}; "
                 f"rename it to {directory}."
             )
+        elif any(t.is_dir() for t in tmps) and not directory.exists():
+            hint = " A save to it did not finish (killed, or still running): nothing was saved."
         raise ValueError(f"{fn}: no checkpoint at {directory} (not a directory).{hint}")
     path = directory / MANIFEST
     if not path.is_file():
@@ -352,28 +503,72 @@ def _manifest(directory: Path, fn: str) -> dict[str, Any]:
             f"{fn}: {path} is missing, so {directory} is not a checkpoint written by "
             "jaxquant.orbax.save (a plain orbax checkpoint is read with orbax.checkpoint)."
         )
+    damaged = f"Restore the checkpoint at {directory} from a copy, or save it again."
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        manifest = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError included
         raise ValueError(f"{fn}: cannot read {path}: {e}. The checkpoint is damaged.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{fn}: {path} is not a {FORMAT} manifest (no 'format': '{FORMAT}').")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{fn}: {path} is not a {FORMAT} manifest (not a JSON object).")
+    sealed = None if SEAL not in manifest else manifest[SEAL] == _seal(manifest)
+    or_damaged = "" if sealed is not False else " (or it is damaged: its checksum does not match)"
+    if manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"{fn}: {path} is not a {FORMAT} manifest (no 'format': '{FORMAT}'){or_damaged}."
+        )
     if manifest.get("version") != VERSION:
         raise ValueError(
             f"{fn}: {path} has format version {manifest.get('version')!r} (written by jaxquant "
-            f"{manifest.get('jaxquant_version')}); this jaxquant {jaxquant.__version__} reads "
-            f"version {VERSION}. Restore with the jaxquant that wrote it, then save again."
+            f"{manifest.get('jaxquant_version')}){or_damaged}; this jaxquant "
+            f"{jaxquant.__version__} reads version {VERSION}. Restore with the jaxquant that "
+            "wrote it, then save again."
         )
+    if sealed is False:
+        raise ValueError(f"{fn}: {path} is damaged: it does not match its checksum. {damaged}")
+    if sealed is None:
+        if set(manifest) != _UNSEALED_KEYS:
+            extra = sorted(set(manifest) ^ _UNSEALED_KEYS)
+            raise ValueError(
+                f"{fn}: {path} is damaged: it has no {SEAL!r} but unexpected or missing keys "
+                f"{extra}. {damaged}"
+            )
+        if fn == "restore":
+            warnings.warn(
+                f"restore: {path} has no checksum (written by jaxquant "
+                f"{manifest.get('jaxquant_version')}, before manifests had one), so damage to "
+                "it cannot be detected, and containers holding no arrays (None, (), {}, []) "
+                "are not restored without a target. Save it again to add both: "
+                "jq.orbax.save(directory, jq.orbax.restore(directory, target), force=True), "
+                "with the target you restore it with (keeps tuples, FrozenDicts, ...).",
+                UserWarning,
+                stacklevel=3,
+            )
     return manifest
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        dup = sorted({k for k, _ in pairs if sum(1 for q, _ in pairs if q == k) > 1})
+        raise ValueError(f"duplicate keys {dup}")
+    return out
 
 
 def restore(directory: str | os.PathLike, target: Any = None) -> Any:
     """Restore a tree written by :func:`save`, QArrays rebuilt bit for bit.
 
-    Before orbax reads anything, the manifest is validated and every file is checked
-    against its recorded size and sha256; after reading, every array against its own
-    sha256. Damage anywhere raises, naming the leaf, rather than returning wrong values.
+    Before orbax reads anything, the manifest is checked against its own sha256
+    (``manifest_sha256``) and validated: every leaf's array entries must be the ones saved
+    for that leaf (their keys, shapes and dtypes follow from its position, spec, shape and
+    dtype), and every file must have its recorded size and sha256; after reading, every
+    array must match its own sha256. Damage anywhere (a single flipped bit of the manifest
+    included) raises, naming the checkpoint path and the leaf, rather than returning wrong
+    values.
+
+    A checkpoint written by a jaxquant whose manifests had no checksum (and no
+    ``structure``) still restores, with a ``UserWarning``: damage to its manifest cannot be
+    detected, and without a target its empty containers are dropped, as they were then.
+    Save it again to add both: ``save(path, restore(path, target), force=True)``.
 
     Args:
       directory: the checkpoint directory.
@@ -381,17 +576,20 @@ def restore(directory: str | os.PathLike, target: Any = None) -> Any:
         ``jax.eval_shape(lambda p: jq.convert(p, policy), params)``). Its container types
         (``FrozenDict``, ``nnx.State``, tuples...) are used for the result, its leaves
         must match the checkpoint's (QArray spec, shape and dtype; array shape and dtype),
-        and a leaf with a ``sharding`` is placed with it. Without ``target`` the result is
-        nested dicts and lists.
+        and a leaf with a ``sharding`` is placed with it. Without ``target`` the result has
+        the saved tree's dicts, lists, tuples and ``None`` s (empty ones included); other
+        containers (namedtuples, dataclasses, ``FrozenDict``...) become dicts keyed by
+        their field names or keys.
 
     Returns:
       The tree: QArrays with ``jax.Array`` fields, ``jax.Array`` leaves, and ``numpy``
       arrays for leaves that were numpy arrays when saved (or are in ``target``).
 
     Raises:
-      ValueError: a missing directory or manifest, another format version, a damaged or
-        truncated file, an array whose checksum does not match, or a ``target`` that does
-        not match (the first differing leaf path is named).
+      ValueError: a missing directory or manifest, another format version, a damaged
+        manifest (checksum or contents), a damaged or truncated file, an array whose
+        checksum does not match, the temporary folder of an unfinished save, or a
+        ``target`` that does not match (the first differing leaf path is named).
     """
     directory = Path(directory).expanduser().absolute()
     manifest = _manifest(directory, "restore")
@@ -404,7 +602,8 @@ def restore(directory: str | os.PathLike, target: Any = None) -> Any:
     out = []
     for leaf, t in zip(leaves, targets, strict=True):
         host = {
-            f: None if s is None else _from_disk(leaf, f, s, raw) for f, s in leaf.arrays.items()
+            f: None if s is None else _from_disk(directory, leaf, f, s, raw)
+            for f, s in leaf.arrays.items()
         }
         if leaf.kind == "qarray":
             fields = {
@@ -417,6 +616,8 @@ def restore(directory: str | os.PathLike, target: Any = None) -> Any:
             out.append(_place(host["array"], t, as_numpy))
     if target is not None:
         return jax.tree_util.tree_unflatten(treedef, out)
+    if "structure" in manifest:
+        return _unflatten(manifest["structure"], out)
     return _nest([(leaf.path, x) for leaf, x in zip(leaves, out, strict=True)])
 
 
@@ -440,17 +641,24 @@ def _parse(manifest: dict[str, Any], where: Path) -> tuple[list[_Leaf], dict[str
     leaves = []
     for i, e in enumerate(entries):
         try:
-            leaves.append(_parse_leaf(e))
+            leaves.append(_parse_leaf(e, i))
         except errors as err:
             name = e.get("name") if isinstance(e, dict) else None
             raise ValueError(
                 f"restore: {where} is malformed at leaf {i} ({name!r}): "
                 f"{type(err).__name__}: {err}."
             ) from None
+    if "structure" in manifest:
+        try:
+            _check_structure(manifest["structure"], leaves)
+        except errors as e:
+            raise ValueError(
+                f"restore: {where} is malformed: its structure {type(e).__name__}: {e}."
+            ) from None
     return leaves, files
 
 
-def _parse_leaf(e: dict[str, Any]) -> _Leaf:
+def _parse_leaf(e: dict[str, Any], i: int) -> _Leaf:
     arrays = {}
     for field, s in e["arrays"].items():
         arrays[field] = None
@@ -464,6 +672,11 @@ def _parse_leaf(e: dict[str, Any]) -> _Leaf:
             )
             if stored.dtype.itemsize != stored.stored_dtype.itemsize:
                 raise ValueError(f"{field} is stored in a dtype of another width")
+            # Ties the array to this leaf and field: entries swapped between leaves or
+            # fields (by a damaged or hand-edited manifest) do not pass.
+            key = f"leaf_{i}.{field}" if np.prod(stored.shape, dtype=np.int64) else None
+            if stored.key != key:
+                raise ValueError(f"{field} has the key {stored.key!r}, expected {key!r}")
             arrays[field] = stored
     kind = e["kind"]
     expected = set(_QARRAY_FIELDS) if kind == "qarray" else {"array"}
@@ -486,7 +699,95 @@ def _parse_leaf(e: dict[str, Any]) -> _Leaf:
             raise ValueError(f"its scale shape is not {want}")
         if (arrays["zero_point"] is None) != leaf.spec.symmetric:
             raise ValueError("zero_point does not match symmetric")
+        zp = arrays["zero_point"]
+        if zp is not None and (zp.shape != want or zp.dtype.kind not in "iu"):
+            raise ValueError(f"zero_point is {zp.shape} {zp.dtype.name}, not integers of {want}")
+        expected = _qarray_arrays(leaf.spec, leaf.shape)
+    else:
+        expected = {"array": (leaf.shape, leaf.dtype)}
+    for field, (shape, dtype) in expected.items():
+        s = arrays[field]
+        if s is not None and (s.shape, s.dtype) != (shape, dtype):
+            made_by = "spec and shape" if kind == "qarray" else "shape and dtype"
+            raise ValueError(
+                f"{field} is {s.shape} {s.dtype.name}, but the leaf's {made_by} make it "
+                f"{shape} {dtype.name}"
+            )
     return leaf
+
+
+def _qarray_arrays(spec: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The (shape, dtype) of a QArray's values and scale (layout in jaxquant/_src/qarray.py)."""
+    element = spec.element
+    if element.packed:
+        *lead, n = shape or (1,)
+        values = ((*lead, packed_length(n, element.bits)), np.dtype(np.uint8))
+    else:
+        values = (tuple(shape), np.dtype(element.storage_dtype))
+    scale = (spec.granularity.plan(shape).scale_shape, np.dtype(spec.scale_format.dtype))
+    return {"values": values, "scale": scale}
+
+
+def _check_structure(structure: Any, leaves: list[_Leaf]) -> None:
+    """ValueError unless ``structure`` holds leaves 0, 1, ... in order, each at the path
+    its manifest entry records."""
+    count = itertools.count()
+
+    def walk(node: Any, path: list) -> None:
+        for child, entry in _children(node):
+            walk(child, [*path, entry])
+        if _is_leaf_index(node):
+            i = next(count)
+            if node != i or i >= len(leaves):
+                raise ValueError(f"leaf {node} where leaf {i} belongs")
+            if leaves[i].path != path:
+                raise ValueError(f"leaf {i} ({leaves[i].name!r}) sits at {path}")
+
+    walk(structure, [])
+    if (n := next(count)) != len(leaves):
+        raise ValueError(f"{n} leaves instead of {len(leaves)}")
+
+
+def _is_leaf_index(node: Any) -> bool:
+    return isinstance(node, int) and not isinstance(node, bool)
+
+
+def _children(node: Any) -> list[tuple[Any, list]]:
+    """``[(child, its path entry)]`` of a structure node (none for a leaf or None)."""
+    if node is None or _is_leaf_index(node):
+        return []
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ValueError(f"unknown node {node!r:.80}")
+    ((kind, kids),) = node.items()
+    if kind in ("list", "tuple"):
+        return [(c, ["index", i]) for i, c in enumerate(kids)]
+    if kind == "dict":
+        out = [(c, ["key", k]) for k, c in kids]
+    elif kind == "node":
+        out = [(c, [t, k]) for t, k, c in kids]
+    else:
+        raise ValueError(f"unknown node kind {kind!r}")
+    for _, (t, k) in out:  # what save writes (_encode_path): hashable dict keys
+        if t not in ("key", "index", "attr", "flat") or not isinstance(k, str | int):
+            raise ValueError(f"unknown path entry {[t, k]!r:.80}")
+    return out
+
+
+def _unflatten(node: Any, out: list[Any]) -> Any:
+    """The tree ``structure`` (checked by :func:`_check_structure`) describes."""
+    if node is None:
+        return None
+    if _is_leaf_index(node):
+        return out[node]
+    ((kind, _),) = node.items()
+    kids = [(entry, _unflatten(c, out)) for c, entry in _children(node)]
+    if kind == "list":
+        return [x for _, x in kids]
+    if kind == "tuple":
+        return tuple(x for _, x in kids)
+    if kind == "node" and kids and all(t == "index" for (t, _), _ in kids):
+        return [x for _, x in kids]
+    return {k: x for (_, k), x in kids}
 
 
 def _match_target(target: Any, leaves: list[_Leaf]) -> tuple[list[Any], Any]:
@@ -577,7 +878,9 @@ def _read(directory: Path, leaves: list[_Leaf]) -> dict[str, np.ndarray]:
     return {f"{g}.{f}": np.asarray(x) for g, fields in tree.items() for f, x in fields.items()}
 
 
-def _from_disk(leaf: _Leaf, field: str, s: _Stored, raw: dict[str, np.ndarray]) -> np.ndarray:
+def _from_disk(
+    directory: Path, leaf: _Leaf, field: str, s: _Stored, raw: dict[str, np.ndarray]
+) -> np.ndarray:
     what = f"leaf {leaf.name!r}" + ("" if field == "array" else f" ({field})")
     if s.key is None:
         x = np.zeros(s.shape, s.stored_dtype)
@@ -586,8 +889,8 @@ def _from_disk(leaf: _Leaf, field: str, s: _Stored, raw: dict[str, np.ndarray]) 
     if x.shape != s.shape or x.dtype != s.stored_dtype or _sha256(x) != s.sha256:
         raise ValueError(
             f"restore: {what} read back as {x.shape} {x.dtype} with another checksum than it "
-            f"was saved with ({s.shape} {s.stored_dtype.name}). The checkpoint is damaged: "
-            "restore it from a copy, or save again."
+            f"was saved with ({s.shape} {s.stored_dtype.name}). The checkpoint at {directory} "
+            "is damaged: restore it from a copy, or save again."
         )
     return x.view(s.dtype) if s.dtype != s.stored_dtype else x
 
