@@ -106,52 +106,52 @@ def dynamic_loss_scale(
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap ``inner`` with dynamic loss scaling.
 
-        The caller differentiates ``scale_loss(loss, state)`` = ``S * loss``; ``update`` gets
-        the scaled gradients ``g_s = S * g`` and:
+    The caller differentiates ``scale_loss(loss, state)`` = ``S * loss``; ``update`` gets
+    the scaled gradients ``g_s = S * g`` and:
 
-        * if every ``g_s`` is finite: passes ``g = g_s / S`` (in ``unscale_dtype``) to ``inner``,
-          returns its updates and state, and counts a good step ``n <- n + 1``; when
-          ``n == growth_interval``: ``S <- min(S * growth_factor, max_scale)``, ``n <- 0``;
-        * otherwise: returns zero updates, keeps ``inner``'s state unchanged,
-          ``S <- max(S * backoff_factor, min_scale)``, ``n <- 0``.
+    * if every ``g_s`` is finite: passes ``g = g_s / S`` (in ``unscale_dtype``) to ``inner``,
+      returns its updates and state, and counts a good step ``n <- n + 1``; when
+      ``n == growth_interval``: ``S <- min(S * growth_factor, max_scale)``, ``n <- 0``;
+    * otherwise: returns zero updates, keeps ``inner``'s state unchanged,
+      ``S <- max(S * backoff_factor, min_scale)``, ``n <- 0``.
 
-    ``inner``'s new state is cast back to the dtypes of its previous state (adam's bf16 moments
-    for bf16 parameters stay bf16 although the unscaled gradients are float32), so the state's
-    shapes and dtypes never change from step to step: a ``jax.lax.scan`` over steps compiles and
-    a checkpoint restores with ``init``'s state as its target.
+    ``inner``'s new state is cast back to the dtypes of its previous state (adam's bf16
+    moments for bf16 parameters stay bf16 although the unscaled gradients are float32), so
+    the state's shapes and dtypes never change from step to step: a ``jax.lax.scan`` over
+    steps compiles, and a checkpoint restores with ``init``'s state as its target.
 
-        ``S`` is never below ``min_scale > 0``, so the unscaling never divides by zero.
-        ``growth_interval > 2**31 - 1`` disables growth (the counter saturates there).
-        Use it as the outermost transformation so that its state is the one :func:`scale_loss`
-        reads.
+    ``S`` is never below ``min_scale > 0``, so the unscaling never divides by zero.
+    ``growth_interval > 2**31 - 1`` disables growth (the counter saturates there).
+    Use it as the outermost transformation so that its state is the one :func:`scale_loss`
+    reads.
 
-        Args:
-          inner: the optimizer to wrap (e.g. ``optax.adam(1e-3)``).
-          initial_scale: the first loss scale ``S``.
-          growth_interval: consecutive finite steps before ``S`` grows.
-          growth_factor: ``S``'s growth factor (>= 1).
-          backoff_factor: ``S``'s factor after a non-finite step, in (0, 1].
-          min_scale: floor of ``S`` (> 0).
-          max_scale: cap of ``S``.
-          unscale_dtype: the dtype of the unscaled gradients handed to ``inner`` (float32
-            default, as the fp32 master gradients of mixed-precision training: fp16 gradients
-            unscaled back into fp16 would underflow again); ``None`` keeps each gradient's dtype.
+    Args:
+      inner: the optimizer to wrap (e.g. ``optax.adam(1e-3)``).
+      initial_scale: the first loss scale ``S``.
+      growth_interval: consecutive finite steps before ``S`` grows.
+      growth_factor: ``S``'s growth factor (>= 1).
+      backoff_factor: ``S``'s factor after a non-finite step, in (0, 1].
+      min_scale: floor of ``S`` (> 0).
+      max_scale: cap of ``S``.
+      unscale_dtype: the dtype of the unscaled gradients handed to ``inner`` (float32
+        default, as the fp32 master gradients of mixed-precision training: fp16 gradients
+        unscaled back into fp16 would underflow again); ``None`` keeps each gradient's dtype.
 
-        Returns:
-          An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`LossScaleState`.
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`LossScaleState`.
 
-        Example:
-          >>> import jax, jax.numpy as jnp, optax
-          >>> opt = dynamic_loss_scale(optax.sgd(0.1), initial_scale=4.0)
-          >>> params = jnp.array([1.0]); state = opt.init(params)
-          >>> loss = lambda p: jnp.sum(p**2)
-          >>> grads = jax.grad(lambda p: scale_loss(loss(p), state))(params)
-          >>> updates, state = opt.update(grads, state, params)
-          >>> round(float(optax.apply_updates(params, updates)[0]), 6), float(state.scale)
-          (0.8, 4.0)
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> opt = dynamic_loss_scale(optax.sgd(0.1), initial_scale=4.0)
+      >>> params = jnp.array([1.0]); state = opt.init(params)
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> grads = jax.grad(lambda p: scale_loss(loss(p), state))(params)
+      >>> updates, state = opt.update(grads, state, params)
+      >>> round(float(optax.apply_updates(params, updates)[0]), 6), float(state.scale)
+      (0.8, 4.0)
 
-        References:
-          Micikevicius et al., 2017, Mixed Precision Training, https://arxiv.org/abs/1710.03740
+    References:
+      Micikevicius et al., 2017, Mixed Precision Training, https://arxiv.org/abs/1710.03740
     """
     _check_config(
         initial_scale, growth_interval, growth_factor, backoff_factor, min_scale, max_scale
