@@ -603,8 +603,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Every integer option and the values it accepts, checked after parsing (a usage error
+# naming the option, never a traceback). jax.random.key keeps a seed's low 32 bits (2**32
+# would repeat seed 0) and raises OverflowError past 2**63.
+INT_OPTIONS: dict[str, tuple[str, int, int]] = {"seed": ("--seed", 0, 2**32 - 1)}
+
+
+def _check_int_options(args: argparse.Namespace) -> None:
+    for dest, (flag, lo, hi) in INT_OPTIONS.items():
+        v = getattr(args, dest, None)
+        if isinstance(v, int) and not isinstance(v, bool) and not lo <= v <= hi:
+            raise UsageError(
+                f"argument {flag}: {v} is out of range; use an integer from {lo} to {hi} "
+                f"(see '{PROG} {args.command} --help')"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``jaxquant`` command line; returns the exit status."""
+    """Run the ``jaxquant`` command line; returns the exit status (0 ok, 1 an error of the
+    library or the system, 2 a usage error, 130 interrupted), with one line on stderr."""
     args_in = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -612,11 +629,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        _check_int_options(args)
         return int(args.run(args))
     except UsageError as err:
         _error(str(err))
         return 2
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         _error(str(err))
         return 1
     except SystemExit as exc:  # --help
@@ -625,6 +643,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except OSError as err:
+        _error(f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else ""))
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _error(message: str) -> None:

@@ -6,14 +6,19 @@ Usage::
     jaxquant sweep --quick                      # a tiny grid, one seed (seconds)
     jaxquant sweep --preset digits-cnn            # or stdlib-lm (a byte-level transformer)
     jaxquant sweep --config my.toml --out runs/mine   # re-run the same line to resume
-    jaxquant sweep --shard 0/2 --out runs/a          # on host 0; host 1 runs --shard 1/2
+    jaxquant sweep --shard 0/2 --out runs/a    # on host 0; host 1: --shard 1/2 --out runs/b
     jaxquant sweep --merge runs/a runs/b --out runs/ab
+
+A run folder takes one sweep at a time and only its own config's results; an error, a
+full disk or Ctrl-C prints one line saying what was kept and the command that resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -42,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         metavar="DIR",
-        help="run folder (default runs/<time>-<confighash>); reuse it to resume",
+        help="run folder (default runs/<time>-<confighash>); reuse it to resume (one sweep "
+        "at a time; a folder of another config is refused)",
     )
     p.add_argument(
         "--shard",
@@ -50,22 +56,93 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="I/N",
         help="run only cells i %% N == I (default: jax.process_index()/process_count())",
     )
-    p.add_argument("--merge", nargs="+", metavar="DIR", help="merge these shard folders into --out")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="merge these shard folders into --out (a new folder, or a run folder of the "
+        "same config: its rows are kept)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def _resume_command(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None) -> str:
+    """The command line that picks this run up where it stopped (always naming --out:
+    a default folder has a time in its name)."""
+    if args.merge:
+        argv = ["jaxquant", "sweep", "--merge", *args.merge, "--out", str(out)]
+    else:
+        argv = ["jaxquant", "sweep"]
+        argv += ["--config", args.config] if args.config else []
+        argv += ["--preset", args.preset] if args.preset else []
+        argv += ["--quick"] if args.quick else []
+        argv += ["--out", str(out)]
+        if args.shard or (shard is not None and shard[1] > 1):
+            i, n = args.shard or shard
+            argv += ["--shard", f"{i}/{n}"]
+    argv += ["--no-plots"] if args.no_plots else []
+    argv += ["--no-progress"] if args.no_progress else []
+    return shlex.join(argv)
+
+
+_FIXES = {
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some of your disk quota",
+    errno.EACCES: "make it writable or pass another --out",
+    errno.EPERM: "make it writable or pass another --out",
+    errno.EROFS: "pass an --out on a writable file system",
+    errno.ENOTDIR: "pass an --out whose parents are folders",
+    errno.ENOENT: "pass an --out whose parent exists",
+}
+
+
+def _stopped(
+    what: str,
+    args: argparse.Namespace,
+    out: Path | None,
+    cfg: dict | None,
+    shard: tuple[int, int] | None,
+    err: OSError | None = None,
+) -> str:
+    """One line: what happened, what was kept, how to resume."""
+    from jaxquant._src.sweep import run as R
+
+    fix = "" if err is None else _FIXES.get(err.errno or 0, "fix the cause")
+    if out is None or (cfg is None and not args.merge):
+        return f"{what}; nothing was written" + (f"; {fix}" if fix else "")
+    if not out.is_dir():  # the same --out would fail the same way: the fix names another
+        return f"{what}; nothing was written ({out} was not created)" + (f"; {fix}" if fix else "")
+    if args.merge:
+        kept = f"the source folders are unchanged and no row of {out} was lost"
+        again = "run it again"
+    else:
+        n, total = R.kept(out, cfg, shard or (0, 1))
+        kept = f"kept {n} of {total} finished cells in {out}"
+        again = "resume with"
+    then = f"{fix}, then " if fix else ""
+    return f"{what}; {kept}; {then}{again}: {_resume_command(args, out, shard)}"
+
+
+def _os_error(err: OSError) -> str:
+    where = f" ({err.filename})" if err.filename else ""
+    return f"sweep: {err.strerror or err}{where}"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run (or merge) a sweep; print the table. Exit status 1 if any cell failed, 2 for a
-    bad config."""
+    """Run (or merge) a sweep; print the table. Exit status 1 if any cell failed or a
+    file could not be written, 2 for a bad config or run folder, 130 when interrupted
+    (each with one line on stderr saying what was kept and how to resume)."""
     from jaxquant._src.sweep import config as C
     from jaxquant._src.sweep import run as R
 
+    cfg = out = shard = None
     try:
         if args.merge:
             if not args.out:
                 raise C.ConfigError("sweep merge: --out DIR is required with --merge")
-            res = R.merge([Path(d) for d in args.merge], Path(args.out), plots=not args.no_plots)
+            out = Path(args.out)
+            res = R.merge([Path(d) for d in args.merge], out, plots=not args.no_plots)
             print(res["table"])
             print(
                 f"\nmerged {len(args.merge)} folders: {len(res['rows'])} cells, "
@@ -76,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
             cfg = C.load(args.config, preset=args.preset, quick=args.quick)
         else:
             cfg = C.resolve(preset=args.preset, quick=args.quick)
-        out = Path(args.out) if args.out else R.default_out(cfg)
         shard = args.shard or R.default_shard()
+        out = Path(args.out) if args.out else R.default_out(cfg, shard)
         res = R.run_sweep(
             cfg,
             out,
@@ -86,8 +163,14 @@ def run(args: argparse.Namespace) -> int:
             plots=not args.no_plots,
         )
     except C.ConfigError as err:
-        print(f"jaxquant: error: {' '.join(str(err).split())}", file=sys.stderr)
+        _line("error", str(err))
         return 2
+    except KeyboardInterrupt:
+        _line("interrupted", _stopped("sweep stopped", args, out, cfg, shard))
+        return 130
+    except OSError as err:
+        _line("error", _stopped(_os_error(err), args, out, cfg, shard, err))
+        return 1
     print(res["table"])
     failed = sum(r["status"] != "ok" for r in res["rows"])
     print(
@@ -95,3 +178,7 @@ def run(args: argparse.Namespace) -> int:
         f"{failed} failed) -> {out}"
     )
     return 1 if failed else 0
+
+
+def _line(kind: str, message: str) -> None:
+    print(f"jaxquant: {kind}: {' '.join(message.split())}", file=sys.stderr)

@@ -78,6 +78,10 @@ ACTIVATIONS = ("none", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4")
 CALIBRATIONS = ("absmax", "mse", "percentile:P", "mean_std:K", "kl", "none")
 ROUNDINGS = ("nearest", "stochastic")
 MODES = ("ptq", "qat")
+# jax.random.key keeps a seed's low 32 bits (without x64): seed 2**32 would repeat seed 0
+# and label its results as another seed's.
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 2**31 - 1  # epochs, steps, batch: int32 in the jitted training loops
 _GRAN_RE = re.compile(r"tensor|channel|block(\d+)")
 _CAL_RE = re.compile(r"absmax|mse|kl|none|percentile:([0-9.]+)|mean_std:([0-9.]+)")
 
@@ -312,8 +316,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if not seeds:
         raise _fail("seeds", "is empty; give at least one seed")
     for i, s in enumerate(seeds):
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-            raise _fail(f"seeds[{i}]", f"= {s!r} must be a non-negative integer")
+        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED:
+            raise _fail(f"seeds[{i}]", f"= {s!r} must be an integer in [0, {MAX_SEED}]")
     if len(set(seeds)) != len(seeds):
         raise _fail("seeds", f"= {seeds} has repeated seeds")
     task = cfg["task"]
@@ -327,10 +331,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         if err:
             raise _fail(f"task.{k}", f"= {task[k]!r} {err}")
     for k in ("epochs", "batch"):
-        if task[k] < 1:
-            raise _fail(f"task.{k}", f"= {task[k]} must be >= 1")
-    if task.get("steps", 0) < 0:
-        raise _fail("task.steps", f"= {task['steps']} must be >= 0 (0: use task.epochs)")
+        if not 1 <= task[k] <= MAX_COUNT:
+            raise _fail(f"task.{k}", f"= {task[k]} must be in [1, {MAX_COUNT}]")
+    if not 0 <= task.get("steps", 0) <= MAX_COUNT:
+        msg = f"= {task['steps']} must be in [0, {MAX_COUNT}] (0: use task.epochs)"
+        raise _fail("task.steps", msg)
     if "layers" in task:
         try:
             re.compile(task["layers"])
@@ -364,8 +369,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             _check_list(key, table["activations"], _act_err)
     _check_list("qat.formats", qat["formats"], _format_err)
     _check_list("qat.granularities", qat["granularities"], _gran_err)
-    if qat["steps"] < 1:
-        raise _fail("qat.steps", f"= {qat['steps']} must be >= 1")
+    if not 1 <= qat["steps"] <= MAX_COUNT:
+        raise _fail("qat.steps", f"= {qat['steps']} must be in [1, {MAX_COUNT}]")
     if not (qat["lr"] > 0 and math.isfinite(qat["lr"])):
         raise _fail("qat.lr", f"= {qat['lr']} must be a positive number")
     return cfg

@@ -1,11 +1,13 @@
 """The sweep's plots (matplotlib, Agg backend): accuracy vs bits per weight, weight SQNR vs
 bits, model size vs accuracy -- one marker per cell configuration (mean over seeds),
-coloured by format, PTQ filled, QAT hollow. Each PNG is written to a temporary file and
-renamed, so an interrupted run never leaves a truncated image."""
+coloured by format, PTQ filled, QAT hollow. Each PNG is written to a uniquely named
+temporary file and renamed, so an interrupted run never leaves a truncated image."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +83,17 @@ def write_plots(folder: Path, rows: list[dict[str, Any]]) -> list[Path]:
         ax.legend(fontsize=7, ncol=2, loc="best")
         fig.tight_layout()
         path = folder / name
-        tmp = folder / (name + ".tmp.png")
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        os.replace(tmp, path)
+        # A unique temporary name: two writers of one folder never share it.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fig.savefig(f, dpi=90, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            plt.close(fig)
         written.append(path)
     return written

@@ -4,14 +4,21 @@ Run folder (``runs/<timestamp>-<confighash>/`` or ``--out``)::
 
     config.toml     the resolved config (a re-run with another config is refused)
     env.json        package versions, backend, device, git commit, config hash, seeds, shard
-    results.jsonl   one JSON object per finished cell, appended, flushed and fsynced
+    results.jsonl   one JSON object per finished cell, appended, flushed and fsynced; each
+                    row carries its config's hash
     results.csv     the latest row of every cell (rewritten atomically at the end)
     summary.md      the printed table (means over seeds)
     plots/*.png     accuracy vs bits, SQNR vs bits, size vs accuracy
+    sweep.lock      while a sweep or merge writes here: its pid and host
 
-Re-running with the same ``--out`` skips cells whose latest row has status ``ok`` (failed
-cells are retried). ``--shard i/n`` runs the cells at positions ``i % n`` of the full list;
-:func:`merge` combines shard folders.
+Re-running with the same ``--out`` skips cells whose latest row of this config (by hash)
+has status ``ok`` (failed cells are retried; malformed rows and rows of other configs are
+reported and not counted). A folder of another config is refused, even with its
+config.toml missing or damaged (its env.json or rows say whose it is), and one folder
+takes one sweep at a time (:class:`~jaxquant._src.sweep.folder.RunLock`). ``--shard i/n``
+runs the cells at positions ``i % n`` of the full list; :func:`merge` combines shard
+folders, into a new folder or a run folder of the same config. What keeps every file
+whole is in :mod:`jaxquant._src.sweep.folder`.
 """
 
 from __future__ import annotations
@@ -22,14 +29,12 @@ import datetime
 import io
 import json
 import math
-import os
 import platform
 import re
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,7 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src.sweep import config as C
+from jaxquant._src.sweep import folder as F
 from jaxquant._src.sweep import grid as G
+from jaxquant._src.sweep.folder import FolderBusy, FolderError, append_row, latest, read_rows
+
+__all__ = ["FolderBusy", "FolderError", "merge", "read_rows", "run_sweep"]
 
 COLUMNS = (
     "id",
@@ -68,71 +77,13 @@ COLUMNS = (
 # ------------------------------------------------------------------------ files
 
 
-def _atomic_write(path: Path, text: str | bytes) -> None:
-    """Write to ``path.tmp`` then rename: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    data = text.encode() if isinstance(text, str) else text
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and make it durable (flush + fsync)."""
-    line = json.dumps(row, allow_nan=True) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def repair(path: Path) -> None:
-    """Drop a torn last line (a write cut short), so the next append starts a fresh line."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a results.jsonl; a torn last line (an interrupted write) is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def latest(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per cell id its latest row, except that an ``ok`` row is never replaced by an error."""
-    out: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        old = out.get(r["id"])
-        if old is not None and old["status"] == "ok" and r["status"] != "ok":
-            continue
-        out[r["id"]] = r
-    return out
-
-
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: r.get(k, "") for k in COLUMNS})
-    _atomic_write(path, buf.getvalue())
+    F.atomic_write(path, buf.getvalue())
 
 
 # -------------------------------------------------------------------------- env
@@ -379,9 +330,13 @@ class Evaluator:
 # ------------------------------------------------------------------------- run
 
 
-def default_out(cfg: dict[str, Any]) -> Path:
+def default_out(cfg: dict[str, Any], shard: tuple[int, int] = (0, 1)) -> Path:
+    """``runs/<time>-<confighash>``, and ``-shard<i>of<n>`` for one shard of several: the
+    hosts of a slice starting in the same second get a folder each (a folder takes one
+    sweep at a time), then :func:`merge` them."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{C.config_hash(cfg)}"
+    part = f"-shard{shard[0]}of{shard[1]}" if shard[1] > 1 else ""
+    return Path("runs") / f"{stamp}-{C.config_hash(cfg)}{part}"
 
 
 def default_shard() -> tuple[int, int]:
@@ -389,32 +344,48 @@ def default_shard() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def _prepare(out: Path, cfg: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    old = out / "config.toml"
-    if old.exists():
-        import tomllib
+def warn(message: str) -> None:
+    """One warning line on stderr (not ``warnings.warn``: the CLI's user reads it)."""
+    print(f"jaxquant: warning: {' '.join(message.split())}", file=sys.stderr)
 
-        try:
-            prev = tomllib.loads(old.read_text())
-        except tomllib.TOMLDecodeError:
-            prev = None
-        if prev is not None and C.config_hash(prev) != C.config_hash(cfg):
-            raise C.ConfigError(
-                f"sweep: {out} holds results of another config (hash {C.config_hash(prev)}, "
-                f"this one {C.config_hash(cfg)}); pass a new --out to start a new run."
-            )
-    _atomic_write(old, C.to_toml(cfg))
+
+def _own_rows(loaded: F.Rows, path: Path, want: str) -> list[dict[str, Any]]:
+    """The rows of ``loaded`` (read from ``path``) made by config hash ``want``; the
+    others are reported in one warning line each (malformed; other configs)."""
+    if loaded.bad:
+        warn(F.bad_rows_note(path, loaded.bad))
+    rows = [r for r in loaded.rows if r["config_hash"] == want]
+    others = sorted({r["config_hash"] for r in loaded.rows} - {want})
+    if others:
+        n = len(loaded.rows) - len(rows)
+        warn(
+            f"sweep: ignored {n} row{'s' if n > 1 else ''} of another config (hash "
+            f"{', '.join(others)}) in {path}; they are not counted as done"
+        )
+    return rows
+
+
+def kept(out: Path, cfg: dict[str, Any], shard: tuple[int, int] = (0, 1)) -> tuple[int, int]:
+    """``(cells of this shard with an ok row of this config in out, cells of the shard)``;
+    never raises (it is what an error message reports)."""
+    cells = {c.id for c in G.shard(G.expand(cfg), *shard)}
+    try:
+        rows = F.read_rows(Path(out) / "results.jsonl")
+    except OSError:
+        return 0, len(cells)
+    want = C.config_hash(cfg)
+    ok = {r["id"] for r in rows if r["config_hash"] == want and r["status"] == "ok"}
+    return len(ok & cells), len(cells)
 
 
 def _record_env(out: Path, env: dict[str, Any]) -> None:
     path = out / "env.json"
-    sessions = []
-    if path.exists():
-        with contextlib.suppress(ValueError, KeyError):
-            sessions = json.loads(path.read_text())["sessions"]
+    sessions: list = []
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        old = json.loads(path.read_text())["sessions"]
+        sessions = old if isinstance(old, list) else []
     doc = {**env, "sessions": [*sessions, {k: env[k] for k in ("date", "host", "shard", "git")}]}
-    _atomic_write(path, json.dumps(doc, indent=1) + "\n")
+    F.atomic_write(path, json.dumps(doc, indent=1) + "\n")
 
 
 def run_sweep(
@@ -429,27 +400,54 @@ def run_sweep(
 
     Returns ``{"rows": latest rows of the shard's cells, "ran": n, "skipped": n,
     "table": markdown}``. A cell that raises is recorded with ``status="error"``;
-    KeyboardInterrupt stops after the finished cells' rows are written (then re-raised).
+    KeyboardInterrupt (or SIGTERM) and OSError (a full disk) stop the sweep after the
+    finished cells' rows are written (then re-raised).
+
+    Only rows of ``cfg`` (by config hash) count as done. Raises :class:`FolderError`
+    (one line, before anything is written) when ``out`` is a file, a non-empty folder
+    that is not a run folder, or a run folder of another config (by its config.toml,
+    else its env.json, else its rows), and :class:`FolderBusy` when another sweep holds
+    its lock.
     """
     out = Path(out)
     cells = G.shard(G.expand(cfg), *shard)
-    _prepare(out, cfg)
-    env = environment(cfg, shard)
-    _record_env(out, env)
-    jsonl = out / "results.jsonl"
-    repair(jsonl)
-    done = {i for i, r in latest(read_rows(jsonl)).items() if r["status"] == "ok"}
-    todo = [c for c in cells if c.id not in done]
-    bar = Progress(len(cells), progress)
-    n_done = len(cells) - len(todo)
-    bar.update(n_done, "training" if todo else "")
-    try:
-        with _sigterm_as_interrupt():
-            _loop(todo, cfg, env, shard, jsonl, bar, n_done)
-    finally:  # also when interrupted: the csv / summary / plots of what is done
+    want = C.config_hash(cfg)
+    F.check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with F.RunLock(out) as lock:
+        if lock.stale:
+            warn(f"sweep: took over the lock of {out} left by {lock.stale} (no longer running)")
+        F.check_out(out)  # again, now that no other sweep can be making it a run folder
+        jsonl = out / "results.jsonl"
+        loaded = F.load_rows(jsonl)
+        F.claim(out, want, loaded.rows)
+        own = _own_rows(loaded, jsonl, want)
+        done = {i for i, r in latest(own).items() if r["status"] == "ok"}
+        F.repair(jsonl)
+        F.atomic_write(out / "config.toml", C.to_toml(cfg))
+        env = environment(cfg, shard)
+        _record_env(out, env)
+        todo = [c for c in cells if c.id not in done]
+        bar = Progress(len(cells), progress)
+        n_done = len(cells) - len(todo)
+        bar.update(n_done, "training" if todo else "")
         ids = {c.id for c in cells}
-        rows = [r for r in latest(read_rows(jsonl)).values() if r["id"] in ids]
-        table = finalize(out, rows, cfg, plots=plots)
+
+        def finish() -> tuple[list[dict[str, Any]], str]:
+            rows = [r for r in F.read_rows(jsonl) if r["config_hash"] == want]
+            rows = [r for r in latest(rows).values() if r["id"] in ids]
+            return rows, finalize(out, rows, cfg, plots=plots)
+
+        try:
+            with _sigterm_as_interrupt():
+                _loop(todo, cfg, env, shard, jsonl, bar, n_done)
+        except BaseException:
+            # The rows are safe already; the csv / summary / plots of what is done are a
+            # best effort that must not hide why the sweep stopped.
+            with contextlib.suppress(Exception):
+                finish()
+            raise
+        rows, table = finish()
     return {"rows": rows, "ran": len(todo), "skipped": len(cells) - len(todo), "table": table}
 
 
@@ -511,7 +509,7 @@ def finalize(out: Path, rows: list[dict[str, Any]], cfg: dict[str, Any], *, plot
     rows = sorted(rows, key=lambda r: order.get(r["id"], len(order)))
     write_csv(out / "results.csv", rows)
     table = summary_table(rows)
-    _atomic_write(out / "summary.md", table + "\n")
+    F.atomic_write(out / "summary.md", table + "\n")
     if plots and rows:
         from jaxquant._src.sweep import plots as P
 
@@ -544,7 +542,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     ]
     for key, rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
-        err = next((r["error"] for r in rs if r["status"] != "ok"), "")
+        err = next((str(r.get("error", "")) for r in rs if r["status"] != "ok"), "")
 
         def mean(k: str, ok: list = ok) -> float | None:
             vals = [r[k] for r in ok if r.get(k) is not None]
@@ -570,34 +568,79 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------ merge
 
 
+def _source(d: Path) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    """A shard folder's config, its rows of that config, and its env.json (or None)."""
+    if not d.is_dir():
+        raise C.ConfigError(f"sweep merge: {d} is not a folder; pass run folders to --merge")
+    cfg = F.read_config(d)
+    if cfg is None:
+        why = "a damaged config.toml" if (d / "config.toml").exists() else "no config.toml"
+        raise C.ConfigError(
+            f"sweep merge: {d} has {why} (not a run folder, or damaged); merge only run "
+            "folders of one config."
+        )
+    env = None
+    with contextlib.suppress(OSError, ValueError):
+        env = json.loads((d / "env.json").read_text())
+    jsonl = d / "results.jsonl"
+    return cfg, _own_rows(F.load_rows(jsonl), jsonl, C.config_hash(cfg)), env
+
+
 def merge(dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
-    """Combine shard folders (same config) into ``out``: results.jsonl (deduplicated),
-    csv, summary, plots; env.json lists every shard's environment."""
+    """Combine shard folders (same config) into ``out``: results.jsonl, csv, summary,
+    plots; env.json lists every shard's environment.
+
+    ``out`` may be new, or a run folder of the same config (one of ``dirs`` included):
+    its rows stay as they are and the sources' rows it lacks are appended. A folder of
+    another config, or one that is not a run folder, is refused (:class:`FolderError`),
+    and ``out`` is locked while it is written (:class:`FolderBusy`).
+
+    Returns ``{"rows": latest row per cell, "missing": ids without an ok row, "added":
+    rows appended, "table": markdown}``.
+    """
     if not dirs:
         raise C.ConfigError("sweep merge: no folders given")
     cfgs, envs, rows = [], [], []
-    import tomllib
-
     for d in map(Path, dirs):
-        path = d / "config.toml"
-        if not path.exists():
-            raise C.ConfigError(f"sweep merge: {d} has no config.toml (not a sweep folder)")
-        cfgs.append(tomllib.loads(path.read_text()))
-        with contextlib.suppress(OSError, ValueError):
-            envs.append(json.loads((d / "env.json").read_text()))
-        rows += read_rows(d / "results.jsonl")
+        cfg, got, env = _source(d)
+        cfgs.append(cfg)
+        rows += got
+        if env is not None:
+            envs.append(env)
     hashes = {C.config_hash(c) for c in cfgs}
     if len(hashes) != 1:
         raise C.ConfigError(f"sweep merge: the folders hold different configs {sorted(hashes)}")
-    cfg = cfgs[0]
+    cfg, want = cfgs[0], hashes.pop()
     out = Path(out)
+    F.check_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.toml", C.to_toml(cfg))
-    _atomic_write(out / "env.json", json.dumps({"merged_from": envs}, indent=1) + "\n")
-    merged = list(latest(rows).values())
-    text = "".join(json.dumps(r) + "\n" for r in merged)
-    _atomic_write(out / "results.jsonl", text)
-    expected = {c.id for c in G.expand(cfg)}
-    missing = sorted(expected - {r["id"] for r in merged if r["status"] == "ok"})
-    table = finalize(out, merged, cfg, plots=plots)
-    return {"rows": merged, "missing": missing, "table": table}
+    with F.RunLock(out):
+        F.check_out(out)  # again, now that no other sweep can be making it a run folder
+        jsonl = out / "results.jsonl"
+        loaded = F.load_rows(jsonl)
+        F.claim(out, want, loaded.rows)
+        have = _own_rows(loaded, jsonl, want)
+        F.repair(jsonl)
+        seen = {json.dumps(r, sort_keys=True) for r in have}
+        new = []
+        for r in latest(rows).values():
+            key = json.dumps(r, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                new.append(r)
+        old = jsonl.read_bytes() if jsonl.exists() else b""
+        added = "".join(json.dumps(r) + "\n" for r in new).encode()
+        F.atomic_write(jsonl, old + added)
+        if F.read_config(out) is None:
+            F.atomic_write(out / "config.toml", C.to_toml(cfg))
+        prior: list = []
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads((out / "env.json").read_text())
+            prior = doc.get("merged_from", [doc]) if isinstance(doc, dict) else []
+        env = {"config_hash": want, "merged_from": [*prior, *envs]}
+        F.atomic_write(out / "env.json", json.dumps(env, indent=1) + "\n")
+        merged = list(latest(have + new).values())
+        expected = {c.id for c in G.expand(cfg)}
+        missing = sorted(expected - {r["id"] for r in merged if r["status"] == "ok"})
+        table = finalize(out, merged, cfg, plots=plots)
+    return {"rows": merged, "missing": missing, "added": len(new), "table": table}
