@@ -296,7 +296,8 @@ def test_non_finite_value_only_affects_its_own_group(cal):
 
 @pytest.mark.parametrize(
     ("cal", "ste"),
-    # fixed(0) used to be the plain-STE case; a zero fixed range now raises (test below).
+    # fixed(0) used to be the plain-STE case; a zero fixed range now raises
+    # (tests/test_bad_arguments.py, jq.fixed/amax/zero).
     [(c, "clipped") for c in [*ALL_CALIBRATIONS, "minmax"]] + [("absmax", "plain")],
 )
 def test_all_zero_group_gives_unit_scale_zero_output_finite_grads(cal, ste):

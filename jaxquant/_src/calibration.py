@@ -180,7 +180,8 @@ class MSE:
     min_ratio: float = 0.2
 
     def __post_init__(self) -> None:
-        num = check_int(self.num, "mse(num)")
+        # Ratios are a float32 linspace: beyond 2^24 candidates they repeat.
+        num = check_int(self.num, "mse(num)", hi=2**24)
         if num < 2:
             raise ValueError(
                 f"mse(num): need num >= 2 candidates (the last is the full range), got {num}."
@@ -249,8 +250,9 @@ class KL:
 
     def __post_init__(self) -> None:
         # Candidates start at bins // 8 bins: fewer than 8 bins would try a zero threshold.
-        bins = check_int(self.bins, "kl(bins)", lo=8)
-        num = check_int(self.num, "kl(num)", lo=2)
+        # Bin indices and candidates are computed in float32, exact up to 2^24.
+        bins = check_int(self.bins, "kl(bins)", lo=8, hi=2**24)
+        num = check_int(self.num, "kl(num)", lo=2, hi=2**24)
         object.__setattr__(self, "bins", bins)
         object.__setattr__(self, "num", num)
 

@@ -43,9 +43,9 @@ def check_int(value: Any, what: str, *, lo: int | None = None, hi: int | None = 
     """``value`` as an int in ``[lo, hi]``: TypeError for non-integers (bools, floats, strings,
     arrays), ValueError outside the range."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        example = f" such as {lo}" if lo is not None else ""
         raise TypeError(
-            f"{what} must be an int, got {describe(value)}. Pass a Python int such as "
-            f"{lo if lo is not None else 1}."
+            f"{what} must be an int, got {describe(value)}. Pass a Python int{example}."
         )
     v = int(value)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -77,7 +77,10 @@ def check_real(
     if isinstance(value, bool | np.bool_ | str | bytes) or value is None:
         raise TypeError(f"{what} must be a number, got {describe(value)}.")
     if isinstance(value, numbers.Real):
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:  # an int beyond float's range
+            v = math.inf if value > 0 else -math.inf
     elif (
         getattr(value, "shape", None) == ()
         and np.dtype(getattr(value, "dtype", object)).kind in "iuf"

@@ -257,6 +257,8 @@ class Format:
             return self.dtype
         if self.kind == "int" and self.bits == 16:
             return np.dtype(np.int16)
+        if self.bits > 16:  # emulated ExMy wider than 16 bits: their bit patterns
+            return np.dtype(np.uint32)
         return np.dtype(np.uint8) if self.bits <= 8 else np.dtype(np.uint16)
 
     @property
@@ -450,12 +452,7 @@ def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
       ValueError: another element format (int, codebook or a float outside the spec).
     """
     _check_name(name, "mx_format(name)")
-    if isinstance(element, str):
-        element = get(element)
-    if not isinstance(element, Format):
-        raise TypeError(
-            f"mx_format(element): expected a Format or a format name, got {describe(element)}."
-        )
+    element = resolve(element, "mx_format(element)")
     layout = (element.exp_bits, element.man_bits, element.bias, element.nan_style, element.signed)
     if element.kind != "float" or layout not in _OCP_MX_ELEMENTS:
         raise ValueError(
@@ -472,14 +469,6 @@ def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
         block_size=block_size,
         signed=element.signed,
     )
-
-
-def _check_format(fmt: object, what: str) -> Format:
-    if isinstance(fmt, str):
-        return get(fmt)
-    if not isinstance(fmt, Format):
-        raise TypeError(f"{what}: expected a Format or a format name, got {describe(fmt)}.")
-    return fmt
 
 
 def _check_name(name: object, what: str) -> None:
@@ -603,11 +592,16 @@ def get(fmt: str | Format) -> Format:
       >>> jq.formats.get("fp8").name
       'float8_e4m3fn'
     """
+    return resolve(fmt, "formats.get(fmt)")
+
+
+def resolve(fmt: object, what: str) -> Format:
+    """:func:`get` for the argument ``what`` of a public function (named in its errors)."""
     if isinstance(fmt, Format):
         return fmt
     if not isinstance(fmt, str):
         raise TypeError(
-            f"get(fmt): a format is a name (str) or a Format, got {describe(fmt)}. Use e.g. "
+            f"{what}: a format is a name (str) or a Format, got {describe(fmt)}. Use e.g. "
             "'int8', 'fp8' or jq.formats.float_format(4, 3)."
         )
     key = fmt.strip().lower()
@@ -619,8 +613,8 @@ def get(fmt: str | Format) -> Format:
     close = sorted(n for n in _ALIASES if n[:2] == key[:2])[:6]
     hint = f" Close names: {', '.join(close)}." if close else ""
     raise ValueError(
-        f"Unknown format {fmt!r}.{hint} Run `jaxquant formats` for the list, or build one with "
-        "jq.formats.float_format(exp_bits, man_bits)."
+        f"{what}: Unknown format {fmt!r}.{hint} Run `jaxquant formats` for the list, or build "
+        "one with jq.formats.float_format(exp_bits, man_bits)."
     )
 
 
@@ -649,7 +643,7 @@ def all_formats() -> list[Format]:
 
 def decode_code(fmt: Format | str, code: int) -> float:
     """The value of bit pattern ``code`` of a float/int/codebook format (pure Python)."""
-    fmt = _check_format(fmt, "decode_code(fmt)")
+    fmt = resolve(fmt, "decode_code(fmt)")
     if fmt.kind != "mx":
         code = check_int(code, "decode_code(code)", lo=0, hi=fmt.num_codes - 1)
     if fmt.kind == "int":
@@ -683,7 +677,7 @@ def decode_code(fmt: Format | str, code: int) -> float:
 
 def code_table(fmt: Format | str) -> np.ndarray:
     """float64 array of the value of every code, indexed by code (NaN where a code is NaN)."""
-    return _code_table(_check_format(fmt, "code_table(fmt)"))
+    return _code_table(resolve(fmt, "code_table(fmt)"))
 
 
 @functools.cache
@@ -698,7 +692,7 @@ def _code_table(fmt: Format) -> np.ndarray:
 
 def finite_values(fmt: Format | str) -> np.ndarray:
     """Sorted distinct finite values of a format (-0 merged with +0)."""
-    return _finite_values(_check_format(fmt, "finite_values(fmt)"))
+    return _finite_values(resolve(fmt, "finite_values(fmt)"))
 
 
 @functools.cache

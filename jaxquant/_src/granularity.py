@@ -72,7 +72,7 @@ class PerChannel:
             )
         axes = tuple(check_int(a, "per_channel(axes): each axis") for a in self.axes)
         if not axes:
-            raise ValueError("per_channel needs at least one axis, e.g. per_channel(-1).")
+            raise ValueError("per_channel(axes): needs at least one axis, e.g. per_channel(-1).")
         if len(set(axes)) != len(axes):
             raise ValueError(
                 f"per_channel(axes): axis repeated in {axes}; name each kept axis once."

@@ -78,7 +78,10 @@ class Scaling(NamedTuple):
 
 def _check_spec(spec: Any, fn: str, *, calibrated: bool = True) -> QuantSpec:
     if not isinstance(spec, QuantSpec):
-        raise TypeError(f"{fn}: expected a jq.QuantSpec, got {type(spec).__name__}.")
+        raise TypeError(
+            f"{fn}(spec): expected a jq.QuantSpec, got {describe(spec)}. Build one, e.g. "
+            "jq.QuantSpec('int8')."
+        )
     if calibrated and spec.calibration is None:
         raise ValueError(
             f"{fn}: {spec} has calibration=None (a plain cast with scale 1), so there is no "
@@ -344,8 +347,8 @@ def delayed_scaling(
 def _check_scaling(scaling: Any, fn: str) -> Scaling:
     if not isinstance(scaling, Scaling):
         raise TypeError(
-            f"{fn}: expected a jq.Scaling (from delayed_scaling, current_scaling or "
-            f"static_scaling), got {type(scaling).__name__}."
+            f"{fn}(scaling): expected a jq.Scaling (from delayed_scaling, current_scaling or "
+            f"static_scaling), got {describe(scaling)}."
         )
     return scaling
 

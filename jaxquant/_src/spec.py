@@ -84,8 +84,8 @@ class QuantSpec:
         symmetric = check_bool(symmetric, "QuantSpec.symmetric")
         narrow_range = check_bool(narrow_range, "QuantSpec.narrow_range")
         saturate = check_bool(saturate, "QuantSpec.saturate")
-        fmt = _get_format(format, "format")
-        sfmt = _get_format(scale_format, "scale_format")
+        fmt = formats.resolve(format, "QuantSpec.format")
+        sfmt = formats.resolve(scale_format, "QuantSpec.scale_format")
         if sfmt.name not in _SCALE_FORMATS:
             raise ValueError(
                 f"QuantSpec.scale_format: {sfmt.name!r} is not a scale format; use one of "
@@ -228,11 +228,3 @@ class QuantSpec:
         if self.scale_format.name != "float32":
             parts.append(f"scale={self.scale_format.name}")
         return "QuantSpec(" + ", ".join(parts) + ")"
-
-
-def _get_format(fmt: object, field: str) -> formats.Format:
-    """formats.get, with the QuantSpec field named in its error."""
-    try:
-        return formats.get(fmt)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"QuantSpec.{field}: {e}") from None
