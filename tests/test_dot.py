@@ -235,8 +235,9 @@ def test_half_precision_backward_multiplies_in_half(dtype, fmt):
     dots = re.findall(r"dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", hlo)
     half = jnp.dtype(dtype).name.replace("float16", "f16").replace("bfloat16", "bf16")
     # the two backward dots (the forward product is not needed for the gradients)
-    assert dots == [(f"tensor<32x64x{half}>", f"tensor<96x64x{half}>")] + [
-        (f"tensor<32x64x{half}>", f"tensor<32x96x{half}>")
+    assert dots == [
+        (f"tensor<32x64x{half}>", f"tensor<96x64x{half}>"),
+        (f"tensor<32x64x{half}>", f"tensor<32x96x{half}>"),
     ]
 
 

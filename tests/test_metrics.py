@@ -267,6 +267,7 @@ def test_summary_keys_and_values():
         "nan_in",
         "nan_out",
         "saturation_rate",
+        "scale_clamp_rate",
         "bits_per_value",
     }
     x_hat = q.dequantize()
@@ -276,6 +277,7 @@ def test_summary_keys_and_values():
     mae = float(metrics.max_abs_error(x, x_hat))
     assert float(s["max_abs_error"]) == pytest.approx(mae, rel=1e-5)
     assert float(s["saturation_rate"]) == 0.0
+    assert float(s["scale_clamp_rate"]) == 0.0
     assert int(s["nan_in"]) == int(s["nan_out"]) == 0
     assert float(s["bits_per_value"]) == pytest.approx(8 * (32 * 16 + 4 * 16) / (32 * 16))
     # an array x_hat: no saturation / bits entries

@@ -280,7 +280,7 @@ class Steps(NamedTuple):
     hi: np.ndarray
     scale: np.ndarray  # per scale group
     zero_point: np.ndarray | None
-    y: np.ndarray  # x / s (+ z), per element
+    y: np.ndarray  # x / s, per element
     rounded: np.ndarray  # y rounded, before saturation (codebooks: y clipped)
     q: np.ndarray  # the quantized values (the numbers they stand for; codebooks: values)
     indices: np.ndarray | None  # codebook indices
@@ -290,41 +290,37 @@ class Steps(NamedTuple):
 def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) -> Steps:
     """Run the library's quantizer on a 1-D ``x`` and keep every intermediate.
 
-    The scale, zero point and quantized values come from the quantizer core (calibration,
-    ``compute_scale``, rounding), ``x_hat`` from :func:`jaxquant.fake_quant`; the two are
-    checked against each other.
+    One implementation: the calibrated range, scale, zero point, scaled and rounded values
+    and ``x_hat`` all come from one compiled call of the quantizer core that
+    :func:`jaxquant.fake_quant` and :func:`jaxquant.quantize` run (``quantize.trace``).
     """
-    plan = spec.granularity.plan(tuple(x.shape))
-    r, s, z, _ = qz._core(x, spec, key, None)
-    xv = x.astype(jnp.float32).reshape(plan.view)
-    if spec.calibration is None:  # a plain cast: s = 1
-        lo = hi = jnp.zeros(plan.scale_shape, jnp.float32)
-    else:
-        lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, qz._qdq_range(spec))
-    y = qz.scale_input(xv, s, z)
-    bits = qz._noise(spec, key, plan.view)
-    u = None if bits is None else rounding.uniform_from_bits(bits)
+    st, x_hat = qz.trace(x, spec, key)
+    plan = st.plan
+    z = st.z
+    u = None
+    if spec.stochastic:
+        u = rounding.uniform_from_bits(qz._noise(spec, key, plan.view))
     elem = spec.element
     index = None
     if elem.kind == "int":
-        pre = rounding.round_to_integer(y, u)
-    elif bits is not None and rounding.is_float32_prefix(elem):
-        pre = rounding.round_float32_prefix(y, elem, bits, saturate=False)
+        pre = rounding.round_to_integer(st.y, u)
+        if z is not None:
+            pre = pre + z
+    elif u is not None and rounding.is_float32_prefix(elem):
+        bits = qz._noise(spec, key, plan.view)
+        pre = rounding.round_float32_prefix(st.y, elem, bits, saturate=False)
     elif elem.kind == "float":
-        pre = rounding.round_float(y, elem, u, saturate=False)
+        pre = rounding.round_float(st.y, elem, u, saturate=False)
         if not elem.signed:
             pre = jnp.maximum(pre, 0.0)
     else:
         assert elem.codebook is not None
-        pre = jnp.clip(y, elem.codebook[0], elem.codebook[-1])
-        index = np.asarray(r, np.int32).reshape(-1)
-    q = qz._to_grid(r, spec)
-    x_hat = qz.fake_quant(x, spec, key=key)
-    ours = q * s if z is None else (q - z) * s
-    if not np.array_equal(
-        np.asarray(ours.reshape(x.shape)), np.asarray(x_hat), equal_nan=True
-    ):  # pragma: no cover - the library disagrees with itself
-        raise RuntimeError("jaxquant quantize: the quantizer core and fake_quant disagree.")
+        pre = jnp.clip(st.y, elem.codebook[0], elem.codebook[-1])
+        index = np.asarray(st.r, np.int32).reshape(-1)
+    q = qz._to_grid(st.r, spec)
+    zeros = jnp.zeros(plan.scale_shape, jnp.float32)
+    lo = zeros if st.lo is None else st.lo
+    hi = zeros if st.hi is None else st.hi
 
     def flat(a: jax.Array) -> np.ndarray:
         return np.asarray(jnp.broadcast_to(a, plan.view), np.float32).reshape(-1)
@@ -334,9 +330,9 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
         x=np.asarray(x, np.float32),
         lo=np.asarray(lo, np.float32).reshape(-1),
         hi=np.asarray(hi, np.float32).reshape(-1),
-        scale=np.asarray(s, np.float32).reshape(-1),
+        scale=np.asarray(st.s, np.float32).reshape(-1),
         zero_point=None if z is None else np.asarray(z, np.float32).reshape(-1),
-        y=flat(y),
+        y=flat(st.y),
         rounded=flat(pre),
         q=flat(q),
         indices=index,
@@ -399,10 +395,11 @@ def render_steps(st: Steps, seed: int | None = None) -> str:
     ]
     out.append(f"1. range:       {_range_text(st)}")
     out.append(f"2. scale:       {_scale_text(st)}")
-    ys = "x / s" if sym else "x / s + z"
+    ys = "x / s"
     lo_q, hi_q = _q(qmin, True), _q(qmax, True)
     if elem.kind == "int":
-        rule = f"q = clip(round({ys}), {lo_q}, {hi_q})"
+        rounded = "round(x / s)" if sym else "round(x / s) + z"
+        rule = f"q = clip({rounded}, {lo_q}, {hi_q})"
         if spec.stochastic:
             rule += ", rounding up with probability frac(x / s)"
     elif elem.kind == "float":
@@ -519,7 +516,7 @@ def _steps_table(st: Steps) -> str:
     spec = st.spec
     elem = spec.element
     is_int = elem.kind == "int"
-    ys = "x / s" if spec.symmetric else "x / s + z"
+    ys = "x / s"
     err = st.x - st.x_hat
     if elem.kind == "codebook":
         assert st.indices is not None
@@ -538,6 +535,8 @@ def _steps_table(st: Steps) -> str:
             )
         return _table(rows, left=0)
     rname = "random round" if spec.stochastic else "round"
+    if not spec.symmetric:
+        rname += "(x / s) + z"
     rows = [["x", ys, rname, "q = clip", "x_hat", "x - x_hat"]]
     clipped = False
     for i in range(st.x.size):

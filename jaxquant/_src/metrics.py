@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant._src.qarray import QArray
 
@@ -70,6 +71,47 @@ def saturation_rate(x: Any, q: QArray) -> Array:
     return jnp.sum(out) / jnp.maximum(jnp.sum(fin), 1)
 
 
+def scale_clamp_rate(x: Any, q: QArray) -> Array:
+    """Fraction of scale groups whose range needs a scale outside what the quantizer stores.
+
+    A group's abs-max scale ``amax / qmax`` must lie in ``[2^-126, max]`` for float32 (and
+    bfloat16 / e8m0) scales, ``[2^-24, 65504]`` for float16 scales; outside it the scale is
+    clamped (see :mod:`jaxquant.quantize`'s range limits): too small (a group of float32
+    subnormals, or of values below ``qmax * 2^-126``) and its values lose resolution or
+    round to 0; too large (float16 scales) and they saturate. Groups of zeros do not count.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x = jnp.array([[1e-40, 2e-40], [1.0, 2.0]])
+      >>> q = jq.quantize(x, jq.QuantSpec("int8", jq.per_channel(0)))
+      >>> float(jq.metrics.scale_clamp_rate(x, q))
+      0.5
+    """
+    if not isinstance(q, QArray):
+        raise TypeError("scale_clamp_rate needs the QArray (it knows the scale format).")
+    spec = q.spec
+    plan = spec.granularity.plan(q.shape)
+    xv = jnp.asarray(x).astype(jnp.float32).reshape(plan.view)
+    if tuple(jnp.shape(x)) != tuple(q.shape):
+        raise ValueError(f"scale_clamp_rate: x has shape {jnp.shape(x)}, q {q.shape}.")
+    if spec.calibration is None or xv.size == 0:
+        return jnp.float32(0.0)
+    fin = jnp.isfinite(xv)
+    axes = plan.reduce_axes
+    # Integer-bit abs-max: XLA's CPU backend flushes subnormals in max / abs.
+    mag = jax.lax.bitcast_convert_type(xv, jnp.int32) & 0x7FFFFFFF
+    mag = jnp.max(jnp.where(fin, mag, 0), axis=axes, keepdims=True)
+    qmin, qmax = spec.qrange
+    qmax = max(-qmin, qmax) if spec.symmetric else qmax - qmin
+    big = jax.lax.bitcast_convert_type(mag, jnp.float32) / jnp.float32(qmax)
+    sfmt = spec.scale_format
+    lo_amax = float(qmax) * (2.0**-24 if sfmt.name == "float16" else 2.0**-126)
+    lo_bits = np.float32(lo_amax).view(np.int32)
+    low = (mag > 0) & (mag < lo_bits)
+    high = big > jnp.float32(min(float(sfmt.max), float(np.finfo(np.float32).max)))
+    return jnp.mean((low | high).astype(jnp.float32))
+
+
 def underflow_rate(x: Any, x_hat: Any) -> Array:
     """Fraction of non-zero finite elements of ``x`` that became exactly 0."""
     x, x_hat, fin = _pair(x, x_hat)
@@ -103,6 +145,7 @@ def summary(x: Any, x_hat: Any) -> dict[str, Array]:
     }
     if isinstance(x_hat, QArray):
         out["saturation_rate"] = saturation_rate(x, x_hat)
+        out["scale_clamp_rate"] = scale_clamp_rate(x, x_hat)
         out["bits_per_value"] = jnp.float32(x_hat.bits_per_value)
     return out
 

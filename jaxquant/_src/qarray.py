@@ -117,6 +117,8 @@ def _nbytes(a: jax.Array) -> int:
 
 
 def _nan_code(fmt: Format) -> int:
+    if fmt.num_codes > 2**16:  # too many to list: the layout's highest NaN pattern
+        return 2 ** (fmt.bits - 1) if fmt.nan_style == "fnuz" else 2**fmt.bits - 1
     table = formats.code_table(fmt)
     nans = np.nonzero(np.isnan(table))[0]
     return int(nans[-1]) if len(nans) else int(np.argmin(np.abs(table)))
@@ -135,8 +137,13 @@ def float_codes(v: jax.Array, fmt: Format) -> jax.Array:
     sign = bits >> 31
     mag = bits & jnp.uint32(0x7FFFFFFF)
     biased = (mag >> 23).astype(jnp.int32)
-    eu = jnp.maximum(biased, 1) - 127  # unbiased exponent
     sig = (mag & jnp.uint32(0x7FFFFF)) | jnp.where(biased > 0, jnp.uint32(1 << 23), jnp.uint32(0))
+    # A float32 subnormal is normalised first (its leading bit moved to bit 23, its exponent
+    # below -126): formats with emin = -126 (8 exponent bits) store it as their own
+    # subnormal, which the plain exponent field would call a normal 2^-126 number.
+    lead = jnp.where(biased > 0, 0, jnp.maximum(jax.lax.clz(sig).astype(jnp.int32) - 8, 0))
+    sig = sig << lead.astype(jnp.uint32)
+    eu = jnp.maximum(biased, 1) - 127 - lead  # unbiased exponent
     normal = eu >= fmt.emin
     shift = jnp.clip(23 - m + jnp.maximum(fmt.emin - eu, 0), 0, 31).astype(jnp.uint32)
     man = (sig >> shift) & jnp.uint32(2**m - 1)
@@ -181,8 +188,7 @@ def encode(v: jax.Array, fmt: Format) -> jax.Array:
             return jax.lax.bitcast_convert_type(float_codes(v, fmt).astype(jnp.uint8), sdt)
 
         return jax.lax.platform_dependent(v, cpu=by_bits, default=lambda v: v.astype(sdt))
-    int_dtype = jnp.uint8 if fmt.bits <= 8 else jnp.uint16
-    return float_codes(v, fmt).astype(int_dtype)
+    return float_codes(v, fmt).astype(sdt)
 
 
 def decode(c: jax.Array, fmt: Format) -> jax.Array:
@@ -190,10 +196,48 @@ def decode(c: jax.Array, fmt: Format) -> jax.Array:
     if fmt.kind == "mx":
         assert fmt.element is not None
         return decode(c, fmt.element)
+    if fmt.kind == "float" and c.dtype == jnp.uint32:  # more than 16 bits: no table
+        return float_values(c, fmt)
     if c.dtype in (jnp.uint8, jnp.uint16) and not (fmt.kind == "int" and fmt.bits >= 8):
         table = jnp.asarray(formats.code_table(fmt).astype(np.float32))
         return table[c.astype(jnp.int32)]
     return c.astype(jnp.float32)
+
+
+def float_values(c: jax.Array, fmt: Format) -> jax.Array:
+    """float32 values of float format ``fmt``'s bit patterns ``c`` (inverse of
+    :func:`float_codes`), built from bits with integer operations only (every value of a
+    format jaxquant accepts is a float32, subnormals included, and XLA flushes those in
+    arithmetic)."""
+    e_bits, m = fmt.exp_bits, fmt.man_bits
+    c = c.astype(jnp.uint32)
+    sign = (c >> (e_bits + m)) & 1 if fmt.signed else jnp.zeros_like(c)
+    ef = ((c >> m) & (2**e_bits - 1)).astype(jnp.int32)
+    mf = c & jnp.uint32(2**m - 1)
+    top = 2**e_bits - 1
+    # Normal: exponent ef - bias, the fraction shifted up to 23 bits.
+    normal = ((ef - fmt.bias + 127).astype(jnp.uint32) << 23) | (mf << (23 - m))
+    # Subnormal: mf * 2^(emin - m); normalise the leading bit when the result is a float32
+    # normal, else it is a float32 subnormal whose bits are mf shifted into place.
+    k = 31 - jax.lax.clz(jnp.maximum(mf, 1)).astype(jnp.int32)  # leading bit of mf
+    e32 = fmt.emin - m + k
+    frac = (mf << (23 - k).astype(jnp.uint32)) & jnp.uint32(0x7FFFFF)
+    sub_normal32 = ((e32 + 127).astype(jnp.uint32) << 23) | frac
+    sub_sub32 = mf << jnp.uint32(max(fmt.emin - m + 149, 0))
+    sub = jnp.where(mf == 0, jnp.uint32(0), jnp.where(e32 >= -126, sub_normal32, sub_sub32))
+    mag = jnp.where(ef == 0, sub, normal)
+    nan = jnp.zeros_like(c, dtype=bool)
+    if fmt.nan_style == "ieee":
+        inf = (ef == top) & (mf == 0)
+        mag = jnp.where(inf, jnp.uint32(0x7F800000), mag)
+        nan = (ef == top) & (mf != 0)
+    elif fmt.nan_style == "fn":
+        nan = (ef == top) & (mf == 2**m - 1)
+    elif fmt.nan_style == "fnuz":
+        nan = (sign == 1) & (ef == 0) & (mf == 0)
+    bits = mag | (sign << 31)
+    bits = jnp.where(nan, jnp.uint32(0x7FC00000), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 # ---------------------------------------------------------------------- bit packing

@@ -17,15 +17,27 @@ The pipeline for one array ``x`` and a :class:`QuantSpec`:
 
 NaN/Inf policy: calibration ignores non-finite values. ``+-Inf`` saturates to ``+-qmax``
 (with ``saturate=False``, float formats with Inf keep it). NaN stays NaN in ``fake_quant``
-and in float formats that have a NaN code; formats without one (ints, codebooks, fp6, fp4)
-store it as 0 -- use :func:`jaxquant.metrics.nan_count` on the input to detect it.
+(every format) and in float formats that have a NaN code; formats without one (ints,
+codebooks, fp6, fp4) store it as the code of 0 (binary, which has no 0: +1) -- use
+:func:`jaxquant.metrics.nan_count` on the input to detect it.
+
+Range limits: scales are float32 normal numbers, clamped to ``[2^-126, max]`` (XLA flushes
+float32 subnormals on CPU, so a smaller scale could not be applied exactly). A group whose
+ideal scale ``amax / qmax`` is below ``2^-126`` (amax below ``qmax * 2^-126``, e.g. a tensor
+of float32 subnormals) keeps the floor scale and loses resolution; values below ``2^-127``
+round to 0 there. :func:`jaxquant.metrics.scale_clamp_rate` counts such groups. Scales of
+``scale_format="float16"`` are limited the same way to float16's range ``[2^-14, 65504]``.
+float64 inputs (x64) are rounded to float32 to odd, so a plain cast onto any format with at
+most 22 significand bits is the correctly rounded result of the float64 value; scales are
+float32 and ``fake_quant`` / ``dequantize`` return float64 products.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +57,15 @@ Array = jax.Array
 
 def _check_input(x: Any, fn: str) -> Array:
     if isinstance(x, QArray):
-        raise TypeError(f"{fn}: got a QArray; call jq.dequantize(q) first.")
-    x = jnp.asarray(x)
+        raise TypeError(f"{fn}: x is a QArray; call jq.dequantize(q) first.")
+    if x is None or isinstance(x, str | bytes):
+        raise TypeError(f"{fn}: x must be a floating-point array, got {type(x).__name__}.")
+    try:
+        with warnings.catch_warnings():  # numpy's dtype-alias warning for a list of strings
+            warnings.simplefilter("ignore", DeprecationWarning)
+            x = jnp.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{fn}: x must be a floating-point array ({err}).") from None
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"{fn} expects a floating-point array, got dtype {x.dtype}. Cast it first, e.g. "
@@ -55,7 +74,72 @@ def _check_input(x: Any, fn: str) -> Array:
     return x
 
 
+def _check_spec(spec: Any, fn: str) -> QuantSpec:
+    if not isinstance(spec, QuantSpec):
+        hint = f"jq.QuantSpec({spec!r})" if isinstance(spec, str) else "jq.QuantSpec('int8')"
+        raise TypeError(
+            f"{fn}: spec must be a QuantSpec, got {type(spec).__name__} {spec!r}. Build one, "
+            f"e.g. {hint}."
+        )
+    return spec
+
+
+def _check_scale(
+    x: Array, spec: QuantSpec, scale: Any, zero_point: Any, fn: str
+) -> tuple[Array | None, Array | None]:
+    """Given ``scale=`` / ``zero_point=`` as float32 arrays, checked against the plan."""
+    if zero_point is not None and scale is None:
+        raise ValueError(f"{fn}: zero_point= needs scale= too (a known range has both).")
+    if scale is None:
+        return None, None
+    if zero_point is not None and spec.symmetric:
+        raise ValueError(
+            f"{fn}: zero_point= is for asymmetric specs; this spec is symmetric (z = 0). Drop "
+            "zero_point=, or use QuantSpec(..., symmetric=False)."
+        )
+    if zero_point is None and not spec.symmetric:
+        raise ValueError(f"{fn}: an asymmetric spec with a given scale= also needs zero_point=.")
+    want = spec.granularity.plan(tuple(x.shape)).scale_shape
+    out = []
+    for name, v in (("scale", scale), ("zero_point", zero_point)):
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, QArray):
+            raise TypeError(f"{fn}: {name}= got a QArray; pass its float values.")
+        if isinstance(v, str | bytes):
+            raise TypeError(f"{fn}: {name}= must be a number or an array, got {v!r}.")
+        a = jnp.asarray(v)
+        if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
+            raise TypeError(f"{fn}: {name}= must be a real number or array, got dtype {a.dtype}.")
+        try:
+            ok = np.broadcast_shapes(a.shape, want) == tuple(want)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{fn}: {name}= has shape {a.shape}, which does not broadcast to the scale "
+                f"shape {want} of {spec.granularity} on an input of shape {tuple(x.shape)}. "
+                f"Pass one value per scale group (e.g. q.{name} of a QArray with this spec)."
+            )
+        out.append(a)
+    return out[0], out[1]
+
+
+def _check_key_arg(key: Any, fn: str) -> None:
+    if not isinstance(key, jax.Array | np.ndarray) or not (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == np.uint32 and key.ndim == 1 and key.shape[0] >= 2)
+    ):
+        raise TypeError(
+            f"{fn}: key= must be a PRNG key from jax.random.key(seed), got "
+            f"{type(key).__name__} {getattr(key, 'dtype', '')}{getattr(key, 'shape', '')}."
+        )
+
+
 def _check_key(spec: QuantSpec, key: Array | None, fn: str) -> None:
+    if key is not None:
+        _check_key_arg(key, fn)
     if spec.stochastic and key is None:
         raise ValueError(
             f"{fn}: rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed) "
@@ -123,7 +207,16 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
         return _round_scale(s, spec), None
     lo = jnp.minimum(lo, 0.0)  # the range must contain 0 so that 0 is exact
     hi = jnp.maximum(hi, 0.0)
-    s = _guard_scale(_div_const(hi - lo, qmax - qmin), hi > lo)
+    # hi - lo overflows float32 when both ends are beyond max / 2: halve both first (exact
+    # for numbers that large) and double the quotient, the same correctly rounded value.
+    width = hi - lo
+    big = jnp.isinf(width)
+    s = jnp.where(
+        big,
+        2.0 * _div_const(0.5 * hi - 0.5 * lo, qmax - qmin),
+        _div_const(jnp.where(big, 0.0, width), qmax - qmin),
+    )
+    s = _guard_scale(s, hi > lo)
     s = _round_scale(s, spec)
     z = jnp.clip(jnp.round(qmin - rounding.divide(lo, s)), qmin, qmax)
     return s, z
@@ -132,8 +225,22 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
 # ------------------------------------------------------------------------ the core
 
 
-def scale_input(x: Array, s: Array, z: Array | None) -> Array:
-    """The scaled value ``x * (1/s) (+ z)`` that gets rounded (see the module docstring)."""
+def scale_input(x: Array, s: Array, z: Array | None = None, *, qmax: float = 4.0) -> Array:
+    """The scaled value ``x * (1/s)`` that gets rounded (see the module docstring).
+
+    ``z`` (asymmetric) is added *after* rounding (``round(x/s) + z``, as TFLite and PyTorch
+    do); it is accepted here only for range tests such as the clipped STE's, which get
+    ``x * (1/s) + z``.
+
+    ``qmax`` is the grid's largest magnitude: below 4, a scale can exceed 2^126 (amax near
+    float32's max), whose reciprocal would be a float32 subnormal that XLA flushes to 0. Such
+    groups are scaled in two exact steps, ``(x * 2^-k) * (1/(s * 2^-k))``.
+    """
+    if qmax < 4.0:
+        k = jnp.maximum(_exponent(s) - 125, 0)  # 0 (exact no-op) for every usual scale
+        down = _pow2(-k)
+        x = x * down
+        s = s * down
     # One division per group, kept out of the per-element loop: the barrier and
     # reciprocal()'s division-last form (XLA would otherwise redo the per-group work for
     # every element).
@@ -150,8 +257,11 @@ def _noise(spec: QuantSpec, key: Array | None, shape: tuple[int, ...]) -> Array 
     return rounding.random_bits(key, shape, impl=spec.rng)
 
 
-def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None) -> Array:
-    """Round scaled values onto the element grid (float32 out; codebooks: indices)."""
+def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None, z: Array | None = None) -> Array:
+    """Round scaled values onto the element grid (float32 out; codebooks: indices).
+
+    An asymmetric zero point is added to the rounded integer: ``clip(round(y) + z)``.
+    """
     f = spec.element
     qmin, qmax = spec.qrange
     if rounding.is_float32_prefix(f):  # bf16: integer add-and-truncate, RNE or SR
@@ -164,7 +274,9 @@ def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None) -> Array:
         r = rounding.round_float(y, f, u, saturate=spec.saturate)
         return r if f.signed else jnp.maximum(r, 0.0)
     if f.kind == "int":
-        return rounding.round_int(y, qmin, qmax, u)
+        if z is None:
+            return rounding.round_int(y, qmin, qmax, u)
+        return jnp.clip(rounding.round_to_integer(y, u) + z, qmin, qmax)
     assert f.codebook is not None
     return rounding.round_codebook(y, f.codebook, u).astype(jnp.float32)
 
@@ -182,10 +294,97 @@ def _qdq_range(spec: QuantSpec) -> Callable[[Array, Array, Array], Array]:
 
     def qdq(x: Array, lo: Array, hi: Array) -> Array:
         s, z = compute_scale(lo, hi, det)
-        v = _to_grid(_round_scaled(scale_input(x, s, z), det, None), det)
+        y = scale_input(x, s, qmax=_qmax(det))
+        v = _to_grid(_round_scaled(y, det, None, z), det)
         return v * s if z is None else (v - z) * s
 
     return qdq
+
+
+class Steps(NamedTuple):
+    """Every intermediate of one quantizer call (float32, in the plan's blocked view).
+
+    ``lo`` / ``hi``: the calibrated range per group (None for a plain cast or a given
+    scale); ``s`` / ``z``: scale and zero point; ``y``: the scaled values ``x * (1/s)``
+    before rounding; ``r``: the rounded values (zero point included; codebooks: indices).
+    """
+
+    lo: Array | None
+    hi: Array | None
+    s: Array
+    z: Array | None
+    y: Array
+    r: Array
+    plan: Plan
+
+
+def _qmax(spec: QuantSpec) -> float:
+    qmin, qmax = spec.qrange
+    return float(max(-qmin, qmax))
+
+
+def to_float32(x: Array) -> Array:
+    """The float32 values the quantizer works on: narrower inputs exactly, float64 (x64)
+    rounded to odd (see :func:`rounding.float64_to_float32_odd`)."""
+    if x.dtype == jnp.float64:
+        return rounding.float64_to_float32_odd(x)
+    return x.astype(jnp.float32)
+
+
+def _widen(a: Array, dtype: Any) -> Array:
+    """float32 ``a`` in the compute dtype of a ``dtype`` result (float64 exactly)."""
+    if np.dtype(dtype) == np.float64:
+        return rounding.float32_to_float64(a)
+    return a.astype(jnp.float32)
+
+
+def _steps(
+    x: Array,
+    spec: QuantSpec,
+    key: Array | None,
+    scale: Array | None,
+    zero_point: Array | None = None,
+    *,
+    rounded: bool = True,
+) -> Steps:
+    """The quantizer: calibrate, scale, round. ``rounded=False``: see :func:`_core`."""
+    plan = spec.granularity.plan(tuple(x.shape))
+    xv = to_float32(x).reshape(plan.view)
+    lo = hi = None
+    if scale is not None:
+        s = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), plan.scale_shape)
+        z = None
+        if zero_point is not None:
+            # An integer grid point (a given half-integer would be stored truncated).
+            z = jnp.round(jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), plan.scale_shape))
+        elif not spec.symmetric:
+            raise ValueError("an asymmetric spec with a given scale also needs zero_point=.")
+    elif spec.calibration is None:
+        s = jnp.ones(plan.scale_shape, jnp.float32)
+        z = None
+    elif x.size == 0:
+        s = jnp.ones(plan.scale_shape, jnp.float32)
+        z = None if spec.symmetric else jnp.zeros(plan.scale_shape, jnp.float32)
+    else:
+        lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, _qdq_range(spec))
+        lo, hi = jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi)
+        s, z = compute_scale(lo, hi, spec)
+    # A plain cast (no calibration, no given scale) must not multiply by s = 1: XLA's CPU
+    # backend flushes float32 subnormals in multiplies, and bf16 has subnormals there.
+    if _unit_scale(spec, scale):
+        y = xv
+    elif isinstance(spec.calibration, TWN) and scale is None:
+        # Ternary weight networks round at the threshold delta, not at alpha / 2.
+        delta = jax.lax.stop_gradient(spec.calibration.delta(xv, plan.reduce_axes))
+        y = scale_input(xv, _guard_scale(2.0 * delta, delta > 0), qmax=_qmax(spec))
+    else:
+        y = scale_input(xv, s, qmax=_qmax(spec))
+    if not rounded:
+        assert spec.element.kind == "float" and not spec.stochastic and spec.saturate
+        fmax = float(spec.element.max)
+        return Steps(lo, hi, s, z, y, jnp.clip(y, -fmax, fmax), plan)
+    r = _round_scaled(y, spec, _noise(spec, key, plan.view), z)
+    return Steps(lo, hi, s, z, y, r, plan)
 
 
 def _core(
@@ -203,41 +402,16 @@ def _core(
     clipped to the format's range instead, for a caller that rounds them with the
     hardware's own round-to-nearest-even conversion into the format's dtype.
     """
-    plan = spec.granularity.plan(tuple(x.shape))
-    xv = x.astype(jnp.float32).reshape(plan.view)
-    if scale is not None:
-        s = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), plan.scale_shape)
-        z = None
-        if zero_point is not None:
-            # An integer grid point (a given half-integer would be stored truncated).
-            z = jnp.round(jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), plan.scale_shape))
-        elif not spec.symmetric:
-            raise ValueError("an asymmetric spec with a given scale also needs zero_point=.")
-    elif spec.calibration is None:
-        s = jnp.ones(plan.scale_shape, jnp.float32)
-        z = None
-    elif x.size == 0:
-        s = jnp.ones(plan.scale_shape, jnp.float32)
-        z = None if spec.symmetric else jnp.zeros(plan.scale_shape, jnp.float32)
-    else:
-        lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, _qdq_range(spec))
-        s, z = compute_scale(jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi), spec)
-    # A plain cast (no calibration, no given scale) must not multiply by s = 1: XLA's CPU
-    # backend flushes float32 subnormals in multiplies, and bf16 has subnormals there.
-    if _unit_scale(spec, scale):
-        y = xv
-    elif isinstance(spec.calibration, TWN) and scale is None:
-        # Ternary weight networks round at the threshold delta, not at alpha / 2.
-        delta = jax.lax.stop_gradient(spec.calibration.delta(xv, plan.reduce_axes))
-        y = scale_input(xv, _guard_scale(2.0 * delta, delta > 0), None)
-    else:
-        y = scale_input(xv, s, z)
-    if not rounded:
-        assert spec.element.kind == "float" and not spec.stochastic and spec.saturate
-        fmax = float(spec.element.max)
-        return jnp.clip(y, -fmax, fmax), s, z, plan
-    r = _round_scaled(y, spec, _noise(spec, key, plan.view))
-    return r, s, z, plan
+    st = _steps(x, spec, key, scale, zero_point, rounded=rounded)
+    return st.r, st.s, st.z, st.plan
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def trace(x: Array, spec: QuantSpec, key: Array | None = None) -> tuple[Steps, Array]:
+    """Every intermediate of ``fake_quant(x, spec, key=key)`` and its result, from the same
+    quantizer core in one compiled call (``jaxquant quantize`` prints these)."""
+    st = _steps(x, spec, key, None)
+    return st, _steps_output(st, spec, unit_scale=_unit_scale(spec, None), dtype=x.dtype)
 
 
 def _unit_scale(spec: QuantSpec, scale: Array | None) -> bool:
@@ -276,9 +450,9 @@ def quantize(
       [-30, 18, 73, -127]
     """
     x = _check_input(x, "quantize")
+    spec = _check_spec(spec, "quantize")
     _check_key(spec, key, "quantize")
-    scale = None if scale is None else jnp.asarray(scale)
-    zero_point = None if zero_point is None else jnp.asarray(zero_point)
+    scale, zero_point = _check_scale(x, spec, scale, zero_point, "quantize")
     return _quantize(x, key, scale, zero_point, spec)
 
 
@@ -343,8 +517,19 @@ def _zp_dtype(spec: QuantSpec) -> np.dtype:
 def dequantize(q: QArray, dtype: jax.typing.DTypeLike | None = None) -> Array:
     """The array a QArray stands for: ``(q - z) * s``, in ``q.dtype`` (or ``dtype``)."""
     if not isinstance(q, QArray):
-        raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}.")
-    return _dequantize(q, np.dtype(dtype or q.dtype))
+        raise TypeError(
+            f"dequantize expects a QArray (from jq.quantize), got {type(q).__name__}; an "
+            "array that was never quantized needs no dequantize."
+        )
+    try:
+        out = np.dtype(q.dtype if dtype is None else dtype)
+    except TypeError:
+        raise TypeError(
+            f"dequantize: dtype must be a floating-point dtype such as jnp.float32, got {dtype!r}."
+        ) from None
+    if not np.issubdtype(out, np.floating) and out.name not in ("bfloat16",):
+        raise TypeError(f"dequantize: dtype must be a floating-point dtype, got {out}.")
+    return _dequantize(q, out)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -357,9 +542,16 @@ def _dequantize(q: QArray, dtype: np.dtype) -> Array:
         values = unpack(values, spec.element.bits, n)
         if not q.shape:
             values = values.reshape(())
-    v = decode(values, spec.element).reshape(plan.view)
-    s = q.scale.astype(jnp.float32)
-    out = v * s if q.zero_point is None else (v - q.zero_point.astype(jnp.float32)) * s
+    v = _widen(decode(values, spec.element).reshape(plan.view), dtype)
+    s = _widen(q.scale.astype(jnp.float32), dtype)
+    if q.zero_point is not None:
+        out = (v - _widen(q.zero_point.astype(jnp.float32), dtype)) * s
+    elif spec.calibration is None:
+        # A plain cast stores s = 1: XLA's CPU backend flushes float32 subnormals in a
+        # multiply (bf16 9.18e-41 * 1 -> 0), a select does not.
+        out = jnp.where(s == 1, v, v * s)
+    else:
+        out = v * s
     return out.reshape(q.shape).astype(dtype)
 
 
@@ -393,22 +585,30 @@ def fake_quant(
       [-0.49606, 0.29764, 1.20709, -2.1]
     """
     x = _check_input(x, "fake_quant")
+    spec = _check_spec(spec, "fake_quant")
     _check_key(spec, key, "fake_quant")
     if ste not in ("plain", "clipped"):
         raise ValueError(f"fake_quant: ste must be 'plain' or 'clipped', got {ste!r}.")
-    scale = None if scale is None else jnp.asarray(scale)
-    zero_point = None if zero_point is None else jnp.asarray(zero_point)
+    scale, zero_point = _check_scale(x, spec, scale, zero_point, "fake_quant")
     return _fake_quant(x, key, scale, zero_point, spec, ste)
 
 
 def _qdq(x: Array, key, scale, zero_point, spec: QuantSpec) -> tuple[Array, Array, Array | None]:
-    r, s, z, plan = _core(x, spec, key, scale, zero_point)
-    v = _to_grid(r, spec)
-    if _unit_scale(spec, scale):
-        out = v
-    else:
-        out = v * s if z is None else (v - z) * s
-    return out.reshape(plan.shape).astype(x.dtype), s, z
+    st = _steps(x, spec, key, scale, zero_point)
+    out = _steps_output(st, spec, unit_scale=_unit_scale(spec, scale), dtype=x.dtype)
+    return out, st.s, st.z
+
+
+def _steps_output(st: Steps, spec: QuantSpec, *, unit_scale: bool, dtype: Any) -> Array:
+    """``(q - z) * s`` in ``dtype`` from the quantizer's steps (fake_quant's forward)."""
+    # float64 callers get the product in float64 (exact: grid values and scales are float32).
+    v, s = _widen(_to_grid(st.r, spec), dtype), _widen(st.s, dtype)
+    z = None if st.z is None else _widen(st.z, dtype)
+    out = v if unit_scale else (v * s if z is None else (v - z) * s)
+    if spec.element.kind == "codebook":
+        # A codebook has no NaN code; storage maps NaN to a value, but fake_quant keeps it.
+        out = jnp.where(jnp.isnan(st.y), jnp.asarray(np.nan, out.dtype), out)
+    return out.reshape(st.plan.shape).astype(dtype)
 
 
 @jax.custom_vjp
@@ -444,8 +644,8 @@ def _fake_quant(x, key, scale, zero_point, spec: QuantSpec, ste: str) -> Array:
     if ste == "clipped":
         plan = spec.granularity.plan(tuple(x.shape))
         qmin, qmax = spec.qrange
-        xv = jax.lax.stop_gradient(x).astype(jnp.float32).reshape(plan.view)
-        t = scale_input(xv, s, z)
+        xv = to_float32(jax.lax.stop_gradient(x)).reshape(plan.view)
+        t = scale_input(xv, s, z, qmax=_qmax(spec))
         mask = ((t >= qmin) & (t <= qmax)).reshape(x.shape)
     return _ste_identity(x, y, mask)
 
@@ -483,7 +683,10 @@ def quantize_tree(tree: Any, policy: Policy, *, key: Array | None = None) -> Any
       key: PRNG key for stochastic specs; each leaf gets ``fold_in(key, leaf_index)``.
 
     Returns:
-      The same structure with QArrays in place of quantized leaves.
+      The same structure with QArrays in place of quantized leaves. Leaves that are
+      QArrays already are kept as they are (the policy is not asked about them):
+      quantizing a quantized tree again changes nothing. ``dequantize_tree`` first to
+      requantize with another spec.
 
     Example:
       >>> import jax.numpy as jnp, jaxquant as jq
@@ -492,9 +695,16 @@ def quantize_tree(tree: Any, policy: Policy, *, key: Array | None = None) -> Any
       >>> type(qt["w"]).__name__, qt["step"].tolist()
       ('QArray', 3)
     """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda a: isinstance(a, QArray)
+    )
+    if key is not None:
+        _check_key_arg(key, "quantize_tree")
     out = []
     for i, (path, leaf) in enumerate(leaves):
+        if isinstance(leaf, QArray):
+            out.append(leaf)
+            continue
         spec = _resolve(policy, path, leaf)
         if spec is None:
             out.append(leaf)

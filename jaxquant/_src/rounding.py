@@ -145,6 +145,12 @@ def divide(a: jax.Array, b: jax.Array) -> jax.Array:
     a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
 
     def cpu(a, b):
+        # The divisor must be as batched as the dividend: under vmap an unbatched ``b`` (a
+        # constant such as qmax) reaches XLA as ``a / broadcast(b)``, which the algebraic
+        # simplifier rewrites into ``a * broadcast(1/b)`` -- 1 ulp off (issue 11, item 7).
+        # ``b * (0 * a + 1)`` (finite ``a`` only; XLA does not fold ``x * 0`` for floats)
+        # ties ``b`` to ``a``'s batch dimensions at the cost of two flops per group.
+        b = b * (jnp.where(jnp.isfinite(a), a, 0.0) * 0.0 + 1.0)  # b * 1 keeps -0's sign
         q = a / lax.optimization_barrier(b)
         return jnp.where(jnp.abs(q) < jnp.float32(2.0**-126), jnp.copysign(0.0, q), q)
 
@@ -173,6 +179,60 @@ def reciprocal(b: jax.Array) -> jax.Array:
         return jnp.float32(1.0) / lax.optimization_barrier(b)
 
     return lax.platform_dependent(b, cpu=cpu, default=lambda b: div_rn(jnp.ones_like(b), b))
+
+
+# ------------------------------------------------------------- float64 <-> float32, exact
+
+
+def float64_to_float32_odd(x: jax.Array) -> jax.Array:
+    """float64 ``x`` rounded to float32 *to odd*: truncated toward zero, with the last bit
+    set when anything nonzero was dropped (overflow gives +-max, NaN and Inf stay).
+
+    Rounding that result to nearest-even onto any grid of at most 22 significand bits is the
+    correctly rounded result of ``x`` itself (Boldo & Melquiond 2008: round-to-odd with
+    ``p + 2`` bits), where a plain conversion would round twice (1.0625000000009095 would
+    become e4m3's 1.0 instead of 1.125). Integer operations on the bits only: XLA's CPU
+    backend flushes float32 subnormals in conversions.
+    """
+    b = lax.bitcast_convert_type(x.astype(jnp.float64), jnp.uint64)
+    sign = ((b >> 63) << 31).astype(jnp.uint32)
+    e64 = ((b >> 52) & 0x7FF).astype(jnp.int32)
+    m64 = b & jnp.uint64(2**52 - 1)
+    e = e64 - 1023
+    # Normal float32 range: keep the top 23 fraction bits, OR the rest into the last bit.
+    man = (m64 >> 29).astype(jnp.uint32)
+    rest = (m64 & jnp.uint64(2**29 - 1)) != 0
+    normal = ((e + 127).astype(jnp.uint32) << 23) | man | rest.astype(jnp.uint32)
+    # Below 2^-126: a float32 subnormal, significand (2^52 + m64) >> (-97 - e).
+    sig = jnp.where(e64 > 0, m64 | jnp.uint64(2**52), m64)
+    shift = jnp.clip(-97 - e, 0, 63).astype(jnp.uint64)
+    kept = sig >> shift
+    lost = jnp.where(-97 - e > 63, sig != 0, (kept << shift) != sig)
+    sub = jnp.where(-97 - e > 63, jnp.uint32(0), kept.astype(jnp.uint32)) | lost.astype(jnp.uint32)
+    mag = jnp.where(e >= -126, normal, sub)
+    mag = jnp.where(e > 127, jnp.uint32(0x7F7FFFFF), mag)  # overflow: max (odd)
+    special = e64 == 0x7FF
+    mag = jnp.where(
+        special, jnp.where(m64 == 0, jnp.uint32(0x7F800000), jnp.uint32(0x7FC00000)), mag
+    )
+    return lax.bitcast_convert_type(sign | mag, jnp.float32)
+
+
+def float32_to_float64(x: jax.Array) -> jax.Array:
+    """float32 -> float64, exact for subnormals too (XLA's CPU conversion flushes them)."""
+    b = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    sign = (b >> 31).astype(jnp.uint64) << 63
+    e32 = ((b >> 23) & 0xFF).astype(jnp.int32)
+    m = b & jnp.uint32(0x7FFFFF)
+    lead = jnp.maximum(lax.clz(m).astype(jnp.int32) - 8, 0)  # subnormal: normalise
+    sub_m = ((m << lead.astype(jnp.uint32)) & jnp.uint32(0x7FFFFF)).astype(jnp.uint64)
+    sub = ((-126 - lead + 1023).astype(jnp.uint64) << 52) | (sub_m << 29)
+    sub = jnp.where(m == 0, jnp.uint64(0), sub)
+    normal = ((e32 - 127 + 1023).astype(jnp.uint64) << 52) | (m.astype(jnp.uint64) << 29)
+    mag = jnp.where(e32 == 0, sub, normal)
+    top = jnp.uint64(0x7FF << 52) | (m.astype(jnp.uint64) << 29)
+    mag = jnp.where(e32 == 0xFF, top, mag)  # Inf and NaN keep their payload
+    return lax.bitcast_convert_type(sign | mag, jnp.float64)
 
 
 # ---------------------------------------------------------------------- rounding rules
@@ -305,8 +365,8 @@ def round_codebook(
 
     Nearest: ties go to the value of smaller magnitude (and to +1 for binary's 0), so the
     rule is symmetric. Stochastic: the upper neighbour with probability
-    ``(y - lo) / (hi - lo)``, which is unbiased inside the range. NaN maps to the index of
-    the value nearest 0.
+    ``(y - lo) / (hi - lo)``, which is unbiased inside the range. NaN maps to the index
+    that 0 rounds to (the value nearest 0; binary's +1).
     """
     c = np.asarray(values, np.float32)
     n = len(c)
@@ -328,7 +388,8 @@ def round_codebook(
     else:
         up = u * (hi - lo) < (yc - lo)
     idx = jnp.where(up, hi_i, lo_i)
-    zero_i = int(np.argmin(np.abs(c)))
+    # NaN is stored as what 0 rounds to (binary has no 0: +1, as for y = 0 above).
+    zero_i = int(np.flatnonzero(np.abs(c) == np.abs(c).min())[-1])
     return jnp.where(jnp.isnan(y), zero_i, idx)
 
 

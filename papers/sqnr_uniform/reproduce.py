@@ -114,7 +114,10 @@ def reference(x: np.ndarray, b: int, signed: bool, variant: str) -> float:
     else:
         s = 2 * AMPLITUDE / 2**b
         z = -0.5 if signed else 2 ** (b - 1) - 0.5
-    y = (np.clip(np.round(x / s + z), qmin, qmax) - z) * s
+    # An integer zero point is added after rounding (jaxquant, TFLite, PyTorch); the
+    # textbook mid-rise grid's half-integer offset is part of what gets rounded.
+    q = np.round(x / s) + z if variant == "minmax" else np.round(x / s + z)
+    y = (np.clip(q, qmin, qmax) - z) * s
     return float(10 * np.log10(np.sum(x * x) / np.sum((x - y) ** 2)))
 
 
