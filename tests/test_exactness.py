@@ -278,3 +278,53 @@ def test_cli_steps_are_the_library(cal, name):
         q = jq.quantize(x, spec)
         np.testing.assert_array_equal(_bits(st.scale), _bits(np.asarray(q.scale).reshape(-1)))
     assert cli.main(["quantize", "1", "2", "--format", "ternary", "--calibration", "mse"]) == 0
+
+
+# ------------------------------------------------------------ QArray.codes()
+
+
+def _ref_int_codes(x, bits, signed):
+    """numpy first principles: absmax int quantization, restricted symmetric range."""
+    qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    s = np.float32(np.max(np.abs(x)) / np.float32(qmax))
+    inv = np.float32(1) / s
+    lo = -qmax if signed else 0
+    return np.clip(np.round(x * inv), lo, qmax)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 7, 8])
+def test_codes_unpack_ints_to_signed_values(bits):
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal((3, 13)).astype(F32)
+    q = jq.quantize(jnp.asarray(x), jq.QuantSpec(f"int{bits}"))
+    c = np.asarray(q.codes())
+    assert c.shape == x.shape and np.issubdtype(c.dtype, np.signedinteger)
+    np.testing.assert_array_equal(c, _ref_int_codes(x, bits, True))
+    u = np.asarray(jq.quantize(jnp.asarray(np.abs(x)), jq.QuantSpec(f"uint{bits}")).codes())
+    np.testing.assert_array_equal(u, _ref_int_codes(np.abs(x), bits, False))
+
+
+def test_codes_of_the_articles_int4_example_and_of_floats_and_codebooks():
+    x = jnp.array([-0.5, 0.3, 1.2, -2.1])
+    q = jq.quantize(x, jq.QuantSpec("int4"))
+    assert q.codes().tolist() == [-2, 1, 4, -7]
+    # Floats: the format's own bit patterns (ml_dtypes views), for byte and sub-byte formats.
+    for name, dt in (("e4m3", ml_dtypes.float8_e4m3fn), ("e2m1", ml_dtypes.float4_e2m1fn)):
+        spec = jq.QuantSpec(name, calibration=None)
+        y = np.asarray(jq.fake_quant(x, spec)).astype(dt)
+        want = y.view(np.uint8) & (0xFF if name == "e4m3" else 0x0F)
+        np.testing.assert_array_equal(np.asarray(jq.quantize(x, spec).codes()), want)
+    bf = jq.quantize(x, jq.QuantSpec("bf16", calibration=None)).codes()
+    assert bf.dtype == np.uint16
+    np.testing.assert_array_equal(
+        np.asarray(bf), np.asarray(x).astype(ml_dtypes.bfloat16).view(np.uint16)
+    )
+    # Codebooks: indices into the sorted value table.
+    for name in ("nf4", "ternary", "binary"):
+        spec = jq.QuantSpec(name)
+        q = jq.quantize(x, spec)
+        table = np.asarray(spec.format.codebook, F32)
+        np.testing.assert_array_equal(
+            table[np.asarray(q.codes())] * np.asarray(q.scale).reshape(()),
+            np.asarray(jq.dequantize(q)),
+        )

@@ -96,6 +96,25 @@ class QArray:
             "its scales blocked. Use q.dequantize()[...] or quantize the slice."
         )
 
+    def codes(self) -> jax.Array:
+        """The stored codes, unpacked, in the array's own shape: the inverse of the packing
+        in this module's docstring.
+
+        Signed ints as signed integers (int8 for up to 8 bits), unsigned ints as unsigned,
+        codebooks (nf4, binary, ternary) as indices into the sorted value table, float
+        formats (fp8, fp6, fp4, bf16, emulated ExMy, MX elements) as their bit patterns
+        (uint8 / uint16 / uint32).
+
+        Example:
+          >>> import jax.numpy as jnp, jaxquant as jq
+          >>> q = jq.quantize(jnp.array([-0.5, 0.3, 1.2, -2.1]), jq.QuantSpec("int4"))
+          >>> q.values.tolist()  # packed: two 4-bit codes per byte, low nibble first
+          [30, 148]
+          >>> q.codes().tolist()
+          [-2, 1, 4, -7]
+        """
+        return codes(self.values, self.spec.element, self.shape)
+
     def dequantize(self) -> jax.Array:
         """The float array this QArray represents (``(q - z) * s``, in ``dtype``)."""
         from jaxquant._src.quantize import dequantize
@@ -238,6 +257,24 @@ def float_values(c: jax.Array, fmt: Format) -> jax.Array:
     bits = mag | (sign << 31)
     bits = jnp.where(nan, jnp.uint32(0x7FC00000), bits)
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def codes(values: jax.Array, fmt: Format, shape: tuple[int, ...]) -> jax.Array:
+    """Unpacked codes of stored ``values`` of element format ``fmt`` (see QArray.codes)."""
+    if fmt.packed:
+        n = shape[-1] if shape else 1
+        c = unpack(values, fmt.bits, n).reshape(shape)
+    else:
+        c = values
+    if fmt.kind == "int":
+        if fmt.packed and fmt.signed:  # two's complement in the low bits: sign-extend
+            shift = jnp.uint8(8 - fmt.bits)
+            return jax.lax.shift_right_arithmetic((c << shift).view(jnp.int8), shift.view(jnp.int8))
+        return c
+    if fmt.kind == "float" and jnp.issubdtype(c.dtype, jnp.floating):
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[np.dtype(c.dtype).itemsize]
+        return jax.lax.bitcast_convert_type(c, width)
+    return c
 
 
 # ---------------------------------------------------------------------- bit packing
