@@ -308,3 +308,16 @@ def test_given_half_integer_zero_point_is_rounded_consistently():
             jq.dequantize(q), jq.fake_quant(x, spec, scale=0.125, zero_point=z)
         )
         assert float(q.zero_point.reshape(())) == float(np.round(z))
+
+
+def test_quantize_tree_keeps_qarrays_as_they_are():
+    """A tree that already holds QArrays: they pass through untouched (their scales are
+    never quantized again), other leaves are quantized."""
+    tree = {"w": jnp.ones((4, 8)), "b": jnp.full((8,), 0.5)}
+    once = jq.quantize_tree(tree, jq.QuantSpec("int8"))
+    twice = jq.quantize_tree({**once, "c": jnp.ones(3)}, jq.QuantSpec("int4"))
+    assert twice["w"] is once["w"] and twice["b"] is once["b"]
+    assert twice["c"].spec.format.name == "int4"
+    seen = []
+    jq.quantize_tree(once, lambda path, leaf: seen.append(path) or jq.QuantSpec("int4"))
+    assert seen == []
