@@ -1038,28 +1038,6 @@ DOCUMENTED: dict[str, Callable[[Any], bool]] = {
 # "target/arg" -> ("label label...", why). Each must fail (strict), so a fix shows up here: delete
 # its labels then.
 WHY = {
-    "QArray": (
-        "qarray.py: QArray(...) checks none of its static fields (spec, shape, dtype); they "
-        "fail later with AttributeError or numpy's message"
-    ),
-    "SizeReport": (
-        "size.py: SizeReport(leaves) does not check its leaves; .nbytes raises AttributeError"
-    ),
-    "conv_general_dilated_lhs": (
-        "conv.py: operands go to jnp.asarray unchecked (JAX's message; a QArray operand is "
-        "flattened)"
-    ),
-    "conv_general_dilated_rhs": (
-        "conv.py: operands go to jnp.asarray unchecked (JAX's message; a QArray operand is "
-        "flattened)"
-    ),
-    "conv_general_dilated_window_strides": (
-        "conv.py: window_strides reaches lax unchecked (numpy / XLA verifier errors)"
-    ),
-    "conv_general_dilated_padding": "conv.py: padding reaches lax unchecked (RuntimeError)",
-    "conv_general_dilated_rhs_scale": (
-        "conv.py: rhs_scale= is not checked against the scale shape / dtype (raw broadcast error)"
-    ),
     "convert_delete": (
         "convert.py: delete= takes any truthy value (delete='False' deletes the caller's arrays)"
     ),
@@ -1072,29 +1050,6 @@ WHY = {
         "quantize.py: dequantize(q, dtype) passes dtype on unchecked (numpy's 'data type not "
         "understood')"
     ),
-    "dot_capabilities": (
-        "dot.py: backend goes to jax.devices unchecked (RuntimeError / AttributeError)"
-    ),
-    "dot_general_lhs": (
-        "dot.py: operands are not checked (jnp.asarray / lax messages, not naming lhs)"
-    ),
-    "dot_general_rhs": (
-        "dot.py: operands are not checked (jnp.asarray / lax messages, not naming rhs)"
-    ),
-    "dot_general_lhs_scale": (
-        "dot.py: lhs_scale= is not checked against the scale shape / dtype (raw broadcast error)"
-    ),
-    "dot_general_preferred_element_type": (
-        "dot.py: preferred_element_type is passed on unchecked (numpy's message)"
-    ),
-    "einsum_subscripts": "dot.py: einsum subscripts are not checked to be a str (AttributeError)",
-    "einsum_b": (
-        "dot.py: operands are not checked (jnp.asarray / lax messages; a QArray operand is "
-        "flattened)"
-    ),
-    "einsum_lhs_scale": (
-        "dot.py: lhs_scale= is not checked against the scale shape (raw broadcast error)"
-    ),
     "fake_quant_x": (
         "quantize.py _check_input: jnp.asarray's own error for None / strings, not naming x"
     ),
@@ -1105,11 +1060,6 @@ WHY = {
     "fake_quant_with_x": (
         "quantize.py _check_input (via scaling update): jnp.asarray's own error, not naming x"
     ),
-    "lsq_fake_quant": (
-        "lsq.py: x and step are not checked like quantize's (JAX's messages, a QArray step is "
-        "flattened)"
-    ),
-    "lsq_init": "lsq.py: lsq_init checks neither x (int arrays accepted) nor spec (AttributeError)",
     "quantize_x": (
         "quantize.py _check_input: jnp.asarray's own error for None / strings, not naming x"
     ),
@@ -1119,19 +1069,6 @@ WHY = {
     ),
     "quantize_with_x": (
         "quantize.py _check_input (via scaling update): jnp.asarray's own error, not naming x"
-    ),
-    "random_bits": (
-        "rounding.py: random_bits checks neither key (AttributeError) nor shape (JAX's message)"
-    ),
-    "metrics": (
-        "metrics.py: inputs go to jnp.asarray unchecked (JAX's message, not naming x / x_hat)"
-    ),
-    "metrics_saturation_rate_x": (
-        "metrics.py: x is not checked (JAX's messages; a shape mismatch fails in reshape)"
-    ),
-    "metrics_report": (
-        "metrics.py: report(tree, qtree) accepts trees of different structure (rows for "
-        "whatever matches, or {})"
     ),
     "recipes_Recipe": (
         "recipes.py: Recipe(...) checks none of its fields (a str spec, bogus scaling / ste, "
@@ -1235,49 +1172,9 @@ WHY = {
 }
 
 XFAIL_GROUPS: dict[str, tuple[str, str]] = {
-    "jq.QArray/spec": ("str none", WHY["QArray"]),
-    "jq.QArray/shape": ("str", WHY["QArray"]),
-    "jq.SizeReport/leaves": ("str", WHY["SizeReport"]),
-    "jq.conv_general_dilated/lhs": ("none str qarray", WHY["conv_general_dilated_lhs"]),
-    "jq.conv_general_dilated/rhs": ("none str qarray", WHY["conv_general_dilated_rhs"]),
-    "jq.conv_general_dilated/window_strides": (
-        "str neg",
-        WHY["conv_general_dilated_window_strides"],
-    ),
-    "jq.conv_general_dilated/padding": ("bogus", WHY["conv_general_dilated_padding"]),
-    "jq.conv_general_dilated/rhs_scale": ("wrong_shape str", WHY["conv_general_dilated_rhs_scale"]),
     "jq.convert/delete": ("str_False int_1 none", WHY["convert_delete"]),
     "jq.convert/load": ("str", WHY["convert_load"]),
     "jq.convert/tree": ("qarray_leaf", WHY["convert_tree"]),
-    "jq.dot_capabilities/backend": ("bogus int", WHY["dot_capabilities"]),
-    "jq.dot_general/lhs": ("none str wrong_shape", WHY["dot_general_lhs"]),
-    "jq.dot_general/rhs": ("none str", WHY["dot_general_rhs"]),
-    "jq.dot_general/lhs_scale": ("wrong_shape str qarray", WHY["dot_general_lhs_scale"]),
-    "jq.dot_general/preferred_element_type": ("bogus", WHY["dot_general_preferred_element_type"]),
-    "jq.einsum/subscripts": ("int none", WHY["einsum_subscripts"]),
-    "jq.einsum/b": ("none str qarray wrong_shape", WHY["einsum_b"]),
-    "jq.einsum/lhs_scale": ("wrong_shape", WHY["einsum_lhs_scale"]),
-    "jq.lsq_fake_quant/step": ("str none wrong_shape qarray", WHY["lsq_fake_quant"]),
-    "jq.lsq_init/x": ("none str qarray ints", WHY["lsq_init"]),
-    "jq.lsq_init/spec": ("str int class none", WHY["lsq_init"]),
-    "jq.random_bits/key": ("int str none", WHY["random_bits"]),
-    "jq.random_bits/shape": ("str float", WHY["random_bits"]),
-    "jq.metrics.mse/x": ("none str", WHY["metrics"]),
-    "jq.metrics.mse/x_hat": ("none str", WHY["metrics"]),
-    "jq.metrics.sqnr/x": ("none str", WHY["metrics"]),
-    "jq.metrics.sqnr/x_hat": ("none str", WHY["metrics"]),
-    "jq.metrics.max_abs_error/x": ("none str", WHY["metrics"]),
-    "jq.metrics.max_abs_error/x_hat": ("none str", WHY["metrics"]),
-    "jq.metrics.summary/x": ("none str", WHY["metrics"]),
-    "jq.metrics.summary/x_hat": ("none str", WHY["metrics"]),
-    "jq.metrics.underflow_rate/x": ("none str", WHY["metrics"]),
-    "jq.metrics.underflow_rate/x_hat": ("none str", WHY["metrics"]),
-    "jq.metrics.inf_count/x": ("none str", WHY["metrics"]),
-    "jq.metrics.nan_count/x": ("none str", WHY["metrics"]),
-    "jq.metrics.scale_clamp_rate/x": ("none wrong_shape str", WHY["metrics_saturation_rate_x"]),
-    "jq.metrics.saturation_rate/x": ("none wrong_shape str", WHY["metrics_saturation_rate_x"]),
-    "jq.metrics.report/tree": ("other_keys str", WHY["metrics_report"]),
-    "jq.metrics.report/qtree": ("other_keys str", WHY["metrics_report"]),
     "jq.recipes.Recipe/name": ("int", WHY["recipes_Recipe"]),
     "jq.recipes.Recipe/weight": ("str int class", WHY["recipes_Recipe"]),
     "jq.recipes.Recipe/act": ("str int class", WHY["recipes_Recipe"]),

@@ -100,3 +100,38 @@ def test_linen_and_nnx_convs_are_quantized_by_rules():
         quantize_model(
             nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)), Rule(".*", weight=W8, scaling="delayed")
         )
+
+
+def test_argument_errors_name_the_argument():
+    def bad(match, err=ValueError, **kw):
+        args = {"lhs": X, "rhs": K, "window_strides": (1, 1), "padding": "SAME", **kw}
+        with pytest.raises(err, match=match):
+            jq.conv_general_dilated(**args, dimension_numbers=DN, rhs_spec=W8)
+
+    bad(r"conv_general_dilated: lhs must be an array, got None", TypeError, lhs=None)
+    bad(r"conv_general_dilated: rhs is a QArray", TypeError, rhs=jq.quantize(K, W8))
+    bad(r"window_strides must be a sequence of 2 positive ints", TypeError, window_strides="x")
+    bad(r"window_strides\[0\] must be an int >= 1, got -1", window_strides=(-1, 1))
+    bad(r"window_strides must be a sequence of 2", TypeError, window_strides=(1,))
+    bad(r"padding must be 'VALID', 'SAME', 'SAME_LOWER'.*got 'bogus'", padding="bogus")
+    bad(r"padding\[1\] must be a \(low, high\) pair", TypeError, padding=((1, 1), 2))
+    bad(r"rhs_dilation\[1\] must be an int >= 1, got 0", rhs_dilation=(1, 0))
+    bad(r"feature_group_count must be an int >= 1", feature_group_count=0)
+    bad(r"rhs_scale: scale= has shape \(5,\), which does not broadcast", rhs_scale=jnp.ones(5))
+    bad(
+        r"lhs of shape \(2, 9, 9, 3\) and rhs of shape \(3, 3, 4, 8\).*3 // 1 != 4",
+        rhs=K[:, :, :1].repeat(4, 2),
+    )
+
+
+def test_argument_spellings_lax_accepts_still_work():
+    want = _conv(X, K)
+    for strides, padding in (([2, 1], "same"), ((np.int64(2), 1), ((1, 1), (2, 2)))):
+        got = jq.conv_general_dilated(
+            X, K, strides, padding, rhs_dilation=[1, 2], dimension_numbers=DN, precision="highest"
+        )
+        np.testing.assert_array_equal(got, want)
+    # a per-output-channel kernel scale of the scale shape is taken as given
+    s = jnp.full((1, 1, 1, 8), 0.01)
+    got = _qconv(X, K, rhs_spec=W8, rhs_scale=s)
+    np.testing.assert_allclose(got, _conv(X, jq.fake_quant(K, W8, scale=s)), rtol=1e-6, atol=1e-6)

@@ -470,8 +470,10 @@ def test_dot_capabilities_on_cpu():
     assert dot_capabilities("cpu") == caps
     caps["int8"] = False  # a copy: the cache is not mutated
     assert dot_capabilities()["int8"] is True
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"backend 'no_such_backend' is not available"):
         dot_capabilities("no_such_backend")
+    with pytest.raises(TypeError, match=r"backend must be a backend name"):
+        dot_capabilities(3)
 
 
 # -------------------------------------------------------------------------- errors
@@ -514,8 +516,13 @@ def test_errors_for_scales_along_the_contraction():
         dot_general(jnp.ones((4, 8), jnp.int32), rhs, MATMUL, lhs_spec=q(None))
     with pytest.raises(TypeError, match="dimension_numbers"):
         dot_general(lhs, rhs, (1, 0), lhs_spec=q(None))
-    with pytest.raises(TypeError):  # lax's own shape check
+    # lax's shape check (TypeError, as lax.dot_general), naming the operands' shapes
+    with pytest.raises(TypeError, match=r"lhs of shape \(4, 8\) and rhs of shape \(5, 3\)"):
         dot_general(lhs, jnp.ones((5, 3)), MATMUL, lhs_spec=q(None))
+    with pytest.raises(TypeError, match=r"lhs of shape \(4, 8\) and rhs of shape \(5, 3\)"):
+        dot_general(lhs, jnp.ones((5, 3)), MATMUL)  # unquantized: lax.dot_general directly
+    with pytest.raises(TypeError, match=r"lhs of shape \(4, 8\) and rhs of shape \(5, 3\)"):
+        dot_general(lhs, jq.quantize(jnp.ones((5, 3)), q(None)), MATMUL)  # serving
     with pytest.raises(ValueError, match="out of range"):
         dot_general(lhs, rhs, MATMUL, grad_spec=q(jq.per_channel(2)))
 
@@ -725,3 +732,36 @@ def test_bf16_specs_with_absmax_scales_do_not_overflow():
     ref = jnp.dot(jq.fake_quant(a, s), jq.fake_quant(b, s), precision="highest")
     assert np.isfinite(float(y)) and bool(jnp.all(jnp.isfinite(g)))
     np.testing.assert_allclose(y, jnp.sum(ref**2), rtol=1e-5)
+
+
+def test_operand_scale_and_subscript_errors_name_the_argument():
+    lhs, rhs = jnp.ones((4, 8)), jnp.ones((8, 3))
+    spec = jq.QuantSpec("int8")
+    with pytest.raises(TypeError, match=r"dot_general: lhs must be an array, got None"):
+        dot_general(None, rhs, MATMUL, lhs_spec=spec)
+    with pytest.raises(TypeError, match=r"dot_general: rhs must be an array, got 'abc'"):
+        dot_general(lhs, "abc", MATMUL)
+    with pytest.raises(TypeError, match=r"preferred_element_type must be a dtype"):
+        dot_general(lhs, rhs, MATMUL, None, "bogus", lhs_spec=spec)
+    # A scale must broadcast to the operand's scale shape, not the other way round.
+    with pytest.raises(ValueError, match=r"dot_general: lhs_scale: scale= has shape \(7,\)"):
+        dot_general(lhs, rhs, MATMUL, lhs_spec=spec, lhs_scale=jnp.ones(7))
+    with pytest.raises(ValueError, match=r"dot_general: rhs_scale: scale= has shape \(3,\)"):
+        dot_general(lhs, rhs, MATMUL, rhs_spec=spec, rhs_scale=jnp.ones(3))
+    with pytest.raises(ValueError, match=r"dot_general: grad_scale: scale= has shape \(2,\)"):
+        dot_general(lhs, rhs, MATMUL, grad_spec=jq.QuantSpec("e5m2"), grad_scale=jnp.ones(2))
+    with pytest.raises(TypeError, match=r"lhs_scale: scale= got a QArray"):
+        dot_general(lhs, rhs, MATMUL, lhs_spec=spec, lhs_scale=jq.quantize(lhs, spec))
+    # a scalar scale still broadcasts: ones on a 2^-6 grid stay ones
+    y = dot_general(lhs, rhs, MATMUL, lhs_spec=spec, lhs_scale=2.0**-6)
+    np.testing.assert_array_equal(y, jnp.full((4, 3), 8.0))
+    with pytest.raises(TypeError, match=r"einsum: subscripts must be a str"):
+        einsum(3, lhs, rhs, lhs_spec=spec)
+    with pytest.raises(TypeError, match=r"einsum: b must be an array, got None"):
+        einsum("ij,jk->ik", lhs, None, lhs_spec=spec)
+    with pytest.raises(TypeError, match=r"einsum: a QArray must be b"):
+        einsum("ij,jk->ik", jq.quantize(lhs, spec), rhs)
+    with pytest.raises(ValueError, match=r"'jk' names 2 axes but b has 1"):
+        einsum("ij,jk->ik", lhs, jq.quantize(jnp.ones(8), spec))
+    with pytest.raises(ValueError, match=r"label 'j' .* size 8 in a .* but 5 in b"):
+        einsum("ij,jk->ik", lhs, jnp.ones((5, 3)), lhs_spec=spec)

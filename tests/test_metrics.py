@@ -311,3 +311,38 @@ def test_report_rejects_mismatched_trees():
     params = _params()
     with pytest.raises(ValueError, match="trees differ"):
         metrics.report(params, {"embed": params["embed"]})
+
+
+def test_report_refuses_trees_with_other_keys():
+    """Same number of leaves, other keys: leaves used to be paired by position."""
+    x = jnp.linspace(-1.0, 1.0, 8)
+    q = jq.quantize(x, jq.QuantSpec("int8"))
+    with pytest.raises(ValueError, match=r"trees differ \(leaf 0: \['v'\] in tree, \['w'\]"):
+        metrics.report({"v": x}, {"w": q})
+    with pytest.raises(ValueError, match=r"trees differ \(leaf 0: \(root\) in tree"):
+        metrics.report("abc", {"w": q})
+    # A QArray already in tree (quantize_tree keeps it) has no float original: skipped.
+    rep = metrics.report({"a": x, "b": q}, jq.quantize_tree({"a": x, "b": q}, jq.QuantSpec("int8")))
+    assert list(rep) == ["['a']"]
+
+
+def test_bad_inputs_are_errors_naming_the_argument():
+    x = jnp.linspace(-1.0, 1.0, 8)
+    q = jq.quantize(x, jq.QuantSpec("int8"))
+    with pytest.raises(TypeError, match=r"mse: x_hat must be an array, got None"):
+        metrics.mse(x, None)
+    with pytest.raises(TypeError, match=r"summary: x must be an array, got 'abc'"):
+        metrics.summary("abc", q)
+    with pytest.raises(TypeError, match=r"sqnr: x is a QArray.*Pass the original array as x"):
+        metrics.sqnr(q, x)
+    with pytest.raises(TypeError, match=r"nan_count: x must be an array"):
+        metrics.nan_count(None)
+    for fn in (metrics.saturation_rate, metrics.scale_clamp_rate):
+        with pytest.raises(
+            ValueError, match=r"x has shape \(3,\) but q was quantized from shape \(8,\)"
+        ):
+            fn(jnp.ones(3), q)
+        with pytest.raises(TypeError, match=r"q must be the QArray of x"):
+            fn(x, x)
+    with pytest.raises(ValueError, match=r"summary: shapes differ: x has shape \(3,\)"):
+        metrics.summary(jnp.ones(3), q)

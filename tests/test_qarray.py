@@ -102,3 +102,45 @@ def test_dequantize_inside_jit_and_dtype():
 def test_dequantize_rejects_non_qarray():
     with pytest.raises(TypeError, match="QArray"):
         jq.dequantize(jnp.ones(3))
+
+
+# ------------------------------------------------------------------- static field checks
+
+
+def test_static_fields_are_checked_at_construction():
+    q = jq.quantize(jnp.linspace(-1.0, 1.0, 8), jq.QuantSpec("int8"))
+
+    def build(**kw):
+        fields = dict(q.__dict__)
+        fields.update(kw)
+        return jq.QArray(**fields)
+
+    with pytest.raises(TypeError, match=r"QArray: spec must be the jq.QuantSpec.*'int8' \(str\)"):
+        build(spec="int8")
+    with pytest.raises(TypeError, match=r"QArray: shape must be a tuple of ints.*'8' \(str\)"):
+        build(shape="8")
+    with pytest.raises(ValueError, match=r"QArray: shape\[0\] must be an int >= 0, got -1"):
+        build(shape=(-1,))
+    with pytest.raises(TypeError, match=r"QArray: shape\[0\] must be an int, got 8.0"):
+        build(shape=(8.0,))
+    with pytest.raises(TypeError, match=r"QArray: dtype must be the floating-point dtype"):
+        build(dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"QArray: dtype must be the floating-point dtype"):
+        build(dtype="bogus")
+    # Numpy / JAX spellings of valid fields are normalized, so treedefs compare equal.
+    same = build(shape=[np.int64(8)], dtype=jnp.float32)
+    assert same.shape == (8,) and type(same.shape[0]) is int
+    assert same.dtype == np.dtype(np.float32) and isinstance(same.dtype, np.dtype)
+    assert jax.tree_util.tree_structure(same) == jax.tree_util.tree_structure(q)
+
+
+def test_static_field_checks_leave_data_fields_to_pytree_transforms():
+    """Unflattening puts placeholders (object(), None, tracers) in the data fields."""
+    q = jq.quantize(jnp.linspace(-1.0, 1.0, 16).reshape(2, 8), jq.QuantSpec("int4"))
+    leaves, treedef = jax.tree_util.tree_flatten(q)
+    placeholder = treedef.unflatten([object()] * len(leaves))
+    assert placeholder.spec == q.spec and placeholder.shape == q.shape
+    assert jax.tree.map(lambda _: None, q).spec == q.spec
+    np.testing.assert_array_equal(jax.jit(jq.dequantize)(q), jq.dequantize(q))
+    rows = jax.vmap(lambda r: jq.quantize(r, jq.QuantSpec("int4")))(jnp.ones((3, 8)))
+    assert rows.shape == (8,) and rows.values.shape == (3, 4)

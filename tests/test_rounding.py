@@ -337,3 +337,20 @@ def test_reciprocal_is_divide_one_by(use_jit):
     call = jax.jit(rounding.reciprocal) if use_jit else rounding.reciprocal
     out = call(b)
     np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(ref).view(np.uint32))
+
+
+def test_random_bits_argument_errors_name_the_argument():
+    k = jax.random.key(0)
+    for bad in (3, "key", None, jnp.zeros(2, jnp.float32)):
+        with pytest.raises(TypeError, match=r"random_bits: key must be a PRNG key"):
+            rounding.random_bits(bad, (4,))
+    with pytest.raises(TypeError, match=r"random_bits: shape must be a tuple of ints"):
+        rounding.random_bits(k, "x")
+    with pytest.raises(TypeError, match=r"random_bits: shape\[0\] must be an int, got 2.5"):
+        rounding.random_bits(k, (2.5,))
+    with pytest.raises(ValueError, match=r"random_bits: shape\[1\] must be an int >= 0, got -1"):
+        rounding.random_bits(k, [2, -1], impl="threefry")
+    # numpy ints and lists are shapes too, with the same bits
+    np.testing.assert_array_equal(
+        rounding.random_bits(k, [np.int64(3), 5]), rounding.random_bits(k, (3, 5))
+    )

@@ -55,3 +55,12 @@ def test_the_seeds_savings():
 def test_bad_leaves():
     with pytest.raises(TypeError, match=r"'a'.*str"):
         jq.size_report({"a": "text"})
+
+
+def test_size_report_checks_its_leaves():
+    with pytest.raises(TypeError, match=r"SizeReport: leaves must be a tuple of LeafSize"):
+        jq.SizeReport("abc")
+    with pytest.raises(TypeError, match=r"SizeReport: leaves must be a tuple of LeafSize"):
+        jq.SizeReport((1, 2))
+    r = jq.size_report(PARAMS)
+    assert jq.SizeReport(list(r.leaves)) == r

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant._src.quantize import _core, _to_grid, scale_input
+from jaxquant._src.checks import check_int, describe
+from jaxquant._src.qarray import check_array
+from jaxquant._src.quantize import _check_scale, _core, _to_grid, scale_input
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -46,6 +48,45 @@ class _ConvConfig:
     out_dtype: np.dtype
     lhs_dtype: np.dtype
     rhs_dtype: np.dtype
+
+
+_FN = "conv_general_dilated"
+
+
+def _check_ints(value: Any, name: str, n: int, *, optional: bool = False) -> Any:
+    """``n`` positive ints (one per spatial axis) for ``name``, or None when ``optional``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, tuple | list) or len(value) != n:
+        raise TypeError(
+            f"{_FN}: {name} must be a sequence of {n} positive ints (one per spatial axis of "
+            f"lhs){', or None' if optional else ''}, got {describe(value)}."
+        )
+    return tuple(check_int(v, f"{_FN}: {name}[{i}]", lo=1) for i, v in enumerate(value))
+
+
+def _check_padding(padding: Any, n: int) -> Any:
+    """lax's padding: 'VALID', 'SAME' or 'SAME_LOWER' (any case), or n (low, high) pairs."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("VALID", "SAME", "SAME_LOWER"):
+            raise ValueError(
+                f"{_FN}: padding must be 'VALID', 'SAME', 'SAME_LOWER' or a sequence of {n} "
+                f"(low, high) int pairs, got {padding!r}."
+            )
+        return padding
+    if not isinstance(padding, tuple | list) or len(padding) != n:
+        raise TypeError(
+            f"{_FN}: padding must be 'VALID', 'SAME', 'SAME_LOWER' or a sequence of {n} "
+            f"(low, high) int pairs (one per spatial axis of lhs), got {describe(padding)}."
+        )
+    out = []
+    for i, pair in enumerate(padding):
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise TypeError(
+                f"{_FN}: padding[{i}] must be a (low, high) pair of ints, got {describe(pair)}."
+            )
+        out.append(tuple(check_int(v, f"{_FN}: padding[{i}]") for v in pair))
+    return tuple(out)
 
 
 def _fq(
@@ -154,7 +195,28 @@ def conv_general_dilated(
       >>> jq.conv_general_dilated(x, k, (1,), "VALID", rhs_spec=jq.QuantSpec("int8")).tolist()
       [[[1.5, 1.5, 1.5]]]
     """
-    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    lhs, rhs = check_array(lhs, f"{_FN}: lhs"), check_array(rhs, f"{_FN}: rhs")
+    if lhs.ndim < 2 or rhs.ndim != lhs.ndim:
+        raise ValueError(
+            f"{_FN}: lhs and rhs need the same rank, at least 2 (batch and feature axes, then "
+            f"the spatial ones), got lhs of shape {tuple(lhs.shape)} and rhs of shape "
+            f"{tuple(rhs.shape)}."
+        )
+    n = lhs.ndim - 2  # spatial axes
+    window_strides = _check_ints(window_strides, "window_strides", n)
+    padding = _check_padding(padding, n)
+    lhs_dilation = _check_ints(lhs_dilation, "lhs_dilation", n, optional=True)
+    rhs_dilation = _check_ints(rhs_dilation, "rhs_dilation", n, optional=True)
+    feature_group_count = check_int(feature_group_count, f"{_FN}: feature_group_count", lo=1)
+    batch_group_count = check_int(batch_group_count, f"{_FN}: batch_group_count", lo=1)
+    if preferred_element_type is not None:
+        try:
+            np.dtype(preferred_element_type)
+        except TypeError:
+            raise TypeError(
+                f"{_FN}: preferred_element_type must be a dtype such as jnp.float32, or None, "
+                f"got {describe(preferred_element_type)}."
+            ) from None
     for name, spec, x in (("lhs_spec", lhs_spec, lhs), ("rhs_spec", rhs_spec, rhs)):
         if spec is None:
             continue
@@ -180,19 +242,35 @@ def conv_general_dilated(
         batch_group_count=batch_group_count,
         precision=_hashable(precision),
     )
-    out_aval = jax.eval_shape(
-        functools.partial(
-            lax.conv_general_dilated, **conv, preferred_element_type=preferred_element_type
-        ),
-        jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
-        jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
-    )
+    try:
+        out_aval = jax.eval_shape(
+            functools.partial(
+                lax.conv_general_dilated, **conv, preferred_element_type=preferred_element_type
+            ),
+            jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
+            jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
+        )
+    except (TypeError, ValueError) as err:  # lax's messages name neither operand
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(
+            f"{_FN}: lhs of shape {tuple(lhs.shape)} and rhs of shape {tuple(rhs.shape)} do not "
+            f"fit dimension_numbers {dimension_numbers!r} and these window arguments: {err}"
+        ) from None
     if lhs_spec is None and rhs_spec is None and grad_spec is None:
         return lax.conv_general_dilated(
             lhs, rhs, **conv, preferred_element_type=preferred_element_type
         )
     if grad_spec is not None:
         grad_spec.granularity.plan(tuple(out_aval.shape))
+    lhs_scale, rhs_scale, grad_scale = (
+        _check_scale(x, spec, scale, None, f"{_FN}: {name}")[0]
+        if spec is not None and scale is not None
+        else scale
+        for name, x, spec, scale in (
+            ("lhs_scale", lhs, lhs_spec, lhs_scale),
+            ("rhs_scale", rhs, rhs_spec, rhs_scale),
+            ("grad_scale", out_aval, grad_spec, grad_scale),
+        )
+    )
     cfg = _ConvConfig(
         conv=tuple(conv.items()),
         lhs_spec=lhs_spec,

@@ -53,9 +53,10 @@ import numpy as np
 from jax import lax
 
 from jaxquant._src import formats
+from jaxquant._src.checks import describe
 from jaxquant._src.granularity import PerBlock
-from jaxquant._src.qarray import QArray, encode
-from jaxquant._src.quantize import _core, _to_grid, scale_input
+from jaxquant._src.qarray import QArray, check_array, encode
+from jaxquant._src.quantize import _check_scale, _core, _to_grid, scale_input
 from jaxquant._src.serve import dot_qarray
 from jaxquant._src.spec import QuantSpec
 
@@ -161,7 +162,21 @@ def dot_capabilities(backend: str | None = None) -> dict[str, Any]:
       >>> caps["int8"], caps["fp8"]
       (True, False)
     """
-    return dict(_capabilities(backend or jax.default_backend()))
+    if backend is None:
+        return dict(_capabilities(jax.default_backend()))
+    if not isinstance(backend, str):
+        raise TypeError(
+            f"dot_capabilities: backend must be a backend name such as 'cpu', 'gpu' or 'tpu' "
+            f"(or None for the default), got {describe(backend)}."
+        )
+    try:
+        jax.devices(backend)
+    except RuntimeError as err:  # unknown, or known but not present on this machine
+        raise ValueError(
+            f"dot_capabilities: backend {backend!r} is not available here ({err}). Pass one of "
+            "this process's backends, or None for jax.default_backend()."
+        ) from None
+    return dict(_capabilities(backend))
 
 
 # --------------------------------------------------------------------------- config
@@ -766,6 +781,17 @@ def dot_general(
             f"{fn}: a QArray must be the rhs (the weight); the lhs is the float activation. "
             "Swap the operands (and the dimension numbers), or dequantize() it."
         )
+    lhs = check_array(lhs, f"{fn}: lhs")
+    if not isinstance(rhs, QArray):
+        rhs = check_array(rhs, f"{fn}: rhs")
+    if preferred_element_type is not None:
+        try:
+            np.dtype(preferred_element_type)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: preferred_element_type must be a dtype such as jnp.float32, or None, "
+                f"got {describe(preferred_element_type)}."
+            ) from None
     if isinstance(rhs, QArray):
         if rhs_spec is not None or grad_spec is not None or rhs_scale is not None:
             raise ValueError(
@@ -779,8 +805,9 @@ def dot_general(
                 "key, mode='emulate' and ste do not apply."
             )
         lhs_spec = _check_spec(lhs_spec, "lhs_spec", fn) if lhs_spec is not None else None
+        _out_aval(lhs, rhs, dn, preferred_element_type, fn)  # shape errors naming operands
         return dot_qarray(
-            jnp.asarray(lhs),
+            lhs,
             rhs,
             dn,
             precision,
@@ -798,20 +825,13 @@ def dot_general(
             f"{fn}: ste must be 'plain' or 'clipped', got {ste!r} (learned step sizes: "
             "Rule(ste='lsq') in jaxquant.flax, or jq.lsq_fake_quant on the operand)."
         )
-    lhs = jnp.asarray(lhs)
-    rhs = jnp.asarray(rhs)
     kw = {} if out_sharding is None else {"out_sharding": out_sharding}
     if lhs_spec is None and rhs_spec is None and grad_spec is None:
-        return lax.dot_general(lhs, rhs, dn, precision, preferred_element_type, **kw)
-    out_aval = jax.eval_shape(
-        functools.partial(
-            lax.dot_general,
-            dimension_numbers=dn,
-            preferred_element_type=preferred_element_type,
-        ),
-        jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
-        jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
-    )
+        try:
+            return lax.dot_general(lhs, rhs, dn, precision, preferred_element_type, **kw)
+        except TypeError as err:
+            raise _operands_error(lhs, rhs, dn, err, fn) from None
+    out_aval = _out_aval(lhs, rhs, dn, preferred_element_type, fn)
     (lc, rc), (lb, rb) = dn
     _check_operand(lhs_spec, lhs, lc, lb, "lhs", mode)
     _check_operand(rhs_spec, rhs, rc, rb, "rhs", mode)
@@ -839,6 +859,16 @@ def dot_general(
             f"{fn}: mode='real' needs both operands int8 or both fp8 (e4m3 / e5m2), got "
             f"lhs {names[0]} and rhs {names[1]}. Use mode='auto' or 'emulate'."
         )
+    lhs_scale, rhs_scale, grad_scale = (
+        _check_scale(x, spec, scale, None, f"{fn}: {name}")[0]
+        if spec is not None and scale is not None
+        else scale
+        for name, x, spec, scale in (
+            ("lhs_scale", lhs, lhs_spec, lhs_scale),
+            ("rhs_scale", rhs, rhs_spec, rhs_scale),
+            ("grad_scale", out_aval, grad_spec, grad_scale),
+        )
+    )
     caps = dot_capabilities()
     if mode == "real":
         fp8_pairs = _ALL_FP8_PAIRS
@@ -873,6 +903,26 @@ def dot_general(
     return _qdot_jit(cfg, lhs, rhs, opt(lhs_scale), opt(rhs_scale), opt(grad_scale), key)
 
 
+def _operands_error(lhs: Any, rhs: Any, dn: DimensionNumbers, err: Exception, fn: str) -> TypeError:
+    """lax's shape error, saying which operands and dimension numbers it was about."""
+    return TypeError(
+        f"{fn}: lhs of shape {tuple(lhs.shape)} and rhs of shape {tuple(rhs.shape)} do not fit "
+        f"dimension_numbers {dn}: {err}"
+    )
+
+
+def _out_aval(lhs: Array, rhs: Array | QArray, dn: DimensionNumbers, pet: Any, fn: str) -> Any:
+    """Shape and dtype of ``lax.dot_general``'s result; its shape errors name the operands."""
+    try:
+        return jax.eval_shape(
+            functools.partial(lax.dot_general, dimension_numbers=dn, preferred_element_type=pet),
+            jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
+            jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
+        )
+    except TypeError as err:
+        raise _operands_error(lhs, rhs, dn, err, fn) from None
+
+
 def _hashable(precision: Any) -> Any:
     if isinstance(precision, list):
         return tuple(precision)
@@ -902,18 +952,20 @@ def _parse_einsum(subscripts: str, a_ndim: int, b_ndim: int) -> tuple[str, str, 
         raise ValueError(f"einsum: labels must be letters, got {subscripts!r}.")
     fresh = [c for c in _LETTERS if c not in used]
     ell_ranks = []
-    for p, ndim in zip(parts, (a_ndim, b_ndim), strict=True):
+    for p, ndim, name in zip(parts, (a_ndim, b_ndim), "ab", strict=True):
         if p.count("...") > 1 or p.replace("...", "").count(".") or out.count("...") > 1:
             raise ValueError(f"einsum: malformed ellipsis in {subscripts!r}.")
         n = len(p.replace("...", ""))
         if "..." in p:
             if n > ndim:
-                raise ValueError(f"einsum: {p!r} has more labels than the operand's {ndim} axes.")
+                raise ValueError(
+                    f"einsum: {p!r} has more labels than {name}'s {ndim} axes: {subscripts!r}."
+                )
             ell_ranks.append(ndim - n)
         else:
             if n != ndim:
                 raise ValueError(
-                    f"einsum: {p!r} names {n} axes but the operand has {ndim}: {subscripts!r}."
+                    f"einsum: {p!r} names {n} axes but {name} has {ndim}: {subscripts!r}."
                 )
             ell_ranks.append(0)
     n_ell = max(ell_ranks)
@@ -969,8 +1021,17 @@ def einsum(
       >>> y.shape, round(float(y[0, 0, 0]), 5)
       ((2, 3, 5), 4.0)
     """
-    a = jnp.asarray(a)
-    b = b if isinstance(b, QArray) else jnp.asarray(b)
+    if not isinstance(subscripts, str):
+        raise TypeError(
+            f"einsum: subscripts must be a str such as 'btd,df->btf', got {describe(subscripts)}."
+        )
+    if isinstance(a, QArray):
+        raise TypeError(
+            "einsum: a QArray must be b (the weight); a is the float activation. Swap the "
+            "operands (and their subscripts), or pass jq.dequantize(a)."
+        )
+    a = check_array(a, "einsum: a")
+    b = b if isinstance(b, QArray) else check_array(b, "einsum: b")
     la, lb, lo = _parse_einsum(subscripts, a.ndim, b.ndim)
     for labels, what in ((la, "lhs"), (lb, "rhs"), (lo, "output")):
         if len(set(labels)) != len(labels):
@@ -989,6 +1050,13 @@ def einsum(
                     f"operand; jq.einsum quantizes whole operands, so sum it first "
                     f"(jnp.sum(x, axis={labels.index(c)}))."
                 )
+    for c in la:
+        if c in lb and a.shape[la.index(c)] != b.shape[lb.index(c)]:
+            raise ValueError(
+                f"einsum: label {c!r} of {subscripts!r} has size {a.shape[la.index(c)]} in a "
+                f"(shape {tuple(a.shape)}) but {b.shape[lb.index(c)]} in b (shape "
+                f"{tuple(b.shape)})."
+            )
     batch = [c for c in la if c in lb and c in lo]
     contract = [c for c in la if c in lb and c not in lo]
     dn = (

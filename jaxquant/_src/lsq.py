@@ -23,8 +23,17 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxquant._src.quantize import _check_input, _check_key, _noise, _round_scaled, _to_grid
+from jaxquant._src.qarray import check_array
+from jaxquant._src.quantize import (
+    _check_input,
+    _check_key,
+    _check_spec,
+    _noise,
+    _round_scaled,
+    _to_grid,
+)
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -41,7 +50,8 @@ def lsq_init(x: jax.typing.ArrayLike, spec: QuantSpec) -> Array:
       >>> step.shape, round(float(step[0]), 4)
       ((1,), 1.5119)
     """
-    x = jnp.asarray(x)
+    x = _check_input(x, "lsq_init")
+    spec = _check_spec(spec, "lsq_init")
     plan = spec.granularity.plan(tuple(x.shape))
     xv = jax.lax.stop_gradient(x).astype(jnp.float32).reshape(plan.view)
     fin = jnp.isfinite(xv)
@@ -86,8 +96,7 @@ def lsq_fake_quant(
       Esser et al., "Learned Step Size Quantization", https://arxiv.org/abs/1902.08153
     """
     x = _check_input(x, "lsq_fake_quant")
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"lsq_fake_quant: spec must be a jq.QuantSpec, got {spec!r}.")
+    spec = _check_spec(spec, "lsq_fake_quant")
     if not spec.symmetric or spec.format.kind == "mx":
         raise ValueError(
             f"lsq_fake_quant: LSQ learns one symmetric step per group; got {spec}. Use a "
@@ -95,17 +104,19 @@ def lsq_fake_quant(
         )
     _check_key(spec, key, "lsq_fake_quant")
     plan = spec.granularity.plan(tuple(x.shape))
-    step = jnp.asarray(step)
-    if not jnp.issubdtype(step.dtype, jnp.floating):
-        raise TypeError(f"lsq_fake_quant: step must be floating point, got {step.dtype}.")
+    step = check_array(step, "lsq_fake_quant: step", floating=True)
     try:
-        jnp.broadcast_shapes(step.shape, plan.scale_shape)
+        # The step's gradient is summed back to its own shape: a step that broadcasts the
+        # scale shape up (3 steps for 1 group) would quantize with the wrong groups.
+        ok = np.broadcast_shapes(step.shape, plan.scale_shape) == tuple(plan.scale_shape)
     except ValueError:
+        ok = False
+    if not ok:
         raise ValueError(
             f"lsq_fake_quant: step of shape {step.shape} does not broadcast to the scale "
             f"shape {plan.scale_shape} of {spec.granularity} for x of shape {x.shape}; "
             "build it with jq.lsq_init(x, spec)."
-        ) from None
+        )
     return _lsq(spec, x, step, key)
 
 

@@ -13,31 +13,68 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src.qarray import QArray
+from jaxquant._src.qarray import QArray, check_array
 
 Array = jax.Array
 
 
-def _pair(x: Any, x_hat: Any) -> tuple[Array, Array, Array]:
+def _reference(x: Any, fn: str) -> Array:
+    """The reference ``x`` as float32 (a QArray is refused: it is the approximation)."""
+    if isinstance(x, QArray):
+        raise TypeError(
+            f"{fn}: x is a QArray; x is the float reference and the QArray its approximation. "
+            "Pass the original array as x (and the QArray as x_hat)."
+        )
+    return check_array(x, f"{fn}: x").astype(jnp.float32)
+
+
+def _operands(x: Any, x_hat: Any, fn: str) -> tuple[Array, Array | QArray]:
+    """(x as float32, x_hat as a float32 array or the QArray), shapes checked."""
+    x = _reference(x, fn)
+    if not isinstance(x_hat, QArray):
+        x_hat = check_array(x_hat, f"{fn}: x_hat").astype(jnp.float32)
+    if tuple(x.shape) != tuple(x_hat.shape):
+        raise ValueError(
+            f"{fn}: shapes differ: x has shape {tuple(x.shape)} but x_hat "
+            f"{tuple(x_hat.shape)}; pass an array and its approximation (e.g. "
+            "fake_quant(x, spec) or quantize(x, spec))."
+        )
+    return x, x_hat
+
+
+def _pair(x: Any, x_hat: Any, fn: str) -> tuple[Array, Array, Array]:
+    x, x_hat = _operands(x, x_hat, fn)
     if isinstance(x_hat, QArray):
-        x_hat = x_hat.dequantize()
-    x = jnp.asarray(x).astype(jnp.float32)
-    x_hat = jnp.asarray(x_hat).astype(jnp.float32)
-    if x.shape != x_hat.shape:
-        raise ValueError(f"metrics: shapes differ: x {x.shape} vs x_hat {x_hat.shape}.")
+        x_hat = x_hat.dequantize().astype(jnp.float32)
     return x, x_hat, jnp.isfinite(x)
+
+
+def _against(x: Any, q: Any, fn: str) -> tuple[Array, QArray]:
+    """(x as float32, q) for the metrics that need the QArray of ``x``."""
+    if not isinstance(q, QArray):
+        raise TypeError(
+            f"{fn}: q must be the QArray of x (it knows the representable range and the scale "
+            f"format), got {type(q).__name__}. Pass jq.quantize(x, spec)."
+        )
+    x = _reference(x, fn)
+    if tuple(x.shape) != tuple(q.shape):
+        raise ValueError(
+            f"{fn}: x has shape {tuple(x.shape)} but q was quantized from shape {q.shape}; "
+            "pass the array q was quantized from."
+        )
+    return x, q
 
 
 def mse(x: Any, x_hat: Any) -> Array:
     """Mean squared error over finite elements of ``x``."""
-    x, x_hat, fin = _pair(x, x_hat)
+    x, x_hat, fin = _pair(x, x_hat, "mse")
     n = jnp.maximum(jnp.sum(fin), 1).astype(jnp.float32)
     return jnp.sum(jnp.where(fin, (x - x_hat) ** 2, 0.0)) / n
 
 
 def max_abs_error(x: Any, x_hat: Any) -> Array:
     """max |x - x_hat| over finite elements of ``x`` (0 for an empty array)."""
-    x, x_hat, fin = _pair(x, x_hat)
+    x, x_hat, fin = _pair(x, x_hat, "max_abs_error")
     return jnp.max(jnp.where(fin, jnp.abs(x - x_hat), 0.0), initial=0.0)
 
 
@@ -46,7 +83,7 @@ def sqnr(x: Any, x_hat: Any) -> Array:
 
     ``+inf`` when the approximation is exact (including an all-zero ``x``).
     """
-    x, x_hat, fin = _pair(x, x_hat)
+    x, x_hat, fin = _pair(x, x_hat, "sqnr")
     sig = jnp.sum(jnp.where(fin, x * x, 0.0))
     noise = jnp.sum(jnp.where(fin, (x - x_hat) ** 2, 0.0))
     safe = jnp.where(noise > 0, noise, 1.0)
@@ -56,9 +93,7 @@ def sqnr(x: Any, x_hat: Any) -> Array:
 
 def saturation_rate(x: Any, q: QArray) -> Array:
     """Fraction of finite elements of ``x`` outside the range ``q`` can represent (clipped)."""
-    if not isinstance(q, QArray):
-        raise TypeError("saturation_rate needs the QArray (it knows the representable range).")
-    x = jnp.asarray(x).astype(jnp.float32)
+    x, q = _against(x, q, "saturation_rate")
     spec = q.spec
     plan = spec.granularity.plan(q.shape)
     qmin, qmax = spec.qrange
@@ -87,13 +122,10 @@ def scale_clamp_rate(x: Any, q: QArray) -> Array:
       >>> float(jq.metrics.scale_clamp_rate(x, q))
       0.5
     """
-    if not isinstance(q, QArray):
-        raise TypeError("scale_clamp_rate needs the QArray (it knows the scale format).")
+    x, q = _against(x, q, "scale_clamp_rate")
     spec = q.spec
     plan = spec.granularity.plan(q.shape)
-    xv = jnp.asarray(x).astype(jnp.float32).reshape(plan.view)
-    if tuple(jnp.shape(x)) != tuple(q.shape):
-        raise ValueError(f"scale_clamp_rate: x has shape {jnp.shape(x)}, q {q.shape}.")
+    xv = x.reshape(plan.view)
     if spec.calibration is None or xv.size == 0:
         return jnp.float32(0.0)
     fin = jnp.isfinite(xv)
@@ -114,7 +146,7 @@ def scale_clamp_rate(x: Any, q: QArray) -> Array:
 
 def underflow_rate(x: Any, x_hat: Any) -> Array:
     """Fraction of non-zero finite elements of ``x`` that became exactly 0."""
-    x, x_hat, fin = _pair(x, x_hat)
+    x, x_hat, fin = _pair(x, x_hat, "underflow_rate")
     nz = fin & (x != 0)
     return jnp.sum(nz & (x_hat == 0)) / jnp.maximum(jnp.sum(nz), 1)
 
@@ -123,18 +155,19 @@ def nan_count(x: Any) -> Array:
     """Number of NaN elements (of an array or a dequantized QArray)."""
     if isinstance(x, QArray):
         x = x.dequantize()
-    return jnp.sum(jnp.isnan(jnp.asarray(x)))
+    return jnp.sum(jnp.isnan(check_array(x, "nan_count: x")))
 
 
 def inf_count(x: Any) -> Array:
     """Number of +-Inf elements."""
     if isinstance(x, QArray):
         x = x.dequantize()
-    return jnp.sum(jnp.isinf(jnp.asarray(x)))
+    return jnp.sum(jnp.isinf(check_array(x, "inf_count: x")))
 
 
 def summary(x: Any, x_hat: Any) -> dict[str, Array]:
     """Every metric for one pair (saturation only when ``x_hat`` is a QArray)."""
+    _operands(x, x_hat, "summary")  # errors name summary, not the metric that met them first
     out = {
         "sqnr_db": sqnr(x, x_hat),
         "mse": mse(x, x_hat),
@@ -150,21 +183,39 @@ def summary(x: Any, x_hat: Any) -> dict[str, Array]:
     return out
 
 
+def _is_qarray(a: Any) -> bool:
+    return isinstance(a, QArray)
+
+
 def report(tree: Any, qtree: Any) -> dict[str, dict[str, Array]]:
     """Per-leaf :func:`summary` over two pytrees of the same structure.
 
     Keys are ``jax.tree_util.keystr`` paths; leaves of ``qtree`` that are not QArrays and
     equal their original are reported too (SQNR inf). Returns arrays, so it runs under jit.
     """
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    qflat = jax.tree_util.tree_flatten_with_path(qtree, is_leaf=lambda a: isinstance(a, QArray))[0]
-    if len(flat) != len(qflat):
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)[0]
+    qflat = jax.tree_util.tree_flatten_with_path(qtree, is_leaf=_is_qarray)[0]
+    paths = [jax.tree_util.keystr(p) for p, _ in flat]
+    qpaths = [jax.tree_util.keystr(p) for p, _ in qflat]
+    if paths != qpaths:
+        # Leaves are paired by position: trees with other keys would pair unrelated arrays.
+        diff = next(
+            (
+                f"leaf {i}: {a or '(root)'} in tree, {b or '(root)'} in qtree"
+                for i, (a, b) in enumerate(zip(paths, qpaths, strict=False))
+                if a != b
+            ),
+            f"{len(paths)} leaves in tree, {len(qpaths)} in qtree",
+        )
         raise ValueError(
-            f"report: the trees differ: {len(flat)} leaves vs {len(qflat)}. Pass the tree "
-            "that was quantized and the result of quantize_tree on it."
+            f"report: the trees differ ({diff}). Pass the tree that was quantized as tree "
+            "and the result of quantize_tree on it as qtree."
         )
     out = {}
     for (path, leaf), (_, qleaf) in zip(flat, qflat, strict=True):
+        # A QArray in tree was quantized before (quantize_tree keeps it): no float original.
+        if _is_qarray(leaf):
+            continue
         if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
             out[jax.tree_util.keystr(path)] = summary(leaf, qleaf)
     return out

@@ -26,12 +26,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src import formats
+from jaxquant._src.checks import check_int, describe
 from jaxquant._src.formats import Format
 from jaxquant._src.spec import QuantSpec
 
@@ -64,6 +67,22 @@ class QArray:
     spec: QuantSpec
     shape: tuple[int, ...]
     dtype: np.dtype
+
+    def __post_init__(self) -> None:
+        # Static fields only: pytree unflattening (jit, vmap, tree_map) rebuilds QArrays with
+        # placeholders or tracers in the data fields, and runs this on every rebuild, so the
+        # common case (what quantize builds) is a few isinstance checks.
+        if not isinstance(self.spec, QuantSpec):
+            raise TypeError(
+                f"QArray: spec must be the jq.QuantSpec the values were quantized with, got "
+                f"{describe(self.spec)}. QArrays come from jq.quantize(x, spec)."
+            )
+        shape = self.shape
+        if type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape):
+            object.__setattr__(self, "shape", _check_shape(shape))
+        dtype = self.dtype
+        if not isinstance(dtype, np.dtype) or not _is_floating(dtype):
+            object.__setattr__(self, "dtype", _check_dtype(dtype))
 
     @property
     def nbytes(self) -> int:
@@ -126,6 +145,70 @@ class QArray:
             f"QArray(shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
             f"spec={self.spec}, nbytes={self.nbytes})"
         )
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, tuple | list):
+        raise TypeError(
+            f"QArray: shape must be a tuple of ints (the original array's shape), got "
+            f"{describe(shape)}."
+        )
+    return tuple(check_int(d, f"QArray: shape[{i}]", lo=0) for i, d in enumerate(shape))
+
+
+@functools.cache
+def _is_floating(dtype: np.dtype) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not _is_floating(dt):
+        raise TypeError(
+            f"QArray: dtype must be the floating-point dtype of the original array (what "
+            f"dequantize returns), e.g. jnp.float32, got {describe(dtype)}."
+        )
+    return dt
+
+
+def check_array(value: Any, what: str, *, floating: bool = False) -> jax.Array:
+    """``value`` as a JAX array, or a TypeError naming the argument ``what``.
+
+    Refuses None, strings, QArrays (a quantized array is not an operand: dequantize it)
+    and whatever ``jnp.asarray`` refuses; with ``floating``, non-floating dtypes too.
+    Tracers pass through, so this runs while tracing.
+
+    Args:
+      value: the argument.
+      what: how the user spells it, e.g. ``"dot_general: lhs"``.
+      floating: whether the array must have a floating-point dtype.
+    """
+    kind = "a floating-point array" if floating else "an array"
+    if isinstance(value, QArray):
+        raise TypeError(
+            f"{what} is a QArray; it must be {kind}. Pass jq.dequantize(q) (or q.dequantize())."
+        )
+    if value is None or isinstance(value, str | bytes):
+        raise TypeError(f"{what} must be {kind}, got {describe(value)}.")
+    try:
+        with warnings.catch_warnings():  # numpy's dtype-alias warning for a list of strings
+            warnings.simplefilter("ignore", DeprecationWarning)
+            a = jnp.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{what} must be {kind}, got {describe(value)} ({err}).") from None
+    if floating and not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(
+            f"{what} must be {kind}, got dtype {a.dtype}. Cast it first, e.g. "
+            "x.astype(jnp.float32)."
+        )
+    if not floating and not (
+        jnp.issubdtype(a.dtype, jnp.number) or jnp.issubdtype(a.dtype, jnp.bool_)
+    ):
+        raise TypeError(f"{what} must be {kind} of numbers, got dtype {a.dtype}.")
+    return a
 
 
 def _nbytes(a: jax.Array) -> int:

@@ -14,11 +14,14 @@ unbiased, ``E[SR(x)] = x``, up to the 2^-24 resolution of ``u``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxquant._src.checks import check_int, describe
 from jaxquant._src.formats import Format
 
 # ---------------------------------------------------------------------- random numbers
@@ -33,17 +36,31 @@ def _lowbias32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
+def check_key(key: Any, what: str) -> None:
+    """A TypeError naming ``what`` unless ``key`` is a PRNG key: a typed key array from
+    ``jax.random.key`` or a raw ``uint32[2]`` one from ``jax.random.PRNGKey`` (tracers of
+    either pass: only the dtype and shape are looked at)."""
+    if isinstance(key, jax.Array | np.ndarray):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (
+            key.dtype == np.uint32 and key.ndim == 1 and key.shape[0] >= 2
+        ):
+            return
+        got = f"an array of dtype {key.dtype} and shape {key.shape}"
+    else:
+        got = describe(key)
+    raise TypeError(
+        f"{what} must be a PRNG key from jax.random.key(seed) (or jax.random.PRNGKey(seed)), "
+        f"got {got}."
+    )
+
+
 def _key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Two uint32 words from a typed or raw (uint32[2]) PRNG key."""
+    check_key(key, "key")
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         data = jax.random.key_data(key)
     else:
         data = jnp.asarray(key)
-        if data.dtype != jnp.uint32 or data.ndim != 1 or data.shape[0] < 2:
-            raise TypeError(
-                "key must be a PRNG key from jax.random.key(seed) (or jax.random.PRNGKey), got "
-                f"an array of dtype {data.dtype} and shape {data.shape}."
-            )
     data = data.reshape(-1).astype(jnp.uint32)
     return data[0], data[-1]
 
@@ -57,6 +74,10 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], *, impl: str = "hash") -
     ``jax.random.bits`` (the JAX default generator).
     Both are deterministic functions of (key, shape).
     """
+    check_key(key, "random_bits: key")
+    if not isinstance(shape, tuple | list):
+        raise TypeError(f"random_bits: shape must be a tuple of ints, got {describe(shape)}.")
+    shape = tuple(check_int(d, f"random_bits: shape[{i}]", lo=0) for i, d in enumerate(shape))
     if impl == "threefry":
         return jax.random.bits(key, shape, jnp.uint32)
     if impl != "hash":

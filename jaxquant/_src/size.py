@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxquant._src.checks import describe
 from jaxquant._src.qarray import QArray
 
 
@@ -52,6 +53,17 @@ class SizeReport:
     """Per-leaf sizes and totals; ``str(report)`` is a markdown table."""
 
     leaves: tuple[LeafSize, ...]
+
+    def __post_init__(self) -> None:
+        leaves = self.leaves
+        if not isinstance(leaves, tuple | list) or not all(
+            isinstance(leaf, LeafSize) for leaf in leaves
+        ):
+            raise TypeError(
+                f"SizeReport: leaves must be a tuple of LeafSize, got {describe(leaves)}. "
+                "Build reports with jq.size_report(tree)."
+            )
+        object.__setattr__(self, "leaves", tuple(leaves))
 
     @property
     def nbytes(self) -> int:
