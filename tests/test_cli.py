@@ -292,3 +292,8 @@ def test_console_script_exit_status():
     assert proc.stderr.startswith("jaxquant: error: ")
     assert "Unknown format 'fp99'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_quantize_refuses_numbers_beyond_float32(capsys):
+    code, out, err = run(capsys, "quantize", "1e39", "--format", "int8")
+    assert_error(code, out, err, "1e+39", "float32")

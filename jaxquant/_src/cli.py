@@ -368,6 +368,12 @@ def _run_quantize(args: argparse.Namespace) -> int:
         rounding="stochastic" if args.stochastic else "nearest",
     )
     key = jax.random.key(args.seed) if args.stochastic else None
+    big = [v for v in args.values if np.isfinite(v) and abs(v) > float(np.finfo(np.float32).max)]
+    if big:
+        raise UsageError(
+            f"argument X: {big[0]!r} is beyond float32's range (max 3.4028235e+38), which the "
+            "quantizer works in; pass a smaller number, or inf to see how infinity is handled."
+        )
     x = jnp.asarray(np.asarray(args.values, np.float32))
     print(render_steps(quantize_steps(x, spec, key), seed=args.seed if key is not None else None))
     return 0

@@ -406,12 +406,18 @@ def _core(
     return st.r, st.s, st.z, st.plan
 
 
-@functools.partial(jax.jit, static_argnums=1)
 def trace(x: Array, spec: QuantSpec, key: Array | None = None) -> tuple[Steps, Array]:
     """Every intermediate of ``fake_quant(x, spec, key=key)`` and its result, from the same
     quantizer core in one compiled call (``jaxquant quantize`` prints these)."""
+    st, out = _trace(x, spec, key)
+    return st._replace(plan=spec.granularity.plan(tuple(x.shape))), out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _trace(x: Array, spec: QuantSpec, key: Array | None) -> tuple[Steps, Array]:
     st = _steps(x, spec, key, None)
-    return st, _steps_output(st, spec, unit_scale=_unit_scale(spec, None), dtype=x.dtype)
+    out = _steps_output(st, spec, unit_scale=_unit_scale(spec, None), dtype=x.dtype)
+    return st._replace(plan=None), out  # the plan's ints must not become traced outputs
 
 
 def _unit_scale(spec: QuantSpec, scale: Array | None) -> bool:
