@@ -350,3 +350,68 @@ def test_nearest_code_equals_the_binary_search(signed):
     x = np.concatenate([x, -x]) if signed else np.abs(x)
     got = np.asarray(jax.jit(lambda y: A._nearest_code(y, signed))(jnp.asarray(x)))
     np.testing.assert_array_equal(got, np.searchsorted(mid, x, side="left"))
+
+
+def test_quantized_moment_checks_its_fields_yet_survives_transformations():
+    q = quantize_blockwise(jnp.arange(10.0), signed=True, block_size=4)
+    with pytest.raises(TypeError, match=r"QuantizedMoment.signed must be True or False"):
+        jqo.QuantizedMoment(q.codes, q.absmax, (10,), "False")
+    with pytest.raises(ValueError, match=r"QuantizedMoment.shape \(-1,\) entry must be"):
+        jqo.QuantizedMoment(q.codes, q.absmax, (-1,), True)
+    with pytest.raises(TypeError, match=r"state_nbytes: QuantizedMoment.codes must be a uint8"):
+        jqo.state_nbytes(jqo.QuantizedMoment(q.codes.astype(jnp.float32), q.absmax, (10,), True))
+    with pytest.raises(ValueError, match=r"codes has shape \(3, 4\), but a tensor of shape"):
+        jqo.state_nbytes(jqo.QuantizedMoment(q.codes, q.absmax, (30,), True))
+    assert jqo.QuantizedMoment(q.codes, q.absmax, [np.int64(10)], np.True_).shape == (10,)
+    # The array fields hold whatever a transformation puts there: only used ones are checked.
+    assert jax.tree_util.tree_map(lambda a: None, q).codes is None
+    vmapped = jax.vmap(lambda m: m.dequantize())(jax.tree_util.tree_map(lambda a: a[None], q))
+    np.testing.assert_array_equal(vmapped[0], q.dequantize())
+    opt = jqo.scale_by_adam_8bit(min_size=0)
+    abstract = jax.eval_shape(opt.init, {"w": jnp.ones(5000)})
+    assert jqo.state_nbytes(abstract) == jqo.state_nbytes(opt.init({"w": jnp.ones(5000)}))
+
+
+def test_update_names_the_bad_state_field():
+    opt = jqo.scale_by_adam_8bit(min_size=0)
+    g = {"w": jnp.ones(8)}
+    state = opt.init(g)
+    with pytest.raises(TypeError, match=r"ScaleByAdam8bitState.count must be an int32 scalar"):
+        opt.update(g, state._replace(count=jnp.float32(0)))
+    with pytest.raises(ValueError, match=r"the state's nu does not have the gradients' tree"):
+        opt.update(g, state._replace(nu={"v": state.nu["w"]}))
+    with pytest.raises(TypeError, match=r"state.nu leaf 0 must be a QuantizedMoment"):
+        opt.update(g, state._replace(nu={"w": jnp.zeros(8)}))
+
+
+@pytest.mark.parametrize(
+    "lr", [0.1, 1, np.float32(0.1), jnp.float32(0.1), optax.linear_schedule(0.1, 0.0, 10)]
+)
+def test_learning_rate_spellings_are_accepted(lr):
+    opt = jqo.adam_8bit(lr)
+    u, _ = opt.update(jnp.ones(3), opt.init(jnp.ones(3)))
+    assert u.shape == (3,)
+
+
+def test_traced_learning_rate_through_inject_hyperparams():
+    static = ("b1", "b2", "eps", "block_size", "min_size")
+    opt = optax.inject_hyperparams(jqo.adam_8bit, static_args=static)(learning_rate=0.1)
+    params = jnp.ones(3)
+    u, _ = jax.jit(opt.update)(params, opt.init(params), params)
+    np.testing.assert_allclose(u, -0.1, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"b1": "0.9"}, r"b1 must be a number, got '0.9'"),
+        ({"b2": True}, r"b2 must be a number, got True"),
+        ({"block_size": 2**31}, r"block_size must be an int in 1..2147483647"),
+        ({"learning_rate": None}, r"adam_8bit: learning_rate must be a number, got None"),
+        ({"learning_rate": jnp.ones(2)}, r"learning_rate must be a number, a scalar array"),
+    ],
+)
+def test_config_types_are_checked_before_values(kwargs, match):
+    kwargs = {"learning_rate": 0.1, **kwargs}
+    with pytest.raises((TypeError, ValueError), match=match):
+        jqo.adam_8bit(**kwargs)

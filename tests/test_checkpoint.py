@@ -838,3 +838,23 @@ def test_a_loss_scaled_bf16_optimizer_state_restores_into_its_init_state(tmp_pat
             _, state = jax.jit(opt.update)(jax.tree.map(jnp.ones_like, params), state, params)
     jqo.save(tmp_path / "c", state)
     assert_identical(jqo.restore(tmp_path / "c", opt.init(params)), state)
+
+
+def test_directory_and_force_are_checked_before_anything_is_written(tmp_path):
+    """force='False' was truthy (it replaced the checkpoint); an int path got os.fspath's
+    message, not one naming directory."""
+    tree = {"w": jnp.arange(4.0)}
+    path = tmp_path / "ckpt"
+    jqo.save(path, tree)  # a pathlib.Path is a path
+    for force in ("False", 1, None):
+        with pytest.raises(TypeError, match=r"save: force must be True or False"):
+            jqo.save(path, {"w": jnp.zeros(4)}, force=force)
+    np.testing.assert_array_equal(jqo.restore(str(path))["w"], tree["w"])  # untouched
+    jqo.save(path, {"w": jnp.zeros(4)}, force=np.True_)
+    np.testing.assert_array_equal(jqo.restore(path)["w"], np.zeros(4))
+    for fn, args in ((jqo.save, (tree,)), (jqo.restore, ()), (jqo.layout, ())):
+        with pytest.raises(TypeError, match=rf"jq.orbax.{fn.__name__}: directory must be a path"):
+            fn(3, *args)
+    with pytest.raises(ValueError, match=r"jq.orbax.save: directory must be a non-empty str"):
+        jqo.save("", tree)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

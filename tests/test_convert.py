@@ -82,3 +82,33 @@ def test_errors_leave_the_tree_untouched():
         jq.convert(abstract, INT8, load=lambda p, leaf: jnp.zeros((3,)))
     with pytest.raises(TypeError, match="pairs"):
         jq.convert(params, [".*"])
+
+
+def test_qarray_leaves_are_kept_as_they_are_and_converting_twice_changes_nothing():
+    """Like quantize_tree: a QArray leaf used to be flattened and its float scale quantized."""
+    once = jq.convert(_params(), [("dense/kernel", INT8), (".*kernel", INT4)])
+    calls = []
+
+    def policy(path, leaf):
+        calls.append(jax.tree_util.keystr(path))
+        return INT8 if jnp.issubdtype(leaf.dtype, jnp.floating) else None
+
+    twice = jq.convert(once, policy)
+    assert twice["dense"]["kernel"] is once["dense"]["kernel"]
+    assert twice["head"]["kernel"] is once["head"]["kernel"]
+    assert calls == ["['dense']['bias']", "['step']"]  # the policy is not asked about QArrays
+    assert isinstance(twice["dense"]["bias"], jq.QArray)
+    # A pattern that matches only QArrays counts as used (no "matched no leaf" error).
+    again = jq.convert(once, [("dense/kernel", INT8), (".*kernel", INT4)])
+    assert again["head"]["kernel"] is once["head"]["kernel"]
+    assert jq.convert(once, jq.QuantSpec("int8"))["dense"]["kernel"] is once["dense"]["kernel"]
+
+
+@pytest.mark.parametrize("delete", ["False", 1, None, np.int64(0)])
+def test_delete_must_be_a_bool_and_nothing_is_deleted_otherwise(delete):
+    params = _params()
+    with pytest.raises(TypeError, match=r"convert: delete must be True or False"):
+        jq.convert(params, INT8, delete=delete)
+    assert not params["dense"]["kernel"].is_deleted()
+    with pytest.raises(TypeError, match=r"convert: load must be None or a function"):
+        jq.convert(params, INT8, load="x")

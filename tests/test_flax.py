@@ -261,3 +261,27 @@ def test_rule_validation():
     with pytest.raises(TypeError, match=r"linen\.Module or flax\.nnx\.Module"):
         quantize_model(object(), RULES)
     assert Rule("Dense_1").matches("Dense_1") and not Rule("Dense_1").matches("Dense_10")
+
+
+def test_module_wrappers_check_their_fields_at_construction():
+    """Each used to fail at init with an AttributeError, or take strict='False' as True."""
+    from jaxquant.flax import NnxPolicyModule, NnxQuantOp, Policy, PolicyModule, QuantizedModule
+
+    qm = QuantizedModule(LinenMLP(), list(RULES), strict=np.True_)
+    assert qm.rules == RULES and qm.strict is True  # a tuple: the module stays hashable
+    x = jnp.ones((2, N_IN))
+    assert qm.apply(qm.init(jax.random.key(0), x), x).shape == (2, N_OUT)
+    with pytest.raises(TypeError, match=r"QuantizedModule: rules must be jq.flax.Rule objects"):
+        QuantizedModule(LinenMLP(), (W_SPEC,))
+    with pytest.raises(TypeError, match=r"quantize_model: strict must be True or False"):
+        quantize_model(NnxMLP(nnx.Rngs(0)), RULES, strict="False")
+    with pytest.raises(TypeError, match=r"PolicyModule: policy must be a jq.flax.Policy"):
+        PolicyModule(LinenMLP(), jnp.bfloat16)
+    with pytest.raises(TypeError, match=r"a Linen module: use PolicyModule"):
+        NnxPolicyModule(LinenMLP(), Policy())
+    with pytest.raises(TypeError, match=r"Policy.param_dtype must be a floating dtype"):
+        Policy(param_dtype=None)  # np.dtype(None) would be float64
+    with pytest.raises(ValueError, match=r"QuantOp: kernel_shape \(-1, 3\) entry must be"):
+        NnxQuantOp(RULES[0], "l", (-1, 3), False, None)
+    with pytest.raises(TypeError, match=r"QuantOp: einsum must be True or False"):
+        NnxQuantOp(RULES[0], "l", (4, 3), "False", None)

@@ -292,3 +292,55 @@ def test_convert_and_serve_errors(setup):
     convert(m)
     with pytest.raises(ValueError, match="already a QArray"):
         convert(m)
+
+
+class _DeadHidden(nn.Module):
+    """Dense_1 only ever sees zeros: relu(-|h|) = 0 (a dead layer)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8)(x)
+        return nn.Dense(4)(nn.relu(-jnp.abs(h))) + h[..., :4]
+
+
+@pytest.mark.parametrize("aggregate", ["global", "ema"])
+@pytest.mark.parametrize(
+    "act", [jq.QuantSpec("int8"), jq.QuantSpec("uint8", symmetric=False, calibration=jq.minmax())]
+)
+def test_all_zero_activations_keep_the_layer_float_and_say_so(setup, act, aggregate):
+    """fixed(0) / fixed((0, 0)) have no scale: no crash, no silent unit scale either."""
+    _, _, batches = setup
+    model = _DeadHidden()
+    variables = model.init(jax.random.key(2), batches[0])
+    rule = Rule(".*", weight=jq.QuantSpec("int8", PC), act=act)
+    with pytest.warns(UserWarning, match=r"'Dense_1': all 384 activation values .* were 0"):
+        res = calibrate(quantize_model(model, rule), batches[:2], variables, aggregate=aggregate)
+    assert list(res.kept_float) == ["Dense_1"]
+    assert res.ranges["Dense_1"] == (0.0, 0.0)
+    by_path = {r.pattern: r for r in res.rules}
+    assert by_path["Dense_1"].act is None and by_path["Dense_1"].weight == rule.weight
+    lo, hi = res.ranges["Dense_0"]
+    assert by_path["Dense_0"].act.calibration == jq.fixed(hi if act.symmetric else (lo, hi))
+    assert "(kept float)" in str(res)
+    if not act.symmetric:  # calibrated, but a dot takes symmetric activations only
+        return
+    served_model = quantize_model(model, res.rules)
+    served_model.init(jax.random.key(0), batches[0])
+    served = convert(served_model, variables)
+    y = served_model.apply(served, batches[2])
+    assert bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_calibrate_checks_its_arguments_types_first(setup):
+    model, variables, batches = setup
+    qm = quantize_model(model, W8A8)
+    with pytest.raises(TypeError, match=r"calibrate: momentum must be a number, got 'x'"):
+        calibrate(qm, batches, variables, aggregate="ema", momentum="x")
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1.0"):
+        calibrate(qm, batches, variables, aggregate="ema", momentum=1.0)
+    with pytest.raises(TypeError, match=r"calibrate: batches must be an iterable .* got 'abc'"):
+        calibrate(qm, "abc", variables)
+    with pytest.raises(TypeError, match=r"calibrate: batches\[1\] holds 'x'"):
+        calibrate(qm, [batches[0], ("x",)], variables)
+    with pytest.raises(TypeError, match=r"calibrate: bins must be an int"):
+        calibrate(qm, batches, variables, bins=2048.0)

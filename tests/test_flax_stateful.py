@@ -270,6 +270,27 @@ def test_recipes_registry_and_conversions():
     assert [r.pattern for r in rules] == ["Dense_0", "Dense_.*"] and not rules[0].quantizes
 
 
+def test_recipe_and_rule_fields_are_checked_where_written():
+    """A Recipe used to hold anything (weight="int8", history_len=-1) until rules() ran."""
+    with pytest.raises(TypeError, match=r"Recipe.weight must be a jq.QuantSpec or None"):
+        jq.recipes.Recipe("r", "int8", None, None)
+    with pytest.raises(ValueError, match=r"Recipe.history_len must be an int in 1\.\."):
+        jq.recipes.fp8_delayed(history_len=0)
+    with pytest.raises(ValueError, match=r"Recipe.margin must be in -126..126, got 200"):
+        jq.recipes.fp8_delayed().replace(margin=200)
+    with pytest.raises(TypeError, match=r"w4a16_int4: group_size must be an int, got 2.5"):
+        jq.recipes.w4a16_int4(2.5)  # was int(2.5) = 2
+    recipe = jq.recipes.fp8_delayed(np.int64(4), np.int32(1))
+    assert (recipe.history_len, recipe.margin) == (4, 1) and type(recipe.margin) is int
+    assert jq.recipes.w4a16_int4(np.int64(32)).weight.granularity == jq.per_block(0, 32)
+    rule = recipe.rules()[0]
+    assert (rule.history_len, rule.margin) == (4, 1)
+    with pytest.raises(TypeError, match=r"Rule.margin \(powers of two of headroom\) must be"):
+        Rule(".*", margin=0.5)
+    with pytest.raises(TypeError, match=r"Rule.history_len must be an int, got True"):
+        Rule(".*", history_len=True)
+
+
 @pytest.mark.parametrize(
     "name", ["fp8_current", "w8a8_int8", "w4a16_int4", "binary", "ternary", "mxfp8"]
 )

@@ -131,3 +131,66 @@ def test_integer_dense_agrees_with_the_simulated_path_within_one_lsb(relu, per_c
     assert (diff == 0).mean() > 0.95
     with pytest.raises(TypeError, match="int8"):
         jqi.dense(qx.values, z1, w, None, m0, shift, z3)
+
+
+def test_multipliers_below_two_to_the_minus_32_are_exactly_zero():
+    """|x m| < 2^31 2^-32 = 1/2 for every int32 x: the pair is (0, 0), never a shift past 31
+    (which rounding_divide_by_pot does not define: it gave -1 and 1 at the int32 extremes)."""
+    x = np.array([I32.min, I32.min + 1, -5, -1, 0, 1, 5, I32.max], np.int32)
+    m = np.array([1e-20, 2.0**-33, 2.0**-32 * 0.75, 0.0], np.float32)
+    m0, shift = jqi.quantize_multiplier(m)
+    np.testing.assert_array_equal(np.asarray(m0), 0)
+    np.testing.assert_array_equal(np.asarray(shift), 0)
+    for a, s in zip(np.asarray(m0), np.asarray(shift), strict=True):
+        np.testing.assert_array_equal(np.asarray(jqi.multiply_by_quantized_multiplier(x, a, s)), 0)
+    m0, shift = jqi.quantize_multiplier(np.float32(2.0**-32))  # the smallest that stays
+    assert (int(m0), int(shift)) == (1 << 30, 31)
+
+
+@pytest.mark.parametrize("m", [np.nan, np.inf, -0.5, 2.0**31, np.array([0.5, -1.0])])
+def test_quantize_multiplier_refuses_what_no_pair_holds(m):
+    with pytest.raises(ValueError, match=r"quantize_multiplier: m must be"):
+        jqi.quantize_multiplier(m)
+    with pytest.raises(ValueError, match=r"quantize_multiplier: m must be"):
+        jqi.quantize_multiplier(jnp.asarray(m, jnp.float32))  # concrete: values known
+
+
+def test_operands_are_checked_by_dtype_and_host_values_by_range():
+    x = np.arange(-8, 8, dtype=np.int32)
+    # Host values (Python, numpy) are range-checked; any integer dtype is fine if they fit.
+    with pytest.raises(ValueError, match=r"shift must be an integer in -31..31, got 40"):
+        jqi.multiply_by_quantized_multiplier(x, 2**30, 40)
+    with pytest.raises(ValueError, match=r"exponent must be an integer in 0..31, got -1"):
+        jqi.rounding_divide_by_pot(x, np.array([1, -1]))
+    got = jqi.rounding_divide_by_pot(x.astype(np.int64), np.int64(2))
+    np.testing.assert_array_equal(np.asarray(got), _rdbp_ref(x, np.full(x.shape, 2)))
+    # Floats are never truncated, jax arrays or not, traced or not.
+    with pytest.raises(TypeError, match=r"multiply_by_quantized_multiplier: m0 has the wrong"):
+        jqi.multiply_by_quantized_multiplier(x, 0.5, 1)
+    with pytest.raises(TypeError, match=r"rounding_divide_by_pot: x has the wrong dtype"):
+        jax.jit(jqi.rounding_divide_by_pot)(jnp.asarray(x, jnp.float32), 1)
+    with pytest.raises(TypeError, match=r"a must be an integer array int32 holds .* uint32"):
+        jqi.saturating_rounding_doubling_high_mul(jnp.asarray(x, jnp.uint32), x)
+    # Traced values are not checked (they are not known while tracing).
+    got = jax.jit(jqi.rounding_divide_by_pot)(x, jnp.int32(3))
+    np.testing.assert_array_equal(np.asarray(got), _rdbp_ref(x, np.full(x.shape, 3)))
+
+
+def test_dense_checks_shapes_zero_points_and_flags():
+    x = jnp.full((2, 4), 3, jnp.int8)
+    w = jnp.ones((4, 3), jnp.int8)
+    m0, shift = jqi.quantize_multiplier(0.25)
+    y = jqi.dense(x, -128, w, None, m0[None], shift, 127, out_dtype=jnp.int8)
+    assert y.dtype == jnp.int8 and y.shape == (2, 3)
+    with pytest.raises(ValueError, match=r"x_zero_point must be an integer in -128..127"):
+        jqi.dense(x, 128, w, None, m0, shift, 0, out_dtype=jnp.int8)
+    with pytest.raises(ValueError, match=r"out_zero_point must be an integer in -128..127"):
+        jqi.dense(x, 0, w, None, m0, shift, 200, out_dtype=jnp.int8)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 5\); its last axis must be w's K"):
+        jqi.dense(jnp.ones((2, 5), jnp.int8), 0, w, None, m0, shift, 0)
+    with pytest.raises(ValueError, match=r"bias must be a scalar or one value per output"):
+        jqi.dense(x, 0, w, jnp.zeros(4, jnp.int32), m0, shift, 0)
+    with pytest.raises(TypeError, match=r"relu must be True or False, got 'False'"):
+        jqi.dense(x, 0, w, None, m0, shift, 0, relu="False")
+    with pytest.raises(TypeError, match=r"out_dtype must be an integer dtype"):
+        jqi.dense(x, 0, w, None, m0, shift, 0, out_dtype=jnp.float32)

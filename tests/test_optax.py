@@ -369,3 +369,62 @@ def test_stochastic_round_updates_matches_apply_updates_sr(use_jit):
     assert _tree_equal(restored, state)
     with pytest.raises(ValueError, match="params"):
         opt.update(grads, state)
+
+
+# ------------------------------------------------------------------ argument checks
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"initial_scale": True}, TypeError, r"initial_scale must be a number, got True"),
+        ({"initial_scale": "1"}, TypeError, r"initial_scale must be a number, got '1'"),
+        ({"growth_factor": "2"}, TypeError, r"growth_factor must be a number"),
+        ({"growth_interval": 2**100}, ValueError, r"growth_interval must be an int in 1\.\."),
+        ({"growth_interval": 2.0}, TypeError, r"growth_interval must be an int"),
+        ({"max_scale": np.inf}, ValueError, r"max_scale must be a finite number"),
+        ({"unscale_dtype": jnp.int32}, TypeError, r"unscale_dtype must be a floating dtype"),
+        ({"unscale_dtype": "bogus"}, TypeError, r"unscale_dtype must be a floating dtype"),
+    ],
+)
+def test_loss_scale_config_types_are_checked_before_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        jqo.dynamic_loss_scale(optax.sgd(0.1), **kwargs)
+
+
+def test_loss_scale_accepts_numpy_numbers_and_refuses_a_non_optimizer():
+    opt = jqo.dynamic_loss_scale(
+        optax.sgd(0.1),
+        initial_scale=np.float32(8.0),
+        growth_interval=np.int64(2**40),  # beyond int32: growth off (documented)
+        unscale_dtype="bfloat16",
+    )
+    assert float(opt.init(PARAMS).scale) == 8.0
+    with pytest.raises(TypeError, match=r"inner must be an optax GradientTransformation"):
+        jqo.dynamic_loss_scale("adam")
+    state = opt.init(PARAMS)
+    with pytest.raises(TypeError, match=r"scale_loss: loss must be a floating-point scalar"):
+        jqo.scale_loss(None, state)
+    with pytest.raises(TypeError, match=r"LossScaleState.scale must be a float32 scalar"):
+        jqo.scale_loss(jnp.float32(1.0), state._replace(scale="x"))
+    with pytest.raises(TypeError, match=r"all_finite: the leaf of tree at \['s'\] is 'x'"):
+        jqo.all_finite({"s": "x"})
+
+
+def test_sr_updates_must_match_params_leaf_by_leaf():
+    params = {"w": jnp.ones(4, jnp.bfloat16)}
+    key = jax.random.key(0)
+    scalar = jqo.apply_updates_sr(params, {"w": jnp.float32(1.0)}, key)  # broadcasts: fine
+    np.testing.assert_array_equal(scalar["w"], 2.0)
+    with pytest.raises(ValueError, match=r"updates must have the tree structure of params"):
+        jqo.apply_updates_sr(params, {"v": jnp.ones(4)}, key)
+    with pytest.raises(ValueError, match=r"the update at \['w'\] has shape \(3,\)"):
+        jqo.apply_updates_sr(params, {"w": jnp.ones(3)}, key)
+    with pytest.raises(ValueError, match=r"the update at \['w'\] has shape \(2, 4\)"):
+        jqo.apply_updates_sr(params, {"w": jnp.ones((2, 4))}, key)  # would grow the param
+
+
+@pytest.mark.parametrize("seed", [2.0, "3", None, 2**32, -1])
+def test_sr_seed_is_an_int_whose_key_is_its_own(seed):
+    """jax keeps a seed's low 32 bits (without x64): 2**32 would repeat seed 0."""
+    with pytest.raises((TypeError, ValueError), match=r"stochastic_round_updates: seed must be"):
+        jqo.stochastic_round_updates(seed=seed)
+    assert jqo.stochastic_round_updates(seed=np.int64(2**32 - 1)).init(PARAMS).key.shape == (2,)

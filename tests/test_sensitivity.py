@@ -488,3 +488,15 @@ def test_errors(linen, nnx_model, digits, sens_acc):
         mixed_precision(sens_acc, budget=1.0, objective=lambda layer, o: math.nan)
     with pytest.raises(TypeError, match="Sensitivity"):
         mixed_precision({"layers": []}, budget=1.0)
+    with pytest.raises(TypeError, match=r"objective must be None or a function"):
+        mixed_precision(sens_acc, budget=1.0, objective="damage")
+    with pytest.raises(TypeError, match=r"cost of 'float' at layer 'Dense_0' is 'x' \(str\)"):
+        mixed_precision(sens_acc, budget=1.0, objective=lambda layer, o: "x")
+    assert (
+        mixed_precision(  # a numpy cost is a number
+            sens_acc, budget=1.0, objective=lambda layer, o: np.float64(layer.damage[o])
+        ).choice
+        == mixed_precision(sens_acc, budget=1.0).choice
+    )
+    with pytest.raises(TypeError, match=r"sensitivity: layers must be None \(every layer\)"):
+        sensitivity(model, variables, cands, data, layers=3)

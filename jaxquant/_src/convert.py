@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant._src.checks import check_bool, describe
+from jaxquant._src.qarray import QArray
 from jaxquant._src.quantize import _resolve, quantize
 from jaxquant._src.spec import QuantSpec
 
@@ -90,12 +92,16 @@ def convert(
 
     Returns:
       The tree with QArrays in place of quantized leaves and loaded arrays in place of
-      abstract leaves that stay float.
+      abstract leaves that stay float. Leaves that are QArrays already are kept as they
+      are, as by :func:`jaxquant.quantize_tree` (a policy function is not asked about
+      them; a pattern that matches one counts as used): converting a converted tree again
+      changes nothing. ``dequantize_tree`` first to requantize with another spec.
 
     Raises:
       ValueError / TypeError naming the leaf: an abstract leaf without ``load``, a loaded
       array of the wrong shape or dtype, a pattern that matched no leaf, a spec that does
-      not fit its leaf.
+      not fit its leaf. TypeError: ``delete`` that is not a bool, ``load`` that is not a
+      function.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxquant as jq
@@ -106,14 +112,29 @@ def convert(
       >>> type(q["w"]).__name__, q["w"].nbytes, q["b"].shape
       ('QArray', 4100, (64,))
     """
+    # A truthy non-bool (delete="False") would delete the caller's arrays.
+    delete = check_bool(delete, "convert: delete")
+    if load is not None and not callable(load):
+        raise TypeError(
+            "convert: load must be None or a function (path, abstract_leaf) -> array, got "
+            f"{describe(load)}."
+        )
     check = None
-    if isinstance(policy, list | tuple):
+    pattern = isinstance(policy, list | tuple)
+    if pattern:
         policy, check = _pattern_policy(policy)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda a: isinstance(a, QArray)
+    )
     # First every check, then the conversion: a bad policy never leaves a half-deleted tree.
-    specs = []
+    specs: list[QuantSpec | None] = []
     for path, leaf in leaves:
         name = _path_str(path)
+        if isinstance(leaf, QArray):  # flattened, its float scale would be quantized
+            if pattern:
+                policy(path, leaf)  # a pattern that matches it counts as used
+            specs.append(None)
+            continue
         try:
             spec = _resolve(policy, path, leaf)
             if spec is not None:

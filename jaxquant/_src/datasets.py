@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxquant._src.checks import check_int
+
 
 def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
     """scikit-learn's 8x8 digits, split 75 / 25 (stratified, ``random_state=0``) and
@@ -24,6 +26,8 @@ def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
       >>> d["x_train"].shape, d["x_test"].shape, d["y_train"].dtype
       ((1347, 64), (450, 64), dtype('int32'))
     """
+    if n_train is not None:
+        n_train = check_int(n_train, "digits: n_train", lo=1)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -32,8 +36,6 @@ def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
         x.astype(np.float32), y.astype(np.int32), test_size=0.25, stratify=y, random_state=0
     )
     if n_train is not None:
-        if n_train < 1:
-            raise ValueError(f"digits: n_train={n_train} must be >= 1.")
         xtr, ytr = xtr[:n_train], ytr[:n_train]
     mean, std = xtr.mean(axis=0), xtr.std(axis=0)
     std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
@@ -63,16 +65,18 @@ def stdlib_corpus(val_every: int = 10, max_files: int | None = None) -> dict:
     import sysconfig
     from pathlib import Path
 
-    if val_every < 2:
-        raise ValueError(f"stdlib_corpus: val_every={val_every} must be >= 2.")
+    val_every = check_int(val_every, "stdlib_corpus: val_every", lo=2)
+    if max_files is not None:
+        max_files = check_int(max_files, "stdlib_corpus: max_files", lo=1)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
     if max_files is not None:
         files = files[:max_files]
-    if len(files) < val_every:
-        raise RuntimeError(
-            f"stdlib_corpus: found only {len(files)} .py files in {stdlib}; need at least "
-            f"val_every={val_every} (raise max_files)."
+    if len(files) < val_every:  # no validation file: the arguments ask for too much
+        raise ValueError(
+            f"stdlib_corpus: val_every={val_every} holds out every {val_every}-th file, but "
+            f"only {len(files)} .py files are used (max_files={max_files}, {stdlib}); "
+            "lower val_every or raise max_files."
         )
     train, val = [], []
     for i, f in enumerate(files):
@@ -124,8 +128,8 @@ def stdlib_bytes(
       >>> d["x_test"].shape, d["y_test"].dtype
       ((8, 32), dtype('int32'))
     """
-    if seq < 1 or test_windows < 1:
-        raise ValueError(f"stdlib_bytes: seq={seq} and test_windows={test_windows} must be >= 1.")
+    seq = check_int(seq, "stdlib_bytes: seq", lo=1)
+    test_windows = check_int(test_windows, "stdlib_bytes: test_windows", lo=1)
     corpus = stdlib_corpus(val_every, max_files)
     tr = corpus["train"]
     n = (len(tr) - 1) // seq

@@ -13,6 +13,12 @@ rounded half away from zero) followed by ``RoundingDivideByPOT`` (a rounding ari
 right shift), bit-exact to the reference C++ -- computed here with 32-bit integer limbs,
 so it needs no ``jax_enable_x64``.
 
+Arguments are checked while tracing, on static information: the dtype and shape of every
+array (integer operands must be integer arrays int32 holds: a float is never silently
+truncated), and the values of those given on the host (Python numbers, numpy arrays),
+e.g. a shift outside ``-31..31``. Values of jax arrays, which may be traced, are not
+checked.
+
 :func:`dense` is the whole layer: a real int8 x int8 -> int32 ``dot_general`` (uint8
 activations are shifted by -128 into int8 and the zero point is folded into a column-sum
 correction), the int32 bias, the fixed-point requantization, the output zero point and
@@ -26,14 +32,83 @@ References:
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxquant._src.checks import check_bool, check_real, describe
+
 Array = jax.Array
 _INT32_MIN = np.int32(np.iinfo(np.int32).min)
 _INT32_MAX = np.int32(np.iinfo(np.int32).max)
+
+
+def _array_info(x: Any) -> str:
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"{type(x).__name__} {np.dtype(x.dtype).name}{list(x.shape)}"
+    return describe(x)
+
+
+def _host(v: Any, what: str, kinds: str) -> np.ndarray | None:
+    """``v`` as a numpy array when it lives on the host (Python numbers and sequences,
+    numpy), None for jax arrays and tracers; a TypeError unless its dtype kind is one of
+    ``kinds`` (numpy's: ``"i"``, ``"u"``, ``"f"``)."""
+    if v is None or isinstance(v, bool | np.bool_ | str | bytes):
+        raise TypeError(f"{what} must be an array or a number, got {describe(v)}.")
+    if isinstance(v, jax.Array):  # device data, or a tracer: only its dtype is static
+        if np.dtype(v.dtype).kind not in kinds:
+            raise TypeError(f"{what} has the wrong dtype: got {_array_info(v)}.")
+        return None
+    a = np.asarray(v)
+    if a.dtype.kind not in kinds:
+        raise TypeError(f"{what} has the wrong dtype: got {_array_info(a)}.")
+    return a
+
+
+def _int32_operand(v: Any, what: str, lo: int = -(2**31), hi: int = 2**31 - 1) -> Array:
+    """``v`` as an int32 array: an integer array int32 holds (jax) or integer values in
+    ``[lo, hi]`` (host data)."""
+    if isinstance(v, int) and not isinstance(v, bool):  # any size: before numpy sees it
+        if not lo <= v <= hi:
+            raise ValueError(f"{what} must be an integer in {lo}..{hi}, got {v}.")
+        return jnp.asarray(v, jnp.int32)
+    host = _host(v, what, "iu")
+    if host is None:
+        if not np.can_cast(v.dtype, np.int32):
+            raise TypeError(
+                f"{what} must be an integer array int32 holds (int8, uint8, int16, uint16, "
+                f"int32), got {_array_info(v)}. Cast it with .astype(jnp.int32) if its "
+                "values fit."
+            )
+        return jnp.asarray(v, jnp.int32)
+    if host.size and not (lo <= host.min() and host.max() <= hi):
+        bad = host.min() if host.min() < lo else host.max()
+        raise ValueError(f"{what} must be an integer in {lo}..{hi}, got {bad}.")
+    return jnp.asarray(host.astype(np.int64), jnp.int32)
+
+
+def _data(v: Any, what: str) -> Array:
+    if v is None or isinstance(v, str | bytes):
+        raise TypeError(f"{what} must be an integer array, got {describe(v)}.")
+    return jnp.asarray(v)
+
+
+def _out_dtype(out_dtype: Any, what: str) -> np.dtype:
+    try:
+        dtype = np.dtype(out_dtype)
+    except TypeError:
+        dtype = None
+    # The requantized value is int32: any integer type int32 holds can take it, clipped.
+    if dtype is None or dtype.kind not in "iu" or not np.can_cast(dtype, np.int32):
+        raise TypeError(
+            f"{what} must be an integer dtype int32 holds (uint8 default, int8, int16, "
+            f"uint16, int32), got {describe(out_dtype)}."
+        )
+    return dtype
 
 
 def quantize_multiplier(m: jax.typing.ArrayLike) -> tuple[Array, Array]:
@@ -45,7 +120,13 @@ def quantize_multiplier(m: jax.typing.ArrayLike) -> tuple[Array, Array]:
         a left shift).
 
     Returns:
-      int32 arrays ``M0`` and ``shift`` of ``m``'s shape.
+      int32 arrays ``M0`` and ``shift`` of ``m``'s shape, ``shift`` in ``-31..31``. A
+      multiplier below ``2^-32`` (every int32 product rounds to 0) and 0 give ``(0, 0)``.
+
+    Raises:
+      ValueError: a NaN, infinite, negative or ``>= 2^31`` multiplier given on the host
+        (a Python number, numpy or a concrete jax array; traced values are not checked).
+      TypeError: a multiplier that is not a number or a numeric array.
 
     Example:
       >>> import jaxquant.integer as jqi
@@ -53,13 +134,34 @@ def quantize_multiplier(m: jax.typing.ArrayLike) -> tuple[Array, Array]:
       >>> int(m0), int(shift), int(m0) * 2.0**-31 * 2.0 ** -int(shift)
       (1288490240, 1, 0.30000001192092896)
     """
+    what = "quantize_multiplier: m"
+    if isinstance(m, numbers.Real) and not isinstance(m, bool | np.bool_):
+        m = check_real(m, what, ge=0.0)
+    host = _host(m, what, "iuf")
+    if host is None:
+        try:  # a concrete jax array: its values are known (this is setup, not a hot path)
+            host = np.asarray(m)
+        except jax.errors.TracerArrayConversionError:
+            pass
+    if host is not None:
+        values = host.astype(np.float32)  # as computed: 2^31 - 1 rounds up to 2^31
+        if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values >= 2.0**31):
+            bad = values[~(np.isfinite(values) & (values >= 0) & (values < 2.0**31))].flat[0]
+            raise ValueError(
+                f"{what} must be a finite multiplier in [0, 2^31) (S1 * S2 / S3 of positive "
+                f"scales), got {bad!r}. M0 * 2^-31 * 2^-shift holds no other value: check "
+                "the scales."
+            )
     m = jnp.asarray(m, jnp.float32)
-    if not jnp.issubdtype(m.dtype, jnp.floating):
-        raise TypeError(f"quantize_multiplier: expected a float multiplier, got {m.dtype}.")
     mant, exp = jnp.frexp(m)  # m = mant * 2^exp, mant in [0.5, 1): exact
     m0 = jnp.round(mant * 2.0**31)  # exact: mant has 24 bits
-    m0 = jnp.where(m > 0, m0, 0.0)
-    return m0.astype(jnp.int32), (-exp).astype(jnp.int32)  # m0 <= 2^31 - 2^7: no overflow
+    shift = -exp
+    # m < 2^-32 (shift > 31, past rounding_divide_by_pot's range): |x m| < 2^31 2^-32 = 1/2
+    # for every int32 x, so the exact result is 0: M0 = 0, shift = 0 (as TFLite does).
+    keep = (m > 0) & (shift <= 31)
+    m0 = jnp.where(keep, m0, 0.0)
+    shift = jnp.where(keep, shift, 0)
+    return m0.astype(jnp.int32), shift.astype(jnp.int32)  # m0 <= 2^31 - 2^7: no overflow
 
 
 def _u32(x: Array) -> Array:
@@ -78,8 +180,8 @@ def saturating_rounding_doubling_high_mul(
 ) -> Array:
     """gemmlowp ``SaturatingRoundingDoublingHighMul``: ``round(a * b / 2^31)`` (ties away
     from zero) of int32 ``a``, ``b``; ``INT32_MIN * INT32_MIN`` saturates to ``INT32_MAX``."""
-    a = jnp.asarray(a, jnp.int32)
-    b = jnp.asarray(b, jnp.int32)
+    a = _int32_operand(a, "saturating_rounding_doubling_high_mul: a")
+    b = _int32_operand(b, "saturating_rounding_doubling_high_mul: b")
     neg = (a < 0) != (b < 0)
     ua = jnp.where(a < 0, _u32(-a), _u32(a))  # |INT32_MIN| = 2^31 fits in uint32
     ub = jnp.where(b < 0, _u32(-b), _u32(b))
@@ -102,8 +204,8 @@ def saturating_rounding_doubling_high_mul(
 def rounding_divide_by_pot(x: jax.typing.ArrayLike, exponent: jax.typing.ArrayLike) -> Array:
     """gemmlowp ``RoundingDivideByPOT``: ``x / 2^exponent`` rounded to nearest, ties away
     from zero, for int32 ``x`` and ``0 <= exponent <= 31``."""
-    x = jnp.asarray(x, jnp.int32)
-    e = jnp.asarray(exponent, jnp.int32)
+    x = _int32_operand(x, "rounding_divide_by_pot: x")
+    e = _int32_operand(exponent, "rounding_divide_by_pot: exponent", 0, 31)
     mask = (jnp.int32(1) << e) - 1
     mask = jnp.where(e >= 31, _INT32_MAX, mask)
     remainder = x & mask
@@ -117,8 +219,11 @@ def multiply_by_quantized_multiplier(
     """``round(x * M0 * 2^-31 * 2^-shift)`` in int32 arithmetic (TFLite's
     ``MultiplyByQuantizedMultiplier``): a left shift for ``shift < 0``, the doubling high
     multiply, then a rounding right shift for ``shift > 0``."""
-    x = jnp.asarray(x, jnp.int32)
-    shift = jnp.asarray(shift, jnp.int32)
+    fn = "multiply_by_quantized_multiplier"
+    x = _int32_operand(x, f"{fn}: x")
+    m0 = _int32_operand(m0, f"{fn}: m0", 0)
+    # A left shift past 31 loses every bit; a right shift past 31, rounding_divide_by_pot's.
+    shift = _int32_operand(shift, f"{fn}: shift", -31, 31)
     left = jnp.maximum(-shift, 0)
     right = jnp.maximum(shift, 0)
     y = saturating_rounding_doubling_high_mul(x << left, m0)
@@ -153,17 +258,43 @@ def dense(
     Returns:
       ``clip(Z3 + M * (sum_k (x - Z1) w + bias))`` in ``out_dtype``.
     """
-    x = jnp.asarray(x)
-    w = jnp.asarray(w)
+    fn = "integer dense"
+    x, w = _data(x, f"{fn}: x"), _data(w, f"{fn}: w")
     if w.dtype != jnp.int8:
-        raise TypeError(f"integer dense: w must be int8 (symmetric), got {w.dtype}.")
+        raise TypeError(f"{fn}: w must be int8 (symmetric), got {_array_info(w)}.")
+    if w.ndim != 2:
+        raise ValueError(f"{fn}: w must be a [K, N] matrix, got shape {w.shape}.")
+    if x.dtype not in (jnp.uint8, jnp.int8):
+        raise TypeError(f"{fn}: x must be uint8 or int8, got {_array_info(x)}.")
+    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"{fn}: x has shape {x.shape}; its last axis must be w's K = {w.shape[0]} "
+            f"(w is {w.shape})."
+        )
+    out_dtype = _out_dtype(out_dtype, f"{fn}: out_dtype")
+    relu = check_bool(relu, f"{fn}: relu")
+    x_range, out_range = np.iinfo(x.dtype), np.iinfo(out_dtype)
+    z1 = _int32_operand(x_zero_point, f"{fn}: x_zero_point", x_range.min, x_range.max)
+    z3 = _int32_operand(out_zero_point, f"{fn}: out_zero_point", out_range.min, out_range.max)
+    n = w.shape[1]
+
+    def per_column(v: Any, name: str, lo: int = -(2**31), hi: int = 2**31 - 1) -> Array:
+        v = _int32_operand(v, f"{fn}: {name}", lo, hi)
+        if v.shape not in ((), (1,), (n,)):
+            raise ValueError(
+                f"{fn}: {name} must be a scalar or one value per output column ([N] = [{n}]), "
+                f"got shape {v.shape}."
+            )
+        return v
+
+    bias = None if bias is None else per_column(bias, "bias")
+    m0 = per_column(m0, "m0", 0)
+    shift = per_column(shift, "shift", -31, 31)
     if x.dtype == jnp.uint8:  # shift into int8 for the s8 x s8 GEMM; fold 128 into Z1
         xs = (x.astype(jnp.int32) - 128).astype(jnp.int8)
-        z1 = jnp.asarray(x_zero_point, jnp.int32) - 128
-    elif x.dtype == jnp.int8:
-        xs, z1 = x, jnp.asarray(x_zero_point, jnp.int32)
+        z1 = z1 - 128
     else:
-        raise TypeError(f"integer dense: x must be uint8 or int8, got {x.dtype}.")
+        xs = x
     dn = (((x.ndim - 1,), (0,)), ((), ()))
     acc = lax.dot_general(xs, w, dn, preferred_element_type=jnp.int32)
 
@@ -176,7 +307,6 @@ def dense(
     if bias is not None:
         acc = acc + row(bias)
     y = multiply_by_quantized_multiplier(acc, row(m0), row(shift))
-    y = y + jnp.asarray(out_zero_point, jnp.int32)
-    info = jnp.iinfo(out_dtype)
-    lo = jnp.maximum(jnp.asarray(out_zero_point, jnp.int32), info.min) if relu else info.min
-    return jnp.clip(y, lo, info.max).astype(out_dtype)
+    y = y + z3
+    lo = jnp.maximum(z3, out_range.min) if relu else out_range.min
+    return jnp.clip(y, lo, out_range.max).astype(out_dtype)

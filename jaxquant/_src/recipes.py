@@ -39,8 +39,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from jaxquant._src.calibration import mean_abs, twn
+from jaxquant._src.checks import check_int, describe
 from jaxquant._src.granularity import per_block, per_channel, per_token
 from jaxquant._src.spec import QuantSpec
+
+_INT32_MAX = 2**31 - 1
+_STES = ("plain", "clipped", "lsq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +72,34 @@ class Recipe:
     margin: int = 0
     ste: Literal["plain", "clipped", "lsq"] = "plain"
     description: str = ""
+
+    def __post_init__(self) -> None:
+        # The same checks as jaxquant.flax.Rule, which rules() builds: a bad field is
+        # refused here, where the recipe is written, not at its first use.
+        if not isinstance(self.name, str):
+            raise TypeError(f"Recipe.name must be a str, got {describe(self.name)}.")
+        for field in ("weight", "act", "grad"):
+            spec = getattr(self, field)
+            if spec is not None and not isinstance(spec, QuantSpec):
+                raise TypeError(
+                    f"Recipe.{field} must be a jq.QuantSpec or None (float), got "
+                    f"{describe(spec)}. Build one, e.g. jq.QuantSpec('int8')."
+                )
+        for field, choices in (("scaling", ("current", "delayed")), ("ste", _STES)):
+            value = getattr(self, field)
+            if not isinstance(value, str) or value not in choices:
+                raise ValueError(f"Recipe.{field} must be one of {choices}, got {describe(value)}.")
+        history_len = check_int(self.history_len, "Recipe.history_len", lo=1, hi=_INT32_MAX)
+        # 2^margin scales a float32 amax: jq.delayed_scaling's bound.
+        margin = check_int(self.margin, "Recipe.margin (powers of two of headroom)")
+        if not -126 <= margin <= 126:
+            raise ValueError(
+                f"Recipe.margin must be in -126..126, got {margin}. Transformer Engine uses 0."
+            )
+        if not isinstance(self.description, str):
+            raise TypeError(f"Recipe.description must be a str, got {describe(self.description)}.")
+        object.__setattr__(self, "history_len", history_len)
+        object.__setattr__(self, "margin", margin)
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with fields changed, e.g. learned step sizes (which need a per-tensor
@@ -171,9 +203,10 @@ def w8a8_int8() -> Recipe:
 def w4a16_int4(group_size: int = 128) -> Recipe:
     """Weight-only int4 QAT with one scale per ``group_size`` input rows of the kernel
     (GPTQ / AWQ-style groups); activations stay in float."""
+    group_size = check_int(group_size, "w4a16_int4: group_size", lo=1, hi=_INT32_MAX)
     return Recipe(
         "w4a16_int4",
-        weight=QuantSpec("int4", per_block(0, int(group_size))),
+        weight=QuantSpec("int4", per_block(0, group_size)),
         act=None,
         grad=None,
         description=f"int4 weights, one scale per {group_size} input rows; float activations",

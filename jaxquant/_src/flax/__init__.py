@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 from flax import nnx as flax_nnx  # not `nnx`: the submodule jaxquant._src.flax.nnx
 
+from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.flax.calibrate import CalibrationResult, calibrate
 from jaxquant._src.flax.linen import QuantizedModule, quantize_linen, report_linen
 from jaxquant._src.flax.nnx import QuantOp as NnxQuantOp
@@ -78,6 +79,7 @@ def quantize_model(
       [('layers_0', 'Dense')]
     """
     rs = as_rules(rules)
+    strict = check_bool(strict, "quantize_model: strict")
     if isinstance(model, nn.Module):
         if rngs is not None:
             raise TypeError(
@@ -139,6 +141,12 @@ def convert(
       >>> qmodel.apply(served, jnp.ones((2, 64))).shape
       (2, 64)
     """
+    delete = check_bool(delete, "jq.flax.convert: delete")
+    if load is not None and not callable(load):
+        raise TypeError(
+            f"jq.flax.convert: load must be a function (path, abstract_leaf) -> array, or "
+            f"None, got {describe(load)}."
+        )
     if isinstance(model, QuantizedModule):
         if variables is None:
             raise ValueError("jq.flax.convert: a Linen model needs its variables to convert.")

@@ -18,6 +18,9 @@ TensorFlow's moving-average min / max quantizers do.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,6 +32,7 @@ from jax import lax
 
 from jaxquant._src import observe
 from jaxquant._src.calibration import Fixed, fixed
+from jaxquant._src.checks import check_int, check_real, describe
 from jaxquant._src.flax.linen import _QUANTIZABLE, QuantizedModule
 from jaxquant._src.flax.nnx import _quantizable
 from jaxquant._src.flax.rules import Rule, as_rules, first_match, path_str
@@ -53,6 +57,11 @@ class CalibrationResult:
       methods: layer path -> the calibration method that chose its range.
       num_batches: how many batches were seen.
       aggregate: ``"global"``, ``"ema"`` or ``"mean"``.
+      kept_float: layer path -> why its activation stays in float: the range measured
+        there is empty (every activation was 0, or the method chose 0) or not finite, so
+        no scale would mean anything. Its rule in ``rules`` has ``act=None`` (the weight
+        is still quantized); ``calibrate`` also warns. Calibrate with batches that
+        exercise the layer, or keep it float on purpose with a rule without ``act``.
     """
 
     rules: tuple[Rule, ...]
@@ -61,12 +70,13 @@ class CalibrationResult:
     methods: Mapping[str, str]
     num_batches: int
     aggregate: str
+    kept_float: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{'layer':<28} {'method':<18} {'range':>22} {'max |x|':>10}"]
         for path, (lo, hi) in self.ranges.items():
             st = self.stats[path]
-            method = self.methods[path]
+            method = self.methods[path] + (" (kept float)" if path in self.kept_float else "")
             lines.append(
                 f"{path:<28} {method:<18} {f'[{lo:.4g}, {hi:.4g}]':>22} "
                 f"{max(-st['min'], st['max']):>10.4g}"
@@ -119,12 +129,16 @@ def calibrate(
 
     Returns:
       A :class:`CalibrationResult`; its ``rules`` give the quantized model static
-      activation scales.
+      activation scales. A layer whose measured range is empty (every activation 0) or
+      not finite has no meaningful scale: its activation stays float, it is listed in
+      ``kept_float`` with the reason, and a ``UserWarning`` names it.
 
     Raises:
       ValueError: no batches; a batch whose activations at a quantized layer are NaN or
         Inf (naming the batch and the layer); an activation spec that is not per tensor;
-        an unknown ``aggregate``.
+        an unknown ``aggregate``; ``momentum`` or ``bins`` out of range.
+      TypeError: ``batches`` that are not an iterable of arrays, tuples or dicts;
+        ``momentum`` or ``bins`` of the wrong type.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
@@ -137,15 +151,18 @@ def calibrate(
       >>> result.ranges[""], result.rules[0].act.calibration
       ((-2.0, 2.0), Fixed(amax=2.0))
     """
-    if aggregate not in _AGGREGATES:
-        raise ValueError(f"calibrate: aggregate must be one of {_AGGREGATES}, got {aggregate!r}.")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"calibrate: momentum must be in [0, 1), got {momentum}.")
-    if not isinstance(bins, int) or bins < 8:
-        raise ValueError(f"calibrate: bins must be an int >= 8, got {bins!r}.")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("calibrate: no calibration batches; pass a non-empty list of inputs.")
+    if not isinstance(aggregate, str) or aggregate not in _AGGREGATES:
+        raise ValueError(
+            f"calibrate: aggregate must be one of {_AGGREGATES}, got {describe(aggregate)}."
+        )
+    momentum = check_real(momentum, "calibrate: momentum", ge=0.0, le=1.0)
+    if momentum == 1.0:
+        raise ValueError(
+            "calibrate: momentum must be in [0, 1), got 1.0: the EMA would never move from "
+            "the first batch's range. Use aggregate='global' for one range over all batches."
+        )
+    bins = check_int(bins, "calibrate: bins", lo=8)
+    batches = _check_batches(batches)
     run, payload = _runner(model, variables, rules)
     found: dict[str, Rule] = {}  # path -> matched rule, in call order (filled while tracing)
 
@@ -200,18 +217,76 @@ def calibrate(
         for path, m in moments.items():
             ranges[path] = observe.finalize(found[path].act, m, hists.get(path))
     out_ranges = {p: (float(lo), float(hi)) for p, (lo, hi) in ranges.items()}
-    new_rules = []
-    for path, rule in found.items():
-        if path in out_ranges:
-            lo, hi = out_ranges[path]
-            act = rule.act
-            cal = fixed(max(-lo, hi)) if act.symmetric else fixed((lo, hi))
-            new_rules.append(exact_rule(path, rule, act=act.replace(calibration=cal)))
-        else:
-            new_rules.append(exact_rule(path, rule))
     stats = {p: _summary(m) for p, m in moments.items()}
     methods = {p: str(found[p].act.calibration) for p in out_ranges}
-    return CalibrationResult(tuple(new_rules), out_ranges, stats, methods, len(batches), aggregate)
+    new_rules, kept_float = [], {}
+    for path, rule in found.items():
+        if path not in out_ranges:
+            new_rules.append(exact_rule(path, rule))
+            continue
+        act = rule.act
+        why = _unusable_range(out_ranges[path], act.symmetric, stats[path], methods[path])
+        if why is not None:
+            kept_float[path] = why
+            new_rules.append(exact_rule(path, rule, act=None))
+            continue
+        lo, hi = out_ranges[path]
+        cal = fixed(max(-lo, hi)) if act.symmetric else fixed((lo, hi))
+        new_rules.append(exact_rule(path, rule, act=act.replace(calibration=cal)))
+    if kept_float:
+        listing = "; ".join(f"{p!r}: {why}" for p, why in kept_float.items())
+        warnings.warn(
+            f"calibrate: {len(kept_float)} layer(s) keep float activations (their weights are "
+            f"still quantized): {listing}. See CalibrationResult.kept_float; calibrate with "
+            "batches that exercise these layers, or give them a rule without act.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return CalibrationResult(
+        tuple(new_rules), out_ranges, stats, methods, len(batches), aggregate, kept_float
+    )
+
+
+def _unusable_range(
+    lo_hi: tuple[float, float], symmetric: bool, stats: Mapping[str, float], method: str
+) -> str | None:
+    """Why ``(lo, hi)`` can give no static scale (``jq.fixed`` refuses it), or None.
+
+    An empty range has no scale that means anything: a unit scale would be silently wrong
+    for the first nonzero activation served, the smallest normal one would flush it.
+    """
+    lo, hi = lo_hi
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{method} gave the range ({lo:g}, {hi:g}), which is not finite"
+    empty = max(-lo, hi) <= 0.0 if symmetric else lo == hi == 0.0
+    if not empty:
+        return None
+    if stats["count"] == 0:
+        return "it saw no activation values (an empty input)"
+    if stats["min"] == stats["max"] == 0.0:
+        return f"all {int(stats['count'])} activation values it saw were 0"
+    return f"{method} chose the empty range ({lo:g}, {hi:g})"
+
+
+def _check_batches(batches: Any) -> list[Any]:
+    """``batches`` as a non-empty list whose leaves ``jax.jit`` can take."""
+    if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):
+        raise TypeError(
+            "calibrate: batches must be an iterable of model inputs (arrays, tuples of "
+            f"arguments or dicts of keyword arguments), got {describe(batches)}."
+        )
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate: no calibration batches; pass a non-empty list of inputs.")
+    for b, batch in enumerate(batches):
+        for leaf in jax.tree_util.tree_leaves(batch):
+            if not (hasattr(leaf, "dtype") or isinstance(leaf, numbers.Number)):
+                raise TypeError(
+                    f"calibrate: batches[{b}] holds {describe(leaf)}; a batch is an array, a "
+                    "tuple of positional arguments or a dict of keyword arguments, each an "
+                    "array or a number."
+                )
+    return batches
 
 
 def _summary(m: observe.Moments) -> dict[str, float]:
@@ -275,7 +350,7 @@ def _runner(model: Any, variables: Any, rules: Any) -> tuple[Any, Any]:
                     "calibrate: pass a model from jq.flax.quantize_model, or rules= with a "
                     "plain model."
                 )
-            rs, inner = as_rules(rules), model
+            rs, inner = as_rules(rules, "calibrate"), model
         return _linen_fn(inner, rs), variables
     if isinstance(model, nnx.Module):
         if variables is not None:
@@ -291,7 +366,7 @@ def _runner(model: Any, variables: Any, rules: Any) -> tuple[Any, Any]:
                 )
             rs = tuple(exact_rule(m.path, m.rule) for m in matches)
         else:
-            rs = as_rules(rules)
+            rs = as_rules(rules, "calibrate")
         graphdef, state = nnx.split(model)
         return _nnx_fn(graphdef, rs), state
     raise TypeError(f"calibrate: expected a Flax Linen or NNX model, got {type(model).__name__}.")

@@ -24,12 +24,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
     QuantDot,
     QuantEinsum,
     Rule,
+    as_rules,
     check_conv_rule,
     check_unmatched,
     first_match,
@@ -212,6 +214,15 @@ class QuantizedModule(nn.Module):
     rules: tuple[Rule, ...]
     strict: bool = True
     record: _Record = dataclasses.field(default_factory=_Record, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.module, nn.Module):
+            raise TypeError(
+                f"QuantizedModule: module must be a flax.linen.Module, got {describe(self.module)}."
+            )
+        object.__setattr__(self, "rules", as_rules(self.rules, "QuantizedModule"))
+        object.__setattr__(self, "strict", check_bool(self.strict, "QuantizedModule: strict"))
+        super().__post_init__()
 
     def setup(self) -> None:
         nn.share_scope(self, self.module)

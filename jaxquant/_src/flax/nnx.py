@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jaxquant._src.checks import check_bool, check_int, describe
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
@@ -63,6 +64,24 @@ class QuantOp(nnx.Module):
     def __init__(
         self, rule: Rule, path: str, kernel_shape: tuple[int, ...], einsum: bool, rngs: Any
     ) -> None:
+        if not isinstance(rule, Rule):
+            raise TypeError(
+                f"QuantOp: rule must be a jq.flax.Rule, got {describe(rule)}. A QuantSpec goes "
+                "inside one: jq.flax.Rule('.*', weight=spec)."
+            )
+        if not isinstance(path, str):
+            raise TypeError(f"QuantOp: path must be a str, got {describe(path)}.")
+        if not isinstance(kernel_shape, tuple | list):
+            raise TypeError(
+                f"QuantOp: kernel_shape must be a tuple of ints, got {describe(kernel_shape)}."
+            )
+        kernel_shape = tuple(
+            check_int(d, f"QuantOp: kernel_shape {tuple(kernel_shape)!r} entry", lo=0)
+            for d in kernel_shape
+        )
+        einsum = check_bool(einsum, "QuantOp: einsum")
+        if rngs is not None and not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"QuantOp: rngs must be an nnx.Rngs or None, got {describe(rngs)}.")
         self.rule = rule
         self.path = path
         self.einsum = einsum

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant._src.checks import describe
+
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
@@ -41,9 +43,18 @@ class Policy:
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "compute_dtype", "output_dtype"):
-            dt = np.dtype(getattr(self, name))
-            if not jnp.issubdtype(dt, jnp.floating):
-                raise ValueError(f"Policy.{name} must be a floating dtype, got {dt}.")
+            value = getattr(self, name)
+            try:
+                # np.dtype(None) is float64: None would silently mean float64 parameters.
+                dt = None if value is None else np.dtype(value)
+            except TypeError:
+                dt = None
+            if dt is None or not jnp.issubdtype(dt, jnp.floating):
+                error = TypeError if dt is None else ValueError
+                raise error(
+                    f"Policy.{name} must be a floating dtype such as jnp.float32 or "
+                    f"jnp.bfloat16, got {describe(value)}."
+                )
             object.__setattr__(self, name, dt)
 
     def cast_output(self, tree: Any) -> Any:
@@ -57,6 +68,14 @@ class Policy:
         return jax.tree.map(cast, tree)
 
 
+def check_policy(policy: Any, where: str) -> None:
+    if not isinstance(policy, Policy):
+        raise TypeError(
+            f"{where}: policy must be a jq.flax.Policy, got {describe(policy)}. A dtype goes "
+            "inside one: Policy(compute_dtype=jnp.bfloat16)."
+        )
+
+
 def _has_dtypes(m: Any) -> bool:
     return hasattr(m, "dtype") and hasattr(m, "param_dtype")
 
@@ -66,6 +85,14 @@ class PolicyModule(nn.Module):
 
     inner: nn.Module  # not `module`: QuantizedModule's field, which may wrap this one
     policy: Policy
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner, nn.Module):
+            raise TypeError(
+                f"PolicyModule: inner must be a flax.linen.Module, got {describe(self.inner)}."
+            )
+        check_policy(self.policy, "PolicyModule")
+        super().__post_init__()
 
     def setup(self) -> None:
         nn.share_scope(self, self.inner)
@@ -92,6 +119,12 @@ class NnxPolicyModule(nnx.Module):
     with its output cast to the policy's output dtype."""
 
     def __init__(self, module: nnx.Module, policy: Policy) -> None:
+        if not isinstance(module, nnx.Module):
+            raise TypeError(
+                f"NnxPolicyModule: module must be a flax.nnx.Module, got {describe(module)}"
+                + (" (a Linen module: use PolicyModule)." if isinstance(module, nn.Module) else ".")
+            )
+        check_policy(policy, "NnxPolicyModule")
         self.module = module
         self.policy = policy
 
@@ -111,8 +144,7 @@ def apply_policy(model: Any, policy: Policy) -> Any:
     Composes with :func:`quantize_model` in either order: the quantized dot receives the
     layer's compute-dtype operands.
     """
-    if not isinstance(policy, Policy):
-        raise TypeError(f"apply_policy: expected a jq.flax.Policy, got {policy!r}.")
+    check_policy(policy, "apply_policy")
     if isinstance(model, nn.Module):
         return PolicyModule(model, policy)
     if isinstance(model, nnx.Module):

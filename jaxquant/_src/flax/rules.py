@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxquant._src.checks import check_int, describe
 from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_general, einsum
 from jaxquant._src.granularity import PerChannel, PerTensor
@@ -32,6 +33,7 @@ from jaxquant._src.scaling import Scaling, delayed_scaling
 from jaxquant._src.spec import QuantSpec
 
 _MODES = ("auto", "real", "emulate")
+_INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +104,15 @@ class Rule:
             raise ValueError(f"Rule.scaling must be 'current' or 'delayed', got {self.scaling!r}.")
         if self.ste not in ("plain", "clipped", "lsq"):
             raise ValueError(f"Rule.ste must be 'plain', 'clipped' or 'lsq', got {self.ste!r}.")
-        if not isinstance(self.history_len, int) or self.history_len < 1:
-            raise ValueError(f"Rule.history_len must be an int >= 1, got {self.history_len!r}.")
+        history_len = check_int(self.history_len, "Rule.history_len", lo=1, hi=_INT32_MAX)
+        # 2^margin scales a float32 amax: jq.delayed_scaling's bound.
+        margin = check_int(self.margin, "Rule.margin (powers of two of headroom)")
+        if not -126 <= margin <= 126:
+            raise ValueError(
+                f"Rule.margin must be in -126..126, got {margin}. Transformer Engine uses 0."
+            )
+        object.__setattr__(self, "history_len", history_len)
+        object.__setattr__(self, "margin", margin)
         if self.scaling == "delayed" and self.ste == "lsq":
             raise ValueError(
                 "Rule: scaling='delayed' and ste='lsq' both choose the operands' scales; pick one."
@@ -191,20 +200,29 @@ class Match(NamedTuple):
     rule: Rule
 
 
-def as_rules(rules: Rule | Iterable[Rule]) -> tuple[Rule, ...]:
+def as_rules(rules: Rule | Iterable[Rule], where: str = "quantize_model") -> tuple[Rule, ...]:
+    """``rules`` as a non-empty tuple of Rules; ``where`` names the caller in errors."""
     if isinstance(rules, Rule):
         return (rules,)
+    if isinstance(rules, str | bytes):  # iterable, but of characters
+        raise TypeError(
+            f"{where}: rules must be a jq.flax.Rule or a sequence of Rules, got "
+            f"{describe(rules)}. Wrap a pattern: jq.flax.Rule({rules!r}, weight=...)."
+        )
     try:
         out = tuple(rules)
     except TypeError:
         raise TypeError(
-            f"quantize_model: rules must be a Rule or a sequence of Rules, got {rules!r}."
+            f"{where}: rules must be a jq.flax.Rule or a sequence of Rules, got {describe(rules)}."
         ) from None
     for r in out:
         if not isinstance(r, Rule):
-            raise TypeError(f"quantize_model: every rule must be a jq.flax.Rule, got {r!r}.")
+            raise TypeError(
+                f"{where}: rules must be jq.flax.Rule objects, got {describe(r)} among them. "
+                "A QuantSpec goes inside one: jq.flax.Rule('.*', weight=spec)."
+            )
     if not out:
-        raise ValueError("quantize_model: got no rules; pass at least one jq.flax.Rule.")
+        raise ValueError(f"{where}: got no rules; pass at least one jq.flax.Rule.")
     return out
 
 

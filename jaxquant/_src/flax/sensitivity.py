@@ -42,7 +42,7 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx as flax_nnx
 
+from jaxquant._src.checks import describe
 from jaxquant._src.flax.rules import Rule, deterministic_rule, path_str
 from jaxquant._src.quantize import quantize
 from jaxquant._src.spec import QuantSpec
@@ -421,6 +422,11 @@ def _select(layers: Any, found: list[str]) -> list[str]:
                 f"{listing} (matched with re.fullmatch)."
             )
         return chosen
+    if not isinstance(layers, Iterable):
+        raise TypeError(
+            "sensitivity: layers must be None (every layer), a regex string or a sequence of "
+            f"layer paths, got {describe(layers)}. The paths: {listing}."
+        )
     chosen = list(layers)
     for p in chosen:
         if not isinstance(p, str):
@@ -754,6 +760,11 @@ def mixed_precision(
         )
     if not sens.layers:
         raise ValueError("mixed_precision: the Sensitivity has no layers.")
+    if objective is not None and not callable(objective):
+        raise TypeError(
+            "mixed_precision: objective must be None or a function (layer, option) -> cost, "
+            f"got {describe(objective)}."
+        )
     total_f32 = sens.float32_bytes
     limit = _budget(budget, total_f32)
     options = sens.options
@@ -761,7 +772,16 @@ def mixed_precision(
     for layer in sens.layers:
         row = []
         for o in options:
-            c = float(layer.damage[o] if objective is None else objective(layer, o))
+            value = layer.damage[o] if objective is None else objective(layer, o)
+            try:
+                if isinstance(value, str | bytes):  # float("1") would parse it
+                    raise TypeError
+                c = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"mixed_precision: the cost of {o!r} at layer {layer.path!r} is "
+                    f"{describe(value)}; the objective must return a real number."
+                ) from None
             if math.isnan(c) or c == -math.inf:
                 raise ValueError(
                     f"mixed_precision: the cost of {o!r} at layer {layer.path!r} is {c}; "

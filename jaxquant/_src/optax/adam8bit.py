@@ -43,6 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxquant._src.checks import check_bool, check_int, check_real, describe
+
+_INT32_MAX = 2**31 - 1
+
 
 def _dynamic_tree_code(signed: bool) -> np.ndarray:
     """The 256 sorted values of the signed or unsigned dynamic tree code (float32)."""
@@ -67,6 +71,13 @@ DYNAMIC_SIGNED_CODE: np.ndarray = _dynamic_tree_code(signed=True)
 
 DYNAMIC_UNSIGNED_CODE: np.ndarray = _dynamic_tree_code(signed=False)
 """float32[256]: the unsigned dynamic tree code, sorted, from 0 to 1."""
+
+
+def _array_info(x: Any) -> str:
+    """``float32[3, 4]`` for arrays (and tracers, ShapeDtypeStructs), else ``describe``."""
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"{np.dtype(x.dtype).name}{list(x.shape)}"
+    return describe(x)
 
 
 def _table(signed: bool) -> np.ndarray:
@@ -99,6 +110,44 @@ class QuantizedMoment:
     absmax: jax.Array
     shape: tuple[int, ...]
     signed: bool
+
+    def __post_init__(self) -> None:
+        # Only the static fields: the array fields hold whatever a tree transformation
+        # puts there (tracers, None, shardings); check_arrays checks them where used.
+        shape = self.shape
+        if not isinstance(shape, tuple | list):
+            raise TypeError(
+                f"QuantizedMoment.shape must be a tuple of ints, got {describe(shape)}."
+            )
+        shape = tuple(
+            check_int(d, f"QuantizedMoment.shape {tuple(shape)!r} entry", lo=0) for d in shape
+        )
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "signed", check_bool(self.signed, "QuantizedMoment.signed"))
+
+    def check_arrays(self, where: str) -> None:
+        """Refuse codes / absmax whose dtype or shape breaks the invariants (static
+        information only: works on tracers and ``jax.ShapeDtypeStruct``)."""
+        codes, absmax = self.codes, self.absmax
+        if getattr(codes, "dtype", None) != np.uint8 or len(getattr(codes, "shape", ())) != 2:
+            raise TypeError(
+                f"{where}: QuantizedMoment.codes must be a uint8 array [n_blocks, block_size], "
+                f"got {_array_info(codes)}."
+            )
+        n_blocks, block = codes.shape
+        want = max(1, -(-math.prod(self.shape) // max(block, 1)))
+        if n_blocks != want or block < 1:
+            raise ValueError(
+                f"{where}: QuantizedMoment.codes has shape {tuple(codes.shape)}, but a tensor "
+                f"of shape {self.shape} in blocks of {block} needs ({want}, {block})."
+            )
+        if getattr(absmax, "dtype", None) != np.float32 or tuple(getattr(absmax, "shape", ())) != (
+            n_blocks,
+        ):
+            raise TypeError(
+                f"{where}: QuantizedMoment.absmax must be a float32 array [{n_blocks}] (one "
+                f"per block), got {_array_info(absmax)}."
+            )
 
     @property
     def block_size(self) -> int:
@@ -209,19 +258,40 @@ class ScaleByAdam8bitState(NamedTuple):
     nu: optax.Updates  # second moments: QuantizedMoment (unsigned code) or float32 per leaf
 
 
-def _check_config(b1: float, b2: float, eps: float, block_size: int, min_size: int) -> None:
+def _check_config(
+    b1: Any, b2: Any, eps: Any, block_size: Any, min_size: Any
+) -> tuple[float, float, float, int, int]:
+    """The static configuration, checked (types first) and as Python numbers."""
+    betas = []
     for name, b in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"scale_by_adam_8bit: {name} must be in [0, 1), got {b}.")
-    if not eps >= 0.0:
-        raise ValueError(f"scale_by_adam_8bit: eps must be >= 0, got {eps}.")
-    for name, v in (("block_size", block_size), ("min_size", min_size)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer):
-            raise TypeError(f"scale_by_adam_8bit: {name} must be an int, got {v!r}.")
-    if block_size < 1:
-        raise ValueError(f"scale_by_adam_8bit: block_size must be >= 1, got {block_size}.")
-    if min_size < 0:
-        raise ValueError(f"scale_by_adam_8bit: min_size must be >= 0, got {min_size}.")
+        b = check_real(b, f"scale_by_adam_8bit: {name}", ge=0.0, le=1.0)
+        if b == 1.0:
+            raise ValueError(
+                f"scale_by_adam_8bit: {name} must be in [0, 1), got 1.0: the bias "
+                f"correction 1 - {name}^t would divide by zero. Adam uses 0.9 and 0.999."
+            )
+        betas.append(b)
+    eps = check_real(eps, "scale_by_adam_8bit: eps", ge=0.0)
+    # One block is one row of the codes array: a dimension XLA indexes with int32.
+    block_size = check_int(block_size, "scale_by_adam_8bit: block_size", lo=1, hi=_INT32_MAX)
+    min_size = check_int(min_size, "scale_by_adam_8bit: min_size", lo=0)
+    return betas[0], betas[1], eps, block_size, min_size
+
+
+def check_learning_rate(learning_rate: Any, fn: str) -> None:
+    """A schedule (callable), a number, or a scalar array (``optax.inject_hyperparams``
+    passes traced ones), never a string or None."""
+    if callable(learning_rate):
+        return
+    if isinstance(learning_rate, jax.Array):  # possibly traced: checked by type only
+        dtype = learning_rate.dtype
+        if learning_rate.ndim == 0 and jnp.issubdtype(dtype, jnp.number):
+            return
+        raise TypeError(
+            f"{fn}: learning_rate must be a number, a scalar array or a schedule, got "
+            f"{describe(learning_rate)}."
+        )
+    check_real(learning_rate, f"{fn}: learning_rate", hint="Pass e.g. 1e-3, or a schedule.")
 
 
 def scale_by_adam_8bit(
@@ -284,9 +354,7 @@ def scale_by_adam_8bit(
       Kingma & Ba, 2014, Adam: A Method for Stochastic Optimization,
       https://arxiv.org/abs/1412.6980
     """
-    _check_config(b1, b2, eps, block_size, min_size)
-    b1, b2, eps = float(b1), float(b2), float(eps)
-    block_size, min_size = int(block_size), int(min_size)
+    b1, b2, eps, block_size, min_size = _check_config(b1, b2, eps, block_size, min_size)
 
     def quantized(p: Any) -> bool:
         return math.prod(jnp.shape(p)) >= min_size
@@ -308,25 +376,55 @@ def scale_by_adam_8bit(
         updates: optax.Updates, state: ScaleByAdam8bitState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, ScaleByAdam8bitState]:
         del params
-        count = optax.safe_increment(state.count)
+        if not isinstance(state, ScaleByAdam8bitState):
+            raise TypeError(
+                "scale_by_adam_8bit: state must be the ScaleByAdam8bitState of this "
+                f"optimizer's init, got {describe(state)}."
+            )
+        c = state.count
+        if not (hasattr(c, "dtype") and jnp.issubdtype(c.dtype, jnp.integer) and c.ndim == 0):
+            raise TypeError(
+                "scale_by_adam_8bit: ScaleByAdam8bitState.count must be an int32 scalar "
+                f"array, got {_array_info(c)}; take the state from init."
+            )
+        count = optax.safe_increment(c)
         t = count.astype(jnp.float32)
         c1 = 1.0 - jnp.power(jnp.float32(b1), t)
         c2 = 1.0 - jnp.power(jnp.float32(b2), t)
 
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        mu_leaves = treedef.flatten_up_to(state.mu)
-        nu_leaves = treedef.flatten_up_to(state.nu)
+        moments = []
+        for name in ("mu", "nu"):
+            try:
+                moments.append(treedef.flatten_up_to(getattr(state, name)))
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"scale_by_adam_8bit: the state's {name} does not have the gradients' tree "
+                    f"structure ({e}); init the optimizer with the same params."
+                ) from None
         out_u, out_m, out_v = [], [], []
-        for g, m_s, v_s in zip(leaves, mu_leaves, nu_leaves, strict=True):
+        for i, (g, m_s, v_s) in enumerate(zip(leaves, *moments, strict=True)):
             g = jnp.asarray(g)
             is_q = isinstance(m_s, QuantizedMoment)
+            for name, s in (("mu", m_s), ("nu", v_s)):
+                where = f"scale_by_adam_8bit: state.{name} leaf {i}"
+                if is_q and isinstance(s, QuantizedMoment):
+                    s.check_arrays(where)
+                    shape = s.shape
+                else:
+                    shape = tuple(getattr(s, "shape", ()))
+                    if is_q or getattr(s, "dtype", None) != np.float32:
+                        raise TypeError(
+                            f"{where} must be a {'QuantizedMoment' if is_q else 'float32 array'}"
+                            f" like mu's, got {_array_info(s)}; take the state from init."
+                        )
+                if shape != g.shape:
+                    raise ValueError(
+                        f"{where} has shape {shape}, which does not match the gradient's "
+                        f"{g.shape}; init the optimizer with the same params."
+                    )
             m_prev = dequantize_blockwise(m_s) if is_q else m_s
             v_prev = dequantize_blockwise(v_s) if is_q else v_s
-            if m_prev.shape != g.shape:
-                raise ValueError(
-                    f"scale_by_adam_8bit: gradient shape {g.shape} does not match the state "
-                    f"shape {m_prev.shape}; init the optimizer with the same params."
-                )
             g32 = g.astype(jnp.float32)
             m = b1 * m_prev + (1.0 - b1) * g32
             v = b2 * v_prev + (1.0 - b2) * jnp.square(g32)
@@ -381,6 +479,7 @@ def adam_8bit(
       Dettmers et al., 2021, 8-bit Optimizers via Block-wise Quantization,
       https://arxiv.org/abs/2110.02861
     """
+    check_learning_rate(learning_rate, "adam_8bit")
     return optax.chain(
         scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_size=min_size),
         optax.scale_by_learning_rate(learning_rate),
@@ -401,8 +500,12 @@ def state_nbytes(state: Any) -> int:
       >>> state_nbytes(state)  # count + 2 * (4096 codes + 2 absmax)
       8212
     """
-    return sum(
-        math.prod(x.shape) * np.dtype(x.dtype).itemsize
-        for x in jax.tree_util.tree_leaves(state)
-        if hasattr(x, "dtype") and hasattr(x, "shape")
-    )
+    total = 0
+    for x in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, QuantizedMoment)):
+        if isinstance(x, QuantizedMoment):
+            x.check_arrays("state_nbytes")
+            arrays = (x.codes, x.absmax)
+        else:
+            arrays = (x,) if hasattr(x, "dtype") and hasattr(x, "shape") else ()
+        total += sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)
+    return total

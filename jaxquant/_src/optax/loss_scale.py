@@ -8,12 +8,16 @@ lives in the :class:`LossScaleState` NamedTuple, so nothing is lost through ``ja
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxquant._src.checks import check_int, check_real, describe
+from jaxquant._src.qarray import QArray
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -36,7 +40,14 @@ def all_finite(tree: Any) -> jax.Array:
       >>> bool(all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}))
       False
     """
-    leaves = jax.tree_util.tree_leaves(tree)
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for path, x in leaves_with_path:
+        if not _is_array_like(x):
+            raise TypeError(
+                f"all_finite: the leaf of tree at {jax.tree_util.keystr(path)} is "
+                f"{describe(x)}, not an array or a number."
+            )
+    leaves = [x for _, x in leaves_with_path]
     ok = [
         jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
     ]
@@ -52,6 +63,10 @@ def scale_loss(loss: jax.typing.ArrayLike, state: LossScaleState) -> jax.Array:
     :func:`dynamic_loss_scale`. A scaled loss too large for its dtype becomes Inf, its
     gradients are not finite, and the update backs off.
     """
+    if not _is_array_like(loss) or isinstance(loss, bool | QArray):
+        raise TypeError(
+            f"scale_loss: loss must be a floating-point scalar or array, got {describe(loss)}."
+        )
     loss = jnp.asarray(loss)
     if not jnp.issubdtype(loss.dtype, jnp.floating):
         raise TypeError(f"scale_loss: expected a floating-point loss, got dtype {loss.dtype}.")
@@ -60,37 +75,60 @@ def scale_loss(loss: jax.typing.ArrayLike, state: LossScaleState) -> jax.Array:
             "scale_loss: expected the LossScaleState of dynamic_loss_scale (the outermost "
             f"transformation), got {type(state).__name__}."
         )
-    return (loss.astype(jnp.float32) * state.scale.astype(jnp.float32)).astype(loss.dtype)
+    scale = state.scale
+    if not (hasattr(scale, "dtype") and jnp.issubdtype(scale.dtype, jnp.floating)):
+        raise TypeError(
+            "scale_loss: LossScaleState.scale must be a float32 scalar array, got "
+            f"{describe(scale)}; take the state from dynamic_loss_scale's init / update."
+        )
+    return (loss.astype(jnp.float32) * scale.astype(jnp.float32)).astype(loss.dtype)
+
+
+def _is_array_like(x: Any) -> bool:
+    """An array, a tracer, a ShapeDtypeStruct or a number (what jnp can take as data)."""
+    if isinstance(x, str | bytes) or x is None:
+        return False
+    return hasattr(x, "dtype") or isinstance(x, numbers.Number)
 
 
 def _check_config(
-    initial_scale: float,
-    growth_interval: int,
-    growth_factor: float,
-    backoff_factor: float,
-    min_scale: float,
-    max_scale: float,
-) -> None:
-    if not 0.0 < min_scale <= initial_scale <= max_scale < float(np.finfo(np.float32).max):
+    initial_scale: Any,
+    growth_interval: Any,
+    growth_factor: Any,
+    backoff_factor: Any,
+    min_scale: Any,
+    max_scale: Any,
+) -> tuple[float, int, float, float, float, float]:
+    """The static configuration, checked (types first) and as Python numbers."""
+    f32_max = float(np.finfo(np.float32).max)
+    fn = "dynamic_loss_scale"
+    min_scale = check_real(min_scale, f"{fn}: min_scale", gt=0.0)
+    max_scale = check_real(max_scale, f"{fn}: max_scale", gt=0.0)
+    initial_scale = check_real(initial_scale, f"{fn}: initial_scale", gt=0.0)
+    if not min_scale <= initial_scale <= max_scale < f32_max:
         raise ValueError(
-            "dynamic_loss_scale: need 0 < min_scale <= initial_scale <= max_scale < float32 "
-            f"max, got min_scale={min_scale}, initial_scale={initial_scale}, "
-            f"max_scale={max_scale}."
+            f"{fn}: need 0 < min_scale <= initial_scale <= max_scale < float32 max, got "
+            f"min_scale={min_scale}, initial_scale={initial_scale}, max_scale={max_scale}."
         )
-    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int | np.integer):
+    # Above 2**31 - 1 the int32 counter saturates first: growth is off. Larger than any
+    # 64-bit count is a mistake, not a setting.
+    growth_interval = check_int(growth_interval, f"{fn}: growth_interval", lo=1, hi=2**63 - 1)
+    growth_factor = check_real(growth_factor, f"{fn}: growth_factor", ge=1.0)
+    backoff_factor = check_real(backoff_factor, f"{fn}: backoff_factor", gt=0.0, le=1.0)
+    return initial_scale, growth_interval, growth_factor, backoff_factor, min_scale, max_scale
+
+
+def _float_dtype(unscale_dtype: Any) -> np.dtype:
+    try:
+        dtype = np.dtype(unscale_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
-            f"dynamic_loss_scale: growth_interval must be an int, got {growth_interval!r}."
+            "dynamic_loss_scale: unscale_dtype must be a floating dtype (jnp.float32, the "
+            f"default) or None (keep each gradient's dtype), got {describe(unscale_dtype)}."
         )
-    if growth_interval < 1:
-        raise ValueError(
-            f"dynamic_loss_scale: growth_interval must be >= 1, got {growth_interval}."
-        )
-    if not growth_factor >= 1.0:
-        raise ValueError(f"dynamic_loss_scale: growth_factor must be >= 1, got {growth_factor}.")
-    if not 0.0 < backoff_factor <= 1.0:
-        raise ValueError(
-            f"dynamic_loss_scale: backoff_factor must be in (0, 1], got {backoff_factor}."
-        )
+    return dtype
 
 
 def dynamic_loss_scale(
@@ -153,17 +191,17 @@ def dynamic_loss_scale(
     References:
       Micikevicius et al., 2017, Mixed Precision Training, https://arxiv.org/abs/1710.03740
     """
-    _check_config(
-        initial_scale, growth_interval, growth_factor, backoff_factor, min_scale, max_scale
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise TypeError(
+            "dynamic_loss_scale: inner must be an optax GradientTransformation (with init and "
+            f"update), got {describe(inner)}. Pass e.g. optax.adam(1e-3)."
+        )
+    initial_scale, growth_interval, growth_factor, backoff_factor, min_scale, max_scale = (
+        _check_config(
+            initial_scale, growth_interval, growth_factor, backoff_factor, min_scale, max_scale
+        )
     )
-    initial_scale, growth_factor, backoff_factor = (
-        float(initial_scale),
-        float(growth_factor),
-        float(backoff_factor),
-    )
-    min_scale, max_scale = float(min_scale), float(max_scale)
-    growth_interval = int(growth_interval)
-    out_dtype = None if unscale_dtype is None else jnp.dtype(unscale_dtype)
+    out_dtype = None if unscale_dtype is None else _float_dtype(unscale_dtype)
 
     def init_fn(params: optax.Params) -> LossScaleState:
         return LossScaleState(

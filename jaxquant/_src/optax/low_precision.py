@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxquant._src import formats
+from jaxquant._src.checks import check_int
 from jaxquant._src.quantize import fake_quant
 from jaxquant._src.spec import QuantSpec
 
@@ -92,8 +93,29 @@ def apply_updates_sr(
       Zamirai et al., 2020, Revisiting BFloat16 Training, https://arxiv.org/abs/2010.06192
     """
     _check_spec(spec, "apply_updates_sr")
-    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lambda x: x is None)
-    u_leaves = treedef.flatten_up_to(updates)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)
+    try:
+        u_leaves = treedef.flatten_up_to(updates)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            "apply_updates_sr: updates must have the tree structure of params (the gradients "
+            f"of these params, through the optimizer), but they differ: {e}"
+        ) from None
+    for (path, p), u in zip(leaves, u_leaves, strict=True):
+        if p is None or u is None:
+            continue
+        p_shape, u_shape = jnp.shape(p), jnp.shape(u)
+        try:
+            fits = jnp.broadcast_shapes(p_shape, u_shape) == tuple(p_shape)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"apply_updates_sr: the update at {jax.tree_util.keystr(path)} has shape "
+                f"{tuple(u_shape)}, which does not fit the params' {tuple(p_shape)} there; "
+                "updates must match params leaf by leaf."
+            )
+    leaves = [p for _, p in leaves]
     out = [
         None if p is None else _sr_add(p, u, jax.random.fold_in(key, i), spec)
         for i, (p, u) in enumerate(zip(leaves, u_leaves, strict=True))
@@ -120,7 +142,8 @@ def stochastic_round_updates(
 
     Args:
       spec: as in :func:`apply_updates_sr`.
-      seed: seed of the key kept in :class:`StochasticRoundState`.
+      seed: seed of the key kept in :class:`StochasticRoundState`, an int in
+        ``0 .. 2**32 - 1``.
 
     Returns:
       An ``optax.GradientTransformation``; its ``update`` needs ``params``.
@@ -134,6 +157,9 @@ def stochastic_round_updates(
       dtype(bfloat16)
     """
     _check_spec(spec, "stochastic_round_updates")
+    # jax.random.PRNGKey keeps a seed's low 32 bits without x64 (2**32 would repeat seed 0)
+    # and overflows past 2**63: the range the CLI's --seed takes.
+    seed = check_int(seed, "stochastic_round_updates: seed", lo=0, hi=2**32 - 1)
 
     def init_fn(params: optax.Params) -> StochasticRoundState:
         del params

@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import jaxquant
+from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.qarray import QArray, packed_length
 from jaxquant._src.serialize import spec_from_dict, spec_to_dict
 
@@ -82,6 +83,22 @@ _QARRAY_FIELDS = ("values", "scale", "zero_point")
 
 def _is_qarray(x: Any) -> bool:
     return isinstance(x, QArray)
+
+
+def _directory(directory: Any, fn: str) -> Path:
+    """``directory`` as an absolute path; a TypeError for what is not a path."""
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(
+            f"jq.orbax.{fn}: directory must be a path (a str or os.PathLike such as "
+            f"pathlib.Path), got {describe(directory)}."
+        )
+    path = os.fspath(directory)
+    if not isinstance(path, str) or not path:
+        # A PathLike of bytes, or "" (the current directory: never meant as a checkpoint).
+        raise ValueError(
+            f"jq.orbax.{fn}: directory must be a non-empty str path, got {directory!r}."
+        )
+    return Path(path).expanduser().absolute()
 
 
 def _name(path: tuple) -> str:  # a leaf's name, as in jq.size_report
@@ -130,7 +147,8 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
       >>> r["w"].spec == q["w"].spec, bool((r["w"].values == q["w"].values).all())
       (True, True)
     """
-    directory = Path(directory).expanduser().absolute()
+    directory = _directory(directory, "save")
+    force = check_bool(force, "save: force")
     if directory.exists() or directory.is_symlink():
         if not force:
             raise FileExistsError(
@@ -474,7 +492,7 @@ def layout(directory: str | os.PathLike) -> dict[str, Any]:
       ValueError: no directory, no or unreadable manifest, another format or version, a
         manifest whose checksum does not match.
     """
-    return _manifest(Path(directory).expanduser().absolute(), "layout")
+    return _manifest(_directory(directory, "layout"), "layout")
 
 
 def _manifest(directory: Path, fn: str) -> dict[str, Any]:
@@ -591,7 +609,7 @@ def restore(directory: str | os.PathLike, target: Any = None) -> Any:
         checksum does not match, the temporary folder of an unfinished save, or a
         ``target`` that does not match (the first differing leaf path is named).
     """
-    directory = Path(directory).expanduser().absolute()
+    directory = _directory(directory, "restore")
     manifest = _manifest(directory, "restore")
     leaves, files = _parse(manifest, directory / MANIFEST)
     targets = [None] * len(leaves)
