@@ -321,3 +321,20 @@ def test_quantize_tree_keeps_qarrays_as_they_are():
     seen = []
     jq.quantize_tree(once, lambda path, leaf: seen.append(path) or jq.QuantSpec("int4"))
     assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"scale": -1.0}, "scale= must be finite and > 0"),
+        ({"scale": 0.0}, "scale= must be finite and > 0"),
+        ({"scale": float("nan")}, "scale= must be finite and > 0"),
+        ({"scale": 0.1, "zero_point": 300}, r"zero_point= must be integers in \[0, 255\]"),
+        ({"scale": 0.1, "zero_point": float("inf")}, "zero_point= must be integers"),
+    ],
+)
+def test_given_concrete_scales_and_zero_points_are_checked(kw, match):
+    spec = jq.QuantSpec("uint8", calibration=jq.minmax(), symmetric="zero_point" not in kw)
+    for fn in (jq.quantize, jq.fake_quant):
+        with pytest.raises(ValueError, match=match):
+            fn(jnp.ones(4), spec, **kw)

@@ -122,6 +122,21 @@ def _check_scale(
                 f"shape {want} of {spec.granularity} on an input of shape {tuple(x.shape)}. "
                 f"Pass one value per scale group (e.g. q.{name} of a QArray with this spec)."
             )
+        if not isinstance(a, jax.core.Tracer):  # a concrete value: check what it holds
+            v = np.asarray(a, np.float64)
+            if name == "scale" and not (np.isfinite(v) & (v > 0)).all():
+                raise ValueError(
+                    f"{fn}: scale= must be finite and > 0 in every group, got "
+                    f"{v.reshape(-1)[~(np.isfinite(v) & (v > 0)).reshape(-1)][:3].tolist()}. "
+                    "A group of zeros takes scale 1."
+                )
+            qmin, qmax = spec.qrange
+            zr = np.round(v)  # a given zero point is rounded to its integer grid point
+            if name == "zero_point" and not (np.isfinite(v) & (zr >= qmin) & (zr <= qmax)).all():
+                raise ValueError(
+                    f"{fn}: zero_point= must be integers in [{qmin:g}, {qmax:g}] (the "
+                    f"format's range), got {np.unique(v)[:4].tolist()}."
+                )
         out.append(a)
     return out[0], out[1]
 
