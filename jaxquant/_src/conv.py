@@ -221,12 +221,14 @@ def conv_general_dilated(
         if spec is None:
             continue
         if not isinstance(spec, QuantSpec):
-            raise TypeError(f"conv_general_dilated: {name} must be a jq.QuantSpec or None.")
+            raise TypeError(f"{_FN}: {name} must be a jq.QuantSpec or None, got {describe(spec)}.")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"conv_general_dilated: {name} quantizes a {x.dtype} operand.")
         spec.granularity.plan(tuple(x.shape))
     if grad_spec is not None and not isinstance(grad_spec, QuantSpec):
-        raise TypeError("conv_general_dilated: grad_spec must be a jq.QuantSpec or None.")
+        raise TypeError(
+            f"{_FN}: grad_spec must be a jq.QuantSpec or None, got {describe(grad_spec)}."
+        )
     if ste not in ("plain", "clipped"):
         raise ValueError(f"conv_general_dilated: ste must be 'plain' or 'clipped', got {ste!r}.")
     for name, spec in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec)):
@@ -252,8 +254,8 @@ def conv_general_dilated(
         )
     except (TypeError, ValueError) as err:  # lax's messages name neither operand
         raise (TypeError if isinstance(err, TypeError) else ValueError)(
-            f"{_FN}: lhs of shape {tuple(lhs.shape)} and rhs of shape {tuple(rhs.shape)} do not "
-            f"fit dimension_numbers {dimension_numbers!r} and these window arguments: {err}"
+            f"{_FN}: lax.conv_general_dilated refused lhs of shape {tuple(lhs.shape)} and rhs "
+            f"of shape {tuple(rhs.shape)} with dimension_numbers {dimension_numbers!r}: {err}"
         ) from None
     if lhs_spec is None and rhs_spec is None and grad_spec is None:
         return lax.conv_general_dilated(

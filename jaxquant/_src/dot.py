@@ -904,10 +904,11 @@ def dot_general(
 
 
 def _operands_error(lhs: Any, rhs: Any, dn: DimensionNumbers, err: Exception, fn: str) -> TypeError:
-    """lax's shape error, saying which operands and dimension numbers it was about."""
+    """lax's error (shapes that do not fit the dimension numbers, mostly), saying which
+    operands and dimension numbers it was about."""
     return TypeError(
-        f"{fn}: lhs of shape {tuple(lhs.shape)} and rhs of shape {tuple(rhs.shape)} do not fit "
-        f"dimension_numbers {dn}: {err}"
+        f"{fn}: lax.dot_general refused lhs of shape {tuple(lhs.shape)} and rhs of shape "
+        f"{tuple(rhs.shape)} with dimension_numbers {dn}: {err}"
     )
 
 
