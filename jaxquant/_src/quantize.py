@@ -489,7 +489,7 @@ def _quantize(x, key, scale, zero_point, spec: QuantSpec) -> QArray:
             values = values.reshape(1)
         values = pack(values, spec.element.bits)
     s_store = s.astype(spec.scale_format.dtype)
-    z_store = None if z is None else z.astype(_zp_dtype(spec))
+    z_store = None if z is None else z.astype(zero_point_dtype(spec))
     return QArray(values, s_store, z_store, spec, tuple(x.shape), np.dtype(x.dtype))
 
 
@@ -527,7 +527,8 @@ def _quantize_one_pass(x: Array, spec: QuantSpec) -> QArray:
     return QArray(values, s, None, spec, tuple(x.shape), np.dtype(x.dtype))
 
 
-def _zp_dtype(spec: QuantSpec) -> np.dtype:
+def zero_point_dtype(spec: QuantSpec) -> np.dtype:
+    """dtype of a QArray's stored zero points: the smallest integer type holding the range."""
     qmin, qmax = spec.qrange
     for dt in (np.int8, np.uint8, np.int16):
         if np.iinfo(dt).min <= qmin and qmax <= np.iinfo(dt).max:
