@@ -141,20 +141,9 @@ def _check_scale(
     return out[0], out[1]
 
 
-def _check_key_arg(key: Any, fn: str) -> None:
-    if not isinstance(key, jax.Array | np.ndarray) or not (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (key.dtype == np.uint32 and key.ndim == 1 and key.shape[0] >= 2)
-    ):
-        raise TypeError(
-            f"{fn}: key= must be a PRNG key from jax.random.key(seed), got "
-            f"{type(key).__name__} {getattr(key, 'dtype', '')}{getattr(key, 'shape', '')}."
-        )
-
-
 def _check_key(spec: QuantSpec, key: Array | None, fn: str) -> None:
     if key is not None:
-        _check_key_arg(key, fn)
+        rounding.check_key(key, f"{fn}: key=")
     if spec.stochastic and key is None:
         raise ValueError(
             f"{fn}: rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed) "
@@ -721,7 +710,7 @@ def quantize_tree(tree: Any, policy: Policy, *, key: Array | None = None) -> Any
         tree, is_leaf=lambda a: isinstance(a, QArray)
     )
     if key is not None:
-        _check_key_arg(key, "quantize_tree")
+        rounding.check_key(key, "quantize_tree: key=")
     out = []
     for i, (path, leaf) in enumerate(leaves):
         if isinstance(leaf, QArray):
