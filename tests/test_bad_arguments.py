@@ -907,6 +907,7 @@ target(
     momentum={"nan": NAN, "neg": -0.5, "above_one": 1.5, "str": "x"},
     bins={**but(INT, "huge"), "zero": 0},
     rules={"str": "x", "spec": SPEC},
+    call_kwargs={"str": "train=False", "list": ["train"], "int_keys": {1: False}},
 )
 
 
@@ -924,6 +925,7 @@ target(
     metric={"bogus": "bogus", "int": 3},
     layers={"int": 3, "unknown": "Nope"},
     higher_is_better=but(BOOL, "none"),
+    call_kwargs={"str": "train=False", "list": ["train"], "int_keys": {1: False}},
 )
 target(
     "jq.flax.mixed_precision",

@@ -340,7 +340,112 @@ def test_calibrate_checks_its_arguments_types_first(setup):
         calibrate(qm, batches, variables, aggregate="ema", momentum=1.0)
     with pytest.raises(TypeError, match=r"calibrate: batches must be an iterable .* got 'abc'"):
         calibrate(qm, "abc", variables)
-    with pytest.raises(TypeError, match=r"calibrate: batches\[1\] holds 'x'"):
-        calibrate(qm, [batches[0], ("x",)], variables)
+    # Strings, bools and numbers are static arguments now (train=False); other objects
+    # are refused with the way out.
+    with pytest.raises(TypeError, match=r"calibrate: batches\[1\] holds <object .*call_kwargs"):
+        calibrate(qm, [batches[0], (object(),)], variables)
     with pytest.raises(TypeError, match=r"calibrate: bins must be an int"):
         calibrate(qm, batches, variables, bins=2048.0)
+
+
+# ------------------------------------------------------------- call arguments and collections
+
+
+class _BNNet(nn.Module):
+    """A ``train`` flag (BatchNorm running vs batch statistics) and a keyword array."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = True, gain=None):
+        h = nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(16)(x))
+        if gain is not None:
+            h = h * gain
+        return nn.Dense(4)(nn.relu(h))
+
+
+class _NnxBNNet(nnx.Module):
+    def __init__(self, rngs):
+        self.Dense_0 = nnx.Linear(16, 16, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.Dense_1 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x, *, gain=None, deterministic: bool = False):
+        h = self.bn(self.Dense_0(x), use_running_average=deterministic)
+        if gain is not None:
+            h = h * gain
+        return self.Dense_1(nnx.relu(h))
+
+
+def _bn_variables(model, x):
+    variables = model.init(jax.random.key(1), x, train=False)
+    stats = {  # running statistics unlike any batch's, so that the flag shows
+        "mean": jnp.linspace(-1.0, 1.0, 16, dtype=jnp.float32),
+        "var": jnp.linspace(0.5, 2.0, 16, dtype=jnp.float32),
+    }
+    return {"params": variables["params"], "batch_stats": {"bn": stats}}
+
+
+def test_calibrate_takes_a_train_flag_and_batch_stats(setup):
+    """Was TracerBoolConversionError (a flag in the batch was traced); fast subset."""
+    _, _, batches = setup
+    model = _BNNet()
+    variables = _bn_variables(model, batches[0])
+    qm = quantize_model(model, W8A8)
+    res = calibrate(qm, batches[:2], variables, call_kwargs={"train": False})
+    assert set(res.ranges) == {"Dense_0", "Dense_1"}
+    assert res.rules[1].act.calibration == jq.fixed(res.ranges["Dense_1"][1])
+    with pytest.raises(
+        ValueError, match=r"updates that collection.*call_kwargs=\{'train': False\}"
+    ):
+        calibrate(qm, batches[:2], variables)
+
+
+@pytest.mark.slow
+def test_calibrate_takes_call_kwargs_static_flags_and_every_collection(setup):
+    """Was TracerBoolConversionError (a flag in the batch was traced); batch_stats pass.
+    The flag in call_kwargs, a dict batch or positional, Linen and NNX, then serving."""
+    _, _, batches = setup
+    model = _BNNet()
+    variables = _bn_variables(model, batches[0])
+    gains = [jnp.full((1, 16), g, jnp.float32) for g in (1.0, 2.0, 0.5, 1.5)]
+    qm = quantize_model(model, W8A8)
+    # Dense_1's input, by hand: BatchNorm with the running statistics, then the gain.
+    bn = variables["params"]["bn"]
+    st = variables["batch_stats"]["bn"]
+
+    def hidden(x, g):
+        p = variables["params"]["Dense_0"]
+        h = x @ p["kernel"] + p["bias"][None]
+        h = (h - st["mean"][None]) / jnp.sqrt(st["var"][None] + 1e-5)
+        h = h * bn["scale"][None] + bn["bias"][None]
+        return jax.nn.relu(h * g)
+
+    pairs = list(zip(batches, gains, strict=True))
+    want = max(float(jnp.max(jnp.abs(hidden(x, g)))) for x, g in pairs)
+    eval_flag = {"train": False}
+    forms = {  # the flag in call_kwargs, in a dict batch, or positional in a tuple batch
+        "call_kwargs": ([{"x": x, "gain": g} for x, g in pairs], eval_flag),
+        "dict batch": ([{"x": x, "gain": g, "train": False} for x, g in pairs], None),
+        "tuple batch": ([(x, False, g) for x, g in pairs], None),
+    }
+    for name, (bs, kw) in forms.items():
+        res = calibrate(qm, bs, variables, call_kwargs=kw)
+        np.testing.assert_allclose(res.ranges["Dense_1"][1], want, rtol=1e-6, err_msg=name)
+        assert res.ranges["Dense_0"][1] == float(jnp.max(jnp.abs(jnp.stack(batches)))), name
+    # NNX: the same with deterministic=True (nnx.BatchNorm's running statistics).
+    nm = _NnxBNNet(nnx.Rngs(0))
+    for name in ("Dense_0", "Dense_1"):
+        getattr(nm, name).kernel[...] = variables["params"][name]["kernel"]
+        getattr(nm, name).bias[...] = variables["params"][name]["bias"]
+    nm.bn.scale[...], nm.bn.bias[...] = bn["scale"], bn["bias"]
+    nm.bn.mean[...], nm.bn.var[...] = st["mean"], st["var"]
+    bs = [{"x": x, "gain": g} for x, g in zip(batches, gains, strict=True)]
+    res = calibrate(nm, bs, rules=W8A8, call_kwargs={"deterministic": True})
+    np.testing.assert_allclose(res.ranges["Dense_1"][1], want, rtol=1e-6)
+    # Served with the flag and the collections: converted kernels, batch_stats kept.
+    served_model = quantize_model(model, calibrate(qm, bs, variables, call_kwargs=eval_flag).rules)
+    served_model.init(jax.random.key(0), batches[0], train=False)
+    served = convert(served_model, variables)
+    assert served["batch_stats"] is variables["batch_stats"]
+    y = served_model.apply(served, batches[0], train=False, gain=gains[0])
+    ref = model.apply(variables, batches[0], train=False, gain=gains[0])
+    assert float(jq.metrics.sqnr(ref, y)) > 30.0

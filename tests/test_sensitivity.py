@@ -500,3 +500,47 @@ def test_errors(linen, nnx_model, digits, sens_acc):
     )
     with pytest.raises(TypeError, match=r"sensitivity: layers must be None \(every layer\)"):
         sensitivity(model, variables, cands, data, layers=3)
+
+
+# ------------------------------------------------------------- call arguments and collections
+
+
+class _BNNet(nn.Module):
+    """A ``train`` flag (BatchNorm running vs batch statistics) and a keyword array."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = True, gain=None):
+        h = nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(16)(x))
+        if gain is not None:
+            h = h * gain
+        return nn.Dense(4)(nn.relu(h))
+
+
+@pytest.mark.slow  # about 6 s; the docstring's example is the fast check
+def test_sensitivity_takes_call_kwargs_per_batch_kwargs_and_batch_stats():
+    """Was ModifyScopeVariableError: the model could only be called as model.apply(v, x)."""
+    model = _BNNet()
+    x = jax.random.normal(jax.random.key(0), (32, 8))
+    gain = jnp.linspace(0.5, 2.0, 16, dtype=jnp.float32)[None]
+    variables = model.init(jax.random.key(1), x, train=False)
+    variables = {  # running statistics unlike the batch's, so that the flag shows
+        "params": variables["params"],
+        "batch_stats": {"bn": {"mean": jnp.full((16,), 0.5), "var": jnp.full((16,), 2.0)}},
+    }
+    cands = {"int4": Rule(".*", weight=jq.QuantSpec("int4", PC))}
+    data = [(x, None, {"gain": gain})]
+    sens = sensitivity(model, variables, cands, data, metric="sqnr", call_kwargs={"train": False})
+    assert sens.paths == ("Dense_0", "Dense_1")
+    # By hand: only Dense_1 quantized, called the same way.
+    only = quantize_model(model, Rule("Dense_1", weight=jq.QuantSpec("int4", PC)))
+    want = model.apply(variables, x, train=False, gain=gain)
+    got = only.apply(variables, x, train=False, gain=gain)
+    damage = float(jnp.sum((want - got) ** 2) / jnp.sum(want**2))
+    assert sens.layer("Dense_1").damage["int4"] == pytest.approx(damage, rel=1e-4)
+    # Training mode, batch_stats mutable: the outputs are apply's first result, and the
+    # batch's statistics give another damage.
+    train = {"train": True, "mutable": ["batch_stats"]}
+    trained = sensitivity(
+        model, variables, cands, data, metric="sqnr", layers="Dense_1", call_kwargs=train
+    )
+    assert trained.layer("Dense_1").damage["int4"] != sens.layer("Dense_1").damage["int4"]

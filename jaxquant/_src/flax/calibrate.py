@@ -13,20 +13,30 @@ serving (:func:`jaxquant.flax.convert`).
 ``aggregate="ema"`` / ``"mean"`` run the method on each batch instead and average the
 ranges (exponential moving average with ``momentum``, or the plain mean), as
 TensorFlow's moving-average min / max quantizers do.
+
+Real models take more than one array: flags (``train=False``, ``deterministic=True``),
+masks, positions, and variables beyond ``params`` (``batch_stats``, caches). A batch's
+arrays are traced, its other leaves (Python bools, ints, strings) are static
+(:func:`split_call`), and ``call_kwargs`` are passed to every call as they are; Linen
+models get every collection of ``variables``. :mod:`jaxquant._src.flax.sensitivity` calls
+models the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import math
-import numbers
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -84,14 +94,6 @@ class CalibrationResult:
         return "\n".join(lines)
 
 
-def _args(batch: Any) -> tuple[tuple, dict]:
-    if isinstance(batch, tuple):
-        return batch, {}
-    if isinstance(batch, dict):
-        return (), batch
-    return (batch,), {}
-
-
 def _wants_range(rule: Rule) -> bool:
     act = rule.act
     return (
@@ -108,6 +110,7 @@ def calibrate(
     aggregate: str = "global",
     momentum: float = 0.9,
     bins: int = 2048,
+    call_kwargs: Mapping[str, Any] | None = None,
 ) -> CalibrationResult:
     """Static activation ranges for a model's quantized layers, from calibration batches.
 
@@ -117,15 +120,23 @@ def calibrate(
         plain Linen / NNX model together with ``rules=``. The float model is what runs:
         activations are observed unquantized.
       batches: the calibration inputs: arrays (``model(x)``), tuples (``model(*args)``)
-        or dicts (keyword arguments). Iterated twice for percentile / MSE / KL methods
-        (a one-shot iterator is read into a list first).
-      variables: the Linen model's variables (None for NNX).
+        or dicts (keyword arguments). Their arrays are traced; any other leaf (a Python
+        bool, int or string, e.g. ``(x, False)`` for ``model(x, train)``) is passed as
+        the Python value it is, one compilation per distinct value. Read into a list
+        first (percentile / MSE / KL methods read them twice).
+      variables: the Linen model's variables, every collection (``params``,
+        ``batch_stats``...: what ``model.init`` returned); None for NNX.
       rules: the rules, when ``model`` is not already quantized.
       aggregate: ``"global"`` (one range over all batches' values), ``"ema"`` or
         ``"mean"`` (the method per batch, then an exponential moving average with
         ``momentum`` / the mean of the per-batch ranges).
       momentum: of ``"ema"``: ``range = momentum * range + (1 - momentum) * batch_range``.
       bins: histogram bins of the percentile and MSE methods (KL uses its own ``bins``).
+      call_kwargs: keyword arguments for every call of the model, passed as they are
+        (never traced): evaluation flags such as ``{"train": False}`` or
+        ``{"deterministic": True}``, constant masks. Linen: ``apply``'s own ``rngs``,
+        ``mutable`` and ``method`` go here too. A batch that is a dict must not repeat
+        them.
 
     Returns:
       A :class:`CalibrationResult`; its ``rules`` give the quantized model static
@@ -136,9 +147,13 @@ def calibrate(
     Raises:
       ValueError: no batches; a batch whose activations at a quantized layer are NaN or
         Inf (naming the batch and the layer); an activation spec that is not per tensor;
-        an unknown ``aggregate``; ``momentum`` or ``bins`` out of range.
-      TypeError: ``batches`` that are not an iterable of arrays, tuples or dicts;
-        ``momentum`` or ``bins`` of the wrong type.
+        an unknown ``aggregate``; ``momentum`` or ``bins`` out of range; a keyword in
+        both a batch and ``call_kwargs``; Linen ``variables`` missing a collection the
+        model reads, or a call that would update one (a BatchNorm in training mode).
+      TypeError: ``batches`` that are not an iterable of arrays, tuples or dicts, or that
+        hold a leaf that is neither an array nor a Python bool, number or string (pass
+        such values in ``call_kwargs``); ``momentum``, ``bins`` or ``call_kwargs`` of the
+        wrong type.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
@@ -150,6 +165,23 @@ def calibrate(
       >>> result = calibrate(qmodel, [x], variables)
       >>> result.ranges[""], result.rules[0].act.calibration
       ((-2.0, 2.0), Fixed(amax=2.0))
+
+      A model with BatchNorm and a ``train`` flag, called as ``model.apply(variables,
+      x, train=False)``: every collection, and the flag in ``call_kwargs``.
+
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train: bool = True):
+      ...         x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+      ...         return nn.Dense(2)(nn.relu(x))
+      >>> variables = Net().init(jax.random.key(1), x, train=False)
+      >>> sorted(variables)
+      ['batch_stats', 'params']
+      >>> rule = Rule(".*", weight=jq.QuantSpec("int8"), act=jq.QuantSpec("int8"))
+      >>> result = calibrate(quantize_model(Net(), rule), [x], variables,
+      ...                    call_kwargs={"train": False})
+      >>> list(result.ranges)
+      ['Dense_0', 'Dense_1']
     """
     if not isinstance(aggregate, str) or aggregate not in _AGGREGATES:
         raise ValueError(
@@ -162,12 +194,13 @@ def calibrate(
             "the first batch's range. Use aggregate='global' for one range over all batches."
         )
     bins = check_int(bins, "calibrate: bins", lo=8)
-    batches = _check_batches(batches)
-    run, payload = _runner(model, variables, rules)
+    call_kwargs = check_call_kwargs(call_kwargs, "calibrate")
+    batches = _check_batches(batches, call_kwargs)
+    run, payload = _runner(model, variables, rules, call_kwargs)
     found: dict[str, Rule] = {}  # path -> matched rule, in call order (filled while tracing)
 
-    def observe_batch(payload, args, kwargs):
-        acts = run(payload, args, kwargs, found)
+    def observe_batch(payload, arrays, static):
+        acts = run(payload, arrays, static, found)
         out = {}
         for path, xs in acts.items():
             spec = found[path].act
@@ -181,12 +214,12 @@ def calibrate(
             out[path] = (m, r)
         return out
 
-    step1 = jax.jit(observe_batch)
+    step1 = jax.jit(observe_batch, static_argnums=2)
     moments: dict[str, observe.Moments] = {}
     ranges: dict[str, tuple[Any, Any]] = {}
-    for b, batch in enumerate(batches):
-        args, kwargs = _args(batch)
-        out = step1(payload, args, kwargs)
+    for b, (arrays, static) in enumerate(batches):
+        with explain_collections("calibrate"):
+            out = step1(payload, arrays, static)
         for path, (m, r) in out.items():
             bad = float(m.nonfinite)
             if bad:
@@ -268,8 +301,8 @@ def _unusable_range(
     return f"{method} chose the empty range ({lo:g}, {hi:g})"
 
 
-def _check_batches(batches: Any) -> list[Any]:
-    """``batches`` as a non-empty list whose leaves ``jax.jit`` can take."""
+def _check_batches(batches: Any, call_kwargs: Mapping[str, Any]) -> list[Any]:
+    """``batches`` as a non-empty list of :func:`split_call` pairs."""
     if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):
         raise TypeError(
             "calibrate: batches must be an iterable of model inputs (arrays, tuples of "
@@ -278,15 +311,15 @@ def _check_batches(batches: Any) -> list[Any]:
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate: no calibration batches; pass a non-empty list of inputs.")
+    out = []
     for b, batch in enumerate(batches):
-        for leaf in jax.tree_util.tree_leaves(batch):
-            if not (hasattr(leaf, "dtype") or isinstance(leaf, numbers.Number)):
-                raise TypeError(
-                    f"calibrate: batches[{b}] holds {describe(leaf)}; a batch is an array, a "
-                    "tuple of positional arguments or a dict of keyword arguments, each an "
-                    "array or a number."
-                )
-    return batches
+        if isinstance(batch, dict) and (both := sorted(set(batch) & set(call_kwargs))):
+            raise ValueError(
+                f"calibrate: batches[{b}] and call_kwargs both give the keyword argument(s) "
+                f"{both}; give each in one place (call_kwargs for what every call shares)."
+            )
+        out.append(split_call(batch, f"calibrate: batches[{b}]"))
+    return out
 
 
 def _summary(m: observe.Moments) -> dict[str, float]:
@@ -311,8 +344,8 @@ def _histograms(run, payload, batches, found, moments, paths, bins) -> dict[str,
         c = found[p].act.calibration
         return c.bins if hasattr(c, "bins") else bins
 
-    def hist_batch(payload, args, kwargs, spans):
-        acts = run(payload, args, kwargs, {})
+    def hist_batch(payload, arrays, static, spans):
+        acts = run(payload, arrays, static, {})
         out = {}
         for p in paths:
             hs = [observe.histograms(x, *spans[p], nbins(p)) for x in acts[p]]
@@ -322,21 +355,111 @@ def _histograms(run, payload, batches, found, moments, paths, bins) -> dict[str,
             out[p] = h
         return out
 
-    step2 = jax.jit(hist_batch)
+    step2 = jax.jit(hist_batch, static_argnums=2)
     total: dict[str, observe.Hist] = {}
-    for batch in batches:
-        args, kwargs = _args(batch)
-        for p, h in step2(payload, args, kwargs, spans).items():
+    for arrays, static in batches:
+        for p, h in step2(payload, arrays, static, spans).items():
             total[p] = h if p not in total else observe.add_hist(total[p], h)
     return total
+
+
+# ------------------------------------------------------------------ call arguments
+
+
+def check_call_kwargs(call_kwargs: Any, fn: str) -> dict[str, Any]:
+    """``call_kwargs`` as a dict (``{}`` for None); a TypeError naming it otherwise."""
+    if call_kwargs is None:
+        return {}
+    if not isinstance(call_kwargs, Mapping) or not all(isinstance(k, str) for k in call_kwargs):
+        raise TypeError(
+            f"{fn}: call_kwargs must be a dict of keyword arguments passed to every call of "
+            f"the model, e.g. {{'train': False}}, or None; got {describe(call_kwargs)}."
+        )
+    return dict(call_kwargs)
+
+
+def is_traced(leaf: Any) -> bool:
+    """Whether a leaf of a model call's arguments is traced (an array) or static."""
+    return isinstance(leaf, jax.Array | np.ndarray | np.generic)
+
+
+# Leaves a batch may hold besides arrays: the flags and options of a model call.
+_STATIC_LEAVES = (bool, int, float, complex, str, bytes, enum.Enum)
+
+
+def split_call(tree: Any, what: str) -> tuple[list[Any], Hashable]:
+    """A model call's arguments, split for ``jax.jit``: ``(arrays, static)``.
+
+    ``arrays`` are the array leaves of ``tree`` (``jax`` / ``numpy`` arrays and numpy
+    scalars), traced. ``static`` is hashable and holds the rest: the tree's structure and
+    its other leaves (Python bools, numbers, strings, enum members), passed to the model
+    as they are -- ``train=False`` stays a Python bool that ``if not train:`` can read.
+    Each leaf is kept with its type, so ``True`` and ``1`` compile separately.
+    :func:`join_call` puts the two back together.
+
+    Raises:
+      TypeError: a leaf of another kind (``what`` names the argument); such values go in
+        ``call_kwargs``, which is passed as it is.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    arrays, static = [], []
+    for leaf in leaves:
+        if is_traced(leaf):
+            arrays.append(leaf)
+            static.append(None)  # a static entry is never None: it is a (type, value) pair
+            continue
+        if not isinstance(leaf, _STATIC_LEAVES):
+            raise TypeError(
+                f"{what} holds {describe(leaf)}, which is neither an array (traced) nor a "
+                "Python bool, number or string (static, e.g. train=False). Pass other "
+                "values through call_kwargs, which reach the model as they are."
+            )
+        static.append((type(leaf), leaf))
+    return arrays, (treedef, tuple(static))
+
+
+def join_call(arrays: Iterable[Any], static: Hashable) -> Any:
+    """The tree :func:`split_call` split into ``(arrays, static)``."""
+    treedef, entries = static  # type: ignore[misc]
+    it = iter(arrays)
+    return jax.tree_util.tree_unflatten(treedef, [next(it) if e is None else e[1] for e in entries])
+
+
+@contextlib.contextmanager
+def explain_collections(fn: str) -> Iterator[None]:
+    """Flax's errors about variable collections, as ValueErrors that say what to pass."""
+    try:
+        yield
+    except flax.errors.ScopeCollectionNotFound as e:
+        raise ValueError(
+            f"{fn}: {e} Pass every collection the model was initialized with (e.g. "
+            "variables={'params': ..., 'batch_stats': ...}, all of what model.init returned), "
+            "not only 'params'."
+        ) from e
+    except flax.errors.ModifyScopeVariableError as e:
+        raise ValueError(
+            f"{fn}: {e} Called this way the model updates that collection (a BatchNorm in "
+            "training mode): pass its evaluation flag, e.g. call_kwargs={'train': False}."
+        ) from e
+
+
+def call_args(batch: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of one calibration batch: an array is ``model(x)``, a tuple
+    ``model(*batch)``, a dict ``model(**batch)``."""
+    if isinstance(batch, tuple):
+        return batch, {}
+    if isinstance(batch, dict):
+        return (), batch
+    return (batch,), {}
 
 
 # ------------------------------------------------------------------ running the model
 
 
-def _runner(model: Any, variables: Any, rules: Any) -> tuple[Any, Any]:
-    """``(fn, payload)``: ``fn(payload, args, kwargs, found)`` runs the float model on one
-    batch and returns the inputs of the watched layers; ``payload`` is its variables."""
+def _runner(model: Any, variables: Any, rules: Any, call_kwargs: dict) -> tuple[Any, Any]:
+    """``(fn, payload)``: ``fn(payload, arrays, static, found)`` runs the float model on
+    one batch (:func:`split_call`'s halves) and returns the inputs of the watched layers;
+    ``payload`` is its variables."""
     if isinstance(model, nn.Module):
         if variables is None:
             raise ValueError("calibrate: a Linen model needs its variables (model.init(...)).")
@@ -351,7 +474,7 @@ def _runner(model: Any, variables: Any, rules: Any) -> tuple[Any, Any]:
                     "plain model."
                 )
             rs, inner = as_rules(rules, "calibrate"), model
-        return _linen_fn(inner, rs), variables
+        return _linen_fn(inner, rs, call_kwargs), variables
     if isinstance(model, nnx.Module):
         if variables is not None:
             raise ValueError("calibrate: an NNX model holds its own variables; pass none.")
@@ -368,7 +491,7 @@ def _runner(model: Any, variables: Any, rules: Any) -> tuple[Any, Any]:
         else:
             rs = as_rules(rules, "calibrate")
         graphdef, state = nnx.split(model)
-        return _nnx_fn(graphdef, rs), state
+        return _nnx_fn(graphdef, rs, call_kwargs), state
     raise TypeError(f"calibrate: expected a Flax Linen or NNX model, got {type(model).__name__}.")
 
 
@@ -383,8 +506,9 @@ def _record(path: str, rule: Rule | None, x: Any, acts: dict, found: dict) -> No
         acts.setdefault(path, []).append(jnp.asarray(x))
 
 
-def _linen_fn(model: nn.Module, rules: tuple[Rule, ...]):
-    def fn(variables, args, kwargs, found):
+def _linen_fn(model: nn.Module, rules: tuple[Rule, ...], call_kwargs: dict):
+    def fn(variables, arrays, static, found):
+        args, kwargs = call_args(join_call(arrays, static))
         acts: dict[str, list] = {}
 
         def interceptor(next_fun, a, kw, context):
@@ -396,7 +520,7 @@ def _linen_fn(model: nn.Module, rules: tuple[Rule, ...]):
             return next_fun(*a, **kw)
 
         with nn.intercept_methods(interceptor):
-            model.apply(variables, *args, **kwargs)
+            model.apply(variables, *args, **call_kwargs, **kwargs)
         return acts
 
     return fn
@@ -414,8 +538,9 @@ class _Recorder:
         return self.op(*args, **kwargs)
 
 
-def _nnx_fn(graphdef: Any, rules: tuple[Rule, ...]):
-    def fn(state, args, kwargs, found):
+def _nnx_fn(graphdef: Any, rules: tuple[Rule, ...], call_kwargs: dict):
+    def fn(state, arrays, static, found):
+        args, kwargs = call_args(join_call(arrays, static))
         model = nnx.merge(graphdef, state)
         acts: dict[str, list] = {}
         for path, node in _quantizable(model):
@@ -428,7 +553,7 @@ def _nnx_fn(graphdef: Any, rules: tuple[Rule, ...]):
                 node.einsum_op = _Recorder(jnp.einsum, 1, path, rule, acts, found)
             else:
                 node.dot_general = _Recorder(lax.dot_general, 0, path, rule, acts, found)
-        model(*args, **kwargs)
+        model(*args, **call_kwargs, **kwargs)
         return acts
 
     return fn

@@ -42,8 +42,8 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -52,6 +52,13 @@ import optax
 from flax import nnx as flax_nnx
 
 from jaxquant._src.checks import describe
+from jaxquant._src.flax.calibrate import (
+    check_call_kwargs,
+    explain_collections,
+    is_traced,
+    join_call,
+    split_call,
+)
 from jaxquant._src.flax.rules import Rule, deterministic_rule, path_str
 from jaxquant._src.quantize import quantize
 from jaxquant._src.spec import QuantSpec
@@ -238,6 +245,7 @@ def sensitivity(
     metric: str | Callable[[Any, Any], Any] = "accuracy",
     layers: str | Sequence[str] | None = None,
     higher_is_better: bool | None = None,
+    call_kwargs: Mapping[str, Any] | None = None,
 ) -> Sensitivity:
     """How much each layer suffers from each quantization candidate, on its own.
 
@@ -249,20 +257,26 @@ def sensitivity(
 
     Candidates are evaluated as post-training quantization: stochastic rounding is
     replaced by round-to-nearest; rules with state (``scaling="delayed"``,
-    ``ste="lsq"``) are rejected. The model is called as given (``model.apply(variables,
-    x)`` / ``model(x)``): put an NNX model in ``eval()`` mode first, and give Linen
-    models their evaluation flags in their attributes.
+    ``ste="lsq"``) are rejected. The model is called as ``model.apply(variables, x,
+    **call_kwargs, **kwargs)`` (Linen) or ``model(x, **call_kwargs, **kwargs)`` (NNX), with
+    ``kwargs`` the batch's own (see ``data``): pass evaluation flags such as
+    ``call_kwargs={"train": False}`` or ``{"deterministic": True}`` (or put an NNX model
+    in ``eval()`` mode first).
 
     Args:
       model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
-      variables: the Linen model's variables (``{"params": ...}``); None for NNX.
+      variables: the Linen model's variables, every collection (``{"params": ...,
+        "batch_stats": ...}``: what ``model.init`` returned); None for NNX.
       candidates: name -> :class:`~jaxquant.flax.Rule` template (its ``pattern`` is
         ignored), e.g. ``{"int8": Rule(".*", weight=jq.QuantSpec("int8",
         jq.per_channel(-1)))}``. ``"float"`` (keep the layer in float32) is always an
         option and cannot be a candidate name.
-      data: the evaluation batches: a sequence or iterable of ``(x, y)`` pairs, a single
-        ``(x, y)`` pair of arrays, or a function returning either (called once; the
-        batches are kept for every trial). ``y`` may be None for ``"sqnr"``.
+      data: the evaluation batches: a sequence or iterable of ``(x, y)`` pairs or
+        ``(x, y, kwargs)`` triples (``kwargs``: this batch's keyword arguments, e.g.
+        ``{"mask": mask}``), a single ``(x, y)`` pair of arrays, or a function returning
+        any of these (called once; the batches are kept for every trial). ``y`` may be
+        None for ``"sqnr"``. Arrays in ``x`` and ``kwargs`` are traced; their other leaves
+        (Python bools, ints, strings) are passed as they are, one compilation per value.
       metric: ``"accuracy"`` (``argmax(outputs, -1) == y``, over all examples),
         ``"loss"`` (mean softmax cross-entropy with integer labels), ``"sqnr"`` (dB of
         the outputs against the float model's, pooled over batches; see
@@ -273,6 +287,10 @@ def sensitivity(
         of exact paths, or a regex (:func:`re.fullmatch`) selecting among those.
       higher_is_better: the direction of a callable metric (default True); fixed for the
         named metrics.
+      call_kwargs: keyword arguments for every call of the model, passed as they are
+        (never traced): ``{"train": False}``, ``{"deterministic": True}``... Linen:
+        ``apply``'s ``rngs``, ``mutable`` (the outputs are then ``apply``'s first result)
+        and ``method`` go here too.
 
     Returns:
       A :class:`Sensitivity`: ``.layers[i].metric / .damage / .nbytes`` per option,
@@ -281,8 +299,12 @@ def sensitivity(
 
     Raises:
       ValueError: for no candidates, the name ``"float"``, a stateful candidate, an
-        unknown metric, no batches, a ``layers`` entry that is not a quantizable layer, or
-        a float model whose outputs or metric are not finite.
+        unknown metric, no batches, a ``layers`` entry that is not a quantizable layer, a
+        float model whose outputs or metric are not finite, a keyword in both a batch and
+        ``call_kwargs``, or Linen ``variables`` missing a collection the model reads (or
+        a call that would update one: a BatchNorm in training mode).
+      TypeError: a batch that is not an ``(x, y)`` pair or ``(x, y, kwargs)`` triple, or
+        ``call_kwargs`` that is not a dict.
 
     Example:
       >>> import jax, flax.linen as nn, jaxquant as jq
@@ -297,29 +319,43 @@ def sensitivity(
       [('layers_0', 2048, 640, 384), ('layers_2', 512, 144, 80)]
       >>> all(s.damage["int8"] < s.damage["int4"] for s in sens.layers)
       True
+
+      A model with BatchNorm, evaluated as ``model.apply(variables, x, train=False)``:
+
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train: bool = True):
+      ...         x = nn.BatchNorm(use_running_average=not train)(nn.Dense(32)(x))
+      ...         return nn.Dense(4)(nn.relu(x))
+      >>> variables = Net().init(jax.random.key(1), x, train=False)
+      >>> sens = sensitivity(Net(), variables, cands, [(x, None)], metric="sqnr",
+      ...                    call_kwargs={"train": False})
+      >>> sens.paths
+      ('Dense_0', 'Dense_1')
     """
     templates = _check_candidates(candidates)
     name, higher, stats_fn = _metric(metric, higher_is_better)
-    batches = _batches(data)
+    call_kwargs = check_call_kwargs(call_kwargs, "sensitivity")
+    batches = _batches(data, call_kwargs)
     if isinstance(model, nn.Module):
         if variables is None:
             raise ValueError(
                 "sensitivity: a Linen model needs its variables (model.init(...) or trained "
                 "{'params': ...}); got None."
             )
-        runner = _LinenRunner(model, variables)
+        runner = _LinenRunner(model, variables, call_kwargs)
     elif isinstance(model, flax_nnx.Module):
         if variables is not None:
             raise ValueError(
                 "sensitivity: an NNX model holds its own parameters; pass variables=None."
             )
-        runner = _NnxRunner(model)
+        runner = _NnxRunner(model, call_kwargs)
     else:
         raise TypeError(
             f"sensitivity: expected a flax.linen.Module or flax.nnx.Module, got "
             f"{type(model).__name__}."
         )
-    found = runner.discover(batches[0][0])
+    found = runner.discover(batches[0])
     paths = _select(layers, [p for p, _ in found])
     modules = dict(found)
 
@@ -444,7 +480,17 @@ def _select(layers: Any, found: list[str]) -> list[str]:
     return chosen
 
 
-def _batches(data: Any) -> list[tuple[Any, Any]]:
+class _Batch(NamedTuple):
+    """One evaluation batch: the call's arguments ``(x, kwargs)`` as :func:`split_call`'s
+    ``arrays`` (on the device) and ``static``, the labels, and the batch size."""
+
+    arrays: list[Any]
+    static: Hashable
+    y: Any
+    size: int
+
+
+def _batches(data: Any, call_kwargs: Mapping[str, Any]) -> list[_Batch]:
     if callable(data):
         data = data()
     if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
@@ -457,13 +503,27 @@ def _batches(data: Any) -> list[tuple[Any, Any]]:
             f"sensitivity: data must be an iterable of (x, y) batches, got {type(data).__name__}."
         ) from None
     out = []
-    for b in batches:
-        if not (isinstance(b, tuple | list) and len(b) == 2):
+    for i, b in enumerate(batches):
+        if not (isinstance(b, tuple | list) and len(b) in (2, 3)):
             raise TypeError(
-                f"sensitivity: every batch must be an (x, y) pair, got {type(b).__name__}."
+                "sensitivity: every batch must be an (x, y) pair or an (x, y, kwargs) "
+                f"triple, got {describe(b)} at data[{i}]."
             )
+        x, y, kwargs = (*b, {}) if len(b) == 2 else b
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise TypeError(
+                f"sensitivity: the kwargs of data[{i}] (its third item) must be a dict of "
+                f"keyword arguments, got {describe(kwargs)}."
+            )
+        if both := sorted(set(kwargs) & set(call_kwargs)):
+            raise ValueError(
+                f"sensitivity: data[{i}] and call_kwargs both give the keyword argument(s) "
+                f"{both}; give each in one place (call_kwargs for what every call shares)."
+            )
+        arrays, static = split_call((x, kwargs), f"sensitivity: data[{i}]")
+        y = None if y is None else jnp.asarray(y)
         # On the device once, not once per trial.
-        out.append((jax.device_put(b[0]), None if b[1] is None else jnp.asarray(b[1])))
+        out.append(_Batch(jax.device_put(arrays), static, y, _batch_size(x, y)))
     if not out:
         raise ValueError("sensitivity: data holds no batches.")
     return out
@@ -550,7 +610,7 @@ class _Evaluator:
         self.cache: dict[tuple[Rule, ...], tuple[float, float]] = {}
         if self.needs_ref:
             fwd = runner.compile(None, lambda out, y, ref: {"out": out, "bad": _nonfinite(out)})
-            got = [fwd(x, y, None) for x, y in batches]
+            got = [fwd(b, None) for b in batches]
             if any(int(g["bad"]) for g in got):
                 raise ValueError(
                     "sensitivity: the float model's outputs are not finite on the data; "
@@ -578,13 +638,13 @@ class _Evaluator:
         fwd = self.runner.compile(rules, post)
         totals: dict[str, float] = {}
         bad = False
-        for (x, y), ref in zip(self.batches, self.refs, strict=True):
-            got = fwd(x, y, ref)
+        for b, ref in zip(self.batches, self.refs, strict=True):
+            got = fwd(b, ref)
             bad = bad or bool(int(got["bad"]))
             st = got["stats"]
             if stats_fn is _callable_stats:
-                n = float(_batch_size(x, y))
-                st = {"sum": n * float(self.metric_fn(st["outputs"], y)), "count": n}
+                n = float(b.size)
+                st = {"sum": n * float(self.metric_fn(st["outputs"], b.y)), "count": n}
             for k, v in st.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return totals, bad
@@ -613,8 +673,9 @@ class _Evaluator:
 
 
 def _batch_size(x: Any, y: Any) -> int:
-    lead = y if y is not None else jax.tree.leaves(x)[0]
-    return int(lead.shape[0]) if lead.ndim else 1
+    arrays = [a for a in jax.tree.leaves(x) if is_traced(a)]
+    lead = y if y is not None else (arrays[0] if arrays else None)
+    return int(lead.shape[0]) if lead is not None and lead.ndim else 1
 
 
 # ---------------------------------------------------------------------------- runners
@@ -625,17 +686,26 @@ def _discovery_rule() -> Rule:
 
 
 class _LinenRunner:
-    def __init__(self, model: nn.Module, variables: Any) -> None:
-        self.model, self.variables = model, variables
+    def __init__(self, model: nn.Module, variables: Any, call_kwargs: dict[str, Any]) -> None:
+        self.model, self.variables, self.call_kwargs = model, variables, call_kwargs
 
-    def discover(self, x: Any) -> list[tuple[str, str]]:
+    def _apply(self, model: nn.Module, variables: Any, arrays: Any, static: Hashable) -> Any:
+        x, kwargs = join_call(arrays, static)
+        kwargs = {**self.call_kwargs, **kwargs}
+        out = model.apply(variables, x, **kwargs)
+        # apply returns (outputs, updated collections) when a collection is mutable
+        return out[0] if kwargs.get("mutable", False) is not False else out
+
+    def discover(self, batch: _Batch) -> list[tuple[str, str]]:
         from jaxquant._src.flax import quantize_model, report
 
         probe = quantize_model(self.model, _discovery_rule(), strict=False)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), explain_collections("sensitivity"):
             # "rule '.*' matched no module": _select raises its own error for that
             warnings.filterwarnings("ignore", "quantize_model", UserWarning)
-            jax.eval_shape(probe.apply, self.variables, x)
+            jax.eval_shape(
+                lambda v, a: self._apply(probe, v, a, batch.static), self.variables, batch.arrays
+            )
         return [(m.path, m.module) for m in report(probe)]
 
     def kernel(self, path: str) -> jax.ShapeDtypeStruct:
@@ -655,17 +725,25 @@ class _LinenRunner:
         from jaxquant._src.flax import quantize_model
 
         m = self.model if rules is None else quantize_model(self.model, rules)
-        jitted = jax.jit(lambda v, x, y, ref: post(m.apply(v, x), y, ref))
+        jitted = jax.jit(
+            lambda v, a, static, y, ref: post(self._apply(m, v, a, static), y, ref),
+            static_argnums=2,
+        )
         variables = self.variables
-        return lambda x, y, ref: jitted(variables, x, y, ref)
+
+        def fwd(b: _Batch, ref: Any) -> Any:
+            with explain_collections("sensitivity"):
+                return jitted(variables, b.arrays, b.static, b.y, ref)
+
+        return fwd
 
 
 class _NnxRunner:
-    def __init__(self, model: flax_nnx.Module) -> None:
-        self.model = model
+    def __init__(self, model: flax_nnx.Module, call_kwargs: dict[str, Any]) -> None:
+        self.model, self.call_kwargs = model, call_kwargs
 
-    def discover(self, x: Any) -> list[tuple[str, str]]:
-        del x
+    def discover(self, batch: _Batch) -> list[tuple[str, str]]:
+        del batch
         return [
             (path_str(p), type(node).__name__)
             for p, node in flax_nnx.iter_graph(self.model)
@@ -686,8 +764,14 @@ class _NnxRunner:
         if rules is not None:
             quantize_model(m, rules)
         graphdef, state = flax_nnx.split(m)
-        jitted = jax.jit(lambda st, x, y, ref: post(flax_nnx.merge(graphdef, st)(x), y, ref))
-        return lambda x, y, ref: jitted(state, x, y, ref)
+        call_kwargs = self.call_kwargs
+
+        def run(st, arrays, static, y, ref):
+            x, kwargs = join_call(arrays, static)
+            return post(flax_nnx.merge(graphdef, st)(x, **call_kwargs, **kwargs), y, ref)
+
+        jitted = jax.jit(run, static_argnums=2)
+        return lambda b, ref: jitted(state, b.arrays, b.static, b.y, ref)
 
 
 # ---------------------------------------------------------------------- mixed precision
