@@ -1,11 +1,21 @@
 """Orbax checkpoints of quantized pytrees (imports orbax; ``import jaxquant`` alone does not).
 
-``save(directory, tree)`` writes a pytree of arrays and :class:`~jaxquant.QArray` s,
-``restore(directory, target=None)`` reads it back bit for bit (values, scales and zero
-points, whatever their dtype; without a target, its dicts, lists, tuples and ``None`` s,
-empty ones included), ``layout(directory)`` returns its manifest. Damage anywhere (one
-flipped bit of the manifest included) makes ``restore`` raise a ValueError naming the
-checkpoint and what is wrong.
+``save(directory, tree)`` writes a pytree of arrays, :class:`~jaxquant.QArray` s and
+PRNG keys, ``restore(directory, target=None)`` reads it back bit for bit (values, scales
+and zero points, whatever their dtype; without a target, its dicts, lists, tuples and
+``None`` s, empty ones included), ``layout(directory)`` returns its manifest.
+
+An NNX model's state round-trips into the model::
+
+    jq.orbax.save(path, nnx.state(model))
+    nnx.update(model, jq.orbax.restore(path))   # or restore(path, target=nnx.state(model))
+
+Without a target, each ``nnx.Variable`` comes back as its value (the pure dict
+``nnx.to_pure_dict`` gives, which ``nnx.update`` takes); with ``target=nnx.state(model)``
+(or its ``jax.eval_shape``) the result is an ``nnx.State`` of the target's variables.
+
+Damage anywhere (one flipped bit of the manifest included) makes ``restore`` raise a
+ValueError naming the checkpoint and what is wrong.
 
 On-disk layout (format ``"jaxquant.orbax"``, version 1)
 -------------------------------------------------------
@@ -22,7 +32,10 @@ On-disk layout (format ``"jaxquant.orbax"``, version 1)
 
 Leaves are numbered ``i = 0, 1, ...`` in ``jax.tree_util`` flattening order, QArrays being
 leaves. A QArray is split into the arrays ``leaf_<i>.values``, ``leaf_<i>.scale`` and,
-for asymmetric specs, ``leaf_<i>.zero_point``; any other leaf is ``leaf_<i>.array``. Each
+for asymmetric specs, ``leaf_<i>.zero_point``; an array of typed PRNG keys
+(``jax.random.key``) is stored as its ``jax.random.key_data`` (``uint32``, the key shape
+plus the implementation's trailing axes) in ``leaf_<i>.array``; any other leaf is
+``leaf_<i>.array``. Each
 is stored with the shape and bytes it has in memory. ``values`` keeps the byte layout
 documented in ``jaxquant/_src/qarray.py``: formats below 8 bits are ``uint8`` bytes
 holding an LSB-first bit stream along the last axis (4-bit formats: two codes per byte,
@@ -61,7 +74,12 @@ The stored arrays read back with orbax alone:
          "type": "jax",                             # or "numpy": restored as numpy
          "shape": [32], "dtype": "bfloat16",
          "arrays": {"array": {"key": "leaf_1.array", "shape": [32], "dtype": "bfloat16",
-                              "stored_dtype": "uint16", "sha256": <hex>}}}],
+                              "stored_dtype": "uint16", "sha256": <hex>}}},
+        {"name": "rngs/key/value", "path": [...], "kind": "key",
+         "impl": "threefry2x32",                    # jax.random.key_impl
+         "shape": [], "dtype": "uint32",            # the keys' shape, their data's dtype
+         "arrays": {"array": {"key": "leaf_2.array", "shape": [2], "dtype": "uint32",
+                              "stored_dtype": "uint32", "sha256": <hex>}}}],
       "structure": {"dict": [["params", {"dict": [["Dense_0", {"dict": [
                        ["kernel", 0], ["bias", 1]]}]]}]]}}
 
@@ -76,9 +94,14 @@ the file.
 ``structure`` describes the tree's containers, so that restore without a target rebuilds
 them all: a leaf is its number ``i``, ``None`` is ``null``, a dict
 ``{"dict": [[key, child], ...]}`` (flattening order), a list ``{"list": [child, ...]}``, a
-tuple ``{"tuple": [...]}``, any other container ``{"node": [[kind, key, child], ...]}``
-with the path entry of each child (restored as a dict keyed by them, or a list for
-``index`` entries). Leaves appear in their order ``0, 1, ...``, each at its ``path``.
+tuple ``{"tuple": [...]}``, a flax ``nnx.Variable`` ``{"variable": [class name, child]}``
+(its child's path entry is ``["attr", "value"]``; restored as the child itself), any other
+container ``{"node": [[kind, key, child], ...]}`` with the path entry of each child
+(restored as a dict keyed by them, or a list for ``index`` entries). Leaves appear in
+their order ``0, 1, ...``, each at its ``path``. Checkpoints saved before ``variable``
+nodes existed hold their variables as ``node`` s with the one entry ``["attr", "value"]``:
+restore without a target warns about those (they come back as ``{"value": x}``); pass
+``target=nnx.state(model)``.
 
 ``manifest_sha256`` is the sha256 of the manifest without that key, serialized as
 ``json.dumps(m, sort_keys=True, separators=(",", ":"), ensure_ascii=True)`` (UTF-8), so it

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -79,10 +80,44 @@ _PATH_KEYS = (
     (jax.tree_util.FlattenedIndexKey, "flat", "key"),
 )
 _QARRAY_FIELDS = ("values", "scale", "zero_point")
+_VALUE = jax.tree_util.GetAttrKey("value")  # where an nnx.Variable keeps its value
 
 
 def _is_qarray(x: Any) -> bool:
     return isinstance(x, QArray)
+
+
+def _is_key_dtype(dtype: Any) -> bool:
+    try:
+        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    except TypeError:
+        return False
+
+
+def _is_key(x: Any) -> bool:
+    """A concrete array of typed PRNG keys (``jax.random.key``; an NNX model's RNG state)."""
+    return isinstance(x, jax.Array) and _is_key_dtype(x.dtype)
+
+
+def _one_key(impl: str) -> tuple[Any, jax.ShapeDtypeStruct]:
+    """(key dtype, its key data's shape and dtype) of one PRNG key of implementation
+    ``impl``; a ValueError if this JAX has no such implementation."""
+    try:
+        key = jax.eval_shape(lambda: jax.random.key(0, impl=impl))
+        return key.dtype, jax.eval_shape(jax.random.key_data, key)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"PRNG key implementation {impl!r} unknown to this JAX ({e})") from None
+
+
+def _variable_type(x: Any) -> str | None:
+    """The class name of a flax ``nnx.Variable`` (an ``nnx.State``'s leaves hold their value
+    under the attribute ``value``), or None. flax is only looked at if it is imported."""
+    lib = sys.modules.get("flax.nnx.variablelib")
+    if lib is None:
+        return None
+    # vars(), not getattr: flax >= 0.12 aliases VariableState to Variable with a warning.
+    kinds = tuple(t for t in map(vars(lib).get, ("Variable", "VariableState")) if t)
+    return type(x).__name__ if isinstance(x, kinds) else None
 
 
 def _directory(directory: Any, fn: str) -> Path:
@@ -127,7 +162,8 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
     Args:
       directory: where the checkpoint goes; must not exist unless ``force``.
       tree: a pytree (dicts, lists, tuples, flax ``FrozenDict`` / ``nnx.State``...) whose
-        leaves are ``jax.Array`` / ``numpy`` arrays and QArrays.
+        leaves are ``jax.Array`` / ``numpy`` arrays (typed PRNG keys included: an NNX
+        model's RNG state) and QArrays.
       force: replace an existing checkpoint at ``directory`` (only a jaxquant checkpoint
         or an empty directory is ever replaced).
 
@@ -209,6 +245,15 @@ def _flatten(tree: Any) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
                 spec=spec_to_dict(leaf.spec),
             )
             fields = {f: getattr(leaf, f) for f in _QARRAY_FIELDS}
+        elif _is_key(leaf):
+            data = _to_host(jax.random.key_data(leaf), repr(name))
+            entry.update(
+                kind="key",
+                impl=str(jax.random.key_impl(leaf)),
+                shape=list(leaf.shape),
+                dtype=data.dtype.name,
+            )
+            fields = {"array": data}
         else:
             host = _to_host(leaf, repr(name))
             numpy = isinstance(leaf, np.ndarray | np.generic)
@@ -248,6 +293,9 @@ def _structure(tree: Any) -> Any:
         )[0]
         if len(children) == 1 and not children[0][0]:
             return next(count)
+        variable = _variable_type(x)
+        if variable is not None and [p for p, _ in children] == [(_VALUE,)]:
+            return {"variable": [variable, walk(children[0][1], (*path, _VALUE))]}
         kids = [walk(c, (*path, *p)) for p, c in children]
         if type(x) in (list, tuple):
             return {type(x).__name__: kids}
@@ -474,12 +522,13 @@ class _Stored:
 class _Leaf:
     name: str
     path: list
-    kind: str  # "qarray" | "array"
+    kind: str  # "qarray" | "array" | "key"
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: np.dtype  # of a key leaf: its key data's (uint32)
     spec: Any  # QuantSpec for a qarray
     numpy: bool  # an array leaf saved from numpy
     arrays: dict[str, _Stored | None]
+    impl: str | None = None  # PRNG implementation of a key leaf, e.g. "threefry2x32"
 
 
 def layout(directory: str | os.PathLike) -> dict[str, Any]:
@@ -597,17 +646,38 @@ def restore(directory: str | os.PathLike, target: Any = None) -> Any:
         and a leaf with a ``sharding`` is placed with it. Without ``target`` the result has
         the saved tree's dicts, lists, tuples and ``None`` s (empty ones included); other
         containers (namedtuples, dataclasses, ``FrozenDict``...) become dicts keyed by
-        their field names or keys.
+        their field names or keys; ``nnx.Variable`` s become their values, the pure dict
+        that ``nnx.update(model, ...)`` takes (pass ``target=nnx.state(model)`` for an
+        ``nnx.State``).
 
     Returns:
-      The tree: QArrays with ``jax.Array`` fields, ``jax.Array`` leaves, and ``numpy``
-      arrays for leaves that were numpy arrays when saved (or are in ``target``).
+      The tree: QArrays with ``jax.Array`` fields, ``jax.Array`` leaves (typed PRNG keys
+      for keys), and ``numpy`` arrays for leaves that were numpy arrays when saved (or are
+      in ``target``).
 
     Raises:
       ValueError: a missing directory or manifest, another format version, a damaged
         manifest (checksum or contents), a damaged or truncated file, an array whose
         checksum does not match, the temporary folder of an unfinished save, or a
         ``target`` that does not match (the first differing leaf path is named).
+
+    Example:
+      An NNX model's state (parameters, BatchNorm statistics, RNG keys) into a model:
+
+      >>> import os, tempfile, jax.numpy as jnp, jaxquant as jq
+      >>> import jaxquant.orbax
+      >>> from flax import nnx
+      >>> def make(seed):
+      ...     rngs = nnx.Rngs(seed)
+      ...     return nnx.Sequential(nnx.Linear(4, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs),
+      ...                           nnx.Dropout(0.5, rngs=rngs))
+      >>> model, other = make(0), make(1)
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     jq.orbax.save(os.path.join(tmp, "ckpt"), nnx.state(model))
+      ...     nnx.update(other, jq.orbax.restore(os.path.join(tmp, "ckpt")))
+      >>> x = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+      >>> bool((other(x) == model(x)).all())  # same weights, statistics and dropout keys
+      True
     """
     directory = _directory(directory, "restore")
     manifest = _manifest(directory, "restore")
@@ -629,12 +699,17 @@ def restore(directory: str | os.PathLike, target: Any = None) -> Any:
                 for f, x in host.items()
             }
             out.append(QArray(**fields, spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype))
+        elif leaf.kind == "key":
+            key = jax.random.wrap_key_data(host["array"], impl=leaf.impl)
+            sharding = getattr(t, "sharding", None)
+            out.append(key if sharding is None else jax.device_put(key, sharding))
         else:
             as_numpy = leaf.numpy if target is None else isinstance(t, np.ndarray | np.generic)
             out.append(_place(host["array"], t, as_numpy))
     if target is not None:
         return jax.tree_util.tree_unflatten(treedef, out)
     if "structure" in manifest:
+        _warn_value_boxes(manifest["structure"], directory)
         return _unflatten(manifest["structure"], out)
     return _nest([(leaf.path, x) for leaf, x in zip(leaves, out, strict=True)])
 
@@ -698,7 +773,7 @@ def _parse_leaf(e: dict[str, Any], i: int) -> _Leaf:
             arrays[field] = stored
     kind = e["kind"]
     expected = set(_QARRAY_FIELDS) if kind == "qarray" else {"array"}
-    if kind not in ("qarray", "array") or set(arrays) != expected:
+    if kind not in ("qarray", "array", "key") or set(arrays) != expected:
         raise ValueError(f"kind {kind!r} with arrays {sorted(arrays)}")
     leaf = _Leaf(
         name=str(e["name"]),
@@ -709,6 +784,7 @@ def _parse_leaf(e: dict[str, Any], i: int) -> _Leaf:
         spec=spec_from_dict(e["spec"]) if kind == "qarray" else None,
         numpy=kind == "array" and e["type"] == "numpy",
         arrays=arrays,
+        impl=str(e["impl"]) if kind == "key" else None,
     )
     if kind == "qarray":
         scale = arrays["scale"]
@@ -721,12 +797,20 @@ def _parse_leaf(e: dict[str, Any], i: int) -> _Leaf:
         if zp is not None and (zp.shape != want or zp.dtype.kind not in "iu"):
             raise ValueError(f"zero_point is {zp.shape} {zp.dtype.name}, not integers of {want}")
         expected = _qarray_arrays(leaf.spec, leaf.shape)
+    elif kind == "key":
+        assert leaf.impl is not None
+        data = _one_key(leaf.impl)[1]
+        if leaf.dtype != data.dtype:
+            raise ValueError(f"its key data is {leaf.dtype.name}, not {data.dtype.name}")
+        expected = {"array": ((*leaf.shape, *data.shape), leaf.dtype)}
     else:
         expected = {"array": (leaf.shape, leaf.dtype)}
     for field, (shape, dtype) in expected.items():
         s = arrays[field]
         if s is not None and (s.shape, s.dtype) != (shape, dtype):
-            made_by = "spec and shape" if kind == "qarray" else "shape and dtype"
+            made_by = {"qarray": "spec and shape", "key": "implementation and shape"}.get(
+                kind, "shape and dtype"
+            )
             raise ValueError(
                 f"{field} is {s.shape} {s.dtype.name}, but the leaf's {made_by} make it "
                 f"{shape} {dtype.name}"
@@ -779,6 +863,11 @@ def _children(node: Any) -> list[tuple[Any, list]]:
     ((kind, kids),) = node.items()
     if kind in ("list", "tuple"):
         return [(c, ["index", i]) for i, c in enumerate(kids)]
+    if kind == "variable":
+        variable, child = kids
+        if not isinstance(variable, str):
+            raise ValueError(f"variable node of type {variable!r:.80}")
+        return [(child, ["attr", "value"])]
     if kind == "dict":
         out = [(c, ["key", k]) for k, c in kids]
     elif kind == "node":
@@ -791,6 +880,38 @@ def _children(node: Any) -> list[tuple[Any, list]]:
     return out
 
 
+def _warn_value_boxes(structure: Any, directory: Path) -> None:
+    """Warn about containers whose only child is the attribute ``value``: ``nnx.Variable`` s
+    saved before save recorded them as such, which restore can only give back as
+    ``{"value": x}`` dicts (``nnx.update`` stores those as the variables' values, and the
+    model then fails with ``KeyError: Ellipsis``)."""
+    found: list[str] = []
+
+    def walk(node: Any, path: list) -> None:
+        kids = _children(node)
+        if (
+            isinstance(node, dict)
+            and "node" in node
+            and [e for _, e in kids] == [["attr", "value"]]
+        ):
+            found.append("/".join(str(k) for _, k in path) or "(root)")
+        for child, entry in kids:
+            walk(child, [*path, entry])
+
+    walk(structure, [])
+    if found:
+        shown = ", ".join(repr(p) for p in found[:3]) + (" ..." if len(found) > 3 else "")
+        warnings.warn(
+            f"restore: {directory} holds {len(found)} container(s) whose only field is "
+            f"'value' ({shown}), restored as {{'value': array}} dicts. If they are "
+            "nnx.Variables (an nnx.State saved by an older jaxquant), nnx.update would store "
+            "those dicts as the values; pass target=nnx.state(model) instead, and save again "
+            "to record them as variables: save(path, restore(path, target), force=True).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _unflatten(node: Any, out: list[Any]) -> Any:
     """The tree ``structure`` (checked by :func:`_check_structure`) describes."""
     if node is None:
@@ -799,6 +920,8 @@ def _unflatten(node: Any, out: list[Any]) -> Any:
         return out[node]
     ((kind, _),) = node.items()
     kids = [(entry, _unflatten(c, out)) for c, entry in _children(node)]
+    if kind == "variable":  # its value: nnx.update takes these pure dicts
+        return kids[0][1]
     if kind == "list":
         return [x for _, x in kids]
     if kind == "tuple":
@@ -824,15 +947,25 @@ def _match_target(target: Any, leaves: list[_Leaf]) -> tuple[list[Any], Any]:
             )
     for (path, t), leaf in zip(flat, leaves, strict=True):
         name = _name(path)
+        is_key = hasattr(t, "shape") and _is_key_dtype(getattr(t, "dtype", None))
         if leaf.kind == "qarray":
             got = (t.spec, t.shape, np.dtype(t.dtype)) if isinstance(t, QArray) else None
             want = (leaf.spec, leaf.shape, leaf.dtype)
+        elif leaf.kind == "key":
+            assert leaf.impl is not None
+            got = (tuple(t.shape), t.dtype) if is_key else None
+            want = (leaf.shape, _one_key(leaf.impl)[0])
         else:
-            has = hasattr(t, "shape") and hasattr(t, "dtype") and not isinstance(t, QArray)
+            has = (
+                hasattr(t, "shape")
+                and hasattr(t, "dtype")
+                and not isinstance(t, QArray)
+                and not is_key
+            )
             got = (tuple(t.shape), np.dtype(t.dtype)) if has else None
             want = (leaf.shape, leaf.dtype)
         if got != want:
-            kind = "a QArray" if leaf.kind == "qarray" else "an array"
+            kind = {"qarray": "a QArray", "key": "PRNG keys"}.get(leaf.kind, "an array")
             raise ValueError(
                 f"restore: target leaf {name!r} does not match the checkpoint, which holds "
                 f"{kind} {_describe(want)}; the target has {_describe(got, t)}."
