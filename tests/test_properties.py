@@ -435,8 +435,9 @@ AGREE_GRID = [
     pytest.param(
         case,
         gran,
-        marks=([BINARY_SIGN] if case == "binary" else [])
-        + ([] if (case, gran) in QUICK else [pytest.mark.slow]),
+        marks=list(BINARY_SIGN)
+        if case == "binary"
+        else [] + ([] if (case, gran) in QUICK else [pytest.mark.slow]),
         id=f"{case}-{gran}",
     )
     for case in CASES

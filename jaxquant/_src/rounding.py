@@ -310,11 +310,14 @@ def round_float(
     # XLA's CPU backend flushes float32 subnormals in multiplies (DAZ/FTZ). Formats whose
     # grid reaches below 2^-126 (bf16, fp32) take subnormal inputs and outputs through
     # integer arithmetic on the bits instead, so they round exactly like ml_dtypes.
-    sub_grid = fmt.emin - fmt.man_bits < -126
+    # (A grid whose quantum is 2^-126 still rounds float32 subnormals up to it.)
+    sub_grid = fmt.emin - fmt.man_bits <= -126
     if sub_grid:
         is_sub = biased == 0
         mant = (bits & 0x7FFFFF).astype(jnp.float32)  # exact: < 2^23
-        y = jnp.where(is_sub, mant * jnp.float32(2.0 ** (fmt.man_bits - 23)), y)
+        # |x| / quantum = mant * 2^-149 / 2^(emin - m), exact (a power-of-two multiply of
+        # an integer below 2^23).
+        y = jnp.where(is_sub, mant * jnp.float32(2.0 ** (fmt.man_bits - fmt.emin - 149)), y)
     r = round_to_integer(y, u)
     out = (r * _exp2i(-a)) * _exp2i(-b)
     fmax = jnp.float32(fmt.max)
@@ -324,7 +327,9 @@ def round_float(
         overflow_to = jnp.float32(np.inf if fmt.has_inf else np.nan)
         out = jnp.where(out > fmax, overflow_to, out)
     if sub_grid:  # select last: min/where would flush a subnormal result too
-        shift = jnp.uint32(23 - fmt.man_bits)
+        # r * 2^(emin - m) as float32 bits: r << (emin - m + 149) (continuous across the
+        # float32 subnormal / normal boundary).
+        shift = jnp.uint32(fmt.emin - fmt.man_bits + 149)
         sub_out = lax.bitcast_convert_type(
             jnp.nan_to_num(r).astype(jnp.uint32) << shift, jnp.float32
         )
@@ -402,10 +407,20 @@ def round_codebook(
     lo = table_lookup(lo_i, c)
     hi = table_lookup(hi_i, c)
     if u is None:
-        d_lo = yc - lo
-        d_hi = hi - yc
-        prefer_hi = (jnp.abs(hi) < jnp.abs(lo)) | ((jnp.abs(hi) == jnp.abs(lo)) & (hi > 0))
-        up = (d_hi < d_lo) | ((d_hi == d_lo) & prefer_hi)
+        # Compare with each pair's exact midpoint (float64, from the table): the float32
+        # distances yc - lo and hi - yc can round to a false tie (binary sent -1e-8 to +1).
+        mid = (c[:-1].astype(np.float64) + c[1:]) / 2
+        mid32 = mid.astype(np.float32)
+        exact = mid32.astype(np.float64) == mid
+        # Rounding up is yc > t, or yc == t where t is the midpoint itself and the tie goes
+        # up (to the smaller magnitude; binary's 0 to +1); where the midpoint is not a
+        # float32, t is the float32 just above it and yc == t is above it too.
+        above = np.where(exact | (mid32 > mid), mid32, np.nextafter(mid32, np.float32(np.inf)))
+        pair_hi = np.abs(c[1:]) < np.abs(c[:-1])
+        pair_hi |= (np.abs(c[1:]) == np.abs(c[:-1])) & (c[1:] > 0)
+        t = table_lookup(lo_i, above)
+        incl = table_lookup(lo_i, (~exact | pair_hi).astype(np.float32)) > 0
+        up = (yc > t) | ((yc == t) & incl)
     else:
         up = u * (hi - lo) < (yc - lo)
     idx = jnp.where(up, hi_i, lo_i)
