@@ -1070,6 +1070,12 @@ def test_nan_policy(name, mode):
     np.testing.assert_array_equal(np.asarray(fq)[finite], np.asarray(deq)[finite])
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by the oracles, not in issue 11: fake_quant returns -0.0 where "
+    "dequantize(quantize(x)) returns +0.0 for integer formats; the GPU block kernel does the "
+    "same, so both change together (int8 of [1.0, -0.001] -> fake_quant [1, -0.0])",
+)
 @pytest.mark.parametrize(("name", "mode"), quick_rotation(["int8", "int4"], MODES))
 def test_fake_quant_zero_has_the_sign_dequantize_gives(name, mode):
     """fake_quant is dequantize(quantize(x)) bit for bit, the sign of zero included."""

@@ -618,8 +618,6 @@ def _steps_output(st: Steps, spec: QuantSpec, *, unit_scale: bool, dtype: Any) -
     v, s = _widen(_to_grid(st.r, spec), dtype), _widen(st.s, dtype)
     z = None if st.z is None else _widen(st.z, dtype)
     out = v if unit_scale else (v * s if z is None else (v - z) * s)
-    if spec.element.kind == "int":  # an integer code 0 is +0, as dequantize returns it
-        out = jnp.where(out == 0, jnp.zeros((), out.dtype), out)
     if spec.element.kind == "codebook":
         # A codebook has no NaN code; storage maps NaN to a value, but fake_quant keeps it.
         out = jnp.where(jnp.isnan(st.y), jnp.asarray(np.nan, out.dtype), out)
