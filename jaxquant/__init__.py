@@ -17,6 +17,7 @@ from jaxquant._src.calibration import (
     percentile,
     twn,
 )
+from jaxquant._src.config import QuantConfig
 from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.convert import convert
 from jaxquant._src.dot import dot_capabilities, dot_general, einsum
@@ -59,6 +60,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "QArray",
+    "QuantConfig",
     "QuantSpec",
     "ScaleState",
     "Scaling",
