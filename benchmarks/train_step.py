@@ -19,7 +19,6 @@ bf16's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import statistics
@@ -128,7 +127,7 @@ def run_cpu(args) -> dict:
         keep = ("Dense_2",) if name == "mxfp8" else ()
         rules = () if recipe is None else recipe.rules(keep_float=keep)
         if "emulate" in name:  # the same numbers from a float32 dot of the int8 grid values
-            rules = tuple(dataclasses.replace(r, mode="emulate") for r in rules)
+            rules = tuple(r.replace(mode="emulate") for r in rules)
         model = base if recipe is None else quantize_model(base, rules)
         step = _make_step(model, opt, "xent")
         steps[name] = (step, _time(step, _init(model, opt, x), (x, y), iters=1, repeats=1)[1])

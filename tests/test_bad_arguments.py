@@ -805,8 +805,21 @@ for _name, _args in (
     )
 target(
     "jq.flax.Rule",
-    lambda pattern=".*", **kw: jqf.Rule(pattern, **kw),
+    lambda pattern=".*", config=None, **kw: jqf.Rule(pattern, config, **kw),
     pattern={"int": 3, "bad_regex": "(", "none": None},
+    config={"spec": jq.QuantSpec("int8"), "str": "int8", "dict": {"weight": None}},
+    weight=SPEC_BAD,
+    act=SPEC_BAD,
+    grad=SPEC_BAD,
+    mode=CHOICE,
+    scaling=CHOICE,
+    history_len=INT,
+    margin=but(INT, "neg"),
+    ste=CHOICE,
+)
+target(
+    "jq.QuantConfig",
+    lambda **kw: jq.QuantConfig(**kw),
     weight=SPEC_BAD,
     act=SPEC_BAD,
     grad=SPEC_BAD,

@@ -23,29 +23,36 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxquant._src.checks import check_int, describe
+from jaxquant._src.checks import describe
+from jaxquant._src.config import QuantConfig
 from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_general, einsum
-from jaxquant._src.granularity import PerChannel, PerTensor
+from jaxquant._src.granularity import PerTensor
 from jaxquant._src.lsq import lsq_fake_quant, lsq_init
 from jaxquant._src.qarray import QArray
 from jaxquant._src.scaling import Scaling, delayed_scaling
 from jaxquant._src.spec import QuantSpec
 
-_MODES = ("auto", "real", "emulate")
-_INT32_MAX = 2**31 - 1
+_UNSET: Any = object()
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(QuantConfig))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Rule:
-    """Quantize the dots of the modules whose path matches ``pattern``.
+    """Quantize the contractions of the modules whose path matches ``pattern``.
+
+    A Rule is a path pattern plus a :class:`~jaxquant.QuantConfig`: ``Rule(pattern, config)``,
+    or, equivalently, the config's fields as keywords (``Rule(pattern, weight=..., act=...)``).
 
     Args:
       pattern: a regular expression, matched with :func:`re.fullmatch` against the module
         path (names joined by ``"/"``, e.g. ``"Dense_0"``, ``"layers/0/linear"``).
-      weight: :class:`~jaxquant.QuantSpec` of the kernel (the dot's ``rhs``), e.g. int8
+      config: how each contraction of a matched module is quantized; None (and no field
+        keywords) keeps the module in float (a way to exclude layers from a later rule).
+      weight: :class:`~jaxquant.QuantSpec` of the weight (the operand computed from the
+        module's parameters: a Dense kernel, ``kernel.T``, a tied embedding), e.g. int8
         ``per_channel(-1)``; None keeps it in float.
-      act: spec of the input activation (the dot's ``lhs``), e.g. int8 per-tensor.
+      act: spec of the activation operands (the dot's other operand).
       grad: spec of the output gradient in the backward pass (e.g. e5m2).
       mode: passed to :func:`jaxquant.dot_general`: ``"auto"``, ``"real"`` or ``"emulate"``.
       scaling: ``"current"`` (each step's own amax) or ``"delayed"``: the weight and
@@ -73,80 +80,121 @@ class Rule:
       >>> rule = Rule(r"Dense_\\d+", weight=jq.QuantSpec("int8", jq.per_channel(-1)))
       >>> rule.matches("Dense_0"), rule.matches("Dense_0/sub")
       (True, False)
+      >>> rule == Rule(r"Dense_\\d+", jq.QuantConfig(weight=rule.weight))
+      True
     """
 
     pattern: str
-    weight: QuantSpec | None = None
-    act: QuantSpec | None = None
-    grad: QuantSpec | None = None
-    mode: str = "auto"
-    scaling: str = "current"
-    history_len: int = 16
-    margin: int = 0
-    ste: str = "plain"
+    config: QuantConfig
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.pattern, str):
-            raise TypeError(f"Rule.pattern must be a str regex, got {self.pattern!r}.")
+    def __init__(
+        self,
+        pattern: str,
+        config: QuantConfig | None = None,
+        *,
+        weight: QuantSpec | None = _UNSET,
+        act: QuantSpec | None = _UNSET,
+        grad: QuantSpec | None = _UNSET,
+        mode: str = _UNSET,
+        scaling: str = _UNSET,
+        history_len: int = _UNSET,
+        margin: int = _UNSET,
+        ste: str = _UNSET,
+    ) -> None:
+        if not isinstance(pattern, str):
+            raise TypeError(f"Rule.pattern must be a str regex, got {pattern!r}.")
         try:
-            re.compile(self.pattern)
+            re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regex: {e}.") from None
-        for name in ("weight", "act", "grad"):
-            spec = getattr(self, name)
-            if spec is None:
-                continue
-            if not isinstance(spec, QuantSpec):
-                raise TypeError(f"Rule.{name} must be a jq.QuantSpec or None, got {spec!r}.")
-        if self.mode not in _MODES:
-            raise ValueError(f"Rule.mode must be one of {_MODES}, got {self.mode!r}.")
-        if self.scaling not in ("current", "delayed"):
-            raise ValueError(f"Rule.scaling must be 'current' or 'delayed', got {self.scaling!r}.")
-        if self.ste not in ("plain", "clipped", "lsq"):
-            raise ValueError(f"Rule.ste must be 'plain', 'clipped' or 'lsq', got {self.ste!r}.")
-        history_len = check_int(self.history_len, "Rule.history_len", lo=1, hi=_INT32_MAX)
-        # 2^margin scales a float32 amax: jq.delayed_scaling's bound.
-        margin = check_int(self.margin, "Rule.margin (powers of two of headroom)")
-        if not -126 <= margin <= 126:
+            raise ValueError(f"Rule.pattern {pattern!r} is not a valid regex: {e}.") from None
+        loose = {
+            k: v
+            for k, v in dict(
+                weight=weight,
+                act=act,
+                grad=grad,
+                mode=mode,
+                scaling=scaling,
+                history_len=history_len,
+                margin=margin,
+                ste=ste,
+            ).items()
+            if v is not _UNSET
+        }
+        if config is not None and not isinstance(config, QuantConfig):
+            fix = (
+                f"Rule({pattern!r}, weight=spec) or Rule({pattern!r}, jq.QuantConfig(weight=spec))"
+                if isinstance(config, QuantSpec)
+                else f"Rule({pattern!r}, jq.QuantConfig(weight=..., act=...))"
+            )
+            raise TypeError(
+                f"Rule.config must be a jq.QuantConfig or None, got {describe(config)}. "
+                f"Write {fix}."
+            )
+        if config is not None and loose:
             raise ValueError(
-                f"Rule.margin must be in -126..126, got {margin}. Transformer Engine uses 0."
+                f"Rule({pattern!r}): got a config and the config fields {sorted(loose)} as "
+                "keywords; give one or the other (config.replace(...) changes fields)."
             )
-        object.__setattr__(self, "history_len", history_len)
-        object.__setattr__(self, "margin", margin)
-        if self.scaling == "delayed" and self.ste == "lsq":
-            raise ValueError(
-                "Rule: scaling='delayed' and ste='lsq' both choose the operands' scales; pick one."
-            )
-        for name in ("weight", "act") if self.scaling == "delayed" or self.ste == "lsq" else ():
-            spec = getattr(self, name)
-            if spec is None:
-                continue
-            bad_gran = not isinstance(spec.granularity, PerTensor | PerChannel) or (
-                name == "act" and not isinstance(spec.granularity, PerTensor)
-            )
-            if spec.calibration is None or spec.format.kind == "mx" or bad_gran:
-                what = "scaling='delayed'" if self.scaling == "delayed" else "ste='lsq'"
-                raise ValueError(
-                    f"Rule.{name}: {what} keeps one scale per group across steps, so the "
-                    f"groups must not depend on the batch or on blocks; got {spec}. Use "
-                    "per_tensor() (or, for the weight, per_channel over the kernel's output "
-                    "axes)."
-                )
+        if config is None:
+            try:
+                config = QuantConfig(**loose)
+            except (TypeError, ValueError) as e:
+                raise type(e)(str(e).replace("QuantConfig.", "Rule.", 1)) from None
+        object.__setattr__(self, "pattern", pattern)
+        object.__setattr__(self, "config", config)
+
+    # The config's fields, read through the rule (rule.weight, rule.scaling...): one name each.
+    @property
+    def weight(self) -> QuantSpec | None:
+        return self.config.weight
+
+    @property
+    def act(self) -> QuantSpec | None:
+        return self.config.act
+
+    @property
+    def grad(self) -> QuantSpec | None:
+        return self.config.grad
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def scaling(self) -> str:
+        return self.config.scaling
+
+    @property
+    def history_len(self) -> int:
+        return self.config.history_len
+
+    @property
+    def margin(self) -> int:
+        return self.config.margin
+
+    @property
+    def ste(self) -> str:
+        return self.config.ste
+
+    def __repr__(self) -> str:
+        return f"Rule({self.pattern!r}, {self.config!r})"
+
+    def replace(self, **changes: Any) -> Rule:
+        """A copy with the pattern and / or config fields changed."""
+        pattern = changes.pop("pattern", self.pattern)
+        config = changes.pop("config", self.config)
+        return Rule(pattern, config.replace(**changes) if changes else config)
 
     @property
     def stateful(self) -> bool:
         """Whether the rule keeps variables (delayed scales, learned steps) or PRNG keys."""
-        specs = (self.weight, self.act, self.grad)
-        return (
-            self.scaling == "delayed"
-            or self.ste == "lsq"
-            or any(s is not None and s.stochastic for s in specs)
-        )
+        return self.config.stateful
 
     @property
     def quantizes(self) -> bool:
         """Whether the rule quantizes anything (a rule without specs keeps float)."""
-        return any(s is not None for s in (self.weight, self.act, self.grad))
+        return self.config.quantizes
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.pattern, path) is not None
@@ -356,16 +404,11 @@ def step_base(base: jax.Array, x: jax.Array, spec: QuantSpec) -> jax.Array:
 def deterministic_rule(rule: Rule) -> Rule:
     """The rule with stochastic specs rounding to nearest (evaluation)."""
 
-    def det(spec: QuantSpec | None) -> QuantSpec | None:
-        return spec.replace(rounding="nearest") if spec is not None and spec.stochastic else spec
-
-    return dataclasses.replace(
-        rule, weight=det(rule.weight), act=det(rule.act), grad=det(rule.grad)
-    )
+    return Rule(rule.pattern, rule.config.deterministic())
 
 
 def needs_key(rule: Rule) -> bool:
-    return any(s is not None and s.stochastic for s in (rule.weight, rule.act, rule.grad))
+    return rule.config.needs_key
 
 
 def run_stateful(
@@ -484,7 +527,7 @@ class QuantConv:
         with _at(self.path):
             if isinstance(rhs, QArray):  # served: conv kernels are small, dequantize it
                 check_served_weight(r, rhs)
-                rhs, r = rhs.dequantize(), dataclasses.replace(r, weight=None, grad=None)
+                rhs, r = rhs.dequantize(), r.replace(weight=None, grad=None)
             return conv_general_dilated(
                 lhs,
                 rhs,

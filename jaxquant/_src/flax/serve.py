@@ -24,7 +24,6 @@ GEMMs where the pair allows.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -74,7 +73,7 @@ def linen_layer(m: nn.Module, rule: Rule, path: str, args: tuple, kwargs: dict) 
         raise ValueError(f"quantized layer {path!r}: {e}") from None
     bias = m.get_variable("params", "bias") if m.has_variable("params", "bias") else None
     if isinstance(m, nn.Conv):  # flax's own Conv on the dequantized (small) kernel
-        act_only = dataclasses.replace(rule, weight=None, grad=None)
+        act_only = rule.replace(weight=None, grad=None)
         conv = m.clone(parent=None, conv_general_dilated=QuantConv(act_only, path))
         w = kernel.dequantize()
         params = {"kernel": w} if bias is None else {"kernel": w, "bias": bias}
@@ -201,4 +200,4 @@ def _nnx_layers(model: nnx.Module) -> list[tuple[str, Any]]:
 
 def exact_rule(path: str, rule: Rule, **changes: Any) -> Rule:
     """``rule`` restricted to exactly the module at ``path``."""
-    return dataclasses.replace(rule, pattern=re.escape(path), **changes)
+    return rule.replace(pattern=re.escape(path), **changes)
