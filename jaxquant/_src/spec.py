@@ -32,7 +32,10 @@ class QuantSpec:
         ``"nf4"``, ``"mxfp4"``, ``"e3m2"``...).
       granularity: :func:`per_tensor` (default), :func:`per_channel`, :func:`per_block`,
         :func:`per_token`. MX formats force ``per_block(-1, 32)`` unless given another
-        per-block granularity.
+        per-block granularity. The layout-relative forms ``per_channel()`` and
+        ``per_block(size)`` are accepted here and bound to explicit axes by the contraction
+        that quantizes the operand; array-level functions (``quantize``, ``fake_quant``)
+        refuse them with a ValueError.
       calibration: how the range is chosen (:func:`absmax` default, :func:`mean_std`,
         :func:`percentile`, :func:`mse`, :func:`kl`, :func:`fixed`, :func:`minmax`), or
         ``None`` for no scaling at all: a plain (saturating) cast, ``s = 1``.
@@ -56,6 +59,8 @@ class QuantSpec:
       >>> import jaxquant as jq
       >>> jq.QuantSpec("int8", granularity=jq.per_channel(-1)).format.name
       'int8'
+      >>> print(jq.QuantSpec("int4", jq.per_block(32)))  # blocks along the contraction axis
+      QuantSpec(int4, per_block(32), absmax)
     """
 
     format: formats.Format
@@ -105,7 +110,8 @@ class QuantSpec:
         ):
             raise TypeError(
                 "QuantSpec.granularity: expected per_tensor(), per_channel(axes), "
-                f"per_block(axis, size) or per_token(), got {granularity!r}."
+                "per_channel(), per_block(axis, size), per_block(size) or per_token(), got "
+                f"{granularity!r}."
             )
         if fmt.kind == "mx":
             if not isinstance(granularity, gran.PerBlock):
