@@ -8,6 +8,7 @@ Rule-based quantization-aware training of existing Linen and NNX models::
 from jaxquant._src.flax import (
     Assignment,
     CalibrationResult,
+    Contraction,
     LayerSensitivity,
     Match,
     NnxPolicyModule,
@@ -20,6 +21,7 @@ from jaxquant._src.flax import (
     Sensitivity,
     apply_policy,
     calibrate,
+    contractions,
     convert,
     mixed_precision,
     quantize_model,
@@ -30,6 +32,7 @@ from jaxquant._src.flax import (
 __all__ = [
     "Assignment",
     "CalibrationResult",
+    "Contraction",
     "LayerSensitivity",
     "Match",
     "NnxPolicyModule",
@@ -42,6 +45,7 @@ __all__ = [
     "Sensitivity",
     "apply_policy",
     "calibrate",
+    "contractions",
     "convert",
     "mixed_precision",
     "quantize_model",

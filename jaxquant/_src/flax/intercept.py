@@ -1,0 +1,460 @@
+"""Interception: every contraction inside a matched module, whatever code calls it.
+
+Flax's own layers take their product as an attribute (``Dense(dot_general=...)``,
+``nnx.Linear.dot_general``, ``Conv.conv_general_dilated``), and the front ends set it. Code
+written elsewhere does not: Hugging Face's ``FlaxConv1D`` calls ``lax.dot_general`` itself,
+``Embed.attend`` calls ``jnp.dot``, a LoRA subclass of ``nn.Dense`` writes ``x @ kernel``.
+While a quantized model runs, :func:`intercepting` replaces the public contraction functions
+(``jax.lax.dot_general``, ``jax.lax.conv_general_dilated``, ``jnp.einsum``, ``jnp.dot``,
+``jnp.matmul`` and the ``@`` operator of arrays and tracers) by versions that ask the front
+end which module is running (:class:`Owner`) and quantize the product with that module's
+rule; calls made by jaxquant itself, and calls outside any model module, run the original.
+
+Operand roles: the *weight* is the operand that is one of the running module's parameters,
+or has the shape of one or of its transpose (``kernel.T``, a dtype cast of it); every other
+operand is an *activation*. A contraction of two activations (attention's ``q @ k``) and a
+product of two parameters stay in float, listed with that reason; a weight contraction that
+cannot be quantized (a three-operand einsum, a broadcasting batched matmul, a stateful rule)
+is listed too, and raises (``strict=True``) or warns.
+
+Patching module attributes is process-global; it is reference-counted and the functions
+consult a context variable, so nested and concurrent quantized calls each see their own
+front end, and code running outside them sees the originals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant._src.conv import conv_general_dilated as jq_conv
+from jaxquant._src.dot import dot_general as jq_dot_general
+from jaxquant._src.dot import einsum as jq_einsum
+from jaxquant._src.flax.rules import Rule, _at
+
+
+class Contraction(NamedTuple):
+    """One contraction a quantized model ran (its last call): where, what, and whether it
+    was quantized.
+
+    Attributes:
+      path: the module that computed it (the innermost one running).
+      module: that module's class name.
+      op: the function called: ``"dot_general"``, ``"einsum"``, ``"dot"``, ``"matmul"``,
+        ``"@"`` or ``"conv_general_dilated"``.
+      shapes: the two operands' shapes.
+      weight: which operand is the weight (``"lhs"`` / ``"rhs"``), ``None`` for two
+        activations, ``"both"`` for a product of two parameters.
+      quantized: whether it ran quantized.
+      reason: the rule that quantized it, or why it stayed in float.
+    """
+
+    path: str
+    module: str
+    op: str
+    shapes: tuple[tuple[int, ...], tuple[int, ...]]
+    weight: str | None
+    quantized: bool
+    reason: str
+
+
+@dataclasses.dataclass
+class Owner:
+    """The module a contraction belongs to, as the front end sees it."""
+
+    path: str
+    module: str  # class name
+    rule: Rule | None  # the first matching rule (None: no rule matches)
+    params: Callable[[], list[Any]]  # the module's parameter arrays (for operand roles)
+    record: Callable[[Contraction], None]
+    strict: bool
+
+
+class Frontend:
+    """What a front end (Linen, NNX) tells the interception: who owns a call."""
+
+    def owner(self, frame: Any) -> Owner | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_active: contextvars.ContextVar[tuple[Frontend, ...]] = contextvars.ContextVar(
+    "jaxquant_intercept", default=()
+)
+_lock = threading.Lock()
+_installed = 0
+_originals: dict[tuple[Any, str], Any] = {}
+
+
+def _from_jaxquant(frame: Any) -> bool:
+    """Whether the first caller outside jax is jaxquant's own code: its quantized ops call
+    ``lax.dot_general`` themselves, directly or through jax (``jax.eval_shape``...)."""
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name == "jax" or name.startswith(("jax.", "jaxlib"))):
+            return name.startswith("jaxquant.")
+        frame = frame.f_back
+    return False
+
+
+class _Call(NamedTuple):
+    op: str
+    lhs: Any
+    rhs: Any
+    original: Callable[[], Any]  # the float computation, as called
+    # (lhs_spec, rhs_spec, config) -> quantized product; None: this form cannot be quantized
+    quantized: Callable[[Any, Any, Any], Any] | None
+    why_not: str  # when quantized is None
+
+
+def _route(call: _Call, frame: Any) -> Any:
+    fronts = _active.get()
+    if not fronts or _from_jaxquant(frame):
+        return call.original()
+    owner = fronts[-1].owner(frame)
+    if owner is None:
+        return call.original()
+    return _decide(call, owner)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def _floating(x: Any) -> bool:
+    dt = getattr(x, "dtype", None)
+    return dt is not None and jnp.issubdtype(dt, jnp.floating)
+
+
+def weight_side(lhs: Any, rhs: Any, params: list[Any]) -> str | None:
+    """``"lhs"`` / ``"rhs"``: the operand that is a parameter (or has the shape of one or of
+    its transpose); ``None``: neither; ``"both"``: both are (a product of parameters);
+    ``"ambiguous"``: neither is a parameter itself but both have a parameter's shape."""
+    ident = [any(x is p for p in params) for x in (lhs, rhs)]
+    if all(ident):
+        return "both"
+    if any(ident):
+        return "lhs" if ident[0] else "rhs"
+    shapes = set()
+    for p in params:
+        if _floating(p) and np.ndim(p) >= 1:
+            shapes.add(_shape(p))
+            shapes.add(_shape(p)[::-1])
+    shaped = [_floating(x) and np.ndim(x) >= 1 and _shape(x) in shapes for x in (lhs, rhs)]
+    if all(shaped):
+        return "ambiguous"
+    if any(shaped):
+        return "lhs" if shaped[0] else "rhs"
+    return None
+
+
+def _decide(call: _Call, owner: Owner) -> Any:
+    rule = owner.rule
+    side = weight_side(call.lhs, call.rhs, owner.params())
+    shapes = (_shape(call.lhs), _shape(call.rhs))
+
+    def record(quantized: bool, reason: str) -> None:
+        owner.record(
+            Contraction(
+                owner.path,
+                owner.module,
+                call.op,
+                shapes,
+                None if side == "ambiguous" else side,
+                quantized,
+                reason,
+            )
+        )
+
+    if rule is None:
+        record(False, "no rule matches the module")
+        return call.original()
+    if not rule.quantizes:
+        record(False, f"rule {rule.pattern!r} keeps it in float")
+        return call.original()
+    if side is None:
+        record(False, "both operands are activations (rules quantize weight contractions)")
+        return call.original()
+    if side == "both":
+        record(False, "both operands are parameters (the product of weights is a weight)")
+        return call.original()
+    problem = None
+    if side == "ambiguous":
+        problem = (
+            f"both operands have the shape of a parameter of the module ({shapes[0]}, "
+            f"{shapes[1]}); jaxquant cannot tell which one is the weight"
+        )
+    elif rule.stateful:
+        problem = (
+            f"rule {rule.pattern!r} is stateful (delayed scaling, LSQ or stochastic rounding), "
+            f"and a contraction that {owner.module} computes itself takes stateless rules "
+            "only; give this module a stateless rule listed before it"
+        )
+    elif call.quantized is None:
+        problem = call.why_not
+    if problem is not None:
+        msg = (
+            f"quantize_model: a weight contraction ({call.op}, operands {shapes[0]} x "
+            f"{shapes[1]}) in {owner.module} at {owner.path or '(the model itself)'!r} stays in "
+            f"float: {problem}. Exclude the module with an earlier Rule(pattern) without specs "
+            "to keep it in float on purpose, or pass strict=False to only warn."
+        )
+        record(False, problem)
+        if owner.strict:
+            raise ValueError(msg)
+        warnings.warn(msg, UserWarning, stacklevel=4)
+        return call.original()
+    cfg = rule.config
+    weight_first = side == "lhs"
+    lhs_spec, rhs_spec = (cfg.weight, cfg.act) if weight_first else (cfg.act, cfg.weight)
+    record(True, f"rule {rule.pattern!r}")
+    with _at(owner.path):
+        return call.quantized(lhs_spec, rhs_spec, cfg)
+
+
+# ----------------------------------------------------------- the replaced functions
+
+
+def _kw(cfg: Any) -> dict[str, Any]:
+    return {"grad_spec": cfg.grad, "mode": cfg.mode, "ste": cfg.ste}
+
+
+def _dot_general_call(op, lhs, rhs, dn, precision, pet, original, out_sharding=None) -> _Call:
+    def quantized(ls, rs, cfg):
+        return jq_dot_general(
+            lhs,
+            rhs,
+            dn,
+            precision,
+            pet,
+            lhs_spec=ls,
+            rhs_spec=rs,
+            out_sharding=out_sharding,
+            **_kw(cfg),
+        )
+
+    why = ""
+    if getattr(lhs, "dtype", None) != getattr(rhs, "dtype", None):
+        quantized, why = None, "the operands' dtypes differ (cast them to one dtype)"
+    return _Call(op, lhs, rhs, original, quantized, why)
+
+
+def _make_dot_general(orig: Callable) -> Callable:
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+        frame = sys._getframe(1)
+        original = lambda: orig(
+            lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw
+        )
+        extra = set(kw) - {"out_sharding"}
+        if extra:
+            call = _Call("dot_general", lhs, rhs, original, None, f"unsupported arguments {extra}")
+        else:
+            call = _dot_general_call(
+                "dot_general",
+                lhs,
+                rhs,
+                dimension_numbers,
+                precision,
+                preferred_element_type,
+                original,
+                kw.get("out_sharding"),
+            )
+        return _route(call, frame)
+
+    return dot_general
+
+
+def _matmul_dn(a: Any, b: Any, op: str) -> tuple[Any, str]:
+    """``lax.dot_general`` dimension numbers of ``jnp.dot`` / ``jnp.matmul`` (or a reason)."""
+    na, nb = np.ndim(a), np.ndim(b)
+    none: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    if na == 0 or nb == 0:
+        return None, "a scalar operand (an elementwise product, not a contraction)"
+    if op == "dot":  # numpy.dot: a's last axis with b's second-to-last (or only) axis
+        return (((na - 1,), (max(nb - 2, 0),)), none), ""
+    if nb <= 2:  # (..., k) @ (k,) and (..., m, k) @ (k, n)
+        return (((na - 1,), (0,)), none), ""
+    if na == 1:  # (k,) @ (..., k, n)
+        return (((0,), (nb - 2,)), none), ""
+    if na == nb and _shape(a)[:-2] == _shape(b)[:-2]:
+        batch = tuple(range(na - 2))
+        return (((na - 1,), (nb - 2,)), (batch, batch)), ""
+    return None, (
+        f"a broadcasting batched matmul ({_shape(a)} @ {_shape(b)}); write it as "
+        "jnp.einsum or lax.dot_general with matching batch axes"
+    )
+
+
+def _make_matmul(orig: Callable, op: str) -> Callable:
+    def matmul(a, b, precision=None, preferred_element_type=None, **kw):
+        frame = sys._getframe(1)
+        pet = preferred_element_type
+
+        def original():
+            return orig(a, b, precision=precision, preferred_element_type=pet, **kw)
+
+        dn, why = _matmul_dn(a, b, op)
+        if dn is None or set(kw) - {"out_sharding"}:
+            return _route(_Call(op, a, b, original, None, why or f"arguments {set(kw)}"), frame)
+        call = _dot_general_call(op, a, b, dn, precision, pet, original, kw.get("out_sharding"))
+        return _route(call, frame)
+
+    return matmul
+
+
+def _operator_call(a: Any, b: Any, original: Callable[[], Any]) -> _Call | None:
+    if not hasattr(a, "shape") or not hasattr(b, "shape"):
+        return None  # a Python scalar / list: jax's own rules
+    dn, why = _matmul_dn(a, b, "matmul")
+    if dn is None:
+        return _Call("@", a, b, original, None, why)
+    return _dot_general_call("@", a, b, dn, None, None, original)
+
+
+def _make_operator(orig: Callable, reverse: bool) -> Callable:
+    # ArrayImpl.__matmul__ / __rmatmul__ (concrete arrays, eager).
+    def op(self, other):
+        frame = sys._getframe(1)
+        a, b = (other, self) if reverse else (self, other)
+        call = _operator_call(a, b, lambda: orig(self, other))
+        return orig(self, other) if call is None else _route(call, frame)
+
+    return op
+
+
+def _make_aval_op(orig: Callable, reverse: bool) -> Callable:
+    # ShapedArray._matmul(aval, tracer, other): the `@` of tracers, reached through
+    # Tracer.__matmul__ (one jax frame between the caller and here).
+    def op(aval, tracer, other):
+        frame = sys._getframe(2)
+        a, b = (other, tracer) if reverse else (tracer, other)
+        call = _operator_call(a, b, lambda: orig(aval, tracer, other))
+        return orig(aval, tracer, other) if call is None else _route(call, frame)
+
+    return op
+
+
+def _make_einsum(orig: Callable) -> Callable:
+    def einsum(subscripts, *operands, **kw):
+        frame = sys._getframe(1)
+        original = lambda: orig(subscripts, *operands, **kw)
+        if len(operands) != 2 or not isinstance(subscripts, str):
+            why = f"an einsum of {len(operands)} operands (jq.einsum takes two)"
+            if len(operands) < 2:
+                return original()
+            lhs, rhs = operands[:2]
+            return _route(_Call("einsum", lhs, rhs, original, None, why), frame)
+        a, b = operands
+        extra = set(kw) - {"precision", "preferred_element_type", "optimize"}
+        if kw.get("out") is not None or extra - {"out"}:
+            why = f"unsupported einsum arguments {sorted(extra)}"
+            return _route(_Call("einsum", a, b, original, None, why), frame)
+
+        def quantized(ls, rs, cfg):
+            return jq_einsum(
+                subscripts,
+                a,
+                b,
+                lhs_spec=ls,
+                rhs_spec=rs,
+                precision=kw.get("precision"),
+                preferred_element_type=kw.get("preferred_element_type"),
+                **_kw(cfg),
+            )
+
+        why = ""
+        if getattr(a, "dtype", None) != getattr(b, "dtype", None):
+            quantized, why = None, "the operands' dtypes differ (cast them to one dtype)"
+        return _route(_Call("einsum", a, b, original, quantized, why), frame)
+
+    return einsum
+
+
+def _make_conv(orig: Callable) -> Callable:
+    def conv_general_dilated(lhs, rhs, *args, **kw):
+        frame = sys._getframe(1)
+        original = lambda: orig(lhs, rhs, *args, **kw)
+
+        def quantized(ls, rs, cfg):
+            if ls is not None and rs is None and cfg.weight is not None:
+                raise ValueError("the conv's weight must be its rhs (kernel) operand")
+            kwargs = dict(kw)
+            if kwargs.pop("out_sharding", None) is not None:
+                raise ValueError("a quantized conv takes no out_sharding")
+            return jq_conv(
+                lhs,
+                rhs,
+                *args,
+                lhs_spec=ls,
+                rhs_spec=rs,
+                grad_spec=cfg.grad,
+                ste=cfg.ste,
+                **kwargs,
+            )
+
+        return _route(_Call("conv_general_dilated", lhs, rhs, original, quantized, ""), frame)
+
+    return conv_general_dilated
+
+
+def _targets() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
+    from jax._src import core  # the `@` of tracers goes through their aval's _matmul
+
+    out: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
+        (jax.lax, "dot_general", _make_dot_general),
+        (jax.lax, "conv_general_dilated", _make_conv),
+        (jnp, "einsum", _make_einsum),
+        (jnp, "dot", lambda f: _make_matmul(f, "dot")),
+        (jnp, "matmul", lambda f: _make_matmul(f, "matmul")),
+    ]
+    array_type = type(jnp.zeros(()))
+    for cls in (array_type,):
+        out.append((cls, "__matmul__", lambda f: _make_operator(f, False)))
+        out.append((cls, "__rmatmul__", lambda f: _make_operator(f, True)))
+    aval = getattr(core, "ShapedArray", None)
+    if aval is not None and hasattr(aval, "_matmul"):
+        out.append((aval, "_matmul", lambda f: _make_aval_op(f, False)))
+        out.append((aval, "_rmatmul", lambda f: _make_aval_op(f, True)))
+    return out
+
+
+def _install() -> None:
+    global _installed
+    with _lock:
+        if _installed == 0:
+            for owner, name, make in _targets():
+                orig = getattr(owner, name)
+                _originals[(owner, name)] = orig
+                setattr(owner, name, make(orig))
+        _installed += 1
+
+
+def _uninstall() -> None:
+    global _installed
+    with _lock:
+        _installed -= 1
+        if _installed == 0:
+            for (owner, name), orig in _originals.items():
+                setattr(owner, name, orig)
+            _originals.clear()
+
+
+@contextlib.contextmanager
+def intercepting(front: Frontend) -> Iterator[None]:
+    """Run the body with every contraction routed through ``front`` (see the module)."""
+    token = _active.set((*_active.get(), front))
+    _install()
+    try:
+        yield
+    finally:
+        _uninstall()
+        _active.reset(token)
