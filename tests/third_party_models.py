@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -84,13 +85,17 @@ def is_nnx(model: Any) -> bool:
 
 def call(m: ThirdPartyModel, model: Any = None, variables: Any = None) -> Any:
     """``m``'s call on its own batch, or ``model`` / ``variables`` in place of its own
-    (a quantized copy, converted variables); the main array of the output."""
+    (a quantized copy, converted variables); the main array of the output. Jitted: an
+    eager call of these models dispatches (and compiles) op by op, ~10x slower."""
     model = m.model if model is None else model
     variables = m.variables if variables is None else variables
     with lenient():
         if is_nnx(model):
-            return m.output(model(*m.args, **m.kwargs))
-        return m.output(model.apply(variables, *m.args, **m.kwargs))
+            graphdef, state = nnx.split(model)
+            run = jax.jit(lambda s, *a: m.output(nnx.merge(graphdef, s)(*a, **m.kwargs)))
+            return run(state, *m.args)
+        run = jax.jit(lambda v, *a: m.output(model.apply(v, *a, **m.kwargs)))
+        return run(variables, *m.args)
 
 
 def _init_key(seed: int) -> jax.Array:
@@ -211,7 +216,9 @@ def hf_bert(seed: int = 0) -> ThirdPartyModel:
 
 # ----------------------------------------------- flax examples/imagenet/models.py (ResNet)
 # Written from the published code (flax, examples/imagenet/models.py, "Flax implementation
-# of ResNet V1.5"); unchanged but for the house formatting and the tiny stage sizes below.
+# of ResNet V1.5"); unchanged but for the house formatting, the tiny stage sizes below and
+# one attribute: ``axis_name`` (the published code hard-codes BatchNorm's "batch", right
+# for its pmap training step; None lets a single-device call run in training mode).
 
 
 class ResNetBlock(nn.Module):
@@ -277,6 +284,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     act: Callable = nn.relu
     conv: Any = nn.Conv
+    axis_name: str | None = "batch"  # not in the published code (see above)
 
     @nn.compact
     def __call__(self, x, train: bool = True):
@@ -287,7 +295,7 @@ class ResNet(nn.Module):
             momentum=0.9,
             epsilon=1e-5,
             dtype=self.dtype,
-            axis_name="batch",
+            axis_name=self.axis_name,
         )
 
         x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
@@ -705,6 +713,47 @@ BUILDERS: dict[str, Callable[[], ThirdPartyModel]] = {
 }
 
 
+@functools.cache
+def get(name: str) -> ThirdPartyModel:
+    """``BUILDERS[name]()``, built once per test session (each build compiles an init:
+    1-3 s). NNX models are mutable: quantize or convert an ``nnx.clone`` of them."""
+    return BUILDERS[name]()
+
+
+def keyword_args(m: ThirdPartyModel) -> tuple[Any, dict[str, Any]]:
+    """``(x, kwargs)``: ``m``'s positional arguments as the first one and keywords by the
+    names of its ``__call__`` (for callers that pass one ``x``, as ``sensitivity``)."""
+    names = list(inspect.signature(type(m.model).__call__).parameters)[1:]  # no self
+    return m.args[0], dict(zip(names[1:], m.args[1:], strict=False))
+
+
+def trained_like(tree: Any, seed: int) -> Any:
+    """Random values of ``tree``'s shapes, as after training: kernels with variance
+    1 / fan-in, norm scales and running variances in [0.5, 1.5], biases and running means
+    N(0, 0.2^2). The published inits zero each ResNet block's last norm scale (so a fresh
+    block's convolutions do not reach the output) and set running statistics to 0 / 1:
+    with these values every layer matters. Drawn with numpy (initializing under JAX
+    compiles for seconds on a CPU). Leaves other than those raise (say what they are)."""
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for path, leaf in leaves:
+        name = str(getattr(path[-1], "key", getattr(path[-1], "name", "")))
+        if name == "value":  # an nnx.State leaf: the variable's name is one level up
+            name = str(path[-2].key)
+        shape = tuple(leaf.shape)
+        if name == "kernel":
+            value = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+        elif name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, size=shape)
+        elif name in ("bias", "mean"):
+            value = 0.2 * rng.normal(size=shape)
+        else:
+            raise AssertionError(f"unexpected leaf {jax.tree_util.keystr(path)}")
+        out.append(jnp.asarray(value, leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 # ------------------------------------------------------------------ counting contractions
 
 CONTRACTIONS = ("dot_general", "conv_general_dilated")
@@ -991,7 +1040,8 @@ def contractions(fn: Callable[..., Any], weights: Any, *batch: Any) -> list[Cont
       through every primitive);
     * **quantized**: its dtype is a <= 8-bit storage type (int8 / fp8 codes: jaxquant's
       real GEMMs), or it was made from the output of a ``round`` (or of a float -> <= 8-bit
-      cast) through layout, cast, scale (mul/div/add/sub), clip and select primitives only
+      cast), or from a <= 8-bit leaf of ``weights`` (a converted QArray's codes), through
+      layout, cast, scale (mul/div/add/sub), clip and select primitives only
       (jaxquant's emulated path: dequantized grid values). Anything else in between --
       a nonlinearity, a reduction, another contraction -- makes a value that is not on a
       grid, so a float layer after a quantized one is not counted as quantized.
@@ -1002,17 +1052,25 @@ def contractions(fn: Callable[..., Any], weights: Any, *batch: Any) -> list[Cont
     """
     closed = jax.make_jaxpr(fn)(weights, *batch)
     n_w = len(jax.tree_util.tree_leaves(weights))
-    n = len(closed.jaxpr.invars)
-    facts = [_Fact(i >= n_w, False) for i in range(n)]
+    # An argument already in a <= 8-bit dtype holds codes (a served QArray's values):
+    # dequantizing it (convert, multiply by the scale) keeps it on its grid.
+    facts = [
+        _Fact(i >= n_w, i < n_w and _narrow(v.aval.dtype))
+        for i, v in enumerate(closed.jaxpr.invars)
+    ]
     found: list[Contraction] = []
     _analyze(closed.jaxpr, facts, found)
     return found
 
 
-def model_contractions(m: ThirdPartyModel, model: Any = None) -> list[Contraction]:
+def model_contractions(
+    m: ThirdPartyModel, model: Any = None, variables: Any = None
+) -> list[Contraction]:
     """:func:`contractions` of ``m``'s inference call (``model``: a quantized version of
-    ``m.model``, by default ``m.model`` itself)."""
+    ``m.model``, by default ``m.model`` itself; ``variables``: Linen variables in place of
+    ``m.variables``, e.g. converted ones)."""
     model = m.model if model is None else model
+    variables = m.variables if variables is None else variables
     with lenient():
         if is_nnx(model):
             graphdef, state = nnx.split(model)
@@ -1025,8 +1083,8 @@ def model_contractions(m: ThirdPartyModel, model: Any = None) -> list[Contractio
         def fn(variables, *args):
             return m.output(model.apply(variables, *args, **m.kwargs))
 
-        return contractions(fn, m.variables, *m.args)
+        return contractions(fn, variables, *m.args)
 
 
-def count(m: ThirdPartyModel, model: Any = None) -> Count:
-    return Count.of(model_contractions(m, model))
+def count(m: ThirdPartyModel, model: Any = None, variables: Any = None) -> Count:
+    return Count.of(model_contractions(m, model, variables))
