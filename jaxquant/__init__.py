@@ -44,8 +44,7 @@ from jaxquant._src.scaling import (
 )
 from jaxquant._src.size import SizeReport, size_report
 from jaxquant._src.spec import QuantSpec
-
-__version__ = "0.1.0"
+from jaxquant._src.version import __version__ as __version__
 
 
 def __getattr__(name: str):

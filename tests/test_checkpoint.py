@@ -363,6 +363,85 @@ def test_core_jaxquant_does_not_import_orbax():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
+def test_the_manifest_records_the_package_version_from_one_home(tmp_path):
+    """_src never imports the public package: the version lives in _src/version.py, equal
+    to pyproject's, and the manifest records it."""
+    import tomllib
+
+    from jaxquant._src import version
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert jq.__version__ == version.__version__ == pyproject["project"]["version"]
+    jqo.save(tmp_path / "c", {"a": jnp.ones(2)})
+    assert jqo.layout(tmp_path / "c")["jaxquant_version"] == jq.__version__
+    source = Path(ckpt_impl.__file__).read_text()
+    assert "import jaxquant\n" not in source and "jaxquant.__version__" not in source
+
+
+# ------------------------------------------------------------- a quantized NNX model
+
+
+class _QuantNet(nnx.Module):
+    def __init__(self, seed: int) -> None:
+        rngs = nnx.Rngs(seed)
+        self.delayed = nnx.Linear(12, 16, rngs=rngs)
+        self.lsq = nnx.Linear(16, 16, rngs=rngs)
+        self.sr = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.sr(jax.nn.relu(self.lsq(jax.nn.relu(self.delayed(x)))))
+
+
+def _quantized_net(seed: int):
+    from jaxquant.flax import Rule, quantize_model
+
+    int8 = jq.QuantSpec("int8")
+    rules = [
+        Rule("delayed", weight=int8, act=int8, scaling="delayed", history_len=4),
+        Rule("lsq", weight=int8, act=int8, ste="lsq"),
+        Rule("sr", weight=jq.QuantSpec("int4", rounding="stochastic")),
+    ]
+    return quantize_model(_QuantNet(seed), rules, rngs=nnx.Rngs(quant=100 + seed))
+
+
+@pytest.mark.parametrize("with_target", [False, True])
+def test_a_quantized_nnx_model_round_trips_into_nnx_update_then_runs(tmp_path, with_target):
+    """Issue 12: nnx.update(model, restore(path)) then a call, for a quantized model whose
+    state holds QuantState (amax histories, LSQ bases), nnx.Param LSQ steps and the
+    'quant' stream's PRNG key and count."""
+    from jaxquant.flax import QuantState
+
+    model = _quantized_net(0)
+    x = jax.random.normal(jax.random.key(1), (8, 12))
+    step = nnx.jit(lambda m, x: m(x))
+    for i in range(3):  # training calls: histories, bases and the key count move
+        step(model, x * (1.0 + i))
+    assert int(model.delayed.dot_general.lhs_count[...]) == 3
+    assert float(model.lsq.dot_general.lhs_step_base[...]) > 0
+    jqo.save(tmp_path / "c", nnx.state(model))
+    other = _quantized_net(1)
+    if with_target:
+        restored = jqo.restore(tmp_path / "c", nnx.state(other))
+        assert isinstance(restored["delayed"]["dot_general"]["lhs_count"], QuantState)
+    else:
+        restored = jqo.restore(tmp_path / "c")
+        assert isinstance(restored["delayed"]["dot_general"]["lhs_count"], jax.Array)
+    nnx.update(other, restored)
+    got, want = nnx.state(other), nnx.state(model)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+    # The next training call of both draws the same key and uses the same delayed scales.
+    np.testing.assert_array_equal(step(other, x), step(model, x))
+    assert int(other.delayed.dot_general.lhs_count[...]) == 4
+    other.eval()
+    model.eval()
+    np.testing.assert_array_equal(other(x), model(x))
+
+
 # ------------------------------------------------------------------ overwrite & crashes
 
 

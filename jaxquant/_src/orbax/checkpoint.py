@@ -39,10 +39,10 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-import jaxquant
 from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.qarray import QArray, packed_length
 from jaxquant._src.serialize import spec_from_dict, spec_to_dict
+from jaxquant._src.version import __version__
 
 try:
     import fcntl
@@ -211,7 +211,7 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
         manifest = {
             "format": FORMAT,
             "version": VERSION,
-            "jaxquant_version": jaxquant.__version__,
+            "jaxquant_version": __version__,
             "checksum": "sha256",
             "files": _file_digests(tmp),
             "leaves": leaves,
@@ -587,7 +587,7 @@ def _manifest(directory: Path, fn: str) -> dict[str, Any]:
         raise ValueError(
             f"{fn}: {path} has format version {manifest.get('version')!r} (written by jaxquant "
             f"{manifest.get('jaxquant_version')}){or_damaged}; this jaxquant "
-            f"{jaxquant.__version__} reads version {VERSION}. Restore with the jaxquant that "
+            f"{__version__} reads version {VERSION}. Restore with the jaxquant that "
             "wrote it, then save again."
         )
     if sealed is False:
