@@ -11,9 +11,10 @@ from flax import nnx as flax_nnx  # not `nnx`: the submodule jaxquant._src.flax.
 
 from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.flax.calibrate import CalibrationResult, calibrate
+from jaxquant._src.flax.intercept import Contraction
 from jaxquant._src.flax.linen import QuantizedModule, quantize_linen, report_linen
 from jaxquant._src.flax.nnx import QuantOp as NnxQuantOp
-from jaxquant._src.flax.nnx import QuantState, quantize_nnx, report_nnx
+from jaxquant._src.flax.nnx import QuantState, contractions_nnx, quantize_nnx, report_nnx
 from jaxquant._src.flax.policy import NnxPolicyModule, Policy, PolicyModule, apply_policy
 from jaxquant._src.flax.rules import Match, Rule, as_rules
 from jaxquant._src.flax.sensitivity import (
@@ -164,6 +165,43 @@ def convert(
     )
 
 
+def contractions(model: Any) -> list[Contraction]:
+    """Every contraction the last call of a quantized model ran, in call order: where
+    (module path and class), what (``dot_general``, ``einsum``, ``dot``, ``matmul``, ``@``,
+    ``conv_general_dilated``, with operand shapes), which operand is the weight, and
+    whether it was quantized or why not (no rule matches, a rule without specs, two
+    activations, an unsupported form).
+
+    :func:`quantize_model` quantizes every contraction inside a matched module, whatever
+    calls it: Flax's layers, ``lax.dot_general`` in a custom layer (Hugging Face's
+    ``FlaxConv1D``), ``jnp.dot`` in ``Embed.attend`` (tied heads), ``x @ kernel`` in a
+    subclass. The weight operand is the one that is a parameter of the module (or has the
+    shape of one or of its transpose).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, contractions, quantize_model
+      >>> class Tied(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, ids):
+      ...         embed = nn.Embed(16, 8)
+      ...         return embed.attend(nn.Dense(8)(embed(ids)))
+      >>> qmodel = quantize_model(Tied(), Rule(".*", weight=jq.QuantSpec("int8")))
+      >>> variables = qmodel.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
+      >>> [(c.path, c.op, c.quantized) for c in contractions(qmodel)]
+      [('Dense_0', 'dot_general', True), ('Embed_0', 'dot', True)]
+    """
+    if isinstance(model, QuantizedModule):
+        report_linen(model)  # raises if the model has not run yet
+        return list(model.record.contractions)
+    if isinstance(model, flax_nnx.Module):
+        return contractions_nnx(model)
+    raise TypeError(
+        "jq.flax.contractions: expected a model returned by quantize_model, got "
+        f"{type(model).__name__}."
+    )
+
+
 def report(model: Any) -> list[Match]:
     """The quantized modules of a model from :func:`quantize_model`: ``Match(path, module,
     rule)`` per module, in graph order (NNX) or call order (Linen, from the last call)."""
@@ -179,6 +217,7 @@ def report(model: Any) -> list[Match]:
 __all__ = [
     "Assignment",
     "CalibrationResult",
+    "Contraction",
     "LayerSensitivity",
     "Match",
     "NnxPolicyModule",
@@ -191,6 +230,7 @@ __all__ = [
     "Sensitivity",
     "apply_policy",
     "calibrate",
+    "contractions",
     "convert",
     "mixed_precision",
     "quantize_model",

@@ -93,6 +93,7 @@ _active: contextvars.ContextVar[tuple[Frontend, ...]] = contextvars.ContextVar(
 _lock = threading.Lock()
 _installed = 0
 _originals: dict[tuple[Any, str], Any] = {}
+_MISSING = object()
 
 
 def _from_jaxquant(frame: Any) -> bool:
@@ -332,13 +333,13 @@ def _make_operator(orig: Callable, reverse: bool) -> Callable:
 
 
 def _make_aval_op(orig: Callable, reverse: bool) -> Callable:
-    # ShapedArray._matmul(aval, tracer, other): the `@` of tracers, reached through
-    # Tracer.__matmul__ (one jax frame between the caller and here).
-    def op(aval, tracer, other):
+    # ShapedArray._matmul(tracer, other), a staticmethod: the `@` of tracers, reached
+    # through Tracer.__matmul__ (one jax frame between the caller and here).
+    def op(tracer, other):
         frame = sys._getframe(2)
         a, b = (other, tracer) if reverse else (tracer, other)
-        call = _operator_call(a, b, lambda: orig(aval, tracer, other))
-        return orig(aval, tracer, other) if call is None else _route(call, frame)
+        call = _operator_call(a, b, lambda: orig(tracer, other))
+        return orig(tracer, other) if call is None else _route(call, frame)
 
     return op
 
@@ -421,9 +422,9 @@ def _targets() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
         out.append((cls, "__matmul__", lambda f: _make_operator(f, False)))
         out.append((cls, "__rmatmul__", lambda f: _make_operator(f, True)))
     aval = getattr(core, "ShapedArray", None)
-    if aval is not None and hasattr(aval, "_matmul"):
-        out.append((aval, "_matmul", lambda f: _make_aval_op(f, False)))
-        out.append((aval, "_rmatmul", lambda f: _make_aval_op(f, True)))
+    if aval is not None and isinstance(aval.__dict__.get("_matmul"), staticmethod):
+        out.append((aval, "_matmul", lambda f: staticmethod(_make_aval_op(f, False))))
+        out.append((aval, "_rmatmul", lambda f: staticmethod(_make_aval_op(f, True))))
     return out
 
 
@@ -432,9 +433,11 @@ def _install() -> None:
     with _lock:
         if _installed == 0:
             for owner, name, make in _targets():
-                orig = getattr(owner, name)
-                _originals[(owner, name)] = orig
-                setattr(owner, name, make(orig))
+                # The descriptor itself (a staticmethod), or _MISSING where the class
+                # inherits it (the patch then shadows it, and uninstall deletes it).
+                raw = owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else None
+                _originals[(owner, name)] = getattr(owner, name) if raw is None else raw
+                setattr(owner, name, make(getattr(owner, name)))
         _installed += 1
 
 
@@ -444,7 +447,10 @@ def _uninstall() -> None:
         _installed -= 1
         if _installed == 0:
             for (owner, name), orig in _originals.items():
-                setattr(owner, name, orig)
+                if orig is _MISSING:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, orig)
             _originals.clear()
 
 

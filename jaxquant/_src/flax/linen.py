@@ -17,14 +17,18 @@ then: the strict check for rules that matched nothing runs at the end of every `
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxquant._src.checks import check_bool, describe
+from jaxquant._src.flax import stateful
+from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
@@ -35,19 +39,15 @@ from jaxquant._src.flax.rules import (
     check_conv_rule,
     check_unmatched,
     first_match,
-    needs_key,
-    operand_specs,
     path_str,
-    run_stateful,
-    scaling_for,
-    step_base,
-    step_shape,
 )
 from jaxquant._src.flax.serve import linen_layer
 from jaxquant._src.qarray import QArray
 
 _DOTS = (nn.Dense, nn.DenseGeneral)
 _QUANTIZABLE = (*_DOTS, nn.Einsum, nn.Conv)
+_ORIGINAL_DOT = lax.dot_general  # before any interception patches it
+_ORIGINAL_CONV = lax.conv_general_dilated
 STATE = "quant_state"  # the variable collection of delayed scales and LSQ base steps
 
 
@@ -82,36 +82,31 @@ class QuantOp(nn.Module):
         subscripts: str | None = None,
     ) -> Any:
         rule = self.rule
-        update = self.is_mutable_collection(STATE) and not self.is_initializing()
-        scales: dict[str, Any] = {}
-        steps: dict[str, Any] = {}
-        for op, spec in operand_specs(rule):
-            x = jax.lax.stop_gradient(lhs if op == "lhs" else rhs)
-            if rule.scaling == "delayed":
-                sc = scaling_for(rule, spec)
-                var = self.variable(STATE, f"{op}_scaling", sc.init, x.shape)
-                scales[op], new = sc.update(var.value, x)
-                if update:
-                    var.value = new
-            if rule.ste == "lsq":
-                shape = step_shape(spec, tuple(x.shape))
-                base_var = self.variable(STATE, f"{op}_step_base", jnp.zeros, shape, jnp.float32)
-                base = step_base(base_var.value, x, spec)
-                if update or self.is_initializing():
-                    base_var.value = base
-                step = self.param(f"{op}_step", nn.initializers.ones, shape, jnp.float32)
-                steps[op] = step * base
+        fresh: dict[str, Any] = {}
+
+        def initial(name: str) -> Any:  # the whole initial state, made once, on demand
+            if not fresh:
+                fresh.update(stateful.init(rule, lhs, rhs))
+            return fresh[name]
+
+        state: dict[str, Any] = {}
+        for name in stateful.state_names(rule):
+            if stateful.trained(name):  # LSQ's step: a parameter
+                state[name] = self.param(name, lambda _, n=name: initial(n))
+                continue
+            if not self.has_variable(STATE, name) and not self.is_mutable_collection(STATE):
+                raise ValueError(self._missing_state(name))
+            state[name] = self.variable(STATE, name, initial, name).value
         key = None
-        if needs_key(rule):
+        if stateful.needs_key(rule):
             if not self.has_rng("quant"):
-                raise ValueError(
-                    f"quantize_model: the rule for {self.where!r} rounds stochastically and "
-                    "needs keys from the 'quant' PRNG stream: pass rngs={'quant': key} to "
-                    "init / apply (a fresh key per step)."
-                )
+                raise ValueError(self._missing_rng())
             key = self.make_rng("quant")
-        return run_stateful(
+        # Linen has no evaluation mode: stochastic specs always draw keys, and the state is
+        # stored only when "quant_state" is mutable (and not at init, which stores init's).
+        out, new = stateful.apply(
             rule,
+            state,
             lhs,
             rhs,
             dimension_numbers=dimension_numbers,
@@ -119,11 +114,61 @@ class QuantOp(nn.Module):
             precision=precision,
             preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
-            scales=scales,
-            steps=steps,
             key=key,
+            training=True,
             where=self.where,
         )
+        if self.is_mutable_collection(STATE) and not self.is_initializing():
+            for name, value in new.items():
+                if not stateful.trained(name):
+                    self.put_variable(STATE, name, value)
+        return out
+
+    def _lifted(self) -> str | None:
+        """The Linen transform (``scan`` / ``vmap``) whose scope the layer runs in, if any:
+        those see only the collections and RNG streams they are told to pass."""
+        text = self.scope.path_text if self.scope is not None else ""  # "/remat(scan(A))/B"
+        found = re.search(r"(?<![\w.])(scan|vmap)\(", text)
+        return found.group(1) if found else None
+
+    def _missing_state(self, name: str) -> str:
+        kind = self._lifted()
+        if kind == "scan":
+            fix = (
+                "the nn.scan around it does not pass the 'quant_state' collection: add it to "
+                "nn.scan's variable_axes, e.g. nn.scan(Block, variable_axes={'params': 0, "
+                "'quant_state': 0}, split_rngs={'params': True}, length=n)"
+            )
+        elif kind == "vmap":
+            fix = (
+                "the nn.vmap around it does not pass the 'quant_state' collection: add it to "
+                "nn.vmap's variable_axes, e.g. nn.vmap(Block, variable_axes={'params': 0, "
+                "'quant_state': 0}, split_rngs={'params': True})"
+            )
+        else:
+            fix = (
+                "pass the 'quant_state' collection init returned to apply (variables="
+                "{'params': ..., 'quant_state': ...}), mutable=['quant_state'] while training"
+            )
+        return (
+            f"quantize_model: the rule for {self.where!r} keeps state ({name!r} in the "
+            f"'quant_state' collection), which is not there and cannot be created here: {fix}."
+        )
+
+    def _missing_rng(self) -> str:
+        msg = (
+            f"quantize_model: the rule for {self.where!r} rounds stochastically and needs "
+            "keys from the 'quant' PRNG stream: pass rngs={'quant': key} to init / apply "
+            "(a fresh key per step)"
+        )
+        kind = self._lifted()
+        if kind is not None:
+            msg += (
+                f", and add it to the split_rngs of the nn.{kind} around the layer, e.g. "
+                "split_rngs={'params': True, 'quant': True} (a different key per "
+                f"{'layer' if kind == 'scan' else 'slice'})"
+            )
+        return msg + "."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +228,7 @@ class _Record:
 
     def __init__(self) -> None:
         self.matches: list[Match] = []
+        self.contractions: list[Contraction] = []
         self.seen = False
 
     def __repr__(self) -> str:
@@ -232,92 +278,179 @@ class QuantizedModule(nn.Module):
         rules = self.rules
         used: set[int] = set()
         matches: list[Match] = []
+        contractions: list[Contraction] = []
         candidates: list[str] = []
+        stack: list[tuple[nn.Module, str]] = []  # the module methods running, innermost last
+
+        def note(path: str, module: str, rule: Rule | None) -> None:
+            if path not in candidates:
+                candidates.append(path)
+            if rule is not None:
+                used.add(rules.index(rule))
+
+        def record(c: Contraction) -> None:
+            contractions.append(c)
+            if c.quantized and all(x.path != c.path for x in matches):
+                matches.append(Match(c.path, c.module, rule_at(c.path)))
+
+        def rule_at(path: str) -> Rule | None:
+            i = first_match(rules, path)
+            return None if i is None else rules[i]
+
+        front = _LinenFront(stack, rule_at, note, record, self.strict)
 
         def interceptor(next_fun, args, kwargs, context):
             m = context.module
-            if context.method_name != "__call__" or not isinstance(m, _QUANTIZABLE):
-                return next_fun(*args, **kwargs)
-            if (
-                isinstance(m, _QuantEinsum)
-                or (isinstance(m, nn.Conv) and isinstance(m.conv_general_dilated, QuantConv))
-                or (
-                    isinstance(m, _DOTS)
-                    and (
-                        isinstance(m.dot_general, QuantDot)
-                        or isinstance(m.dot_general_cls, _OpFactory)
-                    )
-                )
-            ):  # our own clone, already quantized
-                return next_fun(*args, **kwargs)
-            path = _relative_path(m, root)
-            if path not in candidates:
-                candidates.append(path)
-            i = first_match(rules, path)
-            served = m.has_variable("params", "kernel") and isinstance(
-                m.get_variable("params", "kernel"), QArray
-            )
-            if i is not None:
-                used.add(i)
-            if i is None or not rules[i].quantizes:
-                if served:
-                    raise ValueError(
-                        f"quantize_model: the kernel of {path!r} is a QArray (converted "
-                        "params) but no quantizing rule matches the layer; apply the params "
-                        "with the rules they were converted with."
-                    )
-                return next_fun(*args, **kwargs)
-            rule = rules[i]
-            if all(x.path != path for x in matches):
-                matches.append(Match(path, type(m).__name__, rule))
-            if served:
-                return linen_layer(m, rule, path, args, kwargs)
-            if isinstance(m, nn.Conv):
-                check_conv_rule(rule, path)
-                if m.conv_general_dilated_cls is not None or m.conv_general_dilated not in (
-                    None,
-                    lax.conv_general_dilated,
-                ):
-                    raise ValueError(
-                        f"quantize_model: Conv at {path!r} already has a custom "
-                        "conv_general_dilated; jaxquant will not silently replace it."
-                    )
-                q = m.clone(parent=m.scope, conv_general_dilated=QuantConv(rule, path))
-                return q(*args, **kwargs)
-            if isinstance(m, nn.Einsum):
-                if type(m) is not nn.Einsum:
-                    raise ValueError(
-                        f"quantize_model: {type(m).__name__} at {path!r} subclasses nn.Einsum; "
-                        "jaxquant replaces nn.Einsum's own __call__ and will not guess a "
-                        "subclass's. Exclude it with an earlier Rule(pattern) without specs."
-                    )
-                op = _OpFactory(rule, path) if rule.stateful else QuantEinsum(rule, path)
-                fields = {
-                    f.name: getattr(m, f.name)
-                    for f in dataclasses.fields(nn.Einsum)
-                    if f.init and f.name not in ("parent", "name")
-                }
-                q = _QuantEinsum(**fields, op=op, parent=m.scope)
-                return q(*args, **kwargs)
-            if m.dot_general_cls is not None or m.dot_general not in (None, lax.dot_general):
-                raise ValueError(
-                    f"quantize_model: {type(m).__name__} at {path!r} already has a custom "
-                    f"dot_general ({m.dot_general or m.dot_general_cls!r}); jaxquant will not "
-                    "silently replace it. Exclude it with an earlier Rule(pattern) without "
-                    "specs, or remove the custom dot_general."
-                )
-            if rule.stateful:
-                q = m.clone(parent=m.scope, dot_general_cls=_OpFactory(rule, path))
-            else:
-                q = m.clone(parent=m.scope, dot_general=QuantDot(rule, path))
-            return q(*args, **kwargs)
+            path = _path_in(m, root, stack)
+            stack.append((m, path))
+            try:
+                if context.method_name != "__call__" or layer_kind(m) is None:
+                    return next_fun(*args, **kwargs)
+                return self._layer(m, path, next_fun, args, kwargs, note, record)
+            finally:
+                stack.pop()
 
-        with nn.intercept_methods(interceptor):
+        with nn.intercept_methods(interceptor), intercepting(front):
             out = self.module(*args, **kwargs)
         check_unmatched(rules, used, candidates, self.strict, "Linen")
         self.record.matches = matches
+        self.record.contractions = contractions
         self.record.seen = True
         return out
+
+    def _layer(self, m, path, next_fun, args, kwargs, note, record) -> Any:
+        """One call of a Flax layer (Dense, DenseGeneral, Einsum, Conv) that runs its own
+        ``__call__``: quantized by a clone bound to the same scope whose product is jaxquant's."""
+        if _is_our_clone(m):
+            return next_fun(*args, **kwargs)
+        i = first_match(self.rules, path)
+        rule = None if i is None else self.rules[i]
+        served = m.has_variable("params", "kernel") and isinstance(
+            m.get_variable("params", "kernel"), QArray
+        )
+        if rule is None or not rule.quantizes:
+            note(path, type(m).__name__, rule)
+            if served:
+                raise ValueError(
+                    f"quantize_model: the kernel of {path!r} is a QArray (converted "
+                    "params) but no quantizing rule matches the layer; apply the params "
+                    "with the rules they were converted with."
+                )
+            return next_fun(*args, **kwargs)  # its contraction is intercepted and listed
+        note(path, type(m).__name__, rule)
+        if served:
+            out = linen_layer(m, rule, path, args, kwargs)
+        else:
+            out = _quantized_clone(m, rule, path)(*args, **kwargs)
+        kernel = m.get_variable("params", "kernel")
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        op = {nn.Conv: "conv_general_dilated", nn.Einsum: "einsum"}.get(
+            layer_kind(m), "dot_general"
+        )
+        record(
+            Contraction(
+                path,
+                type(m).__name__,
+                op,
+                (tuple(np.shape(x)), tuple(kernel.shape)),
+                "rhs",
+                True,
+                f"rule {rule.pattern!r}",
+            )
+        )
+        return out
+
+
+class _LinenFront(Frontend):
+    """Owners of intercepted contractions: the innermost module method running."""
+
+    def __init__(self, stack, rule_at, note, record, strict) -> None:
+        self.stack, self.rule_at, self.note, self.record, self.strict = (
+            stack,
+            rule_at,
+            note,
+            record,
+            strict,
+        )
+
+    def owner(self, frame: Any) -> Owner | None:
+        if not self.stack:
+            return None
+        m, path = self.stack[-1]
+        rule = self.rule_at(path)
+        self.note(path, type(m).__name__, rule)
+
+        def params() -> list[Any]:
+            return jax.tree.leaves(m.variables.get("params", {})) if m.scope is not None else []
+
+        return Owner(path, type(m).__name__, rule, params, self.record, self.strict)
+
+
+def layer_kind(m: nn.Module) -> type | None:
+    """The Flax layer class whose own ``__call__`` ``m`` runs (Dense, DenseGeneral, Einsum,
+    Conv), or None: a subclass that overrides ``__call__`` (a LoRA layer) computes its
+    products itself, so they are intercepted instead."""
+    for kind in _QUANTIZABLE:
+        if isinstance(m, kind):
+            return kind if type(m).__call__ is kind.__call__ else None
+    return None
+
+
+def _is_our_clone(m: nn.Module) -> bool:
+    return (
+        isinstance(m, _QuantEinsum)
+        or (isinstance(m, nn.Conv) and isinstance(m.conv_general_dilated, QuantConv))
+        or (
+            isinstance(m, _DOTS)
+            and (isinstance(m.dot_general, QuantDot) or isinstance(m.dot_general_cls, _OpFactory))
+        )
+    )
+
+
+def _quantized_clone(m: nn.Module, rule: Rule, path: str) -> nn.Module:
+    if isinstance(m, nn.Conv):
+        check_conv_rule(rule, path)
+        if m.conv_general_dilated_cls is not None or m.conv_general_dilated not in (
+            None,
+            _ORIGINAL_CONV,
+        ):
+            raise ValueError(
+                f"quantize_model: Conv at {path!r} already has a custom "
+                "conv_general_dilated; jaxquant will not silently replace it."
+            )
+        return m.clone(parent=m.scope, conv_general_dilated=QuantConv(rule, path))
+    if isinstance(m, nn.Einsum):
+        op = _OpFactory(rule, path) if rule.stateful else QuantEinsum(rule, path)
+        fields = {
+            f.name: getattr(m, f.name)
+            for f in dataclasses.fields(nn.Einsum)
+            if f.init and f.name not in ("parent", "name")
+        }
+        return _QuantEinsum(**fields, op=op, parent=m.scope)
+    if m.dot_general_cls is not None or m.dot_general not in (None, _ORIGINAL_DOT):
+        raise ValueError(
+            f"quantize_model: {type(m).__name__} at {path!r} already has a custom "
+            f"dot_general ({m.dot_general or m.dot_general_cls!r}); jaxquant will not "
+            "silently replace it. Exclude it with an earlier Rule(pattern) without "
+            "specs, or remove the custom dot_general."
+        )
+    if rule.stateful:
+        return m.clone(parent=m.scope, dot_general_cls=_OpFactory(rule, path))
+    return m.clone(parent=m.scope, dot_general=QuantDot(rule, path))
+
+
+def _path_in(m: nn.Module, root: Any, stack: list[tuple[nn.Module, str]]) -> str:
+    """``m``'s path below the wrapped model. A module applied on its own inside the model
+    (``self.lm_head.apply(...)``, Hugging Face's tied head) has no parent: its path is the
+    running module's path plus its name."""
+    cur: Any = m
+    while isinstance(cur, nn.Module) and cur.scope is not None and cur.scope is not root:
+        cur = cur.parent
+    if isinstance(cur, nn.Module):
+        return _relative_path(m, root)
+    outer = stack[-1][1] if stack else ""
+    name = m.name or ""
+    return f"{outer}/{name}" if outer and name else outer or name
 
 
 def quantize_linen(model: nn.Module, rules: tuple[Rule, ...], strict: bool) -> QuantizedModule:

@@ -12,14 +12,21 @@ attributes are frozen, hashable dataclasses, so they are static in ``nnx.split``
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
 from jaxquant._src.checks import check_bool, check_int, describe
+from jaxquant._src.flax import stateful
+from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
@@ -28,15 +35,9 @@ from jaxquant._src.flax.rules import (
     Rule,
     check_conv_rule,
     check_unmatched,
-    deterministic_rule,
     first_match,
     needs_key,
-    operand_specs,
     path_str,
-    run_stateful,
-    scaling_for,
-    step_base,
-    step_shape,
 )
 from jaxquant._src.scaling import ScaleState
 
@@ -58,11 +59,24 @@ class QuantOp(nnx.Module):
     scaling), ``{op}_step`` (``nnx.Param``, LSQ, init 1) and ``{op}_step_base``
     (:class:`QuantState`, LSQ's initial step, set from the first batch), and the ``quant``
     PRNG stream of stochastic specs. ``deterministic=True`` (``model.eval()``) freezes the
-    state and rounds to nearest.
+    state and rounds to nearest. The step itself is :mod:`jaxquant._src.flax.stateful`'s,
+    shared with Linen; this module only stores its state.
+
+    A layer built under ``nnx.vmap`` (a stack of layers for ``nnx.scan``) has a kernel with
+    leading stack axes (``stack_shape``): every state array gets the same leading axes (and
+    the PRNG stream one key per layer), so ``nnx.scan`` / ``nnx.vmap`` over the stack slice
+    the state along with the kernel. :meth:`for_layer` reads them off the layer.
     """
 
     def __init__(
-        self, rule: Rule, path: str, kernel_shape: tuple[int, ...], einsum: bool, rngs: Any
+        self,
+        rule: Rule,
+        path: str,
+        kernel_shape: tuple[int, ...],
+        einsum: bool,
+        rngs: Any,
+        *,
+        stack_shape: tuple[int, ...] = (),
     ) -> None:
         if not isinstance(rule, Rule):
             raise TypeError(
@@ -71,14 +85,19 @@ class QuantOp(nnx.Module):
             )
         if not isinstance(path, str):
             raise TypeError(f"QuantOp: path must be a str, got {describe(path)}.")
-        if not isinstance(kernel_shape, tuple | list):
-            raise TypeError(
-                f"QuantOp: kernel_shape must be a tuple of ints, got {describe(kernel_shape)}."
+        shapes = {}
+        for name, shape in (("kernel_shape", kernel_shape), ("stack_shape", stack_shape)):
+            if not isinstance(shape, tuple | list):
+                raise TypeError(f"QuantOp: {name} must be a tuple of ints, got {describe(shape)}.")
+            shapes[name] = tuple(
+                check_int(d, f"QuantOp: {name} {tuple(shape)!r} entry", lo=0) for d in shape
             )
-        kernel_shape = tuple(
-            check_int(d, f"QuantOp: kernel_shape {tuple(kernel_shape)!r} entry", lo=0)
-            for d in kernel_shape
-        )
+        kernel_shape, stack_shape = shapes["kernel_shape"], shapes["stack_shape"]
+        if kernel_shape[: len(stack_shape)] != stack_shape:
+            raise ValueError(
+                f"QuantOp: stack_shape {stack_shape} must lead kernel_shape {kernel_shape} "
+                "(the axes nnx.vmap stacked the layers along)."
+            )
         einsum = check_bool(einsum, "QuantOp: einsum")
         if rngs is not None and not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"QuantOp: rngs must be an nnx.Rngs or None, got {describe(rngs)}.")
@@ -86,48 +105,81 @@ class QuantOp(nnx.Module):
         self.path = path
         self.einsum = einsum
         self.deterministic = False
-        for op, spec in operand_specs(rule):
-            shape = kernel_shape if op == "rhs" else ()
-            if rule.scaling == "delayed":
-                st = scaling_for(rule, spec).init(shape)
-                setattr(self, f"{op}_amax_history", QuantState(st.amax_history))
-                setattr(self, f"{op}_scale", QuantState(st.scale))
-                setattr(self, f"{op}_count", QuantState(st.count))
-            if rule.ste == "lsq":
-                sshape = step_shape(spec, shape)
-                setattr(self, f"{op}_step", nnx.Param(jnp.ones(sshape, jnp.float32)))
-                setattr(self, f"{op}_step_base", QuantState(jnp.zeros(sshape, jnp.float32)))
+        self.stack_shape = stack_shape
+        layer_shape = kernel_shape[len(stack_shape) :]
+        # Activation shapes are not known before a call; the checks on delayed / LSQ rules
+        # keep the activation per-tensor, so () gives the same state as any shape.
+        for name, value in stateful.init(rule, (), layer_shape).items():
+            value = jax.tree.map(lambda a: jnp.broadcast_to(a, (*stack_shape, *a.shape)), value)
+            if isinstance(value, ScaleState):  # one attribute per field
+                op = name.removesuffix("_scaling")
+                for field, v in zip(ScaleState._fields, value, strict=True):
+                    setattr(self, f"{op}_{field}", QuantState(v))
+            elif stateful.trained(name):
+                setattr(self, name, nnx.Param(value))
+            else:
+                setattr(self, name, QuantState(value))
+        if rngs is not None and stack_shape:  # one key per stacked layer: scan slices it
+            rngs = nnx.Rngs(quant=rngs["quant"].split(stack_shape))
         self.rngs = rngs
 
-    def _state(self, op: str) -> ScaleState:
-        return ScaleState(
-            getattr(self, f"{op}_amax_history")[...],
-            getattr(self, f"{op}_scale")[...],
-            getattr(self, f"{op}_count")[...],
-        )
+    @classmethod
+    def for_layer(cls, layer: nnx.Module, rule: Rule, path: str, rngs: nnx.Rngs | None) -> QuantOp:
+        """The QuantOp of ``layer`` (an ``nnx.Linear``, ``nnx.LinearGeneral`` or
+        ``nnx.Einsum``), its stack axes read off the kernel: leading axes beyond the shape
+        the layer's own fields give (``in_features`` / ``out_features`` / ``batch_axis``,
+        or ``kernel_shape``) were added by ``nnx.vmap``."""
+        kernel_shape = tuple(int(d) for d in layer.kernel[...].shape)
+        if isinstance(layer, nnx.Einsum):
+            own: tuple[int, ...] | None = tuple(layer.kernel_shape)
+        elif isinstance(layer, nnx.LinearGeneral):
+            own = (*layer.batch_axis.values(), *layer.in_features, *layer.out_features)
+        elif isinstance(layer, nnx.Linear):
+            own = (layer.in_features, layer.out_features)
+        else:
+            own = None
+        stack: tuple[int, ...] = ()
+        if own is not None and kernel_shape != own:
+            n = len(kernel_shape) - len(own)
+            if n <= 0 or kernel_shape[n:] != own:
+                raise ValueError(
+                    f"quantize_model: the kernel of {path!r} has shape {kernel_shape}, which "
+                    f"is not the layer's own {own} with stack axes in front. A stateful rule "
+                    "keeps state per stacked layer and needs the stack axes first: build "
+                    "the layers with nnx.vmap(..., out_axes=0) (and nnx.scan with "
+                    "in_axes=0)."
+                )
+            stack = kernel_shape[:n]
+        einsum = isinstance(layer, nnx.Einsum)
+        return cls(rule, path, kernel_shape, einsum, rngs, stack_shape=stack)
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for name in stateful.state_names(self.rule):
+            if name.endswith("_scaling"):
+                op = name.removesuffix("_scaling")
+                state[name] = ScaleState(
+                    *(getattr(self, f"{op}_{field}")[...] for field in ScaleState._fields)
+                )
+            else:
+                state[name] = getattr(self, name)[...]
+        return state
 
     def _run(self, lhs: Any, rhs: Any, **kw: Any) -> Any:
-        rule = deterministic_rule(self.rule) if self.deterministic else self.rule
-        update = not self.deterministic
-        scales: dict[str, Any] = {}
-        steps: dict[str, Any] = {}
-        for op, spec in operand_specs(rule):
-            x = jax.lax.stop_gradient(lhs if op == "lhs" else rhs)
-            if rule.scaling == "delayed":
-                scales[op], new = scaling_for(rule, spec).update(self._state(op), x)
-                if update:
-                    for field, value in zip(("amax_history", "scale", "count"), new, strict=True):
-                        getattr(self, f"{op}_{field}")[...] = value
-            if rule.ste == "lsq":
-                base_var = getattr(self, f"{op}_step_base")
-                base = step_base(base_var[...], x, spec)
-                if update:
-                    base_var[...] = base
-                steps[op] = getattr(self, f"{op}_step")[...] * base
-        key = self.rngs.quant() if needs_key(rule) else None
-        return run_stateful(
-            rule, lhs, rhs, scales=scales, steps=steps, key=key, where=self.path, **kw
+        training = not self.deterministic
+        key = self.rngs.quant() if training and stateful.needs_key(self.rule) else None
+        out, new = stateful.apply(
+            self.rule, self._state(), lhs, rhs, key=key, training=training, where=self.path, **kw
         )
+        if training:
+            for name, value in new.items():
+                if isinstance(value, ScaleState):
+                    op = name.removesuffix("_scaling")
+                    for field, v in zip(ScaleState._fields, value, strict=True):
+                        getattr(self, f"{op}_{field}")[...] = v
+                elif not stateful.trained(name):  # trained steps change by the optimizer
+                    getattr(self, name)[...] = value
+        return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.einsum:  # einsum_op(subscripts, lhs, rhs, *, precision, ...)
@@ -139,29 +191,50 @@ class QuantOp(nnx.Module):
         return self._run(lhs, rhs, dimension_numbers=dn, **kwargs)
 
 
+_KINDS = (*_DOT, nnx.Einsum, nnx.Conv)  # layers whose product is an attribute jaxquant sets
+
+
+def layer_kind(node: Any) -> type | None:
+    """The Flax layer class whose own ``__call__`` ``node`` runs, or None (other modules,
+    and subclasses that override ``__call__``: their products are intercepted)."""
+    cls = getattr(type(node), "_jq_base", type(node))
+    for kind in _KINDS:
+        if issubclass(cls, kind):
+            return kind if cls.__call__ is kind.__call__ else None
+    return None
+
+
+def _modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """Every module of the graph with its (first) path."""
+    out, seen = [], set()
+    for p, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and id(node) not in seen:
+            seen.add(id(node))
+            out.append((path_str(p), node))
+    return sorted(out, key=lambda t: (t[0].count("/"), t[0]))
+
+
 def _quantizable(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
-    return [
-        (path_str(p), node)
-        for p, node in nnx.iter_graph(model)
-        if isinstance(node, (*_DOT, nnx.Einsum, nnx.Conv))
-    ]
+    return [(path_str(p), node) for p, node in nnx.iter_graph(model) if layer_kind(node)]
 
 
 def quantize_nnx(
     model: nnx.Module, rules: tuple[Rule, ...], strict: bool, rngs: nnx.Rngs | None = None
 ) -> nnx.Module:
     found = _quantizable(model)
+    modules = _modules(model)
     plan: list[tuple[str, nnx.Module, Rule]] = []
     used: set[int] = set()
-    for path, node in found:
+    for path, node in modules:
         i = first_match(rules, path)
         if i is None:
             continue
         used.add(i)
-        if rules[i].quantizes:
+        if rules[i].quantizes and layer_kind(node) is not None:
             plan.append((path, node, rules[i]))
     # Check everything before modifying anything: a failed call leaves the model as it was.
-    check_unmatched(rules, used, [p for p, _ in found], strict, "NNX")
+    check_unmatched(rules, used, [p for p, _ in modules], strict, "NNX")
+    del found
     if any(needs_key(r) for _, _, r in plan) and (rngs is None or "quant" not in rngs):
         raise ValueError(
             "quantize_model: a rule rounds stochastically and needs a 'quant' PRNG stream: "
@@ -210,16 +283,176 @@ def quantize_nnx(
             node.einsum_op = q
         else:
             node.dot_general = q
+    _intercept(model, modules, rules, strict)
     return model
 
 
+def _layer_op(node: Any) -> Any:
+    if isinstance(node, nnx.Conv):
+        return node.conv_general_dilated
+    return node.einsum_op if isinstance(node, nnx.Einsum) else node.dot_general
+
+
+def _class_name(node: Any) -> str:
+    return getattr(type(node), "_jq_base", type(node)).__name__
+
+
 def report_nnx(model: nnx.Module) -> list[Match]:
+    """Flax layers whose product is jaxquant's, and modules with a quantized intercepted
+    contraction in the last call, in graph order."""
+    record = getattr(model, "_jq_record", None)
+    intercepted = {c.path for c in record.contractions if c.quantized} if record else set()
     out = []
-    for path, node in _quantizable(model):
-        if isinstance(node, nnx.Conv):
-            q = node.conv_general_dilated
-        else:
-            q = node.einsum_op if isinstance(node, nnx.Einsum) else node.dot_general
-        if isinstance(q, QuantDot | QuantEinsum | QuantOp | QuantConv):
-            out.append(Match(path, type(node).__name__, q.rule))
+    for path, node in _modules(model):
+        if layer_kind(node) is not None:
+            q = _layer_op(node)
+            if isinstance(q, QuantDot | QuantEinsum | QuantOp | QuantConv):
+                out.append(Match(path, _class_name(node), q.rule))
+        elif path in intercepted:
+            out.append(Match(path, _class_name(node), node._jq_rule))
     return out
+
+
+def contractions_nnx(model: nnx.Module) -> list[Contraction]:
+    record = getattr(model, "_jq_record", None)
+    if record is None:
+        raise ValueError(
+            "jq.flax.contractions: the NNX model was not quantized with this version of "
+            "jq.flax.quantize_model (it records its contractions from the first call on)."
+        )
+    if not record.seen:
+        raise ValueError(
+            "jq.flax.contractions: the model has not run since it was quantized; call it "
+            "once (the contractions are those of the last call)."
+        )
+    return list(record.contractions)
+
+
+# --------------------------------------------------------------------- interception
+#
+# NNX has no method interceptor: the model's class, the Flax layers' and those of modules
+# whose rule quantizes are swapped for subclasses whose methods run under `intercepting`
+# (same fields, same graph; `type(m).__mro__[1]` is the model's own class). Contractions
+# are attributed to the innermost module method on the Python stack, which carries its
+# path, rule and the model's record as static attributes (they survive split / merge).
+
+
+class _Record:
+    """Mutable, identity-hashed holder of the last call's contractions."""
+
+    def __init__(self) -> None:
+        self.contractions: list[Contraction] = []
+        self.seen = False
+
+    def __repr__(self) -> str:
+        return f"_Record({len(self.contractions)} contractions)"
+
+
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("jaxquant_nnx_depth", default=0)
+_SUBCLASSES: dict[type, type] = {}
+_MODULE_NAMES = frozenset(dir(nnx.Module))
+
+
+class _NnxFront(Frontend):
+    def owner(self, frame: Any) -> Owner | None:
+        while frame is not None:
+            m = frame.f_locals.get("self")
+            if isinstance(m, nnx.Module) and hasattr(m, "_jq_path"):
+                break
+            frame = frame.f_back
+        else:
+            return None
+
+        def params() -> list[Any]:
+            return [v[...] for _, v in nnx.iter_graph(m) if isinstance(v, nnx.Param)]
+
+        return Owner(
+            m._jq_path,
+            _class_name(m),
+            m._jq_rule,
+            params,
+            m._jq_record.contractions.append,
+            m._jq_strict,
+        )
+
+
+_FRONT = _NnxFront()
+
+
+def _wrap(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def method(self, *args, **kwargs):
+        depth = _depth.get()
+        if depth == 0 and hasattr(self, "_jq_record"):
+            self._jq_record.contractions = []
+        token = _depth.set(depth + 1)
+        try:
+            with intercepting(_FRONT):
+                out = fn(self, *args, **kwargs)
+            if fn.__name__ == "__call__" and layer_kind(self) is not None:
+                _record_layer(self, args, kwargs)
+            if depth == 0 and hasattr(self, "_jq_record"):
+                self._jq_record.seen = True
+            return out
+        finally:
+            _depth.reset(token)
+
+    return method
+
+
+def _record_layer(node: Any, args: tuple, kwargs: dict) -> None:
+    q = _layer_op(node)
+    rule = getattr(q, "rule", None)
+    if isinstance(q, QuantDot | QuantEinsum | QuantOp | QuantConv):
+        quantized, reason = True, f"rule {rule.pattern!r}"
+    else:
+        own = node._jq_rule
+        quantized = False
+        reason = (
+            "no rule matches the module"
+            if own is None
+            else f"rule {own.pattern!r} keeps it in float"
+        )
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    op = {nnx.Conv: "conv_general_dilated", nnx.Einsum: "einsum"}.get(
+        layer_kind(node), "dot_general"
+    )
+    shapes = (tuple(np.shape(x)), tuple(np.shape(node.kernel[...])))
+    node._jq_record.contractions.append(
+        Contraction(node._jq_path, _class_name(node), op, shapes, "rhs", quantized, reason)
+    )
+
+
+def _intercepting_type(cls: type) -> type:
+    if getattr(cls, "_jq_base", None) is not None:
+        return cls
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        ns: dict[str, Any] = {
+            "_jq_base": cls,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        for name in dir(cls):
+            if name != "__call__" and (name.startswith("_") or name in _MODULE_NAMES):
+                continue
+            fn = inspect.getattr_static(cls, name, None)
+            if inspect.isfunction(fn):
+                ns[name] = _wrap(fn)
+        sub = type(cls)(cls.__name__, (cls,), ns)
+        _SUBCLASSES[cls] = sub
+    return sub
+
+
+def _intercept(model: nnx.Module, modules: list, rules: tuple[Rule, ...], strict: bool) -> None:
+    record = getattr(model, "_jq_record", None) or _Record()
+    for path, node in modules:
+        i = first_match(rules, path)
+        node._jq_path = path
+        node._jq_rule = None if i is None else rules[i]
+        node._jq_strict = strict
+        node._jq_record = record
+    for _, node in modules:
+        rule = node._jq_rule
+        if node is model or layer_kind(node) is not None or (rule is not None and rule.quantizes):
+            node.__class__ = _intercepting_type(type(node))

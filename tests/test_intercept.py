@@ -1,0 +1,294 @@
+"""Interception: every contraction inside a matched module is quantized, whatever calls it
+(issue 12 item 4), Linen and NNX, eager and jit; every contraction is listed with its reason.
+
+The oracle of each quantized product is jq.dot_general / jq.einsum called by hand with the
+weight spec on the parameter's operand: the intercepted call must give the same bits.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+import jaxquant as jq
+from jaxquant.flax import Rule, contractions, quantize_model, report
+
+W8 = jq.QuantSpec("int8", jq.per_channel(-1))
+A8 = jq.QuantSpec("int8")
+RULE = Rule(".*", weight=W8, act=A8)
+X = jax.random.normal(jax.random.key(0), (3, 5, 8))
+
+
+def _bits(a, b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------ custom Linen layers
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's FlaxConv1D: kernel stored (out, in), transposed, lax.dot_general."""
+
+    features: int = 6
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.5), (self.features, x.shape[-1]))
+        kernel = jnp.asarray(kernel.transpose(), x.dtype)
+        return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class LoRADense(nn.Dense):
+    """A Dense subclass with its own __call__ (kernel plus a low-rank update)."""
+
+    rank: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        a = self.param("lora_a", nn.initializers.normal(0.5), (x.shape[-1], self.rank))
+        b = self.param("lora_b", nn.initializers.normal(0.5), (self.rank, self.features))
+        return x @ kernel + (x @ a) @ b
+
+
+class WeightFirst(nn.Module):
+    """The weight as the lhs: jnp.einsum('oi,bti->bto', kernel, x)."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.5), (6, x.shape[-1]))
+        return jnp.einsum("oi,bti->bto", kernel, x)
+
+
+class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(16, 8)
+        return embed.attend(nn.Dense(8)(embed(ids)))
+
+
+def _init_apply(module, *args, rules=RULE, **kw):
+    qmodel = quantize_model(module, rules, **kw)
+    variables = qmodel.init(jax.random.key(1), *args)
+    return qmodel, variables
+
+
+def test_custom_dot_general_with_transposed_kernel_is_quantized_bitwise():
+    qmodel, variables = _init_apply(Conv1D(), X)
+    got = qmodel.apply(variables, X)
+    kernel = variables["params"]["kernel"].T
+    want = jq.dot_general(X, kernel, (((2,), (0,)), ((), ())), lhs_spec=A8, rhs_spec=W8)
+    _bits(got, want)
+    _bits(jax.jit(qmodel.apply)(variables, X), want)
+    (c,) = contractions(qmodel)
+    assert (c.path, c.module, c.op, c.weight, c.quantized) == (
+        "",
+        "Conv1D",
+        "dot_general",
+        "rhs",
+        True,
+    )
+    assert c.shapes == ((3, 5, 8), (8, 6))
+    assert [(m.path, m.module) for m in report(qmodel)] == [("", "Conv1D")]
+
+
+def test_subclass_with_own_call_quantizes_every_product():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return LoRADense(6, name="lora")(x)
+
+    qmodel, variables = _init_apply(Net(), X)
+    p = variables["params"]["lora"]
+    want = jq.dot_general(X, p["kernel"], (((2,), (0,)), ((), ())), lhs_spec=A8, rhs_spec=W8)
+    xa = jq.dot_general(X, p["lora_a"], (((2,), (0,)), ((), ())), lhs_spec=A8, rhs_spec=W8)
+    want = want + jq.dot_general(
+        xa, p["lora_b"], (((2,), (0,)), ((), ())), lhs_spec=A8, rhs_spec=W8
+    )
+    _bits(qmodel.apply(variables, X), want)
+    found = contractions(qmodel)
+    assert [(c.path, c.op, c.quantized) for c in found] == [("lora", "@", True)] * 3
+    assert [m.module for m in report(qmodel)] == ["LoRADense"]
+
+
+def test_weight_as_lhs_takes_the_weight_spec():
+    qmodel, variables = _init_apply(WeightFirst(), X)
+    kernel = variables["params"]["kernel"]
+    want = jq.einsum("oi,bti->bto", kernel, X, lhs_spec=W8, rhs_spec=A8)
+    _bits(qmodel.apply(variables, X), want)
+    assert contractions(qmodel)[0].weight == "lhs"
+
+
+def test_tied_head_through_embed_attend():
+    ids = jnp.array([[1, 2, 3], [4, 5, 6]])
+    qmodel, variables = _init_apply(Tied(), ids)
+    got = qmodel.apply(variables, ids)
+    p = variables["params"]
+    h = (
+        jq.dot_general(
+            p["Embed_0"]["embedding"][ids],
+            p["Dense_0"]["kernel"],
+            (((2,), (0,)), ((), ())),
+            lhs_spec=A8,
+            rhs_spec=W8,
+        )
+        + p["Dense_0"]["bias"].reshape(1, 1, -1)
+    )
+    want = jq.dot_general(
+        h, p["Embed_0"]["embedding"].T, (((2,), (0,)), ((), ())), lhs_spec=A8, rhs_spec=W8
+    )
+    _bits(got, want)
+    assert [(c.path, c.op, c.quantized) for c in contractions(qmodel)] == [
+        ("Dense_0", "dot_general", True),
+        ("Embed_0", "dot", True),
+    ]
+
+
+def test_activation_products_stay_float_with_their_reason():
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            q = nn.Dense(8, name="q")(x)
+            return jnp.einsum("bqd,bkd->bqk", q, x)
+
+    qmodel, variables = _init_apply(Attn(), X)
+    qmodel.apply(variables, X)
+    (dense, attn) = contractions(qmodel)
+    assert dense.quantized and dense.path == "q"
+    assert (attn.path, attn.weight, attn.quantized) == ("", None, False)
+    assert "activations" in attn.reason
+
+
+def test_a_float_rule_keeps_an_intercepted_module_float():
+    rules = (Rule("conv"), RULE)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(Conv1D(name="conv")(x))
+
+    qmodel, variables = _init_apply(Net(), X, rules=rules)
+    got = qmodel.apply(variables, X)
+    found = {c.path: c for c in contractions(qmodel)}
+    assert not found["conv"].quantized and "keeps it in float" in found["conv"].reason
+    assert found["Dense_0"].quantized
+    p = variables["params"]
+    h = X @ p["conv"]["kernel"].T
+    want = jq.dot_general(
+        h, p["Dense_0"]["kernel"], (((2,), (0,)), ((), ())), lhs_spec=A8, rhs_spec=W8
+    )
+    _bits(got, want + p["Dense_0"]["bias"].reshape(1, 1, -1))
+
+
+def test_a_weight_product_that_cannot_be_quantized_raises_or_warns():
+    class ThreeWay(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("w", nn.initializers.normal(), (8, 4))
+            v = self.param("v", nn.initializers.normal(), (4, 2))
+            return jnp.einsum("bti,io,op->btp", x, w, v)
+
+    with pytest.raises(ValueError, match=r"stays in float: an einsum of 3 operands"):
+        _init_apply(ThreeWay(), X)
+    with pytest.warns(UserWarning, match=r"stays in float"):
+        qmodel, _ = _init_apply(ThreeWay(), X, strict=False)
+    assert contractions(qmodel)[0].quantized is False
+
+
+def test_a_stateful_rule_on_an_intercepted_product_is_refused():
+    rule = Rule(".*", weight=jq.QuantSpec("int8"), scaling="delayed")
+    with pytest.raises(ValueError, match=r"stateful .* stateless rule"):
+        _init_apply(Conv1D(), X, rules=rule)
+
+
+def test_the_patches_are_undone_even_after_an_error():
+    originals = (lax.dot_general, jnp.einsum, jnp.dot, jnp.matmul, lax.conv_general_dilated)
+    with pytest.raises(ValueError):
+        _init_apply(Conv1D(), X, rules=Rule(".*", weight=jq.QuantSpec("int8"), scaling="delayed"))
+    assert (lax.dot_general, jnp.einsum, jnp.dot, jnp.matmul, lax.conv_general_dilated) == originals
+    # outside a quantized call, contractions are plain jax (no jaxquant in the jaxpr)
+    jaxpr = jax.make_jaxpr(lambda a, b: a @ b)(jnp.ones((2, 3)), jnp.ones((3, 4)))
+    assert [e.primitive.name for e in jaxpr.eqns] == ["dot_general"]
+
+
+def test_gradients_flow_through_intercepted_products():
+    qmodel, variables = _init_apply(Conv1D(), X)
+
+    def loss(params):
+        return jnp.sum(qmodel.apply({"params": params}, X) ** 2)
+
+    g = jax.jit(jax.grad(loss))(variables["params"])
+    assert g["kernel"].shape == (6, 8) and bool(jnp.all(jnp.isfinite(g["kernel"])))
+    assert float(jnp.abs(g["kernel"]).sum()) > 0
+
+
+# ------------------------------------------------------------------------------- NNX
+
+
+class NnxConv1D(nnx.Module):
+    def __init__(self, din, dout, rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (dout, din)))
+
+    def __call__(self, x):
+        return lax.dot_general(x, self.kernel[...].T, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class NnxLoRA(nnx.Linear):
+    def __init__(self, din, dout, rngs):
+        super().__init__(din, dout, use_bias=False, rngs=rngs)
+        self.lora_a = nnx.Param(jax.random.normal(rngs.params(), (din, 2)))
+        self.lora_b = nnx.Param(jax.random.normal(rngs.params(), (2, dout)))
+
+    def __call__(self, x):
+        return x @ self.kernel[...] + (x @ self.lora_a[...]) @ self.lora_b[...]
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = NnxConv1D(8, 6, rngs)
+        self.lora = NnxLoRA(6, 6, rngs)
+        self.embed = nnx.Embed(16, 6, rngs=rngs)
+
+    def __call__(self, x):
+        return self.embed.attend(self.lora(self.conv(x)))
+
+
+def test_nnx_custom_layers_subclasses_and_attend_are_quantized_bitwise():
+    model = NnxNet(nnx.Rngs(0))
+    conv_k, a, b = model.conv.kernel[...], model.lora.lora_a[...], model.lora.lora_b[...]
+    lora_k, emb = model.lora.kernel[...], model.embed.embedding[...]
+    quantize_model(model, RULE)
+    dn = (((2,), (0,)), ((), ()))
+
+    def q(x, w):
+        return jq.dot_general(x, w, dn, lhs_spec=A8, rhs_spec=W8)
+
+    h = q(X, conv_k.T)
+    h = q(h, lora_k) + q(q(h, a), b)
+    want = q(h, emb.T)
+    _bits(model(X), want)
+    _bits(nnx.jit(lambda m, x: m(x))(model, X), want)
+    found = contractions(model)
+    assert [(c.path, c.op, c.quantized) for c in found] == [
+        ("conv", "dot_general", True),
+        ("lora", "@", True),
+        ("lora", "@", True),
+        ("lora", "@", True),
+        ("embed", "dot", True),
+    ]
+    assert sorted(m.path for m in report(model)) == ["conv", "embed", "lora"]
+    assert isinstance(model, NnxNet) and type(model).__name__ == "NnxNet"
+
+
+def test_nnx_float_rule_and_split_merge_keep_the_plan():
+    model = NnxNet(nnx.Rngs(0))
+    quantize_model(model, (Rule("embed"), RULE))
+    graphdef, state = nnx.split(model)
+    merged = nnx.merge(graphdef, state)
+    merged(X)
+    found = {c.path: c for c in contractions(merged)}
+    assert found["conv"].quantized and not found["embed"].quantized
+    assert "keeps it in float" in found["embed"].reason
