@@ -2,10 +2,11 @@
 
 Two models with the calling conventions of real ones, random-initialised in small configs:
 
-* ``ResNet``: written from flax's ImageNet example (``examples/imagenet/models.py``):
-  ``nn.Conv`` + ``nn.BatchNorm(use_running_average=not train)``, a ``train`` argument that
-  defaults to True, ``batch_stats`` beside ``params``, a list attribute. Stage sizes
-  ``[1, 1]``, 8 filters, 32x32 inputs: 6 Conv and 1 Dense.
+* ``ResNet``: flax's ImageNet example (``examples/imagenet/models.py``, written out in
+  tests/third_party_models.py): ``nn.Conv`` + ``nn.BatchNorm(use_running_average=not
+  train)``, a ``train`` argument that defaults to True, ``batch_stats`` beside ``params``,
+  a list attribute. Stage sizes ``[1, 1]``, 8 filters, 32x32 inputs: 6 Conv and 1 Dense.
+  BatchNorm without the example's ``axis_name="batch"`` (see ``_resnet``).
 * ``NnxNet``: an NNX model with Conv, BatchNorm, Dropout (its own RNG stream), a
   ``deterministic`` flag and a per-batch ``mask`` keyword.
 
@@ -23,14 +24,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import third_party_models as tp
 from flax import nnx
 
 import jaxquant as jq
@@ -56,85 +56,6 @@ EVAL = {"train": False}
 
 
 # ------------------------------------------------------------------------ the models
-
-
-class ResNetBlock(nn.Module):
-    """The ImageNet example's basic block: two 3x3 convs, a projection when shapes change."""
-
-    filters: int
-    conv: Any
-    norm: Any
-    act: Callable
-    strides: tuple[int, int] = (1, 1)
-
-    @nn.compact
-    def __call__(self, x):
-        residual = x
-        y = self.act(self.norm()(self.conv(self.filters, (3, 3), self.strides)(x)))
-        y = self.conv(self.filters, (3, 3))(y)
-        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-        if residual.shape != y.shape:
-            residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
-            residual = self.norm(name="norm_proj")(residual)
-        return self.act(residual + y)
-
-
-class BottleneckResNetBlock(nn.Module):
-    """The ImageNet example's bottleneck block: 1x1, 3x3, 1x1 (x4 filters)."""
-
-    filters: int
-    conv: Any
-    norm: Any
-    act: Callable
-    strides: tuple[int, int] = (1, 1)
-
-    @nn.compact
-    def __call__(self, x):
-        residual = x
-        y = self.act(self.norm()(self.conv(self.filters, (1, 1))(x)))
-        y = self.act(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
-        y = self.conv(self.filters * 4, (1, 1))(y)
-        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-        if residual.shape != y.shape:
-            residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(residual)
-            residual = self.norm(name="norm_proj")(residual)
-        return self.act(residual + y)
-
-
-class ResNet(nn.Module):
-    """ResNet v1 as in flax's ImageNet example: ``train`` picks batch or running stats."""
-
-    stage_sizes: Sequence[int]
-    block_cls: Any
-    num_classes: int
-    num_filters: int = 64
-    dtype: Any = jnp.float32
-    act: Callable = nn.relu
-
-    @nn.compact
-    def __call__(self, x, train: bool = True):
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-        )
-        x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
-        x = nn.relu(norm(name="bn_init")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-        for i, size in enumerate(self.stage_sizes):
-            for j in range(size):
-                x = self.block_cls(
-                    self.num_filters * 2**i,
-                    strides=(2, 2) if i > 0 and j == 0 else (1, 1),
-                    conv=conv,
-                    norm=norm,
-                    act=self.act,
-                )(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 class NnxNet(nnx.Module):
@@ -167,35 +88,16 @@ RESNET_LAYERS = (
 NNX_LAYERS = ("conv", "head", "hidden")  # graph order: by attribute name
 
 
-def _trained_like(tree: Any, seed: int) -> Any:
-    """Random values of ``tree``'s shapes, as after training: kernels with variance
-    1 / fan-in, norm scales and running variances in [0.5, 1.5], biases and running means
-    N(0, 0.2^2). Drawn with numpy: initializing under JAX compiles for seconds on a CPU."""
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    out = []
-    for path, leaf in leaves:
-        name = str(getattr(path[-1], "key", getattr(path[-1], "name", "")))
-        if name == "value":  # an nnx.State leaf: the variable's name is one level up
-            name = str(path[-2].key)
-        shape = tuple(leaf.shape)
-        if name == "kernel":
-            value = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
-        elif name in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, size=shape)
-        elif name in ("bias", "mean"):
-            value = 0.2 * rng.normal(size=shape)
-        else:
-            raise AssertionError(f"unexpected leaf {jax.tree_util.keystr(path)}")
-        out.append(jnp.asarray(value, leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _resnet(block_cls=ResNetBlock):
-    model = ResNet(stage_sizes=[1, 1], block_cls=block_cls, num_classes=10, num_filters=8)
+def _resnet(block_cls=tp.ResNetBlock):
+    # A list attribute, as the published ResNet18 passes; BatchNorm without the example's
+    # axis_name="batch" (its pmap axis), so that calibrate can also run it in training
+    # mode on one device (test_resnet_calibrate_convert_serve_...).
+    model = tp.ResNet(
+        stage_sizes=[1, 1], block_cls=block_cls, num_classes=10, num_filters=8, axis_name=None
+    )
     x = jax.random.normal(jax.random.key(0), (3, 4, 32, 32, 3))
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(1), x[0])
-    variables = _trained_like(shapes, 1)
+    variables = tp.trained_like(shapes, 1)
     return model, variables, [x[i] for i in range(3)]
 
 
@@ -207,7 +109,7 @@ def resnet():
 def _nnx_net(seed: int = 0) -> NnxNet:
     model = NnxNet(nnx.Rngs(seed))
     weights = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-    nnx.update(model, _trained_like(weights, 100 + seed))
+    nnx.update(model, tp.trained_like(weights, 100 + seed))
     return model
 
 
@@ -298,7 +200,7 @@ def test_resnet_sensitivity_and_plan_with_train_false(resnet):
 
 @pytest.mark.slow
 def test_bottleneck_resnet_calibrate_convert_serve():
-    model, variables, batches = _resnet(BottleneckResNetBlock)
+    model, variables, batches = _resnet(tp.BottleneckResNetBlock)
     layers = sorted(_kernels(variables["params"]))
     assert len(layers) == 10  # conv_init, 2 x (3 convs), 1 projection, Dense
     res = calibrate(quantize_model(model, W8A8), batches[:2], variables, call_kwargs=EVAL)
