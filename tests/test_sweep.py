@@ -227,7 +227,13 @@ def test_failing_cell_is_recorded_and_sweep_goes_on(tiny, capsys):
         ("[grid]\nmodes = []", "grid.modes is empty"),
         ("seeds = [0, -1]", "seeds[1] = -1"),
         ('seeds = "0"', "seeds = '0' must be a list"),
-        ("[task]\nepochs = 0", "task.epochs = 0"),
+        ("[task]\nepochs = -1", "task.epochs = -1 must be in [0, 2147483647]"),
+        ('[task]\nloss = "no_such_module_xyz:f"', "task.loss = 'no_such_module_xyz:f' cannot"),
+        ('[task]\noutput = "math:pi"', "task.output = 'math:pi' is not callable"),
+        ('[task]\nmetric = "math"', "task.metric = 'math' must be an import path"),
+        ("[task]\ncall_kwargs = true", "task.call_kwargs = True must be a table"),
+        ("[task]\neval_batch = 0", "task.eval_batch = 0 must be in [1, 2147483647]"),
+        ('[task]\naxis_name = ""', "task.axis_name is empty"),
         ('[task]\nmodel = "no_such_module_xyz:M"', "task.model = 'no_such_module_xyz:M' cannot"),
         ('[task]\ndata = "json"', "task.data = 'json' must be an import path"),
         ('preset = "digits-rnn"', "preset = 'digits-rnn' is not a preset"),
@@ -410,9 +416,9 @@ def test_activation_cells(tiny, capsys):
     import jaxquant as jq
 
     ev = R.Evaluator(cfg)
-    params, _ = ev.float_model(0)
+    fl = ev.float_model(0)
     cell = next(c for c in cells if c.act == "int8" and c.mode == "ptq" and c.format == "int8")
-    model = ev._static_act_model(cell, params)
-    acts = [r.act for r in model.rules]
+    net, _ = ev._static_act_model(cell, fl, fl.params)
+    acts = [r.act for r in net.rules]
     assert len(acts) == 2 and all(isinstance(a.calibration, type(jq.fixed(1.0))) for a in acts)
     assert all(a.format.name == "int8" for a in acts)

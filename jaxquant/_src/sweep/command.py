@@ -33,12 +33,17 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from jaxquant._src.sweep.config import PRESETS
+    from jaxquant._src.sweep.config import FORMAT, PRESETS
 
+    # The TOML format, every key with an example, closes --help (kept as written).
+    p.epilog = FORMAT
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
         "--config",
         metavar="TOML",
-        help="a TOML config: seeds, [task] model/data by import path, [grid], [qat]",
+        help="a TOML config: seeds, [task] (a Linen or NNX model, data, call arguments, "
+        "loss / metric / output functions by import path), [grid], [qat]; the format is "
+        "below",
     )
     p.add_argument(
         "--preset", choices=sorted(PRESETS), help="built-in task and grid (default digits-mlp)"

@@ -6,37 +6,8 @@ anything runs; a mistake raises :class:`ConfigError` with one line naming the ke
 
     sweep config: grid.formats[2] = 'int9' is not a format; known: float32, fp16, ...
 
-Layout (every key optional; a preset fills the rest)::
-
-    preset = "digits-mlp"            # base: digits-mlp | digits-cnn | stdlib-lm
-    seeds = [0, 1]
-
-    [task]                           # a custom task names a Flax model and a data function
-    name = "my-task"
-    model = "pkg.module:ModelClass"  # a flax.linen.Module class (or factory) by import path
-    model_kwargs = { features = [64] }
-    data = "pkg.module:load"         # (**data_kwargs) -> {x_train, y_train, x_test, y_test}
-    data_kwargs = { seq = 64 }       # optional
-    epochs = 20                      # float training: epochs over x_train ...
-    steps = 0                        # ... or this many steps when > 0 (optional)
-    lr = 1e-3
-    batch = 64
-    layers = "block.*"               # optional: quantize the layers whose path fullmatches
-
-    [grid]                           # PTQ: the cartesian product, made canonical (grid.py)
-    formats = ["int8", "int4"]
-    granularities = ["tensor", "channel", "block32"]
-    calibrations = ["absmax", "mse"]
-    roundings = ["nearest", "stochastic"]
-    modes = ["ptq", "qat"]
-    activations = ["none", "int8"]   # optional: also quantize layer inputs (static ranges)
-
-    [qat]                            # QAT cells: formats x granularities, nearest rounding
-    formats = ["int4", "ternary"]
-    granularities = ["channel"]
-    activations = ["none"]           # optional: dynamic per-batch activation quantization
-    steps = 200
-    lr = 3e-4
+The format, every key with an example, is :data:`FORMAT` (``jaxquant sweep --help``
+prints it; the README's "Sweeps on your own model" shows a whole file).
 """
 
 from __future__ import annotations
@@ -46,10 +17,78 @@ import hashlib
 import importlib
 import json
 import math
+import os
 import re
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+
+FORMAT = """\
+TOML config (jaxquant sweep --config FILE): every key is optional; a preset (digits-mlp
+unless `preset` says otherwise) fills the rest. Task functions are named by import path
+"module:name"; modules in the current directory and in the config file's directory
+import as they are (no PYTHONPATH needed).
+
+  preset = "digits-mlp"        # the base: digits-mlp | digits-cnn | stdlib-lm
+  seeds = [0, 1]               # one float model per seed (its init and data order)
+
+  [task]
+  name = "resnet"              # letters, digits, '_', '.', '-' (the rows' task column)
+  model = "models:resnet"      # a callable, called with model_kwargs (lists as tuples),
+                               # plus seed=<seed> and rngs=nnx.Rngs(<seed>) if it takes
+                               # parameters so named; it returns a flax.linen.Module
+                               # (initialised by the sweep from the seed), a pair
+                               # (linen_module, variables) with every collection
+                               # (params, batch_stats...), or an nnx.Module (its
+                               # nnx.Param variables are the weights; it runs in the mode
+                               # the factory leaves it: call model.eval() there)
+  model_kwargs = { depth = 2 } # keyword arguments of model (optional)
+  data = "models:data"         # (**data_kwargs) -> {x_train, y_train, x_test, y_test};
+                               # x: an array, a tuple of arrays (positional arguments)
+                               # or a dict of arrays (keyword arguments); y: the labels
+                               # the loss and metric read; examples on the leading axis
+  data_kwargs = { n = 512 }    # optional
+  call_kwargs = { train = false }  # keywords of every evaluation and calibration call
+                               # (and of a bare Linen module's init), e.g. train=False,
+                               # deterministic=True (optional)
+  train_kwargs = { train = true }  # keywords of the training calls (float training
+                               # and QAT; default: call_kwargs); Linen collections
+                               # besides params (batch_stats) are updated by them
+  axis_name = "batch"          # training calls run under jax.vmap(axis_name=...), for
+                               # BatchNorm(axis_name=...) in training mode (optional)
+  output = "models:logits"     # model output -> the array the loss and metric read,
+                               # e.g. def logits(out): return out.logits (optional)
+  loss = "models:loss"         # (output, labels) -> the batch's mean loss; training
+                               # objective and test_loss (default: softmax
+                               # cross-entropy with integer labels)
+  metric = "models:top1"       # (output, labels) -> the batch's mean score; the
+                               # test_acc / float_acc columns (default: accuracy in %)
+  epochs = 0                   # float training: epochs over x_train; 0 (with steps 0):
+                               # none, the factory's weights as they are
+  steps = 0                    # float training steps instead, when > 0
+  lr = 1e-3                    # Adam learning rate of float training (cosine decay)
+  batch = 64                   # training batch (also calibration batches)
+  eval_batch = 256             # evaluation batch (optional)
+  layers = "block.*"           # quantize the layers whose path fullmatches (optional;
+                               # default every leaf `kernel` of rank >= 2)
+
+  [grid]                       # PTQ: the product, made canonical; every key needed
+  formats = ["int8", "int4"]   # float32 fp16 bf16 fp8_e4m3 fp8_e5m2 int8 int4 int2 nf4
+                               # mxfp8 mxfp4 fp4 ternary binary
+  granularities = ["channel"]  # tensor | channel | blockN (e.g. block32)
+  calibrations = ["absmax"]    # absmax mse kl none percentile:P mean_std:K
+  roundings = ["nearest"]      # nearest | stochastic
+  modes = ["ptq", "qat"]
+  activations = ["none"]       # also quantize layer inputs, static ranges (optional)
+
+  [qat]                        # QAT cells: formats x granularities, nearest rounding
+  formats = ["int4"]
+  granularities = ["channel"]
+  activations = ["none"]       # dynamic per-batch activation quantization (optional)
+  steps = 200                  # QAT steps (train_kwargs, batch) from the float weights
+  lr = 3e-4
+"""
 
 
 class ConfigError(ValueError):
@@ -193,6 +232,13 @@ _SCHEMA: dict[str, Any] = {
         "lr": float,
         "batch": int,
         "layers": str,
+        "call_kwargs": dict,
+        "train_kwargs": dict,
+        "axis_name": str,
+        "output": str,
+        "loss": str,
+        "metric": str,
+        "eval_batch": int,
     },
     "grid": {
         "formats": list,
@@ -326,13 +372,19 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             raise _fail(f"task.{k}", "is missing")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", task["name"]):
         raise _fail("task.name", f"= {task['name']!r} must be letters, digits, '_', '.', '-'")
-    for k in ("model", "data"):
-        err = _import_err(task[k])
-        if err:
-            raise _fail(f"task.{k}", f"= {task[k]!r} {err}")
-    for k in ("epochs", "batch"):
-        if not 1 <= task[k] <= MAX_COUNT:
+    for k in ("model", "data", "output", "loss", "metric"):
+        if k in task:
+            err = _import_err(task[k])
+            if err:
+                raise _fail(f"task.{k}", f"= {task[k]!r} {err}")
+    if not 0 <= task["epochs"] <= MAX_COUNT:
+        msg = f"= {task['epochs']} must be in [0, {MAX_COUNT}] (0 and steps 0: no float training)"
+        raise _fail("task.epochs", msg)
+    for k in ("batch", "eval_batch"):
+        if k in task and not 1 <= task[k] <= MAX_COUNT:
             raise _fail(f"task.{k}", f"= {task[k]} must be in [1, {MAX_COUNT}]")
+    if "axis_name" in task and not task["axis_name"]:
+        raise _fail("task.axis_name", "is empty; name the axis (e.g. 'batch') or leave it out")
     if not 0 <= task.get("steps", 0) <= MAX_COUNT:
         msg = f"= {task['steps']} must be in [0, {MAX_COUNT}] (0: use task.epochs)"
         raise _fail("task.steps", msg)
@@ -404,8 +456,24 @@ def resolve(
     return validate(cfg)
 
 
+def importable(*folders: str | Path) -> None:
+    """Put ``folders`` first on ``sys.path`` (those not on it already), as
+    ``PYTHONPATH=folder`` would: a config's ``module:name`` paths find modules there."""
+    have = {os.path.abspath(p or os.curdir) for p in sys.path}
+    for folder in reversed(folders):
+        d = os.path.abspath(folder)
+        if d not in have:
+            sys.path.insert(0, d)
+            have.add(d)
+
+
 def load(path: str | Path, *, preset: str | None = None, quick: bool = False) -> dict[str, Any]:
-    """Read and validate a TOML config file."""
+    """Read and validate a TOML config file.
+
+    The current directory and the file's directory are made importable first
+    (:func:`importable`), so the task's modules may sit next to the config or where the
+    sweep is started, with no ``PYTHONPATH``."""
+    importable(os.getcwd(), Path(path).parent)
     try:
         raw = tomllib.loads(Path(path).read_text())
     except OSError as err:

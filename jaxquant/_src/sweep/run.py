@@ -36,10 +36,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src.sweep import config as C
@@ -183,60 +182,69 @@ def _dur(s: float) -> str:
 # ------------------------------------------------------------------ evaluation
 
 
-def _set_kernel(params: dict, layer: str, value: Any) -> dict:
-    """A copy of ``params`` with ``layer``'s kernel replaced (``layer``: "a/b" path)."""
-    keys = layer.split("/")
-    out = dict(params)
-    node = out
-    for k in keys:
-        node[k] = dict(node[k])
-        node = node[k]
-    node["kernel"] = value
-    return out
+def _replace_kernels(params: Any, new: dict[str, Any]) -> Any:
+    """``params`` (a Linen dict or an NNX state) with the kernels of the layers in ``new``
+    (layer path -> value) replaced."""
+    from jaxquant._src.sweep.tasks import leaf_path
+
+    def swap(path, leaf):
+        layer, _, name = leaf_path(path).rpartition("/")
+        return new[layer] if name == "kernel" and layer in new else leaf
+
+    return jax.tree_util.tree_map_with_path(swap, params)
 
 
-def _get_kernel(params: dict, layer: str) -> Any:
-    node = params
-    for k in layer.split("/"):
-        node = node[k]
-    return node["kernel"]
+def _flat(params: Any) -> dict[str, Any]:
+    """``params`` as ``{"a/b/kernel": array}`` (what size reports read)."""
+    from jaxquant._src.sweep.tasks import leaf_path
+
+    return {leaf_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+class Float(NamedTuple):
+    """One seed's float model: its net, weights and metrics."""
+
+    net: Any  # tasks.Net
+    params: Any
+    rest: Any  # the other collections (batch_stats...) or NNX state
+    metrics: dict[str, float]
 
 
 class Evaluator:
-    """Evaluates cells of one task; the float model is trained once per seed and the
-    jitted forward passes and QAT trainers are compiled once and reused."""
+    """Evaluates cells of one task; the float model is built (and trained) once per seed
+    and the jitted forward passes and QAT trainers are compiled once and reused."""
 
     def __init__(self, cfg: dict[str, Any]):
         from jaxquant._src.sweep import tasks
 
         self.cfg, self.task = cfg, cfg["task"]
         self.tasks = tasks
-        self.model = tasks.build_model(self.task)
         self.data = tasks.load_data(self.task)
-        self.x, self.y = jnp.asarray(self.data["x_train"]), jnp.asarray(self.data["y_train"])
-        self.xt, self.yt = jnp.asarray(self.data["x_test"]), jnp.asarray(self.data["y_test"])
+        self.x, self.y = self.data["x_train"], self.data["y_train"]
+        self.xt, self.yt = self.data["x_test"], self.data["y_test"]
         self.layers = self.task.get("layers", ".*")
-        self.float: dict[int, tuple[dict, dict[str, float]] | Exception] = {}
+        self.eval_batch = self.task.get("eval_batch", 256)
+        self.float: dict[int, Float | Exception] = {}
         self._qat: dict[Any, Any] = {}
 
-    def evaluate(self, model: Any, params: Any) -> tuple[float, float]:
-        """``(accuracy %, mean cross-entropy in nats)`` on the test split (over every
-        label: per image, or per byte position for a language model)."""
-        correct, nll = self.tasks.make_eval(model)(params, self.xt, self.yt)
-        n = int(self.yt.size)
-        return 100.0 * int(correct) / n, float(nll) / n
+    def evaluate(self, net: Any, params: Any, rest: Any) -> tuple[float, float]:
+        """``(metric, loss)`` on the test split: the task's metric (default: accuracy in
+        %) and loss (default: cross-entropy in nats), averaged over every example."""
+        metric, loss = self.tasks.make_eval(net, self.eval_batch)(params, rest, self.xt, self.yt)
+        return float(metric), float(loss)
 
-    def float_model(self, seed: int) -> tuple[dict, dict[str, float]]:
+    def float_model(self, seed: int) -> Float:
         if seed not in self.float:
             try:
-                params, _ = self.tasks.train_float(self.model, self.task, self.data, seed)
+                net, params, rest, _ = self.tasks.train_float(self.task, self.data, seed)
                 if not self.tasks.kernels(params, self.layers):
+                    found = ", ".join(self.tasks.kernels(params)) or "none"
                     raise ValueError(
                         f"task.layers = {self.layers!r} matches no Dense / Conv kernel of "
-                        f"the model; its layers: {', '.join(self.tasks.kernels(params))}."
+                        f"the model; its layers: {found}."
                     )
-                acc, loss = self.evaluate(self.model, params)
-                self.float[seed] = (params, {"float_acc": acc, "float_loss": loss})
+                acc, loss = self.evaluate(net, params, rest)
+                self.float[seed] = Float(net, params, rest, {"float_acc": acc, "float_loss": loss})
             except Exception as err:  # every cell of the seed fails with this error
                 self.float[seed] = err
         got = self.float[seed]
@@ -244,21 +252,21 @@ class Evaluator:
             raise got
         return got
 
-    def _weights(self, cell: G.Cell, params: dict, key: jax.Array | None) -> tuple[dict, dict]:
+    def _weights(self, cell: G.Cell, params: Any, key: jax.Array | None) -> tuple[Any, dict]:
         """Fake-quantized params and the size / SQNR metrics of ``cell``'s weights."""
         import jaxquant as jq
 
-        qparams, tree = params, params
+        flat = _flat(params)
+        fq, abstract = {}, {}
         sig = noise = 0.0
         kbytes = kcount = 0
         for i, (layer, shape) in enumerate(self.tasks.kernels(params, self.layers).items()):
             spec = G.spec_for(cell, shape)
-            w = _get_kernel(params, layer)
+            w = flat[f"{layer}/kernel"]
             k = None if key is None else jax.random.fold_in(key, i)
             wq = jq.fake_quant(w, spec, key=k)
             qabs = jax.eval_shape(lambda a, s=spec, k=k: jq.quantize(a, s, key=k), w)
-            qparams = _set_kernel(qparams, layer, wq)
-            tree = _set_kernel(tree, layer, qabs)
+            fq[layer], abstract[f"{layer}/kernel"] = wq, qabs
             w64, q64 = np.asarray(w, np.float64), np.asarray(wq, np.float64)
             sig += float(np.sum(w64**2))
             noise += float(np.sum((w64 - q64) ** 2))
@@ -266,9 +274,9 @@ class Evaluator:
             kcount += math.prod(shape)
         if not np.isfinite(noise):
             raise FloatingPointError("quantized weights are not finite")
-        rep = jq.size_report(tree)
+        rep = jq.size_report(flat | abstract)
         sqnr = float("inf") if noise == 0 else 10.0 * math.log10(sig / noise)
-        return qparams, {
+        return _replace_kernels(params, fq), {
             "weight_sqnr_db": sqnr,
             "bits_per_weight": 8.0 * kbytes / max(kcount, 1),
             "model_bytes": rep.nbytes,
@@ -276,55 +284,59 @@ class Evaluator:
         }
 
     def __call__(self, cell: G.Cell) -> dict[str, Any]:
-        params, base = self.float_model(cell.seed)
+        fl = self.float_model(cell.seed)
         key = jax.random.key(cell.seed) if cell.rounding == "stochastic" else None
         if cell.mode == "ptq":
-            qparams, m = self._weights(cell, params, key)
-            model = self._static_act_model(cell, qparams)
-            acc, loss = self.evaluate(model, qparams)
-            return {"test_acc": acc, "test_loss": loss, **base, **m}
-        return self._qat_cell(cell, params, base)
+            qparams, m = self._weights(cell, fl.params, key)
+            net, rest = self._static_act_model(cell, fl, qparams)
+            acc, loss = self.evaluate(net, qparams, rest)
+            return {"test_acc": acc, "test_loss": loss, **fl.metrics, **m}
+        return self._qat_cell(cell, fl)
 
-    def _static_act_model(self, cell: G.Cell, qparams: dict) -> Any:
-        """The float model, or (``cell.act``) the model whose layer inputs are quantized
-        with static ranges: :func:`jaxquant.flax.calibrate` on up to 8 training batches,
-        run on the weight-quantized model (weights first, then activations)."""
+    def _static_act_model(self, cell: G.Cell, fl: Float, qparams: Any) -> tuple[Any, Any]:
+        """``(net, rest)``: the float model, or (``cell.act``) the model whose layer inputs
+        are quantized with static ranges: :func:`jaxquant.flax.calibrate` on up to 8
+        training batches, run on the weight-quantized model (weights first, then
+        activations)."""
+        from jaxquant._src.flax import Rule
+
         spec = G.act_spec(cell)
         if spec is None:
-            return self.model
-        from jaxquant.flax import Rule, calibrate, quantize_model
-
+            return fl.net, fl.rest
         rules = [Rule(re.escape(k), act=spec) for k in self.tasks.kernels(qparams, self.layers)]
         b = self.task["batch"]
-        n = min(8 * b, int(self.x.shape[0]))
-        batches = [self.x[i : i + b] for i in range(0, n, b)]
-        with jax.numpy_dtype_promotion("standard"):
-            result = calibrate(self.model, batches, {"params": qparams}, rules=rules)
-        return quantize_model(self.model, result.rules)
+        n = min(8 * b, self.tasks.num_examples(self.x))
+        batches = [self.tasks.take(self.x, slice(i, i + b)) for i in range(0, n, b)]
+        batches = [tuple(x) if isinstance(x, list) else x for x in batches]
+        calibrated = fl.net.calibrate(rules, qparams, fl.rest, batches)
+        return fl.net.quantize(calibrated, qparams, fl.rest)
 
-    def _qat_cell(self, cell: G.Cell, params: dict, base: dict[str, float]) -> dict[str, Any]:
-        from jaxquant.flax import Rule, quantize_model
+    def _qat_cell(self, cell: G.Cell, fl: Float) -> dict[str, Any]:
+        from jaxquant._src.flax import Rule
 
         name = cell._replace(seed=-1)
         if name not in self._qat:
             act = G.act_spec(cell)
             rules = [
                 Rule(re.escape(layer), weight=G.spec_for(cell, shape), act=act)
-                for layer, shape in self.tasks.kernels(params, self.layers).items()
+                for layer, shape in self.tasks.kernels(fl.params, self.layers).items()
             ]
-            qmodel = quantize_model(self.model, rules)
+            qnet, _ = fl.net.quantize(rules, fl.params, fl.rest)
             q = self.cfg["qat"]
-            trainer = self.tasks.make_trainer(qmodel, self.task["batch"], q["steps"], q["lr"])
-            self._qat[name] = (qmodel, trainer)
-        qmodel, trainer = self._qat[name]
-        ptq_acc, _ = self.evaluate(qmodel, params)
+            trainer = self.tasks.make_trainer(qnet, self.task["batch"], q["steps"], q["lr"])
+            self._qat[name] = (qnet, trainer)
+        qnet, trainer = self._qat[name]
+        # The quantized net's own collections (the same as the float model's for the
+        # sweep's stateless rules), from this seed's weights.
+        _, rest = fl.net.quantize(qnet.rules, fl.params, fl.rest)
+        ptq_acc, _ = self.evaluate(qnet, fl.params, rest)
         key = jax.random.fold_in(jax.random.key(cell.seed), 1)
-        tuned, losses = trainer(params, self.x, self.y, key)
+        tuned, rest, losses = trainer(fl.params, rest, self.x, self.y, key)
         if not np.isfinite(float(losses[-1])):
             raise FloatingPointError(f"QAT: non-finite loss {float(losses[-1])}")
         _, m = self._weights(cell, tuned, None)
-        acc, loss = self.evaluate(qmodel, tuned)
-        return {"test_acc": acc, "test_loss": loss, **base, "ptq_acc": ptq_acc, **m}
+        acc, loss = self.evaluate(qnet, tuned, rest)
+        return {"test_acc": acc, "test_loss": loss, **fl.metrics, "ptq_acc": ptq_acc, **m}
 
 
 # ------------------------------------------------------------------------- run

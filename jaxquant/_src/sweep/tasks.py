@@ -16,17 +16,23 @@ optax does not trace under strict dtype promotion, so training runs under
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import inspect
+import json
 import math
 import re
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 
 class MLP(nn.Module):
@@ -119,117 +125,432 @@ def import_object(path: str) -> Any:
     return getattr(importlib.import_module(mod), name)
 
 
-def build_model(task: dict[str, Any]) -> nn.Module:
-    """The task's model: ``model(**model_kwargs)`` (lists become tuples: Linen fields are
-    hashable)."""
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in task["model_kwargs"].items()}
-    model = import_object(task["model"])(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"task.model {task['model']!r} returned {type(model).__name__}, not a "
-            "flax.linen.Module."
+@contextlib.contextmanager
+def lenient() -> Iterator[None]:
+    """JAX's default promotion rules around the task's own code: optax does not trace under
+    strict dtype promotion, and published models (Hugging Face's Flax classes) add a
+    ``(d,)`` bias to a ``(1, 1, d)`` product, which strict rank promotion refuses."""
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        yield
+
+
+# ------------------------------------------------------------------------ batches
+# A task's inputs are an array, a tuple of arrays (positional arguments of the model) or a
+# dict of arrays (keyword arguments), every leaf with the examples on its leading axis;
+# labels are an array (or any pytree the loss and metric read) the same way.
+
+
+def num_examples(x: Any) -> int:
+    """The length of the leading (example) axis of ``x``'s leaves."""
+    return int(jax.tree.leaves(x)[0].shape[0])
+
+
+def take(x: Any, idx: Any) -> Any:
+    """The examples ``idx`` (an index array or a slice) of every leaf of ``x``."""
+    return jax.tree.map(lambda a: a[idx], x)
+
+
+def call_args(x: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a model call on inputs ``x``: a tuple (or list) is positional,
+    a dict is keywords, anything else is the one argument (the convention of
+    :func:`jaxquant.flax.calibrate`'s batches)."""
+    if isinstance(x, tuple | list):
+        return tuple(x), {}
+    if isinstance(x, dict):
+        return (), dict(x)
+    return (x,), {}
+
+
+def check_examples(tree: Any, what: str) -> Any:
+    """``tree``'s leaves as numpy arrays, checked to share one leading (example) axis."""
+    try:
+        tree = jax.tree.map(np.asarray, tree)
+    except Exception as err:
+        raise ValueError(f"{what} is not arrays: {err}") from None
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        raise ValueError(f"{what} holds no arrays.")
+    sizes = {a.shape[0] if a.ndim else None for a in leaves}
+    if None in sizes or len(sizes) != 1:
+        shapes = ", ".join(str(a.shape) for a in leaves[:4])
+        raise ValueError(
+            f"{what}: every array needs the examples on its leading axis, one length for "
+            f"all; got shapes {shapes}."
         )
-    return model
+    return tree
 
 
-def load_data(task: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The task's data dict, checked: ``x_train, y_train, x_test, y_test``."""
+# -------------------------------------------------------------- losses and metrics
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The default ``task.loss``: mean softmax cross-entropy (nats) with integer labels,
+    over every label (one per example, or one per position)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The default ``task.metric``: the percentage of labels the argmax predicts."""
+    return 100.0 * jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+class Calls(NamedTuple):
+    """How a task's model is called: ``task.call_kwargs`` (evaluation, calibration, init),
+    ``task.train_kwargs`` (training: float and QAT), ``task.axis_name`` (training under
+    ``jax.vmap`` with this axis name), and the ``task.output`` / ``task.loss`` /
+    ``task.metric`` functions."""
+
+    call_kwargs: dict[str, Any]
+    train_kwargs: dict[str, Any]
+    axis_name: str | None
+    output: Callable[[Any], Any] | None
+    loss: Callable[[Any, Any], Any]
+    metric: Callable[[Any, Any], Any]
+
+    def key(self) -> tuple:
+        """A hashable key (the kwargs as canonical JSON: TOML values)."""
+        kw = json.dumps([self.call_kwargs, self.train_kwargs], sort_keys=True, default=repr)
+        return (kw, self.axis_name, self.output, self.loss, self.metric)
+
+
+def calls(task: dict[str, Any]) -> Calls:
+    """The task's :class:`Calls` (functions imported by path; defaults: the model's output
+    as it is, :func:`cross_entropy`, :func:`accuracy`)."""
+    call_kwargs = dict(task.get("call_kwargs", {}))
+    return Calls(
+        call_kwargs=call_kwargs,
+        train_kwargs=dict(task.get("train_kwargs", call_kwargs)),
+        axis_name=task.get("axis_name"),
+        output=import_object(task["output"]) if "output" in task else None,
+        loss=import_object(task["loss"]) if "loss" in task else cross_entropy,
+        metric=import_object(task["metric"]) if "metric" in task else accuracy,
+    )
+
+
+def _scalar(v: Any, what: str) -> jax.Array:
+    v = jnp.asarray(v)
+    if v.shape != ():
+        raise TypeError(
+            f"{what} returned an array of shape {v.shape}; it must return one number per "
+            "batch (the mean over the batch's examples)."
+        )
+    return v.astype(jnp.float32)
+
+
+# -------------------------------------------------------------------------- models
+
+
+class Net:
+    """A task's model, Linen or NNX, called one way by the sweep.
+
+    Its weights live outside it, as ``(params, rest)``: Linen ``variables["params"]`` and
+    the other collections (``batch_stats``...); NNX ``nnx.split(model, nnx.Param, ...)``.
+    :meth:`apply` runs it; :meth:`quantize` and :meth:`calibrate` go through
+    :func:`jaxquant.flax.quantize_model` and :func:`jaxquant.flax.calibrate` with the
+    task's call arguments. Nets are compared and hashed by what they run, or by identity
+    when a Linen module has unhashable attributes (a list field): jit caches then stay
+    per object instead of failing.
+    """
+
+    def __init__(
+        self, calls: Calls, *, module: Any = None, graphdef: Any = None, rules: tuple = ()
+    ):
+        self.calls, self.module, self.graphdef, self.rules = calls, module, graphdef, rules
+        key = (module, graphdef, calls.key())
+        try:
+            hash(key)
+        except TypeError:  # e.g. a Linen module with a list attribute
+            key = ("id", id(self))
+        self._key = key
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Net) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    @property
+    def is_nnx(self) -> bool:
+        return self.graphdef is not None
+
+    def _output(self, out: Any) -> jax.Array:
+        if self.calls.output is not None:
+            out = self.calls.output(out)
+        if not isinstance(out, jax.Array):
+            fix = "" if self.calls.output is None else " (what task.output returned)"
+            raise TypeError(
+                f"the model's output{fix} is {type(out).__name__}, not an array: set "
+                "task.output to a function 'module:function' that picks the array the loss "
+                "and metric read (e.g. lambda out: out.logits)."
+            )
+        return out
+
+    def _call(self, params: Any, rest: Any, x: Any, train: bool) -> tuple[jax.Array, Any]:
+        kw = self.calls.train_kwargs if train else self.calls.call_kwargs
+        args, xkw = call_args(x)
+        if self.is_nnx:
+            model = nnx.merge(self.graphdef, params, rest)
+            out = model(*args, **xkw, **kw)
+            if train:  # e.g. an NNX BatchNorm's running statistics
+                rest = nnx.split(model, nnx.Param, ...)[2]
+            return self._output(out), rest
+        variables = {"params": params, **rest}
+        try:
+            if train and rest:
+                out, new = self.module.apply(variables, *args, **xkw, **kw, mutable=list(rest))
+                return self._output(out), {**rest, **new}
+            return self._output(self.module.apply(variables, *args, **xkw, **kw)), rest
+        except flax.errors.ModifyScopeVariableError as err:
+            raise ValueError(
+                f"{err} The model updates a collection in evaluation calls (a BatchNorm in "
+                "training mode): set task.call_kwargs, e.g. { train = false }."
+            ) from None
+
+    def apply(self, params: Any, rest: Any, x: Any, *, train: bool = False) -> tuple[Any, Any]:
+        """``(output array, rest)`` of a call on inputs ``x``: evaluation calls take
+        ``call_kwargs``; training calls take ``train_kwargs``, return the updated
+        collections and run under ``jax.vmap(axis_name=...)`` when the task names one."""
+        name = self.calls.axis_name
+        if not (train and name):
+            return self._call(params, rest, x, train)
+        one = jax.tree.map(lambda a: a[None], x)  # one replica of a data-parallel step
+        out, rest = jax.vmap(lambda a: self._call(params, rest, a, True), axis_name=name)(one)
+        return out[0], jax.tree.map(lambda a: a[0], rest)
+
+    def quantize(self, rules: Any, params: Any, rest: Any) -> tuple[Net, Any]:
+        """``(quantized net, its rest)``: :func:`jaxquant.flax.quantize_model` with
+        ``rules``; it takes the same ``params``."""
+        from jaxquant._src.flax import quantize_model
+
+        rules = tuple(rules)
+        if not self.is_nnx:
+            return Net(self.calls, module=quantize_model(self.module, rules), rules=rules), rest
+        model = nnx.merge(self.graphdef, params, rest)  # a copy: quantized in place
+        quantize_model(model, rules)
+        graphdef, qparams, qrest = nnx.split(model, nnx.Param, ...)
+        if jax.tree.structure(qparams) != jax.tree.structure(params):
+            raise ValueError(
+                "the quantized NNX model has other parameters than the float one; the "
+                "sweep's rules add none (stateless weight and activation specs)."
+            )
+        return Net(self.calls, graphdef=graphdef, rules=rules), qrest
+
+    def calibrate(self, rules: Any, params: Any, rest: Any, batches: list) -> tuple:
+        """:func:`jaxquant.flax.calibrate`'s rules (static activation ranges) for ``rules``
+        on the float model with ``params``."""
+        from jaxquant._src.flax import calibrate
+
+        kw = self.calls.call_kwargs
+        with lenient():
+            if self.is_nnx:
+                model = nnx.merge(self.graphdef, params, rest)
+                return calibrate(model, batches, rules=rules, call_kwargs=kw).rules
+            variables = {"params": params, **rest}
+            return calibrate(self.module, batches, variables, rules=rules, call_kwargs=kw).rules
+
+
+def _parameters(fn: Any) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return set()
+
+
+def build(task: dict[str, Any], seed: int, x: Any) -> tuple[Net, Any, Any]:
+    """``(net, params, rest)``: the task's model for ``seed``, with its weights.
+
+    ``task.model`` names a callable, called with ``task.model_kwargs`` (lists as tuples)
+    plus ``seed=seed`` and ``rngs=nnx.Rngs(seed)`` when it takes parameters so named. It
+    returns a ``flax.linen.Module`` (initialised here from ``seed`` on one example of
+    ``x``, with ``task.call_kwargs``), a pair ``(linen_module, variables)`` (every
+    collection, as ``model.init`` returns them), or an ``nnx.Module``.
+    """
+    fn = import_object(task["model"])
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in task["model_kwargs"].items()}
+    extra: dict[str, Any] = {}
+    names = _parameters(fn)
+    if "seed" in names:
+        extra["seed"] = seed
+    if "rngs" in names:
+        extra["rngs"] = nnx.Rngs(seed)
+    clash = sorted(set(extra) & set(kwargs))
+    if clash:
+        raise ValueError(
+            f"task.model_kwargs sets {clash[0]!r}, which the sweep passes itself (from each "
+            "of the config's seeds); remove it from task.model_kwargs."
+        )
+    got = fn(**kwargs, **extra)
+    c = calls(task)
+    if isinstance(got, nnx.Module):
+        graphdef, params, rest = nnx.split(got, nnx.Param, ...)
+        return Net(c, graphdef=graphdef), params, rest
+    if isinstance(got, nn.Module):
+        net = Net(c, module=got)
+        init_key = jax.random.split(jax.random.key(seed))[0]
+        args, xkw = call_args(take(x, slice(0, 1)))
+        with lenient():
+            variables = jax.jit(lambda k, a, b: got.init(k, *a, **b, **c.call_kwargs))(
+                init_key, args, xkw
+            )
+    elif (
+        isinstance(got, tuple)
+        and len(got) == 2
+        and isinstance(got[0], nn.Module)
+        and isinstance(got[1], Mapping)
+    ):
+        net, variables = Net(c, module=got[0]), got[1]
+    else:
+        raise TypeError(
+            f"task.model {task['model']!r} returned {type(got).__name__}; it must return a "
+            "flax.linen.Module, a pair (linen_module, variables) or an nnx.Module."
+        )
+    if "params" not in variables:
+        raise ValueError(
+            f"task.model {task['model']!r}: the variables have no 'params' collection "
+            f"(collections: {', '.join(map(str, variables)) or 'none'})."
+        )
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    return net, variables["params"], rest
+
+
+def load_data(task: dict[str, Any]) -> dict[str, Any]:
+    """The task's data dict, checked: ``x_train, y_train, x_test, y_test`` (each an array,
+    a tuple or a dict of arrays with the examples on the leading axis)."""
     data = import_object(task["data"])(**task.get("data_kwargs", {}))
+    if not isinstance(data, Mapping):
+        raise TypeError(f"task.data {task['data']!r} returned {type(data).__name__}, not a dict.")
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data]
     if missing:
         raise ValueError(f"task.data {task['data']!r} returned no {', '.join(missing)}.")
-    return {k: np.asarray(data[k]) for k in ("x_train", "y_train", "x_test", "y_test")}
+    out = {}
+    for split in ("train", "test"):
+        x = check_examples(data[f"x_{split}"], f"task.data's x_{split}")
+        y = check_examples(data[f"y_{split}"], f"task.data's y_{split}")
+        if num_examples(x) != num_examples(y):
+            raise ValueError(
+                f"task.data {task['data']!r}: x_{split} has {num_examples(x)} examples, "
+                f"y_{split} {num_examples(y)}."
+            )
+        out[f"x_{split}"], out[f"y_{split}"] = x, y
+    return out
 
 
 @functools.lru_cache(maxsize=64)
-def make_trainer(model: nn.Module, batch: int, steps: int, lr: float):
-    """A jitted ``train(params, x, y, key) -> (params, losses)``: ``steps`` Adam steps
-    (cosine decay from ``lr``) on random mini-batches of ``batch`` (cached: one compile
-    per model and schedule in a process)."""
+def make_trainer(net: Net, batch: int, steps: int, lr: float):
+    """A jitted ``train(params, rest, x, y, key) -> (params, rest, losses)``: ``steps``
+    Adam steps (cosine decay from ``lr``) on random mini-batches of ``batch``, each a
+    training call of ``net`` (cached: one compile per net and schedule in a process)."""
     tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.0))
 
-    def loss_fn(params, x, y):
-        logits = model.apply({"params": params}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    def loss_fn(params, rest, x, y):
+        out, rest = net.apply(params, rest, x, train=True)
+        return _scalar(net.calls.loss(out, y), "task.loss"), rest
 
     @jax.jit
-    def train(params, x, y, key):
-        n = x.shape[0]
+    def train(params, rest, x, y, key):
+        n = num_examples(x)
         b = min(batch, n)
 
         def step(carry, k):
-            params, opt_state = carry
+            params, rest, opt_state = carry
             idx = jax.random.choice(k, n, (b,), replace=False)
-            loss, g = jax.value_and_grad(loss_fn)(params, x[idx], y[idx])
+            grad = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, rest), g = grad(params, rest, take(x, idx), take(y, idx))
             updates, opt_state = tx.update(g, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+            return (optax.apply_updates(params, updates), rest, opt_state), loss
 
-        (params, _), losses = jax.lax.scan(
-            step, (params, tx.init(params)), jax.random.split(key, steps)
+        (params, rest, _), losses = jax.lax.scan(
+            step, (params, rest, tx.init(params)), jax.random.split(key, steps)
         )
-        return params, losses
+        return params, rest, losses
 
-    def run(params, x, y, key):
-        with jax.numpy_dtype_promotion("standard"):
-            return train(params, x, y, key)
+    def run(params, rest, x, y, key):
+        with lenient():
+            return train(params, rest, x, y, key)
 
     return run
 
 
 def train_steps(task: dict[str, Any], n_train: int) -> int:
     """``task.steps`` when given (> 0), else ``task.epochs`` passes over ``n_train``
-    examples in mini-batches of ``task.batch``."""
+    examples in mini-batches of ``task.batch`` (0 epochs: no float training)."""
     if task.get("steps", 0) > 0:
         return task["steps"]
+    if task["epochs"] == 0:
+        return 0
     return task["epochs"] * max(n_train // task["batch"], 1)
 
 
-def train_float(model: nn.Module, task: dict[str, Any], data: dict[str, Any], seed: int):
-    """``(params, final_loss)``: the float model trained from ``seed``
-    (:func:`train_steps` Adam steps on mini-batches of ``task.batch``)."""
-    x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
-    steps = train_steps(task, x.shape[0])
-    init_key, data_key = jax.random.split(jax.random.key(seed))
-    with jax.numpy_dtype_promotion("standard"):
-        params = model.init(init_key, x[:1])["params"]
-    params, losses = make_trainer(model, task["batch"], steps, task["lr"])(params, x, y, data_key)
+def train_float(task: dict[str, Any], data: dict[str, Any], seed: int):
+    """``(net, params, rest, final_loss)``: the task's model for ``seed``, trained
+    :func:`train_steps` Adam steps on mini-batches of ``task.batch`` (none: the weights
+    the model factory returns, and ``final_loss`` None)."""
+    x, y = data["x_train"], data["y_train"]
+    net, params, rest = build(task, seed, x)
+    steps = train_steps(task, num_examples(x))
+    if steps == 0:
+        return net, params, rest, None
+    data_key = jax.random.split(jax.random.key(seed))[1]
+    trainer = make_trainer(net, task["batch"], steps, task["lr"])
+    params, rest, losses = trainer(params, rest, x, y, data_key)
     loss = float(losses[-1])
     if not np.isfinite(loss):
         raise FloatingPointError(f"seed {seed}: non-finite float training loss {loss}")
-    return params, loss
+    return net, params, rest, loss
 
 
 @functools.lru_cache(maxsize=64)
-def make_eval(model: nn.Module, batch: int = 256):
-    """A jitted ``evaluate(params, x, y) -> (correct, nll_sum)``: the number of correct
-    predictions and the summed cross-entropy (nats) over every label, in mini-batches of
-    ``batch`` examples (cached: one compile per model)."""
+def make_eval(net: Net, batch: int = 256):
+    """A jitted ``evaluate(params, rest, x, y) -> (metric, loss)``: the task's metric and
+    loss averaged over every example, in mini-batches of ``batch`` examples (each
+    batch's mean weighted by its size; cached: one compile per net)."""
 
-    def part(params, x, y):
-        logits = model.apply({"params": params}, x).astype(jnp.float32)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.sum(jnp.argmax(logits, axis=-1) == y), jnp.sum(nll)
+    def part(params, rest, x, y):
+        out, _ = net.apply(params, rest, x)
+        out = out.astype(jnp.float32)
+        metric = _scalar(net.calls.metric(out, y), "task.metric")
+        return metric, _scalar(net.calls.loss(out, y), "task.loss")
 
     @jax.jit
-    def evaluate(params, x, y):
-        n = x.shape[0]
+    def evaluate(params, rest, x, y):
+        n = num_examples(x)
         full = n // batch * batch
-        correct, nll = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+        metric, loss = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
         if full:
-            xs = x[:full].reshape(-1, batch, *x.shape[1:])
-            ys = y[:full].reshape(-1, batch, *y.shape[1:])
-            cs, ls = jax.lax.map(lambda xy: part(params, *xy), (xs, ys))
-            correct, nll = jnp.sum(cs), jnp.sum(ls)
-        if full < n:
-            c, ll = part(params, x[full:], y[full:])
-            correct, nll = correct + c, nll + ll
-        return correct, nll
 
-    def run(params, x, y):
-        with jax.numpy_dtype_promotion("standard"):
-            return evaluate(params, x, y)
+            def split(a):
+                return a[:full].reshape(-1, batch, *a.shape[1:])
+
+            xs, ys = jax.tree.map(split, x), jax.tree.map(split, y)
+            ms, ls = jax.lax.map(lambda xy: part(params, rest, *xy), (xs, ys))
+            metric, loss = jnp.sum(ms) * batch, jnp.sum(ls) * batch
+        if full < n:
+            rows = slice(full, n)
+            m, ll = part(params, rest, take(x, rows), take(y, rows))
+            metric, loss = metric + m * (n - full), loss + ll * (n - full)
+        return metric / n, loss / n
+
+    def run(params, rest, x, y):
+        with lenient():
+            return evaluate(params, rest, x, y)
 
     return run
+
+
+def leaf_path(path: Any) -> str:
+    """A pytree path as ``"a/b/kernel"`` (Linen dicts, NNX states: the ``.value`` of an
+    ``nnx.Variable`` is left out), the layer paths of :mod:`jaxquant.flax`'s rules."""
+    names = []
+    for p in path:
+        if isinstance(p, jax.tree_util.GetAttrKey):
+            names.append(p.name)
+        elif isinstance(p, jax.tree_util.SequenceKey):
+            names.append(str(p.idx))
+        else:
+            names.append(str(getattr(p, "key", p)))
+    if names and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        names.pop()
+    return "/".join(names)
 
 
 def kernels(params: Any, layers: str = ".*") -> dict[str, tuple[int, ...]]:
@@ -237,9 +558,7 @@ def kernels(params: Any, layers: str = ".*") -> dict[str, tuple[int, ...]]:
     >= 2 whose module path ``re.fullmatch``-es ``layers``."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = [str(getattr(p, "key", p)) for p in path]
-        if names and names[-1] == "kernel" and leaf.ndim >= 2:
-            layer = "/".join(names[:-1])
-            if re.fullmatch(layers, layer):
-                out[layer] = tuple(leaf.shape)
+        layer, _, name = leaf_path(path).rpartition("/")
+        if name == "kernel" and leaf.ndim >= 2 and re.fullmatch(layers, layer):
+            out[layer] = tuple(leaf.shape)
     return out
