@@ -305,6 +305,19 @@ class Net:
                 f"{err} The model updates a collection in evaluation calls (a BatchNorm in "
                 "training mode): set task.call_kwargs, e.g. { train = false }."
             ) from None
+        except NameError as err:
+            if "unbound axis name" not in str(err):
+                raise
+            # A BatchNorm(axis_name=...) in training mode, reached by the wrong call.
+            fix = (
+                "set task.axis_name to that axis (training calls then run under jax.vmap)"
+                if train
+                else "set task.call_kwargs, e.g. { train = false } (evaluation mode)"
+            )
+            call = "a training" if train else "an evaluation"
+            raise ValueError(
+                f"{err} The model reduces over a named axis in {call} call: {fix}."
+            ) from None
 
     def apply(self, params: Any, rest: Any, x: Any, *, train: bool = False) -> tuple[Any, Any]:
         """``(output array, rest)`` of a call on inputs ``x``: evaluation calls take
