@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxquant._src import opargs
 from jaxquant._src.checks import check_int, describe
+from jaxquant._src.config import QuantConfig
 from jaxquant._src.qarray import check_array
-from jaxquant._src.quantize import _check_scale, _core, _to_grid, scale_input
+from jaxquant._src.quantize import check_operand_scale, quantize_core, scale_input, to_grid
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -95,8 +97,8 @@ def _fq(
     """(float32 quantize-dequantized x, clipped-STE mask if ``clipped`` else None)."""
     if spec is None:
         return x.astype(jnp.float32), None
-    r, s, _, plan = _core(x, spec, key, scale)
-    out = (_to_grid(r, spec) * s).reshape(plan.shape)
+    r, s, _, plan = quantize_core(x, spec, key, scale)
+    out = (to_grid(r, spec) * s).reshape(plan.shape)
     if not clipped:
         return out, None
     qmin, qmax = spec.qrange
@@ -159,26 +161,35 @@ def conv_general_dilated(
     precision: Any = None,
     preferred_element_type: jax.typing.DTypeLike | None = None,
     *,
-    lhs_spec: QuantSpec | None = None,
-    rhs_spec: QuantSpec | None = None,
-    grad_spec: QuantSpec | None = None,
+    config: QuantConfig | None = None,
+    lhs_spec: QuantSpec | None = opargs.NONE,
+    rhs_spec: QuantSpec | None = opargs.NONE,
+    grad_spec: QuantSpec | None = opargs.NONE,
     lhs_scale: jax.typing.ArrayLike | None = None,
     rhs_scale: jax.typing.ArrayLike | None = None,
     grad_scale: jax.typing.ArrayLike | None = None,
     key: Array | None = None,
-    ste: Literal["plain", "clipped"] = "plain",
+    ste: Literal["plain", "clipped"] = opargs.PLAIN,
 ) -> Array:
     """Quantized ``jax.lax.conv_general_dilated`` (emulated; see the module docstring).
 
     A drop-in for ``lax.conv_general_dilated`` (same positional arguments), so
-    ``functools.partial(jq.conv_general_dilated, lhs_spec=..., rhs_spec=...)`` can be given
-    to ``flax.linen.Conv(conv_general_dilated=...)`` / ``flax.nnx.Conv``; rule-based QAT
+    ``functools.partial(jq.conv_general_dilated, config=cfg)`` can be given to
+    ``flax.linen.Conv(conv_general_dilated=...)`` / ``flax.nnx.Conv``; rule-based QAT
     (:func:`jaxquant.flax.quantize_model`) does that for you.
+
+    What is quantized comes either whole from ``config`` (a :class:`QuantConfig`: ``act``
+    quantizes the input ``lhs``, ``weight`` the kernel ``rhs``, ``grad`` the output
+    gradient, with its ``ste``) or from the loose keywords ``lhs_spec``, ``rhs_spec``,
+    ``grad_spec`` and ``ste``; passing both is a ValueError.
 
     Args:
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
       feature_group_count, batch_group_count, precision, preferred_element_type: as in
         ``lax.conv_general_dilated``.
+      config: a :class:`QuantConfig` with ``scaling="current"``, ``ste`` ``"plain"`` or
+        ``"clipped"`` and ``mode`` ``"auto"`` or ``"emulate"`` (the convolution is always
+        emulated), or None.
       lhs_spec, rhs_spec, grad_spec: :class:`QuantSpec` of the input, the kernel and the
         output gradient, or None (float). Any granularity (the kernel's output-channel axis
         is its last in Flax's HWIO layout: ``per_channel(-1)``).
@@ -194,7 +205,20 @@ def conv_general_dilated(
       >>> x, k = jnp.ones((1, 1, 5)), jnp.full((1, 1, 3), 0.5)
       >>> jq.conv_general_dilated(x, k, (1,), "VALID", rhs_spec=jq.QuantSpec("int8")).tolist()
       [[[1.5, 1.5, 1.5]]]
+      >>> cfg = jq.QuantConfig(weight=jq.QuantSpec("int8"))
+      >>> jq.conv_general_dilated(x, k, (1,), "VALID", config=cfg).tolist()
+      [[[1.5, 1.5, 1.5]]]
     """
+    q = opargs.resolve(
+        _FN, config, lhs_spec=lhs_spec, rhs_spec=rhs_spec, grad_spec=grad_spec, ste=ste
+    )
+    lhs_spec, rhs_spec, grad_spec, ste = q["lhs_spec"], q["rhs_spec"], q["grad_spec"], q["ste"]
+    if config is not None and config.mode == "real":
+        raise ValueError(
+            f"{_FN}: config.mode='real' asks for an int8 / fp8 convolution, which jaxquant "
+            "does not call (it emulates: quantized operands, a float32 convolution). Use "
+            "config.replace(mode='auto')."
+        )
     lhs, rhs = check_array(lhs, f"{_FN}: lhs"), check_array(rhs, f"{_FN}: rhs")
     if lhs.ndim < 2 or rhs.ndim != lhs.ndim:
         raise ValueError(
@@ -264,9 +288,7 @@ def conv_general_dilated(
     if grad_spec is not None:
         grad_spec.granularity.plan(tuple(out_aval.shape))
     lhs_scale, rhs_scale, grad_scale = (
-        _check_scale(x, spec, scale, None, f"{_FN}: {name}")[0]
-        if spec is not None and scale is not None
-        else scale
+        check_operand_scale(x, spec, scale, name=f"{_FN}: {name}")
         for name, x, spec, scale in (
             ("lhs_scale", lhs, lhs_spec, lhs_scale),
             ("rhs_scale", rhs, rhs_spec, rhs_scale),

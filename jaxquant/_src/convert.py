@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.qarray import QArray
-from jaxquant._src.quantize import _resolve, quantize
+from jaxquant._src.quantize import quantize, resolve_policy
 from jaxquant._src.spec import QuantSpec
 
 Policy = QuantSpec | Callable[[tuple, Any], QuantSpec | None] | Sequence[tuple[str, Any]]
@@ -136,7 +136,7 @@ def convert(
             specs.append(None)
             continue
         try:
-            spec = _resolve(policy, path, leaf)
+            spec = resolve_policy(policy, path, leaf)
             if spec is not None:
                 if not jnp.issubdtype(leaf.dtype, jnp.floating):
                     raise TypeError(f"its dtype {leaf.dtype} is not floating point")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant._src import calibration as cal
-from jaxquant._src.quantize import _qdq_range
+from jaxquant._src.quantize import qdq_range
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -191,7 +191,7 @@ def finalize(spec: QuantSpec, m: Moments, h: Hist | None) -> tuple[Array, Array]
     nb = h.abs_counts.shape[0]
     aw = jnp.where(h.amax > 0, h.amax / nb, 1.0)
     sw = jnp.where(h.hi > h.lo, (h.hi - h.lo) / nb, 1.0)
-    qdq = _qdq_range(spec)
+    qdq = qdq_range(spec)
     if isinstance(c, cal.Percentile):
         q = jnp.float32(c.p / 100.0)
         if sym:
@@ -225,5 +225,5 @@ def finalize(spec: QuantSpec, m: Moments, h: Hist | None) -> tuple[Array, Array]
 def batch_range(x: Array, spec: QuantSpec) -> tuple[Array, Array]:
     """``spec``'s method run on one batch (per-batch aggregation): float32 scalars."""
     xv = x.astype(jnp.float32).reshape(1, -1)
-    lo, hi = spec.calibration(xv, (0, 1), spec.symmetric, _qdq_range(spec))  # type: ignore[misc]
+    lo, hi = spec.calibration(xv, (0, 1), spec.symmetric, qdq_range(spec))  # type: ignore[misc]
     return lo.reshape(()), hi.reshape(())

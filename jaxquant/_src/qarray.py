@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant._src import formats
+from jaxquant._src import formats, rounding
 from jaxquant._src.checks import check_int, describe
 from jaxquant._src.formats import Format
 from jaxquant._src.spec import QuantSpec
@@ -136,8 +136,6 @@ class QArray:
 
     def dequantize(self) -> jax.Array:
         """The float array this QArray represents (``(q - z) * s``, in ``dtype``)."""
-        from jaxquant._src.quantize import dequantize
-
         return dequantize(self)
 
     def __repr__(self) -> str:
@@ -411,3 +409,54 @@ def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
     total = n * bits
     stream = stream[..., :total].reshape(*lead, n, bits)
     return _or_reduce(stream << _lanes(bits, 1, stream.ndim))
+
+
+# ------------------------------------------------------------------- dequantize
+
+
+def widen(a: jax.Array, dtype: Any) -> jax.Array:
+    """float32 ``a`` in the compute dtype of a ``dtype`` result (float64 exactly)."""
+    if np.dtype(dtype) == np.float64:
+        return rounding.float32_to_float64(a)
+    return a.astype(jnp.float32)
+
+
+def dequantize(q: QArray, dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
+    """The array a QArray stands for: ``(q - z) * s``, in ``q.dtype`` (or ``dtype``)."""
+    if not isinstance(q, QArray):
+        raise TypeError(
+            f"dequantize expects a QArray (from jq.quantize), got {type(q).__name__}; an "
+            "array that was never quantized needs no dequantize."
+        )
+    try:
+        out = np.dtype(q.dtype if dtype is None else dtype)
+    except TypeError:
+        raise TypeError(
+            f"dequantize: dtype must be a floating-point dtype such as jnp.float32, got {dtype!r}."
+        ) from None
+    if not np.issubdtype(out, np.floating) and out.name not in ("bfloat16",):
+        raise TypeError(f"dequantize: dtype must be a floating-point dtype, got {out}.")
+    return _dequantize(q, out)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(q: QArray, dtype: np.dtype) -> jax.Array:
+    spec = q.spec
+    plan = spec.granularity.plan(q.shape)
+    values = q.values
+    if spec.element.packed:
+        n = q.shape[-1] if q.shape else 1
+        values = unpack(values, spec.element.bits, n)
+        if not q.shape:
+            values = values.reshape(())
+    v = widen(decode(values, spec.element).reshape(plan.view), dtype)
+    s = widen(q.scale.astype(jnp.float32), dtype)
+    if q.zero_point is not None:
+        out = (v - widen(q.zero_point.astype(jnp.float32), dtype)) * s
+    elif spec.calibration is None:
+        # A plain cast stores s = 1: XLA's CPU backend flushes float32 subnormals in a
+        # multiply (bf16 9.18e-41 * 1 -> 0), a select does not.
+        out = jnp.where(s == 1, v, v * s)
+    else:
+        out = v * s
+    return out.reshape(q.shape).astype(dtype)

@@ -46,7 +46,10 @@ import numpy as np
 from jaxquant._src import kernels, rounding
 from jaxquant._src.calibration import TWN
 from jaxquant._src.granularity import Plan
-from jaxquant._src.qarray import QArray, decode, encode, pack, unpack
+from jaxquant._src.qarray import QArray, encode, pack, widen
+
+# dequantize lives with the QArray it reads; jaxquant.dequantize is imported from here.
+from jaxquant._src.qarray import dequantize as dequantize
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -55,7 +58,7 @@ Array = jax.Array
 # ---------------------------------------------------------------------------- checks
 
 
-def _check_input(x: Any, fn: str) -> Array:
+def check_input(x: Any, fn: str) -> Array:
     if isinstance(x, QArray):
         raise TypeError(f"{fn}: x is a QArray; call jq.dequantize(q) first.")
     if x is None or isinstance(x, str | bytes):
@@ -74,7 +77,7 @@ def _check_input(x: Any, fn: str) -> Array:
     return x
 
 
-def _check_spec(spec: Any, fn: str) -> QuantSpec:
+def check_spec(spec: Any, fn: str) -> QuantSpec:
     if not isinstance(spec, QuantSpec):
         hint = f"jq.QuantSpec({spec!r})" if isinstance(spec, str) else "jq.QuantSpec('int8')"
         raise TypeError(
@@ -84,7 +87,7 @@ def _check_spec(spec: Any, fn: str) -> QuantSpec:
     return spec
 
 
-def _check_scale(
+def check_scale(
     x: Array, spec: QuantSpec, scale: Any, zero_point: Any, fn: str
 ) -> tuple[Array | None, Array | None]:
     """Given ``scale=`` / ``zero_point=`` as float32 arrays, checked against the plan."""
@@ -141,7 +144,18 @@ def _check_scale(
     return out[0], out[1]
 
 
-def _check_key(spec: QuantSpec, key: Array | None, fn: str) -> None:
+def check_operand_scale(x: Any, spec: QuantSpec | None, scale: Any, *, name: str) -> Any:
+    """A known symmetric scale of one operand of a contraction (``dot_general`` /
+    ``conv_general_dilated``'s ``lhs_scale`` / ``rhs_scale`` / ``grad_scale``), checked
+    against ``spec``'s plan on ``x`` (an array or its shape and dtype); errors start with
+    ``name`` (e.g. ``"dot_general: lhs_scale"``). Passed through as it is when there is no
+    scale or no spec (an operand left in float ignores it)."""
+    if spec is None or scale is None:
+        return scale
+    return check_scale(x, spec, scale, None, name)[0]
+
+
+def check_key(spec: QuantSpec, key: Array | None, fn: str) -> None:
     if key is not None:
         rounding.check_key(key, f"{fn}: key=")
     if spec.stochastic and key is None:
@@ -255,7 +269,7 @@ def scale_input(x: Array, s: Array, z: Array | None = None, *, qmax: float = 4.0
     return y if z is None else y + z
 
 
-def _noise(spec: QuantSpec, key: Array | None, shape: tuple[int, ...]) -> Array | None:
+def noise_bits(spec: QuantSpec, key: Array | None, shape: tuple[int, ...]) -> Array | None:
     """uint32 random bits for stochastic rounding (None for nearest)."""
     if not spec.stochastic:
         return None
@@ -263,7 +277,7 @@ def _noise(spec: QuantSpec, key: Array | None, shape: tuple[int, ...]) -> Array 
     return rounding.random_bits(key, shape, impl=spec.rng)
 
 
-def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None, z: Array | None = None) -> Array:
+def round_scaled(y: Array, spec: QuantSpec, bits: Array | None, z: Array | None = None) -> Array:
     """Round scaled values onto the element grid (float32 out; codebooks: indices).
 
     An asymmetric zero point is added to the rounded integer: ``clip(round(y) + z)``.
@@ -287,21 +301,21 @@ def _round_scaled(y: Array, spec: QuantSpec, bits: Array | None, z: Array | None
     return rounding.round_codebook(y, f.codebook, u).astype(jnp.float32)
 
 
-def _to_grid(y: Array, spec: QuantSpec) -> Array:
+def to_grid(y: Array, spec: QuantSpec) -> Array:
     """Map rounded values to the numbers they stand for (codebook index -> value)."""
     if spec.element.kind == "codebook":
         return rounding.table_lookup(y.astype(jnp.int32), np.asarray(spec.element.codebook))
     return y
 
 
-def _qdq_range(spec: QuantSpec) -> Callable[[Array, Array, Array], Array]:
+def qdq_range(spec: QuantSpec) -> Callable[[Array, Array, Array], Array]:
     """qdq(x, lo, hi) for calibration searches (nearest rounding, no noise)."""
     det = spec.replace(rounding="nearest")
 
     def qdq(x: Array, lo: Array, hi: Array) -> Array:
         s, z = compute_scale(lo, hi, det)
         y = scale_input(x, s, qmax=_qmax(det))
-        v = _to_grid(_round_scaled(y, det, None, z), det)
+        v = to_grid(round_scaled(y, det, None, z), det)
         return v * s if z is None else (v - z) * s
 
     return qdq
@@ -337,13 +351,6 @@ def to_float32(x: Array) -> Array:
     return x.astype(jnp.float32)
 
 
-def _widen(a: Array, dtype: Any) -> Array:
-    """float32 ``a`` in the compute dtype of a ``dtype`` result (float64 exactly)."""
-    if np.dtype(dtype) == np.float64:
-        return rounding.float32_to_float64(a)
-    return a.astype(jnp.float32)
-
-
 def _steps(
     x: Array,
     spec: QuantSpec,
@@ -353,7 +360,7 @@ def _steps(
     *,
     rounded: bool = True,
 ) -> Steps:
-    """The quantizer: calibrate, scale, round. ``rounded=False``: see :func:`_core`."""
+    """The quantizer: calibrate, scale, round. ``rounded=False``: see :func:`quantize_core`."""
     plan = spec.granularity.plan(tuple(x.shape))
     xv = to_float32(x).reshape(plan.view)
     lo = hi = None
@@ -372,7 +379,7 @@ def _steps(
         s = jnp.ones(plan.scale_shape, jnp.float32)
         z = None if spec.symmetric else jnp.zeros(plan.scale_shape, jnp.float32)
     else:
-        lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, _qdq_range(spec))
+        lo, hi = spec.calibration(xv, plan.reduce_axes, spec.symmetric, qdq_range(spec))
         lo, hi = jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi)
         s, z = compute_scale(lo, hi, spec)
     # A plain cast (no calibration, no given scale) must not multiply by s = 1: XLA's CPU
@@ -389,11 +396,11 @@ def _steps(
         assert spec.element.kind == "float" and not spec.stochastic and spec.saturate
         fmax = float(spec.element.max)
         return Steps(lo, hi, s, z, y, jnp.clip(y, -fmax, fmax), plan)
-    r = _round_scaled(y, spec, _noise(spec, key, plan.view), z)
+    r = round_scaled(y, spec, noise_bits(spec, key, plan.view), z)
     return Steps(lo, hi, s, z, y, r, plan)
 
 
-def _core(
+def quantize_core(
     x: Array,
     spec: QuantSpec,
     key: Array | None,
@@ -461,10 +468,10 @@ def quantize(
       >>> q.values.tolist()
       [-30, 18, 73, -127]
     """
-    x = _check_input(x, "quantize")
-    spec = _check_spec(spec, "quantize")
-    _check_key(spec, key, "quantize")
-    scale, zero_point = _check_scale(x, spec, scale, zero_point, "quantize")
+    x = check_input(x, "quantize")
+    spec = check_spec(spec, "quantize")
+    check_key(spec, key, "quantize")
+    scale, zero_point = check_scale(x, spec, scale, zero_point, "quantize")
     return _quantize(x, key, scale, zero_point, spec)
 
 
@@ -473,7 +480,7 @@ def _quantize(x, key, scale, zero_point, spec: QuantSpec) -> QArray:
     # One compiled program for eager and jit callers alike: same fusion, same numerics.
     if _use_kernel(x, spec, "quantize", scale, zero_point):
         return _quantize_one_pass(x, spec)
-    r, s, z, plan = _core(x, spec, key, scale, zero_point)
+    r, s, z, plan = quantize_core(x, spec, key, scale, zero_point)
     values = encode(r.reshape(plan.shape), spec.format)
     if spec.element.packed:
         if values.ndim == 0:
@@ -507,7 +514,7 @@ def _use_kernel(x: Array, spec: QuantSpec, op: str, scale, zero_point) -> bool:
 
 def _quantize_one_pass(x: Array, spec: QuantSpec) -> QArray:
     def jnp_path(x):
-        r, s, _, plan = _core(x, spec, None, None, None)
+        r, s, _, plan = quantize_core(x, spec, None, None, None)
         return encode(r.reshape(plan.shape), spec.format), s.astype(spec.scale_format.dtype)
 
     def kernel(x):
@@ -525,47 +532,6 @@ def zero_point_dtype(spec: QuantSpec) -> np.dtype:
         if np.iinfo(dt).min <= qmin and qmax <= np.iinfo(dt).max:
             return np.dtype(dt)
     return np.dtype(np.int32)
-
-
-def dequantize(q: QArray, dtype: jax.typing.DTypeLike | None = None) -> Array:
-    """The array a QArray stands for: ``(q - z) * s``, in ``q.dtype`` (or ``dtype``)."""
-    if not isinstance(q, QArray):
-        raise TypeError(
-            f"dequantize expects a QArray (from jq.quantize), got {type(q).__name__}; an "
-            "array that was never quantized needs no dequantize."
-        )
-    try:
-        out = np.dtype(q.dtype if dtype is None else dtype)
-    except TypeError:
-        raise TypeError(
-            f"dequantize: dtype must be a floating-point dtype such as jnp.float32, got {dtype!r}."
-        ) from None
-    if not np.issubdtype(out, np.floating) and out.name not in ("bfloat16",):
-        raise TypeError(f"dequantize: dtype must be a floating-point dtype, got {out}.")
-    return _dequantize(q, out)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _dequantize(q: QArray, dtype: np.dtype) -> Array:
-    spec = q.spec
-    plan = spec.granularity.plan(q.shape)
-    values = q.values
-    if spec.element.packed:
-        n = q.shape[-1] if q.shape else 1
-        values = unpack(values, spec.element.bits, n)
-        if not q.shape:
-            values = values.reshape(())
-    v = _widen(decode(values, spec.element).reshape(plan.view), dtype)
-    s = _widen(q.scale.astype(jnp.float32), dtype)
-    if q.zero_point is not None:
-        out = (v - _widen(q.zero_point.astype(jnp.float32), dtype)) * s
-    elif spec.calibration is None:
-        # A plain cast stores s = 1: XLA's CPU backend flushes float32 subnormals in a
-        # multiply (bf16 9.18e-41 * 1 -> 0), a select does not.
-        out = jnp.where(s == 1, v, v * s)
-    else:
-        out = v * s
-    return out.reshape(q.shape).astype(dtype)
 
 
 def fake_quant(
@@ -597,12 +563,12 @@ def fake_quant(
       >>> [round(v, 5) for v in y.tolist()]
       [-0.49606, 0.29764, 1.20709, -2.1]
     """
-    x = _check_input(x, "fake_quant")
-    spec = _check_spec(spec, "fake_quant")
-    _check_key(spec, key, "fake_quant")
+    x = check_input(x, "fake_quant")
+    spec = check_spec(spec, "fake_quant")
+    check_key(spec, key, "fake_quant")
     if ste not in ("plain", "clipped"):
         raise ValueError(f"fake_quant: ste must be 'plain' or 'clipped', got {ste!r}.")
-    scale, zero_point = _check_scale(x, spec, scale, zero_point, "fake_quant")
+    scale, zero_point = check_scale(x, spec, scale, zero_point, "fake_quant")
     return _fake_quant(x, key, scale, zero_point, spec, ste)
 
 
@@ -615,8 +581,8 @@ def _qdq(x: Array, key, scale, zero_point, spec: QuantSpec) -> tuple[Array, Arra
 def _steps_output(st: Steps, spec: QuantSpec, *, unit_scale: bool, dtype: Any) -> Array:
     """``(q - z) * s`` in ``dtype`` from the quantizer's steps (fake_quant's forward)."""
     # float64 callers get the product in float64 (exact: grid values and scales are float32).
-    v, s = _widen(_to_grid(st.r, spec), dtype), _widen(st.s, dtype)
-    z = None if st.z is None else _widen(st.z, dtype)
+    v, s = widen(to_grid(st.r, spec), dtype), widen(st.s, dtype)
+    z = None if st.z is None else widen(st.z, dtype)
     out = v if unit_scale else (v * s if z is None else (v - z) * s)
     if spec.element.kind == "codebook":
         # A codebook has no NaN code; storage maps NaN to a value, but fake_quant keeps it.
@@ -668,7 +634,7 @@ def _fake_quant(x, key, scale, zero_point, spec: QuantSpec, ste: str) -> Array:
 Policy = QuantSpec | Callable[[tuple, Any], QuantSpec | None]
 
 
-def _resolve(policy: Policy, path: tuple, leaf: Any) -> QuantSpec | None:
+def resolve_policy(policy: Policy, path: tuple, leaf: Any) -> QuantSpec | None:
     if isinstance(policy, QuantSpec):
         is_float = hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
         return policy if is_float else None
@@ -718,7 +684,7 @@ def quantize_tree(tree: Any, policy: Policy, *, key: Array | None = None) -> Any
         if isinstance(leaf, QArray):
             out.append(leaf)
             continue
-        spec = _resolve(policy, path, leaf)
+        spec = resolve_policy(policy, path, leaf)
         if spec is None:
             out.append(leaf)
             continue
@@ -737,3 +703,11 @@ def dequantize_tree(tree: Any) -> Any:
         tree,
         is_leaf=lambda a: isinstance(a, QArray),
     )
+
+
+# Names other modules used before they were public (jaxquant/_src/lsq.py, jaxquant/_src/cli.py
+# and benchmarks/ still do); new code imports the public names above.
+_check_input, _check_spec, _check_key = check_input, check_spec, check_key
+_check_scale = check_scale
+_core, _to_grid, _qdq_range, _resolve = quantize_core, to_grid, qdq_range, resolve_policy
+_noise, _round_scaled = noise_bits, round_scaled

@@ -40,16 +40,17 @@ from typing import Any, Literal
 
 from jaxquant._src.calibration import mean_abs, twn
 from jaxquant._src.checks import check_int, describe
+from jaxquant._src.config import QuantConfig, check_config_fields
 from jaxquant._src.granularity import per_block, per_channel, per_token
 from jaxquant._src.spec import QuantSpec
 
 _INT32_MAX = 2**31 - 1
-_STES = ("plain", "clipped", "lsq")
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A named quantized-training method (see the module table).
+    """A named quantized-training method (see the module table): a name and a
+    :class:`~jaxquant.QuantConfig` (:attr:`config`), whose fields it holds.
 
     Attributes:
       name: the registry name.
@@ -61,6 +62,13 @@ class Recipe:
       ste: straight-through estimator: ``"plain"``, ``"clipped"`` or ``"lsq"`` (learned
         step size, Flax rules only).
       description: one line for listings.
+      mode: ``"auto"``, ``"real"`` or ``"emulate"`` (:func:`jaxquant.dot_general`).
+
+    Example:
+      >>> import jaxquant as jq
+      >>> r = jq.recipes.get("w8a8_int8")
+      >>> r.config == jq.QuantConfig(weight=r.weight, act=r.act)
+      True
     """
 
     name: str
@@ -72,34 +80,32 @@ class Recipe:
     margin: int = 0
     ste: Literal["plain", "clipped", "lsq"] = "plain"
     description: str = ""
+    mode: Literal["auto", "real", "emulate"] = "auto"
 
     def __post_init__(self) -> None:
-        # The same checks as jaxquant.flax.Rule, which rules() builds: a bad field is
-        # refused here, where the recipe is written, not at its first use.
+        # The checks of QuantConfig (and so of jaxquant.flax.Rule, which rules() builds): a
+        # bad field is refused here, where the recipe is written, not at its first use.
         if not isinstance(self.name, str):
             raise TypeError(f"Recipe.name must be a str, got {describe(self.name)}.")
-        for field in ("weight", "act", "grad"):
-            spec = getattr(self, field)
-            if spec is not None and not isinstance(spec, QuantSpec):
-                raise TypeError(
-                    f"Recipe.{field} must be a jq.QuantSpec or None (float), got "
-                    f"{describe(spec)}. Build one, e.g. jq.QuantSpec('int8')."
-                )
-        for field, choices in (("scaling", ("current", "delayed")), ("ste", _STES)):
-            value = getattr(self, field)
-            if not isinstance(value, str) or value not in choices:
-                raise ValueError(f"Recipe.{field} must be one of {choices}, got {describe(value)}.")
-        history_len = check_int(self.history_len, "Recipe.history_len", lo=1, hi=_INT32_MAX)
-        # 2^margin scales a float32 amax: jq.delayed_scaling's bound.
-        margin = check_int(self.margin, "Recipe.margin (powers of two of headroom)")
-        if not -126 <= margin <= 126:
-            raise ValueError(
-                f"Recipe.margin must be in -126..126, got {margin}. Transformer Engine uses 0."
-            )
+        check_config_fields(self, "Recipe")
         if not isinstance(self.description, str):
             raise TypeError(f"Recipe.description must be a str, got {describe(self.description)}.")
-        object.__setattr__(self, "history_len", history_len)
-        object.__setattr__(self, "margin", margin)
+
+    @property
+    def config(self) -> QuantConfig:
+        """The recipe's :class:`~jaxquant.QuantConfig`: what
+        ``jq.dot_general(..., config=recipe.config)`` and ``Rule(pattern, recipe.config)``
+        take."""
+        return QuantConfig(
+            weight=self.weight,
+            act=self.act,
+            grad=self.grad,
+            mode=self.mode,
+            scaling=self.scaling,
+            history_len=self.history_len,
+            margin=self.margin,
+            ste=self.ste,
+        )
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with fields changed, e.g. learned step sizes (which need a per-tensor
@@ -109,7 +115,7 @@ class Recipe:
     def dot_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`jaxquant.dot_general` / :func:`jaxquant.einsum`
         (current scaling; ``scaling="delayed"`` and ``ste="lsq"`` need state, which
-        :meth:`rules` provides through Flax)."""
+        :meth:`rules` provides through Flax). ``config=recipe.config`` is the same."""
         if self.scaling != "current" or self.ste == "lsq":
             raise ValueError(
                 f"Recipe {self.name!r}: scaling={self.scaling!r}, ste={self.ste!r} keeps state "
@@ -119,11 +125,13 @@ class Recipe:
         kw: dict[str, Any] = {"lhs_spec": self.act, "rhs_spec": self.weight, "grad_spec": self.grad}
         if self.ste != "plain":
             kw["ste"] = self.ste
+        if self.mode != "auto":
+            kw["mode"] = self.mode
         return kw
 
     def rules(self, pattern: str = ".*", *, keep_float: Sequence[str] = ()) -> tuple[Any, ...]:
         """:class:`jaxquant.flax.Rule` objects: ``keep_float`` patterns first (left in
-        float), then ``pattern`` with this recipe.
+        float), then ``Rule(pattern, recipe.config)``.
 
         Example:
           >>> import jaxquant as jq
@@ -136,18 +144,7 @@ class Recipe:
         if isinstance(keep_float, str):
             keep_float = (keep_float,)
         out = [Rule(p) for p in keep_float]
-        out.append(
-            Rule(
-                pattern,
-                weight=self.weight,
-                act=self.act,
-                grad=self.grad,
-                scaling=self.scaling,
-                history_len=self.history_len,
-                margin=self.margin,
-                ste=self.ste,
-            )
-        )
+        out.append(Rule(pattern, self.config))
         return tuple(out)
 
 

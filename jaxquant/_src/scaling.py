@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxquant._src.checks import check_int, describe
 from jaxquant._src.qarray import QArray
-from jaxquant._src.quantize import _check_input, _qdq_range, compute_scale, fake_quant, quantize
+from jaxquant._src.quantize import check_input, compute_scale, fake_quant, qdq_range, quantize
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -123,7 +123,7 @@ def current_amax(x: jax.typing.ArrayLike, spec: QuantSpec) -> Array:
     finite values of each group (0 for a group with none), the statistic delayed scaling
     records. Other symmetric calibrations (percentile, mse...) record their clip value.
     """
-    x = jax.lax.stop_gradient(_check_input(x, "scaling update"))
+    x = jax.lax.stop_gradient(check_input(x, "scaling update"))
     shape = tuple(x.shape)
     plan = spec.granularity.plan(shape)
     out_shape = _state_shape(spec, shape)
@@ -131,7 +131,7 @@ def current_amax(x: jax.typing.ArrayLike, spec: QuantSpec) -> Array:
         return jnp.zeros(out_shape, jnp.float32)
     assert spec.calibration is not None
     xv = x.astype(jnp.float32).reshape(plan.view)
-    lo, hi = spec.calibration(xv, plan.reduce_axes, True, _qdq_range(spec))
+    lo, hi = spec.calibration(xv, plan.reduce_axes, True, qdq_range(spec))
     return jnp.maximum(-lo, hi).astype(jnp.float32).reshape(out_shape)
 
 
