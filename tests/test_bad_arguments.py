@@ -1013,6 +1013,11 @@ def _raises_on_use(make_spec: Callable[[Any], Any], pattern: str) -> Callable[[A
 
 # Documented results: "target/arg/label" -> a check of what the call returns.
 DOCUMENTED: dict[str, Callable[[Any], bool]] = {
+    # per_channel() is the layout form (axes follow the contraction); used on an array it
+    # raises, naming the axes to give.
+    "jq.per_channel/axes/empty": _raises_on_use(
+        lambda g: jq.QuantSpec("int8", g), r"per_channel\(\) without axes follows"
+    ),
     # A granularity does not know the rank or length of the arrays it will meet: an axis
     # or block size that no array has is refused by plan(), naming it, when first used.
     "jq.per_block/axis/huge": _raises_on_use(
