@@ -408,3 +408,99 @@ def test_errors_name_the_layer():
     )
     with pytest.raises(ValueError, match=r"the model itself.*grad_spec"):
         m(jnp.ones((4, 64)))
+
+
+# ------------------------------------------------ the shared step (flax/stateful.py)
+
+
+def test_stateful_step_is_pure_and_takes_a_config_or_a_rule():
+    from jaxquant._src.flax import stateful
+
+    int8 = jq.QuantSpec("int8")
+    cfg = jq.QuantConfig(weight=int8, act=int8, scaling="delayed", history_len=4)
+    w = jax.random.normal(jax.random.key(2), (12, 5))
+    state = stateful.init(cfg, X, w)
+    assert set(state) == set(stateful.state_names(cfg)) == {"lhs_scaling", "rhs_scaling"}
+    _close_tree(
+        state, stateful.init(Rule(".*", cfg), X.shape, jax.ShapeDtypeStruct(w.shape, w.dtype))
+    )
+    sc = jq.delayed_scaling(int8, history_len=4)
+    ref_l, ref_r = sc.init(X.shape), sc.init(w.shape)
+    apply = jax.jit(lambda s, x: stateful.apply(cfg, s, x, w, dimension_numbers=MATMUL))
+    for i in range(3):
+        x = X * (1.0 + i)
+        y, new = apply(state, x)
+        s_l, ref_l = sc.update(ref_l, x)
+        s_r, ref_r = sc.update(ref_r, w)
+        want = jq.dot_general(
+            x, w, MATMUL, lhs_spec=int8, rhs_spec=int8, lhs_scale=s_l, rhs_scale=s_r
+        )
+        np.testing.assert_array_equal(y, want)
+        assert int(state["lhs_scaling"].count) == i  # the input state is not changed
+        state = new
+    _close_tree(state, {"lhs_scaling": ref_l, "rhs_scaling": ref_r})
+    # Evaluation: the stored scale, the state returned as it was.
+    y, same = stateful.apply(cfg, state, X * 9.0, w, dimension_numbers=MATMUL, training=False)
+    assert same is state
+    want = jq.dot_general(
+        X * 9.0,
+        w,
+        MATMUL,
+        lhs_spec=int8,
+        rhs_spec=int8,
+        lhs_scale=state["lhs_scaling"].scale,
+        rhs_scale=state["rhs_scaling"].scale,
+    )
+    np.testing.assert_array_equal(y, want)
+    # The einsum form gives the same product.
+    y_e, _ = stateful.apply(cfg, state, X, w, subscripts="bi,io->bo", training=False)
+    y_d, _ = stateful.apply(cfg, state, X, w, dimension_numbers=MATMUL, training=False)
+    np.testing.assert_allclose(y_e, y_d, rtol=1e-6)
+
+
+def _close_tree(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-6)
+
+
+def test_stateful_lsq_bases_come_from_init_arrays_or_the_first_training_call():
+    from jaxquant._src.flax import stateful
+
+    lsq = LSQ.rules()[0]
+    w = jax.random.normal(jax.random.key(2), (12, 5))
+    from_data = stateful.init(lsq, X, w)
+    np.testing.assert_allclose(from_data["lhs_step_base"], jq.lsq_init(X, LSQ.act).reshape(()))
+    assert stateful.trained("lhs_step") and not stateful.trained("lhs_step_base")
+    from_shapes = stateful.init(lsq, X.shape, w.shape)
+    assert float(from_shapes["lhs_step_base"]) == 0.0
+    _, frozen = stateful.apply(lsq, from_shapes, X, w, dimension_numbers=MATMUL, training=False)
+    assert float(frozen["lhs_step_base"]) == 0.0
+    y, new = stateful.apply(lsq, from_shapes, X, w, dimension_numbers=MATMUL)
+    _close_tree(new, from_data)
+    y_data, _ = stateful.apply(lsq, from_data, X, w, dimension_numbers=MATMUL)
+    np.testing.assert_array_equal(y, y_data)
+
+
+def test_stateful_step_refuses_what_it_cannot_run():
+    from jaxquant._src.flax import stateful
+
+    w = jnp.ones((12, 5))
+    delayed = DELAYED.rules()[0]
+    state = stateful.init(delayed, X, w)
+    with pytest.raises(ValueError, match=r"layer 'a/b'.*\['lhs_step'.*made for another config"):
+        stateful.apply(LSQ.rules()[0], state, X, w, dimension_numbers=MATMUL, where="a/b")
+    with pytest.raises(ValueError, match="exactly one of dimension_numbers"):
+        stateful.apply(delayed, state, X, w)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        stateful.apply(SR, {}, X, w, dimension_numbers=MATMUL)
+    y, _ = stateful.apply(SR, {}, X, w, dimension_numbers=MATMUL, training=False)  # nearest
+    want = jq.dot_general(X, w, MATMUL, rhs_spec=SR.weight.replace(rounding="nearest"))
+    np.testing.assert_array_equal(y, want)
+    served = jq.quantize(w, delayed.weight)
+    with pytest.raises(ValueError, match=r"served QArray.*stateless rules"):
+        stateful.apply(delayed, state, X, served, dimension_numbers=MATMUL)
+    with pytest.raises(TypeError, match=r"jq.QuantConfig or a jq.flax.Rule.*no weight"):
+        stateful.init(object(), X, w)
+    with pytest.raises(TypeError, match="rhs must be an array"):
+        stateful.init(delayed, X, "shape")
