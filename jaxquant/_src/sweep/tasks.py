@@ -9,14 +9,20 @@ the training split's per-pixel statistics -- the split of ``benchmarks/qat_digit
 files of ``benchmarks/qat_lm.py``. A task's labels may have any shape the logits have
 but the last axis (one label per image, or one per byte position).
 
+Custom models (:func:`build`): a Linen module, a ``(module, variables)`` pair or an NNX
+module from a factory, all run through one :class:`Net` -- weights as ``(params,
+rest)``, the task's call arguments (``call_kwargs`` / ``train_kwargs`` / ``axis_name``),
+its ``output`` adapter, ``loss`` and ``metric``. Inputs may be tuples or dicts of arrays.
+
 Training: Adam with cosine decay on mini-batches, the whole run one jitted ``lax.scan``.
-optax does not trace under strict dtype promotion, so training runs under
-``jax.numpy_dtype_promotion("standard")``.
+optax does not trace under strict dtype promotion, and published models rely on rank
+promotion, so the task's code runs under JAX's default rules (:func:`lenient`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -240,6 +246,30 @@ def _scalar(v: Any, what: str) -> jax.Array:
 # -------------------------------------------------------------------------- models
 
 
+def _freeze(v: Any) -> Any:
+    """A hashable stand-in for a Linen module (or attribute) that is equal exactly when
+    the values are: the published ResNet18 has a list attribute, which Linen's own hash
+    refuses (lists and dicts are tagged, so ``[1]`` and ``(1,)`` stay apart). Raises
+    TypeError for a value with no hashable form (an array)."""
+    if isinstance(v, nn.Module):
+        fields = dataclasses.fields(v)
+        return (
+            type(v),
+            tuple(
+                (f.name, _freeze(getattr(v, f.name)))
+                for f in fields
+                if f.compare and f.name not in ("parent", "name")
+            ),
+            v.name,
+        )
+    if isinstance(v, list | tuple):
+        return (type(v).__name__, tuple(_freeze(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted((k, _freeze(x)) for k, x in v.items())))
+    hash(v)
+    return v
+
+
 class Net:
     """A task's model, Linen or NNX, called one way by the sweep.
 
@@ -247,19 +277,19 @@ class Net:
     the other collections (``batch_stats``...); NNX ``nnx.split(model, nnx.Param, ...)``.
     :meth:`apply` runs it; :meth:`quantize` and :meth:`calibrate` go through
     :func:`jaxquant.flax.quantize_model` and :func:`jaxquant.flax.calibrate` with the
-    task's call arguments. Nets are compared and hashed by what they run, or by identity
-    when a Linen module has unhashable attributes (a list field): jit caches then stay
-    per object instead of failing.
+    task's call arguments. Nets are compared and hashed by what they run (a Linen module's
+    list attributes included, which Linen's own hash refuses), or by identity when an
+    attribute has no hashable form: the jit caches then stay per object.
     """
 
     def __init__(
         self, calls: Calls, *, module: Any = None, graphdef: Any = None, rules: tuple = ()
     ):
         self.calls, self.module, self.graphdef, self.rules = calls, module, graphdef, rules
-        key = (module, graphdef, calls.key())
         try:
+            key = (_freeze(module), graphdef, calls.key())
             hash(key)
-        except TypeError:  # e.g. a Linen module with a list attribute
+        except TypeError:  # an attribute with no value semantics (an array)
             key = ("id", id(self))
         self._key = key
 
