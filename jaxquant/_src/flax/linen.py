@@ -306,7 +306,7 @@ class QuantizedModule(nn.Module):
             try:
                 if context.method_name != "__call__" or layer_kind(m) is None:
                     return next_fun(*args, **kwargs)
-                return self._layer(m, path, next_fun, args, kwargs, note, record)
+                return _layer(self.rules, m, path, next_fun, args, kwargs, note, record)
             finally:
                 stack.pop()
 
@@ -318,47 +318,48 @@ class QuantizedModule(nn.Module):
         self.record.seen = True
         return out
 
-    def _layer(self, m, path, next_fun, args, kwargs, note, record) -> Any:
-        """One call of a Flax layer (Dense, DenseGeneral, Einsum, Conv) that runs its own
-        ``__call__``: quantized by a clone bound to the same scope whose product is jaxquant's."""
-        if _is_our_clone(m):
-            return next_fun(*args, **kwargs)
-        i = first_match(self.rules, path)
-        rule = None if i is None else self.rules[i]
-        served = m.has_variable("params", "kernel") and isinstance(
-            m.get_variable("params", "kernel"), QArray
-        )
-        if rule is None or not rule.quantizes:
-            note(path, type(m).__name__, rule)
-            if served:
-                raise ValueError(
-                    f"quantize_model: the kernel of {path!r} is a QArray (converted "
-                    "params) but no quantizing rule matches the layer; apply the params "
-                    "with the rules they were converted with."
-                )
-            return next_fun(*args, **kwargs)  # its contraction is intercepted and listed
+
+def _layer(rules, m, path, next_fun, args, kwargs, note, record) -> Any:
+    """One call of a Flax layer (Dense, DenseGeneral, Einsum, Conv) that runs its own
+    ``__call__``: quantized by a clone bound to the same scope whose product is jaxquant's.
+    (A function, not a method: a Linen method would push the wrapper on flax's module
+    stack, and the layer's children would be built under it.)"""
+    if _is_our_clone(m):
+        return next_fun(*args, **kwargs)
+    i = first_match(rules, path)
+    rule = None if i is None else rules[i]
+    served = m.has_variable("params", "kernel") and isinstance(
+        m.get_variable("params", "kernel"), QArray
+    )
+    if rule is None or not rule.quantizes:
         note(path, type(m).__name__, rule)
         if served:
-            out = linen_layer(m, rule, path, args, kwargs)
-        else:
-            out = _quantized_clone(m, rule, path)(*args, **kwargs)
-        kernel = m.get_variable("params", "kernel")
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        op = {nn.Conv: "conv_general_dilated", nn.Einsum: "einsum"}.get(
-            layer_kind(m), "dot_general"
-        )
-        record(
-            Contraction(
-                path,
-                type(m).__name__,
-                op,
-                (tuple(np.shape(x)), tuple(kernel.shape)),
-                "rhs",
-                True,
-                f"rule {rule.pattern!r}",
+            raise ValueError(
+                f"quantize_model: the kernel of {path!r} is a QArray (converted "
+                "params) but no quantizing rule matches the layer; apply the params "
+                "with the rules they were converted with."
             )
+        return next_fun(*args, **kwargs)  # its contraction is intercepted and listed
+    note(path, type(m).__name__, rule)
+    if served:
+        out = linen_layer(m, rule, path, args, kwargs)
+    else:
+        out = _quantized_clone(m, rule, path)(*args, **kwargs)
+    kernel = m.get_variable("params", "kernel")
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    op = {nn.Conv: "conv_general_dilated", nn.Einsum: "einsum"}.get(layer_kind(m), "dot_general")
+    record(
+        Contraction(
+            path,
+            type(m).__name__,
+            op,
+            (tuple(np.shape(x)), tuple(kernel.shape)),
+            "rhs",
+            True,
+            f"rule {rule.pattern!r}",
         )
-        return out
+    )
+    return out
 
 
 class _LinenFront(Frontend):
