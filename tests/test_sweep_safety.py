@@ -317,7 +317,12 @@ def test_two_processes_on_one_out_do_not_both_run(tmp_path, capsys, fake):
     flag.mkdir()
     log = tmp_path / "first.log"
     with open(log, "w") as f:
-        first = subprocess.Popen([sys.executable, str(script), str(flag), str(out)], stderr=f)
+        # The racer imports this checkout's jaxquant, installed or not.
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        argv = [sys.executable, str(script), str(flag), str(out)]
+        first = subprocess.Popen(argv, stderr=f, env=env)
     try:
         for _ in range(12000):  # the first one is inside a cell: it holds the lock
             if (flag / "started").exists() or first.poll() is not None:
