@@ -217,25 +217,33 @@ def test_every_weight_product_quantized(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_qat_step(name):
     """A jitted QAT step runs: finite loss and gradients, the loss moves off the float
-    model's (quantization is on) by less than int8 noise would, and three SGD steps on
-    the batch lower it."""
+    model's (quantization is on) by less than int8 noise would, three SGD steps on the
+    batch lower it, and the straight-through gradients reach every parameter the float
+    model's reach."""
     m = _model(name)
     qmodel = _quantized(m)
     float_step, q_step = tp.train_step(m), tp.train_step(m, qmodel)
+    all_grads = []
     if tp.is_nnx(m.model):
         _, params, rest = nnx.split(m.model, nnx.Param, ...)
         _, qparams, qrest = nnx.split(qmodel, nnx.Param, ...)
-        float_loss = float(float_step(params, rest)[1])
+        _, float_loss, float_grads = float_step(params, rest)
         state, losses = qparams, []
         for _ in range(3):
             state, loss, grads = q_step(state, qrest)
             losses.append(float(loss))
+            all_grads.append(grads)
     else:
-        float_loss = float(float_step(m.variables)[1])
+        _, float_loss, float_grads = float_step(m.variables)
         state, losses = m.variables, []
         for _ in range(3):
             state, loss, grads = q_step(state)
             losses.append(float(loss))
+            all_grads.append(grads)
+    float_loss = float(float_loss)
+    # Which parameters get a nonzero gradient: the same set in float and QAT (the published
+    # ResNet init zeroes each block's last norm scale: its convs get none in either).
+    assert _nonzero(all_grads[0]) == _nonzero(float_grads)
     leaves = jax.tree.leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
@@ -243,3 +251,8 @@ def test_qat_step(name):
     assert losses[0] != float_loss
     assert abs(losses[0] - float_loss) < 0.05 * abs(float_loss)
     assert losses[-1] < losses[0], losses
+
+
+def _nonzero(grads) -> set[str]:
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    return {jax.tree_util.keystr(p) for p, g in flat if float(jnp.max(jnp.abs(g))) > 0}
