@@ -43,9 +43,11 @@ from jax import lax
 from jaxquant._src import observe
 from jaxquant._src.calibration import Fixed, fixed
 from jaxquant._src.checks import check_int, check_real, describe
-from jaxquant._src.flax.linen import _QUANTIZABLE, QuantizedModule
-from jaxquant._src.flax.nnx import _quantizable
-from jaxquant._src.flax.rules import Rule, as_rules, first_match, path_str
+from jaxquant._src.flax.intercept import intercepting, observing
+from jaxquant._src.flax.linen import LinenFront, QuantizedModule, linen_path
+from jaxquant._src.flax.linen import layer_kind as linen_layer_kind
+from jaxquant._src.flax.nnx import _quantizable, intercept_nnx
+from jaxquant._src.flax.rules import Rule, as_rules, first_match
 from jaxquant._src.flax.serve import exact_rule
 
 _AGGREGATES = ("global", "ema", "mean")
@@ -481,13 +483,15 @@ def _runner(model: Any, variables: Any, rules: Any, call_kwargs: dict) -> tuple[
         if rules is None:
             from jaxquant._src.flax.nnx import report_nnx
 
-            matches = report_nnx(model)
-            if not matches:
-                raise ValueError(
-                    "calibrate: the NNX model quantizes nothing; pass a model from "
-                    "jq.flax.quantize_model or rules=."
-                )
-            rs = tuple(exact_rule(m.path, m.rule) for m in matches)
+            rs = getattr(model, "_jq_rules", None)  # the rules quantize_model was given
+            if rs is None or not any(r.quantizes for r in rs):
+                matches = report_nnx(model)
+                if not matches:
+                    raise ValueError(
+                        "calibrate: the NNX model quantizes nothing; pass a model from "
+                        "jq.flax.quantize_model or rules=."
+                    )
+                rs = tuple(exact_rule(m.path, m.rule) for m in matches)
         else:
             rs = as_rules(rules, "calibrate")
         graphdef, state = nnx.split(model)
@@ -510,16 +514,33 @@ def _linen_fn(model: nn.Module, rules: tuple[Rule, ...], call_kwargs: dict):
     def fn(variables, arrays, static, found):
         args, kwargs = call_args(join_call(arrays, static))
         acts: dict[str, list] = {}
+        stack: list[tuple[nn.Module, str]] = []  # the module methods running, innermost last
+        roots: list[Any] = []
+
+        def rule_at(path: str) -> Rule | None:
+            i = first_match(rules, path)
+            return None if i is None else rules[i]
 
         def interceptor(next_fun, a, kw, context):
             m = context.module
-            if context.method_name == "__call__" and isinstance(m, _QUANTIZABLE):
-                path = path_str(m.path)
-                i = first_match(rules, path)
-                _record(path, None if i is None else rules[i], a[0], acts, found)
-            return next_fun(*a, **kw)
+            if not roots:
+                roots.append(m.scope)
+            path = linen_path(m, roots[0], stack)
+            if context.method_name == "__call__" and linen_layer_kind(m) is not None:
+                _record(path, rule_at(path), a[0], acts, found)
+            stack.append((m, path))
+            try:
+                return next_fun(*a, **kw)
+            finally:
+                stack.pop()
 
-        with nn.intercept_methods(interceptor):
+        def seen(path: str, rule: Rule, x: Any) -> None:
+            _record(path, rule, x, acts, found)
+
+        # Contractions that modules compute themselves (FlaxConv1D, Embed.attend): their
+        # activations are observed through the interception, the products stay float.
+        front = LinenFront(stack, rule_at, lambda *_: None, lambda _: None, False, layers=False)
+        with nn.intercept_methods(interceptor), intercepting(front), observing(seen):
             model.apply(variables, *args, **call_kwargs, **kwargs)
         return acts
 
@@ -543,6 +564,9 @@ def _nnx_fn(graphdef: Any, rules: tuple[Rule, ...], call_kwargs: dict):
         args, kwargs = call_args(join_call(arrays, static))
         model = nnx.merge(graphdef, state)
         acts: dict[str, list] = {}
+        # Modules that compute their contractions themselves are observed through the
+        # interception (on this merged copy: its classes and attributes are its own).
+        intercept_nnx(model, rules)
         for path, node in _quantizable(model):
             i = first_match(rules, path)
             rule = None if i is None else rules[i]
@@ -553,7 +577,8 @@ def _nnx_fn(graphdef: Any, rules: tuple[Rule, ...], call_kwargs: dict):
                 node.einsum_op = _Recorder(jnp.einsum, 1, path, rule, acts, found)
             else:
                 node.dot_general = _Recorder(lax.dot_general, 0, path, rule, acts, found)
-        model(*args, **call_kwargs, **kwargs)
+        with observing(lambda path, rule, x: _record(path, rule, x, acts, found)):
+            model(*args, **call_kwargs, **kwargs)
         return acts
 
     return fn

@@ -90,6 +90,11 @@ class Frontend:
 _active: contextvars.ContextVar[tuple[Frontend, ...]] = contextvars.ContextVar(
     "jaxquant_intercept", default=()
 )
+# Set by calibration: (path, rule, activation) -> None. While set, weight contractions are
+# observed (their activation operand handed to it) and computed in float.
+_observer: contextvars.ContextVar[Callable[[str, Rule, Any], None] | None] = contextvars.ContextVar(
+    "jaxquant_observer", default=None
+)
 _lock = threading.Lock()
 _installed = 0
 _originals: dict[tuple[Any, str], Any] = {}
@@ -187,6 +192,11 @@ def _decide(call: _Call, owner: Owner) -> Any:
         return call.original()
     if side == "both":
         record(False, "both operands are parameters (the product of weights is a weight)")
+        return call.original()
+    observe = _observer.get()
+    if observe is not None:  # calibration: the float model, its activations recorded
+        if side in ("lhs", "rhs"):
+            observe(owner.path, rule, call.rhs if side == "lhs" else call.lhs)
         return call.original()
     problem = None
     if side == "ambiguous":
@@ -452,6 +462,17 @@ def _uninstall() -> None:
                 else:
                     setattr(owner, name, orig)
             _originals.clear()
+
+
+@contextlib.contextmanager
+def observing(fn: Callable[[str, Rule, Any], None]) -> Iterator[None]:
+    """Run the body with weight contractions in float, their activations passed to ``fn``
+    (calibration). Nest inside :func:`intercepting`."""
+    token = _observer.set(fn)
+    try:
+        yield
+    finally:
+        _observer.reset(token)
 
 
 @contextlib.contextmanager

@@ -297,11 +297,11 @@ class QuantizedModule(nn.Module):
             i = first_match(rules, path)
             return None if i is None else rules[i]
 
-        front = _LinenFront(stack, rule_at, note, record, self.strict)
+        front = LinenFront(stack, rule_at, note, record, self.strict)
 
         def interceptor(next_fun, args, kwargs, context):
             m = context.module
-            path = _path_in(m, root, stack)
+            path = linen_path(m, root, stack)
             stack.append((m, path))
             try:
                 if context.method_name != "__call__" or layer_kind(m) is None:
@@ -362,22 +362,20 @@ def _layer(rules, m, path, next_fun, args, kwargs, note, record) -> Any:
     return out
 
 
-class _LinenFront(Frontend):
+class LinenFront(Frontend):
     """Owners of intercepted contractions: the innermost module method running."""
 
-    def __init__(self, stack, rule_at, note, record, strict) -> None:
-        self.stack, self.rule_at, self.note, self.record, self.strict = (
-            stack,
-            rule_at,
-            note,
-            record,
-            strict,
-        )
+    def __init__(self, stack, rule_at, note, record, strict, *, layers: bool = True) -> None:
+        # layers=False: Flax's own layers are someone else's (calibration records them).
+        self.stack, self.rule_at, self.note, self.record = stack, rule_at, note, record
+        self.strict, self.layers = strict, layers
 
     def owner(self, frame: Any) -> Owner | None:
         if not self.stack:
             return None
         m, path = self.stack[-1]
+        if not self.layers and layer_kind(m) is not None:
+            return None
         rule = self.rule_at(path)
         self.note(path, type(m).__name__, rule)
 
@@ -440,7 +438,7 @@ def _quantized_clone(m: nn.Module, rule: Rule, path: str) -> nn.Module:
     return m.clone(parent=m.scope, dot_general=QuantDot(rule, path))
 
 
-def _path_in(m: nn.Module, root: Any, stack: list[tuple[nn.Module, str]]) -> str:
+def linen_path(m: nn.Module, root: Any, stack: list[tuple[nn.Module, str]]) -> str:
     """``m``'s path below the wrapped model. A module applied on its own inside the model
     (``self.lm_head.apply(...)``, Hugging Face's tied head) has no parent: its path is the
     running module's path plus its name."""

@@ -444,8 +444,15 @@ def _intercepting_type(cls: type) -> type:
     return sub
 
 
+def intercept_nnx(model: nnx.Module, rules: tuple[Rule, ...]) -> None:
+    """Set up the interception on ``model`` for ``rules`` (no check, no Flax-layer
+    attributes): calibration observes a merged copy's intercepted contractions with it."""
+    _intercept(model, _modules(model), rules, strict=False)
+
+
 def _intercept(model: nnx.Module, modules: list, rules: tuple[Rule, ...], strict: bool) -> None:
     record = getattr(model, "_jq_record", None) or _Record()
+    model._jq_rules = rules  # the plan, for calibrate / convert (static: Rules hash)
     for path, node in modules:
         i = first_match(rules, path)
         node._jq_path = path
