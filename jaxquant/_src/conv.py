@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Literal
 
 import jax
@@ -26,6 +27,8 @@ from jax import lax
 from jaxquant._src import opargs
 from jaxquant._src.checks import check_int, describe
 from jaxquant._src.config import QuantConfig
+from jaxquant._src.granularity import follows_layout
+from jaxquant._src.layout import bind, conv_layout
 from jaxquant._src.qarray import check_array
 from jaxquant._src.quantize import check_operand_scale, quantize_core, scale_input, to_grid
 from jaxquant._src.spec import QuantSpec
@@ -104,6 +107,20 @@ def _fq(
     qmin, qmax = spec.qrange
     t = scale_input(x.astype(jnp.float32).reshape(plan.view), s, None)
     return out, ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
+
+
+def _bind(spec: QuantSpec, x: Array, name: str, dimension_numbers: Any) -> QuantSpec:
+    """``per_channel()`` / ``per_block(size)`` bound to this operand's layout: the kernel's
+    output-feature axis (the input's batch axis) keeps its scales, blocks run along the
+    feature axis it contracts (:func:`jaxquant._src.layout.bind`); explicit granularities
+    pass. A fallback is a UserWarning naming the operand."""
+    if not follows_layout(spec.granularity):
+        return spec  # no layout to read (dimension_numbers may even be malformed: lax says)
+    contracting, _ = conv_layout(dimension_numbers, x.ndim, name)
+    spec, note = bind(spec, tuple(x.shape), contracting, block_axis=contracting[-1])
+    if note is not None:
+        warnings.warn(f"{_FN}: {name}_spec {note}.", UserWarning, stacklevel=3)
+    return spec
 
 
 def _keys(key):
@@ -192,7 +209,10 @@ def conv_general_dilated(
         emulated), or None.
       lhs_spec, rhs_spec, grad_spec: :class:`QuantSpec` of the input, the kernel and the
         output gradient, or None (float). Any granularity (the kernel's output-channel axis
-        is its last in Flax's HWIO layout: ``per_channel(-1)``).
+        is its last in Flax's HWIO layout: ``per_channel(-1)``). ``per_channel()`` and
+        ``per_block(size)`` (no axis) follow ``dimension_numbers``: one scale per output
+        channel of the kernel (per example of the input), blocks along the contracted
+        feature axis (a fallback, when ``size`` does not divide it, is a UserWarning).
       lhs_scale, rhs_scale, grad_scale: known scales (static / delayed scaling).
       key: PRNG key for stochastic specs (``fold_in(key, 0/1/2)`` for lhs / rhs / grad).
       ste: ``"plain"`` or ``"clipped"`` straight-through estimator for the operands.
@@ -241,14 +261,19 @@ def conv_general_dilated(
                 f"{_FN}: preferred_element_type must be a dtype such as jnp.float32, or None, "
                 f"got {describe(preferred_element_type)}."
             ) from None
-    for name, spec, x in (("lhs_spec", lhs_spec, lhs), ("rhs_spec", rhs_spec, rhs)):
-        if spec is None:
-            continue
-        if not isinstance(spec, QuantSpec):
-            raise TypeError(f"{_FN}: {name} must be a jq.QuantSpec or None, got {describe(spec)}.")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"conv_general_dilated: {name} quantizes a {x.dtype} operand.")
-        spec.granularity.plan(tuple(x.shape))
+    bound = []
+    for name, spec, x in (("lhs", lhs_spec, lhs), ("rhs", rhs_spec, rhs)):
+        if spec is not None:
+            if not isinstance(spec, QuantSpec):
+                raise TypeError(
+                    f"{_FN}: {name}_spec must be a jq.QuantSpec or None, got {describe(spec)}."
+                )
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"conv_general_dilated: {name}_spec quantizes a {x.dtype} operand.")
+            spec = _bind(spec, x, name, dimension_numbers)
+            spec.granularity.plan(tuple(x.shape))
+        bound.append(spec)
+    lhs_spec, rhs_spec = bound
     if grad_spec is not None and not isinstance(grad_spec, QuantSpec):
         raise TypeError(
             f"{_FN}: grad_spec must be a jq.QuantSpec or None, got {describe(grad_spec)}."

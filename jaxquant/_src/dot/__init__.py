@@ -58,6 +58,7 @@ from jaxquant._src.dot.capabilities import NATIVE_FP8_CAST as _NATIVE_FP8_CAST
 from jaxquant._src.dot.capabilities import Capabilities
 from jaxquant._src.dot.capabilities import probe as _capabilities
 from jaxquant._src.dot.checks import (
+    bind_operand,
     check_operand,
     check_spec,
     hashable,
@@ -184,7 +185,11 @@ def dot_general(
         its dtype. Scales must be constant along the contracted axes: ``per_tensor()``,
         ``per_channel`` / ``per_token`` over non-contracted axes (e.g. ``per_token(-1)``
         for activations ``(..., tokens, features)`` and ``per_channel(-1)`` for a
-        ``(in, out)`` kernel). Anything else raises ValueError.
+        ``(in, out)`` kernel). Anything else raises ValueError with ``mode="real"``.
+        ``per_channel()`` and ``per_block(size)`` (no axis) follow the operand's layout in
+        this product: one scale per index of every axis it does not contract, blocks along
+        its innermost contraction axis that ``size`` divides (a fallback, when none does,
+        is a UserWarning).
       grad_spec: :class:`QuantSpec` for the output gradient (e.g. e5m2, per-tensor,
         optionally ``rounding="stochastic"``), or None to keep it in its dtype.
       lhs_scale, rhs_scale, grad_scale: known scales (static or delayed scaling, see
@@ -220,6 +225,11 @@ def dot_general(
       ...                      weight=jq.QuantSpec("int8", jq.per_channel(-1)))
       >>> bool((jq.dot_general(x, w, (((1,), (0,)), ((), ())), config=cfg) == y).all())
       True
+      >>> w3 = jnp.full((2, 3, 4), 0.5)    # per_channel() follows the layout: axis 2 here
+      >>> y3 = jq.dot_general(x, w3, (((1,), (1,)), ((), ())),
+      ...                     rhs_spec=jq.QuantSpec("int8", jq.per_channel()))
+      >>> y3.shape
+      (2, 2, 4)
 
     References:
       Micikevicius et al., "FP8 Formats for Deep Learning", https://arxiv.org/abs/2209.05433;
@@ -264,6 +274,7 @@ def dot_general(
             )
         lhs_spec = check_spec(lhs_spec, "lhs_spec", fn) if lhs_spec is not None else None
         out_aval(lhs, rhs, dn, preferred_element_type, fn)  # shape errors naming operands
+        lhs_spec = bind_operand(lhs_spec, lhs.shape, dn[0][0], dn[1][0], "lhs", fn)
         return dot_qarray(
             lhs,
             rhs,
@@ -290,8 +301,11 @@ def dot_general(
             return lax.dot_general(lhs, rhs, dn, precision, preferred_element_type, **kw)
         except TypeError as err:
             raise operands_error(lhs, rhs, dn, err, fn) from None
-    out = out_aval(lhs, rhs, dn, preferred_element_type, fn)
+    out = out_aval(lhs, rhs, dn, preferred_element_type, fn)  # dimension numbers checked
     (lc, rc), (lb, rb) = dn
+    # per_channel() / per_block(size) follow each operand's own contraction and batch axes.
+    lhs_spec = bind_operand(lhs_spec, lhs.shape, lc, lb, "lhs", fn)
+    rhs_spec = bind_operand(rhs_spec, rhs.shape, rc, rb, "rhs", fn)
     check_operand(lhs_spec, lhs, lc, lb, "lhs", mode)
     check_operand(rhs_spec, rhs, rc, rb, "rhs", mode)
     if grad_spec is not None:

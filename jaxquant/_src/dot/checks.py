@@ -4,14 +4,16 @@ dimension numbers, specs, operands and the output's shape, each error naming the
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxquant._src import layout
 from jaxquant._src.dot.capabilities import FP8, DimensionNumbers
-from jaxquant._src.granularity import PerBlock
+from jaxquant._src.granularity import PerBlock, follows_layout
 from jaxquant._src.qarray import QArray
 from jaxquant._src.spec import QuantSpec
 
@@ -126,3 +128,25 @@ def hashable(precision: Any) -> Any:
     if isinstance(precision, list):
         return tuple(precision)
     return precision
+
+
+def bind_operand(
+    spec: QuantSpec | None,
+    shape: tuple[int, ...],
+    contract: tuple[int, ...],
+    batch: tuple[int, ...],
+    name: str,
+    fn: str,
+    *,
+    block_axis: int | None = None,
+) -> QuantSpec | None:
+    """``spec`` with a layout-relative granularity (``per_channel()``, ``per_block(size)``)
+    bound to this operand's axes (:func:`jaxquant._src.layout.bind`); explicit ones come
+    back as they are. A fallback (a block that divides no contraction axis, an outer
+    product) is taken, and said, as a UserWarning naming the operand."""
+    if spec is None or not follows_layout(spec.granularity):
+        return spec
+    bound, note = layout.bind(spec, tuple(shape), contract, batch, block_axis=block_axis)
+    if note is not None:
+        warnings.warn(f"{fn}: {name}_spec {note}.", UserWarning, stacklevel=3)
+    return bound
