@@ -105,18 +105,24 @@ def convert(
 ) -> Any:
     """Convert the kernels a quantized model's rules quantize to QArrays, for serving.
 
-    Each matched layer's ``kernel`` becomes a :class:`~jaxquant.QArray` of its rule's
-    weight spec (int8 values, int4 packed two per byte, NF4 codes, fp8, MX...), converted
-    one leaf at a time by :func:`jaxquant.convert`; nothing else is kept of it (no float
-    copy). The quantized model then runs on the converted params: weight-only rules
-    multiply in the activation's dtype, rules with an activation spec quantize the
-    activation (static scales from :func:`calibrate`'s rules) and run int8 / fp8 GEMMs
-    where both operands allow (see :mod:`jaxquant._src.serve`).
+    Each quantized weight becomes a :class:`~jaxquant.QArray` of its rule's weight spec: a
+    Flax layer's ``kernel``, and the parameter a module uses in a contraction it computes
+    itself (``FlaxConv1D``'s kernel, a tied ``Embed`` table; one used as ``param.T`` is
+    stored with the spec's axes reversed). Those modules are served on their dequantized
+    parameters, re-quantized by the interception with the same spec: the same codes for
+    ``absmax`` weight calibration (the scale may differ in its last bit). Formats: int8
+    values, int4 packed two per byte, NF4 codes, fp8, MX...; converted one leaf at a time by
+    :func:`jaxquant.convert`; nothing else is kept of it (no float copy). The quantized
+    model then runs on the converted params: weight-only rules multiply in the activation's
+    dtype, rules with an activation spec quantize the activation (static scales from
+    :func:`calibrate`'s rules) and run int8 / fp8 GEMMs where both operands allow (see
+    :mod:`jaxquant._src.serve`).
 
     Args:
       model: from :func:`quantize_model`. Linen: it must have run once (``init``,
         ``apply`` or ``jax.eval_shape`` of them) so that its layers are known. NNX: it is
-        converted in place.
+        converted in place; the weights of modules that compute their own contractions
+        are known once it has run (before, only Flax layers' kernels are converted).
       variables: Linen: the variables (or params) to convert; NNX: None.
       load: for abstract kernels (``jax.eval_shape``): ``load(path, leaf) -> array``.
       delete: Linen: free each float kernel once converted (the caller's arrays).
@@ -151,7 +157,9 @@ def convert(
     if isinstance(model, QuantizedModule):
         if variables is None:
             raise ValueError("jq.flax.convert: a Linen model needs its variables to convert.")
-        return convert_linen(variables, report_linen(model), load=load, delete=delete)
+        matches = report_linen(model)
+        found = model.record.contractions
+        return convert_linen(variables, matches, found, load=load, delete=delete)
     if isinstance(model, flax_nnx.Module):
         if variables is not None:
             raise ValueError(
@@ -159,7 +167,9 @@ def convert(
             )
         if delete:
             raise ValueError("jq.flax.convert: delete= is for Linen variables.")
-        return convert_nnx(model, report_nnx(model), load=load)
+        record = getattr(model, "_jq_record", None)
+        found = record.contractions if record is not None and record.seen else None
+        return convert_nnx(model, report_nnx(model), found, load=load)
     raise TypeError(
         f"jq.flax.convert: expected a model returned by quantize_model, got {type(model).__name__}."
     )

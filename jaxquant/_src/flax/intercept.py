@@ -57,6 +57,11 @@ class Contraction(NamedTuple):
         activations, ``"both"`` for a product of two parameters.
       quantized: whether it ran quantized.
       reason: the rule that quantized it, or why it stayed in float.
+      param: the module parameter the weight operand is (``"kernel"``,
+        ``"embedding"``, ``"lora_a"``, ``"Dense_0/kernel"`` for a child's), or None.
+      transposed: whether the operand is that parameter with its axes reversed
+        (``kernel.T``): :func:`jaxquant.flax.convert` quantizes the stored parameter with the
+        weight spec's axes reversed, so serving re-quantizes it to the same codes.
     """
 
     path: str
@@ -66,6 +71,8 @@ class Contraction(NamedTuple):
     weight: str | None
     quantized: bool
     reason: str
+    param: str | None = None
+    transposed: bool = False
 
 
 @dataclasses.dataclass
@@ -75,7 +82,8 @@ class Owner:
     path: str
     module: str  # class name
     rule: Rule | None  # the first matching rule (None: no rule matches)
-    params: Callable[[], list[Any]]  # the module's parameter arrays (for operand roles)
+    # the module's parameters as (name below the module, array or QArray): operand roles
+    params: Callable[[], list[tuple[str, Any]]]
     record: Callable[[Contraction], None]
     strict: bool
 
@@ -144,28 +152,49 @@ def _floating(x: Any) -> bool:
 def weight_side(lhs: Any, rhs: Any, params: list[Any]) -> str | None:
     """``"lhs"`` / ``"rhs"``: the operand that is a parameter (or has the shape of one or of
     its transpose); ``None``: neither; ``"both"``: both are (a product of parameters);
-    ``"ambiguous"``: neither is a parameter itself but both have a parameter's shape."""
-    ident = [any(x is p for p in params) for x in (lhs, rhs)]
-    if all(ident):
-        return "both"
-    if any(ident):
-        return "lhs" if ident[0] else "rhs"
-    shapes = set()
-    for p in params:
-        if _floating(p) and np.ndim(p) >= 1:
-            shapes.add(_shape(p))
-            shapes.add(_shape(p)[::-1])
-    shaped = [_floating(x) and np.ndim(x) >= 1 and _shape(x) in shapes for x in (lhs, rhs)]
-    if all(shaped):
-        return "ambiguous"
-    if any(shaped):
-        return "lhs" if shaped[0] else "rhs"
-    return None
+    ``"ambiguous"``: neither is a parameter itself but both have a parameter's shape.
+    ``params``: arrays, or ``(name, array)`` pairs."""
+    return _roles(lhs, rhs, [p if isinstance(p, tuple) else ("", p) for p in params])[0]
+
+
+def _roles(lhs: Any, rhs: Any, params: list[tuple[str, Any]]) -> tuple[Any, str | None, bool]:
+    """``(side, parameter name, transposed)`` (see :func:`weight_side`)."""
+    for i, x in enumerate((lhs, rhs)):
+        for name, p in params:
+            if x is p:
+                other = (rhs, lhs)[i]
+                if any(other is q for _, q in params):
+                    return "both", None, False
+                return ("lhs", "rhs")[i], name, False
+    found: list[tuple[str, bool] | None] = []
+    for x in (lhs, rhs):
+        hit = None
+        if _floating(x) and np.ndim(x) >= 1:
+            for name, p in params:
+                if np.ndim(p) < 1 or not (_floating(p) or _is_qarray(p)):
+                    continue
+                if _shape(x) == _shape(p):
+                    hit = (name, False)
+                    break
+                if _shape(x) == _shape(p)[::-1]:
+                    hit = (name, True)
+                    break
+        found.append(hit)
+    if found[0] and found[1]:
+        return "ambiguous", None, False
+    for i, hit in enumerate(found):
+        if hit is not None:
+            return ("lhs", "rhs")[i], hit[0], hit[1]
+    return None, None, False
+
+
+def _is_qarray(x: Any) -> bool:
+    return type(x).__name__ == "QArray" and hasattr(x, "dequantize")
 
 
 def _decide(call: _Call, owner: Owner) -> Any:
     rule = owner.rule
-    side = weight_side(call.lhs, call.rhs, owner.params())
+    side, param, transposed = _roles(call.lhs, call.rhs, owner.params())
     shapes = (_shape(call.lhs), _shape(call.rhs))
 
     def record(quantized: bool, reason: str) -> None:
@@ -178,6 +207,8 @@ def _decide(call: _Call, owner: Owner) -> Any:
                 None if side == "ambiguous" else side,
                 quantized,
                 reason,
+                param,
+                transposed,
             )
         )
 

@@ -41,7 +41,7 @@ from jaxquant._src.flax.rules import (
     first_match,
     path_str,
 )
-from jaxquant._src.flax.serve import linen_layer
+from jaxquant._src.flax.serve import dequantized_own, linen_layer, own_qarrays
 from jaxquant._src.qarray import QArray
 
 _DOTS = (nn.Dense, nn.DenseGeneral)
@@ -301,6 +301,10 @@ class QuantizedModule(nn.Module):
 
         def interceptor(next_fun, args, kwargs, context):
             m = context.module
+            if layer_kind(m) is None and m.scope is not None:
+                own = m.variables.get("params", {})
+                if own_qarrays(own):  # converted weights of a module's own contractions
+                    return _serve_own(m, own, context.method_name, args, kwargs)
             path = linen_path(m, root, stack)
             stack.append((m, path))
             try:
@@ -317,6 +321,16 @@ class QuantizedModule(nn.Module):
         self.record.contractions = contractions
         self.record.seen = True
         return out
+
+
+def _serve_own(m: nn.Module, own: Any, method: str, args: tuple, kwargs: dict) -> Any:
+    """Run ``m``'s method on its own QArray parameters dequantized: a clone applied on its
+    own (whose path is ``m``'s: its parent's path plus its name), so that the module's code
+    sees float arrays and the interception re-quantizes them with the rule's spec."""
+    variables = {k: v for k, v in m.variables.items() if k != "params"}
+    variables["params"] = dequantized_own(own)
+    clone = m.clone(parent=None)
+    return clone.apply(variables, *args, method=method, **kwargs)
 
 
 def _layer(rules, m, path, next_fun, args, kwargs, note, record) -> Any:
@@ -379,10 +393,16 @@ class LinenFront(Frontend):
         rule = self.rule_at(path)
         self.note(path, type(m).__name__, rule)
 
-        def params() -> list[Any]:
-            return jax.tree.leaves(m.variables.get("params", {})) if m.scope is not None else []
+        def params() -> list[tuple[str, Any]]:
+            return named_leaves(m.variables.get("params", {})) if m.scope is not None else []
 
         return Owner(path, type(m).__name__, rule, params, self.record, self.strict)
+
+
+def named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``[(path, leaf)]`` of a variables tree, QArrays as leaves."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda t: isinstance(t, QArray))[0]
+    return [(jax.tree_util.keystr(p, simple=True, separator="/"), v) for p, v in flat]
 
 
 def layer_kind(m: nn.Module) -> type | None:

@@ -273,8 +273,7 @@ def quantize_nnx(
             continue
         is_einsum = isinstance(node, nnx.Einsum)
         if rule.stateful:
-            shape = tuple(node.kernel[...].shape)
-            q: Any = QuantOp(rule, path, shape, is_einsum, rngs if needs_key(rule) else None)
+            q: Any = QuantOp.for_layer(node, rule, path, rngs if needs_key(rule) else None)
         else:
             q = QuantEinsum(rule, path) if is_einsum else QuantDot(rule, path)
         if isinstance(q, QuantOp):  # a graph node: the attribute must hold data
@@ -363,8 +362,8 @@ class _NnxFront(Frontend):
         else:
             return None
 
-        def params() -> list[Any]:
-            return [v[...] for _, v in nnx.iter_graph(m) if isinstance(v, nnx.Param)]
+        def params() -> list[tuple[str, Any]]:
+            return [(path_str(p), v[...]) for p, v in nnx.iter_graph(m) if isinstance(v, nnx.Param)]
 
         return Owner(
             m._jq_path,
@@ -419,7 +418,9 @@ def _record_layer(node: Any, args: tuple, kwargs: dict) -> None:
     )
     shapes = (tuple(np.shape(x)), tuple(np.shape(node.kernel[...])))
     node._jq_record.contractions.append(
-        Contraction(node._jq_path, _class_name(node), op, shapes, "rhs", quantized, reason)
+        Contraction(
+            node._jq_path, _class_name(node), op, shapes, "rhs", quantized, reason, "kernel"
+        )
     )
 
 

@@ -41,7 +41,9 @@ from jaxquant._src.flax.rules import (
     Rule,
     check_served_weight,
 )
+from jaxquant._src.granularity import PerBlock, PerChannel, PerTensor, PerToken
 from jaxquant._src.qarray import QArray
+from jaxquant._src.spec import QuantSpec
 
 
 def promote_keep_qarray(args: tuple, *, dtype: Any = None, inexact: bool = True) -> tuple:
@@ -114,24 +116,82 @@ def linen_layer(m: nn.Module, rule: Rule, path: str, args: tuple, kwargs: dict) 
     return y.astype(dtype)
 
 
+def own_qarrays(params: Any) -> bool:
+    """Whether a module's own parameters (not its children's) hold a QArray."""
+    return isinstance(params, dict | nn.FrozenDict) and any(
+        isinstance(v, QArray) for v in params.values()
+    )
+
+
+def dequantized_own(params: Any) -> Any:
+    """The module's own QArray parameters dequantized (children's kept: they serve
+    themselves)."""
+    return {k: v.dequantize() if isinstance(v, QArray) else v for k, v in params.items()}
+
+
 # ----------------------------------------------------------------------------- convert
 
 
-def _kernel_policy(targets: dict[str, Rule]) -> Callable[[tuple, Any], Any]:
+def _kernel_policy(targets: dict[str, QuantSpec]) -> Callable[[tuple, Any], Any]:
     def policy(path: tuple, leaf: Any) -> Any:
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        rule = targets.get(name)
-        return None if rule is None else rule.weight
+        return targets.get(jax.tree_util.keystr(path, simple=True, separator="/"))
 
     return policy
 
 
-def convert_linen(variables: Any, matches: list, *, load: Any = None, delete: bool = False) -> Any:
-    """Linen: the variables with the matched layers' kernels converted (module docstring)."""
+def reversed_spec(spec: QuantSpec, ndim: int, where: str) -> QuantSpec:
+    """``spec`` for an array whose axes are those of the operand reversed (a parameter the
+    module uses as ``param.T``): each named axis ``a`` becomes ``ndim - 1 - a``."""
+    g = spec.granularity
+
+    def rev(a: int) -> int:
+        return ndim - 1 - (a % ndim)
+
+    if isinstance(g, PerTensor):
+        return spec
+    if isinstance(g, PerChannel) and g.axes is not None:
+        return spec.replace(granularity=PerChannel(tuple(sorted(rev(a) for a in g.axes))))
+    if isinstance(g, PerBlock) and g.axis is not None:
+        return spec.replace(granularity=PerBlock(rev(g.axis), g.size))
+    if isinstance(g, PerToken):
+        return spec.replace(granularity=PerToken(rev(g.axis)))
+    raise ValueError(
+        f"jq.flax.convert: {where} is used transposed by its module and its weight spec's "
+        f"granularity {g} names no axis of it; give the axes explicitly (e.g. "
+        "per_channel(-1)) to convert it."
+    )
+
+
+def weight_targets(matches: list, found: list) -> dict[str, tuple[Rule, QuantSpec]]:
+    """``{parameter path: (rule, spec in the stored layout)}`` of a quantized model's
+    weights: each quantized contraction's weight parameter (a Flax layer's kernel; a
+    parameter an intercepted module uses itself, reversed specs for ``param.T``)."""
+    rules = {m.path: m.rule for m in matches}
+    out: dict[str, tuple[Rule, QuantSpec]] = {}
+    for c in found:
+        rule = rules.get(c.path)
+        if not c.quantized or c.param is None or rule is None or rule.weight is None:
+            continue
+        name = f"{c.path}/{c.param}" if c.path else c.param
+        ndim = len(c.shapes[0 if c.weight == "lhs" else 1])
+        spec = reversed_spec(rule.weight, ndim, repr(name)) if c.transposed else rule.weight
+        if name in out and out[name][1] != spec:
+            raise ValueError(
+                f"jq.flax.convert: the parameter {name!r} is the weight of two contractions "
+                f"that quantize it differently ({out[name][1]} and {spec}); one stored "
+                "QArray cannot serve both. Keep one of them in float."
+            )
+        out[name] = (rule, spec)
+    return out
+
+
+def convert_linen(
+    variables: Any, matches: list, found: list, *, load: Any = None, delete: bool = False
+) -> Any:
+    """Linen: the variables with the quantized weights converted (module docstring)."""
     has_params = isinstance(variables, dict | nn.FrozenDict) and "params" in variables
     params = variables["params"] if has_params else variables
-    targets = {f"{m.path}/kernel" if m.path else "kernel": m.rule for m in matches}
-    targets = {k: r for k, r in targets.items() if r.weight is not None}
+    targets = {k: spec for k, (_, spec) in weight_targets(matches, found).items()}
     leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda t: isinstance(t, QArray))[
         0
     ]
@@ -152,43 +212,56 @@ def convert_linen(variables: Any, matches: list, *, load: Any = None, delete: bo
     return out
 
 
-def convert_nnx(model: nnx.Module, matches: list, *, load: Any = None) -> nnx.Module:
-    """NNX, in place: kernels of matched layers become QArrays (module docstring)."""
-    nodes = dict(_nnx_layers(model))
+def convert_nnx(
+    model: nnx.Module, matches: list, found: list | None, *, load: Any = None
+) -> nnx.Module:
+    """NNX, in place: the quantized weights become QArrays (module docstring). ``found``:
+    the contractions of the last call (None before the first: the Flax layers' kernels)."""
+    from jaxquant._src.flax.nnx import _modules, layer_kind
+
+    nodes = dict(_modules(model))
+    if found is None:
+        targets = {
+            f"{m.path}/kernel" if m.path else "kernel": (m.rule, m.rule.weight)
+            for m in matches
+            if m.rule.weight is not None and layer_kind(nodes[m.path]) is not None
+        }
+    else:
+        targets = weight_targets(matches, found)
     plan = []
-    for m in matches:
-        if m.rule.weight is None:
-            continue
-        node = nodes[m.path]
-        k = node.kernel[...]
+    for name, (rule, spec) in targets.items():
+        path, _, param = name.rpartition("/")
+        node = nodes[path]
+        var: Any = node
+        for part in param.split("/"):
+            var = getattr(var, part)
+        k = var[...]
         if isinstance(k, QArray):
-            raise ValueError(
-                f"jq.flax.convert: the kernel of {m.path!r} is already a QArray; convert once."
-            )
+            raise ValueError(f"jq.flax.convert: {name!r} is already a QArray; convert once.")
         if isinstance(k, jax.ShapeDtypeStruct) and load is None:
             raise ValueError(
-                f"jq.flax.convert: the kernel of {m.path!r} is abstract; pass "
-                "load=(path, leaf) -> array."
+                f"jq.flax.convert: {name!r} is abstract; pass load=(path, leaf) -> array."
             )
-        if m.rule.stateful:
+        if rule.stateful:
             raise ValueError(
-                f"jq.flax.convert: {m.path!r} has a stateful rule (delayed scaling, LSQ or "
+                f"jq.flax.convert: {path!r} has a stateful rule (delayed scaling, LSQ or "
                 "stochastic rounding); serving takes stateless rules (jq.flax.calibrate "
                 "writes static ones). Re-quantize the model with them first."
             )
-        m.rule.weight.granularity.plan(tuple(k.shape))
-        plan.append((m, node, k))
-    for m, node, k in plan:
+        spec.granularity.plan(tuple(k.shape))
+        plan.append((path, node, var, k, spec, param == "kernel" and layer_kind(node)))
+    for path, node, var, k, spec, is_layer in plan:
         (q,) = jax.tree_util.tree_leaves(
             convert_tree(
                 [k],
-                m.rule.weight,
-                load=None if load is None else (lambda p, leaf, path=m.path: load(path, leaf)),
+                spec,
+                load=None if load is None else (lambda p, leaf, path=path: load(path, leaf)),
             ),
             is_leaf=lambda t: isinstance(t, QArray),
         )
-        node.kernel.set_value(q)
-        node.promote_dtype = promote_keep_qarray
+        var.set_value(q)
+        if is_layer:
+            node.promote_dtype = promote_keep_qarray
     return model
 
 
