@@ -43,16 +43,23 @@ conditional, its largest branch). They fall in two kinds:
   element. The literal total <= float is asserted where the layout gathers weights
   (``fsdp``).
 
-Measured on this block (batch 8 x 16 tokens x 64 features, heads 8 x 8, MLP 256), in
-bytes (data + statistics):
+Measured on this block (batch 8 x 16 tokens x 64 features, heads 8 x 8, MLP 256), bytes
+per device, data + statistics (the same for the NNX block):
 
-=========  ===============  ===================  =================================
-layout     float            int8 (w8a8)          e4m3 (emulated on CPU)
-=========  ===============  ===================  =================================
-dp fwd     0                0 + 48               0 + 48
-fsdp fwd   24 672           6 240 + 4 656        24 672 + 4 656 (f32 grid values)
-tp fwd     32 768           32 768 + 1 092       32 768 + 1 092
-=========  ===============  ===================  =================================
+==========  =========  ==================  ===================================
+program     float      int8 (w8a8)         e4m3 (emulated on CPU)
+==========  =========  ==================  ===================================
+dp fwd      0          0 + 48              0 + 48
+fsdp fwd    24 576     6 144 + 4 656 (s8)  24 576 + 4 656 (f32 grid values)
+tp fwd      32 768     32 768 + 1 092      32 768 + 1 092
+dp train    198 916    198 916 + 48        198 916 + 48
+fsdp train  243 972    235 780 + 4 656     254 212 + 4 656
+tp train    99 268     99 268 + 1 092      99 268 + 1 092
+==========  =========  ==================  ===================================
+
+(tp's row-parallel int8 partial sums are all-reduced as s32: as many bytes as f32.) The
+two e4m3 FSDP rows, and the int8 train step's backward (which gathers two kernels again,
+dequantized to float32), are strict xfails below, with what would fix them.
 
 The direct ops (:func:`jaxquant.dot_general`, :func:`jaxquant.einsum`,
 :func:`jaxquant.conv_general_dilated`) with a batch-split lhs and a column-split rhs keep
@@ -81,12 +88,8 @@ B, T, D, H, DH, F = 8, 16, 64, 8, 8, 256  # every kernel's first axis divides by
 ATOL = RTOL = 1e-5  # see (b) in the module docstring
 
 CONFIGS = {
-    "int8": jq.QuantConfig(
-        weight=jq.QuantSpec("int8", jq.per_channel()), act=jq.QuantSpec("int8")
-    ),
-    "e4m3": jq.QuantConfig(
-        weight=jq.QuantSpec("e4m3", jq.per_channel()), act=jq.QuantSpec("e4m3")
-    ),
+    "int8": jq.QuantConfig(weight=jq.QuantSpec("int8", jq.per_channel()), act=jq.QuantSpec("int8")),
+    "e4m3": jq.QuantConfig(weight=jq.QuantSpec("e4m3", jq.per_channel()), act=jq.QuantSpec("e4m3")),
 }
 LAYOUTS = ("dp", "fsdp", "tp")
 
@@ -314,7 +317,9 @@ def collective_traffic(hlo: str) -> Traffic:
                 nbytes = sum(sizes[a] for a in re.findall(r"%([\w.\-]+)", args))
             reducer = re.search(r"to_apply=%?([\w.\-]+)", rest)
             dtypes = "/".join(sorted({d for d, _ in _SHAPE.findall(typ)}))
-            found.append(Collective(op, nbytes, dtypes, roots.get(reducer.group(1)) if reducer else None))
+            found.append(
+                Collective(op, nbytes, dtypes, roots.get(reducer.group(1)) if reducer else None)
+            )
         for callee in calls.get(comp, []):
             found += collect(callee)
         for names in branches.get(comp, []):
@@ -414,22 +419,62 @@ def _check(frontend: str, config: str, layout: str, step: str) -> Run:
 # ------------------------------------------------------------------ Linen and NNX
 
 
+_E4M3_FSDP_TRAIN = pytest.mark.xfail(
+    strict=True,
+    reason="e4m3 on CPU (emulated, float32 grid values) with FSDP: the train step's "
+    "collectives move 254 212 data bytes vs the float step's 243 972 (f32 kernels gathered "
+    "for the forward and again, dequantized, for the backward; see "
+    "test_fsdp_gathers_kernels_as_codes)",
+)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("config", ["int8", "e4m3"])
 def test_linen_forward(config, layout):
-    q = _check("linen", config, layout, "forward")
-    f = _run("linen", None, layout, "forward")
-    if layout == "fsdp" and config == "int8":
-        # kernels gathered as int8 codes: a quarter of the float bytes, scales included
-        assert q.traffic.total <= f.traffic.total
-        assert q.traffic.data <= f.traffic.data // 2
+    _check("linen", config, layout, "forward")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("config", ["int8", "e4m3"])
+@pytest.mark.parametrize(
+    ("config", "layout"),
+    [
+        ("int8", "dp"),
+        ("int8", "fsdp"),
+        ("int8", "tp"),
+        ("e4m3", "dp"),
+        pytest.param("e4m3", "fsdp", marks=_E4M3_FSDP_TRAIN),
+        ("e4m3", "tp"),
+    ],
+)
 def test_linen_train_step(config, layout):
     _check("linen", config, layout, "train")
+
+
+@pytest.mark.parametrize(
+    ("config", "step"),
+    [
+        ("int8", "forward"),
+        pytest.param("int8", "train", marks=pytest.mark.slow),
+        pytest.param(
+            "e4m3",
+            "forward",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="e4m3 on CPU gathers float32 grid values with FSDP: 24 576 data "
+                "bytes, as many as the float model, plus 4 656 of scale reductions",
+            ),
+        ),
+        pytest.param("e4m3", "train", marks=[pytest.mark.slow, _E4M3_FSDP_TRAIN]),
+    ],
+)
+def test_fsdp_total_bytes_at_most_float(config, step):
+    """The literal claim, where the layout gathers weights: data and scale reductions
+    together move no more bytes than the float model (int8 codes gathered: a quarter
+    of the float kernels' bytes leaves room for the amax all-reduces)."""
+    q, f = _run("linen", config, "fsdp", step), _run("linen", None, "fsdp", step)
+    assert q.traffic.total <= f.traffic.total, (q.traffic.total, f.traffic.total)
+    if step == "forward":
+        assert q.traffic.data <= f.traffic.data // 2, (q.traffic.data, f.traffic.data)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -456,7 +501,21 @@ def _kernel_gathers(traffic: Traffic, frontend: str) -> list[Collective]:
 
 _GATHERS_FLOAT = (
     "XLA gathers float32 {what} of {layers} ({nbytes} of the {total} kernel bytes gathered "
-    "are f32; codes would move 1 byte per element): see the report of issue 12 item 7"
+    "per device are f32; codes would move 1 byte per element). Fix: {fix}"
+)
+_FIX_BACKWARD = (
+    "jaxquant/_src/dot/scaled.py transpose_dot (called by dot/vjp.py _qdot_bwd) multiplies "
+    "the cotangent by the weight dequantized (codes * per-output-channel scale, a scale "
+    "along dlhs's contracted axis) in a float32 dot, so XLA gathers that f32 tensor; "
+    "folding the scale into the cotangent (g * s) leaves the codes as the dot operand, but "
+    "XLA:CPU still widens them before the gather unless the dot is s8 x s8 (a quantized "
+    "gradient, grad_spec int8, factored per row of g * s)"
+)
+_FIX_FP8 = (
+    "jaxquant/_src/dot/vjp.py _store_dtype returns None (float32 grid values) where the "
+    "backend emulates fp8; storing the e4m3 codes (exact) and widening them inside "
+    "scaled.scaled_dot would let XLA gather them (with mode='real' XLA:CPU gathers them "
+    "as f16: 12 288 bytes, half the float model's)"
 )
 
 
@@ -474,8 +533,9 @@ _GATHERS_FLOAT = (
                     reason=_GATHERS_FLOAT.format(
                         what="dequantized kernels in the backward pass",
                         layers="'out' and 'up'",
-                        nbytes="2 x 2048 + 2 x 8192 over 8 devices: 10 240 per device",
+                        nbytes="2 048 (out) + 8 192 (up) = 10 240",
                         total="16 384",
+                        fix=_FIX_BACKWARD,
                     ),
                 ),
             ],
@@ -488,8 +548,9 @@ _GATHERS_FLOAT = (
                 reason=_GATHERS_FLOAT.format(
                     what="e4m3 grid values (CPU emulates fp8: float32 storage)",
                     layers="every kernel",
-                    nbytes="24 672",
-                    total="24 672",
+                    nbytes="24 576",
+                    total="24 576",
+                    fix=_FIX_FP8,
                 ),
             ),
         ),
