@@ -61,7 +61,9 @@ class Contraction(NamedTuple):
         ``"embedding"``, ``"lora_a"``, ``"Dense_0/kernel"`` for a child's), or None.
       transposed: whether the operand is that parameter with its axes reversed
         (``kernel.T``): :func:`jaxquant.flax.convert` quantizes the stored parameter with the
-        weight spec's axes reversed, so serving re-quantizes it to the same codes.
+        weight spec's axes reversed, so serving re-quantizes it to the same codes. None: a
+        square parameter found by its shape, ``w`` or ``w.T`` (convert groups it as ``w``;
+        serving then uses the stored values as they are, without re-quantizing).
     """
 
     path: str
@@ -72,7 +74,7 @@ class Contraction(NamedTuple):
     quantized: bool
     reason: str
     param: str | None = None
-    transposed: bool = False
+    transposed: bool | None = False
 
 
 @dataclasses.dataclass
@@ -102,6 +104,11 @@ _active: contextvars.ContextVar[tuple[Frontend, ...]] = contextvars.ContextVar(
 # observed (their activation operand handed to it) and computed in float.
 _observer: contextvars.ContextVar[Callable[[str, Rule, Any], None] | None] = contextvars.ContextVar(
     "jaxquant_observer", default=None
+)
+# Paths of modules running on their own dequantized QArray parameters (serving): a weight
+# whose layout is uncertain passes through as stored instead of being re-quantized.
+_serving: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "jaxquant_serving", default=frozenset()
 )
 _lock = threading.Lock()
 _installed = 0
@@ -157,22 +164,29 @@ def weight_side(lhs: Any, rhs: Any, params: list[Any]) -> str | None:
     return _roles(lhs, rhs, [p if isinstance(p, tuple) else ("", p) for p in params])[0]
 
 
-def _roles(lhs: Any, rhs: Any, params: list[tuple[str, Any]]) -> tuple[Any, str | None, bool]:
-    """``(side, parameter name, transposed)`` (see :func:`weight_side`)."""
+def _roles(
+    lhs: Any, rhs: Any, params: list[tuple[str, Any]]
+) -> tuple[Any, str | None, bool | None]:
+    """``(side, parameter name, transposed)`` (see :func:`weight_side`); ``transposed`` is
+    None for a square parameter matched by shape (``w`` and ``w.T`` look alike)."""
     for i, x in enumerate((lhs, rhs)):
+        src, flipped = _source(x)
         for name, p in params:
-            if x is p:
-                other = (rhs, lhs)[i]
+            if src is p:
+                other = _source((rhs, lhs)[i])[0]
                 if any(other is q for _, q in params):
                     return "both", None, False
-                return ("lhs", "rhs")[i], name, False
-    found: list[tuple[str, bool] | None] = []
+                return ("lhs", "rhs")[i], name, flipped
+    found: list[tuple[str, bool | None] | None] = []
     for x in (lhs, rhs):
         hit = None
         if _floating(x) and np.ndim(x) >= 1:
             for name, p in params:
                 if np.ndim(p) < 1 or not (_floating(p) or _is_qarray(p)):
                     continue
+                if _shape(x) == _shape(p)[::-1] == _shape(p):
+                    hit = (name, None)  # a square parameter: w or w.T, shape cannot tell
+                    break
                 if _shape(x) == _shape(p):
                     hit = (name, False)
                     break
@@ -195,6 +209,7 @@ def _is_qarray(x: Any) -> bool:
 def _decide(call: _Call, owner: Owner) -> Any:
     rule = owner.rule
     side, param, transposed = _roles(call.lhs, call.rhs, owner.params())
+    param = param or None  # "": a weight the model computes (convert has nothing to store)
     shapes = (_shape(call.lhs), _shape(call.rhs))
 
     def record(quantized: bool, reason: str) -> None:
@@ -257,7 +272,10 @@ def _decide(call: _Call, owner: Owner) -> Any:
         return call.original()
     cfg = rule.config
     weight_first = side == "lhs"
-    lhs_spec, rhs_spec = (cfg.weight, cfg.act) if weight_first else (cfg.act, cfg.weight)
+    weight_spec = cfg.weight
+    if transposed is None and owner.path in _serving.get():
+        weight_spec = None  # stored values as they are: re-quantizing needs the layout
+    lhs_spec, rhs_spec = (weight_spec, cfg.act) if weight_first else (cfg.act, weight_spec)
     record(True, f"rule {rule.pattern!r}")
     with _at(owner.path):
         return call.quantized(lhs_spec, rhs_spec, cfg)
@@ -462,11 +480,72 @@ def _targets() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
     for cls in (array_type,):
         out.append((cls, "__matmul__", lambda f: _make_operator(f, False)))
         out.append((cls, "__rmatmul__", lambda f: _make_operator(f, True)))
+    # Full transposes (`w.T`, `w.transpose()`, `jnp.transpose(w)`) are remembered, so a
+    # square parameter used transposed is known as such (its shape cannot tell).
+    out.append((jnp, "transpose", _make_transpose))
+    for cls in (array_type, getattr(core, "ShapedArray", None)):
+        for name in ("T", "transpose"):
+            d = None if cls is None else cls.__dict__.get(name)
+            inner = getattr(d, "fun", None) or getattr(d, "fget", None)
+            if isinstance(d, property) or callable(d) or inner is not None:
+                out.append((cls, name, _descriptor_wrapper(cls.__dict__[name])))
     aval = getattr(core, "ShapedArray", None)
     if aval is not None and isinstance(aval.__dict__.get("_matmul"), staticmethod):
         out.append((aval, "_matmul", lambda f: staticmethod(_make_aval_op(f, False))))
         out.append((aval, "_rmatmul", lambda f: staticmethod(_make_aval_op(f, True))))
     return out
+
+
+_transposes: contextvars.ContextVar[dict[int, tuple[Any, Any]] | None] = contextvars.ContextVar(
+    "jaxquant_transposes", default=None
+)
+
+
+def _remember(out: Any, src: Any, args: tuple) -> Any:
+    seen = _transposes.get()
+    ndim = np.ndim(src)
+    axes = args[0] if len(args) == 1 and isinstance(args[0], tuple | list) else args
+    if seen is not None and (not axes or tuple(axes) == tuple(range(ndim))[::-1]):
+        seen[id(out)] = (out, src)
+    return out
+
+
+def _make_transpose(orig: Callable) -> Callable:
+    def transpose(a, axes=None, **kw):
+        return _remember(orig(a, axes, **kw), a, () if axes is None else (axes,))
+
+    return transpose
+
+
+def _descriptor_wrapper(d: Any) -> Callable[[Any], Any]:
+    """A maker for the tracked version of ``T`` / ``transpose`` of arrays and avals: a
+    property, a plain function, or jax's aval_method / aval_property wrappers."""
+
+    def track(fn: Callable) -> Callable:
+        def tracked(a, *args, **kw):
+            return _remember(fn(a, *args, **kw), a, args)
+
+        return tracked
+
+    def make(_current: Any) -> Any:
+        if isinstance(d, property):
+            return property(track(d.fget))
+        if hasattr(d, "fun"):
+            return type(d)(track(d.fun))
+        if hasattr(d, "fget"):
+            return type(d)(track(d.fget))
+        return track(d)
+
+    return make
+
+
+def _source(x: Any) -> tuple[Any, bool]:
+    """``(array, transposed)``: what ``x`` is a (repeated) full transpose of."""
+    seen = _transposes.get() or {}
+    flips = False
+    while id(x) in seen and seen[id(x)][0] is x:
+        x, flips = seen[id(x)][1], not flips
+    return x, flips
 
 
 def _install() -> None:
@@ -496,6 +575,16 @@ def _uninstall() -> None:
 
 
 @contextlib.contextmanager
+def serving(path: str) -> Iterator[None]:
+    """Run the body with the module at ``path`` on its own dequantized QArray parameters."""
+    token = _serving.set(_serving.get() | {path})
+    try:
+        yield
+    finally:
+        _serving.reset(token)
+
+
+@contextlib.contextmanager
 def observing(fn: Callable[[str, Rule, Any], None]) -> Iterator[None]:
     """Run the body with weight contractions in float, their activations passed to ``fn``
     (calibration). Nest inside :func:`intercepting`."""
@@ -510,9 +599,11 @@ def observing(fn: Callable[[str, Rule, Any], None]) -> Iterator[None]:
 def intercepting(front: Frontend) -> Iterator[None]:
     """Run the body with every contraction routed through ``front`` (see the module)."""
     token = _active.set((*_active.get(), front))
+    seen = _transposes.set(_transposes.get() if _transposes.get() is not None else {})
     _install()
     try:
         yield
     finally:
         _uninstall()
+        _transposes.reset(seen)
         _active.reset(token)

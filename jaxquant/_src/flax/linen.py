@@ -28,7 +28,7 @@ from jax import lax
 
 from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.flax import stateful
-from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting
+from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting, serving
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
@@ -297,20 +297,23 @@ class QuantizedModule(nn.Module):
             i = first_match(rules, path)
             return None if i is None else rules[i]
 
-        front = LinenFront(stack, rule_at, note, record, self.strict)
+        front = LinenFront(stack, rule_at, note, record, self.strict, root=root)
 
         def interceptor(next_fun, args, kwargs, context):
             m = context.module
             if layer_kind(m) is None and m.scope is not None:
                 own = m.variables.get("params", {})
                 if own_qarrays(own):  # converted weights of a module's own contractions
-                    return _serve_own(m, own, context.method_name, args, kwargs)
+                    path = linen_path(m, root, stack)
+                    with serving(path):
+                        return _serve_own(m, own, context.method_name, args, kwargs)
             path = linen_path(m, root, stack)
             stack.append((m, path))
             try:
                 if context.method_name != "__call__" or layer_kind(m) is None:
                     return next_fun(*args, **kwargs)
-                return _layer(self.rules, m, path, next_fun, args, kwargs, note, record)
+                stored = stored_in(m, root)
+                return _layer(self.rules, m, path, next_fun, args, kwargs, note, record, stored)
             finally:
                 stack.pop()
 
@@ -333,7 +336,7 @@ def _serve_own(m: nn.Module, own: Any, method: str, args: tuple, kwargs: dict) -
     return clone.apply(variables, *args, method=method, **kwargs)
 
 
-def _layer(rules, m, path, next_fun, args, kwargs, note, record) -> Any:
+def _layer(rules, m, path, next_fun, args, kwargs, note, record, stored) -> Any:
     """One call of a Flax layer (Dense, DenseGeneral, Einsum, Conv) that runs its own
     ``__call__``: quantized by a clone bound to the same scope whose product is jaxquant's.
     (A function, not a method: a Linen method would push the wrapper on flax's module
@@ -371,18 +374,24 @@ def _layer(rules, m, path, next_fun, args, kwargs, note, record) -> Any:
             "rhs",
             True,
             f"rule {rule.pattern!r}",
+            "kernel" if stored else None,  # a computed kernel is quantized when used
         )
     )
     return out
 
 
+_COMPUTED = ""  # the parameter name of a weight the model computes (not stored)
+
+
 class LinenFront(Frontend):
     """Owners of intercepted contractions: the innermost module method running."""
 
-    def __init__(self, stack, rule_at, note, record, strict, *, layers: bool = True) -> None:
+    def __init__(
+        self, stack, rule_at, note, record, strict, *, layers: bool = True, root: Any = None
+    ) -> None:
         # layers=False: Flax's own layers are someone else's (calibration records them).
         self.stack, self.rule_at, self.note, self.record = stack, rule_at, note, record
-        self.strict, self.layers = strict, layers
+        self.strict, self.layers, self.root = strict, layers, root
 
     def owner(self, frame: Any) -> Owner | None:
         if not self.stack:
@@ -394,7 +403,13 @@ class LinenFront(Frontend):
         self.note(path, type(m).__name__, rule)
 
         def params() -> list[tuple[str, Any]]:
-            return named_leaves(m.variables.get("params", {})) if m.scope is not None else []
+            if m.scope is None:
+                return []
+            leaves = named_leaves(m.variables.get("params", {}))
+            if self.root is not None and not stored_in(m, self.root):
+                # computed variables (a nested apply): a weight, but no stored parameter
+                return [(_COMPUTED, v) for _, v in leaves]
+            return leaves
 
         return Owner(path, type(m).__name__, rule, params, self.record, self.strict)
 
@@ -458,14 +473,21 @@ def _quantized_clone(m: nn.Module, rule: Rule, path: str) -> nn.Module:
     return m.clone(parent=m.scope, dot_general=QuantDot(rule, path))
 
 
+def stored_in(m: nn.Module, root: Any) -> bool:
+    """Whether ``m``'s variables are part of the model's (False: a module applied on its
+    own inside the model, on variables the model computes, e.g. a tied head's
+    ``embedding.T``)."""
+    cur: Any = m
+    while isinstance(cur, nn.Module) and cur.scope is not None and cur.scope is not root:
+        cur = cur.parent
+    return isinstance(cur, nn.Module)
+
+
 def linen_path(m: nn.Module, root: Any, stack: list[tuple[nn.Module, str]]) -> str:
     """``m``'s path below the wrapped model. A module applied on its own inside the model
     (``self.lm_head.apply(...)``, Hugging Face's tied head) has no parent: its path is the
     running module's path plus its name."""
-    cur: Any = m
-    while isinstance(cur, nn.Module) and cur.scope is not None and cur.scope is not root:
-        cur = cur.parent
-    if isinstance(cur, nn.Module):
+    if stored_in(m, root):
         return _relative_path(m, root)
     outer = stack[-1][1] if stack else ""
     name = m.name or ""

@@ -12,10 +12,11 @@ attributes are frozen, hashable dataclasses, so they are static in ``nnx.split``
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from jax import lax
 
 from jaxquant._src.checks import check_bool, check_int, describe
 from jaxquant._src.flax import stateful
-from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting
+from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting, serving
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
@@ -39,6 +40,7 @@ from jaxquant._src.flax.rules import (
     needs_key,
     path_str,
 )
+from jaxquant._src.qarray import QArray
 from jaxquant._src.scaling import ScaleState
 
 _DOT = (nnx.Linear, nnx.LinearGeneral)
@@ -385,8 +387,9 @@ def _wrap(fn: Callable) -> Callable:
         if depth == 0 and hasattr(self, "_jq_record"):
             self._jq_record.contractions = []
         token = _depth.set(depth + 1)
+        served = _own_qarrays(self) if layer_kind(self) is None else []
         try:
-            with intercepting(_FRONT):
+            with intercepting(_FRONT), _dequantized(self, served):
                 out = fn(self, *args, **kwargs)
             if fn.__name__ == "__call__" and layer_kind(self) is not None:
                 _record_layer(self, args, kwargs)
@@ -397,6 +400,33 @@ def _wrap(fn: Callable) -> Callable:
             _depth.reset(token)
 
     return method
+
+
+def _own_qarrays(node: Any) -> list[tuple[Any, Any]]:
+    """``[(variable, QArray)]``: the module's own parameters that convert made QArrays."""
+    out = []
+    for v in vars(node).values():
+        if isinstance(v, nnx.Param) and isinstance(v.get_value(), QArray):
+            out.append((v, v.get_value()))
+    return out
+
+
+@contextlib.contextmanager
+def _dequantized(node: Any, served: list[tuple[Any, Any]]) -> Iterator[None]:
+    """The module's code sees its QArray parameters dequantized (the interception
+    re-quantizes them with the rule's spec); the QArrays are back when it returns, so the
+    model's state keeps them (nnx.jit sees no change)."""
+    if not served:
+        yield
+        return
+    for v, q in served:
+        v.set_value(q.dequantize())
+    try:
+        with serving(node._jq_path):
+            yield
+    finally:
+        for v, q in served:
+            v.set_value(q)
 
 
 def _record_layer(node: Any, args: tuple, kwargs: dict) -> None:

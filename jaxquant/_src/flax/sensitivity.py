@@ -24,6 +24,14 @@ callable       ``m0 - m``, or ``m - m0`` with ``higher_is_better=False``
 A trial whose outputs contain NaN or Inf (or whose metric is NaN) is recorded, not
 raised: metric ``nan``, damage ``+inf``; :func:`mixed_precision` never chooses it.
 
+Noise: each damage of accuracy, loss and callables comes with a noise level, twice its
+standard error across the evaluation's parts (the two halves of every batch for accuracy
+and loss, the batches for callables: at least two parts needed, else 0). A negative
+damage no larger than its noise level says nothing about the option, and
+:func:`mixed_precision` counts it as 0: otherwise the knapsack would prefer a lower
+precision because it came out slightly better than float on these examples, and use that
+fake gain to pay for real damage elsewhere. SQNR damages are never negative (noise 0).
+
 The assignment assumes that damages add up across layers (each layer's damage is measured
 with every other layer in float). That is a first-order approximation: for SQNR it is
 exact when the layers' output noises are uncorrelated and small; for accuracy it tends to
@@ -84,6 +92,9 @@ class LayerSensitivity:
       damage: see the module docstring; ``0.0`` for ``"float"``, ``inf`` where the outputs
         were not finite.
       nbytes: the kernel's storage bytes under the option (``"float"``: 4 per element).
+      noise: the damage's noise level per option (module docstring): twice its standard
+        error across the evaluation's parts; 0.0 for ``"float"``, SQNR and a single part.
+        Options missing here have noise 0.
     """
 
     path: str
@@ -92,6 +103,7 @@ class LayerSensitivity:
     metric: dict[str, float]
     damage: dict[str, float]
     nbytes: dict[str, int]
+    noise: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +212,8 @@ class Assignment:
         template, or a rule without specs for layers kept in float.
       choice: the option name per layer path (``"float"`` or a candidate name).
       nbytes: total kernel bytes of the choice (``<= budget``).
-      damage: the predicted damage: the sum of the chosen per-layer damages.
+      damage: the predicted damage: the sum of the chosen per-layer damages (negative
+        ones within their noise level as 0; see :func:`mixed_precision`).
       budget: the budget in bytes.
       float32_bytes: total kernel bytes of the layers in float32.
     """
@@ -367,15 +380,18 @@ def sensitivity(
         nbytes = {FLOAT: 4 * math.prod(kernel.shape)}
         metrics = {FLOAT: ev.baseline}
         damages = {FLOAT: 0.0}
+        noise = {FLOAT: 0.0}
         for cname, t in templates.items():
             nbytes[cname] = _weight_bytes(kernel, t.weight, cname, path)
-            metrics[cname], damages[cname] = ev.trial((_at(t, path),))
+            metrics[cname], damages[cname], noise[cname] = ev.trial((_at(t, path),))
         out_layers.append(
-            LayerSensitivity(path, modules[path], tuple(kernel.shape), metrics, damages, nbytes)
+            LayerSensitivity(
+                path, modules[path], tuple(kernel.shape), metrics, damages, nbytes, noise
+            )
         )
     all_metric, all_damage = {}, {}
     for cname, t in templates.items():
-        all_metric[cname], all_damage[cname] = ev.trial(tuple(_at(t, p) for p in paths))
+        all_metric[cname], all_damage[cname], _ = ev.trial(tuple(_at(t, p) for p in paths))
     return Sensitivity(
         metric=name,
         higher_is_better=higher,
@@ -571,17 +587,33 @@ def _logits(out: Any, y: Any, what: str) -> jax.Array:
     return out.astype(jnp.float32)
 
 
+def _halves(per_example: jax.Array) -> dict[str, Any]:
+    """The sum and count of the whole batch, and of its two halves along the first axis
+    (``part_sum`` / ``part_count``: the units of the damage's noise estimate)."""
+    v = per_example.astype(jnp.float32)
+    if v.ndim == 0 or v.shape[0] < 2:  # one example: a single part
+        parts, counts = jnp.sum(v)[None], jnp.float32(v.size)[None]
+    else:
+        h = v.shape[0] // 2
+        parts = jnp.stack([jnp.sum(v[:h]), jnp.sum(v[h:])])
+        counts = jnp.array([v[:h].size, v[h:].size], jnp.float32)
+    return {
+        "sum": jnp.sum(v),
+        "count": jnp.float32(v.size),
+        "part_sum": parts,
+        "part_count": counts,
+    }
+
+
 def _accuracy_stats(out: Any, y: Any, ref: Any) -> dict[str, Any]:
     del ref
     logits = _logits(out, y, "accuracy")
-    hit = jnp.argmax(logits, axis=-1) == y
-    return {"sum": jnp.sum(hit.astype(jnp.float32)), "count": jnp.float32(y.size)}
+    return _halves(jnp.argmax(logits, axis=-1) == y)
 
 
 def _loss_stats(out: Any, y: Any, ref: Any) -> dict[str, Any]:
     del ref
-    ce = optax.softmax_cross_entropy_with_integer_labels(_logits(out, y, "loss"), y)
-    return {"sum": jnp.sum(ce), "count": jnp.float32(y.size)}
+    return _halves(optax.softmax_cross_entropy_with_integer_labels(_logits(out, y, "loss"), y))
 
 
 def _sqnr_stats(out: Any, y: Any, ref: Any) -> dict[str, Any]:
@@ -628,48 +660,80 @@ class _Evaluator:
             )
         self.baseline = value
 
-    def _run(self, rules: tuple[Rule, ...] | None) -> tuple[dict[str, float], bool]:
-        """The metric's sums over all batches, and whether any output was not finite."""
+    def _run(self, rules: tuple[Rule, ...] | None) -> tuple[dict[str, Any], bool]:
+        """The metric's sums over all batches (``parts``: per part, ``(sum, count)``), and
+        whether any output was not finite."""
         stats_fn = self.stats_fn
 
         def post(out, y, ref):
             return {"stats": stats_fn(out, y, ref), "bad": _nonfinite(out)}
 
         fwd = self.runner.compile(rules, post)
-        totals: dict[str, float] = {}
+        totals: dict[str, Any] = {}
+        parts: list[tuple[float, float]] = []
         bad = False
         for b, ref in zip(self.batches, self.refs, strict=True):
             got = fwd(b, ref)
             bad = bad or bool(int(got["bad"]))
-            st = got["stats"]
+            st = dict(got["stats"])
             if stats_fn is _callable_stats:
                 n = float(b.size)
                 st = {"sum": n * float(self.metric_fn(st["outputs"], b.y)), "count": n}
+                parts.append((st["sum"], n))
+            elif "part_sum" in st:
+                ps, pc = st.pop("part_sum"), st.pop("part_count")
+                parts += [(float(a), float(c)) for a, c in zip(ps, pc, strict=True)]
             for k, v in st.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+        totals["parts"] = parts
         return totals, bad
 
-    def trial(self, rules: tuple[Rule, ...]) -> tuple[float, float]:
-        """(metric, damage) of the model quantized by ``rules`` (each set run once)."""
+    def trial(self, rules: tuple[Rule, ...]) -> tuple[float, float, float]:
+        """(metric, damage, noise) of the model quantized by ``rules`` (each set run once)."""
         if rules not in self.cache:
             self.cache[rules] = self._trial(rules)
         return self.cache[rules]
 
-    def _trial(self, rules: tuple[Rule, ...]) -> tuple[float, float]:
+    def _trial(self, rules: tuple[Rule, ...]) -> tuple[float, float, float]:
         t, bad = self._run(rules)
         if self.needs_ref:
             sig, noise = t["signal"], t["noise"]
             if bad or math.isnan(noise):
-                return math.nan, math.inf
+                return math.nan, math.inf, 0.0
             value = math.inf if noise == 0 else 10.0 * math.log10(max(sig, 1e-45) / noise)
-            return value, (noise / sig if sig > 0 else (0.0 if noise == 0 else math.inf))
+            return value, (noise / sig if sig > 0 else (0.0 if noise == 0 else math.inf)), 0.0
         value = t["sum"] / t["count"]
         if bad or math.isnan(value):
-            return math.nan, math.inf
+            return math.nan, math.inf, 0.0
         # From the sums, so that equal counts give exactly opposite damages (accuracy).
         base = self.base["sum"]
         drop = (base - t["sum"]) if self.higher else (t["sum"] - base)
-        return value, drop / t["count"]
+        damage = drop / t["count"]
+        return value, damage, _noise_level(self.base["parts"], t["parts"], self.higher)
+
+
+_NOISE_Z = 2.0  # noise level = this many standard errors (~98% one-sided for a normal)
+
+
+def _noise_level(
+    base: Sequence[tuple[float, float]], trial: Sequence[tuple[float, float]], higher: bool
+) -> float:
+    """``_NOISE_Z`` standard errors of the damage, from its spread across parts.
+
+    Per part ``u`` (the same examples in both runs), the damage ``d_u`` of its ``n_u``
+    examples; the damage is their weighted mean ``d = sum w_u d_u`` (``w_u = n_u / N``),
+    whose variance is estimated as ``U / (U - 1) * sum w_u^2 (d_u - d)^2``. 0 with fewer
+    than two parts (nothing to estimate the spread from).
+    """
+    if len(base) < 2 or len(base) != len(trial):
+        return 0.0
+    total = sum(c for _, c in base)
+    d = [((b - t) if higher else (t - b)) / c for (b, c), (t, _) in zip(base, trial, strict=True)]
+    w = [c / total for _, c in base]
+    mean = sum(wi * di for wi, di in zip(w, d, strict=True))
+    var = sum(wi * wi * (di - mean) ** 2 for wi, di in zip(w, d, strict=True))
+    var *= len(d) / (len(d) - 1)
+    return _NOISE_Z * math.sqrt(var) if math.isfinite(var) else 0.0
 
 
 def _batch_size(x: Any, y: Any) -> int:
@@ -782,6 +846,7 @@ def mixed_precision(
     *,
     budget: int | float,
     objective: Callable[[LayerSensitivity, str], float] | None = None,
+    noise: float | None = None,
 ) -> Assignment:
     """One option per layer minimizing the summed damage within a weight-byte budget.
 
@@ -790,6 +855,7 @@ def mixed_precision(
     by dynamic programming over the layers on the Pareto frontier of (bytes, damage)
     partial sums (dominated partial assignments dropped; bytes are exact integers, no
     discretization). Options with infinite cost (non-finite outputs) are never chosen.
+    A negative damage within its noise level counts as 0 (``noise``; module docstring).
     Ties go to fewer bytes. The predicted damage assumes that per-layer damages, each
     measured with every other layer in float, add up: a first-order approximation (for
     SQNR exact when the layers' output noises are small and uncorrelated; for accuracy it
@@ -799,14 +865,18 @@ def mixed_precision(
       sens: the :class:`Sensitivity` of :func:`sensitivity`.
       budget: total kernel bytes of the considered layers (an int), or a float in
         ``(0, 1]``: that fraction of their float32 bytes (rounded down).
-      objective: ``cost(layer, option) -> float`` to minimize instead of
-        ``layer.damage[option]`` (e.g. a weighted damage); ``inf`` forbids an option.
+      objective: ``cost(layer, option) -> float`` to minimize instead of the damage
+        (e.g. a weighted damage), taken as it is (no noise rule); ``inf`` forbids an
+        option.
+      noise: the noise level under which a negative damage counts as 0 (see the module
+        docstring): None for each damage's own, measured one (``layer.noise``), or a
+        number >= 0 for every option (0.0: take negative damages as measured).
 
     Returns:
       An :class:`Assignment`: ``.rules`` (one exact-path rule per layer, float layers with
       a rule without specs; the assignment iterates over them, so
       ``quantize_model(model, assignment)`` works), ``.choice`` (path -> option),
-      ``.nbytes``, ``.damage``.
+      ``.nbytes``, ``.damage`` (the summed costs: noise-level negative damages as 0).
 
     The rules carry the candidate templates as given to :func:`sensitivity` (stochastic
     rounding included, which the measurement replaced by round-to-nearest).
@@ -849,6 +919,16 @@ def mixed_precision(
             "mixed_precision: objective must be None or a function (layer, option) -> cost, "
             f"got {describe(objective)}."
         )
+    if noise is not None and (
+        isinstance(noise, bool)
+        or not isinstance(noise, numbers.Real)
+        or not math.isfinite(noise)
+        or noise < 0
+    ):
+        raise ValueError(
+            f"mixed_precision: noise must be None (each damage's measured noise level) or a "
+            f"finite number >= 0, got {describe(noise)}."
+        )
     total_f32 = sens.float32_bytes
     limit = _budget(budget, total_f32)
     options = sens.options
@@ -856,7 +936,10 @@ def mixed_precision(
     for layer in sens.layers:
         row = []
         for o in options:
-            value = layer.damage[o] if objective is None else objective(layer, o)
+            if objective is None:
+                value = _denoised(layer, o, noise)
+            else:
+                value = objective(layer, o)
             try:
                 if isinstance(value, str | bytes):  # float("1") would parse it
                     raise TypeError
@@ -894,6 +977,14 @@ def mixed_precision(
         pattern = re.escape(layer.path)
         rules.append(Rule(pattern) if o == FLOAT else _at(sens.candidates[o], layer.path))
     return Assignment(tuple(rules), choice, nbytes, damage, limit, total_f32)
+
+
+def _denoised(layer: LayerSensitivity, option: str, noise: float | None) -> float:
+    """The damage, or 0 for a negative one within the noise level: a lower precision
+    that measured slightly better than float is no better, only unresolved."""
+    d = layer.damage[option]
+    level = layer.noise.get(option, 0.0) if noise is None else float(noise)
+    return 0.0 if d < 0 and -d <= level else d
 
 
 def _budget(budget: Any, total: int) -> int:

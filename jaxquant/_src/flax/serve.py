@@ -174,6 +174,8 @@ def weight_targets(matches: list, found: list) -> dict[str, tuple[Rule, QuantSpe
             continue
         name = f"{c.path}/{c.param}" if c.path else c.param
         ndim = len(c.shapes[0 if c.weight == "lhs" else 1])
+        # transposed None (a square parameter found by shape): stored as used untransposed;
+        # serving passes it through as stored rather than re-quantizing it.
         spec = reversed_spec(rule.weight, ndim, repr(name)) if c.transposed else rule.weight
         if name in out and out[name][1] != spec:
             raise ValueError(
