@@ -127,16 +127,13 @@ def test_tied_head_through_embed_attend():
     qmodel, variables = _init_apply(Tied(), ids)
     got = qmodel.apply(variables, ids)
     p = variables["params"]
-    h = (
-        jq.dot_general(
-            p["Embed_0"]["embedding"][ids],
-            p["Dense_0"]["kernel"],
-            (((2,), (0,)), ((), ())),
-            lhs_spec=A8,
-            rhs_spec=W8,
-        )
-        + p["Dense_0"]["bias"].reshape(1, 1, -1)
-    )
+    h = jq.dot_general(
+        p["Embed_0"]["embedding"][ids],
+        p["Dense_0"]["kernel"],
+        (((2,), (0,)), ((), ())),
+        lhs_spec=A8,
+        rhs_spec=W8,
+    ) + p["Dense_0"]["bias"].reshape(1, 1, -1)
     want = jq.dot_general(
         h, p["Embed_0"]["embedding"].T, (((2,), (0,)), ((), ())), lhs_spec=A8, rhs_spec=W8
     )
@@ -292,3 +289,104 @@ def test_nnx_float_rule_and_split_merge_keep_the_plan():
     found = {c.path: c for c in contractions(merged)}
     assert found["conv"].quantized and not found["embed"].quantized
     assert "keeps it in float" in found["embed"].reason
+
+
+# ------------------------------------------------------- calibrate -> convert -> serve
+
+
+class SquareConv1D(nn.Module):
+    """FlaxConv1D with a square kernel: only the remembered transpose tells w from w.T."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.5), (x.shape[-1], x.shape[-1]))
+        return lax.dot_general(x, kernel.transpose(), (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class TwoConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return SquareConv1D(name="square")(Conv1D(8, name="wide")(x))
+
+
+def test_square_kernel_used_transposed_is_known_transposed():
+    qmodel, _ = _init_apply(SquareConv1D(), X)
+    (c,) = contractions(qmodel)
+    assert (c.param, c.transposed) == ("kernel", True)
+
+
+def test_linen_calibrate_convert_serve_intercepted_layers_exactly():
+    qmodel, variables = _init_apply(TwoConv(), X)
+    res = jq.flax.calibrate(qmodel, [X], variables)
+    assert sorted(res.ranges) == ["square", "wide"]  # observed through the interception
+    static = quantize_model(TwoConv(), res.rules)
+    want = static.apply(variables, X)
+    served = jq.flax.convert(static, variables)
+    p = served["params"]
+    assert isinstance(p["wide"]["kernel"], jq.QArray) and p["wide"]["kernel"].shape == (8, 8)
+    # stored in the parameter's own layout (out, in): per_channel(-1) of kernel.T is axis 0
+    assert p["wide"]["kernel"].spec.granularity == jq.per_channel(0)
+    assert p["square"]["kernel"].spec.granularity == jq.per_channel(0)
+    assert p["wide"]["kernel"].values.dtype == np.int8
+    _bits(static.apply(served, X), want)
+    _bits(jax.jit(static.apply)(served, X), want)
+
+
+def test_a_computed_weight_has_no_parameter_to_convert():
+    class Head(nn.Module):  # Hugging Face GPT-2's tied head: lm_head.apply on embedding.T
+        def setup(self):
+            self.embed = nn.Embed(16, 8)
+            self.head = nn.Dense(16, use_bias=False)
+
+        def __call__(self, ids):
+            h = self.embed(ids)
+            kernel = self.embed.variables["params"]["embedding"].T
+            return self.head.apply({"params": {"kernel": kernel}}, h)
+
+    ids = jnp.array([[1, 2, 3]])
+    qmodel, variables = _init_apply(Head(), ids)
+    qmodel.apply(variables, ids)
+    (c,) = contractions(qmodel)
+    assert (c.path, c.quantized, c.param) == ("head", True, None)
+    served = jq.flax.convert(qmodel, variables)  # nothing stored: the head is computed
+    assert not any(
+        isinstance(v, jq.QArray)
+        for v in jax.tree.leaves(served, is_leaf=lambda t: isinstance(t, jq.QArray))
+    )
+    _bits(qmodel.apply(served, ids), qmodel.apply(variables, ids))
+
+
+class NnxNoTie(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = NnxConv1D(8, 6, rngs)
+        self.lora = NnxLoRA(6, 6, rngs)
+
+    def __call__(self, x):
+        return self.lora(self.conv(x))
+
+
+def test_nnx_convert_serves_intercepted_layers_exactly():
+    model = NnxNoTie(nnx.Rngs(0))
+    quantize_model(model, Rule(".*", weight=W8))
+    want = model(X)  # the call finds the intercepted contractions
+    jq.flax.convert(model)
+    conv_k = model.conv.kernel.get_value()
+    assert isinstance(conv_k, jq.QArray) and conv_k.spec.granularity == jq.per_channel(0)
+    assert isinstance(model.lora.lora_a.get_value(), jq.QArray)
+    # Serving re-quantizes the dequantized kernels: the same codes, a scale that may differ
+    # in its last bit (max |q s| / qmax), so the outputs agree to float32 rounding.
+    for got in (model(X), nnx.jit(lambda m, x: m(x))(model, X)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * float(jnp.max(jnp.abs(want))))
+    assert isinstance(model.conv.kernel.get_value(), jq.QArray)  # the state kept the QArray
+
+
+def test_nnx_attend_table_is_stored_quantized_in_its_own_layout():
+    model = NnxNet(nnx.Rngs(0))
+    quantize_model(model, Rule(".*", weight=W8))
+    want = model(X)
+    jq.flax.convert(model)
+    table = model.embed.embedding.get_value()
+    # attend uses embedding.T with per_channel(-1): one scale per table row, axis 0
+    assert isinstance(table, jq.QArray) and table.spec.granularity == jq.per_channel(0)
+    got = model(X)
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * float(jnp.max(jnp.abs(want))))
