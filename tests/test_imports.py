@@ -190,7 +190,6 @@ SRC = sorted(m for m in MODULES if m.startswith("jaxquant._src"))
 # Modules that still import the public package, each with what must change. strict: the
 # mark fails as soon as the module is fixed, so that it is removed.
 _PUBLIC_IMPORTERS = {
-    "jaxquant._src.orbax.checkpoint": "imports jaxquant for __version__ (being fixed)",
     "jaxquant._src.sweep.grid": "imports jaxquant as jq for formats and specs",
     "jaxquant._src.sweep.run": "imports jaxquant / jaxquant.flax inside functions",
 }
