@@ -2,7 +2,8 @@
 
 import jaxquant as jq
 rules = jq.recipes.get("w8a8_int8").rules()        # for jaxquant.flax.quantize_model
-kw = jq.recipes.get("fp8_current").dot_kwargs()    # for jq.dot_general / jq.einsum
+cfg = jq.recipes.get("fp8_current").config        # jq.dot_general(x, w, dn, config=cfg)
+kw = jq.recipes.get("fp8_current").dot_kwargs()    # the same as loose keywords
 """
 
 from jaxquant._src.recipes import (

@@ -1,7 +1,9 @@
 """Named quantized-training recipes: the specs, scaling and estimator of a known method.
 
-A :class:`Recipe` is static configuration (frozen, hashable). It becomes
+A :class:`Recipe` is a named :class:`~jaxquant.QuantConfig` (frozen, hashable). It becomes
 
+* that config (:attr:`Recipe.config`) for ``jq.dot_general(..., config=...)``,
+  ``jq.einsum`` and ``jq.conv_general_dilated``, or
 * keyword arguments of :func:`jaxquant.dot_general` / :func:`jaxquant.einsum` for plain JAX
   (:meth:`Recipe.dot_kwargs`), or
 * :class:`jaxquant.flax.Rule` objects for :func:`jaxquant.flax.quantize_model`
