@@ -40,7 +40,9 @@ import numpy as np
 from jaxquant._src.conv import conv_general_dilated as jq_conv
 from jaxquant._src.dot import dot_general as jq_dot_general
 from jaxquant._src.dot import einsum as jq_einsum
+from jaxquant._src.dot.subscripts import parse as parse_subscripts
 from jaxquant._src.flax.rules import Rule, _at
+from jaxquant._src.layout import conv_layout, dot_layout
 
 
 class Contraction(NamedTuple):
@@ -64,6 +66,8 @@ class Contraction(NamedTuple):
         weight spec's axes reversed, so serving re-quantizes it to the same codes. None: a
         square parameter found by its shape, ``w`` or ``w.T`` (convert groups it as ``w``;
         serving then uses the stored values as they are, without re-quantizing).
+      contracting, batch: the weight operand's contracted and batch axes (in its own
+        layout): what layout-relative specs (``per_channel()``, ``per_block(32)``) bind to.
     """
 
     path: str
@@ -75,6 +79,8 @@ class Contraction(NamedTuple):
     reason: str
     param: str | None = None
     transposed: bool | None = False
+    contracting: tuple[int, ...] | None = None
+    batch: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -135,6 +141,8 @@ class _Call(NamedTuple):
     # (lhs_spec, rhs_spec, config) -> quantized product; None: this form cannot be quantized
     quantized: Callable[[Any, Any, Any], Any] | None
     why_not: str  # when quantized is None
+    # "lhs" / "rhs" -> (contracting, batch) axes of that operand; None: unknown
+    layout: Callable[[str], tuple[tuple[int, ...], tuple[int, ...]]] | None = None
 
 
 def _route(call: _Call, frame: Any) -> Any:
@@ -211,6 +219,12 @@ def _decide(call: _Call, owner: Owner) -> Any:
     side, param, transposed = _roles(call.lhs, call.rhs, owner.params())
     param = param or None  # "": a weight the model computes (convert has nothing to store)
     shapes = (_shape(call.lhs), _shape(call.rhs))
+    dims: tuple[Any, tuple[int, ...]] = (None, ())
+    if side in ("lhs", "rhs") and call.layout is not None:
+        try:
+            dims = call.layout(side)
+        except (ValueError, TypeError):  # a malformed call: the op itself will say so
+            dims = (None, ())
 
     def record(quantized: bool, reason: str) -> None:
         owner.record(
@@ -224,6 +238,7 @@ def _decide(call: _Call, owner: Owner) -> Any:
                 reason,
                 param,
                 transposed,
+                *dims,
             )
         )
 
@@ -305,7 +320,11 @@ def _dot_general_call(op, lhs, rhs, dn, precision, pet, original, out_sharding=N
     why = ""
     if getattr(lhs, "dtype", None) != getattr(rhs, "dtype", None):
         quantized, why = None, "the operands' dtypes differ (cast them to one dtype)"
-    return _Call(op, lhs, rhs, original, quantized, why)
+
+    def layout(side: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return dot_layout(dn, side, np.ndim(lhs if side == "lhs" else rhs))
+
+    return _Call(op, lhs, rhs, original, quantized, why, layout)
 
 
 def _make_dot_general(orig: Callable) -> Callable:
@@ -434,7 +453,15 @@ def _make_einsum(orig: Callable) -> Callable:
         why = ""
         if getattr(a, "dtype", None) != getattr(b, "dtype", None):
             quantized, why = None, "the operands' dtypes differ (cast them to one dtype)"
-        return _route(_Call("einsum", a, b, original, quantized, why), frame)
+
+        def layout(side: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+            la, lb, lo = parse_subscripts(subscripts, np.ndim(a), np.ndim(b))
+            mine, other = (la, lb) if side == "lhs" else (lb, la)
+            contracting = tuple(i for i, c in enumerate(mine) if c in other and c not in lo)
+            batch = tuple(i for i, c in enumerate(mine) if c in other and c in lo)
+            return contracting, batch
+
+        return _route(_Call("einsum", a, b, original, quantized, why, layout), frame)
 
     return einsum
 
@@ -461,7 +488,13 @@ def _make_conv(orig: Callable) -> Callable:
                 **kwargs,
             )
 
-        return _route(_Call("conv_general_dilated", lhs, rhs, original, quantized, ""), frame)
+        def layout(side: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+            dn = kw.get("dimension_numbers", args[4] if len(args) > 4 else None)
+            x = lhs if side == "lhs" else rhs
+            return conv_layout(dn, np.ndim(x), side)[0], ()
+
+        call = _Call("conv_general_dilated", lhs, rhs, original, quantized, "", layout)
+        return _route(call, frame)
 
     return conv_general_dilated
 

@@ -41,7 +41,7 @@ from jaxquant._src.flax.rules import (
     first_match,
     path_str,
 )
-from jaxquant._src.flax.serve import dequantized_own, linen_layer, own_qarrays
+from jaxquant._src.flax.serve import dequantized_own, kernel_layout, linen_layer, own_qarrays
 from jaxquant._src.qarray import QArray
 
 _DOTS = (nn.Dense, nn.DenseGeneral)
@@ -375,6 +375,8 @@ def _layer(rules, m, path, next_fun, args, kwargs, note, record, stored) -> Any:
             True,
             f"rule {rule.pattern!r}",
             "kernel" if stored else None,  # a computed kernel is quantized when used
+            False,
+            *kernel_layout(layer_kind(m).__name__, m, np.ndim(x), len(kernel.shape)),
         )
     )
     return out

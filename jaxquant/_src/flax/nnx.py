@@ -40,6 +40,7 @@ from jaxquant._src.flax.rules import (
     needs_key,
     path_str,
 )
+from jaxquant._src.flax.serve import kernel_layout
 from jaxquant._src.qarray import QArray
 from jaxquant._src.scaling import ScaleState
 
@@ -449,7 +450,16 @@ def _record_layer(node: Any, args: tuple, kwargs: dict) -> None:
     shapes = (tuple(np.shape(x)), tuple(np.shape(node.kernel[...])))
     node._jq_record.contractions.append(
         Contraction(
-            node._jq_path, _class_name(node), op, shapes, "rhs", quantized, reason, "kernel"
+            node._jq_path,
+            _class_name(node),
+            op,
+            shapes,
+            "rhs",
+            quantized,
+            reason,
+            "kernel",
+            False,
+            *kernel_layout(layer_kind(node).__name__, node, len(shapes[0]), len(shapes[1])),
         )
     )
 

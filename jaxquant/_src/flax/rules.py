@@ -27,7 +27,7 @@ from jaxquant._src.checks import describe
 from jaxquant._src.config import QuantConfig
 from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_general, einsum
-from jaxquant._src.granularity import PerTensor
+from jaxquant._src.granularity import PerTensor, follows_layout
 from jaxquant._src.lsq import lsq_fake_quant, lsq_init
 from jaxquant._src.qarray import QArray
 from jaxquant._src.scaling import Scaling, delayed_scaling
@@ -222,7 +222,13 @@ def _spec_kwargs(r: Rule, rhs: Any = None) -> dict[str, Any]:
 
 def check_served_weight(r: Rule, w: QArray) -> None:
     """A converted kernel must come from the rule's own weight spec (no silent mix-up)."""
-    if r.weight != w.spec:
+    same = r.weight == w.spec or (
+        # a layout-relative rule spec (per_channel()) was bound to the kernel's axes
+        r.weight is not None
+        and follows_layout(r.weight.granularity)
+        and r.weight.replace(granularity=w.spec.granularity) == w.spec
+    )
+    if not same:
         raise ValueError(
             f"the kernel is a QArray quantized with {w.spec}, but the rule {r.pattern!r} "
             f"says weight={r.weight}. Convert the params with the same rules "

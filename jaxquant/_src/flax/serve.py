@@ -41,7 +41,8 @@ from jaxquant._src.flax.rules import (
     Rule,
     check_served_weight,
 )
-from jaxquant._src.granularity import PerBlock, PerChannel, PerTensor, PerToken
+from jaxquant._src.granularity import PerBlock, PerChannel, PerTensor, PerToken, follows_layout
+from jaxquant._src.layout import bind
 from jaxquant._src.qarray import QArray
 from jaxquant._src.spec import QuantSpec
 
@@ -162,6 +163,31 @@ def reversed_spec(spec: QuantSpec, ndim: int, where: str) -> QuantSpec:
     )
 
 
+def kernel_layout(kind: str, m: Any, x_ndim: int, k_ndim: int) -> tuple[Any, tuple[int, ...]]:
+    """``(contracting, batch)`` axes of a Flax layer's kernel (``kind``: the layer class
+    name: Dense / Linear, DenseGeneral / LinearGeneral, Conv, Einsum); ``(None, ())`` where
+    the layout is not known here."""
+    if kind in ("Dense", "Linear"):
+        return (0,), ()
+    if kind in ("DenseGeneral", "LinearGeneral"):
+        if getattr(m, "batch_dims", ()):
+            return None, ()
+        axis = m.axis
+        n = len(axis) if isinstance(axis, tuple | list) else 1
+        return tuple(range(n)), ()
+    if kind == "Conv":
+        return tuple(range(k_ndim - 1)), ()  # HWIO: spatial and input features
+    if kind == "Einsum" and isinstance(getattr(m, "einsum_str", None), str):
+        from jaxquant._src.dot.subscripts import parse
+
+        la, lb, lo = parse(m.einsum_str.replace(" ", ""), x_ndim, k_ndim)
+        return (
+            tuple(i for i, c in enumerate(lb) if c in la and c not in lo),
+            tuple(i for i, c in enumerate(lb) if c in la and c in lo),
+        )
+    return None, ()
+
+
 def weight_targets(matches: list, found: list) -> dict[str, tuple[Rule, QuantSpec]]:
     """``{parameter path: (rule, spec in the stored layout)}`` of a quantized model's
     weights: each quantized contraction's weight parameter (a Flax layer's kernel; a
@@ -173,10 +199,19 @@ def weight_targets(matches: list, found: list) -> dict[str, tuple[Rule, QuantSpe
         if not c.quantized or c.param is None or rule is None or rule.weight is None:
             continue
         name = f"{c.path}/{c.param}" if c.path else c.param
-        ndim = len(c.shapes[0 if c.weight == "lhs" else 1])
+        shape = c.shapes[0 if c.weight == "lhs" else 1]
+        spec = rule.weight
+        if follows_layout(spec.granularity):  # per_channel() / per_block(32): this operand's
+            if c.contracting is None:
+                raise ValueError(
+                    f"jq.flax.convert: the weight spec of {name!r} ({spec.granularity}) "
+                    "follows its contraction's layout, which is not known for this "
+                    f"{c.module}; give the axes explicitly (e.g. per_channel(-1))."
+                )
+            spec, _ = bind(spec, shape, c.contracting, c.batch)
         # transposed None (a square parameter found by shape): stored as used untransposed;
         # serving passes it through as stored rather than re-quantizing it.
-        spec = reversed_spec(rule.weight, ndim, repr(name)) if c.transposed else rule.weight
+        spec = reversed_spec(spec, len(shape), repr(name)) if c.transposed else spec
         if name in out and out[name][1] != spec:
             raise ValueError(
                 f"jq.flax.convert: the parameter {name!r} is the weight of two contractions "
