@@ -20,7 +20,12 @@ One process, one model, one recipe, every library timed in the same interleaved 
   compute over float32 parameters, random data), where the GEMMs rather than the launches
   set the time and an int8 / fp8 GEMM can pay; ratio to the float step, the loss after a
   few steps on one batch (each peer trains), and the GEMMs each compiled step holds (its
-  dots and cuBLAS custom calls with their operand dtypes; ``--hlo-dir`` saves the HLO).
+  dots and cuBLAS custom calls with their operand dtypes; ``--hlo-dir`` saves the HLO);
+* **published models** (section ``models``, not in a preset's default): jaxquant beside
+  Qwix on the four third-party models of tests/third_party_models.py (GPT-2, BERT,
+  ResNet, lm1b NNX): contractions quantized, output SQNR, bytes, step and cold-compile
+  time ratios to float (benchmarks/peers_models.py, which also runs on its own; its
+  options here are ``--models-models``, ``--models-libs``, ``--models-compile-rounds``).
 
 A peer that fails (import, init, compile or run) is dropped from that section and its error
 recorded under ``errors`` in the JSON; the other peers' results are kept. With ``--out``
@@ -61,7 +66,7 @@ import jaxquant as jq
 from jaxquant.flax import Rule, quantize_model
 
 HIDDEN = (512, 512)
-SECTIONS = ("quantizer", "qat", "large")
+SECTIONS = ("quantizer", "qat", "large", "models")
 # Per preset: the defaults of the options left unset. "gpu": a 16384 x 16384 quantizer input
 # (a 4096 one is ~30 us on an H100: launch-bound), 50 calls per timing of the digits step
 # (~0.3 ms, launch-bound there too), and the large step where GEMMs set the time.
@@ -556,10 +561,25 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {name} | {v['ratio']:.2f}x | {rng} | {v['ms']:.3f} | {tflops:.0f} "
                 f"| {loss_txt} | {g_txt} |"
             )
+    if "models" in doc:
+        import peers_models
+
+        lines += ["", peers_models.markdown(doc["models"])]
     if doc.get("errors"):
         lines += ["", "Errors (peer left out of that section):"]
         lines += [f"- {k}: {v}" for k, v in doc["errors"].items()]
     return "\n".join(lines)
+
+
+def _models(args: argparse.Namespace, errors: dict[str, str]) -> dict[str, Any]:
+    """The ``models`` section: benchmarks/peers_models.py's document (its own env)."""
+    import peers_models
+
+    margs = peers_models.parse(args, prefix="models_")
+    sub: dict[str, Any] = {"config": vars(margs), "env": peers_models.environment()}
+    peers_models.run(margs, sub)
+    errors |= sub.pop("errors", {})
+    return sub
 
 
 def _write(doc: dict[str, Any], path: str) -> None:
@@ -596,6 +616,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--large-steps", type=int, default=20, help="large: steps for the loss")
     p.add_argument("--hlo-dir", default=None, help="large: save each compiled step's HLO")
     p.add_argument("--markdown", default=None, help="print the table of a saved JSON")
+    import peers_models  # here: it imports this module's helpers
+
+    peers_models.add_arguments(p, prefix="models-")
     args = p.parse_args(argv)
     if args.markdown:
         with open(args.markdown) as f:
@@ -645,6 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quantizer": lambda e: quantizer_throughput(peers, args.rounds, args.reps, args.n, e),
         "qat": lambda e: qat(peers, args, e),
         "large": lambda e: large(peers, args, e),
+        "models": lambda e: _models(args, e),
     }
     with jax.numpy_dtype_promotion("standard"):
         for section in sections:

@@ -396,7 +396,7 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 def parse(args: argparse.Namespace, prefix: str = "") -> argparse.Namespace:
     """The options of :func:`add_arguments` as :func:`run` takes them (lists, no prefix)."""
-    get = lambda k: getattr(args, f"{prefix}{k}")
+    get = lambda k: getattr(args, f"{prefix.replace('-', '_')}{k}")
     models = [s for s in get("models").split(",") if s]
     libs = [s for s in get("libs").split(",") if s]
     if unknown := set(models) - set(tp.BUILDERS):
