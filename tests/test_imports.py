@@ -172,6 +172,10 @@ _KNOWN_CYCLES = {
         "package jaxquant._src.flax (a function-level import): they belong in a module "
         "both can import"
     ),
+    frozenset({"jaxquant._src.flax.nnx", "jaxquant._src.flax.serve"}): (
+        "flax/nnx.py imports flax/serve.py, whose NNX conversion imports flax/nnx.py back "
+        "inside a function"
+    ),
 }
 
 
