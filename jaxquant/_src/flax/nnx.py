@@ -487,7 +487,9 @@ def _intercepting_type(cls: type) -> type:
 
 def intercept_nnx(model: nnx.Module, rules: tuple[Rule, ...]) -> None:
     """Set up the interception on ``model`` for ``rules`` (no check, no Flax-layer
-    attributes): calibration observes a merged copy's intercepted contractions with it."""
+    attributes): calibration observes a merged copy's intercepted contractions with it (a
+    record of its own: the quantized model's last call stays what report() reads)."""
+    model._jq_record = _Record()
     _intercept(model, _modules(model), rules, strict=False)
 
 

@@ -770,18 +770,22 @@ class _LinenRunner:
             jax.eval_shape(
                 lambda v, a: self._apply(probe, v, a, batch.static), self.variables, batch.arrays
             )
+        self.weights = _weights(probe.record.contractions)
         return [(m.path, m.module) for m in report(probe)]
 
     def kernel(self, path: str) -> jax.ShapeDtypeStruct:
+        param, shape = getattr(self, "weights", {}).get(path, ("kernel", None))
+        if param is None:  # a weight the model computes (a tied head): the operand's shape
+            return jax.ShapeDtypeStruct(shape, jnp.float32)
         node = self.variables.get("params", {}) if hasattr(self.variables, "get") else {}
         try:
-            for name in path.split("/") if path else ():
+            for name in [*(path.split("/") if path else ()), *param.split("/")]:
                 node = node[name]
-            k = node["kernel"]
+            k = node
         except (KeyError, TypeError):
             raise ValueError(
-                f"sensitivity: no variables['params'] entry {path!r}/kernel for the layer "
-                f"{path!r}; sensitivity needs each quantized layer's kernel under its path."
+                f"sensitivity: no variables['params'] entry {path!r}/{param} for the layer "
+                f"{path!r}; sensitivity needs each quantized layer's weight under its path."
             ) from None
         return jax.ShapeDtypeStruct(tuple(k.shape), k.dtype)
 
@@ -802,22 +806,55 @@ class _LinenRunner:
         return fwd
 
 
+def _weights(found: list) -> dict[str, tuple[str | None, tuple[int, ...]]]:
+    """``{path: (weight parameter name or None if computed, weight operand shape)}`` of each
+    module's first quantized weight contraction."""
+    out: dict[str, tuple[str | None, tuple[int, ...]]] = {}
+    for c in found:
+        if c.quantized and c.weight in ("lhs", "rhs") and c.path not in out:
+            out[c.path] = (c.param, c.shapes[0 if c.weight == "lhs" else 1])
+    return out
+
+
 class _NnxRunner:
     def __init__(self, model: flax_nnx.Module, call_kwargs: dict[str, Any]) -> None:
         self.model, self.call_kwargs = model, call_kwargs
 
     def discover(self, batch: _Batch) -> list[tuple[str, str]]:
-        del batch
-        return [
-            (path_str(p), type(node).__name__)
-            for p, node in flax_nnx.iter_graph(self.model)
-            if isinstance(node, _QUANTIZABLE_NNX)
-        ]
+        """Every module with a weight contraction: one abstract call of a probe copy that
+        quantizes everything (Flax layers and the products modules compute themselves)."""
+        from jaxquant._src.flax import quantize_model
+
+        probe = flax_nnx.clone(self.model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "quantize_model", UserWarning)
+            quantize_model(probe, _discovery_rule(), strict=False)
+        graphdef, state = flax_nnx.split(probe)
+        call_kwargs = self.call_kwargs
+
+        def run(st, arrays):
+            x, kwargs = join_call(arrays, batch.static)
+            return flax_nnx.merge(graphdef, st)(x, **call_kwargs, **kwargs)
+
+        jax.eval_shape(run, state, batch.arrays)
+        found = probe._jq_record.contractions
+        self.weights = _weights(found)
+        out: dict[str, str] = {}
+        for c in found:
+            if c.quantized:
+                out.setdefault(c.path, c.module)
+        return list(out.items())
 
     def kernel(self, path: str) -> jax.ShapeDtypeStruct:
+        param, shape = getattr(self, "weights", {}).get(path, ("kernel", None))
+        if param is None and shape is not None:
+            return jax.ShapeDtypeStruct(shape, jnp.float32)
         for p, node in flax_nnx.iter_graph(self.model):
-            if path_str(p) == path and isinstance(node, _QUANTIZABLE_NNX):
-                k = node.kernel[...]
+            if path_str(p) == path and isinstance(node, flax_nnx.Module):
+                var: Any = node
+                for part in (param or "kernel").split("/"):
+                    var = getattr(var, part)
+                k = var[...]
                 return jax.ShapeDtypeStruct(tuple(k.shape), k.dtype)
         raise ValueError(f"sensitivity: no quantizable layer {path!r} in the NNX model.")
 
