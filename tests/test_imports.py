@@ -166,17 +166,7 @@ def test_the_cycle_finder_finds_cycles():
 
 # Cycles in modules whose owners are fixing them: (members) -> why. Any other cycle fails
 # test_no_import_cycles_inside_jaxquant; these fail the strict xfail below once fixed.
-_KNOWN_CYCLES = {
-    frozenset({"jaxquant._src.flax", "jaxquant._src.flax.sensitivity"}): (
-        "flax/sensitivity.py's discover() imports quantize_model / report from its own "
-        "package jaxquant._src.flax (a function-level import): they belong in a module "
-        "both can import"
-    ),
-    frozenset({"jaxquant._src.flax.nnx", "jaxquant._src.flax.serve"}): (
-        "flax/nnx.py imports flax/serve.py, whose NNX conversion imports flax/nnx.py back "
-        "inside a function"
-    ),
-}
+_KNOWN_CYCLES: dict[frozenset[str], str] = {}  # none left (issue 12: flax/kinds.py)
 
 
 def test_no_import_cycles_inside_jaxquant():
@@ -184,19 +174,10 @@ def test_no_import_cycles_inside_jaxquant():
     assert not cycles, "import cycles:\n" + "\n".join(_describe(c) for c in cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="; ".join(_KNOWN_CYCLES.values()))
-def test_known_import_cycles_are_gone():
-    cycles = [c for c in _cycles(GRAPH) if frozenset(c) in _KNOWN_CYCLES]
-    assert not cycles, "import cycles:\n" + "\n".join(_describe(c) for c in cycles)
-
-
 SRC = sorted(m for m in MODULES if m.startswith("jaxquant._src"))
 # Modules that still import the public package, each with what must change. strict: the
 # mark fails as soon as the module is fixed, so that it is removed.
-_PUBLIC_IMPORTERS = {
-    "jaxquant._src.sweep.grid": "imports jaxquant as jq for formats and specs",
-    "jaxquant._src.sweep.run": "imports jaxquant / jaxquant.flax inside functions",
-}
+_PUBLIC_IMPORTERS: dict[str, str] = {}  # none left
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from jax import lax
 from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.flax import stateful
 from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting, serving
+from jaxquant._src.flax.kinds import LINEN_DOTS, LINEN_LAYERS, kernel_layout, linen_kind
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
@@ -41,11 +42,11 @@ from jaxquant._src.flax.rules import (
     first_match,
     path_str,
 )
-from jaxquant._src.flax.serve import dequantized_own, kernel_layout, linen_layer, own_qarrays
+from jaxquant._src.flax.serve import dequantized_own, linen_layer, own_qarrays
 from jaxquant._src.qarray import QArray
 
-_DOTS = (nn.Dense, nn.DenseGeneral)
-_QUANTIZABLE = (*_DOTS, nn.Einsum, nn.Conv)
+_DOTS = LINEN_DOTS
+_QUANTIZABLE = LINEN_LAYERS
 _ORIGINAL_DOT = lax.dot_general  # before any interception patches it
 _ORIGINAL_CONV = lax.conv_general_dilated
 STATE = "quant_state"  # the variable collection of delayed scales and LSQ base steps
@@ -422,14 +423,7 @@ def named_leaves(tree: Any) -> list[tuple[str, Any]]:
     return [(jax.tree_util.keystr(p, simple=True, separator="/"), v) for p, v in flat]
 
 
-def layer_kind(m: nn.Module) -> type | None:
-    """The Flax layer class whose own ``__call__`` ``m`` runs (Dense, DenseGeneral, Einsum,
-    Conv), or None: a subclass that overrides ``__call__`` (a LoRA layer) computes its
-    products itself, so they are intercepted instead."""
-    for kind in _QUANTIZABLE:
-        if isinstance(m, kind):
-            return kind if type(m).__call__ is kind.__call__ else None
-    return None
+layer_kind = linen_kind  # the one table: jaxquant._src.flax.kinds
 
 
 def _is_our_clone(m: nn.Module) -> bool:

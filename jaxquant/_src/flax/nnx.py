@@ -28,6 +28,7 @@ from jax import lax
 from jaxquant._src.checks import check_bool, check_int, describe
 from jaxquant._src.flax import stateful
 from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting, serving
+from jaxquant._src.flax.kinds import kernel_layout, nnx_kind, nnx_layers, nnx_modules
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
@@ -40,11 +41,8 @@ from jaxquant._src.flax.rules import (
     needs_key,
     path_str,
 )
-from jaxquant._src.flax.serve import kernel_layout
 from jaxquant._src.qarray import QArray
 from jaxquant._src.scaling import ScaleState
-
-_DOT = (nnx.Linear, nnx.LinearGeneral)
 
 
 class QuantState(nnx.Variable):
@@ -194,31 +192,9 @@ class QuantOp(nnx.Module):
         return self._run(lhs, rhs, dimension_numbers=dn, **kwargs)
 
 
-_KINDS = (*_DOT, nnx.Einsum, nnx.Conv)  # layers whose product is an attribute jaxquant sets
-
-
-def layer_kind(node: Any) -> type | None:
-    """The Flax layer class whose own ``__call__`` ``node`` runs, or None (other modules,
-    and subclasses that override ``__call__``: their products are intercepted)."""
-    cls = getattr(type(node), "_jq_base", type(node))
-    for kind in _KINDS:
-        if issubclass(cls, kind):
-            return kind if cls.__call__ is kind.__call__ else None
-    return None
-
-
-def _modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
-    """Every module of the graph with its (first) path."""
-    out, seen = [], set()
-    for p, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and id(node) not in seen:
-            seen.add(id(node))
-            out.append((path_str(p), node))
-    return sorted(out, key=lambda t: (t[0].count("/"), t[0]))
-
-
-def _quantizable(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
-    return [(path_str(p), node) for p, node in nnx.iter_graph(model) if layer_kind(node)]
+layer_kind = nnx_kind  # the one table: jaxquant._src.flax.kinds
+_modules = nnx_modules
+_quantizable = nnx_layers
 
 
 def quantize_nnx(

@@ -67,13 +67,14 @@ from jaxquant._src.flax.calibrate import (
     join_call,
     split_call,
 )
-from jaxquant._src.flax.rules import Rule, deterministic_rule, path_str
+from jaxquant._src.flax.linen import quantize_linen, report_linen
+from jaxquant._src.flax.nnx import quantize_nnx
+from jaxquant._src.flax.rules import Rule, as_rules, deterministic_rule, path_str
 from jaxquant._src.quantize import quantize
 from jaxquant._src.spec import QuantSpec
 
 FLOAT = "float"  # the implicit option: the layer keeps its float32 kernel
 _METRICS = ("accuracy", "loss", "sqnr")
-_QUANTIZABLE_NNX = (flax_nnx.Linear, flax_nnx.LinearGeneral, flax_nnx.Einsum, flax_nnx.Conv)
 
 
 # ------------------------------------------------------------------------------ results
@@ -761,9 +762,7 @@ class _LinenRunner:
         return out[0] if kwargs.get("mutable", False) is not False else out
 
     def discover(self, batch: _Batch) -> list[tuple[str, str]]:
-        from jaxquant._src.flax import quantize_model, report
-
-        probe = quantize_model(self.model, _discovery_rule(), strict=False)
+        probe = quantize_linen(self.model, (_discovery_rule(),), False)
         with warnings.catch_warnings(), explain_collections("sensitivity"):
             # "rule '.*' matched no module": _select raises its own error for that
             warnings.filterwarnings("ignore", "quantize_model", UserWarning)
@@ -771,7 +770,7 @@ class _LinenRunner:
                 lambda v, a: self._apply(probe, v, a, batch.static), self.variables, batch.arrays
             )
         self.weights = _weights(probe.record.contractions)
-        return [(m.path, m.module) for m in report(probe)]
+        return [(m.path, m.module) for m in report_linen(probe)]
 
     def kernel(self, path: str) -> jax.ShapeDtypeStruct:
         param, shape = getattr(self, "weights", {}).get(path, ("kernel", None))
@@ -790,9 +789,7 @@ class _LinenRunner:
         return jax.ShapeDtypeStruct(tuple(k.shape), k.dtype)
 
     def compile(self, rules: tuple[Rule, ...] | None, post: Callable) -> Callable:
-        from jaxquant._src.flax import quantize_model
-
-        m = self.model if rules is None else quantize_model(self.model, rules)
+        m = self.model if rules is None else quantize_linen(self.model, as_rules(rules), True)
         jitted = jax.jit(
             lambda v, a, static, y, ref: post(self._apply(m, v, a, static), y, ref),
             static_argnums=2,
@@ -823,12 +820,10 @@ class _NnxRunner:
     def discover(self, batch: _Batch) -> list[tuple[str, str]]:
         """Every module with a weight contraction: one abstract call of a probe copy that
         quantizes everything (Flax layers and the products modules compute themselves)."""
-        from jaxquant._src.flax import quantize_model
-
         probe = flax_nnx.clone(self.model)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "quantize_model", UserWarning)
-            quantize_model(probe, _discovery_rule(), strict=False)
+            quantize_nnx(probe, (_discovery_rule(),), False)
         graphdef, state = flax_nnx.split(probe)
         call_kwargs = self.call_kwargs
 
@@ -859,11 +854,9 @@ class _NnxRunner:
         raise ValueError(f"sensitivity: no quantizable layer {path!r} in the NNX model.")
 
     def compile(self, rules: tuple[Rule, ...] | None, post: Callable) -> Callable:
-        from jaxquant._src.flax import quantize_model
-
         m = flax_nnx.clone(self.model)  # never touch the caller's model
         if rules is not None:
-            quantize_model(m, rules)
+            quantize_nnx(m, as_rules(rules), True)
         graphdef, state = flax_nnx.split(m)
         call_kwargs = self.call_kwargs
 

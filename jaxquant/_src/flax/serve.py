@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant._src.convert import convert as convert_tree
+from jaxquant._src.flax.kinds import nnx_kind, nnx_layers, nnx_modules
 from jaxquant._src.flax.rules import (
     QuantConv,
     QuantDot,
@@ -163,31 +164,6 @@ def reversed_spec(spec: QuantSpec, ndim: int, where: str) -> QuantSpec:
     )
 
 
-def kernel_layout(kind: str, m: Any, x_ndim: int, k_ndim: int) -> tuple[Any, tuple[int, ...]]:
-    """``(contracting, batch)`` axes of a Flax layer's kernel (``kind``: the layer class
-    name: Dense / Linear, DenseGeneral / LinearGeneral, Conv, Einsum); ``(None, ())`` where
-    the layout is not known here."""
-    if kind in ("Dense", "Linear"):
-        return (0,), ()
-    if kind in ("DenseGeneral", "LinearGeneral"):
-        if getattr(m, "batch_dims", ()):
-            return None, ()
-        axis = m.axis
-        n = len(axis) if isinstance(axis, tuple | list) else 1
-        return tuple(range(n)), ()
-    if kind == "Conv":
-        return tuple(range(k_ndim - 1)), ()  # HWIO: spatial and input features
-    if kind == "Einsum" and isinstance(getattr(m, "einsum_str", None), str):
-        from jaxquant._src.dot.subscripts import parse
-
-        la, lb, lo = parse(m.einsum_str.replace(" ", ""), x_ndim, k_ndim)
-        return (
-            tuple(i for i, c in enumerate(lb) if c in la and c not in lo),
-            tuple(i for i, c in enumerate(lb) if c in la and c in lo),
-        )
-    return None, ()
-
-
 def weight_targets(matches: list, found: list) -> dict[str, tuple[Rule, QuantSpec]]:
     """``{parameter path: (rule, spec in the stored layout)}`` of a quantized model's
     weights: each quantized contraction's weight parameter (a Flax layer's kernel; a
@@ -254,14 +230,12 @@ def convert_nnx(
 ) -> nnx.Module:
     """NNX, in place: the quantized weights become QArrays (module docstring). ``found``:
     the contractions of the last call (None before the first: the Flax layers' kernels)."""
-    from jaxquant._src.flax.nnx import _modules, layer_kind
-
-    nodes = dict(_modules(model))
+    nodes = dict(nnx_modules(model))
     if found is None:
         targets = {
             f"{m.path}/kernel" if m.path else "kernel": (m.rule, m.rule.weight)
             for m in matches
-            if m.rule.weight is not None and layer_kind(nodes[m.path]) is not None
+            if m.rule.weight is not None and nnx_kind(nodes[m.path]) is not None
         }
     else:
         targets = weight_targets(matches, found)
@@ -286,7 +260,7 @@ def convert_nnx(
                 "writes static ones). Re-quantize the model with them first."
             )
         spec.granularity.plan(tuple(k.shape))
-        plan.append((path, node, var, k, spec, param == "kernel" and layer_kind(node)))
+        plan.append((path, node, var, k, spec, param == "kernel" and nnx_kind(node)))
     for path, node, var, k, spec, is_layer in plan:
         (q,) = jax.tree_util.tree_leaves(
             convert_tree(
@@ -303,9 +277,7 @@ def convert_nnx(
 
 
 def _nnx_layers(model: nnx.Module) -> list[tuple[str, Any]]:
-    from jaxquant._src.flax.nnx import _quantizable
-
-    return _quantizable(model)
+    return nnx_layers(model)
 
 
 def exact_rule(path: str, rule: Rule, **changes: Any) -> Rule:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jaxquant as jq
+from jaxquant._src.calibration import absmax, kl, mean_abs, mean_std, mse, percentile, twn
+from jaxquant._src.granularity import per_block, per_channel, per_tensor
+from jaxquant._src.spec import QuantSpec
 from jaxquant._src.sweep.config import FORMATS
 
 _CASTS = ("float32", "fp16", "bf16")
@@ -94,15 +96,15 @@ def _calibration(name: str) -> Any:
     if name == "none":
         return None
     if name.startswith("percentile:"):
-        return jq.percentile(float(name.split(":", 1)[1]))
+        return percentile(float(name.split(":", 1)[1]))
     if name.startswith("mean_std:"):
-        return jq.mean_std(float(name.split(":", 1)[1]))
+        return mean_std(float(name.split(":", 1)[1]))
     return {
-        "absmax": jq.absmax,
-        "mse": jq.mse,
-        "kl": jq.kl,
-        "mean_abs": jq.mean_abs,
-        "twn": jq.twn,
+        "absmax": absmax,
+        "mse": mse,
+        "kl": kl,
+        "mean_abs": mean_abs,
+        "twn": twn,
     }[name]()
 
 
@@ -110,19 +112,19 @@ def _granularity(name: str, fmt: str, shape: tuple[int, ...]) -> Any:
     if fmt in _MX:
         size = 32
         if shape[-2] >= size:
-            return jq.per_block(-2, size)
-        return jq.per_block(-1, size)  # e.g. a first conv with one input channel
+            return per_block(-2, size)
+        return per_block(-1, size)  # e.g. a first conv with one input channel
     if name == "tensor":
-        return jq.per_tensor()
+        return per_tensor()
     if name == "channel":
-        return jq.per_channel(-1)
+        return per_channel(-1)
     size = int(name.removeprefix("block"))
     if shape[-2] < size:
-        return jq.per_channel(-1)
-    return jq.per_block(-2, size)
+        return per_channel(-1)
+    return per_block(-2, size)
 
 
-def act_spec(cell: Cell) -> jq.QuantSpec | None:
+def act_spec(cell: Cell) -> QuantSpec | None:
     """The activation spec of ``cell`` (per tensor; None: float activations). PTQ cells
     carry the calibration method that :func:`jaxquant.flax.calibrate` turns into a static
     range; QAT cells quantize each batch by its absmax."""
@@ -130,16 +132,16 @@ def act_spec(cell: Cell) -> jq.QuantSpec | None:
         return None
     fmt = FORMATS[cell.act]
     if cell.act in _CASTS:
-        return jq.QuantSpec(fmt, calibration=None)
+        return QuantSpec(fmt, calibration=None)
     method = cell.calibration if cell.mode == "ptq" else "absmax"
     if method in ("none", "mean_abs", "twn"):  # weight-only methods: absmax instead
         method = "absmax"
-    return jq.QuantSpec(fmt, jq.per_tensor(), _calibration(method))
+    return QuantSpec(fmt, per_tensor(), _calibration(method))
 
 
-def spec_for(cell: Cell, shape: tuple[int, ...]) -> jq.QuantSpec:
+def spec_for(cell: Cell, shape: tuple[int, ...]) -> QuantSpec:
     """The weight spec of ``cell`` for a kernel of ``shape``."""
-    return jq.QuantSpec(
+    return QuantSpec(
         FORMATS[cell.format],
         _granularity(cell.granularity, cell.format, shape),
         _calibration(cell.calibration),

@@ -254,7 +254,8 @@ class Evaluator:
 
     def _weights(self, cell: G.Cell, params: Any, key: jax.Array | None) -> tuple[Any, dict]:
         """Fake-quantized params and the size / SQNR metrics of ``cell``'s weights."""
-        import jaxquant as jq
+        from jaxquant._src.quantize import fake_quant, quantize
+        from jaxquant._src.size import size_report
 
         flat = _flat(params)
         fq, abstract = {}, {}
@@ -264,17 +265,17 @@ class Evaluator:
             spec = G.spec_for(cell, shape)
             w = flat[f"{layer}/kernel"]
             k = None if key is None else jax.random.fold_in(key, i)
-            wq = jq.fake_quant(w, spec, key=k)
-            qabs = jax.eval_shape(lambda a, s=spec, k=k: jq.quantize(a, s, key=k), w)
+            wq = fake_quant(w, spec, key=k)
+            qabs = jax.eval_shape(lambda a, s=spec, k=k: quantize(a, s, key=k), w)
             fq[layer], abstract[f"{layer}/kernel"] = wq, qabs
             w64, q64 = np.asarray(w, np.float64), np.asarray(wq, np.float64)
             sig += float(np.sum(w64**2))
             noise += float(np.sum((w64 - q64) ** 2))
-            kbytes += jq.size_report({"k": qabs}).nbytes
+            kbytes += size_report({"k": qabs}).nbytes
             kcount += math.prod(shape)
         if not np.isfinite(noise):
             raise FloatingPointError("quantized weights are not finite")
-        rep = jq.size_report(flat | abstract)
+        rep = size_report(flat | abstract)
         sqnr = float("inf") if noise == 0 else 10.0 * math.log10(sig / noise)
         return _replace_kernels(params, fq), {
             "weight_sqnr_db": sqnr,
@@ -298,7 +299,7 @@ class Evaluator:
         are quantized with static ranges: :func:`jaxquant.flax.calibrate` on up to 8
         training batches, run on the weight-quantized model (weights first, then
         activations)."""
-        from jaxquant._src.flax import Rule
+        from jaxquant._src.flax.rules import Rule
 
         spec = G.act_spec(cell)
         if spec is None:
@@ -312,7 +313,7 @@ class Evaluator:
         return fl.net.quantize(calibrated, qparams, fl.rest)
 
     def _qat_cell(self, cell: G.Cell, fl: Float) -> dict[str, Any]:
-        from jaxquant._src.flax import Rule
+        from jaxquant._src.flax.rules import Rule
 
         name = cell._replace(seed=-1)
         if name not in self._qat:
