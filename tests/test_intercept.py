@@ -195,16 +195,56 @@ def test_a_weight_product_that_cannot_be_quantized_raises_or_warns():
     assert contractions(qmodel)[0].quantized is False
 
 
-def test_a_stateful_rule_on_an_intercepted_product_is_refused():
+def test_delayed_scaling_on_an_intercepted_product_matches_a_dense_layer():
+    """fp8 with delayed scaling (amax histories in "quant_state") on FlaxConv1D's own
+    lax.dot_general: the same outputs and histories, step after step, as nn.Dense running
+    the same kernel (transposed) through its QuantOp child."""
+    (rule,) = jq.recipes.get("fp8_delayed").rules()
+    conv = quantize_model(Conv1D(), rule)
+    dense = quantize_model(nn.Dense(6, use_bias=False), rule)
+    vc = conv.init(jax.random.key(1), X)
+    vd = {
+        "params": {"kernel": vc["params"]["kernel"].T},
+        "quant_state": {"quant": {"lhs_scaling": vc["quant_state"]["jq0_lhs_scaling"]}},
+    }
+    vd["quant_state"]["quant"]["rhs_scaling"] = vc["quant_state"]["jq0_rhs_scaling"]
+    step_c = jax.jit(lambda v, x: conv.apply(v, x, mutable=["quant_state"]))
+    step_d = jax.jit(lambda v, x: dense.apply(v, x, mutable=["quant_state"]))
+    for t in range(3):
+        x = X * (1.0 + t)  # a growing range: the history matters
+        yc, sc = step_c(vc, x)
+        yd, sd = step_d(vd, x)
+        _bits(yc, yd)
+        for op in ("lhs", "rhs"):
+            _bits(
+                sc["quant_state"][f"jq0_{op}_scaling"].scale,
+                sd["quant_state"]["quant"][f"{op}_scaling"].scale,
+            )
+        vc, vd = {**vc, **sc}, {**vd, **sd}
+    assert int(vc["quant_state"]["jq0_rhs_scaling"].count) == 3
+    assert contractions(conv)[0].quantized
+
+
+def test_a_stateful_rule_on_an_nnx_intercepted_product_is_refused():
     rule = Rule(".*", weight=jq.QuantSpec("int8"), scaling="delayed")
-    with pytest.raises(ValueError, match=r"stateful .* stateless rule"):
-        _init_apply(Conv1D(), X, rules=rule)
+    model = NnxNoTie(nnx.Rngs(0))
+    quantize_model(model, rule)
+    with pytest.raises(ValueError, match=r"stateful .* stateless"):
+        model(X)
+
+
+class ThreeWayEinsum(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(), (8, 4))
+        v = self.param("v", nn.initializers.normal(), (4, 2))
+        return jnp.einsum("bti,io,op->btp", x, w, v)
 
 
 def test_the_patches_are_undone_even_after_an_error():
     originals = (lax.dot_general, jnp.einsum, jnp.dot, jnp.matmul, lax.conv_general_dilated)
     with pytest.raises(ValueError):
-        _init_apply(Conv1D(), X, rules=Rule(".*", weight=jq.QuantSpec("int8"), scaling="delayed"))
+        _init_apply(ThreeWayEinsum(), X)
     assert (lax.dot_general, jnp.einsum, jnp.dot, jnp.matmul, lax.conv_general_dilated) == originals
     # outside a quantized call, contractions are plain jax (no jaxquant in the jaxpr)
     jaxpr = jax.make_jaxpr(lambda a, b: a @ b)(jnp.ones((2, 3)), jnp.ones((3, 4)))

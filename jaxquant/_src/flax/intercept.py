@@ -42,7 +42,8 @@ from jaxquant._src.dot import dot_general as jq_dot_general
 from jaxquant._src.dot import einsum as jq_einsum
 from jaxquant._src.dot.subscripts import parse as parse_subscripts
 from jaxquant._src.flax.rules import Rule, _at
-from jaxquant._src.layout import conv_layout, dot_layout
+from jaxquant._src.granularity import follows_layout
+from jaxquant._src.layout import bind, conv_layout, dot_layout
 
 
 class Contraction(NamedTuple):
@@ -94,6 +95,9 @@ class Owner:
     params: Callable[[], list[tuple[str, Any]]]
     record: Callable[[Contraction], None]
     strict: bool
+    # (call, bound config) -> product, for stateful rules (delayed scaling, LSQ,
+    # stochastic rounding): the front end keeps their state; None: not supported there
+    stateful: Callable[[Any, Any], Any] | None = None
 
 
 class Frontend:
@@ -143,6 +147,9 @@ class _Call(NamedTuple):
     why_not: str  # when quantized is None
     # "lhs" / "rhs" -> (contracting, batch) axes of that operand; None: unknown
     layout: Callable[[str], tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+    # keywords of the contraction for the stateful step (dimension_numbers or subscripts,
+    # precision, preferred_element_type): None where it cannot take it (a convolution)
+    step: dict[str, Any] | None = None
 
 
 def _route(call: _Call, frame: Any) -> Any:
@@ -265,11 +272,18 @@ def _decide(call: _Call, owner: Owner) -> Any:
             f"both operands have the shape of a parameter of the module ({shapes[0]}, "
             f"{shapes[1]}); jaxquant cannot tell which one is the weight"
         )
-    elif rule.stateful:
+    elif rule.stateful and owner.stateful is None:
         problem = (
             f"rule {rule.pattern!r} is stateful (delayed scaling, LSQ or stochastic rounding), "
-            f"and a contraction that {owner.module} computes itself takes stateless rules "
-            "only; give this module a stateless rule listed before it"
+            f"and in NNX a contraction that {owner.module} computes itself takes stateless "
+            "rules only (its state would be new variables created inside the call); give "
+            "this module a stateless rule listed before it"
+        )
+    elif rule.stateful and (side != "rhs" or call.step is None):
+        problem = (
+            f"rule {rule.pattern!r} is stateful, and its step takes a dot_general / einsum "
+            "whose weight is the second operand"
+            + ("; here it is the first" if side == "lhs" else f"; this is a {call.op}")
         )
     elif call.quantized is None:
         problem = call.why_not
@@ -293,7 +307,26 @@ def _decide(call: _Call, owner: Owner) -> Any:
     lhs_spec, rhs_spec = (weight_spec, cfg.act) if weight_first else (cfg.act, weight_spec)
     record(True, f"rule {rule.pattern!r}")
     with _at(owner.path):
+        if rule.stateful:
+            assert owner.stateful is not None
+            bound = cfg.replace(
+                weight=_bind(cfg.weight, call.rhs, dims), act=_bind(cfg.act, call.lhs, None)
+            )
+            return owner.stateful(call, bound)
         return call.quantized(lhs_spec, rhs_spec, cfg)
+
+
+def _bind(spec: Any, x: Any, dims: Any) -> Any:
+    """A layout-relative spec bound to operand ``x``'s axes (a stateful step keeps one
+    scale per group across calls, so its groups must be explicit)."""
+    if spec is None or not follows_layout(spec.granularity):
+        return spec
+    if dims is None or dims[0] is None:
+        raise ValueError(
+            f"{spec.granularity} follows a contraction's layout, unknown for this operand; "
+            "give the axes explicitly (e.g. per_channel(-1))"
+        )
+    return bind(spec, _shape(x), dims[0], dims[1])[0]
 
 
 # ----------------------------------------------------------- the replaced functions
@@ -324,7 +357,13 @@ def _dot_general_call(op, lhs, rhs, dn, precision, pet, original, out_sharding=N
     def layout(side: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return dot_layout(dn, side, np.ndim(lhs if side == "lhs" else rhs))
 
-    return _Call(op, lhs, rhs, original, quantized, why, layout)
+    step = {
+        "dimension_numbers": dn,
+        "precision": precision,
+        "preferred_element_type": pet,
+        "out_sharding": out_sharding,
+    }
+    return _Call(op, lhs, rhs, original, quantized, why, layout, step)
 
 
 def _make_dot_general(orig: Callable) -> Callable:
@@ -461,7 +500,12 @@ def _make_einsum(orig: Callable) -> Callable:
             batch = tuple(i for i, c in enumerate(mine) if c in other and c in lo)
             return contracting, batch
 
-        return _route(_Call("einsum", a, b, original, quantized, why, layout), frame)
+        step = {
+            "subscripts": subscripts,
+            "precision": kw.get("precision"),
+            "preferred_element_type": kw.get("preferred_element_type"),
+        }
+        return _route(_Call("einsum", a, b, original, quantized, why, layout, step), frame)
 
     return einsum
 

@@ -310,6 +310,7 @@ class QuantizedModule(nn.Module):
                         return _serve_own(m, own, context.method_name, args, kwargs)
             path = linen_path(m, root, stack)
             stack.append((m, path))
+            front.counts.pop(len(stack), None)  # a module's call numbers its own products
             try:
                 if context.method_name != "__call__" or layer_kind(m) is None:
                     return next_fun(*args, **kwargs)
@@ -386,6 +387,51 @@ def _layer(rules, m, path, next_fun, args, kwargs, note, record, stored) -> Any:
 _COMPUTED = ""  # the parameter name of a weight the model computes (not stored)
 
 
+def _stateful_product(m: nn.Module, path: str, i: int, call: Any, cfg: Any) -> Any:
+    """The ``i``-th product of module ``m``'s call under a stateful config: the shared
+    step (:mod:`jaxquant._src.flax.stateful`) with its state in ``m``'s own scope, named
+    ``jq{i}_<name>`` ("quant_state"; LSQ steps in "params"), created at ``init`` and updated
+    when "quant_state" is mutable, as a Flax layer's QuantOp child does."""
+    scope = m.scope
+    names = stateful.state_names(cfg)
+    mutable = scope.is_mutable_collection(STATE)
+    missing = [n for n in names if not scope.has_variable(_collection(n), f"jq{i}_{n}")]
+    if missing and not mutable:
+        raise ValueError(
+            f"quantize_model: the stateful rule's state for {path!r} (product {i}) is not in "
+            f"the variables: initialise the model with this rule, and pass "
+            f"mutable=[{STATE!r}] to apply while training."
+        )
+    fresh = stateful.init(cfg, call.lhs, call.rhs) if missing else {}
+    state = {}
+    for n in names:
+        col, full = _collection(n), f"jq{i}_{n}"
+        if not scope.has_variable(col, full):
+            scope.put_variable(col, full, fresh[n])
+        state[n] = scope.get_variable(col, full)
+    key = None
+    if stateful.needs_key(cfg):
+        if not scope.has_rng("quant"):
+            raise ValueError(
+                f"quantize_model: the rule for {path!r} rounds stochastically and needs keys "
+                "from the 'quant' PRNG stream: pass rngs={'quant': key} to init / apply."
+            )
+        key = scope.make_rng("quant")
+    update = mutable and not m.is_initializing()  # as a layer's QuantOp: init only creates
+    out, new = stateful.apply(
+        cfg, state, call.lhs, call.rhs, key=key, training=update, where=path, **call.step
+    )
+    if update:
+        for n in names:
+            if not stateful.trained(n):
+                scope.put_variable(STATE, f"jq{i}_{n}", new[n])
+    return out
+
+
+def _collection(name: str) -> str:
+    return "params" if stateful.trained(name) else STATE
+
+
 class LinenFront(Frontend):
     """Owners of intercepted contractions: the innermost module method running."""
 
@@ -395,6 +441,7 @@ class LinenFront(Frontend):
         # layers=False: Flax's own layers are someone else's (calibration records them).
         self.stack, self.rule_at, self.note, self.record = stack, rule_at, note, record
         self.strict, self.layers, self.root = strict, layers, root
+        self.counts: dict[int, int] = {}  # stack depth -> products of that module call
 
     def owner(self, frame: Any) -> Owner | None:
         if not self.stack:
@@ -414,7 +461,14 @@ class LinenFront(Frontend):
                 return [(_COMPUTED, v) for _, v in leaves]
             return leaves
 
-        return Owner(path, type(m).__name__, rule, params, self.record, self.strict)
+        depth = len(self.stack)
+
+        def run_stateful(call: Any, cfg: Any) -> Any:
+            i = self.counts.get(depth, 0)
+            self.counts[depth] = i + 1
+            return _stateful_product(m, path, i, call, cfg)
+
+        return Owner(path, type(m).__name__, rule, params, self.record, self.strict, run_stateful)
 
 
 def named_leaves(tree: Any) -> list[tuple[str, Any]]:
