@@ -38,9 +38,15 @@ def quantize_model(
 ) -> Any:
     """Quantization-aware training for an existing Flax model, chosen by rules.
 
-    Each ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` / ``nn.Conv`` (Linen) or
-    ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` / ``nnx.Conv`` (NNX) whose path
-    matches a rule (first match wins, :func:`re.fullmatch`) computes its product with
+    Every contraction inside a module whose path matches a rule (first match wins,
+    :func:`re.fullmatch`) is quantized with the rule's :class:`~jaxquant.QuantConfig`,
+    whatever computes it: Flax's layers (below), and the ``lax.dot_general`` /
+    ``lax.conv_general_dilated`` / ``jnp.einsum`` / ``jnp.dot`` / ``jnp.matmul`` / ``@``
+    a module calls itself (Hugging Face's ``FlaxConv1D``, ``Embed.attend``, a subclass
+    with its own ``__call__``), intercepted while the model runs; :func:`contractions`
+    lists them all, quantized or not and why. Each ``nn.Dense`` / ``nn.DenseGeneral`` /
+    ``nn.Einsum`` / ``nn.Conv`` (Linen) or ``nnx.Linear`` / ``nnx.LinearGeneral`` /
+    ``nnx.Einsum`` / ``nnx.Conv`` (NNX) that matches computes its product with
     :func:`jaxquant.dot_general` / :func:`jaxquant.einsum` /
     :func:`jaxquant.conv_general_dilated`: ``lhs_spec=rule.act``, ``rhs_spec=rule.weight``,
     ``grad_spec=rule.grad``; real int8 / fp8 compute where the backend has it,
