@@ -225,12 +225,28 @@ def test_delayed_scaling_on_an_intercepted_product_matches_a_dense_layer():
     assert contractions(conv)[0].quantized
 
 
-def test_a_stateful_rule_on_an_nnx_intercepted_product_is_refused():
-    rule = Rule(".*", weight=jq.QuantSpec("int8"), scaling="delayed")
-    model = NnxNoTie(nnx.Rngs(0))
+def test_nnx_delayed_scaling_on_intercepted_products_matches_linen():
+    """The same delayed fp8 step in NNX (state as the module's attributes, created on the
+    first call, carried out of nnx.jit) as in Linen (the module's scope), step by step."""
+    (rule,) = jq.recipes.get("fp8_delayed").rules()
+    model = NnxConv1D(8, 6, nnx.Rngs(0))
+    lin = quantize_model(Conv1D(), rule)
+    v = lin.init(jax.random.key(1), X)
+    v = {**v, "params": {"kernel": model.kernel[...]}}
     quantize_model(model, rule)
-    with pytest.raises(ValueError, match=r"stateful .* stateless"):
-        model(X)
+    step = nnx.jit(lambda m, x: m(x))
+    lstep = jax.jit(lambda v, x: lin.apply(v, x, mutable=["quant_state"]))
+    for t in range(3):
+        x = X * (1.0 + t)
+        y = step(model, x)
+        ly, st = lstep(v, x)
+        v = {**v, **st}
+        _bits(y, ly)
+        _bits(model.jq0_rhs_scaling.get_value().scale, st["quant_state"]["jq0_rhs_scaling"].scale)
+    assert int(model.jq0_rhs_scaling.get_value().count) == 3
+    model.eval()  # frozen: the history stays
+    step(model, X)
+    assert int(model.jq0_rhs_scaling.get_value().count) == 3
 
 
 class ThreeWayEinsum(nn.Module):

@@ -275,9 +275,8 @@ def _decide(call: _Call, owner: Owner) -> Any:
     elif rule.stateful and owner.stateful is None:
         problem = (
             f"rule {rule.pattern!r} is stateful (delayed scaling, LSQ or stochastic rounding), "
-            f"and in NNX a contraction that {owner.module} computes itself takes stateless "
-            "rules only (its state would be new variables created inside the call); give "
-            "this module a stateless rule listed before it"
+            f"and this front end keeps no state for a contraction that {owner.module} "
+            "computes itself; give this module a stateless rule listed before it"
         )
     elif rule.stateful and (side != "rhs" or call.step is None):
         problem = (

@@ -344,6 +344,13 @@ class _NnxFront(Frontend):
         def params() -> list[tuple[str, Any]]:
             return [(path_str(p), v[...]) for p, v in nnx.iter_graph(m) if isinstance(v, nnx.Param)]
 
+        def run_stateful(call: Any, cfg: Any) -> Any:
+            counts = _counts.get()
+            assert counts is not None  # set by the method wrapper of every quantized module
+            i = counts.get(id(m), 0)
+            counts[id(m)] = i + 1
+            return _stateful_product(m, i, call, cfg)
+
         return Owner(
             m._jq_path,
             _class_name(m),
@@ -351,10 +358,44 @@ class _NnxFront(Frontend):
             params,
             m._jq_record.contractions.append,
             m._jq_strict,
+            run_stateful,
         )
 
 
 _FRONT = _NnxFront()
+# id(module) -> how many stateful products its running call has made (their state names)
+_counts: contextvars.ContextVar[dict[int, int] | None] = contextvars.ContextVar(
+    "jaxquant_nnx_counts", default=None
+)
+
+
+def _stateful_product(m: Any, i: int, call: Any, cfg: Any) -> Any:
+    """The ``i``-th product of ``m``'s call under a stateful config: the shared step with
+    its state as ``m``'s attributes ``jq{i}_<name>`` (QuantState; LSQ steps nnx.Param),
+    created on the first call (nnx.jit carries new variables out), updated unless the
+    module is in eval mode (``deterministic=True``)."""
+    if stateful.needs_key(cfg):
+        raise ValueError(
+            f"the rule {m._jq_rule.pattern!r} rounds stochastically; in NNX a product that "
+            f"{_class_name(m)} computes itself takes delayed scaling or LSQ, not stochastic "
+            "rounding (no 'quant' stream reaches it). Use nearest rounding for this module."
+        )
+    names = stateful.state_names(cfg)
+    if not all(hasattr(m, f"jq{i}_{n}") for n in names):
+        fresh = stateful.init(cfg, call.lhs, call.rhs)
+        for n in names:
+            kind = nnx.Param if stateful.trained(n) else QuantState
+            setattr(m, f"jq{i}_{n}", kind(fresh[n]))
+    state = {n: getattr(m, f"jq{i}_{n}").get_value() for n in names}
+    training = not getattr(m, "deterministic", False)
+    out, new = stateful.apply(
+        cfg, state, call.lhs, call.rhs, training=training, where=m._jq_path, **call.step
+    )
+    if training:
+        for n in names:
+            if not stateful.trained(n):
+                getattr(m, f"jq{i}_{n}").set_value(new[n])
+    return out
 
 
 def _wrap(fn: Callable) -> Callable:
@@ -364,6 +405,7 @@ def _wrap(fn: Callable) -> Callable:
         if depth == 0 and hasattr(self, "_jq_record"):
             self._jq_record.contractions = []
         token = _depth.set(depth + 1)
+        counted = _counts.set({**(_counts.get() or {}), id(self): 0})  # its products, from 0
         served = _own_qarrays(self) if layer_kind(self) is None else []
         try:
             with intercepting(_FRONT), _dequantized(self, served):
@@ -374,6 +416,7 @@ def _wrap(fn: Callable) -> Callable:
                 self._jq_record.seen = True
             return out
         finally:
+            _counts.reset(counted)
             _depth.reset(token)
 
     return method
@@ -480,5 +523,9 @@ def _intercept(model: nnx.Module, modules: list, rules: tuple[Rule, ...], strict
         node._jq_record = record
     for _, node in modules:
         rule = node._jq_rule
+        if rule is not None and rule.stateful and not hasattr(node, "deterministic"):
+            # model.eval() / train() set `deterministic` where a module has it: the state of
+            # products the module computes itself then freezes in eval mode, as QuantOp's.
+            node.deterministic = False
         if node is model or layer_kind(node) is not None or (rule is not None and rule.quantizes):
             node.__class__ = _intercepting_type(type(node))
