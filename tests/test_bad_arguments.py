@@ -795,6 +795,7 @@ for _name, _args in (
     ("CalibrationResult", ((), {}, {}, {}, 0, "global")),
     ("LayerSensitivity", ("a", "b", (1,), {}, {}, {})),
     ("Match", ("a", "b", RULE)),
+    ("Contraction", ("a", "b", "dot", ((1,), (1,)), "rhs", True, "r")),
     ("Sensitivity", ("sqnr", True, 0.0, {}, (), {}, {})),
 ):
     # Records the library returns; constructing one checks nothing (documented below).
@@ -896,6 +897,11 @@ target(
 target(
     "jq.flax.report",
     lambda model=QDENSE: jqf.report(model),
+    model={"str": "x", "plain_dense": DENSE},
+)
+target(
+    "jq.flax.contractions",
+    lambda model=QDENSE: jqf.contractions(model),
     model={"str": "x", "plain_dense": DENSE},
 )
 target(
@@ -1048,9 +1054,16 @@ DOCUMENTED: dict[str, Callable[[Any], bool]] = {
     # hold what they are given and check nothing.
     **{
         f"jq.flax.{n}/first/int": (lambda r: r[0] == 12345)
-        if n == "Match"
+        if n in ("Match", "Contraction")
         else (lambda r: dataclasses.astuple(r)[0] == 12345)
-        for n in ("Assignment", "CalibrationResult", "LayerSensitivity", "Match", "Sensitivity")
+        for n in (
+            "Assignment",
+            "CalibrationResult",
+            "Contraction",
+            "LayerSensitivity",
+            "Match",
+            "Sensitivity",
+        )
     },
 }
 

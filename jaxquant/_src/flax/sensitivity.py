@@ -838,7 +838,8 @@ class _NnxRunner:
         for c in found:
             if c.quantized:
                 out.setdefault(c.path, c.module)
-        return list(out.items())
+        order = {path_str(p): i for i, (p, _) in enumerate(flax_nnx.iter_graph(self.model))}
+        return sorted(out.items(), key=lambda t: order.get(t[0], len(order)))  # graph order
 
     def kernel(self, path: str) -> jax.ShapeDtypeStruct:
         param, shape = getattr(self, "weights", {}).get(path, ("kernel", None))
