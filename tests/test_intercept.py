@@ -446,3 +446,26 @@ def test_nnx_attend_table_is_stored_quantized_in_its_own_layout():
     assert isinstance(table, jq.QArray) and table.spec.granularity == jq.per_channel(0)
     got = model(X)
     np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * float(jnp.max(jnp.abs(want))))
+
+
+@jax.jit
+def _jitted_helper(x, w):
+    return x @ w
+
+
+def test_a_product_inside_a_separately_jitted_helper_is_refused():
+    """jax caches a jitted function's trace by its arguments: quantized inside the model,
+    it would stay quantized when called anywhere else. Refused (strict) or left float."""
+
+    class Helper(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return _jitted_helper(x, self.param("w", nn.initializers.normal(1.0), (8, 3)))
+
+    with pytest.raises(ValueError, match=r"inside a jax.jit-compiled function"):
+        _init_apply(Helper(), X)
+    with pytest.warns(UserWarning, match=r"inside a jax.jit-compiled function"):
+        qmodel, variables = _init_apply(Helper(), X, strict=False)
+    w = variables["params"]["w"]
+    _bits(_jitted_helper(X, w), jnp.matmul(X, w))  # the cached trace is the float one
+    assert contractions(qmodel)[0].quantized is False

@@ -98,6 +98,7 @@ class Owner:
     # (call, bound config) -> product, for stateful rules (delayed scaling, LSQ,
     # stochastic rounding): the front end keeps their state; None: not supported there
     stateful: Callable[[Any, Any], Any] | None = None
+    instance: Any = None  # the running module object (its method's `self`)
 
 
 class Frontend:
@@ -159,7 +160,22 @@ def _route(call: _Call, frame: Any) -> Any:
     owner = fronts[-1].owner(frame)
     if owner is None:
         return call.original()
-    return _decide(call, owner)
+    return _decide(call, owner, _inner_jit(frame, owner.instance))
+
+
+def _inner_jit(frame: Any, module: Any) -> bool:
+    """Whether a ``jax.jit``-compiled function lies between the contraction and the module
+    method running it: jax caches that function's trace by its arguments, so a quantized
+    trace would be reused wherever else it is called (outside the model too)."""
+    if module is None:
+        return False
+    while frame is not None:
+        if frame.f_locals.get("self") is module:
+            return False
+        if frame.f_globals.get("__name__", "") == "jax._src.pjit":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -221,7 +237,7 @@ def _is_qarray(x: Any) -> bool:
     return type(x).__name__ == "QArray" and hasattr(x, "dequantize")
 
 
-def _decide(call: _Call, owner: Owner) -> Any:
+def _decide(call: _Call, owner: Owner, inner_jit: bool = False) -> Any:
     rule = owner.rule
     side, param, transposed = _roles(call.lhs, call.rhs, owner.params())
     param = param or None  # "": a weight the model computes (convert has nothing to store)
@@ -267,7 +283,14 @@ def _decide(call: _Call, owner: Owner) -> Any:
             observe(owner.path, rule, call.rhs if side == "lhs" else call.lhs)
         return call.original()
     problem = None
-    if side == "ambiguous":
+    if inner_jit and _observer.get() is None:
+        problem = (
+            "it runs inside a jax.jit-compiled function the module calls, and jax caches "
+            "that function's trace: a quantized trace would be reused wherever else it is "
+            "called. Call the function without its own jit inside the module (the model's "
+            "jit compiles it anyway)"
+        )
+    elif side == "ambiguous":
         problem = (
             f"both operands have the shape of a parameter of the module ({shapes[0]}, "
             f"{shapes[1]}); jaxquant cannot tell which one is the weight"

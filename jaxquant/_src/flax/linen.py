@@ -468,7 +468,9 @@ class LinenFront(Frontend):
             self.counts[depth] = i + 1
             return _stateful_product(m, path, i, call, cfg)
 
-        return Owner(path, type(m).__name__, rule, params, self.record, self.strict, run_stateful)
+        return Owner(
+            path, type(m).__name__, rule, params, self.record, self.strict, run_stateful, m
+        )
 
 
 def named_leaves(tree: Any) -> list[tuple[str, Any]]:

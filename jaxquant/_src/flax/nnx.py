@@ -359,6 +359,7 @@ class _NnxFront(Frontend):
             m._jq_record.contractions.append,
             m._jq_strict,
             run_stateful,
+            m,
         )
 
 
