@@ -20,17 +20,12 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-
 from jaxquant._src.checks import describe
 from jaxquant._src.config import QuantConfig
 from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_general, einsum
-from jaxquant._src.granularity import PerTensor, follows_layout
-from jaxquant._src.lsq import lsq_fake_quant, lsq_init
+from jaxquant._src.granularity import follows_layout
 from jaxquant._src.qarray import QArray
-from jaxquant._src.scaling import Scaling, delayed_scaling
 from jaxquant._src.spec import QuantSpec
 
 _UNSET: Any = object()
@@ -380,140 +375,16 @@ class QuantEinsum:
 # ------------------------------------------------------------ stateful rules (shared)
 #
 # A stateful rule (delayed scaling, LSQ, stochastic rounding) needs variables and keys;
-# the Linen and NNX front ends keep them in their own way and call `run_stateful`.
-
-OPERANDS = (("lhs", "act"), ("rhs", "weight"))  # (dot operand, rule field)
-
-
-def operand_specs(rule: Rule) -> list[tuple[str, QuantSpec]]:
-    """``[(operand, spec)]`` for the operands the rule quantizes."""
-    return [(op, getattr(rule, f)) for op, f in OPERANDS if getattr(rule, f) is not None]
-
-
-def scaling_for(rule: Rule, spec: QuantSpec) -> Scaling:
-    return delayed_scaling(spec, history_len=rule.history_len, margin=rule.margin)
-
-
-def step_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of a learned step: ``()`` per-tensor, else the plan's scale shape."""
-    if isinstance(spec.granularity, PerTensor):
-        return ()
-    return spec.granularity.plan(shape).scale_shape
-
-
-def step_base(base: jax.Array, x: jax.Array, spec: QuantSpec) -> jax.Array:
-    """LSQ's data-dependent initial step, taken from ``x`` while ``base`` holds none (0)."""
-    init = lsq_init(x, spec).reshape(base.shape)
-    return jax.lax.stop_gradient(jnp.where(base > 0, base, init))
+# the Linen and NNX front ends keep them and run jaxquant._src.flax.stateful's step.
 
 
 def deterministic_rule(rule: Rule) -> Rule:
     """The rule with stochastic specs rounding to nearest (evaluation)."""
-
     return Rule(rule.pattern, rule.config.deterministic())
 
 
 def needs_key(rule: Rule) -> bool:
     return rule.config.needs_key
-
-
-def run_stateful(
-    rule: Rule,
-    lhs: Any,
-    rhs: Any,
-    *,
-    dimension_numbers: Any = None,
-    subscripts: str | None = None,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-    out_sharding: Any = None,
-    scales: dict[str, jax.Array] | None = None,
-    steps: dict[str, jax.Array] | None = None,
-    key: jax.Array | None = None,
-    where: str = "",
-) -> Any:
-    """One quantized product for ``rule`` with this step's scales (delayed scaling),
-    learned steps (LSQ) and PRNG key: ``dot_general`` (``dimension_numbers``) or
-    ``einsum`` (``subscripts``)."""
-    with _at(where):
-        if isinstance(rhs, QArray):
-            check_served_weight(rule, rhs)
-        return _run_stateful(
-            rule,
-            lhs,
-            rhs,
-            dimension_numbers,
-            subscripts,
-            precision,
-            preferred_element_type,
-            out_sharding,
-            scales or {},
-            steps,
-            key,
-        )
-
-
-def _run_stateful(
-    rule,
-    lhs,
-    rhs,
-    dimension_numbers,
-    subscripts,
-    precision,
-    preferred_element_type,
-    out_sharding,
-    scales,
-    steps,
-    key,
-) -> Any:
-    lhs_spec, rhs_spec, ste = rule.act, rule.weight, rule.ste
-    if rule.ste == "lsq":
-        assert steps is not None
-        kl = kr = None
-        if key is not None:
-            kl, kr, key = (jax.random.fold_in(key, i) for i in range(3))
-        if lhs_spec is not None:
-            lhs = lsq_fake_quant(
-                lhs, lhs_spec, steps["lhs"], key=kl if lhs_spec.stochastic else None
-            )
-        if rhs_spec is not None:
-            rhs = lsq_fake_quant(
-                rhs, rhs_spec, steps["rhs"], key=kr if rhs_spec.stochastic else None
-            )
-        lhs_spec = rhs_spec = None
-        ste = "plain"
-    kw: dict[str, Any] = dict(
-        lhs_spec=lhs_spec,
-        rhs_spec=rhs_spec,
-        grad_spec=rule.grad,
-        lhs_scale=scales.get("lhs"),
-        rhs_scale=scales.get("rhs"),
-        key=key,
-        mode=rule.mode,
-        ste=ste,
-    )
-    if subscripts is not None:
-        if out_sharding is not None:
-            raise ValueError(
-                "jq.einsum takes no out_sharding; leave it None for a quantized Einsum."
-            )
-        return einsum(
-            subscripts,
-            lhs,
-            rhs,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-            **kw,
-        )
-    return dot_general(
-        lhs,
-        rhs,
-        dimension_numbers,
-        precision,
-        preferred_element_type,
-        out_sharding=out_sharding,
-        **kw,
-    )
 
 
 @dataclasses.dataclass(frozen=True)
