@@ -263,7 +263,9 @@ def check_out(folder: Path, flag: str = "--out") -> None:
     if folder.is_dir() and not is_run_folder(folder):
         # Another sweep's lock and temporaries: it is making this a run folder right now.
         # (So are run files that appeared since is_run_folder looked: a racing sweep.)
-        others = [p.name for p in folder.iterdir() if not _ours(p.name) and p.name not in RUN_FILES]
+        others = [
+            p.name for p in folder.iterdir() if not _ours(p.name) and p.name not in RUN_FILES[:3]
+        ]
         if others:
             raise FolderError(
                 f"sweep: {flag} {folder} is not a run folder (it holds {others[0]!r} and no "
