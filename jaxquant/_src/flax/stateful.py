@@ -25,9 +25,7 @@ quantized operand ``op`` (``"lhs"``: the activation, ``"rhs"``: the weight):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -35,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxquant._src.checks import describe
 from jaxquant._src.dot import dot_general, einsum
+from jaxquant._src.flax.rules import _at
 from jaxquant._src.granularity import PerTensor
 from jaxquant._src.lsq import lsq_fake_quant, lsq_init
 from jaxquant._src.qarray import QArray
@@ -152,16 +151,6 @@ def init(config: Any, lhs: Any, rhs: Any) -> dict[str, Any]:
             out[f"{op}_step_base"] = base
             out[f"{op}_step"] = jnp.ones(base.shape, jnp.float32)
     return out
-
-
-@contextlib.contextmanager
-def _at(where: str) -> Iterator[None]:
-    """Prefix a ValueError / TypeError raised inside with the layer's path."""
-    try:
-        yield
-    except (ValueError, TypeError) as e:
-        place = repr(where) if where else "(the model itself)"
-        raise type(e)(f"quantized layer {place}: {e}") from None
 
 
 def _deterministic(cfg: Any) -> Any:
