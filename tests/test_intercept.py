@@ -469,3 +469,13 @@ def test_a_product_inside_a_separately_jitted_helper_is_refused():
     w = variables["params"]["w"]
     _bits(_jitted_helper(X, w), jnp.matmul(X, w))  # the cached trace is the float one
     assert contractions(qmodel)[0].quantized is False
+    # calibrate cannot record an activation from inside a helper's own trace either
+    fresh = jax.jit(lambda x, w: x @ w)  # not traced yet (a cached trace is never re-run)
+
+    class Fresh(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return fresh(x, self.param("w", nn.initializers.normal(1.0), (8, 3)))
+
+    with pytest.raises(ValueError, match=r"calibrate: .*inside a jax.jit-compiled function"):
+        jq.flax.calibrate(Fresh(), [X], variables, rules=RULE)

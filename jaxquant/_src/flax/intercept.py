@@ -44,6 +44,7 @@ from jaxquant._src.dot.subscripts import parse as parse_subscripts
 from jaxquant._src.flax.rules import Rule, _at
 from jaxquant._src.granularity import follows_layout
 from jaxquant._src.layout import bind, conv_layout, dot_layout
+from jaxquant._src.qarray import QArray
 
 
 class Contraction(NamedTuple):
@@ -187,19 +188,14 @@ def _floating(x: Any) -> bool:
     return dt is not None and jnp.issubdtype(dt, jnp.floating)
 
 
-def weight_side(lhs: Any, rhs: Any, params: list[Any]) -> str | None:
-    """``"lhs"`` / ``"rhs"``: the operand that is a parameter (or has the shape of one or of
-    its transpose); ``None``: neither; ``"both"``: both are (a product of parameters);
-    ``"ambiguous"``: neither is a parameter itself but both have a parameter's shape.
-    ``params``: arrays, or ``(name, array)`` pairs."""
-    return _roles(lhs, rhs, [p if isinstance(p, tuple) else ("", p) for p in params])[0]
-
-
 def _roles(
     lhs: Any, rhs: Any, params: list[tuple[str, Any]]
 ) -> tuple[Any, str | None, bool | None]:
-    """``(side, parameter name, transposed)`` (see :func:`weight_side`); ``transposed`` is
-    None for a square parameter matched by shape (``w`` and ``w.T`` look alike)."""
+    """``(side, parameter name, transposed)``. ``side``: ``"lhs"`` / ``"rhs"``, the operand
+    that is a parameter (or its full transpose, or has the shape of one or of its
+    transpose); None: neither; ``"both"``: a product of parameters; ``"ambiguous"``: both
+    only have a parameter's shape. ``transposed`` is None for a square parameter matched by
+    shape (``w`` and ``w.T`` look alike)."""
     for i, x in enumerate((lhs, rhs)):
         src, flipped = _source(x)
         for name, p in params:
@@ -213,7 +209,7 @@ def _roles(
         hit = None
         if _floating(x) and np.ndim(x) >= 1:
             for name, p in params:
-                if np.ndim(p) < 1 or not (_floating(p) or _is_qarray(p)):
+                if np.ndim(p) < 1 or not (_floating(p) or isinstance(p, QArray)):
                     continue
                 if _shape(x) == _shape(p)[::-1] == _shape(p):
                     hit = (name, None)  # a square parameter: w or w.T, shape cannot tell
@@ -231,10 +227,6 @@ def _roles(
         if hit is not None:
             return ("lhs", "rhs")[i], hit[0], hit[1]
     return None, None, False
-
-
-def _is_qarray(x: Any) -> bool:
-    return type(x).__name__ == "QArray" and hasattr(x, "dequantize")
 
 
 def _decide(call: _Call, owner: Owner, inner_jit: bool = False) -> Any:
@@ -277,18 +269,13 @@ def _decide(call: _Call, owner: Owner, inner_jit: bool = False) -> Any:
     if side == "both":
         record(False, "both operands are parameters (the product of weights is a weight)")
         return call.original()
-    observe = _observer.get()
-    if observe is not None:  # calibration: the float model, its activations recorded
-        if side in ("lhs", "rhs"):
-            observe(owner.path, rule, call.rhs if side == "lhs" else call.lhs)
-        return call.original()
     problem = None
-    if inner_jit and _observer.get() is None:
+    if inner_jit:
         problem = (
             "it runs inside a jax.jit-compiled function the module calls, and jax caches "
             "that function's trace: a quantized trace would be reused wherever else it is "
-            "called. Call the function without its own jit inside the module (the model's "
-            "jit compiles it anyway)"
+            "called (and calibration cannot see out of it). Call the function without its "
+            "own jit inside the module (the model's jit compiles it anyway)"
         )
     elif side == "ambiguous":
         problem = (
@@ -309,6 +296,13 @@ def _decide(call: _Call, owner: Owner, inner_jit: bool = False) -> Any:
         )
     elif call.quantized is None:
         problem = call.why_not
+    observe = _observer.get()
+    if observe is not None:  # calibration: the float model, its activations recorded
+        if inner_jit:
+            raise ValueError(f"calibrate: {owner.path or '(the model itself)'!r}: {problem}.")
+        if side in ("lhs", "rhs"):
+            observe(owner.path, rule, call.rhs if side == "lhs" else call.lhs)
+        return call.original()
     if problem is not None:
         msg = (
             f"quantize_model: a weight contraction ({call.op}, operands {shapes[0]} x "
