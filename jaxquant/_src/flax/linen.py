@@ -287,7 +287,7 @@ class QuantizedModule(nn.Module):
             if path not in candidates:
                 candidates.append(path)
             if rule is not None:
-                used.add(rules.index(rule))
+                used.add(first_match(rules, path))  # its index (equal rules may repeat)
 
         def record(c: Contraction) -> None:
             contractions.append(c)
@@ -300,9 +300,18 @@ class QuantizedModule(nn.Module):
 
         front = LinenFront(stack, rule_at, note, record, self.strict, root=root)
 
+        # Converted params (serving) only: otherwise no module's own params hold a QArray,
+        # and the per-call lookup below is skipped (it runs for every module method).
+        served = any(
+            isinstance(leaf, QArray)
+            for leaf in jax.tree.leaves(
+                self.variables.get("params", {}), is_leaf=lambda t: isinstance(t, QArray)
+            )
+        )
+
         def interceptor(next_fun, args, kwargs, context):
             m = context.module
-            if layer_kind(m) is None and m.scope is not None:
+            if served and layer_kind(m) is None and m.scope is not None:
                 own = m.variables.get("params", {})
                 if own_qarrays(own):  # converted weights of a module's own contractions
                     path = linen_path(m, root, stack)
