@@ -299,7 +299,7 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
     z = st.z
     u = None
     if spec.stochastic:
-        u = rounding.uniform_from_bits(qz._noise(spec, key, plan.view))
+        u = rounding.uniform_from_bits(qz.noise_bits(spec, key, plan.view))
     elem = spec.element
     index = None
     if elem.kind == "int":
@@ -307,7 +307,7 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
         if z is not None:
             pre = pre + z
     elif u is not None and rounding.is_float32_prefix(elem):
-        bits = qz._noise(spec, key, plan.view)
+        bits = qz.noise_bits(spec, key, plan.view)
         pre = rounding.round_float32_prefix(st.y, elem, bits, saturate=False)
     elif elem.kind == "float":
         pre = rounding.round_float(st.y, elem, u, saturate=False)
@@ -317,7 +317,7 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
         assert elem.codebook is not None
         pre = jnp.clip(st.y, elem.codebook[0], elem.codebook[-1])
         index = np.asarray(st.r, np.int32).reshape(-1)
-    q = qz._to_grid(st.r, spec)
+    q = qz.to_grid(st.r, spec)
     zeros = jnp.zeros(plan.scale_shape, jnp.float32)
     lo = zeros if st.lo is None else st.lo
     hi = zeros if st.hi is None else st.hi

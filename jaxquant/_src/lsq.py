@@ -27,12 +27,12 @@ import numpy as np
 
 from jaxquant._src.qarray import check_array
 from jaxquant._src.quantize import (
-    _check_input,
-    _check_key,
-    _check_spec,
-    _noise,
-    _round_scaled,
-    _to_grid,
+    check_input,
+    check_key,
+    check_spec,
+    noise_bits,
+    round_scaled,
+    to_grid,
 )
 from jaxquant._src.spec import QuantSpec
 
@@ -50,8 +50,8 @@ def lsq_init(x: jax.typing.ArrayLike, spec: QuantSpec) -> Array:
       >>> step.shape, round(float(step[0]), 4)
       ((1,), 1.5119)
     """
-    x = _check_input(x, "lsq_init")
-    spec = _check_spec(spec, "lsq_init")
+    x = check_input(x, "lsq_init")
+    spec = check_spec(spec, "lsq_init")
     plan = spec.granularity.plan(tuple(x.shape))
     xv = jax.lax.stop_gradient(x).astype(jnp.float32).reshape(plan.view)
     fin = jnp.isfinite(xv)
@@ -95,14 +95,14 @@ def lsq_fake_quant(
     References:
       Esser et al., "Learned Step Size Quantization", https://arxiv.org/abs/1902.08153
     """
-    x = _check_input(x, "lsq_fake_quant")
-    spec = _check_spec(spec, "lsq_fake_quant")
+    x = check_input(x, "lsq_fake_quant")
+    spec = check_spec(spec, "lsq_fake_quant")
     if not spec.symmetric or spec.format.kind == "mx":
         raise ValueError(
             f"lsq_fake_quant: LSQ learns one symmetric step per group; got {spec}. Use a "
             "symmetric int / float / codebook spec (MX scales are powers of two, not learned)."
         )
-    _check_key(spec, key, "lsq_fake_quant")
+    check_key(spec, key, "lsq_fake_quant")
     plan = spec.granularity.plan(tuple(x.shape))
     step = check_array(step, "lsq_fake_quant: step", floating=True)
     try:
@@ -130,7 +130,7 @@ def _lsq_fwd(spec: QuantSpec, x: Array, step: Array, key: Array | None):
     s = jnp.maximum(jnp.abs(step.astype(jnp.float32)), _TINY)
     sv = jnp.broadcast_to(s, plan.scale_shape)
     y = x.astype(jnp.float32).reshape(plan.view) / sv
-    v = _to_grid(_round_scaled(y, spec, _noise(spec, key, plan.view)), spec)
+    v = to_grid(round_scaled(y, spec, noise_bits(spec, key, plan.view)), spec)
     out = (v * sv).reshape(x.shape).astype(x.dtype)
     qmin, qmax = spec.qrange
     inside = (y >= qmin) & (y <= qmax)

@@ -415,8 +415,24 @@ def quantize_core(
     clipped to the format's range instead, for a caller that rounds them with the
     hardware's own round-to-nearest-even conversion into the format's dtype.
     """
+    r, s, z = _core(x, spec, key, scale, zero_point, rounded)
+    return r, s, z, spec.granularity.plan(tuple(x.shape))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 5))
+def _core(
+    x: Array,
+    spec: QuantSpec,
+    key: Array | None,
+    scale: Array | None,
+    zero_point: Array | None,
+    rounded: bool,
+) -> tuple[Array, Array, Array | None]:
+    # One jitted call per (spec, shapes): a quantized product's operands are traced once,
+    # not once for custom_vjp's primal and again for its forward pass, and equal layers
+    # share one trace (issue 12 item 10: tracing was most of the compile time overhead).
     st = _steps(x, spec, key, scale, zero_point, rounded=rounded)
-    return st.r, st.s, st.z, st.plan
+    return st.r, st.s, st.z
 
 
 def trace(x: Array, spec: QuantSpec, key: Array | None = None) -> tuple[Steps, Array]:
@@ -703,11 +719,3 @@ def dequantize_tree(tree: Any) -> Any:
         tree,
         is_leaf=lambda a: isinstance(a, QArray),
     )
-
-
-# Names other modules used before they were public (jaxquant/_src/lsq.py, jaxquant/_src/cli.py
-# and benchmarks/ still do); new code imports the public names above.
-_check_input, _check_spec, _check_key = check_input, check_spec, check_key
-_check_scale = check_scale
-_core, _to_grid, _qdq_range, _resolve = quantize_core, to_grid, qdq_range, resolve_policy
-_noise, _round_scaled = noise_bits, round_scaled
