@@ -104,10 +104,12 @@ def uniform_from_bits(bits: jax.Array) -> jax.Array:
 def _split(mag: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(significand in [2^23, 2^24), unbiased exponent) from the int32 bits of a positive
     finite non-zero float32 (integer ops only: XLA's CPU backend flushes subnormals)."""
-    biased = (mag >> 23) & 0xFF
-    sig = (mag & 0x7FFFFF) | jnp.where(biased > 0, 1 << 23, 0)
-    shift = jnp.maximum(lax.clz(sig) - 8, 0)  # normalise subnormals
-    return sig << shift, jnp.maximum(biased, 1) - 127 - shift
+    i = lambda v: lax.full_like(mag, v)
+    biased = lax.bitwise_and(lax.shift_right_logical(mag, i(23)), i(0xFF))
+    implicit = lax.select(lax.gt(biased, i(0)), i(1 << 23), i(0))
+    sig = lax.bitwise_or(lax.bitwise_and(mag, i(0x7FFFFF)), implicit)
+    shift = lax.max(lax.sub(lax.clz(sig), i(8)), i(0))  # normalise subnormals
+    return lax.shift_left(sig, shift), lax.sub(lax.sub(lax.max(biased, i(1)), i(127)), shift)
 
 
 def div_rn(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -125,7 +127,7 @@ def div_rn(a: jax.Array, b: jax.Array) -> jax.Array:
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
     a, b = jnp.broadcast_arrays(a, b)
-    # One jitted call: the 25 unrolled steps (~245 equations) are traced once per shape,
+    # One jitted call: the 25 unrolled steps (~200 equations) are traced once per shape,
     # not once per quantizer; lax.platform_dependent traces this branch even on CPU, where
     # it is dropped (it was 80% of a quantized training step's equations, issue 12 item 10).
     return _div_rn(a, b)
@@ -133,37 +135,43 @@ def div_rn(a: jax.Array, b: jax.Array) -> jax.Array:
 
 @jax.jit
 def _div_rn(a: jax.Array, b: jax.Array) -> jax.Array:
+    # lax primitives only, unrolled in Python: jnp's operators and jnp.where are jitted
+    # functions whose every call costs a trace-time dispatch; this way the ~200 equations
+    # trace in ~10 ms per shape instead of ~35 ms (issue 12 item 10: compile time).
     abits = lax.bitcast_convert_type(a, jnp.int32)
     bbits = lax.bitcast_convert_type(b, jnp.int32)
-    neg = (abits < 0) != (bbits < 0)
-    amag = abits & 0x7FFFFFFF
-    zero = amag == 0
-    ma, ea = _split(jnp.where(zero, 0x3F800000, amag))  # (1.0 stands in for 0)
-    mb, eb = _split(bbits & 0x7FFFFFFF)
-    low = ma < mb  # quotient in (1/2, 1): take one more bit from the dividend
-    rem = jnp.where(low, ma << 1, ma)
-    e = ea - eb - low.astype(jnp.int32)
-
-    def step(_, carry):
-        q, rem = carry
-        bit = rem >= mb
-        return (q << 1) | bit.astype(jnp.int32), (rem - jnp.where(bit, mb, 0)) << 1
-
-    # 24 significand bits and a guard bit. A loop traced once (unrolled when lowered): as
-    # 25 traced steps it was ~200 equations that every trace and linearization walked.
-    q, rem = lax.fori_loop(0, 25, step, (jnp.zeros_like(rem), rem), unroll=True)
-    sticky = rem != 0
-    guard = (q & 1) == 1
-    sig = q >> 1
-    sig = sig + (guard & (sticky | ((sig & 1) == 1))).astype(jnp.int32)
-    carry = sig >> 24  # rounding overflowed to 2.0
-    sig = sig >> carry
-    e = e + carry
-    biased = e + 127
-    out = lax.bitcast_convert_type((jnp.clip(biased, 1, 254) << 23) | (sig & 0x7FFFFF), jnp.float32)
-    out = jnp.where(biased < 1, 0.0, jnp.where(biased > 254, jnp.inf, out))
-    out = jnp.where(zero, 0.0, out)
-    return jnp.where(neg, -out, out)
+    i = lambda v: lax.full_like(abits, v)
+    zero_i, one_i = i(0), i(1)
+    neg = lax.ne(lax.lt(abits, zero_i), lax.lt(bbits, zero_i))
+    amag = lax.bitwise_and(abits, i(0x7FFFFFFF))
+    zero = lax.eq(amag, zero_i)
+    ma, ea = _split(lax.select(zero, i(0x3F800000), amag))  # (1.0 stands in for 0)
+    mb, eb = _split(lax.bitwise_and(bbits, i(0x7FFFFFFF)))
+    low = lax.lt(ma, mb)  # quotient in (1/2, 1): take one more bit from the dividend
+    rem = lax.select(low, lax.shift_left(ma, one_i), ma)
+    e = lax.sub(lax.sub(ea, eb), lax.convert_element_type(low, jnp.int32))
+    q = zero_i
+    for _ in range(25):  # 24 significand bits and a guard bit
+        bit = lax.ge(rem, mb)
+        q = lax.bitwise_or(lax.shift_left(q, one_i), lax.convert_element_type(bit, jnp.int32))
+        rem = lax.shift_left(lax.sub(rem, lax.select(bit, mb, zero_i)), one_i)
+    sticky = lax.ne(rem, zero_i)
+    guard = lax.eq(lax.bitwise_and(q, one_i), one_i)
+    sig = lax.shift_right_logical(q, one_i)
+    odd = lax.eq(lax.bitwise_and(sig, one_i), one_i)
+    up = lax.bitwise_and(guard, lax.bitwise_or(sticky, odd))  # round half to even
+    sig = lax.add(sig, lax.convert_element_type(up, jnp.int32))
+    carry = lax.shift_right_logical(sig, i(24))  # rounding overflowed to 2.0
+    sig = lax.shift_right_logical(sig, carry)
+    biased = lax.add(lax.add(e, carry), i(127))
+    field = lax.shift_left(lax.clamp(one_i, biased, i(254)), i(23))
+    out = lax.bitcast_convert_type(
+        lax.bitwise_or(field, lax.bitwise_and(sig, i(0x7FFFFF))), jnp.float32
+    )
+    f = lambda v: lax.full_like(out, v)
+    out = lax.select(lax.gt(biased, i(254)), f(np.inf), out)
+    out = lax.select(lax.bitwise_or(zero, lax.lt(biased, one_i)), f(0.0), out)
+    return lax.select(neg, lax.neg(out), out)
 
 
 def divide(a: jax.Array, b: jax.Array) -> jax.Array:
