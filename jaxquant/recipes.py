@@ -1,9 +1,12 @@
-"""Named quantized-training recipes (fp8, int8, int4, binary, ternary, MX)::
+"""Named quantized-training recipes (fp8, int8, int4, binary, ternary, MX).
 
-import jaxquant as jq
-rules = jq.recipes.get("w8a8_int8").rules()        # for jaxquant.flax.quantize_model
-cfg = jq.recipes.get("fp8_current").config        # jq.dot_general(x, w, dn, config=cfg)
-kw = jq.recipes.get("fp8_current").dot_kwargs()    # the same as loose keywords
+Each is a :class:`Recipe`: rules for :func:`jaxquant.flax.quantize_model`, or the config
+of one quantized product::
+
+    import jaxquant as jq
+    rules = jq.recipes.get("w8a8_int8").rules()      # for jaxquant.flax.quantize_model
+    cfg = jq.recipes.get("fp8_current").config      # jq.dot_general(x, w, dn, config=cfg)
+    kw = jq.recipes.get("fp8_current").dot_kwargs()  # the same as loose keywords
 """
 
 from jaxquant._src.recipes import (

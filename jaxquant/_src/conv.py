@@ -201,9 +201,10 @@ def conv_general_dilated(
     ``grad_spec`` and ``ste``; passing both is a ValueError.
 
     Args:
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, precision, preferred_element_type: as in
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation: as in
         ``lax.conv_general_dilated``.
+      dimension_numbers, feature_group_count, batch_group_count, precision: likewise.
+      preferred_element_type: likewise.
       config: a :class:`QuantConfig` with ``scaling="current"``, ``ste`` ``"plain"`` or
         ``"clipped"`` and ``mode`` ``"auto"`` or ``"emulate"`` (the convolution is always
         emulated), or None.

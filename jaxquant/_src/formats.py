@@ -186,7 +186,7 @@ class Format:
 
     @_element_property
     def min_normal(self) -> float:
-        """Smallest positive normal value (1 for integers, the smallest |nonzero| for codebooks)."""
+        """Smallest positive normal value (1 for integers, a codebook's least ``|v| > 0``)."""
         if self.kind == "float":
             return float(2.0**self.emin)
         return self.min_subnormal

@@ -73,7 +73,7 @@ def mse(x: Any, x_hat: Any) -> Array:
 
 
 def max_abs_error(x: Any, x_hat: Any) -> Array:
-    """max |x - x_hat| over finite elements of ``x`` (0 for an empty array)."""
+    """``max |x - x_hat|`` over finite elements of ``x`` (0 for an empty array)."""
     x, x_hat, fin = _pair(x, x_hat, "max_abs_error")
     return jnp.max(jnp.where(fin, jnp.abs(x - x_hat), 0.0), initial=0.0)
 

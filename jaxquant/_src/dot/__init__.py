@@ -386,9 +386,10 @@ def einsum(
     Args:
       subscripts: e.g. ``"btd,df->btf"``.
       a, b: the operands.
-      config, lhs_spec, rhs_spec, grad_spec, lhs_scale, rhs_scale, grad_scale, precision,
-      preferred_element_type, key, mode, ste: as in :func:`dot_general` (``lhs`` is ``a``:
-        ``config.act`` quantizes ``a``, ``config.weight`` quantizes ``b``).
+      config, lhs_spec, rhs_spec, grad_spec, lhs_scale, rhs_scale, grad_scale: as in
+        :func:`dot_general` (``lhs`` is ``a``: ``config.act`` quantizes ``a``,
+        ``config.weight`` quantizes ``b``).
+      precision, preferred_element_type, key, mode, ste: as in :func:`dot_general`.
 
     Returns:
       The product, with the output labels' axis order.
