@@ -38,6 +38,7 @@ from jaxquant._src import formats, rounding
 from jaxquant._src import metrics as qmetrics
 from jaxquant._src import quantize as qz
 from jaxquant._src.explain import explain
+from jaxquant._src.extras import MissingExtraError, require_extra
 from jaxquant._src.spec import QuantSpec
 from jaxquant._src.sweep import command as sweep_command
 
@@ -567,6 +568,12 @@ def _steps_table(st: Steps) -> str:
     return text
 
 
+def _run_sweep(args: argparse.Namespace) -> int:
+    # The sweep's packages are an extra: refuse before training anything, not at the plots.
+    require_extra("sweep", "jaxquant sweep")
+    return sweep_command.run(args)
+
+
 # ---------------------------------------------------------------------------- main
 
 SUBCOMMANDS: list[Subcommand] = [
@@ -589,7 +596,7 @@ SUBCOMMANDS: list[Subcommand] = [
         "sweep",
         "evaluate a grid of formats x granularity x calibration x rounding x PTQ/QAT",
         sweep_command.add_arguments,
-        sweep_command.run,
+        _run_sweep,
     ),
 ]
 
@@ -639,6 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         _error(str(err))
         return 2
+    except MissingExtraError as err:  # names the pip extra to install
+        _error(str(err))
+        return 1
     except (ValueError, TypeError, OverflowError) as err:
         _error(str(err))
         return 1

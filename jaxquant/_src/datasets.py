@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxquant._src.checks import check_int
+from jaxquant._src.extras import missing_extra
 
 
 def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
@@ -28,8 +29,11 @@ def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
     """
     if n_train is not None:
         n_train = check_int(n_train, "digits: n_train", lo=1)
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:  # an extra: only digits() needs it
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as err:
+        raise missing_extra("sweep", "jaxquant.datasets.digits", ("scikit-learn",)) from err
 
     x, y = load_digits(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(

@@ -37,12 +37,17 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jaxquant._src.checks import check_bool, describe
+from jaxquant._src.extras import missing_extra
 from jaxquant._src.qarray import QArray, packed_length
 from jaxquant._src.serialize import spec_from_dict, spec_to_dict
 from jaxquant._src.version import __version__
+
+try:  # an extra: `import jaxquant` works without it, `jaxquant.orbax` says how to get it
+    import orbax.checkpoint as ocp
+except ImportError as err:
+    raise missing_extra("checkpoint", "jaxquant.orbax") from err
 
 try:
     import fcntl
