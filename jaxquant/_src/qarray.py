@@ -49,8 +49,11 @@ class QArray:
     """A quantized array.
 
     Invariants: ``dequantize()`` returns an array of ``shape`` and ``dtype``; ``values`` uses
-    the layout in this module's docstring; ``scale`` (and ``zero_point`` when not None) have
-    ``spec.granularity.plan(shape).scale_shape``.
+    the layout in this module's docstring (formats below 8 bits: ``uint8`` bytes holding an
+    LSB-first bit stream along the last axis; 8- and 16-bit formats: their own dtype);
+    ``scale`` (and ``zero_point`` when not None) have
+    ``spec.granularity.plan(shape).scale_shape``. A QArray is a pytree (``values``,
+    ``scale`` and ``zero_point`` its leaves), so it passes through ``jax.jit``.
 
     Attributes:
       values: stored codes or low-precision values (packed for sub-byte formats).
@@ -59,6 +62,16 @@ class QArray:
       spec: the static :class:`QuantSpec` that produced it.
       shape: the original array's shape.
       dtype: the original array's dtype (what ``dequantize`` returns).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxquant as jq
+      >>> q = jq.quantize(jnp.array([1.0, -2.0, 3.0, -7.0]), jq.QuantSpec("int4"))
+      >>> q
+      QArray(shape=(4,), dtype=float32, spec=QuantSpec(int4, per_tensor, absmax), nbytes=6)
+      >>> q.values.dtype, q.values.tolist()  # four int4 codes packed in two bytes
+      (dtype('uint8'), [225, 147])
+      >>> jax.jit(jq.dequantize)(q).tolist()
+      [1.0, -2.0, 3.0, -7.0]
     """
 
     values: jax.Array
@@ -422,7 +435,24 @@ def widen(a: jax.Array, dtype: Any) -> jax.Array:
 
 
 def dequantize(q: QArray, dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
-    """The array a QArray stands for: ``(q - z) * s``, in ``q.dtype`` (or ``dtype``)."""
+    """The array a QArray stands for: ``(q - z) * s``, in ``q.dtype`` (or ``dtype``).
+
+    Args:
+      q: a :class:`QArray` from :func:`quantize`.
+      dtype: the floating-point dtype of the result; None for the dtype ``q`` was
+        quantized from.
+
+    Returns:
+      An array of ``q.shape``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> q = jq.quantize(jnp.array([-0.5, 0.3, 1.2, -2.1]), jq.QuantSpec("int8"))
+      >>> [round(v, 4) for v in jq.dequantize(q).tolist()]
+      [-0.4961, 0.2976, 1.2071, -2.1]
+      >>> jq.dequantize(q, jnp.bfloat16).dtype
+      dtype(bfloat16)
+    """
     if not isinstance(q, QArray):
         raise TypeError(
             f"dequantize expects a QArray (from jq.quantize), got {type(q).__name__}; an "

@@ -713,7 +713,22 @@ def quantize_tree(tree: Any, policy: Policy, *, key: Array | None = None) -> Any
 
 
 def dequantize_tree(tree: Any) -> Any:
-    """Replace every QArray in ``tree`` by its dequantized array."""
+    """Replace every QArray in ``tree`` by its dequantized array.
+
+    The inverse of :func:`quantize_tree` up to the quantization error: other leaves pass
+    through unchanged.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> params = {"w": jnp.array([[1.27, -0.5]]), "b": jnp.array([0.25])}
+      >>> policy = lambda path, x: jq.QuantSpec("int8") if x.ndim == 2 else None
+      >>> q = jq.quantize_tree(params, policy)
+      >>> isinstance(q["w"], jq.QArray), isinstance(q["b"], jq.QArray)
+      (True, False)
+      >>> out = jq.dequantize_tree(q)
+      >>> out["w"].tolist(), out["b"].tolist()
+      ([[1.2699999809265137, -0.5]], [0.25])
+    """
     return jax.tree_util.tree_map(
         lambda a: a.dequantize() if isinstance(a, QArray) else a,
         tree,

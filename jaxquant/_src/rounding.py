@@ -73,6 +73,24 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], *, impl: str = "hash") -
     quantizer and it costs no extra pass over memory. ``impl="threefry"`` uses
     ``jax.random.bits`` (the JAX default generator).
     Both are deterministic functions of (key, shape).
+
+    Args:
+      key: a PRNG key (``jax.random.key``, or a legacy uint32 ``PRNGKey``).
+      shape: the shape of the result, a tuple of non-negative ints.
+      impl: ``"hash"`` or ``"threefry"``.
+
+    Returns:
+      A uint32 array of ``shape``.
+
+    Example:
+      >>> import jax, jaxquant as jq
+      >>> bits = jq.random_bits(jax.random.key(0), (2, 3))
+      >>> bits.dtype, bits.shape
+      (dtype('uint32'), (2, 3))
+      >>> bool((bits == jq.random_bits(jax.random.key(0), (2, 3))).all())  # deterministic
+      True
+      >>> bool((bits == jq.random_bits(jax.random.key(1), (2, 3))).any())
+      False
     """
     check_key(key, "random_bits: key")
     if not isinstance(shape, tuple | list):

@@ -49,6 +49,14 @@ class ScaleState(NamedTuple):
     ``S`` is the scale shape: ``()`` for a per-tensor spec, otherwise the granularity plan's
     ``scale_shape`` (the array's rank, reduced axes of size 1; the blocked view's rank for
     per-block specs), so ``scale`` broadcasts against the array like ``QArray.scale``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> sc = jq.delayed_scaling(jq.QuantSpec("int8"), history_len=3)
+      >>> state = sc.init((2,))
+      >>> _, state = jq.fake_quant_with(sc, state, jnp.array([1.27, -0.5]))
+      >>> state.amax_history.tolist(), round(float(state.scale), 4), int(state.count)
+      ([1.2699999809265137, 0.0, 0.0], 0.01, 1)
     """
 
     amax_history: Array  # float32 [history_len, *S]; row 0 is the most recent step
@@ -66,6 +74,14 @@ class Scaling(NamedTuple):
         broadcastable to ``spec.granularity.plan(x.shape).scale_shape``: pass it as
         ``jq.quantize(x, spec, scale=scale)``.
       spec: the :class:`QuantSpec` whose scales this rule produces.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> sc = jq.current_scaling(jq.QuantSpec("int8"))
+      >>> x = jnp.array([2.54, -1.0])
+      >>> scale, state = sc.update(sc.init(x), x)
+      >>> round(float(scale), 4), jq.quantize(x, sc.spec, scale=scale).values.tolist()
+      (0.02, [127, -50])
     """
 
     init: Callable[[Any], Any]
@@ -383,8 +399,26 @@ def fake_quant_with(
 ) -> tuple[Array, Any]:
     """Quantize-dequantize ``x`` (straight-through gradient) with this step's scale.
 
+    Args:
+      scaling: a :class:`Scaling` (:func:`current_scaling`, :func:`delayed_scaling` or
+        :func:`static_scaling`).
+      state: its state, from ``scaling.init`` or the previous step.
+      x: the array.
+      key: PRNG key for a stochastic-rounding spec.
+      ste: ``"plain"`` or ``"clipped"`` straight-through estimator (as in
+        :func:`fake_quant`).
+
     Returns:
       ``(jq.fake_quant(x, scaling.spec, key=key, scale=scale, ste=ste), new_state)``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> sc = jq.delayed_scaling(jq.QuantSpec("int8"), history_len=4)
+      >>> state = sc.init((2,))
+      >>> y, state = jq.fake_quant_with(sc, state, jnp.array([1.27, -0.5]))
+      >>> y, state = jq.fake_quant_with(sc, state, jnp.array([2.54, -0.5]))
+      >>> y.tolist()  # this step used the last step's amax 1.27: 2.54 saturates
+      [1.2699999809265137, -0.5]
     """
     scaling = _check_scaling(scaling, "fake_quant_with")
     scale, new_state = scaling.update(state, x)
