@@ -94,6 +94,16 @@ class Format:
       codebook: the sorted values of a codebook format.
       element: the element format of an ``mx`` format.
       block_size: elements per shared scale of an ``mx`` format.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> f = jq.formats.get("e4m3")
+      >>> f
+      Format('float8_e4m3fn')
+      >>> f.kind, f.bits, f.exp_bits, f.man_bits, f.bias, f.nan_style
+      ('float', 8, 4, 3, 7, 'fn')
+      >>> f.max, f.min_normal, f.min_subnormal, f.eps
+      (448.0, 0.015625, 0.001953125, 0.125)
     """
 
     name: str
@@ -382,7 +392,24 @@ def float_format(
 
 
 def int_format(bits: int, *, signed: bool = True) -> Format:
-    """Two's-complement ``int{bits}`` (signed) or ``uint{bits}``; bits in 1..8 or 16."""
+    """Two's-complement ``int{bits}`` (signed) or ``uint{bits}``; bits in 1..8 or 16.
+
+    Args:
+      bits: the width, 1..8 or 16.
+      signed: ``int{bits}`` (range ``[-2^(bits-1), 2^(bits-1) - 1]``) if True, else
+        ``uint{bits}`` (range ``[0, 2^bits - 1]``).
+
+    Returns:
+      The :class:`Format`, with the ml_dtypes / numpy ``dtype`` where one exists.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> f = jq.formats.int_format(3)
+      >>> f.name, f.min, f.max
+      ('int3', -4.0, 3.0)
+      >>> jq.formats.int_format(4, signed=False).max
+      15.0
+    """
     bits = check_int(bits, "int_format(bits)")
     if bits not in (*range(1, 9), 16):
         raise ValueError(f"int_format(bits): bits must be 1..8 or 16, got {bits}.")
@@ -399,7 +426,25 @@ def int_format(bits: int, *, signed: bool = True) -> Format:
 
 
 def codebook_format(name: str, values: tuple[float, ...], bits: int) -> Format:
-    """A codebook format: ``values`` sorted ascending, stored as ``bits``-bit indices."""
+    """A codebook format: ``values`` sorted ascending, stored as ``bits``-bit indices.
+
+    A value quantizes to its nearest codebook entry (NF4, binary and ternary are codebook
+    formats).
+
+    Args:
+      name: the format's name.
+      values: at least 2 finite, strictly increasing numbers.
+      bits: index width, 1..16, with ``len(values) <= 2**bits``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> f = jq.formats.codebook_format("my3", (-1.0, -0.25, 0.0, 0.5, 1.0), bits=3)
+      >>> f.kind, f.bits, f.max
+      ('codebook', 3, 1.0)
+      >>> spec = jq.QuantSpec(f, calibration=None)  # no scale: the values themselves
+      >>> jq.fake_quant(jnp.array([-0.3, 0.2, 0.3, 0.9]), spec).tolist()
+      [-0.25, 0.0, 0.5, 1.0]
+    """
     _check_name(name, "codebook_format(name)")
     if isinstance(values, str | bytes) or not hasattr(values, "__len__"):
         raise TypeError(
@@ -450,6 +495,18 @@ def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
 
     Raises:
       ValueError: another element format (int, codebook or a float outside the spec).
+
+    Example:
+      >>> import jaxquant as jq
+      >>> f = jq.formats.mx_format("mxfp6_e3m2_b16", "e3m2", block_size=16)
+      >>> f.kind, f.element.name, f.block_size, f.max
+      ('mx', 'float6_e3m2fn', 16, 28.0)
+      >>> f.bits_per_value  # 6 bits per element + one 8-bit scale per 16 elements
+      6.5
+
+    References:
+      OCP Microscaling Formats (MX) Specification v1.0,
+      https://www.opencompute.org/documents/ocp-microscaling-formats-mx-v1-0-spec-final-pdf
     """
     _check_name(name, "mx_format(name)")
     element = resolve(element, "mx_format(element)")
@@ -534,7 +591,26 @@ _ALIASES: dict[str, str] = {}
 
 
 def register(fmt: Format, *aliases: str) -> Format:
-    """Add ``fmt`` to the registry under its name and ``aliases`` (case-insensitive)."""
+    """Add ``fmt`` to the registry under its name and ``aliases`` (case-insensitive).
+
+    Registered formats are found by :func:`get` (and so by ``QuantSpec("name")``), listed
+    by :func:`names` and ``jaxquant formats``. Registering a format under a name already
+    taken replaces it.
+
+    Args:
+      fmt: a :class:`Format` from :func:`float_format`, :func:`int_format`,
+        :func:`codebook_format` or :func:`mx_format`.
+      *aliases: other names it is found by.
+
+    Returns:
+      ``fmt``.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> nf4 = jq.formats.register(jq.formats.get("nf4"), "qlora_nf4")  # a new alias
+      >>> jq.formats.get("QLoRA_NF4") is nf4
+      True
+    """
     if not isinstance(fmt, Format):
         raise TypeError(
             f"register(fmt): expected a Format (from float_format, int_format, "
@@ -629,12 +705,24 @@ def _parse_exmy(key: str) -> Format | None:
 
 
 def names() -> list[str]:
-    """Canonical names of every registered format, in registration order."""
+    """Canonical names of every registered format, in registration order.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> jq.formats.names()[:5]
+      ['float32', 'float16', 'bfloat16', 'float8_e4m3fn', 'float8_e5m2']
+    """
     return list(_REGISTRY)
 
 
 def all_formats() -> list[Format]:
-    """Every registered format."""
+    """Every registered format, in registration order (as :func:`names`).
+
+    Example:
+      >>> import jaxquant as jq
+      >>> [f.name for f in jq.formats.all_formats() if f.kind == "codebook"]
+      ['nf4', 'binary', 'ternary']
+    """
     return list(_REGISTRY.values())
 
 
@@ -642,7 +730,22 @@ def all_formats() -> list[Format]:
 
 
 def decode_code(fmt: Format | str, code: int) -> float:
-    """The value of bit pattern ``code`` of a float/int/codebook format (pure Python)."""
+    """The value of bit pattern ``code`` of a float/int/codebook format (pure Python).
+
+    Args:
+      fmt: a :class:`Format` or a name (not an MX format: its elements have the codes).
+      code: the bit pattern, an int in ``[0, fmt.num_codes)``.
+
+    Returns:
+      The value as a Python float (``nan`` / ``inf`` for those codes).
+
+    Example:
+      >>> import jaxquant as jq
+      >>> jq.formats.decode_code("fp16", 0x3C00), jq.formats.decode_code("int4", 0b1111)
+      (1.0, -1.0)
+      >>> jq.formats.decode_code("e4m3", 0x7E), jq.formats.decode_code("e4m3", 0x7F)
+      (448.0, nan)
+    """
     fmt = resolve(fmt, "decode_code(fmt)")
     if fmt.kind != "mx":
         code = check_int(code, "decode_code(code)", lo=0, hi=fmt.num_codes - 1)
@@ -676,7 +779,17 @@ def decode_code(fmt: Format | str, code: int) -> float:
 
 
 def code_table(fmt: Format | str) -> np.ndarray:
-    """float64 array of the value of every code, indexed by code (NaN where a code is NaN)."""
+    """float64 array of the value of every code, indexed by code (NaN where a code is NaN).
+
+    Formats of up to ``2**16`` codes; an MX format gives its element's table.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> jq.formats.code_table("int2").tolist()
+      [0.0, 1.0, -2.0, -1.0]
+      >>> jq.formats.code_table("e2m1").tolist()[:8]
+      [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    """
     return _code_table(resolve(fmt, "code_table(fmt)"))
 
 
@@ -691,7 +804,13 @@ def _code_table(fmt: Format) -> np.ndarray:
 
 
 def finite_values(fmt: Format | str) -> np.ndarray:
-    """Sorted distinct finite values of a format (-0 merged with +0)."""
+    """Sorted distinct finite values of a format (-0 merged with +0).
+
+    Example:
+      >>> import jaxquant as jq
+      >>> jq.formats.finite_values("e2m1").tolist()  # FP4 of OCP MX
+      [-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    """
     return _finite_values(resolve(fmt, "finite_values(fmt)"))
 
 

@@ -1,7 +1,8 @@
 """Learned step size quantization (LSQ): a fake quantizer whose scale is a parameter.
 
-Esser et al. (2019) train the step ``s`` of ``x_hat = s * clip(round(x / s), qmin, qmax)``
-with the straight-through estimator for ``round`` and the exact derivative elsewhere:
+Esser et al. (2019, https://arxiv.org/abs/1902.08153) train the step ``s`` of
+``x_hat = s * clip(round(x / s), qmin, qmax)`` with the straight-through estimator for
+``round`` and the exact derivative elsewhere::
 
     d x_hat / d x = 1                    where qmin <= x / s <= qmax, else 0
     d x_hat / d s = Q(x / s) - x / s     inside the range

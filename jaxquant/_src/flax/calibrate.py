@@ -3,7 +3,7 @@
 :func:`calibrate` runs the *float* model over calibration batches and watches the input of
 every layer whose rule quantizes its activation (the dot's ``lhs``). Per layer it keeps
 mergeable statistics (:mod:`jaxquant._src.observe`): exact min / max / mean / std /
-mean |x| from one pass, and, for percentile, MSE and KL calibration, fixed-range
+``mean |x|`` from one pass, and, for percentile, MSE and KL calibration, fixed-range
 histograms from a second pass over the same batches. The rule's own calibration method
 then turns them into one range per layer, and :attr:`CalibrationResult.rules` are the
 model's rules with ``act`` calibrated by :func:`jaxquant.fixed` at that range: a static
