@@ -6,7 +6,9 @@ Usage::
     jaxquant sweep --quick                      # a tiny grid, one seed (seconds)
     jaxquant sweep --preset digits-cnn            # or stdlib-lm (a byte-level transformer)
     jaxquant sweep --config my.toml --out runs/mine   # re-run the same line to resume
-    jaxquant sweep --shard 0/2 --out runs/a    # on host 0; host 1: --shard 1/2 --out runs/b
+    jaxquant sweep --out gs://bucket/runs/a     # on every host of a slice: one run folder
+    jaxquant sweep --coordinator 10.0.0.2:8476 --num-processes 2 --process-id 0 --out /nfs/a
+    jaxquant sweep --shard 0/2 --out runs/a    # by hand, no jax.distributed; then:
     jaxquant sweep --merge runs/a runs/b --out runs/ab
 
 A run folder takes one sweep at a time and only its own config's results; an error, a
@@ -20,7 +22,6 @@ import errno
 import re
 import shlex
 import sys
-from pathlib import Path
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
 
@@ -32,11 +33,37 @@ def _shard(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def _count(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 2**20:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes from 1 to 2**20")
+    return int(text)
+
+
+def _index(text: str) -> int:
+    if not text.strip().isdigit() or int(text) >= 2**20:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id from 0 to 2**20 - 1")
+    return int(text)
+
+
+MULTIHOST = """\
+multi-host: run the same command on every host of a slice, with an --out that every
+host sees (gs://bucket/path, or a shared file system). jax.distributed starts by
+itself where jax detects the cluster (Slurm, Open MPI, Cloud TPU, GKE, Kubernetes), or
+with --coordinator HOST:PORT (process 0's address) --num-processes N --process-id I on
+each host. Each cell runs once, on process (cell position %% N); each process appends
+its rows to <out>/processes/<i>of<N>.jsonl; process 0 waits for the others and writes
+results.jsonl, results.csv, summary.md and the plots. Re-run the same command on every
+host to resume. On object storage the folder's lock is a lease (sweep.lock, renewed
+every minute; one not renewed for 5 minutes is taken over).
+
+"""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from jaxquant._src.sweep.config import FORMAT, PRESETS
 
     # The TOML format, every key with an example, closes --help (kept as written).
-    p.epilog = FORMAT
+    p.epilog = MULTIHOST.replace("%%", "%") + FORMAT
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
         "--config",
@@ -52,14 +79,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         metavar="DIR",
-        help="run folder (default runs/<time>-<confighash>); reuse it to resume (one sweep "
-        "at a time; a folder of another config is refused)",
+        help="run folder, local or gs://... (default runs/<time>-<confighash>; required on "
+        "several hosts); reuse it to resume (one sweep at a time; a folder of another "
+        "config is refused)",
+    )
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="jax.distributed: process 0's address and a free port, the same on every host "
+        "(default: detected on Slurm, Open MPI, Cloud TPU, Kubernetes; none on one machine)",
+    )
+    p.add_argument(
+        "--num-processes",
+        type=_count,
+        metavar="N",
+        help="jax.distributed: how many processes (hosts) run the sweep",
+    )
+    p.add_argument(
+        "--process-id",
+        type=_index,
+        metavar="I",
+        help="jax.distributed: this process's number, 0 to N-1 (0 writes the table)",
     )
     p.add_argument(
         "--shard",
         type=_shard,
         metavar="I/N",
-        help="run only cells i %% N == I (default: jax.process_index()/process_count())",
+        help="by hand, without jax.distributed: run only cells i %% N == I into this --out "
+        "(a folder per shard; then --merge them)",
     )
     p.add_argument(
         "--merge",
@@ -72,9 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def _resume_command(args: argparse.Namespace, out: Path, shard: tuple[int, int] | None) -> str:
+def _resume_command(args: argparse.Namespace, out, shard: tuple[int, int] | None) -> str:
     """The command line that picks this run up where it stopped (always naming --out:
-    a default folder has a time in its name)."""
+    a default folder has a time in its name; a multi-host sweep's, on every host)."""
     if args.merge:
         argv = ["jaxquant", "sweep", "--merge", *args.merge, "--out", str(out)]
     else:
@@ -83,9 +130,11 @@ def _resume_command(args: argparse.Namespace, out: Path, shard: tuple[int, int] 
         argv += ["--preset", args.preset] if args.preset else []
         argv += ["--quick"] if args.quick else []
         argv += ["--out", str(out)]
-        if args.shard or (shard is not None and shard[1] > 1):
-            i, n = args.shard or shard
-            argv += ["--shard", f"{i}/{n}"]
+        if args.shard:
+            argv += ["--shard", "{}/{}".format(*args.shard)]
+        for flag in ("coordinator", "num_processes", "process_id"):
+            if getattr(args, flag, None) is not None:
+                argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     argv += ["--no-plots"] if args.no_plots else []
     argv += ["--no-progress"] if args.no_progress else []
     return shlex.join(argv)
@@ -105,7 +154,7 @@ _FIXES = {
 def _stopped(
     what: str,
     args: argparse.Namespace,
-    out: Path | None,
+    out,
     cfg: dict | None,
     shard: tuple[int, int] | None,
     err: OSError | None = None,
@@ -126,6 +175,8 @@ def _stopped(
         kept = f"kept {n} of {total} finished cells in {out}"
         again = "resume with"
     then = f"{fix}, then " if fix else ""
+    if shard is not None and shard[1] > 1 and not args.shard and not args.merge:
+        again += " the same command on every host"
     return f"{what}; {kept}; {then}{again}: {_resume_command(args, out, shard)}"
 
 
@@ -139,15 +190,28 @@ def run(args: argparse.Namespace) -> int:
     file could not be written, 2 for a bad config or run folder, 130 when interrupted
     (each with one line on stderr saying what was kept and how to resume)."""
     from jaxquant._src.sweep import config as C
+    from jaxquant._src.sweep import folder as F
+    from jaxquant._src.sweep import hosts as H
     from jaxquant._src.sweep import run as R
 
     cfg = out = shard = None
+    distributed = [
+        f"--{k.replace('_', '-')}"
+        for k in ("coordinator", "num_processes", "process_id")
+        if getattr(args, k, None) is not None
+    ]
     try:
+        if distributed and (args.merge or args.shard):
+            raise C.ConfigError(
+                f"sweep: {distributed[0]} starts a multi-host sweep, which shares the "
+                f"cells itself; drop {'--merge' if args.merge else '--shard'} (or "
+                f"{', '.join(distributed)})."
+            )
         if args.merge:
             if not args.out:
                 raise C.ConfigError("sweep merge: --out DIR is required with --merge")
-            out = Path(args.out)
-            res = R.merge([Path(d) for d in args.merge], out, plots=not args.no_plots)
+            out = F.as_path(args.out)
+            res = R.merge(list(args.merge), out, plots=not args.no_plots)
             print(res["table"])
             print(
                 f"\nmerged {len(args.merge)} folders: {len(res['rows'])} cells, "
@@ -158,15 +222,24 @@ def run(args: argparse.Namespace) -> int:
             cfg = C.load(args.config, preset=args.preset, quick=args.quick)
         else:
             cfg = C.resolve(preset=args.preset, quick=args.quick)
-        shard = args.shard or R.default_shard()
-        out = Path(args.out) if args.out else R.default_out(cfg, shard)
-        res = R.run_sweep(
-            cfg,
-            out,
-            shard=shard,
-            progress=None if args.no_progress else sys.stderr,
-            plots=not args.no_plots,
-        )
+        procs = H.Processes(0, 1)
+        if not args.shard:
+            try:
+                procs = H.initialize(args.coordinator, args.num_processes, args.process_id)
+            except ValueError as err:
+                raise C.ConfigError(str(err)) from None
+        shard = args.shard or tuple(procs)
+        if procs.count > 1 and not args.out:
+            raise C.ConfigError(
+                f"sweep: {procs.count} processes share one run folder: pass --out on "
+                "storage every host sees (gs://bucket/path, or a shared file system)."
+            )
+        out = F.as_path(args.out) if args.out else R.default_out(cfg, shard)
+        progress = None if args.no_progress else sys.stderr
+        if procs.count > 1:
+            res = H.run_processes(cfg, out, procs, progress=progress, plots=not args.no_plots)
+            return _report_processes(res, procs, out)
+        res = R.run_sweep(cfg, out, shard=shard, progress=progress, plots=not args.no_plots)
     except C.ConfigError as err:
         _line("error", str(err))
         return 2
@@ -183,6 +256,26 @@ def run(args: argparse.Namespace) -> int:
         f"{failed} failed) -> {out}"
     )
     return 1 if failed else 0
+
+
+def _report_processes(res: dict, procs, out) -> int:
+    """Process 0 prints the merged table; the others a line on their own cells."""
+    failed = sum(r["status"] != "ok" for r in res["rows"])
+    if res["table"] is None:
+        print(
+            f"process {procs.index} of {procs.count}: {len(res['rows'])} cells ({res['ran']} "
+            f"run, {res['skipped']} already done, {failed} failed); process 0 writes the "
+            f"table to {out}"
+        )
+        return 1 if failed else 0
+    print(res["table"])
+    print(
+        f"\n{len(res['rows'])} cells ({res['ran']} run by {procs.count} processes, "
+        f"{res['skipped']} already done, {failed} failed) -> {out}"
+    )
+    for j, why in sorted(res["stopped"].items()):
+        _line("error", f"sweep: process {j} of {procs.count} stopped early: {why}")
+    return 1 if failed or res["stopped"] else 0
 
 
 def _line(kind: str, message: str) -> None:

@@ -1,17 +1,18 @@
 """The sweep's plots (matplotlib, Agg backend): accuracy vs bits per weight, weight SQNR vs
 bits, model size vs accuracy -- one marker per cell configuration (mean over seeds),
-coloured by format, PTQ filled, QAT hollow. Each PNG is written to a uniquely named
-temporary file and renamed, so an interrupted run never leaves a truncated image."""
+coloured by format, PTQ filled, QAT hollow. Each PNG is rendered in memory and written
+with :func:`~jaxquant._src.sweep.folder.atomic_write` (a uniquely named temporary file
+renamed, or one upload on object storage), so an interrupted run never leaves a truncated
+image."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from pathlib import Path
+import io
 from typing import Any
 
 import numpy as np
+
+from jaxquant._src.sweep import folder as F
 
 
 def _points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -39,7 +40,7 @@ def _points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return pts
 
 
-def write_plots(folder: Path, rows: list[dict[str, Any]]) -> list[Path]:
+def write_plots(folder: F.AnyPath, rows: list[dict[str, Any]]) -> list[F.AnyPath]:
     """Write ``accuracy_vs_bits.png``, ``sqnr_vs_bits.png``, ``size_vs_accuracy.png``."""
     import matplotlib
 
@@ -83,17 +84,11 @@ def write_plots(folder: Path, rows: list[dict[str, Any]]) -> list[Path]:
         ax.legend(fontsize=7, ncol=2, loc="best")
         fig.tight_layout()
         path = folder / name
-        # A unique temporary name: two writers of one folder never share it.
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        buf = io.BytesIO()
         try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, dpi=90, format="png")
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+            fig.savefig(buf, dpi=90, format="png")
         finally:
             plt.close(fig)
+        F.atomic_write(path, buf.getvalue())  # local or object storage, whole or not at all
         written.append(path)
     return written

@@ -10,6 +10,8 @@ Run folder (``runs/<timestamp>-<confighash>/`` or ``--out``)::
     summary.md      the printed table (means over seeds)
     plots/*.png     accuracy vs bits, SQNR vs bits, size vs accuracy
     sweep.lock      while a sweep or merge writes here: its pid and host
+    processes/      a multi-host sweep's: <i>of<n>.jsonl, the rows process i appended
+                    (process 0 folds them into results.jsonl; :mod:`hosts`)
 
 Re-running with the same ``--out`` skips cells whose latest row of this config (by hash)
 has status ``ok`` (failed cells are retried; malformed rows and rows of other configs are
@@ -18,7 +20,8 @@ config.toml missing or damaged (its env.json or rows say whose it is), and one f
 takes one sweep at a time (:class:`~jaxquant._src.sweep.folder.RunLock`). ``--shard i/n``
 runs the cells at positions ``i % n`` of the full list; :func:`merge` combines shard
 folders, into a new folder or a run folder of the same config. What keeps every file
-whole is in :mod:`jaxquant._src.sweep.folder`.
+whole is in :mod:`jaxquant._src.sweep.folder`, local or on object storage (``gs://``...);
+the processes of a multi-host sweep sharing one folder are :mod:`jaxquant._src.sweep.hosts`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
@@ -352,17 +356,12 @@ def default_out(cfg: dict[str, Any], shard: tuple[int, int] = (0, 1)) -> Path:
     return Path("runs") / f"{stamp}-{C.config_hash(cfg)}{part}"
 
 
-def default_shard() -> tuple[int, int]:
-    """``(jax.process_index(), jax.process_count())``: one shard per host of a slice."""
-    return jax.process_index(), jax.process_count()
-
-
 def warn(message: str) -> None:
     """One warning line on stderr (not ``warnings.warn``: the CLI's user reads it)."""
     print(f"jaxquant: warning: {' '.join(message.split())}", file=sys.stderr)
 
 
-def _own_rows(loaded: F.Rows, path: Path, want: str) -> list[dict[str, Any]]:
+def own_rows(loaded: F.Rows, path: Path, want: str) -> list[dict[str, Any]]:
     """The rows of ``loaded`` (read from ``path``) made by config hash ``want``; the
     others are reported in one warning line each (malformed; other configs)."""
     if loaded.bad:
@@ -378,12 +377,18 @@ def _own_rows(loaded: F.Rows, path: Path, want: str) -> list[dict[str, Any]]:
     return rows
 
 
-def kept(out: Path, cfg: dict[str, Any], shard: tuple[int, int] = (0, 1)) -> tuple[int, int]:
+def folder_rows(out: F.AnyPath, want: str) -> list[dict[str, Any]]:
+    """The rows of config hash ``want`` in every rows file of ``out`` (results.jsonl and a
+    multi-host sweep's processes/*.jsonl); the others are reported by :func:`own_rows`."""
+    return [r for path, loaded in F.all_rows(out) for r in own_rows(loaded, path, want)]
+
+
+def kept(out: F.AnyPath, cfg: dict[str, Any], shard: tuple[int, int] = (0, 1)) -> tuple[int, int]:
     """``(cells of this shard with an ok row of this config in out, cells of the shard)``;
     never raises (it is what an error message reports)."""
     cells = {c.id for c in G.shard(G.expand(cfg), *shard)}
     try:
-        rows = F.read_rows(Path(out) / "results.jsonl")
+        rows = [r for _, loaded in F.all_rows(F.as_path(out)) for r in loaded.rows]
     except OSError:
         return 0, len(cells)
     want = C.config_hash(cfg)
@@ -391,13 +396,16 @@ def kept(out: Path, cfg: dict[str, Any], shard: tuple[int, int] = (0, 1)) -> tup
     return len(ok & cells), len(cells)
 
 
-def _record_env(out: Path, env: dict[str, Any]) -> None:
+def record_env(out: F.AnyPath, env: dict[str, Any], **extra: Any) -> None:
+    """Write env.json: ``env`` (and ``extra``) with the list of the sessions that wrote to
+    the folder (date, host, shard, git), this one appended."""
     path = out / "env.json"
     sessions: list = []
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         old = json.loads(path.read_text())["sessions"]
         sessions = old if isinstance(old, list) else []
-    doc = {**env, "sessions": [*sessions, {k: env[k] for k in ("date", "host", "shard", "git")}]}
+    session = {k: env[k] for k in ("date", "host", "shard", "git")}
+    doc = {**env, **extra, "sessions": [*sessions, session]}
     F.atomic_write(path, json.dumps(doc, indent=1) + "\n")
 
 
@@ -422,24 +430,14 @@ def run_sweep(
     else its env.json, else its rows), and :class:`FolderBusy` when another sweep holds
     its lock.
     """
-    out = Path(out)
+    out = F.as_path(out)
     cells = G.shard(G.expand(cfg), *shard)
     want = C.config_hash(cfg)
-    F.check_out(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with F.RunLock(out) as lock:
-        if lock.stale:
-            warn(f"sweep: took over the lock of {out} left by {lock.stale} (no longer running)")
-        F.check_out(out)  # again, now that no other sweep can be making it a run folder
+    with prepared(out, cfg) as done:
         jsonl = out / "results.jsonl"
-        loaded = F.load_rows(jsonl)
-        F.claim(out, want, loaded.rows)
-        own = _own_rows(loaded, jsonl, want)
-        done = {i for i, r in latest(own).items() if r["status"] == "ok"}
         F.repair(jsonl)
-        F.atomic_write(out / "config.toml", C.to_toml(cfg))
         env = environment(cfg, shard)
-        _record_env(out, env)
+        record_env(out, env)
         todo = [c for c in cells if c.id not in done]
         bar = Progress(len(cells), progress)
         n_done = len(cells) - len(todo)
@@ -447,13 +445,20 @@ def run_sweep(
         ids = {c.id for c in cells}
 
         def finish() -> tuple[list[dict[str, Any]], str]:
+            F.consolidate(out, want)  # a multi-host sweep's rows, if it ran here before
             rows = [r for r in F.read_rows(jsonl) if r["config_hash"] == want]
             rows = [r for r in latest(rows).values() if r["id"] in ids]
             return rows, finalize(out, rows, cfg, plots=plots)
 
+        if F.is_local(jsonl):
+            # Looked up when called, so a test can stand in for append_row.
+            def write(row: dict[str, Any]) -> None:
+                append_row(jsonl, row)
+        else:
+            write = F.ObjectRows(jsonl).append
         try:
-            with _sigterm_as_interrupt():
-                _loop(todo, cfg, env, shard, jsonl, bar, n_done)
+            with sigterm_as_interrupt():
+                run_cells(todo, cfg, env, shard, write, bar, n_done)
         except BaseException:
             # The rows are safe already; the csv / summary / plots of what is done are a
             # best effort that must not hide why the sweep stopped.
@@ -465,7 +470,26 @@ def run_sweep(
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def prepared(out: F.AnyPath, cfg: dict[str, Any]) -> Iterator[set[str]]:
+    """Hold ``out``'s lock for ``cfg``: refuse a folder that is not a run folder or is of
+    another config (before anything is written), write config.toml, and give the ids of
+    the cells that have an ``ok`` row of this config in any of its rows files."""
+    want = C.config_hash(cfg)
+    F.check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with F.lock(out) as lock:
+        if lock.stale:
+            warn(f"sweep: took over the lock of {out} left by {lock.stale} (no longer running)")
+        F.check_out(out)  # again, now that no other sweep can be making it a run folder
+        files = F.all_rows(out)
+        F.claim(out, want, [r for _, loaded in files for r in loaded.rows])
+        own = [r for path, loaded in files for r in own_rows(loaded, path, want)]
+        F.atomic_write(out / "config.toml", C.to_toml(cfg))
+        yield {i for i, r in latest(own).items() if r["status"] == "ok"}
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (a killed job) raises KeyboardInterrupt, so the finished rows get their
     csv / summary written on the way out (main thread only)."""
     import signal
@@ -485,7 +509,17 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
-def _loop(todo, cfg, env, shard, jsonl, bar, n_done) -> None:
+def run_cells(
+    todo: list[G.Cell],
+    cfg: dict[str, Any],
+    env: dict[str, Any],
+    shard: tuple[int, int],
+    write: Callable[[dict[str, Any]], None],
+    bar: Progress,
+    n_done: int,
+) -> None:
+    """Evaluate ``todo`` in order, ``write`` each cell's row as it finishes (a cell that
+    raises gets an ``error`` row), and advance ``bar`` from ``n_done``."""
     evaluator: Evaluator | Exception | None = None
     try:
         for cell in todo:
@@ -509,14 +543,16 @@ def _loop(todo, cfg, env, shard, jsonl, bar, n_done) -> None:
                 "git": env["git"],
                 "shard": list(shard),
             }
-            append_row(jsonl, row)
+            write(row)
             n_done += 1
             bar.update(n_done, cell.id)
     finally:
         bar.close()
 
 
-def finalize(out: Path, rows: list[dict[str, Any]], cfg: dict[str, Any], *, plots: bool) -> str:
+def finalize(
+    out: F.AnyPath, rows: list[dict[str, Any]], cfg: dict[str, Any], *, plots: bool
+) -> str:
     """Write results.csv, summary.md and the plots (each atomically); returns the table."""
     order = {c.id: i for i, c in enumerate(G.expand(cfg))}
     rows = sorted(rows, key=lambda r: order.get(r["id"], len(order)))
@@ -583,6 +619,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 def _source(d: Path) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
     """A shard folder's config, its rows of that config, and its env.json (or None)."""
+    d = F.as_path(d)
     if not d.is_dir():
         raise C.ConfigError(f"sweep merge: {d} is not a folder; pass run folders to --merge")
     cfg = F.read_config(d)
@@ -595,8 +632,7 @@ def _source(d: Path) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
     env = None
     with contextlib.suppress(OSError, ValueError):
         env = json.loads((d / "env.json").read_text())
-    jsonl = d / "results.jsonl"
-    return cfg, _own_rows(F.load_rows(jsonl), jsonl, C.config_hash(cfg)), env
+    return cfg, folder_rows(d, C.config_hash(cfg)), env
 
 
 def merge(dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
@@ -614,7 +650,7 @@ def merge(dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
     if not dirs:
         raise C.ConfigError("sweep merge: no folders given")
     cfgs, envs, rows = [], [], []
-    for d in map(Path, dirs):
+    for d in map(F.as_path, dirs):
         cfg, got, env = _source(d)
         cfgs.append(cfg)
         rows += got
@@ -624,16 +660,17 @@ def merge(dirs: list[Path], out: Path, *, plots: bool = True) -> dict[str, Any]:
     if len(hashes) != 1:
         raise C.ConfigError(f"sweep merge: the folders hold different configs {sorted(hashes)}")
     cfg, want = cfgs[0], hashes.pop()
-    out = Path(out)
+    out = F.as_path(out)
     F.check_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    with F.RunLock(out):
+    with F.lock(out):
         F.check_out(out)  # again, now that no other sweep can be making it a run folder
         jsonl = out / "results.jsonl"
-        loaded = F.load_rows(jsonl)
-        F.claim(out, want, loaded.rows)
-        have = _own_rows(loaded, jsonl, want)
+        files = F.all_rows(out)
+        F.claim(out, want, [r for _, loaded in files for r in loaded.rows])
         F.repair(jsonl)
+        F.consolidate(out, want)  # a multi-host sweep's rows, if one ran here
+        have = own_rows(F.load_rows(jsonl), jsonl, want)
         seen = {json.dumps(r, sort_keys=True) for r in have}
         new = []
         for r in latest(rows).values():
