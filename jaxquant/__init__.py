@@ -5,6 +5,8 @@ NF4 / MX / binary / ternary, with per-tensor, per-channel, per-block and per-tok
 several calibrations, round-to-nearest-even and stochastic rounding, saturating casts.
 """
 
+from types import ModuleType as _ModuleType
+
 from jaxquant import formats, integer, metrics, recipes
 from jaxquant._src.calibration import (
     absmax,
@@ -47,7 +49,7 @@ from jaxquant._src.spec import QuantSpec
 from jaxquant._src.version import __version__ as __version__
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> _ModuleType:
     # The integrations import flax / optax / orbax; load them on first use (jq.flax,
     # jq.optax, jq.orbax).
     if name in ("flax", "optax", "orbax"):

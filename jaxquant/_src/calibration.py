@@ -52,7 +52,7 @@ def _absmax(x: Array, axes: tuple[int, ...]) -> Array:
     the mask into the reduction and take the masked form directly.
     """
 
-    def cpu(x):
+    def cpu(x: Array) -> Array:
         fast = jnp.max(jnp.abs(x), axis=axes, keepdims=True, initial=0.0)
         return jax.lax.cond(
             jnp.all(jnp.isfinite(fast)), lambda: fast, lambda: _masked_absmax(x, axes)
@@ -74,7 +74,7 @@ def _mean_abs(x: Array, axes: tuple[int, ...]) -> Array:
     for a in axes:
         count *= x.shape[a]
 
-    def cpu(x):
+    def cpu(x: Array) -> Array:
         fast = jnp.sum(jnp.abs(x), axis=axes, keepdims=True) / max(count, 1)
         return jax.lax.cond(
             jnp.all(jnp.isfinite(fast)), lambda: fast, lambda: _masked_mean_abs(x, axes)
@@ -94,7 +94,9 @@ def _sym(lo: Array, hi: Array, symmetric: bool) -> tuple[Array, Array]:
 class AbsMax:
     """``amax = max |x|`` ("max quantization"); asymmetric: ``[min x, max x]``."""
 
-    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+    def __call__(
+        self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ
+    ) -> tuple[Array, Array]:
         if symmetric:
             amax = _absmax(x, axes)
             return -amax, amax
@@ -125,7 +127,9 @@ class MeanStd:
         k = check_real(self.k, "mean_std(k)", gt=0, hint="Typical values are 2..4.")
         object.__setattr__(self, "k", k)
 
-    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+    def __call__(
+        self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ
+    ) -> tuple[Array, Array]:
         fin = _finite(x)
         n = jnp.maximum(jnp.sum(fin, axis=axes, keepdims=True), 1).astype(jnp.float32)
         xz = jnp.where(fin, x, 0.0)
@@ -154,7 +158,9 @@ class Percentile:
         )
         object.__setattr__(self, "p", p)
 
-    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+    def __call__(
+        self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ
+    ) -> tuple[Array, Array]:
         xn = jnp.where(_finite(x), x, jnp.nan)
         q = self.p / 100.0
         if symmetric:
@@ -196,13 +202,15 @@ class MSE:
         object.__setattr__(self, "num", num)
         object.__setattr__(self, "min_ratio", ratio)
 
-    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+    def __call__(
+        self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ
+    ) -> tuple[Array, Array]:
         lo0, hi0 = AbsMax()(x, axes, symmetric, qdq)
         fin = _finite(x)
         xz = jnp.where(fin, x, 0.0)
         ratios = jnp.linspace(self.min_ratio, 1.0, self.num, dtype=jnp.float32)
 
-        def step(best, r):
+        def step(best: tuple[Array, Array], r: Array) -> tuple[tuple[Array, Array], None]:
             best_err, best_r = best
             err = jnp.sum(jnp.square(qdq(xz, lo0 * r, hi0 * r) - xz), axis=axes, keepdims=True)
             better = err < best_err
@@ -256,7 +264,9 @@ class KL:
         object.__setattr__(self, "bins", bins)
         object.__setattr__(self, "num", num)
 
-    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+    def __call__(
+        self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ
+    ) -> tuple[Array, Array]:
         if not symmetric:
             raise ValueError("kl calibration is symmetric only; use symmetric=True or minmax().")
         amax = _absmax(x, axes)
@@ -271,7 +281,7 @@ class KL:
         return f"kl({self.bins})"
 
 
-def kl_threshold(hist: Array, width: Array, amax: Array, qdq: QDQ, num: int) -> tuple:
+def kl_threshold(hist: Array, width: Array, amax: Array, qdq: QDQ, num: int) -> tuple[Array, Array]:
     """:class:`KL`'s search on a histogram of ``|x|``: ``hist`` ``[..., nb]`` counts of
     bins of ``width`` (shape ``[...]``) from 0; returns ``(-thr, thr)`` shaped like
     ``amax``. Shared with the streaming calibration pass (jaxquant.flax.calibrate)."""
@@ -282,7 +292,7 @@ def kl_threshold(hist: Array, width: Array, amax: Array, qdq: QDQ, num: int) -> 
     centers = (bin_ids.astype(jnp.float32) + 0.5) * w
     ks = jnp.linspace(nb // 8, nb, num).astype(jnp.int32)
 
-    def divergence(k):
+    def divergence(k: Array) -> Array:
         thr = k.astype(jnp.float32) * w
         inside = bin_ids < k
         tail = jnp.sum(jnp.where(inside, 0.0, hist), axis=-1, keepdims=True)
@@ -325,7 +335,9 @@ class Fixed:
     def __post_init__(self) -> None:
         object.__setattr__(self, "amax", _fixed_range(self.amax))
 
-    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+    def __call__(
+        self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ
+    ) -> tuple[Array, Array]:
         shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
         if isinstance(self.amax, tuple):
             lo, hi = self.amax
@@ -349,7 +361,9 @@ class MeanAbs:
     def __post_init__(self) -> None:
         object.__setattr__(self, "k", check_real(self.k, "mean_abs(k)", gt=0))
 
-    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+    def __call__(
+        self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ
+    ) -> tuple[Array, Array]:
         amax = self.k * _mean_abs(x, axes)
         return -amax, amax
 
@@ -375,7 +389,9 @@ class TWN:
         """``t * mean|x|`` per group (finite elements)."""
         return MeanAbs(self.threshold)(x, axes, True, None)[1]  # type: ignore[arg-type]
 
-    def __call__(self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ) -> tuple:
+    def __call__(
+        self, x: Array, axes: tuple[int, ...], symmetric: bool, qdq: QDQ
+    ) -> tuple[Array, Array]:
         delta = self.delta(x, axes)
         big = _finite(x) & (jnp.abs(x) > delta)
         n = jnp.sum(big, axis=axes, keepdims=True).astype(jnp.float32)

@@ -80,7 +80,7 @@ def check_real(
         try:
             v = float(value)
         except OverflowError:  # an int beyond float's range
-            v = math.inf if value > 0 else -math.inf
+            v = -math.inf if value < 0 else math.inf
     elif (
         getattr(value, "shape", None) == ()
         and np.dtype(getattr(value, "dtype", object)).kind in "iuf"

@@ -300,7 +300,9 @@ def quantize_steps(x: jax.Array, spec: QuantSpec, key: jax.Array | None = None) 
     z = st.z
     u = None
     if spec.stochastic:
-        u = rounding.uniform_from_bits(qz.noise_bits(spec, key, plan.view))
+        bits = qz.noise_bits(spec, key, plan.view)
+        assert bits is not None  # a stochastic spec always draws bits
+        u = rounding.uniform_from_bits(bits)
     elem = spec.element
     index = None
     if elem.kind == "int":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
@@ -95,7 +96,11 @@ def _check_padding(padding: Any, n: int) -> Any:
 
 
 def _fq(
-    x: Array, spec: QuantSpec | None, key, scale, clipped: bool = False
+    x: Array,
+    spec: QuantSpec | None,
+    key: Array | None,
+    scale: Array | None,
+    clipped: bool = False,
 ) -> tuple[Array, Array | None]:
     """(float32 quantize-dequantized x, clipped-STE mask if ``clipped`` else None)."""
     if spec is None:
@@ -109,7 +114,12 @@ def _fq(
     return out, ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
 
 
-def _bind(spec: QuantSpec, x: Array, name: str, dimension_numbers: Any) -> QuantSpec:
+def _bind(
+    spec: QuantSpec,
+    x: Array,
+    name: Literal["lhs", "rhs"],
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers,
+) -> QuantSpec:
     """``per_channel()`` / ``per_block(size)`` bound to this operand's layout: the kernel's
     output-feature axis (the input's batch axis) keeps its scales, blocks run along the
     feature axis it contracts (:func:`jaxquant._src.layout.bind`); explicit granularities
@@ -117,16 +127,22 @@ def _bind(spec: QuantSpec, x: Array, name: str, dimension_numbers: Any) -> Quant
     if not follows_layout(spec.granularity):
         return spec  # no layout to read (dimension_numbers may even be malformed: lax says)
     contracting, _ = conv_layout(dimension_numbers, x.ndim, name)
-    spec, note = bind(spec, tuple(x.shape), contracting, block_axis=contracting[-1])
+    bound, note = bind(spec, tuple(x.shape), contracting, block_axis=contracting[-1])
+    assert bound is not None  # bind returns None for a None spec only
     if note is not None:
         warnings.warn(f"{_FN}: {name}_spec {note}.", UserWarning, stacklevel=3)
-    return spec
+    return bound
 
 
-def _keys(key):
+_Keys = tuple[Array, Array, Array] | tuple[None, None, None]
+# The forward pass's residuals: quantized operands, clipped-STE masks, grad scale and key.
+_Res = tuple[Array, Array, tuple[Array | None, Array | None], Array | None, Array | None]
+
+
+def _keys(key: Array | None) -> _Keys:
     if key is None:
         return None, None, None
-    return tuple(jax.random.fold_in(key, i) for i in range(3))
+    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
 
 
 def _conv(cfg: _ConvConfig, a: Array, b: Array) -> Array:
@@ -134,11 +150,27 @@ def _conv(cfg: _ConvConfig, a: Array, b: Array) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _qconv(cfg: _ConvConfig, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
+def _qconv(
+    cfg: _ConvConfig,
+    lhs: Array,
+    rhs: Array,
+    lhs_scale: Array | None,
+    rhs_scale: Array | None,
+    grad_scale: Array | None,
+    key: Array | None,
+) -> Array:
     return _qconv_fwd(cfg, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key)[0]
 
 
-def _qconv_fwd(cfg: _ConvConfig, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key):
+def _qconv_fwd(
+    cfg: _ConvConfig,
+    lhs: Array,
+    rhs: Array,
+    lhs_scale: Array | None,
+    rhs_scale: Array | None,
+    grad_scale: Array | None,
+    key: Array | None,
+) -> tuple[Array, _Res]:
     kl, kr, kg = _keys(key)
     clip = cfg.ste == "clipped"
     lq, lm = _fq(lhs, cfg.lhs_spec, kl, lhs_scale, clip)
@@ -147,7 +179,9 @@ def _qconv_fwd(cfg: _ConvConfig, lhs, rhs, lhs_scale, rhs_scale, grad_scale, key
     return out, (lq, rq, (lm, rm), grad_scale, kg)
 
 
-def _qconv_bwd(cfg: _ConvConfig, res, g):
+def _qconv_bwd(
+    cfg: _ConvConfig, res: _Res, g: Array
+) -> tuple[Array, Array, None, None, None, None]:
     lq, rq, (lm, rm), grad_scale, kg = res
     gq = g.astype(jnp.float32)
     if cfg.grad_spec is not None:
@@ -168,14 +202,14 @@ _qconv_jit = jax.jit(_qconv, static_argnums=0)
 def conv_general_dilated(
     lhs: jax.typing.ArrayLike,
     rhs: jax.typing.ArrayLike,
-    window_strides: Any,
-    padding: Any,
-    lhs_dilation: Any = None,
-    rhs_dilation: Any = None,
-    dimension_numbers: Any = None,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
     feature_group_count: int = 1,
     batch_group_count: int = 1,
-    precision: Any = None,
+    precision: lax.PrecisionLike = None,
     preferred_element_type: jax.typing.DTypeLike | None = None,
     *,
     config: QuantConfig | None = None,
@@ -263,7 +297,11 @@ def conv_general_dilated(
                 f"got {describe(preferred_element_type)}."
             ) from None
     bound = []
-    for name, spec, x in (("lhs", lhs_spec, lhs), ("rhs", rhs_spec, rhs)):
+    operands: tuple[tuple[Literal["lhs", "rhs"], QuantSpec | None, Array], ...] = (
+        ("lhs", lhs_spec, lhs),
+        ("rhs", rhs_spec, rhs),
+    )
+    for name, spec, x in operands:
         if spec is not None:
             if not isinstance(spec, QuantSpec):
                 raise TypeError(
@@ -281,9 +319,9 @@ def conv_general_dilated(
         )
     if ste not in ("plain", "clipped"):
         raise ValueError(f"conv_general_dilated: ste must be 'plain' or 'clipped', got {ste!r}.")
-    for name, spec in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec)):
+    for arg, spec in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec)):
         if spec is not None and spec.stochastic and key is None:
-            raise ValueError(f"conv_general_dilated: {name} rounds stochastically and needs key=.")
+            raise ValueError(f"conv_general_dilated: {arg} rounds stochastically and needs key=.")
     conv = dict(
         window_strides=_hashable(window_strides),
         padding=_hashable(padding),
@@ -332,7 +370,7 @@ def conv_general_dilated(
         rhs_dtype=np.dtype(rhs.dtype),
     )
 
-    def opt(s):
+    def opt(s: jax.typing.ArrayLike | None) -> Array | None:
         return None if s is None else jnp.asarray(s, jnp.float32)
 
     return _qconv_jit(cfg, lhs, rhs, opt(lhs_scale), opt(rhs_scale), opt(grad_scale), key)

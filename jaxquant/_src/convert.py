@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +24,23 @@ import numpy as np
 
 from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.qarray import QArray
+from jaxquant._src.quantize import Policy as TreePolicy
 from jaxquant._src.quantize import quantize, resolve_policy
 from jaxquant._src.spec import QuantSpec
+from jaxquant._src.types import KeyPath, PyTree
 
-Policy = QuantSpec | Callable[[tuple, Any], QuantSpec | None] | Sequence[tuple[str, Any]]
+Policy = (
+    QuantSpec | Callable[[KeyPath, Any], QuantSpec | None] | Sequence[tuple[str, QuantSpec | None]]
+)
 
 
-def _path_str(path: tuple) -> str:
+def _path_str(path: KeyPath) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def _pattern_policy(pairs: Sequence[tuple[str, Any]]):
+def _pattern_policy(
+    pairs: Sequence[tuple[str, QuantSpec | None]],
+) -> tuple[Callable[[KeyPath, Any], QuantSpec | None], Callable[[list[str]], None]]:
     compiled = []
     for item in pairs:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
@@ -51,7 +57,7 @@ def _pattern_policy(pairs: Sequence[tuple[str, Any]]):
             raise ValueError(f"convert: {pattern!r} is not a valid regex: {e}.") from None
     used: set[int] = set()
 
-    def policy(path: tuple, leaf: Any) -> QuantSpec | None:
+    def policy(path: KeyPath, leaf: Any) -> QuantSpec | None:
         name = _path_str(path)
         for i, (rx, spec) in enumerate(compiled):
             if rx.fullmatch(name):
@@ -71,13 +77,13 @@ def _pattern_policy(pairs: Sequence[tuple[str, Any]]):
 
 
 def convert(
-    tree: Any,
+    tree: PyTree,
     policy: Policy,
     *,
-    load: Callable[[tuple, jax.ShapeDtypeStruct], Any] | None = None,
+    load: Callable[[KeyPath, jax.ShapeDtypeStruct], jax.typing.ArrayLike] | None = None,
     delete: bool = False,
     key: jax.Array | None = None,
-) -> Any:
+) -> PyTree:
     """Quantize the leaves ``policy`` selects, one leaf at a time.
 
     Args:
@@ -119,10 +125,13 @@ def convert(
             "convert: load must be None or a function (path, abstract_leaf) -> array, got "
             f"{describe(load)}."
         )
-    check = None
-    pattern = isinstance(policy, list | tuple)
-    if pattern:
-        policy, check = _pattern_policy(policy)
+    check = pattern = None
+    tree_policy: TreePolicy
+    if isinstance(policy, list | tuple):
+        pattern, check = _pattern_policy(policy)
+        tree_policy = pattern
+    else:  # a list / tuple is the only Sequence accepted; resolve_policy refuses the rest
+        tree_policy = cast(TreePolicy, policy)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda a: isinstance(a, QArray)
     )
@@ -131,12 +140,12 @@ def convert(
     for path, leaf in leaves:
         name = _path_str(path)
         if isinstance(leaf, QArray):  # flattened, its float scale would be quantized
-            if pattern:
-                policy(path, leaf)  # a pattern that matches it counts as used
+            if pattern is not None:
+                pattern(path, leaf)  # a pattern that matches it counts as used
             specs.append(None)
             continue
         try:
-            spec = resolve_policy(policy, path, leaf)
+            spec = resolve_policy(tree_policy, path, leaf)
             if spec is not None:
                 if not jnp.issubdtype(leaf.dtype, jnp.floating):
                     raise TypeError(f"its dtype {leaf.dtype} is not floating point")
@@ -151,7 +160,7 @@ def convert(
         specs.append(spec)
     if check is not None:
         check([_path_str(p) for p, _ in leaves])
-    out = []
+    out: list[jax.Array | QArray] = []
     for i, ((path, leaf), spec) in enumerate(zip(leaves, specs, strict=True)):
         name = _path_str(path)
         abstract = isinstance(leaf, jax.ShapeDtypeStruct)

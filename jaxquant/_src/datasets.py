@@ -3,6 +3,8 @@ reproductions, the notebooks and the benchmarks."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from jaxquant._src.checks import check_int
@@ -51,7 +53,7 @@ def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
     }
 
 
-def stdlib_corpus(val_every: int = 10, max_files: int | None = None) -> dict:
+def stdlib_corpus(val_every: int = 10, max_files: int | None = None) -> dict[str, Any]:
     """The Python standard library's own top-level ``.py`` files as bytes: present
     offline on every machine (the exact bytes depend on the Python version: ``info``
     records it with a sha256).
@@ -82,7 +84,8 @@ def stdlib_corpus(val_every: int = 10, max_files: int | None = None) -> dict:
             f"only {len(files)} .py files are used (max_files={max_files}, {stdlib}); "
             "lower val_every or raise max_files."
         )
-    train, val = [], []
+    train: list[bytes] = []
+    val: list[bytes] = []
     for i, f in enumerate(files):
         (val if i % val_every == val_every - 1 else train).append(f.read_bytes())
     tr, va = b"\n".join(train), b"\n".join(val)

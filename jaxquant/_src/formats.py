@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -39,6 +40,7 @@ from jaxquant._src.checks import check_bool, check_int, describe
 
 Kind = Literal["float", "int", "codebook", "mx"]
 NanStyle = Literal["ieee", "fn", "fnuz", "none"]
+_T = TypeVar("_T")
 
 # QLoRA's NormalFloat4 (arXiv 2305.14314, Appendix E): quantiles of N(0, 1) normalised to
 # [-1, 1], asymmetric so that 0 is exact. papers/nf4 rebuilds them from the definition.
@@ -62,12 +64,12 @@ NF4_VALUES: tuple[float, ...] = (
 )
 
 
-def _element_property(fn):
+def _element_property(fn: Callable[[Format], _T]) -> property:
     """A property that an MX format takes from its element format."""
     name = fn.__name__
 
     @functools.wraps(fn)
-    def get(self):
+    def get(self: Format) -> _T:
         if self.kind == "mx":
             return getattr(self.element, name)
         return fn(self)
@@ -700,7 +702,8 @@ def _parse_exmy(key: str) -> Format | None:
     m = re.fullmatch(r"e(\d)m(\d{1,2})(fn|fnuz)?", key)
     if not m:
         return None
-    style: NanStyle = {"fn": "fn", "fnuz": "fnuz", None: "ieee"}[m.group(3)]
+    styles: dict[str | None, NanStyle] = {"fn": "fn", "fnuz": "fnuz", None: "ieee"}
+    style = styles[m.group(3)]
     return float_format(int(m.group(1)), int(m.group(2)), nan_style=style)
 
 

@@ -126,7 +126,11 @@ def _lsq(spec: QuantSpec, x: Array, step: Array, key: Array | None) -> Array:
     return _lsq_fwd(spec, x, step, key)[0]
 
 
-def _lsq_fwd(spec: QuantSpec, x: Array, step: Array, key: Array | None):
+# The forward pass's residuals: in-range mask, grid values, scaled input, step, sign(step).
+_Res = tuple[Array, Array, Array, Array, Array]
+
+
+def _lsq_fwd(spec: QuantSpec, x: Array, step: Array, key: Array | None) -> tuple[Array, _Res]:
     plan = spec.granularity.plan(tuple(x.shape))
     s = jnp.maximum(jnp.abs(step.astype(jnp.float32)), _TINY)
     sv = jnp.broadcast_to(s, plan.scale_shape)
@@ -138,7 +142,7 @@ def _lsq_fwd(spec: QuantSpec, x: Array, step: Array, key: Array | None):
     return out, (inside, v, y, step, jnp.sign(step.astype(jnp.float32)))
 
 
-def _lsq_bwd(spec: QuantSpec, res, g):
+def _lsq_bwd(spec: QuantSpec, res: _Res, g: Array) -> tuple[Array, Array, None]:
     inside, v, y, step, sign = res
     plan = spec.granularity.plan(tuple(g.shape))
     gv = g.astype(jnp.float32).reshape(plan.view)

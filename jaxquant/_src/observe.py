@@ -37,7 +37,9 @@ Array = jax.Array
 class Moments(NamedTuple):
     """Mergeable per-tensor statistics of the finite values seen so far."""
 
-    count: Array  # float32 (): finite values (float: no int32 overflow past 2^31)
+    # float32 (): finite values (float: no int32 overflow past 2^31). The name shadows
+    # tuple.count (mypy: an incompatible override); kept, the field is the statistic's name.
+    count: Array  # type: ignore[assignment]
     nonfinite: Array  # float32 (): NaN / Inf values
     lo: Array  # float32 (): min (+inf while empty)
     hi: Array  # float32 (): max (-inf while empty)
@@ -110,7 +112,7 @@ def histograms(x: Array, amax: Array, lo: Array, hi: Array, bins: int) -> Hist:
     fin = jnp.isfinite(x)
     w = fin.astype(jnp.float32)
 
-    def count(v: Array, start: Array, width: Array) -> Array:
+    def count(v: Array, start: jax.typing.ArrayLike, width: Array) -> Array:
         idx = jnp.clip(jnp.floor((v - start) / width), 0, bins - 1).astype(jnp.int32)
         idx = jnp.where(fin, idx, 0)
         return jnp.zeros((bins,), jnp.float32).at[idx].add(w)

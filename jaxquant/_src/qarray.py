@@ -297,7 +297,7 @@ def encode(v: jax.Array, fmt: Format) -> jax.Array:
     if fmt.dtype is not None and fmt.bits == 8:
         # Same bits either way (tested); XLA's CPU backend converts to fp8 in software,
         # slower than building the bit pattern, while GPUs convert in hardware.
-        def by_bits(v):
+        def by_bits(v: jax.Array) -> jax.Array:
             return jax.lax.bitcast_convert_type(float_codes(v, fmt).astype(jnp.uint8), sdt)
 
         return jax.lax.platform_dependent(v, cpu=by_bits, default=lambda v: v.astype(sdt))

@@ -103,7 +103,7 @@ def check_scale(
     if zero_point is None and not spec.symmetric:
         raise ValueError(f"{fn}: an asymmetric spec with a given scale= also needs zero_point=.")
     want = spec.granularity.plan(tuple(x.shape)).scale_shape
-    out = []
+    out: list[Array | None] = []
     for name, v in (("scale", scale), ("zero_point", zero_point)):
         if v is None:
             out.append(None)
@@ -446,7 +446,9 @@ def trace(x: Array, spec: QuantSpec, key: Array | None = None) -> tuple[Steps, A
 def _trace(x: Array, spec: QuantSpec, key: Array | None) -> tuple[Steps, Array]:
     st = _steps(x, spec, key, None)
     out = _steps_output(st, spec, unit_scale=_unit_scale(spec, None), dtype=x.dtype)
-    return st._replace(plan=None), out  # the plan's ints must not become traced outputs
+    # The plan's ints must not become traced outputs: None here (the one Steps without a
+    # plan; its callers read only the arrays), hence the ignore.
+    return st._replace(plan=None), out  # type: ignore[arg-type]
 
 
 def _unit_scale(spec: QuantSpec, scale: Array | None) -> bool:
@@ -492,7 +494,9 @@ def quantize(
 
 
 @functools.partial(jax.jit, static_argnums=4)
-def _quantize(x, key, scale, zero_point, spec: QuantSpec) -> QArray:
+def _quantize(
+    x: Array, key: Array | None, scale: Array | None, zero_point: Array | None, spec: QuantSpec
+) -> QArray:
     # One compiled program for eager and jit callers alike: same fusion, same numerics.
     if _use_kernel(x, spec, "quantize", scale, zero_point):
         return _quantize_one_pass(x, spec)
@@ -507,7 +511,9 @@ def _quantize(x, key, scale, zero_point, spec: QuantSpec) -> QArray:
     return QArray(values, s_store, z_store, spec, tuple(x.shape), np.dtype(x.dtype))
 
 
-def _use_kernel(x: Array, spec: QuantSpec, op: str, scale, zero_point) -> bool:
+def _use_kernel(
+    x: Array, spec: QuantSpec, op: str, scale: Array | None, zero_point: Array | None
+) -> bool:
     """Whether the one-pass Pallas kernel computes this quantizer (GPU, block-local
     power-of-two scales: bit-identical to the jnp path, which stays the reference).
 
@@ -529,12 +535,15 @@ def _use_kernel(x: Array, spec: QuantSpec, op: str, scale, zero_point) -> bool:
 
 
 def _quantize_one_pass(x: Array, spec: QuantSpec) -> QArray:
-    def jnp_path(x):
-        r, s, _, plan = quantize_core(x, spec, None, None, None)
-        return encode(r.reshape(plan.shape), spec.format), s.astype(spec.scale_format.dtype)
+    scale_dtype = spec.scale_format.dtype
+    assert scale_dtype is not None  # scale formats are floats: they all have a dtype
 
-    def kernel(x):
-        return kernels.block_quantize(x, spec, scale_dtype=spec.scale_format.dtype)
+    def jnp_path(x: Array) -> tuple[Array, Array]:
+        r, s, _, plan = quantize_core(x, spec, None, None, None)
+        return encode(r.reshape(plan.shape), spec.format), s.astype(scale_dtype)
+
+    def kernel(x: Array) -> tuple[Array, Array]:
+        return kernels.block_quantize(x, spec, scale_dtype=scale_dtype)
 
     # platform_dependent: a GPU host lowering for CPU never sees the Triton call.
     values, s = jax.lax.platform_dependent(x, cuda=kernel, default=jnp_path)
@@ -588,7 +597,9 @@ def fake_quant(
     return _fake_quant(x, key, scale, zero_point, spec, ste)
 
 
-def _qdq(x: Array, key, scale, zero_point, spec: QuantSpec) -> tuple[Array, Array, Array | None]:
+def _qdq(
+    x: Array, key: Array | None, scale: Array | None, zero_point: Array | None, spec: QuantSpec
+) -> tuple[Array, Array, Array | None]:
     st = _steps(x, spec, key, scale, zero_point)
     out = _steps_output(st, spec, unit_scale=_unit_scale(spec, scale), dtype=x.dtype)
     return out, st.s, st.z
@@ -612,11 +623,11 @@ def _ste_identity(x: Array, y: Array, mask: Array | None) -> Array:
     return y
 
 
-def _ste_fwd(x, y, mask):
+def _ste_fwd(x: Array, y: Array, mask: Array | None) -> tuple[Array, Array | None]:
     return y, mask
 
 
-def _ste_bwd(mask, g):
+def _ste_bwd(mask: Array | None, g: Array) -> tuple[Array, Array, None]:
     gx = g if mask is None else jnp.where(mask, g, jnp.zeros_like(g))
     return gx, jnp.zeros_like(g), None
 
@@ -625,7 +636,14 @@ _ste_identity.defvjp(_ste_fwd, _ste_bwd)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
-def _fake_quant(x, key, scale, zero_point, spec: QuantSpec, ste: str) -> Array:
+def _fake_quant(
+    x: Array,
+    key: Array | None,
+    scale: Array | None,
+    zero_point: Array | None,
+    spec: QuantSpec,
+    ste: str,
+) -> Array:
     if ste == "plain" and _use_kernel(x, spec, "fake_quant", scale, zero_point):
         xs = jax.lax.stop_gradient(x)
         y = jax.lax.platform_dependent(
@@ -647,10 +665,10 @@ def _fake_quant(x, key, scale, zero_point, spec: QuantSpec, ste: str) -> Array:
 
 # ------------------------------------------------------------------------ pytrees
 
-Policy = QuantSpec | Callable[[tuple, Any], QuantSpec | None]
+Policy = QuantSpec | Callable[[tuple[Any, ...], Any], QuantSpec | None]
 
 
-def resolve_policy(policy: Policy, path: tuple, leaf: Any) -> QuantSpec | None:
+def resolve_policy(policy: Policy, path: tuple[Any, ...], leaf: Any) -> QuantSpec | None:
     if isinstance(policy, QuantSpec):
         is_float = hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
         return policy if is_float else None

@@ -203,7 +203,7 @@ def divide(a: jax.Array, b: jax.Array) -> jax.Array:
     """
     a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
 
-    def cpu(a, b):
+    def cpu(a: jax.Array, b: jax.Array) -> jax.Array:
         # The divisor must be as batched as the dividend: under vmap an unbatched ``b`` (a
         # constant such as qmax) reaches XLA as ``a / broadcast(b)``, which the algebraic
         # simplifier rewrites into ``a * broadcast(1/b)`` -- 1 ulp off (issue 11, item 7).
@@ -232,7 +232,7 @@ def reciprocal(b: jax.Array) -> jax.Array:
     """
     b = jnp.asarray(b, jnp.float32)
 
-    def cpu(b):
+    def cpu(b: jax.Array) -> jax.Array:
         big = jnp.abs(b) > jnp.float32(2.0**126)
         b = jnp.where(big, jnp.copysign(jnp.float32(np.inf), b), b)
         return jnp.float32(1.0) / lax.optimization_barrier(b)

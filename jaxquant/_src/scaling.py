@@ -27,7 +27,7 @@ All scales are computed by :func:`jaxquant._src.quantize.compute_scale`, so the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -61,10 +61,18 @@ class ScaleState(NamedTuple):
 
     amax_history: Array  # float32 [history_len, *S]; row 0 is the most recent step
     scale: Array  # float32 [*S]; the scale the next update returns (unused while count == 0)
-    count: Array  # int32 []; updates so far, saturating at 2**31 - 1 (never wraps)
+    # int32 []; updates so far, saturating at 2**31 - 1 (never wraps). The name shadows
+    # tuple.count, which mypy reports as an incompatible override: public API, kept.
+    count: Array  # type: ignore[assignment]
 
 
-class Scaling(NamedTuple):
+# What a scaling rule's init takes: only the shape is used.
+ShapeOrArray = tuple[int, ...] | jax.typing.ArrayLike | jax.ShapeDtypeStruct | QArray
+# A rule's state: ScaleState (delayed_scaling) or () (current and static scaling).
+S = TypeVar("S")
+
+
+class Scaling(NamedTuple, Generic[S]):
     """A scaling rule: pure ``init`` / ``update`` functions and the spec they serve.
 
     Attributes:
@@ -84,8 +92,8 @@ class Scaling(NamedTuple):
       (0.02, [127, -50])
     """
 
-    init: Callable[[Any], Any]
-    update: Callable[[Any, Array], tuple[Array, Any]]
+    init: Callable[[ShapeOrArray], S]
+    update: Callable[[S, jax.typing.ArrayLike], tuple[Array, S]]
     spec: QuantSpec
 
 
@@ -111,7 +119,7 @@ def _check_spec(spec: Any, fn: str, *, calibrated: bool = True) -> QuantSpec:
     return spec
 
 
-def _shape_of(shape_or_x: Any) -> tuple[int, ...]:
+def _shape_of(shape_or_x: ShapeOrArray) -> tuple[int, ...]:
     if isinstance(shape_or_x, QArray):
         return tuple(shape_or_x.shape)
     if hasattr(shape_or_x, "shape"):
@@ -165,7 +173,7 @@ def _safe_increment(count: Array) -> Array:
 # ---------------------------------------------------------------------------- rules
 
 
-def current_scaling(spec: QuantSpec) -> Scaling:
+def current_scaling(spec: QuantSpec) -> Scaling[tuple[()]]:
     """Dynamic (per-batch) scaling: every step's scale comes from the tensor itself.
 
     ``update(state, x)`` returns exactly the scale ``jq.quantize(x, spec)`` would compute,
@@ -186,11 +194,11 @@ def current_scaling(spec: QuantSpec) -> Scaling:
     """
     spec = _check_spec(spec, "current_scaling")
 
-    def init(shape_or_x: Any) -> tuple:
+    def init(shape_or_x: ShapeOrArray) -> tuple[()]:
         _shape_of(shape_or_x)
         return ()
 
-    def update(state: tuple, x: Array) -> tuple[Array, tuple]:
+    def update(state: tuple[()], x: jax.typing.ArrayLike) -> tuple[Array, tuple[()]]:
         if state != ():
             raise TypeError(f"current_scaling: the state is (), got {type(state).__name__}.")
         return _scale_from_amax(current_amax(x, spec), spec), ()
@@ -198,7 +206,7 @@ def current_scaling(spec: QuantSpec) -> Scaling:
     return Scaling(init, update, spec)
 
 
-def static_scaling(spec: QuantSpec, amax: jax.typing.ArrayLike) -> Scaling:
+def static_scaling(spec: QuantSpec, amax: jax.typing.ArrayLike) -> Scaling[tuple[()]]:
     """A fixed scale from a known range ``amax`` (offline calibration, a config value).
 
     Args:
@@ -240,11 +248,11 @@ def static_scaling(spec: QuantSpec, amax: jax.typing.ArrayLike) -> Scaling:
         )
     amax_arr = jnp.asarray(amax_np)
 
-    def init(shape_or_x: Any) -> tuple:
+    def init(shape_or_x: ShapeOrArray) -> tuple[()]:
         _shape_of(shape_or_x)
         return ()
 
-    def update(state: tuple, x: Array) -> tuple[Array, tuple]:
+    def update(state: tuple[()], x: jax.typing.ArrayLike) -> tuple[Array, tuple[()]]:
         if state != ():
             raise TypeError(f"static_scaling: the state is (), got {type(state).__name__}.")
         del x
@@ -259,7 +267,7 @@ def delayed_scaling(
     history_len: int = 16,
     margin: int = 0,
     reduction: Literal["max", "most_recent"] = "max",
-) -> Scaling:
+) -> Scaling[ScaleState]:
     """Delayed scaling (NVIDIA Transformer Engine): scales from an amax history.
 
     At step ``t`` (``update(state, x_t)``):
@@ -318,7 +326,7 @@ def delayed_scaling(
         )
     headroom = float(2.0**margin)
 
-    def init(shape_or_x: Any) -> ScaleState:
+    def init(shape_or_x: ShapeOrArray) -> ScaleState:
         s_shape = _state_shape(spec, _shape_of(shape_or_x))
         return ScaleState(
             amax_history=jnp.zeros((history_len, *s_shape), jnp.float32),
@@ -326,7 +334,7 @@ def delayed_scaling(
             count=jnp.zeros((), jnp.int32),
         )
 
-    def update(state: ScaleState, x: Array) -> tuple[Array, ScaleState]:
+    def update(state: ScaleState, x: jax.typing.ArrayLike) -> tuple[Array, ScaleState]:
         if not isinstance(state, ScaleState) or not all(
             hasattr(v, "shape") and hasattr(v, "dtype") for v in state
         ):
@@ -360,7 +368,7 @@ def delayed_scaling(
 # ---------------------------------------------------------------------------- helpers
 
 
-def _check_scaling(scaling: Any, fn: str) -> Scaling:
+def _check_scaling(scaling: Scaling[S], fn: str) -> Scaling[S]:
     if not isinstance(scaling, Scaling):
         raise TypeError(
             f"{fn}(scaling): expected a jq.Scaling (from delayed_scaling, current_scaling or "
@@ -370,8 +378,8 @@ def _check_scaling(scaling: Any, fn: str) -> Scaling:
 
 
 def quantize_with(
-    scaling: Scaling, state: Any, x: jax.typing.ArrayLike, *, key: Array | None = None
-) -> tuple[QArray, Any]:
+    scaling: Scaling[S], state: S, x: jax.typing.ArrayLike, *, key: Array | None = None
+) -> tuple[QArray, S]:
     """Quantize ``x`` with the scale ``scaling`` gives for this step.
 
     Returns:
@@ -390,13 +398,13 @@ def quantize_with(
 
 
 def fake_quant_with(
-    scaling: Scaling,
-    state: Any,
+    scaling: Scaling[S],
+    state: S,
     x: jax.typing.ArrayLike,
     *,
     key: Array | None = None,
     ste: Literal["plain", "clipped"] = "plain",
-) -> tuple[Array, Any]:
+) -> tuple[Array, S]:
     """Quantize-dequantize ``x`` (straight-through gradient) with this step's scale.
 
     Args:

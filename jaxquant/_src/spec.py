@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from jaxquant._src import calibration as cal
 from jaxquant._src import formats
@@ -210,7 +210,7 @@ class QuantSpec:
 
     def replace(self, **changes: object) -> QuantSpec:
         """A copy with some fields changed (validated again)."""
-        fields = {
+        fields: dict[str, Any] = {
             "format": self.format,
             "granularity": self.granularity,
             "calibration": self.calibration,
@@ -223,7 +223,7 @@ class QuantSpec:
         }
         fields.update(changes)
         fmt = fields.pop("format")
-        return QuantSpec(fmt, **fields)  # type: ignore[arg-type]
+        return QuantSpec(fmt, **fields)
 
     def __str__(self) -> str:
         parts = [self.format.name, str(self.granularity), str(self.calibration or "no-scale")]

@@ -351,7 +351,7 @@ def dot_general(
         ste=ste,
     )
 
-    def opt(s):
+    def opt(s: jax.typing.ArrayLike | None) -> Array | None:
         return None if s is None else jnp.asarray(s, jnp.float32)
 
     return qdot_jit(cfg, lhs, rhs, opt(lhs_scale), opt(rhs_scale), opt(grad_scale), key)

@@ -17,7 +17,9 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
+# ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch)), normalized to int tuples.
+_Pair = tuple[tuple[int, ...], tuple[int, ...]]
+DimensionNumbers = tuple[_Pair, _Pair]
 
 FP8 = ("float8_e4m3fn", "float8_e5m2")
 ALL_FP8_PAIRS = tuple((a, b) for a in FP8 for b in FP8)
@@ -43,7 +45,8 @@ NATIVE_FP8_CAST = True
 # On an H200 (jax 0.11.2) XLA's s8 x s8 -> s32 dot *followed by the scaling epilogue* gave
 # wrong results for small shapes -- off by a factor of 2, or garbage: K = 16 with N = 10
 # or 4, K = 30, M = 24 with K = 16 / 32 -- while the bare s8 dot was exact on all 252 shapes
-# probed (benchmarks/gpu_int8_probe.py, gpu_int8_probe2.py) and 8192-sized GEMMs
+# probed (benchmarks/results/int8_probe_h200.json; tests/test_backend_probes.py probes
+# again) and 8192-sized GEMMs
 # (cuBLASLt) were right. Below these sizes (M, K, N) the product runs in float32 instead:
 # exact, and too small to gain from int8; with this guard every int8 test passed there.
 GPU_INT8_MIN = (16, 64, 16)

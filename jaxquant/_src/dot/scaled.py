@@ -144,9 +144,9 @@ def scaled_dot(
     in that half-precision dtype runs in it too."""
     (ca, cb), (ba, bb) = dn
     low = cfg.lowering
-    if not _scale_constant_along(sa, ca):
+    if sa is not None and not _scale_constant_along(sa, ca):
         a, sa = to_f32(a, cfg) * sa, None
-    if not _scale_constant_along(sb, cb):
+    if sb is not None and not _scale_constant_along(sb, cb):
         b, sb = to_f32(b, cfg) * sb, None
         if b_dtype is not None and np.dtype(b_dtype) in HALF and a.dtype == b_dtype:
             b = b.astype(b_dtype)
