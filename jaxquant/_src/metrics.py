@@ -66,14 +66,38 @@ def _against(x: Any, q: Any, fn: str) -> tuple[Array, QArray]:
 
 
 def mse(x: Any, x_hat: Any) -> Array:
-    """Mean squared error over finite elements of ``x``."""
+    """Mean squared error over finite elements of ``x``.
+
+    Args:
+      x: the reference array.
+      x_hat: its approximation: an array of the same shape, or the :class:`QArray` of ``x``.
+
+    Returns:
+      A float32 scalar array.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x = jnp.array([1.0, 2.0, jnp.inf])
+      >>> float(jq.metrics.mse(x, jnp.array([1.5, 2.0, 0.0])))  # the Inf is left out
+      0.125
+    """
     x, x_hat, fin = _pair(x, x_hat, "mse")
     n = jnp.maximum(jnp.sum(fin), 1).astype(jnp.float32)
     return jnp.sum(jnp.where(fin, (x - x_hat) ** 2, 0.0)) / n
 
 
 def max_abs_error(x: Any, x_hat: Any) -> Array:
-    """``max |x - x_hat|`` over finite elements of ``x`` (0 for an empty array)."""
+    """``max |x - x_hat|`` over finite elements of ``x`` (0 for an empty array).
+
+    ``x_hat`` is an array of ``x``'s shape or the :class:`QArray` of ``x``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x = jnp.array([-0.5, 0.3, 1.2, -2.1])
+      >>> q = jq.quantize(x, jq.QuantSpec("int8"))
+      >>> round(float(jq.metrics.max_abs_error(x, q)), 5)  # at most half a step, 2.1/254
+      0.00709
+    """
     x, x_hat, fin = _pair(x, x_hat, "max_abs_error")
     return jnp.max(jnp.where(fin, jnp.abs(x - x_hat), 0.0), initial=0.0)
 
@@ -81,7 +105,16 @@ def max_abs_error(x: Any, x_hat: Any) -> Array:
 def sqnr(x: Any, x_hat: Any) -> Array:
     """Signal-to-quantization-noise ratio in dB: ``10 log10(sum x^2 / sum (x - x_hat)^2)``.
 
-    ``+inf`` when the approximation is exact (including an all-zero ``x``).
+    ``+inf`` when the approximation is exact (including an all-zero ``x``). Sums run over
+    the finite elements of ``x``; ``x_hat`` is an array of ``x``'s shape or its QArray.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x = jnp.array([-0.5, 0.3, 1.2, -2.1])
+      >>> round(float(jq.metrics.sqnr(x, jq.quantize(x, jq.QuantSpec("int8")))), 2)
+      49.39
+      >>> float(jq.metrics.sqnr(x, x))  # no error
+      inf
     """
     x, x_hat, fin = _pair(x, x_hat, "sqnr")
     sig = jnp.sum(jnp.where(fin, x * x, 0.0))
@@ -92,7 +125,19 @@ def sqnr(x: Any, x_hat: Any) -> Array:
 
 
 def saturation_rate(x: Any, q: QArray) -> Array:
-    """Fraction of finite elements of ``x`` outside the range ``q`` can represent (clipped)."""
+    """Fraction of finite elements of ``x`` outside the range ``q`` can represent (clipped).
+
+    Args:
+      x: the array ``q`` was quantized from.
+      q: its :class:`QArray` (it knows the representable range).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x = jnp.array([1.0, 2.0, 100.0, 0.001])
+      >>> q = jq.quantize(x, jq.QuantSpec("int8", calibration=jq.fixed(10.0)))
+      >>> float(jq.metrics.saturation_rate(x, q))  # 100 is clipped to 10
+      0.25
+    """
     x, q = _against(x, q, "saturation_rate")
     spec = q.spec
     plan = spec.granularity.plan(q.shape)
@@ -145,28 +190,64 @@ def scale_clamp_rate(x: Any, q: QArray) -> Array:
 
 
 def underflow_rate(x: Any, x_hat: Any) -> Array:
-    """Fraction of non-zero finite elements of ``x`` that became exactly 0."""
+    """Fraction of non-zero finite elements of ``x`` that became exactly 0.
+
+    ``x_hat`` is an array of ``x``'s shape or the :class:`QArray` of ``x``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x = jnp.array([1.0, 2.0, 100.0, 0.001])
+      >>> q = jq.quantize(x, jq.QuantSpec("int8", calibration=jq.fixed(10.0)))
+      >>> float(jq.metrics.underflow_rate(x, q))  # 0.001 is below half a step (10/254)
+      0.25
+    """
     x, x_hat, fin = _pair(x, x_hat, "underflow_rate")
     nz = fin & (x != 0)
     return jnp.sum(nz & (x_hat == 0)) / jnp.maximum(jnp.sum(nz), 1)
 
 
 def nan_count(x: Any) -> Array:
-    """Number of NaN elements (of an array or a dequantized QArray)."""
+    """Number of NaN elements (of an array or a dequantized QArray).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> int(jq.metrics.nan_count(jnp.array([1.0, jnp.nan, jnp.inf])))
+      1
+    """
     if isinstance(x, QArray):
         x = x.dequantize()
     return jnp.sum(jnp.isnan(check_array(x, "nan_count: x")))
 
 
 def inf_count(x: Any) -> Array:
-    """Number of +-Inf elements."""
+    """Number of +-Inf elements (of an array or a dequantized QArray).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x = jnp.array([1e5, -7e4, 10.0]).astype(jnp.float16)  # float16's max is 65504
+      >>> int(jq.metrics.inf_count(x))
+      2
+    """
     if isinstance(x, QArray):
         x = x.dequantize()
     return jnp.sum(jnp.isinf(check_array(x, "inf_count: x")))
 
 
 def summary(x: Any, x_hat: Any) -> dict[str, Array]:
-    """Every metric for one pair (saturation only when ``x_hat`` is a QArray)."""
+    """Every metric for one pair (saturation only when ``x_hat`` is a QArray).
+
+    Returns:
+      A dict of float32 scalar arrays: ``sqnr_db``, ``mse``, ``max_abs_error``,
+      ``underflow_rate``, ``nan_in``, ``nan_out``, and for a QArray also
+      ``saturation_rate``, ``scale_clamp_rate`` and ``bits_per_value``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> x = jnp.array([-0.5, 0.3, 1.2, -2.1])
+      >>> s = jq.metrics.summary(x, jq.quantize(x, jq.QuantSpec("int8")))
+      >>> round(float(s["sqnr_db"]), 2), float(s["saturation_rate"]), float(s["bits_per_value"])
+      (49.39, 0.0, 16.0)
+    """
     _operands(x, x_hat, "summary")  # errors name summary, not the metric that met them first
     out = {
         "sqnr_db": sqnr(x, x_hat),
@@ -192,6 +273,21 @@ def report(tree: Any, qtree: Any) -> dict[str, dict[str, Array]]:
 
     Keys are ``jax.tree_util.keystr`` paths; leaves of ``qtree`` that are not QArrays and
     equal their original are reported too (SQNR inf). Returns arrays, so it runs under jit.
+
+    Args:
+      tree: the float pytree.
+      qtree: ``tree`` after :func:`jaxquant.quantize_tree` (QArrays where it quantized).
+
+    Returns:
+      ``{path: summary(leaf, qleaf)}`` for every floating-point leaf.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> params = {"w": jnp.array([[0.5, -1.0], [0.25, 2.0]]), "b": jnp.array([0.1, 0.2])}
+      >>> policy = lambda path, x: jq.QuantSpec("int4") if x.ndim == 2 else None
+      >>> r = jq.metrics.report(params, jq.quantize_tree(params, policy))
+      >>> {path: round(float(m["sqnr_db"]), 1) for path, m in r.items()}
+      {"['b']": inf, "['w']": 23.0}
     """
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)[0]
     qflat = jax.tree_util.tree_flatten_with_path(qtree, is_leaf=_is_qarray)[0]
