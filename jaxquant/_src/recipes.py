@@ -170,6 +170,15 @@ def fp8_current() -> Recipe:
     """FP8 training with per-batch (current) per-tensor scales: e4m3 operands, e5m2
     gradients. Real fp8 GEMMs on Hopper / Ada / Blackwell.
 
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> cfg = jq.recipes.fp8_current().config
+      >>> x = jnp.array([[1.0, -2.0, 0.5, 4.0]])
+      >>> w = jnp.array([[0.5, -1.0], [0.25, 2.0], [1.0, 0.0], [-0.5, 0.75]])
+      >>> y = jq.dot_general(x, w, (((1,), (0,)), ((), ())), config=cfg)
+      >>> [round(v, 3) for v in y[0].tolist()], (x @ w)[0].tolist()
+      ([-1.5, -2.143], [-1.5, -2.0])
+
     References:
       Micikevicius et al., "FP8 Formats for Deep Learning", https://arxiv.org/abs/2209.05433
     """
@@ -179,7 +188,24 @@ def fp8_current() -> Recipe:
 def fp8_delayed(history_len: int = 16, margin: int = 0) -> Recipe:
     """FP8 training with Transformer Engine's delayed scaling of the operands (amax
     history of ``history_len`` steps, ``margin`` powers of two of headroom); the gradient
-    keeps a current scale."""
+    keeps a current scale.
+
+    The amax history is state kept between steps, so the recipe runs through Flax rules
+    (:meth:`Recipe.rules` with :func:`jaxquant.flax.quantize_model`), or with a
+    :func:`jaxquant.delayed_scaling` state threaded by hand; :meth:`Recipe.dot_kwargs`
+    refuses it.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> r = jq.recipes.fp8_delayed(history_len=4)
+      >>> r.scaling, r.history_len, r.config.scaling
+      ('delayed', 4, 'delayed')
+      >>> [rule.pattern for rule in r.rules("Dense_.*")]
+      ['Dense_.*']
+
+    References:
+      Micikevicius et al., "FP8 Formats for Deep Learning", https://arxiv.org/abs/2209.05433
+    """
     return _fp8("delayed", history_len, margin)
 
 
@@ -187,8 +213,18 @@ def w8a8_int8() -> Recipe:
     """Int8 QAT: per-output-channel int8 weights, per-token int8 activations, real
     int8 x int8 -> int32 dots where the backend has them.
 
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> cfg = jq.recipes.w8a8_int8().config
+      >>> x = jnp.array([[1.0, -2.0, 0.5, 4.0]])
+      >>> w = jnp.array([[0.5, -1.0], [0.25, 2.0], [1.0, 0.0], [-0.5, 0.75]])
+      >>> y = jq.dot_general(x, w, (((1,), (0,)), ((), ())), config=cfg)
+      >>> [round(v, 3) for v in y[0].tolist()]  # float: [-1.5, -2.0]
+      [-1.512, -2.024]
+
     References:
-      Jacob et al., https://arxiv.org/abs/1712.05877
+      Jacob et al., "Quantization and Training of Neural Networks for Efficient
+      Integer-Arithmetic-Only Inference", https://arxiv.org/abs/1712.05877
     """
     return Recipe(
         "w8a8_int8",
@@ -201,7 +237,23 @@ def w8a8_int8() -> Recipe:
 
 def w4a16_int4(group_size: int = 128) -> Recipe:
     """Weight-only int4 QAT with one scale per ``group_size`` input rows of the kernel
-    (GPTQ / AWQ-style groups); activations stay in float."""
+    (GPTQ / AWQ-style groups); activations stay in float.
+
+    Args:
+      group_size: input rows per scale; it must divide the kernel's input size.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> r = jq.recipes.w4a16_int4(group_size=2)
+      >>> w = jnp.array([[0.5, -1.0], [0.25, 2.0], [1.0, 0.0], [-0.5, 0.75]])
+      >>> q = jq.quantize(w, r.weight)
+      >>> q.scale.shape  # (input groups, 1 row each, output channels)
+      (2, 1, 2)
+
+    References:
+      Frantar et al., "GPTQ", https://arxiv.org/abs/2210.17323;
+      Lin et al., "AWQ", https://arxiv.org/abs/2306.00978
+    """
     group_size = check_int(group_size, "w4a16_int4: group_size", lo=1, hi=_INT32_MAX)
     return Recipe(
         "w4a16_int4",
@@ -215,8 +267,14 @@ def w4a16_int4(group_size: int = 128) -> Recipe:
 def binary() -> Recipe:
     """Binary weights ``sign(W) * E|W|`` per output channel (BWN, Rastegari et al. 2016).
 
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> w = jnp.array([[0.5, -1.0], [0.25, 2.0], [1.0, 0.0], [-0.5, 0.75]])
+      >>> jq.fake_quant(w, jq.recipes.binary().weight).tolist()  # E|W| per column
+      [[0.5625, -0.9375], [0.5625, 0.9375], [0.5625, 0.9375], [-0.5625, 0.9375]]
+
     References:
-      https://arxiv.org/abs/1603.05279
+      Rastegari et al., "XNOR-Net", https://arxiv.org/abs/1603.05279
     """
     return Recipe(
         "binary",
@@ -231,8 +289,18 @@ def ternary(threshold: float = 0.7) -> Recipe:
     """Ternary weights (TWN, Li & Liu 2016): 0 below ``threshold * E|W|``, else
     ``+-E[|W| : kept]``, per output channel.
 
+    Args:
+      threshold: the fraction of ``E|W|`` below which a weight becomes 0.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> w = jnp.array([[0.5, -1.0], [0.25, 2.0], [1.0, 0.0], [-0.5, 0.75]])
+      >>> w_hat = jq.fake_quant(w, jq.recipes.ternary().weight).tolist()
+      >>> [[round(v, 3) for v in row] for row in w_hat]
+      [[0.667, -1.25], [0.0, 1.25], [0.667, 0.0], [-0.667, 1.25]]
+
     References:
-      https://arxiv.org/abs/1605.04711
+      Li & Liu, "Ternary Weight Networks", https://arxiv.org/abs/1605.04711
     """
     return Recipe(
         "ternary",
@@ -248,6 +316,16 @@ def mxfp8() -> Recipe:
     axis (activations along their last axis, weights along the kernel's input axis),
     e5m2 MX gradients (blocks along the output's last axis). Emulated: MX GEMMs need
     Blackwell-class hardware.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> r = jq.recipes.mxfp8()
+      >>> r.act.format.name, r.act.scale_format.name, r.grad.format.name
+      ('mxfp8', 'float8_e8m0fnu', 'mxfp8_e5m2')
+      >>> x, w = jnp.full((1, 64), 0.5), jnp.full((64, 32), 0.25)  # blocks of 32
+      >>> y = jq.dot_general(x, w, (((1,), (0,)), ((), ())), config=r.config)
+      >>> y.shape, float(y[0, 0])
+      ((1, 32), 8.0)
 
     References:
       OCP Microscaling Formats (MX) v1.0; Rouhani et al., https://arxiv.org/abs/2310.10537
@@ -273,7 +351,13 @@ _REGISTRY: dict[str, Callable[..., Recipe]] = {
 
 
 def names() -> tuple[str, ...]:
-    """The registered recipe names."""
+    """The registered recipe names.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> jq.recipes.names()
+      ('fp8_current', 'fp8_delayed', 'w8a8_int8', 'w4a16_int4', 'binary', 'ternary', 'mxfp8')
+    """
     return tuple(_REGISTRY)
 
 
