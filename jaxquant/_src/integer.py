@@ -9,8 +9,8 @@ with the bias stored as int32 at scale ``S1 * S2`` and the real multiplier ``M``
 a fixed-point pair: ``M = M0 * 2^-31 * 2^-shift`` with ``M0`` an int32 in ``[2^30, 2^31)``
 (:func:`quantize_multiplier`). Applying it (:func:`multiply_by_quantized_multiplier`) is
 gemmlowp's ``SaturatingRoundingDoublingHighMul`` (the high 32 bits of ``2 * a * M0``,
-rounded half away from zero) followed by ``RoundingDivideByPOT`` (a rounding arithmetic
-right shift), bit-exact to the reference C++ -- computed here with 32-bit integer limbs,
+rounded to nearest, ties toward +infinity) followed by ``RoundingDivideByPOT`` (a rounding
+arithmetic right shift), bit-exact to the reference C++ -- computed here with 32-bit integer limbs,
 so it needs no ``jax_enable_x64``.
 
 Arguments are checked while tracing, on static information: the dtype and shape of every
@@ -178,8 +178,20 @@ def _add64(h: Array, lo: Array, xh: Array, xl: Array) -> tuple[Array, Array]:
 def saturating_rounding_doubling_high_mul(
     a: jax.typing.ArrayLike, b: jax.typing.ArrayLike
 ) -> Array:
-    """gemmlowp ``SaturatingRoundingDoublingHighMul``: ``round(a * b / 2^31)`` (ties away
-    from zero) of int32 ``a``, ``b``; ``INT32_MIN * INT32_MIN`` saturates to ``INT32_MAX``."""
+    """gemmlowp ``SaturatingRoundingDoublingHighMul``: ``round(a * b / 2^31)`` of int32
+    ``a``, ``b``; ``INT32_MIN * INT32_MIN`` saturates to ``INT32_MAX``.
+
+    Ties round toward +infinity (gemmlowp's nudge of ``2^30`` for a non-negative product,
+    ``1 - 2^30`` for a negative one, then a division truncating toward zero): 1.5 -> 2,
+    -1.5 -> -1.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant.integer as jqi
+      >>> a = jnp.array([2**30, -(2**30), 2**30, -(2**31)], jnp.int32)
+      >>> b = jnp.array([3, 3, 5, -(2**31)], jnp.int32)
+      >>> jqi.saturating_rounding_doubling_high_mul(a, b).tolist()  # 1.5, -1.5, 2.5, 2^31
+      [2, -1, 3, 2147483647]
+    """
     a = _int32_operand(a, "saturating_rounding_doubling_high_mul: a")
     b = _int32_operand(b, "saturating_rounding_doubling_high_mul: b")
     neg = (a < 0) != (b < 0)
@@ -203,7 +215,14 @@ def saturating_rounding_doubling_high_mul(
 
 def rounding_divide_by_pot(x: jax.typing.ArrayLike, exponent: jax.typing.ArrayLike) -> Array:
     """gemmlowp ``RoundingDivideByPOT``: ``x / 2^exponent`` rounded to nearest, ties away
-    from zero, for int32 ``x`` and ``0 <= exponent <= 31``."""
+    from zero, for int32 ``x`` and ``0 <= exponent <= 31``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant.integer as jqi
+      >>> x = jnp.array([5, 6, -5, -6, 7], jnp.int32)
+      >>> jqi.rounding_divide_by_pot(x, 2).tolist()  # 1.25, 1.5, -1.25, -1.5, 1.75
+      [1, 2, -1, -2, 2]
+    """
     x = _int32_operand(x, "rounding_divide_by_pot: x")
     e = _int32_operand(exponent, "rounding_divide_by_pot: exponent", 0, 31)
     mask = (jnp.int32(1) << e) - 1
@@ -218,7 +237,19 @@ def multiply_by_quantized_multiplier(
 ) -> Array:
     """``round(x * M0 * 2^-31 * 2^-shift)`` in int32 arithmetic (TFLite's
     ``MultiplyByQuantizedMultiplier``): a left shift for ``shift < 0``, the doubling high
-    multiply, then a rounding right shift for ``shift > 0``."""
+    multiply, then a rounding right shift for ``shift > 0``.
+
+    Args:
+      x: int32 values (e.g. a dot's accumulators).
+      m0, shift: the multiplier from :func:`quantize_multiplier`.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant.integer as jqi
+      >>> m0, shift = jqi.quantize_multiplier(0.3)
+      >>> x = jnp.array([10, 100, -7], jnp.int32)
+      >>> jqi.multiply_by_quantized_multiplier(x, m0, shift).tolist()  # 3, 30, -2.1
+      [3, 30, -2]
+    """
     fn = "multiply_by_quantized_multiplier"
     x = _int32_operand(x, f"{fn}: x")
     m0 = _int32_operand(m0, f"{fn}: m0", 0)
@@ -257,6 +288,19 @@ def dense(
 
     Returns:
       ``clip(Z3 + M * (sum_k (x - Z1) w + bias))`` in ``out_dtype``.
+
+    Example:
+      Real values ``x = [0, 1, -1, 2]`` (``S1 = 0.02``, ``Z1 = 128``), weights at
+      ``S2 = 0.01``, bias ``[0, 0.1]``, output at ``S3 = 0.05``, ``Z3 = 128``:
+
+      >>> import jax.numpy as jnp, jaxquant.integer as jqi
+      >>> x = jnp.array([[128, 178, 78, 228]], jnp.uint8)
+      >>> w = jnp.array([[10, -20], [30, 40], [-50, 60], [70, 80]], jnp.int8)
+      >>> bias = jnp.array([0, 500], jnp.int32)  # round(b / (S1 * S2))
+      >>> m0, shift = jqi.quantize_multiplier(0.02 * 0.01 / 0.05)
+      >>> y = jqi.dense(x, 128, w, bias, m0, shift, 128)
+      >>> y.dtype, y.tolist()  # real 0.05 * (y - 128) = [2.2, 1.5], as in float
+      (dtype('uint8'), [[172, 158]])
     """
     fn = "integer dense"
     x, w = _data(x, f"{fn}: x"), _data(w, f"{fn}: w")
