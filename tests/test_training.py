@@ -1,74 +1,55 @@
-"""End-to-end quantized training with the accuracy benchmarks' own code (benchmarks/).
+"""End-to-end quantized training (models and trainer: tests/digits_models.py and below).
 
 * digits (Linen): a short int8 QAT run under ``jax.jit`` learns, stays close to float,
   and really is quantized (``jq.flax.report`` and a hand-written fake-quant forward);
 * data parallel: the same jitted train step on 8 CPU devices (batch sharded over a
   ``"data"`` mesh axis, parameters replicated) computes what it computes on one device;
-* the byte-level transformer LM (NNX) of ``qat_lm.py`` trains with a stateful recipe.
+* a byte-level transformer LM (NNX) trains with a stateful recipe (delayed fp8 scaling)
+  through ``nnx.split`` / ``nnx.merge`` inside one jitted ``lax.scan``.
 
 optax's Adam does not trace under strict dtype promotion (optax 0.2.8), so the training
 loops that use it run under ``jax.numpy_dtype_promotion("standard")``; the checks of the
 quantized forward pass run strict.
 """
 
-import functools
-import importlib.util
-import sys
-from pathlib import Path
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from digits_models import MLP, data, make_trainer
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxquant as jq
+from jaxquant.datasets import stdlib_corpus
 from jaxquant.flax import quantize_model, report
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@functools.cache
-def _bench(name):
-    """Import benchmarks/<name>.py (benchmarks/ is not a package)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location(
-        f"benchmarks.{name}", ROOT / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 # --------------------------------------------------------------------------- digits
 
 
-@functools.cache
 def _digits_data():
-    return _bench("qat_digits").load_data(n_train=512)
+    return data(512)
 
 
 def _train_digits(method, seed=0):
-    d = _bench("qat_digits")
-    data = _digits_data()
-    cfg = {"batch": 64, "epochs": 12, "lr": 3e-3, "steps": 12 * 8, "group_size": 32}
-    model = d.MLP((128, 128), 10)
-    rules = d.method_rules(method, cfg["group_size"], 3)
-    if rules is not None:
-        model = quantize_model(model, rules)
-    tx = d.method_optimizer(method, cfg)
-    x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
+    d = _digits_data()
+    epochs, batch = 12, 64
+    model = MLP((128, 128), 10)
+    if method != "float":
+        model = quantize_model(model, jq.recipes.get(method).rules())
+    tx = optax.adam(optax.cosine_decay_schedule(3e-3, epochs * 8, alpha=0.0))
+    x, y = jnp.asarray(d["x_train"]), jnp.asarray(d["y_train"])
     with jax.numpy_dtype_promotion("standard"):
-        params, state = d.split_variables(model.init(jax.random.key(seed), x[:1]))
-        train = d.make_trainer(model, tx, cfg)
-        params, state, _, losses = train(params, state, tx.init(params), x, y, jax.random.key(1))
-    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(data["x_test"]))
-    acc = jnp.mean(jnp.argmax(logits, axis=-1) == jnp.asarray(data["y_test"]))
+        variables = dict(model.init(jax.random.key(seed), x[:1]))
+        params = variables.pop("params")
+        train = make_trainer(model, tx, batch=batch, epochs=epochs)
+        params, _, _, losses = train(params, variables, tx.init(params), x, y, jax.random.key(1))
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(d["x_test"]))
+    acc = jnp.mean(jnp.argmax(logits, axis=-1) == jnp.asarray(d["y_test"]))
     return model, params, logits, float(acc), np.asarray(losses)
 
 
@@ -86,6 +67,7 @@ def _manual_w8a8(params, x):
     return x
 
 
+@pytest.mark.slow  # trains a float and an int8 QAT MLP
 def test_digits_int8_qat_learns_and_is_quantized():
     _, _, _, acc_f, _ = _train_digits("float")
     qmodel, params, logits, acc_q, losses = _train_digits("w8a8_int8")
@@ -114,13 +96,15 @@ def _mesh():
     return Mesh(devices, ("data",))
 
 
-@pytest.mark.parametrize("recipe", ["w8a8_int8", "fp8_current"])
+# fp8 takes the float-format quantizer through the same sharded step: slow only.
+@pytest.mark.parametrize(
+    "recipe", ["w8a8_int8", pytest.param("fp8_current", marks=pytest.mark.slow)]
+)
 def test_data_parallel_step_matches_single_device(recipe):
-    d = _bench("qat_digits")
-    data = _digits_data()
-    model = quantize_model(d.MLP((64,), 10), jq.recipes.get(recipe).rules())
-    x = jnp.asarray(data["x_train"][:64])
-    y = jnp.asarray(data["y_train"][:64])
+    d = _digits_data()
+    model = quantize_model(MLP((64,), 10), jq.recipes.get(recipe).rules())
+    x = jnp.asarray(d["x_train"][:64])
+    y = jnp.asarray(d["y_train"][:64])
     params = model.init(jax.random.key(0), x[:1])["params"]
     opt = optax.sgd(0.1)
 
@@ -155,26 +139,91 @@ def test_data_parallel_step_matches_single_device(recipe):
 # ------------------------------------------------------------------------------- LM
 
 
+class _Attention(nnx.Module):
+    def __init__(self, d, heads, *, rngs):
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nnx.Linear(d, d, rngs=rngs) for _ in range(4))
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        h, dh = self.heads, d // self.heads
+        q, k, v = (f(x).reshape(b, t, h, dh) for f in (self.q, self.k, self.v))
+        att = jnp.einsum("bthd,bshd->bhts", q, k) * (1.0 / math.sqrt(dh))
+        att = jnp.where(jnp.tril(jnp.ones((t, t), jnp.bool_))[None, None], att, -1e30)
+        y = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(att, axis=-1), v)
+        return self.o(y.reshape(b, t, d))
+
+
+class _Mlp(nnx.Module):
+    def __init__(self, d, hidden, *, rngs):
+        self.fc1, self.fc2 = nnx.Linear(d, hidden, rngs=rngs), nnx.Linear(hidden, d, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class _Block(nnx.Module):
+    def __init__(self, d, heads, hidden, *, rngs):
+        self.ln1, self.ln2 = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
+        self.attn, self.mlp = _Attention(d, heads, rngs=rngs), _Mlp(d, hidden, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class ByteLM(nnx.Module):
+    """Causal byte-level transformer: embed + positions, pre-LN blocks, LN, Linear head."""
+
+    def __init__(self, *, seq=32, d=32, layers=1, heads=2, hidden=64, rngs):
+        self.embed = nnx.Embed(256, d, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (seq, d), jnp.float32))
+        self.blocks = nnx.List([_Block(d, heads, hidden, rngs=rngs) for _ in range(layers)])
+        self.ln_f, self.head = nnx.LayerNorm(d, rngs=rngs), nnx.Linear(d, 256, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens) + self.pos[...][None, : tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+@pytest.mark.slow  # ~40 training steps of a transformer under jit
 def test_lm_nnx_trains_with_delayed_fp8():
-    lm = _bench("qat_lm")
-    cfg = lm.config(type("Args", (), {"quick": True, "steps": 40})()) | {"layers": 1}
-    corpus = lm.load_corpus(val_every=10, max_files=20)
-    model = lm.build("fp8_delayed", 0, cfg)
+    seq, batch, steps = 32, 8, 40
+    model = ByteLM(seq=seq, rngs=nnx.Rngs(0))
+    quantize_model(model, jq.recipes.get("fp8_delayed").rules(r"blocks/.*"))
     assert sorted(m.path for m in report(model)) == [
-        f"blocks/{i}/{name}"
-        for i in range(1)
+        f"blocks/0/{name}"
         for name in ("attn/k", "attn/o", "attn/q", "attn/v", "mlp/fc1", "mlp/fc2")
     ]
     quant_state = lambda m: jax.tree.leaves(nnx.state(m, nnx.Not(nnx.Param)))
     before = [np.asarray(v) for v in quant_state(model)]
     assert before, "delayed scaling should keep state outside the params"
+    corpus = jnp.asarray(stdlib_corpus(val_every=10, max_files=20)["train"])
+    last_start = corpus.shape[0] - seq - 1
+
+    def loss_fn(m, tokens):
+        logits = m(tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
     with jax.numpy_dtype_promotion("standard"):
-        opt = nnx.Optimizer(model, lm.optimizer(cfg), wrt=nnx.Param)
+        opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
         graphdef, state = nnx.split((model, opt))
-        train = lm.make_train_chunk(graphdef, cfg)
-        state, losses = train(
-            state, jnp.asarray(corpus["train"]), jax.random.key(0), jnp.arange(40)
-        )
+
+        @jax.jit
+        def train(state, key):
+            def step(state, i):
+                m, o = nnx.merge(graphdef, state)
+                starts = jax.random.randint(jax.random.fold_in(key, i), (batch,), 0, last_start)
+                tokens = corpus[starts[:, None] + jnp.arange(seq + 1)[None, :]].astype(jnp.int32)
+                loss, grads = nnx.value_and_grad(loss_fn)(m, tokens)
+                o.update(m, grads)
+                return nnx.split((m, o))[1], loss
+
+            return jax.lax.scan(step, state, jnp.arange(steps))
+
+        state, losses = train(state, jax.random.key(0))
     losses = np.asarray(losses)
     assert np.all(np.isfinite(losses))
     assert losses[-5:].mean() < losses[:5].mean() - 1.0, losses  # from ~ln(256) = 5.5
