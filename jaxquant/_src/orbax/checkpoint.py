@@ -10,6 +10,12 @@ and dtype), then every file before orbax reads a byte, then every array after, s
 damaged checkpoint raises a ValueError naming the path and the leaf instead of returning
 wrong values.
 
+A checkpoint path may be a URI on object storage (``gs://bucket/ckpt``, ``s3://``...),
+read and written through ``etils.epath`` (orbax's own path library). Object storage has
+no rename and no ``flock``, so there a save writes in place, its manifest last: until the
+manifest is uploaded the directory is not a checkpoint, and ``restore`` refuses it
+(:func:`_save_in_place`).
+
 A save writes into a hidden ``.<name>.tmp-<id>`` folder beside the checkpoint and holds
 an exclusive ``flock`` on ``.<name>.tmp-<id>.lock`` while it runs. The kernel drops the
 lock when the writer dies however it dies (SIGKILL included), so the next save to the same
@@ -125,8 +131,12 @@ def _variable_type(x: Any) -> str | None:
     return type(x).__name__ if isinstance(x, kinds) else None
 
 
-def _directory(directory: Any, fn: str) -> Path:
-    """``directory`` as an absolute path; a TypeError for what is not a path."""
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _directory(directory: Any, fn: str) -> Any:
+    """``directory`` as an absolute ``pathlib.Path``, or an ``etils.epath.Path`` for a
+    URI (``gs://...``); a TypeError for what is not a path."""
     if not isinstance(directory, str | os.PathLike):
         raise TypeError(
             f"jq.orbax.{fn}: directory must be a path (a str or os.PathLike such as "
@@ -138,7 +148,17 @@ def _directory(directory: Any, fn: str) -> Path:
         raise ValueError(
             f"jq.orbax.{fn}: directory must be a non-empty str path, got {directory!r}."
         )
-    return Path(path).expanduser().absolute()
+    if _URI.match(path) and not path.startswith("file://"):
+        from etils import epath  # an orbax dependency
+
+        return epath.Path(path)
+    return Path(path.removeprefix("file://")).expanduser().absolute()
+
+
+def _size(path: Any) -> int:
+    """A file's size in bytes (``etils.epath`` calls ``st_size`` ``length``)."""
+    st = path.stat()
+    return st.st_size if isinstance(path, Path) else st.length
 
 
 def _name(path: tuple) -> str:  # a leaf's name, as in jq.size_report
@@ -165,7 +185,8 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
     gives back ``None``, ``()``, ``{}``, ``[]``, tuples and lists as they were.
 
     Args:
-      directory: where the checkpoint goes; must not exist unless ``force``.
+      directory: where the checkpoint goes (a local path, or a URI such as
+        ``gs://bucket/ckpt``, written in place); must not exist unless ``force``.
       tree: a pytree (dicts, lists, tuples, flax ``FrozenDict`` / ``nnx.State``...) whose
         leaves are ``jax.Array`` / ``numpy`` arrays (typed PRNG keys included: an NNX
         model's RNG state) and QArrays.
@@ -190,6 +211,9 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
     """
     directory = _directory(directory, "save")
     force = check_bool(force, "save: force")
+    if not isinstance(directory, Path):
+        _save_in_place(directory, tree, force)
+        return
     if directory.exists() or directory.is_symlink():
         if not force:
             raise FileExistsError(
@@ -213,16 +237,7 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
             with _quiet_orbax_merge_notice(), ocp.StandardCheckpointer(use_ocdbt=False) as ck:
                 ck.save(tmp / ARRAYS, stored)
                 ck.wait_until_finished()
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "jaxquant_version": __version__,
-            "checksum": "sha256",
-            "files": _file_digests(tmp),
-            "leaves": leaves,
-            "structure": structure,
-        }
-        manifest[SEAL] = _seal(manifest)
+        manifest = _new_manifest(_file_digests(tmp), leaves, structure)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -233,6 +248,67 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
         raise
     finally:  # after tmp is renamed or removed: a folder without its lock is never live
         _end_temporary(tmp, lock)
+
+
+def _new_manifest(files: dict, leaves: list[dict], structure: Any) -> dict[str, Any]:
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "jaxquant_version": __version__,
+        "checksum": "sha256",
+        "files": files,
+        "leaves": leaves,
+        "structure": structure,
+    }
+    manifest[SEAL] = _seal(manifest)
+    return manifest
+
+
+def _save_in_place(directory: Any, tree: Any, force: bool) -> None:
+    """:func:`save` to object storage (an ``etils.epath`` path), which has no rename and
+    no ``flock``: the checkpoint is written where it goes and its manifest, uploaded last
+    in one piece, is what makes it a checkpoint (restore refuses a directory without
+    one). ``force`` deletes an old checkpoint's manifest first and then its arrays, so an
+    interrupted replacement leaves no checkpoint rather than a mix of two; unlike a local
+    save, the old checkpoint is then lost."""
+    if directory.exists():
+        if not force:
+            raise FileExistsError(
+                f"save: {directory} already exists. Pass force=True to replace it, or "
+                "choose another path."
+            )
+        is_ckpt = (directory / MANIFEST).exists()
+        if not directory.is_dir() or not (is_ckpt or not any(directory.iterdir())):
+            raise ValueError(
+                f"save(force=True): {directory} is neither a jaxquant checkpoint (no "
+                f"{MANIFEST}) nor an empty directory; refusing to replace it. Remove it "
+                "yourself or choose another path."
+            )
+    leaves, stored = _flatten(tree)  # before anything is deleted: a bad tree raises here
+    structure = _structure(tree)
+    if directory.exists():
+        with contextlib.suppress(FileNotFoundError):
+            (directory / MANIFEST).unlink()
+        if (directory / ARRAYS).exists():
+            (directory / ARRAYS).rmtree()
+    directory.mkdir(parents=True, exist_ok=True)
+    if stored:
+        with _quiet_orbax_merge_notice(), ocp.StandardCheckpointer(use_ocdbt=False) as ck:
+            ck.save(directory / ARRAYS, stored)
+            ck.wait_until_finished()
+    files = {}
+    root = os.fspath(directory).rstrip("/")
+    todo = [directory / ARRAYS] if (directory / ARRAYS).exists() else []
+    while todo:  # epath refuses a recursive glob on object storage: walk it level by level
+        for p in sorted(todo.pop().iterdir(), key=os.fspath):
+            if p.is_dir():
+                todo.append(p)
+                continue
+            with p.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            files[os.fspath(p)[len(root) + 1 :]] = {"size": _size(p), "sha256": digest}
+    manifest = _new_manifest(files, leaves, structure)
+    (directory / MANIFEST).write_bytes(json.dumps(manifest, indent=1).encode())
 
 
 def _flatten(tree: Any) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
@@ -643,7 +719,8 @@ def restore(directory: str | os.PathLike, target: Any = None) -> Any:
     Save it again to add both: ``save(path, restore(path, target), force=True)``.
 
     Args:
-      directory: the checkpoint directory.
+      directory: the checkpoint directory (a local path, or a URI such as
+        ``gs://bucket/ckpt``).
       target: optional tree of the same structure, concrete or abstract (e.g.
         ``jax.eval_shape(lambda p: jq.convert(p, policy), params)``). Its container types
         (``FrozenDict``, ``nnx.State``, tuples...) are used for the result, its leaves
@@ -990,10 +1067,10 @@ def _check_files(directory: Path, files: dict[str, tuple[int, str]], leaves: lis
         p = directory / rel
         if not p.is_file():
             problem = "missing"
-        elif p.stat().st_size != size:
-            problem = f"{p.stat().st_size} bytes instead of {size} (truncated or overwritten)"
+        elif _size(p) != size:
+            problem = f"{_size(p)} bytes instead of {size} (truncated or overwritten)"
         else:
-            with open(p, "rb") as f:
+            with p.open("rb") as f:
                 ok = hashlib.file_digest(f, "sha256").hexdigest() == digest
             problem = None if ok else "corrupted (its sha256 does not match the manifest)"
         if problem:
