@@ -13,6 +13,7 @@ Conv, Embed, LayerNorm, attention...) gets them; layers without them run as writ
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -100,7 +101,12 @@ class PolicyModule(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         policy = self.policy
 
-        def interceptor(next_fun, args, kwargs, context):
+        def interceptor(
+            next_fun: Callable[..., Any],
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            context: nn.module.InterceptorContext,
+        ) -> Any:
             m = context.module
             if context.method_name != "__call__" or not _has_dtypes(m):
                 return next_fun(*args, **kwargs)
@@ -151,8 +157,9 @@ def apply_policy(model: Any, policy: Policy) -> Any:
         for _, node in nnx.iter_graph(model):
             if not isinstance(node, nnx.Module) or not _has_dtypes(node):
                 continue
-            node.dtype = policy.compute_dtype
-            node.param_dtype = policy.param_dtype
+            # _has_dtypes checked the layer has both; nnx.Module itself declares neither.
+            node.dtype = policy.compute_dtype  # type: ignore[attr-defined]
+            node.param_dtype = policy.param_dtype  # type: ignore[attr-defined]
             for _, var in nnx.iter_graph(node):
                 if isinstance(var, nnx.Param) and jnp.issubdtype(var[...].dtype, jnp.floating):
                     var.set_value(var[...].astype(policy.param_dtype))

@@ -64,7 +64,8 @@ from jaxquant._src.spec import QuantSpec
 try:  # the Triton compiler parameters (jax >= 0.4.36 spells them CompilerParams)
     from jax.experimental.pallas import triton as _plgpu
 
-    _CompilerParams = getattr(_plgpu, "CompilerParams", None) or _plgpu.TritonCompilerParams
+    # TritonCompilerParams: jax < 0.4.36's name, absent from newer jax's stubs.
+    _CompilerParams = getattr(_plgpu, "CompilerParams", None) or _plgpu.TritonCompilerParams  # type: ignore[attr-defined]
 except (ImportError, AttributeError):  # pragma: no cover - a jax without Pallas-Triton
     _CompilerParams = None
 
@@ -188,6 +189,7 @@ def _tile_blocks(n_blocks: int, block: int, tile_elems: int) -> int:
 
 def _params(spec: QuantSpec, shape: tuple[int, ...], tile_elems: int) -> _Params:
     f = spec.element
+    assert isinstance(spec.granularity, PerBlock)  # _reason refused the other granularities
     b = spec.granularity.size
     qmin, qmax = spec.qrange
     q_exp = q_mant = 0
@@ -235,6 +237,7 @@ def supported(
     if _reason(spec, shape, dtype, op) is not None:
         return False
     total = math.prod(shape)
+    assert isinstance(spec.granularity, PerBlock)  # _reason refused the other granularities
     b = spec.granularity.size
     tile = _tile_blocks(total // b, b, TILE_ELEMS) * b
     return tile >= min(total, MIN_TILE_ELEMS)

@@ -51,12 +51,12 @@ _INT32_MAX = 2**31 - 1
 def _dynamic_tree_code(signed: bool) -> np.ndarray:
     """The 256 sorted values of the signed or unsigned dynamic tree code (float32)."""
     bits = 7 if signed else 8  # bits after the sign bit
-    mags = []
+    parts: list[np.ndarray] = []
     for e in range(bits):  # e zeros, one indicator bit, f fraction bits
         f = bits - 1 - e
         j = np.arange(2**f, dtype=np.float64)
-        mags.append(10.0**-e * (0.1 + 0.9 * (j + 1) / 2**f))
-    mags = np.concatenate(mags)
+        parts.append(10.0**-e * (0.1 + 0.9 * (j + 1) / 2**f))
+    mags = np.concatenate(parts)
     if signed:
         values = np.concatenate([-mags, [0.0, 1e-7], mags])
     else:
@@ -104,6 +104,17 @@ class QuantizedMoment:
       absmax: each block's largest magnitude (the scale of its codes).
       shape: the represented tensor's shape (static).
       signed: which code table: signed (first moment) or unsigned (second moment) (static).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant.optax as jqo
+      >>> opt = jqo.scale_by_adam_8bit(block_size=4, min_size=0)
+      >>> state = opt.init(jnp.zeros(8))
+      >>> _, state = opt.update(jnp.array([1.0, -2, 3, -4, 0.5, 0.25, 0, 8]), state)
+      >>> m = state.mu  # the first moment, 0.1 * g after one step
+      >>> m.codes.dtype, m.codes.shape, m.absmax.tolist()
+      (dtype('uint8'), (2, 4), [0.4000000059604645, 0.800000011920929])
+      >>> [round(v, 2) for v in m.dequantize().tolist()]
+      [0.1, -0.2, 0.3, -0.4, 0.05, 0.03, 0.0, 0.8]
     """
 
     codes: jax.Array
@@ -215,10 +226,10 @@ def _nearest_code(y: jax.Array, signed: bool) -> jax.Array:
     decades = 7 if signed else 8
     a = jnp.abs(y)
     # Decade E: a in (10^-(E+1), 10^-E]; compares and selects (no log10 / pow on CPU).
-    e = sum((a <= np.float32(10.0**-k)).astype(jnp.int32) for k in range(1, decades))
+    e = sum((a <= np.float32(10.0**-d)).astype(jnp.int32) for d in range(1, decades))
     ten_e = jnp.full(a.shape, 1.0, jnp.float32)
-    for k in range(1, decades):
-        ten_e = jnp.where(e == k, np.float32(10.0**k), ten_e)
+    for d in range(1, decades):
+        ten_e = jnp.where(e == d, np.float32(10.0**d), ten_e)
     two_f = jax.lax.shift_left(1, (decades - 1) - e).astype(jnp.float32)  # 2**F bins
     j = jnp.clip(jnp.round((a * ten_e - 0.1) * (two_f / 0.9) - 1.0), 0.0, two_f - 1.0)
     rank = (two_f - 1.0 + j).astype(jnp.int32)  # among the magnitudes, ascending
@@ -251,9 +262,18 @@ class ScaleByAdam8bitState(NamedTuple):
     ``mu`` and ``nu`` have the parameters' tree structure; each leaf is a
     :class:`QuantizedMoment` (leaves with at least ``min_size`` elements) or a float32
     array of the leaf's shape (smaller leaves).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxquant.optax as jqo
+      >>> params = {"w": jnp.zeros((64, 64)), "b": jnp.zeros(64)}
+      >>> state = jqo.scale_by_adam_8bit().init(params)
+      >>> int(state.count), type(state.mu["w"]).__name__, state.mu["b"].dtype
+      (0, 'QuantizedMoment', dtype('float32'))
     """
 
-    count: jax.Array  # int32[], the number of updates so far; saturates at 2**31 - 1
+    # int32[], the number of updates so far; saturates at 2**31 - 1. The name (optax's)
+    # shadows tuple.count, which mypy reports as an incompatible override.
+    count: jax.Array  # type: ignore[assignment]
     mu: optax.Updates  # first moments: QuantizedMoment (signed code) or float32 per leaf
     nu: optax.Updates  # second moments: QuantizedMoment (unsigned code) or float32 per leaf
 
@@ -396,7 +416,8 @@ def scale_by_adam_8bit(
         moments = []
         for name in ("mu", "nu"):
             try:
-                moments.append(treedef.flatten_up_to(getattr(state, name)))
+                # jaxlib's PyTreeDef stub lacks flatten_up_to (a public method at run time).
+                moments.append(treedef.flatten_up_to(getattr(state, name)))  # type: ignore[attr-defined]
             except (TypeError, ValueError) as e:
                 raise ValueError(
                     f"scale_by_adam_8bit: the state's {name} does not have the gradients' tree "
@@ -504,7 +525,7 @@ def state_nbytes(state: Any) -> int:
     for x in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, QuantizedMoment)):
         if isinstance(x, QuantizedMoment):
             x.check_arrays("state_nbytes")
-            arrays = (x.codes, x.absmax)
+            arrays: tuple[Any, ...] = (x.codes, x.absmax)
         else:
             arrays = (x,) if hasattr(x, "dtype") and hasattr(x, "shape") else ()
         total += sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays)

@@ -23,7 +23,20 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 class LossScaleState(NamedTuple):
-    """State of :func:`dynamic_loss_scale`."""
+    """State of :func:`dynamic_loss_scale`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxquant.optax as jqo
+      >>> opt = jqo.dynamic_loss_scale(optax.sgd(0.1), initial_scale=2.0**15)
+      >>> params = jnp.ones(2, jnp.float16)
+      >>> state = opt.init(params)
+      >>> float(state.scale), int(state.good_steps)
+      (32768.0, 0)
+      >>> grads = jnp.array([jnp.inf, 1.0], jnp.float16)  # the scaled gradient overflowed
+      >>> updates, state = opt.update(grads, state, params)
+      >>> updates.tolist(), float(state.scale)  # step skipped, scale halved
+      ([0.0, 0.0], 16384.0)
+    """
 
     scale: jax.Array  # float32[], the current loss scale, in [min_scale, max_scale]
     good_steps: jax.Array  # int32[], consecutive finite steps since the last change; saturates
@@ -62,6 +75,18 @@ def scale_loss(loss: jax.typing.ArrayLike, state: LossScaleState) -> jax.Array:
     Differentiate this (not ``loss``) and pass the gradients to the update of
     :func:`dynamic_loss_scale`. A scaled loss too large for its dtype becomes Inf, its
     gradients are not finite, and the update backs off.
+
+    Args:
+      loss: the loss, a scalar array.
+      state: the :class:`LossScaleState` of :func:`dynamic_loss_scale` (its ``scale``).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxquant.optax as jqo
+      >>> state = jqo.dynamic_loss_scale(optax.sgd(0.1), initial_scale=2.0**15).init(jnp.ones(2))
+      >>> float(jqo.scale_loss(jnp.float32(3.0), state))
+      98304.0
+      >>> jqo.scale_loss(jnp.float16(3.0), state)  # beyond float16's 65504: the step backs off
+      Array(inf, dtype=float16)
     """
     if not _is_array_like(loss) or isinstance(loss, bool | QArray):
         raise TypeError(
@@ -219,7 +244,7 @@ def dynamic_loss_scale(
         scale = state.scale.astype(jnp.float32)
         finite = all_finite(updates)
 
-        def unscale(g):
+        def unscale(g: jax.typing.ArrayLike | None) -> jax.Array | None:
             if g is None:
                 return None
             g = jnp.asarray(g)
@@ -235,7 +260,7 @@ def dynamic_loss_scale(
             grads, state.inner_state, params, **extra_args
         )
 
-        def select(new, old):
+        def select(new: jax.typing.ArrayLike, old: jax.typing.ArrayLike) -> jax.Array:
             # The unscaled gradients are float32 (unscale_dtype), so an inner state kept in
             # the parameters' dtype (adam's bf16 moments for bf16 params) would come back
             # float32: cast it back, or the state's type changes after one step (lax.scan
@@ -243,8 +268,8 @@ def dynamic_loss_scale(
             new, old = jnp.asarray(new), jnp.asarray(old)
             return jnp.where(finite, new.astype(old.dtype), old)
 
-        def zero(u):
-            return None if u is None else jnp.zeros_like(u)
+        def zero(u: jax.Array) -> jax.Array:
+            return jnp.zeros_like(u)
 
         out_updates = jax.tree_util.tree_map(
             lambda u: None if u is None else jnp.where(finite, u, zero(u)),

@@ -95,7 +95,8 @@ def apply_updates_sr(
     _check_spec(spec, "apply_updates_sr")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)
     try:
-        u_leaves = treedef.flatten_up_to(updates)
+        # jaxlib's PyTreeDef stub lacks flatten_up_to (a public method at run time).
+        u_leaves = treedef.flatten_up_to(updates)  # type: ignore[attr-defined]
     except (TypeError, ValueError) as e:
         raise ValueError(
             "apply_updates_sr: updates must have the tree structure of params (the gradients "
@@ -124,7 +125,14 @@ def apply_updates_sr(
 
 
 class StochasticRoundState(NamedTuple):
-    """State of :func:`stochastic_round_updates`."""
+    """State of :func:`stochastic_round_updates`.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant.optax as jqo
+      >>> state = jqo.stochastic_round_updates(seed=3).init(jnp.ones(2, jnp.bfloat16))
+      >>> state.key.dtype, state.key.tolist()
+      (dtype('uint32'), [0, 3])
+    """
 
     key: jax.Array  # uint32[2], a raw PRNG key (serializable), split every step
 
@@ -176,7 +184,8 @@ def stochastic_round_updates(
         key, sub = jax.random.split(state.key)
         new = apply_updates_sr(params, updates, sub, spec=spec)
 
-        def delta(n, p):
+        # n is None exactly where p is: apply_updates_sr keeps params' structure.
+        def delta(n: jax.Array, p: jax.typing.ArrayLike | None) -> jax.Array | None:
             if p is None:
                 return None
             p = jnp.asarray(p)
