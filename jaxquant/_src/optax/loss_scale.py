@@ -77,7 +77,7 @@ def scale_loss(loss: jax.typing.ArrayLike, state: LossScaleState) -> jax.Array:
     gradients are not finite, and the update backs off.
 
     Args:
-      loss: the loss, a scalar array.
+      loss: the loss, a floating-point scalar (or array).
       state: the :class:`LossScaleState` of :func:`dynamic_loss_scale` (its ``scale``).
 
     Example:
