@@ -227,7 +227,14 @@ def run_processes(
     cells = G.shard(G.expand(cfg), i, n)
     if i == 0:
         return _process_zero(cfg, out, procs, coord, cells, progress, plots)
-    verdict = coord.get("prepared", PREPARE_TIMEOUT_S)
+    try:
+        verdict = coord.get("prepared", PREPARE_TIMEOUT_S)
+    except Exception as err:  # a timeout comes as an XlaRuntimeError
+        raise OSError(
+            0,
+            f"sweep: process 0 did not prepare {out} within {PREPARE_TIMEOUT_S} s "
+            f"({' '.join(str(err).split())[:200]}); see process 0's output",
+        ) from None
     if "error" in verdict:
         _raise(verdict["error"], "process 0")
     done = set(verdict["done"])
