@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src.qarray import QArray, check_array
+from jaxquant._src.types import PyTree
 
 Array = jax.Array
 
@@ -65,7 +66,7 @@ def _against(x: Any, q: Any, fn: str) -> tuple[Array, QArray]:
     return x, q
 
 
-def mse(x: Any, x_hat: Any) -> Array:
+def mse(x: jax.typing.ArrayLike, x_hat: jax.typing.ArrayLike | QArray) -> Array:
     """Mean squared error over finite elements of ``x``.
 
     Args:
@@ -86,7 +87,7 @@ def mse(x: Any, x_hat: Any) -> Array:
     return jnp.sum(jnp.where(fin, (x - x_hat) ** 2, 0.0)) / n
 
 
-def max_abs_error(x: Any, x_hat: Any) -> Array:
+def max_abs_error(x: jax.typing.ArrayLike, x_hat: jax.typing.ArrayLike | QArray) -> Array:
     """``max |x - x_hat|`` over finite elements of ``x`` (0 for an empty array).
 
     ``x_hat`` is an array of ``x``'s shape or the :class:`QArray` of ``x``.
@@ -102,7 +103,7 @@ def max_abs_error(x: Any, x_hat: Any) -> Array:
     return jnp.max(jnp.where(fin, jnp.abs(x - x_hat), 0.0), initial=0.0)
 
 
-def sqnr(x: Any, x_hat: Any) -> Array:
+def sqnr(x: jax.typing.ArrayLike, x_hat: jax.typing.ArrayLike | QArray) -> Array:
     """Signal-to-quantization-noise ratio in dB: ``10 log10(sum x^2 / sum (x - x_hat)^2)``.
 
     ``+inf`` when the approximation is exact (including an all-zero ``x``). Sums run over
@@ -124,7 +125,7 @@ def sqnr(x: Any, x_hat: Any) -> Array:
     return jnp.where(jnp.isnan(noise), jnp.nan, db)  # a NaN in x_hat is not "exact"
 
 
-def saturation_rate(x: Any, q: QArray) -> Array:
+def saturation_rate(x: jax.typing.ArrayLike, q: QArray) -> Array:
     """Fraction of finite elements of ``x`` outside the range ``q`` can represent (clipped).
 
     Args:
@@ -151,7 +152,7 @@ def saturation_rate(x: Any, q: QArray) -> Array:
     return jnp.sum(out) / jnp.maximum(jnp.sum(fin), 1)
 
 
-def scale_clamp_rate(x: Any, q: QArray) -> Array:
+def scale_clamp_rate(x: jax.typing.ArrayLike, q: QArray) -> Array:
     """Fraction of scale groups whose range needs a scale outside what the quantizer stores.
 
     A group's abs-max scale ``amax / qmax`` must lie in ``[2^-126, max]`` for float32 (and
@@ -189,7 +190,7 @@ def scale_clamp_rate(x: Any, q: QArray) -> Array:
     return jnp.mean((low | high).astype(jnp.float32))
 
 
-def underflow_rate(x: Any, x_hat: Any) -> Array:
+def underflow_rate(x: jax.typing.ArrayLike, x_hat: jax.typing.ArrayLike | QArray) -> Array:
     """Fraction of non-zero finite elements of ``x`` that became exactly 0.
 
     ``x_hat`` is an array of ``x``'s shape or the :class:`QArray` of ``x``.
@@ -206,7 +207,7 @@ def underflow_rate(x: Any, x_hat: Any) -> Array:
     return jnp.sum(nz & (x_hat == 0)) / jnp.maximum(jnp.sum(nz), 1)
 
 
-def nan_count(x: Any) -> Array:
+def nan_count(x: jax.typing.ArrayLike | QArray) -> Array:
     """Number of NaN elements (of an array or a dequantized QArray).
 
     Example:
@@ -219,7 +220,7 @@ def nan_count(x: Any) -> Array:
     return jnp.sum(jnp.isnan(check_array(x, "nan_count: x")))
 
 
-def inf_count(x: Any) -> Array:
+def inf_count(x: jax.typing.ArrayLike | QArray) -> Array:
     """Number of +-Inf elements (of an array or a dequantized QArray).
 
     Example:
@@ -233,7 +234,7 @@ def inf_count(x: Any) -> Array:
     return jnp.sum(jnp.isinf(check_array(x, "inf_count: x")))
 
 
-def summary(x: Any, x_hat: Any) -> dict[str, Array]:
+def summary(x: jax.typing.ArrayLike, x_hat: jax.typing.ArrayLike | QArray) -> dict[str, Array]:
     """Every metric for one pair (saturation only when ``x_hat`` is a QArray).
 
     Returns:
@@ -268,7 +269,7 @@ def _is_qarray(a: Any) -> bool:
     return isinstance(a, QArray)
 
 
-def report(tree: Any, qtree: Any) -> dict[str, dict[str, Array]]:
+def report(tree: PyTree, qtree: PyTree) -> dict[str, dict[str, Array]]:
     """Per-leaf :func:`summary` over two pytrees of the same structure.
 
     Keys are ``jax.tree_util.keystr`` paths; leaves of ``qtree`` that are not QArrays and

@@ -51,6 +51,7 @@ from jaxquant._src.qarray import QArray, encode, pack, widen
 # dequantize lives with the QArray it reads; jaxquant.dequantize is imported from here.
 from jaxquant._src.qarray import dequantize as dequantize
 from jaxquant._src.spec import QuantSpec
+from jaxquant._src.types import PyTree
 
 Array = jax.Array
 
@@ -686,7 +687,7 @@ def resolve_policy(policy: Policy, path: tuple[Any, ...], leaf: Any) -> QuantSpe
     return spec
 
 
-def quantize_tree(tree: Any, policy: Policy, *, key: Array | None = None) -> Any:
+def quantize_tree(tree: PyTree, policy: Policy, *, key: Array | None = None) -> PyTree:
     """Quantize every leaf the policy selects; other leaves pass through unchanged.
 
     Args:
@@ -730,7 +731,7 @@ def quantize_tree(tree: Any, policy: Policy, *, key: Array | None = None) -> Any
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def dequantize_tree(tree: Any) -> Any:
+def dequantize_tree(tree: PyTree) -> PyTree:
     """Replace every QArray in ``tree`` by its dequantized array.
 
     The inverse of :func:`quantize_tree` up to the quantization error: other leaves pass

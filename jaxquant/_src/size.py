@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxquant._src.checks import describe
 from jaxquant._src.qarray import QArray
+from jaxquant._src.types import PyTree
 
 
 def _bytes(a: Any) -> int:
@@ -129,7 +130,7 @@ class SizeReport:
         return "\n".join(rows)
 
 
-def size_report(tree: Any) -> SizeReport:
+def size_report(tree: PyTree) -> SizeReport:
     """Bytes of every leaf of ``tree`` (arrays, QArrays, or their abstract shapes).
 
     Returns:

@@ -18,6 +18,7 @@ import optax
 
 from jaxquant._src.checks import check_int, check_real, describe
 from jaxquant._src.qarray import QArray
+from jaxquant._src.types import PyTree
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -43,7 +44,7 @@ class LossScaleState(NamedTuple):
     inner_state: optax.OptState  # the wrapped transformation's state
 
 
-def all_finite(tree: Any) -> jax.Array:
+def all_finite(tree: PyTree) -> jax.Array:
     """``True`` (a bool[] array) iff every element of every leaf of ``tree`` is finite.
 
     Integer and boolean leaves count as finite; an empty tree is finite.
