@@ -220,7 +220,21 @@ def contractions(model: Any) -> list[Contraction]:
 
 def report(model: Any) -> list[Match]:
     """The quantized modules of a model from :func:`quantize_model`: ``Match(path, module,
-    rule)`` per module, in graph order (NNX) or call order (Linen, from the last call)."""
+    rule)`` per module, in graph order (NNX) or call order (Linen, from the last call).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> from flax import nnx
+      >>> from jaxquant.flax import Rule, quantize_model, report
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.l1, self.l2 = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.l2(self.l1(x))
+      >>> model = quantize_model(MLP(nnx.Rngs(0)), Rule("l1", weight=jq.QuantSpec("int8")))
+      >>> [(m.path, m.module) for m in report(model)]
+      [('l1', 'Linear')]
+    """
     if isinstance(model, QuantizedModule):
         return report_linen(model)
     if isinstance(model, flax_nnx.Module):

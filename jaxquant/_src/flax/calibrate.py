@@ -74,6 +74,19 @@ class CalibrationResult:
         no scale would mean anything. Its rule in ``rules`` has ``act=None`` (the weight
         is still quantized); ``calibrate`` also warns. Calibrate with batches that
         exercise the layer, or keep it float on purpose with a rule without ``act``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, calibrate, quantize_model
+      >>> rule = Rule(".*", weight=jq.QuantSpec("int8"), act=jq.QuantSpec("int8"))
+      >>> qmodel = quantize_model(nn.Dense(4), rule)
+      >>> x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+      >>> variables = qmodel.init(jax.random.key(0), x)
+      >>> result = calibrate(qmodel, [x, 0.5 * x], variables)  # two batches
+      >>> result.num_batches, result.ranges, result.methods
+      (2, {'': (-2.0, 2.0)}, {'': 'absmax'})
+      >>> result.stats[""]["count"], result.stats[""]["max"]
+      (24.0, 2.0)
     """
 
     rules: tuple[Rule, ...]

@@ -70,6 +70,15 @@ class Contraction(NamedTuple):
         serving then uses the stored values as they are, without re-quantizing).
       contracting, batch: the weight operand's contracted and batch axes (in its own
         layout): what layout-relative specs (``per_channel()``, ``per_block(32)``) bind to.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, contractions, quantize_model
+      >>> qmodel = quantize_model(nn.Dense(4), Rule(".*", weight=jq.QuantSpec("int8")))
+      >>> variables = qmodel.init(jax.random.key(0), jnp.ones((2, 3)))
+      >>> c = contractions(qmodel)[0]
+      >>> c.op, c.shapes, c.weight, c.param, c.quantized, c.contracting
+      ('dot_general', ((2, 3), (3, 4)), 'rhs', 'kernel', True, (0,))
     """
 
     path: str

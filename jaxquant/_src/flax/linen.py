@@ -255,6 +255,18 @@ class QuantizedModule(nn.Module):
     Same variables as ``module`` (``init`` / ``apply`` give and take the same tree). Build it
     with :func:`jaxquant.flax.quantize_model`; ``method=`` other than ``__call__`` is not
     supported (wrap the method in a module).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, quantize_model
+      >>> model = nn.Sequential([nn.Dense(4), nn.Dense(2)])
+      >>> qmodel = quantize_model(model, Rule("layers_0", weight=jq.QuantSpec("int8")))
+      >>> type(qmodel).__name__
+      'QuantizedModule'
+      >>> x = jnp.ones((1, 3))
+      >>> variables = model.init(jax.random.key(0), x)  # the float model's variables
+      >>> qmodel.apply(variables, x).shape
+      (1, 2)
     """
 
     module: nn.Module

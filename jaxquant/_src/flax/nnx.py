@@ -48,7 +48,20 @@ from jaxquant._src.scaling import ScaleState
 class QuantState(nnx.Variable):
     """Quantization state that is not trained: delayed-scaling amax histories, scales and
     counters, LSQ base steps. Filter it like ``nnx.BatchStat`` (``nnx.split(model,
-    nnx.Param, QuantState, ...)``)."""
+    nnx.Param, QuantState, ...)``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxquant as jq
+      >>> from flax import nnx
+      >>> from jaxquant.flax import QuantState, Rule, quantize_model
+      >>> layer = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+      >>> rule = Rule(".*", weight=jq.QuantSpec("e4m3"), scaling="delayed", history_len=8)
+      >>> layer = quantize_model(layer, rule)
+      >>> y = layer(jnp.ones((2, 3)))
+      >>> state = nnx.state(layer, QuantState)  # the weight's amax history, scale, count
+      >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(state))
+      {'dot_general': {'rhs_amax_history': (8,), 'rhs_count': (), 'rhs_scale': ()}}
+    """
 
 
 class QuantOp(nnx.Module):
@@ -67,6 +80,18 @@ class QuantOp(nnx.Module):
     leading stack axes (``stack_shape``): every state array gets the same leading axes (and
     the PRNG stream one key per layer), so ``nnx.scan`` / ``nnx.vmap`` over the stack slice
     the state along with the kernel. :meth:`for_layer` reads them off the layer.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> from flax import nnx
+      >>> from jaxquant.flax import NnxQuantOp, Rule, quantize_model
+      >>> layer = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+      >>> layer = quantize_model(layer, Rule(".*", weight=jq.QuantSpec("e4m3"), scaling="delayed"))
+      >>> isinstance(layer.dot_general, NnxQuantOp)
+      True
+      >>> y = layer(jnp.ones((2, 3)))
+      >>> int(layer.dot_general.rhs_count[...])  # one step of delayed scaling
+      1
     """
 
     def __init__(

@@ -242,7 +242,19 @@ def _mode_kwargs(r: Rule, rhs: Any) -> dict[str, Any]:
 
 
 class Match(NamedTuple):
-    """One quantized module: its path, its class name and the rule that matched it."""
+    """One quantized module: its path, its class name and the rule that matched it.
+
+    :func:`~jaxquant.flax.report` lists them.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, quantize_model, report
+      >>> qmodel = quantize_model(nn.Dense(4), Rule(".*", weight=jq.QuantSpec("int8")))
+      >>> variables = qmodel.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> match = report(qmodel)[0]
+      >>> match.path, match.module, match.rule.pattern, match.rule.weight.format.name
+      ('', 'Dense', '.*', 'int8')
+    """
 
     path: str
     module: str

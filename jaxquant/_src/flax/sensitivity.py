@@ -96,6 +96,14 @@ class LayerSensitivity:
       noise: the damage's noise level per option (module docstring): twice its standard
         error across the evaluation's parts; 0.0 for ``"float"``, SQNR and a single part.
         Options missing here have noise 0.
+
+    Example:
+      >>> from jaxquant.flax import LayerSensitivity
+      >>> layer = LayerSensitivity(
+      ...     "Dense_0", "Dense", (64, 64), metric={"float": 0.9, "int4": 0.85},
+      ...     damage={"float": 0.0, "int4": 0.05}, nbytes={"float": 16384, "int4": 2304})
+      >>> layer.damage["int4"], layer.nbytes["int4"] / layer.nbytes["float"]
+      (0.05, 0.140625)
     """
 
     path: str
@@ -129,6 +137,32 @@ class Sensitivity:
 
     Invariants: every layer's dicts have the keys :attr:`options`, ``damage["float"]`` is
     0.0 and ``nbytes["float"]`` is 4 bytes per kernel element.
+
+    Example:
+      Usually made by :func:`sensitivity`; here by hand, for two layers:
+
+      >>> import jaxquant as jq
+      >>> from jaxquant.flax import LayerSensitivity, Rule, Sensitivity
+      >>> def layer(path, damage):
+      ...     return LayerSensitivity(path, "Dense", (64, 64),
+      ...                             {"float": 0.9, "int4": 0.9 - damage},
+      ...                             {"float": 0.0, "int4": damage},
+      ...                             {"float": 16384, "int4": 2304})
+      >>> int4 = Rule(".*", weight=jq.QuantSpec("int4", jq.per_channel(-1)))
+      >>> sens = Sensitivity("accuracy", True, 0.9, {"int4": int4},
+      ...                    (layer("a", 0.05), layer("b", 0.01)), {"int4": 0.85},
+      ...                    {"int4": 0.05})
+      >>> sens.options, sens.paths
+      (('float', 'int4'), ('a', 'b'))
+      >>> print(sens)  # doctest: +NORMALIZE_WHITESPACE
+      sensitivity: accuracy (higher is better), float model 0.9; cells: metric with only
+      that layer quantized (damage, kernel bytes)
+      <BLANKLINE>
+      | layer | module | kernel | float | int4 |
+      |---|---|---|--:|--:|
+      | a | Dense | 64x64 | 0.9 (0, 16384 B) | 0.85 (0.05, 2304 B) |
+      | b | Dense | 64x64 | 0.9 (0, 16384 B) | 0.89 (0.01, 2304 B) |
+      | **all layers** | | | 0.9 (0, 32768 B) | 0.85 (0.05, 4608 B) |
     """
 
     metric: str
@@ -217,6 +251,23 @@ class Assignment:
         ones within their noise level as 0; see :func:`mixed_precision`).
       budget: the budget in bytes.
       float32_bytes: total kernel bytes of the layers in float32.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> from jaxquant.flax import LayerSensitivity, Rule, Sensitivity, mixed_precision
+      >>> def layer(path, damage):
+      ...     return LayerSensitivity(path, "Dense", (64, 64), {}, {"float": 0.0, "int4": damage},
+      ...                             {"float": 16384, "int4": 2304})
+      >>> int4 = Rule(".*", weight=jq.QuantSpec("int4", jq.per_channel(-1)))
+      >>> sens = Sensitivity("accuracy", True, 0.9, {"int4": int4},
+      ...                    (layer("a", 0.05), layer("b", 0.01)), {}, {})
+      >>> plan = mixed_precision(sens, budget=0.6)
+      >>> print(plan)  # quantize_model(model, plan) applies it
+      | layer | option |
+      |---|---|
+      | a | float |
+      | b | int4 |
+      | **total** | 18688 B of budget 19660 B (57.0% of float32), predicted damage 0.01 |
     """
 
     rules: tuple[Rule, ...]
