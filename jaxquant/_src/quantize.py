@@ -572,7 +572,7 @@ def fake_quant(
     """Quantize-dequantize ``x`` in its own dtype, with a straight-through gradient.
 
     Forward: ``dequantize(quantize(x))`` computed without materializing storage. Backward:
-    the straight-through estimator (Bengio et al. 2013, arXiv 1308.3432): ``ste="plain"``
+    the straight-through estimator (Bengio et al. 2013; References): ``ste="plain"``
     passes the gradient unchanged; ``ste="clipped"`` zeroes it where ``x`` was clipped
     (outside ``[qmin, qmax] * s``). The scale gets no gradient.
 
@@ -588,6 +588,10 @@ def fake_quant(
       >>> y = jq.fake_quant(jnp.array([-0.5, 0.3, 1.2, -2.1]), jq.QuantSpec("int8"))
       >>> [round(v, 5) for v in y.tolist()]
       [-0.49606, 0.29764, 1.20709, -2.1]
+
+    References:
+      Bengio et al., "Estimating or Propagating Gradients Through Stochastic Neurons for
+      Conditional Computation", https://arxiv.org/abs/1308.3432
     """
     x = check_input(x, "fake_quant")
     spec = check_spec(spec, "fake_quant")

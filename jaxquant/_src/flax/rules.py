@@ -77,6 +77,10 @@ class Rule:
       (True, False)
       >>> rule == Rule(r"Dense_\\d+", jq.QuantConfig(weight=rule.weight))
       True
+
+    References:
+      Esser et al., "Learned Step Size Quantization" (``ste="lsq"``),
+      https://arxiv.org/abs/1902.08153
     """
 
     pattern: str

@@ -621,6 +621,20 @@ def layout(directory: str | os.PathLike) -> dict[str, Any]:
     Raises:
       ValueError: no directory, no or unreadable manifest, another format or version, a
         manifest whose checksum does not match.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp, jaxquant as jq
+      >>> import jaxquant.orbax
+      >>> w = jq.quantize(jnp.linspace(-1, 1, 64).reshape(2, 32), jq.QuantSpec("int4"))
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     jq.orbax.save(os.path.join(tmp, "ckpt"), {"w": w, "b": jnp.zeros(2)})
+      ...     manifest = jq.orbax.layout(os.path.join(tmp, "ckpt"))
+      >>> manifest["format"], manifest["version"]
+      ('jaxquant.orbax', 1)
+      >>> [(leaf["name"], leaf["kind"], leaf["shape"]) for leaf in manifest["leaves"]]
+      [('b', 'array', [2]), ('w', 'qarray', [2, 32])]
+      >>> manifest["leaves"][1]["arrays"]["values"]["shape"]  # two int4 codes per byte
+      [2, 16]
     """
     return _manifest(_directory(directory, "layout"), "layout")
 
