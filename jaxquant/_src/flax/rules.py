@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from jaxquant._src.checks import describe
-from jaxquant._src.config import QuantConfig
+from jaxquant._src.config import Mode, QuantConfig, Scaling, Ste
 from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_general, einsum
 from jaxquant._src.granularity import follows_layout
@@ -94,11 +94,11 @@ class Rule:
         weight: QuantSpec | None = _UNSET,
         act: QuantSpec | None = _UNSET,
         grad: QuantSpec | None = _UNSET,
-        mode: str = _UNSET,
-        scaling: str = _UNSET,
+        mode: Mode = _UNSET,
+        scaling: Scaling = _UNSET,
         history_len: int = _UNSET,
         margin: int = _UNSET,
-        ste: str = _UNSET,
+        ste: Ste = _UNSET,
     ) -> None:
         if not isinstance(pattern, str):
             raise TypeError(f"Rule.pattern must be a str regex, got {pattern!r}.")
@@ -106,7 +106,8 @@ class Rule:
             re.compile(pattern)
         except re.error as e:
             raise ValueError(f"Rule.pattern {pattern!r} is not a valid regex: {e}.") from None
-        loose = {
+        # the config fields given as keywords: a heterogeneous keyword bag for QuantConfig
+        loose: dict[str, Any] = {
             k: v
             for k, v in dict(
                 weight=weight,
@@ -157,11 +158,11 @@ class Rule:
         return self.config.grad
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return self.config.mode
 
     @property
-    def scaling(self) -> str:
+    def scaling(self) -> Scaling:
         return self.config.scaling
 
     @property
@@ -173,7 +174,7 @@ class Rule:
         return self.config.margin
 
     @property
-    def ste(self) -> str:
+    def ste(self) -> Ste:
         return self.config.ste
 
     def __repr__(self) -> str:
@@ -412,9 +413,24 @@ class QuantConv:
     path: str
 
     def __call__(
-        self, lhs: Any, rhs: Any, window_strides: Any, padding: Any, *args: Any, **kw: Any
-    ):
-        if kw.pop("out_sharding", None) is not None:
+        self,
+        lhs: Any,
+        rhs: Any,
+        window_strides: Sequence[int],
+        padding: str | Sequence[tuple[int, int]],
+        lhs_dilation: Sequence[int] | None = None,
+        rhs_dilation: Sequence[int] | None = None,
+        dimension_numbers: Any = None,
+        feature_group_count: int = 1,
+        batch_group_count: int = 1,
+        precision: Any = None,
+        preferred_element_type: Any = None,
+        *,
+        out_sharding: Any = None,
+    ) -> Any:
+        # lax.conv_general_dilated's signature, named (not *args / **kw) so that a rule's
+        # spec keywords can never collide with a positional argument
+        if out_sharding is not None:
             raise ValueError(f"{self.path}: a quantized Conv takes no out_sharding.")
         r = self.rule
         with _at(self.path):
@@ -426,9 +442,14 @@ class QuantConv:
                 rhs,
                 window_strides,
                 padding,
-                *args,
+                lhs_dilation,
+                rhs_dilation,
+                dimension_numbers,
+                feature_group_count,
+                batch_group_count,
+                precision,
+                preferred_element_type,
                 **_spec_kwargs(r),  # conv rules are stateless: ste is plain or clipped
-                **kw,
             )
 
 

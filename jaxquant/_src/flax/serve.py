@@ -25,17 +25,20 @@ GEMMs where the pair allows.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from jaxquant._src.convert import convert as convert_tree
-from jaxquant._src.flax.kinds import nnx_kind, nnx_layers, nnx_modules
+from jaxquant._src.flax.intercept import Contraction
+from jaxquant._src.flax.kinds import NNX_LAYERS, nnx_kind, nnx_layers, nnx_modules
 from jaxquant._src.flax.rules import (
+    Match,
     QuantConv,
     QuantDot,
     QuantEinsum,
@@ -47,15 +50,25 @@ from jaxquant._src.layout import bind
 from jaxquant._src.qarray import QArray
 from jaxquant._src.spec import QuantSpec
 
+_Args = TypeVar("_Args", bound=tuple[Any, ...])
 
-def promote_keep_qarray(args: tuple, *, dtype: Any = None, inexact: bool = True) -> tuple:
+# ``load(path, abstract_leaf) -> array`` of jq.flax.convert (path: a str in NNX, the key
+# path tuple in Linen)
+Load = Callable[[Any, jax.ShapeDtypeStruct], Any]
+
+
+def promote_keep_qarray(
+    args: _Args, /, *, dtype: DTypeLike | None = None, inexact: bool = True
+) -> _Args:
     """``flax.nnx``'s ``promote_dtype`` that passes QArrays through: arrays are cast to
     ``dtype`` (default: the result type of the arrays and the QArrays' float dtypes)."""
     del inexact
     if dtype is None:
         dts = [a.dtype for a in args if a is not None]
         dtype = jnp.result_type(*dts) if dts else None
-    return tuple(a if a is None or isinstance(a, QArray) else jnp.asarray(a, dtype) for a in args)
+    out = tuple(a if a is None or isinstance(a, QArray) else jnp.asarray(a, dtype) for a in args)
+    # flax's PromoteDtypeFn is generic in the tuple: one output per input, as here
+    return cast(_Args, out)
 
 
 # ------------------------------------------------------------------------------ Linen
@@ -64,8 +77,8 @@ def promote_keep_qarray(args: tuple, *, dtype: Any = None, inexact: bool = True)
 def linen_layer(m: nn.Module, rule: Rule, path: str, args: tuple, kwargs: dict) -> Any:
     """The output of Linen layer ``m`` (Dense / DenseGeneral / Einsum / Conv) whose kernel
     variable is a QArray, computed with ``rule``'s activation spec."""
-    kernel = m.get_variable("params", "kernel")
-    assert isinstance(kernel, QArray)
+    kernel: object = m.get_variable("params", "kernel")
+    assert isinstance(kernel, QArray)  # the interceptor calls this for QArray kernels only
     if not rule.quantizes:
         raise ValueError(
             f"quantized layer {path!r}: its kernel is a QArray but its rule keeps it float; "
@@ -164,7 +177,9 @@ def reversed_spec(spec: QuantSpec, ndim: int, where: str) -> QuantSpec:
     )
 
 
-def weight_targets(matches: list, found: list) -> dict[str, tuple[Rule, QuantSpec]]:
+def weight_targets(
+    matches: Sequence[Match], found: Sequence[Contraction]
+) -> dict[str, tuple[Rule, QuantSpec]]:
     """``{parameter path: (rule, spec in the stored layout)}`` of a quantized model's
     weights: each quantized contraction's weight parameter (a Flax layer's kernel; a
     parameter an intercepted module uses itself, reversed specs for ``param.T``)."""
@@ -184,7 +199,9 @@ def weight_targets(matches: list, found: list) -> dict[str, tuple[Rule, QuantSpe
                     "follows its contraction's layout, which is not known for this "
                     f"{c.module}; give the axes explicitly (e.g. per_channel(-1))."
                 )
-            spec, _ = bind(spec, shape, c.contracting, c.batch)
+            bound, _ = bind(spec, shape, c.contracting, c.batch)
+            assert bound is not None  # bind returns None for a None spec only
+            spec = bound
         # transposed None (a square parameter found by shape): stored as used untransposed;
         # serving passes it through as stored rather than re-quantizing it.
         spec = reversed_spec(spec, len(shape), repr(name)) if c.transposed else spec
@@ -199,7 +216,12 @@ def weight_targets(matches: list, found: list) -> dict[str, tuple[Rule, QuantSpe
 
 
 def convert_linen(
-    variables: Any, matches: list, found: list, *, load: Any = None, delete: bool = False
+    variables: Any,
+    matches: Sequence[Match],
+    found: Sequence[Contraction],
+    *,
+    load: Load | None = None,
+    delete: bool = False,
 ) -> Any:
     """Linen: the variables with the quantized weights converted (module docstring)."""
     has_params = isinstance(variables, dict | nn.FrozenDict) and "params" in variables
@@ -226,7 +248,11 @@ def convert_linen(
 
 
 def convert_nnx(
-    model: nnx.Module, matches: list, found: list | None, *, load: Any = None
+    model: nnx.Module,
+    matches: Sequence[Match],
+    found: Sequence[Contraction] | None,
+    *,
+    load: Load | None = None,
 ) -> nnx.Module:
     """NNX, in place: the quantized weights become QArrays (module docstring). ``found``:
     the contractions of the last call (None before the first: the Flax layers' kernels)."""
@@ -263,17 +289,23 @@ def convert_nnx(
         plan.append((path, node, var, k, spec, param == "kernel" and nnx_kind(node)))
     for path, node, var, k, spec, is_layer in plan:
         (q,) = jax.tree_util.tree_leaves(
-            convert_tree(
-                [k],
-                spec,
-                load=None if load is None else (lambda p, leaf, path=path: load(path, leaf)),
-            ),
+            convert_tree([k], spec, load=None if load is None else _load_at(load, path)),
             is_leaf=lambda t: isinstance(t, QArray),
         )
         var.set_value(q)
-        if is_layer:
+        # nnx_kind found a Flax layer: an instance of one of NNX_LAYERS (this narrows it)
+        if is_layer and isinstance(node, NNX_LAYERS):
             node.promote_dtype = promote_keep_qarray
     return model
+
+
+def _load_at(load: Load, path: str) -> Callable[[Any, jax.ShapeDtypeStruct], Any]:
+    """``load`` for the one parameter at ``path`` (convert's own key path is ``[0]``)."""
+
+    def load_one(_: Any, leaf: jax.ShapeDtypeStruct) -> Any:
+        return load(path, leaf)
+
+    return load_one
 
 
 def _nnx_layers(model: nnx.Module) -> list[tuple[str, Any]]:
