@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download the peers that benchmarks/peers.py compares against, Qwix and AQT (aqtp), as
 # wheels into .whl/ (git-ignored through .git/info/exclude), for a GPU machine that has no
-# package index: benchmarks/gpu_peers_session.sh installs them there with --no-index.
+# package index: benchmarks/gpu.py (section peers) installs them there with --no-index.
 # Both are pure Python (py3-none-any, ~1.1 MB together). Their requirements (jax, jaxlib,
 # flax>=0.12, numpy, opt-einsum, absl-py) are on the device image already, so --no-deps is
 # complete; the Requires-Dist lines are printed to check that against the image's list.

@@ -33,13 +33,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -51,7 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common
+import common  # puts the repository root on sys.path too
+
 import jaxquant as jq
 from jaxquant._src.serve import weight_path
 
@@ -101,110 +100,14 @@ class Variant:
 
 # --------------------------------------------------------------------------- HLO facts
 
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^()]*\)|\S+)\s+([a-z][\w\-]*)\((.*)$")
-
-
-def _strip_layout(t: str) -> str:
-    return re.sub(r"\{[^{}]*\}", "", t)
-
-
-def _operands(rest: str) -> str:
-    depth = 1
-    for i, c in enumerate(rest):
-        depth += c == "("
-        depth -= c == ")"
-        if depth == 0:
-            return rest[:i]
-    return rest
-
-
-def _elems(t: str) -> int:
-    m = re.match(r"^[a-z0-9]+\[([\d,]*)\]", t)
-    if not m:
-        return 0
-    dims = [int(d) for d in m.group(1).split(",") if d]
-    return int(np.prod(dims)) if dims else 1
-
-
-def parse_hlo(text: str) -> dict:
-    """Dots, custom calls, fusions and ENTRY parameters of an optimized HLO module.
-
-    Operand types are looked up by name (XLA prints ``dot(%p0, %p1)`` without types); a dot
-    inside a fusion reports the fusion's kind (CPU ``__ynn_fusion``, GPU ``__triton_gemm``)."""
-    types: dict[str, str] = {}
-    instrs: list[tuple[str, str, str, str, str, str]] = []  # comp, name, type, op, operands, line
-    comp, entry = "", ""
-    for line in text.splitlines():
-        h = _HEADER.match(line)
-        if h:
-            comp = h.group(2)
-            entry = comp if h.group(1) else entry
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        name, typ, op, rest = m.groups()
-        typ = _strip_layout(typ)
-        types[name] = typ
-        instrs.append((comp, name, typ, op, _operands(rest), line))
-    caller_kind: dict[str, str] = {}
-    for _, _, _, op, _, line in instrs:
-        if op == "fusion":
-            called = re.search(r"calls=%?([\w.\-]+)", line)
-            kind = re.search(r'"kind":"(__[\w$]+)"', line) or re.search(r"kind=(k\w+)", line)
-            if called:
-                caller_kind[called.group(1)] = kind.group(1) if kind else "fusion"
-
-    def operand_types(ops: str) -> list[str]:
-        inline = re.findall(r"([a-z][a-z0-9]*\[[\d,]*\])(?:\{[^{}]*\})?\s+%", ops)
-        if inline:
-            return inline
-        return [types.get(n, "?") for n in re.findall(r"%([\w.\-]+)", ops)]
-
-    dots, calls, fusions = [], [], []
-    params = []
-    for c, _name, typ, op, ops, line in instrs:
-        where = "entry" if c == entry else caller_kind.get(c, c)
-        if op in ("dot", "convolution"):
-            dots.append({"op": op, "operands": operand_types(ops), "result": typ, "in": where})
-        elif op == "custom-call":
-            target = re.search(r'custom_call_target="([^"]+)"', line)
-            calls.append(
-                {
-                    "target": target.group(1) if target else "?",
-                    "operands": operand_types(ops),
-                    "result": typ,
-                }
-            )
-        if c == entry and op == "fusion":
-            fusions.append({"type": typ, "kind": caller_kind.get(_called(line), "fusion")})
-        if c == entry and op == "parameter":
-            params.append(typ)
-    return {"dots": dots, "custom_calls": calls, "entry_fusions": fusions, "entry_params": params}
-
-
-def _called(line: str) -> str:
-    m = re.search(r"calls=%?([\w.\-]+)", line)
-    return m.group(1) if m else ""
-
-
-def _short(t: str) -> str:
-    return t.split("[", 1)[0]
+parse_hlo = common.parse_hlo
+_short = common.type_name
+_elems = common.n_elems
 
 
 def dot_summary(parsed: dict) -> str:
     """``s8 x s8 -> s32 (__ynn_fusion)``; custom calls as ``target: f8e4m3fn x f8e5m2 -> bf16``."""
-    out = []
-    for d in parsed["dots"]:
-        ops = " x ".join(_short(t) for t in d["operands"][:2])
-        out.append(f"{ops} -> {_short(d['result'])} ({d['in']})")
-    for c in parsed["custom_calls"]:
-        if "cublas" in c["target"] or "matmul" in c["target"] or "gemm" in c["target"]:
-            ops = " x ".join(_short(t) for t in c["operands"][:2])
-            res = c["result"].strip("()").split(",")[0].strip()
-            out.append(f"{c['target']}: {ops} -> {_short(res)}")
-    return "; ".join(out)
+    return "; ".join(common.gemm_list(parsed))
 
 
 def hlo_facts(text: str, k: int, n: int, batch: int) -> dict:
@@ -739,34 +642,12 @@ def _meets(target: str | None, ratio: float) -> bool | None:
 
 
 def environment() -> dict:
-    try:
-        repo = Path(__file__).resolve().parents[1]
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True
-        ).stdout.strip()
-        commit = (commit + ("+dirty" if dirty else "")) or None
-    except OSError:
-        commit = None
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    import jaxlib
-
-    return {
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "python": platform.python_version(),
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
+    """common.environment() plus the keys this script's tables read (older files have them)."""
+    env = common.environment()
+    return env | {
         "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "load_average": [round(v, 2) for v in os.getloadavg()],
-        "jaxquant_commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average": env["loadavg"],
+        "jaxquant_commit": env["jaxquant_git"],
     }
 
 

@@ -42,18 +42,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python3 benchmarks/mixed_precision.py`
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(ROOT / "benchmarks")):  # run from a checkout, or imported
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
+import common  # noqa: E402  (the digits MLP and the JSON / table helpers)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxquant.optax as jqo  # noqa: E402
-
-# The model, the data and the JSON / table helpers are qat_digits.py's.
-from benchmarks import qat_digits as digits  # noqa: E402
+from jaxquant.datasets import digits  # noqa: E402
 
 NAME = "mixed_precision"
 EXPERIMENTS = ("loss_scale", "stochastic_rounding")
@@ -131,7 +131,7 @@ def make_loss_scale_run(model, arm: str, coef: float, cfg: dict[str, Any]):
 
 
 def loss_scale_experiment(seeds: int, cfg: dict[str, Any], data: dict[str, Any]) -> dict:
-    model = digits.MLP(tuple(cfg["hidden"]), 10)
+    model = common.MLP(tuple(cfg["hidden"]), 10)
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
     xt, yt = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
     evaluate = jax.jit(
@@ -160,7 +160,7 @@ def loss_scale_experiment(seeds: int, cfg: dict[str, Any], data: dict[str, Any])
                     "zero_grad_fraction_last10pct": float(tr["zeros"][-tail:].mean()),
                     "nonfinite_steps": int((~tr["finite"]).sum()),
                     "final_loss_scale": float(tr["scale"][-1]),
-                    "batch_ce_curve": digits._downsample(tr["ce"].tolist(), 24),
+                    "batch_ce_curve": common.downsample(tr["ce"].tolist(), 24),
                     "seconds": time.perf_counter() - t0,
                 }
                 if not math.isfinite(r["train_loss"]):
@@ -173,7 +173,7 @@ def loss_scale_experiment(seeds: int, cfg: dict[str, Any], data: dict[str, Any])
                     flush=True,
                 )
             keys = ("train_loss", "test_acc", "zero_grad_fraction_last10pct")
-            out[f"c=2^{coef_log2}/{arm}"] = digits._summarize(runs, keys) | {
+            out[f"c=2^{coef_log2}/{arm}"] = common.summarize(runs, keys) | {
                 "coef_log2": coef_log2,
                 "arm": arm,
             }
@@ -231,7 +231,7 @@ def make_sr_run(model, arm: str, lr: float, cfg: dict[str, Any]):
 
 
 def sr_experiment(seeds: int, cfg: dict[str, Any], data: dict[str, Any]) -> dict:
-    model = digits.MLP(tuple(cfg["hidden"]), 10)
+    model = common.MLP(tuple(cfg["hidden"]), 10)
     x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
     xt, yt = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
     evaluate = jax.jit(
@@ -260,7 +260,7 @@ def sr_experiment(seeds: int, cfg: dict[str, Any], data: dict[str, Any]) -> dict
                     "test_acc": 100.0 * int(test_acc) / int(yt.shape[0]),
                     "changed_last_100": float(tr["changed_last"]),
                     "param_dtype": str(jax.tree.leaves(params)[0].dtype),
-                    "batch_ce_curve": digits._downsample(np.asarray(tr["ce"]).tolist(), 25),
+                    "batch_ce_curve": common.downsample(np.asarray(tr["ce"]).tolist(), 25),
                     "seconds": time.perf_counter() - t0,
                 }
                 runs.append(r)
@@ -271,7 +271,7 @@ def sr_experiment(seeds: int, cfg: dict[str, Any], data: dict[str, Any]) -> dict
                     flush=True,
                 )
             keys = ("train_loss", "test_acc", "changed_last_100")
-            out[f"lr={lr:g}/{arm}"] = digits._summarize(runs, keys) | {"lr": lr, "arm": arm}
+            out[f"lr={lr:g}/{arm}"] = common.summarize(runs, keys) | {"lr": lr, "arm": arm}
     return out
 
 
@@ -299,24 +299,24 @@ def config(args: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = digits._parser(__doc__ or "", NAME, EXPERIMENTS)
+    p = common.parser(__doc__ or "", NAME, EXPERIMENTS)
     args = p.parse_args(argv)
     if args.markdown:
-        print(markdown(digits._load(args.markdown)))
+        print(markdown(common.read_json(args.markdown)))
         return {}
     cfg = config(args)
-    data = digits.load_data(cfg["n_train"])
+    data = digits(cfg["n_train"])
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
-    chosen = digits._select(args.methods, EXPERIMENTS)
+    chosen = common.select(args.methods, EXPERIMENTS)
     if "loss_scale" in chosen:
         results["loss_scale"] = loss_scale_experiment(args.seeds, cfg, data)
     if "stochastic_rounding" in chosen:
         results["stochastic_rounding"] = sr_experiment(args.seeds, cfg, data)
     cfg |= {"seeds": args.seeds, "total_seconds": time.perf_counter() - t0}
-    doc = digits._document(NAME, cfg, results)
+    doc = common.document(NAME, cfg, results)
     _save_criteria(doc)
-    digits._save(doc, args.out)
+    common.write_json(doc, args.out)
     print(markdown(doc))
     return doc
 
@@ -358,7 +358,7 @@ def _pm(r: dict[str, Any], key: str, fmt: str) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     res = doc["results"]
-    lines = [digits._header(doc)]
+    lines = [common.header(doc)]
     if "loss_scale" in res:
         lines += [
             "",

@@ -36,7 +36,7 @@ not import is listed as skipped. Run::
 
     python3 benchmarks/peers.py --out benchmarks/results/peers_cpu.json
     python3 benchmarks/peers.py --quick          # a smoke run
-    python3 benchmarks/peers.py --preset gpu     # GPU sizes; benchmarks/gpu_peers_session.sh
+    python3 benchmarks/peers.py --preset gpu     # GPU sizes; benchmarks/gpu.py --sections peers
 
 Numbers on a shared machine are noisy: compare the ratios, not the milliseconds.
 """
@@ -47,15 +47,13 @@ import argparse
 import functools
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import common
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,6 +61,7 @@ import numpy as np
 import optax
 
 import jaxquant as jq
+from jaxquant.datasets import digits
 from jaxquant.flax import Rule, quantize_model
 
 HIDDEN = (512, 512)
@@ -116,20 +115,6 @@ def _error(e: BaseException, what: str) -> str:
 # ---------------------------------------------------------------------------- models
 
 
-class MLP(nn.Module):
-    """The digits MLP; ``dense`` builds each layer (a peer's quantized Dense, or nn.Dense)."""
-
-    features: tuple[int, ...] = HIDDEN
-    dense: Callable[..., nn.Module] = nn.Dense
-    classes: int = 10
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for f in self.features:
-            x = nn.relu(self.dense(f)(x))
-        return self.dense(self.classes)(x)
-
-
 def _w8a8_rule() -> Rule:
     return Rule(".*", weight=jq.QuantSpec("int8", jq.per_channel(-1)), act=jq.QuantSpec("int8"))
 
@@ -151,8 +136,8 @@ def make_models(
         nn.Dense if dtype is None else functools.partial(nn.Dense, dtype=dtype)
     )
 
-    def mlp(layer: Callable[..., nn.Module] = dense) -> MLP:
-        return MLP(features=features, dense=layer, classes=classes)
+    def mlp(layer: Callable[..., nn.Module] = dense) -> common.MLP:
+        return common.MLP(features=features, n_out=classes, dense=layer)
 
     def qwix_model() -> nn.Module:
         qwix = peers["qwix"]
@@ -186,24 +171,6 @@ def make_models(
 
 
 # ------------------------------------------------------------------------------ data
-
-
-def load_digits_split(seed: int = 0) -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(
-        x, d.target, test_size=0.25, stratify=d.target, random_state=seed
-    )
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-3
-    return {
-        "x_train": (xtr - mu) / sd,
-        "y_train": ytr.astype(np.int32),
-        "x_test": (xte - mu) / sd,
-        "y_test": yte.astype(np.int32),
-    }
 
 
 # ----------------------------------------------------------------------------- steps
@@ -253,17 +220,6 @@ def init(model: nn.Module, seed: int, x: jax.Array):
 # ------------------------------------------------------------------------- timings
 
 
-def _time(f: Callable[[], Any], reps: int) -> float:
-    """Seconds per call of ``reps`` calls dispatched back to back, blocked on the last
-    result: one device stream runs them in order, so the last done means all done (and the
-    caller blocked on the previous timing's result before this one started)."""
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = f()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps
-
-
 def paired_ratios(
     baseline: Callable[[], Any],
     variants: dict[str, Callable[[], Any]],
@@ -285,27 +241,9 @@ def paired_ratios(
             if errors is None:
                 raise
             errors[name] = _error(e, f"{name} (warm-up)")
-    variants = live
-    ratios: dict[str, list[float]] = {k: [] for k in variants}
-    ms: dict[str, list[float]] = {k: [] for k in ("baseline", *variants)}
-    names = list(variants)
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            tb = _time(baseline, reps)
-            tv = _time(variants[name], reps)
-            ratios[name].append(tv / tb)
-            ms["baseline"].append(tb * 1e3)
-            ms[name].append(tv * 1e3)
-    return {
-        k: {
-            "ratio": statistics.median(v),
-            "min": min(v),
-            "max": max(v),
-            "ms": statistics.median(ms[k]),
-        }
-        for k, v in ratios.items()
-    } | {"baseline": {"ratio": 1.0, "ms": statistics.median(ms["baseline"])}}
+    out = common.paired_ratios(baseline, live, rounds, reps)
+    out["baseline"]["ratio"] = 1.0
+    return out
 
 
 def quantizer_throughput(
@@ -373,7 +311,7 @@ def _time_steps(models, tx, x, y, rounds: int, reps: int, errors: dict[str, str]
 def qat(
     peers: dict[str, Any], args: argparse.Namespace, errors: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    data = load_digits_split()
+    data = digits()  # jaxquant.datasets: the split every digits benchmark uses
     models = make_models(peers, errors=errors)
     tx = optax.adam(1e-3)
     n = len(data["y_train"])
@@ -422,27 +360,6 @@ def qat(
     }
 
 
-def gemm_facts(hlo_text: str) -> dict[str, Any]:
-    """The GEMMs of a compiled step: its dots and cuBLAS / GEMM custom calls with operand
-    dtypes (``s8 x s8 -> s32 (__triton_gemm)``, ``__cublas$lt$matmul$f8: f8e4m3fn x
-    f8e4m3fn -> bf16``), counted; read with benchmarks/inference.py's HLO parser."""
-    from inference import _short, parse_hlo  # benchmarks/ is sys.path[0] for this script
-
-    parsed = parse_hlo(hlo_text)
-    counts: dict[str, int] = {}
-    for d in parsed["dots"]:
-        ops = " x ".join(_short(t) for t in d["operands"][:2])
-        key = f"{d['op']}: {ops} -> {_short(d['result'])} ({d['in']})"
-        counts[key] = counts.get(key, 0) + 1
-    for c in parsed["custom_calls"]:
-        if any(t in c["target"] for t in ("cublas", "matmul", "gemm")):
-            ops = " x ".join(_short(t) for t in c["operands"][:2])
-            res = c["result"].strip("()").split(",")[0].strip()
-            key = f"{c['target']}: {ops} -> {_short(res)}"
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
 def large(
     peers: dict[str, Any], args: argparse.Namespace, errors: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -470,7 +387,7 @@ def large(
             p, s, o = states[name]
             text = steps[name].lower(p, s, o, x, y).compile().as_text()  # cached compile
             try:
-                out["gemms"][name] = gemm_facts(text)
+                out["gemms"][name] = common.gemm_counts(text)
             except Exception as e:
                 out["gemms"][name] = {"error": _error(e, f"{name} HLO facts")}
             if args.hlo_dir:
@@ -490,34 +407,15 @@ def large(
     return out
 
 
-def _git() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
-def _device() -> dict[str, Any]:
-    """The accelerator: device kind, platform version (CUDA / driver on GPUs), jaxlib."""
-    d = jax.devices()[0]
-    info: dict[str, Any] = {"device_kind": d.device_kind, "jaxlib": _version("jaxlib")}
-    try:
-        info["platform_version"] = d.client.platform_version
-    except Exception:
-        pass
-    return info
-
-
 def markdown(doc: dict[str, Any]) -> str:
     env = doc["env"]
     where = env["backend"]
-    if where != "cpu" and env.get("device_kind"):
-        where = f"{where} ({env['device_kind']})"
+    kind = env.get("device_kind") or env.get("device")  # older files: device_kind
+    if where != "cpu" and kind:
+        where = f"{where} ({kind})"
     lines = [
         f"{where}, jax {env['jax']}, qwix {env['qwix']}, "
-        f"aqtp {env['aqtp']}, jaxquant {env['git']}, "
+        f"aqtp {env['aqtp']}, jaxquant {env.get('jaxquant_git', env.get('git'))}, "
         f"{doc['config']['rounds']} rounds",
     ]
     if "quantizer" in doc:
@@ -645,21 +543,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the default run's config keys as before the presets (results/peers_cpu.json)
         keys = ("out", "quick", "rounds", "reps", "seeds", "steps", "n", "markdown")
         config = {k: v for k, v in config.items() if k in keys}
-    env = {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "cpus": os.cpu_count(),
-        "qwix": _version("qwix"),
-        "aqtp": _version("aqtp"),
-        "flax": _version("flax"),
-        "git": _git(),
-        "load_average": os.getloadavg(),
-        "skipped": {k: v for k, v in peers.items() if k.endswith("_error")},
-    }
-    if env["backend"] != "cpu" or args.preset != "cpu":
-        env |= _device()
+    env = common.environment(
+        qwix=_version("qwix"),
+        aqtp=_version("aqtp"),
+        skipped={k: v for k, v in peers.items() if k.endswith("_error")},
+    )
     doc: dict[str, Any] = {"config": config, "env": env}
     if args.out:
         _write(doc, args.out)

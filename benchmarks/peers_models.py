@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import sys
@@ -61,8 +60,9 @@ for _p in (_HERE, os.path.join(_HERE, "..", "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+import common  # noqa: E402
 import third_party_models as tp  # noqa: E402 (tests/ on the path first)
-from peers import _error, _git, _version, _write, paired_ratios  # noqa: E402
+from peers import _error, _version, _write, paired_ratios  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 
@@ -307,7 +307,7 @@ def markdown(doc: dict[str, Any]) -> str:
     env = doc["env"]
     lines = [
         f"{env['backend']}, jax {env['jax']}, flax {env['flax']}, qwix {env['qwix']}, "
-        f"transformers {env['transformers']}, jaxquant {env['git']}; "
+        f"transformers {env['transformers']}, jaxquant {env.get('jaxquant_git', env.get('git'))}; "
         f"{doc['config']['compile_rounds']} cold compiles, {doc['config']['rounds']} step "
         "rounds (medians; ratios to the float model measured beside each)",
         "",
@@ -350,17 +350,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "cpus": os.cpu_count(),
-        "qwix": _version("qwix"),
-        "flax": _version("flax"),
-        "transformers": _version("transformers"),
-        "git": _git(),
-        "load_average": os.getloadavg(),
-    }
+    return common.environment(qwix=_version("qwix"), transformers=_version("transformers"))
 
 
 def run(args: argparse.Namespace, doc: dict[str, Any], out: str | None = None) -> dict[str, Any]:

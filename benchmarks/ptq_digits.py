@@ -73,6 +73,7 @@ if str(ROOT) not in sys.path:  # run as `python3 benchmarks/ptq_digits.py` from 
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import common  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -82,6 +83,7 @@ import qat_digits as qd  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 from jaxquant._src.sweep.tasks import CNN  # noqa: E402  (the sweep's digits CNN)
+from jaxquant.datasets import digits  # noqa: E402
 from jaxquant.flax import Rule, calibrate, convert, quantize_model, report  # noqa: E402
 
 NAME = "ptq_digits"
@@ -144,7 +146,7 @@ class GaussMLP(nn.Module):
 
 def make_model(kind: str, cfg: dict[str, Any]) -> nn.Module:
     if kind == "mlp":
-        return qd.MLP(tuple(cfg["mlp_hidden"]), 10)
+        return common.MLP(tuple(cfg["mlp_hidden"]), 10)
     if kind == "mlp_gauss":
         return GaussMLP(tuple(cfg["mlp_hidden"]), 10)
     if kind == "cnn":
@@ -441,7 +443,7 @@ def run_seed(
             r["seconds"] = time.perf_counter() - t0
         except Exception as e:  # report a broken method, keep the sweep going
             r = {"seed": seed, "error": f"{type(e).__name__}: {e}"}
-        brief = qd._brief(r, "test_acc")
+        brief = common.brief(r, "test_acc")
         if "weight_rel_err" in r:
             brief += f", weight err {r['weight_rel_err']:.2e}, SQNR {r['logit_sqnr_db']:.1f} dB"
         print(f"{kind} {method:14s} seed {seed}: {brief}", flush=True)
@@ -469,10 +471,10 @@ def run_model(
             runs[m].append(r)
     keys = ("test_acc", "test_nll")
     qkeys = (*keys, "logit_sqnr_db", "agreement_with_float", "weight_rel_err")
-    out = {m: qd._summarize(rs, keys if m == "float" else qkeys) for m, rs in runs.items()}
+    out = {m: common.summarize(rs, keys if m == "float" else qkeys) for m, rs in runs.items()}
     for m in methods:
         out[m] |= method_info(m)
-        pair = qd._paired(out, m, "test_acc")
+        pair = common.paired(out, m, "test_acc")
         if pair is not None:
             out[m]["vs_float_paired"] = {"mean": pair[0], "std": pair[1]}
     return out
@@ -593,12 +595,12 @@ def criteria(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = qd._parser(__doc__ or "", NAME, METHODS)
+    p = common.parser(__doc__ or "", NAME, METHODS)
     p.set_defaults(seeds=None)  # 5 (3 with --quick)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: mlp,cnn")
     args = p.parse_args(argv)
     if args.markdown:
-        print(markdown(qd._load(args.markdown)))
+        print(markdown(common.read_json(args.markdown)))
         return {}
     if args.steps is not None:
         raise SystemExit("--steps: this benchmark trains for fixed epochs (see config()).")
@@ -606,11 +608,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.seeds = 2 if args.quick else 5
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1 (the issue asks for >= 3)")
-    methods = qd._select(args.methods, METHODS) if args.methods or not args.quick else QUICK_METHODS
+    methods = (
+        common.select(args.methods, METHODS) if args.methods or not args.quick else QUICK_METHODS
+    )
     methods = ("float", *(m for m in methods if m != "float"))  # paired differences need it
-    kinds = qd._select(args.models, MODELS + EXTRA_MODELS)
+    kinds = common.select(args.models, MODELS + EXTRA_MODELS)
     cfg = config(args)
-    data = qd.load_data(cfg["n_train"])
+    data = digits(cfg["n_train"])
     cfg |= {"n_train_used": len(data["y_train"]), "n_test": len(data["y_test"])}
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
@@ -619,10 +623,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[kind] = run_model(kind, args.seeds, methods, cfg, data)
         cfg[f"{kind}_seconds"] = time.perf_counter() - t_kind
     cfg |= {"seeds": args.seeds, "models": list(kinds), "total_seconds": time.perf_counter() - t0}
-    doc = qd._document(NAME, cfg, results)
+    doc = common.document(NAME, cfg, results)
     doc["criteria"] = criteria(results)
     doc["grid_control"] = grid_control()
-    qd._save(doc, args.out)
+    common.write_json(doc, args.out)
     print(markdown(doc))
     return doc
 
@@ -635,7 +639,7 @@ def _fmt_err(v: float | None) -> str:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = [qd._header(doc)]
+    lines = [common.header(doc)]
     cfg = doc["config"]
     for kind, res in doc["results"].items():
         secs = cfg.get(f"{kind}_seconds")

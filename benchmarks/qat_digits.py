@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python3 benchmarks/qat_digits.py` from a checkout
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(ROOT / "benchmarks")):  # run from a checkout, or imported
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
+import common  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -66,153 +68,10 @@ METHODS = (
 )
 
 
-# ---------------------------------------------------------------- results (shared shape)
-# The three accuracy scripts (qat_digits, qat_lm, mixed_precision) write the same JSON
-# layout; each carries its own copy of these helpers so that it runs on its own.
-
-
-def _parser(doc: str, name: str, methods: tuple[str, ...]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run")
-    p.add_argument("--quick", action="store_true", help="tiny configuration (seconds)")
-    p.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(methods)}")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
-    p.add_argument(
-        "--markdown", default="", metavar="JSON", help="print the table of a result file"
-    )
-    return p
-
-
-def _select(arg: str, methods: tuple[str, ...]) -> tuple[str, ...]:
-    if not arg:
-        return methods
-    chosen = tuple(m.strip() for m in arg.split(",") if m.strip())
-    unknown = [m for m in chosen if m not in methods]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(methods)}")
-    return chosen
-
-
-def _summarize(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
-    """Per-seed runs plus mean and (population) std of ``keys`` over the seeds that ran."""
-    ok = [r for r in runs if "error" not in r]
-    out: dict[str, Any] = {"runs": runs}
-    if not ok:
-        out["error"] = runs[0]["error"] if runs else "no runs"
-        return out
-    out["mean"] = {k: float(np.mean([r[k] for r in ok])) for k in keys}
-    out["std"] = {k: float(np.std([r[k] for r in ok])) for k in keys}
-    out["n"] = len(ok)
-    return out
-
-
-def _document(name: str, cfg: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
-    import datetime
-    import platform
-
-    return {
-        "benchmark": name,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-        "python": platform.python_version(),
-        "jaxquant_git": _GIT_AT_START,
-        "config": cfg,
-        "results": results,
-    }
-
-
-def _git_state() -> str:
-    """The checkout's commit, ``+dirty`` if ``jaxquant/`` has uncommitted changes."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--", "jaxquant")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-_GIT_AT_START = _git_state()  # the code that runs is the code imported now
-
-
-def _save(doc: dict[str, Any], path: str) -> None:
-    import json
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}", flush=True)
-
-
-def _load(path: str) -> dict[str, Any]:
-    import json
-
-    return json.loads(Path(path).read_text())
-
-
-def _header(doc: dict[str, Any]) -> str:
-    return (
-        f"{doc['benchmark']}: jax {doc['jax']}, {doc['backend']} ({doc['device']}), "
-        f"{doc['date']}, seeds {doc['config'].get('seeds')}"
-    )
-
-
-def _brief(r: dict[str, Any], key: str) -> str:
-    if "error" in r:
-        return f"FAILED {r['error'][:200]}"
-    return f"{key} {r[key]:.4f} ({r['seconds']:.1f} s)"
-
-
-def _downsample(xs: list[float], n: int) -> list[float]:
-    """``n`` means of consecutive equal slices of ``xs`` (a short loss curve)."""
-    if len(xs) <= n:
-        return [float(x) for x in xs]
-    return [float(np.mean(c)) for c in np.array_split(np.asarray(xs), n)]
-
-
-def _paired(results: dict[str, Any], method: str, key: str) -> tuple[float, float] | None:
-    """Mean and std over seeds of ``method - float`` for ``key``, seed by seed (same
-    initialisation and data order: the seed-to-seed variation common to both cancels)."""
-    ref = {r["seed"]: r[key] for r in results.get("float", {}).get("runs", []) if key in r}
-    d = [r[key] - ref[r["seed"]] for r in results[method]["runs"] if key in r and r["seed"] in ref]
-    if method == "float" or not d:
-        return None
-    return round(float(np.mean(d)), 4) + 0.0, float(np.std(d))  # no "-0.00"
-
-
-# ------------------------------------------------------------------------------- data
-
-
-def load_data(n_train: int | None = None) -> dict[str, np.ndarray]:
-    """Digits, stratified 75 / 25 split (``random_state=0``), standardized with the
-    training statistics (constant pixels get std 1): :func:`jaxquant.datasets.digits`.
-    ``n_train`` keeps the first ``n_train`` training samples (for quick runs)."""
-    return digits(n_train)
-
-
 # ------------------------------------------------------------------------------ model
 
 
-class MLP(nn.Module):
-    """ReLU MLP; layers ``Dense_0`` .. ``Dense_{len(features)}``."""
-
-    features: tuple[int, ...] = (512, 512)
-    n_out: int = 10
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for f in self.features:
-            x = nn.relu(nn.Dense(f)(x))
-        return nn.Dense(self.n_out)(x)
+MLP = common.MLP  # the one digits MLP (benchmarks/common.py)
 
 
 def method_rules(method: str, group_size: int, n_layers: int) -> tuple[Any, ...] | None:
@@ -374,7 +233,7 @@ def run_method(
                 r["error"] = f"non-finite training loss {losses[-1]}"
         except Exception as e:  # report a broken method, keep the sweep going
             r = {"seed": seed, "error": f"{type(e).__name__}: {e}"}
-        print(f"{method:14s} seed {seed}: " + _brief(r, "test_acc"), flush=True)
+        print(f"{method:14s} seed {seed}: " + common.brief(r, "test_acc"), flush=True)
         runs.append(r)
     return runs
 
@@ -402,26 +261,26 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = _parser(__doc__ or "", NAME, METHODS)
+    p = common.parser(__doc__ or "", NAME, METHODS)
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 40)")
     p.add_argument("--group-size", type=int, default=32, help="w4a16_int4 group size")
     args = p.parse_args(argv)
     if args.markdown:
-        print(markdown(_load(args.markdown)))
+        print(markdown(common.read_json(args.markdown)))
         return {}
     if args.steps is not None:  # --steps is rounded to whole epochs
         n = 256 if args.quick else 1347
         args.epochs = max(1, round(args.steps / (n // 64)))
     cfg = config(args)
-    data = load_data(cfg["n_train"])
+    data = digits(cfg["n_train"])  # jaxquant.datasets: the split of every digits script
     cfg |= {"n_train_used": len(data["y_train"]), "n_test": len(data["y_test"])}
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     float_params: dict[int, Any] = {}
-    for method in _select(args.methods, METHODS):
+    for method in common.select(args.methods, METHODS):
         runs = run_method(method, args.seeds, cfg, data, float_params)
         keys = ("test_acc", "test_nll", "train_acc", "final_train_loss")
-        results[method] = _summarize(runs, keys)
+        results[method] = common.summarize(runs, keys)
         ptq = [r["ptq_test_acc"] for r in runs if r.get("ptq_test_acc") is not None]
         if len(ptq) == len(runs):
             results[method]["ptq_test_acc"] = {
@@ -429,9 +288,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "std": float(np.std(ptq)),
             }
     cfg |= {"seeds": args.seeds, "total_seconds": time.perf_counter() - t0}
-    doc = _document(NAME, cfg, results)
+    doc = common.document(NAME, cfg, results)
     doc["criteria"] = criteria(results)
-    _save(doc, args.out)
+    common.write_json(doc, args.out)
     print(markdown(doc))
     return doc
 
@@ -476,7 +335,7 @@ def criteria(res: dict[str, Any]) -> dict[str, Any]:
 def markdown(doc: dict[str, Any]) -> str:
     res = doc["results"]
     lines = [
-        _header(doc),
+        common.header(doc),
         "",
         "| method | quantized layers | test acc % (mean ± std) | vs float, paired (points) "
         "| per seed "
@@ -488,7 +347,7 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {method} | | **failed**: {r.get('error', '')[:160]} | | | | | |")
             continue
         m, s = r["mean"]["test_acc"], r["std"]["test_acc"]
-        pair = _paired(res, method, "test_acc")
+        pair = common.paired(res, method, "test_acc")
         delta = "" if pair is None else f"{pair[0]:+.2f} ± {pair[1]:.2f}"
         layers = r["runs"][0].get("quantized_layers") or ["none"]
         per_seed = ", ".join(f"{x['test_acc']:.2f}" for x in r["runs"] if "test_acc" in x)

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python3 benchmarks/qat_lm.py` from a checkout
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(ROOT / "benchmarks")):  # run from a checkout, or imported
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
+import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -59,20 +61,6 @@ METHODS = (
 QUANTIZED = r"blocks/.*"  # every Linear inside the transformer blocks
 VOCAB = 256
 
-
-# The JSON / table helpers are qat_digits.py's (one shape for the three accuracy scripts).
-from benchmarks.qat_digits import (  # noqa: E402
-    _brief,
-    _document,
-    _downsample,
-    _header,
-    _load,
-    _paired,
-    _parser,
-    _save,
-    _select,
-    _summarize,
-)
 
 # ------------------------------------------------------------------------------- data
 
@@ -270,7 +258,7 @@ def run_method(method: str, seeds: int, cfg: dict[str, Any], corpus: dict[str, A
                 "val_ppl": math.exp(val_nll),
                 "val_bits_per_byte": val_nll / math.log(2),
                 "final_train_loss": float(np.mean(losses[-max(1, len(losses) // 20) :])),
-                "train_loss_curve": _downsample(losses, 50),
+                "train_loss_curve": common.downsample(losses, 50),
                 "quantized_layers": quantized,
                 "state": sorted(
                     {
@@ -287,7 +275,7 @@ def run_method(method: str, seeds: int, cfg: dict[str, Any], corpus: dict[str, A
                 r["error"] = f"non-finite validation loss {val_nll}"
         except Exception as e:  # report a broken recipe, keep the sweep going
             r = {"seed": seed, "error": f"{type(e).__name__}: {e}"}
-        print(f"{method:12s} seed {seed}: " + _brief(r, "val_ppl"), flush=True)
+        print(f"{method:12s} seed {seed}: " + common.brief(r, "val_ppl"), flush=True)
         runs.append(r)
     return runs
 
@@ -332,27 +320,27 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = _parser(__doc__ or "", NAME, METHODS)
+    p = common.parser(__doc__ or "", NAME, METHODS)
     args = p.parse_args(argv)
     if args.markdown:
-        print(markdown(_load(args.markdown)))
+        print(markdown(common.read_json(args.markdown)))
         return {}
     cfg = config(args)
     corpus = load_corpus(cfg["val_every"], cfg["max_files"])
-    methods = _select(args.methods, METHODS)
+    methods = common.select(args.methods, METHODS)
     print(f"corpus: {corpus['info']}", flush=True)
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for method in methods:
         runs = run_method(method, args.seeds, cfg, corpus)
-        results[method] = _summarize(runs, ("val_ppl", "val_nll", "val_bits_per_byte"))
+        results[method] = common.summarize(runs, ("val_ppl", "val_nll", "val_bits_per_byte"))
     cfg |= {
         "corpus": corpus["info"],
         "seeds": args.seeds,
         "total_seconds": time.perf_counter() - t0,
     }
-    out = _document(NAME, cfg, results)
-    _save(out, args.out)
+    out = common.document(NAME, cfg, results)
+    common.write_json(out, args.out)
     print(markdown(out))
     return out
 
@@ -360,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def markdown(doc: dict[str, Any]) -> str:
     res = doc["results"]
     lines = [
-        _header(doc),
+        common.header(doc),
         "",
         "| method | quantized layers | val ppl / byte (mean ± std) | bits / byte | "
         "vs float, paired (mean ± std) | "
@@ -373,7 +361,7 @@ def markdown(doc: dict[str, Any]) -> str:
             continue
         m, s = r["mean"]["val_ppl"], r["std"]["val_ppl"]
         bpb = r["mean"]["val_bits_per_byte"]
-        pair = _paired(res, method, "val_ppl")
+        pair = common.paired(res, method, "val_ppl")
         delta = "" if pair is None else f"{pair[0]:+.3f} ± {pair[1]:.3f}"
         layers = r["runs"][0].get("quantized_layers", [])
         what = "none (float)" if not layers else f"{len(layers)} Linear"

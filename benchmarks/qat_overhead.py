@@ -30,13 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,7 +41,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common
+import common  # puts the repository root on sys.path too
+
 import jaxquant as jq
 
 BATCH = 128
@@ -139,12 +137,7 @@ def _hlo_counts(compiled: Any) -> dict[str, int]:
     }
 
 
-def _time(f: Callable[[], Any], reps: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = f()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps
+_time = common.seconds_per_call
 
 
 def _quartiles(v: list[float]) -> tuple[float, float]:
@@ -192,19 +185,12 @@ def bench_layer(k: int, n: int, rounds: int, reps: int, seed: int = 0) -> dict[s
 # ----------------------------------------------------------------------------- main
 
 
-def _git() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def markdown(doc: dict[str, Any]) -> str:
     names = ["float", *VARIANTS]
+    env = doc["env"]
+    git = env.get("jaxquant_git", env.get("git"))  # older files: "git"
     lines = [
-        f"{doc['env']['backend']}, jax {doc['env']['jax']}, jaxquant {doc['env']['git']}, "
+        f"{env['backend']}, jax {env['jax']}, jaxquant {git}, "
         f"{doc['config']['rounds']} rounds x {doc['config']['reps']} calls, batch {BATCH}",
         "",
         "| layer | " + " | ".join(names) + " |",
@@ -236,15 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.rounds, args.reps = 3, 3
     doc: dict[str, Any] = {
         "config": {"rounds": args.rounds, "reps": args.reps, "batch": BATCH},
-        "env": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-            "cpus": os.cpu_count(),
-            "git": _git(),
-            "load_average": os.getloadavg(),
-        },
+        "env": common.environment(),
         "layers": {f"{k}x{n}": bench_layer(k, n, args.rounds, args.reps) for k, n in LAYERS},
     }
     if args.out:

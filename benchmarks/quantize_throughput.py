@@ -34,8 +34,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import re
 import statistics
 import sys
@@ -47,6 +45,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common
+import common  # puts the repository root on sys.path too
 
 import jaxquant as jq
 
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--hlo-dir", default="", help="write the optimized HLO of every case here")
     p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="512x512, 2 samples: a smoke run")
     p.add_argument(
         "--markdown", default="", help="print a results JSON as a Markdown table and exit"
     )
@@ -278,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(markdown_table(json.loads(Path(args.markdown).read_text())))
         return 0
+    if args.quick:
+        args.size, args.reps, args.inner, args.buffers = 512, 2, 1, 1
 
     n = args.size
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
@@ -295,15 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         hlo_dir.mkdir(parents=True, exist_ok=True)
 
     env: dict[str, Any] = {
-        "jax": jax.__version__,
-        "jaxlib": _jaxlib_version(),
-        "python": platform.python_version(),
-        "git_commit": _git_commit(),
-        "backend": backend,
+        **common.environment(),
+        "git_commit": common.GIT_AT_START,  # the key markdown_table reads (older files too)
         "device_kind": dev.device_kind,
-        "device_count": jax.device_count(),
-        "host_cpus": _cpu_count(),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": common.environment()["loadavg"],
         "size": [n, n],
         "dtype": "float32",
         "reps": args.reps,
@@ -392,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_fmt_row(row), flush=True)
 
     total_s = time.perf_counter() - t_start
-    env["loadavg_end"] = _loadavg()
+    env["loadavg_end"] = common.environment()["loadavg"]
     env["total_s"] = round(total_s, 1)
     print(f"total {total_s:.1f} s | load {env['loadavg_end']}")
     if args.out:
@@ -456,51 +455,6 @@ def _fmt_row(r: dict[str, Any]) -> str:
         f"{r['bw_ratio_min']:>8.2f} "
         f"{r['fusions']:>3} {r['minor_faults_per_call']:>6}  {' '.join(notes)}"
     )
-
-
-def _jaxlib_version() -> str | None:
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except (ImportError, AttributeError):
-        return None
-
-
-def _cpu_count() -> int | None:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count()
-
-
-def _git_commit() -> str | None:
-    """HEAD of the checkout holding this file, with "+dirty" if jaxquant/ has local edits."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        )
-        if head.returncode:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "jaxquant"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        )
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return None
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 if __name__ == "__main__":

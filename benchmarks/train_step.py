@@ -19,7 +19,7 @@ bf16's.
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import json
 import statistics
 import sys
@@ -32,25 +32,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common
+import common  # puts the repository root on sys.path too
+
 import jaxquant as jq
 from jaxquant._src import dot as _dot
 from jaxquant.flax import quantize_model
 
 
-class MLP(nn.Module):
-    widths: tuple[int, ...]
-    dtype: object = jnp.float32
-    dot_general: object = None
-
-    @nn.compact
-    def __call__(self, x):
-        kw = {} if self.dot_general is None else {"dot_general": self.dot_general}
-        for i, w in enumerate(self.widths):
-            x = nn.Dense(w, dtype=self.dtype, param_dtype=self.dtype, **kw)(x)
-            if i < len(self.widths) - 1:
-                x = nn.relu(x)
-        return x
+def mlp(widths: tuple[int, ...], dtype=jnp.float32, dot_general=None) -> common.MLP:
+    """The digits MLP of ``widths`` (the last is the output) with ``dtype`` parameters and
+    compute, and optionally another ``dot_general`` in every layer."""
+    kw = {} if dot_general is None else {"dot_general": dot_general}
+    dense = functools.partial(nn.Dense, dtype=dtype, param_dtype=dtype, **kw)
+    return common.MLP(features=tuple(widths[:-1]), n_out=widths[-1], dense=dense)
 
 
 def _time(step, carry, batch, *, iters: int, repeats: int) -> tuple[float, object]:
@@ -107,7 +102,7 @@ def run_cpu(args) -> dict:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((128, 64)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 128), jnp.int32)
-    base = MLP((512, 512, 10))
+    base = mlp((512, 512, 10))
     tx = optax.adam(1e-3)
     variants = [("float", None)] + [(n, jq.recipes.get(n)) for n in jq.recipes.names()]
     variants.append(
@@ -207,13 +202,13 @@ def run_gpu(args) -> dict:
     teacher = jax.random.normal(kt, (width, width), jnp.float32) / np.sqrt(width)
     y = jnp.tanh(x.astype(jnp.float32) @ teacher).astype(bf)
     tx = optax.sgd(args.lr)
-    base = MLP((width,) * n_layers, dtype=bf)
+    base = mlp((width,) * n_layers, dtype=bf)
     fp8 = jq.recipes.get("fp8_current")
     variants = [
         ("bf16", base, None),
     ]
     if args.reference:
-        ref = MLP((width,) * n_layers, bf, _ref_dot_general)
+        ref = mlp((width,) * n_layers, bf, _ref_dot_general)
         variants.append(("hand-written fp8, dequantize-then-dot (flax-style)", ref, None))
     for lowering in args.lowerings:
         for native in args.native:
@@ -263,7 +258,7 @@ def run_gpu(args) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the GPU benchmark (width 8192)")
     p.add_argument("--width", type=int, default=8192)
@@ -278,16 +273,15 @@ def main() -> None:
     p.add_argument("--reference", type=int, default=1, help="time the hand-written step")
     p.add_argument("--out", type=Path)
     p.add_argument("--markdown", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few steps: a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iters, args.repeats, args.loss_steps = 2, 2, 3
+        args.width, args.batch = 256, 512
     args.native = [bool(n) for n in args.native]
     args.loss_check = [args.loss_check[0], bool(int(args.loss_check[1]))]
     result = run_gpu(args) if args.gpu else run_cpu(args)
-    result.update(
-        backend=jax.default_backend(),
-        device=jax.devices()[0].device_kind,
-        jax=jax.__version__,
-        date=datetime.date.today().isoformat(),
-    )
+    result.update(common.environment())
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
