@@ -186,10 +186,10 @@ def saturating_rounding_doubling_high_mul(
     -1.5 -> -1.
 
     Example:
-      >>> import jax.numpy as jnp, jaxquant.integer as jqi
+      >>> import jax, jax.numpy as jnp, jaxquant.integer as jqi
       >>> a = jnp.array([2**30, -(2**30), 2**30, -(2**31)], jnp.int32)
       >>> b = jnp.array([3, 3, 5, -(2**31)], jnp.int32)
-      >>> jqi.saturating_rounding_doubling_high_mul(a, b).tolist()  # 1.5, -1.5, 2.5, 2^31
+      >>> jax.jit(jqi.saturating_rounding_doubling_high_mul)(a, b).tolist()  # 1.5 -1.5 2.5 2^31
       [2, -1, 3, 2147483647]
     """
     a = _int32_operand(a, "saturating_rounding_doubling_high_mul: a")
@@ -218,9 +218,9 @@ def rounding_divide_by_pot(x: jax.typing.ArrayLike, exponent: jax.typing.ArrayLi
     from zero, for int32 ``x`` and ``0 <= exponent <= 31``.
 
     Example:
-      >>> import jax.numpy as jnp, jaxquant.integer as jqi
+      >>> import jax, jax.numpy as jnp, jaxquant.integer as jqi
       >>> x = jnp.array([5, 6, -5, -6, 7], jnp.int32)
-      >>> jqi.rounding_divide_by_pot(x, 2).tolist()  # 1.25, 1.5, -1.25, -1.5, 1.75
+      >>> jax.jit(jqi.rounding_divide_by_pot)(x, 2).tolist()  # 1.25, 1.5, -1.25, -1.5, 1.75
       [1, 2, -1, -2, 2]
     """
     x = _int32_operand(x, "rounding_divide_by_pot: x")
@@ -244,10 +244,10 @@ def multiply_by_quantized_multiplier(
       m0, shift: the multiplier from :func:`quantize_multiplier`.
 
     Example:
-      >>> import jax.numpy as jnp, jaxquant.integer as jqi
+      >>> import jax, jax.numpy as jnp, jaxquant.integer as jqi
       >>> m0, shift = jqi.quantize_multiplier(0.3)
       >>> x = jnp.array([10, 100, -7], jnp.int32)
-      >>> jqi.multiply_by_quantized_multiplier(x, m0, shift).tolist()  # 3, 30, -2.1
+      >>> jax.jit(jqi.multiply_by_quantized_multiplier)(x, m0, shift).tolist()  # 3, 30, -2.1
       [3, 30, -2]
     """
     fn = "multiply_by_quantized_multiplier"
@@ -293,12 +293,12 @@ def dense(
       Real values ``x = [0, 1, -1, 2]`` (``S1 = 0.02``, ``Z1 = 128``), weights at
       ``S2 = 0.01``, bias ``[0, 0.1]``, output at ``S3 = 0.05``, ``Z3 = 128``:
 
-      >>> import jax.numpy as jnp, jaxquant.integer as jqi
+      >>> import jax, jax.numpy as jnp, jaxquant.integer as jqi
       >>> x = jnp.array([[128, 178, 78, 228]], jnp.uint8)
       >>> w = jnp.array([[10, -20], [30, 40], [-50, 60], [70, 80]], jnp.int8)
       >>> bias = jnp.array([0, 500], jnp.int32)  # round(b / (S1 * S2))
       >>> m0, shift = jqi.quantize_multiplier(0.02 * 0.01 / 0.05)
-      >>> y = jqi.dense(x, 128, w, bias, m0, shift, 128)
+      >>> y = jax.jit(jqi.dense)(x, 128, w, bias, m0, shift, 128)
       >>> y.dtype, y.tolist()  # real 0.05 * (y - 128) = [2.2, 1.5], as in float
       (dtype('uint8'), [[172, 158]])
     """

@@ -243,9 +243,9 @@ def summary(x: jax.typing.ArrayLike, x_hat: jax.typing.ArrayLike | QArray) -> di
       ``saturation_rate``, ``scale_clamp_rate`` and ``bits_per_value``.
 
     Example:
-      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> import jax, jax.numpy as jnp, jaxquant as jq
       >>> x = jnp.array([-0.5, 0.3, 1.2, -2.1])
-      >>> s = jq.metrics.summary(x, jq.quantize(x, jq.QuantSpec("int8")))
+      >>> s = jax.jit(jq.metrics.summary)(x, jq.quantize(x, jq.QuantSpec("int8")))
       >>> round(float(s["sqnr_db"]), 2), float(s["saturation_rate"]), float(s["bits_per_value"])
       (49.39, 0.0, 16.0)
     """
@@ -283,10 +283,10 @@ def report(tree: PyTree, qtree: PyTree) -> dict[str, dict[str, Array]]:
       ``{path: summary(leaf, qleaf)}`` for every floating-point leaf.
 
     Example:
-      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> import jax, jax.numpy as jnp, jaxquant as jq
       >>> params = {"w": jnp.array([[0.5, -1.0], [0.25, 2.0]]), "b": jnp.array([0.1, 0.2])}
       >>> policy = lambda path, x: jq.QuantSpec("int4") if x.ndim == 2 else None
-      >>> r = jq.metrics.report(params, jq.quantize_tree(params, policy))
+      >>> r = jax.jit(jq.metrics.report)(params, jq.quantize_tree(params, policy))
       >>> {path: round(float(m["sqnr_db"]), 1) for path, m in r.items()}
       {"['b']": inf, "['w']": 23.0}
     """

@@ -106,10 +106,10 @@ class QuantizedMoment:
       signed: which code table: signed (first moment) or unsigned (second moment) (static).
 
     Example:
-      >>> import jax.numpy as jnp, jaxquant.optax as jqo
+      >>> import jax, jax.numpy as jnp, jaxquant.optax as jqo
       >>> opt = jqo.scale_by_adam_8bit(block_size=4, min_size=0)
-      >>> state = opt.init(jnp.zeros(8))
-      >>> _, state = opt.update(jnp.array([1.0, -2, 3, -4, 0.5, 0.25, 0, 8]), state)
+      >>> state = jax.jit(opt.init)(jnp.zeros(8))
+      >>> _, state = jax.jit(opt.update)(jnp.array([1.0, -2, 3, -4, 0.5, 0.25, 0, 8]), state)
       >>> m = state.mu  # the first moment, 0.1 * g after one step
       >>> m.codes.dtype, m.codes.shape, m.absmax.tolist()
       (dtype('uint8'), (2, 4), [0.4000000059604645, 0.800000011920929])
@@ -266,7 +266,7 @@ class ScaleByAdam8bitState(NamedTuple):
     Example:
       >>> import jax, jax.numpy as jnp, jaxquant.optax as jqo
       >>> params = {"w": jnp.zeros((64, 64)), "b": jnp.zeros(64)}
-      >>> state = jqo.scale_by_adam_8bit().init(params)
+      >>> state = jax.jit(jqo.scale_by_adam_8bit().init)(params)
       >>> int(state.count), type(state.mu["w"]).__name__, state.mu["b"].dtype
       (0, 'QuantizedMoment', dtype('float32'))
     """
@@ -360,11 +360,11 @@ def scale_by_adam_8bit(
       An ``optax.GradientTransformation`` whose state is a :class:`ScaleByAdam8bitState`.
 
     Example:
-      >>> import jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp, optax
       >>> opt = scale_by_adam_8bit(min_size=0)
       >>> params = {"w": jnp.ones(5000)}
-      >>> state = opt.init(params)
-      >>> u, state = opt.update({"w": jnp.full(5000, 0.5)}, state)
+      >>> state = jax.jit(opt.init)(params)
+      >>> u, state = jax.jit(opt.update)({"w": jnp.full(5000, 0.5)}, state)
       >>> round(float(u["w"][0]), 4), state.mu["w"].codes.shape, state.mu["w"].codes.dtype
       (1.0, (3, 2048), dtype('uint8'))
 
@@ -490,9 +490,9 @@ def adam_8bit(
       >>> import jax, jax.numpy as jnp, optax
       >>> opt = adam_8bit(0.1)
       >>> params = jnp.ones(3)
-      >>> state = opt.init(params)
+      >>> state = jax.jit(opt.init)(params)
       >>> grads = jax.grad(lambda p: jnp.sum(p**2))(params)
-      >>> updates, state = opt.update(grads, state)
+      >>> updates, state = jax.jit(opt.update)(grads, state)
       >>> [round(float(x), 4) for x in optax.apply_updates(params, updates)]
       [0.9, 0.9, 0.9]
 
@@ -516,8 +516,8 @@ def state_nbytes(state: Any) -> int:
     ``jax.eval_shape``).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> state = scale_by_adam_8bit(min_size=0).init(jnp.zeros(4096))
+      >>> import jax, jax.numpy as jnp
+      >>> state = jax.jit(scale_by_adam_8bit(min_size=0).init)(jnp.zeros(4096))
       >>> state_nbytes(state)  # count + 2 * (4096 codes + 2 absmax)
       8212
     """

@@ -27,14 +27,14 @@ class LossScaleState(NamedTuple):
     """State of :func:`dynamic_loss_scale`.
 
     Example:
-      >>> import jax.numpy as jnp, optax, jaxquant.optax as jqo
+      >>> import jax, jax.numpy as jnp, optax, jaxquant.optax as jqo
       >>> opt = jqo.dynamic_loss_scale(optax.sgd(0.1), initial_scale=2.0**15)
       >>> params = jnp.ones(2, jnp.float16)
       >>> state = opt.init(params)
       >>> float(state.scale), int(state.good_steps)
       (32768.0, 0)
       >>> grads = jnp.array([jnp.inf, 1.0], jnp.float16)  # the scaled gradient overflowed
-      >>> updates, state = opt.update(grads, state, params)
+      >>> updates, state = jax.jit(opt.update)(grads, state, params)
       >>> updates.tolist(), float(state.scale)  # step skipped, scale halved
       ([0.0, 0.0], 16384.0)
     """
