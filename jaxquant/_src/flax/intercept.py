@@ -31,12 +31,13 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant._src.config import QuantConfig
 from jaxquant._src.conv import conv_general_dilated as jq_conv
 from jaxquant._src.dot import dot_general as jq_dot_general
 from jaxquant._src.dot import einsum as jq_einsum
@@ -45,6 +46,18 @@ from jaxquant._src.flax.rules import Rule, _at
 from jaxquant._src.granularity import follows_layout
 from jaxquant._src.layout import bind, conv_layout, dot_layout
 from jaxquant._src.qarray import QArray
+from jaxquant._src.spec import QuantSpec
+
+# The operand a weight is; the roles _roles also finds: both operands parameters, or both
+# shaped like one
+Side = Literal["lhs", "rhs"]
+Role = Literal["lhs", "rhs", "both", "ambiguous"]
+# (contracting, batch) axes of one operand
+Axes = tuple[tuple[int, ...], tuple[int, ...]]
+# (lhs_spec, rhs_spec, config) -> the quantized product
+Quantized = Callable[[QuantSpec | None, QuantSpec | None, QuantConfig], Any]
+# a replaced function (or descriptor) -> its intercepting replacement
+Maker = Callable[[Any], Any]
 
 
 class Contraction(NamedTuple):
@@ -107,7 +120,7 @@ class Owner:
     strict: bool
     # (call, bound config) -> product, for stateful rules (delayed scaling, LSQ,
     # stochastic rounding): the front end keeps their state; None: not supported there
-    stateful: Callable[[Any, Any], Any] | None = None
+    stateful: Callable[[Call, QuantConfig], Any] | None = None
     instance: Any = None  # the running module object (its method's `self`)
 
 
@@ -148,22 +161,25 @@ def _from_jaxquant(frame: Any) -> bool:
     return False
 
 
-class _Call(NamedTuple):
+class Call(NamedTuple):
+    """One intercepted contraction: its operands, the float computation and how to
+    quantize it."""
+
     op: str
     lhs: Any
     rhs: Any
     original: Callable[[], Any]  # the float computation, as called
     # (lhs_spec, rhs_spec, config) -> quantized product; None: this form cannot be quantized
-    quantized: Callable[[Any, Any, Any], Any] | None
+    quantized: Quantized | None
     why_not: str  # when quantized is None
     # "lhs" / "rhs" -> (contracting, batch) axes of that operand; None: unknown
-    layout: Callable[[str], tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+    layout: Callable[[Side], Axes] | None = None
     # keywords of the contraction for the stateful step (dimension_numbers or subscripts,
     # precision, preferred_element_type): None where it cannot take it (a convolution)
     step: dict[str, Any] | None = None
 
 
-def _route(call: _Call, frame: Any) -> Any:
+def _route(call: Call, frame: Any) -> Any:
     fronts = _active.get()
     if not fronts or _from_jaxquant(frame):
         return call.original()
@@ -197,9 +213,12 @@ def _floating(x: Any) -> bool:
     return dt is not None and jnp.issubdtype(dt, jnp.floating)
 
 
+_SIDES: tuple[Side, Side] = ("lhs", "rhs")
+
+
 def _roles(
     lhs: Any, rhs: Any, params: list[tuple[str, Any]]
-) -> tuple[Any, str | None, bool | None]:
+) -> tuple[Role | None, str | None, bool | None]:
     """``(side, parameter name, transposed)``. ``side``: ``"lhs"`` / ``"rhs"``, the operand
     that is a parameter (or its full transpose, or has the shape of one or of its
     transpose); None: neither; ``"both"``: a product of parameters; ``"ambiguous"``: both
@@ -212,10 +231,10 @@ def _roles(
                 other = _source((rhs, lhs)[i])[0]
                 if any(other is q for _, q in params):
                     return "both", None, False
-                return ("lhs", "rhs")[i], name, flipped
+                return _SIDES[i], name, flipped
     found: list[tuple[str, bool | None] | None] = []
     for x in (lhs, rhs):
-        hit = None
+        hit: tuple[str, bool | None] | None = None
         if _floating(x) and np.ndim(x) >= 1:
             for name, p in params:
                 if np.ndim(p) < 1 or not (_floating(p) or isinstance(p, QArray)):
@@ -234,17 +253,17 @@ def _roles(
         return "ambiguous", None, False
     for i, hit in enumerate(found):
         if hit is not None:
-            return ("lhs", "rhs")[i], hit[0], hit[1]
+            return _SIDES[i], hit[0], hit[1]
     return None, None, False
 
 
-def _decide(call: _Call, owner: Owner, inner_jit: bool = False) -> Any:
+def _decide(call: Call, owner: Owner, inner_jit: bool = False) -> Any:
     rule = owner.rule
     side, param, transposed = _roles(call.lhs, call.rhs, owner.params())
     param = param or None  # "": a weight the model computes (convert has nothing to store)
     shapes = (_shape(call.lhs), _shape(call.rhs))
-    dims: tuple[Any, tuple[int, ...]] = (None, ())
-    if side in ("lhs", "rhs") and call.layout is not None:
+    dims: tuple[tuple[int, ...] | None, tuple[int, ...]] = (None, ())
+    if (side == "lhs" or side == "rhs") and call.layout is not None:
         try:
             dims = call.layout(side)
         except (ValueError, TypeError):  # a malformed call: the op itself will say so
@@ -338,10 +357,13 @@ def _decide(call: _Call, owner: Owner, inner_jit: bool = False) -> Any:
                 weight=_bind(cfg.weight, call.rhs, dims), act=_bind(cfg.act, call.lhs, None)
             )
             return owner.stateful(call, bound)
+        assert call.quantized is not None  # else `problem` was set and returned above
         return call.quantized(lhs_spec, rhs_spec, cfg)
 
 
-def _bind(spec: Any, x: Any, dims: Any) -> Any:
+def _bind(
+    spec: QuantSpec | None, x: Any, dims: tuple[tuple[int, ...] | None, tuple[int, ...]] | None
+) -> QuantSpec | None:
     """A layout-relative spec bound to operand ``x``'s axes (a stateful step keeps one
     scale per group across calls, so its groups must be explicit)."""
     if spec is None or not follows_layout(spec.granularity):
@@ -357,12 +379,21 @@ def _bind(spec: Any, x: Any, dims: Any) -> Any:
 # ----------------------------------------------------------- the replaced functions
 
 
-def _kw(cfg: Any) -> dict[str, Any]:
+def _kw(cfg: QuantConfig) -> dict[str, Any]:
     return {"grad_spec": cfg.grad, "mode": cfg.mode, "ste": cfg.ste}
 
 
-def _dot_general_call(op, lhs, rhs, dn, precision, pet, original, out_sharding=None) -> _Call:
-    def quantized(ls, rs, cfg):
+def _dot_general_call(
+    op: str,
+    lhs: Any,
+    rhs: Any,
+    dn: Any,
+    precision: Any,
+    pet: Any,
+    original: Callable[[], Any],
+    out_sharding: Any = None,
+) -> Call:
+    def quantized(ls: QuantSpec | None, rs: QuantSpec | None, cfg: QuantConfig) -> Any:
         return jq_dot_general(
             lhs,
             rhs,
@@ -376,10 +407,11 @@ def _dot_general_call(op, lhs, rhs, dn, precision, pet, original, out_sharding=N
         )
 
     why = ""
+    product: Quantized | None = quantized
     if getattr(lhs, "dtype", None) != getattr(rhs, "dtype", None):
-        quantized, why = None, "the operands' dtypes differ (cast them to one dtype)"
+        product, why = None, "the operands' dtypes differ (cast them to one dtype)"
 
-    def layout(side: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def layout(side: Side) -> Axes:
         return dot_layout(dn, side, np.ndim(lhs if side == "lhs" else rhs))
 
     step = {
@@ -388,18 +420,26 @@ def _dot_general_call(op, lhs, rhs, dn, precision, pet, original, out_sharding=N
         "preferred_element_type": pet,
         "out_sharding": out_sharding,
     }
-    return _Call(op, lhs, rhs, original, quantized, why, layout, step)
+    return Call(op, lhs, rhs, original, product, why, layout, step)
 
 
-def _make_dot_general(orig: Callable) -> Callable:
-    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+def _make_dot_general(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def dot_general(
+        lhs: Any,
+        rhs: Any,
+        dimension_numbers: Any,
+        precision: Any = None,
+        preferred_element_type: Any = None,
+        **kw: Any,
+    ) -> Any:
         frame = sys._getframe(1)
-        original = lambda: orig(
-            lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw
-        )
+
+        def original() -> Any:
+            return orig(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
+
         extra = set(kw) - {"out_sharding"}
         if extra:
-            call = _Call("dot_general", lhs, rhs, original, None, f"unsupported arguments {extra}")
+            call = Call("dot_general", lhs, rhs, original, None, f"unsupported arguments {extra}")
         else:
             call = _dot_general_call(
                 "dot_general",
@@ -416,7 +456,7 @@ def _make_dot_general(orig: Callable) -> Callable:
     return dot_general
 
 
-def _matmul_dn(a: Any, b: Any, op: str) -> tuple[Any, str]:
+def _matmul_dn(a: Any, b: Any, op: str) -> tuple[tuple[Axes, Axes] | None, str]:
     """``lax.dot_general`` dimension numbers of ``jnp.dot`` / ``jnp.matmul`` (or a reason)."""
     na, nb = np.ndim(a), np.ndim(b)
     none: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
@@ -437,35 +477,37 @@ def _matmul_dn(a: Any, b: Any, op: str) -> tuple[Any, str]:
     )
 
 
-def _make_matmul(orig: Callable, op: str) -> Callable:
-    def matmul(a, b, precision=None, preferred_element_type=None, **kw):
+def _make_matmul(orig: Callable[..., Any], op: str) -> Callable[..., Any]:
+    def matmul(
+        a: Any, b: Any, precision: Any = None, preferred_element_type: Any = None, **kw: Any
+    ) -> Any:
         frame = sys._getframe(1)
         pet = preferred_element_type
 
-        def original():
+        def original() -> Any:
             return orig(a, b, precision=precision, preferred_element_type=pet, **kw)
 
         dn, why = _matmul_dn(a, b, op)
         if dn is None or set(kw) - {"out_sharding"}:
-            return _route(_Call(op, a, b, original, None, why or f"arguments {set(kw)}"), frame)
+            return _route(Call(op, a, b, original, None, why or f"arguments {set(kw)}"), frame)
         call = _dot_general_call(op, a, b, dn, precision, pet, original, kw.get("out_sharding"))
         return _route(call, frame)
 
     return matmul
 
 
-def _operator_call(a: Any, b: Any, original: Callable[[], Any]) -> _Call | None:
+def _operator_call(a: Any, b: Any, original: Callable[[], Any]) -> Call | None:
     if not hasattr(a, "shape") or not hasattr(b, "shape"):
         return None  # a Python scalar / list: jax's own rules
     dn, why = _matmul_dn(a, b, "matmul")
     if dn is None:
-        return _Call("@", a, b, original, None, why)
+        return Call("@", a, b, original, None, why)
     return _dot_general_call("@", a, b, dn, None, None, original)
 
 
-def _make_operator(orig: Callable, reverse: bool) -> Callable:
+def _make_operator(orig: Callable[[Any, Any], Any], reverse: bool) -> Callable[[Any, Any], Any]:
     # ArrayImpl.__matmul__ / __rmatmul__ (concrete arrays, eager).
-    def op(self, other):
+    def op(self: Any, other: Any) -> Any:
         frame = sys._getframe(1)
         a, b = (other, self) if reverse else (self, other)
         call = _operator_call(a, b, lambda: orig(self, other))
@@ -474,10 +516,10 @@ def _make_operator(orig: Callable, reverse: bool) -> Callable:
     return op
 
 
-def _make_aval_op(orig: Callable, reverse: bool) -> Callable:
+def _make_aval_op(orig: Callable[[Any, Any], Any], reverse: bool) -> Callable[[Any, Any], Any]:
     # ShapedArray._matmul(tracer, other), a staticmethod: the `@` of tracers, reached
     # through Tracer.__matmul__ (one jax frame between the caller and here).
-    def op(tracer, other):
+    def op(tracer: Any, other: Any) -> Any:
         frame = sys._getframe(2)
         a, b = (other, tracer) if reverse else (tracer, other)
         call = _operator_call(a, b, lambda: orig(tracer, other))
@@ -486,23 +528,26 @@ def _make_aval_op(orig: Callable, reverse: bool) -> Callable:
     return op
 
 
-def _make_einsum(orig: Callable) -> Callable:
-    def einsum(subscripts, *operands, **kw):
+def _make_einsum(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def einsum(subscripts: Any, *operands: Any, **kw: Any) -> Any:
         frame = sys._getframe(1)
-        original = lambda: orig(subscripts, *operands, **kw)
+
+        def original() -> Any:
+            return orig(subscripts, *operands, **kw)
+
         if len(operands) != 2 or not isinstance(subscripts, str):
             why = f"an einsum of {len(operands)} operands (jq.einsum takes two)"
             if len(operands) < 2:
                 return original()
             lhs, rhs = operands[:2]
-            return _route(_Call("einsum", lhs, rhs, original, None, why), frame)
+            return _route(Call("einsum", lhs, rhs, original, None, why), frame)
         a, b = operands
         extra = set(kw) - {"precision", "preferred_element_type", "optimize"}
         if kw.get("out") is not None or extra - {"out"}:
             why = f"unsupported einsum arguments {sorted(extra)}"
-            return _route(_Call("einsum", a, b, original, None, why), frame)
+            return _route(Call("einsum", a, b, original, None, why), frame)
 
-        def quantized(ls, rs, cfg):
+        def quantized(ls: QuantSpec | None, rs: QuantSpec | None, cfg: QuantConfig) -> Any:
             return jq_einsum(
                 subscripts,
                 a,
@@ -515,10 +560,11 @@ def _make_einsum(orig: Callable) -> Callable:
             )
 
         why = ""
+        product: Quantized | None = quantized
         if getattr(a, "dtype", None) != getattr(b, "dtype", None):
-            quantized, why = None, "the operands' dtypes differ (cast them to one dtype)"
+            product, why = None, "the operands' dtypes differ (cast them to one dtype)"
 
-        def layout(side: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        def layout(side: Side) -> Axes:
             la, lb, lo = parse_subscripts(subscripts, np.ndim(a), np.ndim(b))
             mine, other = (la, lb) if side == "lhs" else (lb, la)
             contracting = tuple(i for i, c in enumerate(mine) if c in other and c not in lo)
@@ -530,22 +576,27 @@ def _make_einsum(orig: Callable) -> Callable:
             "precision": kw.get("precision"),
             "preferred_element_type": kw.get("preferred_element_type"),
         }
-        return _route(_Call("einsum", a, b, original, quantized, why, layout, step), frame)
+        return _route(Call("einsum", a, b, original, product, why, layout, step), frame)
 
     return einsum
 
 
-def _make_conv(orig: Callable) -> Callable:
-    def conv_general_dilated(lhs, rhs, *args, **kw):
+def _make_conv(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def conv_general_dilated(lhs: Any, rhs: Any, *args: Any, **kw: Any) -> Any:
         frame = sys._getframe(1)
-        original = lambda: orig(lhs, rhs, *args, **kw)
 
-        def quantized(ls, rs, cfg):
+        def original() -> Any:
+            return orig(lhs, rhs, *args, **kw)
+
+        def quantized(ls: QuantSpec | None, rs: QuantSpec | None, cfg: QuantConfig) -> Any:
             if ls is not None and rs is None and cfg.weight is not None:
                 raise ValueError("the conv's weight must be its rhs (kernel) operand")
             kwargs = dict(kw)
             if kwargs.pop("out_sharding", None) is not None:
                 raise ValueError("a quantized conv takes no out_sharding")
+            ste = cfg.ste
+            if ste == "lsq":  # stateful: _decide routes LSQ to the front end's step, not here
+                raise ValueError("a quantized conv takes no LSQ rule (ste='lsq')")
             return jq_conv(
                 lhs,
                 rhs,
@@ -553,25 +604,25 @@ def _make_conv(orig: Callable) -> Callable:
                 lhs_spec=ls,
                 rhs_spec=rs,
                 grad_spec=cfg.grad,
-                ste=cfg.ste,
+                ste=ste,
                 **kwargs,
             )
 
-        def layout(side: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        def layout(side: Side) -> Axes:
             dn = kw.get("dimension_numbers", args[4] if len(args) > 4 else None)
             x = lhs if side == "lhs" else rhs
             return conv_layout(dn, np.ndim(x), side)[0], ()
 
-        call = _Call("conv_general_dilated", lhs, rhs, original, quantized, "", layout)
+        call = Call("conv_general_dilated", lhs, rhs, original, quantized, "", layout)
         return _route(call, frame)
 
     return conv_general_dilated
 
 
-def _targets() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
+def _targets() -> list[tuple[Any, str, Maker]]:
     from jax._src import core  # the `@` of tracers goes through their aval's _matmul
 
-    out: list[tuple[Any, str, Callable[[Callable], Callable]]] = [
+    out: list[tuple[Any, str, Maker]] = [
         (jax.lax, "dot_general", _make_dot_general),
         (jax.lax, "conv_general_dilated", _make_conv),
         (jnp, "einsum", _make_einsum),
@@ -585,12 +636,13 @@ def _targets() -> list[tuple[Any, str, Callable[[Callable], Callable]]]:
     # Full transposes (`w.T`, `w.transpose()`, `jnp.transpose(w)`) are remembered, so a
     # square parameter used transposed is known as such (its shape cannot tell).
     out.append((jnp, "transpose", _make_transpose))
-    for cls in (array_type, getattr(core, "ShapedArray", None)):
+    holders: tuple[type | None, ...] = (array_type, getattr(core, "ShapedArray", None))
+    for holder in holders:
         for name in ("T", "transpose"):
-            d = None if cls is None else cls.__dict__.get(name)
+            d = None if holder is None else holder.__dict__.get(name)
             inner = getattr(d, "fun", None) or getattr(d, "fget", None)
-            if isinstance(d, property) or callable(d) or inner is not None:
-                out.append((cls, name, _descriptor_wrapper(cls.__dict__[name])))
+            if holder is not None and (isinstance(d, property) or callable(d) or inner):
+                out.append((holder, name, _descriptor_wrapper(holder.__dict__[name])))
     aval = getattr(core, "ShapedArray", None)
     if aval is not None and isinstance(aval.__dict__.get("_matmul"), staticmethod):
         out.append((aval, "_matmul", lambda f: staticmethod(_make_aval_op(f, False))))
@@ -603,7 +655,7 @@ _transposes: contextvars.ContextVar[dict[int, tuple[Any, Any]] | None] = context
 )
 
 
-def _remember(out: Any, src: Any, args: tuple) -> Any:
+def _remember(out: Any, src: Any, args: tuple[Any, ...]) -> Any:
     seen = _transposes.get()
     ndim = np.ndim(src)
     axes = args[0] if len(args) == 1 and isinstance(args[0], tuple | list) else args
@@ -612,25 +664,25 @@ def _remember(out: Any, src: Any, args: tuple) -> Any:
     return out
 
 
-def _make_transpose(orig: Callable) -> Callable:
-    def transpose(a, axes=None, **kw):
+def _make_transpose(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def transpose(a: Any, axes: Any = None, **kw: Any) -> Any:
         return _remember(orig(a, axes, **kw), a, () if axes is None else (axes,))
 
     return transpose
 
 
-def _descriptor_wrapper(d: Any) -> Callable[[Any], Any]:
+def _descriptor_wrapper(d: Any) -> Maker:
     """A maker for the tracked version of ``T`` / ``transpose`` of arrays and avals: a
     property, a plain function, or jax's aval_method / aval_property wrappers."""
 
-    def track(fn: Callable) -> Callable:
-        def tracked(a, *args, **kw):
+    def track(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def tracked(a: Any, *args: Any, **kw: Any) -> Any:
             return _remember(fn(a, *args, **kw), a, args)
 
         return tracked
 
     def make(_current: Any) -> Any:
-        if isinstance(d, property):
+        if isinstance(d, property) and d.fget is not None:
             return property(track(d.fget))
         if hasattr(d, "fun"):
             return type(d)(track(d.fun))
