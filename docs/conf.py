@@ -8,6 +8,7 @@ Needs the ``docs`` extra (sphinx, myst-nb, sphinx-book-theme) and jaxquant impor
 """
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -75,6 +76,38 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 napoleon_use_ivar = True
+
+# jax.typing.ArrayLike / DTypeLike are unions; autodoc would print them expanded in every
+# signature ("Array | ndarray | bool | number | ..."). Print their names instead.
+_ALIASES = [
+    (
+        re.compile(
+            r"~?jax[\w.]*\.Array \| ~?numpy\.ndarray \| ~?numpy\.bool \| ~?numpy\.number"
+            r" \| bool \| int \| float \| complex"
+        ),
+        "~jax.typing.ArrayLike",
+    ),
+    (
+        re.compile(
+            r"str \| type\[~?(typing\.)?Any\] \| ~?numpy\.dtype \| ~?jax[\w.]*SupportsDType"
+        ),
+        "~jax.typing.DTypeLike",
+    ),
+]
+
+
+def _short_aliases(app, what, name, obj, options, signature, return_annotation):
+    for pattern, short in _ALIASES:
+        if signature:
+            signature = pattern.sub(short, signature)
+        if return_annotation:
+            return_annotation = pattern.sub(short, return_annotation)
+    return signature, return_annotation
+
+
+def setup(app):
+    app.connect("autodoc-process-signature", _short_aliases)
+
 
 html_theme = "sphinx_book_theme"
 html_title = f"jaxquant {release}"
