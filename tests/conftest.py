@@ -1,6 +1,20 @@
-"""Strict JAX for every test (equinox-style): no silent dtype or rank promotion."""
+"""Strict JAX for every test (equinox-style): no silent dtype or rank promotion.
+
+Also the two things that keep the suite fast (issue 13):
+
+* XLA's persistent compilation cache, in the system's temporary directory: most of a
+  test's time is compiling, and an edit-test loop recompiles the same programs. The cache
+  key holds the program, the compile options, the jax / jaxlib version and the backend,
+  so a hit is the same executable. ``JAX_COMPILATION_CACHE_DIR`` picks another folder;
+  ``JAXQUANT_TEST_XLA_CACHE=0`` turns it off (a cold run, as on a fresh CI machine).
+* ``-m "not slow"``, the edit-test loop: besides the tests marked ``slow`` by hand (end-to-end
+  training, third-party models, notebooks, papers, sweeps), a parametrized test runs its
+  first case only; its other cases are marked ``slow``. A test whose grid already marks
+  some cases ``slow`` by hand keeps exactly those marks. The whole suite runs every case.
+"""
 
 import os
+import tempfile
 
 # Eight fake CPU devices for the sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -13,6 +27,32 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # The tests bound float32 dots by float32 rounding; GPUs and TPUs would otherwise run them
 # in TF32 / bf16 passes (a no-op on CPU, which the suite targets).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+if os.environ.get("JAXQUANT_TEST_XLA_CACHE", "1") != "0":
+    jax.config.update(
+        "jax_compilation_cache_dir",
+        os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        or os.path.join(tempfile.gettempdir(), "jaxquant-tests-xla-cache"),
+    )
+    # Cache every program: the suite's are small and each compiles in well under a second.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    """Mark every case but the first of an unmarked parametrized test ``slow``."""
+    del config
+    grids: dict[tuple[object, str], list[pytest.Item]] = {}
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is not None:
+            grids.setdefault((item.path, item.originalname), []).append(item)
+    for cases in grids.values():
+        if any(case.get_closest_marker("slow") for case in cases):
+            continue  # a hand-picked fast subset
+        for case in cases[1:]:
+            case.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

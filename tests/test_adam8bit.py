@@ -48,6 +48,7 @@ def test_signed_table_symmetric_but_one():
 # ------------------------------------------------------------------------------ round trip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("size", [1, 2047, 2048, 5000])
 @pytest.mark.parametrize("jit", [False, True])
@@ -90,6 +91,7 @@ def test_round_trip_nearest_code(signed, size, jit, key):
     assert np.all(err[top] <= np.abs(xs[top]) * half_gap / 0.1 * (1 + 1e-5))
 
 
+@pytest.mark.slow
 def test_round_trip_zero_and_nan():
     q = quantize_blockwise(jnp.zeros(3000), signed=True, block_size=1024)
     np.testing.assert_array_equal(q.absmax, np.zeros(3, np.float32))
@@ -99,6 +101,7 @@ def test_round_trip_zero_and_nan():
     assert np.all(np.isnan(y[1024:2048])) and np.all(y[:1024] == 1) and np.all(y[2048:] == 1)
 
 
+@pytest.mark.slow
 def test_quantized_moment_is_a_pytree():
     q = quantize_blockwise(jnp.arange(10.0), signed=False, block_size=4)
     leaves = jax.tree_util.tree_leaves(q)
@@ -167,6 +170,7 @@ def _train(init, update, params, loss, steps):
     return run(params)
 
 
+@pytest.mark.slow
 def test_state_layout(key):
     params, _ = _mlp_problem(key)
     state = jqo.scale_by_adam_8bit().init(params)
@@ -187,6 +191,7 @@ def test_state_layout(key):
     assert jax.tree_util.tree_structure(s3) == jax.tree_util.tree_structure(state)
 
 
+@pytest.mark.slow
 def test_one_step_matches_fp32_adam(key):
     params, loss = _mlp_problem(key)
     g = jax.grad(loss)(params)
@@ -206,6 +211,7 @@ def test_one_step_matches_fp32_adam(key):
     np.testing.assert_array_equal(inner.mu["b1"], rm["b1"])
 
 
+@pytest.mark.slow
 def test_200_steps_track_fp32_adam(key):
     params, loss = _mlp_problem(key)
     lr, steps = 3e-3, 200
@@ -237,6 +243,7 @@ def test_jit_and_eager_agree(key):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_state_nbytes_vs_fp32_adam():
     n = 2**20
     params = {"w": jnp.zeros((1024, 1024), jnp.float32), "b": jnp.zeros(1024, jnp.float32)}
@@ -253,11 +260,13 @@ def test_state_nbytes_vs_fp32_adam():
     assert jqo.state_nbytes(jax.eval_shape(jqo.adam_8bit(1e-3).init, params)) == n8
 
 
+@pytest.mark.slow
 def test_padding_counted_in_nbytes():
     state = jqo.scale_by_adam_8bit(block_size=1000, min_size=0).init(jnp.zeros(2500))
     assert jqo.state_nbytes(state) == 4 + 2 * (3 * 1000 + 3 * 4)
 
 
+@pytest.mark.slow
 def test_small_leaves_stay_float32():
     params = {"small": jnp.ones(4095), "big": jnp.ones(4096)}
     state = jqo.scale_by_adam_8bit().init(params)
@@ -285,6 +294,7 @@ def test_zero_gradients_keep_zero_states():
     np.testing.assert_array_equal(inner.mu["b"], 0)
 
 
+@pytest.mark.slow
 def test_nan_gradient_poisons_its_block_only():
     opt = jqo.scale_by_adam_8bit(block_size=1024, min_size=0)
     p = jnp.ones(3072)

@@ -419,6 +419,7 @@ def test_mse_without_jit_matches_jit():
 # ------------------------------------------------------- search calibrations per group
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("cal", "layout"),
     [(jq.mse(), "per_channel(0)"), (jq.kl(), "per_block(-1,512)")],
@@ -469,17 +470,20 @@ def test_kl_threshold_at_most_absmax(dist, fmt):
     assert thr >= amax / 8 * (1 - 1e-6)  # the smallest candidate: bins // 8 of bins
 
 
+@pytest.mark.slow
 def test_kl_without_jit_matches_jit():
     x = _kl_data("laplace")[:8192]
     assert _kl_threshold(x, "int4", use_jit=False) == pytest.approx(_kl_threshold(x, "int4"))
 
 
+@pytest.mark.slow
 def test_kl_does_not_clip_uniform_data_at_int8():
     """Uniform data has no tail: any clipping only loses information."""
     x = _kl_data("uniform")
     assert _kl_threshold(x, "int8") >= 0.9 * float(np.abs(x).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_kl_lower_mse_than_absmax_on_laplace(fmt):
     """2^18 Laplace(0, 1) samples (seed 9): max |x| ~ 12.5 wastes the grid on the tail; the

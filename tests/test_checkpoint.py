@@ -228,6 +228,7 @@ def _raw_arrays(directory: Path) -> dict[str, np.ndarray]:
     return {f"{g}.{f}": np.asarray(x) for g, fs in tree.items() for f, x in fs.items()}
 
 
+@pytest.mark.slow
 def test_size_report_matches_the_arrays_orbax_saved(tmp_path):
     class MLP(nn.Module):
         @nn.compact
@@ -358,6 +359,7 @@ def test_save_is_quiet(tmp_path, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+@pytest.mark.slow
 def test_core_jaxquant_does_not_import_orbax():
     code = "import sys, jaxquant; assert 'orbax' not in sys.modules; import jaxquant.orbax"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
@@ -404,6 +406,7 @@ def _quantized_net(seed: int):
     return quantize_model(_QuantNet(seed), rules, rngs=nnx.Rngs(quant=100 + seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_target", [False, True])
 def test_a_quantized_nnx_model_round_trips_into_nnx_update_then_runs(tmp_path, with_target):
     """Issue 12: nnx.update(model, restore(path)) then a call, for a quantized model whose
@@ -524,6 +527,7 @@ def test_a_killed_save_is_no_checkpoint_and_the_next_save_cleans_it(tmp_path):
     assert_identical(jqo.restore(tmp_path / "c"), {"b": jnp.zeros(2)})
 
 
+@pytest.mark.slow
 def test_a_sigkilled_save_is_cleaned_by_the_next_one(tmp_path):
     """A real SIGKILL in the middle of a save (after orbax wrote the arrays)."""
     code = f"""
@@ -833,6 +837,7 @@ def test_old_checkpoints_without_a_checksum_restore_with_a_warning(rich):
         jqo.restore(path)
 
 
+@pytest.mark.slow
 def test_the_qarray_layout_restore_expects_is_what_quantize_makes():
     """The shapes and dtypes restore expects of a QArray's arrays (from its spec and shape)
     are those quantize produces, for every spec here: valid checkpoints always restore."""

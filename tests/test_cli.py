@@ -139,6 +139,7 @@ def test_explain_negative_numbers(capsys, value):
 # -------------------------------------------------------------------------- quantize
 
 
+@pytest.mark.slow
 def test_quantize_int8_worked_example(capsys):
     code, out, _ = run(capsys, "quantize", *map(str, SEED_X), "--format", "int8")
     assert code == 0
@@ -163,6 +164,7 @@ def test_quantize_int8_worked_example(capsys):
     assert "4 × 8 bits = 4 bytes" in out
 
 
+@pytest.mark.slow
 def test_quantize_fp16_worked_example(capsys):
     code, out, _ = run(capsys, "quantize", *map(str, SEED_X), "--format", "fp16")
     assert code == 0
@@ -213,6 +215,7 @@ def test_quantize_asymmetric_shows_zero_point(capsys):
     np.testing.assert_array_equal(bracket_list(out, "dequantized:"), jq.fake_quant(x, spec))
 
 
+@pytest.mark.slow
 def test_quantize_stochastic_seed(capsys):
     argv = ["quantize", *map(str, SEED_X), "--format", "int4", "--stochastic", "--seed", "7"]
     code, out, _ = run(capsys, *argv)
@@ -278,6 +281,7 @@ def test_parse_calibration():
     assert parse_calibration("none") is None
 
 
+@pytest.mark.slow
 def test_console_script_exit_status():
     """The real process: exit status and a one-line error, no traceback."""
     proc = subprocess.run(

@@ -53,6 +53,7 @@ def test_forward_is_the_conv_of_the_fake_quantized_operands():
     assert not np.allclose(got, _conv(X, K), atol=1e-4)  # it did quantize
 
 
+@pytest.mark.slow
 def test_backward_quantizes_the_gradient_and_is_straight_through():
     g = jax.random.normal(jax.random.key(2), _conv(X, K).shape)
     f = lambda a, b: jnp.sum(_qconv(a, b, lhs_spec=A8, rhs_spec=W8, grad_spec=G8) * g)
@@ -63,6 +64,7 @@ def test_backward_quantizes_the_gradient_and_is_straight_through():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_clipped_ste_and_errors():
     spec = jq.QuantSpec("int8", calibration=jq.fixed(0.5))
     gx = jax.grad(lambda a: jnp.sum(_qconv(a, K, lhs_spec=spec, ste="clipped")))(X)
@@ -75,6 +77,7 @@ def test_clipped_ste_and_errors():
     np.testing.assert_array_equal(_qconv(X, K), _conv(X, K))  # no specs: plain conv
 
 
+@pytest.mark.slow
 def test_linen_and_nnx_convs_are_quantized_by_rules():
     rule = Rule(".*", weight=W8, act=A8)
     lin = quantize_model(nn.Conv(8, (3, 3)), rule)

@@ -22,6 +22,7 @@ def _params():
     }
 
 
+@pytest.mark.slow
 def test_matches_quantize_tree_and_deletes_float_leaves_when_asked():
     params = _params()
     policy = [("dense/kernel", INT8), (".*kernel", INT4)]

@@ -75,6 +75,7 @@ def _specs(fmt, gran):
 # ------------------------------------------------------------------------- forward
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "use_jit"), [("auto", True), ("auto", False), ("real", True), ("emulate", True)]
 )
@@ -95,6 +96,7 @@ def test_forward_matches_fake_quant_reference(fmt, gran, mode, use_jit):
     _assert_dot_close(y, ref, _abs_dot(a, b, MATMUL), k=64)
 
 
+@pytest.mark.slow
 def test_int8_real_equals_emulated_bitwise():
     """Small K: f32 accumulation of integer products is exact, so both paths agree exactly."""
     ls, rs = _specs("int8", "per_channel")
@@ -104,6 +106,7 @@ def test_int8_real_equals_emulated_bitwise():
     np.testing.assert_array_equal(np.asarray(real), np.asarray(emu))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("lhs_shape", "rhs_shape", "dn", "gl", "gr"),
     [
@@ -148,6 +151,7 @@ def test_general_dimension_numbers(fmt, lhs_shape, rhs_shape, dn, gl, gr):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int4", "e5m2", "e2m1", "nf4", "e3m2"])
 def test_emulated_formats(fmt):
     """Formats without a low-precision dot run as a float32 dot of their grid values."""
@@ -160,6 +164,7 @@ def test_emulated_formats(fmt):
     _assert_dot_close(y, ref, _abs_dot(a, b, MATMUL), k=32)
 
 
+@pytest.mark.slow
 def test_one_operand_unquantized_and_mixed_formats():
     lhs, rhs = _normal(9, (8, 32)), _normal(10, (32, 8))
     rs = jq.QuantSpec("int8", jq.per_channel(-1))
@@ -172,6 +177,7 @@ def test_one_operand_unquantized_and_mixed_formats():
     _assert_dot_close(y, jnp.dot(a, b, precision="highest"), _abs_dot(a, b, MATMUL), k=32)
 
 
+@pytest.mark.slow
 def test_no_specs_is_plain_dot_general():
     lhs, rhs = _normal(11, (4, 8)), _normal(12, (8, 3))
     np.testing.assert_array_equal(
@@ -179,6 +185,7 @@ def test_no_specs_is_plain_dot_general():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_inputs_keep_their_dtype(dtype):
     ls, rs = _specs("e4m3", "per_tensor")
@@ -201,6 +208,7 @@ def test_low_precision_inputs_keep_their_dtype(dtype):
     assert y32.dtype == jnp.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("fmt", ["int8", "e4m3"])
 def test_half_precision_backward_multiplies_in_half(dtype, fmt):
@@ -244,6 +252,7 @@ def test_half_precision_backward_multiplies_in_half(dtype, fmt):
 # ------------------------------------------------------------------------ backward
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["auto", "real", "emulate"])
 @pytest.mark.parametrize(
     ("fmt", "gfmt", "gran"),
@@ -277,6 +286,7 @@ def test_gradients_match_ste_reference(fmt, gfmt, gran, mode):
     _assert_dot_close(dr, rr, _abs_dot(fa, gq, (((0,), (0,)), ((), ()))), k=16)
 
 
+@pytest.mark.slow
 def test_stochastic_gradient_rounding_uses_documented_keys(key):
     ls, rs = _specs("e4m3", "per_tensor")
     gs = jq.QuantSpec("e5m2", rounding="stochastic")
@@ -304,6 +314,7 @@ def test_stochastic_gradient_rounding_uses_documented_keys(key):
     _assert_dot_close(y, jnp.dot(a, b, precision="highest"), _abs_dot(a, b, MATMUL), k=32)
 
 
+@pytest.mark.slow
 def test_known_scales_plug_in_and_get_no_gradient():
     spec = jq.QuantSpec("int8")
     lhs, rhs = _normal(21, (4, 16)), _normal(22, (16, 4))
@@ -317,6 +328,7 @@ def test_known_scales_plug_in_and_get_no_gradient():
     assert float(g) == 0.0
 
 
+@pytest.mark.slow
 def test_delayed_scaling_drives_the_dot():
     spec = jq.QuantSpec("e4m3")
     sc = delayed_scaling(spec)
@@ -339,6 +351,7 @@ def test_delayed_scaling_drives_the_dot():
 # --------------------------------------------------------------- transformations
 
 
+@pytest.mark.slow
 def test_vmap_and_jit_of_grad():
     ls, rs = _specs("int8", "per_tensor")
     gs = jq.QuantSpec("int8")
@@ -359,6 +372,7 @@ def test_vmap_and_jit_of_grad():
     assert hv.shape == lhs.shape
 
 
+@pytest.mark.slow
 def test_sharded_rows_keep_their_sharding():
     devices = np.array(jax.devices()[:8])
     if devices.size < 8:
@@ -404,6 +418,7 @@ def _stablehlo_dots(text):
     return re.findall(rf"stablehlo\.dot_general .*?: \({t}, {t}\) -> {t}", text)
 
 
+@pytest.mark.slow
 def test_int8_forward_compiles_to_s8_dot_on_cpu():
     """What we check: the *optimized* HLO (``jit(f).lower(...).compile().as_text()``) holds a
     ``dot`` with two s8 operands and an s32 result (XLA:CPU wraps it in a YNNPACK fusion)."""
@@ -417,6 +432,7 @@ def test_int8_forward_compiles_to_s8_dot_on_cpu():
     assert not any(d[0] == "f32" for d in dots), dots  # no float dot besides it
 
 
+@pytest.mark.slow
 @CPU_ONLY
 def test_int8_training_step_runs_all_three_dots_in_integers():
     """Per-tensor int8 operands and gradient: the forward and ``dlhs = g @ w^T`` compile to
@@ -436,6 +452,7 @@ def test_int8_training_step_runs_all_three_dots_in_integers():
     assert all(d[0] == "s32" for d in dots), dots
 
 
+@pytest.mark.slow
 @CPU_ONLY
 def test_fp8_paths_on_cpu():
     """CPU: mode='auto' emulates fp8 (a float32 dot of the grid values, no f8 dot at all);
@@ -530,6 +547,7 @@ def test_errors_for_scales_along_the_contraction():
 # -------------------------------------------------------------------------- einsum
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("subscripts", "a_shape", "b_shape", "gl", "gr"),
     [
@@ -591,6 +609,7 @@ def test_einsum_errors():
 # ----------------------------------------------------------------------- flax injection
 
 
+@pytest.mark.slow
 def test_flax_linen_dense_injection():
     import flax.linen as nn
 
@@ -618,6 +637,7 @@ def test_flax_linen_dense_injection():
     assert dg.apply(pg, xg).shape == (5, 2, 3)
 
 
+@pytest.mark.slow
 def test_flax_nnx_linear_injection():
     from flax import nnx
 
@@ -636,6 +656,7 @@ def test_flax_nnx_linear_injection():
 # ------------------------------------------------- scales along the contraction (auto)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "lhs_spec, rhs_spec",
     [
@@ -686,6 +707,7 @@ def test_clipped_ste_zeroes_the_gradient_of_saturated_elements():
         f(lhs, rhs, "lsq")
 
 
+@pytest.mark.slow
 def test_native_fp8_cast_matches_the_integer_rounding(monkeypatch):
     """The GPU fast path (hardware RNE conversion, bit-decoded fallbacks) forced on CPU:
     the same product and gradients as the integer-emulated rounding, for a real pair and
@@ -721,6 +743,7 @@ def test_native_fp8_cast_matches_the_integer_rounding(monkeypatch):
     jax.clear_caches()
 
 
+@pytest.mark.slow
 def test_bf16_specs_with_absmax_scales_do_not_overflow():
     """bf16 has float32's range: its absmax scale is ~1e-38, so the scales cannot be
     factored out of the dot (grid products overflow, scale products underflow)."""

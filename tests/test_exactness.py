@@ -158,6 +158,7 @@ def test_asymmetric_rounds_before_adding_the_zero_point(mode):
     assert np.asarray(q).tolist() == want.tolist() == [0, 255, 65, 65]
 
 
+@pytest.mark.slow
 def test_asymmetric_ties_every_odd_zero_point():
     """Exact ties x/s = k + 1/2 round to even *before* z is added, for odd and even z."""
     s = 2.0**-4
@@ -198,6 +199,7 @@ def test_asymmetric_range_wider_than_float32_max():
     np.testing.assert_allclose(np.asarray(jq.dequantize(q)), np.asarray(x), rtol=0, atol=s)
 
 
+@pytest.mark.slow
 def test_subnormal_tensors_are_counted_as_clamped_scales():
     x = jnp.full((4, 32), 1e-40, jnp.float32).at[0].set(1.0)
     for name in ("int8", "e4m3", "mxfp8"):
@@ -208,6 +210,7 @@ def test_subnormal_tensors_are_counted_as_clamped_scales():
     assert float(jq.metrics.scale_clamp_rate(jnp.ones((4, 32)), q)) == 0.0
 
 
+@pytest.mark.slow
 def test_float16_scale_limits_are_counted():
     x = jnp.array([[1e7, -2e7], [1e-9, 1e-9], [1.0, 2.0]])
     q = jq.quantize(x, jq.QuantSpec("int8", jq.per_channel(0), scale_format="float16"))
@@ -275,6 +278,7 @@ CLI_CASES = [(name, jq.mse()) for name in ("ternary", "int4", "nf4", "e2m1", "in
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "cal"), CLI_CASES)
 def test_cli_steps_are_the_library(cal, name):
     rng = np.random.default_rng(11)
@@ -312,6 +316,7 @@ def test_codes_unpack_ints_to_signed_values(bits):
     np.testing.assert_array_equal(u, _ref_int_codes(np.abs(x), bits, False))
 
 
+@pytest.mark.slow
 def test_codes_of_the_articles_int4_example_and_of_floats_and_codebooks():
     x = jnp.array([-0.5, 0.3, 1.2, -2.1])
     q = jq.quantize(x, jq.QuantSpec("int4"))

@@ -71,6 +71,7 @@ def _nnx_layers(m):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_linen_forward_matches_reference(jit):
     model, params, layers = _linen()
@@ -146,6 +147,7 @@ def test_first_matching_rule_wins_and_empty_rule_keeps_float():
     assert [(m.path, m.rule) for m in report(model)] == [("Dense_0", rules[1])]
 
 
+@pytest.mark.slow
 def test_linen_training_reduces_loss():
     model, params, _ = _linen()
     qmodel = quantize_model(model, RULES)
@@ -169,6 +171,7 @@ def test_linen_training_reduces_loss():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_nnx_training_reduces_loss():
     model = quantize_model(NnxMLP(nnx.Rngs(0)), RULES)
     x, y = _data()
@@ -231,6 +234,7 @@ def test_nnx_in_place_keeps_param_arrays():
     assert all(a is b for a, b in zip(leaves, new_leaves, strict=True))
 
 
+@pytest.mark.slow
 def test_nnx_einsum_and_linear_general():
     x = jax.random.normal(jax.random.key(1), (5, 4, 6), jnp.float32)
     e = nnx.Einsum("bij,jk->bik", (6, 3), rngs=nnx.Rngs(0))
@@ -263,6 +267,7 @@ def test_rule_validation():
     assert Rule("Dense_1").matches("Dense_1") and not Rule("Dense_1").matches("Dense_10")
 
 
+@pytest.mark.slow
 def test_module_wrappers_check_their_fields_at_construction():
     """Each used to fail at init with an AttributeError, or take strict='False' as True."""
     from jaxquant.flax import NnxPolicyModule, NnxQuantOp, Policy, PolicyModule, QuantizedModule

@@ -55,6 +55,7 @@ def _layer_inputs(variables, batches):
     return {"Dense_0": batches, "Dense_1": h}
 
 
+@pytest.mark.slow
 def test_absmax_ranges_are_exact_and_rules_static(setup):
     model, variables, batches = setup
     res = calibrate(quantize_model(model, W8A8), batches, variables)
@@ -77,6 +78,7 @@ def test_absmax_ranges_are_exact_and_rules_static(setup):
     assert float(jnp.max(jnp.abs(moved))) > 1e-3  # a dynamic scale depends on the batch
 
 
+@pytest.mark.slow
 def test_ema_and_mean_aggregate(setup):
     model, variables, batches = setup
     qm = quantize_model(model, W8A8)
@@ -90,6 +92,7 @@ def test_ema_and_mean_aggregate(setup):
     assert res.ranges["Dense_0"][1] == pytest.approx(np.mean(per_batch), rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "calibration", [jq.percentile(99.0), jq.mse(), jq.kl(), jq.mean_std(2.0)], ids=str
 )
@@ -126,6 +129,7 @@ SERVE_RULES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SERVE_RULES))
 def test_served_equals_fake_quant_linen_and_nnx(setup, name):
     """Converted params served through int8 / fp8 / weight-only products give what the
@@ -192,6 +196,7 @@ class NnxCNN(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
+@pytest.mark.slow
 def test_conv_model_linen_and_nnx():
     x = jax.random.normal(jax.random.key(0), (5, 6, 6, 1))
     model = CNN()
@@ -213,6 +218,7 @@ def test_conv_model_linen_and_nnx():
     np.testing.assert_allclose(m(x), y, atol=1e-5 * float(jnp.max(jnp.abs(y))))
 
 
+@pytest.mark.slow
 def test_dense_general_and_einsum_serving():
     class Heads(nn.Module):
         @nn.compact
@@ -232,6 +238,7 @@ def test_dense_general_and_einsum_serving():
 # ------------------------------------------------------------------------------ errors
 
 
+@pytest.mark.slow
 def test_nan_batch_is_an_error_naming_batch_and_layer(setup):
     model, variables, batches = setup
     bad = batches[1].at[3, 2].set(jnp.nan)
@@ -242,6 +249,7 @@ def test_nan_batch_is_an_error_naming_batch_and_layer(setup):
         calibrate(nnx_model, [batches[0], bad])
 
 
+@pytest.mark.slow
 def test_calibrate_errors(setup):
     model, variables, batches = setup
     qm = quantize_model(model, W8A8)
@@ -303,6 +311,7 @@ class _DeadHidden(nn.Module):
         return nn.Dense(4)(nn.relu(-jnp.abs(h))) + h[..., :4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregate", ["global", "ema"])
 @pytest.mark.parametrize(
     "act", [jq.QuantSpec("int8"), jq.QuantSpec("uint8", symmetric=False, calibration=jq.minmax())]
@@ -384,6 +393,7 @@ def _bn_variables(model, x):
     return {"params": variables["params"], "batch_stats": {"bn": stats}}
 
 
+@pytest.mark.slow
 def test_calibrate_takes_a_train_flag_and_batch_stats(setup):
     """Was TracerBoolConversionError (a flag in the batch was traced); fast subset."""
     _, _, batches = setup

@@ -134,6 +134,7 @@ def _kernels(tree: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------ Linen ResNet
 
 
+@pytest.mark.slow
 def test_resnet_has_the_layers_and_collections_of_the_example(resnet):
     _, variables, _ = resnet
     assert sorted(variables) == ["batch_stats", "params"]
@@ -312,6 +313,7 @@ def test_nnx_sensitivity_and_plan_with_deterministic_and_per_batch_masks(nnx_dat
 # ------------------------------------------------------------------------ NNX + orbax
 
 
+@pytest.mark.slow
 def test_nnx_state_restores_into_nnx_update(tmp_path, nnx_data):
     """The issue: nnx.update(model, restore(path)) succeeded, then the call raised
     KeyError: Ellipsis (each variable got {"value": array} as its value)."""
@@ -344,6 +346,7 @@ def test_nnx_state_restores_into_nnx_update(tmp_path, nnx_data):
     np.testing.assert_array_equal(other(x, mask=m), model(x, mask=m))
 
 
+@pytest.mark.slow
 def test_converted_nnx_state_restores_into_a_converted_model(tmp_path, nnx_data):
     rules = Rule(".*", weight=jq.QuantSpec("int4", jq.per_channel(-1)))
     model = convert(quantize_model(_nnx_net(0), rules))
@@ -381,6 +384,7 @@ def test_nnx_state_saved_before_variables_were_recorded_warns_and_restores_with_
     assert jq.orbax.restore(tmp_path / "new")["head"]["kernel"].shape == (16, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
 def test_prng_keys_round_trip(tmp_path, impl):
     keys = jax.random.split(jax.random.key(3, impl=impl), 5).reshape(5, 1)

@@ -73,6 +73,7 @@ def _linen_step(model, v, x, **kw):
     return y, {**v, **new}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", [DELAYED, LSQ], ids=["delayed", "lsq"])
 def test_linen_scan_keeps_one_state_per_layer_like_the_unrolled_layers(rule):
     model = quantize_model(_stack(SCANNED), rule)
@@ -106,6 +107,7 @@ def test_linen_scan_keeps_one_state_per_layer_like_the_unrolled_layers(rule):
         np.testing.assert_array_equal(counts, [3] * N)
 
 
+@pytest.mark.slow
 def test_linen_scan_without_quant_state_names_the_variable_axes_to_add():
     model = quantize_model(_stack({"params": 0}), DELAYED)
     with pytest.raises(
@@ -116,6 +118,7 @@ def test_linen_scan_without_quant_state_names_the_variable_axes_to_add():
     quantize_model(_stack(SCANNED), DELAYED).init(jax.random.key(1), X)  # the fix works
 
 
+@pytest.mark.slow
 def test_linen_vmap_without_quant_state_names_the_variable_axes_to_add():
     class Ensemble(nn.Module):
         @nn.compact
@@ -133,6 +136,7 @@ def test_linen_vmap_without_quant_state_names_the_variable_axes_to_add():
         quantize_model(Ensemble(), DELAYED).init(jax.random.key(1), X)
 
 
+@pytest.mark.slow
 def test_linen_apply_without_the_state_collection_says_what_to_pass():
     model = quantize_model(nn.Dense(8), DELAYED)
     v = model.init(jax.random.key(1), X)
@@ -168,6 +172,7 @@ def test_linen_remat_gives_the_same_values_gradients_and_state(rule):
     )
 
 
+@pytest.mark.slow
 def test_linen_scan_stochastic_rounding_needs_the_quant_stream_split():
     rngs = {"params": jax.random.key(1), "quant": jax.random.key(2)}
     model = quantize_model(_stack({"params": 0}), SR)
@@ -292,6 +297,7 @@ def _unrolled(stack: NStack) -> list[NBlock]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", [DELAYED, LSQ], ids=["delayed", "lsq"])
 def test_nnx_scan_over_stacked_layers_needs_no_declaration(rule):
     stack = NStack(NBlock, nnx.Rngs(0))
@@ -325,6 +331,7 @@ def test_nnx_scan_over_stacked_layers_needs_no_declaration(rule):
         np.testing.assert_array_equal(op.lhs_count[...], [3] * N)
 
 
+@pytest.mark.slow
 def test_nnx_scanned_lsq_steps_train_per_layer():
     stack = NStack(NBlock, nnx.Rngs(0))
     quantize_model(stack, LSQ)
@@ -345,6 +352,7 @@ def test_nnx_scanned_lsq_steps_train_per_layer():
     assert np.all(bases > 0) and len(set(bases.tolist())) == N  # each from its own input
 
 
+@pytest.mark.slow
 def test_nnx_scanned_stochastic_rounding_gets_a_key_per_layer():
     stack = NStack(NBlock, nnx.Rngs(0))
     quantize_model(stack, SR, rngs=nnx.Rngs(quant=7))

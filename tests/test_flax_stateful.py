@@ -28,6 +28,7 @@ def _linen_step(qmodel, variables, x):
 # ------------------------------------------------------------------ delayed scaling
 
 
+@pytest.mark.slow
 def test_linen_delayed_scaling_threads_the_amax_history():
     qmodel = quantize_model(nn.Dense(5), DELAYED.rules())
     v = qmodel.init(jax.random.key(1), X)
@@ -90,6 +91,7 @@ def test_delayed_state_survives_tree_map_jit_and_checkpointing():
     assert len(jax.tree.leaves(v["quant_state"])) == 6  # 3 fields x 2 operands, none lost
 
 
+@pytest.mark.slow
 def test_nnx_delayed_scaling_matches_linen_and_freezes_in_eval():
     lin = quantize_model(nn.Dense(5), DELAYED.rules())
     v = lin.init(jax.random.key(1), X)
@@ -119,6 +121,7 @@ def test_nnx_delayed_scaling_matches_linen_and_freezes_in_eval():
 # ---------------------------------------------------------------------------- LSQ
 
 
+@pytest.mark.slow
 def test_lsq_gradients_follow_the_paper():
     spec = jq.QuantSpec("int4", jq.per_channel(-1))
     x = jnp.array([[0.3, -2.0], [9.0, 0.26], [-0.1, 1.1]])
@@ -141,6 +144,7 @@ def test_lsq_gradients_follow_the_paper():
 LSQ = jq.recipes.get("w8a8_int8").replace(ste="lsq", act=jq.QuantSpec("int8"))
 
 
+@pytest.mark.slow
 def test_linen_lsq_steps_are_trained_parameters():
     qmodel = quantize_model(nn.Dense(5), LSQ.rules())
     v = qmodel.init(jax.random.key(1), X)
@@ -158,6 +162,7 @@ def test_linen_lsq_steps_are_trained_parameters():
     assert float(jnp.min(jnp.abs(grads["quant"]["rhs_step"]))) > 0
 
 
+@pytest.mark.slow
 def test_nnx_lsq_trains_the_step_and_sets_the_base_from_the_first_batch():
     m = nnx.Linear(12, 5, rngs=nnx.Rngs(0))
     quantize_model(m, LSQ.rules())
@@ -291,6 +296,7 @@ def test_recipe_and_rule_fields_are_checked_where_written():
         Rule(".*", history_len=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["fp8_current", "w8a8_int8", "w4a16_int4", "binary", "ternary", "mxfp8"]
 )
@@ -322,6 +328,7 @@ def test_twn_thresholds_and_scales_per_channel():
         jq.QuantSpec("int2", calibration=jq.twn())
 
 
+@pytest.mark.slow
 def test_binary_mean_abs_is_sign_times_mean():
     w = jax.random.normal(jax.random.key(5), (16, 3))
     out = jq.fake_quant(w, jq.QuantSpec("binary", jq.per_channel(-1), jq.mean_abs()))
@@ -332,6 +339,7 @@ def test_binary_mean_abs_is_sign_times_mean():
 # ------------------------------------------------------------------------- policy
 
 
+@pytest.mark.slow
 def test_linen_policy_dtypes():
     seen = []
 
@@ -361,6 +369,7 @@ def test_nnx_policy_casts_params_in_place():
     assert pm(X).dtype == np.float32
 
 
+@pytest.mark.slow
 def test_delayed_state_in_a_train_state_loop():
     """The BatchNorm pattern: a TrainState with the extra collection, updated each step."""
     from flax.training import train_state
@@ -397,6 +406,7 @@ def test_delayed_state_in_a_train_state_loop():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_errors_name_the_layer():
     model = nn.Sequential([nn.Dense(64), nn.Dense(10)])
     qmodel = quantize_model(model, jq.recipes.get("mxfp8").rules())
@@ -413,6 +423,7 @@ def test_errors_name_the_layer():
 # ------------------------------------------------ the shared step (flax/stateful.py)
 
 
+@pytest.mark.slow
 def test_stateful_step_is_pure_and_takes_a_config_or_a_rule():
     from jaxquant._src.flax import stateful
 

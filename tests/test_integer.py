@@ -58,6 +58,7 @@ def _edges(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.concatenate([special, r, small]).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_doubling_high_mul_is_bit_exact():
     rng = np.random.default_rng(0)
     a = _edges(rng, 20000)
@@ -81,6 +82,7 @@ def test_rounding_divide_by_pot_is_bit_exact():
         )
 
 
+@pytest.mark.slow
 def test_quantize_multiplier_round_trips():
     m = np.array([0.3, 1e-4, 0.999, 0.5, 2.5, 7.3e-7], np.float32)
     m0, shift = jqi.quantize_multiplier(m)
@@ -95,6 +97,7 @@ def test_quantize_multiplier_round_trips():
         assert np.max(np.abs(got - np.round(x * np.float64(mm)))) <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_integer_dense_agrees_with_the_simulated_path_within_one_lsb(relu, per_channel):
@@ -133,6 +136,7 @@ def test_integer_dense_agrees_with_the_simulated_path_within_one_lsb(relu, per_c
         jqi.dense(qx.values, z1, w, None, m0, shift, z3)
 
 
+@pytest.mark.slow
 def test_multipliers_below_two_to_the_minus_32_are_exactly_zero():
     """|x m| < 2^31 2^-32 = 1/2 for every int32 x: the pair is (0, 0), never a shift past 31
     (which rounding_divide_by_pot does not define: it gave -1 and 1 at the int32 extremes)."""
@@ -176,6 +180,7 @@ def test_operands_are_checked_by_dtype_and_host_values_by_range():
     np.testing.assert_array_equal(np.asarray(got), _rdbp_ref(x, np.full(x.shape, 3)))
 
 
+@pytest.mark.slow
 def test_dense_checks_shapes_zero_points_and_flags():
     x = jnp.full((2, 4), 3, jnp.int8)
     w = jnp.ones((4, 3), jnp.int8)

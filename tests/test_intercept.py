@@ -76,6 +76,7 @@ def _init_apply(module, *args, rules=RULE, **kw):
     return qmodel, variables
 
 
+@pytest.mark.slow
 def test_custom_dot_general_with_transposed_kernel_is_quantized_bitwise():
     qmodel, variables = _init_apply(Conv1D(), X)
     got = qmodel.apply(variables, X)
@@ -95,6 +96,7 @@ def test_custom_dot_general_with_transposed_kernel_is_quantized_bitwise():
     assert [(m.path, m.module) for m in report(qmodel)] == [("", "Conv1D")]
 
 
+@pytest.mark.slow
 def test_subclass_with_own_call_quantizes_every_product():
     class Net(nn.Module):
         @nn.compact
@@ -114,6 +116,7 @@ def test_subclass_with_own_call_quantizes_every_product():
     assert [m.module for m in report(qmodel)] == ["LoRADense"]
 
 
+@pytest.mark.slow
 def test_weight_as_lhs_takes_the_weight_spec():
     qmodel, variables = _init_apply(WeightFirst(), X)
     kernel = variables["params"]["kernel"]
@@ -122,6 +125,7 @@ def test_weight_as_lhs_takes_the_weight_spec():
     assert contractions(qmodel)[0].weight == "lhs"
 
 
+@pytest.mark.slow
 def test_tied_head_through_embed_attend():
     ids = jnp.array([[1, 2, 3], [4, 5, 6]])
     qmodel, variables = _init_apply(Tied(), ids)
@@ -159,6 +163,7 @@ def test_activation_products_stay_float_with_their_reason():
     assert "activations" in attn.reason
 
 
+@pytest.mark.slow
 def test_a_float_rule_keeps_an_intercepted_module_float():
     rules = (Rule("conv"), RULE)
 
@@ -195,6 +200,7 @@ def test_a_weight_product_that_cannot_be_quantized_raises_or_warns():
     assert contractions(qmodel)[0].quantized is False
 
 
+@pytest.mark.slow
 def test_delayed_scaling_on_an_intercepted_product_matches_a_dense_layer():
     """fp8 with delayed scaling (amax histories in "quant_state") on FlaxConv1D's own
     lax.dot_general: the same outputs and histories, step after step, as nn.Dense running
@@ -225,6 +231,7 @@ def test_delayed_scaling_on_an_intercepted_product_matches_a_dense_layer():
     assert contractions(conv)[0].quantized
 
 
+@pytest.mark.slow
 def test_nnx_delayed_scaling_on_intercepted_products_matches_linen():
     """The same delayed fp8 step in NNX (state as the module's attributes, created on the
     first call, carried out of nnx.jit) as in Linen (the module's scope), step by step."""
@@ -267,6 +274,7 @@ def test_the_patches_are_undone_even_after_an_error():
     assert [e.primitive.name for e in jaxpr.eqns] == ["dot_general"]
 
 
+@pytest.mark.slow
 def test_gradients_flow_through_intercepted_products():
     qmodel, variables = _init_apply(Conv1D(), X)
 
@@ -309,6 +317,7 @@ class NnxNet(nnx.Module):
         return self.embed.attend(self.lora(self.conv(x)))
 
 
+@pytest.mark.slow
 def test_nnx_custom_layers_subclasses_and_attend_are_quantized_bitwise():
     model = NnxNet(nnx.Rngs(0))
     conv_k, a, b = model.conv.kernel[...], model.lora.lora_a[...], model.lora.lora_b[...]
@@ -371,6 +380,7 @@ def test_square_kernel_used_transposed_is_known_transposed():
     assert (c.param, c.transposed) == ("kernel", True)
 
 
+@pytest.mark.slow
 def test_linen_calibrate_convert_serve_intercepted_layers_exactly():
     qmodel, variables = _init_apply(TwoConv(), X)
     res = jq.flax.calibrate(qmodel, [X], variables)
@@ -421,6 +431,7 @@ class NnxNoTie(nnx.Module):
         return self.lora(self.conv(x))
 
 
+@pytest.mark.slow
 def test_nnx_convert_serves_intercepted_layers_exactly():
     model = NnxNoTie(nnx.Rngs(0))
     quantize_model(model, Rule(".*", weight=W8))

@@ -162,6 +162,7 @@ def test_bit_identical_to_jnp_path(spec, op, dtype):
     _assert_same_bits(scale8, q.scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec, shape_lead, tile",
     [
@@ -181,6 +182,7 @@ def test_shapes_and_tiles(spec, shape_lead, tile):
     _assert_same_bits(scale, q.scale.astype(jnp.float32))
 
 
+@pytest.mark.slow
 def test_e8m0_scale_rule_over_the_float32_range():
     """2^ceil(log2(amax / qmax)) from the bits equals rounding fl(amax / qmax) up, for
     random amax over the whole normal range, qmax * 2^p and its neighbours, and subnormals."""
@@ -340,6 +342,7 @@ def test_no_float_min_max_in_kernel(spec):
     assert not bad, bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ["fake_quant", "quantize"])
 def test_public_api_dispatches_to_the_kernel_on_gpu(op, monkeypatch):
     """jq.fake_quant / jq.quantize call the Triton kernel when lowered for CUDA and the jnp

@@ -305,6 +305,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bind_matches_the_hand_written_spec_bitwise(case):
     _, spec, shape, contracting, batch, kw, hand_gran, has_note = case
@@ -456,6 +457,7 @@ def test_bind_errors(args, kw, exc, match):
         bind(*args, **kw)
 
 
+@pytest.mark.slow
 def test_every_contracting_subset_of_a_rank3_kernel():
     # Exhaustive over a small kernel: the bound per_channel() equals per_channel(other axes)
     # bitwise (the hand-written rule one would otherwise write per layer).

@@ -38,6 +38,7 @@ def _normal(seed, shape):
     return jax.random.normal(jax.random.key(seed), shape)
 
 
+@pytest.mark.slow
 def test_dense_and_linear_general_kernels_take_one_layout_spec():
     x, w = _normal(0, (8, 64)), _normal(1, (64, 32))
     dense = (((1,), (0,)), ((), ()))
@@ -77,6 +78,7 @@ def test_dense_and_linear_general_kernels_take_one_layout_spec():
     )
 
 
+@pytest.mark.slow
 def test_attention_einsum_operands_keep_their_batch_axes():
     q, k = _normal(4, (2, 8, 4, 32)), _normal(5, (2, 8, 4, 32))  # (b, t, h, d)
     spec = S("int8", jq.per_channel())
@@ -94,6 +96,7 @@ def test_attention_einsum_operands_keep_their_batch_axes():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dn, kshape, explicit_ch, explicit_block",
     [
@@ -118,6 +121,7 @@ def test_conv_kernels_follow_their_layout(dn, kshape, explicit_ch, explicit_bloc
     _same(conv(S("int4", jq.per_block(32))), conv(S("int4", explicit_block)), x, k)
 
 
+@pytest.mark.slow
 def test_a_fallback_is_a_warning_naming_the_operand():
     x, k = _normal(8, (8, 4, 16)), _normal(9, (4, 16, 32))
     lg = (((1, 2), (0, 1)), ((), ()))

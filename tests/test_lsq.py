@@ -20,6 +20,7 @@ def test_lsq_init_checks_x_and_spec():
         jq.lsq_init(X, "int4")
 
 
+@pytest.mark.slow
 def test_lsq_step_must_have_the_scale_shape():
     step = jq.lsq_init(X, PER_ROW)
     assert step.shape == (4, 1)

@@ -428,6 +428,7 @@ _E4M3_FSDP_TRAIN = pytest.mark.xfail(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("config", ["int8", "e4m3"])
 def test_linen_forward(config, layout):
@@ -477,6 +478,7 @@ def test_fsdp_total_bytes_at_most_float(config, step):
         assert q.traffic.data <= f.traffic.data // 2, (q.traffic.data, f.traffic.data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_nnx_forward(layout):
     _check("nnx", "int8", layout, "forward")
@@ -610,6 +612,7 @@ def _operand_shardings(lhs: np.ndarray, rhs: np.ndarray):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["int8", "e4m3"])
 @pytest.mark.parametrize("op", list(_QUANTIZED_OPS))
 def test_direct_op_keeps_lax_sharding_and_values(op, config):

@@ -133,6 +133,7 @@ def test_mse_and_max_abs_error_match_numpy(dtype, use_jit):
     assert float(mae) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", JIT)
 def test_metrics_accept_a_qarray(use_jit):
     x = jnp.asarray(_gauss((16, 32), 6))
@@ -206,6 +207,7 @@ def test_saturation_rate_ignores_non_finite():
     assert float(jax.jit(metrics.saturation_rate)(x, q)) == pytest.approx(0.25, abs=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", JIT)
 def test_underflow_rate(use_jit):
     """int8 per-tensor absmax with amax = 1: |x| < s / 2 = 1/254 rounds to 0."""
@@ -284,6 +286,7 @@ def test_summary_keys_and_values():
     assert "saturation_rate" not in metrics.summary(x, x_hat)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", JIT)
 def test_report_over_a_quantized_tree(use_jit):
     params = _params()
@@ -313,6 +316,7 @@ def test_report_rejects_mismatched_trees():
         metrics.report(params, {"embed": params["embed"]})
 
 
+@pytest.mark.slow
 def test_report_refuses_trees_with_other_keys():
     """Same number of leaves, other keys: leaves used to be paired by position."""
     x = jnp.linspace(-1.0, 1.0, 8)

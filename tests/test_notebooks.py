@@ -87,6 +87,7 @@ def _kernel_env():
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_notebook_runs(path, tmp_path):
     nb = nbformat.read(path, as_version=4)

@@ -41,6 +41,7 @@ def _same(a, b) -> None:
     np.testing.assert_array_equal(_bits(a), _bits(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_dot_general_config_is_bitwise_the_loose_keywords(name):
     cfg = CONFIGS[name]
@@ -65,6 +66,7 @@ def test_dot_general_config_is_bitwise_the_loose_keywords(name):
         assert not np.array_equal(_bits(by_config(x, w)), _bits(x @ w))
 
 
+@pytest.mark.slow
 def test_einsum_and_conv_config_are_bitwise_the_loose_keywords():
     cfg = CONFIGS["fp8_grad"]
     a = jax.random.normal(jax.random.key(2), (2, 3, 64))
@@ -186,6 +188,7 @@ def test_loose_keywords_keep_their_documented_defaults():
 # ------------------------------------------------------------------ recipes are configs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", jq.recipes.names())
 def test_a_recipe_is_a_named_config(name):
     r = jq.recipes.get(name)

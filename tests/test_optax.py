@@ -40,6 +40,7 @@ def test_all_finite():
 
 
 # ------------------------------------------------------------------------ loss scale
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_growth_after_interval(use_jit):
     opt = jqo.dynamic_loss_scale(optax.sgd(0.1), initial_scale=8.0, growth_interval=3)
@@ -142,6 +143,7 @@ def _types(tree):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "inner", [optax.adam(1e-2), optax.sgd(0.1, momentum=0.9)], ids=["adam", "momentum"]
 )
@@ -236,6 +238,7 @@ LR = 2.0**28
 STEPS = 150
 
 
+@pytest.mark.slow
 def test_fp16_gradients_underflow_without_loss_scaling():
     x, y, _ = _data()
     opt = optax.sgd(LR)
@@ -313,6 +316,7 @@ def test_sr_tracks_float32_while_nearest_stalls(use_jit):
     assert len(np.unique(np.asarray(p_sr.astype(F32)))) > 1  # really stochastic
 
 
+@pytest.mark.slow
 def test_sr_tree_leaves_keys_and_dtypes():
     params = {
         "a": jnp.ones(256, jnp.bfloat16),
@@ -348,6 +352,7 @@ def test_sr_tree_leaves_keys_and_dtypes():
         jqo.apply_updates_sr(params, updates, jax.random.key(0), spec=jq.QuantSpec("bf16"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_stochastic_round_updates_matches_apply_updates_sr(use_jit):
     params = {"w": jnp.ones(1024, jnp.bfloat16)}

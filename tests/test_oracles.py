@@ -987,6 +987,7 @@ def test_nf4_is_the_published_table():
     assert_bitwise(ours, np.asarray(NF4_PUBLISHED, F32), "nf4 table")
 
 
+@pytest.mark.slow
 def test_nf4_published_table_is_its_definition():
     """The published table is what QLoRA defines: quantiles of N(0, 1) at 8 evenly spaced
     probabilities from 1 - delta to 1/2 (positive side) and 7 (negative side), with delta =
@@ -1112,6 +1113,7 @@ def test_amax_beyond_2_to_126(name, expected, mode):
     assert_bitwise(np.asarray(fq), x_hat, f"{name} {mode}: fake_quant", x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_asymmetric_range_wider_than_float32(mode):
     """uint8 minmax of [-2e38, 3e38]: hi - lo overflows float32, s does not: s = fl32(5e38 /
@@ -1169,6 +1171,7 @@ def test_half_precision_inputs(case, dtype, mode):
     check_against(c.reference(x.astype(F32), gran), *out, x, f"{case} {dtype} {mode}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_float64_inputs_round_from_their_own_precision(mode):
     """With x64 on, a float64 input is rounded once, from float64: e4m3 casts as ml_dtypes

@@ -43,6 +43,7 @@ def sqnr():
     return _load("sqnr_uniform").main(fast=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fp8", "nf4", "mx", "sqnr"])
 def test_passed_and_criterion(name, request):
     result = request.getfixturevalue(name)
@@ -60,6 +61,7 @@ def test_fp8_table1_cells(fp8):
     assert all(r["ok"] for r in fp8["rows"])
 
 
+@pytest.mark.slow
 def test_nf4_values_and_mse(nf4):
     assert nf4["codebook_equal"]
     assert nf4["derive_max_abs_err"] <= 1e-6
@@ -69,6 +71,7 @@ def test_nf4_values_and_mse(nf4):
     assert 1.20 < nf4["fp4_over_nf4"] < 1.45
 
 
+@pytest.mark.slow
 def test_mx_bits_per_element(mx):
     assert mx["bits_per_element"] == {
         "mxfp8_e5m2": 8.25,
@@ -81,6 +84,7 @@ def test_mx_bits_per_element(mx):
     assert mx["missing"] == ["MXINT8"]  # not in the registry (see papers/mx_formats/README.md)
 
 
+@pytest.mark.slow
 def test_sqnr_six_db_per_bit(sqnr):
     rows = {(r["format"], r["variant"], r["signal"]): r for r in sqnr["rows"]}
     for b in (4, 6):

@@ -10,6 +10,9 @@ from pathlib import Path
 import jax
 import pytest
 
+# Each trains small models for seconds to a minute: the whole file is slow.
+pytestmark = pytest.mark.slow
+
 PAPERS = Path(__file__).resolve().parents[1] / "papers"
 
 

@@ -160,6 +160,7 @@ def test_dequantized_values_lie_in_scaled_range(fmt, calibration, x):
     assert np.all(x_hat <= np.float32(qmax) * s)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("calibration", ["absmax", "fixed"])
 @SETTINGS
 @given(x=_arrays(shape=(16, 8)))
@@ -339,6 +340,7 @@ def test_fake_quant_equals_dequantize_of_quantize(fmt, x):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [True, False])
 @pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
 def test_mx_tiny_block_has_finite_scale(fmt, use_jit):
@@ -356,6 +358,7 @@ def test_mx_tiny_block_has_finite_scale(fmt, use_jit):
     np.testing.assert_array_equal(x_hat, np.asarray(x))
 
 
+@pytest.mark.slow
 def test_properties_also_hold_without_jit():
     """One eager run of each property on a fixed example (the tests above are jitted)."""
     rng = np.random.default_rng(0)
@@ -420,24 +423,20 @@ def _agree(ref, out, x, what):
     assert_bitwise(np.asarray(fq) + 0, ref.x_hat + 0, f"{what}: fake_quant", x)
 
 
-# One granularity of each family runs in the quick suite; the whole grid is @slow.
+# The quick suite (-m "not slow") runs an integer, an asymmetric and an MX case; the whole
+# grid (every family and granularity) is @slow. test_oracles.py's quick set has a case of
+# every family against the same references.
 QUICK = {
     ("int8", "per_channel"),
-    ("int8_minmax", "per_tensor"),
     ("uint4_minmax", "per_block"),
-    ("e4m3", "per_block"),
-    ("e5m4", "per_channel"),
-    ("nf4", "per_tensor"),
-    ("binary", "per_channel"),
     ("mxfp4", "per_block"),
 }
 AGREE_GRID = [
     pytest.param(
         case,
         gran,
-        marks=list(BINARY_SIGN)
-        if case == "binary"
-        else [] + ([] if (case, gran) in QUICK else [pytest.mark.slow]),
+        marks=(list(BINARY_SIGN) if case == "binary" else [])
+        + ([] if (case, gran) in QUICK else [pytest.mark.slow]),
         id=f"{case}-{gran}",
     )
     for case in CASES
@@ -496,6 +495,7 @@ def _float_layouts(draw):
     return e, m, bias, style
 
 
+@pytest.mark.slow
 @settings(max_examples=4, deadline=None)
 @given(layout=_float_layouts(), saturate=st.booleans())
 def test_any_float_format_casts_like_gfloat(layout, saturate):

@@ -28,6 +28,7 @@ def test_pack_layout_is_lsb_first_bitstream(bits):
     assert packed.tolist() == expected
 
 
+@pytest.mark.slow
 def test_int4_nibble_order():
     spec = jq.QuantSpec("int4", calibration=jq.fixed(7.0))
     q = jq.quantize(jnp.array([[1.0, -1.0, 7.0, 0.0]]), spec)
@@ -59,6 +60,7 @@ def test_nbytes_is_true_packed_size(fmt, bytes_per_value):
     assert q.values.nbytes + q.scale.nbytes == q.nbytes
 
 
+@pytest.mark.slow
 def test_nbytes_seed_savings_and_scale_overhead():
     # Seed §2: per parameter FP32 4 bytes, FP16 2 (-50%), INT8 1 (-75%), INT4 0.5 (-87.5%)
     x = jnp.ones((1024, 1024))
@@ -74,6 +76,7 @@ def test_nbytes_seed_savings_and_scale_overhead():
     assert mx.scale.dtype == jnp.float8_e8m0fnu
 
 
+@pytest.mark.slow
 def test_qarray_is_a_pytree_through_jit():
     spec = jq.QuantSpec("int4", jq.per_block(-1, 16))
     x = jax.random.normal(jax.random.key(1), (4, 32))
@@ -134,6 +137,7 @@ def test_static_fields_are_checked_at_construction():
     assert jax.tree_util.tree_structure(same) == jax.tree_util.tree_structure(q)
 
 
+@pytest.mark.slow
 def test_static_field_checks_leave_data_fields_to_pytree_transforms():
     """Unflattening puts placeholders (object(), None, tracers) in the data fields."""
     q = jq.quantize(jnp.linspace(-1.0, 1.0, 16).reshape(2, 8), jq.QuantSpec("int4"))

@@ -67,6 +67,7 @@ def test_fp8_values_are_real_fp8_storage():
     assert np.max(np.abs(np.asarray(q.values, np.float32))) == 448  # absmax hits fmax
 
 
+@pytest.mark.slow
 def test_restricted_symmetric_range_never_emits_qmin():
     x = jax.random.normal(jax.random.key(1), (256, 512))
     q = jq.quantize(x, jq.QuantSpec("int8", jq.per_channel(-1)))
@@ -80,6 +81,7 @@ def test_restricted_symmetric_range_never_emits_qmin():
     assert np.asarray(narrow.values).tolist() == [-127, 127]
 
 
+@pytest.mark.slow
 def test_asymmetric_zero_point_keeps_zero_exact():
     x = jnp.array([0.0, 0.25, 3.7, 1.0, 0.0, 2.2], jnp.float32)
     spec = jq.QuantSpec("uint8", calibration=jq.minmax(), symmetric=False)
@@ -108,6 +110,7 @@ def test_dtypes_in_and_out(dtype, fmt):
     np.testing.assert_array_equal(np.asarray(d, np.float32), np.asarray(y, np.float32))
 
 
+@pytest.mark.slow
 def test_nan_and_inf_policy():
     x = jnp.array([1.0, jnp.nan, -2.0, jnp.inf, -jnp.inf, 0.5], jnp.float32)
     spec = jq.QuantSpec("int8")
@@ -125,6 +128,7 @@ def test_nan_and_inf_policy():
     assert int(jq.metrics.nan_count(x)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int8", "e4m3", "nf4", "mxfp4", "fp16"])
 @pytest.mark.parametrize("gran", [jq.per_tensor(), jq.per_channel(-1), jq.per_block(-1, 32)])
 def test_all_zero_input_gives_zeros_and_finite_grads(fmt, gran):
@@ -150,6 +154,7 @@ def test_empty_arrays(shape, gran):
         assert jq.fake_quant(x, spec).shape == shape
 
 
+@pytest.mark.slow
 def test_scalar_input():
     for fmt in ["int8", "int4", "e4m3"]:
         q = jq.quantize(jnp.float32(-0.7), jq.QuantSpec(fmt))
@@ -184,6 +189,7 @@ def test_bad_input_errors():
         jq.quantize(jnp.ones(3), jq.QuantSpec("int8", rounding="stochastic"))
 
 
+@pytest.mark.slow
 def test_spec_is_hashable_static_argument():
     spec = jq.QuantSpec("int4", jq.per_block(-1, 32), jq.percentile(99.0))
     assert hash(spec) == hash(jq.QuantSpec("int4", jq.per_block(-1, 32), jq.percentile(99.0)))
@@ -202,6 +208,7 @@ def test_ste_gradients():
     np.testing.assert_array_equal(np.asarray(gc), [0, 1, 1, 1, 0])
 
 
+@pytest.mark.slow
 def test_vmap_matches_per_row_scales():
     x = jax.random.normal(jax.random.key(5), (6, 32)) * jnp.arange(1.0, 7.0)[:, None]
     spec = jq.QuantSpec("int8")
@@ -210,6 +217,7 @@ def test_vmap_matches_per_row_scales():
     np.testing.assert_array_equal(np.asarray(rows), np.asarray(per_row))
 
 
+@pytest.mark.slow
 def test_known_scale_equals_fixed_calibration():
     x = jax.random.normal(jax.random.key(6), (32, 32))
     a = jq.quantize(x, jq.QuantSpec("e4m3"), scale=jnp.float32(1.5 / 448))
@@ -221,6 +229,7 @@ def test_known_scale_equals_fixed_calibration():
         jq.quantize(x, jq.QuantSpec("uint8", calibration=jq.minmax(), symmetric=False), scale=0.1)
 
 
+@pytest.mark.slow
 def test_quantizer_is_exactly_reproducible_with_numpy():
     """Per-block scales are the true quotient amax / qmax, and y = x * (1/s): the same
     bits in numpy, eager and jit (XLA would otherwise rewrite divisions by constants)."""
@@ -243,6 +252,7 @@ def test_quantizer_is_exactly_reproducible_with_numpy():
     assert np.asarray(known.values).tolist() == [int(np.round(y_t))] * 2
 
 
+@pytest.mark.slow
 def test_scale_formats():
     x = jax.random.normal(jax.random.key(7), (8, 256)) * 3
     q = jq.quantize(x, jq.QuantSpec("int8", jq.per_block(-1, 32), scale_format="e8m0"))
@@ -255,6 +265,7 @@ def test_scale_formats():
     assert qb.scale.dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
 def test_mx_scale_follows_ocp_rule():
     x = jax.random.normal(jax.random.key(8), (4, 64)) * 10
     q = jq.quantize(x, jq.QuantSpec("mxfp8"))
@@ -264,6 +275,7 @@ def test_mx_scale_follows_ocp_rule():
     assert q.values.dtype == jnp.float8_e4m3fn
 
 
+@pytest.mark.slow
 def test_quantize_tree_policies():
     params = {
         "dense": {"kernel": jnp.ones((8, 16)), "bias": jnp.zeros(16)},
@@ -310,6 +322,7 @@ def test_given_half_integer_zero_point_is_rounded_consistently():
         assert float(q.zero_point.reshape(())) == float(np.round(z))
 
 
+@pytest.mark.slow
 def test_quantize_tree_keeps_qarrays_as_they_are():
     """A tree that already holds QArrays: they pass through untouched (their scales are
     never quantized again), other leaves are quantized."""

@@ -86,6 +86,7 @@ def test_bf16_add_and_truncate_rounding_matches(use_jit, saturate):
     assert ok.all(), (np.asarray(x)[~ok][:8], fast[~ok][:8], ref[~ok][:8])
 
 
+@pytest.mark.slow
 def test_saturation_semantics():
     x = jnp.array([500.0, -1e6, jnp.inf, -jnp.inf, jnp.nan], jnp.float32)
     e4m3 = jq.formats.get("e4m3")
@@ -99,6 +100,7 @@ def test_saturation_semantics():
     np.testing.assert_array_equal(e5m2[:4], [np.inf, -np.inf, np.inf, -np.inf])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", [f for f in CAST_FORMATS if f.bits <= 8], ids=lambda f: f.name)
 def test_emulated_encoding_matches_ml_dtypes_bits(fmt):
     """The emulated path (no dtype: binary search in the code table) produces the same bit
@@ -122,6 +124,7 @@ def test_emulated_encoding_matches_ml_dtypes_bits(fmt):
     assert (np.isnan(back[~fin]) == fmt.has_nan).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("e,m", [(3, 3), (5, 3), (2, 2), (6, 2)])
 def test_emulated_rounding_is_nearest_on_the_grid(e, m):
     """For formats ml_dtypes lacks: the result is the nearest grid value, ties to even code."""
@@ -216,6 +219,7 @@ def test_nearest_is_deterministic_and_sr_needs_key():
         jq.fake_quant(jnp.ones(4), spec)
 
 
+@pytest.mark.slow
 def test_random_bits_hash_quality():
     k = jax.random.key(3)
     b = np.asarray(rounding.random_bits(k, (256, 1024)))
@@ -257,6 +261,7 @@ def test_ml_dtypes_types_are_what_we_think():
     assert jq.formats.get("e2m1").dtype == np.dtype(ml_dtypes.float4_e2m1fn)
 
 
+@pytest.mark.slow
 def test_stochastic_truncate_bf16_edges():
     bf16 = jq.formats.get("bf16")
     x = jnp.array(
@@ -304,6 +309,7 @@ def test_div_rn_is_ieee_division(use_jit, fn):
     assert np.all(out[np.abs(ref) < 2.0**-126] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [True, False])
 def test_reciprocal_is_divide_one_by(use_jit):
     """reciprocal(b) is divide(1, b) bit for bit (the quantizers' per-group 1/s): every
@@ -339,6 +345,7 @@ def test_reciprocal_is_divide_one_by(use_jit):
     np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(ref).view(np.uint32))
 
 
+@pytest.mark.slow
 def test_random_bits_argument_errors_name_the_argument():
     k = jax.random.key(0)
     for bad in (3, "key", None, jnp.zeros(2, jnp.float32)):

@@ -59,6 +59,7 @@ def _reference_delayed(amaxes, spec, history_len, margin, reduction):
 AMAXES = [1.0, 4.0, 0.5, 0.25, 0.25, 0.125, 8.0, 0.1, 0.1, 0.1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_jit", [True, False])
 @pytest.mark.parametrize("reduction", ["max", "most_recent"])
 @pytest.mark.parametrize("history_len", [1, 3, 16])
@@ -112,6 +113,7 @@ def test_margin_gives_power_of_two_headroom(margin):
     np.testing.assert_allclose(float(want[0]), 2.0**margin / 448, rtol=2**-23)
 
 
+@pytest.mark.slow
 def test_e8m0_scale_format_gives_powers_of_two():
     spec = jq.QuantSpec("e4m3", scale_format="e8m0")
     sc = delayed_scaling(spec, history_len=2)
@@ -125,6 +127,7 @@ def test_e8m0_scale_format_gives_powers_of_two():
         assert s >= amax / 448 and s / 2 < amax / 448  # rounded up: nothing extra clips
 
 
+@pytest.mark.slow
 def test_mx_spec_keeps_one_history_per_block():
     spec = jq.QuantSpec("mxfp8")
     sc = delayed_scaling(spec, history_len=2)
@@ -138,6 +141,7 @@ def test_mx_spec_keeps_one_history_per_block():
     np.testing.assert_array_equal(np.asarray(q2.values), np.asarray(q.values))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("gran", "shape", "scale_shape"),
     [
@@ -178,6 +182,7 @@ def test_nonfinite_values_are_ignored_and_zero_gives_unit_scale():
     np.testing.assert_array_equal(np.asarray(state.scale), _scale(1.27, INT8))
 
 
+@pytest.mark.slow
 def test_current_scaling_is_quantize_without_scale():
     for spec in [INT8, E4M3, jq.QuantSpec("int4", jq.per_channel(0)), jq.QuantSpec("mxfp4")]:
         sc = current_scaling(spec)
@@ -193,6 +198,7 @@ def test_current_scaling_is_quantize_without_scale():
         assert state == ()
 
 
+@pytest.mark.slow
 def test_static_scaling_is_fixed():
     sc = static_scaling(INT8, 12.7)
     state = sc.init((3,))
@@ -210,6 +216,7 @@ def test_static_scaling_is_fixed():
     assert np.asarray(q.values)[0].tolist() == [100, 50]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make",
     [
@@ -239,6 +246,7 @@ def test_same_interface_swappable_under_scan(make):
     jax.tree_util.tree_map(np.testing.assert_array_equal, state, state_py)
 
 
+@pytest.mark.slow
 def test_fake_quant_with_is_straight_through():
     sc = delayed_scaling(INT8)
 
@@ -256,6 +264,7 @@ def test_fake_quant_with_is_straight_through():
     assert y.shape == x.shape
 
 
+@pytest.mark.slow
 def test_stochastic_rounding_through_quantize_with(key):
     spec = jq.QuantSpec("int8", rounding="stochastic")
     sc = delayed_scaling(spec)
@@ -293,6 +302,7 @@ def _assert_same_state(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f)
 
 
+@pytest.mark.slow
 def test_state_fields_dtypes_shapes():
     _, state = _advanced_state()
     assert state.amax_history.dtype == jnp.float32 and state.amax_history.shape == (4,)
@@ -322,6 +332,7 @@ def test_state_tree_map_keeps_structure():
     _assert_same_state(jax.tree_util.tree_map(lambda a: a, state), state)
 
 
+@pytest.mark.slow
 def test_state_vmaps_over_stacked_layers():
     sc = delayed_scaling(INT8, history_len=4)
     xs = jnp.stack([jnp.full((5,), 1.27 * (i + 1)) for i in range(3)])

@@ -140,6 +140,7 @@ def _linen_accuracy(model, variables, rules, batches):
 # --------------------------------------------------------------------------- sensitivity
 
 
+@pytest.mark.slow
 def test_accuracy_sensitivity_values(sens_acc, linen, digits):
     s = sens_acc
     assert s.metric == "accuracy" and s.higher_is_better
@@ -162,6 +163,7 @@ def test_accuracy_sensitivity_values(sens_acc, linen, digits):
     assert "| Dense_1 | Dense | 64x64 |" in str(s) and "**all layers**" in s.table()
 
 
+@pytest.mark.slow
 def test_one_layer_trial_is_that_layer_quantized(sens_acc, linen, digits):
     """The recorded metric is the model with exactly that layer quantized, and the
     all-layers metric the model with every layer quantized."""
@@ -174,6 +176,7 @@ def test_one_layer_trial_is_that_layer_quantized(sens_acc, linen, digits):
     assert _linen_accuracy(model, variables, None, digits[2]) == sens_acc.baseline
 
 
+@pytest.mark.slow
 def test_weight_bytes_are_the_quantized_kernels(sens_acc, linen):
     _, variables = linen
     for layer in sens_acc.layers:
@@ -189,6 +192,7 @@ def test_weight_bytes_are_the_quantized_kernels(sens_acc, linen):
     assert sens_acc.total_bytes("int4_g32") == 2 * 2560 + 400
 
 
+@pytest.mark.slow
 def test_sqnr_sensitivity(linen, digits):
     model, variables = linen
     batches = digits[2]
@@ -210,6 +214,7 @@ def test_sqnr_sensitivity(linen, digits):
     assert s.layer("Dense_2").metric["nf4_g32"] == pytest.approx(want, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_loss_and_callable_metrics(sens_acc, linen, digits):
     model, variables = linen
     batches = digits[2]
@@ -248,6 +253,7 @@ def test_loss_and_callable_metrics(sens_acc, linen, digits):
     assert lo.layers[0].damage["int2"] == pytest.approx(-ref.damage["int2"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_data_forms(linen, digits):
     """A list, a generator (one pass), a function and a single (x, y) pair all work."""
     model, variables = linen
@@ -265,6 +271,7 @@ def test_data_forms(linen, digits):
     assert run([(x, y.astype(np.int64))]) == want
 
 
+@pytest.mark.slow
 def test_layers_selection(linen, digits):
     model, variables = linen
     cands = {"int8": CANDIDATES["int8"]}
@@ -275,6 +282,7 @@ def test_layers_selection(linen, digits):
     assert s.paths == ("Dense_0", "Dense_1")
 
 
+@pytest.mark.slow
 def test_nnx_matches_linen_and_leaves_model_untouched(sens_acc, nnx_model, digits):
     kernels = [getattr(nnx_model, p).kernel for p in PATHS]
     values = [k[...] for k in kernels]
@@ -295,6 +303,7 @@ def test_nnx_matches_linen_and_leaves_model_untouched(sens_acc, nnx_model, digit
         np.testing.assert_array_equal(np.asarray(k[...]), np.asarray(v))
 
 
+@pytest.mark.slow
 def test_nan_candidate_is_infinite_damage(linen, nnx_model, digits):
     """A candidate whose outputs are NaN is recorded (metric nan, damage inf), not raised,
     and mixed_precision never chooses it."""
@@ -333,6 +342,7 @@ def test_generous_budget_picks_each_layers_best(sens_acc):
     assert plan.budget == sens_acc.float32_bytes
 
 
+@pytest.mark.slow
 def test_int4_budget_plan_is_within_budget_and_as_good(sens_acc, linen, nnx_model, digits):
     model, variables = linen
     budget = sens_acc.total_bytes("int4_g32")
@@ -454,6 +464,7 @@ def test_noise_is_twice_the_standard_error_over_half_batches(sens_acc, linen, di
     assert all(v >= 0 for lay in sens_acc.layers for v in lay.noise.values())
 
 
+@pytest.mark.slow
 def test_sqnr_and_single_parts_have_no_noise(linen, digits):
     model, variables = linen
     cands = {"int2": CANDIDATES["int2"]}

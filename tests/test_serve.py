@@ -85,6 +85,7 @@ def test_fp8_on_cpu_is_exact_in_bf16():
     assert not grid_values_exact("nf4", jnp.bfloat16)  # why NF4 dequantizes in float32
 
 
+@pytest.mark.slow
 def test_bf16_activation_runs_a_16_bit_gemm():
     x, w = _data()
     for spec in (jq.QuantSpec("int4", PC), jq.QuantSpec("int4", jq.per_block(0, 32))):
@@ -132,6 +133,7 @@ def test_cpu_hlo_int8_dot_and_packed_weight():
     assert "u8[256,48]" in entry and "f32[256,96]" not in entry
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "wfmt,aspec", [("int8", None), ("int8", _static("int8")), ("e4m3", _static("e4m3"))]
 )
@@ -144,6 +146,7 @@ def test_gradient_is_straight_through(wfmt, aspec):
     np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_einsum_with_qarray():
     x = jax.random.normal(jax.random.key(0), (2, 5, 64))
     w = jax.random.normal(jax.random.key(1), (64, 3, 8))
@@ -184,6 +187,7 @@ def _chunks(seed=0, heavy=False):
     return xs
 
 
+@pytest.mark.slow
 def test_moments_merge_exactly():
     xs = _chunks()
     m = observe.moments(jnp.asarray(xs[0]))
@@ -197,6 +201,7 @@ def test_moments_merge_exactly():
     assert float(m.lo) == allx.min() and float(m.hi) == allx.max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "calibration",
     [jq.absmax(), jq.mean_std(2.0), jq.mean_abs(2.0), jq.percentile(99.0), jq.mse(), jq.kl()],

@@ -104,6 +104,7 @@ def _assert_same_sharding(out, sharding):
     assert out.sharding.is_equivalent_to(sharding, out.ndim), (out.sharding, sharding)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fmt", "gran", "rounding", "layout"), _cases())
 def test_fake_quant_keeps_sharding_and_values(fmt, gran, rounding, layout):
     spec = _spec(fmt, gran, rounding)
@@ -115,6 +116,7 @@ def test_fake_quant_keeps_sharding_and_values(fmt, gran, rounding, layout):
     np.testing.assert_array_equal(np.asarray(out), _unsharded_fake_quant(spec))
 
 
+@pytest.mark.slow
 def test_stochastic_threefry_keeps_sharding_and_values():
     """jax.random.bits noise (partitionable threefry) is the same sharded and unsharded."""
     spec = _spec("int8", "per_block(-1,32)", "stochastic", rng="threefry")
@@ -157,6 +159,7 @@ def _jit_quantize(spec):
 _jit_dequantize = jax.jit(jq.dequantize)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fmt", "gran", "layout"), QUANTIZE_CASES)
 def test_quantize_keeps_sharding_of_values_and_dequantize(fmt, gran, layout):
     """>= 8-bit formats store values in the input's shape, so they keep its sharding (packed
@@ -190,6 +193,7 @@ def _many_in_one_jit():
     return out, [np.asarray(r) for r in ref]
 
 
+@pytest.mark.slow
 def test_many_quantizers_in_one_jit_keep_sharding():
     out, _ = _many_in_one_jit()
     for o in out:

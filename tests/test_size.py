@@ -42,6 +42,7 @@ def test_sizes_are_the_stored_bytes_real_and_abstract(spec, value_bytes):
     assert "**total**" in str(r) and "dense/kernel" in str(r)
 
 
+@pytest.mark.slow
 def test_the_seeds_savings():
     """fp16 -50 %, int8 -75 %, int4 -87.5 % of the values (scales counted separately)."""
     x = {"w": jnp.ones((512, 512))}

@@ -113,6 +113,7 @@ def ids(folder: Path) -> list[str]:
     return [r["id"] for r in R.read_rows(folder / "results.jsonl")]
 
 
+@pytest.mark.slow
 def test_quick_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code, text, err = sweep(capsys, "--quick", "--out", str(out), "--shard", "0/1")
@@ -146,6 +147,7 @@ def test_quick_digits_end_to_end(tmp_path, capsys):
     assert not list(out.rglob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_cells(tiny, capsys):
     toml = tiny_toml(tiny)
     out = tiny / "run"
@@ -163,6 +165,7 @@ def test_resume_skips_finished_cells(tiny, capsys):
     assert f"(0 run, {len(cells)} already done" in text
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_config(tiny, capsys):
     out = tiny / "run"
     assert sweep(capsys, "--config", str(tiny_toml(tiny)), "--out", str(out), "--no-plots")[0] == 0
@@ -171,6 +174,7 @@ def test_resume_refuses_another_config(tiny, capsys):
     assert code == 2 and "another config" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_shards_merge_to_the_full_sweep(tiny, capsys):
     toml = tiny_toml(tiny)
     cells = G.expand(C.load(toml))
@@ -201,6 +205,7 @@ def test_shards_merge_to_the_full_sweep(tiny, capsys):
     assert code == 1 and f"{len(s1)} missing" in text
 
 
+@pytest.mark.slow
 def test_failing_cell_is_recorded_and_sweep_goes_on(tiny, capsys):
     # block7 does not divide the 8 inputs of Dense_0: those cells raise.
     toml = tiny_toml(tiny, granularities=("block7", "channel"))
@@ -283,6 +288,7 @@ def test_config_toml_round_trip(tmp_path):
     assert C.load(path) == cfg
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_finished_rows(tiny, capsys, monkeypatch):
     toml = tiny_toml(tiny)
     out = tiny / "run"
@@ -308,6 +314,7 @@ def test_interrupt_keeps_finished_rows(tiny, capsys, monkeypatch):
     assert code == 0 and f"({len(cells) - 3} run, 3 already done, 0 failed)" in text
 
 
+@pytest.mark.slow
 def test_quick_lm_end_to_end(tmp_path, capsys):
     """The byte-level transformer preset: per-position labels, only the blocks quantized."""
     out = tmp_path / "lm"
@@ -336,6 +343,7 @@ def test_quick_lm_end_to_end(tmp_path, capsys):
     assert "| stdlib-lm | qat | int4 |" in text
 
 
+@pytest.mark.slow
 def test_lm_data_and_model_shapes():
     from jaxquant._src.sweep import tasks
     from jaxquant.datasets import stdlib_bytes
@@ -357,6 +365,7 @@ def test_lm_data_and_model_shapes():
         model.apply({"params": params}, np.zeros((1, 17), np.int32))
 
 
+@pytest.mark.slow
 def test_task_layers_steps_and_data_kwargs(tiny, capsys):
     toml = tiny_toml(tiny, task_extra='layers = "Dense_1"\nsteps = 7\ndata_kwargs = { n = 300 }')
     cfg = C.load(toml)
@@ -382,6 +391,7 @@ def test_task_layers_steps_and_data_kwargs(tiny, capsys):
     assert code == 1 and "task.layers = 'Conv.*' matches no" in text
 
 
+@pytest.mark.slow
 def test_activation_cells(tiny, capsys):
     """grid.activations: static ranges calibrated on the weight-quantized model (PTQ);
     qat.activations: per-batch absmax in QAT. Ids of float-activation cells are unchanged."""

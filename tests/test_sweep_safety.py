@@ -311,6 +311,7 @@ sys.exit(main(["sweep", "--quick", "--no-plots", "--no-progress", "--out", sys.a
 """
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_out_do_not_both_run(tmp_path, capsys, fake):
     script, flag, out = tmp_path / "racer.py", tmp_path / "flag", tmp_path / "run"
     script.write_text(RACER)
@@ -365,6 +366,7 @@ def test_two_threads_racing_on_one_out_run_each_cell_once(tmp_path, fake):
     assert len(R.read_rows(out / "results.jsonl")) == N_CELLS
 
 
+@pytest.mark.slow
 def test_concurrent_atomic_writes_never_collide(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # names collide or not; disks aside
     path = tmp_path / "results.csv"
@@ -533,6 +535,7 @@ def test_seed_out_of_range_is_a_usage_error(capsys, seed):
     assert str(int(seed)) in err
 
 
+@pytest.mark.slow
 def test_seed_range_ends_are_accepted(capsys):
     for seed in ("0", "4294967295"):
         assert main(["quantize", "1", "2", "--stochastic", "--seed", seed]) == 0

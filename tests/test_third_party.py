@@ -179,6 +179,7 @@ def test_counter_takes_this_platforms_branch_only():
 # ---------------------------------------------------------------------------- the models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_float_model_counts(name):
     """The builders give the published architectures: every weight product found, none

@@ -79,6 +79,9 @@ SERVED_VS_FLOAT_DB = {"hf_gpt2": 30.0, "hf_bert": 55.0, "flax_resnet": 35.0, "nn
 # float32 accumulation differs (measured today: >= 96 dB).
 SERVED_VS_FAKE_QUANT_DB = 80.0
 
+# Third-party models built, calibrated, converted and served: seconds each, all slow.
+pytestmark = pytest.mark.slow
+
 # A layer per model that a rule keeps in float (one weight product each).
 KEEP_FLOAT = {
     "hf_gpt2": "transformer/h/1/mlp/c_proj",
@@ -158,6 +161,7 @@ def _kernels(m: tp.ThirdPartyModel, model: Any, variables: Any) -> dict[str, Any
 # ------------------------------------------------------- calibrate -> convert -> serve
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_calibrate_ranges_every_quantized_layer(name):
     m = _model(name)
@@ -274,6 +278,7 @@ def test_sensitivity_lists_every_quantized_layer(name):
 # ------------------------------------------------------------ a rule that keeps a layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_a_float_rule_keeps_exactly_its_layer(name):
     m = _model(name)

@@ -96,10 +96,8 @@ def _mesh():
     return Mesh(devices, ("data",))
 
 
-# fp8 takes the float-format quantizer through the same sharded step: slow only.
-@pytest.mark.parametrize(
-    "recipe", ["w8a8_int8", pytest.param("fp8_current", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # compiles a train step for 1 and for 8 devices per recipe
+@pytest.mark.parametrize("recipe", ["w8a8_int8", "fp8_current"])
 def test_data_parallel_step_matches_single_device(recipe):
     d = _digits_data()
     model = quantize_model(MLP((64,), 10), jq.recipes.get(recipe).rules())
