@@ -18,17 +18,27 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.module import InterceptorContext
 from jax import lax
 
 from jaxquant._src.checks import check_bool, describe
+from jaxquant._src.config import QuantConfig
 from jaxquant._src.flax import stateful
-from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting, serving
+from jaxquant._src.flax.intercept import (
+    Call,
+    Contraction,
+    Frontend,
+    Owner,
+    intercepting,
+    serving,
+)
 from jaxquant._src.flax.kinds import LINEN_DOTS, LINEN_LAYERS, kernel_layout, linen_kind
 from jaxquant._src.flax.rules import (
     Match,
@@ -239,14 +249,14 @@ class _Record:
 def _relative_path(m: nn.Module, root: Any) -> str:
     """``m``'s path below the wrapped model, from module names (scope paths of a shared
     scope still contain the wrapper's field name)."""
-    names = []
+    names: list[str | None] = []
     cur: Any = m
     while isinstance(cur, nn.Module) and cur.scope is not root:
         names.append(cur.name)
         cur = cur.parent
     if not isinstance(cur, nn.Module):  # not below the model (built in an outer module)
         return path_str(m.path)
-    return path_str(reversed(names))
+    return path_str(names[::-1])
 
 
 class QuantizedModule(nn.Module):
@@ -298,13 +308,15 @@ class QuantizedModule(nn.Module):
         def note(path: str, module: str, rule: Rule | None) -> None:
             if path not in candidates:
                 candidates.append(path)
-            if rule is not None:
-                used.add(first_match(rules, path))  # its index (equal rules may repeat)
+            i = None if rule is None else first_match(rules, path)
+            if i is not None:
+                used.add(i)  # the rule's index (equal rules may repeat)
 
         def record(c: Contraction) -> None:
             contractions.append(c)
-            if c.quantized and all(x.path != c.path for x in matches):
-                matches.append(Match(c.path, c.module, rule_at(c.path)))
+            rule = rule_at(c.path) if c.quantized else None  # quantized: a rule matched
+            if rule is not None and all(x.path != c.path for x in matches):
+                matches.append(Match(c.path, c.module, rule))
 
         def rule_at(path: str) -> Rule | None:
             i = first_match(rules, path)
@@ -321,7 +333,12 @@ class QuantizedModule(nn.Module):
             )
         )
 
-        def interceptor(next_fun, args, kwargs, context):
+        def interceptor(
+            next_fun: Callable[..., Any],
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            context: InterceptorContext,
+        ) -> Any:
             m = context.module
             if served and layer_kind(m) is None and m.scope is not None:
                 own = m.variables.get("params", {})
@@ -333,10 +350,13 @@ class QuantizedModule(nn.Module):
             stack.append((m, path))
             front.counts.pop(len(stack), None)  # a module's call numbers its own products
             try:
-                if context.method_name != "__call__" or layer_kind(m) is None:
+                kind = layer_kind(m)
+                if context.method_name != "__call__" or kind is None:
                     return next_fun(*args, **kwargs)
                 stored = stored_in(m, root)
-                return _layer(self.rules, m, path, next_fun, args, kwargs, note, record, stored)
+                return _layer(
+                    self.rules, m, kind, path, next_fun, args, kwargs, note, record, stored
+                )
             finally:
                 stack.pop()
 
@@ -349,7 +369,9 @@ class QuantizedModule(nn.Module):
         return out
 
 
-def _serve_own(m: nn.Module, own: Any, method: str, args: tuple, kwargs: dict) -> Any:
+def _serve_own(
+    m: nn.Module, own: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     """Run ``m``'s method on its own QArray parameters dequantized: a clone applied on its
     own (whose path is ``m``'s: its parent's path plus its name), so that the module's code
     sees float arrays and the interception re-quantizes them with the rule's spec."""
@@ -359,11 +381,23 @@ def _serve_own(m: nn.Module, own: Any, method: str, args: tuple, kwargs: dict) -
     return clone.apply(variables, *args, method=method, **kwargs)
 
 
-def _layer(rules, m, path, next_fun, args, kwargs, note, record, stored) -> Any:
-    """One call of a Flax layer (Dense, DenseGeneral, Einsum, Conv) that runs its own
-    ``__call__``: quantized by a clone bound to the same scope whose product is jaxquant's.
-    (A function, not a method: a Linen method would push the wrapper on flax's module
-    stack, and the layer's children would be built under it.)"""
+def _layer(
+    rules: tuple[Rule, ...],
+    m: nn.Module,
+    kind: type,
+    path: str,
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    note: Callable[[str, str, Rule | None], None],
+    record: Callable[[Contraction], None],
+    stored: bool,
+) -> Any:
+    """One call of a Flax layer (Dense, DenseGeneral, Einsum, Conv; ``kind``, from
+    :func:`layer_kind`) that runs its own ``__call__``: quantized by a clone bound to the
+    same scope whose product is jaxquant's. (A function, not a method: a Linen method would
+    push the wrapper on flax's module stack, and the layer's children would be built under
+    it.)"""
     if _is_our_clone(m):
         return next_fun(*args, **kwargs)
     i = first_match(rules, path)
@@ -385,9 +419,9 @@ def _layer(rules, m, path, next_fun, args, kwargs, note, record, stored) -> Any:
         out = linen_layer(m, rule, path, args, kwargs)
     else:
         out = _quantized_clone(m, rule, path)(*args, **kwargs)
-    kernel = m.get_variable("params", "kernel")
-    x = args[0] if args else next(iter(kwargs.values()), None)
-    op = {nn.Conv: "conv_general_dilated", nn.Einsum: "einsum"}.get(layer_kind(m), "dot_general")
+    kernel: Any = m.get_variable("params", "kernel")  # an array or a QArray (served)
+    x: Any = args[0] if args else next(iter(kwargs.values()), None)  # the layer's input
+    op = {nn.Conv: "conv_general_dilated", nn.Einsum: "einsum"}.get(kind, "dot_general")
     record(
         Contraction(
             path,
@@ -399,7 +433,7 @@ def _layer(rules, m, path, next_fun, args, kwargs, note, record, stored) -> Any:
             f"rule {rule.pattern!r}",
             "kernel" if stored else None,  # a computed kernel is quantized when used
             False,
-            *kernel_layout(layer_kind(m).__name__, m, np.ndim(x), len(kernel.shape)),
+            *kernel_layout(kind.__name__, m, np.ndim(x), len(kernel.shape)),
         )
     )
     return out
@@ -408,12 +442,13 @@ def _layer(rules, m, path, next_fun, args, kwargs, note, record, stored) -> Any:
 _COMPUTED = ""  # the parameter name of a weight the model computes (not stored)
 
 
-def _stateful_product(m: nn.Module, path: str, i: int, call: Any, cfg: Any) -> Any:
+def _stateful_product(m: nn.Module, path: str, i: int, call: Call, cfg: QuantConfig) -> Any:
     """The ``i``-th product of module ``m``'s call under a stateful config: the shared
     step (:mod:`jaxquant._src.flax.stateful`) with its state in ``m``'s own scope, named
     ``jq{i}_<name>`` ("quant_state"; LSQ steps in "params"), created at ``init`` and updated
     when "quant_state" is mutable, as a Flax layer's QuantOp child does."""
     scope = m.scope
+    assert scope is not None  # m is running: bound to its scope
     names = stateful.state_names(cfg)
     mutable = scope.is_mutable_collection(STATE)
     missing = [n for n in names if not scope.has_variable(_collection(n), f"jq{i}_{n}")]
@@ -424,7 +459,7 @@ def _stateful_product(m: nn.Module, path: str, i: int, call: Any, cfg: Any) -> A
             f"mutable=[{STATE!r}] to apply while training."
         )
     fresh = stateful.init(cfg, call.lhs, call.rhs) if missing else {}
-    state = {}
+    state: dict[str, Any] = {}
     for n in names:
         col, full = _collection(n), f"jq{i}_{n}"
         if not scope.has_variable(col, full):
@@ -439,6 +474,7 @@ def _stateful_product(m: nn.Module, path: str, i: int, call: Any, cfg: Any) -> A
             )
         key = scope.make_rng("quant")
     update = mutable and not m.is_initializing()  # as a layer's QuantOp: init only creates
+    assert call.step is not None  # intercept routes only dot_general / einsum calls here
     out, new = stateful.apply(
         cfg, state, call.lhs, call.rhs, key=key, training=update, where=path, **call.step
     )
@@ -457,7 +493,15 @@ class LinenFront(Frontend):
     """Owners of intercepted contractions: the innermost module method running."""
 
     def __init__(
-        self, stack, rule_at, note, record, strict, *, layers: bool = True, root: Any = None
+        self,
+        stack: list[tuple[nn.Module, str]],
+        rule_at: Callable[[str], Rule | None],
+        note: Callable[[str, str, Rule | None], None],
+        record: Callable[[Contraction], None],
+        strict: bool,
+        *,
+        layers: bool = True,
+        root: Any = None,
     ) -> None:
         # layers=False: Flax's own layers are someone else's (calibration records them).
         self.stack, self.rule_at, self.note, self.record = stack, rule_at, note, record
@@ -484,7 +528,7 @@ class LinenFront(Frontend):
 
         depth = len(self.stack)
 
-        def run_stateful(call: Any, cfg: Any) -> Any:
+        def run_stateful(call: Call, cfg: QuantConfig) -> Any:
             i = self.counts.get(depth, 0)
             self.counts[depth] = i + 1
             return _stateful_product(m, path, i, call, cfg)
@@ -533,7 +577,9 @@ def _quantized_clone(m: nn.Module, rule: Rule, path: str) -> nn.Module:
             for f in dataclasses.fields(nn.Einsum)
             if f.init and f.name not in ("parent", "name")
         }
-        return _QuantEinsum(**fields, op=op, parent=m.scope)
+        # flax's type stub for the `parent` field leaves out the Scope its runtime (and
+        # Module.clone) accepts: a clone bound to the layer's own scope
+        return _QuantEinsum(**fields, op=op, parent=m.scope)  # type: ignore[arg-type]
     if m.dot_general_cls is not None or m.dot_general not in (None, _ORIGINAL_DOT):
         raise ValueError(
             f"quantize_model: {type(m).__name__} at {path!r} already has a custom "
