@@ -1,4 +1,4 @@
-"""jq.dot_general / jq.einsum with a QArray weight (serving), and the streaming observer."""
+"""jq.dot_general / jq.einsum with a QArray weight (serving)."""
 
 import re
 
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant._src import observe
 from jaxquant._src.serve import weight_path
 
 CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="asserts XLA:CPU's HLO")
@@ -174,69 +173,3 @@ def test_errors():
     with pytest.raises(TypeError, match="does not support indexing"):
         q[0]
     assert q[...] is q
-
-
-# ------------------------------------------------------------------------ observer
-
-
-def _chunks(seed=0, heavy=False):
-    rng = np.random.default_rng(seed)
-    xs = [rng.standard_normal((37, 11)).astype(np.float32) * (1 + i) + 0.3 * i for i in range(4)]
-    if heavy:
-        xs[2][0, 0] = 40.0
-    return xs
-
-
-@pytest.mark.slow
-def test_moments_merge_exactly():
-    xs = _chunks()
-    m = observe.moments(jnp.asarray(xs[0]))
-    for x in xs[1:]:
-        m = observe.merge(m, observe.moments(jnp.asarray(x)))
-    allx = np.concatenate([x.reshape(-1) for x in xs]).astype(np.float64)
-    assert float(m.count) == allx.size
-    np.testing.assert_allclose(float(m.mean), allx.mean(), rtol=1e-6)
-    np.testing.assert_allclose(float(m.m2) / allx.size, allx.var(), rtol=1e-5)
-    np.testing.assert_allclose(float(m.mean_abs), np.abs(allx).mean(), rtol=1e-6)
-    assert float(m.lo) == allx.min() and float(m.hi) == allx.max()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "calibration",
-    [jq.absmax(), jq.mean_std(2.0), jq.mean_abs(2.0), jq.percentile(99.0), jq.mse(), jq.kl()],
-    ids=str,
-)
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_streaming_range_matches_method_on_all_data(calibration, symmetric):
-    """The range from merged statistics equals (histogram methods: is within a couple of
-    bins of) the method run on all batches concatenated."""
-    if isinstance(calibration, type(jq.kl())) and not symmetric:
-        pytest.skip("kl is symmetric only")
-    spec = jq.QuantSpec(
-        "int8" if symmetric else "uint8", calibration=calibration, symmetric=symmetric
-    )
-    if isinstance(calibration, type(jq.mean_abs())) and not symmetric:
-        pytest.skip("mean_abs is symmetric")
-    xs = _chunks(heavy=True)
-    m = observe.moments(jnp.asarray(xs[0]))
-    for x in xs[1:]:
-        m = observe.merge(m, observe.moments(jnp.asarray(x)))
-    h = None
-    if observe.needs_histogram(spec):
-        nb = getattr(calibration, "bins", 2048)
-        span = observe.hist_range(m)
-        hs = [observe.histograms(jnp.asarray(x), *span, nb) for x in xs]
-        h = hs[0]
-        for o in hs[1:]:
-            h = observe.add_hist(h, o)
-    lo, hi = observe.finalize(spec, m, h)
-    allx = jnp.asarray(np.concatenate([x.reshape(-1) for x in xs]))
-    rlo, rhi = observe.batch_range(allx, spec)
-    amax = float(jnp.max(jnp.abs(allx)))
-    tol = 1e-6 * amax if h is None else 2.5 * amax / 2048
-    if isinstance(calibration, type(jq.mse())):
-        tol = 0.8 / 31 * amax  # a neighbouring candidate ratio when errors are close
-    if isinstance(calibration, type(jq.kl())):
-        tol = 2 * amax / 512 * 8  # candidate thresholds are bins/8 apart... within one step
-    np.testing.assert_allclose([float(lo), float(hi)], [float(rlo), float(rhi)], atol=tol)
