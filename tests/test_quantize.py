@@ -189,16 +189,6 @@ def test_bad_input_errors():
         jq.quantize(jnp.ones(3), jq.QuantSpec("int8", rounding="stochastic"))
 
 
-@pytest.mark.slow
-def test_spec_is_hashable_static_argument():
-    spec = jq.QuantSpec("int4", jq.per_block(-1, 32), jq.percentile(99.0))
-    assert hash(spec) == hash(jq.QuantSpec("int4", jq.per_block(-1, 32), jq.percentile(99.0)))
-    f = jax.jit(jq.fake_quant, static_argnames="spec")
-    x = jnp.ones((2, 64))
-    np.testing.assert_array_equal(np.asarray(f(x, spec=spec)), np.asarray(jq.fake_quant(x, spec)))
-    assert spec.replace(rounding="stochastic").stochastic
-
-
 def test_ste_gradients():
     x = jnp.array([-3.0, -0.5, 0.2, 0.9, 2.5], jnp.float32)
     spec = jq.QuantSpec("int8")

@@ -1,0 +1,84 @@
+"""QuantSpec (jaxquant/_src/spec.py): defaults, derived properties, validation that names the
+field and the fix, replace(), str(), and hashing (a spec is a static jit argument)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+
+
+def test_defaults():
+    s = jq.QuantSpec("int8")
+    assert s.granularity == jq.per_tensor() and s.calibration == jq.absmax()
+    assert s.symmetric and s.narrow_range and s.saturate and not s.stochastic
+    assert (s.rounding, s.rng, s.scale_format.name) == ("nearest", "hash", "float32")
+    # an MX format brings its block and its e8m0 scale
+    mx = jq.QuantSpec("mxfp4")
+    assert mx.granularity == jq.per_block(-1, 32)
+    assert mx.scale_format.name == "float8_e8m0fnu" and mx.element.name != mx.format.name
+
+
+@pytest.mark.parametrize(
+    ("spec", "qrange"),
+    [
+        (jq.QuantSpec("int8"), (-127.0, 127.0)),  # restricted: negation is exact
+        (jq.QuantSpec("int8", narrow_range=False), (-128.0, 127.0)),
+        (jq.QuantSpec("int8", calibration=jq.minmax(), symmetric=False), (-128.0, 127.0)),
+        (jq.QuantSpec("uint4", calibration=jq.minmax(), symmetric=False), (0.0, 15.0)),
+        (jq.QuantSpec("e4m3"), (-448.0, 448.0)),
+        (jq.QuantSpec("mxfp4"), (-6.0, 6.0)),  # the element format's (e2m1) range
+        (jq.QuantSpec("nf4"), (-1.0, 1.0)),
+    ],
+    ids=str,
+)
+def test_qrange(spec, qrange):
+    assert spec.qrange == qrange
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"format": "e8m0"}, ValueError, "it is a scale format"),
+        ({"format": "int8", "scale_format": "int8"}, ValueError, "not a scale format"),
+        ({"format": "mxfp4", "granularity": jq.per_channel(-1)}, ValueError, "per_block"),
+        ({"format": "mxfp4", "calibration": None}, ValueError, "needs a calibration"),
+        ({"format": "int8", "calibration": jq.twn()}, ValueError, "needs the 'ternary' format"),
+        ({"format": "e4m3", "symmetric": False}, ValueError, "needs an integer format"),
+        ({"format": "uint8", "calibration": None, "symmetric": False}, ValueError, "minmax"),
+        ({"format": "int8", "rounding": "up"}, ValueError, "'nearest' or 'stochastic'"),
+        ({"format": "int8", "rng": "philox"}, ValueError, "'hash' or 'threefry'"),
+        ({"format": "int8", "saturate": False}, ValueError, "integer formats always saturate"),
+        ({"format": "int1"}, ValueError, "use 'binary'"),
+        ({"format": "int8", "granularity": "per_tensor"}, TypeError, "expected per_tensor"),
+        ({"format": "int8", "calibration": "absmax"}, TypeError, "expected absmax"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_invalid_combinations_name_the_field_and_the_fix(kwargs, error, match):
+    kwargs = dict(kwargs)
+    with pytest.raises(error, match=match):
+        jq.QuantSpec(kwargs.pop("format"), **kwargs)
+
+
+def test_replace_validates_again_and_str_lists_what_differs():
+    s = jq.QuantSpec("int8", jq.per_channel(-1))
+    assert s.replace(format="int4") == jq.QuantSpec("int4", jq.per_channel(-1))
+    assert s.replace(rounding="stochastic").stochastic and not s.stochastic  # s is unchanged
+    with pytest.raises(ValueError, match="needs an integer format"):
+        s.replace(format="e4m3", symmetric=False)
+    assert str(s) == "QuantSpec(int8, per_channel(-1,), absmax)"
+    odd = jq.QuantSpec("uint8", calibration=jq.minmax(), symmetric=False, scale_format="bf16")
+    assert "asymmetric" in str(odd) and "scale=bfloat16" in str(odd)
+    assert "no-scale" in str(jq.QuantSpec("e4m3", calibration=None))
+
+
+@pytest.mark.slow  # compiles fake_quant under jit
+def test_spec_is_hashable_static_argument():
+    spec = jq.QuantSpec("int4", jq.per_block(-1, 32), jq.percentile(99.0))
+    assert hash(spec) == hash(jq.QuantSpec("int4", jq.per_block(-1, 32), jq.percentile(99.0)))
+    f = jax.jit(jq.fake_quant, static_argnames="spec")
+    x = jnp.ones((2, 64))
+    np.testing.assert_array_equal(np.asarray(f(x, spec=spec)), np.asarray(jq.fake_quant(x, spec)))
+    assert spec.replace(rounding="stochastic").stochastic
