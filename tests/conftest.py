@@ -10,7 +10,9 @@ Also the two things that keep the suite fast (issue 13):
 * ``-m "not slow"``, the edit-test loop: besides the tests marked ``slow`` by hand (end-to-end
   training, third-party models, notebooks, papers, sweeps), a parametrized test runs its
   first case only; its other cases are marked ``slow``. A test whose grid already marks
-  some cases ``slow`` by hand keeps exactly those marks. The whole suite runs every case.
+  some cases ``slow`` by hand keeps exactly those marks. The docstring examples (doctests
+  of jaxquant/, a third of the loop's time: each compiles its own programs) run in the
+  whole suite and in the docs build, not in the loop. The whole suite runs every case.
 """
 
 import os
@@ -21,6 +23,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax
 import pytest
+from _pytest.doctest import DoctestItem  # pytest exports no public name for it
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -41,10 +44,13 @@ if os.environ.get("JAXQUANT_TEST_XLA_CACHE", "1") != "0":
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
-    """Mark every case but the first of an unmarked parametrized test ``slow``."""
+    """Mark every case but the first of an unmarked parametrized test ``slow``, and every
+    doctest."""
     del config
     grids: dict[tuple[object, str], list[pytest.Item]] = {}
     for item in items:
+        if isinstance(item, DoctestItem):
+            item.add_marker(pytest.mark.slow)
         spec = getattr(item, "callspec", None)
         if spec is not None:
             grids.setdefault((item.path, item.originalname), []).append(item)
