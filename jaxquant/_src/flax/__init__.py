@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import flax.linen as nn
 import jax
@@ -14,7 +14,13 @@ from jaxquant._src.flax.calibrate import CalibrationResult, calibrate
 from jaxquant._src.flax.intercept import Contraction
 from jaxquant._src.flax.linen import QuantizedModule, quantize_linen, report_linen
 from jaxquant._src.flax.nnx import QuantOp as NnxQuantOp
-from jaxquant._src.flax.nnx import QuantState, contractions_nnx, quantize_nnx, report_nnx
+from jaxquant._src.flax.nnx import (
+    QuantState,
+    contractions_nnx,
+    last_contractions,
+    quantize_nnx,
+    report_nnx,
+)
 from jaxquant._src.flax.policy import NnxPolicyModule, Policy, PolicyModule, apply_policy
 from jaxquant._src.flax.rules import Match, Rule, as_rules
 from jaxquant._src.flax.sensitivity import (
@@ -25,17 +31,39 @@ from jaxquant._src.flax.sensitivity import (
     sensitivity,
 )
 from jaxquant._src.flax.serve import convert_linen, convert_nnx
+from jaxquant._src.types import KeyPath, PyTree
 
-M = TypeVar("M")
+# An NNX model: quantize_model and convert modify it in place and return it, same type.
+N = TypeVar("N", bound=flax_nnx.Module)
 
 
+@overload
 def quantize_model(
-    model: M,
+    model: nn.Module,
+    rules: Rule | Iterable[Rule],
+    *,
+    strict: bool = True,
+    rngs: None = None,
+) -> QuantizedModule: ...
+
+
+@overload
+def quantize_model(
+    model: N,
     rules: Rule | Iterable[Rule],
     *,
     strict: bool = True,
     rngs: flax_nnx.Rngs | None = None,
-) -> Any:
+) -> N: ...
+
+
+def quantize_model(
+    model: nn.Module | flax_nnx.Module,
+    rules: Rule | Iterable[Rule],
+    *,
+    strict: bool = True,
+    rngs: flax_nnx.Rngs | None = None,
+) -> QuantizedModule | flax_nnx.Module:
     """Quantization-aware training for an existing Flax model, chosen by rules.
 
     Every contraction inside a module whose path matches a rule (first match wins,
@@ -102,13 +130,33 @@ def quantize_model(
     )
 
 
+@overload
 def convert(
-    model: Any,
-    variables: Any = None,
+    model: QuantizedModule,
+    variables: PyTree,
     *,
-    load: Callable[[tuple, jax.ShapeDtypeStruct], Any] | None = None,
+    load: Callable[[KeyPath, jax.ShapeDtypeStruct], jax.typing.ArrayLike] | None = None,
     delete: bool = False,
-) -> Any:
+) -> PyTree: ...
+
+
+@overload
+def convert(
+    model: N,
+    variables: None = None,
+    *,
+    load: Callable[[str, jax.ShapeDtypeStruct], jax.typing.ArrayLike] | None = None,
+    delete: bool = False,
+) -> N: ...
+
+
+def convert(
+    model: QuantizedModule | flax_nnx.Module,
+    variables: PyTree = None,
+    *,
+    load: Callable[[Any, jax.ShapeDtypeStruct], jax.typing.ArrayLike] | None = None,
+    delete: bool = False,
+) -> PyTree:
     """Convert the kernels a quantized model's rules quantize to QArrays, for serving.
 
     Each quantized weight becomes a :class:`~jaxquant.QArray` of its rule's weight spec: a
@@ -173,15 +221,13 @@ def convert(
             )
         if delete:
             raise ValueError("jq.flax.convert: delete= is for Linen variables.")
-        record = getattr(model, "_jq_record", None)
-        found = record.contractions if record is not None and record.seen else None
-        return convert_nnx(model, report_nnx(model), found, load=load)
+        return convert_nnx(model, report_nnx(model), last_contractions(model), load=load)
     raise TypeError(
         f"jq.flax.convert: expected a model returned by quantize_model, got {type(model).__name__}."
     )
 
 
-def contractions(model: Any) -> list[Contraction]:
+def contractions(model: QuantizedModule | flax_nnx.Module) -> list[Contraction]:
     """Every contraction the last call of a quantized model ran, in call order: where
     (module path and class), what (``dot_general``, ``einsum``, ``dot``, ``matmul``, ``@``,
     ``conv_general_dilated``, with operand shapes), which operand is the weight, and
@@ -218,7 +264,7 @@ def contractions(model: Any) -> list[Contraction]:
     )
 
 
-def report(model: Any) -> list[Match]:
+def report(model: QuantizedModule | flax_nnx.Module) -> list[Match]:
     """The quantized modules of a model from :func:`quantize_model`: ``Match(path, module,
     rule)`` per module, in graph order (NNX) or call order (Linen, from the last call).
 

@@ -44,9 +44,10 @@ from jaxquant._src import observe
 from jaxquant._src.calibration import Fixed, fixed
 from jaxquant._src.checks import check_int, check_real, describe
 from jaxquant._src.flax.intercept import intercepting, observing
+from jaxquant._src.flax.kinds import nnx_layers
 from jaxquant._src.flax.linen import LinenFront, QuantizedModule, linen_path
 from jaxquant._src.flax.linen import layer_kind as linen_layer_kind
-from jaxquant._src.flax.nnx import _quantizable, intercept_nnx
+from jaxquant._src.flax.nnx import given_rules, intercept_nnx, report_nnx
 from jaxquant._src.flax.rules import Rule, as_rules, first_match
 from jaxquant._src.flax.serve import exact_rule
 
@@ -494,9 +495,7 @@ def _runner(model: Any, variables: Any, rules: Any, call_kwargs: dict) -> tuple[
         if variables is not None:
             raise ValueError("calibrate: an NNX model holds its own variables; pass none.")
         if rules is None:
-            from jaxquant._src.flax.nnx import report_nnx
-
-            rs = getattr(model, "_jq_rules", None)  # the rules quantize_model was given
+            rs = given_rules(model)  # the rules quantize_model was given
             if rs is None or not any(r.quantizes for r in rs):
                 matches = report_nnx(model)
                 if not matches:
@@ -580,7 +579,7 @@ def _nnx_fn(graphdef: Any, rules: tuple[Rule, ...], call_kwargs: dict):
         # Modules that compute their contractions themselves are observed through the
         # interception (on this merged copy: its classes and attributes are its own).
         intercept_nnx(model, rules)
-        for path, node in _quantizable(model):
+        for path, node in nnx_layers(model):
             i = first_match(rules, path)
             rule = None if i is None else rules[i]
             if isinstance(node, nnx.Conv):

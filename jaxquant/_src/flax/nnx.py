@@ -17,7 +17,7 @@ import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,17 @@ from flax import nnx
 from jax import lax
 
 from jaxquant._src.checks import check_bool, check_int, describe
+from jaxquant._src.config import QuantConfig
 from jaxquant._src.flax import stateful
-from jaxquant._src.flax.intercept import Contraction, Frontend, Owner, intercepting, serving
-from jaxquant._src.flax.kinds import kernel_layout, nnx_kind, nnx_layers, nnx_modules
+from jaxquant._src.flax.intercept import (
+    Call,
+    Contraction,
+    Frontend,
+    Owner,
+    intercepting,
+    serving,
+)
+from jaxquant._src.flax.kinds import NNX_LAYERS, kernel_layout, nnx_kind, nnx_layers, nnx_modules
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
@@ -44,8 +52,11 @@ from jaxquant._src.flax.rules import (
 from jaxquant._src.qarray import QArray
 from jaxquant._src.scaling import ScaleState
 
+if TYPE_CHECKING:  # annotations only (Python 3.13's typing.TypeIs)
+    from typing_extensions import TypeIs
 
-class QuantState(nnx.Variable):
+
+class QuantState(nnx.Variable[Any]):
     """Quantization state that is not trained: delayed-scaling amax histories, scales and
     counters, LSQ base steps. Filter it like ``nnx.BatchStat`` (``nnx.split(model,
     nnx.Param, QuantState, ...)``).
@@ -150,7 +161,13 @@ class QuantOp(nnx.Module):
         self.rngs = rngs
 
     @classmethod
-    def for_layer(cls, layer: nnx.Module, rule: Rule, path: str, rngs: nnx.Rngs | None) -> QuantOp:
+    def for_layer(
+        cls,
+        layer: nnx.Linear | nnx.LinearGeneral | nnx.Einsum,
+        rule: Rule,
+        path: str,
+        rngs: nnx.Rngs | None,
+    ) -> QuantOp:
         """The QuantOp of ``layer`` (an ``nnx.Linear``, ``nnx.LinearGeneral`` or
         ``nnx.Einsum``), its stack axes read off the kernel: leading axes beyond the shape
         the layer's own fields give (``in_features`` / ``out_features`` / ``batch_axis``,
@@ -217,24 +234,28 @@ class QuantOp(nnx.Module):
         return self._run(lhs, rhs, dimension_numbers=dn, **kwargs)
 
 
+_M = TypeVar("_M", bound=nnx.Module)
+# the Flax layers whose product is an attribute jaxquant sets (kinds.NNX_LAYERS)
+NnxLayer = nnx.Linear | nnx.LinearGeneral | nnx.Einsum | nnx.Conv
 layer_kind = nnx_kind  # the one table: jaxquant._src.flax.kinds
 _modules = nnx_modules
 _quantizable = nnx_layers
 
 
 def quantize_nnx(
-    model: nnx.Module, rules: tuple[Rule, ...], strict: bool, rngs: nnx.Rngs | None = None
-) -> nnx.Module:
+    model: _M, rules: tuple[Rule, ...], strict: bool, rngs: nnx.Rngs | None = None
+) -> _M:
     found = _quantizable(model)
     modules = _modules(model)
-    plan: list[tuple[str, nnx.Module, Rule]] = []
+    plan: list[tuple[str, NnxLayer, Rule]] = []
     used: set[int] = set()
     for path, node in modules:
         i = first_match(rules, path)
         if i is None:
             continue
         used.add(i)
-        if rules[i].quantizes and layer_kind(node) is not None:
+        # layer_kind: a Flax layer running its own __call__ (so one of NNX_LAYERS)
+        if rules[i].quantizes and isinstance(node, NNX_LAYERS) and layer_kind(node) is not None:
             plan.append((path, node, rules[i]))
     # Check everything before modifying anything: a failed call leaves the model as it was.
     check_unmatched(rules, used, [p for p, _ in modules], strict, "NNX")
@@ -262,12 +283,13 @@ def quantize_nnx(
                 )
         else:
             dg = node.dot_general
-            if getattr(node, "dot_general_cls", None) is not None or not (
+            dg_cls = getattr(node, "dot_general_cls", None)  # Linen's; some NNX layers too
+            if dg_cls is not None or not (
                 dg is None or dg is lax.dot_general or isinstance(dg, QuantDot | QuantOp)
             ):
                 raise ValueError(
                     f"quantize_model: {type(node).__name__} at {path!r} already has a custom "
-                    f"dot_general ({dg or node.dot_general_cls!r}); jaxquant will not "
+                    f"dot_general ({dg or dg_cls!r}); jaxquant will not "
                     "silently replace it. Exclude it with an earlier Rule(pattern) without "
                     "specs, or remove the custom dot_general."
                 )
@@ -282,7 +304,7 @@ def quantize_nnx(
             q = QuantEinsum(rule, path) if is_einsum else QuantDot(rule, path)
         if isinstance(q, QuantOp):  # a graph node: the attribute must hold data
             q = nnx.data(q)
-        if is_einsum:
+        if isinstance(node, nnx.Einsum):
             node.einsum_op = q
         else:
             node.dot_general = q
@@ -303,7 +325,7 @@ def _class_name(node: Any) -> str:
 def report_nnx(model: nnx.Module) -> list[Match]:
     """Flax layers whose product is jaxquant's, and modules with a quantized intercepted
     contraction in the last call, in graph order."""
-    record = getattr(model, "_jq_record", None)
+    record = _record_of(model)
     intercepted = {c.path for c in record.contractions if c.quantized} if record else set()
     out = []
     for path, node in _modules(model):
@@ -311,13 +333,13 @@ def report_nnx(model: nnx.Module) -> list[Match]:
             q = _layer_op(node)
             if isinstance(q, QuantDot | QuantEinsum | QuantOp | QuantConv):
                 out.append(Match(path, _class_name(node), q.rule))
-        elif path in intercepted:
+        elif path in intercepted and _is_tagged(node) and node._jq_rule is not None:
             out.append(Match(path, _class_name(node), node._jq_rule))
     return out
 
 
 def contractions_nnx(model: nnx.Module) -> list[Contraction]:
-    record = getattr(model, "_jq_record", None)
+    record = _record_of(model)
     if record is None:
         raise ValueError(
             "jq.flax.contractions: the NNX model was not quantized with this version of "
@@ -351,6 +373,47 @@ class _Record:
         return f"_Record({len(self.contractions)} contractions)"
 
 
+if TYPE_CHECKING:
+
+    class _TaggedModule(nnx.Module):
+        """A module :func:`_intercept` tagged (for the type checker only: the tags are set
+        on the model's own modules at run time, which NNX allows; a plain value is static
+        in the graph, so the tags survive split / merge)."""
+
+        _jq_path: str
+        _jq_rule: Rule | None  # the first matching rule
+        _jq_strict: bool
+        _jq_record: _Record  # the model's, shared by its modules
+
+
+def _is_tagged(m: object) -> TypeIs[_TaggedModule]:
+    return hasattr(m, "_jq_path")
+
+
+def _record_of(model: nnx.Module) -> _Record | None:
+    record = getattr(model, "_jq_record", None)
+    return record if isinstance(record, _Record) else None
+
+
+def last_contractions(model: nnx.Module) -> list[Contraction] | None:
+    """The contractions of a quantized NNX model's last call; None before its first."""
+    record = _record_of(model)
+    return record.contractions if record is not None and record.seen else None
+
+
+def probed_contractions(model: nnx.Module) -> list[Contraction]:
+    """The contractions recorded by a model quantized here, run or traced since (those of
+    the last call; none before it)."""
+    record = _record_of(model)
+    return [] if record is None else record.contractions
+
+
+def given_rules(model: nnx.Module) -> tuple[Rule, ...] | None:
+    """The rules ``quantize_model`` was given for an NNX model (None: not quantized here)."""
+    rules = getattr(model, "_jq_rules", None)
+    return rules if isinstance(rules, tuple) else None
+
+
 _depth: contextvars.ContextVar[int] = contextvars.ContextVar("jaxquant_nnx_depth", default=0)
 _SUBCLASSES: dict[type, type] = {}
 _MODULE_NAMES = frozenset(dir(nnx.Module))
@@ -358,18 +421,14 @@ _MODULE_NAMES = frozenset(dir(nnx.Module))
 
 class _NnxFront(Frontend):
     def owner(self, frame: Any) -> Owner | None:
-        while frame is not None:
-            m = frame.f_locals.get("self")
-            if isinstance(m, nnx.Module) and hasattr(m, "_jq_path"):
-                break
-            frame = frame.f_back
-        else:
+        m = _tagged_self(frame)
+        if m is None:
             return None
 
         def params() -> list[tuple[str, Any]]:
             return [(path_str(p), v[...]) for p, v in nnx.iter_graph(m) if isinstance(v, nnx.Param)]
 
-        def run_stateful(call: Any, cfg: Any) -> Any:
+        def run_stateful(call: Call, cfg: QuantConfig) -> Any:
             counts = _counts.get()
             assert counts is not None  # set by the method wrapper of every quantized module
             i = counts.get(id(m), 0)
@@ -388,6 +447,16 @@ class _NnxFront(Frontend):
         )
 
 
+def _tagged_self(frame: Any) -> _TaggedModule | None:
+    """The innermost tagged module whose method is running (``self`` of a frame)."""
+    while frame is not None:
+        m = frame.f_locals.get("self")
+        if isinstance(m, nnx.Module) and _is_tagged(m):
+            return m
+        frame = frame.f_back
+    return None
+
+
 _FRONT = _NnxFront()
 # id(module) -> how many stateful products its running call has made (their state names)
 _counts: contextvars.ContextVar[dict[int, int] | None] = contextvars.ContextVar(
@@ -395,14 +464,15 @@ _counts: contextvars.ContextVar[dict[int, int] | None] = contextvars.ContextVar(
 )
 
 
-def _stateful_product(m: Any, i: int, call: Any, cfg: Any) -> Any:
+def _stateful_product(m: _TaggedModule, i: int, call: Call, cfg: QuantConfig) -> Any:
     """The ``i``-th product of ``m``'s call under a stateful config: the shared step with
     its state as ``m``'s attributes ``jq{i}_<name>`` (QuantState; LSQ steps nnx.Param),
     created on the first call (nnx.jit carries new variables out), updated unless the
     module is in eval mode (``deterministic=True``)."""
     if stateful.needs_key(cfg):
+        where = "" if m._jq_rule is None else f" {m._jq_rule.pattern!r}"
         raise ValueError(
-            f"the rule {m._jq_rule.pattern!r} rounds stochastically; in NNX a product that "
+            f"the rule{where} rounds stochastically; in NNX a product that "
             f"{_class_name(m)} computes itself takes delayed scaling or LSQ, not stochastic "
             "rounding (no 'quant' stream reaches it). Use nearest rounding for this module."
         )
@@ -414,6 +484,7 @@ def _stateful_product(m: Any, i: int, call: Any, cfg: Any) -> Any:
             setattr(m, f"jq{i}_{n}", kind(fresh[n]))
     state = {n: getattr(m, f"jq{i}_{n}").get_value() for n in names}
     training = not getattr(m, "deterministic", False)
+    assert call.step is not None  # intercept routes only dot_general / einsum calls here
     out, new = stateful.apply(
         cfg, state, call.lhs, call.rhs, training=training, where=m._jq_path, **call.step
     )
@@ -424,9 +495,9 @@ def _stateful_product(m: Any, i: int, call: Any, cfg: Any) -> Any:
     return out
 
 
-def _wrap(fn: Callable) -> Callable:
+def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
-    def method(self, *args, **kwargs):
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         depth = _depth.get()
         if depth == 0 and hasattr(self, "_jq_record"):
             self._jq_record.contractions = []
@@ -475,11 +546,12 @@ def _dequantized(node: Any, served: list[tuple[Any, Any]]) -> Iterator[None]:
             v.set_value(q)
 
 
-def _record_layer(node: Any, args: tuple, kwargs: dict) -> None:
+def _record_layer(node: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     q = _layer_op(node)
-    rule = getattr(q, "rule", None)
+    kind = layer_kind(node)
+    assert kind is not None  # the method wrapper records Flax layers only
     if isinstance(q, QuantDot | QuantEinsum | QuantOp | QuantConv):
-        quantized, reason = True, f"rule {rule.pattern!r}"
+        quantized, reason = True, f"rule {q.rule.pattern!r}"
     else:
         own = node._jq_rule
         quantized = False
@@ -488,10 +560,9 @@ def _record_layer(node: Any, args: tuple, kwargs: dict) -> None:
             if own is None
             else f"rule {own.pattern!r} keeps it in float"
         )
-    x = args[0] if args else next(iter(kwargs.values()), None)
-    op = {nnx.Conv: "conv_general_dilated", nnx.Einsum: "einsum"}.get(
-        layer_kind(node), "dot_general"
-    )
+    x: Any = args[0] if args else next(iter(kwargs.values()), None)  # the layer's input
+    ops: dict[type, str] = {nnx.Conv: "conv_general_dilated", nnx.Einsum: "einsum"}
+    op = ops.get(kind, "dot_general")
     shapes = (tuple(np.shape(x)), tuple(np.shape(node.kernel[...])))
     node._jq_record.contractions.append(
         Contraction(
@@ -504,7 +575,7 @@ def _record_layer(node: Any, args: tuple, kwargs: dict) -> None:
             reason,
             "kernel",
             False,
-            *kernel_layout(layer_kind(node).__name__, node, len(shapes[0]), len(shapes[1])),
+            *kernel_layout(kind.__name__, node, len(shapes[0]), len(shapes[1])),
         )
     )
 
@@ -534,24 +605,31 @@ def intercept_nnx(model: nnx.Module, rules: tuple[Rule, ...]) -> None:
     """Set up the interception on ``model`` for ``rules`` (no check, no Flax-layer
     attributes): calibration observes a merged copy's intercepted contractions with it (a
     record of its own: the quantized model's last call stays what report() reads)."""
-    model._jq_record = _Record()
+    _set_attrs(model, _jq_record=_Record())
     _intercept(model, _modules(model), rules, strict=False)
 
 
-def _intercept(model: nnx.Module, modules: list, rules: tuple[Rule, ...], strict: bool) -> None:
-    record = getattr(model, "_jq_record", None) or _Record()
-    model._jq_rules = rules  # the plan, for calibrate / convert (static: Rules hash)
+def _set_attrs(node: nnx.Module, **attrs: Any) -> None:
+    """Set attributes NNX modules take at run time (plain values: static in the graph);
+    :class:`_TaggedModule` and the accessors above give them their types."""
+    for name, value in attrs.items():
+        setattr(node, name, value)
+
+
+def _intercept(
+    model: nnx.Module, modules: list[tuple[str, nnx.Module]], rules: tuple[Rule, ...], strict: bool
+) -> None:
+    record = _record_of(model) or _Record()
+    _set_attrs(model, _jq_rules=rules)  # the plan, for calibrate / convert (static: Rules hash)
+    matched: list[Rule | None] = []
     for path, node in modules:
         i = first_match(rules, path)
-        node._jq_path = path
-        node._jq_rule = None if i is None else rules[i]
-        node._jq_strict = strict
-        node._jq_record = record
-    for _, node in modules:
-        rule = node._jq_rule
+        matched.append(None if i is None else rules[i])
+        _set_attrs(node, _jq_path=path, _jq_rule=matched[-1], _jq_strict=strict, _jq_record=record)
+    for (_, node), rule in zip(modules, matched, strict=True):
         if rule is not None and rule.stateful and not hasattr(node, "deterministic"):
             # model.eval() / train() set `deterministic` where a module has it: the state of
             # products the module computes itself then freezes in eval mode, as QuantOp's.
-            node.deterministic = False
+            _set_attrs(node, deterministic=False)
         if node is model or layer_kind(node) is not None or (rule is not None and rule.quantizes):
             node.__class__ = _intercepting_type(type(node))

@@ -68,7 +68,7 @@ from jaxquant._src.flax.calibrate import (
     split_call,
 )
 from jaxquant._src.flax.linen import quantize_linen, report_linen
-from jaxquant._src.flax.nnx import quantize_nnx
+from jaxquant._src.flax.nnx import probed_contractions, quantize_nnx
 from jaxquant._src.flax.rules import Rule, as_rules, deterministic_rule, path_str
 from jaxquant._src.quantize import quantize
 from jaxquant._src.spec import QuantSpec
@@ -883,7 +883,7 @@ class _NnxRunner:
             return flax_nnx.merge(graphdef, st)(x, **call_kwargs, **kwargs)
 
         jax.eval_shape(run, state, batch.arrays)
-        found = probe._jq_record.contractions
+        found = probed_contractions(probe)
         self.weights = _weights(found)
         out: dict[str, str] = {}
         for c in found:
