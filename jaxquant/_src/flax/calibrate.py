@@ -29,8 +29,8 @@ import dataclasses
 import enum
 import math
 import warnings
-from collections.abc import Hashable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeAlias
 
 import flax.errors
 import flax.linen as nn
@@ -38,10 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.linen.module import InterceptorContext
 from jax import lax
 
 from jaxquant._src import observe
-from jaxquant._src.calibration import Fixed, fixed
+from jaxquant._src.calibration import KL, Fixed, fixed
 from jaxquant._src.checks import check_int, check_real, describe
 from jaxquant._src.flax.intercept import intercepting, observing
 from jaxquant._src.flax.kinds import nnx_layers
@@ -50,6 +51,18 @@ from jaxquant._src.flax.linen import layer_kind as linen_layer_kind
 from jaxquant._src.flax.nnx import given_rules, intercept_nnx, report_nnx
 from jaxquant._src.flax.rules import Rule, as_rules, first_match
 from jaxquant._src.flax.serve import exact_rule
+from jaxquant._src.spec import QuantSpec
+from jaxquant._src.types import PyTree
+
+# split_call's static half: the call's tree structure and, per leaf, None (an array,
+# traced) or (type, value) of a Python bool / number / string / enum. Hashable.
+Static: TypeAlias = tuple[jax.tree_util.PyTreeDef, tuple[tuple[type, Any] | None, ...]]
+# layer path -> its observed activation operands (one per call of the layer)
+Acts: TypeAlias = dict[str, list[jax.Array]]
+# layer path -> the rule it matched, in call order (filled while tracing)
+Found: TypeAlias = dict[str, Rule]
+# fn(payload, arrays, static, found) -> the activations of the watched layers
+Run: TypeAlias = Callable[[PyTree, list[Any], Static, Found], Acts]
 
 _AGGREGATES = ("global", "ema", "mean")
 
@@ -118,9 +131,9 @@ def _wants_range(rule: Rule) -> bool:
 
 
 def calibrate(
-    model: Any,
+    model: nn.Module | nnx.Module,
     batches: Iterable[Any],
-    variables: Any = None,
+    variables: PyTree = None,
     *,
     rules: Rule | Iterable[Rule] | None = None,
     aggregate: str = "global",
@@ -213,13 +226,15 @@ def calibrate(
     call_kwargs = check_call_kwargs(call_kwargs, "calibrate")
     batches = _check_batches(batches, call_kwargs)
     run, payload = _runner(model, variables, rules, call_kwargs)
-    found: dict[str, Rule] = {}  # path -> matched rule, in call order (filled while tracing)
+    found: Found = {}  # path -> matched rule, in call order (filled while tracing)
 
-    def observe_batch(payload, arrays, static):
+    def observe_batch(
+        payload: PyTree, arrays: list[Any], static: Static
+    ) -> dict[str, tuple[observe.Moments, tuple[jax.Array, jax.Array] | None]]:
         acts = run(payload, arrays, static, found)
         out = {}
         for path, xs in acts.items():
-            spec = found[path].act
+            spec = _act_of(found, path)
             m = observe.moments(xs[0])
             for x in xs[1:]:
                 m = observe.merge(m, observe.moments(x))
@@ -261,19 +276,20 @@ def calibrate(
     if aggregate == "mean":
         ranges = {p: (lo / len(batches), hi / len(batches)) for p, (lo, hi) in ranges.items()}
     if aggregate == "global":
-        hist_paths = [p for p in moments if observe.needs_histogram(found[p].act)]
+        hist_paths = [p for p in moments if observe.needs_histogram(_act_of(found, p))]
         hists = _histograms(run, payload, batches, found, moments, hist_paths, bins)
         for path, m in moments.items():
-            ranges[path] = observe.finalize(found[path].act, m, hists.get(path))
+            ranges[path] = observe.finalize(_act_of(found, path), m, hists.get(path))
     out_ranges = {p: (float(lo), float(hi)) for p, (lo, hi) in ranges.items()}
     stats = {p: _summary(m) for p, m in moments.items()}
-    methods = {p: str(found[p].act.calibration) for p in out_ranges}
-    new_rules, kept_float = [], {}
+    methods = {p: str(_act_of(found, p).calibration) for p in out_ranges}
+    new_rules: list[Rule] = []
+    kept_float: dict[str, str] = {}
     for path, rule in found.items():
         if path not in out_ranges:
             new_rules.append(exact_rule(path, rule))
             continue
-        act = rule.act
+        act = _act_of(found, path)
         why = _unusable_range(out_ranges[path], act.symmetric, stats[path], methods[path])
         if why is not None:
             kept_float[path] = why
@@ -294,6 +310,14 @@ def calibrate(
     return CalibrationResult(
         tuple(new_rules), out_ranges, stats, methods, len(batches), aggregate, kept_float
     )
+
+
+def _act_of(found: Found, path: str) -> QuantSpec:
+    """The activation spec of a layer whose activations were observed (:func:`_record`
+    observes only rules with one)."""
+    act = found[path].act
+    assert act is not None, path
+    return act
 
 
 def _unusable_range(
@@ -317,7 +341,7 @@ def _unusable_range(
     return f"{method} chose the empty range ({lo:g}, {hi:g})"
 
 
-def _check_batches(batches: Any, call_kwargs: Mapping[str, Any]) -> list[Any]:
+def _check_batches(batches: Any, call_kwargs: Mapping[str, Any]) -> list[tuple[list[Any], Static]]:
     """``batches`` as a non-empty list of :func:`split_call` pairs."""
     if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):
         raise TypeError(
@@ -351,16 +375,29 @@ def _summary(m: observe.Moments) -> dict[str, float]:
     }
 
 
-def _histograms(run, payload, batches, found, moments, paths, bins) -> dict[str, observe.Hist]:
+def _histograms(
+    run: Run,
+    payload: PyTree,
+    batches: list[tuple[list[Any], Static]],
+    found: Found,
+    moments: Mapping[str, observe.Moments],
+    paths: list[str],
+    bins: int,
+) -> dict[str, observe.Hist]:
     if not paths:
         return {}
     spans = {p: observe.hist_range(moments[p]) for p in paths}
 
     def nbins(p: str) -> int:
-        c = found[p].act.calibration
-        return c.bins if hasattr(c, "bins") else bins
+        c = _act_of(found, p).calibration
+        return c.bins if isinstance(c, KL) else bins  # KL has its own histogram size
 
-    def hist_batch(payload, arrays, static, spans):
+    def hist_batch(
+        payload: PyTree,
+        arrays: list[Any],
+        static: Static,
+        spans: Mapping[str, tuple[jax.Array, jax.Array, jax.Array]],
+    ) -> dict[str, observe.Hist]:
         acts = run(payload, arrays, static, {})
         out = {}
         for p in paths:
@@ -403,7 +440,7 @@ def is_traced(leaf: Any) -> bool:
 _STATIC_LEAVES = (bool, int, float, complex, str, bytes, enum.Enum)
 
 
-def split_call(tree: Any, what: str) -> tuple[list[Any], Hashable]:
+def split_call(tree: Any, what: str) -> tuple[list[Any], Static]:
     """A model call's arguments, split for ``jax.jit``: ``(arrays, static)``.
 
     ``arrays`` are the array leaves of ``tree`` (``jax`` / ``numpy`` arrays and numpy
@@ -418,7 +455,8 @@ def split_call(tree: Any, what: str) -> tuple[list[Any], Hashable]:
         ``call_kwargs``, which is passed as it is.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    arrays, static = [], []
+    arrays: list[Any] = []
+    static: list[tuple[type, Any] | None] = []
     for leaf in leaves:
         if is_traced(leaf):
             arrays.append(leaf)
@@ -434,9 +472,9 @@ def split_call(tree: Any, what: str) -> tuple[list[Any], Hashable]:
     return arrays, (treedef, tuple(static))
 
 
-def join_call(arrays: Iterable[Any], static: Hashable) -> Any:
+def join_call(arrays: Iterable[Any], static: Static) -> Any:
     """The tree :func:`split_call` split into ``(arrays, static)``."""
-    treedef, entries = static  # type: ignore[misc]
+    treedef, entries = static
     it = iter(arrays)
     return jax.tree_util.tree_unflatten(treedef, [next(it) if e is None else e[1] for e in entries])
 
@@ -459,7 +497,7 @@ def explain_collections(fn: str) -> Iterator[None]:
         ) from e
 
 
-def call_args(batch: Any) -> tuple[tuple, dict]:
+def call_args(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``(args, kwargs)`` of one calibration batch: an array is ``model(x)``, a tuple
     ``model(*batch)``, a dict ``model(**batch)``."""
     if isinstance(batch, tuple):
@@ -472,7 +510,12 @@ def call_args(batch: Any) -> tuple[tuple, dict]:
 # ------------------------------------------------------------------ running the model
 
 
-def _runner(model: Any, variables: Any, rules: Any, call_kwargs: dict) -> tuple[Any, Any]:
+def _runner(
+    model: nn.Module | nnx.Module,
+    variables: PyTree,
+    rules: Rule | Iterable[Rule] | None,
+    call_kwargs: dict[str, Any],
+) -> tuple[Run, PyTree]:
     """``(fn, payload)``: ``fn(payload, arrays, static, found)`` runs the float model on
     one batch (:func:`split_call`'s halves) and returns the inputs of the watched layers;
     ``payload`` is its variables."""
@@ -495,8 +538,10 @@ def _runner(model: Any, variables: Any, rules: Any, call_kwargs: dict) -> tuple[
         if variables is not None:
             raise ValueError("calibrate: an NNX model holds its own variables; pass none.")
         if rules is None:
-            rs = given_rules(model)  # the rules quantize_model was given
-            if rs is None or not any(r.quantizes for r in rs):
+            given = given_rules(model)  # the rules quantize_model was given
+            if given is not None and any(r.quantizes for r in given):
+                rs = given
+            else:
                 matches = report_nnx(model)
                 if not matches:
                     raise ValueError(
@@ -511,7 +556,7 @@ def _runner(model: Any, variables: Any, rules: Any, call_kwargs: dict) -> tuple[
     raise TypeError(f"calibrate: expected a Flax Linen or NNX model, got {type(model).__name__}.")
 
 
-def _record(path: str, rule: Rule | None, x: Any, acts: dict, found: dict) -> None:
+def _record(path: str, rule: Rule | None, x: Any, acts: Acts, found: Found) -> None:
     if rule is None or not rule.quantizes:
         return
     if path not in found:
@@ -522,10 +567,10 @@ def _record(path: str, rule: Rule | None, x: Any, acts: dict, found: dict) -> No
         acts.setdefault(path, []).append(jnp.asarray(x))
 
 
-def _linen_fn(model: nn.Module, rules: tuple[Rule, ...], call_kwargs: dict):
-    def fn(variables, arrays, static, found):
+def _linen_fn(model: nn.Module, rules: tuple[Rule, ...], call_kwargs: dict[str, Any]) -> Run:
+    def fn(variables: PyTree, arrays: list[Any], static: Static, found: Found) -> Acts:
         args, kwargs = call_args(join_call(arrays, static))
-        acts: dict[str, list] = {}
+        acts: Acts = {}
         stack: list[tuple[nn.Module, str]] = []  # the module methods running, innermost last
         roots: list[Any] = []
 
@@ -533,7 +578,12 @@ def _linen_fn(model: nn.Module, rules: tuple[Rule, ...], call_kwargs: dict):
             i = first_match(rules, path)
             return None if i is None else rules[i]
 
-        def interceptor(next_fun, a, kw, context):
+        def interceptor(
+            next_fun: Callable[..., Any],
+            a: tuple[Any, ...],
+            kw: dict[str, Any],
+            context: InterceptorContext,
+        ) -> Any:
             m = context.module
             if not roots:
                 roots.append(m.scope)
@@ -562,7 +612,15 @@ def _linen_fn(model: nn.Module, rules: tuple[Rule, ...], call_kwargs: dict):
 class _Recorder:
     """Stands in for a layer's product op: records the activation, computes in float."""
 
-    def __init__(self, op, position: int, path: str, rule: Rule | None, acts, found) -> None:
+    def __init__(
+        self,
+        op: Callable[..., Any],
+        position: int,
+        path: str,
+        rule: Rule | None,
+        acts: Acts,
+        found: Found,
+    ) -> None:
         self.op, self.position, self.path, self.rule = op, position, path, rule
         self.acts, self.found = acts, found
 
@@ -571,11 +629,13 @@ class _Recorder:
         return self.op(*args, **kwargs)
 
 
-def _nnx_fn(graphdef: Any, rules: tuple[Rule, ...], call_kwargs: dict):
-    def fn(state, arrays, static, found):
+def _nnx_fn(
+    graphdef: nnx.GraphDef[Any], rules: tuple[Rule, ...], call_kwargs: dict[str, Any]
+) -> Run:
+    def fn(state: PyTree, arrays: list[Any], static: Static, found: Found) -> Acts:
         args, kwargs = call_args(join_call(arrays, static))
         model = nnx.merge(graphdef, state)
-        acts: dict[str, list] = {}
+        acts: Acts = {}
         # Modules that compute their contractions themselves are observed through the
         # interception (on this merged copy: its classes and attributes are its own).
         intercept_nnx(model, rules)

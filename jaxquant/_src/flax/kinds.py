@@ -22,6 +22,8 @@ LINEN_DOTS = (nn.Dense, nn.DenseGeneral)
 LINEN_LAYERS = (*LINEN_DOTS, nn.Einsum, nn.Conv)
 NNX_DOTS = (nnx.Linear, nnx.LinearGeneral)
 NNX_LAYERS = (*NNX_DOTS, nnx.Einsum, nnx.Conv)
+# one of NNX_LAYERS, as a type
+NnxLayer = nnx.Linear | nnx.LinearGeneral | nnx.Einsum | nnx.Conv
 
 
 def _own_call_kind(cls: type, kinds: tuple[type, ...]) -> type | None:
@@ -52,9 +54,14 @@ def nnx_modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return sorted(out, key=lambda t: (t[0].count("/"), t[0]))
 
 
-def nnx_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+def nnx_layers(model: nnx.Module) -> list[tuple[str, NnxLayer]]:
     """The Flax layers of an NNX graph, in graph order."""
-    return [(path_str(p), node) for p, node in nnx.iter_graph(model) if nnx_kind(node)]
+    # nnx_kind: the layer runs its own __call__ (so it is one of NNX_LAYERS, which narrows)
+    return [
+        (path_str(p), node)
+        for p, node in nnx.iter_graph(model)
+        if isinstance(node, NNX_LAYERS) and nnx_kind(node)
+    ]
 
 
 def kernel_layout(kind: str, m: Any, x_ndim: int, k_ndim: int) -> tuple[Any, tuple[int, ...]]:

@@ -36,7 +36,14 @@ from jaxquant._src.flax.intercept import (
     intercepting,
     serving,
 )
-from jaxquant._src.flax.kinds import NNX_LAYERS, kernel_layout, nnx_kind, nnx_layers, nnx_modules
+from jaxquant._src.flax.kinds import (
+    NNX_LAYERS,
+    NnxLayer,
+    kernel_layout,
+    nnx_kind,
+    nnx_layers,
+    nnx_modules,
+)
 from jaxquant._src.flax.rules import (
     Match,
     QuantConv,
@@ -235,8 +242,6 @@ class QuantOp(nnx.Module):
 
 
 _M = TypeVar("_M", bound=nnx.Module)
-# the Flax layers whose product is an attribute jaxquant sets (kinds.NNX_LAYERS)
-NnxLayer = nnx.Linear | nnx.LinearGeneral | nnx.Einsum | nnx.Conv
 layer_kind = nnx_kind  # the one table: jaxquant._src.flax.kinds
 _modules = nnx_modules
 _quantizable = nnx_layers
