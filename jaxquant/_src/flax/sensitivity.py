@@ -50,7 +50,7 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -61,17 +61,20 @@ from flax import nnx as flax_nnx
 
 from jaxquant._src.checks import describe
 from jaxquant._src.flax.calibrate import (
+    Static,
     check_call_kwargs,
     explain_collections,
     is_traced,
     join_call,
     split_call,
 )
+from jaxquant._src.flax.intercept import Contraction
 from jaxquant._src.flax.linen import quantize_linen, report_linen
 from jaxquant._src.flax.nnx import probed_contractions, quantize_nnx
 from jaxquant._src.flax.rules import Rule, as_rules, deterministic_rule, path_str
 from jaxquant._src.quantize import quantize
 from jaxquant._src.spec import QuantSpec
+from jaxquant._src.types import PyTree
 
 FLOAT = "float"  # the implicit option: the layer keeps its float32 kernel
 _METRICS = ("accuracy", "loss", "sqnr")
@@ -302,8 +305,8 @@ def _fmt(v: float) -> str:
 
 
 def sensitivity(
-    model: Any,
-    variables: Any,
+    model: nn.Module | flax_nnx.Module,
+    variables: PyTree,
     candidates: Mapping[str, Rule],
     data: Any,
     *,
@@ -408,7 +411,7 @@ def sensitivity(
                 "sensitivity: a Linen model needs its variables (model.init(...) or trained "
                 "{'params': ...}); got None."
             )
-        runner = _LinenRunner(model, variables, call_kwargs)
+        runner: _LinenRunner | _NnxRunner = _LinenRunner(model, variables, call_kwargs)
     elif isinstance(model, flax_nnx.Module):
         if variables is not None:
             raise ValueError(
@@ -553,7 +556,7 @@ class _Batch(NamedTuple):
     ``arrays`` (on the device) and ``static``, the labels, and the batch size."""
 
     arrays: list[Any]
-    static: Hashable
+    static: Static
     y: Any
     size: int
 
@@ -599,7 +602,9 @@ def _batches(data: Any, call_kwargs: Mapping[str, Any]) -> list[_Batch]:
 
 # ---------------------------------------------------------------------------- metrics
 
-_Stats = Callable[[Any, Any, Any], dict[str, Any]]
+_Stats = Callable[[Any, Any, Any], dict[str, Any]]  # (outputs, y, ref) -> sums
+# one batch's run of a compiled model: (batch, the float model's outputs or None) -> post's
+_Forward = Callable[["_Batch", Any], dict[str, Any]]
 
 
 def _metric(metric: Any, higher_is_better: bool | None) -> tuple[str, bool, _Stats]:
@@ -686,12 +691,19 @@ def _callable_stats(out: Any, y: Any, ref: Any) -> dict[str, Any]:
 class _Evaluator:
     """Runs trials (a tuple of rules, or None for float) and turns them into metrics."""
 
-    def __init__(self, runner, batches, stats_fn, higher: bool, metric_fn) -> None:
+    def __init__(
+        self,
+        runner: _LinenRunner | _NnxRunner,
+        batches: list[_Batch],
+        stats_fn: _Stats,
+        higher: bool,
+        metric_fn: Callable[[Any, Any], Any] | None,
+    ) -> None:
         self.runner, self.batches, self.higher = runner, batches, higher
         self.stats_fn, self.metric_fn = stats_fn, metric_fn
         self.needs_ref = stats_fn is _sqnr_stats
         self.refs: list[Any] = [None] * len(batches)
-        self.cache: dict[tuple[Rule, ...], tuple[float, float]] = {}
+        self.cache: dict[tuple[Rule, ...], tuple[float, float, float]] = {}
         if self.needs_ref:
             fwd = runner.compile(None, lambda out, y, ref: {"out": out, "bad": _nonfinite(out)})
             got = [fwd(b, None) for b in batches]
@@ -717,20 +729,21 @@ class _Evaluator:
         whether any output was not finite."""
         stats_fn = self.stats_fn
 
-        def post(out, y, ref):
+        def post(out: Any, y: Any, ref: Any) -> dict[str, Any]:
             return {"stats": stats_fn(out, y, ref), "bad": _nonfinite(out)}
 
         fwd = self.runner.compile(rules, post)
         totals: dict[str, Any] = {}
         parts: list[tuple[float, float]] = []
         bad = False
+        metric_fn = self.metric_fn  # set exactly when stats_fn is _callable_stats
         for b, ref in zip(self.batches, self.refs, strict=True):
             got = fwd(b, ref)
             bad = bad or bool(int(got["bad"]))
             st = dict(got["stats"])
-            if stats_fn is _callable_stats:
+            if metric_fn is not None:  # a callable metric: its stats are the outputs
                 n = float(b.size)
-                st = {"sum": n * float(self.metric_fn(st["outputs"], b.y)), "count": n}
+                st = {"sum": n * float(metric_fn(st["outputs"], b.y)), "count": n}
                 parts.append((st["sum"], n))
             elif "part_sum" in st:
                 ps, pc = st.pop("part_sum"), st.pop("part_count")
@@ -805,7 +818,7 @@ class _LinenRunner:
     def __init__(self, model: nn.Module, variables: Any, call_kwargs: dict[str, Any]) -> None:
         self.model, self.variables, self.call_kwargs = model, variables, call_kwargs
 
-    def _apply(self, model: nn.Module, variables: Any, arrays: Any, static: Hashable) -> Any:
+    def _apply(self, model: nn.Module, variables: PyTree, arrays: Any, static: Static) -> Any:
         x, kwargs = join_call(arrays, static)
         kwargs = {**self.call_kwargs, **kwargs}
         out = model.apply(variables, x, **kwargs)
@@ -827,7 +840,8 @@ class _LinenRunner:
         param, shape = getattr(self, "weights", {}).get(path, ("kernel", None))
         if param is None:  # a weight the model computes (a tied head): the operand's shape
             return jax.ShapeDtypeStruct(shape, jnp.float32)
-        node = self.variables.get("params", {}) if hasattr(self.variables, "get") else {}
+        # walked down the variables tree (dicts or FrozenDicts) to the weight's array
+        node: Any = self.variables.get("params", {}) if hasattr(self.variables, "get") else {}
         try:
             for name in [*(path.split("/") if path else ()), *param.split("/")]:
                 node = node[name]
@@ -839,7 +853,7 @@ class _LinenRunner:
             ) from None
         return jax.ShapeDtypeStruct(tuple(k.shape), k.dtype)
 
-    def compile(self, rules: tuple[Rule, ...] | None, post: Callable) -> Callable:
+    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats) -> _Forward:
         m = self.model if rules is None else quantize_linen(self.model, as_rules(rules), True)
         jitted = jax.jit(
             lambda v, a, static, y, ref: post(self._apply(m, v, a, static), y, ref),
@@ -854,7 +868,7 @@ class _LinenRunner:
         return fwd
 
 
-def _weights(found: list) -> dict[str, tuple[str | None, tuple[int, ...]]]:
+def _weights(found: Sequence[Contraction]) -> dict[str, tuple[str | None, tuple[int, ...]]]:
     """``{path: (weight parameter name or None if computed, weight operand shape)}`` of each
     module's first quantized weight contraction."""
     out: dict[str, tuple[str | None, tuple[int, ...]]] = {}
@@ -878,7 +892,7 @@ class _NnxRunner:
         graphdef, state = flax_nnx.split(probe)
         call_kwargs = self.call_kwargs
 
-        def run(st, arrays):
+        def run(st: PyTree, arrays: list[Any]) -> Any:
             x, kwargs = join_call(arrays, batch.static)
             return flax_nnx.merge(graphdef, st)(x, **call_kwargs, **kwargs)
 
@@ -905,14 +919,14 @@ class _NnxRunner:
                 return jax.ShapeDtypeStruct(tuple(k.shape), k.dtype)
         raise ValueError(f"sensitivity: no quantizable layer {path!r} in the NNX model.")
 
-    def compile(self, rules: tuple[Rule, ...] | None, post: Callable) -> Callable:
+    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats) -> _Forward:
         m = flax_nnx.clone(self.model)  # never touch the caller's model
         if rules is not None:
             quantize_nnx(m, as_rules(rules), True)
         graphdef, state = flax_nnx.split(m)
         call_kwargs = self.call_kwargs
 
-        def run(st, arrays, static, y, ref):
+        def run(st: PyTree, arrays: list[Any], static: Static, y: Any, ref: Any) -> Any:
             x, kwargs = join_call(arrays, static)
             return post(flax_nnx.merge(graphdef, st)(x, **call_kwargs, **kwargs), y, ref)
 
