@@ -37,8 +37,9 @@ import shutil
 import sys
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import jax
 import ml_dtypes
@@ -48,7 +49,19 @@ from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.extras import missing_extra
 from jaxquant._src.qarray import QArray, packed_length
 from jaxquant._src.serialize import spec_from_dict, spec_to_dict
+from jaxquant._src.spec import QuantSpec
+from jaxquant._src.types import KeyPath, PyTree
 from jaxquant._src.version import __version__
+
+if TYPE_CHECKING:  # imported when a URI is given (_directory)
+    from etils import epath
+
+# Where a checkpoint is: a local pathlib.Path, or an etils.epath.Path for a URI (gs://...).
+# Both have pathlib's interface (/, name, parent, exists, is_dir, open, read_bytes...);
+# etils ships no type information, so mypy sees the second as Any.
+CkptPath: TypeAlias = "Path | epath.Path"
+# A manifest's description of one leaf, and of one of its arrays (see jaxquant.orbax)
+Entry: TypeAlias = dict[str, Any]
 
 try:  # an extra: `import jaxquant` works without it, `jaxquant.orbax` says how to get it
     import orbax.checkpoint as ocp
@@ -82,7 +95,7 @@ _NATIVE = frozenset(
         *(np.float16, np.float32, np.float64, np.complex64, np.complex128),
     )
 )
-_UINT = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
+_UINT: dict[int, np.dtype] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
 _UINT[8] = np.dtype(np.uint64)
 _PATH_KEYS = (
     (jax.tree_util.DictKey, "key", "key"),
@@ -134,7 +147,7 @@ def _variable_type(x: Any) -> str | None:
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def _directory(directory: Any, fn: str) -> Any:
+def _directory(directory: Any, fn: str) -> CkptPath:
     """``directory`` as an absolute ``pathlib.Path``, or an ``etils.epath.Path`` for a
     URI (``gs://...``); a TypeError for what is not a path."""
     if not isinstance(directory, str | os.PathLike):
@@ -155,20 +168,21 @@ def _directory(directory: Any, fn: str) -> Any:
     return Path(path.removeprefix("file://")).expanduser().absolute()
 
 
-def _size(path: Any) -> int:
+def _size(path: CkptPath) -> int:
     """A file's size in bytes (``etils.epath`` calls ``st_size`` ``length``)."""
-    st = path.stat()
-    return st.st_size if isinstance(path, Path) else st.length
+    if isinstance(path, Path):
+        return path.stat().st_size
+    return path.stat().length
 
 
-def _name(path: tuple) -> str:  # a leaf's name, as in jq.size_report
+def _name(path: KeyPath) -> str:  # a leaf's name, as in jq.size_report
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 # --------------------------------------------------------------------------------- save
 
 
-def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
+def save(directory: str | os.PathLike[str], tree: PyTree, *, force: bool = False) -> None:
     """Save a pytree of arrays and :class:`~jaxquant.QArray` s as an orbax checkpoint.
 
     Everything is written to a hidden sibling directory ``.<name>.tmp-<id>`` first; only
@@ -250,7 +264,7 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
         _end_temporary(tmp, lock)
 
 
-def _new_manifest(files: dict, leaves: list[dict], structure: Any) -> dict[str, Any]:
+def _new_manifest(files: dict[str, Entry], leaves: list[Entry], structure: Any) -> dict[str, Any]:
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -264,7 +278,7 @@ def _new_manifest(files: dict, leaves: list[dict], structure: Any) -> dict[str, 
     return manifest
 
 
-def _save_in_place(directory: Any, tree: Any, force: bool) -> None:
+def _save_in_place(directory: epath.Path, tree: PyTree, force: bool) -> None:
     """:func:`save` to object storage (an ``etils.epath`` path), which has no rename and
     no ``flock``: the checkpoint is written where it goes and its manifest, uploaded last
     in one piece, is what makes it a checkpoint (restore refuses a directory without
@@ -296,7 +310,7 @@ def _save_in_place(directory: Any, tree: Any, force: bool) -> None:
         with _quiet_orbax_merge_notice(), ocp.StandardCheckpointer(use_ocdbt=False) as ck:
             ck.save(directory / ARRAYS, stored)
             ck.wait_until_finished()
-    files = {}
+    files: dict[str, Entry] = {}
     root = os.fspath(directory).rstrip("/")
     todo = [directory / ARRAYS] if (directory / ARRAYS).exists() else []
     while todo:  # epath refuses a recursive glob on object storage: walk it level by level
@@ -311,9 +325,10 @@ def _save_in_place(directory: Any, tree: Any, force: bool) -> None:
     (directory / MANIFEST).write_bytes(json.dumps(manifest, indent=1).encode())
 
 
-def _flatten(tree: Any) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
+def _flatten(tree: PyTree) -> tuple[list[Entry], dict[str, dict[str, np.ndarray]]]:
     """(manifest leaf entries, orbax tree ``{"leaf_<i>": {field: host array}}``)."""
-    entries, stored = [], {}
+    entries: list[Entry] = []
+    stored: dict[str, dict[str, np.ndarray]] = {}
     for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree, _is_qarray)[0]):
         name = _name(path)
         entry: dict[str, Any] = {"name": name, "path": _encode_path(path, name, "save")}
@@ -347,7 +362,7 @@ def _flatten(tree: Any) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
             fields = {"array": host}
         entry["arrays"] = {}
         for field, x in fields.items():
-            info = None
+            info: Entry | None = None
             if x is not None:
                 host = _to_host(x, f"{name!r} ({field})")
                 info, disk = _stored_info(host, f"leaf_{i}.{field}")
@@ -358,14 +373,14 @@ def _flatten(tree: Any) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
     return entries, stored
 
 
-def _structure(tree: Any) -> Any:
+def _structure(tree: PyTree) -> Any:
     """The tree's containers as JSON: a leaf is its index in flattening order, ``None`` is
     ``null``, a dict ``{"dict": [[key, child], ...]}``, a list or tuple ``{"list": [...]}``
     or ``{"tuple": [...]}``, any other node ``{"node": [[kind, key, child], ...]}`` with
     the path entry of each child (:mod:`jaxquant.orbax` docstring)."""
     count = itertools.count()
 
-    def walk(x: Any, path: tuple) -> Any:
+    def walk(x: Any, path: KeyPath) -> Any:
         if x is None:
             return None
         # One level: x's children, each with its one path entry (x itself if a leaf).
@@ -399,8 +414,8 @@ def _seal(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical(manifest)).hexdigest()
 
 
-def _encode_path(path: tuple, name: str, fn: str) -> list[list[Any]]:
-    out = []
+def _encode_path(path: KeyPath, name: str, fn: str) -> list[list[Any]]:
+    out: list[list[Any]] = []
     for k in path:
         found = [(kind, getattr(k, attr)) for cls, kind, attr in _PATH_KEYS if isinstance(k, cls)]
         if not found:
@@ -438,7 +453,7 @@ def _to_host(x: Any, what: str) -> np.ndarray:
     return np.asarray(host, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
 
 
-def _stored_info(x: np.ndarray, key: str) -> tuple[dict[str, Any], np.ndarray]:
+def _stored_info(x: np.ndarray, key: str) -> tuple[Entry, np.ndarray]:
     """Manifest entry of one array and the array as written (bitcast if needed)."""
     if x.dtype in _NATIVE:
         disk = x
@@ -460,9 +475,9 @@ def _sha256(x: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(x, order="C").reshape(-1).view(np.uint8).data).hexdigest()
 
 
-def _file_digests(root: Path) -> dict[str, dict[str, Any]]:
+def _file_digests(root: Path) -> dict[str, Entry]:
     """Size and sha256 of every file under ``root/arrays``, each flushed to disk."""
-    out = {}
+    out: dict[str, Entry] = {}
     for dirpath, _, names in sorted(os.walk(root / ARRAYS)):
         for n in sorted(names):
             p = Path(dirpath) / n
@@ -578,7 +593,7 @@ class _DropMergeNotice(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_orbax_merge_notice():
+def _quiet_orbax_merge_notice() -> Iterator[None]:
     logger, drop = logging.getLogger("absl"), _DropMergeNotice()
     logger.addFilter(drop)
     try:
@@ -602,17 +617,17 @@ class _Stored:
 @dataclasses.dataclass(frozen=True)
 class _Leaf:
     name: str
-    path: list
+    path: list[list[Any]]  # [[kind, key], ...] (_encode_path)
     kind: str  # "qarray" | "array" | "key"
     shape: tuple[int, ...]
     dtype: np.dtype  # of a key leaf: its key data's (uint32)
-    spec: Any  # QuantSpec for a qarray
+    spec: QuantSpec | None  # a qarray's
     numpy: bool  # an array leaf saved from numpy
     arrays: dict[str, _Stored | None]
     impl: str | None = None  # PRNG implementation of a key leaf, e.g. "threefry2x32"
 
 
-def layout(directory: str | os.PathLike) -> dict[str, Any]:
+def layout(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest (``jaxquant.json``) of the checkpoint at ``directory``, as a dict.
 
     Its fields are specified in the docstring of :mod:`jaxquant.orbax`. The format name,
@@ -639,7 +654,7 @@ def layout(directory: str | os.PathLike) -> dict[str, Any]:
     return _manifest(_directory(directory, "layout"), "layout")
 
 
-def _manifest(directory: Path, fn: str) -> dict[str, Any]:
+def _manifest(directory: CkptPath, fn: str) -> dict[str, Any]:
     """The manifest, its checksum verified (warning, in restore, if it predates them)."""
     if _TMP_DIR.fullmatch(directory.name):
         raise ValueError(
@@ -716,7 +731,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def restore(directory: str | os.PathLike, target: Any = None) -> Any:
+def restore(directory: str | os.PathLike[str], target: PyTree = None) -> PyTree:
     """Restore a tree written by :func:`save`, QArrays rebuilt bit for bit.
 
     Before orbax reads anything, the manifest is checked against its own sha256
@@ -775,18 +790,18 @@ def restore(directory: str | os.PathLike, target: Any = None) -> Any:
       >>> bool((other(x) == model(x)).all())  # same weights, statistics and dropout keys
       True
     """
-    directory = _directory(directory, "restore")
-    manifest = _manifest(directory, "restore")
-    leaves, files = _parse(manifest, directory / MANIFEST)
-    targets = [None] * len(leaves)
+    where = _directory(directory, "restore")
+    manifest = _manifest(where, "restore")
+    leaves, files = _parse(manifest, where / MANIFEST)
+    targets: list[Any] = [None] * len(leaves)
     if target is not None:
         targets, treedef = _match_target(target, leaves)
-    _check_files(directory, files, leaves)
-    raw = _read(directory, leaves)
+    _check_files(where, files, leaves)
+    raw = _read(where, leaves)
     out = []
     for leaf, t in zip(leaves, targets, strict=True):
         host = {
-            f: None if s is None else _from_disk(directory, leaf, f, s, raw)
+            f: None if s is None else _from_disk(where, leaf, f, s, raw)
             for f, s in leaf.arrays.items()
         }
         if leaf.kind == "qarray":
@@ -794,18 +809,26 @@ def restore(directory: str | os.PathLike, target: Any = None) -> Any:
                 f: None if x is None else _place(x, getattr(t, f, None), False)
                 for f, x in host.items()
             }
-            out.append(QArray(**fields, spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype))
-        elif leaf.kind == "key":
-            key = jax.random.wrap_key_data(host["array"], impl=leaf.impl)
+            assert leaf.spec is not None  # _parse_leaf gives every qarray its spec
+            values, scale, zp = (fields[f] for f in _QARRAY_FIELDS)
+            assert values is not None and scale is not None  # _parse_leaf checks both
+            out.append(
+                QArray(values, scale, zp, spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype)
+            )
+            continue
+        array = host["array"]
+        assert array is not None  # _parse_leaf refuses an array or key leaf without one
+        if leaf.kind == "key":
+            key = jax.random.wrap_key_data(jax.device_put(array), impl=leaf.impl)
             sharding = getattr(t, "sharding", None)
             out.append(key if sharding is None else jax.device_put(key, sharding))
         else:
             as_numpy = leaf.numpy if target is None else isinstance(t, np.ndarray | np.generic)
-            out.append(_place(host["array"], t, as_numpy))
+            out.append(_place(array, t, as_numpy))
     if target is not None:
         return jax.tree_util.tree_unflatten(treedef, out)
     if "structure" in manifest:
-        _warn_value_boxes(manifest["structure"], directory)
+        _warn_value_boxes(manifest["structure"], where)
         return _unflatten(manifest["structure"], out)
     return _nest([(leaf.path, x) for leaf, x in zip(leaves, out, strict=True)])
 
@@ -819,7 +842,9 @@ def _dtype(name: Any) -> np.dtype:
         raise ValueError(f"unknown dtype {name!r}") from None
 
 
-def _parse(manifest: dict[str, Any], where: Path) -> tuple[list[_Leaf], dict[str, tuple]]:
+def _parse(
+    manifest: dict[str, Any], where: CkptPath
+) -> tuple[list[_Leaf], dict[str, tuple[int, str]]]:
     """The manifest's leaves and ``{file: (size, sha256)}``; ValueError if malformed."""
     errors = (KeyError, TypeError, ValueError, AttributeError)
     try:
@@ -828,11 +853,11 @@ def _parse(manifest: dict[str, Any], where: Path) -> tuple[list[_Leaf], dict[str
     except errors as e:
         raise ValueError(f"restore: {where} is malformed ({type(e).__name__}: {e}).") from None
     leaves = []
-    for i, e in enumerate(entries):
+    for i, entry in enumerate(entries):
         try:
-            leaves.append(_parse_leaf(e, i))
+            leaves.append(_parse_leaf(entry, i))
         except errors as err:
-            name = e.get("name") if isinstance(e, dict) else None
+            name = entry.get("name") if isinstance(entry, dict) else None
             raise ValueError(
                 f"restore: {where} is malformed at leaf {i} ({name!r}): "
                 f"{type(err).__name__}: {err}."
@@ -847,8 +872,8 @@ def _parse(manifest: dict[str, Any], where: Path) -> tuple[list[_Leaf], dict[str
     return leaves, files
 
 
-def _parse_leaf(e: dict[str, Any], i: int) -> _Leaf:
-    arrays = {}
+def _parse_leaf(e: Entry, i: int) -> _Leaf:
+    arrays: dict[str, _Stored | None] = {}
     for field, s in e["arrays"].items():
         arrays[field] = None
         if s is not None:
@@ -868,9 +893,11 @@ def _parse_leaf(e: dict[str, Any], i: int) -> _Leaf:
                 raise ValueError(f"{field} has the key {stored.key!r}, expected {key!r}")
             arrays[field] = stored
     kind = e["kind"]
-    expected = set(_QARRAY_FIELDS) if kind == "qarray" else {"array"}
-    if kind not in ("qarray", "array", "key") or set(arrays) != expected:
+    names = set(_QARRAY_FIELDS) if kind == "qarray" else {"array"}
+    if kind not in ("qarray", "array", "key") or set(arrays) != names:
         raise ValueError(f"kind {kind!r} with arrays {sorted(arrays)}")
+    if kind != "qarray" and arrays["array"] is None:  # save writes every array leaf's
+        raise ValueError("its array is null")
     leaf = _Leaf(
         name=str(e["name"]),
         path=[[str(k), v] for k, v in e["path"]],
@@ -882,7 +909,8 @@ def _parse_leaf(e: dict[str, Any], i: int) -> _Leaf:
         arrays=arrays,
         impl=str(e["impl"]) if kind == "key" else None,
     )
-    if kind == "qarray":
+    expected: dict[str, tuple[tuple[int, ...], np.dtype]]
+    if leaf.spec is not None:  # a qarray
         scale = arrays["scale"]
         want = leaf.spec.granularity.plan(leaf.shape).scale_shape
         if arrays["values"] is None or scale is None or scale.shape != want:
@@ -914,7 +942,9 @@ def _parse_leaf(e: dict[str, Any], i: int) -> _Leaf:
     return leaf
 
 
-def _qarray_arrays(spec: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+def _qarray_arrays(
+    spec: QuantSpec, shape: tuple[int, ...]
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """The (shape, dtype) of a QArray's values and scale (layout in jaxquant/_src/qarray.py)."""
     element = spec.element
     if element.packed:
@@ -931,7 +961,7 @@ def _check_structure(structure: Any, leaves: list[_Leaf]) -> None:
     its manifest entry records."""
     count = itertools.count()
 
-    def walk(node: Any, path: list) -> None:
+    def walk(node: Any, path: list[list[Any]]) -> None:
         for child, entry in _children(node):
             walk(child, [*path, entry])
         if _is_leaf_index(node):
@@ -950,7 +980,7 @@ def _is_leaf_index(node: Any) -> bool:
     return isinstance(node, int) and not isinstance(node, bool)
 
 
-def _children(node: Any) -> list[tuple[Any, list]]:
+def _children(node: Any) -> list[tuple[Any, list[Any]]]:
     """``[(child, its path entry)]`` of a structure node (none for a leaf or None)."""
     if node is None or _is_leaf_index(node):
         return []
@@ -976,14 +1006,14 @@ def _children(node: Any) -> list[tuple[Any, list]]:
     return out
 
 
-def _warn_value_boxes(structure: Any, directory: Path) -> None:
+def _warn_value_boxes(structure: Any, directory: CkptPath) -> None:
     """Warn about containers whose only child is the attribute ``value``: ``nnx.Variable`` s
     saved before save recorded them as such, which restore can only give back as
     ``{"value": x}`` dicts (``nnx.update`` stores those as the variables' values, and the
     model then fails with ``KeyError: Ellipsis``)."""
     found: list[str] = []
 
-    def walk(node: Any, path: list) -> None:
+    def walk(node: Any, path: list[list[Any]]) -> None:
         kids = _children(node)
         if (
             isinstance(node, dict)
@@ -1027,7 +1057,7 @@ def _unflatten(node: Any, out: list[Any]) -> Any:
     return {k: x for (_, k), x in kids}
 
 
-def _match_target(target: Any, leaves: list[_Leaf]) -> tuple[list[Any], Any]:
+def _match_target(target: PyTree, leaves: list[_Leaf]) -> tuple[list[Any], jax.tree_util.PyTreeDef]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(target, _is_qarray)
     for i in range(max(len(flat), len(leaves))):
         tpath = None
@@ -1035,15 +1065,18 @@ def _match_target(target: Any, leaves: list[_Leaf]) -> tuple[list[Any], Any]:
             tpath = _encode_path(flat[i][0], _name(flat[i][0]), "restore (target)")
         if tpath != (None if i >= len(leaves) else leaves[i].path):
             have = "nothing" if tpath is None else repr(_name(flat[i][0]))
-            want = "nothing" if i >= len(leaves) else repr(leaves[i].name)
+            saved = "nothing" if i >= len(leaves) else repr(leaves[i].name)
             raise ValueError(
                 f"restore: target does not match the checkpoint at leaf {i}: the target has "
-                f"{have}, the checkpoint has {want}. Pass a target of the saved structure "
+                f"{have}, the checkpoint has {saved}. Pass a target of the saved structure "
                 "(e.g. jax.eval_shape of what was saved), or no target."
             )
     for (path, t), leaf in zip(flat, leaves, strict=True):
         name = _name(path)
         is_key = hasattr(t, "shape") and _is_key_dtype(getattr(t, "dtype", None))
+        # (spec, shape, dtype) of a QArray, (shape, dtype) of the rest; None: not one
+        got: tuple[Any, ...] | None
+        want: tuple[Any, ...]
         if leaf.kind == "qarray":
             got = (t.spec, t.shape, np.dtype(t.dtype)) if isinstance(t, QArray) else None
             want = (leaf.spec, leaf.shape, leaf.dtype)
@@ -1069,16 +1102,19 @@ def _match_target(target: Any, leaves: list[_Leaf]) -> tuple[list[Any], Any]:
     return [t for _, t in flat], treedef
 
 
-def _describe(fields: tuple | None, t: Any = None) -> str:
+def _describe(fields: tuple[Any, ...] | None, t: Any = None) -> str:
     if fields is None:
         return f"a {type(t).__name__}"
     *spec, shape, dtype = fields
     return f"{shape} {dtype.name}" + (f" {spec[0]}" if spec else "")
 
 
-def _check_files(directory: Path, files: dict[str, tuple[int, str]], leaves: list[_Leaf]) -> None:
+def _check_files(
+    directory: CkptPath, files: dict[str, tuple[int, str]], leaves: list[_Leaf]
+) -> None:
     for rel, (size, digest) in files.items():
         p = directory / rel
+        problem: str | None
         if not p.is_file():
             problem = "missing"
         elif _size(p) != size:
@@ -1103,7 +1139,7 @@ def _owner(rel: str, leaves: list[_Leaf]) -> str:
     return "orbax's metadata of all arrays"
 
 
-def _read(directory: Path, leaves: list[_Leaf]) -> dict[str, np.ndarray]:
+def _read(directory: CkptPath, leaves: list[_Leaf]) -> dict[str, np.ndarray]:
     abstract: dict[str, dict[str, jax.ShapeDtypeStruct]] = {}
     for leaf in leaves:
         for s in leaf.arrays.values():
@@ -1126,7 +1162,7 @@ def _read(directory: Path, leaves: list[_Leaf]) -> dict[str, np.ndarray]:
 
 
 def _from_disk(
-    directory: Path, leaf: _Leaf, field: str, s: _Stored, raw: dict[str, np.ndarray]
+    directory: CkptPath, leaf: _Leaf, field: str, s: _Stored, raw: dict[str, np.ndarray]
 ) -> np.ndarray:
     what = f"leaf {leaf.name!r}" + ("" if field == "array" else f" ({field})")
     if s.key is None:
@@ -1149,13 +1185,13 @@ def _place(x: np.ndarray, t: Any, as_numpy: bool) -> Any:
     return jax.device_put(x, sharding) if sharding is not None else jax.device_put(x)
 
 
-def _nest(items: list[tuple[list, Any]]) -> Any:
+def _nest(items: list[tuple[list[list[Any]], Any]]) -> Any:
     """Nested dicts (and lists, for sequence keys) from ``(path, value)`` pairs."""
     if not items:
         return {}
     if len(items) == 1 and not items[0][0]:
         return items[0][1]
-    groups: dict[Any, list] = {}
+    groups: dict[Any, list[tuple[list[list[Any]], Any]]] = {}
     kinds = set()
     for path, x in items:
         (kind, key), rest = path[0], path[1:]
