@@ -118,7 +118,7 @@ class QuantOp(nnx.Module):
         path: str,
         kernel_shape: tuple[int, ...],
         einsum: bool,
-        rngs: Any,
+        rngs: nnx.Rngs | None,
         *,
         stack_shape: tuple[int, ...] = (),
     ) -> None:
@@ -217,7 +217,14 @@ class QuantOp(nnx.Module):
 
     def _run(self, lhs: Any, rhs: Any, **kw: Any) -> Any:
         training = not self.deterministic
-        key = self.rngs.quant() if training and stateful.needs_key(self.rule) else None
+        key = None
+        if training and stateful.needs_key(self.rule):
+            if self.rngs is None:  # quantize_model requires them; a QuantOp made by hand
+                raise ValueError(
+                    f"QuantOp at {self.path!r}: the rule rounds stochastically and needs keys "
+                    "from a 'quant' stream: build it with rngs=nnx.Rngs(quant=seed)."
+                )
+            key = self.rngs.quant()
         out, new = stateful.apply(
             self.rule, self._state(), lhs, rhs, key=key, training=training, where=self.path, **kw
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant._src.checks import describe
+from jaxquant._src.types import PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +39,10 @@ class Policy:
       (dtype('float32'), dtype('float32'))
     """
 
-    param_dtype: Any = jnp.float32
-    compute_dtype: Any = jnp.bfloat16
-    output_dtype: Any = jnp.float32
+    # any floating dtype-like; stored as the np.dtype (__post_init__)
+    param_dtype: jax.typing.DTypeLike = jnp.float32
+    compute_dtype: jax.typing.DTypeLike = jnp.bfloat16
+    output_dtype: jax.typing.DTypeLike = jnp.float32
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "compute_dtype", "output_dtype"):
@@ -58,7 +60,7 @@ class Policy:
                 )
             object.__setattr__(self, name, dt)
 
-    def cast_output(self, tree: Any) -> Any:
+    def cast_output(self, tree: PyTree) -> PyTree:
         """Floating leaves of ``tree`` in ``output_dtype``."""
 
         def cast(x: Any) -> Any:
@@ -166,7 +168,15 @@ class NnxPolicyModule(nnx.Module):
         return self.policy.cast_output(self.module(*args, **kwargs))
 
 
-def apply_policy(model: Any, policy: Policy) -> Any:
+@overload
+def apply_policy(model: nn.Module, policy: Policy) -> PolicyModule: ...
+
+
+@overload
+def apply_policy(model: nnx.Module, policy: Policy) -> NnxPolicyModule: ...
+
+
+def apply_policy(model: nn.Module | nnx.Module, policy: Policy) -> PolicyModule | NnxPolicyModule:
     """Run ``model`` under ``policy``.
 
     * Linen: returns a :class:`PolicyModule` with the model's variables (``init`` creates
