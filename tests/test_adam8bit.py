@@ -228,6 +228,7 @@ def test_200_steps_track_fp32_adam(key):
     assert int(state[0].count) == steps
 
 
+@pytest.mark.slow
 def test_jit_and_eager_agree(key):
     params, loss = _mlp_problem(key)
     g = jax.grad(loss)(params)
@@ -309,6 +310,7 @@ def test_nan_gradient_poisons_its_block_only():
     assert np.all(np.asarray(s.inner_state.mu.absmax) == 0)
 
 
+@pytest.mark.slow
 def test_dtype_of_updates_follows_gradients():
     opt = jqo.scale_by_adam_8bit(min_size=0)
     p = jnp.ones(4096, jnp.bfloat16)
@@ -316,6 +318,7 @@ def test_dtype_of_updates_follows_gradients():
     assert u.dtype == jnp.bfloat16 and state.mu.absmax.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_count_saturates():
     opt = jqo.scale_by_adam_8bit(min_size=0)
     state = opt.init(jnp.ones(8))
@@ -362,6 +365,7 @@ def test_nearest_code_equals_the_binary_search(signed):
     np.testing.assert_array_equal(got, np.searchsorted(mid, x, side="left"))
 
 
+@pytest.mark.slow
 def test_quantized_moment_checks_its_fields_yet_survives_transformations():
     q = quantize_blockwise(jnp.arange(10.0), signed=True, block_size=4)
     with pytest.raises(TypeError, match=r"QuantizedMoment.signed must be True or False"):

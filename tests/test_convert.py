@@ -46,6 +46,7 @@ def test_matches_quantize_tree_and_deletes_float_leaves_when_asked():
     assert got["step"].tolist() == 7
 
 
+@pytest.mark.slow
 def test_abstract_tree_is_loaded_one_leaf_at_a_time():
     params = _params()
     abstract = jax.eval_shape(lambda: params)

@@ -94,6 +94,7 @@ def test_wide_float_formats_store_uint32_codes(e, m, style):
         assert int(q.values[0]) == 0x30C00  # the example (was truncated to 0xc00)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layouts",
     [

@@ -91,6 +91,7 @@ def test_linen_forward_matches_reference(jit):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_nnx_forward_matches_reference(jit):
     model = NnxMLP(nnx.Rngs(0))
@@ -107,6 +108,7 @@ def test_nnx_forward_matches_reference(jit):
     ]
 
 
+@pytest.mark.slow
 def test_same_rules_select_same_layers():
     rules = [Rule("Dense_1", weight=W_SPEC, act=A_SPEC)]
     model, _, _ = _linen()

@@ -153,6 +153,7 @@ def test_served_equals_fake_quant_linen_and_nnx(setup, name):
     np.testing.assert_allclose(y_nnx, y, atol=1e-5 * float(jnp.max(jnp.abs(y))))
 
 
+@pytest.mark.slow
 def test_int4_takes_half_a_byte_and_abstract_conversion(setup):
     model, variables, batches = setup
     rule = Rule(".*", weight=jq.QuantSpec("int4", jq.per_block(0, 8)))

@@ -363,6 +363,7 @@ def test_converted_nnx_state_restores_into_a_converted_model(tmp_path, nnx_data)
     )
 
 
+@pytest.mark.slow
 def test_nnx_state_saved_before_variables_were_recorded_warns_and_restores_with_target(
     tmp_path, monkeypatch
 ):

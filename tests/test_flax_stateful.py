@@ -79,6 +79,7 @@ def test_linen_delayed_scaling_threads_the_amax_history():
     np.testing.assert_allclose(y_eval, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_delayed_state_survives_tree_map_jit_and_checkpointing():
     qmodel = quantize_model(nn.Dense(5), DELAYED.rules())
     v = qmodel.init(jax.random.key(1), X)
@@ -475,6 +476,7 @@ def _close_tree(a, b):
         np.testing.assert_allclose(u, v, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_stateful_lsq_bases_come_from_init_arrays_or_the_first_training_call():
     from jaxquant._src.flax import stateful
 

@@ -345,6 +345,7 @@ def test_nnx_custom_layers_subclasses_and_attend_are_quantized_bitwise():
     assert isinstance(model, NnxNet) and type(model).__name__ == "NnxNet"
 
 
+@pytest.mark.slow
 def test_nnx_float_rule_and_split_merge_keep_the_plan():
     model = NnxNet(nnx.Rngs(0))
     quantize_model(model, (Rule("embed"), RULE))
@@ -447,6 +448,7 @@ def test_nnx_convert_serves_intercepted_layers_exactly():
     assert isinstance(model.conv.kernel.get_value(), jq.QArray)  # the state kept the QArray
 
 
+@pytest.mark.slow
 def test_nnx_attend_table_is_stored_quantized_in_its_own_layout():
     model = NnxNet(nnx.Rngs(0))
     quantize_model(model, Rule(".*", weight=W8))

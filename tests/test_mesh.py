@@ -451,6 +451,7 @@ def test_linen_train_step(config, layout):
     _check("linen", config, layout, "train")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "step"),
     [
@@ -521,6 +522,7 @@ _FIX_FP8 = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "step"),
     [

@@ -257,6 +257,7 @@ def _params():
     }
 
 
+@pytest.mark.slow
 def test_summary_keys_and_values():
     x = _params()["dense"]["kernel"]
     q = jq.quantize(x, jq.QuantSpec("int8", jq.per_channel(-1)))

@@ -331,6 +331,7 @@ def _denoised(layer, o):
     return 0.0 if d < 0 and -d <= layer.noise[o] else d
 
 
+@pytest.mark.slow
 def test_generous_budget_picks_each_layers_best(sens_acc):
     plan = mixed_precision(sens_acc, budget=1.0)
     assert isinstance(plan, Assignment)
@@ -364,6 +365,7 @@ def test_int4_budget_plan_is_within_budget_and_as_good(sens_acc, linen, nnx_mode
     assert quantized == {p for p, o in plan.choice.items() if o != "float"}
 
 
+@pytest.mark.slow
 def test_float_layers_get_spec_free_rules(sens_acc, linen, digits):
     """A budget that forces float somewhere is impossible here (float is biggest), so
     force it through the objective: forbid every candidate on Dense_2."""
@@ -539,6 +541,7 @@ def test_knapsack_is_exact_against_brute_force():
 # -------------------------------------------------------------------------------- errors
 
 
+@pytest.mark.slow
 def test_errors(linen, nnx_model, digits, sens_acc):
     model, variables = linen
     data = digits[2][:1]

@@ -104,7 +104,6 @@ def _assert_same_sharding(out, sharding):
     assert out.sharding.is_equivalent_to(sharding, out.ndim), (out.sharding, sharding)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("fmt", "gran", "rounding", "layout"), _cases())
 def test_fake_quant_keeps_sharding_and_values(fmt, gran, rounding, layout):
     spec = _spec(fmt, gran, rounding)
@@ -129,6 +128,7 @@ def test_stochastic_threefry_keeps_sharding_and_values():
     assert np.any(np.asarray(other) != np.asarray(out))
 
 
+@pytest.mark.slow
 def test_fake_quant_without_jit_on_sharded_input():
     """Eager fake_quant of a sharded array: the same numbers, still sharded."""
     spec = _spec("int8", "per_channel(-1)", "nearest")
@@ -200,6 +200,7 @@ def test_many_quantizers_in_one_jit_keep_sharding():
         _assert_same_sharding(o, _layouts()["mesh2x4"])
 
 
+@pytest.mark.slow
 def test_many_quantizers_in_one_jit_same_values():
     """Fusion differs between the sharded and the one-device program; the numbers must not
     (a division by a broadcast scale compiled as a reciprocal multiply in one and not the

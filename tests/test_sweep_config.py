@@ -425,6 +425,7 @@ def test_importable_puts_folders_first_once(tmp_path, monkeypatch):
     assert sys.path.count(str(tmp_path / "conf")) == 1
 
 
+@pytest.mark.slow
 def test_model_factory_errors_name_the_key(models, tmp_path, capsys, monkeypatch):
     import sweep_cfg_models as mod
 

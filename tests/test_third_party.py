@@ -188,6 +188,7 @@ def test_float_model_counts(name):
     assert tp.count(m)[:4] == (TOTAL[name], 0, m.weight_contractions, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_quantized_today(name):
     """What ``Rule(".*")`` quantizes today, exactly (update with issue 12 item 4)."""
@@ -205,6 +206,7 @@ def test_quantized_today(name):
     assert all(not any(c.quantized) for c in found if not c.is_weight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     [pytest.param(n, marks=ITEM_4) if TODAY[n][2] != TODAY[n][3] else n for n in MODELS],
