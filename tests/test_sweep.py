@@ -116,9 +116,10 @@ def ids(folder: Path) -> list[str]:
 @pytest.mark.slow
 def test_quick_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    code, text, err = sweep(capsys, "--quick", "--out", str(out), "--shard", "0/1")
+    argv = ("--preset", "digits-mlp", "--quick", "--out", str(out), "--shard", "0/1")
+    code, text, err = sweep(capsys, *argv)
     assert code == 0, err
-    cfg = C.resolve(quick=True)
+    cfg = C.resolve(preset="digits-mlp", quick=True)
     cells = G.expand(cfg)
     rows = R.read_rows(out / "results.jsonl")
     assert sorted(r["id"] for r in rows) == sorted(c.id for c in cells)

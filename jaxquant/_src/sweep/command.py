@@ -2,9 +2,9 @@
 
 Usage::
 
-    jaxquant sweep                              # the default grid (digits MLP, 2 seeds)
+    jaxquant sweep                              # the default grid (byte-level LM, 2 seeds)
     jaxquant sweep --quick                      # a tiny grid, one seed (seconds)
-    jaxquant sweep --preset digits-cnn            # or stdlib-lm (a byte-level transformer)
+    jaxquant sweep --preset digits-mlp            # or digits-cnn (scikit-learn's digits)
     jaxquant sweep --config my.toml --out runs/mine   # re-run the same line to resume
     jaxquant sweep --out gs://bucket/runs/a     # on every host of a slice: one run folder
     jaxquant sweep --coordinator 10.0.0.2:8476 --num-processes 2 --process-id 0 --out /nfs/a
@@ -73,7 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "below",
     )
     p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="built-in task and grid (default digits-mlp)"
+        "--preset",
+        choices=sorted(PRESETS),
+        help="built-in task and grid (default stdlib-lm; under --config, digits-mlp)",
     )
     p.add_argument("--quick", action="store_true", help="a tiny grid and one seed (seconds)")
     p.add_argument(

@@ -1,11 +1,14 @@
 """The sweep's cells: one (task, seed, format, granularity, calibration, rounding, mode).
 
-The grid is the cartesian product of the config's axes, made canonical so that no two
-cells compute the same thing (then deduplicated, order kept):
+The PTQ grid is the cartesian product of ``[grid]``'s axes, then one more product per
+``grid.also`` table (``[grid]`` with that table's keys replaced), made canonical so that no
+two cells compute the same thing (then deduplicated, order kept):
 
 * ``float32`` / ``fp16`` / ``bf16`` are plain casts: granularity ``tensor``, calibration
   ``none`` (float32 is the float baseline);
-* MX formats carry their own scales: granularity ``block32``, calibration ``absmax``;
+* MX formats carry their own scales: granularity ``block32``, calibration ``absmax``
+  (blocks along the input axis, or the output axis when only that one is a multiple of
+  32);
 * ``binary`` uses ``mean_abs`` (BWN), ``ternary`` uses ``twn`` (TWN);
 * QAT cells are ``qat.formats x qat.granularities x qat.activations`` with the format's
   default calibration and nearest rounding.
@@ -18,7 +21,7 @@ dynamically (each batch's absmax). A cell's id ends in ``/act=<format>`` unless 
 
 Every quantized layer is a leaf named ``kernel`` of rank >= 2 (Dense ``(in, out)``, Conv
 ``(kh, kw, in, out)``). ``blockN`` groups N values along the contracted input axis (-2);
-a kernel whose input axis is shorter than N gets one scale per output channel.
+a kernel whose input axis is not a multiple of N gets one scale per output channel.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from jaxquant._src.spec import QuantSpec
 from jaxquant._src.sweep.config import FORMATS
 
 _CASTS = ("float32", "fp16", "bf16")
-_MX = ("mxfp8", "mxfp4")
+_MX = ("mxfp8", "mxfp6", "mxfp4")
+_MX_BLOCK = 32  # the OCP MX block size
 
 
 class Cell(NamedTuple):
@@ -64,19 +68,28 @@ def canonical(fmt: str, granularity: str, calibration: str, rounding: str) -> tu
     return fmt, granularity, calibration, rounding
 
 
+def products(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    """The PTQ products of a ``[grid]`` table: itself, then itself updated by each
+    ``grid.also`` table."""
+    main = {k: v for k, v in grid.items() if k != "also"}
+    return [main] + [main | extra for extra in grid.get("also", [])]
+
+
 def expand(cfg: dict[str, Any]) -> list[Cell]:
     """Every cell of ``cfg``, seed-major (one float training per seed), deduplicated."""
     g, q, task = cfg["grid"], cfg["qat"], cfg["task"]["name"]
     out: dict[str, Cell] = {}
     for seed in cfg["seeds"]:
         if "ptq" in g["modes"]:
-            for a in g.get("activations", ["none"]):
-                for f in g["formats"]:
-                    for gr in g["granularities"]:
-                        for c in g["calibrations"]:
-                            for r in g["roundings"]:
-                                cell = Cell(task, seed, *canonical(f, gr, c, r), "ptq", a)
-                                out.setdefault(cell.id, cell)
+            for p in products(g):
+                for a in p.get("activations", ["none"]):
+                    for f in p["formats"]:
+                        for gr in p["granularities"]:
+                            for c in p["calibrations"]:
+                                for r in p["roundings"]:
+                                    canon = canonical(f, gr, c, r)
+                                    cell = Cell(task, seed, *canon, "ptq", a)
+                                    out.setdefault(cell.id, cell)
         if "qat" in g["modes"]:
             for a in q.get("activations", ["none"]):
                 for f in q["formats"]:
@@ -110,16 +123,20 @@ def _calibration(name: str) -> Any:
 
 def _granularity(name: str, fmt: str, shape: tuple[int, ...]) -> Any:
     if fmt in _MX:
-        size = 32
-        if shape[-2] >= size:
-            return per_block(-2, size)
-        return per_block(-1, size)  # e.g. a first conv with one input channel
+        for axis in (-2, -1):  # -1: e.g. a first conv with one input channel
+            if shape[axis] % _MX_BLOCK == 0:
+                return per_block(axis, _MX_BLOCK)
+        raise ValueError(
+            f"{fmt} needs blocks of {_MX_BLOCK} values along the kernel's input or output "
+            f"axis, and neither axis of shape {shape} is a multiple of {_MX_BLOCK}; leave "
+            "this layer out with task.layers, or use a format with per-channel scales."
+        )
     if name == "tensor":
         return per_tensor()
     if name == "channel":
         return per_channel(-1)
     size = int(name.removeprefix("block"))
-    if shape[-2] < size:
+    if shape[-2] % size:  # blocks must tile the axis: one scale per channel instead
         return per_channel(-1)
     return per_block(-2, size)
 
