@@ -50,10 +50,15 @@ def test_default_grid_is_what_the_readme_says():
     assert {c.format for c in qat} == {"int4", "int3", "ternary"}
 
 
-def test_quick_and_file_bases():
+def test_quick_and_file_bases(tmp_path):
     quick = C.resolve(quick=True)
-    assert quick["preset"] == "stdlib-lm" and "also" not in quick["grid"]
+    assert quick["preset"] == "stdlib-lm" and quick["grid"]["also"] == []
     assert len(G.expand(quick)) == 5
+    # A resolved config, written as the run folder's config.toml, loads back equal.
+    for cfg in (quick, C.resolve()):
+        path = tmp_path / "config.toml"
+        path.write_text(C.to_toml(cfg))
+        assert C.load(path) == cfg
     # A config file without `preset` builds on the digits MLP (its epochs, no fixed steps).
     assert C.resolve({})["preset"] == C.FILE_PRESET == "digits-mlp"
     assert "steps" not in C.resolve({"task": {"name": "mine"}})["task"]

@@ -543,7 +543,8 @@ def resolve(
     cfg = copy.deepcopy(PRESETS[name])
     if quick:
         cfg = merge(cfg, QUICK | {"task": QUICK_TASK[name]})
-        cfg["grid"].pop("also", None)  # the quick grid is its one small product
+        if "also" in cfg["grid"]:  # the quick grid is its one small product; an empty
+            cfg["grid"]["also"] = []  # list (not none) so config.toml loads back equal
     raw_task = raw.get("task", {})
     cfg = merge(cfg, raw)
     # The preset's kwargs (and layer pattern) belong to the preset's model and data.
