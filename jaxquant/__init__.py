@@ -5,7 +5,7 @@ NF4 / MX / binary / ternary, with per-tensor, per-channel, per-block and per-tok
 several calibrations, round-to-nearest-even and stochastic rounding, saturating casts.
 """
 
-from types import ModuleType as _ModuleType
+from typing import Any as _Any
 
 from jaxquant import formats, integer, metrics, recipes
 from jaxquant._src.calibration import (
@@ -21,19 +21,12 @@ from jaxquant._src.calibration import (
 )
 from jaxquant._src.config import QuantConfig
 from jaxquant._src.conv import conv_general_dilated
-from jaxquant._src.convert import convert
 from jaxquant._src.dot import dot_capabilities, dot_general, einsum
 from jaxquant._src.explain import explain
 from jaxquant._src.granularity import per_block, per_channel, per_tensor, per_token
 from jaxquant._src.lsq import lsq_fake_quant, lsq_init
 from jaxquant._src.qarray import QArray
-from jaxquant._src.quantize import (
-    dequantize,
-    dequantize_tree,
-    fake_quant,
-    quantize,
-    quantize_tree,
-)
+from jaxquant._src.quantize import dequantize, fake_quant, quantize
 from jaxquant._src.rounding import random_bits
 from jaxquant._src.scaling import (
     ScaleState,
@@ -46,16 +39,27 @@ from jaxquant._src.scaling import (
 )
 from jaxquant._src.size import SizeReport, size_report
 from jaxquant._src.spec import QuantSpec
+from jaxquant._src.tree import dequantize_tree, quantize_tree
 from jaxquant._src.version import __version__ as __version__
 
 
-def __getattr__(name: str) -> _ModuleType:
+def __getattr__(name: str) -> _Any:
     # The integrations import flax / optax / orbax; load them on first use (jq.flax,
     # jq.optax, jq.orbax).
     if name in ("flax", "optax", "orbax"):
         import importlib
 
         return importlib.import_module(f"jaxquant.{name}")
+    if name == "convert":  # "convert" is jq.flax.convert (a model for serving) only
+        import warnings
+
+        warnings.warn(
+            "jq.convert is deprecated: it is jq.quantize_tree, which now takes the same "
+            "arguments (pattern lists, load=, delete=). jq.convert will be removed.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return quantize_tree
     raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")
 
 
@@ -68,7 +72,6 @@ __all__ = [
     "SizeReport",
     "absmax",
     "conv_general_dilated",
-    "convert",
     "current_scaling",
     "delayed_scaling",
     "dequantize",

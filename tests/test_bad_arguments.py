@@ -212,18 +212,6 @@ target(
     ste=CHOICE,
 )
 target(
-    "jq.convert",
-    # A fresh leaf every call: delete= (when a bad value is taken as True) deletes it.
-    lambda tree=None, policy=SPEC, **kw: jq.convert(
-        {"w": jnp.array(X)} if tree is None else tree, policy, **kw
-    ),
-    policy={"str": "int8", "int": 8, "none": None},
-    delete=BOOL,
-    key=KEY_BAD,
-    load={"str": "x"},
-    tree={"qarray_leaf": {"w": QX}},
-)
-target(
     "jq.current_scaling",
     lambda spec=SPEC: jq.current_scaling(spec),
     spec={**SPEC_BAD, "none": None, "asymmetric": jq.QuantSpec("uint8", symmetric=False)},
@@ -408,11 +396,14 @@ target(
 )
 target(
     "jq.quantize_tree",
+    # A fresh leaf every call: delete= (when a bad value is taken as True) deletes it.
     lambda tree=None, policy=SPEC, **kw: jq.quantize_tree(
-        {"w": X} if tree is None else tree, policy, **kw
+        {"w": jnp.array(X)} if tree is None else tree, policy, **kw
     ),
-    policy={"str": "int8", "int": 8},
+    policy={"str": "int8", "int": 8, "none": None},
+    delete=BOOL,
     key=KEY_BAD,
+    load={"str": "x"},
     tree={"qarray_leaf": {"w": QX}},
 )
 target(
@@ -1040,7 +1031,6 @@ DOCUMENTED: dict[str, Callable[[Any], bool]] = {
     "jq.dequantize_tree/tree/none_leaf": lambda r: r == {"w": None},
     # "Leaves that are QArrays already are kept as they are".
     "jq.quantize_tree/tree/qarray_leaf": lambda r: r["w"] is QX,
-    "jq.convert/tree/qarray_leaf": lambda r: r["w"] is QX,
     # "the sum over its array leaves": other leaves occupy nothing.
     "jq.optax.state_nbytes/state/str_leaf": lambda r: r == 0,
     "jq.optax.state_nbytes/state/object_leaf": lambda r: r == 0,

@@ -172,7 +172,7 @@ def test_size_report_matches_the_arrays_orbax_saved(tmp_path):
             jq.QuantSpec("uint8", jq.per_channel(-1), jq.minmax(), symmetric=False),
         ),
     ]
-    q = jq.convert(params, policy)
+    q = jq.quantize_tree(params, policy)
     jqo.save(tmp_path / "mlp", q)
     raw = _raw_arrays(tmp_path / "mlp")
     report = {leaf.path: leaf for leaf in jq.size_report(q).leaves}

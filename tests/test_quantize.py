@@ -265,40 +265,6 @@ def test_mx_scale_follows_ocp_rule():
     assert q.values.dtype == jnp.float8_e4m3fn
 
 
-@pytest.mark.slow
-def test_quantize_tree_policies():
-    params = {
-        "dense": {"kernel": jnp.ones((8, 16)), "bias": jnp.zeros(16)},
-        "step": jnp.array(3, jnp.int32),
-    }
-
-    def policy(path, leaf):
-        name = jax.tree_util.keystr(path)
-        return jq.QuantSpec("int4", jq.per_channel(-1)) if "kernel" in name else None
-
-    qt = jq.quantize_tree(params, policy)
-    assert isinstance(qt["dense"]["kernel"], jq.QArray)
-    assert qt["dense"]["bias"] is params["dense"]["bias"] and qt["step"] is params["step"]
-    back = jq.dequantize_tree(qt)
-    np.testing.assert_array_equal(np.asarray(back["dense"]["kernel"]), np.ones((8, 16)))
-    jitted = jax.jit(lambda p: jq.quantize_tree(p, jq.QuantSpec("e4m3")))(params)
-    assert isinstance(jitted["dense"]["bias"], jq.QArray) and jitted["step"].dtype == jnp.int32
-    with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\].*does not divide"):
-        jq.quantize_tree(
-            params,
-            lambda p, leaf: jq.QuantSpec("int4", jq.per_block(-1, 5)) if leaf.ndim == 2 else None,
-        )
-    with pytest.raises(TypeError, match="must return a QuantSpec"):
-        jq.quantize_tree(params, lambda p, leaf: "int8")
-
-
-def test_quantize_tree_stochastic_keys_differ_per_leaf():
-    x = jnp.full((64,), 0.5)
-    spec = jq.QuantSpec("int8", calibration=jq.fixed(127.0), rounding="stochastic")
-    qt = jq.quantize_tree({"a": x, "b": x}, spec, key=jax.random.key(0))
-    assert not np.array_equal(np.asarray(qt["a"].values), np.asarray(qt["b"].values))
-
-
 def test_given_half_integer_zero_point_is_rounded_consistently():
     """A given zero point is an integer grid point: quantize (which stores it) and
     fake_quant (which does not) round it the same way, so they agree."""
@@ -310,20 +276,6 @@ def test_given_half_integer_zero_point_is_rounded_consistently():
             jq.dequantize(q), jq.fake_quant(x, spec, scale=0.125, zero_point=z)
         )
         assert float(q.zero_point.reshape(())) == float(np.round(z))
-
-
-@pytest.mark.slow
-def test_quantize_tree_keeps_qarrays_as_they_are():
-    """A tree that already holds QArrays: they pass through untouched (their scales are
-    never quantized again), other leaves are quantized."""
-    tree = {"w": jnp.ones((4, 8)), "b": jnp.full((8,), 0.5)}
-    once = jq.quantize_tree(tree, jq.QuantSpec("int8"))
-    twice = jq.quantize_tree({**once, "c": jnp.ones(3)}, jq.QuantSpec("int4"))
-    assert twice["w"] is once["w"] and twice["b"] is once["b"]
-    assert twice["c"].spec.format.name == "int4"
-    seen = []
-    jq.quantize_tree(once, lambda path, leaf: seen.append(path) or jq.QuantSpec("int4"))
-    assert seen == []
 
 
 @pytest.mark.parametrize(

@@ -445,7 +445,7 @@ def test_checkpoint_on_object_storage_is_written_in_place_manifest_last(tmp_path
     real = ck._directory
     monkeypatch.setattr(ck, "_directory", lambda d, fn: epath.Path(os.fspath(real(d, fn))))
     spec = jq.QuantSpec("int4", jq.per_block(-1, 32))
-    tree = jq.convert({"w": jnp.linspace(-1, 1, 64 * 64).reshape(64, 64)}, [("w", spec)])
+    tree = jq.quantize_tree({"w": jnp.linspace(-1, 1, 64 * 64).reshape(64, 64)}, [("w", spec)])
     path = tmp_path / "ckpt"
     ck.save(path, tree)
     assert not [p for p in tmp_path.iterdir() if p.name != "ckpt"]  # no temporary beside

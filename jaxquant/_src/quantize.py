@@ -51,7 +51,6 @@ from jaxquant._src.qarray import QArray, encode, pack, widen
 # dequantize lives with the QArray it reads; jaxquant.dequantize is imported from here.
 from jaxquant._src.qarray import dequantize as dequantize
 from jaxquant._src.spec import QuantSpec
-from jaxquant._src.types import PyTree
 
 Array = jax.Array
 
@@ -666,94 +665,3 @@ def _fake_quant(
         t = scale_input(xv, s, z, qmax=_qmax(spec))
         mask = ((t >= qmin) & (t <= qmax)).reshape(x.shape)
     return _ste_identity(x, y, mask)
-
-
-# ------------------------------------------------------------------------ pytrees
-
-Policy = QuantSpec | Callable[[tuple[Any, ...], Any], QuantSpec | None]
-
-
-def resolve_policy(policy: Policy, path: tuple[Any, ...], leaf: Any) -> QuantSpec | None:
-    if isinstance(policy, QuantSpec):
-        is_float = hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
-        return policy if is_float else None
-    if not callable(policy):
-        raise TypeError(
-            "quantize_tree: policy must be a QuantSpec or a function (path, leaf) -> "
-            f"QuantSpec | None, got {type(policy).__name__}."
-        )
-    spec = policy(path, leaf)
-    if spec is not None and not isinstance(spec, QuantSpec):
-        raise TypeError(
-            f"quantize_tree: the policy returned {spec!r} for {jax.tree_util.keystr(path)}; "
-            "it must return a QuantSpec or None."
-        )
-    return spec
-
-
-def quantize_tree(tree: PyTree, policy: Policy, *, key: Array | None = None) -> PyTree:
-    """Quantize every leaf the policy selects; other leaves pass through unchanged.
-
-    Args:
-      tree: any pytree of arrays (e.g. Flax params).
-      policy: a :class:`QuantSpec` (applied to every floating-point leaf) or a function
-        ``(path, leaf) -> QuantSpec | None`` (None leaves the leaf as it is).
-      key: PRNG key for stochastic specs; each leaf gets ``fold_in(key, leaf_index)``.
-
-    Returns:
-      The same structure with QArrays in place of quantized leaves. Leaves that are
-      QArrays already are kept as they are (the policy is not asked about them):
-      quantizing a quantized tree again changes nothing. ``dequantize_tree`` first to
-      requantize with another spec.
-
-    Example:
-      >>> import jax.numpy as jnp, jaxquant as jq
-      >>> qt = jq.quantize_tree({"w": jnp.ones((4, 4)), "step": jnp.array(3)},
-      ...                       jq.QuantSpec("int4"))
-      >>> type(qt["w"]).__name__, qt["step"].tolist()
-      ('QArray', 3)
-    """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda a: isinstance(a, QArray)
-    )
-    if key is not None:
-        rounding.check_key(key, "quantize_tree: key=")
-    out = []
-    for i, (path, leaf) in enumerate(leaves):
-        if isinstance(leaf, QArray):
-            out.append(leaf)
-            continue
-        spec = resolve_policy(policy, path, leaf)
-        if spec is None:
-            out.append(leaf)
-            continue
-        k = None if key is None else jax.random.fold_in(key, i)
-        try:
-            out.append(quantize(leaf, spec, key=k))
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"quantize_tree at {jax.tree_util.keystr(path)}: {err}") from None
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def dequantize_tree(tree: PyTree) -> PyTree:
-    """Replace every QArray in ``tree`` by its dequantized array.
-
-    The inverse of :func:`quantize_tree` up to the quantization error: other leaves pass
-    through unchanged.
-
-    Example:
-      >>> import jax.numpy as jnp, jaxquant as jq
-      >>> params = {"w": jnp.array([[1.27, -0.5]]), "b": jnp.array([0.25])}
-      >>> policy = lambda path, x: jq.QuantSpec("int8") if x.ndim == 2 else None
-      >>> q = jq.quantize_tree(params, policy)
-      >>> isinstance(q["w"], jq.QArray), isinstance(q["b"], jq.QArray)
-      (True, False)
-      >>> out = jq.dequantize_tree(q)
-      >>> out["w"].tolist(), out["b"].tolist()
-      ([[1.2699999809265137, -0.5]], [0.25])
-    """
-    return jax.tree_util.tree_map(
-        lambda a: a.dequantize() if isinstance(a, QArray) else a,
-        tree,
-        is_leaf=lambda a: isinstance(a, QArray),
-    )

@@ -166,7 +166,7 @@ def convert(
     parameters, re-quantized by the interception with the same spec: the same codes for
     ``absmax`` weight calibration (the scale may differ in its last bit). Formats: int8
     values, int4 packed two per byte, NF4 codes, fp8, MX...; converted one leaf at a time by
-    :func:`jaxquant.convert`; nothing else is kept of it (no float copy). The quantized
+    :func:`jaxquant.quantize_tree`; nothing else is kept of it (no float copy). The quantized
     model then runs on the converted params: weight-only rules multiply in the activation's
     dtype, rules with an activation spec quantize the activation (static scales from
     :func:`calibrate`'s rules) and run int8 / fp8 GEMMs where both operands allow (see

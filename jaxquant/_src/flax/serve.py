@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
-from jaxquant._src.convert import convert as convert_tree
 from jaxquant._src.flax.intercept import Contraction
 from jaxquant._src.flax.kinds import NNX_LAYERS, nnx_kind, nnx_layers, nnx_modules
 from jaxquant._src.flax.rules import (
@@ -49,6 +48,7 @@ from jaxquant._src.granularity import PerBlock, PerChannel, PerTensor, PerToken,
 from jaxquant._src.layout import bind
 from jaxquant._src.qarray import QArray
 from jaxquant._src.spec import QuantSpec
+from jaxquant._src.tree import quantize_tree
 
 _Args = TypeVar("_Args", bound=tuple[Any, ...])
 
@@ -241,7 +241,7 @@ def convert_linen(
             raise ValueError(
                 f"jq.flax.convert: {name!r} is already a QArray; convert the float params once."
             )
-    out = convert_tree(params, _kernel_policy(targets), load=load, delete=delete)
+    out = quantize_tree(params, _kernel_policy(targets), load=load, delete=delete)
     if has_params:
         return {**variables, "params": out}
     return out
@@ -289,7 +289,7 @@ def convert_nnx(
         plan.append((path, node, var, k, spec, param == "kernel" and nnx_kind(node)))
     for path, node, var, k, spec, is_layer in plan:
         (q,) = jax.tree_util.tree_leaves(
-            convert_tree([k], spec, load=None if load is None else _load_at(load, path)),
+            quantize_tree([k], spec, load=None if load is None else _load_at(load, path)),
             is_leaf=lambda t: isinstance(t, QArray),
         )
         var.set_value(q)

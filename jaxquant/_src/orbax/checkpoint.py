@@ -216,7 +216,7 @@ def save(directory: str | os.PathLike[str], tree: PyTree, *, force: bool = False
       >>> import os, tempfile, jax.numpy as jnp, jaxquant as jq
       >>> import jaxquant.orbax
       >>> params = {"w": jnp.linspace(-1, 1, 64 * 64).reshape(64, 64), "b": jnp.zeros(64)}
-      >>> q = jq.convert(params, [("w", jq.QuantSpec("int4", jq.per_block(-1, 32)))])
+      >>> q = jq.quantize_tree(params, [("w", jq.QuantSpec("int4", jq.per_block(-1, 32)))])
       >>> with tempfile.TemporaryDirectory() as tmp:
       ...     jq.orbax.save(os.path.join(tmp, "ckpt"), q)
       ...     r = jq.orbax.restore(os.path.join(tmp, "ckpt"))
@@ -751,7 +751,7 @@ def restore(directory: str | os.PathLike[str], target: PyTree = None) -> PyTree:
       directory: the checkpoint directory (a local path, or a URI such as
         ``gs://bucket/ckpt``).
       target: optional tree of the same structure, concrete or abstract (e.g.
-        ``jax.eval_shape(lambda p: jq.convert(p, policy), params)``). Its container types
+        ``jax.eval_shape(lambda p: jq.quantize_tree(p, policy), params)``). Its container types
         (``FrozenDict``, ``nnx.State``, tuples...) are used for the result, its leaves
         must match the checkpoint's (QArray spec, shape and dtype; array shape and dtype),
         and a leaf with a ``sharding`` is placed with it. Without ``target`` the result has
