@@ -230,6 +230,7 @@ def test_two_processes_run_every_cell_once_and_match_one_process(tiny):
     assert (two / "summary.md").read_text() == (one / "summary.md").read_text()
     assert sorted(p.name for p in (two / "plots").iterdir()) == [
         "accuracy_vs_bits.png",
+        "loss_vs_bits.png",
         "size_vs_accuracy.png",
         "sqnr_vs_bits.png",
     ]
