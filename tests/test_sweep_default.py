@@ -108,8 +108,8 @@ def test_bad_also_names_the_key(also, needle):
 def test_block_and_mx_granularities_fit_the_kernel():
     cell = G.Cell("t", 0, "int4", "block32", "absmax", "nearest", "ptq")
     assert G.spec_for(cell, (64, 10)).granularity == G.per_block(-2, 32)
-    # 48 inputs do not tile into blocks of 32: one scale per output channel.
-    assert G.spec_for(cell, (48, 10)).granularity == G.per_channel(-1)
+    # Fewer inputs than a block: one scale per output channel.
+    assert G.spec_for(cell, (16, 10)).granularity == G.per_channel(-1)
     mx = cell._replace(format="mxfp4")
     assert G.spec_for(mx, (16, 64)).granularity == G.per_block(-1, 32)
     with pytest.raises(ValueError, match=r"mxfp4 needs blocks of 32 .* shape \(16, 10\)"):

@@ -21,7 +21,7 @@ dynamically (each batch's absmax). A cell's id ends in ``/act=<format>`` unless 
 
 Every quantized layer is a leaf named ``kernel`` of rank >= 2 (Dense ``(in, out)``, Conv
 ``(kh, kw, in, out)``). ``blockN`` groups N values along the contracted input axis (-2);
-a kernel whose input axis is not a multiple of N gets one scale per output channel.
+a kernel whose input axis is shorter than N gets one scale per output channel.
 """
 
 from __future__ import annotations
@@ -136,9 +136,9 @@ def _granularity(name: str, fmt: str, shape: tuple[int, ...]) -> Any:
     if name == "channel":
         return per_channel(-1)
     size = int(name.removeprefix("block"))
-    if shape[-2] % size:  # blocks must tile the axis: one scale per channel instead
+    if shape[-2] < size:
         return per_channel(-1)
-    return per_block(-2, size)
+    return per_block(-2, size)  # raises (the cell fails) when size does not divide the axis
 
 
 def act_spec(cell: Cell) -> QuantSpec | None:
