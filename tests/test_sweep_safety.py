@@ -30,7 +30,7 @@ from jaxquant._src.sweep import folder as F
 from jaxquant._src.sweep import grid as G
 from jaxquant._src.sweep import run as R
 
-QUICK = C.resolve(quick=True)  # digits-mlp --quick: 5 cells, one seed
+QUICK = C.resolve(quick=True)  # the default preset --quick: 5 cells, one seed
 CNN = C.resolve(preset="digits-cnn", quick=True)  # another config (another hash)
 N_CELLS = len(G.expand(QUICK))
 
