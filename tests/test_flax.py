@@ -118,6 +118,7 @@ def test_same_rules_select_same_layers():
     assert [m.path for m in report(qlinen)] == [m.path for m in report(qnnx)] == ["Dense_1"]
 
 
+@pytest.mark.slow
 def test_linen_regex_quantizes_only_matched_layers():
     model, params, layers = _linen()
     qmodel = quantize_model(model, [Rule("Dense_1", weight=W_SPEC, act=A_SPEC)])

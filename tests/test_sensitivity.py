@@ -442,6 +442,7 @@ def test_noise_level_negative_damage_counts_as_zero():
             mixed_precision(sens, budget=1.0, noise=bad)
 
 
+@pytest.mark.slow
 def test_noise_is_twice_the_standard_error_over_half_batches(sens_acc, linen, digits):
     """Accuracy's noise level, by hand: the damage of each half of each test batch (6
     parts of 99 or 100 images), weighted by size; 2 x the standard error of their mean."""
