@@ -130,6 +130,7 @@ def _fp8_edge_input() -> jax.Array:
     return x.at[0, :8].set(edge)
 
 
+@pytest.mark.slow  # seconds: subprocesses or many compiles (the fast loop skips it)
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_native_fp8_cast_matches_integer_rounding(fmt):
     """NATIVE_FP8_CAST: the device's f32 -> fp8 conversion (after the scale and the clip to
@@ -167,6 +168,7 @@ def test_fp8_values_decoded_through_their_bits(dtype):
 # -------------------------------------------- fp8 products with a non-leading batch axis
 
 
+@pytest.mark.slow  # seconds: subprocesses or many compiles (the fast loop skips it)
 def test_fp8_batch_axis_not_leading():
     """fp8_leading_batch_only: on the H200 the one fp8 product whose batch axis was not
     leading gave NaN gradients as an fp8 GEMM; jaxquant emulates such products on GPUs.

@@ -81,6 +81,7 @@ WITHOUT_EXTRAS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # seconds: subprocesses or many compiles (the fast loop skips it)
 def test_core_works_without_extras(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", WITHOUT_EXTRAS],

@@ -243,6 +243,7 @@ def test_two_processes_run_every_cell_once_and_match_one_process(tiny):
     assert "process 0 writes the table" in (tiny / "two1.out").read_text()
 
 
+@pytest.mark.slow  # seconds: subprocesses or many compiles (the fast loop skips it)
 def test_a_killed_run_resumes_without_redoing_finished_cells(tmp_path):
     """Process 1 is killed in its second cell (and process 0, waiting for it, with it, as
     jax.distributed's heartbeat would); the same command resumes: only the killed cell
