@@ -192,6 +192,22 @@ def _div_rn(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.select(neg, lax.neg(out), out)
 
 
+def _sign_bit(x: jax.Array) -> jax.Array:
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    return lax.bitwise_and(bits, lax.full_like(bits, 0x80000000))
+
+
+def _signed_zero(x: jax.Array) -> jax.Array:
+    """+-0 with the sign of float32 ``x`` (bits: exact where XLA flushes subnormals)."""
+    return lax.bitcast_convert_type(_sign_bit(x), jnp.float32)
+
+
+def _signed_inf(x: jax.Array) -> jax.Array:
+    """+-inf with the sign of float32 ``x``."""
+    s = _sign_bit(x)
+    return lax.bitcast_convert_type(lax.bitwise_or(s, lax.full_like(s, 0x7F800000)), jnp.float32)
+
+
 def divide(a: jax.Array, b: jax.Array) -> jax.Array:
     """Correctly rounded float32 ``a / b`` for same-shaped arrays, fast where possible.
 
@@ -209,9 +225,13 @@ def divide(a: jax.Array, b: jax.Array) -> jax.Array:
         # simplifier rewrites into ``a * broadcast(1/b)`` -- 1 ulp off (issue 11, item 7).
         # ``b * (0 * a + 1)`` (finite ``a`` only; XLA does not fold ``x * 0`` for floats)
         # ties ``b`` to ``a``'s batch dimensions at the cost of two flops per group.
-        b = b * (jnp.where(jnp.isfinite(a), a, 0.0) * 0.0 + 1.0)  # b * 1 keeps -0's sign
-        q = a / lax.optimization_barrier(b)
-        return jnp.where(jnp.abs(q) < jnp.float32(2.0**-126), jnp.copysign(0.0, q), q)
+        # (lax primitives, not jnp: jnp.where / copysign are jitted functions traced anew
+        # for every scale shape, most of a quantized step's trace time -- issue 12 item 10.)
+        f = lambda v: lax.full_like(a, v)
+        finite_a = lax.select(lax.is_finite(a), a, f(0.0))
+        b = lax.mul(b, lax.add(lax.mul(finite_a, f(0.0)), f(1.0)))  # b * 1 keeps -0's sign
+        q = lax.div(a, lax.optimization_barrier(b))
+        return lax.select(lax.lt(lax.abs(q), f(2.0**-126)), _signed_zero(q), q)
 
     return lax.platform_dependent(a, b, cpu=cpu, default=div_rn)
 
@@ -233,9 +253,9 @@ def reciprocal(b: jax.Array) -> jax.Array:
     b = jnp.asarray(b, jnp.float32)
 
     def cpu(b: jax.Array) -> jax.Array:
-        big = jnp.abs(b) > jnp.float32(2.0**126)
-        b = jnp.where(big, jnp.copysign(jnp.float32(np.inf), b), b)
-        return jnp.float32(1.0) / lax.optimization_barrier(b)
+        big = lax.gt(lax.abs(b), lax.full_like(b, 2.0**126))
+        b = lax.select(big, _signed_inf(b), b)
+        return lax.div(lax.full_like(b, 1.0), lax.optimization_barrier(b))
 
     return lax.platform_dependent(b, cpu=cpu, default=lambda b: div_rn(jnp.ones_like(b), b))
 
