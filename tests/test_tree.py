@@ -190,3 +190,15 @@ def test_quantize_tree_keeps_qarrays_as_they_are():
     seen = []
     jq.quantize_tree(once, lambda path, leaf: seen.append(path) or jq.QuantSpec("int4"))
     assert seen == []
+
+
+def test_non_array_leaves_a_policy_selects():
+    """A Python number is quantized as a 0-d array (as quantize_tree always did); anything
+    else is a TypeError naming the leaf, not an AttributeError from inside."""
+    any_leaf = lambda path, leaf: jq.QuantSpec("int8")
+    q = jq.quantize_tree({"a": 1.0}, any_leaf)
+    assert isinstance(q["a"], jq.QArray) and q["a"].shape == ()
+    with pytest.raises(TypeError, match=r"quantize_tree at 'b': it is not an array or a number"):
+        jq.quantize_tree({"b": "abc"}, any_leaf)
+    with pytest.raises(TypeError, match=r"quantize_tree at 'c': it is not an array or a number"):
+        jq.quantize_tree({"c": True}, any_leaf)

@@ -40,6 +40,15 @@ def _path_str(path: KeyPath) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def _dtype(leaf: Any) -> np.dtype[Any]:
+    """An array leaf's dtype, or a Python number's (quantized as an array, as before)."""
+    if hasattr(leaf, "dtype"):
+        return np.dtype(leaf.dtype)
+    if isinstance(leaf, int | float) and not isinstance(leaf, bool):
+        return np.dtype(jnp.result_type(leaf))
+    raise TypeError(f"it is not an array or a number: got {describe(leaf)}")
+
+
 def _spec_for(policy: QuantSpec | LeafSpec, path: KeyPath, leaf: Any) -> QuantSpec | None:
     """The spec ``policy`` gives ``leaf`` (a bare spec: every floating-point leaf)."""
     if isinstance(policy, QuantSpec):
@@ -188,9 +197,10 @@ def quantize_tree(
         try:
             spec = _spec_for(leaf_policy, path, leaf)
             if spec is not None:
-                if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                    raise TypeError(f"its dtype {leaf.dtype} is not floating point")
-                spec.granularity.plan(tuple(leaf.shape))
+                dtype = _dtype(leaf)
+                if not jnp.issubdtype(dtype, jnp.floating):
+                    raise TypeError(f"its dtype {dtype} is not floating point")
+                spec.granularity.plan(tuple(np.shape(leaf)))
         except (TypeError, ValueError) as e:
             raise type(e)(f"quantize_tree at {name!r}: {e}") from None
         if isinstance(leaf, jax.ShapeDtypeStruct) and load is None:
