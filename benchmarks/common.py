@@ -7,16 +7,10 @@ from a checkout as ``python3 benchmarks/<script>.py`` or ``PYTHONPATH=$PWD`` on 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
-import statistics
-import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,164 +20,15 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-# ------------------------------------------------------------------------- environment
-
-
-def git_state() -> str:
-    """The checkout's commit, ``+dirty`` when ``jaxquant/`` has uncommitted changes, or
-    ``"unknown"`` (no git, or a copy of the tree without ``.git`` as on a device)."""
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--", "jaxquant")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-GIT_AT_START = git_state()  # the code that runs is the code imported now
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def environment(**extra: Any) -> dict[str, Any]:
-    """Where and when a result was measured: date (UTC), Python, jax / jaxlib / flax
-    versions, backend, device kind and count, the device's platform version (CUDA and
-    driver on GPUs), host CPUs and load average, the jaxquant commit; plus ``extra``."""
-    dev = jax.devices()[0]
-    try:
-        cpus: int | None = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count()
-    try:
-        load: list[float] | None = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        load = None
-    try:
-        platform_version = dev.client.platform_version
-    except AttributeError:
-        platform_version = None
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "flax": _version("flax"),
-        "backend": jax.default_backend(),
-        "device": dev.device_kind,
-        "devices": jax.device_count(),
-        "platform_version": platform_version,
-        "host_cpus": cpus,
-        "loadavg": load,
-        "jaxquant_git": GIT_AT_START,
-        **extra,
-    }
-
-
-def device_slug() -> str:
-    """A short file-name tag for the device: ``cpu``, ``h100``, ``h200``, ``a100``..."""
-    if jax.default_backend() == "cpu":
-        return "cpu"
-    kind = jax.devices()[0].device_kind.lower()
-    m = re.search(r"\b([a-z]\d{2,4})\b", kind)
-    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", kind).strip("-")
-
-
-# ------------------------------------------------------------------------------ timing
-
-
-def seconds_per_call(f: Callable[[], Any], reps: int) -> float:
-    """Seconds per call of ``reps`` calls dispatched back to back, blocked on the last
-    result: one device stream runs them in order, so the last done means all done."""
-    out = None
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = f()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / reps
-
-
-def sample_ms(
-    f: Callable[[], Any], *, samples: int, inner: int = 1, warmup: int = 1
-) -> dict[str, Any]:
-    """``warmup`` calls, then ``samples`` timings of ``inner`` back-to-back calls each:
-    ``ms`` (median per call), ``ms_min`` (fastest sample: load only ever adds time) and
-    every sample."""
-    for _ in range(warmup):
-        jax.block_until_ready(f())
-    times = [seconds_per_call(f, inner) * 1e3 for _ in range(samples)]
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_all": times}
-
-
-def paired_ratios(
-    baseline: Callable[[], Any],
-    variants: dict[str, Callable[[], Any]],
-    rounds: int,
-    reps: int,
-) -> dict[str, dict[str, Any]]:
-    """Each variant's time over the baseline's, timed right before it, ``rounds`` times
-    (the variant order rotates each round), so load from other processes hits both sides
-    of a ratio alike. Per variant: median ratio, its min / max over rounds, and the median
-    milliseconds per call of the variant and of the baseline."""
-    names = list(variants)
-    ratios: dict[str, list[float]] = {n: [] for n in names}
-    ms: dict[str, list[float]] = {n: [] for n in names}
-    base_ms: list[float] = []
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            b = seconds_per_call(baseline, reps)
-            v = seconds_per_call(variants[n], reps)
-            base_ms.append(b * 1e3)
-            ms[n].append(v * 1e3)
-            ratios[n].append(v / b)
-    out = {
-        n: {
-            "ratio": statistics.median(ratios[n]),
-            "min": min(ratios[n]),
-            "max": max(ratios[n]),
-            "ms": statistics.median(ms[n]),
-        }
-        for n in names
-    }
-    out["baseline"] = {"ms": statistics.median(base_ms) if base_ms else None}
-    return out
-
-
-# ------------------------------------------------------------------------------- model
-
-
-class MLP(nn.Module):
-    """The digits MLP (ReLU; layers ``Dense_0`` .. ``Dense_{len(features)}``).
-
-    ``dense`` builds each layer: ``nn.Dense`` by default, or a peer's quantized Dense, or a
-    ``functools.partial`` of ``nn.Dense`` with a dtype or a ``dot_general``."""
-
-    features: tuple[int, ...] = (512, 512)
-    n_out: int = 10
-    dense: Callable[..., nn.Module] = nn.Dense
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for f in self.features:
-            x = nn.relu(self.dense(f)(x))
-        return self.dense(self.n_out)(x)
-
+# The environment record, the timing helpers and the digits MLP live in the application
+# layer (one copy for the sweep, benchmarks, papers and tests); re-exported here so the
+# scripts keep writing ``common.environment()``.
+from jaxquant.app.env import GIT_AT_IMPORT as GIT_AT_START  # noqa: E402,F401
+from jaxquant.app.env import device_slug, environment, git_state  # noqa: E402,F401
+from jaxquant.app.models import MLP  # noqa: E402,F401
+from jaxquant.app.timing import paired_ratios, sample_ms, seconds_per_call  # noqa: E402,F401
 
 # ------------------------------------------------------------------------------ results
 # The accuracy scripts (qat_digits, qat_lm, mixed_precision, ptq_digits) share one JSON

@@ -647,7 +647,7 @@ def environment() -> dict:
     return env | {
         "cpu_count": os.cpu_count(),
         "load_average": env["loadavg"],
-        "jaxquant_commit": env["jaxquant_git"],
+        "jaxquant_commit": env["git"],
     }
 
 

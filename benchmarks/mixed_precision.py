@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxquant.optax as jqo  # noqa: E402
-from jaxquant.datasets import digits  # noqa: E402
+from jaxquant.app.datasets import digits  # noqa: E402
 
 NAME = "mixed_precision"
 EXPERIMENTS = ("loss_scale", "stochastic_rounding")

@@ -61,7 +61,7 @@ import numpy as np
 import optax
 
 import jaxquant as jq
-from jaxquant.datasets import digits
+from jaxquant.app.datasets import digits
 from jaxquant.flax import Rule, quantize_model
 
 HIDDEN = (512, 512)
@@ -311,7 +311,7 @@ def _time_steps(models, tx, x, y, rounds: int, reps: int, errors: dict[str, str]
 def qat(
     peers: dict[str, Any], args: argparse.Namespace, errors: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    data = digits()  # jaxquant.datasets: the split every digits benchmark uses
+    data = digits()  # jaxquant.app.datasets: the split every digits benchmark uses
     models = make_models(peers, errors=errors)
     tx = optax.adam(1e-3)
     n = len(data["y_train"])

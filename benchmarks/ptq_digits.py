@@ -82,8 +82,8 @@ import optax  # noqa: E402
 import qat_digits as qd  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
-from jaxquant._src.sweep.tasks import CNN  # noqa: E402  (the sweep's digits CNN)
-from jaxquant.datasets import digits  # noqa: E402
+from jaxquant.app.datasets import digits  # noqa: E402
+from jaxquant.app.models import CNN  # noqa: E402  (the sweep's digits CNN)
 from jaxquant.flax import Rule, calibrate, convert, quantize_model, report  # noqa: E402
 
 NAME = "ptq_digits"

@@ -48,7 +48,7 @@ import optax  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 import jaxquant.optax as jqo  # noqa: E402
-from jaxquant.datasets import digits  # noqa: E402
+from jaxquant.app.datasets import digits  # noqa: E402
 from jaxquant.flax import quantize_model, report  # noqa: E402
 
 NAME = "qat_digits"
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n = 256 if args.quick else 1347
         args.epochs = max(1, round(args.steps / (n // 64)))
     cfg = config(args)
-    data = digits(cfg["n_train"])  # jaxquant.datasets: the split of every digits script
+    data = digits(cfg["n_train"])  # jaxquant.app.datasets: the split of every digits script
     cfg |= {"n_train_used": len(data["y_train"]), "n_test": len(data["y_test"])}
     results: dict[str, Any] = {}
     t0 = time.perf_counter()

@@ -43,8 +43,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
-from jaxquant._src.datasets import spaced_windows  # noqa: E402
-from jaxquant.datasets import stdlib_corpus  # noqa: E402
+from jaxquant.app.datasets import spaced_windows, stdlib_corpus  # noqa: E402
 from jaxquant.flax import quantize_model, report  # noqa: E402
 
 NAME = "qat_lm"

@@ -3,7 +3,7 @@
 The tests own these (they used to import benchmarks/, which is not part of the package):
 a ReLU MLP, a 3x3 VALID CNN and a training loop that runs every epoch in one
 ``jax.jit`` (``lax.scan`` over epochs and mini-batches), compiled once per model.
-Data: ``jaxquant.datasets.digits`` (scikit-learn's 8x8 digits, 1347 train / 450 test).
+Data: ``jaxquant.app.datasets.digits`` (scikit-learn's 8x8 digits, 1347 train / 450 test).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxquant.datasets import digits
+from jaxquant.app.datasets import digits
 
 
 class MLP(nn.Module):

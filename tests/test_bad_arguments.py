@@ -40,7 +40,7 @@ optax = pytest.importorskip("optax")
 jqf = importlib.import_module("jaxquant.flax")
 jqo = importlib.import_module("jaxquant.optax")
 jqorbax = importlib.import_module("jaxquant.orbax")
-jqdata = importlib.import_module("jaxquant.datasets")
+jqdata = importlib.import_module("jaxquant.app.datasets")
 
 PUBLIC_MODULES = {
     "jq": jq,
@@ -51,7 +51,7 @@ PUBLIC_MODULES = {
     "jq.optax": jqo,
     "jq.flax": jqf,
     "jq.orbax": jqorbax,
-    "jq.datasets": jqdata,
+    "jaxquant.app.datasets": jqdata,
 }
 
 # ------------------------------------------------------------------------ good values
@@ -975,19 +975,19 @@ target(
 # ------------------------------------------------------------------------ jq.datasets
 
 target(
-    "jq.datasets.stdlib_corpus",
+    "jaxquant.app.datasets.stdlib_corpus",
     lambda val_every=10, max_files=30: jqdata.stdlib_corpus(val_every, max_files),
     val_every={**INT, "one": 1},
     max_files={"float": 2.5, "str": "3", "zero": 0, "neg": -1},
 )
 target(
-    "jq.datasets.stdlib_bytes",
+    "jaxquant.app.datasets.stdlib_bytes",
     lambda seq=8, **kw: jqdata.stdlib_bytes(seq, **{"max_files": 30, "test_windows": 2, **kw}),
     seq={**but(INT, "huge"), "zero": 0},
     test_windows={"float": 2.5, "neg": -1, "str": "3"},
 )
 target(
-    "jq.datasets.digits",
+    "jaxquant.app.datasets.digits",
     lambda n_train=None: jqdata.digits(n_train),
     n_train={"float": 2.5, "str": "3", "zero": 0, "neg": -1},
 )

@@ -152,7 +152,7 @@ def test_the_parser_sees_every_kind_of_import():
     assert "jaxquant._src.dot" in GRAPH["jaxquant._src.serve"]
     # function-level imports: recipes' Rule, the sweep's run -> tasks.
     assert "jaxquant._src.flax.rules" in GRAPH["jaxquant._src.recipes"]
-    assert "jaxquant._src.sweep.tasks" in GRAPH["jaxquant._src.sweep.run"]
+    assert "jaxquant.app.sweep.tasks" in GRAPH["jaxquant.app.sweep.run"]
     # a package's own modules are no edge back to it; another package's are
     assert "jaxquant._src.flax" not in GRAPH["jaxquant._src.flax.calibrate"]
     assert "jaxquant._src.flax" in GRAPH["jaxquant._src.recipes"]
@@ -203,4 +203,36 @@ def test_src_never_imports_the_public_package(name):
     }
     assert not public, f"{name} imports the public package: " + ", ".join(
         f"{m} (line {line})" for m, line in sorted(public.items())
+    )
+
+
+APP = sorted(m for m in MODULES if m == "jaxquant.app" or m.startswith("jaxquant.app."))
+PUBLIC = sorted(m for m in MODULES if not m.startswith(("jaxquant._src", "jaxquant.app")))
+
+
+def test_the_app_layer_exists():
+    assert {"jaxquant.app.sweep.run", "jaxquant.app.models", "jaxquant.app.env"} <= set(APP)
+
+
+@pytest.mark.parametrize("name", APP)
+def test_the_app_layer_uses_only_the_public_api(name):
+    """``jaxquant.app`` (sweep, data sets, models, timing) is built on what users get:
+    an app module importing ``jaxquant._src`` would depend on what the library may change."""
+    private = {m: line for m, line in _imports(name) if m.startswith("jaxquant._src")}
+    assert not private, f"{name} imports private modules: " + ", ".join(
+        f"{m} (line {line})" for m, line in sorted(private.items())
+    )
+
+
+@pytest.mark.parametrize("name", SRC + PUBLIC)
+def test_the_library_never_imports_the_app_layer(name):
+    """The library does not depend on its applications (the deprecated ``jaxquant.datasets``
+    alias reaches ``jaxquant.app.datasets`` only when an old name is used)."""
+    app = {
+        m: line
+        for m, line in _imports(name)
+        if m.startswith("jaxquant.app") and name != "jaxquant.datasets"
+    }
+    assert not app, f"{name} imports the application layer: " + ", ".join(
+        f"{m} (line {line})" for m, line in sorted(app.items())
     )

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PUBLIC = (
     "jaxquant",
-    "jaxquant.datasets",
+    "jaxquant.cli",
+    "jaxquant.extras",
     "jaxquant.flax",
     "jaxquant.formats",
     "jaxquant.integer",
@@ -48,10 +49,10 @@ WITHOUT_EXTRAS = textwrap.dedent(
     import chex
     import jax.numpy as jnp
     import jaxquant as jq
-    import jaxquant.datasets
+    import jaxquant.app.datasets
     import jaxquant.flax
     import jaxquant.optax
-    from jaxquant._src import cli
+    from jaxquant.app import cli
 
     out = {}
     tree = {"w": jnp.linspace(-1.0, 1.0, 32).reshape(4, 8), "b": [jnp.ones(3, jnp.float32)]}
@@ -70,7 +71,7 @@ WITHOUT_EXTRAS = textwrap.dedent(
         return None
 
     out["orbax"] = error_of(lambda: jq.orbax)
-    out["digits"] = error_of(lambda: jaxquant.datasets.digits())
+    out["digits"] = error_of(lambda: jaxquant.app.datasets.digits())
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         rc = cli.main(["sweep", "--quick", "--no-progress", "--out", "never-written"])
@@ -164,3 +165,14 @@ def test_mypy_is_strict_on_every_module_behind_the_public_api():
             if home is not None and home.startswith("jaxquant"):
                 defining.add(home)
     assert defining <= set(strict), sorted(defining - set(strict))
+
+
+def test_the_old_datasets_module_warns_and_forwards():
+    import jaxquant.app.datasets
+    import jaxquant.datasets
+
+    with pytest.warns(DeprecationWarning, match="moved to jaxquant.app.datasets.stdlib_bytes"):
+        fn = jaxquant.datasets.stdlib_bytes
+    assert fn is jaxquant.app.datasets.stdlib_bytes
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = jaxquant.datasets.nope

@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxquant._src.cli import main
-from jaxquant._src.sweep import config as C
-from jaxquant._src.sweep import grid as G
-from jaxquant._src.sweep import run as R
+from jaxquant.app.cli import main
+from jaxquant.app.sweep import config as C
+from jaxquant.app.sweep import grid as G
+from jaxquant.app.sweep import run as R
 
 TINY_MODULE = """
 import flax.linen as nn
@@ -350,8 +350,8 @@ def test_quick_lm_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_lm_data_and_model_shapes():
-    from jaxquant._src.sweep import tasks
-    from jaxquant.datasets import stdlib_bytes
+    from jaxquant.app.datasets import stdlib_bytes
+    from jaxquant.app.sweep import tasks
 
     d = stdlib_bytes(seq=16, test_windows=4, max_files=20)
     assert d["x_train"].shape[1:] == d["y_train"].shape[1:] == (16,)
@@ -385,7 +385,7 @@ def test_task_layers_steps_and_data_kwargs(tiny, capsys):
     assert f32 - rows["int8", "channel"]["model_bytes"] == 144 - 2 * 4
     ev = R.Evaluator(cfg)
     assert ev.yt.shape[0] == 100  # data_kwargs reached the data function
-    from jaxquant._src.sweep.tasks import train_steps
+    from jaxquant.app.sweep.tasks import train_steps
 
     assert train_steps(cfg["task"], 200) == 7  # task.steps wins over epochs ...
     assert train_steps({"epochs": 3, "batch": 32, "steps": 0}, 200) == 3 * 6  # ... when > 0

@@ -21,10 +21,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxquant._src.cli import main
-from jaxquant._src.sweep import config as C
-from jaxquant._src.sweep import grid as G
-from jaxquant._src.sweep import run as R
+from jaxquant.app.cli import main
+from jaxquant.app.sweep import config as C
+from jaxquant.app.sweep import grid as G
+from jaxquant.app.sweep import run as R
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -342,7 +342,7 @@ def test_model_returning_a_structure_with_an_output_adapter(models, tmp_path, ca
 # sys.path starts with its own folder, not the current directory.
 RUNNER = """
 import sys
-from jaxquant._src.cli import main
+from jaxquant.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

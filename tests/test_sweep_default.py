@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxquant._src.sweep import config as C
-from jaxquant._src.sweep import grid as G
-from jaxquant._src.sweep import plots as P
+from jaxquant.app.sweep import config as C
+from jaxquant.app.sweep import grid as G
+from jaxquant.app.sweep import plots as P
 
 REPO = Path(__file__).resolve().parents[1]
 

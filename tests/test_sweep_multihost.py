@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from jaxquant._src.cli import main
-from jaxquant._src.sweep import command
-from jaxquant._src.sweep import config as C
-from jaxquant._src.sweep import folder as F
-from jaxquant._src.sweep import grid as G
-from jaxquant._src.sweep import hosts as H
-from jaxquant._src.sweep import run as R
+from jaxquant.app.cli import main
+from jaxquant.app.sweep import command
+from jaxquant.app.sweep import config as C
+from jaxquant.app.sweep import folder as F
+from jaxquant.app.sweep import grid as G
+from jaxquant.app.sweep import hosts as H
+from jaxquant.app.sweep import run as R
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = C.resolve(quick=True)  # digits-mlp --quick: 5 cells, one seed
@@ -62,8 +62,8 @@ DRIVER = GS + textwrap.dedent(
     """
     import hashlib, sys, time
     from pathlib import Path
-    from jaxquant._src.cli import main
-    from jaxquant._src.sweep import run as R
+    from jaxquant.app.cli import main
+    from jaxquant.app.sweep import run as R
 
     calls_dir = os.environ.get("CALLS")
     block_at = int(os.environ.get("BLOCK_AT", "0"))

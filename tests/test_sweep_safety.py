@@ -24,11 +24,12 @@ from pathlib import Path
 import pytest
 
 from jaxquant._src import cli
-from jaxquant._src.cli import main
-from jaxquant._src.sweep import config as C
-from jaxquant._src.sweep import folder as F
-from jaxquant._src.sweep import grid as G
-from jaxquant._src.sweep import run as R
+from jaxquant.app.cli import main
+from jaxquant.app.sweep import command as sweep_command
+from jaxquant.app.sweep import config as C
+from jaxquant.app.sweep import folder as F
+from jaxquant.app.sweep import grid as G
+from jaxquant.app.sweep import run as R
 
 QUICK = C.resolve(quick=True)  # the default preset --quick: 5 cells, one seed
 CNN = C.resolve(preset="digits-cnn", quick=True)  # another config (another hash)
@@ -285,8 +286,8 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys, fake):
 RACER = """
 import os, sys, time
 from pathlib import Path
-from jaxquant._src.sweep import run as R
-from jaxquant._src.cli import main
+from jaxquant.app.sweep import run as R
+from jaxquant.app.cli import main
 
 flag = Path(sys.argv[1])
 
@@ -543,7 +544,7 @@ def test_seed_range_ends_are_accepted(capsys):
 
 
 def test_every_integer_option_has_a_range():
-    parser = cli.build_parser()
+    parser = cli.build_parser([sweep_command.SUBCOMMAND])  # the installed script's set
     subparsers = next(a for a in parser._actions if a.choices and a.dest == "command")
     ints = [
         (name, a.dest)

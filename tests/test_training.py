@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxquant as jq
-from jaxquant.datasets import stdlib_corpus
+from jaxquant.app.datasets import stdlib_corpus
 from jaxquant.flax import quantize_model, report
 
 # --------------------------------------------------------------------------- digits

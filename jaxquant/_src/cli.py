@@ -8,10 +8,12 @@ Subcommands::
     jaxquant quantize -0.5 0.3 1.2 -2.1 --format int8 [--calibration absmax|mean_std:K|
         percentile:P|mse|minmax|kl|none] [--asymmetric] [--stochastic --seed N]
 
-Each subcommand is a ``(name, add_arguments, run)`` entry of :data:`SUBCOMMANDS`; adding one
-means writing those two functions and appending the entry. ``run(args)`` prints to stdout
-and returns the exit status. Errors (unknown format, a bad number, a bad calibration) print
-one line ``jaxquant: error: ...`` on stderr and exit with status 2 (usage) or 1 (library).
+Each subcommand is a :class:`Subcommand` ``(name, help, add_arguments, run)``: the core's
+are :data:`SUBCOMMANDS`, an application passes its own to :func:`main` (the installed
+``jaxquant`` script is :func:`jaxquant.app.cli.main`, which adds ``sweep``). ``run(args)``
+prints to stdout and returns the exit status. Errors (unknown format, a bad number, a bad
+calibration) print one line ``jaxquant: error: ...`` on stderr and exit with status 2
+(usage) or 1 (library).
 
 ``quantize`` prints numbers computed by the library itself -- the calibration object, the
 ``compute_scale`` rule, the quantizer core and :func:`jaxquant.fake_quant` -- never a
@@ -38,15 +40,29 @@ from jaxquant._src import formats, rounding
 from jaxquant._src import metrics as qmetrics
 from jaxquant._src import quantize as qz
 from jaxquant._src.explain import explain
-from jaxquant._src.extras import MissingExtraError, require_extra
+from jaxquant._src.extras import MissingExtraError
 from jaxquant._src.spec import QuantSpec
-from jaxquant._src.sweep import command as sweep_command
 
 PROG = "jaxquant"
 
 
 class Subcommand(NamedTuple):
-    """One ``jaxquant NAME`` subcommand."""
+    """One ``jaxquant NAME`` subcommand: ``add_arguments(parser)`` declares its options,
+    ``run(args)`` prints to stdout and returns the exit status.
+
+    The core defines ``formats``, ``explain`` and ``quantize``; an application adds its own
+    (the ``jaxquant`` console script adds :mod:`jaxquant.app`'s ``sweep``) by passing them to
+    :func:`main`.
+
+    Example:
+      >>> import jaxquant.cli
+      >>> hello = jaxquant.cli.Subcommand(
+      ...     "hello", "say hello", lambda p: None, lambda args: print("hello") or 0
+      ... )
+      >>> jaxquant.cli.main(["hello"], commands=[hello])
+      hello
+      0
+    """
 
     name: str
     help: str
@@ -570,12 +586,6 @@ def _steps_table(st: Steps) -> str:
     return text
 
 
-def _run_sweep(args: argparse.Namespace) -> int:
-    # The sweep's packages are an extra: refuse before training anything, not at the plots.
-    require_extra("sweep", "jaxquant sweep")
-    return sweep_command.run(args)
-
-
 # ---------------------------------------------------------------------------- main
 
 SUBCOMMANDS: list[Subcommand] = [
@@ -594,23 +604,21 @@ SUBCOMMANDS: list[Subcommand] = [
         _add_quantize,
         _run_quantize,
     ),
-    Subcommand(
-        "sweep",
-        "evaluate a grid of formats x granularity x calibration x rounding x PTQ/QAT",
-        sweep_command.add_arguments,
-        _run_sweep,
-    ),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser with one subparser per entry of :data:`SUBCOMMANDS`."""
+def build_parser(commands: Sequence[Subcommand] = ()) -> argparse.ArgumentParser:
+    """The argparse parser with one subparser per entry of :data:`SUBCOMMANDS` and of
+    ``commands``."""
     parser = _Parser(
         prog=PROG,
         description="jaxquant: low-precision number formats and quantization, explained.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for cmd in SUBCOMMANDS:
+    names = [c.name for c in [*SUBCOMMANDS, *commands]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"main: commands repeat a subcommand name: {names}")
+    for cmd in [*SUBCOMMANDS, *commands]:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
         p.set_defaults(run=cmd.run)
@@ -633,11 +641,23 @@ def _check_int_options(args: argparse.Namespace) -> None:
             )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, commands: Sequence[Subcommand] = ()) -> int:
     """Run the ``jaxquant`` command line; returns the exit status (0 ok, 1 an error of the
-    library or the system, 2 a usage error, 130 interrupted), with one line on stderr."""
+    library or the system, 2 a usage error, 130 interrupted), with one line on stderr.
+
+    Args:
+      argv: the arguments after the program name (default ``sys.argv[1:]``).
+      commands: :class:`Subcommand` entries added to the core's ``formats``, ``explain``
+        and ``quantize``.
+
+    Example:
+      >>> import jaxquant.cli
+      >>> jaxquant.cli.main(["formats", "--kind", "mx", "--json"]) # doctest: +ELLIPSIS
+      [...
+      0
+    """
     args_in = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(commands)
     try:
         args = parser.parse_args(_protect_negative_numbers(args_in))
         if args.command is None:

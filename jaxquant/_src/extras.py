@@ -24,7 +24,13 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 class MissingExtraError(ImportError):
-    """A feature's optional dependency is not installed; the message names the extra."""
+    """A feature's optional dependency is not installed; the message names the extra.
+
+    Example:
+      >>> from jaxquant.extras import MissingExtraError
+      >>> issubclass(MissingExtraError, ImportError)  # ``except ImportError`` still catches it
+      True
+    """
 
 
 def missing_extra(extra: str, feature: str, packages: tuple[str, ...] = ()) -> MissingExtraError:
@@ -32,6 +38,11 @@ def missing_extra(extra: str, feature: str, packages: tuple[str, ...] = ()) -> M
     ImportError that revealed it, so the original cause stays in the traceback).
 
     ``packages`` are the pip names found missing; by default every package of the extra.
+
+    Example:
+      >>> from jaxquant.extras import missing_extra
+      >>> print(missing_extra("checkpoint", "jaxquant.orbax"))  # doctest: +ELLIPSIS
+      jaxquant.orbax needs orbax-checkpoint, ... pip install "jaxquant[checkpoint]"
     """
     if extra not in EXTRAS:
         raise ValueError(f"missing_extra: extra must be one of {sorted(EXTRAS)}, got {extra!r}")
@@ -54,6 +65,10 @@ def require_extra(extra: str, feature: str) -> None:
 
     Checks without importing (``importlib.util.find_spec``), so a command can refuse at
     its start instead of failing after its work, when it first imports the package.
+
+    Example:
+      >>> from jaxquant.extras import require_extra
+      >>> require_extra("checkpoint", "jaxquant.orbax")  # returns None when installed
     """
     if extra not in EXTRAS:
         raise ValueError(f"require_extra: extra must be one of {sorted(EXTRAS)}, got {extra!r}")

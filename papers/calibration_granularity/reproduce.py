@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
-from jaxquant.datasets import digits  # noqa: E402
+from jaxquant.app.datasets import digits  # noqa: E402
 from jaxquant.flax import Rule, calibrate, convert, quantize_model  # noqa: E402
 
 EVERY = r"Dense_\d+"

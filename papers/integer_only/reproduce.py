@@ -44,7 +44,7 @@ import optax  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 import jaxquant.integer as jqi  # noqa: E402
-from jaxquant.datasets import digits  # noqa: E402
+from jaxquant.app.datasets import digits  # noqa: E402
 
 SIZES = (64, 128, 128, 10)
 ACT = jq.QuantSpec("uint8", calibration=jq.minmax(), symmetric=False)

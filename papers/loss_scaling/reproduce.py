@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxquant.optax as jqo  # noqa: E402
-from jaxquant.datasets import digits  # noqa: E402
+from jaxquant.app.datasets import digits  # noqa: E402
 
 COEF_LOG2 = -20
 SIZES = (64, 128, 128, 10)

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
-from jaxquant.datasets import digits  # noqa: E402
+from jaxquant.app.datasets import digits  # noqa: E402
 
 FL = 8  # fractional bits of the pass criterion: <IL=8, FL=8>, LSB = 2^-8
 SWEEP_FL = (10, 12, 14)  # full mode: also these (RN gap shrinks as the LSB does)

@@ -7,8 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxquant._src.checks import check_int
-from jaxquant._src.extras import missing_extra
+from jaxquant.app._checks import check_int
+from jaxquant.extras import missing_extra
+
+__all__ = ["digits", "stdlib_bytes", "stdlib_corpus"]
 
 
 def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
@@ -24,7 +26,7 @@ def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
       0..9 (1347 training and 450 test images).
 
     Example:
-      >>> from jaxquant.datasets import digits
+      >>> from jaxquant.app.datasets import digits
       >>> d = digits()
       >>> d["x_train"].shape, d["x_test"].shape, d["y_train"].dtype
       ((1347, 64), (450, 64), dtype('int32'))
@@ -35,7 +37,7 @@ def digits(n_train: int | None = None) -> dict[str, np.ndarray]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as err:
-        raise missing_extra("sweep", "jaxquant.datasets.digits", ("scikit-learn",)) from err
+        raise missing_extra("sweep", "jaxquant.app.datasets.digits", ("scikit-learn",)) from err
 
     x, y = load_digits(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(
@@ -67,7 +69,7 @@ def stdlib_corpus(val_every: int = 10, max_files: int | None = None) -> dict[str
       files_val, bytes_train, bytes_val, sha256}}``.
 
     Example:
-      >>> from jaxquant.datasets import stdlib_corpus
+      >>> from jaxquant.app.datasets import stdlib_corpus
       >>> c = stdlib_corpus(max_files=20)  # files 10 and 20 are held out
       >>> c["train"].dtype, c["info"]["files_train"], c["info"]["files_val"]
       (dtype('uint8'), 18, 2)
@@ -136,7 +138,7 @@ def stdlib_bytes(
       int32 ``(n, seq)``, the next byte at every position.
 
     Example:
-      >>> from jaxquant.datasets import stdlib_bytes
+      >>> from jaxquant.app.datasets import stdlib_bytes
       >>> d = stdlib_bytes(seq=32, test_windows=8, max_files=20)
       >>> d["x_test"].shape, d["y_test"].dtype
       ((8, 32), dtype('int32'))

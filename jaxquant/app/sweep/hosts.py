@@ -38,10 +38,10 @@ from typing import Any, NamedTuple, TextIO
 
 import jax
 
-from jaxquant._src.sweep import config as C
-from jaxquant._src.sweep import folder as F
-from jaxquant._src.sweep import grid as G
-from jaxquant._src.sweep import run as R
+from jaxquant.app.sweep import config as C
+from jaxquant.app.sweep import folder as F
+from jaxquant.app.sweep import grid as G
+from jaxquant.app.sweep import run as R
 
 _ADDRESS = re.compile(r"\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}")
 # How long the others wait for process 0 to prepare the folder (listing a large folder on
@@ -215,8 +215,8 @@ def run_processes(
     table and ``{process: why}`` for processes that stopped early; on the others their
     own cells' rows and counts, ``table`` None.
 
-    Raises :class:`~jaxquant._src.sweep.folder.FolderError` /
-    :class:`~jaxquant._src.sweep.folder.FolderBusy` on every process when process 0
+    Raises :class:`~jaxquant.app.sweep.folder.FolderError` /
+    :class:`~jaxquant.app.sweep.folder.FolderBusy` on every process when process 0
     cannot use ``out``; KeyboardInterrupt or OSError where this process was stopped (after
     the others were told, and process 0 wrote the table of what is done).
     """

@@ -2,10 +2,10 @@
 the Python standard library's source), custom tasks by import path, and the float
 training / QAT fine-tuning loops.
 
-Data: :func:`jaxquant.datasets.digits` (bundled with scikit-learn, no download): split
+Data: :func:`jaxquant.app.datasets.digits` (bundled with scikit-learn, no download): split
 75 / 25 (stratified, ``random_state=0``: 1347 train, 450 test images), standardized with
 the training split's per-pixel statistics -- the split of ``benchmarks/qat_digits.py``.
-:func:`jaxquant.datasets.stdlib_bytes`: next-byte prediction, the corpus and held-out
+:func:`jaxquant.app.datasets.stdlib_bytes`: next-byte prediction, the corpus and held-out
 files of ``benchmarks/qat_lm.py``. A task's labels may have any shape the logits have
 but the last axis (one label per image, or one per byte position).
 
@@ -27,7 +27,6 @@ import functools
 import importlib
 import inspect
 import json
-import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -39,90 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-
-
-class MLP(nn.Module):
-    """ReLU MLP; layers ``Dense_0`` .. ``Dense_{len(features)}``."""
-
-    features: tuple[int, ...] = (256, 256)
-    n_out: int = 10
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for f in self.features:
-            x = nn.relu(nn.Dense(f)(x))
-        return nn.Dense(self.n_out)(x)
-
-
-class CNN(nn.Module):
-    """3x3 VALID convolutions then two Dense layers, on 8x8x1 images given flat (64)."""
-
-    channels: tuple[int, ...] = (32, 32)
-    hidden: int = 64
-    n_out: int = 10
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[0], 8, 8, 1)
-        for c in self.channels:
-            x = nn.relu(nn.Conv(c, (3, 3), padding="VALID")(x))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.n_out)(x)
-
-
-class _Attention(nn.Module):
-    heads: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        h, dh = self.heads, d // self.heads
-        q, k, v = (nn.Dense(d, name=n)(x).reshape(b, t, h, dh) for n in ("q", "k", "v"))
-        att = jnp.einsum("bthd,bshd->bhts", q, k) * (1.0 / math.sqrt(dh))
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None, None]
-        att = jax.nn.softmax(jnp.where(causal, att, -1e30), axis=-1)
-        y = jnp.einsum("bhts,bshd->bthd", att, v).reshape(b, t, d)
-        return nn.Dense(d, name="o")(y)
-
-
-class _Block(nn.Module):
-    heads: int
-    hidden: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + _Attention(self.heads, name="attn")(nn.LayerNorm(name="ln1")(x))
-        y = nn.LayerNorm(name="ln2")(x)
-        y = nn.Dense(self.hidden, name="fc1")(y)
-        return x + nn.Dense(x.shape[-1], name="fc2")(jax.nn.gelu(y))
-
-
-class ByteLM(nn.Module):
-    """Causal byte-level transformer (pre-LN): byte embedding + learned positions,
-    ``layers`` blocks (attention ``block<i>/attn/{q,k,v,o}``, MLP ``block<i>/{fc1,fc2}``),
-    a final LayerNorm and a Dense ``head`` to 256 logits per position.
-
-    The Linen twin of ``benchmarks/qat_lm.py``'s NNX model (same shapes and layout)."""
-
-    seq: int = 128
-    d: int = 128
-    layers: int = 2
-    heads: int = 4
-    hidden: int = 512
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        if self.d % self.heads:
-            raise ValueError(f"ByteLM: d={self.d} is not a multiple of heads={self.heads}.")
-        t = tokens.shape[1]
-        if t > self.seq:
-            raise ValueError(f"ByteLM: {t} tokens exceed seq={self.seq} positions.")
-        pos = self.param("pos", nn.initializers.normal(0.02), (self.seq, self.d))
-        x = nn.Embed(256, self.d, name="embed")(tokens) + pos[None, :t]
-        for i in range(self.layers):
-            x = _Block(self.heads, self.hidden, name=f"block{i}")(x)
-        return nn.Dense(256, name="head")(nn.LayerNorm(name="ln_f")(x))
 
 
 def import_object(path: str) -> Any:
@@ -363,7 +278,7 @@ class Net:
     def quantize(self, rules: Any, params: Any, rest: Any) -> tuple[Net, Any]:
         """``(quantized net, its rest)``: :func:`jaxquant.flax.quantize_model` with
         ``rules``; it takes the same ``params``."""
-        from jaxquant._src.flax import quantize_model
+        from jaxquant.flax import quantize_model
 
         rules = tuple(rules)
         if not self.is_nnx:
@@ -381,7 +296,7 @@ class Net:
     def calibrate(self, rules: Any, params: Any, rest: Any, batches: list) -> tuple:
         """:func:`jaxquant.flax.calibrate`'s rules (static activation ranges) for ``rules``
         on the float model with ``params``."""
-        from jaxquant._src.flax import calibrate
+        from jaxquant.flax import calibrate
 
         kw = self.calls.call_kwargs
         with lenient():

@@ -52,7 +52,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeAlias
 
-from jaxquant._src.sweep import config as C
+from jaxquant.app.sweep import config as C
 
 LOCK_NAME = "sweep.lock"
 # The files a sweep writes; a folder holding none of the first three is not a run folder.

@@ -137,9 +137,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1],
         "task": {
             "name": "digits-mlp",
-            "model": "jaxquant._src.sweep.tasks:MLP",
+            "model": "jaxquant.app.models:MLP",
             "model_kwargs": {"features": [256, 256]},
-            "data": "jaxquant.datasets:digits",
+            "data": "jaxquant.app.datasets:digits",
             "epochs": 30,
             "lr": 1e-3,
             "batch": 64,
@@ -174,7 +174,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["digits-cnn"] = copy.deepcopy(PRESETS["digits-mlp"])
 PRESETS["digits-cnn"]["task"] |= {
     "name": "digits-cnn",
-    "model": "jaxquant._src.sweep.tasks:CNN",
+    "model": "jaxquant.app.models:CNN",
     "model_kwargs": {"channels": [32, 32], "hidden": 64},
     "epochs": 15,
     "lr": 2e-3,
@@ -192,9 +192,9 @@ PRESETS["stdlib-lm"] = {
     "seeds": [0, 1],
     "task": {
         "name": "stdlib-lm",
-        "model": "jaxquant._src.sweep.tasks:ByteLM",
+        "model": "jaxquant.app.models:ByteLM",
         "model_kwargs": {"seq": 64, "d": 64, "layers": 2, "heads": 4, "hidden": 256},
-        "data": "jaxquant.datasets:stdlib_bytes",
+        "data": "jaxquant.app.datasets:stdlib_bytes",
         "data_kwargs": {"seq": 64, "test_windows": 256},
         "epochs": 1,
         "steps": 400,

@@ -23,6 +23,9 @@ import re
 import shlex
 import sys
 
+from jaxquant.cli import Subcommand
+from jaxquant.extras import require_extra
+
 _SHARD = re.compile(r"(\d+)/(\d+)")
 
 
@@ -60,7 +63,7 @@ every minute; one not renewed for 5 minutes is taken over).
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from jaxquant._src.sweep.config import FORMAT, PRESETS
+    from jaxquant.app.sweep.config import FORMAT, PRESETS
 
     # The TOML format, every key with an example, closes --help (kept as written).
     p.epilog = MULTIHOST.replace("%%", "%") + FORMAT
@@ -162,7 +165,7 @@ def _stopped(
     err: OSError | None = None,
 ) -> str:
     """One line: what happened, what was kept, how to resume."""
-    from jaxquant._src.sweep import run as R
+    from jaxquant.app.sweep import run as R
 
     fix = "" if err is None else _FIXES.get(err.errno or 0, "fix the cause")
     if out is None or (cfg is None and not args.merge):
@@ -191,10 +194,10 @@ def run(args: argparse.Namespace) -> int:
     """Run (or merge) a sweep; print the table. Exit status 1 if any cell failed or a
     file could not be written, 2 for a bad config or run folder, 130 when interrupted
     (each with one line on stderr saying what was kept and how to resume)."""
-    from jaxquant._src.sweep import config as C
-    from jaxquant._src.sweep import folder as F
-    from jaxquant._src.sweep import hosts as H
-    from jaxquant._src.sweep import run as R
+    from jaxquant.app.sweep import config as C
+    from jaxquant.app.sweep import folder as F
+    from jaxquant.app.sweep import hosts as H
+    from jaxquant.app.sweep import run as R
 
     cfg = out = shard = None
     distributed = [
@@ -282,3 +285,17 @@ def _report_processes(res: dict, procs, out) -> int:
 
 def _line(kind: str, message: str) -> None:
     print(f"jaxquant: {kind}: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _run_checked(args: argparse.Namespace) -> int:
+    # The sweep's packages are an extra: refuse before training anything, not at the plots.
+    require_extra("sweep", "jaxquant sweep")
+    return run(args)
+
+
+SUBCOMMAND = Subcommand(
+    "sweep",
+    "evaluate a grid of formats x granularity x calibration x rounding x PTQ/QAT",
+    add_arguments,
+    _run_checked,
+)

@@ -17,11 +17,11 @@ Re-running with the same ``--out`` skips cells whose latest row of this config (
 has status ``ok`` (failed cells are retried; malformed rows and rows of other configs are
 reported and not counted). A folder of another config is refused, even with its
 config.toml missing or damaged (its env.json or rows say whose it is), and one folder
-takes one sweep at a time (:class:`~jaxquant._src.sweep.folder.RunLock`). ``--shard i/n``
+takes one sweep at a time (:class:`~jaxquant.app.sweep.folder.RunLock`). ``--shard i/n``
 runs the cells at positions ``i % n`` of the full list; :func:`merge` combines shard
 folders, into a new folder or a run folder of the same config. What keeps every file
-whole is in :mod:`jaxquant._src.sweep.folder`, local or on object storage (``gs://``...);
-the processes of a multi-host sweep sharing one folder are :mod:`jaxquant._src.sweep.hosts`.
+whole is in :mod:`jaxquant.app.sweep.folder`, local or on object storage (``gs://``...);
+the processes of a multi-host sweep sharing one folder are :mod:`jaxquant.app.sweep.hosts`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,7 @@ import datetime
 import io
 import json
 import math
-import platform
 import re
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,10 +42,11 @@ from typing import Any, NamedTuple, TextIO
 import jax
 import numpy as np
 
-from jaxquant._src.sweep import config as C
-from jaxquant._src.sweep import folder as F
-from jaxquant._src.sweep import grid as G
-from jaxquant._src.sweep.folder import FolderBusy, FolderError, append_row, latest, read_rows
+from jaxquant.app.env import environment as env_record
+from jaxquant.app.sweep import config as C
+from jaxquant.app.sweep import folder as F
+from jaxquant.app.sweep import grid as G
+from jaxquant.app.sweep.folder import FolderBusy, FolderError, append_row, latest, read_rows
 
 __all__ = ["FolderBusy", "FolderError", "merge", "read_rows", "run_sweep"]
 
@@ -92,63 +90,11 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 # -------------------------------------------------------------------------- env
 
 
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parents[3]
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--", "jaxquant")
-        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def environment(cfg: dict[str, Any], shard: tuple[int, int]) -> dict[str, Any]:
-    """What a row needs to be reproduced: versions, backend, device, git, config, seeds."""
-    from importlib import metadata
-
-    versions = {}
-    for pkg in (
-        "jaxquant",
-        "jax",
-        "jaxlib",
-        "flax",
-        "optax",
-        "numpy",
-        "ml_dtypes",
-        "scikit-learn",
-        "matplotlib",
-    ):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    dev = jax.devices()[0]
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "argv": sys.argv,
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "backend": jax.default_backend(),
-        "device": dev.device_kind,
-        "device_count": jax.device_count(),
-        "process": [jax.process_index(), jax.process_count()],
-        "git": _git_commit(),
-        "config_hash": C.config_hash(cfg),
-        "seeds": cfg["seeds"],
-        "shard": list(shard),
-        "jax_config": {
-            "jax_enable_x64": bool(jax.config.jax_enable_x64),
-            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
-        },
-    }
+    """What a row needs to be reproduced: the environment record
+    (:func:`jaxquant.app.env.environment`: versions, backend, device, git) with the
+    config's hash, its seeds and the shard."""
+    return env_record(config_hash=C.config_hash(cfg), seeds=cfg["seeds"], shard=list(shard))
 
 
 # -------------------------------------------------------------------- progress
@@ -189,7 +135,7 @@ def _dur(s: float) -> str:
 def _replace_kernels(params: Any, new: dict[str, Any]) -> Any:
     """``params`` (a Linen dict or an NNX state) with the kernels of the layers in ``new``
     (layer path -> value) replaced."""
-    from jaxquant._src.sweep.tasks import leaf_path
+    from jaxquant.app.sweep.tasks import leaf_path
 
     def swap(path, leaf):
         layer, _, name = leaf_path(path).rpartition("/")
@@ -200,7 +146,7 @@ def _replace_kernels(params: Any, new: dict[str, Any]) -> Any:
 
 def _flat(params: Any) -> dict[str, Any]:
     """``params`` as ``{"a/b/kernel": array}`` (what size reports read)."""
-    from jaxquant._src.sweep.tasks import leaf_path
+    from jaxquant.app.sweep.tasks import leaf_path
 
     return {leaf_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
@@ -219,7 +165,7 @@ class Evaluator:
     and the jitted forward passes and QAT trainers are compiled once and reused."""
 
     def __init__(self, cfg: dict[str, Any]):
-        from jaxquant._src.sweep import tasks
+        from jaxquant.app.sweep import tasks
 
         self.cfg, self.task = cfg, cfg["task"]
         self.tasks = tasks
@@ -258,8 +204,7 @@ class Evaluator:
 
     def _weights(self, cell: G.Cell, params: Any, key: jax.Array | None) -> tuple[Any, dict]:
         """Fake-quantized params and the size / SQNR metrics of ``cell``'s weights."""
-        from jaxquant._src.quantize import fake_quant, quantize
-        from jaxquant._src.size import size_report
+        from jaxquant import fake_quant, quantize, size_report
 
         flat = _flat(params)
         fq, abstract = {}, {}
@@ -303,7 +248,7 @@ class Evaluator:
         are quantized with static ranges: :func:`jaxquant.flax.calibrate` on up to 8
         training batches, run on the weight-quantized model (weights first, then
         activations)."""
-        from jaxquant._src.flax.rules import Rule
+        from jaxquant.flax import Rule
 
         spec = G.act_spec(cell)
         if spec is None:
@@ -317,7 +262,7 @@ class Evaluator:
         return fl.net.quantize(calibrated, qparams, fl.rest)
 
     def _qat_cell(self, cell: G.Cell, fl: Float) -> dict[str, Any]:
-        from jaxquant._src.flax.rules import Rule
+        from jaxquant.flax import Rule
 
         name = cell._replace(seed=-1)
         if name not in self._qat:
@@ -560,7 +505,7 @@ def finalize(
     table = summary_table(rows)
     F.atomic_write(out / "summary.md", table + "\n")
     if plots and rows:
-        from jaxquant._src.sweep import plots as P
+        from jaxquant.app.sweep import plots as P
 
         P.write_plots(out / "plots", rows)
     return table

@@ -28,10 +28,20 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from jaxquant._src.calibration import absmax, kl, mean_abs, mean_std, mse, percentile, twn
-from jaxquant._src.granularity import per_block, per_channel, per_tensor
-from jaxquant._src.spec import QuantSpec
-from jaxquant._src.sweep.config import FORMATS
+from jaxquant import (
+    QuantSpec,
+    absmax,
+    kl,
+    mean_abs,
+    mean_std,
+    mse,
+    per_block,
+    per_channel,
+    per_tensor,
+    percentile,
+    twn,
+)
+from jaxquant.app.sweep.config import FORMATS
 
 _CASTS = ("float32", "fp16", "bf16")
 _MX = ("mxfp8", "mxfp6", "mxfp4")

@@ -21,7 +21,7 @@ the smallest tenth of the changes), then logarithmic. The legend sits below the 
 clear of the data.
 
 Each PNG is rendered in memory and written with
-:func:`~jaxquant._src.sweep.folder.atomic_write` (a uniquely named temporary file renamed,
+:func:`~jaxquant.app.sweep.folder.atomic_write` (a uniquely named temporary file renamed,
 or one upload on object storage), so an interrupted run never leaves a truncated image.
 """
 
@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxquant._src.sweep import folder as F
+from jaxquant.app.sweep import folder as F
 
 
 class Style(NamedTuple):
