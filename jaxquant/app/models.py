@@ -6,13 +6,17 @@ quantization-aware: quantize them with :func:`jaxquant.flax.quantize_model`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["CNN", "MLP", "ByteLM"]
+from jaxquant.app._checks import check_int
+
+__all__ = ["CNN", "MLP", "ByteLM", "inject_outliers"]
 
 
 class MLP(nn.Module):
@@ -129,3 +133,98 @@ class ByteLM(nn.Module):
         for i in range(self.layers):
             x = _Block(self.heads, self.hidden, name=f"block{i}")(x)
         return nn.Dense(256, name="head")(nn.LayerNorm(name="ln_f")(x))
+
+
+Path = tuple[str, ...]  # keys from the params root to a module
+
+
+# Each LayerNorm of ByteLM and the Dense layers that read its output.
+def _norm_consumers(params: Mapping[str, Any]) -> list[tuple[Path, list[Path]]]:
+    out: list[tuple[Path, list[Path]]] = []
+    for name in sorted(params):
+        if name.startswith("block"):
+            out.append(((name, "ln1"), [(name, "attn", p) for p in ("q", "k", "v")]))
+            out.append(((name, "ln2"), [(name, "fc1")]))
+    out.append((("ln_f",), [("head",)]))
+    return out
+
+
+def inject_outliers(
+    params: Mapping[str, Any], channels: Sequence[int], scales: Sequence[float]
+) -> dict[str, Any]:
+    """A :class:`ByteLM` whose quantized layers see outlier activation channels, computing
+    the same function.
+
+    Small models trained here do not grow the massive activations of large LMs (Sun et al.
+    2024), whose few channels hundreds to thousands of times the median make per-tensor
+    activation quantization fail and motivate SmoothQuant and rotations. This builds them
+    in by a reparametrization: for every LayerNorm (``block<i>/ln1``, ``block<i>/ln2``,
+    ``ln_f``) the scale and bias of channel ``c`` are multiplied by ``s_c`` and row ``c``
+    of every Dense kernel reading that LayerNorm (``attn/{q,k,v}``, ``fc1``, ``head``) is
+    divided by ``s_c``. The float model's outputs are unchanged (to float32 rounding); the
+    inputs of those Dense layers carry channel ``c`` ``s_c`` times larger -- the structure
+    SmoothQuant's migration (arXiv 2211.10438) exactly undoes, and that large LMs show
+    (LayerNorm weights concentrated in a few channels; Dettmers et al. 2022, arXiv
+    2208.07339).
+
+    Args:
+      params: a ByteLM's ``params`` collection (``variables["params"]``).
+      channels: residual channels (indices ``< d``) to make outliers.
+      scales: one factor per channel (e.g. ``100.0``); each > 0.
+
+    Returns:
+      New params (the input is not modified).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jaxquant.app.models import ByteLM, inject_outliers
+      >>> lm = ByteLM(seq=8, d=16, layers=1, heads=2, hidden=32)
+      >>> tok = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+      >>> p = lm.init(jax.random.key(0), tok)["params"]
+      >>> p2 = inject_outliers(p, channels=[3], scales=[300.0])
+      >>> a, b = lm.apply({"params": p}, tok), lm.apply({"params": p2}, tok)
+      >>> bool(np.allclose(a, b, rtol=1e-4, atol=1e-4))
+      True
+    """
+    if not isinstance(params, Mapping) or "ln_f" not in params or "head" not in params:
+        raise TypeError(
+            "inject_outliers: params must be a ByteLM's params collection "
+            "(variables['params'], with 'ln_f' and 'head'), got "
+            f"{type(params).__name__}."
+        )
+    channels = [check_int(c, "inject_outliers: channels[i]", lo=0) for c in channels]
+    scales = [float(s) for s in scales]
+    d = int(np.shape(params["ln_f"]["scale"])[0])
+    if len(channels) != len(scales):
+        raise ValueError(
+            f"inject_outliers: {len(channels)} channels but {len(scales)} scales; give one "
+            "scale per channel."
+        )
+    if any(c >= d for c in channels) or len(set(channels)) != len(channels):
+        raise ValueError(f"inject_outliers: channels must be distinct and < d={d}, got {channels}.")
+    if not all(math.isfinite(s) and s > 0 for s in scales):
+        raise ValueError(f"inject_outliers: scales must be finite and > 0, got {scales}.")
+    gain = np.ones(d, np.float32)
+    gain[channels] = scales
+    out = jax.tree_util.tree_map(lambda a: a, dict(params))  # new containers, same leaves
+
+    def get(tree: Any, path: tuple[str, ...]) -> Any:
+        for k in path:
+            tree = tree[k]
+        return tree
+
+    def put(tree: dict[str, Any], path: tuple[str, ...], name: str, value: Any) -> None:
+        for k in path:
+            tree[k] = dict(tree[k])
+            tree = tree[k]
+        tree[name] = value
+
+    for norm, consumers in _norm_consumers(params):
+        ln = get(params, norm)
+        put(out, norm, "scale", ln["scale"] * gain.astype(ln["scale"].dtype))
+        if "bias" in ln:
+            put(out, norm, "bias", ln["bias"] * gain.astype(ln["bias"].dtype))
+        for layer in consumers:
+            k = get(params, layer)["kernel"]
+            put(out, layer, "kernel", k / gain.astype(k.dtype)[:, None])
+    return out
