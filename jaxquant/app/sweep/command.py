@@ -176,6 +176,7 @@ def _stopped(
         kept = f"the source folders are unchanged and no row of {out} was lost"
         again = "run it again"
     else:
+        assert cfg is not None  # no config and no merge returned above
         n, total = R.kept(out, cfg, shard or (0, 1))
         kept = f"kept {n} of {total} finished cells in {out}"
         again = "resume with"
@@ -234,14 +235,14 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as err:
                 raise C.ConfigError(str(err)) from None
         shard = args.shard or tuple(procs)
-        if procs.count > 1 and not args.out:
+        if procs.process_count > 1 and not args.out:
             raise C.ConfigError(
-                f"sweep: {procs.count} processes share one run folder: pass --out on "
+                f"sweep: {procs.process_count} processes share one run folder: pass --out on "
                 "storage every host sees (gs://bucket/path, or a shared file system)."
             )
         out = F.as_path(args.out) if args.out else R.default_out(cfg, shard)
         progress = None if args.no_progress else sys.stderr
-        if procs.count > 1:
+        if procs.process_count > 1:
             res = H.run_processes(cfg, out, procs, progress=progress, plots=not args.no_plots)
             return _report_processes(res, procs, out)
         res = R.run_sweep(cfg, out, shard=shard, progress=progress, plots=not args.no_plots)
@@ -268,18 +269,18 @@ def _report_processes(res: dict, procs, out) -> int:
     failed = sum(r["status"] != "ok" for r in res["rows"])
     if res["table"] is None:
         print(
-            f"process {procs.index} of {procs.count}: {len(res['rows'])} cells ({res['ran']} "
-            f"run, {res['skipped']} already done, {failed} failed); process 0 writes the "
-            f"table to {out}"
+            f"process {procs.process_index} of {procs.process_count}: {len(res['rows'])} "
+            f"cells ({res['ran']} run, {res['skipped']} already done, {failed} failed); "
+            f"process 0 writes the table to {out}"
         )
         return 1 if failed else 0
     print(res["table"])
     print(
-        f"\n{len(res['rows'])} cells ({res['ran']} run by {procs.count} processes, "
+        f"\n{len(res['rows'])} cells ({res['ran']} run by {procs.process_count} processes, "
         f"{res['skipped']} already done, {failed} failed) -> {out}"
     )
     for j, why in sorted(res["stopped"].items()):
-        _line("error", f"sweep: process {j} of {procs.count} stopped early: {why}")
+        _line("error", f"sweep: process {j} of {procs.process_count} stopped early: {why}")
     return 1 if failed or res["stopped"] else 0
 
 

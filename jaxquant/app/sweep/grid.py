@@ -26,6 +26,7 @@ a kernel whose input axis is shorter than N gets one scale per output channel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from jaxquant import (
@@ -66,7 +67,9 @@ class Cell(NamedTuple):
         return base if self.act == "none" else f"{base}/act={self.act}"
 
 
-def canonical(fmt: str, granularity: str, calibration: str, rounding: str) -> tuple:
+def canonical(
+    fmt: str, granularity: str, calibration: str, rounding: str
+) -> tuple[str, str, str, str]:
     if fmt in _CASTS:
         return fmt, "tensor", "none", rounding
     if fmt in _MX:
@@ -122,13 +125,15 @@ def _calibration(name: str) -> Any:
         return percentile(float(name.split(":", 1)[1]))
     if name.startswith("mean_std:"):
         return mean_std(float(name.split(":", 1)[1]))
-    return {
+    # Each returns its own calibration class; jaxquant exports no name for their union.
+    factories: dict[str, Callable[[], Any]] = {
         "absmax": absmax,
         "mse": mse,
         "kl": kl,
         "mean_abs": mean_abs,
         "twn": twn,
-    }[name]()
+    }
+    return factories[name]()
 
 
 def _granularity(name: str, fmt: str, shape: tuple[int, ...]) -> Any:
@@ -172,5 +177,5 @@ def spec_for(cell: Cell, shape: tuple[int, ...]) -> QuantSpec:
         FORMATS[cell.format],
         _granularity(cell.granularity, cell.format, shape),
         _calibration(cell.calibration),
-        rounding=cell.rounding,  # type: ignore[arg-type]
+        rounding=cell.rounding,  # type: ignore[arg-type]  # a str that config checked
     )

@@ -53,10 +53,11 @@ _RUNS = itertools.count()  # one key prefix per sweep of this job (called in the
 
 
 class Processes(NamedTuple):
-    """This process's place in the sweep: ``index`` of ``count`` (``(0, 1)`` alone)."""
+    """This process's place in the sweep: ``process_index`` of ``process_count``
+    (``(0, 1)`` alone). Not ``index`` / ``count``: those are tuple's own methods."""
 
-    index: int
-    count: int
+    process_index: int
+    process_count: int
 
 
 def cluster() -> str | None:
@@ -253,8 +254,8 @@ def _process_zero(cfg, out, procs, coord, cells, progress, plots) -> dict[str, A
         with R.prepared(out, cfg) as done:
             coord.set("prepared", {"done": sorted(done)})
             _, stopped = _own_share(cfg, out, procs, coord, cells, done, progress)
-            _wait_for_all(coord, procs.count, out)
-            reports = [coord.try_get(f"ended/{j}") for j in range(procs.count)]
+            _wait_for_all(coord, procs.process_count, out)
+            reports = [coord.try_get(f"ended/{j}") for j in range(procs.process_count)]
             res = _merge_processes(cfg, out, procs, reports, plots)
     except BaseException as err:
         # Failed before the others were told to start: they raise the same error.
@@ -328,7 +329,7 @@ def _own_share(cfg, out, procs, coord, cells, done, progress) -> tuple[int, Base
 def _merge_processes(cfg, out, procs, reports, plots) -> dict[str, Any]:
     """Process 0, after the barrier: every process's rows into the run folder's table."""
     want = C.config_hash(cfg)
-    n = procs.count
+    n = procs.process_count
     lost = [
         j
         for j, rep in enumerate(reports)

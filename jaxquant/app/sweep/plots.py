@@ -30,11 +30,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from jaxquant.app.sweep import folder as F
+
+if TYPE_CHECKING:  # matplotlib is imported only when plots are drawn
+    from matplotlib.typing import FillStyleType
 
 
 class Style(NamedTuple):
@@ -337,19 +340,29 @@ def _legend(fig: Any, pts: list[Point], seeds: int) -> None:
         )
         for f in families
     ]
-    grey = {"marker": "o", "color": "0.35", "linestyle": "none", "markersize": 4.5}
+
+    def grey(
+        label: str, face: str, alt: str = "none", fillstyle: FillStyleType | None = None
+    ) -> Line2D:
+        # One grey circle per kind of cell: its fill tells PTQ, PTQ + activations and QAT
+        # apart (Line2D's own defaults for alt and fillstyle where not given).
+        return Line2D(
+            [],
+            [],
+            marker="o",
+            color="0.35",
+            linestyle="none",
+            markersize=4.5,
+            markerfacecolor=face,
+            markerfacecoloralt=alt,
+            fillstyle=fillstyle,
+            label=label,
+        )
+
     handles += [
-        Line2D([], [], markerfacecolor="0.35", label="PTQ weights", **grey),
-        Line2D(
-            [],
-            [],
-            markerfacecolor="0.35",
-            markerfacecoloralt="white",
-            fillstyle="bottom",
-            label="PTQ + activations",
-            **grey,
-        ),
-        Line2D([], [], markerfacecolor="white", label="QAT", **grey),
+        grey("PTQ weights", "0.35"),
+        grey("PTQ + activations", "0.35", alt="white", fillstyle="bottom"),
+        grey("QAT", "white"),
         Line2D([], [], color="0.2", linewidth=0.8, label="PTQ front"),
         Line2D([], [], color="0.2", linewidth=0.8, linestyle="--", label="QAT front"),
     ]

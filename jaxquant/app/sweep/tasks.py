@@ -185,6 +185,15 @@ def _freeze(v: Any) -> Any:
     return v
 
 
+def _split_nnx(model: nnx.Module) -> tuple[nnx.GraphDef[nnx.Module], nnx.State, nnx.State]:
+    """``(graphdef, params, rest)``: ``nnx.split(model, nnx.Param, ...)``, its parameters
+    and every other variable (two filters give two states; nnx.split's annotation allows
+    any number)."""
+    graphdef, params, *others = nnx.split(model, nnx.Param, ...)
+    (rest,) = others
+    return graphdef, params, rest
+
+
 class Net:
     """A task's model, Linen or NNX, called one way by the sweep.
 
@@ -201,6 +210,7 @@ class Net:
         self, calls: Calls, *, module: Any = None, graphdef: Any = None, rules: tuple = ()
     ):
         self.calls, self.module, self.graphdef, self.rules = calls, module, graphdef, rules
+        key: tuple[object, ...]
         try:
             key = (_freeze(module), graphdef, calls.key())
             hash(key)
@@ -237,7 +247,7 @@ class Net:
             model = nnx.merge(self.graphdef, params, rest)
             out = model(*args, **xkw, **kw)
             if train:  # e.g. an NNX BatchNorm's running statistics
-                rest = nnx.split(model, nnx.Param, ...)[2]
+                rest = _split_nnx(model)[2]
             return self._output(out), rest
         variables = {"params": params, **rest}
         try:
@@ -285,8 +295,11 @@ class Net:
             return Net(self.calls, module=quantize_model(self.module, rules), rules=rules), rest
         model = nnx.merge(self.graphdef, params, rest)  # a copy: quantized in place
         quantize_model(model, rules)
-        graphdef, qparams, qrest = nnx.split(model, nnx.Param, ...)
-        if jax.tree.structure(qparams) != jax.tree.structure(params):
+        graphdef, qparams, qrest = _split_nnx(model)
+        # objects: jaxlib ships no stub for PyTreeDef (it compares by structure at run time).
+        before: object = jax.tree.structure(params)
+        after: object = jax.tree.structure(qparams)
+        if after != before:
             raise ValueError(
                 "the quantized NNX model has other parameters than the float one; the "
                 "sweep's rules add none (stateless weight and activation specs)."
@@ -340,8 +353,8 @@ def build(task: dict[str, Any], seed: int, x: Any) -> tuple[Net, Any, Any]:
     got = fn(**kwargs, **extra)
     c = calls(task)
     if isinstance(got, nnx.Module):
-        graphdef, params, rest = nnx.split(got, nnx.Param, ...)
-        return Net(c, graphdef=graphdef), params, rest
+        graphdef, params, state = _split_nnx(got)
+        return Net(c, graphdef=graphdef), params, state
     if isinstance(got, nn.Module):
         net = Net(c, module=got)
         init_key = jax.random.split(jax.random.key(seed))[0]
