@@ -134,10 +134,10 @@ class Frontend:
 _active: contextvars.ContextVar[tuple[Frontend, ...]] = contextvars.ContextVar(
     "jaxquant_intercept", default=()
 )
-# Set by calibration: (path, rule, activation) -> None. While set, weight contractions are
-# observed (their activation operand handed to it) and computed in float.
-_observer: contextvars.ContextVar[Callable[[str, Rule, Any], None] | None] = contextvars.ContextVar(
-    "jaxquant_observer", default=None
+# Set by calibration: (path, rule, activation, site) -> None. While set, weight contractions
+# are observed (their activation operand handed to it) and computed in float.
+_observer: contextvars.ContextVar[Callable[[str, Rule, Any, Site], None] | None] = (
+    contextvars.ContextVar("jaxquant_observer", default=None)
 )
 # Paths of modules running on their own dequantized QArray parameters (serving): a weight
 # whose layout is uncertain passes through as stored instead of being re-quantized.
@@ -177,6 +177,15 @@ class Call(NamedTuple):
     # keywords of the contraction for the stateful step (dimension_numbers or subscripts,
     # precision, preferred_element_type): None where it cannot take it (a convolution)
     step: dict[str, Any] | None = None
+
+
+class Site(NamedTuple):
+    """Where an observed activation comes from (:func:`observing` with ``site=True``)."""
+
+    call: Call  # the contraction: its op, operands and dimension numbers / subscripts
+    weight: Side  # the operand that is the weight
+    param: str | None  # the module parameter it is (None: computed by the model)
+    transposed: bool | None  # as Contraction.transposed
 
 
 def _route(call: Call, frame: Any) -> Any:
@@ -328,8 +337,9 @@ def _decide(call: Call, owner: Owner, inner_jit: bool = False) -> Any:
     if observe is not None:  # calibration: the float model, its activations recorded
         if inner_jit:
             raise ValueError(f"calibrate: {owner.path or '(the model itself)'!r}: {problem}.")
-        if side in ("lhs", "rhs"):
-            observe(owner.path, rule, call.rhs if side == "lhs" else call.lhs)
+        if side == "lhs" or side == "rhs":
+            x = call.rhs if side == "lhs" else call.lhs
+            observe(owner.path, rule, x, Site(call, side, param, transposed))
         return call.original()
     if problem is not None:
         msg = (
@@ -739,10 +749,19 @@ def serving(path: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def observing(fn: Callable[[str, Rule, Any], None]) -> Iterator[None]:
+def observing(fn: Callable[..., None], *, site: bool = False) -> Iterator[None]:
     """Run the body with weight contractions in float, their activations passed to ``fn``
-    (calibration). Nest inside :func:`intercepting`."""
-    token = _observer.set(fn)
+    as ``fn(path, rule, x)`` (calibration), or ``fn(path, rule, x, site)`` with
+    ``site=True``: a :class:`Site`, for statistics that need the contracted axes
+    (:mod:`jaxquant._src.flax.statistics`). Nest inside :func:`intercepting`."""
+
+    def observe(path: str, rule: Rule, x: Any, where: Site) -> None:
+        if site:
+            fn(path, rule, x, where)
+        else:
+            fn(path, rule, x)
+
+    token = _observer.set(observe)
     try:
         yield
     finally:
