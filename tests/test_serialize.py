@@ -36,6 +36,8 @@ SPECS = [
     jq.QuantSpec(formats.codebook_format("my_cb", (-2.0, -0.5, 0.0, 0.5, 2.0), 3)),
     jq.QuantSpec(formats.mx_format("my_mx", formats.get("e3m2"), 16)),
     jq.QuantSpec(formats.int_format(16)),
+    jq.QuantSpec("int3", jq.per_channel(-1), int_grid="full"),
+    jq.QuantSpec("int2", jq.per_block(-1, 32), jq.mse(), int_grid="full", rounding="stochastic"),
 ]
 
 
@@ -66,6 +68,8 @@ def test_spec_dict_covers_every_format_name():
         (lambda d: d.update(format={"name": "x", "kind": "posit"}), "unknown kind 'posit'"),
         (lambda d: d["format"].update(bits=3), "describe 'int3'"),
         (lambda d: d.update(scale_format="int8"), "not a scale format"),
+        (lambda d: d.update(int_grid=1), "'int_grid' must be a str"),
+        (lambda d: d.update(int_grid="half"), "'restricted' or 'full'"),
     ],
 )
 def test_spec_from_dict_errors(change, match):
@@ -96,3 +100,12 @@ def test_layout_is_plain_json_with_the_documented_keys():
     fixed = spec_to_dict(jq.QuantSpec("uint8", calibration=jq.fixed((-1.0, 2.0)), symmetric=False))
     assert fixed["calibration"]["type"] == "fixed"
     assert spec_to_dict(jq.QuantSpec("fp8", calibration=None))["calibration"] is None
+
+
+def test_spec_dict_written_before_int_grid_reads_as_the_restricted_grid():
+    # Checkpoints written before the field existed keep their meaning and their numerics.
+    old = (jq.QuantSpec("int4", jq.per_channel(-1)), jq.QuantSpec("int8", narrow_range=False))
+    for spec in old:
+        d = spec_to_dict(spec)
+        assert d.pop("int_grid") == "restricted"
+        assert spec_from_dict(d) == spec

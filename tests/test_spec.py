@@ -25,6 +25,8 @@ def test_defaults():
     [
         (jq.QuantSpec("int8"), (-127.0, 127.0)),  # restricted: negation is exact
         (jq.QuantSpec("int8", narrow_range=False), (-128.0, 127.0)),
+        (jq.QuantSpec("int3", int_grid="full"), (-4.0, 3.0)),  # all 2^b codes
+        (jq.QuantSpec("int2", int_grid="full", narrow_range=True), (-2.0, 1.0)),  # n/a: False
         (jq.QuantSpec("int8", calibration=jq.minmax(), symmetric=False), (-128.0, 127.0)),
         (jq.QuantSpec("uint4", calibration=jq.minmax(), symmetric=False), (0.0, 15.0)),
         (jq.QuantSpec("e4m3"), (-448.0, 448.0)),
@@ -51,6 +53,17 @@ def test_qrange(spec, qrange):
         ({"format": "int8", "rng": "philox"}, ValueError, "'hash' or 'threefry'"),
         ({"format": "int8", "saturate": False}, ValueError, "integer formats always saturate"),
         ({"format": "int1"}, ValueError, "use 'binary'"),
+        ({"format": "int8", "int_grid": "wide"}, ValueError, "'restricted' or 'full'"),
+        ({"format": "e4m3", "int_grid": "full"}, ValueError, "signed integer format"),
+        ({"format": "uint4", "int_grid": "full"}, ValueError, "unsigned int"),
+        ({"format": "mxfp4", "int_grid": "full"}, ValueError, "signed integer format"),
+        ({"format": "nf4", "int_grid": "full"}, ValueError, "signed integer format"),
+        (
+            {"format": "int4", "int_grid": "full", "symmetric": False, "calibration": jq.minmax()},
+            ValueError,
+            "already use all 2\\^b codes",
+        ),
+        ({"format": "int1", "int_grid": "full"}, ValueError, "Use 'binary'"),
         ({"format": "int8", "granularity": "per_tensor"}, TypeError, "expected per_tensor"),
         ({"format": "int8", "calibration": "absmax"}, TypeError, "expected absmax"),
     ],
@@ -82,3 +95,21 @@ def test_spec_is_hashable_static_argument():
     x = jnp.ones((2, 64))
     np.testing.assert_array_equal(np.asarray(f(x, spec=spec)), np.asarray(jq.fake_quant(x, spec)))
     assert spec.replace(rounding="stochastic").stochastic
+
+
+def test_int_grid_default_scale_divisor_replace_and_str():
+    # The default stays the restricted grid at every width; old specs are unchanged.
+    assert jq.QuantSpec("int8").int_grid == "restricted" == jq.QuantSpec("int3").int_grid
+    assert jq.QuantSpec("int8").scale_divisor == 127.0
+    assert jq.QuantSpec("int8", narrow_range=False).scale_divisor == 127.0  # scale unchanged
+    assert jq.QuantSpec("e4m3").scale_divisor == 448.0
+    full = jq.QuantSpec("int4", jq.per_channel(-1), int_grid="full")
+    assert full.scale_divisor == 7.5 and not full.narrow_range
+    assert str(full) == "QuantSpec(int4, per_channel(-1,), absmax, full-grid)"
+    # Leaving the full grid restores the restricted default, not the full grid's False.
+    back = full.replace(int_grid="restricted")
+    assert back == jq.QuantSpec("int4", jq.per_channel(-1)) and back.narrow_range
+    assert full.replace(format="int3") == jq.QuantSpec("int3", jq.per_channel(-1), int_grid="full")
+    per_tensor = full.replace(granularity=jq.per_tensor())
+    assert jq.QuantSpec("int4").replace(int_grid="full") == per_tensor
+    assert full != jq.QuantSpec("int4", jq.per_channel(-1), narrow_range=False)  # scales differ

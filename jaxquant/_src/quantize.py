@@ -7,7 +7,8 @@ The pipeline for one array ``x`` and a :class:`QuantSpec`:
 3. scale ``s`` (and zero point ``z``) from the range and the format's ``qmax``, rounded to
    the scale format; a zero range gives ``s = 1`` (never a division by zero);
 4. ``y = x * (1/s) + z`` rounded onto the format's grid (nearest-even or stochastic) and
-   saturated to ``[qmin, qmax]``. The scale ``s = amax / qmax`` and the reciprocal ``1/s``
+   saturated to ``[qmin, qmax]``. The scale ``s = amax / qmax`` (``amax / (qmax + 0.5)``
+   for ``int_grid="full"``: :attr:`QuantSpec.scale_divisor`) and the reciprocal ``1/s``
    are correctly rounded divisions, one per group, done in integer arithmetic
    (:func:`rounding.div_rn`) because XLA's own f32 division is not IEEE on every backend;
    the per-element work is a multiply. So CPU, GPU, jit and eager agree bit for bit. ``y``
@@ -221,7 +222,8 @@ def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array |
         return _mx_scale(jnp.maximum(-lo, hi), spec), None
     if spec.symmetric:
         amax = jnp.maximum(-lo, hi) if qmin < 0 else jnp.maximum(hi, 0.0)
-        s = _guard_scale(_div_const(amax, qmax), amax > 0)
+        # amax / qmax, or amax / (qmax + 0.5) for the full integer grid (all 2^b codes).
+        s = _guard_scale(_div_const(amax, spec.scale_divisor), amax > 0)
         return _round_scale(s, spec), None
     lo = jnp.minimum(lo, 0.0)  # the range must contain 0 so that 0 is exact
     hi = jnp.maximum(hi, 0.0)
@@ -338,8 +340,26 @@ class Steps(NamedTuple):
     plan: Plan
 
 
-def _qmax(spec: QuantSpec) -> float:
+def ste_bounds(spec: QuantSpec) -> tuple[float, float]:
+    """The scaled values ``x * (1/s) + z`` where the clipped straight-through estimator
+    passes the gradient: ``[qmin, qmax]``; for ``int_grid="full"`` its calibrated range
+    ``[-(qmax + 0.5), qmax + 0.5]``, so the largest ``+amax`` (scaled to ``qmax + 0.5``,
+    rounded to ``qmax`` like any value within half a step) keeps its gradient."""
     qmin, qmax = spec.qrange
+    if spec.int_grid == "full":
+        return -spec.scale_divisor, spec.scale_divisor
+    return float(qmin), float(qmax)
+
+
+def _qmax(spec: QuantSpec) -> float:
+    """The smallest number a calibrated scale divides amax by (scale_input's guard).
+
+    ``max(|qmin|, qmax)`` except for symmetric integer grids, whose scale is
+    ``amax / scale_divisor``: int3's full grid divides by 3.5 although it reaches -4.
+    """
+    qmin, qmax = spec.qrange
+    if spec.symmetric and spec.element.kind == "int" and spec.format.kind != "mx":
+        return spec.scale_divisor
     return float(max(-qmin, qmax))
 
 
@@ -660,8 +680,8 @@ def _fake_quant(
     mask = None
     if ste == "clipped":
         plan = spec.granularity.plan(tuple(x.shape))
-        qmin, qmax = spec.qrange
+        lo, hi = ste_bounds(spec)
         xv = to_float32(jax.lax.stop_gradient(x)).reshape(plan.view)
         t = scale_input(xv, s, z, qmax=_qmax(spec))
-        mask = ((t >= qmin) & (t <= qmax)).reshape(x.shape)
+        mask = ((t >= lo) & (t <= hi)).reshape(x.shape)
     return _ste_identity(x, y, mask)

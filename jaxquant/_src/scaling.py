@@ -213,7 +213,8 @@ def static_scaling(spec: QuantSpec, amax: jax.typing.ArrayLike) -> Scaling[tuple
       spec: a symmetric :class:`QuantSpec` (its calibration is not used and may be None;
         its format, scale format and granularity are).
       amax: the clip value, a scalar or an array broadcastable to the plan's scale shape
-        (one per channel). ``scale = amax / qmax`` rounded to the scale format.
+        (one per channel). ``scale = amax / qmax`` (``spec.scale_divisor``: ``qmax + 0.5``
+        for ``int_grid="full"``) rounded to the scale format.
 
     Returns:
       A :class:`Scaling` whose state is ``()``.
@@ -277,7 +278,8 @@ def delayed_scaling(
        ``amax_t`` alone (the current scale of ``x_t``, with the margin);
     2. ``amax_t`` (the spec's calibration, by default ``max |x_t|`` over finite values) is
        pushed into the history (row 0, older rows roll down, the oldest drops out);
-    3. the next scale is ``s = r * 2^margin / qmax``, rounded to the spec's scale format,
+    3. the next scale is ``s = r * 2^margin / qmax`` (``qmax + 0.5`` for
+       ``int_grid="full"``: ``spec.scale_divisor``), rounded to the spec's scale format,
        where ``r = max(history)`` (``reduction="max"``) or ``history[0]``
        (``"most_recent"``). A zero amax gives ``s = 1``.
 

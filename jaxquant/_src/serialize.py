@@ -16,7 +16,9 @@
   non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``.
 * ``scale_format``: the scale format's name (``"float32"``, ``"bfloat16"``, ``"float16"``,
   ``"float8_e8m0fnu"``).
-* ``symmetric``, ``rounding``, ``narrow_range``, ``saturate``, ``rng``: as they are.
+* ``symmetric``, ``rounding``, ``narrow_range``, ``saturate``, ``rng``, ``int_grid``: as
+  they are. A dict written before ``int_grid`` existed has no such key and reads as
+  ``"restricted"``, the only grid there was (its numerics unchanged).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ _CALIBRATIONS: dict[str, type] = {
     "twn": cal.TWN,
 }
 _BOOL_FIELDS = ("symmetric", "narrow_range", "saturate")
-_STR_FIELDS = ("rounding", "rng")
+_STR_FIELDS = ("rounding", "rng", "int_grid")
+# Fields added after the format was first written, and the value a dict without them meant.
+_ADDED_FIELDS = {"int_grid": "restricted"}
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
@@ -107,6 +111,7 @@ def spec_from_dict(d: dict[str, Any]) -> QuantSpec:
     if not isinstance(d, dict):
         raise ValueError(f"spec_from_dict: expected a dict, got {type(d).__name__}.")
     expected = {f.name for f in dataclasses.fields(QuantSpec)}
+    d = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in d}, **d}
     if set(d) != expected:
         missing, unknown = sorted(expected - set(d)), sorted(set(d) - expected)
         raise ValueError(
@@ -137,6 +142,7 @@ def spec_from_dict(d: dict[str, Any]) -> QuantSpec:
             narrow_range=d["narrow_range"],
             saturate=d["saturate"],
             rng=d["rng"],
+            int_grid=d["int_grid"],
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"spec_from_dict: {e}") from None

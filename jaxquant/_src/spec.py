@@ -11,6 +11,7 @@ from jaxquant._src import granularity as gran
 from jaxquant._src.checks import check_bool
 
 Rounding = Literal["nearest", "stochastic"]
+IntGrid = Literal["restricted", "full"]
 _SCALE_FORMATS = {
     "float32": "float32",
     "bfloat16": "bfloat16",
@@ -39,14 +40,32 @@ class QuantSpec:
       calibration: how the range is chosen (:func:`absmax` default, :func:`mean_std`,
         :func:`percentile`, :func:`mse`, :func:`kl`, :func:`fixed`, :func:`minmax`), or
         ``None`` for no scaling at all: a plain (saturating) cast, ``s = 1``.
-      symmetric: ``True``: ``z = 0`` and, for signed ints, the restricted range
-        ``[-(2^(b-1)-1), 2^(b-1)-1]`` so negation is exact. ``False``: zero-point
-        quantization (integer formats only), float 0 maps exactly to the integer ``z``.
+      symmetric: ``True``: ``z = 0`` and, for signed ints, the grid ``int_grid``.
+        ``False``: zero-point quantization (integer formats only), float 0 maps exactly to
+        the integer ``z``; ``s = (hi - lo) / (2^b - 1)`` uses all ``2^b`` codes.
       rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (needs ``key=``).
       scale_format: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or ``"e8m0"``
         (power of two, rounded up so nothing extra clips; MX formats use the OCP rule).
-      narrow_range: for symmetric signed ints, use ``-(2^(b-1)-1)`` as the minimum (default
-        True). False allows ``-2^(b-1)``.
+      int_grid: how a symmetric signed int grid covers the calibrated range
+        ``[-amax, amax]`` (``qmax = 2^(b-1) - 1``):
+
+        * ``"restricted"`` (default): ``s = amax / qmax`` onto ``[-qmax, qmax]``, ``2^b - 1``
+          levels, so negation is exact. The right choice at 8 bits, where ``-128`` buys
+          little and breaks symmetry.
+        * ``"full"``: all ``2^b`` codes ``[-2^(b-1), qmax]`` with ``s = amax / (qmax + 0.5)``
+          (Qwix's symmetric integer grid): ``[-amax, amax]`` maps onto
+          ``[-(qmax + 0.5), qmax + 0.5]``, so the step is finer (at 3 bits ``amax / 3.5``
+          instead of ``amax / 3``) and no value is off by more than half a step: ``+amax``
+          rounds to ``qmax``; ``-amax`` lies on the tie between ``-qmax`` and ``-2^(b-1)``
+          (half to even picks ``-2^(b-1)`` when ``x * (1/s)`` is exactly the tie), and a
+          clipping calibration (percentile, mse...) sends the values below its ``-amax``
+          to ``-2^(b-1)``. A lower error than the restricted grid at 2-4 bits on
+          Gaussian-like data. Signed integer formats only; a given ``scale=`` is used as
+          it is.
+      narrow_range: with ``int_grid="restricted"``, whether the code ``-2^(b-1)`` is excluded
+        (default True). False allows it, leaving the scale ``amax / qmax`` unchanged: only
+        values clipped below ``-amax`` (a clipping calibration, a given scale) reach it. The
+        full grid always has it: there ``narrow_range`` does not apply and reads False.
       saturate: out-of-range values become the largest finite value (default). False
         follows ml_dtypes: overflow to Inf where the format has it, else NaN.
       rng: the stochastic-rounding noise source, ``"hash"`` (a per-element counter hash,
@@ -61,6 +80,11 @@ class QuantSpec:
       'int8'
       >>> print(jq.QuantSpec("int4", jq.per_block(32)))  # blocks along the contraction axis
       QuantSpec(int4, per_block(32), absmax)
+      >>> full = jq.QuantSpec("int3", jq.per_channel(-1), int_grid="full")
+      >>> print(full)
+      QuantSpec(int3, per_channel(-1,), absmax, full-grid)
+      >>> full.qrange, full.scale_divisor  # 8 levels, s = amax / 3.5
+      ((-4.0, 3.0), 3.5)
     """
 
     format: formats.Format
@@ -72,6 +96,7 @@ class QuantSpec:
     narrow_range: bool
     saturate: bool
     rng: Literal["hash", "threefry"]
+    int_grid: IntGrid
 
     def __init__(
         self,
@@ -85,8 +110,13 @@ class QuantSpec:
         narrow_range: bool = True,
         saturate: bool = True,
         rng: Literal["hash", "threefry"] = "hash",
+        int_grid: IntGrid = "restricted",
     ) -> None:
         symmetric = check_bool(symmetric, "QuantSpec.symmetric")
+        if not isinstance(int_grid, str) or int_grid not in ("restricted", "full"):
+            raise ValueError(
+                f"QuantSpec.int_grid must be 'restricted' or 'full', got {int_grid!r}."
+            )
         narrow_range = check_bool(narrow_range, "QuantSpec.narrow_range")
         saturate = check_bool(saturate, "QuantSpec.saturate")
         fmt = formats.resolve(format, "QuantSpec.format")
@@ -165,6 +195,9 @@ class QuantSpec:
                 "QuantSpec.saturate=False: integers have no Inf/NaN to overflow to (a raw cast "
                 "would wrap); integer formats always saturate. Drop saturate=False."
             )
+        if int_grid == "full":
+            _check_full_grid(fmt, symmetric)
+            narrow_range = False  # the full grid has -2^(b-1): one stored value per grid
         if fmt.kind == "int" and fmt.bits == 1 and fmt.signed and symmetric and narrow_range:
             raise ValueError(
                 "QuantSpec: int1's restricted symmetric range is {0}; use 'binary' for {-1,+1}, "
@@ -180,6 +213,7 @@ class QuantSpec:
         set_(self, "narrow_range", narrow_range)
         set_(self, "saturate", saturate)
         set_(self, "rng", rng)
+        set_(self, "int_grid", int_grid)
 
     # ---------------------------------------------------------------- derived, static
     @property
@@ -203,13 +237,27 @@ class QuantSpec:
                 return 0.0, f.max
             if self.symmetric and self.narrow_range:
                 return -f.max, f.max
-            return f.min, f.max
+            return f.min, f.max  # the full grid, narrow_range=False, asymmetric
         if f.kind == "codebook":
             return f.min, f.max
         return (-f.max if f.signed else 0.0), f.max
 
+    @property
+    def scale_divisor(self) -> float:
+        """The scaled value a symmetric spec's calibrated amax maps to: ``s = amax / d``.
+
+        ``qmax`` (the grid's largest value: ``2^(b-1) - 1``, a float format's largest
+        finite value, a codebook's largest entry), or ``qmax + 0.5`` for
+        ``int_grid="full"``. MX formats use the OCP power-of-two rule instead.
+        """
+        qmax = float(self.qrange[1])
+        return qmax + 0.5 if self.int_grid == "full" else qmax
+
     def replace(self, **changes: object) -> QuantSpec:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        Changing ``int_grid`` alone also resets ``narrow_range`` to its default.
+        """
         fields: dict[str, Any] = {
             "format": self.format,
             "granularity": self.granularity,
@@ -220,7 +268,11 @@ class QuantSpec:
             "narrow_range": self.narrow_range,
             "saturate": self.saturate,
             "rng": self.rng,
+            "int_grid": self.int_grid,
         }
+        if changes.get("int_grid", self.int_grid) != self.int_grid:
+            # full -> restricted must not keep the full grid's False (a third grid).
+            fields["narrow_range"] = True
         fields.update(changes)
         fmt = fields.pop("format")
         return QuantSpec(fmt, **fields)
@@ -229,8 +281,30 @@ class QuantSpec:
         parts = [self.format.name, str(self.granularity), str(self.calibration or "no-scale")]
         if not self.symmetric:
             parts.append("asymmetric")
+        if self.int_grid == "full":
+            parts.append("full-grid")
         if self.stochastic:
             parts.append("stochastic")
         if self.scale_format.name != "float32":
             parts.append(f"scale={self.scale_format.name}")
         return "QuantSpec(" + ", ".join(parts) + ")"
+
+
+def _check_full_grid(fmt: formats.Format, symmetric: bool) -> None:
+    """``int_grid="full"`` is a symmetric signed integer grid: refuse everything else."""
+    if fmt.kind != "int" or not fmt.signed:
+        raise ValueError(
+            f"QuantSpec.int_grid='full' is the all-codes grid of a signed integer format, got "
+            f"{fmt.name} ({'unsigned int' if fmt.kind == 'int' else fmt.kind}). Use a signed "
+            "int format such as 'int4', or drop int_grid."
+        )
+    if not symmetric:
+        raise ValueError(
+            "QuantSpec.int_grid='full' is for symmetric specs; asymmetric (symmetric=False) "
+            "grids already use all 2^b codes. Drop int_grid."
+        )
+    if fmt.bits < 2:
+        raise ValueError(
+            "QuantSpec.int_grid='full': int1's full grid {-1, 0} with s = 2 amax rounds "
+            "every value to 0. Use 'binary' for {-1, +1}."
+        )
