@@ -129,6 +129,32 @@ def test_linen_and_nnx_give_the_same_numbers_for_the_same_weights():
     _check(layer_statistics(quantize_model(nmodel, RULE), batches)["fc1"], np.concatenate(batches))
 
 
+class _WithBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Dense(HIDDEN)(x))
+        return nn.Dense(OUT)(x)
+
+
+def test_every_collection_call_kwargs_and_keyword_batches():
+    """A BatchNorm model called as ``apply(variables, x=..., train=False)``: the batch is a
+    dict of keyword arguments, the flag a call keyword, the variables every collection."""
+    model = _WithBatchNorm()
+    x = _batches(1)[0]
+    variables = model.init(jax.random.key(0), x, train=False)
+    stats = layer_statistics(model, [{"x": x}], variables, rules=RULE, call_kwargs={"train": False})
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    bs = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["batch_stats"])
+    h = np.asarray(x, np.float64) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    bn, st = p["BatchNorm_0"], bs["BatchNorm_0"]
+    h = (h - st["mean"]) / np.sqrt(st["var"] + 1e-5) * bn["scale"] + bn["bias"]
+    assert list(stats) == ["Dense_0", "Dense_1"]
+    _check(stats["Dense_0"], np.asarray(x, np.float64))
+    _check(stats["Dense_1"], h, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"updates that collection.*train"):
+        layer_statistics(model, [x], variables, rules=RULE)  # train=True by default
+
+
 # ------------------------------------------------------------ contractions modules compute
 
 

@@ -29,8 +29,9 @@ contributes the rows of every use.
 
 Streaming: each batch runs one compiled step (one compilation per batch shape and static
 arguments) that returns that batch's statistics; a second compiled step adds them to the
-running ones, in float32. Memory is bounded by the layer widths (``in^2`` floats per layer
-for the Hessian, ``max_samples * in`` for the sample), never by the number of batches.
+running ones (donated), in float32. Memory is bounded by the layer widths (per layer, the
+running ``in^2`` Hessian and one batch's while they are added, ``max_samples * in`` for the
+sample) and one batch's activations, never by the number of batches.
 """
 
 from __future__ import annotations
@@ -326,14 +327,16 @@ def layer_statistics(
         return out
 
     step = jax.jit(batch_step, static_argnums=2)
-    merge = jax.jit(_merge_all, static_argnums=2)
+    # The running totals are donated: a layer holds two Hessians at a time, not three.
+    merge = jax.jit(_merge_all, static_argnums=2, donate_argnums=0)
     total: dict[str, _Acc] = {}
     counts: dict[str, int] = {}
     for b, (arrays, static) in enumerate(batches):
         with explain_collections(_FN):
             out = step(payload, arrays, static, jax.random.fold_in(key, b))
-        for path, acc in out.items():
-            bad = int(acc.nonfinite)
+        host = jax.device_get({p: (acc.rows, acc.nonfinite) for p, acc in out.items()})
+        for path, (rows, nonfinite) in host.items():
+            bad = int(nonfinite)
             if bad:
                 raise ValueError(
                     f"{_FN}: batch {b} gives {bad} non-finite activation values (NaN / Inf) "
@@ -341,7 +344,7 @@ def layer_statistics(
                     "Check that batch (and, if it is the first layer, the data itself) or "
                     "the float model's params."
                 )
-            counts[path] = counts.get(path, 0) + int(acc.rows)
+            counts[path] = counts.get(path, 0) + int(rows)
         both = {p: total[p] for p in out if p in total}
         merged = merge(both, {p: out[p] for p in both}, max_samples) if both else {}
         for path, acc in out.items():
