@@ -163,6 +163,22 @@ def test_full_grid_with_e8m0_scales_rounds_the_half_step_scale_up():
     np.testing.assert_array_equal(np.asarray(jq.quantize(x, spec).scale, F32), want)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [jq.QuantSpec("int3", int_grid="full"), jq.QuantSpec("int3", narrow_range=False)],
+    ids=str,
+)
+def test_a_range_near_float32_max_is_not_flushed(spec):
+    # s = 3.4e38 / 3.5 > 2^126: its reciprocal would be a float32 subnormal, which XLA:CPU
+    # flushes to 0 (every code 0) unless the scale is applied in two exact steps; the guard
+    # must follow the divisor (3.5, or 3 for narrow_range=False) and not |qmin| = 4.
+    x = np.array([3.4e38, -1.0e38, 1.0e38, 2.0e37], F32)
+    q = jq.quantize(x, spec)
+    s = np.float64(np.asarray(q.scale)[0])
+    want = np.clip(np.round(x / s), *spec.qrange).astype(int).tolist()
+    assert np.asarray(q.codes()).tolist() == want == [3, -1, 1, 0]
+
+
 # ---------------------------------------------------------- 2. why the full grid exists
 
 
@@ -357,3 +373,20 @@ def test_real_int8_dot_with_full_grid_operands_is_exact():
     assert (np.asarray(qa.codes())[:, 0] == -128).all()
     got = jq.dot_general(a, b, (((1,), (0,)), ((), ())), lhs_spec=sa, rhs_spec=sb, mode="real")
     _check_product(np.asarray(got), qa, qb)
+
+
+@pytest.mark.slow  # imports flax
+def test_a_flax_rule_with_a_full_grid_spec_quantizes_the_kernel_on_it():
+    nn = pytest.importorskip("flax.linen")
+    from jaxquant.flax import Rule, quantize_model
+
+    x = jnp.asarray(_data(9, (4, 32)))
+    model = nn.Dense(16)
+    params = model.init(jax.random.key(0), x)
+    spec = jq.QuantSpec("int3", jq.per_channel(-1), int_grid="full")
+    y = quantize_model(model, [Rule(".*", weight=spec)]).apply(params, x)
+    p = params["params"]
+    codes = jq.quantize(p["kernel"], spec).codes()
+    assert np.asarray(codes).max() <= 3 and np.asarray(codes).min() >= -4
+    want = np.asarray(x, np.float64) @ np.asarray(jq.fake_quant(p["kernel"], spec), np.float64)
+    np.testing.assert_allclose(np.asarray(y), want + np.asarray(p["bias"]), rtol=0, atol=1e-5)
