@@ -5,10 +5,11 @@ where channels' ranges differ widely (BN-folded weights); (b) activation calibra
 Tables 4-5: max calibration is the worst choice, entropy (KL), percentile and MSE
 calibration recover accuracy, the more so the fewer the bits.
 
-Setup: a Linen MLP 64-256-256-10 on scikit-learn's bundled digits (75/25 stratified split,
-standardized) trained in float32 (Adam), then quantized after training with jaxquant's
-PTQ pipeline: ``quantize_model`` -> ``calibrate`` (batches from the training split) ->
-``quantize_model(model, cal.rules)`` -> ``convert`` -> ``apply`` on the test split.
+Setup: the digits MLP 64-256-256-10 of ``jaxquant.app.models`` (Linen) on scikit-learn's
+bundled digits (75/25 stratified split, standardized) trained in float32 (Adam), then
+quantized after training with jaxquant's PTQ pipeline: ``quantize_model`` ->
+``calibrate`` (batches from the training split) -> ``quantize_model(model, cal.rules)``
+-> ``convert`` -> ``apply`` on the test split.
 
 (a) Weight-only int4 (and int8 / int3) per tensor vs per output channel, on the trained
 model and on a *channel-rescaled* copy: every hidden unit ``j`` of ``Dense_0`` / ``Dense_1``
@@ -38,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as `python papers/<name>/reproduce.py`
     sys.path.insert(0, str(ROOT))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -46,6 +46,7 @@ import optax  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 from jaxquant.app.datasets import digits  # noqa: E402
+from jaxquant.app.models import MLP  # noqa: E402
 from jaxquant.flax import Rule, calibrate, convert, quantize_model  # noqa: E402
 
 EVERY = r"Dense_\d+"
@@ -59,17 +60,7 @@ CALIBRATIONS = {
 }
 
 
-class MLP(nn.Module):
-    features: tuple[int, ...] = (256, 256)
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for f in self.features:
-            x = nn.relu(nn.Dense(f)(x))
-        return nn.Dense(10)(x)
-
-
-def train(model: nn.Module, seed: int, x, y, steps: int) -> dict[str, Any]:
+def train(model: MLP, seed: int, x, y, steps: int) -> dict[str, Any]:
     tx = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
     init_key, data_key = jax.random.split(jax.random.key(seed))
     params = model.init(init_key, x[:1])["params"]
