@@ -18,8 +18,14 @@ from flax import nnx
 from jax import lax
 
 import jaxquant as jq
-from jaxquant._src.flax.statistics import LayerStatistics, Statistics, layer_statistics
-from jaxquant.flax import Rule, contractions, quantize_model
+from jaxquant.flax import (
+    LayerStatistics,
+    Rule,
+    Statistics,
+    contractions,
+    layer_statistics,
+    quantize_model,
+)
 
 RULE = Rule(".*", weight=jq.QuantSpec("int4"))
 IN, HIDDEN, OUT, ROWS = 4, 8, 2, 16

@@ -31,6 +31,7 @@ from jaxquant._src.flax.sensitivity import (
     sensitivity,
 )
 from jaxquant._src.flax.serve import convert_linen, convert_nnx
+from jaxquant._src.flax.statistics import LayerStatistics, Statistics, layer_statistics
 from jaxquant._src.types import KeyPath, PyTree
 
 # An NNX model: quantize_model and convert modify it in place and return it, same type.
@@ -295,6 +296,7 @@ __all__ = [
     "CalibrationResult",
     "Contraction",
     "LayerSensitivity",
+    "LayerStatistics",
     "Match",
     "NnxPolicyModule",
     "NnxQuantOp",
@@ -304,10 +306,12 @@ __all__ = [
     "QuantizedModule",
     "Rule",
     "Sensitivity",
+    "Statistics",
     "apply_policy",
     "calibrate",
     "contractions",
     "convert",
+    "layer_statistics",
     "mixed_precision",
     "quantize_model",
     "report",
