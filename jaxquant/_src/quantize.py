@@ -316,7 +316,7 @@ def qdq_range(spec: QuantSpec) -> Callable[[Array, Array, Array], Array]:
 
     def qdq(x: Array, lo: Array, hi: Array) -> Array:
         s, z = compute_scale(lo, hi, det)
-        y = scale_input(x, s, qmax=_qmax(det))
+        y = scale_input(x, s, qmax=scale_input_qmax(det))
         v = to_grid(round_scaled(y, det, None, z), det)
         return v * s if z is None else (v - z) * s
 
@@ -351,11 +351,13 @@ def ste_bounds(spec: QuantSpec) -> tuple[float, float]:
     return float(qmin), float(qmax)
 
 
-def _qmax(spec: QuantSpec) -> float:
-    """The smallest number a calibrated scale divides amax by (scale_input's guard).
+def scale_input_qmax(spec: QuantSpec) -> float:
+    """The ``qmax=`` to give :func:`scale_input` for ``spec``: the smallest number its
+    calibrated scale divides amax by, which decides whether a scale can exceed 2^126.
 
     ``max(|qmin|, qmax)`` except for symmetric integer grids, whose scale is
     ``amax / scale_divisor``: int3's full grid divides by 3.5 although it reaches -4.
+    Every caller of :func:`scale_input` with a calibrated scale passes this.
     """
     qmin, qmax = spec.qrange
     if spec.symmetric and spec.element.kind == "int" and spec.format.kind != "mx":
@@ -409,9 +411,9 @@ def _steps(
     elif isinstance(spec.calibration, TWN) and scale is None:
         # Ternary weight networks round at the threshold delta, not at alpha / 2.
         delta = jax.lax.stop_gradient(spec.calibration.delta(xv, plan.reduce_axes))
-        y = scale_input(xv, _guard_scale(2.0 * delta, delta > 0), qmax=_qmax(spec))
+        y = scale_input(xv, _guard_scale(2.0 * delta, delta > 0), qmax=scale_input_qmax(spec))
     else:
-        y = scale_input(xv, s, qmax=_qmax(spec))
+        y = scale_input(xv, s, qmax=scale_input_qmax(spec))
     if not rounded:
         assert spec.element.kind == "float" and not spec.stochastic and spec.saturate
         fmax = float(spec.element.max)
@@ -682,6 +684,6 @@ def _fake_quant(
         plan = spec.granularity.plan(tuple(x.shape))
         lo, hi = ste_bounds(spec)
         xv = to_float32(jax.lax.stop_gradient(x)).reshape(plan.view)
-        t = scale_input(xv, s, z, qmax=_qmax(spec))
+        t = scale_input(xv, s, z, qmax=scale_input_qmax(spec))
         mask = ((t >= lo) & (t <= hi)).reshape(x.shape)
     return _ste_identity(x, y, mask)
