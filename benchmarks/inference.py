@@ -53,6 +53,7 @@ import common  # puts the repository root on sys.path too
 
 import jaxquant as jq
 from jaxquant._src.serve import weight_path
+from jaxquant.app.timing import seconds_per_call
 
 DN = (((1,), (0,)), ((), ()))
 HIGHEST = lax.Precision.HIGHEST
@@ -486,18 +487,18 @@ def time_rounds(variants: list[Variant], rounds: int, reps: int, warmup: int) ->
     variant's ``reps`` calls (each block: back-to-back calls, then block): a variant's
     ratio in that round is its time over the baseline's time next to it, so load from
     other processes hits both alike. Returns seconds per call per sample, and the paired
-    baseline times."""
+    baseline times.
+
+    The same pairing as :func:`jaxquant.app.timing.paired_ratios`, kept here because the
+    tables need every sample (the "ratio of fastest" is min over min, not a median of
+    ratios) and a progress line per round; each block is
+    :func:`jaxquant.app.timing.seconds_per_call`."""
     for v in variants:
         for _ in range(warmup):
             jax.block_until_ready(v.compiled(*v.args))
 
     def block(v: Variant) -> float:
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(reps):
-            out = v.compiled(*v.args)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - t0) / reps
+        return seconds_per_call(lambda: v.compiled(*v.args), reps)
 
     base, rest = variants[0], variants[1:]
     times: dict[str, list[float]] = {v.name: [] for v in variants}

@@ -159,6 +159,8 @@ def bench_layer(k: int, n: int, rounds: int, reps: int, seed: int = 0) -> dict[s
         counts[name] = _hlo_counts(compiled)
         calls[name] = lambda compiled=compiled: compiled(w, opt, x, c)
         jax.block_until_ready(calls[name]())  # warm-up
+    # jaxquant.app.timing.paired_ratios' loop, written out because the table reports the
+    # quartiles of the per-round ratios, which paired_ratios does not return.
     ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
     ms: dict[str, list[float]] = {name: [] for name in calls}
     names = list(VARIANTS)

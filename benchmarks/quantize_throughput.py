@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for com
 import common  # puts the repository root on sys.path too
 
 import jaxquant as jq
+from jaxquant.app.timing import seconds_per_call
 
 try:
     import resource
@@ -178,17 +179,12 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
-def _run_block(
-    compiled: Callable, args: Callable[[int], tuple], inner: int, start: int
-) -> tuple[float, Any]:
-    """Seconds per call of ``inner`` back-to-back calls (inputs from ``args(i)``), and the
-    last output."""
-    t0 = time.perf_counter()
-    out = None
-    for j in range(inner):
-        out = compiled(*args(start + j))
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / inner, out
+def _run_block(compiled: Callable, args: Callable[[int], tuple], inner: int, start: int) -> float:
+    """Seconds per call of ``inner`` back-to-back calls on inputs ``args(start)``,
+    ``args(start + 1)``, ... (:func:`jaxquant.app.timing.seconds_per_call`; the inputs
+    rotate so that no call reads a buffer the previous one left in cache)."""
+    i = iter(range(start, start + inner))
+    return seconds_per_call(lambda: compiled(*args(next(i))), inner)
 
 
 class Timing(NamedTuple):
@@ -227,6 +223,10 @@ def time_case(
     def base_args(i: int) -> tuple:
         return (xs[i % n], scale, key)
 
+    def donated() -> Any:
+        state["y"] = compiled(*case_args(0))
+        return state["y"]
+
     if donate:
         state["y"] = jax.block_until_ready(compiled(*case_args(0)))  # warm-up
     else:
@@ -237,16 +237,12 @@ def time_case(
     i = 0
     for _ in range(reps):
         for fn, acc in zip(baselines, base_samples, strict=True):
-            acc.append(_run_block(fn, base_args, inner, i)[0])
+            acc.append(_run_block(fn, base_args, inner, i))
         f0 = _minor_faults()
         if donate:  # each call must consume the previous output
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                state["y"] = compiled(*case_args(0))
-            jax.block_until_ready(state["y"])
-            samples.append((time.perf_counter() - t0) / inner)
+            samples.append(seconds_per_call(donated, inner))
         else:
-            samples.append(_run_block(compiled, case_args, inner, i)[0])
+            samples.append(_run_block(compiled, case_args, inner, i))
         faults += _minor_faults() - f0
         i += inner
     return Timing(

@@ -37,6 +37,7 @@ import common  # puts the repository root on sys.path too
 
 import jaxquant as jq
 from jaxquant._src import dot as _dot
+from jaxquant.app.timing import sample_ms
 from jaxquant.flax import quantize_model
 
 
@@ -49,18 +50,19 @@ def mlp(widths: tuple[int, ...], dtype=jnp.float32, dot_general=None) -> common.
 
 
 def _time(step, carry, batch, *, iters: int, repeats: int) -> tuple[float, object]:
-    """Median seconds per step (each repeat: ``iters`` steps, then block)."""
-    for _ in range(2):
-        carry = step(carry, batch)
-    jax.block_until_ready(carry)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            carry = step(carry, batch)
-        jax.block_until_ready(carry)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times), carry
+    """Median seconds per step (:func:`jaxquant.app.timing.sample_ms`: 2 warm-up steps,
+    then ``repeats`` samples of ``iters`` steps each) and the last carry.
+
+    Each call consumes the previous call's carry, as a training loop does (the optimizer
+    state advances, and a donated buffer is never read twice)."""
+    box = [carry]
+
+    def call():
+        box[0] = step(box[0], batch)
+        return box[0]
+
+    t = sample_ms(call, samples=repeats, inner=iters, warmup=2)
+    return t["ms"] / 1e3, box[0]
 
 
 def _make_step(model, tx, loss_kind: str):
