@@ -1,4 +1,4 @@
-"""QAT recipes on a small byte-level transformer language model (Flax NNX).
+"""QAT recipes on a small byte-level transformer language model (Flax Linen).
 
 A 2-layer causal transformer (width 128, 4 heads, MLP 512, learned positions, pre-LN) is
 trained on the Python standard library's own top-level ``.py`` files, read from
@@ -9,10 +9,18 @@ windows of ``seq + 1`` bytes (batch 16, seq 128, 300 steps by default); validati
 mean next-byte negative log-likelihood over 512 evenly spaced windows of the held-out
 files, reported as perplexity per byte, ``exp(NLL)``.
 
-Each recipe quantizes the ``nnx.Linear`` layers inside the blocks (attention q/k/v/o and
-the two MLP layers, paths ``blocks/<i>/...``); the byte embedding, positions, LayerNorms,
-the attention products (q k^T, softmax(.) v) and the output head stay in float. Every
-recipe gets the same model, data, optimizer (AdamW, warmup + cosine) and seeds.
+The model is the application layer's :class:`jaxquant.app.models.ByteLM` (the one byte LM
+of the sweep, benchmarks and tests). Each recipe quantizes, through the Linen path of
+``jq.flax.quantize_model``, the ``Dense`` layers inside the blocks (attention q/k/v/o and
+the two MLP layers, paths ``block<i>/attn/{q,k,v,o}`` and ``block<i>/{fc1,fc2}``); the
+byte embedding, positions, LayerNorms, the attention products (q k^T, softmax(.) v) and
+the output head stay in float. Every recipe gets the same model, data, optimizer (AdamW
+on the ``params`` collection, warmup + cosine) and seeds; a recipe's other collections
+(``quant_state`` of delayed scaling) are threaded through every step.
+
+``results/qat_lm.json`` of 2026-11-27 was measured with an NNX twin of this model: the
+same architecture, initializers, data, optimizer and quantized layers, other random draws
+of a seed's initial weights.
 
 Run (8-11 minutes on a 2-core CPU)::
 
@@ -40,10 +48,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 from jaxquant.app.datasets import spaced_windows, stdlib_corpus  # noqa: E402
+from jaxquant.app.models import ByteLM  # noqa: E402
 from jaxquant.flax import quantize_model, report  # noqa: E402
 
 NAME = "qat_lm"
@@ -57,8 +65,7 @@ METHODS = (
     "ternary",
     "binary",
 )
-QUANTIZED = r"blocks/.*"  # every Linear inside the transformer blocks
-VOCAB = 256
+QUANTIZED = r"block\d+/.*"  # every Dense inside the transformer blocks
 
 
 # ------------------------------------------------------------------------------- data
@@ -75,76 +82,6 @@ def val_windows(val: np.ndarray, seq: int, n: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ model
 
 
-class Attention(nnx.Module):
-    def __init__(self, d: int, heads: int, *, rngs: nnx.Rngs):
-        self.heads = heads
-        self.q = nnx.Linear(d, d, rngs=rngs)
-        self.k = nnx.Linear(d, d, rngs=rngs)
-        self.v = nnx.Linear(d, d, rngs=rngs)
-        self.o = nnx.Linear(d, d, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        h, dh = self.heads, d // self.heads
-        q = self.q(x).reshape(b, t, h, dh)
-        k = self.k(x).reshape(b, t, h, dh)
-        v = self.v(x).reshape(b, t, h, dh)
-        att = jnp.einsum("bthd,bshd->bhts", q, k) * (1.0 / math.sqrt(dh))
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None, None]
-        att = jnp.where(causal, att, -1e30)
-        att = jax.nn.softmax(att, axis=-1)
-        y = jnp.einsum("bhts,bshd->bthd", att, v).reshape(b, t, d)
-        return self.o(y)
-
-
-class Mlp(nnx.Module):
-    def __init__(self, d: int, hidden: int, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(d, hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, d, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x)))
-
-
-class Block(nnx.Module):
-    def __init__(self, d: int, heads: int, hidden: int, *, rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
-        self.attn = Attention(d, heads, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
-        self.mlp = Mlp(d, hidden, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class ByteLM(nnx.Module):
-    """Causal byte-level transformer: embed + positions, pre-LN blocks, LN, Linear head."""
-
-    def __init__(
-        self,
-        *,
-        seq: int = 128,
-        d: int = 128,
-        layers: int = 2,
-        heads: int = 4,
-        hidden: int = 512,
-        rngs: nnx.Rngs,
-    ):
-        self.embed = nnx.Embed(VOCAB, d, rngs=rngs)
-        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (seq, d), jnp.float32))
-        self.blocks = nnx.List([Block(d, heads, hidden, rngs=rngs) for _ in range(layers)])
-        self.ln_f = nnx.LayerNorm(d, rngs=rngs)
-        self.head = nnx.Linear(d, VOCAB, rngs=rngs)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        t = tokens.shape[1]
-        x = self.embed(tokens) + self.pos[...][None, :t]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-
 def rules_for(method: str, group_size: int = 32) -> tuple[jq.flax.Rule, ...] | None:
     """The quantize_model rules of a method (None: float)."""
     if method == "float":
@@ -153,25 +90,35 @@ def rules_for(method: str, group_size: int = 32) -> tuple[jq.flax.Rule, ...] | N
     return jq.recipes.get(method, **kw).rules(QUANTIZED)
 
 
-def build(method: str, seed: int, cfg: dict[str, Any]) -> ByteLM:
+def build(method: str, cfg: dict[str, Any]) -> Any:
+    """The model of a method: :class:`ByteLM`, quantized by the method's rules."""
     model = ByteLM(
         seq=cfg["seq"],
         d=cfg["width"],
         layers=cfg["layers"],
         heads=cfg["heads"],
         hidden=cfg["hidden"],
-        rngs=nnx.Rngs(seed),
     )
     rules = rules_for(method, cfg["int4_group"])
-    if rules is not None:
-        quantize_model(model, rules)
-    return model
+    return model if rules is None else quantize_model(model, rules)
 
 
-def loss_fn(model: ByteLM, batch: jax.Array) -> jax.Array:
-    """Mean next-byte cross-entropy (nats) of ``batch`` (int32 [B, seq + 1])."""
-    logits = model(batch[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+def init(model: Any, seed: int, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``(params, rest)``: the ``params`` collection (trained) and every other collection
+    (the ``quant_state`` of delayed scaling, updated by the training calls)."""
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, cfg["seq"]), jnp.int32))
+    params = variables["params"]
+    return params, {k: v for k, v in variables.items() if k != "params"}
+
+
+def loss_fn(
+    model: Any, params: Any, rest: dict[str, Any], batch: jax.Array
+) -> tuple[jax.Array, dict[str, Any]]:
+    """Mean next-byte cross-entropy (nats) of ``batch`` (int32 [B, seq + 1]) and the
+    updated ``rest`` (a training call: the non-param collections are mutable)."""
+    logits, rest = model.apply({"params": params, **rest}, batch[:, :-1], mutable=list(rest))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+    return loss, dict(rest)
 
 
 def optimizer(cfg: dict[str, Any]) -> optax.GradientTransformation:
@@ -192,18 +139,20 @@ def sample_batch(data: jax.Array, key: jax.Array, batch: int, seq: int) -> jax.A
     return data[idx].astype(jnp.int32)
 
 
-def make_train_chunk(graphdef: Any, cfg: dict[str, Any]):
+def make_train_chunk(model: Any, cfg: dict[str, Any]):
     """A jitted function running ``n`` steps with ``lax.scan``:
-    ``(state, data, key, step0) -> (state, losses[n])``; ``state`` is
-    ``nnx.split((model, opt))[1]``, so every variable (params, optimizer, the
+    ``(state, data, key, steps) -> (state, losses[n])``; ``state`` is
+    ``(params, rest, opt_state)``, so every variable (params, optimizer, the
     ``quant_state`` of delayed scaling) is threaded through."""
+    tx = optimizer(cfg)
 
     def step(state, data, key, i):
-        model, opt = nnx.merge(graphdef, state)
+        params, rest, opt_state = state
         batch = sample_batch(data, jax.random.fold_in(key, i), cfg["batch"], cfg["seq"])
-        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-        opt.update(model, grads)
-        return nnx.split((model, opt))[1], loss
+        grad = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+        (loss, rest), grads = grad(model, params, rest, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), rest, opt_state), loss
 
     def chunk(state, data, key, steps):
         def body(s, i):
@@ -214,32 +163,31 @@ def make_train_chunk(graphdef: Any, cfg: dict[str, Any]):
     return jax.jit(chunk, donate_argnums=0)
 
 
-def make_eval(graphdef: Any):
+def make_eval(model: Any):
     @jax.jit
     def nll(state, windows):
-        model, _ = nnx.merge(graphdef, state)
-        return loss_fn(model, windows)
+        params, rest, _ = state
+        return loss_fn(model, params, rest, windows)[0]  # the updated state is dropped
 
     return nll
 
 
 def run_method(method: str, seeds: int, cfg: dict[str, Any], corpus: dict[str, Any]) -> list:
     """Train ``method`` for every seed; the train and eval functions compile once (the
-    seeds share the graph definition) and are reused."""
+    seeds share the model) and are reused."""
     data = jnp.asarray(corpus["train"])
     windows = val_windows(corpus["val"], cfg["seq"], cfg["val_windows"])
+    model = build(method, cfg)
     train = nll = None
     runs = []
     for seed in range(seeds):
         t0 = time.perf_counter()
         try:
-            model = build(method, seed, cfg)
-            quantized = [m.path for m in report(model)]
-            opt = nnx.Optimizer(model, optimizer(cfg), wrt=nnx.Param)
-            graphdef, state = nnx.split((model, opt))
-            del model, opt
+            params, rest = init(model, seed, cfg)
+            quantized = [] if method == "float" else [m.path for m in report(model)]
+            state = (params, rest, optimizer(cfg).init(params))
             if train is None:
-                train, nll = make_train_chunk(graphdef, cfg), make_eval(graphdef)
+                train, nll = make_train_chunk(model, cfg), make_eval(model)
             key = jax.random.key(10_000 + seed)
             losses: list[float] = []
             for s0 in range(0, cfg["steps"], cfg["chunk"]):
@@ -259,15 +207,7 @@ def run_method(method: str, seeds: int, cfg: dict[str, Any], corpus: dict[str, A
                 "final_train_loss": float(np.mean(losses[-max(1, len(losses) // 20) :])),
                 "train_loss_curve": common.downsample(losses, 50),
                 "quantized_layers": quantized,
-                "state": sorted(
-                    {
-                        type(v).__name__
-                        for v in jax.tree.leaves(
-                            nnx.state(nnx.merge(graphdef, state)[0], nnx.Not(nnx.Param)),
-                            is_leaf=lambda x: isinstance(x, nnx.Variable),
-                        )
-                    }
-                ),
+                "state": sorted(rest),  # the variable collections besides params
                 "seconds": time.perf_counter() - t0,
             }
             if not math.isfinite(val_nll):
