@@ -62,6 +62,7 @@ Run (about 8 minutes on a 2-core CPU)::
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -130,25 +131,17 @@ GROUP = 32
 # ------------------------------------------------------------------------------ models
 
 
-class GaussMLP(nn.Module):
-    """qat_digits' MLP with untruncated Gaussian init (variance 1 / fan_in)."""
-
-    features: tuple[int, ...] = (512, 512)
-    n_out: int = 10
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
-        for f in self.features:
-            x = nn.relu(nn.Dense(f, kernel_init=init)(x))
-        return nn.Dense(self.n_out, kernel_init=init)(x)
+# the digits MLP's Dense with untruncated Gaussian kernels (variance 1 / fan_in)
+GAUSS_DENSE = functools.partial(
+    nn.Dense, kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+)
 
 
 def make_model(kind: str, cfg: dict[str, Any]) -> nn.Module:
     if kind == "mlp":
         return common.MLP(tuple(cfg["mlp_hidden"]), 10)
     if kind == "mlp_gauss":
-        return GaussMLP(tuple(cfg["mlp_hidden"]), 10)
+        return common.MLP(tuple(cfg["mlp_hidden"]), 10, dense=GAUSS_DENSE)
     if kind == "cnn":
         return CNN(tuple(cfg["cnn_channels"]), cfg["cnn_hidden"], 10)
     raise ValueError(f"unknown model {kind!r}; known: {MODELS}")
