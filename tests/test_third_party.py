@@ -28,8 +28,6 @@ contraction) lands, and then flags that the pins need updating.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,9 +67,8 @@ MISSED_TODAY: dict[str, dict[str, int]] = {
 }
 
 
-@functools.cache
 def _model(name: str) -> tp.ThirdPartyModel:
-    return tp.BUILDERS[name]()
+    return tp.get(name)  # built once per process, shared with test_third_party_pipeline
 
 
 def _quantized(m: tp.ThirdPartyModel, rules=RULES):
@@ -249,9 +246,10 @@ def test_qat_step(name):
     # Which parameters get a nonzero gradient: the same set in float and QAT (the published
     # ResNet init zeroes each block's last norm scale: its convs get none in either).
     assert _nonzero(all_grads[0]) == _nonzero(float_grads)
-    leaves = jax.tree.leaves(grads)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
+    # On the host, in numpy: eager jnp reductions would compile a program per leaf shape.
+    leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(g).all() for g in leaves)
+    assert any(np.abs(g).max() > 0 for g in leaves)
     assert np.isfinite(losses).all()
     assert losses[0] != float_loss
     assert abs(losses[0] - float_loss) < 0.05 * abs(float_loss)
@@ -260,4 +258,4 @@ def test_qat_step(name):
 
 def _nonzero(grads) -> set[str]:
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-    return {jax.tree_util.keystr(p) for p, g in flat if float(jnp.max(jnp.abs(g))) > 0}
+    return {jax.tree_util.keystr(p) for p, g in flat if np.abs(np.asarray(g)).max() > 0}
