@@ -42,6 +42,8 @@ from jaxquant._src.conv import conv_general_dilated as jq_conv
 from jaxquant._src.dot import dot_general as jq_dot_general
 from jaxquant._src.dot import einsum as jq_einsum
 from jaxquant._src.dot.subscripts import parse as parse_subscripts
+from jaxquant._src.flax import act_transform
+from jaxquant._src.flax.act_transform import ActTransform
 from jaxquant._src.flax.rules import Rule, _at
 from jaxquant._src.granularity import follows_layout
 from jaxquant._src.layout import bind, conv_layout, dot_layout
@@ -122,12 +124,19 @@ class Owner:
     # stochastic rounding): the front end keeps their state; None: not supported there
     stateful: Callable[[Call, QuantConfig], Any] | None = None
     instance: Any = None  # the running module object (its method's `self`)
+    # the module's online input transform (a PTQ method's smoothing / rotation), or None
+    transform: Callable[[], ActTransform | None] | None = None
 
 
 class Frontend:
     """What a front end (Linen, NNX) tells the interception: who owns a call."""
 
     def owner(self, frame: Any) -> Owner | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def transform_of(self, frame: Any) -> ActTransform | None:  # pragma: no cover
+        """The online input transform of the module running at ``frame`` (no side effect:
+        a layer product asks it, the module's contraction is already recorded)."""
         raise NotImplementedError
 
 
@@ -177,6 +186,8 @@ class Call(NamedTuple):
     # keywords of the contraction for the stateful step (dimension_numbers or subscripts,
     # precision, preferred_element_type): None where it cannot take it (a convolution)
     step: dict[str, Any] | None = None
+    # the same contraction of other operands (an online input transform's output)
+    rebuild: Callable[[Any, Any], Call] | None = None
 
 
 class Site(NamedTuple):
@@ -195,7 +206,46 @@ def _route(call: Call, frame: Any) -> Any:
     owner = fronts[-1].owner(frame)
     if owner is None:
         return call.original()
+    transform = owner.transform() if owner.transform is not None else None
+    if transform is not None:
+        call = _transformed(call, owner, transform)
     return _decide(call, owner, _inner_jit(frame, owner.instance))
+
+
+def _current_transform(frame: Any) -> ActTransform | None:
+    fronts = _active.get()
+    if not fronts:
+        return None
+    return fronts[-1].transform_of(frame)
+
+
+act_transform.register_lookup(_current_transform)
+
+
+def _transformed(call: Call, owner: Owner, transform: ActTransform) -> Call:
+    """``call`` with its activation operand transformed (see
+    :mod:`jaxquant._src.flax.act_transform`); a contraction it cannot apply to is an error
+    naming the layer: its weight was changed offline, so running it as is would be wrong."""
+    where = f"layer {owner.path or '(the model itself)'!r} ({owner.module})"
+    side = _roles(call.lhs, call.rhs, owner.params())[0]
+    if side != "lhs" and side != "rhs":
+        raise ValueError(
+            f"{where}: it has an online input transform (a PTQ method's smoothing or "
+            f"rotation) but its {call.op} of shapes {_shape(call.lhs)} x {_shape(call.rhs)} "
+            "has no single weight operand to pair it with; remove the layer from the method."
+        )
+    act: Side = "rhs" if side == "lhs" else "lhs"
+    axes = call.layout(act)[0] if call.layout is not None else None
+    if call.rebuild is None or axes is None or len(axes) != 1:
+        raise ValueError(
+            f"{where}: it has an online input transform, which needs a dot_general / "
+            f"einsum / matmul with one contracted activation axis; this {call.op} "
+            + ("contracts several axes" if axes else "cannot take one")
+            + ". Remove the layer from the method."
+        )
+    x = call.lhs if act == "lhs" else call.rhs
+    y = act_transform.apply(transform, x, axes[0] % np.ndim(x), where)
+    return call.rebuild(y, call.rhs) if act == "lhs" else call.rebuild(call.lhs, y)
 
 
 def _inner_jit(frame: Any, module: Any) -> bool:
@@ -430,7 +480,17 @@ def _dot_general_call(
         "preferred_element_type": pet,
         "out_sharding": out_sharding,
     }
-    return Call(op, lhs, rhs, original, product, why, layout, step)
+
+    def rebuild(a: Any, b: Any) -> Call:
+        # jaxquant's own call of lax.dot_general is not intercepted (_from_jaxquant)
+        kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+
+        def float_product() -> Any:
+            return jax.lax.dot_general(a, b, dn, precision, pet, **kw)
+
+        return _dot_general_call(op, a, b, dn, precision, pet, float_product, out_sharding)
+
+    return Call(op, lhs, rhs, original, product, why, layout, step, rebuild)
 
 
 def _make_dot_general(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -538,6 +598,51 @@ def _make_aval_op(orig: Callable[[Any, Any], Any], reverse: bool) -> Callable[[A
     return op
 
 
+def _einsum_call(
+    subscripts: str, a: Any, b: Any, kw: dict[str, Any], original: Callable[[], Any] | None
+) -> Call:
+    """A two-operand einsum as a :class:`Call` (``original=None``: jaxquant's own float
+    einsum of these operands, which the interception lets through)."""
+
+    def own_float() -> Any:
+        return jnp.einsum(subscripts, a, b, **kw)
+
+    def quantized(ls: QuantSpec | None, rs: QuantSpec | None, cfg: QuantConfig) -> Any:
+        return jq_einsum(
+            subscripts,
+            a,
+            b,
+            lhs_spec=ls,
+            rhs_spec=rs,
+            precision=kw.get("precision"),
+            preferred_element_type=kw.get("preferred_element_type"),
+            **_kw(cfg),
+        )
+
+    why = ""
+    product: Quantized | None = quantized
+    if getattr(a, "dtype", None) != getattr(b, "dtype", None):
+        product, why = None, "the operands' dtypes differ (cast them to one dtype)"
+
+    def layout(side: Side) -> Axes:
+        la, lb, lo = parse_subscripts(subscripts, np.ndim(a), np.ndim(b))
+        mine, other = (la, lb) if side == "lhs" else (lb, la)
+        contracting = tuple(i for i, c in enumerate(mine) if c in other and c not in lo)
+        batch = tuple(i for i, c in enumerate(mine) if c in other and c in lo)
+        return contracting, batch
+
+    step = {
+        "subscripts": subscripts,
+        "precision": kw.get("precision"),
+        "preferred_element_type": kw.get("preferred_element_type"),
+    }
+
+    def rebuild(x: Any, y: Any) -> Call:
+        return _einsum_call(subscripts, x, y, kw, None)
+
+    return Call("einsum", a, b, original or own_float, product, why, layout, step, rebuild)
+
+
 def _make_einsum(orig: Callable[..., Any]) -> Callable[..., Any]:
     def einsum(subscripts: Any, *operands: Any, **kw: Any) -> Any:
         frame = sys._getframe(1)
@@ -557,36 +662,7 @@ def _make_einsum(orig: Callable[..., Any]) -> Callable[..., Any]:
             why = f"unsupported einsum arguments {sorted(extra)}"
             return _route(Call("einsum", a, b, original, None, why), frame)
 
-        def quantized(ls: QuantSpec | None, rs: QuantSpec | None, cfg: QuantConfig) -> Any:
-            return jq_einsum(
-                subscripts,
-                a,
-                b,
-                lhs_spec=ls,
-                rhs_spec=rs,
-                precision=kw.get("precision"),
-                preferred_element_type=kw.get("preferred_element_type"),
-                **_kw(cfg),
-            )
-
-        why = ""
-        product: Quantized | None = quantized
-        if getattr(a, "dtype", None) != getattr(b, "dtype", None):
-            product, why = None, "the operands' dtypes differ (cast them to one dtype)"
-
-        def layout(side: Side) -> Axes:
-            la, lb, lo = parse_subscripts(subscripts, np.ndim(a), np.ndim(b))
-            mine, other = (la, lb) if side == "lhs" else (lb, la)
-            contracting = tuple(i for i, c in enumerate(mine) if c in other and c not in lo)
-            batch = tuple(i for i, c in enumerate(mine) if c in other and c in lo)
-            return contracting, batch
-
-        step = {
-            "subscripts": subscripts,
-            "precision": kw.get("precision"),
-            "preferred_element_type": kw.get("preferred_element_type"),
-        }
-        return _route(Call("einsum", a, b, original, product, why, layout, step), frame)
+        return _route(_einsum_call(subscripts, a, b, kw, original), frame)
 
     return einsum
 

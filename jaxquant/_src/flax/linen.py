@@ -30,7 +30,8 @@ from jax import lax
 
 from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.config import QuantConfig
-from jaxquant._src.flax import stateful
+from jaxquant._src.flax import act_transform, stateful
+from jaxquant._src.flax.act_transform import ActTransform
 from jaxquant._src.flax.intercept import (
     Call,
     Contraction,
@@ -508,6 +509,12 @@ class LinenFront(Frontend):
         self.strict, self.layers, self.root = strict, layers, root
         self.counts: dict[int, int] = {}  # stack depth -> products of that module call
 
+    def transform_of(self, frame: Any) -> ActTransform | None:
+        if not self.stack:
+            return None
+        m = self.stack[-1][0]
+        return None if m.scope is None else act_transform.of_linen(m.variables)
+
     def owner(self, frame: Any) -> Owner | None:
         if not self.stack:
             return None
@@ -533,8 +540,19 @@ class LinenFront(Frontend):
             self.counts[depth] = i + 1
             return _stateful_product(m, path, i, call, cfg)
 
+        def transform() -> ActTransform | None:
+            return None if m.scope is None else act_transform.of_linen(m.variables)
+
         return Owner(
-            path, type(m).__name__, rule, params, self.record, self.strict, run_stateful, m
+            path,
+            type(m).__name__,
+            rule,
+            params,
+            self.record,
+            self.strict,
+            run_stateful,
+            m,
+            transform,
         )
 
 

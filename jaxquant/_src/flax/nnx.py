@@ -27,7 +27,8 @@ from jax import lax
 
 from jaxquant._src.checks import check_bool, check_int, describe
 from jaxquant._src.config import QuantConfig
-from jaxquant._src.flax import stateful
+from jaxquant._src.flax import act_transform, stateful
+from jaxquant._src.flax.act_transform import ActTransform
 from jaxquant._src.flax.intercept import (
     Call,
     Contraction,
@@ -263,11 +264,22 @@ def quantize_nnx(
     used: set[int] = set()
     for path, node in modules:
         i = first_match(rules, path)
+        transformed = act_transform.of_nnx(node) is not None
         if i is None:
+            if transformed and layer_kind(node) is not None:
+                # a Flax layer calls the lax.dot_general it captured when built: only a
+                # rule's product can apply the transform its kernel was changed for
+                raise ValueError(
+                    f"quantize_model: the NNX layer {path!r} has an online input transform "
+                    "(ptq_smooth / ptq_hadamard from a PTQ method) but no rule matches it; "
+                    f"add a rule for it (Rule({path!r}) keeps it in float)."
+                )
             continue
         used.add(i)
-        # layer_kind: a Flax layer running its own __call__ (so one of NNX_LAYERS)
-        if rules[i].quantizes and isinstance(node, NNX_LAYERS) and layer_kind(node) is not None:
+        # layer_kind: a Flax layer running its own __call__ (so one of NNX_LAYERS); one with
+        # an online transform gets the rule's product even in float (the product applies it)
+        quantizes = rules[i].quantizes or transformed
+        if quantizes and isinstance(node, NNX_LAYERS) and layer_kind(node) is not None:
             plan.append((path, node, rules[i]))
     # Check everything before modifying anything: a failed call leaves the model as it was.
     check_unmatched(rules, used, [p for p, _ in modules], strict, "NNX")
@@ -432,6 +444,10 @@ _MODULE_NAMES = frozenset(dir(nnx.Module))
 
 
 class _NnxFront(Frontend):
+    def transform_of(self, frame: Any) -> ActTransform | None:
+        m = _tagged_self(frame)
+        return None if m is None else act_transform.of_nnx(m)
+
     def owner(self, frame: Any) -> Owner | None:
         m = _tagged_self(frame)
         if m is None:
@@ -456,6 +472,7 @@ class _NnxFront(Frontend):
             m._jq_strict,
             run_stateful,
             m,
+            lambda: act_transform.of_nnx(m),
         )
 
 
@@ -643,5 +660,10 @@ def _intercept(
             # model.eval() / train() set `deterministic` where a module has it: the state of
             # products the module computes itself then freezes in eval mode, as QuantOp's.
             _set_attrs(node, deterministic=False)
-        if node is model or layer_kind(node) is not None or (rule is not None and rule.quantizes):
+        if (
+            node is model
+            or layer_kind(node) is not None
+            or (rule is not None and rule.quantizes)
+            or act_transform.of_nnx(node) is not None  # its online transform must run
+        ):
             node.__class__ = _intercepting_type(type(node))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -24,6 +25,8 @@ from jaxquant._src.checks import describe
 from jaxquant._src.config import Mode, QuantConfig, Scaling, Ste
 from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_general, einsum
+from jaxquant._src.dot.subscripts import parse as parse_subscripts
+from jaxquant._src.flax import act_transform
 from jaxquant._src.granularity import follows_layout
 from jaxquant._src.qarray import QArray
 from jaxquant._src.spec import QuantSpec
@@ -341,6 +344,9 @@ class QuantDot:
         out_sharding: Any = None,
     ) -> Any:
         r = self.rule
+        lhs = act_transform.apply_to_lhs(
+            lhs, dimension_numbers[0][0], sys._getframe(1), f"layer {self.path!r}"
+        )
         with _at(self.path):
             return dot_general(
                 lhs,
@@ -377,6 +383,9 @@ class QuantEinsum:
                 "out_sharding=None for a quantized Einsum (jit keeps the input's sharding)."
             )
         r = self.rule
+        la, lb, lo = parse_subscripts(subscripts, len(lhs.shape), len(rhs.shape))
+        contracting = [i for i, c in enumerate(la) if c in lb and c not in lo]
+        lhs = act_transform.apply_to_lhs(lhs, contracting, sys._getframe(1), f"layer {self.path!r}")
         with _at(self.path):
             return einsum(
                 subscripts,
