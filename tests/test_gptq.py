@@ -3,13 +3,14 @@ paper's Algorithm 1 (Frantar et al. 2022, arXiv 2210.17323): column by column, f
 lazy batching, with its own grids (integer, NF4's published table, FP4 E2M1, MXFP4 from the
 OCP MX v1.0 rule).
 
-Why "nearly identical" and not "identical" codes: the reference runs in float64 and inverts
-H explicitly; the solver runs in float32 with lazy batches (the same sums in another order)
-and a Cholesky of the reversed H. A value that lands within float32 rounding of a grid
-midpoint can round the other way, and the error compensation then carries that difference
-into the channels after it. On the problems below that happens to under 1% of the weights;
-the layer losses agree to 1e-3 relative. Where no compensation happens (diagonal H) the
-result is bit-identical to ``jq.quantize``.
+Codes: identical to the reference's in every case below (measured: 0 of 2048 weights differ,
+CPU, float32). The tests still allow 0.5% (10 weights) to differ, because the two need not
+agree bit for bit: the reference runs in float64 and inverts H explicitly, the solver runs in
+float32 with lazy batches (the same sums in another order) and a Cholesky of the reversed H.
+A value within float32 rounding of a grid midpoint could round the other way on another
+backend, and the error compensation would carry that into the channels after it. Layer losses
+must agree to 1e-4 relative (measured: 2e-7). Where no compensation happens (diagonal H) the
+result is bit-identical to ``jq.quantize`` and asserted so.
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ class TableGrid:
     def qdq(self, w, p):
         (s,) = p
         return self.round(w / s) * s
+
+
+class IntRowGrid(IntGrid):
+    """Symmetric b-bit integers with scales inside one input channel: one per block of
+    ``block`` outputs (``block = out``: one scale per input channel)."""
+
+    def __init__(self, bits: int, block: int):
+        super().__init__(bits)
+        self.block = block
+
+    def params(self, rows):  # rows: (1, out), the channel's current values
+        amax = np.abs(rows[0]).reshape(-1, self.block).max(1)
+        s = np.where(amax > 0, amax / self.qmax, 1.0)
+        return np.repeat(s, self.block), np.zeros(rows.shape[1])
 
 
 E2M1 = np.array([-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
@@ -160,6 +175,9 @@ def deq(r):
     return np.asarray(jq.dequantize(r.qarray), np.float64)
 
 
+MAX_MISMATCH = 0.005  # see the module docstring
+
+
 def mismatch(q, q_ref, w):
     """Fraction of weights whose quantized values differ by more than float32 rounding."""
     tol = 1e-5 * np.abs(w).max()
@@ -194,6 +212,9 @@ REF_CASES = [
     ),
     ("fp4 per_channel", jq.QuantSpec("fp4", jq.per_channel(1)), E2M1Grid(E2M1), None),
     ("mxfp4 input blocks", jq.QuantSpec("mxfp4", jq.per_block(0, 32)), MXFP4Grid(E2M1), 32),
+    # scales inside one input channel: set from its current values when the loop reaches it
+    ("int4 per input channel", jq.QuantSpec("int4", jq.per_channel(0)), IntRowGrid(4, 32), 1),
+    ("int4 output blocks", jq.QuantSpec("int4", jq.per_block(1, 8)), IntRowGrid(4, 8), 1),
 ]
 
 
@@ -206,8 +227,8 @@ def test_matches_algorithm_1(data, label, spec, grid, group, act_order):
     r = gptq(w, h, spec, act_order=act_order, block_size=24)  # 24: groups straddle blocks
     q_ref = ref_gptq(w, h, grid, group=group, act_order=act_order)
     q = deq(r)
-    assert mismatch(q, q_ref, w) <= 0.01, label
-    assert layer_loss(x, w, q) == pytest.approx(layer_loss(x, w, q_ref), rel=1e-3)
+    assert mismatch(q, q_ref, w) <= MAX_MISMATCH, label
+    assert layer_loss(x, w, q) == pytest.approx(layer_loss(x, w, q_ref), rel=1e-4)
     assert bool(r.ok) and int(r.dead) == 0
 
 
@@ -219,8 +240,8 @@ def test_block_size_is_only_an_order_of_sums(data, block_size):
     spec = jq.QuantSpec("int3", jq.per_block(0, 16))
     q = deq(gptq(w, h, spec, block_size=block_size, act_order=True))
     q_ref = ref_gptq(w, h, IntGrid(3), group=16, act_order=True)
-    assert mismatch(q, q_ref, w) <= 0.01
-    assert layer_loss(x, w, q) == pytest.approx(layer_loss(x, w, q_ref), rel=1e-3)
+    assert mismatch(q, q_ref, w) <= MAX_MISMATCH
+    assert layer_loss(x, w, q) == pytest.approx(layer_loss(x, w, q_ref), rel=1e-4)
 
 
 # --------------------------------------------------------- diagonal H: exactly round-to-nearest
@@ -280,7 +301,7 @@ def test_other_layouts(shape, axis, granularity, bound, group):
     r = gptq(w, h, jq.QuantSpec("int4", granularity), contract_axis=axis)
     w2 = np.moveaxis(w, axis, 0).reshape(N_IN, -1)
     q2 = np.moveaxis(deq(r), axis, 0).reshape(N_IN, -1)
-    assert mismatch(q2, ref_gptq(w2, h, IntGrid(4), group=group), w2) <= 0.01
+    assert mismatch(q2, ref_gptq(w2, h, IntGrid(4), group=group), w2) <= MAX_MISMATCH
 
 
 # ------------------------------------------------------------- compensation beats rounding
@@ -305,8 +326,8 @@ def test_beats_round_to_nearest_on_correlated_inputs(data, spec):
     gptq_loss = layer_loss(x, w, deq(r))
     rtn_loss = layer_loss(x, w, jq.dequantize(jq.quantize(w, spec)))
     assert gptq_loss < 0.8 * rtn_loss
-    assert float(r.loss) == pytest.approx(gptq_loss, rel=1e-3)
-    assert float(r.rtn_loss) == pytest.approx(rtn_loss, rel=1e-3)
+    assert float(r.loss) == pytest.approx(gptq_loss, rel=1e-4)
+    assert float(r.rtn_loss) == pytest.approx(rtn_loss, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------- damping
@@ -331,11 +352,14 @@ def test_damping(data):
     # Damping far beyond H: H^-1 is nearly diagonal, GPTQ tends to round-to-nearest.
     big = gptq(w, h, spec, damping=1e6)
     rtn = np.asarray(jq.dequantize(jq.quantize(w, spec)))
-    assert mismatch(deq(big), rtn, w) <= 0.01
+    assert mismatch(deq(big), rtn, w) <= MAX_MISMATCH
     # Fewer samples than inputs: X^T X is singular; 1% damping makes it definite.
     xs = x[:16]
     hs = xs.T @ xs
-    with pytest.raises(ValueError, match=r"layer 'blocks.0.mlp'.*not positive definite.*damping"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'blocks.0.mlp'.*not \(numerically\) positive definite.*increase damping",
+    ):
         gptq(w, hs, spec, damping=0.0, name="blocks.0.mlp")
     ok = gptq(w, hs, spec, damping=0.01)
     assert bool(ok.ok) and float(ok.loss) < float(ok.rtn_loss)
@@ -353,12 +377,13 @@ def test_dead_inputs(data):
     assert int(r.dead) == 2
     assert np.all(q[[3, 40]] == 0.0)
     q_ref = ref_gptq(w, h, IntGrid(4), act_order=True)
-    assert mismatch(q, q_ref, w) <= 0.01
+    assert mismatch(q, q_ref, w) <= MAX_MISMATCH
 
 
 # ------------------------------------------------------------------ transforms and dtypes
 
 
+@pytest.mark.slow  # two programs: vmapped and single (~3 s)
 def test_vmap_over_stacked_layers(data):
     """A stack of layers (experts), each with its own Hessian, under vmap and jit."""
     x, w, h = data
@@ -368,7 +393,7 @@ def test_vmap_over_stacked_layers(data):
     out = jax.jit(jax.vmap(lambda w, h: gptq(w, h, spec).qarray.dequantize()))(w2, h2)
     for i in range(2):
         one = np.asarray(gptq(w2[i], h2[i], spec).qarray.dequantize())
-        assert mismatch(np.asarray(out[i]), one, w2[i]) <= 0.01
+        assert mismatch(np.asarray(out[i]), one, w2[i]) <= MAX_MISMATCH
 
 
 def test_bfloat16_weight_and_stochastic_rounding(data):

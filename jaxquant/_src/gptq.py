@@ -35,7 +35,8 @@ Conventions fixed here:
   set to 0 and ``H_ii`` to 1, as the reference implementation does (any value is exact for
   an input that is always 0).
 * **Activation order** (``act_order=True``): channels are processed by descending
-  ``diag H`` (a stable sort: ties keep their order), so the most active inputs are rounded
+  ``diag H`` (after the dead-input rule, as the reference; a stable sort: ties keep their
+  order), so the most active inputs are rounded
   while the most channels remain to absorb their error; the codes are put back in the
   original order at the end. Scale groups stay the *original* contiguous channels (the
   QArray's ``per_block`` layout): a group's scale is computed when the loop reaches the
@@ -43,13 +44,18 @@ Conventions fixed here:
   (none of which is rounded yet). Without ``act_order`` this is the paper's group rule.
 * **Scales.** The spec's own quantizer sets them, so GPTQ's grid is exactly round-to-nearest's:
   a granularity that shares a scale across the input axis (``per_tensor``, ``per_channel``
-  of the output axes) takes its scales from the whole original weight first, as RTN does; one
+  of the output axes) takes its scales from the whole original weight first, as RTN does
+  (before dead inputs are zeroed, the reference's order); one
   whose groups lie along the input axis (``per_block(input_axis, g)``, MX formats blocked
   along the input axis) computes each group's scale when the loop reaches it, from the
   updated weights; one whose groups lie inside one input channel (``per_block`` along an
   output axis, ``per_channel`` of the input axis) computes them channel by channel, from the
   channel's updated values. Codes are rounded by :func:`quantize.round_scaled` on
   :func:`quantize.scale_input` of the column, the same functions ``jq.quantize`` uses.
+  (``QuantSpec("mxfp4")`` blocks the *last* axis by default: on an ``(in, out)`` kernel
+  that is the output axis. ``per_block(32)`` binds to the input axis, as MX matmuls block.)
+* **Stochastic rounding** (``rounding="stochastic"``, ``key=``): each weight gets its own
+  noise when its channel is rounded; the error compensation sees the rounded value.
 
 With a diagonal ``H`` (uncorrelated inputs) every update is exactly 0 and GPTQ returns
 ``jq.quantize(w, spec)`` bit for bit.
@@ -62,7 +68,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -244,7 +250,10 @@ def gptq(
             f"{fn}: twn() calibration rounds at its own threshold, not to the nearest grid "
             "point that GPTQ's error compensation assumes; use absmax() (the default) or mse()."
         )
-    spec.granularity.plan(tuple(w.shape))  # a block size that does not divide: its error
+    try:
+        spec.granularity.plan(tuple(w.shape))
+    except ValueError as err:  # e.g. a block size that does not divide the axis
+        raise ValueError(f"{fn}: {err}") from None
     check_key(spec, key, fn)
     concrete = not any(isinstance(a, jax.core.Tracer) for a in (w, h))
     if concrete:
@@ -261,8 +270,9 @@ def gptq(
     )
     if concrete and not bool(out.ok):
         raise ValueError(
-            f"{fn}: the damped Hessian is not positive definite (its Cholesky factor is not "
-            f"finite; damping={damping:g} added {float(out.damp):.3g} to the diagonal). "
+            f"{fn}: the damped Hessian is not (numerically) positive definite: its Cholesky "
+            f"factor or the updated weights are not finite (damping={damping:g} added "
+            f"{float(out.damp):.3g} to the diagonal). "
             "Too few calibration samples or collinear inputs make X^T X singular: increase "
             f"damping (e.g. damping={max(10 * damping, 0.01):g}) or calibrate on more data."
         )
@@ -375,46 +385,51 @@ def _gptq(
     wp = jnp.pad(wz, ((0, npad), (0, 0)))
 
     g = _mode(spec.granularity, shape, axis)
-    if g == 0:
+    ngroups = n // g if g > 1 else 0
+    if g == 0:  # scales of the whole original weight, one row per processed channel
         s_p = jnp.pad(per_element(rtn_s, plan)[perm], ((0, npad), (0, 0)), constant_values=1.0)
         z_p = jnp.pad(per_element(rtn_z0, plan)[perm], ((0, npad), (0, 0)))
-        ngroups = 0
-    else:
-        s_p = jnp.ones((n + npad, m), jnp.float32)
-        z_p = jnp.zeros((n + npad, m), jnp.float32)
-        ngroups = n // g
-    # group of each processed channel (padding: an extra group, marked done) and where a
-    # group's channels sit in processing order
+    # Groups along the input axis (g > 1): one scale row per group, computed once; the
+    # padding channels form an extra group that is marked done. gid: each processed
+    # channel's group; gpos: where a group's channels sit in processing order.
     gid = jnp.concatenate([perm // max(g, 1), jnp.full((npad,), ngroups)]).astype(jnp.int32)
-    gpos = invperm.reshape(max(ngroups, 1), -1) if g else jnp.zeros((1, 1), jnp.int32)
-    done = jnp.arange(ngroups + 1) >= ngroups
+    gpos = invperm.reshape(ngroups, g) if g > 1 else jnp.zeros((1, 1), jnp.int32)
+    groups = (
+        jnp.ones((ngroups + 1, m), jnp.float32),
+        jnp.zeros((ngroups + 1, m), jnp.float32),
+        jnp.arange(ngroups + 1) >= ngroups,
+    )
     bits = noise_bits(spec, key, (n + npad, m))
 
     def group_scale(cur: Array) -> tuple[Array, Array]:
-        """Per-element scale and zero point of one group's current values ``(g, rest)``,
-        from the spec's own quantizer on the group laid out as ``w``."""
+        """Scale and zero point rows ``(rest,)`` of one group from its current values
+        ``(g, rest)``: the spec's own quantizer on the group laid out as ``w``."""
         slab = from_work(cur)
         _, s, z, sp = quantize_core(slab, det, None, None)
-        se = per_element(s, sp)
-        return se, (jnp.zeros_like(se) if z is None else per_element(z, sp))
+        se = per_element(s, sp)[0]  # equal over the group's rows
+        return se, (jnp.zeros_like(se) if z is None else per_element(z, sp)[0])
 
-    def block(b: Array, carry: tuple[Array, ...]) -> tuple[Array, ...]:
-        wp, r_all, s_p, z_p, done = carry
+    def block(b: Array, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        wp, r_all, s_all, z_all, groups = carry
         i1 = b * bsz
         w1 = lax.dynamic_slice_in_dim(wp, i1, bsz, 0)
         ub = lax.dynamic_slice_in_dim(u, i1, bsz, 0)  # (bsz, in): the block's rows of U
         u1 = lax.dynamic_slice_in_dim(ub, i1, bsz, 1)
-        err1 = jnp.zeros((bsz, m), jnp.float32)
-        r1 = jnp.zeros((bsz, m), jnp.float32)
+        zeros = jnp.zeros((bsz, m), jnp.float32)
 
-        def column(i: Array, c: tuple[Array, ...]) -> tuple[Array, ...]:
-            w1, err1, r1, s_p, z_p, done = c
+        def column(i: Array, c: tuple[Any, ...]) -> tuple[Any, ...]:
+            w1, err1, r1, s1, z1, groups = c
             p = i1 + i
-            if g:
+            wi = w1[i]
+            if g == 0:
+                s, z = s_p[p], z_p[p]
+            elif g == 1:  # groups inside this channel: from its current values
+                s, z = group_scale(wi[None])
+            else:
                 k = gid[p]
 
                 def new_group(a: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-                    s_p, z_p, done = a
+                    sg, zg, done = a
                     pos = gpos[k]
                     # Current values: the block's own rows are up to date in w1; rows after
                     # the block still owe the block's pending update.
@@ -422,29 +437,46 @@ def _gptq(
                     later = wp[pos] - jnp.dot(ub[:, pos].T, err1, precision=_HI)
                     cur = jnp.where(inb[:, None], w1[jnp.clip(pos - i1, 0, bsz - 1)], later)
                     se, ze = group_scale(cur)
-                    return s_p.at[pos].set(se), z_p.at[pos].set(ze), done.at[k].set(True)
+                    return sg.at[k].set(se), zg.at[k].set(ze), done.at[k].set(True)
 
-                s_p, z_p, done = lax.cond(done[k], lambda a: a, new_group, (s_p, z_p, done))
-            wi, s, z = w1[i], s_p[p], z_p[p]
+                groups = lax.cond(groups[2][k], lambda a: a, new_group, groups)
+                s, z = groups[0][k], groups[1][k]
             y = wi if unit else scale_input(wi, s, qmax=qabs)
             ri = round_scaled(y, spec, None if bits is None else bits[p], z if asym else None)
             e = (wi - dequant(ri, s, z)) / u1[i, i]
             # U1[i, j] is 0 for j < i: the rows already rounded are left as they are.
             w1 = w1 - u1[i][:, None] * e[None, :]
-            return w1, err1.at[i].set(e), r1.at[i].set(ri), s_p, z_p, done
+            err1, r1 = err1.at[i].set(e), r1.at[i].set(ri)
+            if g:
+                s1, z1 = s1.at[i].set(s), z1.at[i].set(z)
+            return w1, err1, r1, s1, z1, groups
 
-        _, err1, r1, s_p, z_p, done = lax.fori_loop(0, bsz, column, (w1, err1, r1, s_p, z_p, done))
+        init = (w1, zeros, zeros, zeros, zeros, groups)
+        _, err1, r1, s1, z1, groups = lax.fori_loop(0, bsz, column, init)
         # The lazy batch update of every later row (rows before the block get U = 0).
         wp = wp - jnp.dot(ub.T, err1, precision=_HI)
         r_all = lax.dynamic_update_slice_in_dim(r_all, r1, i1, 0)
-        return wp, r_all, s_p, z_p, done
+        if g:
+            s_all = lax.dynamic_update_slice_in_dim(s_all, s1, i1, 0)
+            z_all = lax.dynamic_update_slice_in_dim(z_all, z1, i1, 0)
+        return wp, r_all, s_all, z_all, groups
 
-    r_all = jnp.zeros((n + npad, m), jnp.float32)
-    _, r_all, s_p, z_p, _ = lax.fori_loop(0, nb, block, (wp, r_all, s_p, z_p, done))
+    full = jnp.zeros((n + npad, m), jnp.float32)
+    init: tuple[Any, ...]
+    if g == 0:  # the scales are known: nothing to record
+        init = (wp, full, None, None, groups)
+    else:
+        init = (wp, full, full, full, groups)
+    _, r_all, s_all, z_all, _ = lax.fori_loop(0, nb, block, init)
+    if g == 0:
+        s_all, z_all = s_p, z_p
 
     r = r_all[:n][invperm]
-    s_el, z_el = s_p[:n][invperm], z_p[:n][invperm]
+    s_el, z_el = s_all[:n][invperm], z_all[:n][invperm]
     q = dequant(r, s_el, z_el)
+    loss = proxy_loss(q)
+    # A Cholesky that "succeeds" on a numerically singular H can still blow the updates up.
+    ok = ok & jnp.isfinite(loss)
 
     if g == 0:
         scale, zero = rtn_s, rtn_z
@@ -456,7 +488,7 @@ def _gptq(
         zero = from_work(z_el).reshape(plan.view)[first] if asym else None
     return GPTQResult(
         qarray=_qarray(r, scale, zero, spec, from_work, w),
-        loss=proxy_loss(q),
+        loss=loss,
         rtn_loss=proxy_loss(rtn_q),
         damp=damp,
         dead=jnp.sum(dead).astype(jnp.int32),
