@@ -3,7 +3,13 @@
 Every notebook asserts its own key facts (the worked example's int8 values, stochastic
 rounding's unbiasedness, the loss scale backing off, ...), so executing it is a test. The
 kernel is this interpreter (``sys.executable``), on CPU, with matplotlib's Agg backend, in
-a temporary working directory.
+a temporary working directory per notebook.
+
+One kernel per test process runs the notebooks one after the other (starting a kernel and
+importing jax, flax and scikit-learn is seconds of CPU each time, and the notebooks share
+jaxquant's compiled quantizers): before each notebook, ``%reset -f`` empties its namespace
+(a notebook that forgets an import still fails) and the figures are closed. The kernel
+uses the suite's persistent XLA cache (tests/conftest.py), so a warm run compiles nothing.
 """
 
 import gc
@@ -12,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import nbformat
 import pytest
 
@@ -84,28 +91,60 @@ def _kernel_env():
     env["MPLBACKEND"] = "Agg"
     # jaxquant from this checkout, whether or not it is installed
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cache = jax.config.jax_compilation_cache_dir  # set by conftest unless turned off
+    if cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """A started kernel manager, shared by this process's notebooks."""
+    tmp = tmp_path_factory.mktemp("kernel")
+    km = _kernel_manager(tmp)
+    km.start_kernel(env=_kernel_env(), cwd=str(tmp))
+    yield km
+    km.shutdown_kernel(now=True)
+
+
+def _setup_cell(workdir):
+    """The notebook's first cell here: a fresh namespace, no figures, its own folder."""
+    code = f"""%reset -f
+import os as _os, sys as _sys
+if "matplotlib.pyplot" in _sys.modules:
+    _sys.modules["matplotlib.pyplot"].close("all")
+_os.chdir({str(workdir)!r})
+del _os, _sys"""
+    return nbformat.v4.new_code_cell(code)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, kernel):
     nb = nbformat.read(path, as_version=4)
     workdir = tmp_path / "work"
     workdir.mkdir()
+    if not kernel.is_alive():  # an earlier notebook killed it
+        kernel.restart_kernel(now=True)
+    nb.cells.insert(0, _setup_cell(workdir))
     client = nbclient.NotebookClient(
         nb,
-        km=_kernel_manager(tmp_path),
+        km=kernel,
         timeout=CELL_TIMEOUT_S,
         resources={"metadata": {"path": str(workdir)}},
     )
     try:
         # A failing cell (an assert in the notebook included) raises CellExecutionError.
-        client.execute(env=_kernel_env())
+        client.execute()
     finally:
+        if client.kc is not None:  # the kernel is not ours to stop: only this client
+            client.kc.stop_channels()
         # Collect the kernel client's sockets now, while this test's warning filters apply.
         del client
         gc.collect()
+    assert nb.cells[0].outputs == [], nb.cells[0].outputs  # the setup cell: silent
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     errors = [o for o in outputs if o.output_type == "error"]
     assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
