@@ -104,7 +104,7 @@ class ByteLM(nn.Module):
     ``layers`` blocks (attention ``block<i>/attn/{q,k,v,o}``, MLP ``block<i>/{fc1,fc2}``),
     a final LayerNorm and a Dense ``head`` to 256 logits per position.
 
-    The Linen twin of ``benchmarks/qat_lm.py``'s NNX model (same shapes and layout).
+    The LM of ``benchmarks/qat_lm.py``, the sweep's ``stdlib-lm`` task and the PTQ test bed.
 
     Example:
       >>> import jax, jax.numpy as jnp
