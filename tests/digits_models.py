@@ -100,15 +100,22 @@ def train(model: nn.Module, d, *, seed: int, epochs: int, lr: float, batch: int 
     """``(variables, epoch_losses)``: ``model`` trained on ``d``'s training split with Adam
     (cosine decay to 0) from ``seed``; ``variables`` holds every collection ``init`` made."""
     x, y = jnp.asarray(d["x_train"]), jnp.asarray(d["y_train"])
-    steps = epochs * (x.shape[0] // batch)
-    tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.0))
+    tx, run = _adam_trainer(model, epochs, lr, batch, x.shape[0])
     init_key, data_key = jax.random.split(jax.random.key(seed))
     with jax.numpy_dtype_promotion("standard"):
         variables = dict(model.init(init_key, x[:1]))
         params = variables.pop("params")
-        run = make_trainer(model, tx, batch=batch, epochs=epochs)
         params, state, _, losses = run(params, variables, tx.init(params), x, y, data_key)
     return {"params": params, **state}, np.asarray(losses)
+
+
+@functools.cache
+def _adam_trainer(model: nn.Module, epochs: int, lr: float, batch: int, n_train: int):
+    """``train``'s optimizer and jitted loop, made once per configuration: the seeds of a
+    test share one compilation (a new ``jax.jit`` per call would compile again)."""
+    steps = epochs * (n_train // batch)
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.0))
+    return tx, make_trainer(model, tx, batch=batch, epochs=epochs)
 
 
 def accuracy(logits, y) -> float:

@@ -36,7 +36,13 @@ from digits_models import CNN, MLP, accuracy, data, train
 import jaxquant as jq
 from jaxquant.flax import Rule, calibrate, convert, quantize_model, report
 
-SEEDS = 3  # the criteria are on means over seeds: one test image is 0.22 points
+# The criteria are on means over seeds (one test image is 0.22 points). Two seeds: each
+# margin is wider than the spread between seeds (measured over 3 seeds, MLP / CNN: w8a8
+# 0.0 / -0.1 points from float against 0.5 allowed, w4_g32 0.1 / -0.1 against 2; int4 per
+# channel's logit SQNR above per tensor's on every seed, by 0.3 to 1.6 dB; clipped int4
+# activations 75 / 81 points above absmax against 10); a third seed compiled every
+# quantized model again for no margin.
+SEEDS = 2
 GROUP = 32
 ACT_CALS = {"absmax": jq.absmax(), "p99.9": jq.percentile(99.9), "mse": jq.mse()}
 # int5 activations lie between int4 and int6; the CNN checks the served conv path (int8
