@@ -323,7 +323,7 @@ def test_bad_arguments():
         jqr.hadamard_rotation(16).apply(jnp.zeros((2, 40)))
     with pytest.raises(TypeError, match=r"key must be a PRNG key"):
         jqr.hadamard_rotation(16, key=0)
-    with pytest.raises(ValueError, match=r"n must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"n must be an int in 1\.\.2147483647, got 0"):
         jqr.hadamard_matrix(0)
     with pytest.raises(TypeError, match=r"n must be an int"):
         jqr.hadamard_matrix(True)
@@ -331,3 +331,12 @@ def test_bad_arguments():
         jqr.hadamard_rotation(16.0)
     with pytest.raises(ValueError, match=r"signs must be a vector"):
         jqr.HadamardRotation(jnp.ones((2, 16))).apply(jnp.zeros(16))
+    with pytest.raises(TypeError, match=r"signs must be a float array"):
+        jqr.HadamardRotation(None).apply(jnp.zeros(16))
+    with pytest.raises(TypeError, match=r"dtype must be a dtype"):
+        jqr.hadamard_matrix(4, "bogus")
+    with pytest.raises(ValueError, match=r"size must be an int in 1\.\.2147483647"):
+        jqr.hadamard_rotation(2**40)
+    with pytest.raises(ValueError, match=r"size 0.*nearest covered size is 1\."):
+        jqr.walsh_hadamard(jnp.zeros((2, 0)))
+    assert not jqr.hadamard_supported(2**40) and not jqr.hadamard_supported(-4)

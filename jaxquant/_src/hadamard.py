@@ -57,6 +57,8 @@ from jaxquant._src.rounding import check_key
 # The largest base order built: a dense m x m product costs m additions per element, and
 # every common model width has a base far below this (the largest above is 344).
 MAX_BASE_ORDER = 1024
+# The largest order built (an array dimension XLA indexes with int32).
+_MAX_SIZE = 2**31 - 1
 
 
 # ---------------------------------------------------------------------- sizes
@@ -113,7 +115,7 @@ def hadamard_supported(n: int) -> bool:
 
     Returns:
       True when a Hadamard matrix of order ``n`` is constructed here, else False (also for
-      ``n < 1``).
+      ``n < 1`` and ``n >= 2^31``).
 
     Example:
       >>> import jaxquant.rotations as jqr
@@ -121,7 +123,7 @@ def hadamard_supported(n: int) -> bool:
       [True, True, True, True, False, True, False]
     """
     n = check_int(n, "hadamard_supported: n")
-    return _plan(n) is not None
+    return n <= _MAX_SIZE and _plan(n) is not None
 
 
 def _nearest_supported(n: int) -> tuple[int | None, int]:
@@ -133,14 +135,14 @@ def _nearest_supported(n: int) -> tuple[int | None, int]:
 
 def _uncovered(n: int, what: str, fix: str) -> ValueError:
     below, above = _nearest_supported(n)
-    nearest = f"{below} and {above}" if below is not None else f"{above}"
+    nearest = f"sizes are {below} and {above}" if below is not None else f"size is {above}"
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    divisor = max(d for d in small + [n // d for d in small] if _plan(d) is not None)
+    divisor = max((d for d in small + [n // d for d in small] if _plan(d) is not None), default=1)
     return ValueError(
         f"{what} {n}, which no Hadamard construction here covers: the covered sizes are "
         f"m * 2^k with m = 1 or a Paley order up to {MAX_BASE_ORDER} (12, 20, 28, 36, 44, 52, "
-        f"60, ...; see jaxquant.rotations.hadamard_supported). The nearest covered sizes are "
-        f"{nearest}. {fix.format(above=above, divisor=divisor)}"
+        f"60, ...; see jaxquant.rotations.hadamard_supported). The nearest covered {nearest}. "
+        + fix.format(above=above, divisor=divisor)
     )
 
 
@@ -315,14 +317,23 @@ def hadamard_matrix(n: int, dtype: DTypeLike = jnp.float32) -> jax.Array:
       Sylvester 1867; Paley, "On orthogonal matrices", J. Math. Phys. 12 (1933).
       QuaRot (Ashkboos et al. 2024), https://arxiv.org/abs/2404.00456, section 3.
     """
-    n = check_int(n, "hadamard_matrix: n", lo=1)
+    n = check_int(n, "hadamard_matrix: n", lo=1, hi=_MAX_SIZE)
+    try:
+        out_dtype = jnp.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        out_dtype = None
+    if out_dtype is None:
+        raise TypeError(
+            "hadamard_matrix: dtype must be a dtype such as jnp.float32 or jnp.int8, got "
+            "an unknown one; the entries are +-1, exact in every dtype."
+        )
     plan = _plan(n)
     if plan is None:
         raise _uncovered(n, "hadamard_matrix: n is", "Pick a covered order.")
     h = np.ones((1, 1), np.int8)
     for factor in _factors(*plan):  # int8 throughout: n^2 bytes before the cast
         h = np.kron(h, factor)
-    return jnp.asarray(h, dtype=dtype)
+    return jnp.asarray(h, dtype=out_dtype)
 
 
 # ---------------------------------------------------------------------- transforms
@@ -501,9 +512,16 @@ class HadamardRotation(NamedTuple):
     def _run(self, x: ArrayLike, axis: int, transpose: bool, what: str) -> jax.Array:
         x = _check_float(x, f"{what}: x")
         axis = _check_axis(axis, x, what)
-        if jnp.ndim(self.signs) != 1:
+        if not isinstance(self.signs, jax.Array | np.ndarray) or not jnp.issubdtype(
+            self.signs.dtype, jnp.floating
+        ):
+            raise TypeError(
+                f"{what}: signs must be a float array of +-1, got {describe(self.signs)}; "
+                "build the rotation with hadamard_rotation(size, key=...)."
+            )
+        if self.signs.ndim != 1:
             raise ValueError(
-                f"{what}: signs must be a vector (size,), got shape {jnp.shape(self.signs)}; "
+                f"{what}: signs must be a vector (size,), got shape {self.signs.shape}; "
                 "build the rotation with hadamard_rotation(size, key=...)."
             )
         size = self.size
@@ -602,7 +620,7 @@ def hadamard_rotation(size: int, *, key: ArrayLike | None = None) -> HadamardRot
       NVFP4 training (NVIDIA 2025), https://arxiv.org/abs/2509.25149, section 4.2;
       MXFP4 training (Tseng et al. 2025), https://arxiv.org/abs/2502.20586.
     """
-    size = check_int(size, "hadamard_rotation: size", lo=1)
+    size = check_int(size, "hadamard_rotation: size", lo=1, hi=_MAX_SIZE)
     if _plan(size) is None:
         raise _uncovered(
             size,
