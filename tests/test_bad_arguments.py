@@ -159,6 +159,7 @@ target(
     rounding=CHOICE,
     scale_format={"int": 3, "none": None, "int8": "int8"},
     rng=CHOICE,
+    int_grid={"bogus": "wide", "int": 1},
 )
 target(
     "jq.ScaleState",

@@ -215,6 +215,21 @@ def test_quantize_asymmetric_shows_zero_point(capsys):
     np.testing.assert_array_equal(bracket_list(out, "dequantized:"), jq.fake_quant(x, spec))
 
 
+def test_quantize_full_grid_shows_the_half_step_divisor(capsys):
+    code, out, err = run(capsys, "quantize", *map(str, SEED_X), "--format", "int4", "--full-grid")
+    assert code == 0, err
+    assert "full grid" in out.splitlines()[0]
+    assert "s = max|x| / (qmax + 0.5) = 2.1 / 7.5 = " in out
+    assert "q = clip(round(x / s), -8, 7)" in out
+    x = jnp.array(SEED_X, jnp.float32)
+    spec = jq.QuantSpec("int4", int_grid="full")
+    assert bracket_list(out, "quantized:").tolist() == jq.quantize(x, spec).codes().tolist()
+    np.testing.assert_array_equal(bracket_list(out, "dequantized:"), jq.fake_quant(x, spec))
+    # the restricted grid keeps its text
+    code, out, _ = run(capsys, "quantize", *map(str, SEED_X), "--format", "int4")
+    assert code == 0 and "s = max|x| / qmax = 2.1 / 7 = " in out
+
+
 @pytest.mark.slow
 def test_quantize_stochastic_seed(capsys):
     argv = ["quantize", *map(str, SEED_X), "--format", "int4", "--stochastic", "--seed", "7"]
@@ -252,6 +267,7 @@ def test_quantize_negative_first_value(capsys, first):
         (["quantize", "1", "2", "-c", "mean_std:-1"], ["mean_std(k) must be", "> 0"]),
         (["quantize", "1", "2", "-c", "absmax:3"], ["takes no parameter"]),
         (["quantize", "1", "2", "--format", "fp16", "--asymmetric"], ["integer format"]),
+        (["quantize", "1", "2", "--format", "fp16", "--full-grid"], ["signed int", "int_grid"]),
         (["quantize", "1", "2", "--format", "mxfp8"], ["block size 32"]),
         (["explain", "0b111111111", "--format", "int8"], ["does not fit int8"]),
         (["quantize"], ["required"]),

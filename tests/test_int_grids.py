@@ -326,6 +326,77 @@ def test_clipped_ste_keeps_the_gradient_of_the_largest_value():
         assert np.asarray(g).tolist() == want
 
 
+def _ramp_with_max_and_min(shape, seed):
+    """Gaussian data whose largest |x| occurs as both +amax and -amax (per tensor)."""
+    x = _data(seed, shape)
+    amax = np.abs(x).max()
+    x.flat[0], x.flat[1] = amax, -amax
+    return x
+
+
+@pytest.mark.parametrize("use_jit", [True, False])
+def test_dot_general_clipped_ste_mask_is_fake_quants(use_jit):
+    # The scaled dot computes its own clipped-STE mask; with the full grid +amax scales to
+    # qmax + 0.5 (> qmax) and must keep its gradient like fake_quant's (ste_bounds).
+    a = jnp.asarray(_ramp_with_max_and_min((8, 32), 21))
+    b = jnp.asarray(_data(22, (32, 16)))
+    sa = jq.QuantSpec("int4", int_grid="full", calibration=jq.fixed(float(jnp.abs(a).max())))
+    dn = (((1,), (0,)), ((), ()))
+
+    def loss(a):
+        return jq.dot_general(a, b, dn, lhs_spec=sa, ste="clipped", mode="emulate").sum()
+
+    def ref(a):
+        return (jq.fake_quant(a, sa, ste="clipped") @ b).sum()
+
+    grad = jax.grad(loss)
+    g = np.asarray((jax.jit(grad) if use_jit else grad)(a))
+    g_ref = np.asarray(jax.grad(ref)(a))
+    assert g.flat[0] != 0 and g.flat[1] != 0  # +amax and -amax are in range
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
+    # and a value past a clipping range gets none, as in fake_quant
+    sc = sa.replace(calibration=jq.fixed(0.5 * float(jnp.abs(a).max())))
+    gc = np.asarray(
+        jax.grad(lambda a: jq.dot_general(a, b, dn, lhs_spec=sc, ste="clipped").sum())(a)
+    )
+    gq = np.asarray(jax.grad(lambda a: jq.fake_quant(a, sc, ste="clipped").sum())(a))
+    np.testing.assert_array_equal(gc != 0, gq != 0)
+    assert (gq == 0).any()
+
+
+def test_conv_clipped_ste_mask_is_fake_quants():
+    lhs = jnp.asarray(_ramp_with_max_and_min((2, 6, 6, 3), 23))
+    rhs = jnp.asarray(_data(24, (3, 3, 3, 4)))
+    spec = jq.QuantSpec("int4", int_grid="full")
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def loss(x):
+        return jq.conv_general_dilated(
+            x, rhs, (1, 1), "SAME", dimension_numbers=dn, lhs_spec=spec, ste="clipped"
+        ).sum()
+
+    def ref(x):
+        y = jax.lax.conv_general_dilated(
+            jq.fake_quant(x, spec, ste="clipped"), rhs, (1, 1), "SAME", dimension_numbers=dn
+        )
+        return y.sum()
+
+    for grad in (jax.grad(loss), jax.jit(jax.grad(loss))):
+        g = np.asarray(grad(lhs))
+        assert g.flat[0] != 0 and g.flat[1] != 0  # +amax and -amax are in range
+        np.testing.assert_allclose(g, np.asarray(jax.grad(ref)(lhs)), rtol=1e-5, atol=1e-5)
+
+
+def test_one_pass_kernel_leaves_the_full_grid_to_the_jnp_path():
+    from jaxquant._src.kernels import block_fake_quant, supported
+
+    spec = jq.QuantSpec("int4", jq.per_block(-1, 32), scale_format="e8m0", int_grid="full")
+    assert supported(spec.replace(int_grid="restricted"), (4096, 4096), jnp.float32, "gpu")
+    assert not supported(spec, (4096, 4096), jnp.float32, "gpu")
+    with pytest.raises(NotImplementedError, match=r"int_grid='full'.*jnp path"):
+        block_fake_quant(jnp.ones((64, 64), jnp.float32), spec)
+
+
 @pytest.mark.parametrize("mode", ["emulate", "auto"])
 def test_dot_general_of_full_grid_int4_operands_is_the_product_of_the_dequantized(mode):
     rng = np.random.default_rng(7)

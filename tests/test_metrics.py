@@ -351,3 +351,45 @@ def test_bad_inputs_are_errors_naming_the_argument():
             fn(x, x)
     with pytest.raises(ValueError, match=r"summary: shapes differ: x has shape \(3,\)"):
         metrics.summary(jnp.ones(3), q)
+
+
+@pytest.mark.parametrize("use_jit", JIT)
+def test_saturation_rate_of_the_full_int_grid_is_outside_the_calibrated_range(use_jit):
+    """int_grid='full': s = amax / 7.5 for int4; values in (7 s, amax] round to code 7
+    within half a step (the clipped STE keeps their gradient): not saturated."""
+    for cal, amax in ((jq.fixed(0.5), 0.5), (jq.absmax(), float(np.max(np.abs(RAMP))))):
+        spec = jq.QuantSpec("int4", calibration=cal, int_grid="full")
+        x = jnp.asarray(RAMP)
+        rate = _call(
+            lambda a, spec=spec: metrics.saturation_rate(a, jq.quantize(a, spec)),
+            x,
+            use_jit=use_jit,
+        )
+        expected = np.mean(np.abs(RAMP) > np.float32(amax))
+        assert float(rate) == pytest.approx(expected, abs=1e-7)
+        # the same elements as the clipped STE's zero gradients
+        g = jax.grad(lambda a, spec=spec: jq.fake_quant(a, spec, ste="clipped").sum())(x)
+        assert float(rate) == pytest.approx(float(np.mean(np.asarray(g) == 0)), abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kw", "amax", "clamped"),
+    [
+        # float16 scales saturate past 65504: amax / 127.5 (full), not amax / 128 or 127
+        ("int8", {"int_grid": "full", "scale_format": "float16"}, 127.8 * 65504, True),
+        ("int8", {"int_grid": "full", "scale_format": "float16"}, 127.2 * 65504, False),
+        ("int8", {"narrow_range": False, "scale_format": "float16"}, 127.5 * 65504, True),
+        # float32 scales below 2^-126 are clamped: amax / 3.5 for int3's full grid
+        ("int3", {"int_grid": "full"}, 3.2 * 2.0**-126, True),
+        ("int3", {"int_grid": "full"}, 3.7 * 2.0**-126, False),
+    ],
+)
+def test_scale_clamp_rate_follows_the_scale_divisor(fmt, kw, amax, clamped):
+    spec = jq.QuantSpec(fmt, jq.per_channel(0), **kw)
+    x = jnp.asarray([[amax, 0.0], [1.0, 2.0]], jnp.float32)
+    q = jq.quantize(x, spec)
+    # the oracle: the stored scale differs from amax / scale_divisor beyond its rounding
+    want = np.float64(np.float32(amax)) / spec.scale_divisor
+    got = float(np.asarray(q.scale, np.float64)[0, 0])
+    assert (abs(got - want) > 1e-3 * want) == clamped
+    assert float(jax.jit(metrics.scale_clamp_rate)(x, q)) == (0.5 if clamped else 0.0)

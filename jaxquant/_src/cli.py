@@ -283,6 +283,11 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
         help="zero-point quantization (integer formats): q = clip(round(x / s) + z)",
     )
     p.add_argument(
+        "--full-grid",
+        action="store_true",
+        help="symmetric signed ints: all 2^b codes, s = amax / (qmax + 0.5) (int_grid='full')",
+    )
+    p.add_argument(
         "--stochastic", action="store_true", help="stochastic rounding instead of nearest-even"
     )
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for --stochastic (default 0)")
@@ -385,6 +390,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         symmetric=not args.asymmetric,
         rounding="stochastic" if args.stochastic else "nearest",
+        int_grid="full" if args.full_grid else "restricted",
     )
     key = jax.random.key(args.seed) if args.stochastic else None
     big = [v for v in args.values if np.isfinite(v) and abs(v) > float(np.finfo(np.float32).max)]
@@ -411,6 +417,8 @@ def render_steps(st: Steps, seed: int | None = None) -> str:
     )
     calib = f"{spec.calibration} calibration" if spec.calibration is not None else "no scaling"
     kind = "symmetric" if sym else "asymmetric with a zero point"
+    if spec.int_grid == "full":
+        kind += ", full grid: all 2^b codes"
     n = st.x.size
     out = [
         f"Quantize {n} value{'s' if n != 1 else ''} to {fmt.name} ({kind}, {calib}, {rnd})",
@@ -526,12 +534,15 @@ def _scale_text(st: Steps) -> str:
             f"{_q(st.zero_point[0], True)}"
         )
     top = {"int": "qmax", "float": "fmax", "codebook": "max|codebook|"}[elem.kind]
+    if spec.int_grid == "full":  # all 2^b codes: amax maps half a step past qmax
+        top = "(qmax + 0.5)"
     amax = _amax(st)
     if not one:
         return f"s = {_amax_name(st)} / {top} = {s_val}"
     if amax[0] <= 0:
         return "s = 1 (the range is 0: nothing to scale)"
-    text = f"s = {_amax_name(st)} / {top} = {_f(amax[0])} / {_q(qmax, True)} = {s_val}"
+    div = _f(spec.scale_divisor) if spec.int_grid == "full" else _q(qmax, True)
+    text = f"s = {_amax_name(st)} / {top} = {_f(amax[0])} / {div} = {s_val}"
     if spec.scale_format.name != "float32":
         text += f" (rounded to {spec.scale_format.name})"
     return text

@@ -31,7 +31,13 @@ from jaxquant._src.config import QuantConfig
 from jaxquant._src.granularity import follows_layout
 from jaxquant._src.layout import bind, conv_layout
 from jaxquant._src.qarray import check_array
-from jaxquant._src.quantize import check_operand_scale, quantize_core, scale_input, to_grid
+from jaxquant._src.quantize import (
+    check_operand_scale,
+    quantize_core,
+    scale_input,
+    ste_bounds,
+    to_grid,
+)
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -109,9 +115,10 @@ def _fq(
     out = (to_grid(r, spec) * s).reshape(plan.shape)
     if not clipped:
         return out, None
-    qmin, qmax = spec.qrange
+    # fake_quant's bounds: the full grid's +amax scales to qmax + 0.5, not a clipped value.
+    lo, hi = ste_bounds(spec)
     t = scale_input(x.astype(jnp.float32).reshape(plan.view), s, None)
-    return out, ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
+    return out, ((t >= lo) & (t <= hi)).reshape(plan.shape)
 
 
 def _bind(

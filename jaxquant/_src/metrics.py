@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant._src.qarray import QArray, check_array
+from jaxquant._src.quantize import ste_bounds
 from jaxquant._src.types import PyTree
 
 Array = jax.Array
@@ -128,6 +129,10 @@ def sqnr(x: jax.typing.ArrayLike, x_hat: jax.typing.ArrayLike | QArray) -> Array
 def saturation_rate(x: jax.typing.ArrayLike, q: QArray) -> Array:
     """Fraction of finite elements of ``x`` outside the range ``q`` can represent (clipped).
 
+    The range is where the clipped straight-through estimator passes the gradient: for
+    ``int_grid="full"`` the calibrated ``[-amax, amax]`` (``+amax`` scales to ``qmax + 0.5``
+    and rounds to ``qmax``, as any value within half a step does).
+
     Args:
       x: the array ``q`` was quantized from.
       q: its :class:`QArray` (it knows the representable range).
@@ -142,11 +147,13 @@ def saturation_rate(x: jax.typing.ArrayLike, q: QArray) -> Array:
     x, q = _against(x, q, "saturation_rate")
     spec = q.spec
     plan = spec.granularity.plan(q.shape)
-    qmin, qmax = spec.qrange
+    # The clipped STE's bounds: the full grid's +amax scales to qmax + 0.5 (rounded to
+    # qmax within half a step, as any value), so it is not a clipped value.
+    lq, hq = ste_bounds(spec)
     s = q.scale.astype(jnp.float32)
     z = 0.0 if q.zero_point is None else q.zero_point.astype(jnp.float32)
     xv = x.reshape(plan.view)
-    lo, hi = (qmin - z) * s, (qmax - z) * s
+    lo, hi = (lq - z) * s, (hq - z) * s
     fin = jnp.isfinite(xv)
     out = fin & ((xv < lo) | (xv > hi))
     return jnp.sum(out) / jnp.maximum(jnp.sum(fin), 1)
@@ -155,7 +162,8 @@ def saturation_rate(x: jax.typing.ArrayLike, q: QArray) -> Array:
 def scale_clamp_rate(x: jax.typing.ArrayLike, q: QArray) -> Array:
     """Fraction of scale groups whose range needs a scale outside what the quantizer stores.
 
-    A group's abs-max scale ``amax / qmax`` must lie in ``[2^-126, max]`` for float32 (and
+    A group's abs-max scale ``amax / qmax`` (``amax / (qmax + 0.5)`` for
+    ``int_grid="full"``) must lie in ``[2^-126, max]`` for float32 (and
     bfloat16 / e8m0) scales, ``[2^-24, 65504]`` for float16 scales; outside it the scale is
     clamped (see :mod:`jaxquant.quantize`'s range limits): too small (a group of float32
     subnormals, or of values below ``qmax * 2^-126``) and its values lose resolution or
@@ -180,7 +188,8 @@ def scale_clamp_rate(x: jax.typing.ArrayLike, q: QArray) -> Array:
     mag = jax.lax.bitcast_convert_type(xv, jnp.int32) & 0x7FFFFFFF
     mag = jnp.max(jnp.where(fin, mag, 0), axis=axes, keepdims=True)
     qmin, qmax = spec.qrange
-    qmax = max(-qmin, qmax) if spec.symmetric else qmax - qmin
+    # What compute_scale divides amax by: qmax + 0.5 for the full int grid.
+    qmax = spec.scale_divisor if spec.symmetric else qmax - qmin
     big = jax.lax.bitcast_convert_type(mag, jnp.float32) / jnp.float32(qmax)
     sfmt = spec.scale_format
     lo_amax = float(qmax) * (2.0**-24 if sfmt.name == "float16" else 2.0**-126)

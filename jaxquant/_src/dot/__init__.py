@@ -17,7 +17,9 @@ per-row / per-column scales laid out like the output (batch, lhs free, rhs free)
 of the grid values runs in low precision when the hardware has it:
 
 * int8 x int8: ``lax.dot_general(int8, int8, preferred_element_type=int32)`` (exact integer
-  accumulation; overflows only past ``2^31 / 127^2 ~ 133 000`` contracted elements);
+  accumulation; overflows only past ``2^31 / 127^2 ~ 133 000`` contracted elements, or
+  ``2^31 / 128^2 ~ 131 000`` for ``int_grid="full"`` operands, whose code ``-128`` times
+  ``-128`` is the largest product);
 * fp8 x fp8 (e4m3fn / e5m2, any mix the backend supports):
   ``lax.dot_general(f8, f8, preferred_element_type=float32)``;
 * otherwise (other formats, mixed int8/fp8, no hardware support) the grid values are held

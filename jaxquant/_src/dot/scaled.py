@@ -23,7 +23,7 @@ from jax import lax
 from jaxquant._src import formats
 from jaxquant._src.dot.capabilities import FP8, DimensionNumbers, Lowering
 from jaxquant._src.qarray import encode
-from jaxquant._src.quantize import quantize_core, scale_input, to_grid
+from jaxquant._src.quantize import quantize_core, scale_input, ste_bounds, to_grid
 from jaxquant._src.spec import QuantSpec
 
 Array = jax.Array
@@ -80,9 +80,10 @@ def quantize_operand(
     r, s, _, plan = quantize_core(x, spec, key, scale, rounded=not native)
     mask = None
     if clipped:
-        qmin, qmax = spec.qrange
+        # fake_quant's bounds: the full grid's +amax scales to qmax + 0.5, not a clipped value.
+        lo, hi = ste_bounds(spec)
         t = scale_input(jax.lax.stop_gradient(x).astype(jnp.float32).reshape(plan.view), s, None)
-        mask = ((t >= qmin) & (t <= qmax)).reshape(plan.shape)
+        mask = ((t >= lo) & (t <= hi)).reshape(plan.shape)
     if native:  # the GPU's RNE conversion (cvt.rn.satfinite) rounds; values are in range
         return r.astype(store), s, mask
     if plan.view != plan.shape or _wide(spec):

@@ -164,6 +164,8 @@ def _reason(spec: QuantSpec, shape: tuple[int, ...], dtype, op: str) -> str | No
             return f"unsupported MX element format {f.name}"
     elif spec.scale_format.name != "float8_e8m0fnu":
         return f"non-MX specs need scale_format='e8m0', got {spec.scale_format.name}"
+    elif spec.int_grid == "full":
+        return "int_grid='full' (s = amax / (qmax + 0.5)) stays on the jnp path"
     elif spec.qrange[1] < 4:  # else s = 2^127 can occur and 1/s is subnormal
         return f"e8m0 scales need qmax >= 4, {f.name} has {spec.qrange[1]}"
     elif f.kind == "int":
