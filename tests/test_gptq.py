@@ -286,6 +286,11 @@ def test_diagonal_hessian_is_round_to_nearest(spec, act_order):
         ((4, N_IN, 8), 1, jq.per_block(1, 16), jq.per_block(1, 16), 16),
         ((N_IN, 4, 8), 0, jq.per_block(16), jq.per_block(0, 16), 16),  # bound to the input axis
         ((N_IN, 4, 8), 0, jq.per_channel(), jq.per_channel(1, 2), None),
+        # DenseGeneral (heads, head_dim, out) over (0, 1): 4 x 16 inputs, heads major
+        ((4, 16, N_OUT), (0, 1), jq.per_channel(2), jq.per_channel(2), None),
+        ((4, 16, N_OUT), (0, 1), jq.per_block(1, 8), jq.per_block(1, 8), 8),
+        ((4, 16, N_OUT), (0, 1), jq.per_channel(0, 2), jq.per_channel(0, 2), 16),  # per head
+        ((N_OUT, 4, 16), (1, 2), jq.per_block(8), jq.per_block(2, 8), 8),
     ],
 )
 def test_other_layouts(shape, axis, granularity, bound, group):
@@ -299,8 +304,10 @@ def test_other_layouts(shape, axis, granularity, bound, group):
     x, _ = correlated(n_in=N_IN)
     h = x.T @ x
     r = gptq(w, h, jq.QuantSpec("int4", granularity), contract_axis=axis)
-    w2 = np.moveaxis(w, axis, 0).reshape(N_IN, -1)
-    q2 = np.moveaxis(deq(r), axis, 0).reshape(N_IN, -1)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    front = tuple(range(len(axes)))
+    w2 = np.moveaxis(w, axes, front).reshape(N_IN, -1)
+    q2 = np.moveaxis(deq(r), axes, front).reshape(N_IN, -1)
     assert mismatch(q2, ref_gptq(w2, h, IntGrid(4), group=group), w2) <= MAX_MISMATCH
 
 
@@ -421,6 +428,9 @@ def test_errors(data):
             r"hessian has shape \(10, 10\), expected \(64, 64\)",
         ),
         (dict(contract_axis=2), ValueError, "contract_axis 2 is out of range"),
+        (dict(contract_axis=(0, 1)), ValueError, "contracts every axis"),
+        (dict(contract_axis=(0, 0)), ValueError, "names an axis twice"),
+        (dict(contract_axis=0.0), TypeError, "contract_axis must be an int"),
         (dict(w=np.full_like(w, np.nan)), ValueError, "w has 2048 non-finite"),
         (dict(hessian=h * np.inf), ValueError, "hessian has .* non-finite"),
         (dict(hessian=np.zeros_like(h)), ValueError, "no calibration data reached"),
@@ -437,3 +447,7 @@ def test_errors(data):
         kw = dict(w=w, hessian=h, spec=spec) | change
         with pytest.raises(err, match=msg):
             gptq(kw.pop("w"), kw.pop("hessian"), kw.pop("spec"), name="fc", **kw)
+    # (heads, head_dim, out) over (0, 1): blocks of heads are not contiguous inputs
+    w3 = w.reshape(4, 16, N_OUT)
+    with pytest.raises(ValueError, match=r"not contiguous.*per_block\(1, size\)"):
+        gptq(w3, h, jq.QuantSpec("int4", jq.per_block(0, 2)), contract_axis=(0, 1))

@@ -2,11 +2,13 @@
 columns not yet rounded (Frantar et al. 2022, https://arxiv.org/abs/2210.17323, Algorithm 1).
 
 The layer computes ``y = x @ W`` with ``W`` of shape ``(in, out)`` (more generally: ``W``
-contracted over one axis, the *input* axis). Given the Hessian of the layer's squared output
-error, ``H = 2 X^T X`` over calibration inputs ``X`` of shape ``(samples, in)``, GPTQ rounds
-the input channels (the rows of ``W``, the "columns" of the paper's ``W^T``) one at a time
-onto the target grid and spreads each one's rounding error over the channels after it, in
-proportion to the upper Cholesky factor ``U`` of ``H^{-1}`` (``H^{-1} = U^T U``):
+contracted over some of its axes, the *input* axes, flattened row-major into ``in`` input
+channels, e.g. a ``(heads, head_dim, out)`` kernel over ``(0, 1)``). Given the Hessian of
+the layer's squared output error, ``H = 2 X^T X`` over calibration inputs ``X`` of shape
+``(samples, in)``, GPTQ rounds the input channels (the rows of ``W``, the "columns" of the
+paper's ``W^T``) one at a time onto the target grid and spreads each one's rounding error
+over the channels after it, in proportion to the upper Cholesky factor ``U`` of
+``H^{-1}`` (``H^{-1} = U^T U``):
 
     q_i  = round(w_i)                       on the spec's grid, with its scale
     e_i  = (w_i - q_i) / U_ii
@@ -114,21 +116,31 @@ class GPTQResult(NamedTuple):
     ok: Array  # bool scalar: inputs finite and the damped H positive definite
 
 
-def _mode(g: gran.Granularity, shape: tuple[int, ...], axis: int) -> int:
-    """How scale groups relate to the input channels: 0 (a group spans the whole input axis,
-    scales from the original weight), else the number of input channels per group (g: the
-    group's scale is computed from the updated weights when the loop reaches it; 1: groups
-    lie inside one input channel)."""
+def _extents(g: gran.Granularity, shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """How many indices of each contracted axis (in ``axes`` order) one scale group spans:
+    the axis length where the granularity shares a scale along it, the block size where it
+    blocks it, 1 where every index has its own scale."""
     plan = g.plan(shape)
-    if isinstance(g, gran.PerBlock):
-        assert g.axis is not None  # bound by the caller
-        b = g.axis % len(shape)
-        if b == axis:
-            return g.size
-        view_axis = axis if axis < b else axis + 1  # the blocked view splits axis b in two
-    else:
-        view_axis = axis
-    return 0 if view_axis in plan.reduce_axes else 1
+    b = g.axis % len(shape) if isinstance(g, gran.PerBlock) and g.axis is not None else None
+    out = []
+    for a in axes:
+        if a == b:
+            assert isinstance(g, gran.PerBlock)
+            out.append(g.size)
+            continue
+        view_axis = a if b is None or a < b else a + 1  # a blocked view splits axis b in two
+        out.append(shape[a] if view_axis in plan.reduce_axes else 1)
+    return tuple(out)
+
+
+def _group_size(extents: tuple[int, ...], lengths: tuple[int, ...]) -> int | None:
+    """Input channels per scale group when the groups are contiguous runs of the flattened
+    input axis (``X^T X``'s order: the contracted axes row-major), else None. Contiguous:
+    whole axes after the first axis a group spans more than one index of."""
+    first = next((j for j, e in enumerate(extents) if e > 1), len(extents))
+    if any(e != n for e, n in zip(extents[first + 1 :], lengths[first + 1 :], strict=True)):
+        return None
+    return math.prod(extents)
 
 
 def _upper_cholesky_of_inverse(h: Array) -> Array:
@@ -173,12 +185,15 @@ def gptq(
         calibration inputs ``X`` of shape ``(samples, in)``, accumulated in float32.
       spec: the target :class:`QuantSpec`: any format (int2..int8 symmetric or asymmetric,
         nf4, fp4, fp8, MX ...) and granularity; ``per_channel()`` / ``per_block(size)`` are
-        bound to ``w``'s layout with ``contract_axis`` as the contraction axis. ``twn()``
+        bound to ``w``'s layout with ``contract_axis`` as the contraction. ``twn()``
         calibration is refused (it does not round to the nearest grid point).
       block_size: channels per lazy batch (any positive int; need not divide ``in``).
       damping: fraction of ``mean(diag H)`` added to ``H``'s diagonal (>= 0).
       act_order: process channels by descending ``diag H``.
-      contract_axis: the input axis of ``w``.
+      contract_axis: the input axis of ``w``, or a tuple of them (a ``DenseGeneral``
+        kernel ``(heads, head_dim, out)`` contracted over ``(0, 1)``): the Hessian's inputs
+        are these axes flattened row-major in the order given. Scale groups along them must
+        be contiguous in that order (blocks of the last one, or shared across all of them).
       key: PRNG key, for ``rounding="stochastic"`` specs.
       name: the layer's name, for error messages.
 
@@ -221,20 +236,16 @@ def gptq(
     spec = check_spec(spec, fn)
     if w.ndim == 0:
         raise ValueError(f"{fn}: w is a scalar; it must have an input axis (a Dense kernel).")
-    axis = check_int(contract_axis, f"{fn}: contract_axis")
-    if not -w.ndim <= axis < w.ndim:
-        raise ValueError(
-            f"{fn}: contract_axis {axis} is out of range for w of shape {tuple(w.shape)}; "
-            "it is the input axis (0 for a Dense kernel (in, out))."
-        )
-    axis %= w.ndim
-    n = w.shape[axis]
+    axes = _contract_axes(contract_axis, w.ndim, fn)
+    lengths = tuple(w.shape[a] for a in axes)
+    n = math.prod(lengths)
     if w.size == 0:
         raise ValueError(f"{fn}: w of shape {tuple(w.shape)} is empty; nothing to quantize.")
     if h.shape != (n, n):
+        order = "" if len(axes) == 1 else f", axes {axes} flattened row-major"
         raise ValueError(
             f"{fn}: hessian has shape {tuple(h.shape)}, expected ({n}, {n}): X^T X over the "
-            f"{n} inputs of w (shape {tuple(w.shape)}, contract_axis={axis})."
+            f"{n} inputs of w (shape {tuple(w.shape)}, contract_axis={contract_axis}{order})."
         )
     block_size = check_int(block_size, f"{fn}: block_size", lo=1)
     damping = check_real(
@@ -242,7 +253,7 @@ def gptq(
     )
     act_order = check_bool(act_order, f"{fn}: act_order")
     if gran.follows_layout(spec.granularity):
-        bound, _ = layout.bind(spec, tuple(w.shape), (axis,))
+        bound, _ = layout.bind(spec, tuple(w.shape), axes)
         assert bound is not None  # bind returns None only for spec=None
         spec = bound
     if isinstance(spec.calibration, TWN):
@@ -254,6 +265,14 @@ def gptq(
         spec.granularity.plan(tuple(w.shape))
     except ValueError as err:  # e.g. a block size that does not divide the axis
         raise ValueError(f"{fn}: {err}") from None
+    if _group_size(_extents(spec.granularity, tuple(w.shape), axes), lengths) is None:
+        raise ValueError(
+            f"{fn}: {spec.granularity} groups input channels that are not contiguous in the "
+            f"Hessian's order (contracted axes {axes} of {tuple(w.shape)}, flattened "
+            "row-major), so GPTQ cannot set a group's scale when it reaches the group. Block "
+            f"the innermost contracted axis (per_block({axes[-1]}, size)) or share scales "
+            "across all of them (per_channel of the other axes)."
+        )
     check_key(spec, key, fn)
     concrete = not any(isinstance(a, jax.core.Tracer) for a in (w, h))
     if concrete:
@@ -264,7 +283,7 @@ def gptq(
         jnp.float32(damping),
         key,
         spec=spec,
-        axis=axis,
+        axes=axes,
         block_size=block_size,
         act_order=act_order,
     )
@@ -277,6 +296,31 @@ def gptq(
             f"damping (e.g. damping={max(10 * damping, 0.01):g}) or calibrate on more data."
         )
     return out
+
+
+def _contract_axes(value: Any, ndim: int, fn: str) -> tuple[int, ...]:
+    """``contract_axis`` as a tuple of distinct non-negative axes."""
+    many = isinstance(value, tuple | list)
+    raw = tuple(value) if many else (value,)
+    if not raw:
+        raise ValueError(f"{fn}: contract_axis is empty; name the input axis (0 for (in, out)).")
+    axes = []
+    for a in raw:
+        a = check_int(a, f"{fn}: contract_axis")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{fn}: contract_axis {a} is out of range for w of rank {ndim}; it is the "
+                "input axis (0 for a Dense kernel (in, out))."
+            )
+        axes.append(a % ndim)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{fn}: contract_axis {value!r} names an axis twice.")
+    if len(axes) == ndim:
+        raise ValueError(
+            f"{fn}: contract_axis {value!r} contracts every axis of w; a weight has at least "
+            "one output axis."
+        )
+    return tuple(axes)
 
 
 def _check_values(w: Array, h: Array, fn: str) -> None:
@@ -304,7 +348,7 @@ def _check_values(w: Array, h: Array, fn: str) -> None:
         )
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "axis", "block_size", "act_order"))
+@functools.partial(jax.jit, static_argnames=("spec", "axes", "block_size", "act_order"))
 def _gptq(
     w: Array,
     h: Array,
@@ -312,14 +356,16 @@ def _gptq(
     key: Array | None,
     *,
     spec: QuantSpec,
-    axis: int,
+    axes: tuple[int, ...],
     block_size: int,
     act_order: bool,
 ) -> GPTQResult:
     shape = tuple(w.shape)
-    n = shape[axis]
-    other = shape[:axis] + shape[axis + 1 :]
+    lengths = tuple(shape[a] for a in axes)
+    n = math.prod(lengths)
+    other = tuple(d for i, d in enumerate(shape) if i not in axes)
     m = math.prod(other)
+    lead = tuple(range(len(axes)))
     plan = spec.granularity.plan(shape)
     det = spec.replace(rounding="nearest")  # scales do not depend on the rounding mode
     asym = not spec.symmetric
@@ -327,11 +373,11 @@ def _gptq(
     qmin, qmax = spec.qrange
     qabs = float(max(-qmin, qmax))
 
-    def to_work(a: Array) -> Array:  # original layout -> (in, rest)
-        return jnp.moveaxis(a, axis, 0).reshape(a.shape[axis], m)
+    def to_work(a: Array) -> Array:  # original layout -> (inputs, rest)
+        return jnp.moveaxis(a, axes, lead).reshape(-1, m)
 
-    def from_work(a: Array) -> Array:  # (rows, rest) -> original layout, rows on `axis`
-        return jnp.moveaxis(a.reshape((a.shape[0], *other)), 0, axis)
+    def from_work(a: Array, rows: tuple[int, ...] = lengths) -> Array:  # the inverse
+        return jnp.moveaxis(a.reshape((*rows, *other)), lead, axes)
 
     def per_element(s: Array, p: gran.Plan) -> Array:
         return to_work(jnp.broadcast_to(s, p.view).reshape(p.shape))
@@ -384,7 +430,11 @@ def _gptq(
     ok = ok & jnp.all(jnp.isfinite(u))
     wp = jnp.pad(wz, ((0, npad), (0, 0)))
 
-    g = _mode(spec.granularity, shape, axis)
+    extents = _extents(spec.granularity, shape, axes)
+    g = _group_size(extents, lengths)
+    assert g is not None  # checked by gptq()
+    if g == n:
+        g = 0  # one group spans every input: its scales come from the original weight
     ngroups = n // g if g > 1 else 0
     if g == 0:  # scales of the whole original weight, one row per processed channel
         s_p = jnp.pad(per_element(rtn_s, plan)[perm], ((0, npad), (0, 0)), constant_values=1.0)
@@ -404,7 +454,7 @@ def _gptq(
     def group_scale(cur: Array) -> tuple[Array, Array]:
         """Scale and zero point rows ``(rest,)`` of one group from its current values
         ``(g, rest)``: the spec's own quantizer on the group laid out as ``w``."""
-        slab = from_work(cur)
+        slab = from_work(cur, extents)
         _, s, z, sp = quantize_core(slab, det, None, None)
         se = per_element(s, sp)[0]  # equal over the group's rows
         return se, (jnp.zeros_like(se) if z is None else per_element(z, sp)[0])
