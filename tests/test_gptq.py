@@ -259,6 +259,8 @@ DIAG_SPECS = [
     jq.QuantSpec("mxfp4"),  # blocks along the output axis: scales per input channel
     jq.QuantSpec("int4", jq.per_channel(0)),  # one scale per input channel
     jq.QuantSpec("bf16", calibration=None),  # a plain cast
+    jq.QuantSpec("int4", jq.per_block(0, 16), jq.mse()),  # a searched range, per group
+    jq.QuantSpec("e3m2", jq.per_block(0, 16), scale_format="bf16"),
 ]
 
 
