@@ -7,7 +7,7 @@ several calibrations, round-to-nearest-even and stochastic rounding, saturating 
 
 from typing import Any as _Any
 
-from jaxquant import formats, integer, metrics, recipes
+from jaxquant import formats, integer, metrics, recipes, rotations
 from jaxquant._src.calibration import (
     absmax,
     fixed,
@@ -24,6 +24,7 @@ from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_capabilities, dot_general, einsum
 from jaxquant._src.explain import explain
 from jaxquant._src.granularity import per_block, per_channel, per_tensor, per_token
+from jaxquant._src.kv_cache import kv_cache_init, kv_cache_update
 from jaxquant._src.lsq import lsq_fake_quant, lsq_init
 from jaxquant._src.qarray import QArray
 from jaxquant._src.quantize import dequantize, fake_quant, quantize
@@ -86,6 +87,8 @@ __all__ = [
     "formats",
     "integer",
     "kl",
+    "kv_cache_init",
+    "kv_cache_update",
     "lsq_fake_quant",
     "lsq_init",
     "mean_abs",
@@ -103,6 +106,7 @@ __all__ = [
     "quantize_with",
     "random_bits",
     "recipes",
+    "rotations",
     "size_report",
     "static_scaling",
     "twn",

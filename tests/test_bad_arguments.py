@@ -48,6 +48,7 @@ PUBLIC_MODULES = {
     "jq.metrics": jq.metrics,
     "jq.recipes": jq.recipes,
     "jq.integer": jq.integer,
+    "jq.rotations": jq.rotations,
     "jq.optax": jqo,
     "jq.flax": jqf,
     "jq.orbax": jqorbax,
@@ -432,6 +433,62 @@ target(
     tree={"object_leaf": {"w": object()}, "str_leaf": {"w": "abc"}},
 )
 target(
+    "jq.rotations.hadamard_matrix",
+    lambda n=12: jq.rotations.hadamard_matrix(n),
+    n={**but(INT, "neg", "huge"), "uncovered": 92, "zero": 0},
+)
+target(
+    "jq.rotations.hadamard_supported",
+    lambda n=12: jq.rotations.hadamard_supported(n),
+    n={"float": 2.5, "str": "3", "none": None},
+)
+target(
+    "jq.rotations.walsh_hadamard",
+    lambda x=None, **kw: jq.rotations.walsh_hadamard(X if x is None else x, **kw),
+    x={"int": jnp.arange(8), "uncovered": jnp.ones(92), "str": "abc"},
+    axis={**but(INT, "neg"), "out": 3},
+    normalize={"str": "yes", "none": None},
+    transpose={"str": "yes", "none": None},
+)
+target(
+    "jq.rotations.hadamard_rotation",
+    lambda size=16, **kw: jq.rotations.hadamard_rotation(size, **kw),
+    size={**but(INT, "neg", "huge"), "uncovered": 92, "zero": 0},
+    key={"str": "x", "int": 3},
+)
+target(
+    "jq.rotations.HadamardRotation",
+    # a record hadamard_rotation builds: it holds what it is given (documented below)
+    lambda signs=None: jq.rotations.HadamardRotation(jnp.ones(16) if signs is None else signs),
+    signs={"int": 12345},
+)
+target(
+    "jq.kv_cache_init",
+    lambda shape=(1, 4, 2, 8), spec=jq.QuantSpec("int8", jq.per_token()), **kw: (
+        jq.kv_cache_init(shape, spec, **kw)
+    ),
+    aka={"spec": r"\bspec\b|per_tensor|shares a scale across tokens"},
+    shape={"list": [1, 4, 2, 8], "str": "x", "none": None},
+    spec={**SPEC_BAD, "per_tensor": jq.QuantSpec("int8")},
+    axis={**but(INT, "neg"), "out": 4},
+)
+target(
+    "jq.kv_cache_update",
+    lambda cache=None, new=None, index=0, **kw: jq.kv_cache_update(
+        jq.kv_cache_init((1, 4, 2, 8), jq.QuantSpec("int8", jq.per_token()))
+        if cache is None
+        else cache,
+        jnp.ones((1, 1, 2, 8)) if new is None else new,
+        index,
+        **kw,
+    ),
+    aka={"cache": r"\bcache\b", "new": r"\bnew\b", "index": r"\bindex\b"},
+    cache={"array": X, "str": "x"},
+    new={"wrong_shape": jnp.ones((1, 1, 3, 8)), "too_many": jnp.ones((1, 5, 2, 8))},
+    index={"vector": jnp.zeros(2, jnp.int32)},
+    axis={**but(INT, "neg"), "out": 4},
+)
+target(
     "jq.static_scaling",
     lambda spec=SPEC, amax=1.0: jq.static_scaling(spec, amax),
     spec={**SPEC_BAD, "none": None},
@@ -786,9 +843,11 @@ for _name, _args in (
     ("Assignment", ((), {}, 0, 0.0, 0, 0)),
     ("CalibrationResult", ((), {}, {}, {}, 0, "global")),
     ("LayerSensitivity", ("a", "b", (1,), {}, {}, {})),
+    ("LayerStatistics", (1, X, X, None, None, "kernel", (0,), False, (1,), "dot", 1, RULE)),
     ("Match", ("a", "b", RULE)),
     ("Contraction", ("a", "b", "dot", ((1,), (1,)), "rhs", True, "r")),
     ("Sensitivity", ("sqnr", True, 0.0, {}, (), {}, {})),
+    ("Statistics", ({}, (), {}, 0)),
 ):
     # Records the library returns; constructing one checks nothing (documented below).
     target(
@@ -796,6 +855,18 @@ for _name, _args in (
         lambda first=None, _c=getattr(jqf, _name), _a=_args: _c(first, *_a[1:]),
         first={"int": 12345},
     )
+target(
+    "jq.flax.layer_statistics",
+    lambda model=DENSE, batches=(jnp.ones((2, 4)),), variables=DENSE_VARS, **kw: (
+        jqf.layer_statistics(model, batches, variables, **{"rules": jqf.Rule(".*"), **kw})
+    ),
+    aka={"rules": r"\brules?\b"},
+    model={"str": "x"},
+    batches={"empty": (), "str": "abc"},
+    max_samples={**but(INT, "huge", "none")},
+    rules={"str": "x", "spec": SPEC},
+    call_kwargs={"str": "train=False", "list": ["train"]},
+)
 target(
     "jq.flax.Rule",
     lambda pattern=".*", config=None, **kw: jqf.Rule(pattern, config, **kw),
@@ -1041,19 +1112,22 @@ DOCUMENTED: dict[str, Callable[[Any], bool]] = {
     "jq.optax.apply_updates_sr/params/none": lambda r: r is None,
     # nnx.Variable holds any value (flax's contract), QuantState included.
     "jq.flax.QuantState/value/str": lambda r: r == "x",
+    "jq.rotations.HadamardRotation/signs/int": lambda r: r[0] == 12345,
     # Result records the library builds and returns: like optax's NamedTuple states they
     # hold what they are given and check nothing.
     **{
         f"jq.flax.{n}/first/int": (lambda r: r[0] == 12345)
-        if n in ("Match", "Contraction")
+        if n in ("Match", "Contraction", "LayerStatistics")
         else (lambda r: dataclasses.astuple(r)[0] == 12345)
         for n in (
             "Assignment",
             "CalibrationResult",
             "Contraction",
             "LayerSensitivity",
+            "LayerStatistics",
             "Match",
             "Sensitivity",
+            "Statistics",
         )
     },
 }

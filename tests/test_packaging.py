@@ -28,6 +28,7 @@ PUBLIC = (
     "jaxquant.optax",
     "jaxquant.orbax",
     "jaxquant.recipes",
+    "jaxquant.rotations",
 )
 
 # Runs in a fresh interpreter: a meta-path finder, installed before jaxquant is imported,

@@ -13,10 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+import jaxquant as jq
+import jaxquant.rotations as jqr
+from jaxquant import QuantSpec
 from jaxquant.app._checks import check_int
 
-__all__ = ["CNN", "MLP", "ByteLM", "inject_outliers"]
+__all__ = ["CNN", "MLP", "ByteLM", "decode_logits", "inject_outliers"]
 
 
 class MLP(nn.Module):
@@ -74,26 +78,76 @@ class CNN(nn.Module):
 
 class _Attention(nn.Module):
     heads: int
+    decode: bool = False
+    max_len: int = 0
+    kv_spec: QuantSpec | None = None
+    kv_rotate: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
         h, dh = self.heads, d // self.heads
         q, k, v = (nn.Dense(d, name=n)(x).reshape(b, t, h, dh) for n in ("q", "k", "v"))
-        att = jnp.einsum("bthd,bshd->bhts", q, k) * (1.0 / math.sqrt(dh))
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None, None]
-        att = jax.nn.softmax(jnp.where(causal, att, -1e30), axis=-1)
-        y = jnp.einsum("bhts,bshd->bthd", att, v).reshape(b, t, d)
-        return nn.Dense(d, name="o")(y)
+        if self.decode:
+            y = self._cached(q, k, v)
+        else:
+            att = jnp.einsum("bthd,bshd->bhts", q, k) * (1.0 / math.sqrt(dh))
+            causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None, None]
+            att = jax.nn.softmax(jnp.where(causal, att, -1e30), axis=-1)
+            y = jnp.einsum("bhts,bshd->bthd", att, v)
+        return nn.Dense(d, name="o")(y.reshape(b, t, d))
+
+    def _cached(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """Attention of ``t`` new positions over every cached one (keys and values kept in
+        the ``"cache"`` collection, quantized with ``kv_spec`` when given)."""
+        b, t, h, dh = q.shape
+        shape = (b, self.max_len, h, dh)
+        spec = self.kv_spec
+
+        def empty() -> Any:
+            if spec is None:
+                return jnp.zeros(shape, k.dtype)
+            return jq.kv_cache_init(shape, spec, k.dtype)
+
+        initialized = self.has_variable("cache", "key")
+        ck = self.variable("cache", "key", empty)
+        cv = self.variable("cache", "value", empty)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:  # init: shapes only
+            return v
+        i = index.value
+        if self.kv_rotate:  # q.k is unchanged by an orthogonal H; v's is undone below
+            q, k, v = (jqr.walsh_hadamard(a, axis=-1) for a in (q, k, v))
+        if spec is None:
+            ck.value = lax.dynamic_update_slice_in_dim(ck.value, k, i, 1)
+            cv.value = lax.dynamic_update_slice_in_dim(cv.value, v, i, 1)
+            keys, values = ck.value, cv.value
+        else:
+            ck.value = jq.kv_cache_update(ck.value, k, i)
+            cv.value = jq.kv_cache_update(cv.value, v, i)
+            keys, values = jq.dequantize(ck.value), jq.dequantize(cv.value)
+        index.value = i + t
+        att = jnp.einsum("bthd,bshd->bhts", q, keys) * (1.0 / math.sqrt(dh))
+        seen = jnp.arange(self.max_len)[None, :] <= (i + jnp.arange(t))[:, None]
+        att = jax.nn.softmax(jnp.where(seen[None, None], att, -1e30), axis=-1)
+        y = jnp.einsum("bhts,bshd->bthd", att, values)
+        return jqr.walsh_hadamard(y, axis=-1, transpose=True) if self.kv_rotate else y
 
 
 class _Block(nn.Module):
     heads: int
     hidden: int
+    decode: bool = False
+    max_len: int = 0
+    kv_spec: QuantSpec | None = None
+    kv_rotate: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + _Attention(self.heads, name="attn")(nn.LayerNorm(name="ln1")(x))
+        attn = _Attention(
+            self.heads, self.decode, self.max_len, self.kv_spec, self.kv_rotate, name="attn"
+        )
+        x = x + attn(nn.LayerNorm(name="ln1")(x))
         y = nn.LayerNorm(name="ln2")(x)
         y = nn.Dense(self.hidden, name="fc1")(y)
         return x + nn.Dense(x.shape[-1], name="fc2")(jax.nn.gelu(y))
@@ -120,6 +174,12 @@ class ByteLM(nn.Module):
     layers: int = 2
     heads: int = 4
     hidden: int = 512
+    # Autoregressive decoding: each call takes the next tokens and attends over a key / value
+    # cache (the "cache" collection, mutable), stored with kv_spec (None: float) after an
+    # orthogonal Hadamard rotation of the head dimension with kv_rotate (QuaRot's).
+    decode: bool = False
+    kv_spec: QuantSpec | None = None
+    kv_rotate: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -129,10 +189,56 @@ class ByteLM(nn.Module):
         if t > self.seq:
             raise ValueError(f"ByteLM: {t} tokens exceed seq={self.seq} positions.")
         pos = self.param("pos", nn.initializers.normal(0.02), (self.seq, self.d))
-        x = nn.Embed(256, self.d, name="embed")(tokens) + pos[None, :t]
+        if self.decode:
+            initialized = self.has_variable("cache", "position")  # False inside init
+            start = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            at = lax.dynamic_slice_in_dim(pos, start.value, t, 0)
+            if initialized:
+                start.value = start.value + t
+        else:
+            at = pos[:t]
+        x = nn.Embed(256, self.d, name="embed")(tokens) + at[None]
         for i in range(self.layers):
-            x = _Block(self.heads, self.hidden, name=f"block{i}")(x)
+            block = _Block(
+                self.heads,
+                self.hidden,
+                self.decode,
+                self.seq,
+                self.kv_spec,
+                self.kv_rotate,
+                name=f"block{i}",
+            )
+            x = block(x)
         return nn.Dense(256, name="head")(nn.LayerNorm(name="ln_f")(x))
+
+
+def decode_logits(lm: ByteLM, params: Any, tokens: jax.Array) -> jax.Array:
+    """Logits of ``tokens`` computed the autoregressive way: one token per step through
+    ``lm``'s key / value cache (``lm.decode`` must be True), the whole loop one
+    ``lax.scan``. With a float cache they equal ``lm.clone(decode=False).apply(...)`` on
+    the whole sequence; with ``kv_spec`` they measure the quantized cache's effect.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, jaxquant as jq
+      >>> from jaxquant.app.models import ByteLM, decode_logits
+      >>> lm = ByteLM(seq=8, d=16, layers=1, heads=2, hidden=32)
+      >>> tok = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+      >>> p = lm.init(jax.random.key(0), tok)["params"]
+      >>> full = lm.apply({"params": p}, tok)
+      >>> step = decode_logits(lm.clone(decode=True), p, tok)
+      >>> bool(np.allclose(full, step, atol=1e-5))
+      True
+    """
+    if not lm.decode:
+        raise ValueError("decode_logits: the model must have decode=True (lm.clone(decode=True)).")
+    cache = lm.init(jax.random.key(0), tokens[:, :1])["cache"]
+
+    def step(cache: Any, tok: jax.Array) -> tuple[Any, jax.Array]:
+        logits, new = lm.apply({"params": params, "cache": cache}, tok[:, None], mutable=["cache"])
+        return new["cache"], logits[:, 0]
+
+    cache, logits = lax.scan(step, cache, tokens.T)
+    return jnp.swapaxes(logits, 0, 1)
 
 
 Path = tuple[str, ...]  # keys from the params root to a module
