@@ -165,7 +165,7 @@ def gptq(
     block_size: int = 128,
     damping: float = 0.01,
     act_order: bool = False,
-    contract_axis: int = 0,
+    contract_axis: int | tuple[int, ...] = 0,
     key: Array | None = None,
     name: str | None = None,
 ) -> GPTQResult:
