@@ -43,6 +43,7 @@ the input, a Hessian not positive definite after damping), with the solver's mes
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -278,51 +279,55 @@ def _targets(
 def _plan(stats: Statistics, targets: dict[str, _Target]) -> tuple[list[list[str]], dict[str, str]]:
     """The layers GPTQ solves, grouped by input in call order, and why the others are not."""
     skipped: dict[str, str] = {}
-    rtn = "; convert rounds it to nearest"
+
+    def fate(path: str) -> str:  # what serving does with a layer GPTQ does not solve
+        if path in targets:
+            return "; convert rounds it to nearest"
+        return (
+            "; convert did not see it run, so it stays float in the tree and the quantized "
+            "model rounds it to nearest whenever it runs"
+        )
+
     for path, why in stats.unsupported.items():
-        skipped[path] = f"{why}{rtn}"
+        skipped[path] = why + fate(path)
     for path in stats.unreached:
         skipped[path] = (
             "none of its weight contractions ran on the calibration batches (a branch they "
-            f"did not take, or an embedding used only for lookups): no Hessian{rtn}"
+            "did not take, an embedding used only for lookups, or a parameter another module "
+            "contracts): no Hessian" + fate(path)
         )
     solvable: list[str] = []
     for path, st in stats.items():
         t = targets.get(path)
         if st.rule.weight is None:
             continue  # an activation-only rule: no weight to solve
-        if st.param is None or t is None:
+        if st.param is None:
             skipped[path] = (
                 "its weight is not a stored parameter (the model computes it, e.g. a tied "
                 "head's embedding.T passed as a kernel), so there is no stored weight to "
-                "replace; the interception rounds it to nearest at each call"
+                "replace; the quantized model rounds it to nearest at each call"
+            )
+        elif t is None or t.param != st.param:
+            skipped[path] = (
+                f"its statistics are of parameter {st.param!r}, which is not the weight "
+                "convert stores for it" + fate(path)
             )
         elif t.module in _LOOKUP_TABLES:
             skipped[path] = (
                 f"its {t.param!r} is an {t.module} table that also serves lookups, whose "
-                f"error GPTQ's output objective does not see{rtn}"
-            )
-        elif t.param != st.param:
-            skipped[path] = (
-                f"its statistics are of parameter {st.param!r} but the quantized weight is "
-                f"{t.param!r}{rtn}"
+                "error GPTQ's output objective does not see" + fate(path)
             )
         else:
             solvable.append(path)
     # Layers reading the same activation have bit-identical Hessians (same rows, same
     # products): one group, one calibration pass in sequential mode.
-    groups: list[list[str]] = []
-    keys: list[tuple[int, bytes]] = []
+    groups: dict[tuple[int, str], list[str]] = {}
     for path in solvable:
         h = stats[path].hessian
         assert h is not None  # layer_statistics ran with hessian=True
-        key = (stats[path].rows, np.asarray(h).tobytes())
-        if key in keys:
-            groups[keys.index(key)].append(path)
-        else:
-            keys.append(key)
-            groups.append([path])
-    return groups, skipped
+        key = (stats[path].rows, hashlib.sha256(np.asarray(h).tobytes()).hexdigest())
+        groups.setdefault(key, []).append(path)
+    return list(groups.values()), skipped
 
 
 def _group_rules(group: list[str], stats: Statistics, rules: tuple[Rule, ...]) -> list[Rule]:
