@@ -163,7 +163,7 @@ def awq(
       >>> from jaxquant.flax import Rule, convert, quantize_model
       >>> from jaxquant._src.ptq.awq import awq
       >>> model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(4)])
-      >>> x = jax.random.normal(jax.random.key(0), (64, 16)) * jnp.linspace(0.1, 10, 16)
+      >>> x = jax.random.normal(jax.random.key(0), (64, 16)) * jnp.linspace(0.1, 10, 16)[None]
       >>> variables = model.init(jax.random.key(1), x)
       >>> rules = Rule(".*", weight=jq.QuantSpec("int4", jq.per_block(0, 8)))
       >>> res = awq(model, [x], variables, rules=rules)
@@ -262,7 +262,7 @@ def awq(
             if clip_search:
                 no_clip = _clip_why_not(gs[i], w.ndim)
                 if no_clip is None:
-                    w, clip_loss = _clip(xs / s, w, gs[i], acts[i], ratios)
+                    w, clip_loss = _clip(xs / s[None], w, gs[i], acts[i], ratios)
                     entry["loss"] = float(clip_loss)
                     entry["clip"] = "searched"
                 else:
@@ -325,7 +325,7 @@ def _alpha_losses(
         out = []
         for w, g, a, ref in zip(ws, geoms, acts, refs, strict=True):
             q = _matrix(fake_quant(_scale_rows(w, s, g), g.spec), g)
-            y = jnp.matmul(_act(xs / s, a), q, precision=_HI)
+            y = jnp.matmul(_act(xs / s[None], a), q, precision=_HI)
             out.append(jnp.mean(jnp.square(y - ref)))
         return jnp.stack(out)
 
@@ -476,8 +476,12 @@ def _groups(
         first = stats[layers[0]]
         for p in layers[1:]:
             other = stats[p]
-            if other.rows != first.rows or not np.allclose(
-                np.asarray(other.mean_abs), np.asarray(first.mean_abs), rtol=1e-4, atol=1e-6
+            if (
+                other.rows != first.rows
+                or other.channels != first.channels
+                or not np.allclose(
+                    np.asarray(other.mean_abs), np.asarray(first.mean_abs), rtol=1e-4, atol=1e-6
+                )
             ):
                 raise ValueError(
                     f"{_FN}: pairs[{norm!r}]: {layers[0]!r} and {p!r} do not read the same "
