@@ -317,3 +317,26 @@ def test_rotate_residual_checks_the_function_and_skips_fc2_without_a_rule():
     pv = {"params": {**pv["params"], **{k: v["params"][k] for k in ("block0",)}}}
     with pytest.raises(ValueError, match=r"outputs differ.*check_tolerance"):
         rotate_residual(post, [tok], pv, rules=W4A4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_bert", "nnx_lm1b"])
+def test_rotate_inputs_on_third_party_models(name):
+    tp = pytest.importorskip("third_party_models")
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    m = tp.get(name)
+    rules = [Rule(".*", weight=jq.QuantSpec("int8", jq.per_channel()))]
+    model = nnx.clone(m.model) if tp.is_nnx(m.model) else m.model
+    ref = np.asarray(tp.call(m), np.float64)
+    with tp.lenient():
+        out = rotate_inputs(model, [m.args], m.variables, rules=rules, call_kwargs=m.kwargs)
+        floats = quantize_model(model, FLOAT)
+    assert len(out.report) >= 8, (out.report, out.skipped)  # q/k/v/o/MLP of 2 layers
+    for path, why in out.skipped.items():  # each with its reason, never silently
+        assert any(
+            w in why
+            for w in ("embedding table", "input axes", "covers", "no calibration batch", "computed")
+        ), (path, why)
+    got = np.asarray(tp.call(m, floats, None if tp.is_nnx(m.model) else out.variables), np.float64)
+    assert np.abs(got - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)
