@@ -46,8 +46,8 @@ from jaxquant._src.version import __version__ as __version__
 
 def __getattr__(name: str) -> _Any:
     # The integrations import flax / optax / orbax; load them on first use (jq.flax,
-    # jq.optax, jq.orbax).
-    if name in ("flax", "optax", "orbax"):
+    # jq.optax, jq.orbax, and jq.ptq, built on jq.flax).
+    if name in ("flax", "optax", "orbax", "ptq"):
         import importlib
 
         return importlib.import_module(f"jaxquant.{name}")

@@ -27,6 +27,7 @@ PUBLIC = (
     "jaxquant.metrics",
     "jaxquant.optax",
     "jaxquant.orbax",
+    "jaxquant.ptq",
     "jaxquant.recipes",
     "jaxquant.rotations",
 )

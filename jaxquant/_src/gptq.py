@@ -106,6 +106,15 @@ class GPTQResult(NamedTuple):
     ``tr((W - Q)^T H (W - Q))`` with the caller's (undamped) ``H`` -- ``||X W - X Q||^2``
     when ``H = X^T X`` -- for GPTQ's ``Q`` and for round-to-nearest's
     (``jq.quantize(w, spec)`` with nearest rounding); both scale with ``H``.
+
+    Example:
+      >>> import jax, jaxquant as jq
+      >>> x = jax.random.normal(jax.random.key(0), (256, 32))
+      >>> x = x @ jax.random.normal(jax.random.key(1), (32, 32))  # correlated inputs
+      >>> w = jax.random.normal(jax.random.key(2), (32, 16))
+      >>> r = jq.ptq.gptq_solve(w, x.T @ x, jq.QuantSpec("int3", jq.per_channel(1)))
+      >>> bool(r.loss < r.rtn_loss), bool(r.ok)  # GPTQ's output error below RTN's
+      (True, True)
     """
 
     qarray: QArray  # the same kind of QArray as jq.quantize(w, spec)
