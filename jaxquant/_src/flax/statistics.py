@@ -1,4 +1,4 @@
-"""Per-layer input statistics in one calibration pass: channel absmax, mean |x| and X^T X.
+"""Per-layer input statistics in one calibration pass: channel absmax, mean ``|x|`` and ``X^T X``.
 
 The post-training methods of issue 14 each need a statistic of every quantized layer's
 input ``X`` (rows: the positions the layer sees; columns: its input channels):
