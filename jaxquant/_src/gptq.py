@@ -89,6 +89,7 @@ from jaxquant._src.quantize import (
     quantize_core,
     round_scaled,
     scale_input,
+    scale_input_qmax,
     to_float32,
     to_grid,
     zero_point_dtype,
@@ -222,12 +223,11 @@ def gptq(
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxquant as jq
-      >>> from jaxquant._src.gptq import gptq
       >>> kx, kw = jax.random.split(jax.random.key(0))
       >>> x = jax.random.normal(kx, (256, 16)) @ jax.random.normal(kx, (16, 16))
       >>> w = jax.random.normal(kw, (16, 8))
       >>> spec = jq.QuantSpec("int4", jq.per_channel(1))
-      >>> r = gptq(w, x.T @ x, spec)
+      >>> r = jq.ptq.gptq_solve(w, x.T @ x, spec)
       >>> r.qarray.scale.shape == jq.quantize(w, spec).scale.shape
       True
       >>> bool(r.loss < 0.5 * r.rtn_loss)  # the layer's output error, vs round-to-nearest
@@ -379,8 +379,7 @@ def _gptq(
     det = spec.replace(rounding="nearest")  # scales do not depend on the rounding mode
     asym = not spec.symmetric
     unit = spec.calibration is None  # a plain cast: never multiplied by s = 1 (see quantize)
-    qmin, qmax = spec.qrange
-    qabs = float(max(-qmin, qmax))
+    qabs = scale_input_qmax(spec)
 
     def to_work(a: Array) -> Array:  # original layout -> (inputs, rest)
         return jnp.moveaxis(a, axes, lead).reshape(-1, m)
