@@ -395,15 +395,19 @@ def test_testbed_other_formats_beat_or_match_rtn(spec):
     assert got <= rtn + 1e-3, (got, rtn)
 
 
+# The outlier model: channels 60-1000x the median dominate the default damping (1% of the
+# mean diag H), which then swamps the other channels' curvature: GPTQ at damping=0.01 is no
+# better than RTN there (w3: +0.131 vs +0.120). Measured (RTN -> GPTQ damping=1e-4 with
+# act_order): w4 0.083 -> 0.033, w3 0.120 -> 0.057.
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "spec, ratio",
-    [(jq.QuantSpec("int4", jq.per_channel()), 0.7), (jq.QuantSpec("int3", jq.per_channel()), 0.7)],
+    [(jq.QuantSpec("int4", jq.per_channel()), 0.6), (jq.QuantSpec("int3", jq.per_channel()), 0.65)],
     ids=["w4", "w3"],
 )
 def test_testbed_outliers_gptq_beats_rtn(spec, ratio):
     rtn = _tb_increase(spec, "rtn", outliers=True)
-    got = _tb_increase(spec, "gptq", outliers=True)
+    got = _tb_increase(spec, "gptq", outliers=True, damping=1e-4, act_order=True)
     assert got < ratio * rtn, (got, rtn)
 
 
