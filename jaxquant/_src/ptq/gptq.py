@@ -92,8 +92,8 @@ def gptq(
     Every layer ``rules`` quantizes is rounded column by column onto its weight spec's grid,
     each input channel's rounding error compensated by the channels not yet rounded through
     the inverse Hessian ``H = X^T X`` of the layer's calibration inputs ``X`` (Frantar et
-    al. 2022, Algorithm 1 with lazy batches; see :mod:`jaxquant._src.gptq` for the solver's
-    conventions). The result is the tree :func:`jaxquant.flax.convert` returns for the
+    al. 2022, Algorithm 1 with lazy batches; see :func:`jaxquant.ptq.gptq_solve` for the
+    solver's conventions). The result is the tree :func:`jaxquant.flax.convert` returns for the
     model quantized with ``rules``, with GPTQ's codes instead of round-to-nearest's: serve
     it with ``quantize_model(model, rules).apply(result.variables, x)``.
 
@@ -139,14 +139,13 @@ def gptq(
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
-      >>> from jaxquant._src.ptq.gptq import gptq
       >>> model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(8)])
       >>> keys = jax.random.split(jax.random.key(0), 5)
       >>> mix = jax.random.normal(keys[0], (16, 16))  # correlated inputs
       >>> batches = [jax.random.normal(k, (64, 16)) @ mix for k in keys[1:]]
       >>> variables = model.init(jax.random.key(1), batches[0])
       >>> rules = jq.flax.Rule(".*", weight=jq.QuantSpec("int4", jq.per_channel()))
-      >>> result = gptq(model, batches, variables, rules=rules)
+      >>> result = jq.ptq.gptq(model, batches, variables, rules=rules)
       >>> type(result.variables["params"]["layers_0"]["kernel"]).__name__
       'QArray'
       >>> r = result.report["layers_0"]
@@ -235,9 +234,6 @@ class _Solver:
         self, t: _Target, w: Any, st: LayerStatistics, hessian: Any, group: int
     ) -> tuple[QArray, dict[str, Any]]:
         start = time.perf_counter()
-        # A tuple of input axes (DenseGeneral kernels): the solver takes one, though its
-        # annotation says int.
-        axes: Any = st.weight_axes
         r = solver.gptq(
             w,
             hessian,
@@ -245,7 +241,7 @@ class _Solver:
             block_size=self.block_size,
             damping=self.damping,
             act_order=self.act_order,
-            contract_axis=axes,
+            contract_axis=st.weight_axes,
             name=t.layer or "(the model itself)",
         )
         loss, rtn = float(r.loss), float(r.rtn_loss)
