@@ -1,0 +1,201 @@
+"""Shared set-up of the transformer post-training papers (papers/{gptq, smoothquant, quarot,
+awq, kv_cache}/): a small byte-level LM (:class:`jaxquant.app.models.ByteLM`) trained on the
+Python standard library's source (:func:`jaxquant.app.datasets.stdlib_bytes`), its held-out
+loss, and the outlier variant (:func:`jaxquant.app.models.inject_outliers`).
+
+Training is deterministic (fixed seeds, one jitted scan); trained params are cached in the
+temp directory by configuration, so the five papers (and their --fast tests) train each
+model once per machine. Uses ``jaxquant.app`` and the public API only.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from jaxquant.app.datasets import stdlib_bytes  # noqa: E402
+from jaxquant.app.models import ByteLM, inject_outliers  # noqa: E402
+from jaxquant.flax import Rule, convert, quantize_model  # noqa: E402
+
+# Every Dense of the blocks and the head is quantized; the embedding stays in float.
+LAYERS = r"block\d+/.*|head"
+# The small model (d=64) and the wider one (d=128: groups of 128 fit every layer).
+SMALL = {"seq": 64, "d": 64, "layers": 2, "heads": 4, "hidden": 256}
+WIDE = {"seq": 64, "d": 128, "layers": 2, "heads": 4, "hidden": 512}
+# Residual channels made 60-1000x larger at every quantized layer's input (same function).
+OUTLIERS = {"channels": [5, 17, 40, 58], "scales": [60.0, 200.0, 500.0, 1000.0]}
+MAX_FILES = 60
+
+
+@functools.lru_cache(maxsize=4)
+def data(seq: int = 64, test_windows: int = 64) -> dict[str, np.ndarray]:
+    """Training and held-out windows of ``seq`` bytes (held-out files never trained on)."""
+    return stdlib_bytes(seq, test_windows=test_windows, max_files=MAX_FILES)
+
+
+def model(config: dict[str, int]) -> ByteLM:
+    return ByteLM(**config)
+
+
+def _train(config: dict[str, int], steps: int, seed: int, lr: float, batch: int) -> Any:
+    lm = model(config)
+    d = data(config["seq"])
+    x, y = jnp.asarray(d["x_train"]), jnp.asarray(d["y_train"])
+    params = lm.init(jax.random.key(seed), x[:1])["params"]
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+    def loss(p, xb, yb):
+        logits = lm.apply({"params": p}, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    @jax.jit
+    def run(params, key):
+        def step(carry, k):
+            p, s = carry
+            idx = jax.random.randint(k, (batch,), 0, x.shape[0])
+            g = jax.grad(loss)(p, x[idx], y[idx])
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        keys = jax.random.split(key, steps)
+        return jax.lax.scan(step, (params, tx.init(params)), keys)[0][0]
+
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam is not strict-clean
+        return run(params, jax.random.key(seed + 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _trained(key: str) -> Any:
+    cfg = json.loads(key)
+    config, steps, seed, lr, batch = (cfg[k] for k in ("config", "steps", "seed", "lr", "batch"))
+    tag = json.dumps([cfg, MAX_FILES, jax.__version__], sort_keys=True).encode()
+    path = (
+        Path(tempfile.gettempdir()) / f"jaxquant_papers_lm_{hashlib.sha1(tag).hexdigest()[:12]}.npz"
+    )
+    lm = model(config)
+    template = jax.eval_shape(
+        lambda: lm.init(jax.random.key(0), jnp.zeros((1, config["seq"]), jnp.int32))["params"]
+    )
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    if path.exists():
+        try:
+            with np.load(path) as f:
+                return jax.tree_util.tree_unflatten(
+                    treedef, [jnp.asarray(f[f"a{i}"]) for i in range(len(leaves))]
+                )
+        except (OSError, KeyError, ValueError):
+            pass  # a partial or foreign file: train again and overwrite
+    trained = _train(config, steps, seed, lr, batch)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(
+            f, **{f"a{i}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(trained))}
+        )
+    os.replace(tmp, path)
+    return trained
+
+
+def train(
+    config: dict[str, int], *, steps: int = 300, seed: int = 0, lr: float = 3e-3, batch: int = 32
+) -> Any:
+    """The trained float ``params`` of ``ByteLM(**config)`` (Adam, cosine decay; cached)."""
+    key = {"config": config, "steps": steps, "seed": seed, "lr": lr, "batch": batch}
+    return _trained(json.dumps(key, sort_keys=True))
+
+
+def outliers(params: Any) -> Any:
+    """``params`` with 4 residual channels 60-1000x the median at every quantized layer's
+    input: the same float function (large LMs' massive activations, built in)."""
+    return inject_outliers(params, OUTLIERS["channels"], OUTLIERS["scales"])
+
+
+def calibration_batches(seq: int = 64, n: int = 4, size: int = 16) -> list[jax.Array]:
+    """Training windows spread over the training split (never the held-out ones)."""
+    x = data(seq)["x_train"]
+    step = max(1, len(x) // (n * size))
+    return [jnp.asarray(x[(i * size) * step : (i * size + size) * step : step]) for i in range(n)]
+
+
+def eval_loss(apply_fn: Any, variables: Any, seq: int = 64, test_windows: int = 64) -> float:
+    """Held-out nats per byte of ``apply_fn(variables, x)``."""
+    d = data(seq, test_windows)
+    x, y = jnp.asarray(d["x_test"]), jnp.asarray(d["y_test"])
+    logits = jax.jit(apply_fn)(variables, x)
+    return float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+
+
+def rtn_loss(lm: ByteLM, rules: list[Rule], variables: Any, test_windows: int = 64) -> float:
+    """Held-out loss served with round-to-nearest weights (``convert``) and ``rules``' acts;
+    ``variables`` may carry a method's folded params and its ``"ptq"`` transforms."""
+    qm = quantize_model(lm, rules)
+    jax.eval_shape(qm.init, jax.random.key(0), jnp.zeros((1, lm.seq), jnp.int32))
+    return eval_loss(qm.apply, convert(qm, variables), lm.seq, test_windows)
+
+
+def served_loss(lm: ByteLM, rules: list[Rule], served: Any, test_windows: int = 64) -> float:
+    """Held-out loss of an already converted tree (e.g. GPTQ's result)."""
+    return eval_loss(quantize_model(lm, rules).apply, served, lm.seq, test_windows)
+
+
+def float_loss(lm: ByteLM, variables: Any, test_windows: int = 64) -> float:
+    return eval_loss(lm.apply, variables, lm.seq, test_windows)
+
+
+def ppl(nats: float) -> float:
+    """Perplexity per byte, ``exp(nats per byte)``."""
+    return math.exp(nats)
+
+
+def mean(xs: list[float]) -> float:
+    return float(np.mean(xs))
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    path.write_text(json.dumps(result, indent=1, sort_keys=True, default=float) + "\n")
+
+
+def seeds_cell(xs: list[float], fmt: str = "+.4f") -> str:
+    """``mean (seed values)`` of a list of per-seed numbers."""
+    return f"{np.mean(xs):{fmt}} ({', '.join(f'{x:{fmt}}' for x in xs)})"
+
+
+def checks_markdown(res: dict[str, Any]) -> list[str]:
+    lines = ["", "| check | holds |", "|---|---|"]
+    lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in res["checks"].items()]
+    lines += [
+        "",
+        f"Criterion: {res['criterion']} -> **{'pass' if res['passed'] else 'FAIL'}** "
+        f"({res['seconds']:.1f} s)",
+    ]
+    return lines
+
+
+def cli(main: Any, markdown: Any, file: str) -> None:
+    """``python reproduce.py [--fast]``: print the markdown; the full run also writes
+    ``results.json`` next to the script; exit status 1 when the criterion fails."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fast", action="store_true")
+    args = ap.parse_args()
+    out = main(fast=args.fast)
+    if not args.fast:
+        write_json(Path(file).with_name("results.json"), out)
+    print(markdown(out))
+    sys.exit(0 if out["passed"] else 1)
