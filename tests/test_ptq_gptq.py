@@ -359,7 +359,8 @@ def _tb_increase(spec, method, outliers=False, **kwargs) -> float:
 
 
 # (spec, GPTQ's increase at most this fraction of RTN's). Measured (nats/byte, RTN -> GPTQ):
-# w4 per-channel 0.0153 -> 0.0027, w3 0.0967 -> 0.0298, w4 groups of 32 0.0116 -> 0.0016.
+# w4 per-channel 0.0153 -> 0.0027, w3 0.0967 -> 0.0298, w4 groups of 32 0.0116 -> 0.0016,
+# w4 act_order 0.0031, w4 sequential -0.0000, w3 full grid 0.0728 -> 0.0170.
 TESTBED = [
     pytest.param(jq.QuantSpec("int4", jq.per_channel()), {}, 0.4, id="w4"),
     pytest.param(jq.QuantSpec("int3", jq.per_channel()), {}, 0.5, id="w3"),
@@ -389,10 +390,11 @@ def test_testbed_gptq_beats_rtn(spec, kwargs, ratio):
     [jq.QuantSpec("nf4", jq.per_channel()), jq.QuantSpec("mxfp4", jq.per_block(32))],
     ids=["nf4", "mxfp4"],
 )
-def test_testbed_other_formats_beat_or_match_rtn(spec):
+def test_testbed_other_formats_beat_rtn(spec):
+    """Measured (RTN -> GPTQ): nf4 per channel 0.0249 -> 0.0025, MXFP4 0.0237 -> 0.0048."""
     rtn = _tb_increase(spec, "rtn")
     got = _tb_increase(spec, "gptq")
-    assert got <= rtn + 1e-3, (got, rtn)
+    assert got < 0.5 * rtn, (got, rtn)
 
 
 # The outlier model: channels 60-1000x the median dominate the default damping (1% of the
