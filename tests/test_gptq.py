@@ -473,3 +473,23 @@ def test_errors(data):
     w3 = w.reshape(4, 16, N_OUT)
     with pytest.raises(ValueError, match=r"not contiguous.*per_block\(1, size\)"):
         gptq(w3, h, jq.QuantSpec("int4", jq.per_block(0, 2)), contract_axis=(0, 1))
+
+
+def test_median_damping_reference():
+    """``damping_reference="median"`` adds ``damping * median(diag H)``: the same solve as
+    the mean reference given the equivalent fraction, and robust to one huge input."""
+    x, w = correlated()
+    x = np.asarray(x).copy()
+    x[:, 3] *= 300.0  # an outlier input channel inflates mean(diag H), not its median
+    h = jnp.asarray(x.T @ x, jnp.float32)
+    spec = jq.QuantSpec("int4", jq.per_channel(1))
+    med = gptq(w, h, spec, damping=0.01, damping_reference="median")
+    d = np.diag(np.asarray(h))
+    assert float(med.damp) == pytest.approx(0.01 * np.median(d), rel=1e-5)
+    same = gptq(w, h, spec, damping=0.01 * float(np.median(d)) / float(np.mean(d)))
+    assert float(same.damp) == pytest.approx(float(med.damp), rel=1e-5)
+    assert float(same.loss) == pytest.approx(float(med.loss), rel=1e-3)
+    mean = gptq(w, h, spec, damping=0.01)
+    assert float(mean.damp) > 100 * float(med.damp)
+    with pytest.raises(ValueError, match="damping_reference must be 'mean'"):
+        gptq(w, h, spec, damping_reference="max")

@@ -46,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -82,6 +82,7 @@ def gptq(
     *,
     rules: Rule | Iterable[Rule],
     damping: float = 0.01,
+    damping_reference: Literal["mean", "median"] = "mean",
     block_size: int = 128,
     act_order: bool = False,
     sequential: bool = False,
@@ -112,7 +113,11 @@ def gptq(
       rules: the :class:`jaxquant.flax.Rule` s that say which layers are quantized with
         which weight (and activation) specs: the rules you serve the model with.
       damping: fraction of ``mean(diag H)`` added to each Hessian's diagonal (the paper's
-        1%). Outlier channels dominate the mean: 1e-4 can be better there.
+        1%). Outlier channels dominate the mean: ``damping_reference="median"`` (or 1e-4)
+        is better there.
+      damping_reference: ``"mean"`` (the paper's) or ``"median"`` of ``diag H``; on the
+        outlier byte LM median cuts int4 GPTQ's loss increase from +0.081 to +0.024
+        nats/byte (see :func:`jaxquant.ptq.gptq_solve`).
       block_size: input channels per lazy batch.
       act_order: round each layer's input channels by descending ``diag H``.
       sequential: measure each group of layers' Hessians with the layers before it already
@@ -170,6 +175,11 @@ def gptq(
     )
     block_size = check_int(block_size, f"{_FN}: block_size", lo=1)
     act_order = check_bool(act_order, f"{_FN}: act_order")
+    if damping_reference not in ("mean", "median"):
+        raise ValueError(
+            f"{_FN}: damping_reference must be 'mean' (the paper's) or 'median', got "
+            f"{damping_reference!r}."
+        )
     sequential = check_bool(sequential, f"{_FN}: sequential")
     call_kwargs = check_call_kwargs(call_kwargs, _FN)
     if isinstance(batches, jax.Array | np.ndarray):
@@ -184,7 +194,7 @@ def gptq(
     batches = list(batches)
     if not batches:
         raise ValueError(f"{_FN}: no calibration batches; pass a non-empty list of inputs.")
-    solve = _Solver(damping, block_size, act_order)
+    solve = _Solver(damping, damping_reference, block_size, act_order)
 
     if isinstance(model, QuantizedModule):
         raise TypeError(
@@ -227,8 +237,11 @@ class _Target:
 
 
 class _Solver:
-    def __init__(self, damping: float, block_size: int, act_order: bool) -> None:
+    def __init__(
+        self, damping: float, reference: Literal["mean", "median"], block_size: int, act_order: bool
+    ) -> None:
         self.damping, self.block_size, self.act_order = damping, block_size, act_order
+        self.reference = reference
 
     def __call__(
         self, t: _Target, w: Any, st: LayerStatistics, hessian: Any, group: int
@@ -240,6 +253,7 @@ class _Solver:
             t.spec,
             block_size=self.block_size,
             damping=self.damping,
+            damping_reference=self.reference,
             act_order=self.act_order,
             contract_axis=st.weight_axes,
             name=t.layer or "(the model itself)",
