@@ -82,6 +82,12 @@ import as they are (no PYTHONPATH needed).
   roundings = ["nearest"]      # nearest | stochastic
   modes = ["ptq", "qat"]
   activations = ["none"]       # also quantize layer inputs, static ranges (optional)
+  methods = ["rtn", "gptq"]    # post-training methods (optional; default ["rtn"]):
+                               # rtn (round to nearest) | gptq | awq | smoothquant |
+                               # rotate, or steps joined by '+' applied left to right
+                               # (rotate+smoothquant+gptq): transforms (rotate,
+                               # smoothquant, awq) first, gptq last; smoothquant needs
+                               # quantized activations (no "none" in its product)
   also = [{ formats = ["int8"], activations = ["int4"] }]  # more PTQ products (optional):
                                # each table replaces some of the keys above (not modes)
                                # for one more product; the cells are the union
@@ -125,6 +131,12 @@ ACTIVATIONS = ("none", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4")
 CALIBRATIONS = ("absmax", "mse", "percentile:P", "mean_std:K", "kl", "none")
 ROUNDINGS = ("nearest", "stochastic")
 MODES = ("ptq", "qat")
+# PTQ methods (grid.methods): "rtn", or steps joined by "+" and applied left to right --
+# transforms of the float model (each at most once) then, optionally, the GPTQ solver;
+# without it the transformed weights are rounded to nearest.
+TRANSFORMS = ("rotate", "smoothquant", "awq")
+SOLVERS = ("gptq",)
+METHOD_EXAMPLES = "rtn, gptq, awq, smoothquant, rotate+gptq, rotate+smoothquant+gptq"
 # jax.random.key keeps a seed's low 32 bits (without x64): seed 2**32 would repeat seed 0
 # and label its results as another seed's.
 MAX_SEED = 2**32 - 1
@@ -318,6 +330,7 @@ _SCHEMA: dict[str, Any] = {
         "roundings": list,
         "modes": list,
         "activations": list,
+        "methods": list,
         "also": list,
     },
     "qat": {
@@ -425,12 +438,62 @@ def _import_err(v: str) -> str | None:
 
 
 # The keys of one PTQ product, the ones a grid.also table may replace.
-_PRODUCT_KEYS = ("formats", "granularities", "calibrations", "roundings", "activations")
+_PRODUCT_KEYS = (
+    "formats",
+    "granularities",
+    "calibrations",
+    "roundings",
+    "activations",
+    "methods",
+)
 ALSO_EXAMPLE = '{ formats = ["int8"], activations = ["int4"] }'
 
 
 def _rounding_err(v: str) -> str | None:
     return None if v in ROUNDINGS else f"is not a rounding; known: {', '.join(ROUNDINGS)}"
+
+
+def method_steps(method: str) -> list[str]:
+    """The steps of a (valid) method name, in the order they run: ``"rotate+gptq"`` ->
+    ``["rotate", "gptq"]``; ``"rtn"`` -> ``[]`` (round to nearest, no method)."""
+    return [] if method == "rtn" else method.split("+")
+
+
+def _method_err(v: str) -> str | None:
+    if v == "rtn":
+        return None
+    steps = v.split("+")
+    known = (*TRANSFORMS, *SOLVERS)
+    for i, step in enumerate(steps):
+        if step == "rtn":
+            return (
+                "has 'rtn' inside a composition; rtn is round to nearest alone, what a "
+                f"composition without gptq ends with: write {'+'.join(steps[:i]) or 'rtn'!r}"
+            )
+        if step not in known:
+            names = ", ".join(known)
+            return f"has an unknown step {step!r}; steps: rtn, {names} (e.g. {METHOD_EXAMPLES})"
+        if steps.count(step) > 1:
+            return f"repeats the step {step!r}; each step runs at most once"
+        if step in SOLVERS and i != len(steps) - 1:
+            nxt = steps[i + 1]
+            return f"has {step!r} before {nxt!r}; gptq quantizes the weights: it comes last"
+    return None
+
+
+def _check_methods(key: str, table: dict[str, Any], where: str) -> None:
+    """``smoothquant`` migrates activation outliers into the weights for activation
+    quantization: in a product whose activations include ``none`` it has nothing to do."""
+    acts = table.get("activations", ["none"])
+    for i, m in enumerate(table.get("methods", [])):
+        if "smoothquant" in method_steps(m) and "none" in acts:
+            raise _fail(
+                f"{key}[{i}]",
+                f"= {m!r} needs quantized activations, and the activations of its "
+                f"product{where} {acts} include 'none'; give smoothquant its own grid.also "
+                "table with activations, e.g. "
+                '{ methods = ["smoothquant"], activations = ["int8"] }',
+            )
 
 
 def _check_product(prefix: str, table: dict[str, Any]) -> None:
@@ -441,6 +504,7 @@ def _check_product(prefix: str, table: dict[str, Any]) -> None:
         "calibrations": _cal_err,
         "roundings": _rounding_err,
         "activations": _act_err,
+        "methods": _method_err,
     }
     for k, check in checks.items():
         if k in table:
@@ -493,7 +557,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise _fail("task.lr", f"= {task['lr']} must be a positive number")
     grid, qat = cfg["grid"], cfg["qat"]
     for k in _SCHEMA["grid"]:
-        if k not in grid and k not in ("activations", "also"):
+        if k not in grid and k not in ("activations", "methods", "also"):
             raise _fail(f"grid.{k}", "is missing")
     _check_product("grid", grid)
     for i, extra in enumerate(grid.get("also", [])):
@@ -508,6 +572,11 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         if not extra:
             raise _fail(key, f"is empty; give the keys it changes, e.g. {ALSO_EXAMPLE}")
         _check_product(key, extra)
+    main = {k: v for k, v in grid.items() if k != "also"}
+    _check_methods("grid.methods", main, "")
+    for i, extra in enumerate(grid.get("also", [])):
+        key = f"grid.also[{i}].methods" if "methods" in extra else "grid.methods"
+        _check_methods(key, main | extra, f" (with grid.also[{i}]'s keys)")
     _check_list(
         "grid.modes",
         grid["modes"],

@@ -1,4 +1,5 @@
-"""The sweep's cells: one (task, seed, format, granularity, calibration, rounding, mode).
+"""The sweep's cells: one (task, seed, format, granularity, calibration, rounding, mode,
+activations, method).
 
 The PTQ grid is the cartesian product of ``[grid]``'s axes, then one more product per
 ``grid.also`` table (``[grid]`` with that table's keys replaced), made canonical so that no
@@ -18,6 +19,15 @@ every quantized layer's input, per tensor: in PTQ cells with a static range cali
 training batches by the cell's calibration method (absmax for the ternary / binary /
 MX / cast cells, whose weight calibrations don't apply to activations), in QAT cells
 dynamically (each batch's absmax). A cell's id ends in ``/act=<format>`` unless ``none``.
+
+``grid.methods`` (optional, default ``["rtn"]``) is the post-training method of PTQ cells:
+``rtn`` rounds the float weights to nearest (the sweep without the axis: same cells, ids,
+rows), the others (``gptq``, ``awq``, ``smoothquant``, ``rotate`` and compositions
+``a+b`` applied left to right, :func:`jaxquant.app.sweep.config.method_steps`) run
+:mod:`jaxquant.ptq` on the float model first. A cell's id ends in ``/method=<method>``
+unless ``rtn``. Cast cells (``float32`` / ``fp16`` / ``bf16``) are the float references:
+their method is always ``rtn`` (a cast has no grid for a method to choose codes on).
+QAT cells are ``rtn``.
 
 Every quantized layer is a leaf named ``kernel`` of rank >= 2 (Dense ``(in, out)``, Conv
 ``(kh, kw, in, out)``). ``blockN`` groups N values along the contracted input axis (-2);
@@ -60,11 +70,14 @@ class Cell(NamedTuple):
     rounding: str
     mode: str
     act: str = "none"
+    method: str = "rtn"  # a grid.methods value: "rtn", "gptq", "rotate+gptq"...
 
     @property
     def id(self) -> str:
-        base = "/".join(str(v) for v in self[:-1])
-        return base if self.act == "none" else f"{base}/act={self.act}"
+        base = "/".join(str(v) for v in self[:7])
+        if self.act != "none":
+            base += f"/act={self.act}"
+        return base if self.method == "rtn" else f"{base}/method={self.method}"
 
 
 def canonical(
@@ -101,8 +114,10 @@ def expand(cfg: dict[str, Any]) -> list[Cell]:
                             for c in p["calibrations"]:
                                 for r in p["roundings"]:
                                     canon = canonical(f, gr, c, r)
-                                    cell = Cell(task, seed, *canon, "ptq", a)
-                                    out.setdefault(cell.id, cell)
+                                    for m in p.get("methods", ["rtn"]):
+                                        m = "rtn" if f in _CASTS else m
+                                        cell = Cell(task, seed, *canon, "ptq", a, m)
+                                        out.setdefault(cell.id, cell)
         if "qat" in g["modes"]:
             for a in q.get("activations", ["none"]):
                 for f in q["formats"]:

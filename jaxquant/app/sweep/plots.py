@@ -104,6 +104,7 @@ class Point(NamedTuple):
     act: str
     seeds: int
     values: dict[str, tuple[float, float, float]]  # name -> (mean, min, max)
+    method: str = "rtn"  # the PTQ method (grid.methods)
 
     @property
     def family(self) -> str:
@@ -123,6 +124,8 @@ class Point(NamedTuple):
             parts.append("SR")
         if self.act != "none":
             parts.append(f"+A{self.act.removeprefix('int')}")
+        if self.method != "rtn":
+            parts.append(self.method.upper())
         if self.mode == "qat":
             parts.append("QAT")
         return " ".join(p for p in parts if p)
@@ -143,6 +146,7 @@ def points(rows: Sequence[dict[str, Any]]) -> list[Point]:
             r["calibration"],
             r["rounding"],
             r.get("act", "none") or "none",
+            r.get("method", "rtn") or "rtn",
         )
         groups.setdefault(key, []).append(r)
     out = []
@@ -159,7 +163,7 @@ def points(rows: Sequence[dict[str, Any]]) -> list[Point]:
             vs = [float(v) for v in vs if v is not None and math.isfinite(v)]
             if vs:
                 values[name] = (float(np.mean(vs)), min(vs), max(vs))
-        out.append(Point(*key, seeds=len(rs), values=values))
+        out.append(Point(*key[:-1], seeds=len(rs), values=values, method=key[-1]))
     return out
 
 

@@ -73,6 +73,20 @@ COLUMNS = (
     "seconds",
     "error",
 )
+# Columns of sweeps with a grid.methods axis (rows of "rtn" cells carry neither: a sweep
+# without the axis writes the files it wrote before the axis existed).
+METHOD_COLUMNS = ("method", "method_skipped", "method_note")
+# Calibration batches (of task.batch examples, from the training split) that PTQ methods
+# and static activation ranges read.
+CALIBRATION_BATCHES = 8
+
+
+def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """:data:`COLUMNS`, with :data:`METHOD_COLUMNS` after ``act`` when a row has a method."""
+    if not any(r.get("method", "rtn") != "rtn" for r in rows):
+        return COLUMNS
+    i = COLUMNS.index("act") + 1
+    return COLUMNS[:i] + METHOD_COLUMNS + COLUMNS[i:]
 
 
 # ------------------------------------------------------------------------ files
@@ -80,10 +94,11 @@ COLUMNS = (
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    cols = columns(rows)
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: r.get(k, "") for k in COLUMNS})
+        w.writerow({k: r.get(k, "rtn" if k == "method" else "") for k in cols})
     F.atomic_write(path, buf.getvalue())
 
 
@@ -236,6 +251,8 @@ class Evaluator:
     def __call__(self, cell: G.Cell) -> dict[str, Any]:
         fl = self.float_model(cell.seed)
         key = jax.random.key(cell.seed) if cell.rounding == "stochastic" else None
+        if cell.mode == "ptq" and cell.method != "rtn":
+            return self._method_cell(cell, fl, key)
         if cell.mode == "ptq":
             qparams, m = self._weights(cell, fl.params, key)
             net, rest = self._static_act_model(cell, fl, qparams)
@@ -243,23 +260,162 @@ class Evaluator:
             return {"test_acc": acc, "test_loss": loss, **fl.metrics, **m}
         return self._qat_cell(cell, fl)
 
-    def _static_act_model(self, cell: G.Cell, fl: Float, qparams: Any) -> tuple[Any, Any]:
+    def calibration_batches(self) -> list[Any]:
+        """The first :data:`CALIBRATION_BATCHES` training batches of ``task.batch``
+        examples (fewer when the split is smaller)."""
+        b = self.task["batch"]
+        n = min(CALIBRATION_BATCHES * b, self.tasks.num_examples(self.x))
+        batches = [self.tasks.take(self.x, slice(i, i + b)) for i in range(0, n, b)]
+        return [tuple(x) if isinstance(x, list) else x for x in batches]
+
+    def _static_act_model(
+        self, cell: G.Cell, fl: Float, qparams: Any, rest: Any = None
+    ) -> tuple[Any, Any]:
         """``(net, rest)``: the float model, or (``cell.act``) the model whose layer inputs
-        are quantized with static ranges: :func:`jaxquant.flax.calibrate` on up to 8
-        training batches, run on the weight-quantized model (weights first, then
-        activations)."""
+        are quantized with static ranges: :func:`jaxquant.flax.calibrate` on the
+        :meth:`calibration_batches`, run on the weight-quantized model (weights first, then
+        activations). ``rest``: the other collections (default: the float model's); one
+        with a method's online transforms (``"ptq"``) runs under
+        :func:`jaxquant.flax.quantize_model` even without activations, which applies them."""
         from jaxquant.flax import Rule
 
+        rest = fl.rest if rest is None else rest
         spec = G.act_spec(cell)
+        layers = self.tasks.kernels(qparams, self.layers)
         if spec is None:
-            return fl.net, fl.rest
-        rules = [Rule(re.escape(k), act=spec) for k in self.tasks.kernels(qparams, self.layers)]
-        b = self.task["batch"]
-        n = min(8 * b, self.tasks.num_examples(self.x))
-        batches = [self.tasks.take(self.x, slice(i, i + b)) for i in range(0, n, b)]
-        batches = [tuple(x) if isinstance(x, list) else x for x in batches]
-        calibrated = fl.net.calibrate(rules, qparams, fl.rest, batches)
-        return fl.net.quantize(calibrated, qparams, fl.rest)
+            if "ptq" not in rest:
+                return fl.net, rest
+            # Rules that quantize nothing: the layers only apply their transforms.
+            return fl.net.quantize([Rule(re.escape(k), weight=None) for k in layers], qparams, rest)
+        rules = [Rule(re.escape(k), act=spec) for k in layers]
+        if "ptq" in rest:
+            # jaxquant.flax.calibrate observes the inputs without the online transforms
+            # (measured: static int8 ranges of a smoothed digits MLP give 10% accuracy), so
+            # these cells quantize each batch by its absmax instead (method_note says so).
+            return fl.net.quantize(rules, qparams, rest)
+        calibrated = fl.net.calibrate(rules, qparams, rest, self.calibration_batches())
+        return fl.net.quantize(calibrated, qparams, rest)
+
+    def _method_cell(self, cell: G.Cell, fl: Float, key: jax.Array | None) -> dict[str, Any]:
+        """A PTQ cell with a method: its steps (:func:`jaxquant.app.sweep.config.method_steps`)
+        run in turn on the float Linen model with one :class:`jaxquant.flax.Rule` per
+        quantized kernel (the cell's weight spec, and activation spec when ``cell.act``),
+        each on the previous step's variables, calibrated on the :meth:`calibration_batches`;
+        then round to nearest, or GPTQ's codes when it is the last step. The test metrics are
+        of the dequantized weights with the methods' online transforms and (``cell.act``)
+        static activation ranges calibrated on the result. Layers a step could not apply to
+        are listed in ``method_skipped`` (``step layer: reason; ...``)."""
+        from jaxquant import ptq
+        from jaxquant.app.models import ByteLM
+        from jaxquant.flax import Rule
+
+        steps = C.method_steps(cell.method)
+        if fl.net.is_nnx:
+            raise ValueError(
+                f"method {cell.method!r}: the sweep runs PTQ methods on Linen task models; "
+                "this task's model is NNX. Use method 'rtn' for it, or call jaxquant.ptq on "
+                "the model directly."
+            )
+        if "gptq" in steps and cell.rounding == "stochastic":
+            raise ValueError(
+                f"method {cell.method!r} with rounding 'stochastic': GPTQ rounds to nearest "
+                "(its error feedback assumes it); give stochastic rounding its own product "
+                "(grid.also) without gptq."
+            )
+        module = fl.net.module
+        act = G.act_spec(cell)
+        layers = self.tasks.kernels(fl.params, self.layers)
+        rules = [
+            Rule(re.escape(k), weight=G.spec_for(cell, shape), act=act)
+            for k, shape in layers.items()
+        ]
+        batches = self.calibration_batches()
+        kw = fl.net.calls.call_kwargs or None
+        variables = {"params": fl.params, **fl.rest}
+        skipped: list[str] = []
+        served = None
+        for step in steps:
+            common: dict[str, Any] = {"rules": rules, "call_kwargs": kw}
+            if step == "rotate":
+                # QuaRot's residual rotation where the model is the built-in ByteLM; any
+                # other model rotates each quantized layer's input online.
+                rotate = ptq.rotate_residual if isinstance(module, ByteLM) else ptq.rotate_inputs
+                res = rotate(module, batches, variables, key=jax.random.key(cell.seed), **common)
+            elif step == "smoothquant":
+                res = ptq.smooth_quant(module, batches, variables, **common)
+            elif step == "awq":
+                res = ptq.awq(module, batches, variables, clip_search=True, **common)
+            else:  # gptq, last (config checked)
+                res = ptq.gptq(module, batches, variables, **common)
+                served = res.variables["params"]
+            skipped += [f"{step} {layer}: {why}" for layer, why in res.skipped.items()]
+            if served is None:
+                variables = res.variables
+        params = variables["params"]  # the transformed float weights
+        rest = {k: v for k, v in variables.items() if k != "params"}
+        if served is None:
+            qparams, m = self._weights(cell, params, key)
+        else:
+            qparams, m = self._served(params, served)
+        if "ptq" in rest:  # the online transforms are stored (served) with the model
+            online = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(rest["ptq"]))
+            m["model_bytes"] += online
+            m["float32_bytes"] += online
+        online = "ptq" in rest
+        net, rest = self._static_act_model(cell, fl, qparams, rest)
+        acc, loss = self.evaluate(net, qparams, rest)
+        return {
+            "test_acc": acc,
+            "test_loss": loss,
+            **fl.metrics,
+            **m,
+            "method_skipped": "; ".join(skipped),
+            "method_note": (
+                "activations quantized per batch (absmax): jaxquant.flax.calibrate does not "
+                "apply the online transforms"
+                if act is not None and online
+                else ""
+            ),
+        }
+
+    def _served(self, params: Any, served: Any) -> tuple[Any, dict[str, Any]]:
+        """The dequantized weights of a converted tree ``served`` (QArrays where
+        :func:`_weights` would fake-quantize) and the same metrics, against the float
+        ``params`` it was solved from."""
+        from jaxquant import QArray, dequantize, size_report
+
+        flat = _flat(params)
+        qflat = {
+            self.tasks.leaf_path(p): v
+            for p, v in jax.tree_util.tree_flatten_with_path(
+                served, is_leaf=lambda x: isinstance(x, QArray)
+            )[0]
+        }
+        deq, abstract = {}, {}
+        sig = noise = 0.0
+        kbytes = kcount = 0
+        for layer, shape in self.tasks.kernels(params, self.layers).items():
+            q = qflat[f"{layer}/kernel"]
+            if not isinstance(q, QArray):
+                raise TypeError(f"GPTQ left {layer}/kernel unquantized ({type(q).__name__})")
+            w = flat[f"{layer}/kernel"]
+            wq = dequantize(q).astype(w.dtype)
+            deq[layer], abstract[f"{layer}/kernel"] = wq, q
+            w64, q64 = np.asarray(w, np.float64), np.asarray(wq, np.float64)
+            sig += float(np.sum(w64**2))
+            noise += float(np.sum((w64 - q64) ** 2))
+            kbytes += size_report({"k": q}).nbytes
+            kcount += math.prod(shape)
+        if not np.isfinite(noise):
+            raise FloatingPointError("quantized weights are not finite")
+        rep = size_report(flat | abstract)
+        sqnr = float("inf") if noise == 0 else 10.0 * math.log10(sig / noise)
+        return _replace_kernels(params, deq), {
+            "weight_sqnr_db": sqnr,
+            "bits_per_weight": 8.0 * kbytes / max(kcount, 1),
+            "model_bytes": rep.nbytes,
+            "float32_bytes": rep.float32_bytes,
+        }
 
     def _qat_cell(self, cell: G.Cell, fl: Float) -> dict[str, Any]:
         from jaxquant.flax import Rule
@@ -470,6 +626,8 @@ def run_cells(
         for cell in todo:
             t0 = time.perf_counter()
             row: dict[str, Any] = {"id": cell.id, **cell._asdict()}
+            if cell.method == "rtn":  # rows as before the method axis (readers default it)
+                del row["method"]
             try:
                 if evaluator is None:
                     try:
@@ -517,6 +675,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per cell configuration, means (and std of accuracy) over seeds."""
+    methods = "method" in columns(rows)  # a method column only when a row has one
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         key = (
@@ -524,15 +683,17 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             r["mode"],
             r["format"],
             r.get("act", "none"),
+            *((r.get("method", "rtn"),) if methods else ()),
             r["granularity"],
             r["calibration"],
             r["rounding"],
         )
         groups.setdefault(key, []).append(r)
     lines = [
-        "| task | mode | format | act | granularity | calibration | rounding | seeds ok "
-        "| bits/w | KiB | SQNR dB | acc % | vs float | loss | error |",
-        "|---|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        f"| task | mode | format | act |{' method |' if methods else ''} granularity "
+        "| calibration | rounding | seeds ok | bits/w | KiB | SQNR dB | acc % | vs float "
+        "| loss | error |",
+        f"|---|---|---|---|{'---|' if methods else ''}---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for key, rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
