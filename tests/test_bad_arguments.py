@@ -576,7 +576,7 @@ target(
     lambda name="mx", element=F.get("e4m3"), block_size=32: F.mx_format(name, element, block_size),
     name={"int": 3, "none": None},
     element={
-        "int8": F.get("int8"),
+        "int4": F.get("int4"),
         "nf4": F.get("nf4"),
         "e3m4": F.get("e3m4"),
         "fp16": F.get("fp16"),
@@ -1277,10 +1277,11 @@ def test_mx_format_accepts_every_ocp_element(element):
 
 
 def test_mx_format_refusal_lists_the_ocp_elements():
+    # int8 is an OCP MX element (MXINT8); other integer widths are not.
     with pytest.raises(
-        ValueError, match=r"int8 is not an OCP MX element.*e4m3.*e5m2.*e2m3.*e3m2.*e2m1"
+        ValueError, match=r"int4 is not an OCP MX element.*e4m3.*e5m2.*e2m3.*e3m2.*e2m1.*int8"
     ):
-        jq.formats.mx_format("mx_int8", jq.formats.get("int8"))
+        jq.formats.mx_format("mx_int4", jq.formats.get("int4"))
 
 
 def test_float_format_wider_than_16_bits_is_built_not_refused():

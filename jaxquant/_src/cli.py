@@ -217,7 +217,8 @@ def _run_formats(args: argparse.Namespace) -> int:
     print(_table(rows, left=2))
     print()
     print(
-        "bits: storage bits per value (MX: with the shared scale). E/M: exponent/mantissa "
+        "bits: storage bits per value (MX, NVFP4: with the block scales; NVFP4 adds "
+        "4 bytes per tensor). E/M: exponent/mantissa "
         "bits. eps: the gap above 1. digits: significant decimal digits. range dB: "
         "20·log10(max / min subnormal)."
     )

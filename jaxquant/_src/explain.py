@@ -391,6 +391,13 @@ def explain(
 
 def describe_format(fmt: Format) -> str:
     """A one-line description of a format's layout and special values."""
+    if fmt.kind == "mx" and fmt.tensor_scale:
+        assert fmt.element is not None and fmt.block_scale is not None
+        return (
+            f"blocks of {fmt.block_size} {fmt.element.name} elements sharing one "
+            f"{fmt.block_scale.name} scale, plus one float32 scale per tensor "
+            f"({fmt.bits_per_value:g} bits per value + 4 bytes per tensor)"
+        )
     if fmt.kind == "mx":
         assert fmt.element is not None
         return (
@@ -489,11 +496,25 @@ def _explain_one(x: float | None, pattern: str | None, fmt: Format) -> Explanati
     if fmt.kind == "mx":
         assert fmt.element is not None
         elem = fmt.element
-        notes.append(
-            f"{fmt.name} stores blocks of {fmt.block_size} {elem.name} values with one shared "
-            f"scale 2^k (e8m0); this is the element alone, at scale 2^0 = 1 (the block's "
-            f"value is element × 2^k)."
-        )
+        if fmt.tensor_scale:
+            notes.append(
+                f"{fmt.name} stores blocks of {fmt.block_size} {elem.name} values with one "
+                f"e4m3 scale b per block and one float32 scale S per tensor; this is the "
+                f"element alone, at b / S = 1 (the stored value is element × b / S)."
+            )
+        elif elem.kind == "int":
+            notes.append(
+                f"{fmt.name} stores blocks of {fmt.block_size} {elem.name} codes c with one "
+                f"shared scale 2^k (e8m0); OCP reads c as c / 64 (an implied 2^-6) and "
+                f"jaxquant folds the 2^-6 into the stored scale; this is the code alone, "
+                f"at scale 1 (the block's value is c × 2^k / 64)."
+            )
+        else:
+            notes.append(
+                f"{fmt.name} stores blocks of {fmt.block_size} {elem.name} values with one "
+                f"shared scale 2^k (e8m0); this is the element alone, at scale 2^0 = 1 (the "
+                f"block's value is element × 2^k)."
+            )
     if pattern is not None:
         code = int(pattern, 2)
         if code >= elem.num_codes:

@@ -10,8 +10,10 @@ how they are encoded in bits. Four kinds exist:
 * ``"int"`` -- two's-complement ``int1``..``int8``, ``int16``, and ``uint1``..``uint8``.
 * ``"codebook"`` -- a sorted table of values: NF4 (QLoRA), binary ``{-1, +1}``,
   ternary ``{-1, 0, +1}``.
-* ``"mx"`` -- OCP Microscaling: an element format plus one shared power-of-two (``e8m0``)
-  scale per block of 32 elements.
+* ``"mx"`` -- block-scaled formats: an element format plus one shared scale per block.
+  OCP Microscaling (MXFP8/6/4, MXINT8) shares a power-of-two (``e8m0``) scale per block of
+  32 elements; NVIDIA's NVFP4 (:func:`nvfp4_format`) shares an E4M3 scale per block of 16
+  and adds a second, float32 scale per tensor (``block_scale`` and ``tensor_scale`` set).
 
 Float encodings differ in how they spend their top exponent code (``nan_style``):
 
@@ -96,6 +98,12 @@ class Format:
       codebook: the sorted values of a codebook format.
       element: the element format of an ``mx`` format.
       block_size: elements per shared scale of an ``mx`` format.
+      block_scale: the format of an ``mx`` format's block scales; None for OCP's ``e8m0``
+        (NVFP4: ``float8_e4m3fn``).
+      tensor_scale: whether an ``mx`` format also has a float32 scale per tensor (NVFP4's
+        two-level scaling).
+      scale_floor: the smallest block scale before rounding to ``block_scale`` (0: none,
+        Transformer Engine; torchao uses 2^-6, ModelOpt 2^-9; see :func:`nvfp4_format`).
 
     Example:
       >>> import jaxquant as jq
@@ -120,6 +128,9 @@ class Format:
     codebook: tuple[float, ...] | None = None
     element: Format | None = None
     block_size: int = 0
+    block_scale: Format | None = None
+    tensor_scale: bool = False
+    scale_floor: float = 0.0
 
     def __post_init__(self) -> None:
         # The builders validate layouts; this catches direct construction with the wrong
@@ -259,7 +270,8 @@ class Format:
         """Storage bits per element, including shared scales for ``mx`` formats."""
         if self.kind == "mx":
             assert self.element is not None
-            return self.element.bits + 8 / self.block_size
+            scale_bits = 8 if self.block_scale is None else self.block_scale.bits
+            return self.element.bits + scale_bits / self.block_size
         return float(self.bits)
 
     @_element_property
@@ -474,9 +486,7 @@ def codebook_format(name: str, values: tuple[float, ...], bits: int) -> Format:
 
 
 # The element formats of the OCP Microscaling spec v1.0 (Table 1), by layout
-# (exp_bits, man_bits, bias, nan_style, signed). MXINT8 is not among them: the quantizer's
-# MX path rounds scales by the float rule (emax of the element), which an int element
-# does not have.
+# (exp_bits, man_bits, bias, nan_style, signed); MXINT8's int8 is checked by kind.
 _OCP_MX_ELEMENTS = {
     (4, 3, 7, "fn", True): "e4m3 (float8_e4m3fn)",
     (5, 2, 15, "ieee", True): "e5m2 (float8_e5m2)",
@@ -486,17 +496,25 @@ _OCP_MX_ELEMENTS = {
 }
 
 
-def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
+def mx_format(name: str, element: Format | str, block_size: int = 32) -> Format:
     """An OCP Microscaling format: ``element`` values sharing one e8m0 scale per block.
+
+    The shared scale of a block is ``X = 2^(floor(log2 amax) - emax_elem)`` (OCP v1.0,
+    section 6.3), ``emax_elem`` the exponent of the element's largest power of two. For
+    MXINT8 the element is int8 with an implied scale of 2^-6 (values ``k / 64``,
+    ``emax_elem = 0``); jaxquant stores the int8 code ``k`` and folds the 2^-6 into the
+    stored scale, ``2^(floor(log2 amax) - 6)``, so the codes are the spec's bit patterns and
+    ``k * scale`` is the spec's value. Codes are ``[-127, 127]`` (as microxcaling clamps;
+    -128, the spec's optional -2.0, is not produced).
 
     Args:
       name: the registry name.
-      element: an element format of the OCP MX spec: e4m3, e5m2 (FP8), e2m3, e3m2 (FP6)
-        or e2m1 (FP4), as a Format or a name.
+      element: an element format of the OCP MX spec: e4m3, e5m2 (FP8), e2m3, e3m2 (FP6),
+        e2m1 (FP4) or int8 (MXINT8), as a Format or a name.
       block_size: elements per shared scale (the spec's 32; others are accepted).
 
     Raises:
-      ValueError: another element format (int, codebook or a float outside the spec).
+      ValueError: another element format (other ints, codebooks, floats outside the spec).
 
     Example:
       >>> import jaxquant as jq
@@ -505,6 +523,8 @@ def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
       ('mx', 'float6_e3m2fn', 16, 28.0)
       >>> f.bits_per_value  # 6 bits per element + one 8-bit scale per 16 elements
       6.5
+      >>> jq.formats.get("mxint8").bits_per_value
+      8.25
 
     References:
       OCP Microscaling Formats (MX) Specification v1.0,
@@ -513,11 +533,13 @@ def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
     _check_name(name, "mx_format(name)")
     element = resolve(element, "mx_format(element)")
     layout = (element.exp_bits, element.man_bits, element.bias, element.nan_style, element.signed)
-    if element.kind != "float" or layout not in _OCP_MX_ELEMENTS:
+    is_int8 = element.kind == "int" and element.bits == 8 and element.signed
+    if not is_int8 and (element.kind != "float" or layout not in _OCP_MX_ELEMENTS):
         raise ValueError(
             f"mx_format(element): {element.name} is not an OCP MX element format; use one of "
-            f"{', '.join(_OCP_MX_ELEMENTS.values())}. For integer or codebook values with "
-            "a shared scale, use QuantSpec(fmt, per_block(axis, size), scale_format='e8m0')."
+            f"{', '.join(_OCP_MX_ELEMENTS.values())} or int8 (MXINT8). For other integer or "
+            "codebook values with a shared scale, use QuantSpec(fmt, per_block(axis, size), "
+            "scale_format='e8m0')."
         )
     block_size = check_int(block_size, "mx_format(block_size)", lo=1)
     return Format(
@@ -527,6 +549,77 @@ def mx_format(name: str, element: Format, block_size: int = 32) -> Format:
         element=element,
         block_size=block_size,
         signed=element.signed,
+    )
+
+
+def nvfp4_format(name: str = "nvfp4", *, block_size: int = 16, scale_floor: float = 0.0) -> Format:
+    """NVIDIA's NVFP4: e2m1 elements, an E4M3 scale per block of 16, a float32 scale per tensor.
+
+    Two-level scaling, as Transformer Engine implements it (the recipe of arXiv 2509.25149):
+
+    * per tensor, the encode scale ``S = 6 * 448 / amax`` (float32; 1 when ``amax`` is 0 or
+      Inf; ``amax`` is the largest ``|x|``, Inf included, NaN ignored; capped at float32's
+      max for a tiny ``amax``);
+    * per block, the scale ``b = e4m3(block_amax * S / 6)``: round to nearest even onto
+      E4M3, saturating at 448, E4M3's subnormal scales (down to 2^-9) kept, smaller ones 0;
+    * elements ``e = e2m1(x * (S / b))`` (0 where ``b = 0``), saturating at +-6, rounded
+      to nearest even or stochastically;
+    * decode ``x_hat = e * (b / S)``, the quotient ``b / S`` rounded to float32 once per
+      block (the effective block scale that ``fake_quant``, ``dequantize`` and the
+      quantized dot all multiply by).
+
+    Storage: 4 bits per element + 1 byte per 16 elements + 4 bytes per tensor (a QArray's
+    ``scale`` holds the E4M3 block scales, ``tensor_scale`` the float32 ``S``).
+
+    Where other implementations differ: torchao and NVIDIA ModelOpt floor the block scale
+    before rounding (torchao at 2^-6, E4M3's smallest normal; ModelOpt at 2^-9, its smallest
+    subnormal), which changes blocks whose scale would be below the floor (all-zero blocks
+    included), and both return NaN for an all-zero tensor (they divide by ``amax = 0``),
+    where Transformer Engine and jaxquant use ``S = 1`` and return zeros. ``scale_floor``
+    reproduces the floors; the all-zero NaN is not reproduced.
+
+    Args:
+      name: the registry name.
+      block_size: elements per E4M3 scale (16 in NVFP4).
+      scale_floor: the block scale's floor before E4M3 rounding: 0 (Transformer Engine,
+        the default), ``2**-6`` (torchao) or ``2**-9`` (ModelOpt).
+
+    Example:
+      >>> import jaxquant as jq
+      >>> f = jq.formats.get("nvfp4")
+      >>> f.kind, f.element.name, f.block_scale.name, f.block_size, f.tensor_scale
+      ('mx', 'float4_e2m1fn', 'float8_e4m3fn', 16, True)
+      >>> f.bits_per_value  # per-tensor scale not counted: 4 B per tensor
+      4.5
+      >>> f.scale_floor  # Transformer Engine's rule: no floor
+      0.0
+
+    References:
+      NVIDIA, "Pretraining Large Language Models with NVFP4", https://arxiv.org/abs/2509.25149
+    """
+    _check_name(name, "nvfp4_format(name)")
+    block_size = check_int(block_size, "nvfp4_format(block_size)", lo=1)
+    if isinstance(scale_floor, bool) or not isinstance(scale_floor, int | float):
+        raise TypeError(
+            f"nvfp4_format(scale_floor): expected a number, got {describe(scale_floor)}."
+        )
+    scale_floor = float(scale_floor)
+    if not (0.0 <= scale_floor <= 448.0):
+        raise ValueError(
+            f"nvfp4_format(scale_floor): must be in [0, 448] (0: none; torchao 2**-6, "
+            f"ModelOpt 2**-9), got {scale_floor}."
+        )
+    element = get("e2m1")
+    return Format(
+        name=name,
+        kind="mx",
+        bits=element.bits,
+        element=element,
+        block_size=block_size,
+        signed=True,
+        block_scale=get("e4m3"),
+        tensor_scale=True,
+        scale_floor=scale_floor,
     )
 
 
@@ -657,6 +750,8 @@ def _register_builtins() -> None:
     register(mx_format("mxfp6", get("e2m3")), "mxfp6_e2m3")
     register(mx_format("mxfp6_e3m2", get("e3m2")))
     register(mx_format("mxfp4", get("e2m1")), "mxfp4_e2m1")
+    register(mx_format("mxint8", get("int8")))
+    register(nvfp4_format("nvfp4"))
 
 
 def get(fmt: str | Format) -> Format:

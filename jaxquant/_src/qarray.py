@@ -19,6 +19,11 @@ Byte layout of ``QArray.values``
 of size 1) and is stored in the spec's scale format (float32, bfloat16, float16 or e8m0).
 ``zero_point`` (asymmetric only) has the same shape, in the smallest integer type that
 holds the format's range.
+
+Two-level formats (NVFP4) keep the per-block scales in ``scale`` (E4M3, ``float8_e4m3fn``)
+and the per-tensor encode scale ``S`` in ``tensor_scale`` (float32, shape ``()``; a
+``vmap``-ped quantize gives one per example). Every other format has ``tensor_scale=None``,
+which adds no leaf: their pytrees have the same leaves as before the field existed.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from jaxquant._src.spec import QuantSpec
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["values", "scale", "zero_point"],
+    data_fields=["values", "scale", "zero_point", "tensor_scale"],
     meta_fields=["spec", "shape", "dtype"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,8 @@ class QArray:
       spec: the static :class:`QuantSpec` that produced it.
       shape: the original array's shape.
       dtype: the original array's dtype (what ``dequantize`` returns).
+      tensor_scale: the float32 per-tensor encode scale of a two-level format (NVFP4:
+        ``x_hat = e * (scale / tensor_scale)``); None for every other format.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxquant as jq
@@ -80,6 +87,7 @@ class QArray:
     spec: QuantSpec
     shape: tuple[int, ...]
     dtype: np.dtype
+    tensor_scale: jax.Array | None = None
 
     def __post_init__(self) -> None:
         # Static fields only: pytree unflattening (jit, vmap, tree_map) rebuilds QArrays with
@@ -103,6 +111,8 @@ class QArray:
         n = _nbytes(self.values) + _nbytes(self.scale)
         if self.zero_point is not None:
             n += _nbytes(self.zero_point)
+        if self.tensor_scale is not None:
+            n += _nbytes(self.tensor_scale)
         return n
 
     @property
@@ -480,7 +490,18 @@ def _dequantize(q: QArray, dtype: np.dtype) -> jax.Array:
         if not q.shape:
             values = values.reshape(())
     v = widen(decode(values, spec.element).reshape(plan.view), dtype)
-    s = widen(q.scale.astype(jnp.float32), dtype)
+    s32 = q.scale.astype(jnp.float32)
+    if spec.format.tensor_scale:
+        if q.tensor_scale is None:
+            raise ValueError(
+                f"dequantize: a {spec.format.name} QArray needs its tensor_scale (the float32 "
+                "per-tensor scale); rebuild it with jq.quantize."
+            )
+        # The effective block scale b / S, one correctly rounded division per block, as
+        # quantize.nvfp4_scales computes it for fake_quant.
+        t = jnp.asarray(q.tensor_scale, jnp.float32).reshape(())
+        s32 = rounding.divide(s32, jnp.broadcast_to(t, s32.shape))
+    s = widen(s32, dtype)
     if q.zero_point is not None:
         out = (v - widen(q.zero_point.astype(jnp.float32), dtype)) * s
     elif spec.calibration is None:

@@ -96,6 +96,11 @@ def check_scale(
         raise ValueError(f"{fn}: zero_point= needs scale= too (a known range has both).")
     if scale is None:
         return None, None
+    if spec.format.tensor_scale:
+        raise ValueError(
+            f"{fn}: scale= is not supported for {spec.format.name}: its per-tensor and "
+            "per-block scales are computed together from the tensor. Drop scale=."
+        )
     if zero_point is not None and spec.symmetric:
         raise ValueError(
             f"{fn}: zero_point= is for asymmetric specs; this spec is symmetric (z = 0). Drop "
@@ -211,14 +216,73 @@ def _round_scale(s: Array, spec: QuantSpec) -> Array:
 
 
 def _mx_scale(amax: Array, spec: QuantSpec) -> Array:
-    """OCP MX v1.0: X = 2^(floor(log2(amax)) - emax_elem); 1 for an all-zero block."""
-    return jnp.where(amax > 0, _pow2(_exponent(amax) - spec.element.emax), 1.0)
+    """OCP MX v1.0: X = 2^(floor(log2(amax)) - emax_elem); 1 for an all-zero block.
+
+    MXINT8's int8 element has an implied scale of 2^-6 and ``emax_elem = 0``; the stored
+    scale takes the 2^-6 in (``X * 2^-6``) so that the elements are the int8 codes.
+    """
+    f = spec.element
+    shift = f.bits - 2 if f.kind == "int" else f.emax
+    return jnp.where(amax > 0, _pow2(_exponent(amax) - shift), 1.0)
+
+
+# float32's largest finite value: the cap of NVFP4's per-tensor and per-block factors.
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+class NVFP4Scales(NamedTuple):
+    """NVFP4's two-level scales of one tensor (float32, in the plan's blocked view).
+
+    ``amax``: each block's largest ``|x|`` (Inf counts, NaN doesn't); ``tensor``: the
+    encode scale ``S`` (shape ``()``); ``block``: the E4M3 block scales ``b`` (on E4M3's
+    grid); ``scale``: the effective block scale ``b / S`` that decodes; ``inv``: ``S / b``
+    (0 where ``b = 0``), what the elements are multiplied by before rounding.
+    """
+
+    amax: Array
+    tensor: Array
+    block: Array
+    scale: Array
+    inv: Array
+
+
+def nvfp4_scales(xv: Array, plan: Plan, spec: QuantSpec) -> NVFP4Scales:
+    """Transformer Engine's NVFP4 scales (see :func:`jaxquant.formats.nvfp4_format`).
+
+    Every division is correctly rounded (:func:`rounding.divide`), so the result is the
+    same on every backend and under jit: ``S = min(2688 / amax, f32max)`` (1 when ``amax``
+    is 0 or Inf), ``b = e4m3_rne_sat((block_amax * S) / 6)`` (after ``max(., floor)`` when
+    the format has a ``scale_floor``), ``scale = b / S``, ``inv = min(S / b, f32max)``.
+    """
+    fmt = spec.format
+    a = jnp.abs(xv)
+    a = jnp.where(jnp.isnan(a), jnp.float32(0.0), a)  # TE's fmaxf skips NaN
+    block_amax = jnp.max(a, axis=plan.reduce_axes, keepdims=True, initial=0.0)
+    amax = jnp.max(block_amax, initial=0.0)
+    e_max, b_max = float(spec.element.max), float(fmt.block_scale.max)  # type: ignore[union-attr]
+    ok = (amax > 0) & jnp.isfinite(amax)
+    t = rounding.divide(jnp.float32(e_max * b_max), jnp.where(ok, amax, 1.0))
+    t = jnp.where(ok, jnp.minimum(t, _F32_MAX), 1.0)
+    raw = rounding.divide(block_amax * t, jnp.float32(e_max))
+    if fmt.scale_floor > 0:
+        raw = jnp.maximum(raw, jnp.float32(fmt.scale_floor))
+    b = rounding.round_float(raw, fmt.block_scale, None, saturate=True)  # type: ignore[arg-type]
+    tb = jnp.broadcast_to(t, b.shape)
+    s = rounding.divide(b, tb)
+    nz = b > 0
+    inv = jnp.where(nz, jnp.minimum(rounding.divide(tb, jnp.where(nz, b, 1.0)), _F32_MAX), 0.0)
+    return NVFP4Scales(block_amax, t, b, s, inv)
 
 
 def compute_scale(lo: Array, hi: Array, spec: QuantSpec) -> tuple[Array, Array | None]:
     """(scale, zero_point) for the calibrated range ``[lo, hi]`` of each group."""
     qmin, qmax = spec.qrange
     if spec.format.kind == "mx":
+        if spec.format.tensor_scale:
+            raise ValueError(
+                f"{spec.format.name}: its two-level scales come from the whole tensor "
+                "(nvfp4_scales), not from a range per group."
+            )
         return _mx_scale(jnp.maximum(-lo, hi), spec), None
     if spec.symmetric:
         amax = jnp.maximum(-lo, hi) if qmin < 0 else jnp.maximum(hi, 0.0)
@@ -383,6 +447,8 @@ def _steps(
     rounded: bool = True,
 ) -> Steps:
     """The quantizer: calibrate, scale, round. ``rounded=False``: see :func:`quantize_core`."""
+    if spec.format.tensor_scale:
+        return _nvfp4_steps(x, spec, key, rounded=rounded)[0]
     plan = spec.granularity.plan(tuple(x.shape))
     xv = to_float32(x).reshape(plan.view)
     lo = hi = None
@@ -420,6 +486,26 @@ def _steps(
         return Steps(lo, hi, s, z, y, jnp.clip(y, -fmax, fmax), plan)
     r = round_scaled(y, spec, noise_bits(spec, key, plan.view), z)
     return Steps(lo, hi, s, z, y, r, plan)
+
+
+def _nvfp4_steps(
+    x: Array, spec: QuantSpec, key: Array | None, *, rounded: bool = True
+) -> tuple[Steps, NVFP4Scales]:
+    """NVFP4's quantizer: two-level scales from the tensor, then the elements rounded
+    (nearest-even or stochastic, saturating at the element's max). ``Steps.s`` is the
+    effective block scale ``b / S``."""
+    plan = spec.granularity.plan(tuple(x.shape))
+    xv = to_float32(x).reshape(plan.view)
+    sc = nvfp4_scales(xv, plan, spec)
+    # Per-block factors, kept out of the per-element loop (as in scale_input).
+    y = xv * jax.lax.optimization_barrier(sc.inv)
+    amax = jax.lax.stop_gradient(sc.amax)
+    if rounded:
+        r = round_scaled(y, spec, noise_bits(spec, key, plan.view))
+    else:
+        fmax = float(spec.element.max)
+        r = jnp.clip(y, -fmax, fmax)
+    return Steps(-amax, amax, sc.scale, None, y, r, plan), sc
 
 
 def quantize_core(
@@ -522,6 +608,8 @@ def _quantize(
     # One compiled program for eager and jit callers alike: same fusion, same numerics.
     if _use_kernel(x, spec, "quantize", scale, zero_point):
         return _quantize_one_pass(x, spec)
+    if spec.format.tensor_scale:
+        return _quantize_nvfp4(x, key, spec)
     r, s, z, plan = quantize_core(x, spec, key, scale, zero_point)
     values = encode(r.reshape(plan.shape), spec.format)
     if spec.element.packed:
@@ -531,6 +619,18 @@ def _quantize(
     s_store = s.astype(spec.scale_format.dtype)
     z_store = None if z is None else z.astype(zero_point_dtype(spec))
     return QArray(values, s_store, z_store, spec, tuple(x.shape), np.dtype(x.dtype))
+
+
+def _quantize_nvfp4(x: Array, key: Array | None, spec: QuantSpec) -> QArray:
+    st, sc = _nvfp4_steps(x, spec, key)
+    values = encode(st.r.reshape(st.plan.shape), spec.format)
+    if values.ndim == 0:
+        values = values.reshape(1)
+    values = pack(values, spec.element.bits)
+    # b is on E4M3's grid, so the cast is exact; S is stored as it is (float32, shape ()).
+    assert spec.scale_format.dtype is not None
+    b = sc.block.astype(spec.scale_format.dtype)
+    return QArray(values, b, None, spec, tuple(x.shape), np.dtype(x.dtype), tensor_scale=sc.tensor)
 
 
 def _use_kernel(
@@ -549,6 +649,9 @@ def _use_kernel(
     """
     return (
         spec.format.kind == "mx"
+        # OCP MX float elements only: MXINT8 and NVFP4 are not in the kernel (yet).
+        and spec.element.kind == "float"
+        and not spec.format.tensor_scale
         and jax.device_count() == 1
         and scale is None
         and zero_point is None
@@ -680,7 +783,12 @@ def _fake_quant(
         return _ste_identity(x, y, None)
     y, s, z = _qdq(jax.lax.stop_gradient(x), key, scale, zero_point, spec)
     mask = None
-    if ste == "clipped":
+    if ste == "clipped" and spec.format.tensor_scale:
+        # NVFP4's scaled values are x * (S / b); the clipped ones lie outside +-6.
+        st, _ = _nvfp4_steps(jax.lax.stop_gradient(x), spec, None, rounded=False)
+        fmax = float(spec.element.max)
+        mask = ((st.y >= -fmax) & (st.y <= fmax)).reshape(x.shape)
+    elif ste == "clipped":
         plan = spec.granularity.plan(tuple(x.shape))
         lo, hi = ste_bounds(spec)
         xv = to_float32(jax.lax.stop_gradient(x)).reshape(plan.view)

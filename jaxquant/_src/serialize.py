@@ -9,7 +9,9 @@
   meaning if the registry changes and custom formats survive: ``{"name", "kind": "float",
   "exp_bits", "man_bits", "bias", "nan_style", "signed"}``, ``{"name", "kind": "int",
   "bits", "signed"}``, ``{"name", "kind": "codebook", "bits", "values"}`` or ``{"name",
-  "kind": "mx", "element": <format>, "block_size"}``.
+  "kind": "mx", "element": <format>, "block_size"}``; a two-level format (NVFP4) adds
+  ``"block_scale": <format>, "tensor_scale": true, "scale_floor"`` (other MX dicts are
+  unchanged).
 * ``granularity`` and ``calibration``: ``{"type": <factory name>, <field>: <value>...}``,
   e.g. ``{"type": "per_block", "axis": -1, "size": 32}``, ``{"type": "mse", "num": 32,
   "min_ratio": 0.2}``; ``calibration`` is ``None`` for a plain cast. Tuples become lists;
@@ -168,6 +170,13 @@ def _format_to_dict(fmt: formats.Format) -> dict[str, Any]:
     elif fmt.kind == "mx":
         assert fmt.element is not None
         d.update(element=_format_to_dict(fmt.element), block_size=fmt.block_size)
+        if fmt.tensor_scale:
+            assert fmt.block_scale is not None
+            d.update(
+                block_scale=_format_to_dict(fmt.block_scale),
+                tensor_scale=True,
+                scale_floor=fmt.scale_floor,
+            )
     else:
         raise TypeError(f"spec_to_dict: format {fmt.name!r} has unknown kind {fmt.kind!r}.")
     return d
@@ -184,6 +193,17 @@ def _format_from_dict(d: Any) -> formats.Format:
             fmt = formats.int_format(**rest)
         elif kind == "codebook":
             fmt = formats.codebook_format(d["name"], tuple(rest.pop("values")), **rest)
+        elif kind == "mx" and rest.get("tensor_scale", False):
+            # Two-level (NVFP4): the builder fixes the element and block scale formats.
+            element = _format_from_dict(rest.pop("element"))
+            block_scale = _format_from_dict(rest.pop("block_scale"))
+            rest.pop("tensor_scale")
+            fmt = formats.nvfp4_format(d["name"], **rest)
+            if (element, block_scale) != (fmt.element, fmt.block_scale):
+                raise ValueError(
+                    f"format {d['name']!r}: a two-level format has e2m1 elements and e4m3 "
+                    f"block scales, got {element.name} and {block_scale.name}."
+                )
         elif kind == "mx":
             element = _format_from_dict(rest.pop("element"))
             fmt = formats.mx_format(d["name"], element, **rest)

@@ -46,6 +46,8 @@ class QuantSpec:
       rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (needs ``key=``).
       scale_format: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or ``"e8m0"``
         (power of two, rounded up so nothing extra clips; MX formats use the OCP rule).
+        Block formats bring their own: e8m0 for OCP MX, e4m3 (plus a float32 scale per
+        tensor) for NVFP4.
       int_grid: how a symmetric signed int grid covers the calibrated range
         ``[-amax, amax]`` (``qmax = 2^(b-1) - 1``):
 
@@ -121,7 +123,8 @@ class QuantSpec:
         saturate = check_bool(saturate, "QuantSpec.saturate")
         fmt = formats.resolve(format, "QuantSpec.format")
         sfmt = formats.resolve(scale_format, "QuantSpec.scale_format")
-        if sfmt.name not in _SCALE_FORMATS:
+        block_scale = fmt.block_scale if fmt.kind == "mx" else None
+        if sfmt.name not in _SCALE_FORMATS and sfmt != block_scale:
             raise ValueError(
                 f"QuantSpec.scale_format: {sfmt.name!r} is not a scale format; use one of "
                 "'float32', 'bfloat16', 'float16', 'e8m0'."
@@ -151,7 +154,19 @@ class QuantSpec:
                 )
             if calibration is None:
                 raise ValueError(f"QuantSpec.calibration: {fmt.name} needs a calibration.")
-            sfmt = formats.get("e8m0")
+            if not symmetric:
+                raise ValueError(
+                    f"QuantSpec.symmetric=False: {fmt.name} scales its blocks symmetrically "
+                    "(no zero point); drop symmetric=False."
+                )
+            if fmt.tensor_scale and not isinstance(calibration, cal.AbsMax):
+                raise ValueError(
+                    f"QuantSpec.calibration: {fmt.name}'s two-level scales follow "
+                    f"Transformer Engine's absmax rule; use calibration=jq.absmax() (the "
+                    f"default), got {calibration!r}."
+                )
+            # The block scale format is part of the format: OCP MX's e8m0, NVFP4's e4m3.
+            sfmt = fmt.block_scale if fmt.block_scale is not None else formats.get("e8m0")
         if calibration is not None and not isinstance(
             calibration,
             cal.AbsMax
