@@ -132,3 +132,27 @@ def test_a_transform_on_a_conv_layer_is_refused():
     bad = {**v, "ptq": {"Conv_0": {"smooth": jnp.ones(3)}}}
     with pytest.raises(ValueError, match="'Conv_0'.*online input transform"):
         quantize_model(Conv(), [Rule("Conv_0")]).apply(bad, x)
+
+
+def test_calibration_measures_the_transformed_input_and_runs_the_transformed_model():
+    """Static activation ranges of a layer with an online transform are those of its
+    transformed input (the range its quantizer sees), Linen and NNX; the layers after it
+    see the model's true activations."""
+    from jaxquant.flax import calibrate
+
+    model = MLP()
+    v = model.init(jax.random.key(0), X)
+    v2 = _transformed_variables(v, smooth=SMOOTH)
+    rules = [Rule(".*", weight=jq.QuantSpec("int8"), act=jq.QuantSpec("int8"))]
+    got = calibrate(model, [X], v2, rules=rules)
+    want = float(np.abs(np.asarray(_hidden(v)) * np.asarray(SMOOTH)).max())
+    assert got.ranges["Dense_1"][1] == pytest.approx(want, rel=1e-6)
+    assert got.ranges["Dense_0"][1] == pytest.approx(float(np.abs(np.asarray(X)).max()), rel=1e-6)
+
+    nm = NnxMLP(nnx.Rngs(0))
+    nm.b.kernel[...] = nm.b.kernel[...] / SMOOTH[:, None]
+    nm.b.ptq_smooth = PTQVariable(SMOOTH)
+    h = nnx.relu(nm.a(X))
+    got = calibrate(quantize_model(nm, rules), [X], rules=rules)
+    want = float(np.abs(np.asarray(h) * np.asarray(SMOOTH)).max())
+    assert got.ranges["b"][1] == pytest.approx(want, rel=1e-6)

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -120,6 +121,23 @@ def apply_to_lhs(x: Any, contracting: Any, frame: Any, where: str) -> Any:
     t = current(frame)
     if t is None:
         return x
+    return apply_to_axes(t, x, contracting, where)
+
+
+def apply_to_layer_input(t: ActTransform, module: Any, x: Any, where: str) -> Any:
+    """A Flax layer's input transformed along the axes its kernel contracts (``Dense``: the
+    last; ``DenseGeneral``: its ``axis``); other layers cannot take a transform."""
+    axis = getattr(module, "axis", -1)
+    if not isinstance(module, nn.Dense | nn.DenseGeneral):  # Conv, Einsum: refused
+        raise ValueError(
+            f"{where}: it has an online input transform, which a {type(module).__name__} "
+            "cannot apply; remove the layer from the method."
+        )
+    return apply_to_axes(t, x, axis if isinstance(axis, tuple | list) else (axis,), where)
+
+
+def apply_to_axes(t: ActTransform, x: Any, contracting: Any, where: str) -> Any:
+    """``x`` transformed along its one contracted axis (an error for several)."""
     axes = tuple(contracting)
     if len(axes) != 1:
         raise ValueError(

@@ -44,6 +44,8 @@ from jax import lax
 from jaxquant._src import observe
 from jaxquant._src.calibration import KL, Fixed, fixed
 from jaxquant._src.checks import check_int, check_real, describe
+from jaxquant._src.flax import act_transform
+from jaxquant._src.flax.act_transform import ActTransform
 from jaxquant._src.flax.intercept import intercepting, observing
 from jaxquant._src.flax.kinds import nnx_layers
 from jaxquant._src.flax.linen import LinenFront, QuantizedModule, linen_path
@@ -589,7 +591,11 @@ def _linen_fn(model: nn.Module, rules: tuple[Rule, ...], call_kwargs: dict[str, 
                 roots.append(m.scope)
             path = linen_path(m, roots[0], stack)
             if context.method_name == "__call__" and linen_layer_kind(m) is not None:
-                _record(path, rule_at(path), a[0], acts, found)
+                x = a[0]
+                transform = None if m.scope is None else act_transform.of_linen(m.variables)
+                if transform is not None:  # the layer's product sees its transformed input
+                    x = act_transform.apply_to_layer_input(transform, m, x, f"layer {path!r}")
+                _record(path, rule_at(path), x, acts, found)
             stack.append((m, path))
             try:
                 return next_fun(*a, **kw)
@@ -624,7 +630,14 @@ class _Recorder:
         self.op, self.position, self.path, self.rule = op, position, path, rule
         self.acts, self.found = acts, found
 
+    transform: ActTransform | None = None  # a dot_general's online input transform
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.transform is not None:  # lhs, contracted over dimension_numbers[0][0]
+            lhs = act_transform.apply_to_axes(
+                self.transform, args[0], args[2][0][0], f"layer {self.path!r}"
+            )
+            args = (lhs, *args[1:])
         _record(self.path, self.rule, args[self.position], self.acts, self.found)
         return self.op(*args, **kwargs)
 
@@ -648,7 +661,9 @@ def _nnx_fn(
             elif isinstance(node, nnx.Einsum):
                 node.einsum_op = _Recorder(jnp.einsum, 1, path, rule, acts, found)
             else:
-                node.dot_general = _Recorder(lax.dot_general, 0, path, rule, acts, found)
+                rec = _Recorder(lax.dot_general, 0, path, rule, acts, found)
+                rec.transform = act_transform.of_nnx(node)
+                node.dot_general = rec
         with observing(lambda path, rule, x: _record(path, rule, x, acts, found)):
             model(*args, **call_kwargs, **kwargs)
         return acts

@@ -520,7 +520,22 @@ class LinenFront(Frontend):
             return None
         m, path = self.stack[-1]
         if not self.layers and layer_kind(m) is not None:
-            return None
+            if m.scope is None or act_transform.of_linen(m.variables) is None:
+                return None
+            # A layer someone else observes (calibration) whose weight was changed for an
+            # online input transform: its float product must still apply the transform.
+            # No rule: _decide runs it in float, recording nothing.
+            return Owner(
+                path,
+                type(m).__name__,
+                None,
+                lambda: named_leaves(m.variables.get("params", {})),
+                self.record,
+                self.strict,
+                None,
+                m,
+                lambda: act_transform.of_linen(m.variables),
+            )
         rule = self.rule_at(path)
         self.note(path, type(m).__name__, rule)
 
