@@ -288,11 +288,6 @@ class Evaluator:
             # Rules that quantize nothing: the layers only apply their transforms.
             return fl.net.quantize([Rule(re.escape(k), weight=None) for k in layers], qparams, rest)
         rules = [Rule(re.escape(k), act=spec) for k in layers]
-        if "ptq" in rest:
-            # jaxquant.flax.calibrate observes the inputs without the online transforms
-            # (measured: static int8 ranges of a smoothed digits MLP give 10% accuracy), so
-            # these cells quantize each batch by its absmax instead (method_note says so).
-            return fl.net.quantize(rules, qparams, rest)
         calibrated = fl.net.calibrate(rules, qparams, rest, self.calibration_batches())
         return fl.net.quantize(calibrated, qparams, rest)
 
@@ -361,7 +356,6 @@ class Evaluator:
             online = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(rest["ptq"]))
             m["model_bytes"] += online
             m["float32_bytes"] += online
-        online = "ptq" in rest
         net, rest = self._static_act_model(cell, fl, qparams, rest)
         acc, loss = self.evaluate(net, qparams, rest)
         return {
@@ -370,12 +364,7 @@ class Evaluator:
             **fl.metrics,
             **m,
             "method_skipped": "; ".join(skipped),
-            "method_note": (
-                "activations quantized per batch (absmax): jaxquant.flax.calibrate does not "
-                "apply the online transforms"
-                if act is not None and online
-                else ""
-            ),
+            "method_note": "",
         }
 
     def _served(self, params: Any, served: Any) -> tuple[Any, dict[str, Any]]:
