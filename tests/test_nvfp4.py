@@ -290,3 +290,28 @@ def test_mxint8_matches_ocp(jit: bool) -> None:
     assert q.nbytes == x.size + x.size // 32
     np.testing.assert_array_equal(np.asarray(jq.dequantize(q)), got)
     assert np.abs(np.asarray(q.codes())).max() <= 127
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_nvfp4_narrow_input_dtypes(dtype) -> None:
+    x = jnp.asarray(_mixed(9, rows=2, cols=64) * 1e3).astype(dtype)
+    ref = te_nvfp4(np.asarray(x.astype(jnp.float32)))
+    out = jq.fake_quant(x, SPEC)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out), ref["dec"].astype(dtype))
+    q = jq.quantize(x, SPEC)
+    np.testing.assert_array_equal(np.asarray(q.codes()), ref["codes"])
+    assert jq.dequantize(q).dtype == dtype
+
+
+def test_nvfp4_and_mxint8_in_listing_and_explain(capsys) -> None:
+    from jaxquant._src import cli, explain
+
+    assert {"nvfp4", "mxint8"} <= set(jq.formats.names())
+    assert cli.main(["formats", "--kind", "mx", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["nvfp4"]["bits"] == 4.5 and rows["mxint8"]["bits"] == 8.25
+    assert "float32 scale per tensor" in explain.describe_format(jq.formats.get("nvfp4"))
+    assert cli.main(["explain", "-f", "nvfp4", "mxint8", "--", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "e4m3 scale b per block" in out and "c / 64" in out
