@@ -3,20 +3,16 @@ awq, kv_cache}/): a small byte-level LM (:class:`jaxquant.app.models.ByteLM`) tr
 Python standard library's source (:func:`jaxquant.app.datasets.stdlib_bytes`), its held-out
 loss, and the outlier variant (:func:`jaxquant.app.models.inject_outliers`).
 
-Training is deterministic (fixed seeds, one jitted scan); trained params are cached in the
-temp directory by configuration, so the five papers (and their --fast tests) train each
-model once per machine. Uses ``jaxquant.app`` and the public API only.
+Training is :mod:`jaxquant.app.testbed`'s (deterministic, cached in the temp directory by
+configuration), so the five papers (and their --fast tests) train each model once per
+machine. Uses ``jaxquant.app`` and the public API only.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +23,9 @@ if str(ROOT) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from jaxquant.app.datasets import stdlib_bytes  # noqa: E402
-from jaxquant.app.models import ByteLM, inject_outliers  # noqa: E402
+from jaxquant.app import testbed  # noqa: E402
+from jaxquant.app.models import ByteLM  # noqa: E402
 from jaxquant.flax import Rule, convert, quantize_model  # noqa: E402
 
 # Every Dense of the blocks and the head is quantized; the embedding stays in float.
@@ -39,105 +34,42 @@ LAYERS = r"block\d+/.*|head"
 SMALL = {"seq": 64, "d": 64, "layers": 2, "heads": 4, "hidden": 256}
 WIDE = {"seq": 64, "d": 128, "layers": 2, "heads": 4, "hidden": 512}
 # Residual channels made 60-1000x larger at every quantized layer's input (same function).
-OUTLIERS = {"channels": [5, 17, 40, 58], "scales": [60.0, 200.0, 500.0, 1000.0]}
+OUTLIERS = testbed.OUTLIERS
 MAX_FILES = 60
 
 
-@functools.lru_cache(maxsize=4)
 def data(seq: int = 64, test_windows: int = 64) -> dict[str, np.ndarray]:
     """Training and held-out windows of ``seq`` bytes (held-out files never trained on)."""
-    return stdlib_bytes(seq, test_windows=test_windows, max_files=MAX_FILES)
+    return testbed.data(seq, test_windows, MAX_FILES)
 
 
 def model(config: dict[str, int]) -> ByteLM:
     return ByteLM(**config)
 
 
-def _train(config: dict[str, int], steps: int, seed: int, lr: float, batch: int) -> Any:
-    lm = model(config)
-    d = data(config["seq"])
-    x, y = jnp.asarray(d["x_train"]), jnp.asarray(d["y_train"])
-    params = lm.init(jax.random.key(seed), x[:1])["params"]
-    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
-
-    def loss(p, xb, yb):
-        logits = lm.apply({"params": p}, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    @jax.jit
-    def run(params, key):
-        def step(carry, k):
-            p, s = carry
-            idx = jax.random.randint(k, (batch,), 0, x.shape[0])
-            g = jax.grad(loss)(p, x[idx], y[idx])
-            u, s = tx.update(g, s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        keys = jax.random.split(key, steps)
-        return jax.lax.scan(step, (params, tx.init(params)), keys)[0][0]
-
-    with jax.numpy_dtype_promotion("standard"):  # optax's Adam is not strict-clean
-        return run(params, jax.random.key(seed + 1))
-
-
-@functools.lru_cache(maxsize=8)
-def _trained(key: str) -> Any:
-    cfg = json.loads(key)
-    config, steps, seed, lr, batch = (cfg[k] for k in ("config", "steps", "seed", "lr", "batch"))
-    tag = json.dumps([cfg, MAX_FILES, jax.__version__], sort_keys=True).encode()
-    path = (
-        Path(tempfile.gettempdir()) / f"jaxquant_papers_lm_{hashlib.sha1(tag).hexdigest()[:12]}.npz"
-    )
-    lm = model(config)
-    template = jax.eval_shape(
-        lambda: lm.init(jax.random.key(0), jnp.zeros((1, config["seq"]), jnp.int32))["params"]
-    )
-    leaves, treedef = jax.tree_util.tree_flatten(template)
-    if path.exists():
-        try:
-            with np.load(path) as f:
-                return jax.tree_util.tree_unflatten(
-                    treedef, [jnp.asarray(f[f"a{i}"]) for i in range(len(leaves))]
-                )
-        except (OSError, KeyError, ValueError):
-            pass  # a partial or foreign file: train again and overwrite
-    trained = _train(config, steps, seed, lr, batch)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(
-            f, **{f"a{i}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(trained))}
-        )
-    os.replace(tmp, path)
-    return trained
-
-
 def train(
     config: dict[str, int], *, steps: int = 300, seed: int = 0, lr: float = 3e-3, batch: int = 32
 ) -> Any:
     """The trained float ``params`` of ``ByteLM(**config)`` (Adam, cosine decay; cached)."""
-    key = {"config": config, "steps": steps, "seed": seed, "lr": lr, "batch": batch}
-    return _trained(json.dumps(key, sort_keys=True))
+    recipe = {"steps": steps, "seed": seed, "lr": lr, "batch": batch, "max_files": MAX_FILES}
+    return testbed.train_byte_lm(config, recipe)
 
 
 def outliers(params: Any) -> Any:
     """``params`` with 4 residual channels 60-1000x the median at every quantized layer's
     input: the same float function (large LMs' massive activations, built in)."""
-    return inject_outliers(params, OUTLIERS["channels"], OUTLIERS["scales"])
+    return testbed.outlier_params(params, OUTLIERS)
 
 
 def calibration_batches(seq: int = 64, n: int = 4, size: int = 16) -> list[jax.Array]:
     """Training windows spread over the training split (never the held-out ones)."""
-    x = data(seq)["x_train"]
-    step = max(1, len(x) // (n * size))
-    return [jnp.asarray(x[(i * size) * step : (i * size + size) * step : step]) for i in range(n)]
+    return testbed.calibration_batches(data(seq)["x_train"], n, size)
 
 
 def eval_loss(apply_fn: Any, variables: Any, seq: int = 64, test_windows: int = 64) -> float:
     """Held-out nats per byte of ``apply_fn(variables, x)``."""
     d = data(seq, test_windows)
-    x, y = jnp.asarray(d["x_test"]), jnp.asarray(d["y_test"])
-    logits = jax.jit(apply_fn)(variables, x)
-    return float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    return testbed.eval_loss(apply_fn, variables, d["x_test"], d["y_test"])
 
 
 def rtn_loss(lm: ByteLM, rules: list[Rule], variables: Any, test_windows: int = 64) -> float:

@@ -11,7 +11,7 @@ Three grids for a b-bit integer weight, ``qmax = 2^(b-1) - 1`` (jaxquant's ``Qua
   grid of GPTQ / AWQ's group-wise int4 (arXiv:2210.17323, arXiv:2306.00978).
 
 The test bed is the PTQ tests' byte LM (``tests/ptq_testbed.py``'s configuration, trained
-here with ``jaxquant.app``): a 2-block pre-LN transformer, d 64, trained 300 steps on the
+by ``jaxquant.app.testbed``): a 2-block pre-LN transformer, d 64, trained 300 steps on the
 Python standard library's source. Every Dense kernel of ``block<i>/...`` and ``head`` is
 quantized round-to-nearest (absmax / min-max calibration) per output channel or per group of
 32 input channels, the rest stays float, and the score is the held-out loss increase over
@@ -25,12 +25,9 @@ directory.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -44,12 +41,11 @@ except ImportError:  # run from a checkout without installing: use the repo's co
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import jaxquant as jq
 
-from jaxquant.app.datasets import stdlib_bytes
+from jaxquant.app import testbed
 from jaxquant.app.models import ByteLM
 
-# tests/ptq_testbed.py's model and training (copied: papers/ never imports tests/).
-CONFIG = {"seq": 64, "d": 64, "layers": 2, "heads": 4, "hidden": 256}
-TRAIN = {"steps": 300, "batch": 32, "lr": 3e-3, "max_files": 60}
+# The PTQ tests' model and training (tests/ptq_testbed.py), from jaxquant.app.testbed.
+CONFIG = testbed.CONFIG
 MODEL = ByteLM(**CONFIG)
 QUANTIZED = re.compile(r"block\d+/.*|head")
 GROUP = 32  # input channels per scale for per-group
@@ -75,49 +71,9 @@ def spec_for(grid: str, bits: int, granularity: str) -> jq.QuantSpec:
     return jq.QuantSpec(f"int{bits}", g, int_grid=grid)
 
 
-def loss_fn(params, x, y) -> jax.Array:
-    logits = MODEL.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def train(seed: int, data: dict[str, np.ndarray]) -> dict:
-    """Adam with cosine decay, the test bed's recipe; cached in the temp directory."""
-    tag = json.dumps([CONFIG, TRAIN, seed, jax.__version__], sort_keys=True).encode()
-    path = Path(tempfile.gettempdir()) / (
-        f"jaxquant_paper_int_grids_{hashlib.sha1(tag).hexdigest()[:12]}.npz"
-    )
-    x, y = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"])
-    init = MODEL.init(jax.random.key(seed), x[:1])["params"]
-    leaves, treedef = jax.tree_util.tree_flatten(init)
-    if path.exists():
-        try:
-            with np.load(path) as f:
-                got = [jnp.asarray(f[f"a{i}"]) for i in range(len(leaves))]
-            return jax.tree_util.tree_unflatten(treedef, got)
-        except (OSError, KeyError, ValueError):
-            pass  # a partial or foreign file: retrain and overwrite
-    tx = optax.adam(optax.cosine_decay_schedule(TRAIN["lr"], TRAIN["steps"]))
-
-    @jax.jit
-    def run(params, key):
-        def step(carry, k):
-            p, s = carry
-            idx = jax.random.randint(k, (TRAIN["batch"],), 0, x.shape[0])
-            g = jax.grad(loss_fn)(p, x[idx], y[idx])
-            u, s = tx.update(g, s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        keys = jax.random.split(key, TRAIN["steps"])
-        return jax.lax.scan(step, (params, tx.init(params)), keys)[0][0]
-
-    params = run(init, jax.random.key(seed + 1))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(
-            f, **{f"a{i}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(params))}
-        )
-    os.replace(tmp, path)
-    return params
+def train(seed: int) -> dict:
+    """The test bed's trained params for ``seed`` (cached in the temp directory)."""
+    return testbed.train_byte_lm(CONFIG, {**testbed.TRAINING, "seed": seed})
 
 
 def rtn(params: dict, spec: jq.QuantSpec) -> tuple[dict, float]:
@@ -143,7 +99,7 @@ def rtn(params: dict, spec: jq.QuantSpec) -> tuple[dict, float]:
 def main(fast: bool = False) -> dict:
     seeds = (0,) if fast else (0, 1, 2, 3, 4)
     windows = 128 if fast else 512
-    data = stdlib_bytes(CONFIG["seq"], test_windows=windows, max_files=TRAIN["max_files"])
+    data = testbed.data(CONFIG["seq"], windows, testbed.TRAINING["max_files"])
     xt, yt = jnp.asarray(data["x_test"]), jnp.asarray(data["y_test"])
 
     @jax.jit
@@ -154,7 +110,7 @@ def main(fast: bool = False) -> dict:
     cells: dict[tuple[str, int, str], dict] = {}
     floats = []
     for seed in seeds:
-        params = train(seed, data)
+        params = train(seed)
         base = np.asarray(window_loss(params), np.float64)
         floats.append(float(base.mean()))
         for gran in GRANULARITIES:
