@@ -26,7 +26,7 @@ TINY = np.float32(2.0**-126)
 
 def _ftz(a: np.ndarray) -> np.ndarray:
     # XLA flushes float32 subnormal results (jaxquant's correctly rounded divisions too).
-    return np.where(np.abs(a) < TINY, np.float32(0), a).astype(np.float32)
+    return np.where(np.abs(a) < TINY, a * np.float32(0), a).astype(np.float32)  # signed 0
 
 
 def te_nvfp4(x: np.ndarray, block: int = 16, floor: float = 0.0) -> dict[str, np.ndarray]:
@@ -42,14 +42,17 @@ def te_nvfp4(x: np.ndarray, block: int = 16, floor: float = 0.0) -> dict[str, np
             s_enc = np.float32(1)
         else:
             s_enc = np.minimum(np.float32(6 * 448) / amax, F32_MAX)
-        raw = (bamax * s_enc) / np.float32(6)
+    # Transformer Engine's core_nvfp4.cuh: S_dec_b = block_amax * (S_enc * (1 / 6)),
+    # scale_rcp = min(1 / (S_dec_b_fp8 * (1 / S_enc)), f32max).
+    raw = bamax * (s_enc * np.float32(1 / 6))
     raw = np.maximum(raw, np.float32(floor))
     b = np.minimum(raw, np.float32(448)).astype(ml_dtypes.float8_e4m3fn)  # RNE, saturated
     bf = b.astype(np.float32)
     s_eff = _ftz(bf / s_enc)
+    s_dec = _ftz(np.float32(1) / s_enc)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        inv = np.where(bf > 0, np.minimum(s_enc / np.where(bf > 0, bf, 1), F32_MAX), 0)
-        y = xv * inv.astype(np.float32)
+        inv = np.minimum(np.float32(1) / _ftz(bf * s_dec), F32_MAX).astype(np.float32)
+        y = _ftz(xv * inv)
     e = np.clip(y, -6, 6).astype(ml_dtypes.float4_e2m1fn)  # RNE onto e2m1
     codes = e.view(np.uint8) & 0xF
     dec = _ftz(e.astype(np.float32) * s_eff)

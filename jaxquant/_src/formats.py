@@ -560,13 +560,24 @@ def nvfp4_format(name: str = "nvfp4", *, block_size: int = 16, scale_floor: floa
     * per tensor, the encode scale ``S = 6 * 448 / amax`` (float32; 1 when ``amax`` is 0 or
       Inf; ``amax`` is the largest ``|x|``, Inf included, NaN ignored; capped at float32's
       max for a tiny ``amax``);
-    * per block, the scale ``b = e4m3(block_amax * S / 6)``: round to nearest even onto
-      E4M3, saturating at 448, E4M3's subnormal scales (down to 2^-9) kept, smaller ones 0;
-    * elements ``e = e2m1(x * (S / b))`` (0 where ``b = 0``), saturating at +-6, rounded
-      to nearest even or stochastically;
+    * per block, the scale ``b = e4m3(block_amax * (S * fl(1/6)))``: round to nearest even
+      onto E4M3, saturating at 448, E4M3's subnormal scales (down to 2^-9) kept, smaller
+      ones 0;
+    * elements ``e = e2m1(x * min(1 / (b * (1 / S)), f32max))``, saturating at +-6,
+      rounded to nearest even or stochastically (a block with ``b = 0`` decodes to 0);
     * decode ``x_hat = e * (b / S)``, the quotient ``b / S`` rounded to float32 once per
       block (the effective block scale that ``fake_quant``, ``dequantize`` and the
       quantized dot all multiply by).
+
+    The quantizer performs Transformer Engine's float32 operations in its order
+    (``core_nvfp4.cuh``), with correctly rounded divisions, so its codes and block scales
+    are TE's wherever TE's divisions are IEEE (tested against a numpy transcription of
+    those operations, not against TE itself), except where XLA flushes float32
+    subnormals: tensors with ``amax`` below about 3e-35. TE's own dequantize multiplies by
+    ``b * amax * fl(1/2688)`` instead of ``b / S`` (ulp-level differences, and Inf for a
+    tensor holding an Inf); its GEMM applies the ``1 / S`` of both operands to the product.
+    torchao computes its scales in another order: ``scale_floor`` reproduces its floor
+    rule, not every last bit.
 
     Storage: 4 bits per element + 1 byte per 16 elements + 4 bytes per tensor (a QArray's
     ``scale`` holds the E4M3 block scales, ``tensor_scale`` the float32 ``S``).

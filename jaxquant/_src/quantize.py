@@ -235,8 +235,9 @@ class NVFP4Scales(NamedTuple):
 
     ``amax``: each block's largest ``|x|`` (Inf counts, NaN doesn't); ``tensor``: the
     encode scale ``S`` (shape ``()``); ``block``: the E4M3 block scales ``b`` (on E4M3's
-    grid); ``scale``: the effective block scale ``b / S`` that decodes; ``inv``: ``S / b``
-    (0 where ``b = 0``), what the elements are multiplied by before rounding.
+    grid); ``scale``: the effective block scale ``b / S`` that decodes; ``inv``: about
+    ``S / b`` (see :func:`nvfp4_scales`), what the elements are multiplied by before
+    rounding.
     """
 
     amax: Array
@@ -249,10 +250,14 @@ class NVFP4Scales(NamedTuple):
 def nvfp4_scales(xv: Array, plan: Plan, spec: QuantSpec) -> NVFP4Scales:
     """Transformer Engine's NVFP4 scales (see :func:`jaxquant.formats.nvfp4_format`).
 
-    Every division is correctly rounded (:func:`rounding.divide`), so the result is the
-    same on every backend and under jit: ``S = min(2688 / amax, f32max)`` (1 when ``amax``
-    is 0 or Inf), ``b = e4m3_rne_sat((block_amax * S) / 6)`` (after ``max(., floor)`` when
-    the format has a ``scale_floor``), ``scale = b / S``, ``inv = min(S / b, f32max)``.
+    The operations of Transformer Engine's kernels (``core_nvfp4.cuh``), in the same order,
+    every division correctly rounded (:func:`rounding.divide`, so the same on every backend
+    and under jit): ``S = min(2688 / amax, f32max)`` (1 when ``amax`` is 0 or Inf),
+    ``b = e4m3_rne_sat(block_amax * (S * fl(1/6)))`` (after ``max(., floor)`` when the
+    format has a ``scale_floor``), ``inv = min(1 / (b * (1 / S)), f32max)`` (``f32max``
+    where ``b = 0``: such a block's elements decode to 0 whatever their codes), and the
+    decoding scale ``scale = b / S``. Float32 subnormal intermediates are flushed to 0 (as
+    XLA does), which matters only for ``amax`` below about 3e-35.
     """
     fmt = spec.format
     a = jnp.abs(xv)
@@ -263,14 +268,14 @@ def nvfp4_scales(xv: Array, plan: Plan, spec: QuantSpec) -> NVFP4Scales:
     ok = (amax > 0) & jnp.isfinite(amax)
     t = rounding.divide(jnp.float32(e_max * b_max), jnp.where(ok, amax, 1.0))
     t = jnp.where(ok, jnp.minimum(t, _F32_MAX), 1.0)
-    raw = rounding.divide(block_amax * t, jnp.float32(e_max))
+    raw = block_amax * (t * jnp.float32(1.0 / e_max))
     if fmt.scale_floor > 0:
         raw = jnp.maximum(raw, jnp.float32(fmt.scale_floor))
     b = rounding.round_float(raw, fmt.block_scale, None, saturate=True)  # type: ignore[arg-type]
     tb = jnp.broadcast_to(t, b.shape)
     s = rounding.divide(b, tb)
-    nz = b > 0
-    inv = jnp.where(nz, jnp.minimum(rounding.divide(tb, jnp.where(nz, b, 1.0)), _F32_MAX), 0.0)
+    s_dec = rounding.divide(jnp.ones_like(tb), tb)
+    inv = jnp.minimum(rounding.divide(jnp.ones_like(b), b * s_dec), _F32_MAX)
     return NVFP4Scales(block_amax, t, b, s, inv)
 
 
