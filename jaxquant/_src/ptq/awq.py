@@ -42,7 +42,6 @@ import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,14 +50,13 @@ from flax import nnx
 from jax import lax
 
 from jaxquant._src.checks import check_bool, check_int, describe
-from jaxquant._src.flax.act_transform import COLLECTION, PTQVariable
-from jaxquant._src.flax.kinds import nnx_modules
 from jaxquant._src.flax.linen import QuantizedModule
 from jaxquant._src.flax.rules import Rule
 from jaxquant._src.flax.serve import reversed_spec
 from jaxquant._src.flax.statistics import LayerStatistics, layer_statistics
 from jaxquant._src.granularity import PerBlock, PerChannel, follows_layout
 from jaxquant._src.layout import bind
+from jaxquant._src.ptq.fold import LinenStore, NnxStore, check_pairs
 from jaxquant._src.ptq.result import PTQResult
 from jaxquant._src.ptq.smoothquant import norm_readers
 from jaxquant._src.quantize import fake_quant
@@ -185,7 +183,7 @@ def awq(
     clip_search = check_bool(clip_search, f"{_FN}: clip_search")
     fold = check_bool(fold, f"{_FN}: fold")
     given = pairs is not None
-    pairs = _check_pairs(pairs)
+    pairs = check_pairs(pairs, _FN) or {}
     if isinstance(batches, Iterable) and not isinstance(
         batches, str | bytes | np.ndarray | jax.Array
     ):
@@ -210,7 +208,9 @@ def awq(
         max_samples=max_samples,
         call_kwargs=call_kwargs,
     )
-    store = _NnxStore(model) if isinstance(model, nnx.Module) else _LinenStore(variables)
+    store = NnxStore(model) if isinstance(model, nnx.Module) else LinenStore(variables)
+    if isinstance(store, LinenStore):
+        store.vars.setdefault("params", {})  # the result always carries a params collection
 
     skipped: dict[str, str] = {}
     for path in stats.unreached:
@@ -455,7 +455,7 @@ def _groups(
     geoms: dict[str, _Geom],
     stats: Mapping[str, LayerStatistics],
     skipped: dict[str, str],
-    store: _LinenStore | _NnxStore,
+    store: LinenStore | NnxStore,
 ) -> list[tuple[str | None, tuple[str, ...]]]:
     """``(norm path or None, layers)`` sharing one ``s``: the pairs, then every other
     layer alone (online)."""
@@ -487,7 +487,7 @@ def _groups(
                     f"{_FN}: pairs[{norm!r}]: {layers[0]!r} and {p!r} do not read the same "
                     "input (their input statistics differ); a norm's readers share one input."
                 )
-        store.check_norm(norm, first.channels)
+        _check_norm_params(norm, store.norm_params(norm), first.channels)
         out.append((norm, layers))
     for p in geoms:
         if p not in owned:
@@ -505,7 +505,7 @@ def _detected(
     found: dict[str, tuple[dict[str, int], str | None]],
     geoms: dict[str, _Geom],
     stats: Mapping[str, LayerStatistics],
-    store: _LinenStore | _NnxStore,
+    store: LinenStore | NnxStore,
 ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
     """The norms (from SmoothQuant's ``norm_readers``) every reader of which AWQ scales,
     and why the other readers of norms keep their scale online."""
@@ -530,7 +530,7 @@ def _detected(
                 why = f"{p} reads it along another weight axis than its statistics say"
         if why is None:
             try:
-                store.check_norm(norm, stats[members[0]].channels)
+                _check_norm_params(norm, store.norm_params(norm), stats[members[0]].channels)
             except ValueError as e:
                 why = str(e)
         if why is None:
@@ -541,159 +541,7 @@ def _detected(
     return groups, why_online
 
 
-def _check_pairs(pairs: Any) -> dict[str, tuple[str, ...]]:
-    if pairs is None:
-        return {}
-    if not isinstance(pairs, Mapping):
-        raise TypeError(
-            f"{_FN}: pairs must be a dict {{norm path: [layer paths]}} or None, got "
-            f"{describe(pairs)}."
-        )
-    out = {}
-    for norm, layers in pairs.items():
-        if isinstance(layers, str):
-            layers = (layers,)
-        if (
-            not isinstance(norm, str)
-            or not isinstance(layers, Sequence)
-            or not layers
-            or not all(isinstance(p, str) for p in layers)
-        ):
-            raise TypeError(
-                f"{_FN}: pairs must map a norm path (str) to a non-empty list of layer paths "
-                f"(str), got {norm!r}: {describe(layers)}."
-            )
-        out[norm] = tuple(layers)
-    return out
-
-
 # ------------------------------------------------------------------ where the scales go
-
-
-def _linen_get(tree: Any, path: str) -> Any:
-    for k in [k for k in path.split("/") if k]:
-        tree = tree[k]
-    return tree
-
-
-class _LinenStore:
-    """New Linen variables (the caller's untouched): copied containers, replaced leaves."""
-
-    def __init__(self, variables: Any) -> None:
-        self.vars: dict[str, Any] = flax.core.unfreeze(variables)
-        self.vars.setdefault("params", {})
-
-    def _node(self, collection: str, path: str, create: bool = False) -> Any:
-        tree = self.vars.setdefault(collection, {}) if create else self.vars.get(collection, {})
-        for k in [k for k in path.split("/") if k]:
-            if create:
-                tree = tree.setdefault(k, {})
-            elif not isinstance(tree, Mapping) or k not in tree:
-                return None
-            else:
-                tree = tree[k]
-        return tree
-
-    def weight(self, path: str, param: str | None) -> Any:
-        assert param is not None
-        return _linen_get(self._node("params", path), param)
-
-    def set_weight(self, path: str, param: str | None, w: jax.Array) -> None:
-        assert param is not None
-        *parents, name = param.split("/")
-        node = self._node("params", path)
-        for k in parents:
-            node = node[k]
-        node[name] = w.astype(jnp.asarray(node[name]).dtype)
-
-    def transform(self, path: str) -> tuple[Any, Any]:
-        node = self._node(COLLECTION, path)
-        if not isinstance(node, Mapping):
-            return None, None
-        return node.get("smooth"), node.get("hadamard")
-
-    def set_smooth(self, path: str, smooth: jax.Array) -> None:
-        old = self.transform(path)[0]
-        new = smooth if old is None else jnp.asarray(old, jnp.float32) * smooth
-        self._node(COLLECTION, path, create=True)["smooth"] = new
-
-    def check_norm(self, norm: str, channels: tuple[int, ...]) -> None:
-        node = self._node("params", norm)
-        _check_norm_params(norm, None if node is None else dict(node), channels)
-
-    def fold_norm(self, norm: str, s: jax.Array) -> None:
-        node = self._node("params", norm)
-        for name in ("scale", "bias"):
-            if name in node:
-                v = node[name]
-                node[name] = (jnp.asarray(v, jnp.float32) / s.reshape(np.shape(v))).astype(
-                    jnp.asarray(v).dtype
-                )
-
-    def result(self) -> Any:
-        return self.vars
-
-
-class _NnxStore:
-    """The NNX model, changed in place."""
-
-    def __init__(self, model: nnx.Module) -> None:
-        self.model = model
-        self.nodes = dict(nnx_modules(model))
-
-    def _var(self, path: str, param: str) -> Any:
-        var: Any = self.nodes[path]
-        for k in param.split("/"):
-            var = getattr(var, k)
-        return var
-
-    def weight(self, path: str, param: str | None) -> Any:
-        assert param is not None
-        return self._var(path, param)[...]
-
-    def set_weight(self, path: str, param: str | None, w: jax.Array) -> None:
-        assert param is not None
-        var = self._var(path, param)
-        var[...] = w.astype(var[...].dtype)
-
-    def transform(self, path: str) -> tuple[Any, Any]:
-        node = self.nodes.get(path)
-        smooth = getattr(node, "ptq_smooth", None)
-        signs = getattr(node, "ptq_hadamard", None)
-        return (
-            None if smooth is None else smooth[...],
-            None if signs is None else signs[...],
-        )
-
-    def set_smooth(self, path: str, smooth: jax.Array) -> None:
-        node = self.nodes[path]
-        old = getattr(node, "ptq_smooth", None)
-        if old is None:
-            setattr(node, "ptq_smooth", PTQVariable(smooth))  # noqa: B010 (any NNX module)
-        else:
-            old[...] = jnp.asarray(old[...], jnp.float32) * smooth
-
-    def check_norm(self, norm: str, channels: tuple[int, ...]) -> None:
-        node = self.nodes.get(norm)
-        params = None
-        if node is not None:
-            params = {
-                k: getattr(node, k)[...]
-                for k in ("scale", "bias")
-                if isinstance(getattr(node, k, None), nnx.Param)
-            }
-        _check_norm_params(norm, params, channels)
-
-    def fold_norm(self, norm: str, s: jax.Array) -> None:
-        node = self.nodes[norm]
-        for name in ("scale", "bias"):
-            var = getattr(node, name, None)
-            if isinstance(var, nnx.Param):
-                v = var[...]
-                var[...] = (jnp.asarray(v, jnp.float32) / s.reshape(np.shape(v))).astype(v.dtype)
-
-    def result(self) -> Any:
-        return self.model
 
 
 def _check_norm_params(norm: str, params: dict[str, Any] | None, channels: tuple[int, ...]) -> None:

@@ -53,15 +53,14 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jaxquant._src.checks import check_bool, check_int, check_real, describe
-from jaxquant._src.flax.act_transform import COLLECTION, PTQVariable
 from jaxquant._src.flax.calibrate import call_args, check_call_kwargs, join_call, split_call
-from jaxquant._src.flax.kinds import nnx_modules
 from jaxquant._src.flax.linen import QuantizedModule
 from jaxquant._src.flax.rules import Rule
 from jaxquant._src.flax.serve import reversed_spec
 from jaxquant._src.flax.statistics import LayerStatistics, layer_statistics
 from jaxquant._src.granularity import follows_layout
 from jaxquant._src.layout import bind
+from jaxquant._src.ptq.fold import LinenStore, NnxStore, check_pairs, parts
 from jaxquant._src.ptq.result import PTQResult
 from jaxquant._src.quantize import fake_quant
 from jaxquant._src.spec import QuantSpec
@@ -184,7 +183,7 @@ def smooth_quant(
         raise ValueError(f"{_FN}: alphas is the grid of the search; pass search=True with it.")
     grid = _check_alphas(alphas) if search else ()
     max_samples = check_int(max_samples, f"{_FN}: max_samples", lo=1)
-    given_pairs = _check_pairs(pairs)
+    given_pairs = check_pairs(pairs, _FN)
     call_kwargs = check_call_kwargs(call_kwargs, _FN)
     if isinstance(model, nn.Module):
         if not isinstance(variables, Mapping):
@@ -192,9 +191,9 @@ def smooth_quant(
                 f"{_FN}: a Linen model needs its variables (model.init(...)), got "
                 f"{describe(variables)}."
             )
-        store: _LinenStore | _NnxStore = _LinenStore(variables)
+        store: LinenStore | NnxStore = LinenStore(variables)
     elif isinstance(model, nnx.Module):
-        store = _NnxStore(model)
+        store = NnxStore(model)
     else:
         raise TypeError(
             f"{_FN}: model must be a Flax Linen or NNX model, got {describe(model)}; pass the "
@@ -233,7 +232,7 @@ def smooth_quant(
         default = "pairs= does not fold it"
     elif not fold:
         groups, default = {}, "fold=False"
-    elif isinstance(store, _NnxStore):
+    elif isinstance(store, NnxStore):
         groups, default = {}, "NNX models fold only the groups given as pairs="
     else:
         inner = model.module if isinstance(model, QuantizedModule) else model
@@ -483,12 +482,12 @@ def _readers(
 def _detected_groups(
     found: dict[str, tuple[dict[str, int], str | None]],
     targets: dict[str, LayerStatistics],
-    store: _LinenStore,
+    store: LinenStore,
 ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
     """The norms every reader of which is a smoothed layer, and why the other readers of
     norms are online."""
     by_param = {
-        "/".join(["params", *_parts(p), *_parts(st.param or "")]): p for p, st in targets.items()
+        "/".join(["params", *parts(p), *parts(st.param or "")]): p for p, st in targets.items()
     }
     groups: dict[str, tuple[str, ...]] = {}
     why_online: dict[str, str] = {}
@@ -507,7 +506,7 @@ def _detected_groups(
                 if why:
                     break
         if why is None:
-            why = store.norm_problem(norm, targets[members[0]].channels)
+            why = _norm_params_problem(norm, store.norm_params(norm), targets[members[0]].channels)
         if why is None:
             groups[norm] = tuple(p for p in targets if p in members)
         else:
@@ -520,7 +519,7 @@ def _given_groups(
     pairs: dict[str, tuple[str, ...]],
     targets: dict[str, LayerStatistics],
     skipped: dict[str, str],
-    store: _LinenStore | _NnxStore,
+    store: LinenStore | NnxStore,
 ) -> dict[str, tuple[str, ...]]:
     owned: set[str] = set()
     for norm, layers in pairs.items():
@@ -541,7 +540,7 @@ def _given_groups(
                 f"{_FN}: pairs[{norm!r}]: its layers have different input widths "
                 f"{sorted(channels)}; the readers of one norm share its width."
             )
-        problem = store.norm_problem(norm, targets[layers[0]].channels)
+        problem = _norm_params_problem(norm, store.norm_params(norm), targets[layers[0]].channels)
         if problem is not None:
             raise ValueError(f"{_FN}: pairs[{norm!r}]: {problem}.")
     return dict(pairs)
@@ -707,37 +706,7 @@ def _check_alphas(alphas: Any) -> tuple[float, ...]:
     return out
 
 
-def _check_pairs(pairs: Any) -> dict[str, tuple[str, ...]] | None:
-    if pairs is None:
-        return None
-    if not isinstance(pairs, Mapping):
-        raise TypeError(
-            f"{_FN}: pairs must be a dict {{norm path: [layer paths]}} or None, got "
-            f"{describe(pairs)}."
-        )
-    out = {}
-    for norm, layers in pairs.items():
-        if isinstance(layers, str):
-            layers = (layers,)
-        if (
-            not isinstance(norm, str)
-            or not isinstance(layers, Sequence)
-            or not layers
-            or not all(isinstance(p, str) for p in layers)
-        ):
-            raise TypeError(
-                f"{_FN}: pairs must map a norm path (str) to a non-empty list of layer paths "
-                f"(str), got {norm!r}: {describe(layers)}."
-            )
-        out[norm] = tuple(layers)
-    return out
-
-
 # ------------------------------------------------------------------ where the scales go
-
-
-def _parts(path: str) -> list[str]:
-    return [k for k in path.split("/") if k]
 
 
 def _norm_params_problem(norm: str, node: Any, channels: tuple[int, ...]) -> str | None:
@@ -754,123 +723,3 @@ def _norm_params_problem(norm: str, node: Any, channels: tuple[int, ...]) -> str
                 f"channels {tuple(channels)}"
             )
     return None
-
-
-def _copy(tree: Any) -> Any:
-    """New containers (plain dicts), the same leaves."""
-    if isinstance(tree, Mapping):
-        return {k: _copy(v) for k, v in tree.items()}
-    return tree
-
-
-class _LinenStore:
-    """New Linen variables (the caller's untouched): copied containers, replaced leaves."""
-
-    def __init__(self, variables: Mapping[str, Any]) -> None:
-        self.vars: dict[str, Any] = _copy(variables)
-
-    def _node(self, collection: str, path: str, create: bool = False) -> Any:
-        tree: Any = self.vars.setdefault(collection, {}) if create else self.vars.get(collection)
-        for k in _parts(path):
-            if create:
-                tree = tree.setdefault(k, {})
-            elif not isinstance(tree, Mapping) or k not in tree:
-                return None
-            else:
-                tree = tree[k]
-        return tree
-
-    def weight(self, path: str, param: str | None) -> Any:
-        node = self._node("params", path)
-        for k in _parts(param or ""):
-            node = node[k]
-        return node
-
-    def set_weight(self, path: str, param: str | None, w: jax.Array) -> None:
-        *parents, name = _parts(param or "")
-        node = self._node("params", path)
-        for k in parents:
-            node = node[k]
-        node[name] = w.astype(jnp.asarray(node[name]).dtype)
-
-    def transform(self, path: str) -> tuple[Any, Any]:
-        node = self._node(COLLECTION, path)
-        if not isinstance(node, Mapping):
-            return None, None
-        return node.get("smooth"), node.get("hadamard")
-
-    def set_smooth(self, path: str, smooth: jax.Array) -> None:
-        old = self.transform(path)[0]  # an earlier method's scale: the two multiply
-        new = smooth if old is None else jnp.asarray(old, jnp.float32) * smooth
-        self._node(COLLECTION, path, create=True)["smooth"] = new
-
-    def norm_problem(self, norm: str, channels: tuple[int, ...]) -> str | None:
-        node = self._node("params", norm)
-        return _norm_params_problem(norm, node if isinstance(node, Mapping) else None, channels)
-
-    def fold_norm(self, norm: str, s: jax.Array) -> None:
-        node = self._node("params", norm)
-        for name in ("scale", "bias"):
-            if name in node:
-                v = node[name]
-                node[name] = (jnp.asarray(v, jnp.float32) / s).astype(jnp.asarray(v).dtype)
-
-    def result(self) -> Any:
-        return self.vars
-
-
-class _NnxStore:
-    """The NNX model, changed in place."""
-
-    def __init__(self, model: nnx.Module) -> None:
-        self.model = model
-        self.nodes = dict(nnx_modules(model))
-
-    def _var(self, path: str, param: str | None) -> Any:
-        var: Any = self.nodes[path]
-        for k in _parts(param or ""):
-            var = getattr(var, k)
-        return var
-
-    def weight(self, path: str, param: str | None) -> Any:
-        return self._var(path, param)[...]
-
-    def set_weight(self, path: str, param: str | None, w: jax.Array) -> None:
-        var = self._var(path, param)
-        var[...] = w.astype(var[...].dtype)
-
-    def transform(self, path: str) -> tuple[Any, Any]:
-        node = self.nodes.get(path)
-        smooth = getattr(node, "ptq_smooth", None)
-        signs = getattr(node, "ptq_hadamard", None)
-        return (None if smooth is None else smooth[...], None if signs is None else signs[...])
-
-    def set_smooth(self, path: str, smooth: jax.Array) -> None:
-        node = self.nodes[path]
-        old = getattr(node, "ptq_smooth", None)
-        if old is None:
-            setattr(node, "ptq_smooth", PTQVariable(smooth))  # noqa: B010 (NNX attribute)
-        else:
-            old[...] = jnp.asarray(old[...], jnp.float32) * smooth
-
-    def _norm_vars(self, norm: str) -> dict[str, Any] | None:
-        node = self.nodes.get(norm)
-        if node is None:
-            return None
-        return {
-            name: getattr(node, name)
-            for name in ("scale", "bias")
-            if getattr(node, name, None) is not None
-        }
-
-    def norm_problem(self, norm: str, channels: tuple[int, ...]) -> str | None:
-        got = self._norm_vars(norm)
-        node = None if got is None else {k: v[...] for k, v in got.items()}
-        return _norm_params_problem(norm, node, channels)
-
-    def fold_norm(self, norm: str, s: jax.Array) -> None:
-        for var in (self._norm_vars(norm) or {}).values():
-            var[...] = (jnp.asarray(var[...], jnp.float32) / s).astype(var[...].dtype)
-
-    def result(self) -> Any:
-        return self.model
