@@ -226,7 +226,7 @@ def calibrate(
         )
     bins = check_int(bins, "calibrate: bins", lo=8)
     call_kwargs = check_call_kwargs(call_kwargs, "calibrate")
-    batches = _check_batches(batches, call_kwargs)
+    batches = check_batches(batches, call_kwargs, "calibrate")
     run, payload = _runner(model, variables, rules, call_kwargs)
     found: Found = {}  # path -> matched rule, in call order (filled while tracing)
 
@@ -343,24 +343,27 @@ def _unusable_range(
     return f"{method} chose the empty range ({lo:g}, {hi:g})"
 
 
-def _check_batches(batches: Any, call_kwargs: Mapping[str, Any]) -> list[tuple[list[Any], Static]]:
-    """``batches`` as a non-empty list of :func:`split_call` pairs."""
+def check_batches(
+    batches: Any, call_kwargs: Mapping[str, Any], fn: str
+) -> list[tuple[list[Any], Static]]:
+    """``batches`` as a non-empty list of :func:`split_call` pairs; ``fn`` names the caller
+    in the errors."""
     if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):
         raise TypeError(
-            "calibrate: batches must be an iterable of model inputs (arrays, tuples of "
+            f"{fn}: batches must be an iterable of model inputs (arrays, tuples of "
             f"arguments or dicts of keyword arguments), got {describe(batches)}."
         )
     batches = list(batches)
     if not batches:
-        raise ValueError("calibrate: no calibration batches; pass a non-empty list of inputs.")
+        raise ValueError(f"{fn}: no calibration batches; pass a non-empty list of inputs.")
     out = []
     for b, batch in enumerate(batches):
         if isinstance(batch, dict) and (both := sorted(set(batch) & set(call_kwargs))):
             raise ValueError(
-                f"calibrate: batches[{b}] and call_kwargs both give the keyword argument(s) "
+                f"{fn}: batches[{b}] and call_kwargs both give the keyword argument(s) "
                 f"{both}; give each in one place (call_kwargs for what every call shares)."
             )
-        out.append(split_call(batch, f"calibrate: batches[{b}]"))
+        out.append(split_call(batch, f"{fn}: batches[{b}]"))
     return out
 
 
@@ -521,41 +524,55 @@ def _runner(
     """``(fn, payload)``: ``fn(payload, arrays, static, found)`` runs the float model on
     one batch (:func:`split_call`'s halves) and returns the inputs of the watched layers;
     ``payload`` is its variables."""
+    if not isinstance(model, nn.Module | nnx.Module):
+        raise TypeError(
+            f"calibrate: expected a Flax Linen or NNX model, got {type(model).__name__}."
+        )
+    rs, inner = resolve_rules(model, variables, rules, "calibrate")
+    if isinstance(inner, nn.Module):
+        return _linen_fn(inner, rs, call_kwargs), variables
+    graphdef, state = nnx.split(inner)
+    return _nnx_fn(graphdef, rs, call_kwargs), state
+
+
+def resolve_rules(
+    model: nn.Module | nnx.Module,
+    variables: PyTree,
+    rules: Rule | Iterable[Rule] | None,
+    fn: str,
+) -> tuple[tuple[Rule, ...], nn.Module | nnx.Module]:
+    """``(rules, float model)`` of a calibration pass over a Linen or NNX ``model``.
+
+    Linen: a :class:`QuantizedModule` brings its rules (and its inner float module), a plain
+    module needs ``rules``; both need ``variables``. NNX: the model holds its variables;
+    without ``rules``, those ``quantize_model`` was given, else the quantized layers found
+    in it. ``fn`` names the caller in the errors."""
     if isinstance(model, nn.Module):
         if variables is None:
-            raise ValueError("calibrate: a Linen model needs its variables (model.init(...)).")
+            raise ValueError(f"{fn}: a Linen model needs its variables (model.init(...)).")
         if isinstance(model, QuantizedModule):
             if rules is not None:
-                raise ValueError("calibrate: the model is quantized already; pass no rules=.")
-            rs, inner = model.rules, model.module
-        else:
-            if rules is None:
-                raise ValueError(
-                    "calibrate: pass a model from jq.flax.quantize_model, or rules= with a "
-                    "plain model."
-                )
-            rs, inner = as_rules(rules, "calibrate"), model
-        return _linen_fn(inner, rs, call_kwargs), variables
-    if isinstance(model, nnx.Module):
-        if variables is not None:
-            raise ValueError("calibrate: an NNX model holds its own variables; pass none.")
+                raise ValueError(f"{fn}: the model is quantized already; pass no rules=.")
+            return model.rules, model.module
         if rules is None:
-            given = given_rules(model)  # the rules quantize_model was given
-            if given is not None and any(r.quantizes for r in given):
-                rs = given
-            else:
-                matches = report_nnx(model)
-                if not matches:
-                    raise ValueError(
-                        "calibrate: the NNX model quantizes nothing; pass a model from "
-                        "jq.flax.quantize_model or rules=."
-                    )
-                rs = tuple(exact_rule(m.path, m.rule) for m in matches)
-        else:
-            rs = as_rules(rules, "calibrate")
-        graphdef, state = nnx.split(model)
-        return _nnx_fn(graphdef, rs, call_kwargs), state
-    raise TypeError(f"calibrate: expected a Flax Linen or NNX model, got {type(model).__name__}.")
+            raise ValueError(
+                f"{fn}: pass a model from jq.flax.quantize_model, or rules= with a plain model."
+            )
+        return as_rules(rules, fn), model
+    if variables is not None:
+        raise ValueError(f"{fn}: an NNX model holds its own variables; pass none.")
+    if rules is not None:
+        return as_rules(rules, fn), model
+    given = given_rules(model)  # the rules quantize_model was given
+    if given is not None and any(r.quantizes for r in given):
+        return given, model
+    matches = report_nnx(model)
+    if not matches:
+        raise ValueError(
+            f"{fn}: the NNX model quantizes nothing; pass a model from "
+            "jq.flax.quantize_model or rules=."
+        )
+    return tuple(exact_rule(m.path, m.rule) for m in matches), model
 
 
 def _record(path: str, rule: Rule | None, x: Any, acts: Acts, found: Found) -> None:

@@ -55,17 +55,17 @@ from jaxquant._src.dot.subscripts import parse as parse_subscripts
 from jaxquant._src.flax.calibrate import (
     Static,
     call_args,
+    check_batches,
     check_call_kwargs,
     explain_collections,
     join_call,
-    split_call,
+    resolve_rules,
 )
 from jaxquant._src.flax.intercept import Call, Side, Site, intercepting, observing
 from jaxquant._src.flax.kinds import nnx_layers
-from jaxquant._src.flax.linen import LinenFront, QuantizedModule, linen_path
-from jaxquant._src.flax.nnx import given_rules, intercept_nnx, report_nnx
-from jaxquant._src.flax.rules import Rule, as_rules, first_match, path_str
-from jaxquant._src.flax.serve import exact_rule
+from jaxquant._src.flax.linen import LinenFront, linen_path
+from jaxquant._src.flax.nnx import intercept_nnx
+from jaxquant._src.flax.rules import Rule, first_match, path_str
 from jaxquant._src.layout import dot_layout
 from jaxquant._src.types import PyTree
 
@@ -589,20 +589,13 @@ def _runner(
     on one batch and returns the watched layers' activations; ``payload`` is its
     variables; ``candidates`` the paths of the layers the rules quantize that hold a
     weight (a parameter of rank >= 2), in parameter order."""
-    if isinstance(model, nn.Module):
-        if variables is None:
-            raise ValueError(f"{_FN}: a Linen model needs its variables (model.init(...)).")
-        if isinstance(model, QuantizedModule):
-            if rules is not None:
-                raise ValueError(f"{_FN}: the model is quantized already; pass no rules=.")
-            rs, inner = model.rules, model.module
-        else:
-            if rules is None:
-                raise ValueError(
-                    f"{_FN}: pass a model from jq.flax.quantize_model, or rules= with a "
-                    "plain model."
-                )
-            rs, inner = as_rules(rules, _FN), model
+    if not isinstance(model, nn.Module | nnx.Module):
+        raise TypeError(
+            f"{_FN}: model must be a Flax Linen or NNX model, got {describe(model)}; pass the "
+            "model object (a Linen module with its variables, or an nnx.Module)."
+        )
+    rs, inner = resolve_rules(model, variables, rules, _FN)
+    if isinstance(inner, nn.Module):
         params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
         weights = jax.tree_util.tree_flatten_with_path(params)[0]
         paths = [
@@ -611,36 +604,15 @@ def _runner(
             if np.ndim(v) >= 2 and not _OWN_PARAM.match(str(getattr(p[-1], "key", "")))
         ]
         return _linen_fn(inner, rs, call_kwargs), variables, _quantized(rs, paths)
-    if isinstance(model, nnx.Module):
-        if variables is not None:
-            raise ValueError(f"{_FN}: an NNX model holds its own variables; pass none.")
-        if rules is None:
-            given = given_rules(model)  # the rules quantize_model was given
-            if given is not None and any(r.quantizes for r in given):
-                rs = given
-            else:
-                matches = report_nnx(model)
-                if not matches:
-                    raise ValueError(
-                        f"{_FN}: the NNX model quantizes nothing; pass a model from "
-                        "jq.flax.quantize_model or rules=."
-                    )
-                rs = tuple(exact_rule(m.path, m.rule) for m in matches)
-        else:
-            rs = as_rules(rules, _FN)
-        paths = [
-            path_str(p[:-1])
-            for p, v in nnx.iter_graph(model)
-            if isinstance(v, nnx.Param)
-            and np.ndim(v.get_value()) >= 2
-            and not _OWN_PARAM.match(str(p[-1]))
-        ]
-        graphdef, state = nnx.split(model)
-        return _nnx_fn(graphdef, rs, call_kwargs), state, _quantized(rs, paths)
-    raise TypeError(
-        f"{_FN}: model must be a Flax Linen or NNX model, got {describe(model)}; pass the "
-        "model object (a Linen module with its variables, or an nnx.Module)."
-    )
+    paths = [
+        path_str(p[:-1])
+        for p, v in nnx.iter_graph(inner)
+        if isinstance(v, nnx.Param)
+        and np.ndim(v.get_value()) >= 2
+        and not _OWN_PARAM.match(str(p[-1]))
+    ]
+    graphdef, state = nnx.split(inner)
+    return _nnx_fn(graphdef, rs, call_kwargs), state, _quantized(rs, paths)
 
 
 def _quantized(rules: tuple[Rule, ...], paths: list[str]) -> tuple[str, ...]:
@@ -770,20 +742,4 @@ def _check_batches(batches: Any, call_kwargs: Mapping[str, Any]) -> list[tuple[l
             f"{_FN}: batches must be an iterable of model inputs, got one array of shape "
             f"{np.shape(batches)} (iterating it would make each row a batch); pass [x]."
         )
-    if isinstance(batches, str | bytes) or not isinstance(batches, Iterable):
-        raise TypeError(
-            f"{_FN}: batches must be an iterable of model inputs (arrays, tuples of "
-            f"arguments or dicts of keyword arguments), got {describe(batches)}."
-        )
-    batches = list(batches)
-    if not batches:
-        raise ValueError(f"{_FN}: no calibration batches; pass a non-empty list of inputs.")
-    out = []
-    for b, batch in enumerate(batches):
-        if isinstance(batch, dict) and (both := sorted(set(batch) & set(call_kwargs))):
-            raise ValueError(
-                f"{_FN}: batches[{b}] and call_kwargs both give the keyword argument(s) "
-                f"{both}; give each in one place (call_kwargs for what every call shares)."
-            )
-        out.append(split_call(batch, f"{_FN}: batches[{b}]"))
-    return out
+    return check_batches(batches, call_kwargs, _FN)
