@@ -13,6 +13,7 @@ from jaxquant._src.formats import (
     int_format,
     mx_format,
     names,
+    nvfp4_format,
     register,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "int_format",
     "mx_format",
     "names",
+    "nvfp4_format",
     "register",
 ]

@@ -778,7 +778,8 @@ def test_the_qarray_layout_restore_expects_is_what_quantize_makes():
             q = jax.eval_shape(lambda x, spec=spec, key=key: jq.quantize(x, spec, key=key), x)
             want = {
                 f: (tuple(getattr(q, f).shape), np.dtype(getattr(q, f).dtype))
-                for f in ("values", "scale")
+                for f in ("values", "scale", "tensor_scale")
+                if getattr(q, f) is not None
             }
             assert ckpt_impl._qarray_arrays(spec, shape) == want, (spec, shape)
 
@@ -869,3 +870,22 @@ def test_directory_and_force_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"jq.orbax.save: directory must be a non-empty str"):
         jqo.save("", tree)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxint8"])
+def test_two_level_and_mxint8_formats_round_trip(tmp_path, fmt):
+    """NVFP4's float32 per-tensor scale is saved and restored with its block scales (it was
+    dropped before: restore succeeded, dequantize failed); MXINT8 like every MX format."""
+    x = jax.random.normal(jax.random.key(0), (4, 64), jnp.float32) * 3.0
+    q = jq.quantize(x, jq.QuantSpec(fmt))
+    jqo.save(tmp_path / "c", {"w": q})
+    back = jqo.restore(tmp_path / "c")["w"]
+    assert (back.tensor_scale is None) == (q.tensor_scale is None)
+    for f in ("values", "scale", "tensor_scale"):
+        a, b = getattr(q, f), getattr(back, f)
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(jq.dequantize(back)), np.asarray(jq.dequantize(q)))
+    manifest = json.loads((tmp_path / "c" / "jaxquant.json").read_text())
+    fields = next(e for e in manifest["leaves"] if e["kind"] == "qarray")["arrays"]
+    assert ("tensor_scale" in fields) == (fmt == "nvfp4")

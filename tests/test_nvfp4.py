@@ -341,3 +341,11 @@ def test_nvfp4_dot_general_backward() -> None:
         x, w, jax.random.key(0)
     )
     assert all(np.isfinite(np.asarray(t)).all() for t in g)
+
+
+def test_size_report_counts_the_per_tensor_scale():
+    q = jq.quantize(jnp.ones((4, 64), jnp.float32), jq.QuantSpec("nvfp4"))
+    leaf = jq.size_report({"w": q}).leaves[0]
+    # 0.5 B per value, 1 B per 16 values (E4M3 block scales), 4 B per tensor
+    assert (leaf.value_bytes, leaf.scale_bytes) == (128, 16 + 4)
+    assert leaf.value_bytes + leaf.scale_bytes == q.nbytes

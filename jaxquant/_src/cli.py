@@ -467,6 +467,8 @@ def render_steps(st: Steps, seed: int | None = None) -> str:
     )
     if st.zero_point is not None:
         storage += f" + {st.zero_point.size} zero point{plural}"
+    if fmt.tensor_scale:
+        storage += " + 1 float32 scale per tensor (4 bytes)"
     out.append(f"storage:       {storage}; as float32: {4 * n} bytes")
     if not one:
         out.append(f"               (one scale per block of {fmt.block_size or n} values)")
@@ -519,6 +521,13 @@ def _scale_text(st: Steps) -> str:
     s_val = _f(st.scale[0]) if one else _list(st.scale)
     if spec.calibration is None:
         return "s = 1"
+    if fmt.kind == "mx" and fmt.tensor_scale:
+        return (
+            f"s = b / S = {s_val}  (NVFP4: S = 2688 / max|x| per tensor, "
+            "b = e4m3(block max|x| * S / 6) per block)"
+        )
+    if fmt.kind == "mx" and elem.kind == "int":
+        return f"s = 2^(floor(log2 max|x|) - 6) = {s_val}  (OCP MXINT8: int8 codes, implied 2^-6)"
     if fmt.kind == "mx":
         return (
             f"s = 2^(floor(log2 max|x|) - {elem.emax}) = {s_val}  (OCP MX: a power of two, "

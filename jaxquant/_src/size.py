@@ -154,6 +154,7 @@ def size_report(tree: PyTree) -> SizeReport:
         name = jax.tree_util.keystr(path, simple=True, separator="/")
         if isinstance(leaf, QArray):
             scale = _bytes(leaf.scale) + (0 if leaf.zero_point is None else _bytes(leaf.zero_point))
+            scale += 0 if leaf.tensor_scale is None else _bytes(leaf.tensor_scale)  # NVFP4
             out.append(
                 LeafSize(
                     name,

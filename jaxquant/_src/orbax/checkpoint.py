@@ -103,7 +103,7 @@ _PATH_KEYS = (
     (jax.tree_util.GetAttrKey, "attr", "name"),
     (jax.tree_util.FlattenedIndexKey, "flat", "key"),
 )
-_QARRAY_FIELDS = ("values", "scale", "zero_point")
+_QARRAY_FIELDS = ("values", "scale", "zero_point", "tensor_scale")
 _VALUE = jax.tree_util.GetAttrKey("value")  # where an nnx.Variable keeps its value
 
 
@@ -340,7 +340,13 @@ def _flatten(tree: PyTree) -> tuple[list[Entry], dict[str, dict[str, np.ndarray]
                 dtype=np.dtype(leaf.dtype).name,
                 spec=spec_to_dict(leaf.spec),
             )
-            fields = {f: getattr(leaf, f) for f in _QARRAY_FIELDS}
+            # tensor_scale (NVFP4's per-tensor scale) only where the format has one: the
+            # manifests of every other format stay as they were
+            fields = {
+                f: getattr(leaf, f)
+                for f in _QARRAY_FIELDS
+                if f != "tensor_scale" or leaf.tensor_scale is not None
+            }
         elif _is_key(leaf):
             data = _to_host(jax.random.key_data(leaf), repr(name))
             entry.update(
@@ -810,10 +816,18 @@ def restore(directory: str | os.PathLike[str], target: PyTree = None) -> PyTree:
                 for f, x in host.items()
             }
             assert leaf.spec is not None  # _parse_leaf gives every qarray its spec
-            values, scale, zp = (fields[f] for f in _QARRAY_FIELDS)
+            values, scale, zp, ts = (fields[f] for f in _QARRAY_FIELDS)
             assert values is not None and scale is not None  # _parse_leaf checks both
             out.append(
-                QArray(values, scale, zp, spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype)
+                QArray(
+                    values,
+                    scale,
+                    zp,
+                    spec=leaf.spec,
+                    shape=leaf.shape,
+                    dtype=leaf.dtype,
+                    tensor_scale=ts,
+                )
             )
             continue
         array = host["array"]
@@ -893,6 +907,8 @@ def _parse_leaf(e: Entry, i: int) -> _Leaf:
                 raise ValueError(f"{field} has the key {stored.key!r}, expected {key!r}")
             arrays[field] = stored
     kind = e["kind"]
+    if kind == "qarray":
+        arrays.setdefault("tensor_scale", None)  # written only for formats that have one
     names = set(_QARRAY_FIELDS) if kind == "qarray" else {"array"}
     if kind not in ("qarray", "array", "key") or set(arrays) != names:
         raise ValueError(f"kind {kind!r} with arrays {sorted(arrays)}")
@@ -917,6 +933,8 @@ def _parse_leaf(e: Entry, i: int) -> _Leaf:
             raise ValueError(f"its scale shape is not {want}")
         if (arrays["zero_point"] is None) != leaf.spec.symmetric:
             raise ValueError("zero_point does not match symmetric")
+        if (arrays["tensor_scale"] is None) == bool(leaf.spec.format.tensor_scale):
+            raise ValueError(f"tensor_scale does not match the format {leaf.spec.format.name}")
         zp = arrays["zero_point"]
         if zp is not None and (zp.shape != want or zp.dtype.kind not in "iu"):
             raise ValueError(f"zero_point is {zp.shape} {zp.dtype.name}, not integers of {want}")
@@ -953,7 +971,10 @@ def _qarray_arrays(
     else:
         values = (tuple(shape), np.dtype(element.storage_dtype))
     scale = (spec.granularity.plan(shape).scale_shape, np.dtype(spec.scale_format.dtype))
-    return {"values": values, "scale": scale}
+    out = {"values": values, "scale": scale}
+    if spec.format.tensor_scale:  # NVFP4's float32 scale per tensor
+        out["tensor_scale"] = ((), np.dtype(np.float32))
+    return out
 
 
 def _check_structure(structure: Any, leaves: list[_Leaf]) -> None:
