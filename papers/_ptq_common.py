@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,52 @@ def ppl(nats: float) -> float:
 
 def mean(xs: list[float]) -> float:
     return float(np.mean(xs))
+
+
+class Runs(dict[str, list[float]]):
+    """Per-seed numbers by key (``"outliers/w4/rtn"``), in run order."""
+
+    def add(self, key: str, value: float) -> None:
+        self.setdefault(key, []).append(value)
+
+    def means(self) -> dict[str, float]:
+        return {k: mean(x) for k, x in self.items()}
+
+
+def seeds_and_beds(
+    config: dict[str, int], seeds: tuple[int, ...], beds: tuple[str, ...], windows: int, runs: Runs
+) -> Iterator[tuple[int, str, dict[str, Any], float]]:
+    """``(seed, bed, variables, float loss)`` for every trained seed and test bed (``"base"``
+    or ``"outliers"``: :func:`outliers` of it), recording ``runs["<bed>/float"]``."""
+    lm = model(config)
+    for seed in seeds:
+        base = train(config, seed=seed)
+        for bed in beds:
+            v = {"params": outliers(base) if bed == "outliers" else base}
+            f = float_loss(lm, v, windows)
+            runs.add(f"{bed}/float", f)
+            yield seed, bed, v, f
+
+
+def result(
+    t0: float,
+    runs: Runs,
+    m: dict[str, float],
+    checks: dict[str, bool],
+    criterion: str,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A paper's result: its own ``fields``, the runs and their means, the checks and
+    whether all hold, and the seconds since ``t0``."""
+    return {
+        **fields,
+        "runs": dict(runs),
+        "mean": m,
+        "checks": checks,
+        "criterion": criterion,
+        "passed": bool(all(checks.values())),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def write_json(path: Path, result: dict[str, Any]) -> None:

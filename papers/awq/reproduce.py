@@ -42,26 +42,16 @@ def main(fast: bool = False) -> dict[str, Any]:
     windows = 64 if fast else 256
     lm = common.model(config)
     cal = common.calibration_batches()
-    runs: dict[str, list[float]] = {}
-
-    def add(k: str, v: float) -> None:
-        runs.setdefault(k, []).append(v)
-
-    for seed in seeds:
-        base = common.train(config, seed=seed)
-        for bed in beds:
-            v = {"params": common.outliers(base) if bed == "outliers" else base}
-            f = common.float_loss(lm, v, windows)
-            add(f"{bed}/float", f)
-            for b in bits:
-                rules = [
-                    Rule(common.LAYERS, weight=jq.QuantSpec(f"int{b}", jq.per_block(0, group)))
-                ]
-                add(f"{bed}/w{b}/rtn", common.rtn_loss(lm, rules, v, windows) - f)
-                res = awq(lm, cal, v, rules=rules, clip_search=True)
-                assert not res.skipped, res.skipped
-                add(f"{bed}/w{b}/awq", common.rtn_loss(lm, rules, res.variables, windows) - f)
-    m = {k: common.mean(x) for k, x in runs.items()}
+    runs = common.Runs()
+    add = runs.add
+    for _, bed, v, f in common.seeds_and_beds(config, seeds, beds, windows, runs):
+        for b in bits:
+            rules = [Rule(common.LAYERS, weight=jq.QuantSpec(f"int{b}", jq.per_block(0, group)))]
+            add(f"{bed}/w{b}/rtn", common.rtn_loss(lm, rules, v, windows) - f)
+            res = awq(lm, cal, v, rules=rules, clip_search=True)
+            assert not res.skipped, res.skipped
+            add(f"{bed}/w{b}/awq", common.rtn_loss(lm, rules, res.variables, windows) - f)
+    m = runs.means()
     checks = {}
     for bed in beds:
         for b in bits:
@@ -69,24 +59,23 @@ def main(fast: bool = False) -> dict[str, Any]:
     checks[f"outliers w4 g{group}: AWQ < 0.5 x RTN"] = (
         m["outliers/w4/awq"] < 0.5 * m["outliers/w4/rtn"]
     )
-    return {
-        "seeds": list(seeds),
-        "config": config,
-        "group": group,
-        "bits": list(bits),
-        "beds": list(beds),
-        "test_windows": windows,
-        "runs": runs,
-        "mean": m,
-        "checks": checks,
-        "criterion": (
+    return common.result(
+        t0,
+        runs,
+        m,
+        checks,
+        (
             f"AWQ (with the clipping search) increases the held-out loss over float less than "
             f"RTN at every bit width and model (mean over seeds), groups of {group}; on the "
             "outlier model at w4 by less than half RTN's increase"
         ),
-        "passed": bool(all(checks.values())),
-        "seconds": time.perf_counter() - t0,
-    }
+        seeds=list(seeds),
+        config=config,
+        group=group,
+        bits=list(bits),
+        beds=list(beds),
+        test_windows=windows,
+    )
 
 
 def markdown(res: dict[str, Any]) -> str:

@@ -44,11 +44,8 @@ def main(fast: bool = False) -> dict[str, Any]:
     windows = 64 if fast else 256
     lm = common.model(common.SMALL)
     cal = common.calibration_batches()
-    runs: dict[str, list[float]] = {}
-
-    def add(k: str, v: float) -> None:
-        runs.setdefault(k, []).append(v)
-
+    runs = common.Runs()
+    add = runs.add
     for seed in seeds:
         v = {"params": common.train(common.SMALL, seed=seed)}
         f = common.float_loss(lm, v, windows)
@@ -59,27 +56,26 @@ def main(fast: bool = False) -> dict[str, Any]:
             res = gptq(lm, cal, v, rules=rules)
             assert not res.skipped, res.skipped
             add(f"{name}/gptq", common.served_loss(lm, rules, res.variables, windows) - f)
-    m = {k: common.mean(x) for k, x in runs.items()}
+    m = runs.means()
     checks = {}
     for name in names:
         checks[f"{name}: GPTQ < {RATIO} x RTN"] = m[f"{name}/gptq"] < RATIO * m[f"{name}/rtn"]
         checks[f"{name}: GPTQ < RTN on every seed"] = all(
             g < r for g, r in zip(runs[f"{name}/gptq"], runs[f"{name}/rtn"], strict=True)
         )
-    return {
-        "seeds": list(seeds),
-        "specs": list(names),
-        "test_windows": windows,
-        "runs": runs,
-        "mean": m,
-        "checks": checks,
-        "criterion": (
+    return common.result(
+        t0,
+        runs,
+        m,
+        checks,
+        (
             f"per spec, GPTQ's held-out loss increase over float < {RATIO} x RTN's (mean over "
             "seeds) and below RTN's on every seed"
         ),
-        "passed": bool(all(checks.values())),
-        "seconds": time.perf_counter() - t0,
-    }
+        seeds=list(seeds),
+        specs=list(names),
+        test_windows=windows,
+    )
 
 
 def markdown(res: dict[str, Any]) -> str:

@@ -50,31 +50,23 @@ def main(fast: bool = False) -> dict[str, Any]:
     windows = 64 if fast else 256
     lm = common.model(common.SMALL)
     cal = common.calibration_batches()
-    runs: dict[str, list[float]] = {}
-
-    def add(k: str, v: float) -> None:
-        runs.setdefault(k, []).append(v)
-
-    for seed in seeds:
-        base = common.train(common.SMALL, seed=seed)
-        for bed in beds:
-            v = {"params": common.outliers(base) if bed == "outliers" else base}
-            f = common.float_loss(lm, v, windows)
-            add(f"{bed}/float", f)
-            add(f"{bed}/rtn", common.rtn_loss(lm, W4A4, v, windows) - f)
-            rot = rotate_residual(lm, cal, v, rules=W4A4, key=jax.random.key(seed))
-            assert not rot.skipped, rot.skipped
-            add(f"{bed}/rotate+rtn", common.rtn_loss(lm, W4A4, rot.variables, windows) - f)
-            solved = gptq(lm, cal, rot.variables, rules=W4A4)
-            assert not solved.skipped, solved.skipped
-            add(f"{bed}/rotate+gptq", common.served_loss(lm, W4A4, solved.variables, windows) - f)
-            if not fast:
-                smear = rotate_inputs(lm, cal, v, rules=W4A4, key=jax.random.key(seed))
-                add(
-                    f"{bed}/rotate_inputs+rtn",
-                    common.rtn_loss(lm, W4A4, smear.variables, windows) - f,
-                )
-    m = {k: common.mean(x) for k, x in runs.items()}
+    runs = common.Runs()
+    add = runs.add
+    for seed, bed, v, f in common.seeds_and_beds(common.SMALL, seeds, beds, windows, runs):
+        add(f"{bed}/rtn", common.rtn_loss(lm, W4A4, v, windows) - f)
+        rot = rotate_residual(lm, cal, v, rules=W4A4, key=jax.random.key(seed))
+        assert not rot.skipped, rot.skipped
+        add(f"{bed}/rotate+rtn", common.rtn_loss(lm, W4A4, rot.variables, windows) - f)
+        solved = gptq(lm, cal, rot.variables, rules=W4A4)
+        assert not solved.skipped, solved.skipped
+        add(f"{bed}/rotate+gptq", common.served_loss(lm, W4A4, solved.variables, windows) - f)
+        if not fast:
+            smear = rotate_inputs(lm, cal, v, rules=W4A4, key=jax.random.key(seed))
+            add(
+                f"{bed}/rotate_inputs+rtn",
+                common.rtn_loss(lm, W4A4, smear.variables, windows) - f,
+            )
+    m = runs.means()
     f = m["outliers/float"]
     checks = {
         f"outliers: plain W4A4 > +{UNUSABLE} nats/byte (unusable)": m["outliers/rtn"] > UNUSABLE,
@@ -87,21 +79,20 @@ def main(fast: bool = False) -> dict[str, Any]:
     }
     if "base" in beds:
         checks["base: rotation + GPTQ < plain W4A4"] = m["base/rotate+gptq"] < m["base/rtn"]
-    return {
-        "seeds": list(seeds),
-        "beds": list(beds),
-        "test_windows": windows,
-        "runs": runs,
-        "mean": m,
-        "checks": checks,
-        "criterion": (
+    return common.result(
+        t0,
+        runs,
+        m,
+        checks,
+        (
             f"on the outlier model (mean over seeds) plain W4A4 is > {UNUSABLE} nats/byte above "
             f"float, rotate_residual + RTN within {RTN_GAP:.0%} and rotate_residual + GPTQ "
             f"within {GPTQ_GAP:.0%} of float's held-out loss, GPTQ below RTN"
         ),
-        "passed": bool(all(checks.values())),
-        "seconds": time.perf_counter() - t0,
-    }
+        seeds=list(seeds),
+        beds=list(beds),
+        test_windows=windows,
+    )
 
 
 def markdown(res: dict[str, Any]) -> str:

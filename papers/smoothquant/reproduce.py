@@ -42,26 +42,18 @@ def main(fast: bool = False) -> dict[str, Any]:
     windows = 64 if fast else 256
     lm = common.model(common.SMALL)
     cal = common.calibration_batches()
-    runs: dict[str, list[float]] = {}
-
-    def add(k: str, v: float) -> None:
-        runs.setdefault(k, []).append(v)
-
-    for seed in seeds:
-        base = common.train(common.SMALL, seed=seed)
-        for bed in beds:
-            v = {"params": common.outliers(base) if bed == "outliers" else base}
-            f = common.float_loss(lm, v, windows)
-            add(f"{bed}/float", f)
-            for act, spec in ACTS.items():
-                rules = [Rule(common.LAYERS, weight=W8, act=spec)]
-                add(f"{bed}/{act}/rtn", common.rtn_loss(lm, rules, v, windows) - f)
-                res = smooth_quant(lm, cal, v, rules=rules, alpha=0.5)
-                assert not res.skipped, res.skipped
-                sq = common.rtn_loss(lm, rules, res.variables, windows)
-                add(f"{bed}/{act}/smoothquant", sq - f)
-                add(f"{bed}/{act}/smoothquant_rel", (sq - f) / f)
-    m = {k: common.mean(x) for k, x in runs.items()}
+    runs = common.Runs()
+    add = runs.add
+    for _, bed, v, f in common.seeds_and_beds(common.SMALL, seeds, beds, windows, runs):
+        for act, spec in ACTS.items():
+            rules = [Rule(common.LAYERS, weight=W8, act=spec)]
+            add(f"{bed}/{act}/rtn", common.rtn_loss(lm, rules, v, windows) - f)
+            res = smooth_quant(lm, cal, v, rules=rules, alpha=0.5)
+            assert not res.skipped, res.skipped
+            sq = common.rtn_loss(lm, rules, res.variables, windows)
+            add(f"{bed}/{act}/smoothquant", sq - f)
+            add(f"{bed}/{act}/smoothquant_rel", (sq - f) / f)
+    m = runs.means()
     checks = {}
     for act in ACTS:
         checks[f"outliers {act}: plain W8A8 > +{BROKEN} nats/byte"] = (
@@ -74,21 +66,20 @@ def main(fast: bool = False) -> dict[str, Any]:
         checks[f"base: SmoothQuant within {WITHIN:.0%} of float (every seed, both acts)"] = all(
             abs(r) < WITHIN for act in ACTS for r in runs[f"base/{act}/smoothquant_rel"]
         )
-    return {
-        "seeds": list(seeds),
-        "beds": list(beds),
-        "test_windows": windows,
-        "runs": runs,
-        "mean": m,
-        "checks": checks,
-        "criterion": (
+    return common.result(
+        t0,
+        runs,
+        m,
+        checks,
+        (
             f"on the outlier model plain W8A8 is > {BROKEN} nats/byte above float and "
             f"SmoothQuant W8A8 is within {WITHIN:.0%} of float's held-out loss (per-tensor "
             "and per-token activations, every seed)"
         ),
-        "passed": bool(all(checks.values())),
-        "seconds": time.perf_counter() - t0,
-    }
+        seeds=list(seeds),
+        beds=list(beds),
+        test_windows=windows,
+    )
 
 
 def markdown(res: dict[str, Any]) -> str:
