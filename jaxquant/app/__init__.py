@@ -9,6 +9,8 @@ orbax integrations. ``jaxquant.app`` uses only that public API to run experiment
   library's source as bytes);
 * :mod:`jaxquant.app.models` -- the one digits MLP / CNN and the one byte-level LM that
   the sweep, benchmarks, papers, notebooks and end-to-end tests share;
+* :mod:`jaxquant.app.testbed` -- the one trained byte-LM test bed (and its outlier variant)
+  of the PTQ tests, papers and benchmarks;
 * :mod:`jaxquant.app.timing` and :mod:`jaxquant.app.env` -- the one timing helper and the
   one environment record of every measured result;
 * :mod:`jaxquant.app.cli` -- the installed ``jaxquant`` script.
