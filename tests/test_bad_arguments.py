@@ -464,8 +464,8 @@ target(
 )
 target(
     "jq.kv_cache_init",
-    lambda shape=(1, 4, 2, 8), spec=jq.QuantSpec("int8", jq.per_token()), **kw: (
-        jq.kv_cache_init(shape, spec, **kw)
+    lambda shape=(1, 4, 2, 8), spec=jq.QuantSpec("int8", jq.per_token()), **kw: jq.kv_cache_init(
+        shape, spec, **kw
     ),
     aka={"spec": r"\bspec\b|per_tensor|shares a scale across tokens"},
     shape={"list": [1, 4, 2, 8], "str": "x", "none": None},
@@ -570,6 +570,15 @@ target(
     lambda bits=8, **kw: F.int_format(bits, **kw),
     bits={**INT, "zero": 0, "12": 12},
     signed=BOOL,
+)
+target(
+    "jq.formats.nvfp4_format",
+    lambda name="nv", block_size=16, scale_floor=0.0: F.nvfp4_format(
+        name, block_size=block_size, scale_floor=scale_floor
+    ),
+    name={"int": 3, "none": None},
+    block_size={**but(INT, "neg", "huge"), "zero": 0},
+    scale_floor={"neg": -1.0, "str": "x", "above": 449.0},
 )
 target(
     "jq.formats.mx_format",

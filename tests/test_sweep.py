@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxquant.app.cli import main
+from jaxquant.app.models import ByteLM
 from jaxquant.app.sweep import config as C
 from jaxquant.app.sweep import grid as G
 from jaxquant.app.sweep import run as R
@@ -357,7 +358,7 @@ def test_lm_data_and_model_shapes():
     assert d["x_train"].shape[1:] == d["y_train"].shape[1:] == (16,)
     assert (d["x_train"][:, 1:] == d["y_train"][:, :-1]).all()  # targets: the next byte
     assert (d["x_train"][1:, 0] == d["y_train"][:-1, -1]).all()  # windows tile the bytes
-    model = tasks.ByteLM(seq=16, d=16, layers=2, heads=2, hidden=32)
+    model = ByteLM(seq=16, d=16, layers=2, heads=2, hidden=32)
 
     params = model.init(jax.random.key(0), d["x_test"][:1])["params"]
     assert sorted(tasks.kernels(params, "block.*")) == sorted(
