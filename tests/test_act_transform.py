@@ -86,9 +86,8 @@ def test_statistics_see_the_transformed_input():
     v2 = _transformed_variables(v, smooth=SMOOTH)
     stats = layer_statistics(model, [X], v2, rules=[Rule("Dense_1", weight=jq.QuantSpec("int8"))])
     h = _hidden(v)
-    np.testing.assert_allclose(
-        np.asarray(stats["Dense_1"].absmax), np.abs(np.asarray(h) * np.asarray(SMOOTH)).max(0), rtol=1e-6
-    )
+    want = np.abs(np.asarray(h) * np.asarray(SMOOTH)).max(0)
+    np.testing.assert_allclose(np.asarray(stats["Dense_1"].absmax), want, rtol=1e-6)
 
 
 class NnxMLP(nnx.Module):
@@ -130,7 +129,7 @@ def test_a_transform_on_a_conv_layer_is_refused():
     x = jnp.ones((2, 8, 3))
     v = Conv().init(jax.random.key(0), x)
     bad = {**v, "ptq": {"Conv_0": {"smooth": jnp.ones(3)}}}
-    with pytest.raises(ValueError, match="'Conv_0'.*online input transform"):
+    with pytest.raises(ValueError, match=r"'Conv_0'.*online input transform"):
         quantize_model(Conv(), [Rule("Conv_0")]).apply(bad, x)
 
 

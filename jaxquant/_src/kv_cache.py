@@ -75,7 +75,7 @@ def kv_cache_init(
     # One token's zeros quantized, repeated along the token axis: the codes of 0 (not
     # necessarily code 0: NF4's zero is code 7) without quantizing (or, under jit, constant
     # folding) the whole cache.
-    one = quantize(jnp.zeros(shape[:axis] + (1,) + shape[axis + 1 :], dtype), spec)
+    one = quantize(jnp.zeros((*shape[:axis], 1, *shape[axis + 1 :]), dtype), spec)
 
     def repeat(a: jax.Array) -> jax.Array:
         return jnp.repeat(a, shape[axis], axis=axis)
