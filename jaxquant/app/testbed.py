@@ -42,12 +42,12 @@ __all__ = [
     "train_byte_lm",
 ]
 
-# The PTQ tests' model: 2 pre-LN blocks, d 64 (the papers' "small" model).
+#: The PTQ tests' model: 2 pre-LN blocks, d 64 (the papers' "small" model).
 CONFIG: dict[str, int] = {"seq": 64, "d": 64, "layers": 2, "heads": 4, "hidden": 256}
-# Adam, cosine decay from ``lr`` over ``steps``; init key ``seed``, batch keys ``seed + 1``;
-# ``max_files`` standard-library files (every 10th held out).
+#: Adam, cosine decay from ``lr`` over ``steps``; init key ``seed``, batch keys ``seed + 1``;
+#: ``max_files`` standard-library files (every 10th held out).
 TRAINING: dict[str, Any] = {"steps": 300, "batch": 32, "lr": 3e-3, "seed": 0, "max_files": 60}
-# Residual channels made 60-1000x the median at every quantized layer's input.
+#: Residual channels made 60-1000x the median at every quantized layer's input.
 OUTLIERS: dict[str, list] = {"channels": [5, 17, 40, 58], "scales": [60.0, 200.0, 500.0, 1000.0]}
 
 
