@@ -86,10 +86,11 @@ from jaxquant._src import granularity as gran
 from jaxquant._src import layout
 from jaxquant._src.calibration import TWN
 from jaxquant._src.checks import check_bool, check_int, check_real, describe
-from jaxquant._src.qarray import QArray, check_array, encode, pack
+from jaxquant._src.qarray import QArray, check_array
 from jaxquant._src.quantize import (
     check_key,
     check_spec,
+    from_codes,
     noise_bits,
     quantize_core,
     round_scaled,
@@ -97,7 +98,6 @@ from jaxquant._src.quantize import (
     scale_input_qmax,
     to_float32,
     to_grid,
-    zero_point_dtype,
 )
 from jaxquant._src.spec import QuantSpec
 
@@ -580,14 +580,4 @@ def _qarray(
     w: Array,
 ) -> QArray:
     """A QArray from rounded codes, laid out exactly as ``jq.quantize`` lays them out."""
-    values = encode(from_work(r), spec.format)
-    if spec.element.packed:
-        values = pack(values, spec.element.bits)
-    return QArray(
-        values,
-        scale.astype(spec.scale_format.dtype),
-        None if zero is None else zero.astype(zero_point_dtype(spec)),
-        spec,
-        tuple(w.shape),
-        np.dtype(w.dtype),
-    )
+    return from_codes(from_work(r), scale, zero, spec, tuple(w.shape), w.dtype)

@@ -616,26 +616,46 @@ def _quantize(
     if spec.format.tensor_scale:
         return _quantize_nvfp4(x, key, spec)
     r, s, z, plan = quantize_core(x, spec, key, scale, zero_point)
-    values = encode(r.reshape(plan.shape), spec.format)
+    return from_codes(r.reshape(plan.shape), s, z, spec, x.shape, x.dtype)
+
+
+def from_codes(
+    codes: Array,
+    scale: Array,
+    zero_point: Array | None,
+    spec: QuantSpec,
+    shape: tuple[int, ...],
+    dtype: Any,
+    tensor_scale: Array | None = None,
+) -> QArray:
+    """The QArray of rounded ``codes`` (on the spec's grid, in the array's own ``shape``):
+    encoded to the format's storage, bit-packed along the last axis below 8 bits, scales and
+    zero points cast to their storage dtypes (the byte layout of
+    :mod:`jaxquant._src.qarray`). Every quantizer that rounds by itself (GPTQ) builds its
+    result here, so its QArray is laid out exactly as :func:`quantize`'s."""
+    values = encode(codes, spec.format)
     if spec.element.packed:
         if values.ndim == 0:
             values = values.reshape(1)
         values = pack(values, spec.element.bits)
-    s_store = s.astype(spec.scale_format.dtype)
-    z_store = None if z is None else z.astype(zero_point_dtype(spec))
-    return QArray(values, s_store, z_store, spec, tuple(x.shape), np.dtype(x.dtype))
+    s_store = scale.astype(spec.scale_format.dtype)
+    z_store = None if zero_point is None else zero_point.astype(zero_point_dtype(spec))
+    return QArray(
+        values,
+        s_store,
+        z_store,
+        spec,
+        tuple(shape),
+        np.dtype(dtype),
+        tensor_scale=tensor_scale,
+    )
 
 
 def _quantize_nvfp4(x: Array, key: Array | None, spec: QuantSpec) -> QArray:
     st, sc = _nvfp4_steps(x, spec, key)
-    values = encode(st.r.reshape(st.plan.shape), spec.format)
-    if values.ndim == 0:
-        values = values.reshape(1)
-    values = pack(values, spec.element.bits)
-    # b is on E4M3's grid, so the cast is exact; S is stored as it is (float32, shape ()).
-    assert spec.scale_format.dtype is not None
-    b = sc.block.astype(spec.scale_format.dtype)
-    return QArray(values, b, None, spec, tuple(x.shape), np.dtype(x.dtype), tensor_scale=sc.tensor)
+    # b is on E4M3's grid, so its cast is exact; S is stored as it is (float32, shape ()).
+    codes = st.r.reshape(st.plan.shape)
+    return from_codes(codes, sc.block, None, spec, x.shape, x.dtype, tensor_scale=sc.tensor)
 
 
 def _use_kernel(
