@@ -37,7 +37,7 @@ def _float_out(model, variables):
 
 def test_detected_fold_keeps_the_float_function():
     model, v = _block()
-    res = awq(model, [X], v, rules=Rule(".*", weight=G8))
+    res = awq(model, [X], v, rules=Rule(".*", weight=G8), clip_search=False)
     assert res.report["a"]["folded_into"] == "ln" and res.report["b"]["folded_into"] == "ln"
     assert res.report["a"]["alpha"] == res.report["b"]["alpha"]  # one s for the norm
     assert res.report["c"]["folded_into"] is None and res.report["c"]["online_why"]
@@ -51,7 +51,7 @@ def test_detected_fold_keeps_the_float_function():
 
 def test_online_transform_keeps_the_float_function():
     model, v = _block()
-    res = awq(model, [X], v, rules=Rule(".*", weight=G8), fold=False)
+    res = awq(model, [X], v, rules=Rule(".*", weight=G8), fold=False, clip_search=False)
     assert sorted(res.variables["ptq"]) == ["a", "b", "c"]
     assert np.array_equal(res.variables["params"]["ln"]["scale"], v["params"]["ln"]["scale"])
     smooth = res.variables["ptq"]["a"]["smooth"]
@@ -77,7 +77,7 @@ def test_alpha_search_equals_a_numpy_oracle():
     model = nn.Dense(8)
     v = model.init(jax.random.key(2), X)
     grid = 10
-    res = awq(model, [X], v, rules=Rule(".*", weight=G8), grid=grid)
+    res = awq(model, [X], v, rules=Rule(".*", weight=G8), grid=grid, clip_search=False)
     x = np.asarray(X, np.float64)
     w = np.asarray(v["params"]["kernel"], np.float64)
     m = np.abs(x).mean(0)
@@ -99,7 +99,7 @@ def test_alpha_search_equals_a_numpy_oracle():
 
 def test_clip_search_lowers_the_loss_and_clips():
     model, v = _block()
-    plain = awq(model, [X], v, rules=Rule(".*", weight=G8))
+    plain = awq(model, [X], v, rules=Rule(".*", weight=G8), clip_search=False)
     clipped = awq(model, [X], v, rules=Rule(".*", weight=G8), clip_search=True)
     for p in ("a", "b", "c"):
         r = clipped.report[p]
@@ -114,15 +114,17 @@ def test_clip_search_lowers_the_loss_and_clips():
 def test_layers_it_cannot_scale_are_skipped_by_name():
     model, v = _block()
     rules = [Rule("c", act=jq.QuantSpec("int8")), Rule(".*", weight=G8)]
-    res = awq(model, [X], v, rules=rules)
+    res = awq(model, [X], v, rules=rules, clip_search=False)
     assert "does not quantize the weight" in res.skipped["c"]
     assert sorted(res.report) == ["a", "b"]
 
 
 def test_a_layer_with_an_act_spec_quantizes_the_sample_in_the_search():
     model, v = _block()
-    w_only = awq(model, [X], v, rules=Rule(".*", weight=G8))
-    w4a4 = awq(model, [X], v, rules=Rule(".*", weight=G8, act=jq.QuantSpec("int4")))
+    w_only = awq(model, [X], v, rules=Rule(".*", weight=G8), clip_search=False)
+    w4a4 = awq(
+        model, [X], v, rules=Rule(".*", weight=G8, act=jq.QuantSpec("int4")), clip_search=False
+    )
     assert w4a4.report["c"]["loss_rtn"] > 2 * w_only.report["c"]["loss_rtn"]
 
 
@@ -140,7 +142,7 @@ class NnxBlock(nnx.Module):
 def test_nnx(pairs):
     model = NnxBlock(nnx.Rngs(0))
     ref = model(X)
-    res = awq(model, [X], rules=Rule(".*", weight=G8), pairs=pairs)
+    res = awq(model, [X], rules=Rule(".*", weight=G8), pairs=pairs, clip_search=False)
     assert res.variables is model and sorted(res.report) == ["a", "b"]
     assert res.report["a"]["folded_into"] == (None if pairs is None else "ln")
     assert hasattr(model.a, "ptq_smooth") == (pairs is None) and hasattr(model.b, "ptq_smooth")
@@ -150,7 +152,9 @@ def test_nnx(pairs):
 
 def test_given_pairs_fold_and_are_checked():
     model, v = _block()
-    res = awq(model, [X], v, rules=Rule(".*", weight=G8), pairs={"ln": ["a", "b"]})
+    res = awq(
+        model, [X], v, rules=Rule(".*", weight=G8), pairs={"ln": ["a", "b"]}, clip_search=False
+    )
     assert res.report["a"]["folded_into"] == "ln" and list(res.variables["ptq"]) == ["c"]
     np.testing.assert_allclose(
         _float_out(model, res.variables), model.apply(v, X), rtol=1e-5, atol=1e-5
@@ -219,7 +223,9 @@ def _served(tb, spec, variables):
 def test_testbed_folds_every_norm_and_keeps_the_function():
     tb = _bed()
     v = {"params": tb.params()}
-    res = awq(tb.MODEL, tb.calibration_batches(), v, rules=Rule(PAT, weight=W4G32))
+    res = awq(
+        tb.MODEL, tb.calibration_batches(), v, rules=Rule(PAT, weight=W4G32), clip_search=False
+    )
     folded = {p: r["folded_into"] for p, r in res.report.items()}
     for i in range(2):
         for p in ("attn/q", "attn/k", "attn/v"):
@@ -267,7 +273,9 @@ def test_scales_alone_beat_rtn_on_the_outlier_model():
     tb = _bed()
     v = {"params": tb.outlier_params()}
     f = tb.eval_loss(tb.MODEL.apply, v)
-    res = awq(tb.MODEL, tb.calibration_batches(), v, rules=Rule(PAT, weight=W4G32))
+    res = awq(
+        tb.MODEL, tb.calibration_batches(), v, rules=Rule(PAT, weight=W4G32), clip_search=False
+    )
     assert _served(tb, W4G32, res.variables) - f < 0.4 * (_served(tb, W4G32, v) - f)
 
 
@@ -279,7 +287,9 @@ def test_hf_gpt2():
     m = tp.get("hf_gpt2")
     rules = Rule(".*", weight=jq.QuantSpec("int4", jq.per_block(32)))
     with tp.lenient():
-        res = awq(m.model, [m.args], m.variables, rules=rules, call_kwargs=m.kwargs)
+        res = awq(
+            m.model, [m.args], m.variables, rules=rules, call_kwargs=m.kwargs, clip_search=False
+        )
         out = tp.call(m, quantize_model(m.model, Rule(".*")), res.variables)
         clipped = awq(
             m.model, [m.args], m.variables, rules=rules, call_kwargs=m.kwargs, clip_search=True

@@ -87,7 +87,7 @@ def awq(
     rules: Rule | Iterable[Rule] | None = None,
     grid: int = 20,
     max_samples: int = 512,
-    clip_search: bool = False,
+    clip_search: bool = True,
     fold: bool = True,
     pairs: Mapping[str, Sequence[str]] | None = None,
     call_kwargs: Mapping[str, Any] | None = None,
@@ -124,8 +124,10 @@ def awq(
         sets the clipping grid.
       max_samples: input rows per layer the search evaluates the output error on.
       clip_search: also search each scale group's clipping range (the paper's second
-        step); for 2-D weights quantized in groups along the input axis or per output
-        channel (other layers list why in their report's ``"clip"``).
+        step, on by default: the scales alone do not beat round-to-nearest on the plain
+        byte LM, the clipping search does); for 2-D weights quantized in groups along the
+        input axis or per output channel (other layers list why in their report's
+        ``"clip"``). ``False`` keeps the float function unchanged by the scales alone.
       fold: fold scales into normalization layers where the graph allows: Linen models
         are traced once (SmoothQuant's ``norm_readers``) and a LayerNorm / RMSNorm whose
         every reader is a layer AWQ scales takes their shared ``s`` (ByteLM: ``ln1`` ->
@@ -159,7 +161,7 @@ def awq(
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
       >>> from jaxquant.flax import Rule, convert, quantize_model
-      >>> from jaxquant._src.ptq.awq import awq
+      >>> from jaxquant.ptq import awq
       >>> model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(4)])
       >>> x = jax.random.normal(jax.random.key(0), (64, 16)) * jnp.linspace(0.1, 10, 16)[None]
       >>> variables = model.init(jax.random.key(1), x)
