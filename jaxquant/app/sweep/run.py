@@ -147,6 +147,35 @@ def _dur(s: float) -> str:
 # ------------------------------------------------------------------ evaluation
 
 
+def _weight_metrics(
+    flat: dict[str, Any], quantized: dict[str, Any], stored: dict[str, Any]
+) -> dict[str, float]:
+    """A cell's weight metrics: SQNR of the quantized kernels (``quantized``: layer -> its
+    fake-quantized / dequantized kernel) against the float ones in ``flat``, bits per weight
+    of their storage (``stored``: ``"<layer>/kernel"`` -> QArray or its abstract shape) and
+    the model's bytes with them."""
+    from jaxquant import size_report
+
+    sig = noise = 0.0
+    kbytes = kcount = 0
+    for layer, wq in quantized.items():
+        w64 = np.asarray(flat[f"{layer}/kernel"], np.float64)
+        q64 = np.asarray(wq, np.float64)
+        sig += float(np.sum(w64**2))
+        noise += float(np.sum((w64 - q64) ** 2))
+        kbytes += size_report({"k": stored[f"{layer}/kernel"]}).nbytes
+        kcount += w64.size
+    if not np.isfinite(noise):
+        raise FloatingPointError("quantized weights are not finite")
+    rep = size_report(flat | stored)
+    return {
+        "weight_sqnr_db": float("inf") if noise == 0 else 10.0 * math.log10(sig / noise),
+        "bits_per_weight": 8.0 * kbytes / max(kcount, 1),
+        "model_bytes": rep.nbytes,
+        "float32_bytes": rep.float32_bytes,
+    }
+
+
 def _replace_kernels(params: Any, new: dict[str, Any]) -> Any:
     """``params`` (a Linen dict or an NNX state) with the kernels of the layers in ``new``
     (layer path -> value) replaced."""
@@ -219,34 +248,19 @@ class Evaluator:
 
     def _weights(self, cell: G.Cell, params: Any, key: jax.Array | None) -> tuple[Any, dict]:
         """Fake-quantized params and the size / SQNR metrics of ``cell``'s weights."""
-        from jaxquant import fake_quant, quantize, size_report
+        from jaxquant import fake_quant, quantize
 
         flat = _flat(params)
         fq, abstract = {}, {}
-        sig = noise = 0.0
-        kbytes = kcount = 0
         for i, (layer, shape) in enumerate(self.tasks.kernels(params, self.layers).items()):
             spec = G.spec_for(cell, shape)
             w = flat[f"{layer}/kernel"]
             k = None if key is None else jax.random.fold_in(key, i)
-            wq = fake_quant(w, spec, key=k)
-            qabs = jax.eval_shape(lambda a, s=spec, k=k: quantize(a, s, key=k), w)
-            fq[layer], abstract[f"{layer}/kernel"] = wq, qabs
-            w64, q64 = np.asarray(w, np.float64), np.asarray(wq, np.float64)
-            sig += float(np.sum(w64**2))
-            noise += float(np.sum((w64 - q64) ** 2))
-            kbytes += size_report({"k": qabs}).nbytes
-            kcount += math.prod(shape)
-        if not np.isfinite(noise):
-            raise FloatingPointError("quantized weights are not finite")
-        rep = size_report(flat | abstract)
-        sqnr = float("inf") if noise == 0 else 10.0 * math.log10(sig / noise)
-        return _replace_kernels(params, fq), {
-            "weight_sqnr_db": sqnr,
-            "bits_per_weight": 8.0 * kbytes / max(kcount, 1),
-            "model_bytes": rep.nbytes,
-            "float32_bytes": rep.float32_bytes,
-        }
+            fq[layer] = fake_quant(w, spec, key=k)
+            abstract[f"{layer}/kernel"] = jax.eval_shape(
+                lambda a, s=spec, k=k: quantize(a, s, key=k), w
+            )
+        return _replace_kernels(params, fq), _weight_metrics(flat, fq, abstract)
 
     def __call__(self, cell: G.Cell) -> dict[str, Any]:
         fl = self.float_model(cell.seed)
@@ -371,7 +385,7 @@ class Evaluator:
         """The dequantized weights of a converted tree ``served`` (QArrays where
         :func:`_weights` would fake-quantize) and the same metrics, against the float
         ``params`` it was solved from."""
-        from jaxquant import QArray, dequantize, size_report
+        from jaxquant import QArray, dequantize
 
         flat = _flat(params)
         qflat = {
@@ -381,30 +395,13 @@ class Evaluator:
             )[0]
         }
         deq, abstract = {}, {}
-        sig = noise = 0.0
-        kbytes = kcount = 0
-        for layer, shape in self.tasks.kernels(params, self.layers).items():
+        for layer in self.tasks.kernels(params, self.layers):
             q = qflat[f"{layer}/kernel"]
             if not isinstance(q, QArray):
                 raise TypeError(f"GPTQ left {layer}/kernel unquantized ({type(q).__name__})")
-            w = flat[f"{layer}/kernel"]
-            wq = dequantize(q).astype(w.dtype)
-            deq[layer], abstract[f"{layer}/kernel"] = wq, q
-            w64, q64 = np.asarray(w, np.float64), np.asarray(wq, np.float64)
-            sig += float(np.sum(w64**2))
-            noise += float(np.sum((w64 - q64) ** 2))
-            kbytes += size_report({"k": q}).nbytes
-            kcount += math.prod(shape)
-        if not np.isfinite(noise):
-            raise FloatingPointError("quantized weights are not finite")
-        rep = size_report(flat | abstract)
-        sqnr = float("inf") if noise == 0 else 10.0 * math.log10(sig / noise)
-        return _replace_kernels(params, deq), {
-            "weight_sqnr_db": sqnr,
-            "bits_per_weight": 8.0 * kbytes / max(kcount, 1),
-            "model_bytes": rep.nbytes,
-            "float32_bytes": rep.float32_bytes,
-        }
+            deq[layer] = dequantize(q).astype(flat[f"{layer}/kernel"].dtype)
+            abstract[f"{layer}/kernel"] = q
+        return _replace_kernels(params, deq), _weight_metrics(flat, deq, abstract)
 
     def _qat_cell(self, cell: G.Cell, fl: Float) -> dict[str, Any]:
         from jaxquant.flax import Rule
