@@ -44,15 +44,12 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):  # run from a checkout, or impo
         sys.path.insert(0, _p)
 
 import common  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
-from jaxquant.app.datasets import spaced_windows, stdlib_corpus  # noqa: E402
-from jaxquant.app.models import ByteLM  # noqa: E402
-from jaxquant.flax import quantize_model, report  # noqa: E402
+from jaxquant.app import training  # noqa: E402
+from jaxquant.app.datasets import stdlib_corpus  # noqa: E402
+from jaxquant.flax import report  # noqa: E402
 
 NAME = "qat_lm"
 METHODS = (
@@ -74,14 +71,6 @@ QUANTIZED = r"block\d+/.*"  # every Dense inside the transformer blocks
 load_corpus = stdlib_corpus  # the split and bytes recorded in results/qat_lm.json
 
 
-def val_windows(val: np.ndarray, seq: int, n: int) -> np.ndarray:
-    """``n`` windows of ``seq + 1`` bytes, evenly spaced over the validation bytes."""
-    return spaced_windows(val, seq + 1, n)
-
-
-# ------------------------------------------------------------------------------ model
-
-
 def rules_for(method: str, group_size: int = 32) -> tuple[jq.flax.Rule, ...] | None:
     """The quantize_model rules of a method (None: float)."""
     if method == "float":
@@ -90,132 +79,21 @@ def rules_for(method: str, group_size: int = 32) -> tuple[jq.flax.Rule, ...] | N
     return jq.recipes.get(method, **kw).rules(QUANTIZED)
 
 
-def build(method: str, cfg: dict[str, Any]) -> Any:
-    """The model of a method: :class:`ByteLM`, quantized by the method's rules."""
-    model = ByteLM(
-        seq=cfg["seq"],
-        d=cfg["width"],
-        layers=cfg["layers"],
-        heads=cfg["heads"],
-        hidden=cfg["hidden"],
-    )
-    rules = rules_for(method, cfg["int4_group"])
-    return model if rules is None else quantize_model(model, rules)
-
-
-def init(model: Any, seed: int, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """``(params, rest)``: the ``params`` collection (trained) and every other collection
-    (the ``quant_state`` of delayed scaling, updated by the training calls)."""
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, cfg["seq"]), jnp.int32))
-    params = variables["params"]
-    return params, {k: v for k, v in variables.items() if k != "params"}
-
-
-def loss_fn(
-    model: Any, params: Any, rest: dict[str, Any], batch: jax.Array
-) -> tuple[jax.Array, dict[str, Any]]:
-    """Mean next-byte cross-entropy (nats) of ``batch`` (int32 [B, seq + 1]) and the
-    updated ``rest`` (a training call: the non-param collections are mutable)."""
-    logits, rest = model.apply({"params": params, **rest}, batch[:, :-1], mutable=list(rest))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-    return loss, dict(rest)
-
-
-def optimizer(cfg: dict[str, Any]) -> optax.GradientTransformation:
-    warmup = max(1, cfg["steps"] // 10)
-    lr = optax.warmup_cosine_decay_schedule(
-        0.0, cfg["lr"], warmup, cfg["steps"], end_value=cfg["lr"] * 0.1
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=cfg["weight_decay"]),
-    )
-
-
-def sample_batch(data: jax.Array, key: jax.Array, batch: int, seq: int) -> jax.Array:
-    """``batch`` random windows of ``seq + 1`` bytes (int32)."""
-    starts = jax.random.randint(key, (batch,), 0, data.shape[0] - seq - 1)
-    idx = starts[:, None] + jnp.arange(seq + 1)[None, :]
-    return data[idx].astype(jnp.int32)
-
-
-def make_train_chunk(model: Any, cfg: dict[str, Any]):
-    """A jitted function running ``n`` steps with ``lax.scan``:
-    ``(state, data, key, steps) -> (state, losses[n])``; ``state`` is
-    ``(params, rest, opt_state)``, so every variable (params, optimizer, the
-    ``quant_state`` of delayed scaling) is threaded through."""
-    tx = optimizer(cfg)
-
-    def step(state, data, key, i):
-        params, rest, opt_state = state
-        batch = sample_batch(data, jax.random.fold_in(key, i), cfg["batch"], cfg["seq"])
-        grad = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-        (loss, rest), grads = grad(model, params, rest, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), rest, opt_state), loss
-
-    def chunk(state, data, key, steps):
-        def body(s, i):
-            return step(s, data, key, i)
-
-        return jax.lax.scan(body, state, steps)
-
-    return jax.jit(chunk, donate_argnums=0)
-
-
-def make_eval(model: Any):
-    @jax.jit
-    def nll(state, windows):
-        params, rest, _ = state
-        return loss_fn(model, params, rest, windows)[0]  # the updated state is dropped
-
-    return nll
-
-
 def run_method(method: str, seeds: int, cfg: dict[str, Any], corpus: dict[str, Any]) -> list:
-    """Train ``method`` for every seed; the train and eval functions compile once (the
-    seeds share the model) and are reused."""
-    data = jnp.asarray(corpus["train"])
-    windows = val_windows(corpus["val"], cfg["seq"], cfg["val_windows"])
-    model = build(method, cfg)
-    train = nll = None
-    runs = []
-    for seed in range(seeds):
-        t0 = time.perf_counter()
-        try:
-            params, rest = init(model, seed, cfg)
-            quantized = [] if method == "float" else [m.path for m in report(model)]
-            state = (params, rest, optimizer(cfg).init(params))
-            if train is None:
-                train, nll = make_train_chunk(model, cfg), make_eval(model)
-            key = jax.random.key(10_000 + seed)
-            losses: list[float] = []
-            for s0 in range(0, cfg["steps"], cfg["chunk"]):
-                steps = jnp.arange(s0, min(s0 + cfg["chunk"], cfg["steps"]))
-                state, ls = train(state, data, key, steps)
-                losses.extend(np.asarray(ls).tolist())
-            val = [
-                float(nll(state, jnp.asarray(windows[i : i + cfg["eval_batch"]])))
-                for i in range(0, len(windows), cfg["eval_batch"])
-            ]
-            val_nll = float(np.mean(val))  # equal-sized batches: the mean over all bytes
-            r = {
-                "seed": seed,
-                "val_nll": val_nll,
-                "val_ppl": math.exp(val_nll),
-                "val_bits_per_byte": val_nll / math.log(2),
-                "final_train_loss": float(np.mean(losses[-max(1, len(losses) // 20) :])),
-                "train_loss_curve": common.downsample(losses, 50),
-                "quantized_layers": quantized,
-                "state": sorted(rest),  # the variable collections besides params
-                "seconds": time.perf_counter() - t0,
-            }
-            if not math.isfinite(val_nll):
-                r["error"] = f"non-finite validation loss {val_nll}"
-        except Exception as e:  # report a broken recipe, keep the sweep going
-            r = {"seed": seed, "error": f"{type(e).__name__}: {e}"}
-        print(f"{method:12s} seed {seed}: " + common.brief(r, "val_ppl"), flush=True)
-        runs.append(r)
+    """Train ``method`` for every seed (:func:`jaxquant.app.training.train`: one compile
+    for all seeds)."""
+    try:
+        model = training.build(cfg, rules_for(method, cfg["int4_group"]))
+        runs = training.train(model, cfg, corpus, range(seeds))  # report() needs a run
+        quantized = [] if method == "float" else [m.path for m in report(model)]
+    except Exception as e:  # report a broken recipe, keep the sweep going
+        runs = [{"seed": s, "error": f"{type(e).__name__}: {e}"} for s in range(seeds)]
+        quantized = []
+    for r in runs:
+        if "error" not in r:
+            r["val_ppl"] = math.exp(r["val_nll"])
+            r["quantized_layers"] = quantized
+        print(f"{method:12s} seed {r['seed']}: " + common.brief(r, "val_ppl"), flush=True)
     return runs
 
 
@@ -223,23 +101,7 @@ def run_method(method: str, seeds: int, cfg: dict[str, Any], corpus: dict[str, A
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = {
-        "seq": 128,
-        "batch": 16,
-        "width": 128,
-        "layers": 2,
-        "heads": 4,
-        "hidden": 512,
-        "steps": 300,
-        "lr": 3e-3,
-        "weight_decay": 0.01,
-        "chunk": 50,
-        "val_every": 10,
-        "val_windows": 512,
-        "eval_batch": 128,
-        "max_files": None,
-        "int4_group": 32,
-    }
+    cfg = {**training.DEFAULTS, "val_every": 10, "max_files": None, "int4_group": 32}
     if args.quick:
         cfg.update(
             seq=32,

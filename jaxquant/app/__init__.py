@@ -11,6 +11,8 @@ orbax integrations. ``jaxquant.app`` uses only that public API to run experiment
   the sweep, benchmarks, papers, notebooks and end-to-end tests share;
 * :mod:`jaxquant.app.testbed` -- the one trained byte-LM test bed (and its outlier variant)
   of the PTQ tests, papers and benchmarks;
+* :mod:`jaxquant.app.training` -- the one quantized-training loop of the byte LM (the QAT
+  benchmark, the 4-bit training reproductions) and paired statistics over seeds;
 * :mod:`jaxquant.app.timing` and :mod:`jaxquant.app.env` -- the one timing helper and the
   one environment record of every measured result;
 * :mod:`jaxquant.app.cli` -- the installed ``jaxquant`` script.
