@@ -23,7 +23,13 @@ from jaxquant._src.config import QuantConfig
 from jaxquant._src.conv import conv_general_dilated
 from jaxquant._src.dot import dot_capabilities, dot_general, einsum
 from jaxquant._src.explain import explain
-from jaxquant._src.granularity import per_block, per_channel, per_tensor, per_token
+from jaxquant._src.granularity import (
+    per_block,
+    per_block_2d,
+    per_channel,
+    per_tensor,
+    per_token,
+)
 from jaxquant._src.kv_cache import kv_cache_init, kv_cache_update
 from jaxquant._src.lsq import lsq_fake_quant, lsq_init
 from jaxquant._src.qarray import QArray
@@ -97,6 +103,7 @@ __all__ = [
     "minmax",
     "mse",
     "per_block",
+    "per_block_2d",
     "per_channel",
     "per_tensor",
     "per_token",

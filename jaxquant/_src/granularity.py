@@ -13,6 +13,13 @@ shape with the reduced axes kept as size 1, so they broadcast against the view.
   error rather than padded, so the layout of values and scales never changes silently.
 * :func:`per_token` ``(axis=-1)`` -- one scale per token: reduced over the feature ``axis``
   only (activations of shape ``(..., tokens, features)``).
+* :func:`per_block_2d` ``(size, axes=(-2, -1))`` -- two-dimensional blocks: both ``axes`` are
+  split into contiguous blocks (16 x 16 by default) and each tile shares one scale. A tile's
+  scale does not depend on which of its two axes a product contracts, so a weight quantized
+  with 2-D blocks has the same values in the forward product (contracting its input axis)
+  and in the transposed backward one (contracting its output axis): NVFP4 training's weights
+  (https://arxiv.org/abs/2509.25149, section 4.3). ``quantize(w.T)`` with the transposed
+  axes gives exactly ``quantize(w).T``.
 
 Layout-relative forms name no axis; they follow the operand's role in a contraction, so one
 spec fits a Dense kernel ``(in, out)``, a LinearGeneral kernel ``(heads, head_dim, out)``, a
@@ -174,6 +181,82 @@ class PerBlock:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerBlock2D:
+    """One scale per ``sizes[0] x sizes[1]`` tile of the two ``axes`` (2-D block scaling).
+
+    Invariants: ``axes`` two distinct ints (negative ones count from the end), ``sizes`` two
+    positive ints, ``sizes[i]`` the block length along ``axes[i]``. Every other axis keeps
+    one scale per index. Each size must divide its axis' length (a partial tile is refused,
+    as :class:`PerBlock` refuses a partial block).
+    """
+
+    axes: tuple[int, int] = (-2, -1)
+    sizes: tuple[int, int] = (16, 16)
+
+    def __post_init__(self) -> None:
+        for name in ("axes", "sizes"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple | list) or len(v) != 2:
+                raise TypeError(
+                    f"per_block_2d({name}): expected two ints, got {describe(v)}; e.g. "
+                    "per_block_2d(16, axes=(0, 1)) for 16 x 16 tiles of an (in, out) kernel."
+                )
+        axes = tuple(check_int(a, "per_block_2d(axes): each axis") for a in self.axes)
+        sizes = tuple(check_int(n, "per_block_2d(size): each size") for n in self.sizes)
+        if min(sizes) < 1:
+            raise ValueError(
+                f"per_block_2d(size): block sizes must be positive ints, got {sizes}; they "
+                "are the tile's extent along each axis, e.g. 16 (16 x 16 tiles)."
+            )
+        if axes[0] == axes[1]:
+            raise ValueError(
+                f"per_block_2d(axes): the two axes must differ, got {axes}; for blocks "
+                f"along one axis use per_block({axes[0]}, size)."
+            )
+        object.__setattr__(self, "axes", axes)
+        object.__setattr__(self, "sizes", sizes)
+
+    def plan(self, shape: tuple[int, ...]) -> Plan:
+        ndim = len(shape)
+        if ndim < 2:
+            raise ValueError(
+                f"per_block_2d: an array of shape {tuple(shape)} has fewer than two axes to "
+                "tile; use per_block(axis, size) or per_tensor() for it."
+            )
+        axes = [_norm_axis(a, ndim, "per_block_2d") for a in self.axes]
+        if axes[0] == axes[1]:
+            raise ValueError(
+                f"per_block_2d(axes): {self.axes} name the same axis of an array of rank "
+                f"{ndim} (negative axes count from the end); name two different axes."
+            )
+        for a, size, given in zip(axes, self.sizes, self.axes, strict=True):
+            if shape[a] % size:
+                divisors = [d for d in (8, 16, 32, 64, 128) if shape[a] % d == 0]
+                hint = f" Block sizes that divide it: {divisors}." if divisors else ""
+                raise ValueError(
+                    f"per_block_2d: block size {size} does not divide axis {given} of length "
+                    f"{shape[a]} (shape {tuple(shape)}).{hint} Pad that axis to a multiple "
+                    f"of {size}, choose another size, or keep the array in higher precision."
+                )
+        # Split each tiled axis a into (a_blocks, a_in_block); the second is reduced.
+        order = sorted(zip(axes, self.sizes, strict=True))
+        view: list[int] = []
+        reduce: list[int] = []
+        tiled = dict(order)
+        for i, n in enumerate(shape):
+            if i in tiled:
+                view += [n // tiled[i], tiled[i]]
+                reduce.append(len(view) - 1)
+            else:
+                view.append(n)
+        return _plan(shape, tuple(view), tuple(reduce))
+
+    def __str__(self) -> str:
+        size = self.sizes[0] if self.sizes[0] == self.sizes[1] else self.sizes
+        return f"per_block_2d({size}, axes={self.axes})"
+
+
+@dataclasses.dataclass(frozen=True)
 class PerToken:
     """One scale per token: reduce over the feature ``axis`` only."""
 
@@ -190,7 +273,7 @@ class PerToken:
         return "per_token"
 
 
-Granularity = PerTensor | PerChannel | PerBlock | PerToken
+Granularity = PerTensor | PerChannel | PerBlock | PerBlock2D | PerToken
 
 
 def follows_layout(granularity: Granularity) -> bool:
@@ -285,6 +368,42 @@ def per_block(*args: int, axis: int = _UNSET, size: int = _UNSET) -> PerBlock:  
             "contraction axis) or per_block(-1, 32) (along a given axis)."
         )
     return PerBlock(check_int(axis, "per_block(axis)") if given["axis"] else None, size)
+
+
+def per_block_2d(
+    size: int | tuple[int, int] = 16, *, axes: tuple[int, int] = (-2, -1)
+) -> PerBlock2D:
+    """One scale per 2-D tile: ``axes`` split into blocks of ``size`` (16 x 16 by default).
+
+    ``size`` is one int (square tiles) or a pair, the block length along ``axes[0]`` and
+    ``axes[1]``. The default axes are the last two, the matrix of a Dense kernel
+    ``(in, out)``, a LinearGeneral kernel's ``(head_dim, out)`` or an activation's
+    ``(tokens, features)``. Because a tile's one scale covers both axes, a product that
+    contracts either axis sees the same quantized values: NVFP4 training quantizes weights
+    with 16 x 16 tiles so that the forward product (contracting the input axis) and the
+    backward ``dgrad`` product (contracting the output axis) use the same weight (NVIDIA,
+    https://arxiv.org/abs/2509.25149). ``quantize(w.T, spec with axes reversed)`` equals
+    ``quantize(w).T`` exactly. Works with every format, including MX (one e8m0 scale per
+    tile) and NVFP4 (an e4m3 scale per tile and the float32 per-tensor scale).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> print(jq.per_block_2d(), jq.per_block_2d((16, 32), axes=(0, 1)))
+      per_block_2d(16, axes=(-2, -1)) per_block_2d((16, 32), axes=(0, 1))
+      >>> w = jnp.arange(32 * 48, dtype=jnp.float32).reshape(32, 48)
+      >>> q = jq.quantize(w, jq.QuantSpec("int8", jq.per_block_2d(16)))
+      >>> q.scale.shape  # one scale per 16 x 16 tile: 2 x 3 tiles
+      (2, 1, 3, 1)
+      >>> qt = jq.quantize(w.T, jq.QuantSpec("int8", jq.per_block_2d(16)))
+      >>> bool((jq.dequantize(qt) == jq.dequantize(q).T).all())
+      True
+
+    References:
+      NVIDIA, "Pretraining Large Language Models with NVFP4",
+      https://arxiv.org/abs/2509.25149
+    """
+    pair = size if isinstance(size, tuple | list) else (size, size)
+    return PerBlock2D(tuple(axes), tuple(pair))  # type: ignore[arg-type]
 
 
 def per_token(axis: int = -1) -> PerToken:
