@@ -2,9 +2,10 @@
 
 Three grids for a b-bit signed integer format, ``qmax = 2^(b-1) - 1``:
 
-* restricted (default): ``s = amax / qmax``, codes ``[-qmax, qmax]`` (2^b - 1 levels);
-* full (``int_grid="full"``, Qwix's): ``s = amax / (qmax + 0.5)``, codes
-  ``[-2^(b-1), qmax]`` (all 2^b);
+* restricted (the default from int4 on): ``s = amax / qmax``, codes ``[-qmax, qmax]``
+  (2^b - 1 levels);
+* full (``int_grid="full"``, Qwix's; the default at int2 / int3, papers/int_grids):
+  ``s = amax / (qmax + 0.5)``, codes ``[-2^(b-1), qmax]`` (all 2^b);
 * asymmetric (``symmetric=False``, min/max): ``s = (hi - lo) / (2^b - 1)``, zero point ``z``.
 
 Every grid is checked against a numpy first-principles oracle, exactly, over the
@@ -192,7 +193,7 @@ def test_full_grid_uses_every_level_on_a_dense_ramp(bits):
     full = jq.quantize(ramp, jq.QuantSpec(f"int{bits}", int_grid="full"))
     assert float(full.scale[0]) == 0.125
     assert np.unique(np.asarray(full.codes())).tolist() == list(range(-qmax - 1, qmax + 1))
-    restricted = jq.quantize(ramp, jq.QuantSpec(f"int{bits}"))
+    restricted = jq.quantize(ramp, jq.QuantSpec(f"int{bits}", int_grid="restricted"))
     assert np.unique(np.asarray(restricted.codes())).size == 2**bits - 1
     asym = jq.quantize(ramp, jq.QuantSpec(f"int{bits}", calibration=jq.minmax(), symmetric=False))
     assert np.unique(np.asarray(asym.codes())).size == 2**bits
@@ -235,7 +236,7 @@ def test_full_grid_has_lower_mse_than_restricted_on_gaussian_data(gran, bits):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((256, 256)).astype(F32))
     g = jq.per_block(-1, 32) if gran == "per_block32" else GRANS[gran]
     specs = (
-        jq.QuantSpec(f"int{bits}", g),
+        jq.QuantSpec(f"int{bits}", g, int_grid="restricted"),
         jq.QuantSpec(f"int{bits}", g, int_grid="full"),
         jq.QuantSpec(f"int{bits}", g, jq.minmax(), symmetric=False),
     )

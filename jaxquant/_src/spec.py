@@ -12,6 +12,11 @@ from jaxquant._src.checks import check_bool
 
 Rounding = Literal["nearest", "stochastic"]
 IntGrid = Literal["restricted", "full"]
+# The widths whose default (``int_grid="auto"``) is the full grid: papers/int_grids measured
+# it better than the restricted grid at 2 and 3 bits (RTN loss increase halved at int2, -0.031
+# nats/byte per channel at int3), not at 4 bits (tied per channel, +0.0018 worse per group)
+# nor 8 (within noise).
+FULL_GRID_BITS = (2, 3)
 _SCALE_FORMATS = {
     "float32": "float32",
     "bfloat16": "bfloat16",
@@ -51,7 +56,16 @@ class QuantSpec:
       int_grid: how a symmetric signed int grid covers the calibrated range
         ``[-amax, amax]`` (``qmax = 2^(b-1) - 1``):
 
-        * ``"restricted"`` (default): ``s = amax / qmax`` onto ``[-qmax, qmax]``, ``2^b - 1``
+        * ``"auto"`` (default): the grid ``papers/int_grids`` measured best for the width:
+          ``"full"`` for int2 and int3 (round-to-nearest's loss increase on a byte LM halved
+          at int2, a third lower at int3), ``"restricted"`` for int4 and wider (int4: no
+          measurable gain from the extra level; int8: within noise, and the grid int8
+          toolchains use). Also ``"restricted"`` where the full grid does not apply or was
+          not measured: asymmetric and unsigned specs, non-int formats, int1,
+          ``calibration=None`` (a plain cast) and ``narrow_range=False`` (an option of the
+          restricted grid). The stored field is the resolved grid, so
+          ``QuantSpec("int3") == QuantSpec("int3", int_grid="full")``.
+        * ``"restricted"``: ``s = amax / qmax`` onto ``[-qmax, qmax]``, ``2^b - 1``
           levels, so negation is exact. The right choice at 8 bits, where ``-128`` buys
           little and breaks symmetry.
         * ``"full"``: all ``2^b`` codes ``[-2^(b-1), qmax]`` with ``s = amax / (qmax + 0.5)``
@@ -63,7 +77,9 @@ class QuantSpec:
           clipping calibration (percentile, mse...) sends the values below its ``-amax``
           to ``-2^(b-1)``. A lower error than the restricted grid at 2-4 bits on
           Gaussian-like data. Signed integer formats only; a given ``scale=`` is used as
-          it is.
+          it is. With error-compensating methods (GPTQ, AWQ's clipping search) it was also
+          the better int4 grid on the PTQ benchmark (``benchmarks/peers_ptq.py``): ask for
+          it explicitly there.
       narrow_range: with ``int_grid="restricted"``, whether the code ``-2^(b-1)`` is excluded
         (default True). False allows it, leaving the scale ``amax / qmax`` unchanged: only
         values clipped below ``-amax`` (a clipping calibration, a given scale) reach it. The
@@ -82,11 +98,13 @@ class QuantSpec:
       'int8'
       >>> print(jq.QuantSpec("int4", jq.per_block(32)))  # blocks along the contraction axis
       QuantSpec(int4, per_block(32), absmax)
-      >>> full = jq.QuantSpec("int3", jq.per_channel(-1), int_grid="full")
+      >>> full = jq.QuantSpec("int3", jq.per_channel(-1))  # int_grid="auto": full at 3 bits
       >>> print(full)
       QuantSpec(int3, per_channel(-1,), absmax, full-grid)
       >>> full.qrange, full.scale_divisor  # 8 levels, s = amax / 3.5
       ((-4.0, 3.0), 3.5)
+      >>> jq.QuantSpec("int4").int_grid, jq.QuantSpec("int8").qrange  # restricted from 4 bits
+      ('restricted', (-127.0, 127.0))
     """
 
     format: formats.Format
@@ -112,12 +130,12 @@ class QuantSpec:
         narrow_range: bool = True,
         saturate: bool = True,
         rng: Literal["hash", "threefry"] = "hash",
-        int_grid: IntGrid = "restricted",
+        int_grid: IntGrid | Literal["auto"] = "auto",
     ) -> None:
         symmetric = check_bool(symmetric, "QuantSpec.symmetric")
-        if not isinstance(int_grid, str) or int_grid not in ("restricted", "full"):
+        if not isinstance(int_grid, str) or int_grid not in ("auto", "restricted", "full"):
             raise ValueError(
-                f"QuantSpec.int_grid must be 'restricted' or 'full', got {int_grid!r}."
+                f"QuantSpec.int_grid must be 'auto', 'restricted' or 'full', got {int_grid!r}."
             )
         narrow_range = check_bool(narrow_range, "QuantSpec.narrow_range")
         saturate = check_bool(saturate, "QuantSpec.saturate")
@@ -139,15 +157,17 @@ class QuantSpec:
                 gran.PerBlock(-1, fmt.block_size) if fmt.kind == "mx" else gran.PerTensor()
             )
         if not isinstance(
-            granularity, gran.PerTensor | gran.PerChannel | gran.PerBlock | gran.PerToken
+            granularity,
+            gran.PerTensor | gran.PerChannel | gran.PerBlock | gran.PerBlock2D | gran.PerToken,
         ):
             raise TypeError(
                 "QuantSpec.granularity: expected per_tensor(), per_channel(axes), "
-                "per_channel(), per_block(axis, size), per_block(size) or per_token(), got "
+                "per_channel(), per_block(axis, size), per_block(size), per_block_2d(size) or "
+                "per_token(), got "
                 f"{granularity!r}."
             )
         if fmt.kind == "mx":
-            if not isinstance(granularity, gran.PerBlock):
+            if not isinstance(granularity, gran.PerBlock | gran.PerBlock2D):
                 raise ValueError(
                     f"QuantSpec.granularity: {fmt.name} shares one scale per block; use "
                     f"per_block(axis, {fmt.block_size}) (the default) instead of {granularity}."
@@ -210,6 +230,9 @@ class QuantSpec:
                 "QuantSpec.saturate=False: integers have no Inf/NaN to overflow to (a raw cast "
                 "would wrap); integer formats always saturate. Drop saturate=False."
             )
+        auto = int_grid == "auto"
+        if auto:
+            int_grid = default_int_grid(fmt, symmetric, calibration, narrow_range)
         if int_grid == "full":
             _check_full_grid(fmt, symmetric)
             narrow_range = False  # the full grid has -2^(b-1): one stored value per grid
@@ -229,6 +252,9 @@ class QuantSpec:
         set_(self, "saturate", saturate)
         set_(self, "rng", rng)
         set_(self, "int_grid", int_grid)
+        # Not a dataclass field (equality, hashing and serialization see the resolved grid):
+        # whether the grid came from "auto", so that replace() chooses it again.
+        set_(self, "_auto_grid", auto)
 
     # ---------------------------------------------------------------- derived, static
     @property
@@ -271,7 +297,11 @@ class QuantSpec:
     def replace(self, **changes: object) -> QuantSpec:
         """A copy with some fields changed (validated again).
 
-        Changing ``int_grid`` alone also resets ``narrow_range`` to its default.
+        Changing ``int_grid`` alone also resets ``narrow_range`` to its default. A spec
+        whose grid came from ``int_grid="auto"`` chooses it again for the copy's format and
+        options unless ``int_grid`` is given: ``QuantSpec("int3").replace(format="int8")``
+        is ``QuantSpec("int8")`` (restricted), and ``.replace(symmetric=False, ...)`` is
+        asymmetric rather than an error about the full grid.
         """
         fields: dict[str, Any] = {
             "format": self.format,
@@ -285,7 +315,11 @@ class QuantSpec:
             "rng": self.rng,
             "int_grid": self.int_grid,
         }
-        if changes.get("int_grid", self.int_grid) != self.int_grid:
+        if getattr(self, "_auto_grid", False) and "int_grid" not in changes:
+            fields["int_grid"] = "auto"
+            if self.int_grid == "full" and "narrow_range" not in changes:
+                fields["narrow_range"] = True  # the full grid's False is not the user's
+        elif changes.get("int_grid", self.int_grid) != self.int_grid:
             # full -> restricted must not keep the full grid's False (a third grid).
             fields["narrow_range"] = True
         fields.update(changes)
@@ -303,6 +337,33 @@ class QuantSpec:
         if self.scale_format.name != "float32":
             parts.append(f"scale={self.scale_format.name}")
         return "QuantSpec(" + ", ".join(parts) + ")"
+
+
+def default_int_grid(
+    fmt: formats.Format, symmetric: bool, calibration: cal.Calibration | None, narrow_range: bool
+) -> IntGrid:
+    """The grid ``int_grid="auto"`` picks: ``"full"`` for symmetric signed int2 / int3 with a
+    calibration (``papers/int_grids``' table), else ``"restricted"``.
+
+    ``narrow_range=False`` is an option of the restricted grid (its scale, one more code), so
+    asking for it keeps the restricted grid; ``calibration=None`` is a plain cast, where no
+    scale is chosen and the table does not apply.
+
+    Example:
+      >>> from jaxquant._src import formats
+      >>> [default_int_grid(formats.get(f"int{b}"), True, cal.AbsMax(), True) for b in (2, 3, 4)]
+      ['full', 'full', 'restricted']
+    """
+    if (
+        fmt.kind == "int"
+        and fmt.signed
+        and fmt.bits in FULL_GRID_BITS
+        and symmetric
+        and narrow_range
+        and calibration is not None
+    ):
+        return "full"
+    return "restricted"
 
 
 def _check_full_grid(fmt: formats.Format, symmetric: bool) -> None:

@@ -2,11 +2,11 @@
 
 Three grids for a b-bit integer weight, ``qmax = 2^(b-1) - 1`` (jaxquant's ``QuantSpec``):
 
-* restricted (``int_grid="restricted"``, the default): ``s = amax / qmax``, codes
+* restricted (``int_grid="restricted"``, the default from int4 on): ``s = amax / qmax``, codes
   ``[-qmax, qmax]``, 2^b - 1 levels (the grid of Jacob et al. 2018, arXiv:1712.05877, and
   of most int8 toolchains);
-* full (``int_grid="full"``, Qwix's): ``s = amax / (qmax + 0.5)``, codes ``[-2^(b-1), qmax]``,
-  all 2^b levels;
+* full (``int_grid="full"``, Qwix's, the default at int2 / int3): ``s = amax / (qmax + 0.5)``,
+  codes ``[-2^(b-1), qmax]``, all 2^b levels;
 * asymmetric (``symmetric=False``): ``s = (max - min) / (2^b - 1)`` and a zero point, the
   grid of GPTQ / AWQ's group-wise int4 (arXiv:2210.17323, arXiv:2306.00978).
 
@@ -186,6 +186,8 @@ def main(fast: bool = False) -> dict:
         "float_loss_seeds": floats,
         "rows": rows,
         "default": default,
+        # what QuantSpec's int_grid="auto" picks: it should be this table's default
+        "library_default": {b: jq.QuantSpec(f"int{b}").int_grid for b in BITS},
         "criterion": CRITERION,
         "passed": bool(ok),
     }
@@ -218,6 +220,9 @@ def markdown(res: dict) -> str:
         "",
         "Default symmetric grid per bit width (this table): "
         + ", ".join(f"int{b}: {g}" for b, g in res["default"].items()),
+        "",
+        "jq.QuantSpec's default (int_grid='auto'): "
+        + ", ".join(f"int{b}: {g}" for b, g in res["library_default"].items()),
     ]
     return "\n".join(lines)
 
