@@ -24,15 +24,18 @@ from typing import Any, Literal
 
 from jaxquant._src.checks import check_int, describe
 from jaxquant._src.granularity import PerChannel, PerTensor
+from jaxquant._src.hadamard import DotHadamard
 from jaxquant._src.spec import QuantSpec
 
 Mode = Literal["auto", "real", "emulate"]
 Scaling = Literal["current", "delayed"]
 Ste = Literal["plain", "clipped", "lsq"]
+Backward = Literal["saved", "requantize"]
 
 MODES = ("auto", "real", "emulate")
 SCALINGS = ("current", "delayed")
 STES = ("plain", "clipped", "lsq")
+BACKWARDS = ("saved", "requantize")
 ROLES = ("weight", "act", "grad")
 _INT32_MAX = 2**31 - 1
 
@@ -57,6 +60,23 @@ class QuantConfig:
       ste: ``"plain"``, ``"clipped"`` (zero gradient where an operand saturated) or
         ``"lsq"`` (learned step size, Esser et al. 2019, https://arxiv.org/abs/1902.08153;
         Flax only: the steps are parameters).
+      backward: the operands of the two backward products. ``"saved"``: the forward's
+        quantized operands, multiplied by the quantized output gradient
+        (``dx = Q(dy) Q(w)^T``, ``dw = Q(x)^T Q(dy)``). ``"requantize"``: what a block-scaled
+        (FP4 / MX) GEMM can run: each backward product quantizes its operands with their
+        blocks along *its* contracted axes, from the float values. ``dgrad`` (``dx``)
+        contracts the weight's output axes: the gradient and the weight get 1-D blocks
+        along them; ``wgrad`` (``dw``) contracts the tokens: the gradient and the activation
+        get 1-D blocks along those (Transformer Engine's NVFP4 recipe: forward ``x`` 1x16
+        along K and ``w`` 16x16, dgrad ``dy`` 1x16 along N, wgrad ``dy^T`` and ``x^T`` 1x16
+        along the tokens). Only 1-D block specs (``per_block``, MX formats) move; a 2-D
+        block weight (:func:`~jaxquant.per_block_2d`) is reused as it is, the same values as
+        the forward (NVFP4's reason for 2-D weights), and per-tensor / per-channel operands
+        are reused as with ``"saved"``. The float operands are kept for the backward pass
+        only where they are requantized.
+      hadamard: a :class:`~jaxquant.rotations.DotHadamard`: random (or deterministic)
+        Hadamard transforms of both operands of chosen products along their contracted
+        axis before quantization, or None.
 
     Raises:
       TypeError / ValueError: a field of the wrong type or value, naming it and the fix.
@@ -79,6 +99,8 @@ class QuantConfig:
     history_len: int = 16
     margin: int = 0
     ste: Ste = "plain"
+    backward: Backward = "saved"
+    hadamard: DotHadamard | None = None
 
     def __post_init__(self) -> None:
         check_config_fields(self, "QuantConfig")
@@ -131,10 +153,22 @@ def check_config_fields(obj: Any, where: str) -> None:
                 f"{where}.{name} must be a jq.QuantSpec or None (float), got {describe(spec)}. "
                 "Build one, e.g. jq.QuantSpec('int8')."
             )
-    for name, choices in (("mode", MODES), ("scaling", SCALINGS), ("ste", STES)):
-        value = getattr(obj, name)
+    for name, choices in (
+        ("mode", MODES),
+        ("scaling", SCALINGS),
+        ("ste", STES),
+        ("backward", BACKWARDS),
+    ):
+        # getattr: a Recipe names the fields it has (backward, hadamard came later).
+        value = getattr(obj, name, choices[0])
         if not isinstance(value, str) or value not in choices:
             raise ValueError(f"{where}.{name} must be one of {choices}, got {describe(value)}.")
+    hadamard = getattr(obj, "hadamard", None)
+    if hadamard is not None and not isinstance(hadamard, DotHadamard):
+        raise TypeError(
+            f"{where}.hadamard must be a jq.rotations.DotHadamard or None, got "
+            f"{describe(hadamard)}; e.g. jq.rotations.DotHadamard(gemms=('wgrad',))."
+        )
     history_len = check_int(obj.history_len, f"{where}.history_len", lo=1, hi=_INT32_MAX)
     # 2^margin scales a float32 amax: jq.delayed_scaling's bound.
     margin = check_int(obj.margin, f"{where}.margin (powers of two of headroom)")

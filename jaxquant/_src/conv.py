@@ -247,8 +247,9 @@ def conv_general_dilated(
       dimension_numbers, feature_group_count, batch_group_count, precision: likewise.
       preferred_element_type: likewise.
       config: a :class:`QuantConfig` with ``scaling="current"``, ``ste`` ``"plain"`` or
-        ``"clipped"`` and ``mode`` ``"auto"`` or ``"emulate"`` (the convolution is always
-        emulated), or None.
+        ``"clipped"``, ``mode`` ``"auto"`` or ``"emulate"`` (the convolution is always
+        emulated), ``backward="saved"`` and no ``hadamard`` (those are for
+        :func:`jaxquant.dot_general`), or None.
       lhs_spec, rhs_spec, grad_spec: :class:`QuantSpec` of the input, the kernel and the
         output gradient, or None (float). Any granularity (the kernel's output-channel axis
         is its last in Flax's HWIO layout: ``per_channel(-1)``). ``per_channel()`` and
@@ -275,6 +276,16 @@ def conv_general_dilated(
         _FN, config, lhs_spec=lhs_spec, rhs_spec=rhs_spec, grad_spec=grad_spec, ste=ste
     )
     lhs_spec, rhs_spec, grad_spec, ste = q["lhs_spec"], q["rhs_spec"], q["grad_spec"], q["ste"]
+    if config is not None and (config.backward != "saved" or config.hadamard is not None):
+        # The backward convolutions contract other axes (the batch and spatial ones for the
+        # kernel's gradient) than a per-block layout or a rotation of the forward names.
+        raise ValueError(
+            f"{_FN}: config.backward={config.backward!r} / config.hadamard="
+            f"{config.hadamard!r} are implemented for dot_general and einsum only, not for "
+            "convolutions. Use config.replace(backward='saved', hadamard=None) for conv "
+            "layers (a Flax Rule that matches only the Dense layers, or one for the convs), "
+            "or keep them in high precision."
+        )
     if config is not None and config.mode == "real":
         raise ValueError(
             f"{_FN}: config.mode='real' asks for an int8 / fp8 convolution, which jaxquant "

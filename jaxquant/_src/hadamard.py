@@ -40,6 +40,7 @@ integers, checked ``H H^T = m I``) and cached.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -631,3 +632,113 @@ def hadamard_rotation(size: int, *, key: ArrayLike | None = None) -> HadamardRot
         return HadamardRotation(jnp.ones((size,), jnp.float32))
     check_key(key, "hadamard_rotation: key")
     return HadamardRotation(jax.random.rademacher(key, (size,), dtype=jnp.float32))
+
+
+GEMMS = ("fwd", "dgrad", "wgrad")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DotHadamard:
+    """Random (or deterministic) Hadamard transforms inside a quantized product.
+
+    The ``hadamard`` field of :class:`~jaxquant.QuantConfig`. On each product named in
+    ``gemms`` both operands are multiplied along that product's contracted axis by the same
+    block-diagonal rotation ``R = kron(I, D H_block / sqrt(block))`` (:class:`HadamardRotation`,
+    ``D = diag(signs)``) *before* they are quantized; ``(x R)(R^T w) = x w`` in exact
+    arithmetic, so only the quantization sees the rotation: it spreads an outlier over its
+    block and makes the block's values closer to Gaussian, which 4-bit block formats
+    represent better.
+
+    The three products of a layer ``y = x w`` (``x``: ``(tokens, K)``, ``w``: ``(K, N)``):
+
+    * ``"fwd"``: ``y = x w`` contracts ``K``; ``x`` and ``w`` are rotated along ``K``;
+    * ``"dgrad"``: ``dx = dy w^T`` contracts ``N``; ``dy`` and ``w`` are rotated along ``N``;
+    * ``"wgrad"``: ``dw = x^T dy`` contracts the tokens; ``x`` and ``dy`` are rotated along
+      them. NVFP4 training rotates this product only (https://arxiv.org/abs/2509.25149,
+      section 4.2): its operands, the activations and the gradient, have the outliers.
+
+    Where an operand has several such axes the innermost one is rotated (for ``dot_general``
+    with dimension numbers: the innermost contracted axis of ``lhs`` and the ``rhs`` axis it
+    pairs with; the innermost free axis of ``rhs`` for ``dgrad``, of ``lhs`` for ``wgrad``).
+    A rotated backward product quantizes both its operands from their float values (a
+    rotated quantized operand would be quantized twice); an unrotated one follows
+    ``QuantConfig.backward``. The gradient of a rotated forward product is rotated back
+    (``R^T``), so every gradient is that of ``x w``.
+
+    The signs are fixed by ``seed``: the same transform at every call, every layer and every
+    step, and in evaluation, as Transformer Engine's NVFP4 recipe uses one fixed random sign
+    vector. A fixed sign vector needs no PRNG key, so a config whose specs all round to
+    nearest stays stateless (:attr:`QuantConfig.stateful`), and a run is reproduced by its
+    config alone. ``random=False`` uses no signs (``D = I``): the deterministic Hadamard
+    transform that a 2026 study on FP4 hardware found to stabilize quantized weight
+    gradients where random rotations did not (https://arxiv.org/abs/2605.09825).
+
+    Args:
+      gemms: the products to transform, a non-empty subset of ``("fwd", "dgrad", "wgrad")``.
+      block: the order of ``H``, 16 by default (a size :func:`hadamard_supported` covers);
+        each rotated axis must have a length that is a multiple of it.
+      random: random signs (``D`` from ``seed``) or none (``D = I``).
+      seed: the signs' seed, an int in ``[0, 2^32)``.
+
+    Raises:
+      TypeError / ValueError: a field of the wrong type or value, naming it and the fix.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxquant as jq
+      >>> h = jq.rotations.DotHadamard(gemms=("wgrad",))  # the NVFP4 paper's choice
+      >>> h.rotation().size, h.rotation().signs.tolist() == h.rotation().signs.tolist()
+      (16, True)
+      >>> cfg = jq.QuantConfig(act=jq.QuantSpec("mxfp4"), weight=jq.QuantSpec("mxfp4"),
+      ...                      hadamard=jq.rotations.DotHadamard(gemms=("fwd",)))
+      >>> x = jax.random.normal(jax.random.key(0), (4, 64))
+      >>> w = jax.random.normal(jax.random.key(1), (64, 8))
+      >>> jq.dot_general(x, w, (((1,), (0,)), ((), ())), config=cfg).shape
+      (4, 8)
+
+    References:
+      NVIDIA, "Pretraining Large Language Models with NVFP4",
+      https://arxiv.org/abs/2509.25149; Tseng et al., "Training LLMs with MXFP4",
+      https://arxiv.org/abs/2502.20586; deterministic rotations on FP4 hardware,
+      https://arxiv.org/abs/2605.09825.
+    """
+
+    gemms: tuple[str, ...] = ("wgrad",)
+    block: int = 16
+    random: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        gemms = self.gemms
+        if isinstance(gemms, str):
+            gemms = (gemms,)
+        if not isinstance(gemms, tuple | list) or not all(isinstance(g, str) for g in gemms):
+            raise TypeError(
+                f"DotHadamard.gemms must be a tuple of names from {GEMMS}, got "
+                f"{describe(self.gemms)}; e.g. gemms=('wgrad',)."
+            )
+        bad = [g for g in gemms if g not in GEMMS]
+        if bad or not gemms or len(set(gemms)) != len(gemms):
+            raise ValueError(
+                f"DotHadamard.gemms must name each of {GEMMS} at most once, and at least one, "
+                f"got {tuple(gemms)}. For no transform at all pass hadamard=None."
+            )
+        block = check_int(self.block, "DotHadamard.block", lo=1, hi=_MAX_SIZE)
+        if _plan(block) is None:
+            raise _uncovered(
+                block,
+                "DotHadamard.block is",
+                "Use a covered size such as 16 (NVFP4) or 32 (MX): {above} is the next one.",
+            )
+        object.__setattr__(self, "gemms", tuple(g for g in GEMMS if g in gemms))
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "random", check_bool(self.random, "DotHadamard.random"))
+        object.__setattr__(
+            self, "seed", check_int(self.seed, "DotHadamard.seed", lo=0, hi=2**32 - 1)
+        )
+
+    def rotation(self) -> HadamardRotation:
+        """The :class:`HadamardRotation` every rotated product uses (signs from ``seed``, or
+        none), computed eagerly even inside a trace (a constant of the program)."""
+        with jax.ensure_compile_time_eval():
+            key = jax.random.key(self.seed) if self.random else None
+            return hadamard_rotation(self.block, key=key)

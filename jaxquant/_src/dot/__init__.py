@@ -52,6 +52,7 @@ from jax import lax
 
 from jaxquant._src import opargs
 from jaxquant._src.checks import describe
+from jaxquant._src.config import Backward as BackwardMode
 from jaxquant._src.config import QuantConfig
 from jaxquant._src.dot.capabilities import CUBLASLT_FP8_PAIRS as _CUBLASLT_FP8_PAIRS  # noqa: F401
 from jaxquant._src.dot.capabilities import FP8_LOWERING as _FP8_LOWERING
@@ -71,7 +72,8 @@ from jaxquant._src.dot.checks import (
 )
 from jaxquant._src.dot.serving import dot_qarray
 from jaxquant._src.dot.subscripts import plan as einsum_plan
-from jaxquant._src.dot.vjp import DotConfig, qdot_jit
+from jaxquant._src.dot.vjp import DotConfig, plan_backward, qdot_jit
+from jaxquant._src.hadamard import DotHadamard
 from jaxquant._src.qarray import QArray, check_array
 from jaxquant._src.quantize import check_operand_scale
 from jaxquant._src.spec import QuantSpec
@@ -80,6 +82,28 @@ __all__ = ["Capabilities", "dot_capabilities", "dot_general", "einsum"]
 
 Array = jax.Array
 Mode = Literal["auto", "real", "emulate"]
+SAVED: Any = opargs.Unset("saved")
+
+
+def resolve_backward(
+    fn: str, config: QuantConfig | None, backward: Any, hadamard: Any
+) -> tuple[BackwardMode, DotHadamard | None]:
+    """``backward`` and ``hadamard`` from ``config`` or from the loose keywords (never both),
+    checked like :class:`QuantConfig`'s fields."""
+    loose = {"backward": backward, "hadamard": hadamard}
+    given = [k for k, v in loose.items() if not isinstance(v, opargs.Unset)]
+    if config is not None:
+        if given:
+            raise ValueError(
+                f"{fn}: got config= and {', '.join(k + '=' for k in given)}; the config "
+                f"says how the products are quantized. Drop {given[0]}=, or change the "
+                f"config with config.replace({given[0]}=...)."
+            )
+        return config.backward, config.hadamard
+    values = {k: v.value if isinstance(v, opargs.Unset) else v for k, v in loose.items()}
+    # The checks of QuantConfig's fields, naming the keyword.
+    QuantConfig(**values)
+    return values["backward"], values["hadamard"]
 
 
 def backend_capabilities() -> Capabilities:
@@ -156,6 +180,8 @@ def dot_general(
     mode: Mode = opargs.AUTO,
     ste: Literal["plain", "clipped"] = opargs.PLAIN,
     out_sharding: Any = None,
+    backward: Literal["saved", "requantize"] = SAVED,
+    hadamard: DotHadamard | None = opargs.NONE,
 ) -> Array:
     """Quantized ``jax.lax.dot_general``: real int8 / fp8 matmuls, quantized gradients.
 
@@ -171,9 +197,9 @@ def dot_general(
 
     What is quantized comes either whole from ``config`` (a :class:`QuantConfig`: ``act``
     quantizes ``lhs``, ``weight`` quantizes ``rhs``, ``grad`` the output gradient, with its
-    ``mode`` and ``ste``) or from the loose keywords ``lhs_spec``, ``rhs_spec``,
-    ``grad_spec``, ``mode`` and ``ste``; the two give bit-identical results, and passing
-    both is a ValueError.
+    ``mode``, ``ste``, ``backward`` and ``hadamard``) or from the loose keywords
+    ``lhs_spec``, ``rhs_spec``, ``grad_spec``, ``mode``, ``ste``, ``backward`` and
+    ``hadamard``; the two give bit-identical results, and passing both is a ValueError.
 
     Args:
       lhs, rhs: the operands. A quantized operand must be floating point.
@@ -205,13 +231,21 @@ def dot_general(
         grid values).
       ste: the operands' straight-through estimator: ``"plain"`` passes the gradient
         through the quantizer; ``"clipped"`` zeroes it where the operand saturated.
+      backward: ``"saved"`` (the backward products multiply the forward's quantized
+        operands) or ``"requantize"`` (each backward product quantizes its block-scaled
+        operands again from float, blocks along its own contracted axes: what an FP4 / MX
+        GEMM runs); see :class:`QuantConfig`.
+      hadamard: a :class:`~jaxquant.rotations.DotHadamard` (Hadamard transforms of both
+        operands of chosen products along their contracted axis before quantization), or
+        None.
 
     Returns:
       The product, shaped like ``lax.dot_general``'s.
 
     Raises:
       ValueError: scales that vary along a contracted axis (per-block, MX, a per-channel
-        axis that is contracted), asymmetric specs, a stochastic spec without ``key``,
+        axis that is contracted) with ``mode="real"``, a Hadamard-rotated axis whose length
+        is not a multiple of the block, asymmetric specs, a stochastic spec without ``key``,
         ``mode="real"`` for operand formats without a low-precision dot, ``config`` with
         a loose keyword or with state.
 
@@ -244,6 +278,7 @@ def dot_general(
     )
     lhs_spec, rhs_spec, grad_spec = q["lhs_spec"], q["rhs_spec"], q["grad_spec"]
     mode, ste = q["mode"], q["ste"]
+    backward, hadamard = resolve_backward(fn, config, backward, hadamard)
     dn = normalize_dn(dimension_numbers)
     if isinstance(lhs, QArray):
         raise TypeError(
@@ -267,6 +302,12 @@ def dot_general(
                 f"{fn}: rhs is a QArray, already quantized with {rhs.spec}; pass no "
                 "rhs_spec / rhs_scale / grad_spec, nor a config with a weight or grad spec "
                 "(it has no gradient)."
+            )
+        if hadamard is not None and "fwd" in hadamard.gemms:
+            raise ValueError(
+                f"{fn}: rhs is a QArray, quantized without a Hadamard transform; "
+                "hadamard with 'fwd' would rotate only lhs. Drop 'fwd' from "
+                "DotHadamard.gemms, or quantize the float weight in the product."
             )
         if lhs_scale is not None or key is not None or mode == "emulate" or ste != "plain":
             raise ValueError(
@@ -342,15 +383,28 @@ def dot_general(
             ("grad_scale", out, grad_spec, grad_scale),
         )
     )
+    caps = backend_capabilities()
+    plan = plan_backward(
+        dn,
+        (tuple(lhs.shape), tuple(rhs.shape), tuple(out.shape)),
+        (lhs_spec, rhs_spec, grad_spec),
+        backward=backward,
+        hadamard=hadamard,
+        mode=mode,
+        caps=caps,
+        scales=(lhs_scale is not None, rhs_scale is not None, grad_scale is not None),
+        fn=fn,
+    )
     cfg = DotConfig.build(
         dn,
         (lhs_spec, rhs_spec, grad_spec),
         mode=mode,
-        caps=backend_capabilities(),
+        caps=caps,
         precision=hashable(precision),
         dtypes=(lhs.dtype, rhs.dtype, out.dtype),
         out_sharding=out_sharding,
         ste=ste,
+        backward=plan,
     )
 
     def opt(s: jax.typing.ArrayLike | None) -> Array | None:
@@ -376,6 +430,8 @@ def einsum(
     key: Array | None = None,
     mode: Mode = opargs.AUTO,
     ste: Literal["plain", "clipped"] = opargs.PLAIN,
+    backward: Literal["saved", "requantize"] = SAVED,
+    hadamard: DotHadamard | None = opargs.NONE,
 ) -> Array:
     """Quantized two-operand ``jnp.einsum``, computed by :func:`dot_general`.
 
@@ -391,7 +447,8 @@ def einsum(
       config, lhs_spec, rhs_spec, grad_spec, lhs_scale, rhs_scale, grad_scale: as in
         :func:`dot_general` (``lhs`` is ``a``: ``config.act`` quantizes ``a``,
         ``config.weight`` quantizes ``b``).
-      precision, preferred_element_type, key, mode, ste: as in :func:`dot_general`.
+      precision, preferred_element_type, key, mode, ste, backward, hadamard: as in
+        :func:`dot_general`.
 
     Returns:
       The product, with the output labels' axis order.
@@ -428,6 +485,7 @@ def einsum(
         mode=mode,
         ste=ste,
     )
+    backward, hadamard = resolve_backward("einsum", config, backward, hadamard)
     out = dot_general(
         a,
         b,
@@ -438,6 +496,8 @@ def einsum(
         rhs_scale=rhs_scale,
         grad_scale=grad_scale,
         key=key,
+        backward=backward,
+        hadamard=hadamard,
         **q,
     )
     return out if perm is None else jnp.transpose(out, perm)
