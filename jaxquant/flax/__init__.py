@@ -14,6 +14,7 @@ from jaxquant._src.flax import (
     Match,
     NnxPolicyModule,
     NnxQuantOp,
+    OverwriteWithGradient,
     Policy,
     PolicyModule,
     QuantizedModule,
@@ -25,11 +26,13 @@ from jaxquant._src.flax import (
     calibrate,
     contractions,
     convert,
+    layer_errors,
     layer_statistics,
     mixed_precision,
     quantize_model,
     report,
     sensitivity,
+    worst_layers,
 )
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "Match",
     "NnxPolicyModule",
     "NnxQuantOp",
+    "OverwriteWithGradient",
     "Policy",
     "PolicyModule",
     "QuantState",
@@ -52,9 +56,11 @@ __all__ = [
     "calibrate",
     "contractions",
     "convert",
+    "layer_errors",
     "layer_statistics",
     "mixed_precision",
     "quantize_model",
     "report",
     "sensitivity",
+    "worst_layers",
 ]

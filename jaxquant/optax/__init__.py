@@ -1,4 +1,5 @@
-"""jaxquant's optax integration: loss scaling, stochastic-rounded updates, 8-bit Adam.
+"""jaxquant's optax integration: loss scaling, stochastic-rounded updates, 8-bit Adam,
+variables overwritten by their gradient (the state a quantized backward pass writes).
 
 ``import jaxquant.optax as jqo`` (needs optax; the core ``jaxquant`` package does not).
 """
@@ -21,9 +22,14 @@ from jaxquant._src.optax.low_precision import (
     apply_updates_sr,
     stochastic_round_updates,
 )
+from jaxquant._src.optax.overwrite import (
+    OverwriteWithGradientState,
+    overwrite_with_gradient,
+)
 
 __all__ = [
     "LossScaleState",
+    "OverwriteWithGradientState",
     "QuantizedMoment",
     "ScaleByAdam8bitState",
     "StochasticRoundState",
@@ -31,6 +37,7 @@ __all__ = [
     "all_finite",
     "apply_updates_sr",
     "dynamic_loss_scale",
+    "overwrite_with_gradient",
     "scale_by_adam_8bit",
     "scale_loss",
     "state_nbytes",

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 import flax.linen as nn
 import jax
 from flax import nnx as flax_nnx  # not `nnx`: the submodule jaxquant._src.flax.nnx
 
-from jaxquant._src.checks import check_bool, describe
+from jaxquant._src.checks import check_bool, check_int, describe
+from jaxquant._src.dot.probe import ERRORS, OVERWRITE, Probe
 from jaxquant._src.flax.calibrate import CalibrationResult, calibrate
 from jaxquant._src.flax.intercept import Contraction
 from jaxquant._src.flax.linen import QuantizedModule, quantize_linen, report_linen
-from jaxquant._src.flax.nnx import QuantOp as NnxQuantOp
 from jaxquant._src.flax.nnx import (
+    OverwriteWithGradient,
     QuantState,
     contractions_nnx,
     last_contractions,
     quantize_nnx,
     report_nnx,
 )
+from jaxquant._src.flax.nnx import QuantOp as NnxQuantOp
 from jaxquant._src.flax.policy import NnxPolicyModule, Policy, PolicyModule, apply_policy
 from jaxquant._src.flax.rules import Match, Rule, as_rules
 from jaxquant._src.flax.sensitivity import (
@@ -45,6 +49,8 @@ def quantize_model(
     *,
     strict: bool = True,
     rngs: None = None,
+    delayed_grad: bool = False,
+    errors: bool = False,
 ) -> QuantizedModule: ...
 
 
@@ -55,6 +61,8 @@ def quantize_model(
     *,
     strict: bool = True,
     rngs: flax_nnx.Rngs | None = None,
+    delayed_grad: bool = False,
+    errors: bool = False,
 ) -> N: ...
 
 
@@ -64,6 +72,8 @@ def quantize_model(
     *,
     strict: bool = True,
     rngs: flax_nnx.Rngs | None = None,
+    delayed_grad: bool = False,
+    errors: bool = False,
 ) -> QuantizedModule | flax_nnx.Module:
     """Quantization-aware training for an existing Flax model, chosen by rules.
 
@@ -100,6 +110,32 @@ def quantize_model(
       strict: raise (True) or warn (False) for rules that match nothing.
       rngs: NNX only: an ``nnx.Rngs`` with a ``quant`` stream, required when a rule rounds
         stochastically (Linen models take ``rngs={"quant": key}`` in ``apply`` instead).
+      delayed_grad: rules with ``scaling="delayed"`` and a (per-tensor) ``grad`` spec also
+        quantize the output gradient with a delayed scale (Transformer Engine): an amax
+        history of the earlier steps' gradients, ``history_len`` / ``margin`` and the rules
+        of :func:`jaxquant.delayed_scaling` (the first step uses the gradient's own
+        scale). Off: the gradient is scaled per step (current scaling).
+      errors: every quantized ``dot_general`` / ``einsum`` product (not convolutions, LSQ
+        rules, or a weight on the left of a product) reports, each step, the forward
+        output's, the input gradient's (dgrad) and the weight gradient's (wgrad) SQNR in dB
+        against float products of the same operands, and the saturation / underflow
+        fractions of the activation, weight and gradient (rounded to nearest); read them
+        with :func:`layer_errors`. Costs one float reference GEMM per quantized GEMM (three
+        per layer and step) and keeps the float operands for the backward pass.
+
+    **What the backward pass writes** (``delayed_grad`` / ``errors``). Flax writes mutable
+    collections in the forward pass; the gradient's amax and the backward errors exist only
+    in the backward pass. They are carried out as *gradients* of float32 variables kept under
+    a key ending with ``"_overwrite_with_gradient"`` (flax's ``OVERWRITE_WITH_GRADIENT``): in
+    Linen's ``params`` collection, in NNX :class:`OverwriteWithGradient` (an ``nnx.Param``)
+    variables, so the usual ``jax.grad(loss)(params)`` / ``nnx.grad`` returns them. Wrap the
+    optimizer with :func:`jaxquant.optax.overwrite_with_gradient`, which writes their
+    gradient as their new value and hands every other parameter to the optimizer; the step
+    itself does not change. Without the wrapper the optimizer would step them like weights
+    (Adam moments on an amax history): the next step finds a count that is not a whole number
+    and turns that layer's gradients into NaN, so the loss goes NaN at once. A layer called
+    several times in one step gets the sum of its calls' gradients; the wrapper divides by the
+    number of calls (the newest amax is then the calls' mean).
 
     Returns:
       The quantized model; :func:`report` lists what was quantized with which rule.
@@ -116,15 +152,24 @@ def quantize_model(
     """
     rs = as_rules(rules)
     strict = check_bool(strict, "quantize_model: strict")
+    probe = Probe(
+        delayed_grad=check_bool(delayed_grad, "quantize_model: delayed_grad"),
+        errors=check_bool(errors, "quantize_model: errors"),
+    )
+    for r in rs:  # configs a probe cannot serve: now, naming the rule
+        if r.quantizes:
+            from jaxquant._src.dot import probe as probe_lib
+
+            probe_lib.check(probe, r.config, f"quantize_model: rule {r.pattern!r}")
     if isinstance(model, nn.Module):
         if rngs is not None:
             raise TypeError(
                 "quantize_model: a Linen model takes its PRNG keys in apply "
                 "(rngs={'quant': key}), not rngs= here."
             )
-        return quantize_linen(model, rs, strict)
+        return quantize_linen(model, rs, strict, probe)
     if isinstance(model, flax_nnx.Module):
-        return quantize_nnx(model, rs, strict, rngs)
+        return quantize_nnx(model, rs, strict, rngs, probe)
     raise TypeError(
         f"quantize_model: expected a flax.linen.Module or flax.nnx.Module, got "
         f"{type(model).__name__}."
@@ -291,6 +336,158 @@ def report(model: QuantizedModule | flax_nnx.Module) -> list[Match]:
     )
 
 
+# Names between a layer's path and its probe state: Linen's QuantOp child, NNX's product
+# attributes.
+_OPS = ("quant", "dot_general", "einsum_op")
+_PRODUCT = re.compile(r"jq(\d+)" + re.escape(OVERWRITE))
+
+
+def _key_name(k: Any) -> Any:
+    return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+
+
+def _finite_float(x: Any) -> Any:
+    a = jax.numpy.asarray(x)
+    return float(a) if a.ndim == 0 and not isinstance(a, jax.core.Tracer) else a
+
+
+def layer_errors(tree: Any) -> dict[str, dict[str, Any]]:
+    """The per-layer errors of a model quantized with ``errors=True``, by layer path.
+
+    Pass the gradients of a step (``jax.grad`` of the loss in the parameters: the errors of
+    that step) or the params after an optimizer wrapped with
+    :func:`jaxquant.optax.overwrite_with_gradient` (the last step's). Linen: the params (or
+    the variables, or their gradients); NNX: ``nnx.state(model)`` or ``nnx.grad``'s state.
+
+    Each layer gets ``fwd_sqnr``, ``dgrad_sqnr``, ``wgrad_sqnr`` (dB, capped at +-300:
+    an exact product) and ``{act,weight,grad}_{saturation,underflow}`` (fractions), each the
+    mean over the layer's calls in the step. A module with several quantized products
+    reports them as ``path``, ``path#1``, ...; layers stacked by ``nnx.vmap`` give arrays
+    with the stack axes. Jit-safe (values are arrays under a trace, floats otherwise).
+
+    Args:
+      tree: a pytree holding the ``"_overwrite_with_gradient"`` variables of
+        ``errors=True`` (dicts, ``nnx.State``, FrozenDicts).
+
+    Returns:
+      ``{layer_path: {metric: value}}`` in the tree's order.
+
+    Raises:
+      ValueError: no errors in ``tree`` (the model was quantized without ``errors=True``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxquant as jq
+      >>> from jaxquant.flax import Rule, layer_errors, quantize_model
+      >>> model = quantize_model(nn.Sequential([nn.Dense(8), nn.Dense(2)]),
+      ...                        Rule(".*", weight=jq.QuantSpec("int8")), errors=True)
+      >>> x = jnp.ones((4, 3))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> grads = jax.grad(lambda p: model.apply({"params": p}, x).sum())(params)
+      >>> errs = layer_errors(grads)
+      >>> list(errs), errs["layers_1"]["fwd_sqnr"] > 30
+      (['layers_0', 'layers_1'], True)
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [_key_name(k) for k in path]
+        at = [i for i, n in enumerate(names) if isinstance(n, str) and n.endswith(OVERWRITE)]
+        if not at or len(names) < at[0] + 3 or names[at[0] + 1] != "errors":
+            continue
+        i = at[0]
+        mark, metric = names[i], names[i + 2]
+        layer = [str(n) for n in names[:i]]
+        if layer and layer[0] in ("params", OVERWRITE):  # Linen's collection
+            layer = layer[1:]
+        found = _PRODUCT.fullmatch(str(mark))
+        if found is None and layer and layer[-1] in _OPS:
+            layer = layer[:-1]
+        key = "/".join(layer)
+        if found is not None and int(found.group(1)) > 0:
+            key = f"{key}#{found.group(1)}"
+        out.setdefault(key, {})[str(metric)] = leaf
+    if not out:
+        raise ValueError(
+            "layer_errors: the tree holds no per-layer errors; quantize the model with "
+            "quantize_model(model, rules, errors=True) and pass the gradients of a step (or "
+            "the params after jq.optax.overwrite_with_gradient's update)."
+        )
+    result: dict[str, dict[str, Any]] = {}
+    for key, metrics in out.items():
+        calls = jax.numpy.maximum(jax.numpy.asarray(metrics.get("calls", 1.0)), 1.0)
+        result[key] = {m: _finite_float(metrics[m] / calls) for m in ERRORS if m in metrics}
+    return result
+
+
+def worst_layers(
+    errors: Mapping[str, Mapping[str, Any]],
+    *,
+    k: int | None = None,
+    below: float | None = None,
+    metric: str = "wgrad_sqnr",
+) -> tuple[str, ...]:
+    """The layers to keep in high precision: the ``k`` lowest by ``metric`` and / or those
+    below a threshold, as patterns for ``jq.recipes.get(name).rules(keep_float=...)``.
+
+    Args:
+      errors: from :func:`layer_errors` (concrete values: call it outside ``jax.jit``).
+      k: keep the ``k`` worst layers.
+      below: keep every layer whose ``metric`` is below this (dB for SQNRs). With both,
+        the worst ``k`` among those below.
+      metric: an SQNR of :func:`layer_errors` (lower is worse) or a saturation /
+        underflow fraction (higher is worse).
+
+    Returns:
+      Regular expressions matching each chosen layer's path exactly, worst first (a
+      module's several products count once).
+
+    Example:
+      >>> from jaxquant.flax import worst_layers
+      >>> errs = {"a": {"wgrad_sqnr": 30.0}, "b/c": {"wgrad_sqnr": 12.0}, "d": {"wgrad_sqnr": 25.0}}
+      >>> worst_layers(errs, k=1)
+      ('b/c',)
+      >>> worst_layers(errs, below=26.0)
+      ('b/c', 'd')
+    """
+    if not isinstance(errors, Mapping) or not errors:
+        raise TypeError(
+            f"worst_layers: errors must be the non-empty dict layer_errors returns, got "
+            f"{describe(errors)}."
+        )
+    if metric not in ERRORS:
+        raise ValueError(f"worst_layers: metric must be one of {ERRORS}, got {metric!r}.")
+    if k is None and below is None:
+        raise ValueError(
+            "worst_layers: pass k= (the worst k layers), below= (a threshold), or both."
+        )
+    if k is not None:
+        k = check_int(k, "worst_layers: k", lo=0)
+    higher_worse = not metric.endswith("_sqnr")
+    scored: list[tuple[float, str]] = []
+    for layer, metrics in errors.items():
+        if metric not in metrics:
+            raise ValueError(f"worst_layers: layer {layer!r} has no {metric!r}.")
+        try:
+            v = float(metrics[metric])
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            raise TypeError(
+                f"worst_layers: {layer!r}'s {metric} is not a number "
+                f"({describe(metrics[metric])}); call layer_errors outside jax.jit (for a "
+                "stacked layer's array, pick a value per layer)."
+            ) from None
+        if math.isnan(v):
+            continue  # a step whose gradient overflowed says nothing
+        if below is not None and not ((v > below) if higher_worse else (v < below)):
+            continue
+        scored.append((-v if higher_worse else v, layer.split("#")[0]))
+    scored.sort()
+    out: list[str] = []
+    for _, layer in scored:
+        pattern = re.escape(layer)
+        if pattern not in out:
+            out.append(pattern)
+    return tuple(out if k is None else out[:k])
+
+
 __all__ = [
     "Assignment",
     "CalibrationResult",
@@ -300,6 +497,7 @@ __all__ = [
     "Match",
     "NnxPolicyModule",
     "NnxQuantOp",
+    "OverwriteWithGradient",
     "Policy",
     "PolicyModule",
     "QuantState",
@@ -311,9 +509,11 @@ __all__ = [
     "calibrate",
     "contractions",
     "convert",
+    "layer_errors",
     "layer_statistics",
     "mixed_precision",
     "quantize_model",
     "report",
     "sensitivity",
+    "worst_layers",
 ]

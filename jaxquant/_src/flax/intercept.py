@@ -41,6 +41,7 @@ from jaxquant._src.config import QuantConfig
 from jaxquant._src.conv import conv_general_dilated as jq_conv
 from jaxquant._src.dot import dot_general as jq_dot_general
 from jaxquant._src.dot import einsum as jq_einsum
+from jaxquant._src.dot import probe as probe_lib
 from jaxquant._src.dot.subscripts import parse as parse_subscripts
 from jaxquant._src.flax import act_transform
 from jaxquant._src.flax.act_transform import ActTransform
@@ -126,6 +127,9 @@ class Owner:
     instance: Any = None  # the running module object (its method's `self`)
     # the module's online input transform (a PTQ method's smoothing / rotation), or None
     transform: Callable[[], ActTransform | None] | None = None
+    # what the backward pass carries out (quantize_model's delayed_grad / errors), or None:
+    # a probed product takes the stateful path, which keeps the probe's variables
+    probe: probe_lib.Probe | None = None
 
 
 class Frontend:
@@ -410,8 +414,15 @@ def _decide(call: Call, owner: Owner, inner_jit: bool = False) -> Any:
         weight_spec = None  # stored values as they are: re-quantizing needs the layout
     lhs_spec, rhs_spec = (weight_spec, cfg.act) if weight_first else (cfg.act, weight_spec)
     record(True, f"rule {rule.pattern!r}")
+    probed = (
+        owner.probe is not None
+        and owner.stateful is not None
+        and side == "rhs"
+        and call.step is not None
+        and (probe_lib.delays_grad(owner.probe, cfg) or probe_lib.measures(owner.probe, cfg))
+    )  # a product the probe cannot reach (a conv, a weight on the left) runs unprobed
     with _at(owner.path):
-        if rule.stateful:
+        if rule.stateful or probed:
             assert owner.stateful is not None
             bound = cfg.replace(
                 weight=_bind(cfg.weight, call.rhs, dims), act=_bind(cfg.act, call.lhs, None)

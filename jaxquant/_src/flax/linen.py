@@ -30,6 +30,7 @@ from jax import lax
 
 from jaxquant._src.checks import check_bool, describe
 from jaxquant._src.config import QuantConfig
+from jaxquant._src.dot.probe import OVERWRITE, Probe
 from jaxquant._src.flax import act_transform, stateful
 from jaxquant._src.flax.act_transform import ActTransform
 from jaxquant._src.flax.intercept import (
@@ -75,11 +76,17 @@ class QuantOp(nn.Module):
       ``step * step_base``; ``step`` (init 1) is trained, ``step_base`` is LSQ's initial
       step ``2 mean|x| / sqrt(qmax)`` taken from the first training batch.
 
+    * ``params/_overwrite_with_gradient`` (``quantize_model(..., delayed_grad=True)`` or
+      ``errors=True``): what the backward pass writes -- the output gradient's amax
+      history and the layer's errors -- as its gradient
+      (:func:`jaxquant.optax.overwrite_with_gradient`).
+
     Stochastic specs take a key from the ``"quant"`` PRNG stream.
     """
 
     rule: Rule
     where: str
+    probe: Probe | None = None
 
     @nn.compact
     def __call__(
@@ -109,6 +116,9 @@ class QuantOp(nn.Module):
             if not self.has_variable(STATE, name) and not self.is_mutable_collection(STATE):
                 raise ValueError(self._missing_state(name))
             state[name] = self.variable(STATE, name, initial, name).value
+        owg = None
+        if stateful.probe_init(rule, self.probe):  # the backward pass's state: params
+            owg = self.param(OVERWRITE, lambda _: stateful.probe_init(rule, self.probe))
         key = None
         if stateful.needs_key(rule):
             if not self.has_rng("quant"):
@@ -129,6 +139,8 @@ class QuantOp(nn.Module):
             key=key,
             training=True,
             where=self.where,
+            owg=owg,
+            probe=self.probe,
         )
         if self.is_mutable_collection(STATE) and not self.is_initializing():
             for name, value in new.items():
@@ -189,9 +201,10 @@ class _OpFactory:
 
     rule: Rule
     path: str
+    probe: Probe | None = None
 
     def __call__(self) -> QuantOp:
-        return QuantOp(self.rule, self.path, name="quant")
+        return QuantOp(self.rule, self.path, self.probe, name="quant")
 
 
 class _QuantEinsum(nn.Einsum):
@@ -283,6 +296,7 @@ class QuantizedModule(nn.Module):
     module: nn.Module
     rules: tuple[Rule, ...]
     strict: bool = True
+    probe: Probe | None = None
     record: _Record = dataclasses.field(default_factory=_Record, compare=False)
 
     def __post_init__(self) -> None:
@@ -323,7 +337,7 @@ class QuantizedModule(nn.Module):
             i = first_match(rules, path)
             return None if i is None else rules[i]
 
-        front = LinenFront(stack, rule_at, note, record, self.strict, root=root)
+        front = LinenFront(stack, rule_at, note, record, self.strict, root=root, probe=self.probe)
 
         # Converted params (serving) only: otherwise no module's own params hold a QArray,
         # and the per-call lookup below is skipped (it runs for every module method).
@@ -356,7 +370,17 @@ class QuantizedModule(nn.Module):
                     return next_fun(*args, **kwargs)
                 stored = stored_in(m, root)
                 return _layer(
-                    self.rules, m, kind, path, next_fun, args, kwargs, note, record, stored
+                    self.rules,
+                    m,
+                    kind,
+                    path,
+                    next_fun,
+                    args,
+                    kwargs,
+                    note,
+                    record,
+                    stored,
+                    self.probe,
                 )
             finally:
                 stack.pop()
@@ -393,6 +417,7 @@ def _layer(
     note: Callable[[str, str, Rule | None], None],
     record: Callable[[Contraction], None],
     stored: bool,
+    probe: Probe | None = None,
 ) -> Any:
     """One call of a Flax layer (Dense, DenseGeneral, Einsum, Conv; ``kind``, from
     :func:`layer_kind`) that runs its own ``__call__``: quantized by a clone bound to the
@@ -419,7 +444,7 @@ def _layer(
     if served:
         out = linen_layer(m, rule, path, args, kwargs)
     else:
-        out = _quantized_clone(m, rule, path)(*args, **kwargs)
+        out = _quantized_clone(m, rule, path, probe)(*args, **kwargs)
     kernel: Any = m.get_variable("params", "kernel")  # an array or a QArray (served)
     x: Any = args[0] if args else next(iter(kwargs.values()), None)  # the layer's input
     op = {nn.Conv: "conv_general_dilated", nn.Einsum: "einsum"}.get(kind, "dot_general")
@@ -443,7 +468,9 @@ def _layer(
 _COMPUTED = ""  # the parameter name of a weight the model computes (not stored)
 
 
-def _stateful_product(m: nn.Module, path: str, i: int, call: Call, cfg: QuantConfig) -> Any:
+def _stateful_product(
+    m: nn.Module, path: str, i: int, call: Call, cfg: QuantConfig, probe: Probe | None = None
+) -> Any:
     """The ``i``-th product of module ``m``'s call under a stateful config: the shared
     step (:mod:`jaxquant._src.flax.stateful`) with its state in ``m``'s own scope, named
     ``jq{i}_<name>`` ("quant_state"; LSQ steps in "params"), created at ``init`` and updated
@@ -474,10 +501,31 @@ def _stateful_product(m: nn.Module, path: str, i: int, call: Call, cfg: QuantCon
                 "from the 'quant' PRNG stream: pass rngs={'quant': key} to init / apply."
             )
         key = scope.make_rng("quant")
+    owg = None
+    owg_name = f"jq{i}{OVERWRITE}"  # "jq0_overwrite_with_gradient": its key ends with the mark
+    if stateful.probe_init(cfg, probe):  # the backward pass's state, in params
+        if not scope.has_variable("params", owg_name):
+            if not scope.is_mutable_collection("params"):
+                raise ValueError(
+                    f"quantize_model: the params of {path!r} (product {i}) have no "
+                    f"{owg_name!r}, the state delayed_grad / errors keep: initialise the "
+                    "model with the same quantize_model arguments."
+                )
+            scope.put_variable("params", owg_name, stateful.probe_init(cfg, probe))
+        owg = scope.get_variable("params", owg_name)
     update = mutable and not m.is_initializing()  # as a layer's QuantOp: init only creates
     assert call.step is not None  # intercept routes only dot_general / einsum calls here
     out, new = stateful.apply(
-        cfg, state, call.lhs, call.rhs, key=key, training=update, where=path, **call.step
+        cfg,
+        state,
+        call.lhs,
+        call.rhs,
+        key=key,
+        training=update,
+        where=path,
+        owg=owg,
+        probe=probe,
+        **call.step,
     )
     if update:
         for n in names:
@@ -503,10 +551,12 @@ class LinenFront(Frontend):
         *,
         layers: bool = True,
         root: Any = None,
+        probe: Probe | None = None,
     ) -> None:
         # layers=False: Flax's own layers are someone else's (calibration records them).
         self.stack, self.rule_at, self.note, self.record = stack, rule_at, note, record
         self.strict, self.layers, self.root = strict, layers, root
+        self.probe = probe
         self.counts: dict[int, int] = {}  # stack depth -> products of that module call
 
     def transform_of(self, frame: Any) -> ActTransform | None:
@@ -553,7 +603,7 @@ class LinenFront(Frontend):
         def run_stateful(call: Call, cfg: QuantConfig) -> Any:
             i = self.counts.get(depth, 0)
             self.counts[depth] = i + 1
-            return _stateful_product(m, path, i, call, cfg)
+            return _stateful_product(m, path, i, call, cfg, self.probe)
 
         def transform() -> ActTransform | None:
             return None if m.scope is None else act_transform.of_linen(m.variables)
@@ -568,6 +618,7 @@ class LinenFront(Frontend):
             run_stateful,
             m,
             transform,
+            self.probe,
         )
 
 
@@ -591,7 +642,7 @@ def _is_our_clone(m: nn.Module) -> bool:
     )
 
 
-def _quantized_clone(m: nn.Module, rule: Rule, path: str) -> nn.Module:
+def _quantized_clone(m: nn.Module, rule: Rule, path: str, probe: Probe | None = None) -> nn.Module:
     if isinstance(m, nn.Conv):
         check_conv_rule(rule, path)
         if m.conv_general_dilated_cls is not None or m.conv_general_dilated not in (
@@ -604,7 +655,7 @@ def _quantized_clone(m: nn.Module, rule: Rule, path: str) -> nn.Module:
             )
         return m.clone(parent=m.scope, conv_general_dilated=QuantConv(rule, path))
     if isinstance(m, nn.Einsum):
-        op = _OpFactory(rule, path) if rule.stateful else QuantEinsum(rule, path)
+        op = _OpFactory(rule, path, probe) if _stateful(rule, probe) else QuantEinsum(rule, path)
         fields = {
             f.name: getattr(m, f.name)
             for f in dataclasses.fields(nn.Einsum)
@@ -620,9 +671,14 @@ def _quantized_clone(m: nn.Module, rule: Rule, path: str) -> nn.Module:
             "silently replace it. Exclude it with an earlier Rule(pattern) without "
             "specs, or remove the custom dot_general."
         )
-    if rule.stateful:
-        return m.clone(parent=m.scope, dot_general_cls=_OpFactory(rule, path))
+    if _stateful(rule, probe):
+        return m.clone(parent=m.scope, dot_general_cls=_OpFactory(rule, path, probe))
     return m.clone(parent=m.scope, dot_general=QuantDot(rule, path))
+
+
+def _stateful(rule: Rule, probe: Probe | None) -> bool:
+    """Whether a layer's product keeps variables: the rule's own, or the probe's."""
+    return rule.stateful or bool(stateful.probe_init(rule, probe))
 
 
 def stored_in(m: nn.Module, root: Any) -> bool:
@@ -646,13 +702,16 @@ def linen_path(m: nn.Module, root: Any, stack: list[tuple[nn.Module, str]]) -> s
     return f"{outer}/{name}" if outer and name else outer or name
 
 
-def quantize_linen(model: nn.Module, rules: tuple[Rule, ...], strict: bool) -> QuantizedModule:
+def quantize_linen(
+    model: nn.Module, rules: tuple[Rule, ...], strict: bool, probe: Probe | None = None
+) -> QuantizedModule:
     if isinstance(model, QuantizedModule):
         raise ValueError(
             "quantize_model: the model is already a QuantizedModule; pass its .module with "
             "the combined rules instead of wrapping twice."
         )
-    return QuantizedModule(model, rules, strict)
+    active = probe if probe is not None and probe.active else None
+    return QuantizedModule(model, rules, strict, active)
 
 
 def report_linen(model: QuantizedModule) -> list[Match]:

@@ -27,6 +27,7 @@ from jax import lax
 
 from jaxquant._src.checks import check_bool, check_int, describe
 from jaxquant._src.config import QuantConfig
+from jaxquant._src.dot.probe import OVERWRITE, Probe
 from jaxquant._src.flax import act_transform, stateful
 from jaxquant._src.flax.act_transform import ActTransform
 from jaxquant._src.flax.intercept import (
@@ -83,6 +84,46 @@ class QuantState(nnx.Variable[Any]):
     """
 
 
+class OverwriteWithGradient(nnx.Param[Any]):
+    """A parameter the optimizer overwrites with its gradient: what a quantized layer's
+    backward pass writes (``quantize_model(..., delayed_grad=True)``: the output gradient's
+    amax history; ``errors=True``: the layer's errors). An ``nnx.Param``, so ``nnx.grad``
+    and ``nnx.Optimizer(..., wrt=nnx.Param)`` reach it; the attribute holding it is named
+    ``_overwrite_with_gradient`` (or ends with it), which
+    :func:`jaxquant.optax.overwrite_with_gradient` recognises. Filter it to read the
+    errors: ``nnx.state(model, OverwriteWithGradient)``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxquant as jq
+      >>> from flax import nnx
+      >>> from jaxquant.flax import OverwriteWithGradient, Rule, quantize_model
+      >>> layer = quantize_model(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+      ...                        Rule(".*", weight=jq.QuantSpec("int8")), errors=True)
+      >>> state = nnx.to_pure_dict(nnx.state(layer, OverwriteWithGradient))
+      >>> sorted(state["dot_general"]["_overwrite_with_gradient"]["errors"])[:3]
+      ['act_saturation', 'act_underflow', 'calls']
+    """
+
+
+def probe_variables(owg: dict[str, Any], stack_shape: tuple[int, ...] = ()) -> Any:
+    """``{group: {name: OverwriteWithGradient}}`` of a probe's initial state (with leading
+    stack axes), held through ``nnx.data`` (a dict attribute of variables)."""
+    return nnx.data(
+        {
+            group: {
+                name: OverwriteWithGradient(jnp.broadcast_to(v, (*stack_shape, *v.shape)))
+                for name, v in leaves.items()
+            }
+            for group, leaves in owg.items()
+        }
+    )
+
+
+def probe_values(held: Any) -> dict[str, dict[str, Any]]:
+    """The arrays of :func:`probe_variables`' dict."""
+    return {g: {n: v[...] for n, v in leaves.items()} for g, leaves in held.items()}
+
+
 class QuantOp(nnx.Module):
     """The quantized product of a stateful rule: the ``dot_general`` of an ``nnx.Linear`` /
     ``nnx.LinearGeneral`` or the ``einsum_op`` of an ``nnx.Einsum``.
@@ -122,6 +163,7 @@ class QuantOp(nnx.Module):
         rngs: nnx.Rngs | None,
         *,
         stack_shape: tuple[int, ...] = (),
+        probe: Probe | None = None,
     ) -> None:
         if not isinstance(rule, Rule):
             raise TypeError(
@@ -164,6 +206,10 @@ class QuantOp(nnx.Module):
                 setattr(self, name, nnx.Param(value))
             else:
                 setattr(self, name, QuantState(value))
+        self.probe = probe
+        owg = stateful.probe_init(rule, probe)
+        if owg:  # what the backward pass writes, as the gradient of these variables
+            setattr(self, OVERWRITE, probe_variables(owg, stack_shape))
         if rngs is not None and stack_shape:  # one key per stacked layer: scan slices it
             rngs = nnx.Rngs(quant=rngs["quant"].split(stack_shape))
         self.rngs = rngs
@@ -175,6 +221,7 @@ class QuantOp(nnx.Module):
         rule: Rule,
         path: str,
         rngs: nnx.Rngs | None,
+        probe: Probe | None = None,
     ) -> QuantOp:
         """The QuantOp of ``layer`` (an ``nnx.Linear``, ``nnx.LinearGeneral`` or
         ``nnx.Einsum``), its stack axes read off the kernel: leading axes beyond the shape
@@ -202,7 +249,7 @@ class QuantOp(nnx.Module):
                 )
             stack = kernel_shape[:n]
         einsum = isinstance(layer, nnx.Einsum)
-        return cls(rule, path, kernel_shape, einsum, rngs, stack_shape=stack)
+        return cls(rule, path, kernel_shape, einsum, rngs, stack_shape=stack, probe=probe)
 
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -226,8 +273,18 @@ class QuantOp(nnx.Module):
                     "from a 'quant' stream: build it with rngs=nnx.Rngs(quant=seed)."
                 )
             key = self.rngs.quant()
+        held = getattr(self, OVERWRITE, None)
         out, new = stateful.apply(
-            self.rule, self._state(), lhs, rhs, key=key, training=training, where=self.path, **kw
+            self.rule,
+            self._state(),
+            lhs,
+            rhs,
+            key=key,
+            training=training,
+            where=self.path,
+            owg=None if held is None else probe_values(held),
+            probe=self.probe,
+            **kw,
         )
         if training:
             for name, value in new.items():
@@ -256,7 +313,11 @@ _quantizable = nnx_layers
 
 
 def quantize_nnx(
-    model: _M, rules: tuple[Rule, ...], strict: bool, rngs: nnx.Rngs | None = None
+    model: _M,
+    rules: tuple[Rule, ...],
+    strict: bool,
+    rngs: nnx.Rngs | None = None,
+    probe: Probe | None = None,
 ) -> _M:
     found = _quantizable(model)
     modules = _modules(model)
@@ -322,8 +383,8 @@ def quantize_nnx(
             node.conv_general_dilated = QuantConv(rule, path)
             continue
         is_einsum = isinstance(node, nnx.Einsum)
-        if rule.stateful:
-            q: Any = QuantOp.for_layer(node, rule, path, rngs if needs_key(rule) else None)
+        if rule.stateful or stateful.probe_init(rule, probe):
+            q: Any = QuantOp.for_layer(node, rule, path, rngs if needs_key(rule) else None, probe)
         else:
             q = QuantEinsum(rule, path) if is_einsum else QuantDot(rule, path)
         if isinstance(q, QuantOp):  # a graph node: the attribute must hold data
@@ -332,7 +393,7 @@ def quantize_nnx(
             node.einsum_op = q
         else:
             node.dot_general = q
-    _intercept(model, modules, rules, strict)
+    _intercept(model, modules, rules, strict, probe)
     return model
 
 
@@ -473,6 +534,7 @@ class _NnxFront(Frontend):
             run_stateful,
             m,
             lambda: act_transform.of_nnx(m),
+            getattr(m, "_jq_probe", None),
         )
 
 
@@ -506,6 +568,10 @@ def _stateful_product(m: _TaggedModule, i: int, call: Call, cfg: QuantConfig) ->
             "rounding (no 'quant' stream reaches it). Use nearest rounding for this module."
         )
     names = stateful.state_names(cfg)
+    probe = getattr(m, "_jq_probe", None)
+    owg_name = f"jq{i}{OVERWRITE}"  # "jq0_overwrite_with_gradient": ends with the mark
+    if stateful.probe_init(cfg, probe) and not hasattr(m, owg_name):
+        setattr(m, owg_name, probe_variables(stateful.probe_init(cfg, probe)))
     if not all(hasattr(m, f"jq{i}_{n}") for n in names):
         fresh = stateful.init(cfg, call.lhs, call.rhs)
         for n in names:
@@ -514,8 +580,17 @@ def _stateful_product(m: _TaggedModule, i: int, call: Call, cfg: QuantConfig) ->
     state = {n: getattr(m, f"jq{i}_{n}").get_value() for n in names}
     training = not getattr(m, "deterministic", False)
     assert call.step is not None  # intercept routes only dot_general / einsum calls here
+    held = getattr(m, owg_name, None)
     out, new = stateful.apply(
-        cfg, state, call.lhs, call.rhs, training=training, where=m._jq_path, **call.step
+        cfg,
+        state,
+        call.lhs,
+        call.rhs,
+        training=training,
+        where=m._jq_path,
+        owg=None if held is None else probe_values(held),
+        probe=probe,
+        **call.step,
     )
     if training:
         for n in names:
@@ -646,7 +721,11 @@ def _set_attrs(node: nnx.Module, **attrs: Any) -> None:
 
 
 def _intercept(
-    model: nnx.Module, modules: list[tuple[str, nnx.Module]], rules: tuple[Rule, ...], strict: bool
+    model: nnx.Module,
+    modules: list[tuple[str, nnx.Module]],
+    rules: tuple[Rule, ...],
+    strict: bool,
+    probe: Probe | None = None,
 ) -> None:
     record = _record_of(model) or _Record()
     _set_attrs(model, _jq_rules=rules)  # the plan, for calibrate / convert (static: Rules hash)
@@ -654,7 +733,14 @@ def _intercept(
     for path, node in modules:
         i = first_match(rules, path)
         matched.append(None if i is None else rules[i])
-        _set_attrs(node, _jq_path=path, _jq_rule=matched[-1], _jq_strict=strict, _jq_record=record)
+        _set_attrs(
+            node,
+            _jq_path=path,
+            _jq_rule=matched[-1],
+            _jq_strict=strict,
+            _jq_record=record,
+            _jq_probe=probe if probe is not None and probe.active else None,
+        )
     for (_, node), rule in zip(modules, matched, strict=True):
         if rule is not None and rule.stateful and not hasattr(node, "deterministic"):
             # model.eval() / train() set `deterministic` where a module has it: the state of

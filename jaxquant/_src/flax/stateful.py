@@ -21,6 +21,13 @@ quantized operand ``op`` (``"lhs"``: the activation, ``"rhs"``: the weight):
   ``step_base`` is LSQ's data-dependent initial step ``2 mean|x| / sqrt(qmax)``, taken from
   the operands given to :func:`init` or, if those were shapes, from the first training
   batch (a zero base means "not set yet").
+
+A :class:`~jaxquant._src.dot.probe.Probe` (``quantize_model(..., delayed_grad=True,
+errors=True)``) adds a second state, the one the *backward* pass writes: the output
+gradient's amax history and the per-layer errors (:func:`probe_init`). The front ends store
+it under the key :data:`~jaxquant._src.dot.probe.OVERWRITE` where ``jax.grad`` reaches it
+(Linen ``params``, NNX an ``nnx.Param`` subclass) and hand it to :func:`apply` as ``owg``;
+its gradient is its new value (:func:`jaxquant.optax.overwrite_with_gradient`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import jax.numpy as jnp
 
 from jaxquant._src.checks import describe
 from jaxquant._src.dot import dot_general, einsum
+from jaxquant._src.dot import probe as probe_lib
+from jaxquant._src.dot.subscripts import plan as einsum_plan
 from jaxquant._src.flax.rules import _at
 from jaxquant._src.granularity import PerTensor
 from jaxquant._src.lsq import lsq_fake_quant, lsq_init
@@ -85,6 +94,14 @@ def state_names(config: Any) -> tuple[str, ...]:
 def trained(name: str) -> bool:
     """Whether the state entry ``name`` is a trained parameter (LSQ's ``{op}_step``)."""
     return name.endswith("_step")
+
+
+def probe_init(config: Any, probe: probe_lib.Probe | None) -> dict[str, Any]:
+    """The state the backward pass of a product of ``config`` writes under ``probe``
+    (``{}``: none): see :func:`jaxquant._src.dot.probe.init`."""
+    if probe is None or not probe.active:
+        return {}
+    return probe_lib.init(probe, config_of(config))
 
 
 def _shape_of(x: Any, what: str) -> tuple[int, ...]:
@@ -190,6 +207,8 @@ def apply(
     key: jax.Array | None = None,
     training: bool = True,
     where: str = "",
+    owg: Any = None,
+    probe: probe_lib.Probe | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """One quantized contraction with state: ``(out, new_state)``.
 
@@ -210,6 +229,9 @@ def apply(
         specs to nearest (no key needed). While training, the delayed amax histories move
         on and LSQ bases not set yet are taken from the operands.
       where: the layer's path, prefixed to errors.
+      owg, probe: the backward pass's state (from :func:`probe_init`) and the
+        :class:`~jaxquant._src.dot.probe.Probe` that made it; while training, the
+        product's VJP writes the new state as ``owg``'s cotangent.
 
     Returns:
       ``(out, new_state)``; the front end stores ``new_state`` (or not, in evaluation).
@@ -239,6 +261,11 @@ def apply(
         )
     with _at(where):
         _check_state(cfg, state)
+        # Not tied to training: the backward pass, if any, writes the state as a gradient.
+        probing = probe is not None and bool(owg)
+        if probing:
+            assert probe is not None
+            probe_lib.check(probe, cfg)
         if not training:
             cfg = _deterministic(cfg)
         if isinstance(rhs, QArray):
@@ -278,6 +305,7 @@ def apply(
             scales,
             steps,
             key,
+            (probe, owg) if probing else None,
         )
     return out, (new if training else state)
 
@@ -294,6 +322,7 @@ def _contract(
     scales,
     steps,
     key,
+    probed: tuple[Any, Any] | None = None,
 ) -> Any:
     lhs_spec, rhs_spec, ste = cfg.act, cfg.weight, cfg.ste
     if ste == "lsq":  # the operands are fake-quantized with their learned steps
@@ -316,31 +345,48 @@ def _contract(
         lhs_spec=lhs_spec,
         rhs_spec=rhs_spec,
         grad_spec=cfg.grad,
-        lhs_scale=scales.get("lhs"),
-        rhs_scale=scales.get("rhs"),
-        key=key,
         mode=cfg.mode,
         ste=ste,
     )
-    if subscripts is not None:
-        if out_sharding is not None:
-            raise ValueError(
-                "jq.einsum takes no out_sharding; leave it None for a quantized Einsum."
+    if subscripts is not None and out_sharding is not None:
+        raise ValueError("jq.einsum takes no out_sharding; leave it None for a quantized Einsum.")
+
+    def product(a: Any, b: Any, grad_scale: Any, aux: Any) -> Any:
+        ls, rs, k = aux
+        more = dict(kw, lhs_scale=ls, rhs_scale=rs, grad_scale=grad_scale, key=k)
+        if subscripts is not None:
+            return einsum(
+                subscripts,
+                a,
+                b,
+                precision=precision,
+                preferred_element_type=preferred_element_type,
+                **more,
             )
-        return einsum(
-            subscripts,
-            lhs,
-            rhs,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-            **kw,
+        return dot_general(
+            a,
+            b,
+            dimension_numbers,
+            precision,
+            preferred_element_type,
+            out_sharding=out_sharding,
+            **more,
         )
-    return dot_general(
-        lhs,
-        rhs,
-        dimension_numbers,
-        precision,
-        preferred_element_type,
-        out_sharding=out_sharding,
-        **kw,
-    )
+
+    aux = (scales.get("lhs"), scales.get("rhs"), key)
+    if probed is None:
+        return product(lhs, rhs, None, aux)
+    probe, owg = probed
+
+    def reference(a: Any, b: Any) -> Any:  # the float product of the same operands
+        if subscripts is not None:
+            return jnp.einsum(
+                subscripts, a, b, precision=precision, preferred_element_type=preferred_element_type
+            )
+        return jax.lax.dot_general(a, b, dimension_numbers, precision, preferred_element_type)
+
+    if subscripts is not None:
+        dn = einsum_plan(subscripts, tuple(jnp.shape(lhs)), tuple(jnp.shape(rhs)))[0]
+    else:
+        dn = dimension_numbers
+    return probe_lib.probed(probe, cfg, product, reference, lhs, rhs, owg, aux, dn=dn)
