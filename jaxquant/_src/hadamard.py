@@ -688,7 +688,8 @@ class DotHadamard:
       >>> h = jq.rotations.DotHadamard(gemms=("wgrad",))  # the NVFP4 paper's choice
       >>> h.rotation().size, h.rotation().signs.tolist() == h.rotation().signs.tolist()
       (16, True)
-      >>> cfg = jq.QuantConfig(act=jq.QuantSpec("mxfp4"), weight=jq.QuantSpec("mxfp4"),
+      >>> mx = jq.QuantSpec("mxfp4", jq.per_block(32))  # blocks along the contraction
+      >>> cfg = jq.QuantConfig(act=mx, weight=mx,
       ...                      hadamard=jq.rotations.DotHadamard(gemms=("fwd",)))
       >>> x = jax.random.normal(jax.random.key(0), (4, 64))
       >>> w = jax.random.normal(jax.random.key(1), (64, 8))

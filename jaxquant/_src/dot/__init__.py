@@ -73,6 +73,7 @@ from jaxquant._src.dot.checks import (
 from jaxquant._src.dot.serving import dot_qarray
 from jaxquant._src.dot.subscripts import plan as einsum_plan
 from jaxquant._src.dot.vjp import DotConfig, plan_backward, qdot_jit
+from jaxquant._src.granularity import PerBlock
 from jaxquant._src.hadamard import DotHadamard
 from jaxquant._src.qarray import QArray, check_array
 from jaxquant._src.quantize import check_operand_scale
@@ -219,7 +220,9 @@ def dot_general(
         its innermost contraction axis that ``size`` divides (a fallback, when none does,
         is a UserWarning).
       grad_spec: :class:`QuantSpec` for the output gradient (e.g. e5m2, per-tensor,
-        optionally ``rounding="stochastic"``), or None to keep it in its dtype.
+        optionally ``rounding="stochastic"``), or None to keep it in its dtype. With
+        ``backward="requantize"`` a per-block gradient spec (``per_block(16)``, MX, NVFP4)
+        gets its blocks along each backward product's contracted axes.
       lhs_scale, rhs_scale, grad_scale: known scales (static or delayed scaling, see
         :func:`delayed_scaling`), broadcastable to the plan's scale shape; they skip
         calibration and get no gradient.
@@ -351,9 +354,14 @@ def dot_general(
     rhs_spec = bind_operand(rhs_spec, rhs.shape, rc, rb, "rhs", fn)
     check_operand(lhs_spec, lhs, lc, lb, "lhs", mode)
     check_operand(rhs_spec, rhs, rc, rb, "rhs", mode)
-    if grad_spec is not None:
-        if not jnp.issubdtype(out.dtype, jnp.floating):
-            raise TypeError(f"{fn}: grad_spec needs a floating-point output, got {out.dtype}.")
+    # backward="requantize" places a per-block gradient's blocks itself (each backward
+    # product's contracted axes), so per_block(size) needs no axis there.
+    moves = backward == "requantize" and isinstance(
+        getattr(grad_spec, "granularity", None), PerBlock
+    )
+    if grad_spec is not None and not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"{fn}: grad_spec needs a floating-point output, got {out.dtype}.")
+    if grad_spec is not None and not moves:
         try:  # axis errors now, not in the backward pass
             grad_spec.granularity.plan(tuple(out.shape))
         except ValueError as e:
