@@ -1,4 +1,4 @@
-"""Named quantized-training recipes (fp8, int8, int4, binary, ternary, MX).
+"""Named quantized-training recipes (fp8, int8, int4, binary, ternary, MX, NVFP4, MXFP4).
 
 Each is a :class:`Recipe`: rules for :func:`jaxquant.flax.quantize_model`, or the config
 of one quantized product::
@@ -15,8 +15,10 @@ from jaxquant._src.recipes import (
     fp8_current,
     fp8_delayed,
     get,
+    mxfp4,
     mxfp8,
     names,
+    nvfp4,
     ternary,
     w4a16_int4,
     w8a8_int8,
@@ -28,8 +30,10 @@ __all__ = [
     "fp8_current",
     "fp8_delayed",
     "get",
+    "mxfp4",
     "mxfp8",
     "names",
+    "nvfp4",
     "ternary",
     "w4a16_int4",
     "w8a8_int8",

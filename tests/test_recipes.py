@@ -21,6 +21,12 @@ TABLE = {
         ("mxfp8", jq.per_block(-1, 32)),
         ("mxfp8_e5m2", jq.per_block(-1, 32)),
     ),
+    "nvfp4": (
+        ("nvfp4", jq.per_block_2d(16)),
+        ("nvfp4", jq.per_block(16)),
+        ("nvfp4", jq.per_block(16)),
+    ),
+    "mxfp4": (("mxfp4", jq.per_block(32)),) * 2 + (("mxfp4", jq.per_block(-1, 32)),),
 }
 
 

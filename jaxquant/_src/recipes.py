@@ -25,7 +25,15 @@ w4a16_int4     int4 per-group (128)    float                   float            
 binary         {-1,+1} * E|W|          float                   float              current
 ternary        TWN: 0.7 E|W|           float                   float              current
 mxfp8          mxfp8 (e8m0 / 32)       mxfp8 (e8m0 / 32)       mxfp8 e5m2         block
+nvfp4          nvfp4 16x16 tiles       nvfp4 1x16              nvfp4 1x16, SR     2-level
+mxfp4          mxfp4 1x32              mxfp4 1x32              mxfp4 1x32, SR     block
 =============  ======================  ======================  =================  ===========
+
+The 4-bit recipes (:func:`nvfp4`, :func:`mxfp4`) add what 4-bit training needs: backward
+products that requantize their operands along their own contracted axes
+(``QuantConfig.backward="requantize"``), random Hadamard transforms inside chosen
+products (:class:`jaxquant.rotations.DotHadamard`) and stochastic rounding of the
+gradient, each a switch of the recipe's function, so that an ablation is one argument.
 
 Int8 and fp8 operand pairs run as real int8 / fp8 dots where the backend has them
 (:func:`jaxquant.dot_capabilities`); the others (per-group int4, binary, ternary, MX,
@@ -43,7 +51,8 @@ from typing import Any, Literal
 from jaxquant._src.calibration import mean_abs, twn
 from jaxquant._src.checks import check_int, describe
 from jaxquant._src.config import QuantConfig, check_config_fields
-from jaxquant._src.granularity import per_block, per_channel, per_token
+from jaxquant._src.granularity import per_block, per_block_2d, per_channel, per_token
+from jaxquant._src.hadamard import DotHadamard
 from jaxquant._src.spec import QuantSpec
 
 _INT32_MAX = 2**31 - 1
@@ -65,6 +74,8 @@ class Recipe:
         step size, Flax rules only).
       description: one line for listings.
       mode: ``"auto"``, ``"real"`` or ``"emulate"`` (:func:`jaxquant.dot_general`).
+      backward: ``"saved"`` or ``"requantize"`` (:class:`~jaxquant.QuantConfig`).
+      hadamard: a :class:`~jaxquant.rotations.DotHadamard` or None.
 
     Example:
       >>> import jaxquant as jq
@@ -83,6 +94,8 @@ class Recipe:
     ste: Literal["plain", "clipped", "lsq"] = "plain"
     description: str = ""
     mode: Literal["auto", "real", "emulate"] = "auto"
+    backward: Literal["saved", "requantize"] = "saved"
+    hadamard: DotHadamard | None = None
 
     def __post_init__(self) -> None:
         # The checks of QuantConfig (and so of jaxquant.flax.Rule, which rules() builds): a
@@ -107,6 +120,8 @@ class Recipe:
             history_len=self.history_len,
             margin=self.margin,
             ste=self.ste,
+            backward=self.backward,
+            hadamard=self.hadamard,
         )
 
     def replace(self, **changes: Any) -> Recipe:
@@ -129,6 +144,10 @@ class Recipe:
             kw["ste"] = self.ste
         if self.mode != "auto":
             kw["mode"] = self.mode
+        if self.backward != "saved":
+            kw["backward"] = self.backward
+        if self.hadamard is not None:
+            kw["hadamard"] = self.hadamard
         return kw
 
     def rules(self, pattern: str = ".*", *, keep_float: Sequence[str] = ()) -> tuple[Any, ...]:
@@ -339,6 +358,174 @@ def mxfp8() -> Recipe:
     )
 
 
+_GEMMS = ("fwd", "dgrad", "wgrad")
+
+
+def _check_flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where} must be True or False, got {describe(value)}.")
+    return value
+
+
+def _check_gemms(gemms: Any, where: str) -> tuple[str, ...]:
+    if isinstance(gemms, str):
+        gemms = (gemms,)
+    gemms = tuple(gemms)
+    bad = [g for g in gemms if g not in _GEMMS]
+    if bad:
+        raise ValueError(
+            f"{where}: unknown product(s) {bad}; choose from {_GEMMS} (or () for none)."
+        )
+    return gemms
+
+
+def _fp4(
+    name: str,
+    fmt: str,
+    block: int,
+    *,
+    weight_2d: bool,
+    hadamard: Sequence[str],
+    random_hadamard: bool,
+    hadamard_block: int,
+    stochastic_grad: bool,
+    requantize: bool,
+    description: str,
+) -> Recipe:
+    where = f"jq.recipes.{name.split('_')[0]}"
+    weight_2d = _check_flag(weight_2d, f"{where}: weight_2d")
+    random_hadamard = _check_flag(random_hadamard, f"{where}: random_hadamard")
+    stochastic_grad = _check_flag(stochastic_grad, f"{where}: stochastic_grad")
+    requantize = _check_flag(requantize, f"{where}: requantize")
+    gemms = _check_gemms(hadamard, f"{where}: hadamard")
+    rht = DotHadamard(gemms=gemms, block=hadamard_block, random=random_hadamard) if gemms else None
+    # per_block(size): blocks along the operand's contracted axis in each product (a Dense
+    # kernel's input axis, an activation's features), whatever the layer's layout.
+    blocks = per_block(block)
+    return Recipe(
+        name,
+        weight=QuantSpec(fmt, per_block_2d(block) if weight_2d else blocks),
+        act=QuantSpec(fmt, blocks),
+        # The output gradient along its last axis (the ``dgrad`` product's contraction);
+        # ``backward="requantize"`` moves its blocks to the tokens for ``wgrad``.
+        grad=QuantSpec(
+            fmt, per_block(-1, block), rounding="stochastic" if stochastic_grad else "nearest"
+        ),
+        backward="requantize" if requantize else "saved",
+        hadamard=rht,
+        description=description,
+    )
+
+
+def nvfp4(
+    *,
+    weight_2d: bool = True,
+    hadamard: Sequence[str] = ("wgrad",),
+    random_hadamard: bool = True,
+    hadamard_block: int = 16,
+    stochastic_grad: bool = True,
+    requantize: bool = True,
+) -> Recipe:
+    """NVFP4 training, the recipe of NVIDIA's 12B / 10T-token run (arXiv 2509.25149):
+    e2m1 values with an E4M3 scale per 16 and a float32 scale per tensor
+    (:func:`jaxquant.formats.nvfp4_format`), and the paper's four techniques, each a
+    switch:
+
+    * ``weight_2d``: weights scaled per 16 x 16 tile (:func:`jaxquant.per_block_2d`), so
+      the forward and the transposed ``dgrad`` product use the same quantized weight
+      (``False``: 1 x 16 blocks along each product's contracted axis, as activations);
+    * ``hadamard``: the products whose operands get a 16 x 16 random Hadamard transform
+      (:class:`jaxquant.rotations.DotHadamard`), the weight gradient's only by default;
+      ``()`` for none; ``random_hadamard=False`` drops the random signs (the deterministic
+      transform of arXiv 2605.09825);
+    * ``stochastic_grad``: the output gradient rounded stochastically (unbiased), weights
+      and activations to nearest;
+    * ``requantize``: each backward product quantizes its operands along its own
+      contracted axes (what FP4 tensor cores multiply; ``False``: the forward's saved
+      operands, not a product real hardware can run with 1-D blocks).
+
+    The fourth technique of the paper, a few sensitive layers in high precision, is
+    :meth:`Recipe.rules`' ``keep_float`` (by name, or as
+    :func:`jaxquant.flax.worst_layers` picks from the per-layer error measured during
+    training, :func:`jaxquant.flax.layer_errors`).
+    Every quantized product is emulated: H100 / H200 have no FP4 tensor cores.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> r = jq.recipes.nvfp4()
+      >>> print(r.weight.granularity, r.act.granularity, r.grad.rounding, r.backward)
+      per_block_2d(16, axes=(-2, -1)) per_block(16) stochastic requantize
+      >>> r.hadamard.gemms, r.weight.scale_format.name
+      (('wgrad',), 'float8_e4m3fn')
+      >>> jq.recipes.nvfp4(hadamard=(), stochastic_grad=False).hadamard is None
+      True
+
+    References:
+      NVIDIA, "Pretraining Large Language Models with NVFP4",
+      https://arxiv.org/abs/2509.25149
+    """
+    return _fp4(
+        "nvfp4",
+        "nvfp4",
+        16,
+        weight_2d=weight_2d,
+        hadamard=hadamard,
+        random_hadamard=random_hadamard,
+        hadamard_block=hadamard_block,
+        stochastic_grad=stochastic_grad,
+        requantize=requantize,
+        description="NVFP4 (e2m1, e4m3 per 16, f32 per tensor): 2-D weights, RHT on wgrad, SR "
+        "gradients",
+    )
+
+
+def mxfp4(
+    *,
+    weight_2d: bool = False,
+    hadamard: Sequence[str] = ("dgrad", "wgrad"),
+    random_hadamard: bool = True,
+    hadamard_block: int = 32,
+    stochastic_grad: bool = True,
+    requantize: bool = True,
+) -> Recipe:
+    """MXFP4 training with stochastic rounding and random Hadamard transforms (Tseng et
+    al. 2025, arXiv 2502.20586): e2m1 values sharing an e8m0 scale per 32 (OCP MX),
+    the gradient rounded stochastically (unbiased) and the operands of the backward
+    products rotated by a random Hadamard transform, which bounds the variance that
+    stochastic rounding adds at a block's outliers.
+
+    The switches are :func:`nvfp4`'s, so an ablation, or both formats at an equal recipe
+    (``jq.recipes.mxfp4(weight_2d=True, hadamard=("wgrad",), hadamard_block=16)``), is
+    one argument. Differences from the paper: its forward products stay in BF16 (here
+    every product is MXFP4, as in the full-pipeline study of arXiv 2605.09825; keep the
+    forward in float with a separate rule if needed) and it scales the gradient by 3/4
+    before stochastic rounding to avoid overflow (here the OCP scale
+    ``2^(floor(log2 amax) - 2)`` is kept and values past 6 saturate).
+
+    Example:
+      >>> import jaxquant as jq
+      >>> r = jq.recipes.mxfp4()
+      >>> r.act.format.name, r.act.scale_format.name, r.hadamard.gemms, r.hadamard.block
+      ('mxfp4', 'float8_e8m0fnu', ('dgrad', 'wgrad'), 32)
+
+    References:
+      Tseng et al., "Training LLMs with MXFP4", https://arxiv.org/abs/2502.20586;
+      OCP Microscaling Formats (MX) v1.0
+    """
+    return _fp4(
+        "mxfp4",
+        "mxfp4",
+        32,
+        weight_2d=weight_2d,
+        hadamard=hadamard,
+        random_hadamard=random_hadamard,
+        hadamard_block=hadamard_block,
+        stochastic_grad=stochastic_grad,
+        requantize=requantize,
+        description="MXFP4 (e2m1, e8m0 per 32): SR gradients, RHT on the backward products",
+    )
+
+
 _REGISTRY: dict[str, Callable[..., Recipe]] = {
     "fp8_current": fp8_current,
     "fp8_delayed": fp8_delayed,
@@ -347,6 +534,8 @@ _REGISTRY: dict[str, Callable[..., Recipe]] = {
     "binary": binary,
     "ternary": ternary,
     "mxfp8": mxfp8,
+    "nvfp4": nvfp4,
+    "mxfp4": mxfp4,
 }
 
 
@@ -355,8 +544,8 @@ def names() -> tuple[str, ...]:
 
     Example:
       >>> import jaxquant as jq
-      >>> jq.recipes.names()
-      ('fp8_current', 'fp8_delayed', 'w8a8_int8', 'w4a16_int4', 'binary', 'ternary', 'mxfp8')
+      >>> print(*jq.recipes.names())
+      fp8_current fp8_delayed w8a8_int8 w4a16_int4 binary ternary mxfp8 nvfp4 mxfp4
     """
     return tuple(_REGISTRY)
 

@@ -210,7 +210,19 @@ def _at(path: str) -> Iterator[None]:
         yield
     except (ValueError, TypeError) as e:
         where = repr(path) if path else "(the model itself)"
-        raise type(e)(f"quantized layer {where}: {e}") from None
+        msg = f"quantized layer {where}: {e}"
+        if path and any(s in str(e) for s in _SHAPE_MISFITS):
+            # A layer whose shape does not fit the blocks is never left in float quietly;
+            # the user keeps it there by name.
+            msg += (
+                f" To keep this layer in high precision, put Rule({path!r}) (no config) "
+                f"before the rule that matched it, e.g. recipe.rules(keep_float=[{path!r}])."
+            )
+        raise type(e)(msg) from None
+
+
+# Phrases of the block / Hadamard size errors (granularity, hadamard, dot checks).
+_SHAPE_MISFITS = ("does not divide", "multiple of", "not a multiple")
 
 
 def _spec_kwargs(r: Rule, rhs: Any = None) -> dict[str, Any]:
