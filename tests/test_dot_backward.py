@@ -185,6 +185,7 @@ def test_vmap_of_the_gradient() -> None:
         )
 
 
+@pytest.mark.slow
 def test_stochastic_gradient_under_jit() -> None:
     x, w, c = _operands()
     act = jq.QuantSpec("nvfp4", jq.per_block(16))

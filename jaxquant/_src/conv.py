@@ -228,6 +228,8 @@ def conv_general_dilated(
     grad_scale: jax.typing.ArrayLike | None = None,
     key: Array | None = None,
     ste: Literal["plain", "clipped"] = opargs.PLAIN,
+    backward: Literal["saved"] = "saved",
+    hadamard: None = None,
 ) -> Array:
     """Quantized ``jax.lax.conv_general_dilated`` (emulated; see the module docstring).
 
@@ -259,6 +261,9 @@ def conv_general_dilated(
       lhs_scale, rhs_scale, grad_scale: known scales (static / delayed scaling).
       key: PRNG key for stochastic specs (``fold_in(key, 0/1/2)`` for lhs / rhs / grad).
       ste: ``"plain"`` or ``"clipped"`` straight-through estimator for the operands.
+      backward, hadamard: ``"saved"`` and None only, the keywords of
+        :func:`jaxquant.dot_general` that convolutions do not implement (taken so that one
+        set of keywords fits every quantized op; anything else is a ValueError).
 
     Returns:
       The convolution, in ``lax.conv_general_dilated``'s result dtype.
@@ -276,15 +281,20 @@ def conv_general_dilated(
         _FN, config, lhs_spec=lhs_spec, rhs_spec=rhs_spec, grad_spec=grad_spec, ste=ste
     )
     lhs_spec, rhs_spec, grad_spec, ste = q["lhs_spec"], q["rhs_spec"], q["grad_spec"], q["ste"]
-    if config is not None and (config.backward != "saved" or config.hadamard is not None):
+    asked: list[tuple[Any, Any]] = [(backward, hadamard)]
+    if config is not None:
+        asked.append((config.backward, config.hadamard))
+    for backward, hadamard in asked:
+        if backward == "saved" and hadamard is None:
+            continue
         # The backward convolutions contract other axes (the batch and spatial ones for the
         # kernel's gradient) than a per-block layout or a rotation of the forward names.
         raise ValueError(
-            f"{_FN}: config.backward={config.backward!r} / config.hadamard="
-            f"{config.hadamard!r} are implemented for dot_general and einsum only, not for "
-            "convolutions. Use config.replace(backward='saved', hadamard=None) for conv "
-            "layers (a Flax Rule that matches only the Dense layers, or one for the convs), "
-            "or keep them in high precision."
+            f"{_FN}: backward={backward!r} / hadamard={hadamard!r} are implemented for "
+            "dot_general and einsum only, not for convolutions. Use "
+            "config.replace(backward='saved', hadamard=None) for conv layers (a Flax "
+            "Rule that matches only the Dense layers, or one for the convs), or keep "
+            "them in high precision."
         )
     if config is not None and config.mode == "real":
         raise ValueError(
