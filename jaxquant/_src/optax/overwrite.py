@@ -84,7 +84,10 @@ def overwrite_with_gradient(
     gradient, with their new values. This wrapper makes the usual update
     (``optax.apply_updates``, ``TrainState.apply_gradients``, ``nnx.Optimizer.update``)
     write them: their update is ``gradient - param``; ``inner`` is initialised and updated
-    on the other leaves only (its tree has ``optax.MaskedNode()`` in their place).
+    on the other leaves only (its tree has ``optax.MaskedNode()`` in their place). The new
+    value ``param + (gradient - param)`` is the gradient up to float32 rounding: counts are
+    exact, an amax or SQNR may differ from it by an ulp of the larger of the old and new
+    value.
 
     A layer called ``n`` times in a step receives the sum of its ``n`` cotangents; the
     wrapper divides the group by ``n`` (read from its ``calls`` or ``count`` leaf): the
