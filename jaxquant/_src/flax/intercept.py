@@ -451,7 +451,13 @@ def _bind(
 
 
 def _kw(cfg: QuantConfig) -> dict[str, Any]:
-    return {"grad_spec": cfg.grad, "mode": cfg.mode, "ste": cfg.ste}
+    return {
+        "grad_spec": cfg.grad,
+        "mode": cfg.mode,
+        "ste": cfg.ste,
+        "backward": cfg.backward,
+        "hadamard": cfg.hadamard,
+    }
 
 
 def _dot_general_call(
@@ -702,6 +708,9 @@ def _make_conv(orig: Callable[..., Any]) -> Callable[..., Any]:
                 rhs_spec=rs,
                 grad_spec=cfg.grad,
                 ste=ste,
+                # jq.conv_general_dilated refuses what it cannot do (never silently saved).
+                backward=cfg.backward,
+                hadamard=cfg.hadamard,
                 **kwargs,
             )
 

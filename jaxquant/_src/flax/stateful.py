@@ -347,6 +347,8 @@ def _contract(
         grad_spec=cfg.grad,
         mode=cfg.mode,
         ste=ste,
+        backward=cfg.backward,
+        hadamard=cfg.hadamard,
     )
     if subscripts is not None and out_sharding is not None:
         raise ValueError("jq.einsum takes no out_sharding; leave it None for a quantized Einsum.")
