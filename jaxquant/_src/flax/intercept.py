@@ -460,6 +460,13 @@ def _kw(cfg: QuantConfig) -> dict[str, Any]:
     }
 
 
+def _conv_backward(cfg: QuantConfig) -> dict[str, Any]:
+    """The config's ``backward`` / ``hadamard`` for jq.conv_general_dilated, which takes
+    ``"saved"`` / None only and refuses the others by name at run time (never silently
+    saved): typed loosely here for that reason."""
+    return {"backward": cfg.backward, "hadamard": cfg.hadamard}
+
+
 def _dot_general_call(
     op: str,
     lhs: Any,
@@ -700,6 +707,7 @@ def _make_conv(orig: Callable[..., Any]) -> Callable[..., Any]:
             ste = cfg.ste
             if ste == "lsq":  # stateful: _decide routes LSQ to the front end's step, not here
                 raise ValueError("a quantized conv takes no LSQ rule (ste='lsq')")
+            kwargs.update(_conv_backward(cfg))
             return jq_conv(
                 lhs,
                 rhs,
@@ -708,9 +716,6 @@ def _make_conv(orig: Callable[..., Any]) -> Callable[..., Any]:
                 rhs_spec=rs,
                 grad_spec=cfg.grad,
                 ste=ste,
-                # jq.conv_general_dilated refuses what it cannot do (never silently saved).
-                backward=cfg.backward,
-                hadamard=cfg.hadamard,
                 **kwargs,
             )
 
