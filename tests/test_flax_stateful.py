@@ -264,6 +264,8 @@ def test_recipes_registry_and_conversions():
         "binary",
         "ternary",
         "mxfp8",
+        "nvfp4",
+        "mxfp4",
     }
     with pytest.raises(ValueError, match=r"unknown recipe 'int3'.*w8a8_int8"):
         jq.recipes.get("int3")

@@ -134,3 +134,34 @@ def test_recipe_trains_a_linen_mlp_on_digits_under_jit(name):
     logits = model.apply({"params": params}, xt, rngs={"quant": jax.random.key(9)})
     acc = float((logits.argmax(-1) == jnp.asarray(d["y_test"][:448])).mean())
     assert acc > 0.85, acc
+
+
+@pytest.mark.parametrize("hadamard", [("wgrad",), ()])
+def test_quantize_model_runs_the_recipes_product(hadamard):
+    # Every field of the recipe reaches the layer's product (a dropped `hadamard` or
+    # `backward` once left Flax models on the saved, unrotated backward without a word):
+    # the Dense layer's gradients equal jq.dot_general's with the recipe's config.
+    recipe = jq.recipes.nvfp4(hadamard=hadamard, stochastic_grad=False)
+    model = jq.flax.quantize_model(nn.Dense(32, name="d"), recipe.rules())
+    x = jax.random.normal(jax.random.key(0), (32, 64)) * jnp.exp(
+        jax.random.normal(jax.random.key(1), (1, 64))
+    )
+    params = model.init(jax.random.key(2), x)["params"]
+    probe = jax.random.normal(jax.random.key(3), (32, 32))
+
+    def via_flax(p):
+        return (model.apply({"params": p}, x) * probe).sum()
+
+    def direct(p):
+        dn = (((1,), (0,)), ((), ()))
+        y = jq.dot_general(x, p["kernel"], dn, config=recipe.config) + p["bias"][None]
+        return (y * probe).sum()
+
+    got, want = jax.jit(jax.grad(via_flax))(params), jax.jit(jax.grad(direct))(params)
+    np.testing.assert_array_equal(np.asarray(got["kernel"]), np.asarray(want["kernel"]))
+    plain = jax.grad(direct)(params)
+    if hadamard:  # the transform changes the quantized weight gradient
+        saved = jq.recipes.nvfp4(hadamard=(), stochastic_grad=False).config
+        dn = (((1,), (0,)), ((), ()))
+        other = jax.grad(lambda p: (jq.dot_general(x, p["kernel"], dn, config=saved) * probe).sum())
+        assert not np.array_equal(np.asarray(other(params)["kernel"]), np.asarray(plain["kernel"]))

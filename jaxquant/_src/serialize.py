@@ -38,6 +38,7 @@ _GRANULARITIES: dict[str, type] = {
     "per_tensor": gran.PerTensor,
     "per_channel": gran.PerChannel,
     "per_block": gran.PerBlock,
+    "per_block_2d": gran.PerBlock2D,
     "per_token": gran.PerToken,
 }
 _CALIBRATIONS: dict[str, type] = {

@@ -94,8 +94,11 @@ def sample_batch(data: jax.Array, key: jax.Array, batch: int, seq: int) -> jax.A
     return data[idx].astype(jnp.int32)
 
 
-def _loss(model: Any, params: Any, rest: dict[str, Any], batch: jax.Array) -> Any:
-    logits, rest = model.apply({"params": params, **rest}, batch[:, :-1], mutable=list(rest))
+def _loss(model: Any, params: Any, rest: dict[str, Any], batch: jax.Array, key: jax.Array) -> Any:
+    # The "quant" stream: the keys of stochastic rounding (unused by other models).
+    logits, rest = model.apply(
+        {"params": params, **rest}, batch[:, :-1], mutable=list(rest), rngs={"quant": key}
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
     return loss, dict(rest)
 
@@ -116,9 +119,10 @@ def _compile(model: Any, cfg: dict[str, Any], tx: optax.GradientTransformation) 
 
     def step(state, data, key, i):
         params, rest, opt_state = state
-        batch = sample_batch(data, jax.random.fold_in(key, i), cfg["batch"], cfg["seq"])
+        k = jax.random.fold_in(key, i)
+        batch = sample_batch(data, k, cfg["batch"], cfg["seq"])
         grad = jax.value_and_grad(_loss, argnums=1, has_aux=True)
-        (loss, rest), grads = grad(model, params, rest, batch)
+        (loss, rest), grads = grad(model, params, rest, batch, jax.random.fold_in(k, 1))
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), rest, opt_state), loss
 
@@ -127,7 +131,8 @@ def _compile(model: Any, cfg: dict[str, Any], tx: optax.GradientTransformation) 
 
     def nll(state, windows):
         params, rest, _ = state
-        return _loss(model, params, rest, windows)[0]  # the updated state is dropped
+        # Evaluation rounds stochastic specs with a fixed key: the same number every call.
+        return _loss(model, params, rest, windows, jax.random.key(0))[0]
 
     return jax.jit(chunk, donate_argnums=0), jax.jit(nll)
 
@@ -183,7 +188,8 @@ def train(
     for seed in seeds:
         t0 = time.perf_counter()
         try:
-            variables = model.init(jax.random.key(seed), jnp.zeros((1, cfg["seq"]), jnp.int32))
+            keys = {"params": jax.random.key(seed), "quant": jax.random.key(20_000 + seed)}
+            variables = model.init(keys, jnp.zeros((1, cfg["seq"]), jnp.int32))
             params = variables["params"]
             rest = {k: v for k, v in variables.items() if k != "params"}
             state = (params, rest, tx.init(params))

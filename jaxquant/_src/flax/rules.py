@@ -232,7 +232,15 @@ def _spec_kwargs(r: Rule, rhs: Any = None) -> dict[str, Any]:
     if isinstance(rhs, QArray):
         check_served_weight(r, rhs)
         return {"lhs_spec": r.act}
-    return {"lhs_spec": r.act, "rhs_spec": r.weight, "grad_spec": r.grad, "ste": r.ste}
+    c = r.config
+    return {
+        "lhs_spec": r.act,
+        "rhs_spec": r.weight,
+        "grad_spec": r.grad,
+        "ste": r.ste,
+        "backward": c.backward,
+        "hadamard": c.hadamard,
+    }
 
 
 def check_served_weight(r: Rule, w: QArray) -> None:
