@@ -187,3 +187,24 @@ def test_bad_arguments() -> None:
         jq.quantize(jnp.ones((32,)), spec)
     with pytest.raises(ValueError, match="same axis"):
         jq.quantize(jnp.ones((32, 32)), jq.QuantSpec("int8", jq.per_block_2d(16, axes=(1, -1))))
+
+
+def test_gptq_refuses_tiles_by_name():
+    x = jax.random.normal(jax.random.key(0), (64, 32))
+    w = jax.random.normal(jax.random.key(1), (32, 32))
+    with pytest.raises(ValueError, match=r"gptq: per_block_2d.*not supported"):
+        jq.ptq.gptq_solve(w, x.T @ x, jq.QuantSpec("int4", jq.per_block_2d(16)))
+
+
+def test_a_transposed_use_reverses_both_tile_axes():
+    from jaxquant._src.flax.serve import reversed_spec
+
+    spec = jq.QuantSpec("nvfp4", jq.per_block_2d((16, 32), axes=(0, 1)))
+    got = reversed_spec(spec, 2, "kernel")
+    # 16 rows per tile along w's axis 0 become 16 along w.T's axis 1.
+    assert got.granularity == jq.per_block_2d((16, 32), axes=(1, 0))
+    w = jax.random.normal(jax.random.key(2), (32, 64))
+    # Quantizing w.T with the reversed spec gives the transposed values of w's.
+    np.testing.assert_array_equal(
+        np.asarray(jq.fake_quant(w.T, got)), np.asarray(jq.fake_quant(w, spec)).T
+    )

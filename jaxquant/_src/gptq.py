@@ -135,6 +135,14 @@ def _extents(g: gran.Granularity, shape: tuple[int, ...], axes: tuple[int, ...])
     """How many indices of each contracted axis (in ``axes`` order) one scale group spans:
     the axis length where the granularity shares a scale along it, the block size where it
     blocks it, 1 where every index has its own scale."""
+    if isinstance(g, gran.PerBlock2D):
+        # A tile's one scale spans several output columns, which GPTQ updates one input
+        # row at a time: the scales would move under it. Refused, never approximated.
+        raise ValueError(
+            f"gptq: {g} (2-D tiles) is not supported; quantize the weight per_block along "
+            "its input axis (e.g. per_block(0, 16)) or per_channel for GPTQ, or use "
+            "round-to-nearest (jq.quantize) for tiles."
+        )
     plan = g.plan(shape)
     b = g.axis % len(shape) if isinstance(g, gran.PerBlock) and g.axis is not None else None
     out = []

@@ -44,7 +44,14 @@ from jaxquant._src.flax.rules import (
     Rule,
     check_served_weight,
 )
-from jaxquant._src.granularity import PerBlock, PerChannel, PerTensor, PerToken, follows_layout
+from jaxquant._src.granularity import (
+    PerBlock,
+    PerBlock2D,
+    PerChannel,
+    PerTensor,
+    PerToken,
+    follows_layout,
+)
 from jaxquant._src.layout import bind
 from jaxquant._src.qarray import QArray
 from jaxquant._src.spec import QuantSpec
@@ -170,6 +177,8 @@ def reversed_spec(spec: QuantSpec, ndim: int, where: str) -> QuantSpec:
         return spec.replace(granularity=PerBlock(rev(g.axis), g.size))
     if isinstance(g, PerToken):
         return spec.replace(granularity=PerToken(rev(g.axis)))
+    if isinstance(g, PerBlock2D):
+        return spec.replace(granularity=PerBlock2D((rev(g.axes[0]), rev(g.axes[1])), g.sizes))
     raise ValueError(
         f"jq.flax.convert: {where} is used transposed by its module and its weight spec's "
         f"granularity {g} names no axis of it; give the axes explicitly (e.g. "
