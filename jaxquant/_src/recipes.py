@@ -206,8 +206,10 @@ def fp8_current() -> Recipe:
 
 def fp8_delayed(history_len: int = 16, margin: int = 0) -> Recipe:
     """FP8 training with Transformer Engine's delayed scaling of the operands (amax
-    history of ``history_len`` steps, ``margin`` powers of two of headroom); the gradient
-    keeps a current scale.
+    history of ``history_len`` steps, ``margin`` powers of two of headroom). The output
+    gradient keeps a current scale unless the model is quantized with
+    ``jaxquant.flax.quantize_model(..., delayed_grad=True)`` (its history is then carried
+    out of the backward pass and written by :func:`jaxquant.optax.overwrite_with_gradient`).
 
     The amax history is state kept between steps, so the recipe runs through Flax rules
     (:meth:`Recipe.rules` with :func:`jaxquant.flax.quantize_model`), or with a
