@@ -7,7 +7,7 @@ ByteLM`, d 256, 4 blocks, MLP 1024, 3.3M parameters; 24 quantized Dense layers
 library's source (:func:`jaxquant.app.datasets.stdlib_bytes`; cached in the temp directory),
 and its outlier variant (:func:`jaxquant.app.models.inject_outliers`: four residual channels
 50-200x at every LayerNorm reader, the same function). 64 calibration sequences (training
-windows), 256 held-out windows for the loss. ``--quick``: d 64, 2 blocks, 16 sequences.
+windows), 256 held-out windows for the loss. ``--quick``: d 128, 1 block, 16 sequences.
 
 Per variant (base, outliers), library and method, in a FRESH subprocess each (peak memory is
 ``VmHWM`` of ``/proc/self/status``: XLA's buffers are invisible to tracemalloc):
@@ -24,7 +24,19 @@ Per variant (base, outliers), library and method, in a FRESH subprocess each (pe
 Formats: w4 / w3 / w2 int per-channel (GPTQ), w4 in groups of 128 along the input (AWQ),
 w8a8 int8 per-channel weights x int8 per-tensor activations (SmoothQuant, alpha 0.5), w4a4
 int4 per-channel x int4 per-token activations after rotations. Round-to-nearest (RTN) of
-each format from both libraries is the baseline. Qwix's rotation
+each format from both libraries is the baseline.
+
+Grids: Qwix's symmetric integer grid is always the full one (``s = amax / (qmax + 0.5)``,
+all ``2^b`` codes; ``qwix/_src/core/numerics.py`` ``get_symmetric_bound``), at every width.
+jaxquant's specs here use the same grid (``int_grid="full"``, ``--jq-grid full``, the
+default) so that both libraries quantize to the same format; ``--jq-grid auto`` uses
+jaxquant's defaults instead (full at int2 / int3, restricted ``amax / qmax`` from int4 on,
+``papers/int_grids``). The jaxquant-only formats ``w4r`` and ``w4g128r`` are w4 and w4g128
+on the restricted grid, jaxquant's int4 default, measured beside them.
+
+Calibration: 64 training windows (``--quick``: 16), evenly strided through the training
+set (``--calib-seed 0``, the default) or drawn at random without replacement with the seed
+(``--calib-seed k``), the same windows for both libraries. Qwix's rotation
 (``qwix.contrib.hadamard_rot``) is a function on (activation, weight) pairs, not a model
 transform: here it is applied the way its module docstring shows, to every quantized
 layer's input (the weight rotated offline with the same matrix, ``_apply_hadamard_rhs``;
@@ -36,6 +48,7 @@ Run::
     python3 benchmarks/peers_ptq.py --out benchmarks/results/peers_ptq_cpu.json
     python3 benchmarks/peers_ptq.py --quick --out /tmp/p.json
     python3 benchmarks/peers_ptq.py --markdown benchmarks/results/peers_ptq_cpu.json
+    python3 benchmarks/peers_ptq.py --quick --methods awq --calib-seeds 0,1,2,3,4 --out /tmp/s.json
 """
 
 from __future__ import annotations
@@ -80,12 +93,15 @@ OUTLIERS = {"channels": [5, 17, 40, 58], "scales": [50.0, 100.0, 150.0, 200.0]}
 
 # (method, format) per library; "rtn" jobs of a library share one process (no calibration).
 FORMATS = ("w4", "w3", "w2", "w4g128", "w8a8", "w4a4")
+JQ_ONLY_FORMATS = ("w4r", "w4g128r")  # jaxquant's int4 default grid (restricted)
 JOBS: list[tuple[str, str, str]] = [
     *[(lib, "rtn", f) for lib in ("jaxquant", "qwix") for f in ("all",)],
     *[(lib, "gptq", f) for f in ("w4", "w3") for lib in ("jaxquant", "qwix")],
+    ("jaxquant", "gptq", "w4r"),
     ("jaxquant", "gptq", "w2"),
     ("jaxquant", "awq", "w4g128"),
     ("qwix", "awq", "w4g128"),
+    ("jaxquant", "awq", "w4g128r"),
     ("jaxquant", "smoothquant", "w8a8"),
     ("qwix", "smoothquant", "w8a8"),
     ("jaxquant", "rotate_residual+rtn", "w4a4"),
@@ -188,15 +204,20 @@ def params(cfg_name: str, variant: str) -> Any:
     return p
 
 
-def calibration(cfg_name: str) -> list[Any]:
+def calibration(cfg_name: str, seed: int = 0) -> list[Any]:
+    """The calibration batches: ``n`` batches of ``size`` training windows, evenly strided
+    through the training set (seed 0) or drawn at random without replacement (seed k)."""
     import jax.numpy as jnp
+    import numpy as np
 
     c, x = CONFIGS[cfg_name]["calib"], _data(cfg_name)["x_train"]
-    step = max(1, len(x) // (c["n"] * c["size"]))
-    return [
-        jnp.asarray(x[(i * c["size"]) * step : (i * c["size"] + c["size"]) * step : step])
-        for i in range(c["n"])
-    ]
+    total = c["n"] * c["size"]
+    if seed == 0:
+        step = max(1, len(x) // total)
+        idx = np.arange(total) * step
+    else:
+        idx = np.sort(np.random.default_rng(seed).choice(len(x), total, replace=False))
+    return [jnp.asarray(x[idx[i * c["size"] : (i + 1) * c["size"]]]) for i in range(c["n"])]
 
 
 def eval_loss(cfg_name: str, apply_fn: Any, variables: Any) -> float:
@@ -262,27 +283,37 @@ def int8_dots(fn: Any, *args: Any) -> tuple[int, int]:
 # ------------------------------------------------------------------------- jaxquant
 
 
-def jq_rules(fmt: str) -> list[Any]:
+def jq_rules(fmt: str, grid: str = "full") -> list[Any]:
+    """jaxquant's rules for ``fmt``: every int spec on ``grid`` ("full": Qwix's grid;
+    "auto": jaxquant's default per width); the ``...r`` formats on the restricted grid."""
     import jaxquant as jq
     from jaxquant.flax import Rule
 
+    if fmt in JQ_ONLY_FORMATS:
+        fmt, grid = fmt[:-1], "restricted"
+    g = {"int_grid": grid}
     w = {
-        "w4": jq.QuantSpec("int4", jq.per_channel(-1)),
-        "w3": jq.QuantSpec("int3", jq.per_channel(-1)),
-        "w2": jq.QuantSpec("int2", jq.per_channel(-1)),
-        "w4g128": jq.QuantSpec("int4", jq.per_block(0, 128)),
-        "w8a8": jq.QuantSpec("int8", jq.per_channel(-1)),
-        "w4a4": jq.QuantSpec("int4", jq.per_channel(-1)),
+        "w4": jq.QuantSpec("int4", jq.per_channel(-1), **g),
+        "w3": jq.QuantSpec("int3", jq.per_channel(-1), **g),
+        "w2": jq.QuantSpec("int2", jq.per_channel(-1), **g),
+        "w4g128": jq.QuantSpec("int4", jq.per_block(0, 128), **g),
+        "w8a8": jq.QuantSpec("int8", jq.per_channel(-1), **g),
+        "w4a4": jq.QuantSpec("int4", jq.per_channel(-1), **g),
     }[fmt]
-    act = {"w8a8": jq.QuantSpec("int8"), "w4a4": jq.QuantSpec("int4", jq.per_token())}.get(fmt)
+    act = {
+        "w8a8": jq.QuantSpec("int8", **g),
+        "w4a4": jq.QuantSpec("int4", jq.per_token(), **g),
+    }.get(fmt)
     return [Rule(PAT, weight=w, act=act)]
 
 
-def jq_method(method: str, fmt: str, model: Any, batches: list[Any], v: dict[str, Any]) -> Any:
-    """Variables to serve with ``quantize_model(model, jq_rules(fmt))``."""
+def jq_method(
+    method: str, fmt: str, model: Any, batches: list[Any], v: dict[str, Any], grid: str = "full"
+) -> Any:
+    """Variables to serve with ``quantize_model(model, jq_rules(fmt, grid))``."""
     from jaxquant import ptq
 
-    rules = jq_rules(fmt)
+    rules = jq_rules(fmt, grid)
     if method == "gptq":
         return ptq.gptq(model, batches, v, rules=rules).variables
     if method == "awq":
@@ -430,6 +461,57 @@ def qwix_hadamard(model: Any, fmt: str, p: Any, x0: Any) -> tuple[Any, Any]:
     return qm.apply, {"params": qwix.quantize_params(rotated, abstract)}
 
 
+# ------------------------------------------------------------------------- GPTQ, layer by layer
+
+
+def gptq_codes(cfg_name: str, variants: list[str]) -> list[dict[str, Any]]:
+    """jaxquant's GPTQ solver and Qwix's (``qwix.contrib.gptq_core.quantize_weight``) on the
+    same ``(W, H)`` of every quantized layer, int4 per output channel on the same (full)
+    grid, both with their defaults (damping 1% of mean diag H, blocks of 128, no act order):
+    the fraction of equal codes, the largest code difference and scale difference. Shows
+    whether the two compute the same algorithm, apart from float rounding order."""
+    import jax.numpy as jnp
+    import numpy as np
+    from qwix._src.core import qarray
+    from qwix.contrib import gptq_core
+
+    import jaxquant as jq
+    from jaxquant.flax import Rule, layer_statistics
+    from jaxquant.ptq import gptq_solve
+
+    model, batches = _model(cfg_name), calibration(cfg_name)
+    spec = jq.QuantSpec("int4", jq.per_channel(1), int_grid="full")
+    out = []
+    for variant in variants:
+        p = params(cfg_name, variant)
+        rules = [Rule(PAT, weight=jq.QuantSpec("int4", jq.per_channel(-1), int_grid="full"))]
+        stats = layer_statistics(model, batches, {"params": p}, rules=rules)
+        for path, st in stats.items():
+            leaf = p
+            for k in path.split("/"):
+                leaf = leaf[k]
+            w = jnp.asarray(leaf["kernel"], jnp.float32)  # (in, out)
+            h = jnp.asarray(st.hessian, jnp.float32)
+            ours = gptq_solve(w, h, spec)
+            how = qarray.HowToQuantize(qtype=jnp.int4, channelwise_axes=(0,))
+            theirs, _ = gptq_core.quantize_weight(w.T, h, how)  # Qwix: (out, in)
+            a = np.asarray(ours.qarray.codes()).astype(np.int32)
+            b = np.asarray(theirs.qvalue).astype(np.int32).T
+            sa = np.asarray(ours.qarray.scale, np.float64).reshape(-1)
+            sb = np.asarray(theirs.scale, np.float64).reshape(-1)
+            row = {
+                "variant": variant,
+                "layer": path,
+                "inputs": int(w.shape[0]),
+                "equal_codes": float((a == b).mean()),
+                "max_code_diff": int(np.abs(a - b).max()),
+                "max_scale_rel_diff": float(np.abs(sa / sb - 1).max()),
+            }
+            print(row, flush=True)
+            out.append(row)
+    return out
+
+
 # ------------------------------------------------------------------------- one job
 
 
@@ -444,9 +526,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         job["method"],
         job["format"],
     )
+    grid = job.get("jq_grid", "full")
     model = _model(cfg_name)
     p = params(cfg_name, variant)
-    batches = calibration(cfg_name)
+    batches = calibration(cfg_name, job.get("calib_seed", 0))
     v = {"params": p}
     out: dict[str, Any] = {**job}
     out["float_mb"] = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(p)) / 2**20
@@ -455,10 +538,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
         out["float_loss"] = eval_loss(cfg_name, model.apply, v)
         res = {}
-        for f in FORMATS:
+        for f in FORMATS + (JQ_ONLY_FORMATS if lib == "jaxquant" else ()):
             try:
                 if lib == "jaxquant":
-                    loss = eval_loss(cfg_name, jq.flax.quantize_model(model, jq_rules(f)).apply, v)
+                    qm = jq.flax.quantize_model(model, jq_rules(f, grid))
+                    loss = eval_loss(cfg_name, qm.apply, v)
                 else:
                     qm, abstract = qwix_ptq(model, f, batches[0])
                     import qwix
@@ -478,7 +562,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if lib == "jaxquant":
-            served = jq_method(method, fmt, model, batches, v)
+            served = jq_method(method, fmt, model, batches, v, grid)
             jax.block_until_ready(served)
             apply_fn = None  # set below, outside the timed call
         else:
@@ -495,7 +579,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if times[0] < job["repeat_under"]:
         t0 = time.perf_counter()
         if lib == "jaxquant":
-            jax.block_until_ready(jq_method(method, fmt, model, batches, v))
+            jax.block_until_ready(jq_method(method, fmt, model, batches, v, grid))
         else:
             jax.block_until_ready(qwix_method(method, fmt, model, batches, p)[1])
         times.append(time.perf_counter() - t0)
@@ -504,7 +588,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if lib == "jaxquant":
         import jaxquant as jq
 
-        apply_fn = jq.flax.quantize_model(model, jq_rules(fmt)).apply
+        apply_fn = jq.flax.quantize_model(model, jq_rules(fmt, grid)).apply
     out["float_loss"] = eval_loss(cfg_name, model.apply, v)
     out["loss"] = eval_loss(cfg_name, apply_fn, served)
     out["increase"] = out["loss"] - out["float_loss"]
@@ -549,8 +633,11 @@ def table(doc: dict[str, Any]) -> str:
         "second call s | peak MB (float params MB) | int8 dots |",
         "|---|---|---|---|--:|--:|--:|--:|--:|",
     ]
+    seeded = len(doc["config"].get("calib_seeds", [0])) > 1
     for variant, rs in doc["results"].items():
         for r in rs:
+            if seeded:  # one row per (seed, ...): name the seed in the variant column
+                variant = f"{r['variant']} (calibration seed {r.get('calib_seed', 0)})"
             if r["method"] == "rtn":
                 for f, x in r.get("formats", {}).items():
                     inc = (
@@ -583,6 +670,27 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="subset of rtn,gptq,awq,smoothquant,...")
     ap.add_argument("--repeat-under", type=float, default=60.0)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per job")
+    ap.add_argument(
+        "--jq-grid",
+        default="full",
+        choices=("full", "auto"),
+        help="jaxquant's int grid: full (Qwix's, the same format) or auto (jaxquant's default)",
+    )
+    ap.add_argument(
+        "--calib-seeds",
+        default="0",
+        help="comma-separated calibration seeds (0: evenly strided windows; k: random windows)",
+    )
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated lib:method:format jobs not to run (e.g. qwix:gptq:w4)",
+    )
+    ap.add_argument(
+        "--gptq-codes",
+        action="store_true",
+        help="only compare the two GPTQ solvers' codes layer by layer (same W, H, grid)",
+    )
     ap.add_argument("--markdown", default="", metavar="JSON")
     ap.add_argument("--job", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -600,6 +708,11 @@ def main() -> None:
         return
     cfg_name = "quick" if args.quick else "full"
     params(cfg_name, "base")  # train once (cached) before the jobs
+    if args.gptq_codes:
+        rows = gptq_codes(cfg_name, args.variants.split(","))
+        cfg = {**CONFIGS[cfg_name], "config": cfg_name, "outliers": OUTLIERS, "pattern": PAT}
+        common.write_json(common.document(NAME + "_gptq_codes", cfg, {"layers": rows}), args.out)
+        return
     from importlib.metadata import version
 
     cfg = {
@@ -609,37 +722,87 @@ def main() -> None:
         "pattern": PAT,
         "qwix": version("qwix"),
         "repeat_under": args.repeat_under,
+        "jq_grid": args.jq_grid,
     }
     methods = {m.strip() for m in args.methods.split(",") if m.strip()}
     libs = args.libs.split(",")
+    seeds = [int(k) for k in args.calib_seeds.split(",")]
+    skip = {tuple(j.split(":")) for j in args.skip.split(",") if j}
+    cfg["calib_seeds"] = seeds
+    if skip:
+        cfg["skipped_jobs"] = sorted(":".join(j) for j in skip)
     results: dict[str, list[dict[str, Any]]] = {}
     for variant in args.variants.split(","):
         results[variant] = []
-        for lib, method, fmt in JOBS:
-            if lib not in libs or (methods and method not in methods):
-                continue
-            job = {
-                "cfg": cfg_name,
-                "variant": variant,
-                "lib": lib,
-                "method": method,
-                "format": fmt,
-                "repeat_under": args.repeat_under,
-            }
-            r = spawn(job, args.timeout)
-            results[variant].append(r)
-            brief = r.get("error", "")[:120] or (
-                f"+{r.get('increase', 0):.4f} first {r.get('first_s', 0):.1f} s "
-                f"peak {r.get('peak_mb', 0):.0f} MB"
-            )
-            print(
-                f"{variant} {lib} {method} {fmt}: {brief} [{r.get('process_s', 0):.0f} s]",
-                flush=True,
-            )
-            common.write_json(common.document(NAME, cfg, results), args.out)
+        for seed in seeds:
+            for lib, method, fmt in JOBS:
+                if lib not in libs or (methods and method not in methods):
+                    continue
+                if (lib, method, fmt) in skip:
+                    continue
+                job = {
+                    "cfg": cfg_name,
+                    "variant": variant,
+                    "lib": lib,
+                    "method": method,
+                    "format": fmt,
+                    "repeat_under": args.repeat_under,
+                    "jq_grid": args.jq_grid,
+                    "calib_seed": seed,
+                }
+                r = spawn(job, args.timeout)
+                results[variant].append(r)
+                brief = r.get("error", "")[:120] or (
+                    f"+{r.get('increase', 0):.5f} first {r.get('first_s', 0):.1f} s "
+                    f"peak {r.get('peak_mb', 0):.0f} MB"
+                )
+                print(
+                    f"{variant} seed {seed} {lib} {method} {fmt}: {brief} "
+                    f"[{r.get('process_s', 0):.0f} s]",
+                    flush=True,
+                )
+                common.write_json(common.document(NAME, cfg, results), args.out)
     doc = common.document(NAME, cfg, results)
+    if len(seeds) > 1:
+        doc["paired"] = paired(doc)
     common.write_json(doc, args.out)
     print(table(doc))
+    for line in doc.get("paired", []):
+        print(line)
+
+
+def paired(doc: dict[str, Any]) -> list[str]:
+    """Per variant and (method, format) run by both libraries over the calibration seeds:
+    the mean paired difference jaxquant - Qwix of the loss increase, with a t interval."""
+    import numpy as np
+    from scipy import stats
+
+    out = []
+    for variant, rs in doc["results"].items():
+        by: dict[tuple[str, str, str], dict[int, float]] = {}
+        for r in rs:
+            if "increase" in r:
+                by.setdefault((r["method"], r["format"], r["lib"]), {})[r["calib_seed"]] = r[
+                    "increase"
+                ]
+        for (method, fmt, lib), ours in sorted(by.items()):
+            theirs = by.get((method, fmt[:-1] if fmt in JQ_ONLY_FORMATS else fmt, "qwix"))
+            if lib != "jaxquant" or not theirs:
+                continue
+            common_seeds = sorted(set(ours) & set(theirs))
+            if len(common_seeds) < 2:
+                continue
+            a = np.array([ours[k] for k in common_seeds])
+            b = np.array([theirs[k] for k in common_seeds])
+            d = a - b
+            half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+            out.append(
+                f"{variant} {method} {fmt}: jaxquant {a.mean():+.5f} vs Qwix {b.mean():+.5f}; "
+                "paired difference "
+                f"{d.mean():+.5f} (95% t interval {d.mean() - half:+.5f} .. {d.mean() + half:+.5f},"
+                f" {len(d)} seeds; {int((d < 0).sum())} of {len(d)} favour jaxquant)"
+            )
+    return out
 
 
 if __name__ == "__main__":

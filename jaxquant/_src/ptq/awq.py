@@ -112,6 +112,9 @@ def awq(
     or applied online; see :mod:`jaxquant._src.ptq.awq`), so the float model is unchanged.
     ``clip_search`` then clips each scale group of ``s W`` to the range (``max |w|`` times
     ``1 - i / grid`` for ``i < grid / 2``) with the least output error of that group.
+    Qwix's AWQ (``qwix.contrib.awq``) searches the same scale family on an
+    activation-weighted weight error, without clipping, and rounds onto the full int grid:
+    compare on that grid (``int_grid="full"``; ``benchmarks/README.md``, peers_ptq).
 
     Args:
       model: the float Linen module (or one from :func:`jaxquant.flax.quantize_model`) or

@@ -101,7 +101,9 @@ def gptq(
     Any jaxquant format and granularity is a target grid (int2..int8, full-range int grids,
     nf4, fp4, fp8, MX; per-channel, groups ``per_block(0, g)`` along the input). Activation
     specs in the rules are kept for serving; the Hessians are of the float (or
-    online-transformed) activations.
+    online-transformed) activations. Qwix's GPTQ rounds onto the full int grid
+    (``int_grid="full"``) at every width; on that grid this solver and Qwix's give the same
+    codes up to float rounding order (``benchmarks/peers_ptq.py --gptq-codes``).
 
     Args:
       model: the float model: a Linen module (with ``variables``) or an NNX module
