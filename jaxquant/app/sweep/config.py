@@ -93,11 +93,23 @@ import as they are (no PYTHONPATH needed).
                                # for one more product; the cells are the union
 
   [qat]                        # QAT cells: formats x granularities, nearest rounding
-  formats = ["int4"]
+  formats = ["int4"]           # [] with recipes: the recipe cells alone
   granularities = ["channel"]
   activations = ["none"]       # dynamic per-batch activation quantization (optional)
   steps = 200                  # QAT steps (train_kwargs, batch) from the float weights
   lr = 3e-4
+  recipes = ["nvfp4", { recipe = "nvfp4", hadamard = [] }, "bf16", "float32"]
+                               # training recipes, one cell each per seed (optional):
+                               # jaxquant.recipes names (fp8_current, mxfp8, nvfp4,
+                               # mxfp4...) or tables { recipe = NAME, switch = value }
+                               # with its function's switches; "float32" (unquantized)
+                               # and "bf16" (bf16 operands and gradients) are baselines
+  start = "float"              # "float": QAT fine-tunes the trained float model;
+                               # "scratch": trains from the task's init for qat.steps,
+                               # and float_acc / float_loss are then those of the float
+                               # model trained the same way (same init, batches, steps)
+  keep_float = ["head"]        # layers (patterns, fullmatch) every QAT cell keeps in
+                               # float, e.g. a head a recipe's blocks do not fit
 """
 
 
@@ -339,8 +351,13 @@ _SCHEMA: dict[str, Any] = {
         "steps": int,
         "lr": float,
         "activations": list,
+        "recipes": list,
+        "start": str,
+        "keep_float": list,
     },
 }
+# qat.start: where QAT cells begin (see FORMAT).
+STARTS = ("float", "scratch")
 
 
 _TYPE_NAMES = {
@@ -582,18 +599,43 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         grid["modes"],
         lambda v: None if v in MODES else f"is not a mode; known: {', '.join(MODES)}",
     )
+    _check_qat(qat)
+    return cfg
+
+
+def _regex_err(v: str) -> str | None:
+    try:
+        re.compile(v)
+    except re.error as err:
+        return f"is not a regular expression ({err})"
+    return None
+
+
+def _check_qat(qat: dict[str, Any]) -> None:
     for k in _SCHEMA["qat"]:
-        if k not in qat and k != "activations":
+        if k not in qat and k not in ("activations", "recipes", "start", "keep_float"):
             raise _fail(f"qat.{k}", "is missing")
     if "activations" in qat:
         _check_list("qat.activations", qat["activations"], _act_err)
-    _check_list("qat.formats", qat["formats"], _format_err)
-    _check_list("qat.granularities", qat["granularities"], _gran_err)
+    if qat.get("recipes"):
+        from jaxquant.app.sweep import recipes  # builds recipes: imports jaxquant
+
+        recipes.check(qat["recipes"])
+    elif "recipes" in qat:
+        raise _fail("qat.recipes", "is empty; give at least one recipe, or leave it out")
+    # With recipes, the formats axis may be empty: the recipe cells alone.
+    if qat["formats"] or not qat.get("recipes"):
+        _check_list("qat.formats", qat["formats"], _format_err)
+        _check_list("qat.granularities", qat["granularities"], _gran_err)
+    start = qat.get("start", "float")
+    if start not in STARTS:
+        raise _fail("qat.start", f"= {start!r} is not a start; known: {', '.join(STARTS)}")
+    if qat.get("keep_float"):
+        _check_list("qat.keep_float", qat["keep_float"], _regex_err)
     if not 1 <= qat["steps"] <= MAX_COUNT:
         raise _fail("qat.steps", f"= {qat['steps']} must be in [1, {MAX_COUNT}]")
     if not (qat["lr"] > 0 and math.isfinite(qat["lr"])):
         raise _fail("qat.lr", f"= {qat['lr']} must be a positive number")
-    return cfg
 
 
 def resolve(

@@ -29,6 +29,14 @@ unless ``rtn``. Cast cells (``float32`` / ``fp16`` / ``bf16``) are the float ref
 their method is always ``rtn`` (a cast has no grid for a method to choose codes on).
 QAT cells are ``rtn``.
 
+``qat.recipes`` (optional) adds one QAT cell per recipe and seed
+(:mod:`jaxquant.app.sweep.recipes`): the recipe's weight, activation and gradient specs,
+Hadamard transforms and backward products on every quantized layer. Its ``format`` is the
+recipe's name, its ``granularity`` / ``calibration`` / ``rounding`` / ``act`` are ``-``
+(the recipe holds them), its ``recipe`` the canonical id of the entry, and its id
+``<task>/<seed>/recipe=<canonical id>/qat``. These cells come after the seed's format
+cells; ``qat.formats = []`` leaves the recipe cells alone.
+
 Every quantized layer is a leaf named ``kernel`` of rank >= 2 (Dense ``(in, out)``, Conv
 ``(kh, kw, in, out)``). ``blockN`` groups N values along the contracted input axis (-2);
 a kernel whose input axis is shorter than N gets one scale per output channel.
@@ -52,6 +60,7 @@ from jaxquant import (
     percentile,
     twn,
 )
+from jaxquant.app.sweep import recipes as R
 from jaxquant.app.sweep.config import FORMATS
 
 _CASTS = ("float32", "fp16", "bf16")
@@ -71,9 +80,12 @@ class Cell(NamedTuple):
     mode: str
     act: str = "none"
     method: str = "rtn"  # a grid.methods value: "rtn", "gptq", "rotate+gptq"...
+    recipe: str = ""  # a qat.recipes entry's canonical id ("": a format cell)
 
     @property
     def id(self) -> str:
+        if self.recipe:
+            return f"{self.task}/{self.seed}/recipe={self.recipe}/{self.mode}"
         base = "/".join(str(v) for v in self[:7])
         if self.act != "none":
             base += f"/act={self.act}"
@@ -104,6 +116,7 @@ def products(grid: dict[str, Any]) -> list[dict[str, Any]]:
 def expand(cfg: dict[str, Any]) -> list[Cell]:
     """Every cell of ``cfg``, seed-major (one float training per seed), deduplicated."""
     g, q, task = cfg["grid"], cfg["qat"], cfg["task"]["name"]
+    entries = R.check(q.get("recipes", []))
     out: dict[str, Cell] = {}
     for seed in cfg["seeds"]:
         if "ptq" in g["modes"]:
@@ -124,6 +137,9 @@ def expand(cfg: dict[str, Any]) -> list[Cell]:
                     for gr in q["granularities"]:
                         cell = Cell(task, seed, *canonical(f, gr, "absmax", "nearest"), "qat", a)
                         out.setdefault(cell.id, cell)
+            for entry in entries:
+                cell = Cell(task, seed, entry.name, "-", "-", "-", "qat", "-", recipe=entry.id)
+                out.setdefault(cell.id, cell)
     return list(out.values())
 
 

@@ -105,14 +105,22 @@ class Point(NamedTuple):
     seeds: int
     values: dict[str, tuple[float, float, float]]  # name -> (mean, min, max)
     method: str = "rtn"  # the PTQ method (grid.methods)
+    recipe: str = ""  # a qat.recipes cell's canonical id
 
     @property
     def family(self) -> str:
+        if self.recipe:
+            from jaxquant.app.sweep.recipes import family
+
+            return family(self.format)
         return FAMILIES.get(self.format, "float")
 
     @property
     def label(self) -> str:
-        """A short name: ``int4 B32 mse``, ``int8 C +A4``, ``int3 C QAT``."""
+        """A short name: ``int4 B32 mse``, ``int8 C +A4``, ``int3 C QAT``,
+        ``nvfp4(hadamard=[]) QAT``."""
+        if self.recipe:
+            return f"{self.recipe} {self.mode.upper()}"
         if self.format in ("float32", "fp16", "bf16"):
             parts = [self.format]
         else:
@@ -147,6 +155,7 @@ def points(rows: Sequence[dict[str, Any]]) -> list[Point]:
             r["rounding"],
             r.get("act", "none") or "none",
             r.get("method", "rtn") or "rtn",
+            r.get("recipe") or "",
         )
         groups.setdefault(key, []).append(r)
     out = []
@@ -163,7 +172,7 @@ def points(rows: Sequence[dict[str, Any]]) -> list[Point]:
             vs = [float(v) for v in vs if v is not None and math.isfinite(v)]
             if vs:
                 values[name] = (float(np.mean(vs)), min(vs), max(vs))
-        out.append(Point(*key[:-1], seeds=len(rs), values=values, method=key[-1]))
+        out.append(Point(*key[:-2], seeds=len(rs), values=values, method=key[-2], recipe=key[-1]))
     return out
 
 

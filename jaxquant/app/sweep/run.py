@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime
 import io
 import json
@@ -46,6 +47,7 @@ from jaxquant.app.env import environment as env_record
 from jaxquant.app.sweep import config as C
 from jaxquant.app.sweep import folder as F
 from jaxquant.app.sweep import grid as G
+from jaxquant.app.sweep import recipes as R
 from jaxquant.app.sweep.folder import FolderBusy, FolderError, append_row, latest, read_rows
 
 __all__ = ["FolderBusy", "FolderError", "merge", "read_rows", "run_sweep"]
@@ -76,17 +78,24 @@ COLUMNS = (
 # Columns of sweeps with a grid.methods axis (rows of "rtn" cells carry neither: a sweep
 # without the axis writes the files it wrote before the axis existed).
 METHOD_COLUMNS = ("method", "method_skipped", "method_note")
+# The column of sweeps with qat.recipes (after "mode"; rows of format cells carry none).
+RECIPE_COLUMNS = ("recipe",)
 # Calibration batches (of task.batch examples, from the training split) that PTQ methods
 # and static activation ranges read.
 CALIBRATION_BATCHES = 8
 
 
 def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
-    """:data:`COLUMNS`, with :data:`METHOD_COLUMNS` after ``act`` when a row has a method."""
-    if not any(r.get("method", "rtn") != "rtn" for r in rows):
-        return COLUMNS
-    i = COLUMNS.index("act") + 1
-    return COLUMNS[:i] + METHOD_COLUMNS + COLUMNS[i:]
+    """:data:`COLUMNS`, with :data:`METHOD_COLUMNS` after ``act`` when a row has a method
+    and :data:`RECIPE_COLUMNS` after ``mode`` when a row has a recipe."""
+    cols: tuple[str, ...] = COLUMNS
+    if any(r.get("method", "rtn") != "rtn" for r in rows):
+        i = cols.index("act") + 1
+        cols = cols[:i] + METHOD_COLUMNS + cols[i:]
+    if any(r.get("recipe") for r in rows):
+        i = cols.index("mode") + 1
+        cols = cols[:i] + RECIPE_COLUMNS + cols[i:]
+    return cols
 
 
 # ------------------------------------------------------------------------ files
@@ -220,6 +229,12 @@ class Evaluator:
         self.eval_batch = self.task.get("eval_batch", 256)
         self.float: dict[int, Float | Exception] = {}
         self._qat: dict[Any, Any] = {}
+        q = cfg["qat"]
+        self.recipes = {e.id: e for e in R.check(q.get("recipes", []))}
+        self.scratch = q.get("start", "float") == "scratch"
+        self.keep_float = list(q.get("keep_float", []))
+        self._init: dict[int, Float | Exception] = {}
+        self._baseline: dict[int, Float | Exception] = {}
 
     def evaluate(self, net: Any, params: Any, rest: Any) -> tuple[float, float]:
         """``(metric, loss)`` on the test split: the task's metric (default: accuracy in
@@ -227,16 +242,19 @@ class Evaluator:
         metric, loss = self.tasks.make_eval(net, self.eval_batch)(params, rest, self.xt, self.yt)
         return float(metric), float(loss)
 
+    def _check_layers(self, params: Any) -> None:
+        if not self.tasks.kernels(params, self.layers):
+            found = ", ".join(self.tasks.kernels(params)) or "none"
+            raise ValueError(
+                f"task.layers = {self.layers!r} matches no Dense / Conv kernel of "
+                f"the model; its layers: {found}."
+            )
+
     def float_model(self, seed: int) -> Float:
         if seed not in self.float:
             try:
                 net, params, rest, _ = self.tasks.train_float(self.task, self.data, seed)
-                if not self.tasks.kernels(params, self.layers):
-                    found = ", ".join(self.tasks.kernels(params)) or "none"
-                    raise ValueError(
-                        f"task.layers = {self.layers!r} matches no Dense / Conv kernel of "
-                        f"the model; its layers: {found}."
-                    )
+                self._check_layers(params)
                 acc, loss = self.evaluate(net, params, rest)
                 self.float[seed] = Float(net, params, rest, {"float_acc": acc, "float_loss": loss})
             except Exception as err:  # every cell of the seed fails with this error
@@ -246,13 +264,88 @@ class Evaluator:
             raise got
         return got
 
-    def _weights(self, cell: G.Cell, params: Any, key: jax.Array | None) -> tuple[Any, dict]:
-        """Fake-quantized params and the size / SQNR metrics of ``cell``'s weights."""
+    def initial_model(self, seed: int) -> Float:
+        """The task's model for ``seed`` as initialised (``qat.start = "scratch"``): the
+        weights :meth:`float_model` starts its training from; no metrics."""
+        if seed not in self._init:
+            try:
+                net, params, rest = self.tasks.build(self.task, seed, self.x)
+                self._check_layers(params)
+                self._init[seed] = Float(net, params, rest, {})
+            except Exception as err:  # every QAT cell of the seed fails with this error
+                self._init[seed] = err
+        got = self._init[seed]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def baseline(self, seed: int) -> Float:
+        """``qat.start = "scratch"``: the float model trained from :meth:`initial_model`
+        as the QAT cells train theirs (``qat.steps`` at ``qat.lr``, the same batches, no
+        quantization). Its metrics are the ``float_acc`` / ``float_loss`` of the seed's
+        QAT cells: each quantized run is compared with the float run it pairs with."""
+        if seed not in self._baseline:
+            try:
+                init = self.initial_model(seed)
+                params, rest = self._train(init.net, init.params, init.rest, seed)
+                acc, loss = self.evaluate(init.net, params, rest)
+                metrics = {"float_acc": acc, "float_loss": loss}
+                self._baseline[seed] = Float(init.net, params, rest, metrics)
+            except Exception as err:  # every QAT cell of the seed fails with this error
+                self._baseline[seed] = err
+        got = self._baseline[seed]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def _train(self, net: Any, params: Any, rest: Any, seed: int) -> tuple[Any, Any]:
+        """``(params, rest)`` after ``qat.steps`` Adam steps at ``qat.lr`` on the seed's
+        batches (one key per seed: every QAT cell of a seed sees the same batches)."""
+        q = self.cfg["qat"]
+        trainer = self.tasks.make_trainer(net, self.task["batch"], q["steps"], q["lr"])
+        key = jax.random.fold_in(jax.random.key(seed), 1)
+        params, rest, losses = trainer(params, rest, self.x, self.y, key)
+        if not np.isfinite(float(losses[-1])):
+            raise FloatingPointError(f"QAT: non-finite loss {float(losses[-1])}")
+        return params, rest
+
+    def qat_layers(self, params: Any) -> dict[str, tuple[int, ...]]:
+        """The layers QAT cells quantize (layer -> kernel shape): ``task.layers``'s, less
+        those a ``qat.keep_float`` pattern fullmatches (each must match one)."""
+        layers = self.tasks.kernels(params, self.layers)
+        for i, p in enumerate(self.keep_float):
+            if not any(re.fullmatch(p, layer) for layer in layers):
+                raise ValueError(
+                    f"qat.keep_float[{i}] = {p!r} matches none of the quantized layers "
+                    f"({', '.join(layers)}); fix the pattern (a fullmatch of a layer path) "
+                    "or remove it."
+                )
+        kept = {
+            k: v for k, v in layers.items() if not any(re.fullmatch(p, k) for p in self.keep_float)
+        }
+        if not kept:
+            raise ValueError(
+                f"qat.keep_float = {self.keep_float} keeps every quantized layer in float; "
+                "leave at least one layer to quantize."
+            )
+        return kept
+
+    def _weights(
+        self,
+        cell: G.Cell,
+        params: Any,
+        key: jax.Array | None,
+        layers: dict[str, tuple[int, ...]] | None = None,
+    ) -> tuple[Any, dict]:
+        """Fake-quantized params and the size / SQNR metrics of ``cell``'s weights (of
+        ``layers``: default every quantized layer)."""
         from jaxquant import fake_quant, quantize
 
         flat = _flat(params)
         fq, abstract = {}, {}
-        for i, (layer, shape) in enumerate(self.tasks.kernels(params, self.layers).items()):
+        if layers is None:
+            layers = self.tasks.kernels(params, self.layers)
+        for i, (layer, shape) in enumerate(layers.items()):
             spec = G.spec_for(cell, shape)
             w = flat[f"{layer}/kernel"]
             k = None if key is None else jax.random.fold_in(key, i)
@@ -263,16 +356,16 @@ class Evaluator:
         return _replace_kernels(params, fq), _weight_metrics(flat, fq, abstract)
 
     def __call__(self, cell: G.Cell) -> dict[str, Any]:
+        if cell.mode == "qat":  # from scratch, it needs no trained float model
+            return self._qat_cell(cell)
         fl = self.float_model(cell.seed)
         key = jax.random.key(cell.seed) if cell.rounding == "stochastic" else None
-        if cell.mode == "ptq" and cell.method != "rtn":
+        if cell.method != "rtn":
             return self._method_cell(cell, fl, key)
-        if cell.mode == "ptq":
-            qparams, m = self._weights(cell, fl.params, key)
-            net, rest = self._static_act_model(cell, fl, qparams)
-            acc, loss = self.evaluate(net, qparams, rest)
-            return {"test_acc": acc, "test_loss": loss, **fl.metrics, **m}
-        return self._qat_cell(cell, fl)
+        qparams, m = self._weights(cell, fl.params, key)
+        net, rest = self._static_act_model(cell, fl, qparams)
+        acc, loss = self.evaluate(net, qparams, rest)
+        return {"test_acc": acc, "test_loss": loss, **fl.metrics, **m}
 
     def calibration_batches(self) -> list[Any]:
         """The first :data:`CALIBRATION_BATCHES` training batches of ``task.batch``
@@ -403,32 +496,115 @@ class Evaluator:
             abstract[f"{layer}/kernel"] = q
         return _replace_kernels(params, deq), _weight_metrics(flat, deq, abstract)
 
-    def _qat_cell(self, cell: G.Cell, fl: Float) -> dict[str, Any]:
+    def _qat_rules(self, cell: G.Cell, layers: dict[str, tuple[int, ...]]) -> list[Any]:
+        """One :class:`jaxquant.flax.Rule` per quantized layer: the recipe's config, or
+        the format cell's weight spec (and dynamic activation spec); none for the
+        ``float32`` recipe."""
         from jaxquant.flax import Rule
 
+        if cell.recipe:
+            recipe = self.recipes[cell.recipe].build()
+            if recipe is None:
+                return []
+            return [Rule(re.escape(layer), recipe.config) for layer in layers]
+        act = G.act_spec(cell)
+        return [
+            Rule(re.escape(layer), weight=G.spec_for(cell, shape), act=act)
+            for layer, shape in layers.items()
+        ]
+
+    def _recipe_weights(
+        self, cell: G.Cell, params: Any, layers: dict[str, tuple[int, ...]]
+    ) -> dict[str, float]:
+        """The size / SQNR metrics of a recipe cell's weights: each kernel quantized with
+        the recipe's weight spec as the forward product sees it (blocks that follow the
+        contraction along the kernel's input axis; before any forward Hadamard
+        transform); float32's weights as they are."""
+        from jaxquant import fake_quant, per_block, quantize
+
+        recipe = self.recipes[cell.recipe].build()
+        spec = None if recipe is None else recipe.weight
+        if spec is not None and getattr(spec.granularity, "axis", 0) is None:  # per_block(n)
+            size = spec.granularity.size  # a PerBlock here
+            spec = dataclasses.replace(spec, granularity=per_block(-2, size))
+        flat = _flat(params)
+        fq, stored = {}, {}
+        for layer in layers:
+            w = flat[f"{layer}/kernel"]
+            fq[layer] = w if spec is None else fake_quant(w, spec)
+            stored[f"{layer}/kernel"] = (
+                w if spec is None else jax.eval_shape(lambda a, s=spec: quantize(a, s), w)
+            )
+        return _weight_metrics(flat, fq, stored)
+
+    def _eval_net(self, net: Any, qnet: Any) -> Any:
+        """The net that evaluates a QAT cell: ``qnet`` with every rule's forward product
+        alone -- no gradient spec, saved backward, Hadamard transforms of ``"fwd"`` only.
+        Evaluation takes no gradient, and the backward's checks must not fail it: a
+        recipe whose ``wgrad`` transform needs the tokens in blocks of 16 refuses the
+        last, partial evaluation batch in the forward pass already. The forward's values
+        are the same. ``qnet`` itself when that changes nothing, and for NNX (whose
+        training state would not fit another quantized graph)."""
+        from jaxquant.flax import Rule
+
+        if qnet is None or qnet.is_nnx:
+            return qnet
+        rules = []
+        for rule in qnet.rules:
+            cfg = rule.config
+            h = cfg.hadamard
+            if h is not None:
+                h = dataclasses.replace(h, gemms=("fwd",)) if "fwd" in h.gemms else None
+            rules.append(Rule(rule.pattern, cfg.replace(grad=None, backward="saved", hadamard=h)))
+        if tuple(rules) == tuple(qnet.rules):
+            return qnet
+        return net.quantize(rules, None, None)[0]
+
+    def _qat_cell(self, cell: G.Cell) -> dict[str, Any]:
+        """A QAT cell: the float model (``qat.start = "float"``) or the initial weights
+        (``"scratch"``) trained ``qat.steps`` with the cell's rules. A layer a recipe's
+        blocks do not fit fails the cell with the error naming it, and the
+        ``qat.keep_float`` line that keeps it in float."""
+        try:
+            return self._qat_run(cell)
+        except ValueError as err:
+            m = re.search(r"quantized layer '([^']+)'", str(err))
+            if m is None:
+                raise
+            raise ValueError(
+                f"{err} In the sweep config: [qat] keep_float = [{re.escape(m.group(1))!r}]."
+            ) from None
+
+    def _qat_run(self, cell: G.Cell) -> dict[str, Any]:
+        fl = self.initial_model(cell.seed) if self.scratch else self.float_model(cell.seed)
+        layers = self.qat_layers(fl.params)
         name = cell._replace(seed=-1)
         if name not in self._qat:
-            act = G.act_spec(cell)
-            rules = [
-                Rule(re.escape(layer), weight=G.spec_for(cell, shape), act=act)
-                for layer, shape in self.tasks.kernels(fl.params, self.layers).items()
-            ]
-            qnet, _ = fl.net.quantize(rules, fl.params, fl.rest)
-            q = self.cfg["qat"]
-            trainer = self.tasks.make_trainer(qnet, self.task["batch"], q["steps"], q["lr"])
-            self._qat[name] = (qnet, trainer)
-        qnet, trainer = self._qat[name]
-        # The quantized net's own collections (the same as the float model's for the
-        # sweep's stateless rules), from this seed's weights.
-        _, rest = fl.net.quantize(qnet.rules, fl.params, fl.rest)
-        ptq_acc, _ = self.evaluate(qnet, fl.params, rest)
-        key = jax.random.fold_in(jax.random.key(cell.seed), 1)
-        tuned, rest, losses = trainer(fl.params, rest, self.x, self.y, key)
-        if not np.isfinite(float(losses[-1])):
-            raise FloatingPointError(f"QAT: non-finite loss {float(losses[-1])}")
-        _, m = self._weights(cell, tuned, None)
-        acc, loss = self.evaluate(qnet, tuned, rest)
-        return {"test_acc": acc, "test_loss": loss, **fl.metrics, "ptq_acc": ptq_acc, **m}
+            rules = self._qat_rules(cell, layers)
+            qnet = fl.net.quantize(rules, fl.params, fl.rest)[0] if rules else None
+            self._qat[name] = (qnet, self._eval_net(fl.net, qnet))
+        qnet, enet = self._qat[name]
+        base = self.baseline(cell.seed) if self.scratch else fl
+        ptq: dict[str, Any] = {}
+        if qnet is None and self.scratch:  # float32 from scratch: the baseline itself
+            net, tuned, rest = base.net, base.params, base.rest
+        else:
+            net, rest = fl.net, fl.rest
+            if qnet is not None:
+                # The quantized net's own collections, from this seed's weights: the float
+                # model's for stateless rules, plus stateful rules' state and NNX's keys.
+                _, rest = fl.net.quantize(qnet.rules, fl.params, fl.rest, seed=cell.seed)
+                net, rest = qnet, qnet.with_state(fl.params, rest, self.x, cell.seed)
+            if not self.scratch:  # the quantized model before training (PTQ of the float)
+                ptq = {"ptq_acc": self.evaluate(enet or net, fl.params, rest)[0]}
+            tuned, rest = self._train(net, fl.params, rest, cell.seed)
+            net = enet or net
+        if cell.recipe:
+            m = self._recipe_weights(cell, tuned, layers)
+        else:
+            m = self._weights(cell, tuned, None, layers)[1]
+        acc, loss = self.evaluate(net, tuned, rest)
+        return {"test_acc": acc, "test_loss": loss, **base.metrics, **ptq, **m}
 
 
 # ------------------------------------------------------------------------- run
@@ -614,6 +790,8 @@ def run_cells(
             row: dict[str, Any] = {"id": cell.id, **cell._asdict()}
             if cell.method == "rtn":  # rows as before the method axis (readers default it)
                 del row["method"]
+            if not cell.recipe:  # rows as before the recipe axis
+                del row["recipe"]
             try:
                 if evaluator is None:
                     try:
@@ -661,12 +839,15 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per cell configuration, means (and std of accuracy) over seeds."""
-    methods = "method" in columns(rows)  # a method column only when a row has one
+    cols = columns(rows)
+    methods = "method" in cols  # a method column only when a row has one
+    recipes = "recipe" in cols  # a recipe column (and the loss change) only with recipes
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         key = (
             r["task"],
             r["mode"],
+            *((r.get("recipe") or "-",) if recipes else ()),
             r["format"],
             r.get("act", "none"),
             *((r.get("method", "rtn"),) if methods else ()),
@@ -676,10 +857,12 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         )
         groups.setdefault(key, []).append(r)
     lines = [
-        f"| task | mode | format | act |{' method |' if methods else ''} granularity "
+        f"| task | mode |{' recipe |' if recipes else ''} format | act |"
+        f"{' method |' if methods else ''} granularity "
         "| calibration | rounding | seeds ok | bits/w | KiB | SQNR dB | acc % | vs float "
-        "| loss | error |",
-        f"|---|---|---|---|{'---|' if methods else ''}---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        f"| loss |{' loss vs float |' if recipes else ''} error |",
+        f"|---|---|{'---|' if recipes else ''}---|---|{'---|' if methods else ''}"
+        f"---|---|---|--:|--:|--:|--:|--:|--:|--:|{'--:|' if recipes else ''}---|",
     ]
     for key, rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
@@ -694,13 +877,18 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         delta = None if acc is None else acc - (mean("float_acc") or 0.0)
         kib = mean("model_bytes")
         acc_s = _fmt(acc, ".2f") + ("" if std is None else f" ± {std:.2f}")
+        dloss = ""
+        if recipes:  # training comparisons are read in loss: mean ± std of the paired change
+            d = [r["test_loss"] - r["float_loss"] for r in ok if r.get("float_loss") is not None]
+            dloss = _fmt(float(np.mean(d)) if d else None, "+.4f")
+            dloss = f" | {dloss}" + (f" ± {float(np.std(d)):.4f}" if len(d) > 1 else "")
         lines.append(
             "| "
-            + " | ".join(key)
+            + " | ".join(str(k) for k in key)
             + f" | {len(ok)}/{len(rs)} | {_fmt(mean('bits_per_weight'), '.2f')}"
             f" | {_fmt(None if kib is None else kib / 1024, '.1f')}"
             f" | {_fmt(mean('weight_sqnr_db'), '.1f')} | {acc_s} | {_fmt(delta, '+.2f')}"
-            f" | {_fmt(mean('test_loss'), '.3f')}"
+            f" | {_fmt(mean('test_loss'), '.3f')}{dloss}"
             f" | {err[:60].replace('|', '/')} |"
         )
     return "\n".join(lines)

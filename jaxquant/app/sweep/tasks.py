@@ -228,6 +228,13 @@ class Net:
     def is_nnx(self) -> bool:
         return self.graphdef is not None
 
+    @property
+    def needs_key(self) -> bool:
+        """Whether a rule rounds stochastically: a Linen call then takes a key of the
+        ``"quant"`` PRNG stream (:meth:`apply`'s ``rng``); an NNX model draws from the
+        ``nnx.Rngs`` that :meth:`quantize` gave it."""
+        return any(r.config.needs_key for r in self.rules)
+
     def _output(self, out: Any) -> jax.Array:
         if self.calls.output is not None:
             out = self.calls.output(out)
@@ -240,7 +247,9 @@ class Net:
             )
         return out
 
-    def _call(self, params: Any, rest: Any, x: Any, train: bool) -> tuple[jax.Array, Any]:
+    def _call(
+        self, params: Any, rest: Any, x: Any, train: bool, rng: jax.Array | None = None
+    ) -> tuple[jax.Array, Any]:
         kw = self.calls.train_kwargs if train else self.calls.call_kwargs
         args, xkw = call_args(x)
         if self.is_nnx:
@@ -250,6 +259,8 @@ class Net:
                 rest = _split_nnx(model)[2]
             return self._output(out), rest
         variables = {"params": params, **rest}
+        if rng is not None:  # stochastic rounding's keys (only then: the programs of the
+            kw = {**kw, "rngs": {"quant": rng}}  # other cells stay as they were)
         try:
             if train and rest:
                 out, new = self.module.apply(variables, *args, **xkw, **kw, mutable=list(rest))
@@ -274,27 +285,38 @@ class Net:
                 f"{err} The model reduces over a named axis in {call} call: {fix}."
             ) from None
 
-    def apply(self, params: Any, rest: Any, x: Any, *, train: bool = False) -> tuple[Any, Any]:
+    def apply(
+        self, params: Any, rest: Any, x: Any, *, train: bool = False, rng: jax.Array | None = None
+    ) -> tuple[Any, Any]:
         """``(output array, rest)`` of a call on inputs ``x``: evaluation calls take
         ``call_kwargs``; training calls take ``train_kwargs``, return the updated
-        collections and run under ``jax.vmap(axis_name=...)`` when the task names one."""
+        collections and run under ``jax.vmap(axis_name=...)`` when the task names one.
+        ``rng``: the ``"quant"`` stream's key of a Linen model whose rules round
+        stochastically (:attr:`needs_key`; ignored by NNX, which holds its own)."""
+        rng = rng if self.needs_key and not self.is_nnx else None
         name = self.calls.axis_name
         if not (train and name):
-            return self._call(params, rest, x, train)
+            return self._call(params, rest, x, train, rng)
         one = jax.tree.map(lambda a: a[None], x)  # one replica of a data-parallel step
-        out, rest = jax.vmap(lambda a: self._call(params, rest, a, True), axis_name=name)(one)
+        call = lambda a: self._call(params, rest, a, True, rng)
+        out, rest = jax.vmap(call, axis_name=name)(one)
         return out[0], jax.tree.map(lambda a: a[0], rest)
 
-    def quantize(self, rules: Any, params: Any, rest: Any) -> tuple[Net, Any]:
+    def quantize(self, rules: Any, params: Any, rest: Any, *, seed: int = 0) -> tuple[Net, Any]:
         """``(quantized net, its rest)``: :func:`jaxquant.flax.quantize_model` with
-        ``rules``; it takes the same ``params``."""
+        ``rules``; it takes the same ``params``. An NNX model whose rules round
+        stochastically gets ``nnx.Rngs(quant=seed)`` (a fresh key per call, its state in
+        ``rest``)."""
         from jaxquant.flax import quantize_model
 
         rules = tuple(rules)
         if not self.is_nnx:
             return Net(self.calls, module=quantize_model(self.module, rules), rules=rules), rest
         model = nnx.merge(self.graphdef, params, rest)  # a copy: quantized in place
-        quantize_model(model, rules)
+        if any(r.config.needs_key for r in rules):
+            quantize_model(model, rules, rngs=nnx.Rngs(quant=seed))
+        else:
+            quantize_model(model, rules)
         graphdef, qparams, qrest = _split_nnx(model)
         # objects: jaxlib ships no stub for PyTreeDef (it compares by structure at run time).
         before: object = jax.tree.structure(params)
@@ -305,6 +327,31 @@ class Net:
                 "sweep's rules add none (stateless weight and activation specs)."
             )
         return Net(self.calls, graphdef=graphdef, rules=rules), qrest
+
+    def with_state(self, params: Any, rest: Any, x: Any, seed: int = 0) -> Any:
+        """``rest`` with the collections a quantized Linen model's stateful rules add
+        (``"quant_state"``: delayed scaling's amax history), from an ``init`` of the
+        quantized module on one example of ``x``; ``rest`` itself for other nets."""
+        if self.is_nnx or not any(
+            r.config.scaling == "delayed" or r.config.ste == "lsq" for r in self.rules
+        ):
+            return rest
+        args, xkw = call_args(take(x, slice(0, 1)))
+        keys = {"params": jax.random.key(seed), "quant": jax.random.key(seed)}
+        with lenient():
+            variables = jax.jit(
+                lambda a, b: self.module.init(keys, *a, **b, **self.calls.call_kwargs)
+            )(args, xkw)
+        before: object = jax.tree.structure(params)
+        after: object = jax.tree.structure(variables["params"])
+        if after != before:
+            raise ValueError(
+                "the quantized model has other parameters than the float one (learned step "
+                "sizes: ste='lsq'); the sweep trains the float model's parameters: use a "
+                "recipe without them."
+            )
+        new = {k: v for k, v in variables.items() if k != "params" and k not in rest}
+        return {**rest, **new}
 
     def calibrate(self, rules: Any, params: Any, rest: Any, batches: list) -> tuple:
         """:func:`jaxquant.flax.calibrate`'s rules (static activation ranges) for ``rules``
@@ -420,8 +467,8 @@ def make_trainer(net: Net, batch: int, steps: int, lr: float):
     training call of ``net`` (cached: one compile per net and schedule in a process)."""
     tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.0))
 
-    def loss_fn(params, rest, x, y):
-        out, rest = net.apply(params, rest, x, train=True)
+    def loss_fn(params, rest, x, y, rng):
+        out, rest = net.apply(params, rest, x, train=True, rng=rng)
         return _scalar(net.calls.loss(out, y), "task.loss"), rest
 
     @jax.jit
@@ -436,7 +483,9 @@ def make_trainer(net: Net, batch: int, steps: int, lr: float):
             else:  # choice without replacement permutes all n: a third of an LM step
                 idx = jax.random.randint(k, (b,), 0, n)
             grad = jax.value_and_grad(loss_fn, has_aux=True)
-            (loss, rest), g = grad(params, rest, take(x, idx), take(y, idx))
+            # A fresh "quant" key per step for stochastic rounding (net.needs_key).
+            rng = jax.random.fold_in(k, 1) if net.needs_key else None
+            (loss, rest), g = grad(params, rest, take(x, idx), take(y, idx), rng)
             updates, opt_state = tx.update(g, opt_state, params)
             return (optax.apply_updates(params, updates), rest, opt_state), loss
 
@@ -487,7 +536,9 @@ def make_eval(net: Net, batch: int = 256):
     batch's mean weighted by its size; cached: one compile per net)."""
 
     def part(params, rest, x, y):
-        out, _ = net.apply(params, rest, x)
+        # Stochastic specs round with one fixed key: the same number at every evaluation.
+        rng = jax.random.key(0) if net.needs_key else None
+        out, _ = net.apply(params, rest, x, rng=rng)
         out = out.astype(jnp.float32)
         metric = _scalar(net.calls.metric(out, y), "task.metric")
         return metric, _scalar(net.calls.loss(out, y), "task.loss")
