@@ -286,7 +286,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--full-grid",
         action="store_true",
-        help="symmetric signed ints: all 2^b codes, s = amax / (qmax + 0.5) (int_grid='full')",
+        help="symmetric signed ints: all 2^b codes, s = amax / (qmax + 0.5) (int_grid='full'; "
+        "the default already is for int2 / int3, papers/int_grids)",
     )
     p.add_argument(
         "--stochastic", action="store_true", help="stochastic rounding instead of nearest-even"
@@ -391,7 +392,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         symmetric=not args.asymmetric,
         rounding="stochastic" if args.stochastic else "nearest",
-        int_grid="full" if args.full_grid else "restricted",
+        int_grid="full" if args.full_grid else "auto",
     )
     key = jax.random.key(args.seed) if args.stochastic else None
     big = [v for v in args.values if np.isfinite(v) and abs(v) > float(np.finfo(np.float32).max)]
