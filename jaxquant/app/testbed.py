@@ -255,5 +255,20 @@ def eval_loss(apply_fn: Callable[..., Any], variables: Any, x: Any, y: Any) -> f
       >>> 5.0 < eval_loss(lm.apply, v, x, x) < 7.0  # near log(256) = 5.5 at init
       True
     """
-    logits = jax.jit(apply_fn)(variables, jnp.asarray(x))
+    logits = _jitted(apply_fn)(variables, jnp.asarray(x))
     return float(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean())
+
+
+def _jitted(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``jax.jit(fn)``, one per ``fn``: a model's ``apply`` is a new bound method at every
+    access (equal ones hash alike), and a new ``jax.jit`` of it traces and compiles again.
+    Evaluating a model (or its quantized variants' variables) twice compiles once."""
+    try:
+        return _jit_cache(fn)
+    except TypeError:  # an unhashable callable (a module with a list field): no reuse
+        return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_cache(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return jax.jit(fn)

@@ -24,12 +24,13 @@ models the same way.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import enum
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import flax.errors
@@ -227,27 +228,11 @@ def calibrate(
     bins = check_int(bins, "calibrate: bins", lo=8)
     call_kwargs = check_call_kwargs(call_kwargs, "calibrate")
     batches = check_batches(batches, call_kwargs, "calibrate")
-    run, payload = _runner(model, variables, rules, call_kwargs)
-    found: Found = {}  # path -> matched rule, in call order (filled while tracing)
-
-    def observe_batch(
-        payload: PyTree, arrays: list[Any], static: Static
-    ) -> dict[str, tuple[observe.Moments, tuple[jax.Array, jax.Array] | None]]:
-        acts = run(payload, arrays, static, found)
-        out = {}
-        for path, xs in acts.items():
-            spec = _act_of(found, path)
-            m = observe.moments(xs[0])
-            for x in xs[1:]:
-                m = observe.merge(m, observe.moments(x))
-            r = None
-            if aggregate != "global":  # a layer called twice: the union of its ranges
-                los, his = zip(*(observe.batch_range(x, spec) for x in xs), strict=True)
-                r = (jnp.min(jnp.stack(los)), jnp.max(jnp.stack(his)))
-            out[path] = (m, r)
-        return out
-
-    step1 = jax.jit(observe_batch, static_argnums=2)
+    run, payload, key = _runner(model, variables, rules, call_kwargs)
+    step1, found_by_static = cached_step(
+        None if key is None else ("calibrate", key, aggregate != "global"),
+        lambda: _observe_step(run, aggregate),
+    )
     moments: dict[str, observe.Moments] = {}
     ranges: dict[str, tuple[Any, Any]] = {}
     for b, (arrays, static) in enumerate(batches):
@@ -275,11 +260,16 @@ def calibrate(
                 else:
                     lo, hi = ranges[path]
                     ranges[path] = (lo + r[0], hi + r[1])
+    # path -> matched rule, in the order the model first called them (batches in order)
+    found: Found = {}
+    for _, static in batches:
+        for path, rule in found_by_static[static].items():
+            found.setdefault(path, rule)
     if aggregate == "mean":
         ranges = {p: (lo / len(batches), hi / len(batches)) for p, (lo, hi) in ranges.items()}
     if aggregate == "global":
         hist_paths = [p for p in moments if observe.needs_histogram(_act_of(found, p))]
-        hists = _histograms(run, payload, batches, found, moments, hist_paths, bins)
+        hists = _histograms(run, key, payload, batches, found, moments, hist_paths, bins)
         for path, m in moments.items():
             ranges[path] = observe.finalize(_act_of(found, path), m, hists.get(path))
     out_ranges = {p: (float(lo), float(hi)) for p, (lo, hi) in ranges.items()}
@@ -312,6 +302,76 @@ def calibrate(
     return CalibrationResult(
         tuple(new_rules), out_ranges, stats, methods, len(batches), aggregate, kept_float
     )
+
+
+def _observe_step(run: Run, aggregate: str) -> tuple[Callable[..., Any], dict[Static, Found]]:
+    """calibrate's first pass over one batch, jitted: per watched layer its moments and,
+    unless ``aggregate`` is ``"global"``, its per-batch range. The rules the layers matched
+    are recorded while tracing, per call structure (``static``), in the returned dict."""
+    found_by_static: dict[Static, Found] = {}
+
+    def observe_batch(
+        payload: PyTree, arrays: list[Any], static: Static
+    ) -> dict[str, tuple[observe.Moments, tuple[jax.Array, jax.Array] | None]]:
+        found = found_by_static.setdefault(static, {})
+        acts = run(payload, arrays, static, found)
+        out = {}
+        for path, xs in acts.items():
+            spec = _act_of(found, path)
+            m = observe.moments(xs[0])
+            for x in xs[1:]:
+                m = observe.merge(m, observe.moments(x))
+            r = None
+            if aggregate != "global":  # a layer called twice: the union of its ranges
+                los, his = zip(*(observe.batch_range(x, spec) for x in xs), strict=True)
+                r = (jnp.min(jnp.stack(los)), jnp.max(jnp.stack(his)))
+            out[path] = (m, r)
+        return out
+
+    return jax.jit(observe_batch, static_argnums=2), found_by_static
+
+
+# Jitted passes over a model, reused by later calls on the same model: a fresh jax.jit of
+# a fresh closure traces and compiles again, which is most of a calibration's time on small
+# models (and of the tests' and the sweeps' repeated calibrations of one model). Bounded:
+# each entry holds its model and compiled programs.
+_STEPS: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+_STEPS_MAX = 32
+
+
+def cached_step(key: Hashable | None, build: Callable[[], Any]) -> Any:
+    """``build()``, kept under ``key`` (least recently used out after 32); None: no reuse.
+
+    ``key`` must say everything the built function depends on besides its arguments: the
+    float model (a Linen module or an NNX graph definition: equal ones compute alike), the
+    rules, ``call_kwargs`` and the pass's own static options (:func:`run_key`).
+    """
+    if key is None:
+        return build()
+    try:
+        value = _STEPS.pop(key)
+    except KeyError:
+        value = build()
+    except TypeError:  # a key that hashes but cannot be compared: no reuse
+        return build()
+    _STEPS[key] = value
+    while len(_STEPS) > _STEPS_MAX:
+        _STEPS.popitem(last=False)
+    return value
+
+
+def run_key(
+    model: nn.Module | nnx.GraphDef[Any], rules: tuple[Rule, ...], call_kwargs: dict[str, Any]
+) -> Hashable | None:
+    """What a model run (:func:`_runner`) depends on besides its arguments, hashable; None
+    when some part is not (a module field or a ``call_kwargs`` value that is an array or a
+    list): such runs are not reused."""
+    key = (type(model), model, rules, tuple(sorted(call_kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _act_of(found: Found, path: str) -> QuantSpec:
@@ -382,6 +442,7 @@ def _summary(m: observe.Moments) -> dict[str, float]:
 
 def _histograms(
     run: Run,
+    key: Hashable | None,
     payload: PyTree,
     batches: list[tuple[list[Any], Static]],
     found: Found,
@@ -397,6 +458,22 @@ def _histograms(
         c = _act_of(found, p).calibration
         return c.bins if isinstance(c, KL) else bins  # KL has its own histogram size
 
+    sizes = tuple(nbins(p) for p in paths)
+    step2 = cached_step(
+        None if key is None else ("calibrate.hist", key, tuple(paths), sizes),
+        lambda: _hist_step(run, paths, sizes),
+    )
+    total: dict[str, observe.Hist] = {}
+    for arrays, static in batches:
+        for p, h in step2(payload, arrays, static, spans).items():
+            total[p] = h if p not in total else observe.add_hist(total[p], h)
+    return total
+
+
+def _hist_step(run: Run, paths: list[str], sizes: tuple[int, ...]) -> Callable[..., Any]:
+    """calibrate's second pass over one batch, jitted: the histograms of ``paths``' inputs
+    with ``sizes`` bins over the given spans."""
+
     def hist_batch(
         payload: PyTree,
         arrays: list[Any],
@@ -405,20 +482,15 @@ def _histograms(
     ) -> dict[str, observe.Hist]:
         acts = run(payload, arrays, static, {})
         out = {}
-        for p in paths:
-            hs = [observe.histograms(x, *spans[p], nbins(p)) for x in acts[p]]
+        for p, n in zip(paths, sizes, strict=True):
+            hs = [observe.histograms(x, *spans[p], n) for x in acts[p]]
             h = hs[0]
             for other in hs[1:]:
                 h = observe.add_hist(h, other)
             out[p] = h
         return out
 
-    step2 = jax.jit(hist_batch, static_argnums=2)
-    total: dict[str, observe.Hist] = {}
-    for arrays, static in batches:
-        for p, h in step2(payload, arrays, static, spans).items():
-            total[p] = h if p not in total else observe.add_hist(total[p], h)
-    return total
+    return jax.jit(hist_batch, static_argnums=2)
 
 
 # ------------------------------------------------------------------ call arguments
@@ -520,19 +592,19 @@ def _runner(
     variables: PyTree,
     rules: Rule | Iterable[Rule] | None,
     call_kwargs: dict[str, Any],
-) -> tuple[Run, PyTree]:
-    """``(fn, payload)``: ``fn(payload, arrays, static, found)`` runs the float model on
-    one batch (:func:`split_call`'s halves) and returns the inputs of the watched layers;
-    ``payload`` is its variables."""
+) -> tuple[Run, PyTree, Hashable | None]:
+    """``(fn, payload, key)``: ``fn(payload, arrays, static, found)`` runs the float model
+    on one batch (:func:`split_call`'s halves) and returns the inputs of the watched layers;
+    ``payload`` is its variables; ``key`` what ``fn`` depends on (:func:`run_key`)."""
     if not isinstance(model, nn.Module | nnx.Module):
         raise TypeError(
             f"calibrate: expected a Flax Linen or NNX model, got {type(model).__name__}."
         )
     rs, inner = resolve_rules(model, variables, rules, "calibrate")
     if isinstance(inner, nn.Module):
-        return _linen_fn(inner, rs, call_kwargs), variables
+        return _linen_fn(inner, rs, call_kwargs), variables, run_key(inner, rs, call_kwargs)
     graphdef, state = nnx.split(inner)
-    return _nnx_fn(graphdef, rs, call_kwargs), state
+    return _nnx_fn(graphdef, rs, call_kwargs), state, run_key(graphdef, rs, call_kwargs)
 
 
 def resolve_rules(

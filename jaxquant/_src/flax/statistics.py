@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, TypeAlias
 
 import flax.linen as nn
@@ -54,12 +54,14 @@ from jaxquant._src.checks import check_bool, check_int, describe
 from jaxquant._src.dot.subscripts import parse as parse_subscripts
 from jaxquant._src.flax.calibrate import (
     Static,
+    cached_step,
     call_args,
     check_batches,
     check_call_kwargs,
     explain_collections,
     join_call,
     resolve_rules,
+    run_key,
 )
 from jaxquant._src.flax.intercept import Call, Side, Site, intercepting, observing
 from jaxquant._src.flax.kinds import nnx_layers
@@ -291,42 +293,11 @@ def layer_statistics(
     key = _check_key(key)
     call_kwargs = check_call_kwargs(call_kwargs, _FN)
     batches = _check_batches(batches, call_kwargs)
-    run, payload, candidates = _runner(model, variables, rules, call_kwargs)
-
-    # Filled while tracing (static): what each observed layer is, and what is unsupported.
-    layouts: dict[str, _Layout] = {}
-    unsupported: dict[str, str] = {}
-
-    def batch_step(
-        payload: PyTree, arrays: list[Any], static: Static, key: jax.Array
-    ) -> dict[str, _Acc]:
-        seen = run(payload, arrays, static)
-        out: dict[str, _Acc] = {}
-        for path, uses in seen.items():
-            layout = _one_layout(path, uses, unsupported)
-            if layout is None:
-                continue
-            layouts[path] = layout
-            try:
-                # every use has a layout here (_one_layout said so); its own act_axes
-                xs = [_rows(x, lay) for x, lay in uses if not isinstance(lay, str)]
-                accs = [
-                    _use_stats(x, hessian, max_samples, _use_key(key, path, u))
-                    for u, x in enumerate(xs)
-                ]
-            except jax.errors.UnexpectedTracerError as e:
-                raise ValueError(
-                    f"{_FN}: the layer {path!r} runs inside a jax transformation of the "
-                    "model (nn.scan / nnx.scan, vmap or remat): its inputs cannot leave it. "
-                    "Compute statistics on the unrolled model (a Python loop over the layers)."
-                ) from e
-            acc = accs[0]
-            for other in accs[1:]:
-                acc = _merge(acc, other, max_samples)
-            out[path] = acc
-        return out
-
-    step = jax.jit(batch_step, static_argnums=2)
+    run, payload, candidates, key_ = _runner(model, variables, rules, call_kwargs)
+    step, traced = cached_step(
+        None if key_ is None else (_FN, key_, hessian, max_samples),
+        lambda: _batch_step(run, hessian, max_samples),
+    )
     # The running totals are donated: a layer holds two Hessians at a time, not three.
     merge = jax.jit(_merge_all, static_argnums=2, donate_argnums=0)
     total: dict[str, _Acc] = {}
@@ -349,6 +320,12 @@ def layer_statistics(
         merged = merge(both, {p: out[p] for p in both}, max_samples) if both else {}
         for path, acc in out.items():
             total[path] = merged.get(path, acc)
+    # What tracing learned, over the batches' call structures in order.
+    layouts: dict[str, _Layout] = {}
+    unsupported: dict[str, str] = {}
+    for _, static in batches:
+        layouts.update(traced[static][0])
+        unsupported.update(traced[static][1])
     layers = {}
     for path in layouts:  # the order the model first ran them (jit returns dicts sorted)
         if path not in total:
@@ -377,6 +354,47 @@ def layer_statistics(
             "jq.flax.contractions, and that the batches reach those layers."
         )
     return Statistics(layers, unreached, dict(unsupported), len(batches))
+
+
+def _batch_step(
+    run: Run, hessian: bool, max_samples: int
+) -> tuple[Callable[..., Any], dict[Static, tuple[dict[str, _Layout], dict[str, str]]]]:
+    """layer_statistics' pass over one batch, jitted. What tracing learns about the layers
+    (each observed layer's layout, the unsupported ones and why) is recorded per call
+    structure (``static``) in the returned dict."""
+    traced: dict[Static, tuple[dict[str, _Layout], dict[str, str]]] = {}
+
+    def batch_step(
+        payload: PyTree, arrays: list[Any], static: Static, key: jax.Array
+    ) -> dict[str, _Acc]:
+        layouts, unsupported = traced.setdefault(static, ({}, {}))
+        seen = run(payload, arrays, static)
+        out: dict[str, _Acc] = {}
+        for path, uses in seen.items():
+            layout = _one_layout(path, uses, unsupported)
+            if layout is None:
+                continue
+            layouts[path] = layout
+            try:
+                # every use has a layout here (_one_layout said so); its own act_axes
+                xs = [_rows(x, lay) for x, lay in uses if not isinstance(lay, str)]
+                accs = [
+                    _use_stats(x, hessian, max_samples, _use_key(key, path, u))
+                    for u, x in enumerate(xs)
+                ]
+            except jax.errors.UnexpectedTracerError as e:
+                raise ValueError(
+                    f"{_FN}: the layer {path!r} runs inside a jax transformation of the "
+                    "model (nn.scan / nnx.scan, vmap or remat): its inputs cannot leave it. "
+                    "Compute statistics on the unrolled model (a Python loop over the layers)."
+                ) from e
+            acc = accs[0]
+            for other in accs[1:]:
+                acc = _merge(acc, other, max_samples)
+            out[path] = acc
+        return out
+
+    return jax.jit(batch_step, static_argnums=2), traced
 
 
 # ------------------------------------------------------------------ the statistics
@@ -584,11 +602,12 @@ def _runner(
     variables: PyTree,
     rules: Rule | Iterable[Rule] | None,
     call_kwargs: dict[str, Any],
-) -> tuple[Run, PyTree, tuple[str, ...]]:
-    """``(fn, payload, candidates)``: ``fn(payload, arrays, static)`` runs the float model
-    on one batch and returns the watched layers' activations; ``payload`` is its
+) -> tuple[Run, PyTree, tuple[str, ...], Hashable | None]:
+    """``(fn, payload, candidates, key)``: ``fn(payload, arrays, static)`` runs the float
+    model on one batch and returns the watched layers' activations; ``payload`` is its
     variables; ``candidates`` the paths of the layers the rules quantize that hold a
-    weight (a parameter of rank >= 2), in parameter order."""
+    weight (a parameter of rank >= 2), in parameter order; ``key`` what ``fn`` depends on
+    (:func:`~jaxquant._src.flax.calibrate.run_key`)."""
     if not isinstance(model, nn.Module | nnx.Module):
         raise TypeError(
             f"{_FN}: model must be a Flax Linen or NNX model, got {describe(model)}; pass the "
@@ -603,7 +622,8 @@ def _runner(
             for p, v in weights
             if np.ndim(v) >= 2 and not _OWN_PARAM.match(str(getattr(p[-1], "key", "")))
         ]
-        return _linen_fn(inner, rs, call_kwargs), variables, _quantized(rs, paths)
+        run = _linen_fn(inner, rs, call_kwargs)
+        return run, variables, _quantized(rs, paths), run_key(inner, rs, call_kwargs)
     paths = [
         path_str(p[:-1])
         for p, v in nnx.iter_graph(inner)
@@ -612,7 +632,8 @@ def _runner(
         and not _OWN_PARAM.match(str(p[-1]))
     ]
     graphdef, state = nnx.split(inner)
-    return _nnx_fn(graphdef, rs, call_kwargs), state, _quantized(rs, paths)
+    run = _nnx_fn(graphdef, rs, call_kwargs)
+    return run, state, _quantized(rs, paths), run_key(graphdef, rs, call_kwargs)
 
 
 def _quantized(rules: tuple[Rule, ...], paths: list[str]) -> tuple[str, ...]:
