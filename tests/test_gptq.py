@@ -294,7 +294,7 @@ DIAG_SPECS = [
 @pytest.mark.parametrize("spec", DIAG_SPECS, ids=str)
 def test_diagonal_hessian_is_round_to_nearest(spec, act_order):
     """Uncorrelated inputs: every compensation is exactly 0, so GPTQ is jq.quantize bit for
-    bit (values, scales, zero points, spec, layout), eager and under jit."""
+    bit (values, scales, zero points, spec, layout), eager and (with act order) under jit."""
     rng = np.random.default_rng(1)
     w = rng.standard_normal((N_IN, N_OUT)).astype(np.float32)
     h = np.diag(rng.uniform(0.1, 10.0, N_IN)).astype(np.float32)
@@ -302,8 +302,9 @@ def test_diagonal_hessian_is_round_to_nearest(spec, act_order):
     r = gptq(w, h, spec, act_order=act_order, block_size=24)
     assert same_qarray(r.qarray, want)
     assert float(r.loss) == pytest.approx(float(r.rtn_loss), rel=1e-6)
-    jitted = jax.jit(lambda w, h: gptq(w, h, spec, act_order=act_order, block_size=24).qarray)
-    assert same_qarray(jitted(w, h), want)
+    if act_order:  # one outer jit per spec (each compiles the whole solver once more)
+        jitted = jax.jit(lambda w, h: gptq(w, h, spec, act_order=True, block_size=24).qarray)
+        assert same_qarray(jitted(w, h), want)
 
 
 @pytest.mark.parametrize(
