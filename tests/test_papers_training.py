@@ -86,7 +86,7 @@ if __name__ == "__main__":
 
 
 def test_fp4_training_nvfp4_2509_25149():
-    # The pipeline at its fast size (one seed, 20 steps of a width-32 LM): every variant
+    # The pipeline at its fast size (8 steps of a 1-block, width-32 LM): every variant
     # named trains to a finite loss, and the claims are judged from paired differences.
     module = _load("fp4_training")
     with jax.numpy_dtype_promotion("standard"):
