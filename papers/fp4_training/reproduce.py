@@ -12,7 +12,8 @@ differences of held-out loss (nats per byte) with Student-t 95% intervals
 the claimed side of zero, fails when it lies on the other side, and is "unresolved at this
 scale" otherwise.
 
-Run: ``python papers/fp4_training/reproduce.py [--fast] [--seeds N] [--steps N]``.
+Run: ``python papers/fp4_training/reproduce.py [--fast] [--seeds N] [--steps N]``;
+``sweep.toml`` beside it reruns the ablation as a ``jaxquant sweep`` grid.
 """
 
 from __future__ import annotations
