@@ -220,9 +220,18 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"lhs's axis 1 .* length 40.* block 16.*smaller block"):
         jq.dot_general(x, w, DN, rhs_spec=None, lhs_spec=None, grad_spec=nv,
                        hadamard=DH(gemms=("fwd",)), backward="requantize")  # fmt: skip
+    # A backward product's misfit is raised when the backward pass is traced: the forward
+    # alone runs (evaluation on a batch of any size), a gradient never silently does.
+    x16, w40 = jnp.ones((32, 16)), jnp.ones((16, 40))
+    dgrad_only = dict(lhs_spec=EXACT, hadamard=DH(gemms=("dgrad",)))
+    assert jq.dot_general(x16, w40, DN, **dgrad_only).shape == (32, 40)
     with pytest.raises(ValueError, match=r"rhs's axis 1 .* length 40"):
-        jq.dot_general(jnp.ones((32, 16)), jnp.ones((16, 40)), DN, lhs_spec=EXACT,
-                       hadamard=DH(gemms=("dgrad",)))  # fmt: skip
+        jax.grad(lambda w: jq.dot_general(x16, w, DN, **dgrad_only).sum())(w40)
+    wgrad = dict(lhs_spec=EXACT, hadamard=DH(gemms=("wgrad",)))
+    x_odd = jnp.ones((10, 16))  # 10 tokens: the wgrad product's contraction
+    assert jq.dot_general(x_odd, jnp.ones((16, 32)), DN, **wgrad).shape == (10, 32)
+    with pytest.raises(ValueError, match=r"length 10.* block 16"):
+        jax.jit(jax.grad(lambda x: jq.dot_general(x, jnp.ones((16, 32)), DN, **wgrad).sum()))(x_odd)
     with pytest.raises(ValueError, match="config= and hadamard="):
         jq.dot_general(x, w, DN, config=jq.QuantConfig(act=EXACT), hadamard=DH())
     q = jq.quantize(jnp.ones((32, 48)), jq.QuantSpec("int8"))

@@ -75,6 +75,10 @@ class Backward:
     wgrad: Gemm
     fwd_rot: tuple[int, int] | None = None
     hadamard: DotHadamard | None = None
+    # Why the backward products cannot run (a rotated or re-blocked axis that the block
+    # does not divide), raised when the backward pass is traced: a forward-only call
+    # (evaluation on a batch of any size) runs, a gradient never silently does.
+    error: str | None = None
 
     @property
     def shared_grad(self) -> bool:
@@ -191,11 +195,43 @@ def plan_backward(
     ``lhs_scale`` / ``rhs_scale`` / ``grad_scale`` were given.
 
     Raises:
-      ValueError: a rotated axis that is not a multiple of the Hadamard block, a product
-        that contracts nothing to rotate, or a given scale of an operand whose blocks move.
+      ValueError: the forward product's rotated axis is not a multiple of the Hadamard
+        block, or it contracts nothing to rotate. The same faults of a backward product (and
+        a given scale of an operand whose blocks move) are recorded in
+        :attr:`Backward.error` and raised when the backward pass is traced, so that a
+        forward-only call (evaluation on a batch whose size the block does not divide) runs.
     """
     if backward == "saved" and hadamard is None:
         return None
+    lhs_shape, rhs_shape, out_shape = shapes
+    grad_spec = specs[2]
+    (lc, rc), _ = dn
+    named = {"lhs": lhs_shape, "rhs": rhs_shape, "the output gradient": out_shape}
+    fwd_rot = None
+    if hadamard is not None and "fwd" in hadamard.gemms:
+        fwd_rot = _rot_axis("fwd", named, {"lhs": lc, "rhs": rc}, hadamard.block)
+    try:
+        return _plan_products(
+            dn, shapes, specs, backward, hadamard, mode, caps, scales, fn, fwd_rot
+        )
+    except ValueError as e:
+        saved = Gemm(grad_spec, store_dtype(grad_spec, mode, caps), None, None, False)
+        return Backward(saved, saved, fwd_rot, hadamard, error=str(e))
+
+
+def _plan_products(
+    dn: DimensionNumbers,
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+    specs: tuple[QuantSpec | None, QuantSpec | None, QuantSpec | None],
+    backward: str,
+    hadamard: DotHadamard | None,
+    mode: str,
+    caps: Capabilities,
+    scales: tuple[bool, bool, bool],
+    fn: str,
+    fwd_rot: tuple[int, int] | None,
+) -> Backward:
+    """:func:`plan_backward`'s two backward products."""
     lhs_shape, rhs_shape, out_shape = shapes
     lhs_spec, rhs_spec, grad_spec = specs
     (lc, rc), (lb, rb) = dn
@@ -207,9 +243,7 @@ def plan_backward(
     gemms = () if hadamard is None else hadamard.gemms
     block = 0 if hadamard is None else hadamard.block
     named = {"lhs": lhs_shape, "rhs": rhs_shape, "the output gradient": out_shape}
-    fwd_rot = dgrad_rot = wgrad_rot = None
-    if "fwd" in gemms:
-        fwd_rot = _rot_axis("fwd", named, {"lhs": lc, "rhs": rc}, block)
+    dgrad_rot = wgrad_rot = None
     if "dgrad" in gemms:  # dgrad contracts rhs's free axes (the output's last axes)
         g_rhs = _rot_axis("dgrad", named, {"rhs": rf, "the output gradient": out_rf}, block)
         dgrad_rot = (g_rhs[1], g_rhs[0])
@@ -350,6 +384,8 @@ def _qdot_bwd(cfg: DotConfig, res, g):
     lmask, rmask = masks
     nc = cfg.dot.lowering.native_fp8_cast
     b, r = cfg.backward, _rotation(cfg)
+    if b is not None and b.error is not None:
+        raise ValueError(b.error)
     if b is None:  # the forward's quantized operands and one quantized gradient
         b = Backward(
             Gemm(cfg.grad_spec, cfg.grad_store, None, None, False),
