@@ -457,6 +457,20 @@ target(
     key={"str": "x", "int": 3},
 )
 target(
+    "jq.rotations.DotHadamard",
+    lambda **kw: jq.rotations.DotHadamard(**kw),
+    gemms={"unknown": ("bwd",), "empty": (), "int": 3},
+    block={"odd": 7, "zero": 0, "str": "16"},
+    random={"int": 1},
+    seed={"neg": -1, "str": "0"},
+)
+target(
+    "jq.per_block_2d",
+    lambda size=16, **kw: jq.per_block_2d(size, **kw),
+    size={"zero": 0, "str": "16", "neg": -1},
+    axes={"same": (0, 0), "one": (0,), "str": "ab"},
+)
+target(
     "jq.rotations.HadamardRotation",
     # a record hadamard_rotation builds: it holds what it is given (documented below)
     lambda signs=None: jq.rotations.HadamardRotation(jnp.ones(16) if signs is None else signs),
@@ -676,6 +690,17 @@ target(
     margin=but(INT, "neg"),
 )
 target("jq.recipes.ternary", lambda threshold=0.7: R.ternary(threshold), threshold=POS)
+for _fp4 in ("nvfp4", "mxfp4"):
+    target(
+        f"jq.recipes.{_fp4}",
+        lambda _f=_fp4, **kw: getattr(R, _f)(**kw),
+        weight_2d={"str": "yes", "int": 1},
+        hadamard={"unknown": ("bwd",), "int": 3},
+        random_hadamard={"int": 1},
+        hadamard_block={"odd": 7, "zero": 0, "str": "16"},
+        stochastic_grad={"int": 1},
+        requantize={"none": None},
+    )
 target(
     "jq.recipes.w4a16_int4",
     lambda group_size=128: R.w4a16_int4(group_size),
@@ -748,6 +773,17 @@ target(
 # ------------------------------------------------------------------------ jq.optax
 
 _P = {"w": jnp.ones(4, jnp.bfloat16)}
+target(
+    "jq.optax.overwrite_with_gradient",
+    lambda inner=None: jqo.overwrite_with_gradient(optax.sgd(0.1) if inner is None else inner),
+    inner={"function": len, "str": "adam", "int": 3},
+)
+target(
+    "jq.optax.OverwriteWithGradientState",
+    # optax-style NamedTuple state: holds what it is given (documented below)
+    lambda inner_state=(): jqo.OverwriteWithGradientState(inner_state),
+    inner_state={"int": 12345},
+)
 target(
     "jq.optax.adam_8bit",
     lambda learning_rate=1e-3, **kw: jqo.adam_8bit(learning_rate, **kw),
@@ -947,6 +983,27 @@ target(
     einsum=BOOL,
 )
 target(
+    "jq.flax.OverwriteWithGradient",
+    lambda value=jnp.zeros(3): jqf.OverwriteWithGradient(value).get_value(),
+    value={"str": "x"},
+)
+target(
+    "jq.flax.layer_errors",
+    lambda tree=None: jqf.layer_errors({"w": jnp.ones(2)} if tree is None else tree),
+    aka={"tree": r"errors=True"},
+    tree={"no errors": {"kernel": jnp.ones(2)}, "int": 3},
+)
+target(
+    "jq.flax.worst_layers",
+    lambda errors=None, **kw: jqf.worst_layers(
+        {"a": {"wgrad_sqnr": 10.0}, "b": {"wgrad_sqnr": 20.0}} if errors is None else errors,
+        **({"k": 1} | kw),
+    ),
+    k={"zero": 0, "str": "1", "neg": -1},
+    metric={"unknown": "sqnr", "int": 3},
+    below={"str": "10"},
+)
+target(
     "jq.flax.QuantState",
     lambda value=jnp.zeros(3): jqf.QuantState(value).get_value(),
     value={"str": "x"},
@@ -1122,6 +1179,8 @@ DOCUMENTED: dict[str, Callable[[Any], bool]] = {
     # nnx.Variable holds any value (flax's contract), QuantState included.
     "jq.flax.QuantState/value/str": lambda r: r == "x",
     "jq.rotations.HadamardRotation/signs/int": lambda r: r[0] == 12345,
+    "jq.flax.OverwriteWithGradient/value/str": lambda r: r == "x",
+    "jq.optax.OverwriteWithGradientState/inner_state/int": lambda r: r[0] == 12345,
     # Result records the library builds and returns: like optax's NamedTuple states they
     # hold what they are given and check nothing.
     **{

@@ -24,7 +24,7 @@ TABLE = {
     "nvfp4": (
         ("nvfp4", jq.per_block_2d(16)),
         ("nvfp4", jq.per_block(16)),
-        ("nvfp4", jq.per_block(16)),
+        ("nvfp4", jq.per_block(-1, 16)),  # the output's last axis; requantize moves it
     ),
     "mxfp4": (("mxfp4", jq.per_block(32)),) * 2 + (("mxfp4", jq.per_block(-1, 32)),),
 }

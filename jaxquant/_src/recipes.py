@@ -372,6 +372,11 @@ def _check_flag(value: Any, where: str) -> bool:
 def _check_gemms(gemms: Any, where: str) -> tuple[str, ...]:
     if isinstance(gemms, str):
         gemms = (gemms,)
+    if not isinstance(gemms, tuple | list):
+        raise TypeError(
+            f"{where} must be a tuple of product names from {_GEMMS} (or () for none), got "
+            f"{describe(gemms)}."
+        )
     gemms = tuple(gemms)
     bad = [g for g in gemms if g not in _GEMMS]
     if bad:
@@ -400,7 +405,15 @@ def _fp4(
     stochastic_grad = _check_flag(stochastic_grad, f"{where}: stochastic_grad")
     requantize = _check_flag(requantize, f"{where}: requantize")
     gemms = _check_gemms(hadamard, f"{where}: hadamard")
-    rht = DotHadamard(gemms=gemms, block=hadamard_block, random=random_hadamard) if gemms else None
+    hadamard_block = check_int(hadamard_block, f"{where}: hadamard_block", lo=1)
+    try:
+        rht = (
+            DotHadamard(gemms=gemms, block=hadamard_block, random=random_hadamard)
+            if gemms
+            else None
+        )
+    except ValueError as e:  # DotHadamard names its own field; say which switch it was
+        raise ValueError(f"{where}: hadamard_block={hadamard_block}: {e}") from None
     # per_block(size): blocks along the operand's contracted axis in each product (a Dense
     # kernel's input axis, an activation's features), whatever the layer's layout.
     blocks = per_block(block)

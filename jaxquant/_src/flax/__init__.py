@@ -460,7 +460,14 @@ def worst_layers(
             "worst_layers: pass k= (the worst k layers), below= (a threshold), or both."
         )
     if k is not None:
-        k = check_int(k, "worst_layers: k", lo=0)
+        # k=0 would keep nothing: a silent no-op where the user asked for layers.
+        k = check_int(k, "worst_layers: k", lo=1)
+    if below is not None and (
+        isinstance(below, bool) or not isinstance(below, int | float) or math.isnan(below)
+    ):
+        raise TypeError(
+            f"worst_layers: below must be a number (dB or a fraction), got {describe(below)}."
+        )
     higher_worse = not metric.endswith("_sqnr")
     scored: list[tuple[float, str]] = []
     for layer, metrics in errors.items():

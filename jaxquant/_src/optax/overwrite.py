@@ -27,7 +27,15 @@ _COUNT_MAX = 2.0**24  # probe.py's float32 counter limit
 
 class OverwriteWithGradientState(NamedTuple):
     """State of :func:`overwrite_with_gradient`: the wrapped transformation's, whose tree
-    holds ``optax.MaskedNode()`` where the overwritten leaves are."""
+    holds ``optax.MaskedNode()`` where the overwritten leaves are.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxquant as jq
+      >>> params = {"w": jnp.ones(2), "h_overwrite_with_gradient": jnp.zeros(3)}
+      >>> state = jq.optax.overwrite_with_gradient(optax.sgd(0.1)).init(params)
+      >>> type(state).__name__, type(state.inner_state[0]).__name__
+      ('OverwriteWithGradientState', 'EmptyState')
+    """
 
     inner_state: optax.OptState
 

@@ -24,6 +24,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+# ConfigError lives beside toml_value so that recipes.py (which these checks call) need not
+# import this module back; the sweep's callers still catch it from here.
+from jaxquant.app.sweep.errors import ConfigError
+from jaxquant.app.sweep.errors import toml_value as _toml_value
+
 FORMAT = """\
 TOML config (jaxquant sweep --config FILE): every key is optional; a preset (digits-mlp
 unless `preset` says otherwise; `jaxquant sweep` without --config runs stdlib-lm) fills
@@ -111,10 +116,6 @@ import as they are (no PYTHONPATH needed).
   keep_float = ["head"]        # layers (patterns, fullmatch) every QAT cell keeps in
                                # float, e.g. a head a recipe's blocks do not fit
 """
-
-
-class ConfigError(ValueError):
-    """A bad sweep configuration; the message is one line naming the key."""
 
 
 # Formats the sweep knows by short name -> jaxquant format name.
@@ -701,20 +702,6 @@ def config_hash(cfg: dict[str, Any]) -> str:
     """10 hex digits of the SHA-256 of the canonical JSON of ``cfg``."""
     blob = json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
 def to_toml(cfg: dict[str, Any]) -> str:

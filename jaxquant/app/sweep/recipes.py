@@ -18,7 +18,7 @@ of a training comparison) and ``bf16`` (weights, activations and output gradient
 quantized layers cast to bfloat16, round to nearest, float32 accumulation).
 
 Every entry is built when the config is loaded, so an unknown recipe or switch, or a
-value of the wrong type, is a :class:`~jaxquant.app.sweep.config.ConfigError` naming
+value of the wrong type, is a :class:`~jaxquant.app.sweep.errors.ConfigError` naming
 ``qat.recipes[i]``. An entry's **canonical id** (:func:`parse`) is the recipe's name and the
 switches that change the recipe, in name order: a switch at its default, or one that
 changes nothing (``random_hadamard`` with ``hadamard = []``), is dropped:
@@ -35,7 +35,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from jaxquant.app.sweep.config import ConfigError, _toml_value
+from jaxquant.app.sweep.errors import ConfigError
+from jaxquant.app.sweep.errors import toml_value as _toml_value
 
 #: The sweep's own recipe names (no switches) and what they train.
 EXTRA = {
