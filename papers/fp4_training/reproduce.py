@@ -303,6 +303,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int)
     p.add_argument("--anchor", action="store_true", help="the width-128 (476k) model")
     p.add_argument("--resume", help="reuse the runs of this earlier results JSON (same config)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--variants", help="comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument(
         "--out",
@@ -312,9 +313,13 @@ if __name__ == "__main__":
     a = p.parse_args()
     with jax.numpy_dtype_promotion("standard"):
         chosen = a.variants.split(",") if a.variants else None
+        out = a.out or (None if a.fast else str(Path(__file__).with_name("results.json")))
+        # A saved result is extended (--resume it) or replaced on purpose (--force), never
+        # overwritten by a run that did not read it.
+        if out and Path(out).exists() and not a.force and Path(a.resume or "") != Path(out):
+            p.error(f"{out} exists: --resume {out} to reuse its runs, or --force to replace it")
         prior = json.loads(Path(a.resume).read_text()) if a.resume else None
         res = main(a.fast, a.seeds, a.steps, chosen, a.anchor, prior)
-    out = a.out or (None if a.fast else str(Path(__file__).with_name("results.json")))
     if out:
         Path(out).write_text(json.dumps(res, indent=1, default=str) + "\n")
     print(markdown(res))
