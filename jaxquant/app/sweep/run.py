@@ -537,29 +537,6 @@ class Evaluator:
             )
         return _weight_metrics(flat, fq, stored)
 
-    def _eval_net(self, net: Any, qnet: Any) -> Any:
-        """The net that evaluates a QAT cell: ``qnet`` with every rule's forward product
-        alone -- no gradient spec, saved backward, Hadamard transforms of ``"fwd"`` only.
-        Evaluation takes no gradient, and the backward's checks must not fail it: a
-        recipe whose ``wgrad`` transform needs the tokens in blocks of 16 refuses the
-        last, partial evaluation batch in the forward pass already. The forward's values
-        are the same. ``qnet`` itself when that changes nothing, and for NNX (whose
-        training state would not fit another quantized graph)."""
-        from jaxquant.flax import Rule
-
-        if qnet is None or qnet.is_nnx:
-            return qnet
-        rules = []
-        for rule in qnet.rules:
-            cfg = rule.config
-            h = cfg.hadamard
-            if h is not None:
-                h = dataclasses.replace(h, gemms=("fwd",)) if "fwd" in h.gemms else None
-            rules.append(Rule(rule.pattern, cfg.replace(grad=None, backward="saved", hadamard=h)))
-        if tuple(rules) == tuple(qnet.rules):
-            return qnet
-        return net.quantize(rules, None, None)[0]
-
     def _qat_cell(self, cell: G.Cell) -> dict[str, Any]:
         """A QAT cell: the float model (``qat.start = "float"``) or the initial weights
         (``"scratch"``) trained ``qat.steps`` with the cell's rules. A layer a recipe's
@@ -581,9 +558,8 @@ class Evaluator:
         name = cell._replace(seed=-1)
         if name not in self._qat:
             rules = self._qat_rules(cell, layers)
-            qnet = fl.net.quantize(rules, fl.params, fl.rest)[0] if rules else None
-            self._qat[name] = (qnet, self._eval_net(fl.net, qnet))
-        qnet, enet = self._qat[name]
+            self._qat[name] = fl.net.quantize(rules, fl.params, fl.rest)[0] if rules else None
+        qnet = self._qat[name]
         base = self.baseline(cell.seed) if self.scratch else fl
         ptq: dict[str, Any] = {}
         if qnet is None and self.scratch:  # float32 from scratch: the baseline itself
@@ -596,9 +572,8 @@ class Evaluator:
                 _, rest = fl.net.quantize(qnet.rules, fl.params, fl.rest, seed=cell.seed)
                 net, rest = qnet, qnet.with_state(fl.params, rest, self.x, cell.seed)
             if not self.scratch:  # the quantized model before training (PTQ of the float)
-                ptq = {"ptq_acc": self.evaluate(enet or net, fl.params, rest)[0]}
+                ptq = {"ptq_acc": self.evaluate(net, fl.params, rest)[0]}
             tuned, rest = self._train(net, fl.params, rest, cell.seed)
-            net = enet or net
         if cell.recipe:
             m = self._recipe_weights(cell, tuned, layers)
         else:
