@@ -80,11 +80,18 @@ def ref_asymmetric(x: np.ndarray, gran: str, bits: int, signed: bool = True):
     return q.reshape(x.shape), s, z, ((q - z) * s).astype(F32).reshape(x.shape)
 
 
+MODES = ["jit", "vmap", "eager"]
+
+
 def _modes(fn):
-    """fn eagerly, under jit, and under vmap over the batch of inputs (one result each)."""
+    """fn eagerly, under jit, and under vmap over the batch of inputs (one result each).
+
+    vmap under jit: one program, where an eager vmap compiles each of quantize, dequantize,
+    fake_quant and the op-by-op unpacking of the codes batched (2.5x the compile time;
+    eager vmap of the quantizers is test_exactness.py's and test_nvfp4.py's)."""
 
     def vmapped(xs):
-        out = jax.vmap(fn)(jnp.stack(xs))
+        out = jax.jit(jax.vmap(fn))(jnp.stack(xs))
         return [jax.tree.map(lambda a, i=i: a[i], out) for i in range(len(xs))]
 
     return {
@@ -106,10 +113,24 @@ def _data(seed: int, shape=(8, 32), *, heavy: bool = False) -> np.ndarray:
 # ------------------------------------------------------------ 1. exact against oracles
 
 
-@pytest.mark.parametrize("mode", ["eager", "jit", "vmap"])
-@pytest.mark.parametrize("gran", list(GRANS))
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("grid", ["full", "restricted"])
+def _grid_cases(rows: list[tuple]) -> list:
+    """(*row, granularity, mode) for every row and granularity, in one mode each: the modes
+    rotate over the granularities of a row and over the rows of a granularity, so every
+    row (grid and width) and every granularity runs in every mode. Each (spec, mode) is a
+    compile (three programs eagerly), and the mode is orthogonal to the grid's arithmetic."""
+    grans = list(GRANS)
+    return [
+        pytest.param(*row, gran, mode, id="-".join(map(str, (*row, gran, mode))))
+        for r, row in enumerate(rows)
+        for g, gran in enumerate(grans)
+        for mode in [MODES[(r + g) % len(MODES)]]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("grid", "bits", "gran", "mode"),
+    _grid_cases([(g, b) for g in ("full", "restricted") for b in (2, 3, 4, 8)]),
+)
 def test_symmetric_grids_match_numpy_oracle(grid, bits, gran, mode):
     spec = jq.QuantSpec(f"int{bits}", GRANS[gran], int_grid=grid)
     xs = [_data(bits, heavy=True), _data(bits + 100)]
@@ -136,9 +157,10 @@ def test_symmetric_grids_match_numpy_oracle(grid, bits, gran, mode):
         assert np.all(tie_dist[off] <= 4 * np.spacing(np.abs(y[off]).astype(F32)))
 
 
-@pytest.mark.parametrize("mode", ["eager", "jit", "vmap"])
-@pytest.mark.parametrize("gran", list(GRANS))
-@pytest.mark.parametrize("fmt", ["int2", "int3", "int4", "uint2", "uint3", "uint4"])
+@pytest.mark.parametrize(
+    ("fmt", "gran", "mode"),
+    _grid_cases([(f,) for f in ("int2", "int3", "int4", "uint2", "uint3", "uint4")]),
+)
 def test_asymmetric_grids_match_numpy_oracle(fmt, gran, mode):
     bits, signed = int(fmt[-1]), fmt.startswith("int")
     spec = jq.QuantSpec(fmt, GRANS[gran], jq.minmax(), symmetric=False)
@@ -190,13 +212,21 @@ def test_full_grid_uses_every_level_on_a_dense_ramp(bits):
     # which half-to-even sends to the even -2^(b-1).
     amax = (qmax + 0.5) / 8
     ramp = np.linspace(-amax, amax, 4099, dtype=F32)
-    full = jq.quantize(ramp, jq.QuantSpec(f"int{bits}", int_grid="full"))
-    assert float(full.scale[0]) == 0.125
-    assert np.unique(np.asarray(full.codes())).tolist() == list(range(-qmax - 1, qmax + 1))
-    restricted = jq.quantize(ramp, jq.QuantSpec(f"int{bits}", int_grid="restricted"))
-    assert np.unique(np.asarray(restricted.codes())).size == 2**bits - 1
-    asym = jq.quantize(ramp, jq.QuantSpec(f"int{bits}", calibration=jq.minmax(), symmetric=False))
-    assert np.unique(np.asarray(asym.codes())).size == 2**bits
+    specs = (
+        jq.QuantSpec(f"int{bits}", int_grid="full"),
+        jq.QuantSpec(f"int{bits}", int_grid="restricted"),
+        jq.QuantSpec(f"int{bits}", calibration=jq.minmax(), symmetric=False),
+    )
+
+    @jax.jit  # one program for the three quantizers and their codes
+    def scales_and_codes(x):
+        return [(q.scale, q.codes()) for q in (jq.quantize(x, s) for s in specs)]
+
+    (s_full, full), (_, restricted), (_, asym) = scales_and_codes(ramp)
+    assert float(s_full[0]) == 0.125
+    assert np.unique(np.asarray(full)).tolist() == list(range(-qmax - 1, qmax + 1))
+    assert np.unique(np.asarray(restricted)).size == 2**bits - 1
+    assert np.unique(np.asarray(asym)).size == 2**bits
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -241,7 +271,10 @@ def test_full_grid_has_lower_mse_than_restricted_on_gaussian_data(gran, bits):
         jq.QuantSpec(f"int{bits}", g, jq.minmax(), symmetric=False),
     )
     var = float(jnp.var(x))
-    err = [float(jq.metrics.mse(x, jq.fake_quant(x, s))) / var for s in specs]
+    # the three fake_quants in one program (each is its own jitted call inside it: the same
+    # bits as three eager calls)
+    x_hats = jax.jit(lambda x: [jq.fake_quant(x, s) for s in specs])(x)
+    err = [float(jq.metrics.mse(x, x_hat)) / var for x_hat in x_hats]
     np.testing.assert_allclose(err, MSE_TABLE[gran, bits], rtol=2e-3)  # the recorded table
     restricted, full, _ = err
     if bits <= 4:

@@ -58,11 +58,25 @@ def _quiet_nan_casts():
         yield
 
 
-def quick_rotation(*axes: list, valid: Callable[[tuple], bool] = lambda row: True) -> list:
+def quick_rotation(
+    *axes: list,
+    valid: Callable[[tuple], bool] = lambda row: True,
+    one_mode: bool = False,
+    head_index: Callable[[object], int] | None = None,
+) -> list:
     """Parameter rows for the product of ``axes``: each value of the first axis runs once in
     the quick suite, with the combinations of the other axes taken in turn; every other row
     carries ``@pytest.mark.slow`` (``pytest -m slow`` runs them). Values may be
-    ``pytest.param`` (their marks and ids are kept)."""
+    ``pytest.param`` (their marks and ids are kept).
+
+    ``one_mode``: each row also gets one mode, eager and jit in turn (row j of the i-th
+    value of the first axis runs ``MODES[(j + i // 2) % 2]``), instead of the product with
+    ``MODES``: the quantizer is the same jitted program eagerly and under jit, and each
+    spec costs a compile in each mode, so every value of the first axis runs in both modes
+    where it has two rows or more, the values alternate in pairs where it has one, and the
+    quick rows take both modes in turn. ``head_index`` (value -> int) takes the place of i:
+    a test that runs the same specs as another one then runs them in the same modes, on the
+    same compiled programs."""
 
     def parts(v):
         if isinstance(v, type(pytest.param(None))):
@@ -70,11 +84,14 @@ def quick_rotation(*axes: list, valid: Callable[[tuple], bool] = lambda row: Tru
         return (v,), (), getattr(v, "__name__", None) or str(v)
 
     out, turn = [], 0
-    for head in axes[0]:
+    for i, head in enumerate(axes[0]):
         hv, hmarks, hid = parts(head)
         rows = [r for r in itertools.product(*axes[1:]) if valid((*hv, *r))]
         for j, rest in enumerate(rows):
             ps = [parts(v) for v in rest]
+            if one_mode:
+                h = i if head_index is None else head_index(hv[0])
+                ps.append(parts(MODES[(j + h // 2) % 2]))
             values = hv + tuple(x for p in ps for x in p[0])
             marks = hmarks + tuple(m for p in ps for m in p[1])
             if j != turn % len(rows):
@@ -517,6 +534,11 @@ QUICK_ELSEWHERE = {"int8", "int8_minmax", "uint4_minmax", "e4m3", "e5m4", "nf4",
 }
 
 
+# The shape of the arrays the quantizers are compiled for in test_quantize_matches_reference
+# and the MX tests here, and of test_properties.py's rows: one program per spec and mode.
+ROW = (4, 64)
+
+
 def _mixed_data(shape, seed: int) -> np.ndarray:
     """float32 with per-row magnitudes 2^-30..2^30, zeros, exact powers of two and ties."""
     rng = np.random.default_rng(seed)
@@ -543,18 +565,27 @@ def _mixed_data(shape, seed: int) -> np.ndarray:
             for c in CASES
         ],
         list(GRANULARITIES),
-        MODES,
         valid=lambda row: not CASES[row[0]].mx or row[1] == "per_block",
+        one_mode=True,
     ),
 )
 def test_quantize_matches_reference(case, gran, mode):
     """Codes, scales, zero points, dequantize and fake_quant of 16x64 mixed-magnitude data
-    (seed 0) equal the case's independent reference bit for bit."""
+    (seed 0), as four 4x64 arrays, equal the case's independent reference bit for bit."""
+    assert mode == reference_mode(case, gran)
     c = CASES[case]
     jq_gran, ref_gran = GRANULARITIES[gran]
-    x = _mixed_data((16, 64), seed=0)
-    out = run(x, c.spec(jq_gran), mode)
-    check_against(c.reference(x, ref_gran), *out, x, f"{case} {gran} {mode}")
+    # 4x64: one compiled program with test_properties.py's rows (and more groups per spec)
+    for k, x in enumerate(_mixed_data((16, 64), seed=0).reshape(4, *ROW)):
+        out = run(x, c.spec(jq_gran), mode)
+        check_against(c.reference(x, ref_gran), *out, x, f"{case} {gran} {mode} part {k}")
+
+
+def reference_mode(case: str, gran: str) -> str:
+    """The mode test_quantize_matches_reference runs ``case`` at ``gran`` in (quick_rotation's
+    ``one_mode``): test_properties.py runs the same one, on the same programs."""
+    grans = [g for g in GRANULARITIES if not CASES[case].mx or g == "per_block"]
+    return MODES[(grans.index(gran) + list(CASES).index(case) // 2) % 2]
 
 
 # ------------------------------------------------------------- casts: ml_dtypes oracle
@@ -630,7 +661,7 @@ def _f32_subnormal(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("name", "saturate", "mode"), quick_rotation(list(ML_CASTS), [True, False], MODES)
+    ("name", "saturate", "mode"), quick_rotation(list(ML_CASTS), [True, False], one_mode=True)
 )
 def test_casts_match_ml_dtypes(name, saturate, mode):
     """``QuantSpec(name, calibration=None)`` is ml_dtypes' cast (round half to even; with
@@ -711,7 +742,11 @@ def test_ocp_codes_decode_like_gfloat(name, fi):
 
 
 @pytest.mark.parametrize(
-    ("name", "saturate", "mode"), quick_rotation(list(OCP_ELEMENTS), [True, False], MODES)
+    ("name", "saturate", "mode"),
+    # test_casts_match_ml_dtypes's modes: the same specs on the same probes, compiled there
+    quick_rotation(
+        list(OCP_ELEMENTS), [True, False], one_mode=True, head_index=list(ML_CASTS).index
+    ),
 )
 def test_ocp_element_casts_match_gfloat(name, saturate, mode):
     """Casts to each OCP element format round and encode as gfloat does, on every code's
@@ -749,9 +784,22 @@ def test_mx_blocks_match_gfloat(name, mode):
     on blocks that walk the element grid at scales 2^-100..2^100, and on mixed data."""
     fi = OCP_MX[name]
     spec = jq.QuantSpec(name)
-    for x in (_mx_probe_blocks(fi), _mixed_data((64, 64), seed=3)):
-        out = run(x, spec, mode)
-        check_against(ref_mx(x, ("block", -1, 32), fi=fi), *out, x, f"{name} {mode}")
+    for what, x in (("probes", _mx_probe_blocks(fi)), ("mixed", _mixed_data((64, 64), seed=3))):
+        for k, part in enumerate(as_rows(x)):
+            out = run(part, spec, mode)
+            ref = ref_mx(part, ("block", -1, 32), fi=fi)
+            check_against(ref, *out, part, f"{name} {mode} {what} part {k}")
+
+
+def as_rows(blocks: np.ndarray) -> np.ndarray:
+    """Rows of blocks of 32 (n x 32 or n x 64) as arrays of shape ROW, each block kept whole
+    and in order, zero blocks after the last (scale 1, as the references take it): the
+    MX quantizers compile once per spec and mode for every test here."""
+    flat = blocks.reshape(-1)
+    size = int(np.prod(ROW))
+    padded = np.zeros(-(-flat.size // size) * size, flat.dtype)
+    padded[: flat.size] = flat
+    return padded.reshape(-1, *ROW)
 
 
 @_issue(6, "MX scales stop at 2^-126, OCP's e8m0 goes down to 2^-127 (gfloat clips there)")
@@ -765,6 +813,7 @@ def test_mx_tiny_blocks_follow_ocp(name, mode):
     x = (top * rng.uniform(-1, 1, (8, 32))).astype(F32)
     x[:, 0] = top[:, 0]
     x = np.where(np.abs(x) < TINY, F32(0), x)  # XLA on CPU flushes subnormal inputs anyway
+    (x,) = as_rows(x)  # the same 8 blocks, in ROW's shape
     out = run(x, jq.QuantSpec(name), mode)
     check_against(ref_mx(x, ("block", -1, 32), fi=fi), *out, x, f"{name} tiny {mode}")
 
@@ -815,7 +864,9 @@ def _exmy(layout) -> tuple[jq.formats.Format, gfloat.FormatInfo]:
     return fmt, gfloat_info(e, m, bias, style)
 
 
-@pytest.mark.parametrize(("layout", "saturate", "mode"), quick_rotation(EXMY, [True, False], MODES))
+@pytest.mark.parametrize(
+    ("layout", "saturate", "mode"), quick_rotation(EXMY, [True, False], one_mode=True)
+)
 def test_float_format_matches_gfloat(layout, saturate, mode):
     """Any ExMy built with float_format decodes every code as gfloat does, and a cast to it
     rounds (half to even, subnormals, saturation or Inf/NaN on overflow) and encodes every
@@ -1159,7 +1210,7 @@ def test_subnormal_tensor_is_not_all_zeros(name, mode):
 @pytest.mark.parametrize(
     ("case", "dtype", "mode"),
     quick_rotation(
-        ["int8", "e4m3", "nf4", "uint8_minmax", "mxfp4"], ["bfloat16", "float16"], MODES
+        ["int8", "e4m3", "nf4", "uint8_minmax", "mxfp4"], ["bfloat16", "float16"], one_mode=True
     ),
 )
 def test_half_precision_inputs(case, dtype, mode):
