@@ -1,5 +1,12 @@
 """Quantized dot_general / einsum: numerics against fake-quant references, STE gradients,
-real int8 / fp8 dots in the compiled HLO, errors, capabilities, flax injection."""
+real int8 / fp8 dots in the compiled HLO, errors, capabilities, flax injection.
+
+Compiling is most of this file's time (issue 13): the test data comes from numpy (no
+program per shape), and each reference (fake-quantized operands, their product, its
+rounding bound, straight-through gradients) runs as one jitted program, cached per spec,
+where run op by op it would compile a program per primitive. ``dot_general`` itself is one
+compiled program whether it is called eagerly or under ``jit`` (``qdot_jit``).
+"""
 
 import functools
 import re
@@ -20,7 +27,9 @@ MATMUL = (((1,), (0,)), ((), ()))
 
 
 def _normal(seed, shape, scale=1.0, dtype=jnp.float32):
-    return (jax.random.normal(jax.random.key(seed), shape) * scale).astype(dtype)
+    # numpy's draws, put on the device: jax.random and jnp.asarray compile per shape
+    x = np.random.default_rng(seed).standard_normal(shape) * scale
+    return jax.device_put(x.astype(dtype))
 
 
 def _fq(x, spec, key=None):
@@ -59,6 +68,19 @@ def _abs_dot(a, b, dn):
     return lax.dot_general(a, b, dn, precision=lax.Precision.HIGHEST)
 
 
+@functools.cache
+def _reference_dot(ls, rs, dn=MATMUL):
+    """Jitted ``(a, b) -> (fq(a) . fq(b), |fq(a)| . |fq(b)|)``: the fake-quant product and
+    the bound of its float32 rounding, one compiled program per (specs, layout)."""
+
+    @jax.jit
+    def ref(a, b):
+        fa, fb = _fq(a, ls), _fq(b, rs)
+        return lax.dot_general(fa, fb, dn, precision=lax.Precision.HIGHEST), _abs_dot(fa, fb, dn)
+
+    return ref
+
+
 # Specs: per-tensor, per-row x per-column (the matmul's natural per-channel layout).
 GRANS = {
     "per_tensor": (jq.per_tensor(), jq.per_tensor()),
@@ -75,12 +97,19 @@ def _specs(fmt, gran):
 # ------------------------------------------------------------------------- forward
 
 
+MODES = [("auto", True), ("auto", False), ("real", True), ("emulate", True)]
+# Every format in every mode (eager and jit), and every granularity of each format: the
+# granularity rotates over a format's modes (the scale layout is the same code in each
+# mode), offset per format so that the two formats pair the modes with other layouts.
+FORWARD_CASES = [
+    (fmt, list(GRANS)[(i + offset) % len(GRANS)], mode, use_jit)
+    for offset, fmt in enumerate(["int8", "e4m3"])
+    for i, (mode, use_jit) in enumerate(MODES)
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("mode", "use_jit"), [("auto", True), ("auto", False), ("real", True), ("emulate", True)]
-)
-@pytest.mark.parametrize("gran", list(GRANS))
-@pytest.mark.parametrize("fmt", ["int8", "e4m3"])
+@pytest.mark.parametrize(("fmt", "gran", "mode", "use_jit"), FORWARD_CASES)
 def test_forward_matches_fake_quant_reference(fmt, gran, mode, use_jit):
     ls, rs = _specs(fmt, gran)
     lhs = _normal(0, (16, 64), 2.0)
@@ -90,10 +119,9 @@ def test_forward_matches_fake_quant_reference(fmt, gran, mode, use_jit):
     )
     f = jax.jit(f) if use_jit else f
     y = f(lhs, rhs)
-    a, b = _fq(lhs, ls), _fq(rhs, rs)
-    ref = jnp.dot(a, b, precision=lax.Precision.HIGHEST)
+    ref, bound = _reference_dot(ls, rs)(lhs, rhs)
     assert y.shape == ref.shape and y.dtype == jnp.float32
-    _assert_dot_close(y, ref, _abs_dot(a, b, MATMUL), k=64)
+    _assert_dot_close(y, ref, bound, k=64)
 
 
 @pytest.mark.slow
@@ -127,25 +155,28 @@ def test_general_dimension_numbers(fmt, lhs_shape, rhs_shape, dn, gl, gr):
     ls, rs = jq.QuantSpec(fmt, gl), jq.QuantSpec(fmt, gr)
     lhs, rhs = _normal(4, lhs_shape), _normal(5, rhs_shape)
     gs = jq.QuantSpec("e5m2")
-    y = jax.jit(lambda a, b: dot_general(a, b, dn, lhs_spec=ls, rhs_spec=rs, grad_spec=gs))(
-        lhs, rhs
-    )
-    a, b = _fq(lhs, ls), _fq(rhs, rs)
-    ref = lax.dot_general(a, b, dn, precision=lax.Precision.HIGHEST)
-    k = int(np.prod([lhs_shape[d] for d in dn[0][0]]))
-    _assert_dot_close(y, ref, _abs_dot(a, b, dn), k)
-    # Gradients in the same layouts as lax's.
-    c = _normal(6, ref.shape)
-
-    def ours(a, b):
-        return jnp.sum(dot_general(a, b, dn, lhs_spec=ls, rhs_spec=rs, grad_spec=gs) * c)
+    out_shape = jax.eval_shape(functools.partial(lax.dot_general, dimension_numbers=dn), lhs, rhs)
+    c = _normal(6, out_shape.shape)
 
     def reference(a, b):
-        y = lax.dot_general(_fq(a, ls), _fq(b, rs), dn, precision=lax.Precision.HIGHEST)
-        return jnp.sum(_grad_fq(gs)(y) * c)
+        return lax.dot_general(_fq(a, ls), _fq(b, rs), dn, precision=lax.Precision.HIGHEST)
 
-    got = jax.grad(ours, (0, 1))(lhs, rhs)
-    want = jax.grad(reference, (0, 1))(lhs, rhs)
+    # Ours and the reference, forward and gradients, in one compiled program; each traced
+    # once (vjp). The gradients of sum(y * c): the cotangent c, and the reference's
+    # straight-through backward with the cotangent fake-quantized by grad_spec.
+    @jax.jit
+    def run(a, b):
+        y, vjp = jax.vjp(
+            lambda a, b: dot_general(a, b, dn, lhs_spec=ls, rhs_spec=rs, grad_spec=gs), a, b
+        )
+        ref, ref_vjp = jax.vjp(reference, a, b)
+        bound = _abs_dot(_fq(a, ls), _fq(b, rs), dn)
+        return y, ref, bound, (vjp(c), ref_vjp(_fq(c, gs)))
+
+    y, ref, bound, (got, want) = run(lhs, rhs)
+    k = int(np.prod([lhs_shape[d] for d in dn[0][0]]))
+    _assert_dot_close(y, ref, bound, k)
+    # Gradients in the same layouts as lax's.
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
@@ -158,10 +189,11 @@ def test_emulated_formats(fmt):
     ls = jq.QuantSpec(fmt, jq.per_token(-1))
     rs = jq.QuantSpec(fmt, jq.per_channel(-1))
     lhs, rhs = _normal(7, (8, 32)), _normal(8, (32, 8))
-    y = dot_general(lhs, rhs, MATMUL, lhs_spec=ls, rhs_spec=rs)
-    a, b = _fq(lhs, ls), _fq(rhs, rs)
-    ref = jnp.dot(a, b, precision=lax.Precision.HIGHEST)
-    _assert_dot_close(y, ref, _abs_dot(a, b, MATMUL), k=32)
+    reference = _reference_dot(ls, rs)  # ours and the reference: one compiled program
+    y, (ref, bound) = jax.jit(
+        lambda a, b: (dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs), reference(a, b))
+    )(lhs, rhs)
+    _assert_dot_close(y, ref, bound, k=32)
 
 
 @pytest.mark.slow
@@ -169,12 +201,10 @@ def test_one_operand_unquantized_and_mixed_formats():
     lhs, rhs = _normal(9, (8, 32)), _normal(10, (32, 8))
     rs = jq.QuantSpec("int8", jq.per_channel(-1))
     y = dot_general(lhs, rhs, MATMUL, rhs_spec=rs)  # weight-only quantization
-    ref = jnp.dot(lhs, _fq(rhs, rs), precision=lax.Precision.HIGHEST)
-    _assert_dot_close(y, ref, _abs_dot(lhs, _fq(rhs, rs), MATMUL), k=32)
+    _assert_dot_close(y, *_reference_dot(None, rs)(lhs, rhs), k=32)
     ls = jq.QuantSpec("e4m3")
     y = dot_general(lhs, rhs, MATMUL, lhs_spec=ls, rhs_spec=rs)  # int8 x fp8: emulated
-    a, b = _fq(lhs, ls), _fq(rhs, rs)
-    _assert_dot_close(y, jnp.dot(a, b, precision="highest"), _abs_dot(a, b, MATMUL), k=32)
+    _assert_dot_close(y, *_reference_dot(ls, rs)(lhs, rhs), k=32)
 
 
 @pytest.mark.slow
@@ -192,16 +222,21 @@ def test_low_precision_inputs_keep_their_dtype(dtype):
     lhs, rhs = _normal(13, (8, 32), dtype=dtype), _normal(14, (32, 8), dtype=dtype)
     y = dot_general(lhs, rhs, MATMUL, lhs_spec=ls, rhs_spec=rs, grad_spec=jq.QuantSpec("e5m2"))
     assert y.dtype == dtype
-    a, b = _fq(lhs, ls).astype(jnp.float32), _fq(rhs, rs).astype(jnp.float32)
-    ref = jnp.dot(a, b, precision="highest")
+
+    @jax.jit
+    def reference(a, b):
+        a, b = _fq(a, ls).astype(jnp.float32), _fq(b, rs).astype(jnp.float32)
+        return jnp.dot(a, b, precision="highest")
+
+    ref = np.asarray(reference(lhs, rhs))
     tol = float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(
-        np.asarray(y, np.float32), np.asarray(ref), rtol=tol, atol=tol * float(jnp.max(ref))
+        np.asarray(y, np.float32), ref, rtol=tol, atol=tol * float(np.max(ref))
     )
     f = lambda a, b: jnp.sum(
         dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs).astype(jnp.float32) ** 2
     )
-    gl, gr = jax.grad(f, (0, 1))(lhs, rhs)
+    gl, gr = jax.jit(jax.grad(f, (0, 1)))(lhs, rhs)
     assert gl.dtype == dtype and gr.dtype == dtype
     # preferred_element_type widens the output.
     y32 = dot_general(lhs, rhs, MATMUL, None, jnp.float32, lhs_spec=ls, rhs_spec=rs)
@@ -228,12 +263,17 @@ def test_half_precision_backward_multiplies_in_half(dtype, fmt):
     grad = jax.jit(jax.grad(loss, (0, 1)))
     gl, gr = grad(lhs, rhs)
     assert gl.dtype == dtype and gr.dtype == dtype
-    c32 = c.astype(jnp.float32)
-    w_hat = jq.fake_quant(rhs, rs)  # in dtype
-    assert w_hat.dtype == dtype
-    x_hat = jq.fake_quant(lhs.astype(jnp.float32), ls)  # exact grid value x scale
-    want_l = jnp.dot(c32, w_hat.astype(jnp.float32).T, precision="highest")
-    want_r = jnp.dot(x_hat.T, c32, precision="highest")
+
+    @jax.jit
+    def reference(lhs, rhs, c):
+        c32 = c.astype(jnp.float32)
+        w_hat = jq.fake_quant(rhs, rs)  # in dtype
+        x_hat = jq.fake_quant(lhs.astype(jnp.float32), ls)  # exact grid value x scale
+        want_l = jnp.dot(c32, w_hat.astype(jnp.float32).T, precision="highest")
+        return want_l, jnp.dot(x_hat.T, c32, precision="highest")
+
+    assert jax.eval_shape(lambda w: jq.fake_quant(w, rs), rhs).dtype == dtype  # w_hat
+    want_l, want_r = reference(lhs, rhs, c)
     eps = float(jnp.finfo(dtype).eps)
     for got, want in ((gl, want_l), (gr, want_r)):
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -252,18 +292,21 @@ def test_half_precision_backward_multiplies_in_half(dtype, fmt):
 # ------------------------------------------------------------------------ backward
 
 
+STE_SPECS = [
+    ("e4m3", "e5m2", "per_tensor"),
+    ("e4m3", "e5m2", "per_channel"),
+    ("int8", "int8", "per_tensor"),
+    ("int8", "int8", "per_channel"),
+    ("int8", None, "per_channel"),
+]
+# Each spec combination in two of the three modes, rotating (combination i: modes i and
+# i + 1): each format runs every mode, with several granularities and gradient formats.
+STE_MODES = ("auto", "real", "emulate")
+STE_CASES = [(*spec, STE_MODES[(i + j) % 3]) for i, spec in enumerate(STE_SPECS) for j in range(2)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["auto", "real", "emulate"])
-@pytest.mark.parametrize(
-    ("fmt", "gfmt", "gran"),
-    [
-        ("e4m3", "e5m2", "per_tensor"),
-        ("e4m3", "e5m2", "per_channel"),
-        ("int8", "int8", "per_tensor"),
-        ("int8", "int8", "per_channel"),
-        ("int8", None, "per_channel"),
-    ],
-)
+@pytest.mark.parametrize(("fmt", "gfmt", "gran", "mode"), STE_CASES)
 def test_gradients_match_ste_reference(fmt, gfmt, gran, mode):
     ls, rs = _specs(fmt, gran)
     gs = None if gfmt is None else jq.QuantSpec(gfmt)
@@ -274,16 +317,28 @@ def test_gradients_match_ste_reference(fmt, gfmt, gran, mode):
         y = dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs, grad_spec=gs, mode=mode)
         return jnp.sum(y * c)
 
-    def reference(a, b):
-        fa, fb = _fq(a, ls), _fq(b, rs)
-        return jnp.sum(_grad_fq(gs)(jnp.dot(fa, fb, precision="highest")) * c)
-
     dl, dr = jax.jit(jax.grad(ours, (0, 1)))(lhs, rhs)
-    rl, rr = jax.grad(reference, (0, 1))(lhs, rhs)
-    gq = _fq(c, gs)
-    fa, fb = _fq(lhs, ls), _fq(rhs, rs)
-    _assert_dot_close(dl, rl, _abs_dot(gq, fb, (((1,), (1,)), ((), ()))), k=8)
-    _assert_dot_close(dr, rr, _abs_dot(fa, gq, (((0,), (0,)), ((), ()))), k=16)
+    (rl, rr), bound_l, bound_r = _ste_reference(ls, rs, gs)(lhs, rhs, c)
+    _assert_dot_close(dl, rl, bound_l, k=8)
+    _assert_dot_close(dr, rr, bound_r, k=16)
+
+
+@functools.cache
+def _ste_reference(ls, rs, gs):
+    """Jitted ``(a, b, c) -> (grads of sum(fq(a) . fq(b) * c) with the cotangent
+    fake-quantized by gs, their bounds' |.| products)``: shared by the three modes."""
+
+    @jax.jit
+    def ref(a, b, c):
+        def loss(a, b):
+            fa, fb = _fq(a, ls), _fq(b, rs)
+            return jnp.sum(_grad_fq(gs)(jnp.dot(fa, fb, precision="highest")) * c)
+
+        gq, fa, fb = _fq(c, gs), _fq(a, ls), _fq(b, rs)
+        bound_l = _abs_dot(gq, fb, (((1,), (1,)), ((), ())))
+        return jax.grad(loss, (0, 1))(a, b), bound_l, _abs_dot(fa, gq, (((0,), (0,)), ((), ())))
+
+    return ref
 
 
 @pytest.mark.slow
@@ -293,25 +348,35 @@ def test_stochastic_gradient_rounding_uses_documented_keys(key):
     lhs, rhs = _normal(18, (16, 32)), _normal(19, (32, 8))
     c = _normal(20, (16, 8))
 
+    sl = jq.QuantSpec("int8", rounding="stochastic")
+
     def ours(a, b, k):
         return jnp.sum(dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs, grad_spec=gs, key=k) * c)
 
-    def reference(a, b):
-        y = jnp.dot(_fq(a, ls), _fq(b, rs), precision="highest")
-        return jnp.sum(_grad_fq(gs, jax.random.fold_in(key, 2))(y) * c)
+    @jax.jit
+    def reference(a, b, key):
+        def loss(a, b):
+            y = jnp.dot(_fq(a, ls), _fq(b, rs), precision="highest")
+            return jnp.sum(_grad_fq(gs, jax.random.fold_in(key, 2))(y) * c)
 
-    got = jax.grad(ours, (0, 1))(lhs, rhs, key)
-    want = jax.grad(reference, (0, 1))(lhs, rhs)
+        # Stochastic operand rounding: lhs uses fold_in(key, 0), rhs fold_in(key, 1).
+        fa = jq.fake_quant(a, sl, key=jax.random.fold_in(key, 0))
+        fb = jq.fake_quant(b, sl, key=jax.random.fold_in(key, 1))
+        return (
+            jax.grad(loss, (0, 1))(a, b),
+            jnp.dot(fa, fb, precision="highest"),
+            _abs_dot(fa, fb, MATMUL),
+        )
+
+    grad = jax.jit(jax.grad(ours, (0, 1)))  # one program for both keys
+    got = grad(lhs, rhs, key)
+    want, ref, bound = reference(lhs, rhs, key)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
-    other = jax.grad(ours, (0, 1))(lhs, rhs, jax.random.key(1))
+    other = grad(lhs, rhs, jax.random.key(1))
     assert not np.array_equal(np.asarray(other[0]), np.asarray(got[0]))
-    # Stochastic operand rounding: lhs uses fold_in(key, 0), rhs fold_in(key, 1).
-    sl = jq.QuantSpec("int8", rounding="stochastic")
     y = dot_general(lhs, rhs, MATMUL, lhs_spec=sl, rhs_spec=sl, key=key)
-    a = jq.fake_quant(lhs, sl, key=jax.random.fold_in(key, 0))
-    b = jq.fake_quant(rhs, sl, key=jax.random.fold_in(key, 1))
-    _assert_dot_close(y, jnp.dot(a, b, precision="highest"), _abs_dot(a, b, MATMUL), k=32)
+    _assert_dot_close(y, ref, bound, k=32)
 
 
 @pytest.mark.slow
@@ -320,10 +385,19 @@ def test_known_scales_plug_in_and_get_no_gradient():
     lhs, rhs = _normal(21, (4, 16)), _normal(22, (16, 4))
     sl, sr = jnp.float32(0.05), jnp.float32(0.01)
     y = dot_general(lhs, rhs, MATMUL, lhs_spec=spec, rhs_spec=spec, lhs_scale=sl, rhs_scale=sr)
-    a, b = jq.fake_quant(lhs, spec, scale=sl), jq.fake_quant(rhs, spec, scale=sr)
-    _assert_dot_close(y, jnp.dot(a, b, precision="highest"), _abs_dot(a, b, MATMUL), k=16)
-    g = jax.grad(
-        lambda s: jnp.sum(dot_general(lhs, rhs, MATMUL, lhs_spec=spec, rhs_spec=spec, lhs_scale=s))
+
+    @jax.jit
+    def reference(lhs, rhs):
+        a, b = jq.fake_quant(lhs, spec, scale=sl), jq.fake_quant(rhs, spec, scale=sr)
+        return jnp.dot(a, b, precision="highest"), _abs_dot(a, b, MATMUL)
+
+    _assert_dot_close(y, *reference(lhs, rhs), k=16)
+    g = jax.jit(
+        jax.grad(
+            lambda s: jnp.sum(
+                dot_general(lhs, rhs, MATMUL, lhs_spec=spec, rhs_spec=spec, lhs_scale=s)
+            )
+        )
     )(sl)
     assert float(g) == 0.0
 
@@ -341,9 +415,12 @@ def test_delayed_scaling_drives_the_dot():
 
     state = sc.init(lhs)
     _, state = step(state, lhs, rhs)
-    y1, state = step(state, lhs * 2, rhs)  # scale from step 0's amax: the doubled values clip
-    a = jq.fake_quant(lhs * 2, spec, scale=float(jnp.max(jnp.abs(lhs))) / 448)
-    ref = jnp.dot(a, _fq(rhs, spec), precision="highest")
+    lhs2 = jax.device_put(np.asarray(lhs) * 2)
+    y1, state = step(state, lhs2, rhs)  # scale from step 0's amax: the doubled values clip
+    scale = float(np.max(np.abs(np.asarray(lhs)))) / 448
+    ref = jax.jit(
+        lambda a, b: jnp.dot(jq.fake_quant(a, spec, scale=scale), _fq(b, spec), precision="highest")
+    )(lhs2, rhs)
     np.testing.assert_allclose(np.asarray(y1), np.asarray(ref), rtol=1e-5, atol=1e-5)
     assert int(state.count) == 2
 
@@ -358,15 +435,17 @@ def test_vmap_and_jit_of_grad():
     lhs = _normal(25, (5, 8, 32))
     rhs = _normal(26, (32, 8))
     f = lambda a, b: dot_general(a, b, MATMUL, lhs_spec=ls, rhs_spec=rs, grad_spec=gs)
-    yv = jax.vmap(f, in_axes=(0, None))(lhs, rhs)
-    for i in range(5):  # per-tensor scales are per example under vmap
-        np.testing.assert_allclose(np.asarray(yv[i]), np.asarray(f(lhs[i], rhs)), rtol=1e-6)
     loss = lambda a, b: jnp.sum(f(a, b) ** 2)
+    yv = jax.vmap(f, in_axes=(0, None))(lhs, rhs)
     gv = jax.jit(jax.vmap(jax.grad(loss, (0, 1)), in_axes=(0, None)))(lhs, rhs)
-    for i in range(5):
-        g = jax.grad(loss, (0, 1))(lhs[i], rhs)
-        np.testing.assert_allclose(np.asarray(gv[0][i]), np.asarray(g[0]), rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(gv[1][i]), np.asarray(g[1]), rtol=1e-6)
+    # One example at a time (lax.map: a loop, not a batching rule), one compiled program.
+    y1, g1 = jax.jit(lambda a, b: lax.map(lambda x: (f(x, b), jax.grad(loss, (0, 1))(x, b)), a))(
+        lhs, rhs
+    )
+    for i in range(5):  # per-tensor scales are per example under vmap
+        np.testing.assert_allclose(np.asarray(yv[i]), np.asarray(y1[i]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(gv[0][i]), np.asarray(g1[0][i]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(gv[1][i]), np.asarray(g1[1][i]), rtol=1e-6)
     # Second-order transformations compose: grad of a jitted function under vmap.
     hv = jax.vmap(jax.grad(lambda a: loss(a, rhs)))(lhs)
     assert hv.shape == lhs.shape
@@ -563,21 +642,26 @@ def test_einsum_matches_jnp_einsum_of_fake_quant(subscripts, a_shape, b_shape, g
     ls, rs = jq.QuantSpec("int8", gl), jq.QuantSpec("int8", gr)
     gs = jq.QuantSpec("e5m2")
     a, b = _normal(35, a_shape), _normal(36, b_shape)
-    y = einsum(subscripts, a, b, lhs_spec=ls, rhs_spec=rs, grad_spec=gs)
-    ref = jnp.einsum(subscripts, _fq(a, ls), _fq(b, rs), precision="highest")
+    y = einsum(subscripts, a, b, lhs_spec=ls, rhs_spec=rs, grad_spec=gs)  # eager
+    c = _normal(37, y.shape)
+
+    def reference(a, b):
+        return jnp.einsum(subscripts, _fq(a, ls), _fq(b, rs), precision="highest")
+
+    # The reference, and both sides' gradients of sum(y * c) (vjp: each traced once; the
+    # reference's straight-through backward takes the cotangent fake-quantized by
+    # grad_spec), in one compiled program.
+    @jax.jit
+    def run(a, b):
+        _, vjp = jax.vjp(
+            lambda a, b: einsum(subscripts, a, b, lhs_spec=ls, rhs_spec=rs, grad_spec=gs), a, b
+        )
+        ref, ref_vjp = jax.vjp(reference, a, b)
+        return ref, vjp(c), ref_vjp(_fq(c, gs))
+
+    ref, got, want = run(a, b)
     assert y.shape == ref.shape
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    c = _normal(37, ref.shape)
-    got = jax.grad(
-        lambda a, b: jnp.sum(einsum(subscripts, a, b, lhs_spec=ls, rhs_spec=rs, grad_spec=gs) * c),
-        (0, 1),
-    )(a, b)
-    want = jax.grad(
-        lambda a, b: jnp.sum(
-            _grad_fq(gs)(jnp.einsum(subscripts, _fq(a, ls), _fq(b, rs), precision="highest")) * c
-        ),
-        (0, 1),
-    )(a, b)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
@@ -617,13 +701,18 @@ def test_flax_linen_dense_injection():
     qdot = functools.partial(dot_general, lhs_spec=ls, rhs_spec=rs)
     model = nn.Dense(8, dot_general=qdot)
     x = _normal(38, (4, 16))
-    params = model.init(jax.random.key(0), x)
-    y = model.apply(params, x)
-    k, bias = params["params"]["kernel"], params["params"]["bias"]
-    ref = jnp.dot(_fq(x, ls), _fq(k, rs), precision="highest") + bias[None, :]
+    params = jax.jit(model.init)(jax.random.key(0), x)
+
+    @jax.jit  # apply, the reference and the gradients: one compiled program
+    def run(params, x):
+        k, bias = params["params"]["kernel"], params["params"]["bias"]
+        ref = jnp.dot(_fq(x, ls), _fq(k, rs), precision="highest") + bias[None, :]
+        grads = jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))(params)
+        return model.apply(params, x), ref, grads
+
+    y, ref, grads = run(params, x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    grads = jax.grad(lambda p: jnp.sum(model.apply(p, x) ** 2))(params)
-    assert grads["params"]["kernel"].shape == k.shape
+    assert grads["params"]["kernel"].shape == params["params"]["kernel"].shape
     # DenseGeneral passes batch dims and several contracted axes.
     dg = nn.DenseGeneral(
         (2, 3),
@@ -633,8 +722,11 @@ def test_flax_linen_dense_injection():
         ),
     )
     xg = _normal(39, (5, 4, 6))
-    pg = dg.init(jax.random.key(1), xg)
-    assert dg.apply(pg, xg).shape == (5, 2, 3)
+    assert jax.jit(lambda k, x: dg.apply(dg.init(k, x), x))(jax.random.key(1), xg).shape == (
+        5,
+        2,
+        3,
+    )
 
 
 @pytest.mark.slow
@@ -645,11 +737,15 @@ def test_flax_nnx_linear_injection():
     qdot = functools.partial(dot_general, lhs_spec=ls, rhs_spec=rs, grad_spec=jq.QuantSpec("e5m2"))
     layer = nnx.Linear(16, 8, dot_general=qdot, rngs=nnx.Rngs(0))
     x = _normal(40, (4, 16))
-    y = layer(x)  # nnx passes out_sharding=None
-    ref = jnp.dot(_fq(x, ls), _fq(layer.kernel[...], rs), precision="highest")
-    ref = ref + layer.bias[...][None, :]
+
+    @nnx.jit  # the call, the reference and the gradients: one compiled program
+    def run(layer, x):
+        ref = jnp.dot(_fq(x, ls), _fq(layer.kernel[...], rs), precision="highest")
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+        return layer(x), ref + layer.bias[...][None, :], grads  # nnx passes out_sharding=None
+
+    y, ref, grads = run(layer, x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
     assert grads.kernel[...].shape == (16, 8)
 
 
@@ -668,10 +764,7 @@ def test_flax_nnx_linear_injection():
 def test_auto_mode_dequantizes_operands_with_contracted_scales(lhs_spec, rhs_spec):
     """Block / contracted-axis scales: the product of the fake-quantized operands, and
     straight-through gradients (the same as differentiating that float product)."""
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    lhs = jax.random.normal(k1, (6, 16))
-    rhs = jax.random.normal(k2, (16, 5))
-    g = jax.random.normal(k3, (6, 5))
+    lhs, rhs, g = _normal(41, (6, 16)), _normal(42, (16, 5)), _normal(43, (6, 5))
 
     def fq(x, spec):
         return x if spec is None else jq.fake_quant(x, spec)
@@ -682,9 +775,12 @@ def test_auto_mode_dequantizes_operands_with_contracted_scales(lhs_spec, rhs_spe
     def ref(a, b):
         return jnp.sum(jnp.dot(fq(a, lhs_spec), fq(b, rhs_spec), precision="highest") * g)
 
-    np.testing.assert_allclose(jax.jit(ours)(lhs, rhs), ref(lhs, rhs), rtol=1e-5)
-    got = jax.jit(jax.grad(ours, argnums=(0, 1)))(lhs, rhs)
-    want = jax.grad(ref, argnums=(0, 1))(lhs, rhs)
+    @jax.jit  # ours and the reference, values and gradients: one compiled program
+    def run(a, b):
+        return jax.value_and_grad(ours, (0, 1))(a, b), jax.value_and_grad(ref, (0, 1))(a, b)
+
+    (y, got), (y_ref, want) = run(lhs, rhs)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -714,29 +810,32 @@ def test_native_fp8_cast_matches_the_integer_rounding(monkeypatch):
     for an e5m2 x e5m2 pair that cuBLASLt lacks (decoded through its bits)."""
     from jaxquant._src import dot as D
 
-    k1, k2 = jax.random.split(jax.random.key(3))
-    x = jax.random.normal(k1, (16, 64)) * 3.0
-    w = jax.random.normal(k2, (64, 8))
-
-    def run(lspec, rspec):
-        f = lambda a, b: jnp.sum(
-            dot_general(a, b, MATMUL, lhs_spec=lspec, rhs_spec=rspec, grad_spec=rspec) ** 2
-        )
-        return jax.value_and_grad(f, argnums=(0, 1))(x, w)
+    x, w = _normal(44, (16, 64), 3.0), _normal(45, (64, 8))
 
     cases = [
         (jq.QuantSpec("e4m3"), jq.QuantSpec("e4m3")),
         (jq.QuantSpec("e5m2"), jq.QuantSpec("e5m2")),
         (jq.QuantSpec("e4m3", jq.per_token(-1)), jq.QuantSpec("e4m3", jq.per_channel(-1))),
     ]
-    want = [run(*c) for c in cases]
+
+    def run():
+        """Every case's value and gradients, one compiled program (traced anew per call)."""
+
+        def one(a, b, lspec, rspec):
+            f = lambda a, b: jnp.sum(
+                dot_general(a, b, MATMUL, lhs_spec=lspec, rhs_spec=rspec, grad_spec=rspec) ** 2
+            )
+            return jax.value_and_grad(f, argnums=(0, 1))(a, b)
+
+        return jax.jit(lambda a, b: [one(a, b, *c) for c in cases])(x, w)
+
+    want = run()
     fake_gpu = {**D._capabilities("cpu"), "platform": "gpu", "fp8": True}
     fake_gpu["fp8_pairs"] = D._CUBLASLT_FP8_PAIRS
     monkeypatch.setattr(D, "_capabilities", lambda backend: fake_gpu)
     monkeypatch.setattr(D, "_NATIVE_FP8_CAST", True)
     jax.clear_caches()
-    for case, (v0, g0) in zip(cases, want, strict=True):
-        v1, g1 = run(*case)
+    for (v1, g1), (v0, g0) in zip(run(), want, strict=True):
         np.testing.assert_allclose(v1, v0, rtol=1e-6)
         for a, b in zip(g1, g0, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -749,12 +848,16 @@ def test_bf16_specs_with_absmax_scales_do_not_overflow():
     factored out of the dot (grid products overflow, scale products underflow)."""
     a, b = _normal(0, (8, 16)), _normal(1, (16, 4))
     s = jq.QuantSpec("bf16")
-    y, g = jax.value_and_grad(
+    y, g = jax.value_and_grad(  # eagerly
         lambda a: jnp.sum(dot_general(a, b, MATMUL, lhs_spec=s, rhs_spec=s, grad_spec=s) ** 2)
     )(a)
-    ref = jnp.dot(jq.fake_quant(a, s), jq.fake_quant(b, s), precision="highest")
-    assert np.isfinite(float(y)) and bool(jnp.all(jnp.isfinite(g)))
-    np.testing.assert_allclose(y, jnp.sum(ref**2), rtol=1e-5)
+    ref = jax.jit(
+        lambda a, b: jnp.sum(
+            jnp.dot(jq.fake_quant(a, s), jq.fake_quant(b, s), precision="highest") ** 2
+        )
+    )(a, b)
+    assert np.isfinite(float(y)) and np.all(np.isfinite(np.asarray(g)))
+    np.testing.assert_allclose(y, ref, rtol=1e-5)
 
 
 def test_operand_scale_and_subscript_errors_name_the_argument():

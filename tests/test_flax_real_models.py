@@ -272,13 +272,20 @@ def test_batches_hold_arrays_and_python_flags_only(resnet):
 # ------------------------------------------------------------------------ NNX
 
 
-def _nnx_sqnr(float_model, qmodel, data, **kwargs) -> float:
+@functools.partial(nnx.jit, static_argnames="deterministic")
+def _call(model, x, mask, deterministic=False):
+    """``model(x, mask=mask, deterministic=...)``, one compiled program per mode for every
+    NnxNet (eagerly, each op compiles on its own); updates the model's state as a call."""
+    return model(x, mask=mask, deterministic=deterministic)
+
+
+def _nnx_sqnr(float_model, qmodel, data) -> float:
     sig = noise = 0.0
     for x, m in data:
-        want = float_model(x, mask=m, deterministic=True, **kwargs)
-        got = qmodel(x, mask=m, deterministic=True, **kwargs)
-        sig += float(jnp.sum(want**2))
-        noise += float(jnp.sum((want - got) ** 2))
+        want = np.asarray(_call(float_model, x, m, deterministic=True), np.float64)
+        got = np.asarray(_call(qmodel, x, m, deterministic=True), np.float64)
+        sig += float(np.sum(want**2))
+        noise += float(np.sum((want - got) ** 2))
     return 10.0 * np.log10(sig / noise)
 
 
@@ -331,7 +338,7 @@ def test_nnx_state_restores_into_nnx_update(tmp_path, nnx_data):
     KeyError: Ellipsis (each variable got {"value": array} as its value)."""
     model = _nnx_net(0)
     x, m = nnx_data[0]
-    model(x, mask=m)  # a training step: batch statistics and the dropout RNG move
+    _call(model, x, m)  # a training step: batch statistics and the dropout RNG move
     jq.orbax.save(tmp_path / "c", nnx.state(model))
     restored = jq.orbax.restore(tmp_path / "c")
     assert isinstance(restored["bn"]["mean"], jax.Array)  # values, as nnx.to_pure_dict
@@ -343,8 +350,8 @@ def test_nnx_state_restores_into_nnx_update(tmp_path, nnx_data):
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_array_equal(a, b)
-    want = model(x, mask=m, deterministic=True)
-    np.testing.assert_array_equal(other(x, mask=m, deterministic=True), want)
+    want = _call(model, x, m, deterministic=True)
+    np.testing.assert_array_equal(_call(other, x, m, deterministic=True), want)
 
     # With a target (concrete or abstract): an nnx.State of the target's variables.
     for target in (nnx.state(_nnx_net(2)), jax.eval_shape(lambda: nnx.state(_nnx_net(2)))):
@@ -353,9 +360,9 @@ def test_nnx_state_restores_into_nnx_update(tmp_path, nnx_data):
         assert isinstance(state["bn"]["mean"], nnx.BatchStat)
         third = _nnx_net(3)
         nnx.update(third, state)
-        np.testing.assert_array_equal(third(x, mask=m, deterministic=True), want)
+        np.testing.assert_array_equal(_call(third, x, m, deterministic=True), want)
     # A training step of both: same batch statistics, same dropout keys.
-    np.testing.assert_array_equal(other(x, mask=m), model(x, mask=m))
+    np.testing.assert_array_equal(_call(other, x, m), _call(model, x, m))
 
 
 @pytest.mark.slow
@@ -371,7 +378,7 @@ def test_converted_nnx_state_restores_into_a_converted_model(tmp_path, nnx_data)
         np.testing.assert_array_equal(got.values, want.values)
     x, m = nnx_data[0]
     np.testing.assert_array_equal(
-        other(x, mask=m, deterministic=True), model(x, mask=m, deterministic=True)
+        _call(other, x, m, deterministic=True), _call(model, x, m, deterministic=True)
     )
 
 

@@ -5,6 +5,10 @@ of an MLP sees the data, the second ``relu(x W1 + b1)``) or captures them with F
 method interceptor (third-party models), then computes ``X^T X``, the channel absmax, the
 mean ``|x|`` and the row count from first principles. The library accumulates in float32:
 Hessians are compared with a tolerance relative to their largest entry.
+
+Compiling is most of this file's time (issue 13): models are initialised by one jitted
+``init`` each (eagerly, every initialiser compiles on its own), the MLP once for the file,
+and the third-party models' layer inputs are captured inside one jitted call.
 """
 
 import functools
@@ -38,9 +42,16 @@ def _batches(n=3, rows=ROWS, seed=0):
     return [(rng.standard_normal((rows, IN)) * scale).astype(np.float32) for _ in range(n)]
 
 
+def _init(model, *args, **kwargs):
+    """``model.init(key(0), *args, **kwargs)`` as one compiled program."""
+    return jax.jit(functools.partial(model.init, **kwargs))(jax.random.key(0), *args)
+
+
+@functools.cache
 def _mlp():
+    """(model, variables), shared by the tests (none changes them)."""
     model = nn.Sequential([nn.Dense(HIDDEN), nn.relu, nn.Dense(OUT)])
-    return model, model.init(jax.random.key(0), jnp.zeros((1, IN)))
+    return model, _init(model, np.zeros((1, IN), np.float32))
 
 
 def _mlp_inputs(variables, x):
@@ -147,7 +158,7 @@ def test_every_collection_call_kwargs_and_keyword_batches():
     dict of keyword arguments, the flag a call keyword, the variables every collection."""
     model = _WithBatchNorm()
     x = _batches(1)[0]
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = _init(model, x, train=False)
     stats = layer_statistics(model, [{"x": x}], variables, rules=RULE, call_kwargs={"train": False})
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
     bs = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["batch_stats"])
@@ -196,7 +207,7 @@ class Head(nn.Module):
 def test_contractions_modules_compute_themselves_linen():
     model = _LinenOwnProducts()
     x = _batches(1, rows=5)[0]
-    variables = model.init(jax.random.key(0), x)
+    variables = _init(model, x)
     stats = layer_statistics(model, [x], variables, rules=RULE)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
     x0 = np.asarray(x, np.float64)
@@ -250,7 +261,7 @@ class _Tied(nn.Module):
 def test_a_layer_used_twice_accumulates_both_uses():
     model = _Tied()
     x = _batches(1)[0]
-    variables = model.init(jax.random.key(0), x)
+    variables = _init(model, x)
     st = layer_statistics(model, [x], variables, rules=RULE)["shared"]
     p = variables["params"]["shared"]
     x0 = np.asarray(x, np.float64)
@@ -275,7 +286,7 @@ class _Counted(nn.Module):
 def test_one_trace_per_batch_shape():
     model = _Counted()
     batches = _batches(3)
-    variables = model.init(jax.random.key(0), batches[0])
+    variables = _init(model, batches[0])
     _TRACES.clear()
     stats = layer_statistics(model, batches, variables, rules=RULE)
     assert _TRACES == [(ROWS, IN)]  # three batches, one trace
@@ -348,8 +359,8 @@ class _Branchy(nn.Module):
 
 def test_unreached_and_unsupported_layers_are_reported_by_name():
     model = _Branchy()
-    x = jnp.ones((2, 5, 3))
-    variables = model.init(jax.random.key(0), x, True)
+    x = np.ones((2, 5, 3), np.float32)
+    variables = _init(model, x, head=True)
     stats = layer_statistics(model, [x], variables, rules=RULE)
     assert list(stats) == ["body"]
     assert stats.unreached == ("head",)
@@ -382,13 +393,13 @@ class _TwoWeights(nn.Module):
 @pytest.mark.parametrize(
     ("model", "x", "why"),
     [
-        (_Batched(), jnp.ones((5, 2, 3)), "batch axes on the weight"),
-        (_TwoWeights(), jnp.ones((5, IN)), "weight contractions differ"),
+        (_Batched(), np.ones((5, 2, 3), np.float32), "batch axes on the weight"),
+        (_TwoWeights(), np.ones((5, IN), np.float32), "weight contractions differ"),
     ],
     ids=["batched", "two-weights"],
 )
 def test_unsupported_contractions_are_reported(model, x, why):
-    variables = model.init(jax.random.key(0), x)
+    variables = _init(model, x)
     stats = layer_statistics(model, [x], variables, rules=RULE)
     assert len(stats) == 0 and why in stats.unsupported[""]
 
@@ -406,8 +417,8 @@ def test_a_scanned_layer_is_refused_with_the_fix():
         def __call__(self, x):
             return scanned(self, x, None)[0]
 
-    x = jnp.ones((2, IN))
-    variables = Net().init(jax.random.key(0), x)
+    x = np.ones((2, IN), np.float32)
+    variables = _init(Net(), x)
     with pytest.raises(ValueError, match=r"'d' runs inside a jax transformation.*unrolled"):
         layer_statistics(Net(), [x], variables, rules=RULE)
 
@@ -421,11 +432,6 @@ def test_non_finite_activations_name_the_batch_and_layer():
 
 
 # ------------------------------------------------------------ bad arguments
-
-
-@functools.cache
-def _mlp_cached():
-    return _mlp()
 
 
 @pytest.mark.parametrize(
@@ -453,7 +459,7 @@ def _mlp_cached():
     ids=lambda v: v if isinstance(v, str) else None,
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, match):
-    model, variables = _mlp_cached()
+    model, variables = _mlp()
     args = {"model": model, "batches": _batches(1), "variables": variables, "rules": RULE}
     args.update(kwargs)
     with pytest.raises(error, match=match) as info:
@@ -468,7 +474,7 @@ def test_model_and_variables_that_do_not_fit_together():
     with pytest.raises(ValueError, match="quantizes nothing"):
         layer_statistics(model, _batches(1))
     with pytest.raises(ValueError, match="quantized already; pass no rules"):
-        layer_statistics(quantize_model(*_mlp_cached()[:1], RULE), _batches(1), {}, rules=RULE)
+        layer_statistics(quantize_model(*_mlp()[:1], RULE), _batches(1), {}, rules=RULE)
 
 
 # ------------------------------------------------------------ third-party models
@@ -487,20 +493,28 @@ def test_hf_gpt2_statistics_of_every_flaxconv1d_equal_the_captured_inputs():
     lax.dot_general with a stored (out, in) kernel. Their inputs, captured with Flax's own
     method interceptor, give the Hessians; the paths are the quantized contractions'."""
     tp, m = _gpt2()
-    captured: dict[str, list] = {}
 
-    def capture(next_fun, args, kwargs, context):
-        if type(context.module).__name__ == "FlaxConv1D" and context.method_name == "__call__":
-            path = "/".join(context.module.scope.path)
-            captured.setdefault(path, []).append(np.asarray(args[0], np.float64))
-        return next_fun(*args, **kwargs)
+    @jax.jit  # the float model's call, its FlaxConv1D inputs as the outputs
+    def layer_inputs(variables, *args):
+        captured: dict[str, list] = {}
+
+        def capture(next_fun, args, kwargs, context):
+            if type(context.module).__name__ == "FlaxConv1D" and context.method_name == "__call__":
+                captured.setdefault("/".join(context.module.scope.path), []).append(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(capture):
+            m.model.apply(variables, *args, **m.kwargs)
+        return captured
 
     with tp.lenient():
         stats = layer_statistics(m.model, [m.args], m.variables, rules=RULE, call_kwargs=m.kwargs)
-        with nn.intercept_methods(capture):
-            m.model.apply(m.variables, *m.args, **m.kwargs)
+        captured = jax.tree.map(
+            lambda a: np.asarray(a, np.float64), layer_inputs(m.variables, *m.args)
+        )
         qmodel = quantize_model(m.model, RULE)
-        qmodel.apply(m.variables, *m.args, **m.kwargs)
+        # contractions() knows a Linen model's layers once it has run: an abstract call
+        jax.eval_shape(lambda v: qmodel.apply(v, *m.args, **m.kwargs), m.variables)
     quantized = [c.path for c in contractions(qmodel) if c.quantized]
     assert sorted(stats) == sorted(quantized) and len(stats) == m.weight_contractions
     assert stats.unreached == ("transformer/wpe", "transformer/wte")  # lookups only
@@ -520,7 +534,8 @@ def test_nnx_lm1b_statistics_cover_every_quantized_contraction():
     with tp.lenient():
         stats = layer_statistics(m.model, [m.args], rules=RULE)
         qmodel = quantize_model(nnx.clone(m.model), RULE)
-        qmodel(*m.args)
+        graphdef, state = nnx.split(qmodel)  # contractions() knows them once it has run
+        jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*m.args), state)
     quantized = [c.path for c in contractions(qmodel) if c.quantized]
     assert sorted(stats) == sorted(quantized) and len(stats) == m.weight_contractions
     n = tp.BATCH * tp.LENGTH

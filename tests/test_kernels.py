@@ -8,6 +8,10 @@ bit (any NaN equals any NaN), scales bit for bit. The data mixes block magnitude
 between neighbouring values of the element format. What the interpreter cannot show is
 checked structurally: every supported kernel lowers to Triton IR (no GPU needed), and the
 kernel uses no float min/max (NaN-ignoring in Triton).
+
+Compiling is most of this file's time (issue 13): each case runs the kernel, the jnp path
+and the casts it compares in one jitted program (the kernel called eagerly: the tile and
+scale-rule tests below), and the data goes to the device without a program.
 """
 
 import functools
@@ -110,7 +114,7 @@ def _input(spec, dtype, shape_lead=(), seed=0):
     x = np.concatenate([blocks, filler]).reshape(n_rows, per_row * b)
     if shape_lead:
         x = x.reshape(*shape_lead, -1, per_row * b)
-    return jnp.asarray(x).astype(dtype)
+    return jax.device_put(x.astype(dtype))  # ml_dtypes' cast; jnp's would compile a program
 
 
 def _assert_same_float(a, b):
@@ -149,15 +153,25 @@ def test_bit_identical_to_jnp_path(spec, op, dtype):
     x = _input(spec, dtype)
     assert supported(spec, x.shape, x.dtype, "gpu", op=op)
     if op == "fake_quant":
-        _assert_same_float(block_fake_quant(x, spec, interpret=True), jq.fake_quant(x, spec))
+        kernel, ref = jax.jit(
+            lambda x: (block_fake_quant(x, spec, interpret=True), jq.fake_quant(x, spec))
+        )(x)
+        _assert_same_float(kernel, ref)
         return
-    values, scale = block_quantize(x, spec, interpret=True)
-    q = jq.quantize(x, spec)
+
+    @jax.jit  # both kernels, the jnp path and the casts compared: one program
+    def run(x):
+        q = jq.quantize(x, spec)
+        values, scale = block_quantize(x, spec, interpret=True)
+        values8, scale8 = block_quantize(x, spec, interpret=True, scale_dtype=q.scale.dtype)
+        casts = scale.astype(q.scale.dtype), q.scale.astype(jnp.float32)
+        return q, (values, scale), (values8, scale8), casts
+
+    q, (values, scale), (values8, scale8), (scale_cast, q_scale32) = run(x)
     _assert_same_values(values, q.values)
     assert scale.dtype == jnp.float32 and scale.shape == q.scale.shape
-    _assert_same_bits(scale.astype(q.scale.dtype), q.scale)
-    _assert_same_bits(scale, q.scale.astype(jnp.float32))
-    values8, scale8 = block_quantize(x, spec, interpret=True, scale_dtype=q.scale.dtype)
+    _assert_same_bits(scale_cast, q.scale)
+    _assert_same_bits(scale, q_scale32)
     _assert_same_values(values8, q.values)
     _assert_same_bits(scale8, q.scale)
 
@@ -199,10 +213,14 @@ def test_e8m0_scale_rule_over_the_float32_range():
     a = np.concatenate(amax).astype(np.float32)
     a = a[np.isfinite(a)]
     a = np.resize(a, 1 << (len(a) - 1).bit_length())  # a power-of-two block count
-    x = jnp.asarray(np.stack([a, -a / 2], axis=1))
-    for fmt in ("int8", "int4", "e4m3", "e2m1", "e2m3"):
-        spec = _e8m0(fmt, 2)
-        _assert_same_float(block_fake_quant(x, spec, interpret=True), jq.fake_quant(x, spec))
+    x = jax.device_put(np.stack([a, -a / 2], axis=1))
+    specs = [_e8m0(fmt, 2) for fmt in ("int8", "int4", "e4m3", "e2m1", "e2m3")]
+    # every format, the kernel and the jnp path: one compiled program
+    got = jax.jit(
+        lambda x: [(block_fake_quant(x, s, interpret=True), jq.fake_quant(x, s)) for s in specs]
+    )(x)
+    for kernel, ref in got:
+        _assert_same_float(kernel, ref)
 
 
 def test_under_jit_and_vmap():

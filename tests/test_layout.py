@@ -1,12 +1,17 @@
 """Layout-relative granularity (issue 12 item 5): per_channel() / per_block(size) bound to
-each operand's contraction by jaxquant._src.layout.bind, dot_layout and conv_layout."""
+each operand's contraction by jaxquant._src.layout.bind, dot_layout and conv_layout.
+
+Compiling is most of this file's time (issue 13): the test data goes to the device without
+a program (``jax.device_put`` of numpy), and a bound spec and its hand-written twin are
+quantized in one jitted program per case (plus the eager ``fake_quant`` they are both
+compared with), not in a program per call.
+"""
 
 import itertools
 import json
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
@@ -25,7 +30,7 @@ def _x(shape, seed=0):
     # over the wrong axes gives different codes.
     rng = np.random.default_rng(seed)
     x = rng.standard_t(3, size=shape) * np.exp(rng.normal(size=shape))
-    return jnp.asarray(x, jnp.float32)
+    return jax.device_put(x.astype(np.float32))  # jnp.asarray would compile a program
 
 
 def _same_bits(a, b):
@@ -34,15 +39,24 @@ def _same_bits(a, b):
     np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
-def _assert_quantizes_like(bound, hand, shape):
-    """bound and hand-written specs give bitwise-identical codes, scales and fake_quant."""
+def _assert_quantizes_like(bound, hand, shape, eager=True):
+    """bound and hand-written specs give bitwise-identical codes, scales and fake_quant
+    (under jit, one program for both), and (eager) the same bits as the eager path."""
     x = _x(shape)
-    qa, qb = jq.quantize(x, bound), jq.quantize(x, hand)
+
+    @jax.jit
+    def both(v):
+        qa, qb = jq.quantize(v, bound), jq.quantize(v, hand)
+        deq = jq.dequantize(qa), jq.dequantize(qb)
+        return qa, qb, deq, (jq.fake_quant(v, bound), jq.fake_quant(v, hand))
+
+    qa, qb, (da, db), (fa, fb) = both(x)
     _same_bits(qa.values, qb.values)
     _same_bits(qa.scale, qb.scale)
-    _same_bits(jq.dequantize(qa), jq.dequantize(qb))
-    _same_bits(jq.fake_quant(x, bound), jq.fake_quant(x, hand))
-    _same_bits(jax.jit(lambda v: jq.fake_quant(v, bound))(x), jq.fake_quant(x, hand))
+    _same_bits(da, db)
+    _same_bits(fa, fb)
+    if eager:
+        _same_bits(fa, jq.fake_quant(x, hand))
 
 
 # ------------------------------------------------------------------ the forms themselves
@@ -129,7 +143,7 @@ BLK_MSG = (
         lambda x, s: jq.fake_quant(x, s),
         lambda x, s: jax.jit(lambda v: jq.fake_quant(v, s))(x),
         lambda x, s: jq.quantize_tree({"w": x}, s),
-        lambda x, s: jq.quantize(x, s, scale=jnp.ones((1, 64), jnp.float32)),
+        lambda x, s: jq.quantize(x, s, scale=jax.device_put(np.ones((1, 64), np.float32))),
         lambda x, s: jq.lsq_init(x, s),
         lambda x, s: jq.delayed_scaling(s).init(x),
         lambda x, s: s.granularity.plan(x.shape),
@@ -308,6 +322,10 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bind_matches_the_hand_written_spec_bitwise(case):
+    """Plans, specs, codes, scales and fake_quant of the bound spec equal the hand-written
+    one's (under jit); every third case also against the eager path (a program of its own
+    per case; a bound spec is an explicit spec like any other, and eager against jit per
+    format is tests/test_exactness.py's)."""
     _, spec, shape, contracting, batch, kw, hand_gran, has_note = case
     bound, note = bind(spec, shape, contracting, batch, **kw)
     hand = spec.replace(granularity=hand_gran)
@@ -316,7 +334,7 @@ def test_bind_matches_the_hand_written_spec_bitwise(case):
     assert bound.granularity.plan(shape) == hand.granularity.plan(shape)
     assert bound.replace(granularity=hand_gran) == hand  # nothing else changed
     assert not gran.follows_layout(bound.granularity)
-    _assert_quantizes_like(bound, hand, shape)
+    _assert_quantizes_like(bound, hand, shape, eager=CASES.index(case) % 3 == 0)
 
 
 def test_bind_notes_say_what_was_done():
@@ -380,8 +398,8 @@ def test_one_rule_fits_every_layer_kind():
         assert scale_shape == want, name
         bound, _ = bind(BLK32, shape, contracting, batch, block_axis=contracting[-1])
         assert bound.granularity.axis in contracting, name
-        x = _x(shape)
-        assert jq.fake_quant(x, bound).shape == shape
+        # a valid spec for the shape (the values: test_bind_matches_the_hand_written_spec_...)
+        assert jax.eval_shape(lambda v, s=bound: jq.fake_quant(v, s), _x(shape)).shape == shape
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -462,6 +480,7 @@ def test_every_contracting_subset_of_a_rank3_kernel():
     # Exhaustive over a small kernel: the bound per_channel() equals per_channel(other axes)
     # bitwise (the hand-written rule one would otherwise write per layer).
     shape = (4, 8, 32)
+    pairs = []
     for k in range(1, 4):
         for contracting in itertools.combinations(range(3), k):
             kept = tuple(i for i in range(3) if i not in contracting)
@@ -470,5 +489,11 @@ def test_every_contracting_subset_of_a_rank3_kernel():
             assert note is None
             # plans equal, and fake_quant agrees (codes and scales: the CASES above)
             assert bound.granularity.plan(shape) == hand.granularity.plan(shape)
-            x = _x(shape, seed=k)
-            _same_bits(jq.fake_quant(x, bound), jq.fake_quant(x, hand))
+            pairs.append((k, bound, hand))
+    xs = {k: _x(shape, seed=k) for k in range(1, 4)}
+    # every pair in one compiled program
+    got = jax.jit(
+        lambda xs: [(jq.fake_quant(xs[k], b), jq.fake_quant(xs[k], h)) for k, b, h in pairs]
+    )(xs)
+    for a, b in got:
+        _same_bits(a, b)

@@ -13,8 +13,9 @@ user of a published model does after training, with its own calling convention
   the same rules run on float kernels (fake quantization: the same grids, so only the
   accumulation differs) and with the float model;
 * the **served model's jaxpr** holds every weight product quantized (dots on int8 codes);
-* **sensitivity** on one example: bounded damage and bytes per layer, and it lists every
-  layer ``report()`` lists;
+* **sensitivity** on one example: bounded damage and bytes per layer (one layer of each
+  kind: each layer measured compiles the whole model), and it finds every layer
+  ``report()`` lists;
 * a **float rule** before ``Rule(".*")`` keeps exactly its layer's product in float.
 
 The ResNet runs with "trained-like" weights and BatchNorm statistics
@@ -30,6 +31,7 @@ flags the fix.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import jax
@@ -235,8 +237,32 @@ def test_served_model_multiplies_every_weight_in_int8(name):
 # ------------------------------------------------------------------------- sensitivity
 
 
-@functools.cache
-def _sensitivity(name: str) -> jq.flax.Sensitivity:
+# The layers measured: one of each kind, early and late in the model (GPT-2's FlaxConv1D
+# and its tied head; BERT's attention and MLP Dense and the pooler; the ResNet's first
+# conv, its strided projection and its Dense head; lm1b's LinearGeneral projections, its
+# Linear and its tied head). Each layer measured is a compilation of the whole model
+# (every layer of the four: 50 of them). That sensitivity finds every layer is
+# test_sensitivity_lists_every_quantized_layer's, from its discovery alone; every layer of
+# this ResNet (the same architecture and trained-like weights) measured, each with damage,
+# is tests/test_flax_real_models.py's test_resnet_sensitivity_and_plan_with_train_false.
+SENS_LAYERS: dict[str, tuple[str, ...]] = {
+    "hf_gpt2": ("transformer/h/0/attn/c_attn", "transformer/h/1/mlp/c_proj", "lm_head"),
+    "hf_bert": (
+        "encoder/layer/0/attention/self/query",
+        "encoder/layer/1/output/dense",
+        "pooler/dense",
+    ),
+    "flax_resnet": ("conv_init", "ResNetBlock_1/conv_proj", "Dense_0"),
+    "nnx_lm1b": (
+        "decoder/output_embed",
+        "decoder/encoderdecoderblock_0/attention/query",
+        "decoder/encoderdecoderblock_1/attention/out",
+        "decoder/encoderdecoderblock_1/mlp/linear2",
+    ),
+}
+
+
+def _sensitivity_call(name: str, layers: Any) -> jq.flax.Sensitivity:
     """int8 per-channel weights, SQNR of the outputs, on the batch's first example."""
     m = _model(name)
     x, kwargs = tp.keyword_args(m)
@@ -245,17 +271,38 @@ def _sensitivity(name: str) -> jq.flax.Sensitivity:
     variables = None if tp.is_nnx(m.model) else m.variables
     with tp.lenient():
         return sensitivity(
-            m.model, variables, cands, [(x, None, kwargs)], metric="sqnr", call_kwargs=m.kwargs
+            m.model,
+            variables,
+            cands,
+            [(x, None, kwargs)],
+            metric="sqnr",
+            layers=layers,
+            call_kwargs=m.kwargs,
         )
 
 
-SENS_SLOW = ("hf_gpt2", "hf_bert", "nnx_lm1b")  # a compilation per layer: 10 s each
+@functools.cache
+def _sensitivity(name: str) -> jq.flax.Sensitivity:
+    return _sensitivity_call(name, SENS_LAYERS[name])
+
+
+@functools.cache
+def _discovered(name: str) -> tuple[str, ...]:
+    """Every layer sensitivity finds (layers=None measures these), in its order: listed by
+    its error for a ``layers`` regex that matches none (an abstract call, no trial)."""
+    with pytest.raises(ValueError, match="matches none of the quantizable layers") as info:
+        _sensitivity_call(name, "(?!)")
+    listing = str(info.value).split("quantizable layers ", 1)[1].rsplit(" (matched", 1)[0]
+    return tuple(re.findall(r"'([^']*)'", listing))
+
+
+SENS_SLOW = ("hf_gpt2", "hf_bert", "nnx_lm1b")  # a compilation per layer measured: seconds
 
 
 @pytest.mark.parametrize("name", _params({}, slow=SENS_SLOW))
 def test_sensitivity_on_one_example(name):
     sens = _sensitivity(name)
-    assert len(sens.paths) == len(set(sens.paths)) > 0
+    assert sens.paths == SENS_LAYERS[name]
     for layer in sens.layers:
         assert layer.nbytes["w8"] < layer.nbytes["float"] / 2, layer  # scales: < 1/4 + 1/8
         # The noise-to-signal ratio of one int8 layer: finite, and below 1e-4 (40 dB).
@@ -263,16 +310,17 @@ def test_sensitivity_on_one_example(name):
     assert sens.total_bytes("w8") < 0.3 * sens.float32_bytes
     assert 0.0 < sens.all_layers_damage["w8"] < 1e-3
     if name == "flax_resnet":  # trained-like weights: every layer reaches the output
-        assert all(layer.damage["w8"] > 0.0 for layer in sens.layers)
+        assert all(layer.damage["w8"] > 0.0 for layer in sens.layers)  # (each measured)
 
 
 @pytest.mark.parametrize("name", _params({}, slow=SENS_SLOW))
 def test_sensitivity_lists_every_quantized_layer(name):
     m = _model(name)
     _, layers = _calibrated(name)
-    paths = _sensitivity(name).paths
+    paths = _discovered(name)
     assert sorted(paths) == sorted(layers)
-    assert len(paths) == m.weight_contractions
+    assert len(paths) == len(set(paths)) == m.weight_contractions
+    assert set(_sensitivity(name).paths) <= set(paths)
 
 
 # ------------------------------------------------------------ a rule that keeps a layer
