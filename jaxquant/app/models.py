@@ -58,7 +58,8 @@ class CNN(nn.Module):
       >>> from jaxquant.app.models import CNN
       >>> net = CNN(channels=(8,), hidden=16)
       >>> x = jnp.ones((2, 64))
-      >>> net.apply(net.init(jax.random.key(0), x), x).shape
+      >>> variables = jax.jit(net.init)(jax.random.key(0), x)
+      >>> jax.jit(net.apply)(variables, x).shape
       (2, 10)
     """
 
@@ -165,7 +166,8 @@ class ByteLM(nn.Module):
       >>> from jaxquant.app.models import ByteLM
       >>> lm = ByteLM(seq=16, d=32, layers=1, heads=2, hidden=64)
       >>> tokens = jnp.zeros((2, 16), jnp.int32)
-      >>> lm.apply(lm.init(jax.random.key(0), tokens), tokens).shape
+      >>> variables = jax.jit(lm.init)(jax.random.key(0), tokens)
+      >>> jax.jit(lm.apply)(variables, tokens).shape
       (2, 16, 256)
     """
 
@@ -286,9 +288,10 @@ def inject_outliers(
       >>> from jaxquant.app.models import ByteLM, inject_outliers
       >>> lm = ByteLM(seq=8, d=16, layers=1, heads=2, hidden=32)
       >>> tok = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
-      >>> p = lm.init(jax.random.key(0), tok)["params"]
+      >>> p = jax.jit(lm.init)(jax.random.key(0), tok)["params"]
       >>> p2 = inject_outliers(p, channels=[3], scales=[300.0])
-      >>> a, b = lm.apply({"params": p}, tok), lm.apply({"params": p2}, tok)
+      >>> apply = jax.jit(lm.apply)
+      >>> a, b = apply({"params": p}, tok), apply({"params": p2}, tok)
       >>> bool(np.allclose(a, b, rtol=1e-4, atol=1e-4))
       True
     """

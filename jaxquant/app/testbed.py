@@ -202,7 +202,7 @@ def outlier_params(params: Any, outliers: Mapping[str, Any] | None = None) -> An
       >>> from jaxquant.app.models import ByteLM
       >>> from jaxquant.app.testbed import outlier_params
       >>> lm = ByteLM(seq=8, d=16, layers=1, heads=2, hidden=32)
-      >>> p = lm.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+      >>> p = jax.jit(lm.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
       >>> q = outlier_params(p, {"channels": [3], "scales": [100.0]})
       >>> float(q["block0"]["ln1"]["scale"][3] / p["block0"]["ln1"]["scale"][3])
       100.0
@@ -251,7 +251,7 @@ def eval_loss(apply_fn: Callable[..., Any], variables: Any, x: Any, y: Any) -> f
       >>> from jaxquant.app.testbed import eval_loss
       >>> lm = ByteLM(seq=8, d=16, layers=1, heads=2, hidden=32)
       >>> x = jnp.zeros((2, 8), jnp.int32)
-      >>> v = lm.init(jax.random.key(0), x)
+      >>> v = jax.jit(lm.init)(jax.random.key(0), x)
       >>> 5.0 < eval_loss(lm.apply, v, x, x) < 7.0  # near log(256) = 5.5 at init
       True
     """

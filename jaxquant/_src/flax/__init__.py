@@ -146,7 +146,7 @@ def quantize_model(
       >>> rule = Rule("layers_0", weight=jq.QuantSpec("int8", jq.per_channel(-1)),
       ...             act=jq.QuantSpec("int8"))
       >>> qmodel = quantize_model(nn.Sequential([nn.Dense(4), nn.Dense(2)]), [rule])
-      >>> params = qmodel.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> params = jax.jit(qmodel.init)(jax.random.key(0), jnp.ones((1, 3)))
       >>> [(m.path, m.module) for m in report(qmodel)]
       [('layers_0', 'Dense')]
     """
@@ -241,11 +241,11 @@ def convert(
       >>> from jaxquant.flax import Rule, quantize_model, convert
       >>> rule = Rule(".*", weight=jq.QuantSpec("int4", jq.per_block(0, 32)))
       >>> qmodel = quantize_model(nn.Dense(64), rule)
-      >>> variables = qmodel.init(jax.random.key(0), jnp.ones((2, 64)))
+      >>> variables = jax.jit(qmodel.init)(jax.random.key(0), jnp.ones((2, 64)))
       >>> served = convert(qmodel, variables)
       >>> served["params"]["kernel"].values.shape, served["params"]["kernel"].values.dtype
       ((64, 32), dtype('uint8'))
-      >>> qmodel.apply(served, jnp.ones((2, 64))).shape
+      >>> jax.jit(qmodel.apply)(served, jnp.ones((2, 64))).shape
       (2, 64)
     """
     delete = check_bool(delete, "jq.flax.convert: delete")
@@ -295,7 +295,7 @@ def contractions(model: QuantizedModule | flax_nnx.Module) -> list[Contraction]:
       ...         embed = nn.Embed(16, 8)
       ...         return embed.attend(nn.Dense(8)(embed(ids)))
       >>> qmodel = quantize_model(Tied(), Rule(".*", weight=jq.QuantSpec("int8")))
-      >>> variables = qmodel.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
+      >>> variables = jax.jit(qmodel.init)(jax.random.key(0), jnp.zeros((2,), jnp.int32))
       >>> [(c.path, c.op, c.quantized) for c in contractions(qmodel)]
       [('Dense_0', 'dot_general', True), ('Embed_0', 'dot', True)]
     """
@@ -381,8 +381,8 @@ def layer_errors(tree: Any) -> dict[str, dict[str, Any]]:
       >>> model = quantize_model(nn.Sequential([nn.Dense(8), nn.Dense(2)]),
       ...                        Rule(".*", weight=jq.QuantSpec("int8")), errors=True)
       >>> x = jnp.ones((4, 3))
-      >>> params = model.init(jax.random.key(0), x)["params"]
-      >>> grads = jax.grad(lambda p: model.apply({"params": p}, x).sum())(params)
+      >>> params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+      >>> grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).sum()))(params)
       >>> errs = layer_errors(grads)
       >>> list(errs), errs["layers_1"]["fwd_sqnr"] > 30
       (['layers_0', 'layers_1'], True)

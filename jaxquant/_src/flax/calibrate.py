@@ -98,7 +98,7 @@ class CalibrationResult:
       >>> rule = Rule(".*", weight=jq.QuantSpec("int8"), act=jq.QuantSpec("int8"))
       >>> qmodel = quantize_model(nn.Dense(4), rule)
       >>> x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
-      >>> variables = qmodel.init(jax.random.key(0), x)
+      >>> variables = jax.jit(qmodel.init)(jax.random.key(0), x)
       >>> result = calibrate(qmodel, [x, 0.5 * x], variables)  # two batches
       >>> result.num_batches, result.ranges, result.methods
       (2, {'': (-2.0, 2.0)}, {'': 'absmax'})
@@ -193,7 +193,7 @@ def calibrate(
       >>> qmodel = quantize_model(nn.Dense(4), Rule(".*", weight=jq.QuantSpec("int8"),
       ...                                           act=jq.QuantSpec("int8")))
       >>> x = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
-      >>> variables = qmodel.init(jax.random.key(0), x)
+      >>> variables = jax.jit(qmodel.init)(jax.random.key(0), x)
       >>> result = calibrate(qmodel, [x], variables)
       >>> result.ranges[""], result.rules[0].act.calibration
       ((-2.0, 2.0), Fixed(amax=2.0))
@@ -206,7 +206,8 @@ def calibrate(
       ...     def __call__(self, x, train: bool = True):
       ...         x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
       ...         return nn.Dense(2)(nn.relu(x))
-      >>> variables = Net().init(jax.random.key(1), x, train=False)
+      >>> init = jax.jit(Net().init, static_argnames="train")
+      >>> variables = init(jax.random.key(1), x, train=False)
       >>> sorted(variables)
       ['batch_stats', 'params']
       >>> rule = Rule(".*", weight=jq.QuantSpec("int8"), act=jq.QuantSpec("int8"))

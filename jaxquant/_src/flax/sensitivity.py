@@ -379,7 +379,7 @@ def sensitivity(
       >>> from jaxquant.flax import Rule, sensitivity
       >>> model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(4)])
       >>> x = jax.random.normal(jax.random.key(0), (64, 16))
-      >>> variables = model.init(jax.random.key(1), x)
+      >>> variables = jax.jit(model.init)(jax.random.key(1), x)
       >>> cands = {b: Rule(".*", weight=jq.QuantSpec(b, jq.per_channel(-1)))
       ...          for b in ("int8", "int4")}
       >>> sens = sensitivity(model, variables, cands, [(x, None)], metric="sqnr")
@@ -395,9 +395,10 @@ def sensitivity(
       ...     def __call__(self, x, train: bool = True):
       ...         x = nn.BatchNorm(use_running_average=not train)(nn.Dense(32)(x))
       ...         return nn.Dense(4)(nn.relu(x))
-      >>> variables = Net().init(jax.random.key(1), x, train=False)
-      >>> sens = sensitivity(Net(), variables, cands, [(x, None)], metric="sqnr",
-      ...                    call_kwargs={"train": False})
+      >>> init = jax.jit(Net().init, static_argnames="train")
+      >>> variables = init(jax.random.key(1), x, train=False)
+      >>> sens = sensitivity(Net(), variables, {"int8": cands["int8"]}, [(x, None)],
+      ...                    metric="sqnr", call_kwargs={"train": False})
       >>> sens.paths
       ('Dense_0', 'Dense_1')
     """

@@ -118,7 +118,7 @@ class LayerStatistics(NamedTuple):
       >>> from jaxquant.flax import Rule, layer_statistics
       >>> model = nn.Dense(2)
       >>> x = jnp.array([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
-      >>> variables = model.init(jax.random.key(0), x)
+      >>> variables = jax.jit(model.init)(jax.random.key(0), x)
       >>> st = layer_statistics(model, [x], variables,
       ...                       rules=Rule(".*", weight=jq.QuantSpec("int4")))[""]
       >>> st.rows, st.absmax.tolist(), st.mean_abs.tolist()
@@ -278,7 +278,7 @@ def layer_statistics(
       >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
       >>> qmodel = quantize_model(model, Rule(".*", weight=jq.QuantSpec("int4")))
       >>> batches = [jax.random.normal(jax.random.key(i), (16, 4)) for i in range(3)]
-      >>> variables = model.init(jax.random.key(0), batches[0])
+      >>> variables = jax.jit(model.init)(jax.random.key(0), batches[0])
       >>> stats = layer_statistics(qmodel, batches, variables, max_samples=10)
       >>> list(stats), stats["layers_0"].rows, stats["layers_0"].hessian.shape
       (['layers_0', 'layers_2'], 48, (4, 4))

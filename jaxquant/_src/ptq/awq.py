@@ -167,7 +167,7 @@ def awq(
       >>> from jaxquant.ptq import awq
       >>> model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(4)])
       >>> x = jax.random.normal(jax.random.key(0), (64, 16)) * jnp.linspace(0.1, 10, 16)[None]
-      >>> variables = model.init(jax.random.key(1), x)
+      >>> variables = jax.jit(model.init)(jax.random.key(1), x)
       >>> rules = Rule(".*", weight=jq.QuantSpec("int4", jq.per_block(0, 8)))
       >>> res = awq(model, [x], variables, rules=rules)
       >>> r = res.report["layers_0"]
@@ -177,7 +177,7 @@ def awq(
       ['layers_0', 'layers_2']
       >>> qmodel = quantize_model(model, rules)
       >>> _ = jax.eval_shape(qmodel.init, jax.random.key(1), x)  # its layers known
-      >>> y = qmodel.apply(convert(qmodel, res.variables), x)  # served: RTN of s W
+      >>> y = jax.jit(qmodel.apply)(convert(qmodel, res.variables), x)  # served: RTN of s W
 
     References:
       Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and

@@ -209,13 +209,13 @@ def rotate_inputs(
       >>> from jaxquant.flax import Rule, quantize_model
       >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
       >>> x = jax.random.normal(jax.random.key(1), (8, 12))
-      >>> variables = model.init(jax.random.key(0), x)
+      >>> variables = jax.jit(model.init)(jax.random.key(0), x)
       >>> rules = [Rule(".*", weight=jq.QuantSpec("int8"))]
       >>> out = rotate_inputs(model, [x], variables, rules=rules)
       >>> sorted(out.report), out.report["layers_0"]["size"]  # 12 = a Paley II order
       (['layers_0', 'layers_2'], 12)
-      >>> ref = model.apply(variables, x)
-      >>> rot = quantize_model(model, Rule(".*")).apply(out.variables, x)  # float rules
+      >>> ref = jax.jit(model.apply)(variables, x)
+      >>> rot = jax.jit(quantize_model(model, Rule(".*")).apply)(out.variables, x)  # float rules
       >>> bool(np.allclose(rot, ref, atol=1e-5))
       True
 
@@ -480,13 +480,13 @@ def rotate_residual(
       >>> from jaxquant.flax import Rule, quantize_model
       >>> lm = ByteLM(seq=8, d=16, layers=1, heads=2, hidden=32)
       >>> tok = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) * 7
-      >>> variables = lm.init(jax.random.key(0), tok)
+      >>> variables = jax.jit(lm.init)(jax.random.key(0), tok)
       >>> rules = [Rule(r"block\\d+/.*|head", weight=jq.QuantSpec("int8"))]
       >>> out = rotate_residual(lm, [tok], variables, rules=rules)
       >>> out.report["block0/fc2"], out.report["residual"]["check_error"] < 1e-5
       ({'input': 'online', 'size': 32}, True)
-      >>> rot = quantize_model(lm, Rule(".*")).apply(out.variables, tok)  # float rules
-      >>> bool(np.allclose(rot, lm.apply(variables, tok), atol=1e-4))
+      >>> rot = jax.jit(quantize_model(lm, Rule(".*")).apply)(out.variables, tok)  # float rules
+      >>> bool(np.allclose(rot, jax.jit(lm.apply)(variables, tok), atol=1e-4))
       True
 
     References:

@@ -159,14 +159,15 @@ def smooth_quant(
       ...     def __call__(self, x):
       ...         return nn.Dense(4, name="fc")(nn.LayerNorm(name="ln")(x))
       >>> x = jax.random.normal(jax.random.key(0), (32, 8))
-      >>> v = Net().init(jax.random.key(1), x)
+      >>> v = jax.jit(Net().init)(jax.random.key(1), x)
       >>> v["params"]["ln"]["scale"] = v["params"]["ln"]["scale"].at[0].set(100.0)
       >>> rules = Rule("fc", weight=jq.QuantSpec("int8", jq.per_channel()),
       ...              act=jq.QuantSpec("int8"))
       >>> result = smooth_quant(Net(), [x], v, rules=rules)
       >>> result.report["fc"]["folded_into"]
       'ln'
-      >>> bool(np.allclose(Net().apply(result.variables, x), Net().apply(v, x), atol=1e-4))
+      >>> apply = jax.jit(Net().apply)
+      >>> bool(np.allclose(apply(result.variables, x), apply(v, x), atol=1e-4))
       True
       >>> r = result.report["fc"]
       >>> r["act_absmax_smoothed"] < r["act_absmax"] / 5
@@ -373,7 +374,7 @@ def norm_readers(
       ...         y = nn.Dense(4, name="a")(h) + nn.Dense(4, name="b")(h)
       ...         return y + nn.Dense(4, name="c")(nn.RMSNorm(name="rms")(x)) + x
       >>> x = jnp.ones((2, 4))
-      >>> found = norm_readers(Block(), Block().init(jax.random.key(0), x), x)
+      >>> found = norm_readers(Block(), jax.jit(Block().init)(jax.random.key(0), x), x)
       >>> found["ln"]
       ({'params/a/kernel': 0, 'params/b/kernel': 0}, None)
       >>> found["rms"]
