@@ -1,5 +1,7 @@
 """Tests for jaxquant.optax's 8-bit Adam (block-wise dynamic-tree quantized moments)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,15 +50,21 @@ def test_signed_table_symmetric_but_one():
 # ------------------------------------------------------------------------------ round trip
 
 
+SIZES = [1, 2047, 2048, 5000]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("size", [1, 2047, 2048, 5000])
-@pytest.mark.parametrize("jit", [False, True])
-def test_round_trip_nearest_code(signed, size, jit, key):
+@pytest.mark.parametrize("size", SIZES)
+def test_round_trip_nearest_code(signed, size):
+    # Eager and jit alternate over the sizes, the other way round for each table: every
+    # size and every table in both modes (each mode compiles its own programs per size).
+    jit = (SIZES.index(size) + signed) % 2 == 1
     block = 2048
-    x = jax.random.normal(key, (size,), jnp.float32) * jnp.logspace(-4, 1, size)
-    if not signed:
-        x = jnp.square(x)
+    # numpy data (jax.random and logspace would compile programs per size, eagerly).
+    rng = np.random.default_rng(size)
+    x = (rng.standard_normal(size) * np.logspace(-4, 1, size)).astype(np.float32)
+    x = jnp.asarray(x if signed else np.square(x))
     q_fn = lambda x: quantize_blockwise(x, signed=signed, block_size=block)
     q = jax.jit(q_fn)(x) if jit else q_fn(x)
     n_blocks = -(-size // block)
@@ -93,17 +101,19 @@ def test_round_trip_nearest_code(signed, size, jit, key):
 
 @pytest.mark.slow
 def test_round_trip_zero_and_nan():
-    q = quantize_blockwise(jnp.zeros(3000), signed=True, block_size=1024)
+    # One program for both inputs (eager round trips: test_round_trip_nearest_code).
+    quant = jax.jit(lambda x: quantize_blockwise(x, signed=True, block_size=1024))
+    q = quant(jnp.zeros(3000))
     np.testing.assert_array_equal(q.absmax, np.zeros(3, np.float32))
-    np.testing.assert_array_equal(dequantize_blockwise(q), np.zeros(3000, np.float32))
+    np.testing.assert_array_equal(jax.jit(dequantize_blockwise)(q), np.zeros(3000, np.float32))
     x = jnp.ones(3000).at[1500].set(jnp.nan)
-    y = np.asarray(dequantize_blockwise(quantize_blockwise(x, signed=True, block_size=1024)))
+    y = np.asarray(jax.jit(dequantize_blockwise)(quant(x)))
     assert np.all(np.isnan(y[1024:2048])) and np.all(y[:1024] == 1) and np.all(y[2048:] == 1)
 
 
 @pytest.mark.slow
 def test_quantized_moment_is_a_pytree():
-    q = quantize_blockwise(jnp.arange(10.0), signed=False, block_size=4)
+    q = jax.jit(lambda x: quantize_blockwise(x, signed=False, block_size=4))(jnp.arange(10.0))
     leaves = jax.tree_util.tree_leaves(q)
     assert len(leaves) == 2
     q2 = jax.tree_util.tree_map(lambda a: a, q)
@@ -134,9 +144,12 @@ def _ref_adam(lr, b1=0.9, b2=0.999, eps=1e-8):
     return init, update
 
 
-def _mlp_problem(key):
-    """Noisy teacher-student regression, MLP 16 -> 320 -> 16 -> 1 (w1, w2: 5120 params, 8-bit)."""
-    k = jax.random.split(key, 7)
+@functools.cache
+def _mlp_problem():
+    """Noisy teacher-student regression, MLP 16 -> 320 -> 16 -> 1 (w1, w2: 5120 params, 8-bit).
+
+    Built once for the tests that share it (key 0), with its gradient at the start."""
+    k = jax.random.split(jax.random.key(0), 7)
     x = jax.random.normal(k[0], (1024, 16), jnp.float32)
     tw1 = jax.random.normal(k[1], (16, 32), jnp.float32) / 4
     tw2 = jax.random.normal(k[2], (32, 1), jnp.float32) / np.sqrt(32)
@@ -152,7 +165,7 @@ def _mlp_problem(key):
         h = jnp.tanh(x @ p["w1"] + p["b1"][None, :])
         return jnp.mean(jnp.square(jnp.tanh(h @ p["w2"]) @ p["w3"] - y))
 
-    return params, loss
+    return params, loss, jax.jit(jax.grad(loss))(params)
 
 
 def _train(init, update, params, loss, steps):
@@ -171,9 +184,9 @@ def _train(init, update, params, loss, steps):
 
 
 @pytest.mark.slow
-def test_state_layout(key):
-    params, _ = _mlp_problem(key)
-    state = jqo.scale_by_adam_8bit().init(params)
+def test_state_layout():
+    params, _, _ = _mlp_problem()
+    state = jax.jit(jqo.scale_by_adam_8bit().init)(params)
     assert isinstance(state, jqo.ScaleByAdam8bitState)
     assert state.count.dtype == jnp.int32
     for name in ("w1", "w2"):  # 5120 >= min_size: 8-bit, 3 padded blocks of 2048
@@ -192,13 +205,13 @@ def test_state_layout(key):
 
 
 @pytest.mark.slow
-def test_one_step_matches_fp32_adam(key):
-    params, loss = _mlp_problem(key)
-    g = jax.grad(loss)(params)
+def test_one_step_matches_fp32_adam():
+    params, _, g = _mlp_problem()
     opt = jqo.adam_8bit(1e-3)
-    u, state = opt.update(g, opt.init(params))
+    # Under jit: one program each (eager updates: test_jit_and_eager_agree).
+    u, state = jax.jit(lambda g, p: opt.update(g, opt.init(p)))(g, params)
     r_init, r_update = _ref_adam(1e-3)
-    ru, (_, rm, rv) = r_update(g, r_init(params))
+    ru, (_, rm, rv) = jax.jit(lambda g, p: r_update(g, r_init(p)))(g, params)
     for name in params:
         # The first update uses the fresh float32 moments: equal to float32 Adam.
         np.testing.assert_allclose(u[name], ru[name], rtol=1e-5, atol=1e-9)
@@ -212,8 +225,8 @@ def test_one_step_matches_fp32_adam(key):
 
 
 @pytest.mark.slow
-def test_200_steps_track_fp32_adam(key):
-    params, loss = _mlp_problem(key)
+def test_200_steps_track_fp32_adam():
+    params, loss, _ = _mlp_problem()
     lr, steps = 3e-3, 200
     opt = jqo.adam_8bit(lr)
     p8, state, l8 = _train(opt.init, lambda g, s: opt.update(g, s), params, loss, steps)
@@ -229,9 +242,8 @@ def test_200_steps_track_fp32_adam(key):
 
 
 @pytest.mark.slow
-def test_jit_and_eager_agree(key):
-    params, loss = _mlp_problem(key)
-    g = jax.grad(loss)(params)
+def test_jit_and_eager_agree():
+    params, _, g = _mlp_problem()
     opt = jqo.adam_8bit(1e-3)
     state = opt.init(params)
     u1, s1 = opt.update(g, state)
@@ -248,32 +260,33 @@ def test_jit_and_eager_agree(key):
 def test_state_nbytes_vs_fp32_adam():
     n = 2**20
     params = {"w": jnp.zeros((1024, 1024), jnp.float32), "b": jnp.zeros(1024, jnp.float32)}
-    s8 = jqo.adam_8bit(1e-3).init(params)
+    # Abstract states: the byte counts need only shapes and dtypes (quantizing a million
+    # zeros compiled and ran for seconds); a concrete state counts the same bytes as its
+    # abstract one (test_quantized_moment_checks_its_fields_yet_survives_transformations).
+    s8 = jax.eval_shape(jqo.adam_8bit(1e-3).init, params)
     with jax.numpy_dtype_promotion("standard"):
-        s32 = optax.adam(1e-3).init(params)
+        s32 = jax.eval_shape(optax.adam(1e-3).init, params)
     n8, n32 = jqo.state_nbytes(s8), jqo.state_nbytes(s32)
     # fp32 Adam: 8 bytes/param + count; 8-bit: 2 bytes + 8 / 2048 per quantized param,
     # 8 bytes per parameter of the small (float32) bias, and the count.
     assert n32 == 8 * (n + 1024) + 4
     assert n8 == 2 * n + 2 * 4 * (n // 2048) + 8 * 1024 + 4
     assert n8 / n32 < 0.30  # measured: 0.2512 (2_109_444 vs 8_396_804 bytes)
-    # Works on abstract states too.
-    assert jqo.state_nbytes(jax.eval_shape(jqo.adam_8bit(1e-3).init, params)) == n8
 
 
 @pytest.mark.slow
 def test_padding_counted_in_nbytes():
-    state = jqo.scale_by_adam_8bit(block_size=1000, min_size=0).init(jnp.zeros(2500))
+    state = jax.jit(jqo.scale_by_adam_8bit(block_size=1000, min_size=0).init)(jnp.zeros(2500))
     assert jqo.state_nbytes(state) == 4 + 2 * (3 * 1000 + 3 * 4)
 
 
 @pytest.mark.slow
 def test_small_leaves_stay_float32():
     params = {"small": jnp.ones(4095), "big": jnp.ones(4096)}
-    state = jqo.scale_by_adam_8bit().init(params)
+    state = jax.jit(jqo.scale_by_adam_8bit().init)(params)
     assert isinstance(state.mu["small"], jax.Array) and state.mu["small"].dtype == jnp.float32
     assert isinstance(state.mu["big"], jqo.QuantizedMoment)
-    state = jqo.scale_by_adam_8bit(min_size=0).init(params)
+    state = jax.jit(jqo.scale_by_adam_8bit(min_size=0).init)(params)
     assert isinstance(state.mu["small"], jqo.QuantizedMoment)
 
 
@@ -299,14 +312,14 @@ def test_zero_gradients_keep_zero_states():
 def test_nan_gradient_poisons_its_block_only():
     opt = jqo.scale_by_adam_8bit(block_size=1024, min_size=0)
     p = jnp.ones(3072)
-    state = opt.init(p)
-    _, state = opt.update(jnp.ones(3072).at[5].set(jnp.nan), state)
+    state = jax.jit(opt.init)(p)
+    _, state = jax.jit(opt.update)(jnp.ones(3072).at[5].set(jnp.nan), state)
     m = np.asarray(state.mu.dequantize())
     assert np.all(np.isnan(m[:1024])) and np.all(np.isfinite(m[1024:]))
     # optax.apply_if_finite skips such steps and keeps the states clean.
     safe = optax.apply_if_finite(jqo.scale_by_adam_8bit(min_size=0), max_consecutive_errors=5)
-    s = safe.init(p)
-    _, s = safe.update(jnp.ones(3072).at[5].set(jnp.nan), s)
+    s = jax.jit(safe.init)(p)
+    _, s = jax.jit(safe.update)(jnp.ones(3072).at[5].set(jnp.nan), s)
     assert np.all(np.asarray(s.inner_state.mu.absmax) == 0)
 
 
@@ -314,7 +327,8 @@ def test_nan_gradient_poisons_its_block_only():
 def test_dtype_of_updates_follows_gradients():
     opt = jqo.scale_by_adam_8bit(min_size=0)
     p = jnp.ones(4096, jnp.bfloat16)
-    u, state = opt.update(jnp.ones(4096, jnp.bfloat16), opt.init(p))
+    # One program (eager updates: test_jit_and_eager_agree).
+    u, state = jax.jit(lambda g, p: opt.update(g, opt.init(p)))(jnp.ones(4096, jnp.bfloat16), p)
     assert u.dtype == jnp.bfloat16 and state.mu.absmax.dtype == jnp.float32
 
 
@@ -367,7 +381,7 @@ def test_nearest_code_equals_the_binary_search(signed):
 
 @pytest.mark.slow
 def test_quantized_moment_checks_its_fields_yet_survives_transformations():
-    q = quantize_blockwise(jnp.arange(10.0), signed=True, block_size=4)
+    q = jax.jit(lambda x: quantize_blockwise(x, signed=True, block_size=4))(jnp.arange(10.0))
     with pytest.raises(TypeError, match=r"QuantizedMoment.signed must be True or False"):
         jqo.QuantizedMoment(q.codes, q.absmax, (10,), "False")
     with pytest.raises(ValueError, match=r"QuantizedMoment.shape \(-1,\) entry must be"):

@@ -70,6 +70,13 @@ def _fake_quant(x, spec, use_jit=True):
     return np.asarray(fn(jnp.asarray(x)))
 
 
+@functools.cache
+def _jit_quantize_many(specs):
+    """One jitted program quantizing the same x with several specs (one compile for a
+    test's cases, not one per case)."""
+    return jax.jit(lambda x: tuple(jq.quantize(x, spec) for spec in specs))
+
+
 # ----------------------------------------------------------------- numpy references
 
 
@@ -113,7 +120,13 @@ def test_symmetric_range_matches_numpy(cal, fmt, gran_name):
     x = _data()
     gran, axes = GRANULARITIES[gran_name]
     spec = jq.QuantSpec(fmt, gran, CALIBRATIONS[cal])
-    q = _quantize(x, spec)
+    # Quantized in one program with the cases of the same calibration and format.
+    group = tuple(
+        jq.QuantSpec(f, GRANULARITIES[g][0], CALIBRATIONS[c])
+        for c, f, g in RANGE_CASES
+        if (c, f) == (cal, fmt)
+    )
+    q = _jit_quantize_many(group)(jnp.asarray(x))[group.index(spec)]
     amax = _np_amax(_blocked(x, gran_name), axes, cal)
     expected = (amax / spec.qrange[1]).astype(np.float32)
     scale = np.asarray(q.scale)
@@ -168,7 +181,15 @@ def test_minmax_asymmetric_range(gran_name, fmt, use_jit):
     x = _data() + np.float32(1.0)  # mostly positive: the asymmetric range matters
     gran, axes = GRANULARITIES[gran_name]
     spec = jq.QuantSpec(fmt, gran, jq.minmax(), symmetric=False)
-    q = _quantize(x, spec, use_jit)
+    if use_jit:  # in one program with the other jitted cases
+        group = tuple(
+            jq.QuantSpec(f, GRANULARITIES[g][0], jq.minmax(), symmetric=False)
+            for g, f, j in MINMAX_CASES
+            if j
+        )
+        q = _jit_quantize_many(group)(jnp.asarray(x))[group.index(spec)]
+    else:
+        q = _quantize(x, spec, use_jit)
     xv = _blocked(x, gran_name)
     lo = np.minimum(xv.min(axis=axes, keepdims=True), 0)
     hi = np.maximum(xv.max(axis=axes, keepdims=True), 0)
@@ -237,7 +258,9 @@ ALL_CALIBRATIONS = {
 
 @functools.cache
 def _jit_both(spec):
-    return jax.jit(lambda x: (jq.quantize(x, spec), jq.fake_quant(x, spec)))
+    """quantize and fake_quant of a clean and a bad array, in one program."""
+    both = lambda x: (jq.quantize(x, spec), jq.fake_quant(x, spec))
+    return jax.jit(lambda clean, bad: (both(clean), both(bad)))
 
 
 BAD = {100: np.inf, 500: -np.inf, 900: np.nan}  # position in x_bad -> non-finite value
@@ -255,8 +278,7 @@ def test_non_finite_values_are_ignored(cal):
         spec = jq.QuantSpec("int8", calibration=jq.minmax(), symmetric=False)
     else:
         spec = jq.QuantSpec("int8", calibration=ALL_CALIBRATIONS[cal])
-    q_clean, y_clean = _jit_both(spec)(jnp.asarray(x))
-    q_bad, y_bad = _jit_both(spec)(jnp.asarray(x_bad))
+    (q_clean, y_clean), (q_bad, y_bad) = _jit_both(spec)(jnp.asarray(x), jnp.asarray(x_bad))
     assert np.isfinite(np.asarray(q_bad.scale)).all()
     np.testing.assert_allclose(np.asarray(q_bad.scale), np.asarray(q_clean.scale), rtol=1e-6)
     if cal == "minmax":
@@ -454,12 +476,20 @@ def _kl_data(name):
     }[name].astype(np.float32)
 
 
+KL_FORMATS = ["int8", "int4", "e4m3"]
+
+
 def _kl_threshold(x, fmt, use_jit=True):
     spec = jq.QuantSpec(fmt, calibration=jq.kl())
-    return float(np.asarray(_quantize(x, spec, use_jit).scale)[0]) * spec.qrange[1]
+    if use_jit:  # the three formats' searches in one program (it compiles for 0.4 s each)
+        group = tuple(jq.QuantSpec(f, calibration=jq.kl()) for f in KL_FORMATS)
+        q = _jit_quantize_many(group)(jnp.asarray(x))[KL_FORMATS.index(fmt)]
+    else:
+        q = _quantize(x, spec, use_jit)
+    return float(np.asarray(q.scale)[0]) * spec.qrange[1]
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "e4m3"])
+@pytest.mark.parametrize("fmt", KL_FORMATS)
 @pytest.mark.parametrize("dist", ["gauss", "laplace", "student_t3", "uniform"])
 def test_kl_threshold_at_most_absmax(dist, fmt):
     """The KL threshold lies in [amax / 8, amax] (its candidates) on 2^16 samples."""
@@ -472,14 +502,15 @@ def test_kl_threshold_at_most_absmax(dist, fmt):
 
 @pytest.mark.slow
 def test_kl_without_jit_matches_jit():
-    x = _kl_data("laplace")[:8192]
+    x = _kl_data("laplace")[: 2**16]  # the jitted program of test_kl_threshold_at_most_absmax
     assert _kl_threshold(x, "int4", use_jit=False) == pytest.approx(_kl_threshold(x, "int4"))
 
 
 @pytest.mark.slow
 def test_kl_does_not_clip_uniform_data_at_int8():
-    """Uniform data has no tail: any clipping only loses information."""
-    x = _kl_data("uniform")
+    """Uniform data has no tail: any clipping only loses information (2^16 samples: the
+    program of test_kl_threshold_at_most_absmax)."""
+    x = _kl_data("uniform")[: 2**16]
     assert _kl_threshold(x, "int8") >= 0.9 * float(np.abs(x).max())
 
 
@@ -511,10 +542,12 @@ def test_calibration_of_low_precision_inputs(cal, dtype):
     x = jnp.asarray(_data(shape=(32, 64), seed=10)).astype(dtype)
     x32 = np.asarray(x.astype(jnp.float32))
     spec = jq.QuantSpec("int8", jq.per_channel(-1), CALIBRATIONS[cal])
-    scale = np.asarray(_quantize(x, spec).scale)
+    # quantize and fake_quant in one program: they share the calibration.
+    q, y = jax.jit(lambda v: (jq.quantize(v, spec), jq.fake_quant(v, spec)))(x)
+    scale = np.asarray(q.scale)
     expected = (_np_amax(x32, (0,), cal) / 127).astype(np.float32)
     np.testing.assert_allclose(scale, expected, rtol=2e-6)
-    assert _fake_quant(x, spec).dtype == dtype
+    assert y.dtype == dtype
 
 
 def test_mse_needs_two_candidates():

@@ -54,13 +54,20 @@ def test_dot_general_config_is_bitwise_the_loose_keywords(name):
     def by_keywords(a, b):
         return jq.dot_general(a, b, MATMUL, **_loose(cfg))
 
-    for f in (lambda g: g, jax.jit):  # eager, then jit
-        _same(f(by_config)(x, w), f(by_keywords)(x, w))
-        loss = lambda dot: lambda a, b: jnp.sum(dot(a, b) ** 2)
-        ga = f(jax.grad(loss(by_config), argnums=(0, 1)))(x, w)
-        gb = f(jax.grad(loss(by_keywords), argnums=(0, 1)))(x, w)
-        _same(ga[0], gb[0])
-        _same(ga[1], gb[1])
+    def value_and_grads(dot):  # the product and both gradients of sum(product ** 2)
+        def run(a, b):
+            y, vjp = jax.vjp(dot, a, b)
+            return (y, *vjp(2.0 * y))
+
+        return run
+
+    # Eager on every other config, under jit on the rest (the mode is orthogonal to
+    # config= versus keywords; each mode compiles its own programs), one program per path.
+    f = (lambda g: g) if sorted(CONFIGS).index(name) % 2 == 0 else jax.jit
+    for a, b in zip(
+        f(value_and_grads(by_config))(x, w), f(value_and_grads(by_keywords))(x, w), strict=True
+    ):
+        _same(a, b)
     # and it quantizes: a config is not ignored
     if cfg.act is not None or cfg.weight is not None:
         assert not np.array_equal(_bits(by_config(x, w)), _bits(x @ w))
@@ -102,12 +109,18 @@ def test_einsum_and_conv_config_are_bitwise_the_loose_keywords():
             ste="clipped",
         )
 
-    for f in (lambda g: g, jax.jit):
-        _same(f(c1)(x, k), f(c2)(x, k))
-        g1 = f(jax.grad(lambda x, k: jnp.sum(c1(x, k) ** 2), argnums=(0, 1)))(x, k)
-        g2 = f(jax.grad(lambda x, k: jnp.sum(c2(x, k) ** 2), argnums=(0, 1)))(x, k)
-        _same(g1[0], g2[0])
-        _same(g1[1], g2[1])
+    # Under jit, the product and both gradients in one program per path (the einsum
+    # above ran eagerly and under jit).
+    @jax.jit
+    def conv_and_grads(x, k):
+        out = []
+        for conv in (c1, c2):
+            y, vjp = jax.vjp(conv, x, k)
+            out.append((y, *vjp(2.0 * y)))
+        return out
+
+    for a, b in zip(*conv_and_grads(x, k), strict=True):
+        _same(a, b)
 
 
 def test_serving_a_qarray_takes_the_activation_spec_from_config():

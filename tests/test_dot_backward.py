@@ -30,23 +30,50 @@ def _operands(m: int = 32, k: int = 64, n: int = 64, seed: int = 0):
     return x, w, c
 
 
-def _grads(cfg: jq.QuantConfig, x, w, c, *, jit: bool = False, key=None):
-    def f(a, b):
-        return jq.dot_general(a, b, DN, config=cfg, key=key)
+@functools.cache
+def _grads_fn(cfg: jq.QuantConfig, jit: bool):
+    """The forward and both gradients, one jitted program per config (the key is an
+    argument: calls with other keys reuse it)."""
 
-    def run(a, b, g):
-        y, vjp = jax.vjp(f, a, b)
+    def run(a, b, g, key):
+        y, vjp = jax.vjp(lambda a, b: jq.dot_general(a, b, DN, config=cfg, key=key), a, b)
         return (y, *vjp(g))
 
-    return (jax.jit(run) if jit else run)(x, w, c)
+    return jax.jit(run) if jit else run
+
+
+def _grads(cfg: jq.QuantConfig, x, w, c, *, jit: bool = False, key=None):
+    return _grads_fn(cfg, jit)(x, w, c, key)
 
 
 def fq(a, spec):
     return np.asarray(jq.fake_quant(a, spec), np.float64)
 
 
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+@functools.cache
+def _block_oracles(fmt: str):
+    """fake_quant of x, w and the cotangent c with blocks along each axis ("x0": x with
+    blocks along axis 0) and c with the format's default blocks, in one jitted program;
+    as float64 arrays."""
+    b = 16 if fmt == "nvfp4" else 32
+
+    @jax.jit
+    def run(x, w, c):
+        out = {
+            f"{name}{axis}": jq.fake_quant(a, jq.QuantSpec(fmt, jq.per_block(axis, b)))
+            for name, a in (("x", x), ("w", w), ("c", c))
+            for axis in (0, 1)
+        }
+        out["c_default"] = jq.fake_quant(c, jq.QuantSpec(fmt))
+        return out
+
+    return lambda x, w, c: {k: np.asarray(v, np.float64) for k, v in run(x, w, c).items()}
+
+
+# Each format in one mode, MX in both (the two MX formats share one code path; each mode
+# compiles its own programs): not the full 3 x 2 product. NVFP4's 1-D blocks move eagerly
+# too in test_nvfp4_recipe_2d_weight_is_reused (both modes).
+@pytest.mark.parametrize(("fmt", "jit"), [("nvfp4", True), ("mxfp4", False), ("mxfp8", True)])
 def test_requantize_moves_1d_blocks_to_each_products_contracted_axis(jit: bool, fmt: str) -> None:
     x, w, c = _operands()
     b = 16 if fmt == "nvfp4" else 32
@@ -54,19 +81,13 @@ def test_requantize_moves_1d_blocks_to_each_products_contracted_axis(jit: bool, 
     spec = jq.QuantSpec(fmt, blocks)
     cfg = jq.QuantConfig(act=spec, weight=spec, grad=jq.QuantSpec(fmt), backward="requantize")
     y, dx, dw = _grads(cfg, x, w, c, jit=jit)
+    o = _block_oracles(fmt)(x, w, c)
     # fwd: x 1 x b along K (axis 1), w b x 1 along K (axis 0).
-    y_ref = fq(x, jq.QuantSpec(fmt, jq.per_block(1, b))) @ fq(
-        w, jq.QuantSpec(fmt, jq.per_block(0, b))
-    )
+    y_ref = o["x1"] @ o["w0"]
     # dgrad contracts N: dy along N (axis 1), w along N (its axis 1).
-    dx_ref = (
-        fq(c, jq.QuantSpec(fmt, jq.per_block(1, b)))
-        @ fq(w, jq.QuantSpec(fmt, jq.per_block(1, b))).T
-    )
+    dx_ref = o["c1"] @ o["w1"].T
     # wgrad contracts the tokens M: x along M (axis 0), dy along M (axis 0).
-    dw_ref = fq(x, jq.QuantSpec(fmt, jq.per_block(0, b))).T @ fq(
-        c, jq.QuantSpec(fmt, jq.per_block(0, b))
-    )
+    dw_ref = o["x0"].T @ o["c0"]
     for got, ref in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
         np.testing.assert_allclose(
             np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max()
@@ -74,9 +95,7 @@ def test_requantize_moves_1d_blocks_to_each_products_contracted_axis(jit: bool, 
     # "saved" multiplies the forward's operands: w's blocks along K, the gradient as given
     # (MX / NVFP4 default: blocks along its last axis, N).
     _, dx_s, dw_s = _grads(cfg.replace(backward="saved"), x, w, c, jit=jit)
-    w_fwd = fq(w, jq.QuantSpec(fmt, jq.per_block(0, b)))
-    x_fwd = fq(x, jq.QuantSpec(fmt, jq.per_block(1, b)))
-    g_fwd = fq(c, jq.QuantSpec(fmt))
+    w_fwd, x_fwd, g_fwd = o["w0"], o["x1"], o["c_default"]
     np.testing.assert_allclose(
         np.asarray(dx_s), g_fwd @ w_fwd.T, rtol=1e-5, atol=1e-5 * np.abs(dx_ref).max()
     )
@@ -203,7 +222,8 @@ def test_stochastic_gradient_under_jit() -> None:
     # Unbiased: the mean over keys of dw approaches the product with a nearest-rounded
     # forward and float gradient (200 draws; bound 5 standard errors of the mean).
     keys = jax.random.split(jax.random.key(7), 200)
-    dws = jax.vmap(lambda kk: _grads(cfg, x, w, c, key=kk)[2])(keys)
+    # One program for the 200 draws, of the forward and dw only (dx is never computed).
+    dws = jax.jit(jax.vmap(lambda kk: _grads(cfg, x, w, c, key=kk)[2]))(keys)
     ref = fq(x, jq.QuantSpec("nvfp4", jq.per_block(0, 16))).T @ np.asarray(c, np.float64)
     err = np.asarray(dws.mean(0)) - ref
     se = np.asarray(dws.std(0)) / np.sqrt(200)

@@ -39,6 +39,11 @@ def _standard_promotion(test):
     return run
 
 
+def _init(qmodel):
+    """The variables, from one jitted program (flax's eager init compiles every operation)."""
+    return jax.jit(qmodel.init)(jax.random.key(1), X)
+
+
 def _cot(t: int, scale: float = 1.0) -> jax.Array:
     """The loss's cotangent at step t: sum(y * c_t) gives the last layer g = c_t."""
     return scale * jax.random.normal(jax.random.key(100 + t), (16, 3))
@@ -64,10 +69,18 @@ def _linen_step(qmodel, tx):
     return step
 
 
+@jax.jit  # the oracle, one program for both modes and every step
+def _float_amax0(p0, p1, c):
+    """max |dL/dh| at the first layer's output: jax.vjp of the float model."""
+    h = nn.Dense(8).apply({"params": p0}, X)
+    _, vjp = jax.vjp(lambda h: nn.Dense(3).apply({"params": p1}, nn.relu(h)), h)
+    return jnp.max(jnp.abs(vjp(c)[0]))
+
+
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 def test_linen_history_is_the_gradients_amaxes(jit):
     qmodel = quantize_model(MLP(), DELAYED, delayed_grad=True)
-    v = qmodel.init(jax.random.key(1), X)
+    v = _init(qmodel)
     params, qs = v["params"], v["quant_state"]
     st = params["Dense_1"]["quant"][OWG]["grad"]
     assert {k: a.shape for k, a in st.items()} == {
@@ -89,10 +102,7 @@ def test_linen_history_is_the_gradients_amaxes(jit):
         c = _cot(t, 2.0**-t)
         params, opt_state, qs, _ = step(params, opt_state, qs, c)
         want1.append(float(jnp.max(jnp.abs(c))))
-        # the first layer's output gradient: jax.vjp of the float model
-        h = nn.Dense(8).apply({"params": p0}, X)
-        _, vjp = jax.vjp(lambda h: nn.Dense(3).apply({"params": p1}, nn.relu(h)), h)
-        want0.append(float(jnp.max(jnp.abs(vjp(c)[0]))))
+        want0.append(float(_float_amax0(p0, p1, c)))
     for layer, want, rtol in (("Dense_1", want1, 1e-6), ("Dense_0", want0, 0.15)):
         got = params[layer]["quant"][OWG]["grad"]
         assert float(got["count"]) == H + 2
@@ -111,7 +121,7 @@ def test_a_gradient_spike_saturates_delayed_not_current():
     grads = {}
     for delayed in (True, False):
         qmodel = quantize_model(layer, DELAYED, delayed_grad=delayed, errors=True)
-        v = qmodel.init(jax.random.key(1), X)
+        v = _init(qmodel)
         params, qs = v["params"], v["quant_state"]
         tx = jqo.overwrite_with_gradient(optax.sgd(0.0))
         opt_state = tx.init(params)
@@ -177,7 +187,7 @@ class Conv1D(nn.Module):
 @_standard_promotion
 def test_intercepted_product_keeps_its_history_in_params():
     qmodel = quantize_model(Conv1D(), DELAYED, delayed_grad=True)
-    v = qmodel.init(jax.random.key(1), X)
+    v = _init(qmodel)
     assert "jq0" + OWG in v["params"]
     params, qs = v["params"], v["quant_state"]
     tx = jqo.overwrite_with_gradient(optax.adam(1e-3))
@@ -196,7 +206,7 @@ def test_flax_train_state_with_the_wrapped_optimizer():
     from flax.training import train_state
 
     qmodel = quantize_model(nn.Dense(3), DELAYED, delayed_grad=True)
-    v = qmodel.init(jax.random.key(1), X)
+    v = _init(qmodel)
     st = train_state.TrainState.create(
         apply_fn=qmodel.apply,
         params=v["params"],
@@ -228,7 +238,7 @@ def test_flax_train_state_with_the_wrapped_optimizer():
 def test_forgetting_the_wrapper_turns_the_gradients_nan():
     """A history stepped by Adam is garbage: the next step refuses it (NaN gradients)."""
     qmodel = quantize_model(nn.Dense(3), DELAYED, delayed_grad=True)
-    v = qmodel.init(jax.random.key(1), X)
+    v = _init(qmodel)
     params, qs = v["params"], v["quant_state"]
     tx = optax.adam(1e-3)  # not wrapped
     opt_state = tx.init(params)
@@ -252,7 +262,7 @@ def test_layer_called_twice_counts_once():
             return d(d(x))  # one Dense, called twice
 
     qmodel = quantize_model(Twice(), DELAYED, delayed_grad=True)
-    v = qmodel.init(jax.random.key(1), X)
+    v = _init(qmodel)
     params, qs = v["params"], v["quant_state"]
     tx = jqo.overwrite_with_gradient(optax.sgd(0.0))
     opt_state = tx.init(params)
@@ -309,26 +319,21 @@ def test_bad_configs_name_the_rule():
         quantize_model(nn.Dense(3), DELAYED, delayed_grad="yes")
 
 
-def _train(delayed_grad: bool, seed: int, steps: int = 150):
-    """A 2-layer MLP regression, fp8 (e4m3 operands, e5m2 gradients, delayed scaling)."""
-    kx, kw = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (256, 16))
-    w_true = jax.random.normal(kw, (16, 4)) / 4.0
-    y = jnp.tanh(x @ w_true)
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4)(nn.gelu(nn.Dense(32)(x)))
 
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(4)(nn.gelu(nn.Dense(32)(x)))
 
-    qmodel = quantize_model(Net(), DELAYED.replace(history_len=16), delayed_grad=delayed_grad)
-    v = qmodel.init(jax.random.key(seed + 1), x)
-    params, qs = v["params"], v["quant_state"]
+@functools.cache
+def _trainer(delayed_grad: bool, steps: int):
+    """The quantized model, its optimizer and the jitted training loop: one program per
+    setting, shared by the seeds (the data are arguments, not constants)."""
+    qmodel = quantize_model(_Net(), DELAYED.replace(history_len=16), delayed_grad=delayed_grad)
     tx = jqo.overwrite_with_gradient(optax.adam(3e-3))
-    opt_state = tx.init(params)
 
     @jax.jit
-    def run(params, opt_state, qs):
+    def run(params, opt_state, qs, x, y):
         def body(carry, _):
             params, opt_state, qs = carry
 
@@ -344,7 +349,20 @@ def _train(delayed_grad: bool, seed: int, steps: int = 150):
 
         return jax.lax.scan(body, (params, opt_state, qs), None, length=steps)
 
-    (params, _, _), losses = run(params, opt_state, qs)
+    return jax.jit(qmodel.init), tx, run
+
+
+def _train(delayed_grad: bool, seed: int, steps: int = 150):
+    """A 2-layer MLP regression, fp8 (e4m3 operands, e5m2 gradients, delayed scaling)."""
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (256, 16))
+    w_true = jax.random.normal(kw, (16, 4)) / 4.0
+    y = jnp.tanh(x @ w_true)
+    init, tx, run = _trainer(delayed_grad, steps)
+    v = init(jax.random.key(seed + 1), x)
+    params, qs = v["params"], v["quant_state"]
+    opt_state = tx.init(params)
+    (params, _, _), losses = run(params, opt_state, qs, x, y)
     return np.asarray(losses), params
 
 

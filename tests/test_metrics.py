@@ -51,15 +51,16 @@ def test_sqnr_is_inf_when_exact(use_jit):
 GRID = np.arange(-127, 128, dtype=np.float32) * np.float32(0.5)  # k * 0.5, amax 63.5
 
 
-@pytest.mark.parametrize("use_jit", JIT)
+# int8 in both modes, the plain casts in one each (each mode compiles its own programs).
 @pytest.mark.parametrize(
-    ("fmt", "x"),
+    ("fmt", "x", "use_jit"),
     [
-        ("int8", GRID),  # s = 63.5 / 127 = 0.5: every value is on the grid
-        ("bfloat16", GRID),  # plain casts of representable values
-        ("float32", _gauss(64, 11)),
+        ("int8", GRID, True),  # s = 63.5 / 127 = 0.5: every value is on the grid
+        ("int8", GRID, False),
+        ("bfloat16", GRID, False),  # plain casts of representable values
+        ("float32", _gauss(64, 11), True),
     ],
-    ids=["int8", "bfloat16", "float32"],
+    ids=["int8-jit", "int8-eager", "bfloat16-eager", "float32-jit"],
 )
 def test_sqnr_of_an_exact_qarray_is_inf(fmt, x, use_jit):
     cal = jq.absmax() if fmt == "int8" else None
@@ -117,8 +118,8 @@ def test_sqnr_of_uniform_int_quantization_is_6_02_bits(bits):
 # ---------------------------------------------------------------- mse / max error
 
 
-@pytest.mark.parametrize("use_jit", JIT)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+# Each dtype in one mode (each (dtype, mode) compiles its own programs).
+@pytest.mark.parametrize(("dtype", "use_jit"), [(jnp.float32, True), (jnp.bfloat16, False)])
 def test_mse_and_max_abs_error_match_numpy(dtype, use_jit):
     x = jnp.asarray(_gauss((32, 16), 5)).astype(dtype)
     x_hat = jq.fake_quant(x, jq.QuantSpec("int4", jq.per_channel(-1)))
@@ -168,8 +169,12 @@ def test_shape_mismatch_is_an_error():
 RAMP = ((np.arange(4000, dtype=np.float64) - 1999.5) / 1000).astype(np.float32)
 
 
-@pytest.mark.parametrize("use_jit", JIT)
-@pytest.mark.parametrize(("fmt", "amax"), [("int8", 1.5), ("int4", 0.5), ("e4m3", 1.0)])
+# Each format once, the ints in both modes and e4m3 in both (each mode compiles its own
+# programs): not the 3 x 2 product.
+@pytest.mark.parametrize(
+    ("fmt", "amax", "use_jit"),
+    [("int8", 1.5, True), ("int4", 0.5, False), ("e4m3", 1.0, True), ("e4m3", 1.0, False)],
+)
 def test_saturation_rate_with_a_fixed_range(fmt, amax, use_jit):
     """fixed(amax): exactly the elements with |x| > amax are clipped."""
     spec = jq.QuantSpec(fmt, calibration=jq.fixed(amax))
@@ -274,17 +279,23 @@ def test_summary_keys_and_values():
         "bits_per_value",
     }
     x_hat = q.dequantize()
-    assert float(s["sqnr_db"]) == pytest.approx(float(metrics.sqnr(x, x_hat)), rel=1e-5)
-    assert float(s["mse"]) == pytest.approx(float(metrics.mse(x, x_hat)), rel=1e-5)
+    # The single metrics in one program (eagerly: the tests above).
+    sqnr, mse, mae = (
+        float(v)
+        for v in jax.jit(
+            lambda a, b: (metrics.sqnr(a, b), metrics.mse(a, b), metrics.max_abs_error(a, b))
+        )(x, x_hat)
+    )
+    assert float(s["sqnr_db"]) == pytest.approx(sqnr, rel=1e-5)
+    assert float(s["mse"]) == pytest.approx(mse, rel=1e-5)
     # (under jit XLA may fuse x - v * s into an FMA: the last bits can differ)
-    mae = float(metrics.max_abs_error(x, x_hat))
     assert float(s["max_abs_error"]) == pytest.approx(mae, rel=1e-5)
     assert float(s["saturation_rate"]) == 0.0
     assert float(s["scale_clamp_rate"]) == 0.0
     assert int(s["nan_in"]) == int(s["nan_out"]) == 0
     assert float(s["bits_per_value"]) == pytest.approx(8 * (32 * 16 + 4 * 16) / (32 * 16))
     # an array x_hat: no saturation / bits entries
-    assert "saturation_rate" not in metrics.summary(x, x_hat)
+    assert "saturation_rate" not in jax.jit(metrics.summary)(x, x_hat)
 
 
 @pytest.mark.slow
@@ -327,7 +338,8 @@ def test_report_refuses_trees_with_other_keys():
     with pytest.raises(ValueError, match=r"trees differ \(leaf 0: \(root\) in tree"):
         metrics.report("abc", {"w": q})
     # A QArray already in tree (quantize_tree keeps it) has no float original: skipped.
-    rep = metrics.report({"a": x, "b": q}, jq.quantize_tree({"a": x, "b": q}, jq.QuantSpec("int8")))
+    tree = {"a": x, "b": q}
+    rep = jax.jit(metrics.report)(tree, jq.quantize_tree(tree, jq.QuantSpec("int8")))
     assert list(rep) == ["['a']"]
 
 

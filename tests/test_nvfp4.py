@@ -8,6 +8,7 @@ OCP MX implementation when installed, else a numpy version of OCP MX v1.0 sectio
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -77,14 +78,37 @@ def _mixed(seed: int, rows: int = 8, cols: int = 256) -> np.ndarray:
     return x
 
 
-def _check(q: jq.QArray, ref: dict[str, np.ndarray], out: np.ndarray) -> None:
-    np.testing.assert_array_equal(np.asarray(q.codes()), ref["codes"])
+def _check(q: jq.QArray, ref: dict[str, np.ndarray], out: np.ndarray, codes=None, deq=None) -> None:
+    """q against the oracle; ``codes`` / ``deq`` computed already, else eagerly here."""
+    codes = q.codes() if codes is None else codes
+    np.testing.assert_array_equal(np.asarray(codes), ref["codes"])
     np.testing.assert_array_equal(
         np.asarray(q.scale).view(np.uint8).reshape(ref["block"].shape), ref["block"]
     )
     assert np.float32(q.tensor_scale) == ref["tensor"]
-    np.testing.assert_array_equal(np.asarray(jq.dequantize(q)), ref["dec"])
+    deq = jq.dequantize(q) if deq is None else deq
+    np.testing.assert_array_equal(np.asarray(deq), ref["dec"])
     np.testing.assert_array_equal(out, ref["dec"])
+
+
+@functools.cache
+def _jit_all(spec: jq.QuantSpec):
+    """quantize, fake_quant, dequantize and codes of one input in one jitted program: the
+    two quantizations share one computation, and codes() (eager: one program per
+    operation) compiles with them. Eager runs: test_nvfp4_matches_transformer_engine_recipe,
+    test_nvfp4_all_zero_and_inf_tensors, test_nvfp4_narrow_input_dtypes."""
+
+    def run(x):
+        q = jq.quantize(x, spec)
+        return q, jq.fake_quant(x, spec), q.codes(), jq.dequantize(q)
+
+    return jax.jit(run)
+
+
+def _check_jit(x: np.ndarray, spec: jq.QuantSpec, ref: dict[str, np.ndarray]) -> jq.QArray:
+    q, out, codes, deq = _jit_all(spec)(jnp.asarray(x))
+    _check(q, ref, np.asarray(out), codes, deq)
+    return q
 
 
 SPEC = jq.QuantSpec("nvfp4")
@@ -115,11 +139,10 @@ def test_nvfp4_dense_grid_and_ties() -> None:
     x = np.concatenate([g.reshape(4, 15), np.full((4, 1), 6.0, np.float32)], 1).reshape(1, 64)
     ref = te_nvfp4(x)
     assert ref["tensor"] == 448 and np.all(ref["block"].view(ml_dtypes.float8_e4m3fn) == 448)
-    q = jq.quantize(jnp.asarray(x), SPEC)
-    _check(q, ref, np.asarray(jq.fake_quant(jnp.asarray(x), SPEC)))
+    _check_jit(x, SPEC, ref)
     # Half to even at the ties: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2,
     # 3.5 -> 4, 5 -> 4; 5.5 -> 6 is not a tie.
-    out = np.asarray(jq.fake_quant(jnp.asarray(x), SPEC))[0]
+    out = np.asarray(_jit_all(SPEC)(jnp.asarray(x))[1])[0]
     got = dict(zip(x[0].tolist(), out.tolist(), strict=True))
     ties = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.5, -0.25, -2.5, -5.0)
     want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.0, -2.0, -4.0]
@@ -145,11 +168,10 @@ def test_nvfp4_nan_and_tiny_amax() -> None:
     x[0, 0] = 3e-37
     ref = te_nvfp4(x)
     assert ref["tensor"] == F32_MAX
-    q = jq.quantize(jnp.asarray(x), SPEC)
-    _check(q, ref, np.asarray(jq.fake_quant(jnp.asarray(x), SPEC)))
+    _check_jit(x, SPEC, ref)
     y = np.ones((1, 16), np.float32)
     y[0, 5] = np.nan
-    out = np.asarray(jq.fake_quant(jnp.asarray(y), SPEC))
+    out = np.asarray(_jit_all(SPEC)(jnp.asarray(y))[1])
     assert np.isnan(out[0, 5]) and np.all(out[0, np.arange(16) != 5] == 1.0)
 
 
@@ -214,8 +236,7 @@ def test_nvfp4_scale_floor_option() -> None:
         spec = jq.QuantSpec(nvfp4_format("nvfp4_floor", scale_floor=floor))
         x = _mixed(11)
         ref = te_nvfp4(x, floor=floor)
-        q = jq.quantize(jnp.asarray(x), spec)
-        _check(q, ref, np.asarray(jq.fake_quant(jnp.asarray(x), spec)))
+        q = _check_jit(x, spec, ref)
         b = np.asarray(q.scale).astype(np.float32)
         assert b.min() >= floor
 

@@ -324,93 +324,73 @@ def test_bad_models():
 
 # ------------------------------------------------------------------ the PTQ test bed
 
-TB_RULES = r"block\d+/.*|head"
-
 
 @functools.cache
-def _tb_float(outliers: bool) -> float:
+def _tb_increase(spec, outliers=False, **kwargs) -> float:
+    """Held-out nats/byte over float of the test bed served with GPTQ's ``spec`` weights
+    (round-to-nearest's: ``_ptq_beds.rtn_increase``). Cached: a few tests compare the same
+    run."""
+    import _ptq_beds as beds
     import ptq_testbed as tb
 
-    return tb.eval_loss(tb.MODEL.apply, {"params": _tb_params(outliers)})
+    variables = {"params": beds.params(outliers)}
+    rules = Rule(beds.LAYERS, weight=spec)
+    res = gptq(tb.MODEL, tb.calibration_batches(), variables, rules=rules, **kwargs)
+    assert res.skipped == {} and len(res.report) == 13
+    return beds.loss(res.variables, spec) - beds.float_loss(outliers)
 
 
-def _tb_params(outliers: bool):
-    import ptq_testbed as tb
+def _tb_rtn(spec, outliers=False) -> float:
+    import _ptq_beds as beds
 
-    return tb.outlier_params() if outliers else tb.params()
-
-
-def _tb_increase(spec, method, outliers=False, **kwargs) -> float:
-    """Held-out nats/byte over float of the test bed served with ``spec`` weights, rounded
-    to nearest (``convert``) or by GPTQ."""
-    import ptq_testbed as tb
-
-    rules = Rule(TB_RULES, weight=spec)
-    variables = {"params": _tb_params(outliers)}
-    qmodel = quantize_model(tb.MODEL, rules)
-    if method == "rtn":
-        qmodel.init(jax.random.key(0), tb.calibration_batches()[0])
-        served = convert(qmodel, variables)
-    else:
-        res = gptq(tb.MODEL, tb.calibration_batches(), variables, rules=rules, **kwargs)
-        assert res.skipped == {} and len(res.report) == 13
-        served = res.variables
-    return tb.eval_loss(qmodel.apply, served) - _tb_float(outliers)
+    return beds.rtn_increase(spec, outliers=outliers)
 
 
-# (spec, GPTQ's increase at most this fraction of RTN's). Measured (nats/byte, RTN -> GPTQ):
-# w4 per-channel 0.0153 -> 0.0027, w3 0.0967 -> 0.0298, w4 groups of 32 0.0116 -> 0.0016,
-# w4 act_order 0.0031, w4 sequential -0.0000, w3 full grid 0.0728 -> 0.0170.
+# (spec, options, GPTQ's increase at most this fraction of RTN's). The options take turns
+# over the specs (each GPTQ run of the test bed is a few CPU-s; activation order is also the
+# outlier case's below); MXFP4's blocks of 32 are the groups along the input (the group
+# scales GPTQ sets), as int4 in groups of 32 would be. Plain GPTQ at w4 and w3 per channel
+# (the restricted grid) on this same model, calibration and held-out windows is
+# papers/gptq's fast mode, asserted in tests/test_papers_ptq.py (GPTQ under 0.35 / 0.45 of
+# RTN's increase), not run twice; w3 here is that spec (the same compiled solver),
+# sequential. Measured (nats/byte, RTN -> GPTQ): w3 restricted sequential 0.0967 -> 0.0303,
+# nf4 per channel in activation order 0.0249 -> 0.0064, MXFP4 0.0237 -> 0.0048 (plain: w4 per
+# channel 0.0153 -> 0.0027, w3 0.0967 -> 0.0298, nf4 0.0249 -> 0.0025; int4 in groups of
+# 32 0.0116 -> 0.0016, in activation order 0.0026).
 TESTBED = [
-    pytest.param(jq.QuantSpec("int4", jq.per_channel()), {}, 0.4, id="w4"),
-    pytest.param(jq.QuantSpec("int3", jq.per_channel()), {}, 0.5, id="w3"),
-    pytest.param(jq.QuantSpec("int4", jq.per_block(0, 32)), {}, 0.4, id="w4g32"),
     pytest.param(
-        jq.QuantSpec("int4", jq.per_channel()), {"act_order": True}, 0.4, id="w4-act-order"
+        jq.QuantSpec("int3", jq.per_channel(), int_grid="restricted"),
+        {"sequential": True},
+        0.5,
+        id="w3-seq",
     ),
-    pytest.param(jq.QuantSpec("int4", jq.per_channel()), {"sequential": True}, 0.4, id="w4-seq"),
     pytest.param(
-        jq.QuantSpec("int3", jq.per_channel(), int_grid="full"), {}, 0.6, id="w3-full-grid"
+        jq.QuantSpec("nf4", jq.per_channel()), {"act_order": True}, 0.5, id="nf4-act-order"
     ),
+    pytest.param(jq.QuantSpec("mxfp4", jq.per_block(32)), {}, 0.5, id="mxfp4"),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec, kwargs, ratio", TESTBED)
 def test_testbed_gptq_beats_rtn(spec, kwargs, ratio):
-    rtn = _tb_increase(spec, "rtn")
-    got = _tb_increase(spec, "gptq", **kwargs)
+    rtn = _tb_rtn(spec)
+    got = _tb_increase(spec, **kwargs)
     assert rtn > 0.005
     assert got < ratio * rtn, (got, rtn)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "spec",
-    [jq.QuantSpec("nf4", jq.per_channel()), jq.QuantSpec("mxfp4", jq.per_block(32))],
-    ids=["nf4", "mxfp4"],
-)
-def test_testbed_other_formats_beat_rtn(spec):
-    """Measured (RTN -> GPTQ): nf4 per channel 0.0249 -> 0.0025, MXFP4 0.0237 -> 0.0048."""
-    rtn = _tb_increase(spec, "rtn")
-    got = _tb_increase(spec, "gptq")
-    assert got < 0.5 * rtn, (got, rtn)
 
 
 # The outlier model: channels 60-1000x the median dominate the default damping (1% of the
 # mean diag H), which then swamps the other channels' curvature: GPTQ at damping=0.01 is no
 # better than RTN there (w3: +0.131 vs +0.120). Measured (RTN -> GPTQ damping=1e-4 with
-# act_order): w4 0.083 -> 0.033, w3 0.120 -> 0.057.
+# act_order): w3 (the full grid) 0.137 -> 0.054; w4 0.083 -> 0.033 (the bit width is not
+# the point: one of them runs).
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "spec, ratio",
-    [(jq.QuantSpec("int4", jq.per_channel()), 0.6), (jq.QuantSpec("int3", jq.per_channel()), 0.65)],
-    ids=["w4", "w3"],
-)
-def test_testbed_outliers_gptq_beats_rtn(spec, ratio):
-    rtn = _tb_increase(spec, "rtn", outliers=True)
-    got = _tb_increase(spec, "gptq", outliers=True, damping=1e-4, act_order=True)
-    assert got < ratio * rtn, (got, rtn)
+def test_testbed_outliers_gptq_beats_rtn():
+    spec = jq.QuantSpec("int3", jq.per_channel())
+    rtn = _tb_rtn(spec, outliers=True)
+    got = _tb_increase(spec, outliers=True, damping=1e-4, act_order=True)
+    assert got < 0.65 * rtn, (got, rtn)
 
 
 # The median of diag H is not inflated by the outlier channels: at the paper's 1% damping
@@ -418,8 +398,8 @@ def test_testbed_outliers_gptq_beats_rtn(spec, ratio):
 @pytest.mark.slow
 def test_testbed_outliers_median_damping():
     spec = jq.QuantSpec("int4", jq.per_channel())
-    mean = _tb_increase(spec, "gptq", outliers=True)
-    median = _tb_increase(spec, "gptq", outliers=True, damping_reference="median")
+    mean = _tb_increase(spec, outliers=True)
+    median = _tb_increase(spec, outliers=True, damping_reference="median")
     assert median < 0.5 * mean, (median, mean)
 
 

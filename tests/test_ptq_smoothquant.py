@@ -6,6 +6,7 @@ refused where another reader would change; NNX; bad arguments."""
 
 import functools
 
+import _ptq_beds as beds
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,12 @@ from jaxquant.flax import Rule, quantize_model
 
 W8 = jq.QuantSpec("int8", jq.per_channel())
 ACTS = {"tensor": jq.QuantSpec("int8"), "token": jq.QuantSpec("int8", jq.per_token())}
-LAYERS = r"block\d+/.*|head"
-FLOAT = quantize_model(tb.MODEL, [Rule(LAYERS)])  # float, but applies the online transforms
+LAYERS = beds.LAYERS
+
+
+def _float_model():
+    """The test bed in float, its online transforms applied (shared: one jitted apply)."""
+    return beds.served_model()
 
 
 def _rules(act="tensor"):
@@ -42,12 +47,11 @@ def _smoothed(act="tensor", which="outliers", **kw):
 def _loss(act, which, smoothed, **kw):
     params = tb.outlier_params() if which == "outliers" else tb.params()
     variables = _smoothed(act, which, **kw).variables if smoothed else {"params": params}
-    return tb.eval_loss(quantize_model(tb.MODEL, _rules(act)).apply, variables)
+    return beds.loss(variables, W8, ACTS[act])  # W8A8: the weights quantized at each call
 
 
 def _float_loss(which="outliers"):
-    params = tb.outlier_params() if which == "outliers" else tb.params()
-    return tb.eval_loss(tb.MODEL.apply, {"params": params})
+    return beds.float_loss(which == "outliers")
 
 
 # ------------------------------------------------------------------ the scales
@@ -113,7 +117,7 @@ def test_online_only_recovers_float_too():
     result = _smoothed(fold=False)
     assert all(r["folded_into"] is None for r in result.report.values())
     assert all(r["why_online"] == "fold=False" for r in result.report.values())
-    sq = tb.eval_loss(quantize_model(tb.MODEL, _rules()).apply, result.variables)
+    sq = beds.loss(result.variables, W8, ACTS["tensor"])
     assert abs(sq - f) / f < 0.01
 
 
@@ -121,10 +125,10 @@ def test_online_only_recovers_float_too():
 def test_the_float_function_is_unchanged(fold):
     x = tb.test_batches(1)[0]
     v = {"params": tb.outlier_params()}
-    ref = np.asarray(tb.MODEL.apply(v, x))
+    ref = np.asarray(beds.float_apply(v, x))
     result = _smoothed(fold=fold) if not fold else _smoothed()
-    out = np.asarray(jax.jit(FLOAT.apply)(result.variables, x))
-    eager = np.asarray(FLOAT.apply(result.variables, x))
+    out = np.asarray(jax.jit(_float_model().apply)(result.variables, x))
+    eager = np.asarray(_float_model().apply(result.variables, x))
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     np.testing.assert_allclose(eager, out, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     # the input variables are untouched
@@ -169,7 +173,7 @@ def test_alpha_search_never_worse_than_unsmoothed_on_its_sample():
         > 100 * result.report["block0/attn/q"]["error"]
     )
     f = _float_loss()
-    sq = tb.eval_loss(quantize_model(tb.MODEL, _rules("token")).apply, result.variables)
+    sq = beds.loss(result.variables, W8, ACTS["token"])
     assert abs(sq - f) / f < 0.01
 
 
@@ -181,8 +185,8 @@ def test_pairs_override_the_detection():
     assert folded == set(pairs["block0/ln1"])
     assert result.report["head"]["why_online"] == "pairs= does not fold it"
     x = tb.test_batches(1)[0]
-    ref = np.asarray(tb.MODEL.apply(v, x))
-    out = np.asarray(jax.jit(FLOAT.apply)(result.variables, x))
+    ref = np.asarray(beds.float_apply(v, x))
+    out = np.asarray(jax.jit(_float_model().apply)(result.variables, x))
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 

@@ -1,5 +1,7 @@
 """QArray: bit packing layout, true byte sizes, pytree behaviour."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,24 +10,56 @@ import pytest
 import jaxquant as jq
 from jaxquant._src import qarray
 
+BITS = range(1, 8)
 
-@pytest.mark.parametrize("bits", range(1, 8))
+
+def _lsb_first(codes: np.ndarray, bits: int) -> list[int]:
+    """numpy oracle: the codes as one LSB-first bit stream, cut into bytes (zero-padded)."""
+    stream = "".join(format(int(c), f"0{bits}b")[::-1] for c in codes)  # LSB first
+    stream += "0" * (-len(stream) % 8)
+    return [int(stream[i : i + 8][::-1], 2) for i in range(0, len(stream), 8)]
+
+
+@functools.cache
+def _pack_unpack_all(n: int):
+    """One jitted program per length: every width packed and unpacked (not 7 programs)."""
+
+    def run(codes):
+        packed = tuple(qarray.pack(c, b) for b, c in zip(BITS, codes, strict=True))
+        back = tuple(qarray.unpack(p, b, n) for b, p in zip(BITS, packed, strict=True))
+        return packed, back
+
+    return jax.jit(run)
+
+
+EAGER_UNPACK = {9: 5, 33: 2}  # length -> the width also unpacked eagerly
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 33, 64])
-def test_pack_unpack_roundtrip(bits, n):
-    codes = np.random.default_rng(bits * 100 + n).integers(0, 2**bits, (3, n)).astype(np.uint8)
-    packed = jax.jit(qarray.pack, static_argnums=1)(jnp.asarray(codes), bits)
-    assert packed.shape == (3, qarray.packed_length(n, bits)) and packed.dtype == jnp.uint8
-    back = qarray.unpack(packed, bits, n)
-    np.testing.assert_array_equal(np.asarray(back), codes)
+def test_pack_unpack_roundtrip(n):
+    codes = [
+        np.random.default_rng(bits * 100 + n).integers(0, 2**bits, (3, n)).astype(np.uint8)
+        for bits in BITS
+    ]
+    packed, back = _pack_unpack_all(n)(tuple(jnp.asarray(c) for c in codes))
+    for bits, c, p, b in zip(BITS, codes, packed, back, strict=True):
+        assert p.shape == (3, qarray.packed_length(n, bits)) and p.dtype == jnp.uint8
+        assert np.asarray(p).tolist() == [_lsb_first(row, bits) for row in c]
+        np.testing.assert_array_equal(np.asarray(b), c)
+    # Eagerly too, on two lengths (a whole-lanes width and a bit-stream one): the eager
+    # unpack compiles each of its operations per width and length. (QArray.codes() and
+    # every eager dequantize of a sub-byte format unpack eagerly in other tests.)
+    if n in EAGER_UNPACK:
+        bits = EAGER_UNPACK[n]
+        eager = qarray.unpack(packed[bits - 1], bits, n)
+        np.testing.assert_array_equal(np.asarray(eager), codes[bits - 1])
 
 
-@pytest.mark.parametrize("bits", range(1, 8))
+@pytest.mark.parametrize("bits", BITS)
 def test_pack_layout_is_lsb_first_bitstream(bits):
     codes = np.random.default_rng(bits).integers(0, 2**bits, (1, 24)).astype(np.uint8)
-    packed = np.asarray(qarray.pack(jnp.asarray(codes), bits))[0]
-    stream = "".join(format(int(c), f"0{bits}b")[::-1] for c in codes[0])  # LSB first
-    expected = [int(stream[i : i + 8][::-1], 2) for i in range(0, len(stream), 8)]
-    assert packed.tolist() == expected
+    packed = np.asarray(qarray.pack(jnp.asarray(codes), bits))[0]  # eager
+    assert packed.tolist() == _lsb_first(codes[0], bits)
 
 
 @pytest.mark.slow
@@ -36,26 +70,36 @@ def test_int4_nibble_order():
     assert np.asarray(q.values).tolist() == [[0xF1, 0x07]]
 
 
-@pytest.mark.parametrize(
-    "fmt,bytes_per_value",
-    [
-        ("int8", 1),
-        ("e4m3", 1),
-        ("fp16", 2),
-        ("bf16", 2),
-        ("int4", 0.5),
-        ("fp4", 0.5),
-        ("nf4", 0.5),
-        ("int2", 0.25),
-        ("ternary", 0.25),
-        ("binary", 0.125),
-        ("fp6", 0.75),
-        ("int3", 0.375),
-    ],
-)
-def test_nbytes_is_true_packed_size(fmt, bytes_per_value):
+BYTES_PER_VALUE = {
+    "int8": 1,
+    "e4m3": 1,
+    "fp16": 2,
+    "bf16": 2,
+    "int4": 0.5,
+    "fp4": 0.5,
+    "nf4": 0.5,
+    "int2": 0.25,
+    "ternary": 0.25,
+    "binary": 0.125,
+    "fp6": 0.75,
+    "int3": 0.375,
+}
+
+
+@functools.cache
+def _quantized_in_every_format():
+    """x quantized to every format above by one jitted program (one compile, not twelve;
+    the formats share x's absmax)."""
     x = jax.random.normal(jax.random.key(0), (64, 256))
-    q = jq.quantize(x, jq.QuantSpec(fmt))
+    specs = [jq.QuantSpec(fmt) for fmt in BYTES_PER_VALUE]
+    qs = jax.jit(lambda v: [jq.quantize(v, spec) for spec in specs])(x)
+    return x, dict(zip(BYTES_PER_VALUE, qs, strict=True))
+
+
+@pytest.mark.parametrize(("fmt", "bytes_per_value"), list(BYTES_PER_VALUE.items()))
+def test_nbytes_is_true_packed_size(fmt, bytes_per_value):
+    x, qs = _quantized_in_every_format()
+    q = qs[fmt]
     assert q.nbytes == int(x.size * bytes_per_value) + 4  # one fp32 scale
     assert q.values.nbytes + q.scale.nbytes == q.nbytes
 

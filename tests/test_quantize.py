@@ -1,5 +1,7 @@
 """quantize / dequantize / fake_quant / quantize_tree: the seed's examples and edge cases."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -98,8 +100,22 @@ def test_asymmetric_zero_point_keeps_zero_exact():
     assert -128 <= int(i8.zero_point[0]) <= 127
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("fmt", ["int8", "int4", "e4m3", "e2m1", "nf4", "mxfp8", "ternary"])
+# Each format in one input dtype, rotated so that ints, floats and codebooks each meet
+# float32 and a narrow dtype (bf16 and f16 share one path: widened to float32 and back);
+# each (format, dtype) compiles its own programs.
+@pytest.mark.parametrize(
+    ("fmt", "dtype"),
+    [
+        ("int8", jnp.float32),
+        ("int4", jnp.bfloat16),
+        ("e4m3", jnp.float16),
+        ("e2m1", jnp.float32),
+        ("nf4", jnp.bfloat16),
+        ("mxfp8", jnp.float16),
+        ("ternary", jnp.float32),
+        ("mxfp8", jnp.bfloat16),
+    ],
+)
 def test_dtypes_in_and_out(dtype, fmt):
     x = jax.random.normal(jax.random.key(3), (8, 64)).astype(dtype)
     spec = jq.QuantSpec(fmt)
@@ -128,18 +144,45 @@ def test_nan_and_inf_policy():
     assert int(jq.metrics.nan_count(x)) == 1
 
 
+ZERO_CASES = [
+    *(
+        (fmt, gran)
+        for fmt in ("int8", "e4m3", "nf4", "fp16")
+        for gran in ("tensor", "channel", "block")
+    ),
+    ("mxfp4", "block"),  # MX has its own blocks only (the other two were the same case)
+]
+GRANS = {"tensor": jq.per_tensor(), "channel": jq.per_channel(-1), "block": jq.per_block(-1, 32)}
+
+
+def _zero_spec(fmt, gran):
+    return jq.QuantSpec(fmt, GRANS[gran]) if fmt != "mxfp4" else jq.QuantSpec(fmt)
+
+
+@functools.cache
+def _all_zero_results(fmt):
+    """fake_quant, its gradient and quantize's scale of zeros for every granularity of a
+    format, in one program (eager gradients: test_ste_gradients)."""
+    specs = [_zero_spec(f, g) for f, g in ZERO_CASES if f == fmt]
+
+    @jax.jit
+    def run(x):
+        out = []
+        for spec in specs:
+            loss = lambda v, spec=spec: jnp.sum(jq.fake_quant(v, spec) ** 2 + v)
+            out.append((jq.fake_quant(x, spec), jax.grad(loss)(x), jq.quantize(x, spec).scale))
+        return out
+
+    return dict(zip(specs, run(jnp.zeros((4, 64))), strict=True))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["int8", "e4m3", "nf4", "mxfp4", "fp16"])
-@pytest.mark.parametrize("gran", [jq.per_tensor(), jq.per_channel(-1), jq.per_block(-1, 32)])
+@pytest.mark.parametrize(("fmt", "gran"), ZERO_CASES)
 def test_all_zero_input_gives_zeros_and_finite_grads(fmt, gran):
-    spec = jq.QuantSpec(fmt, gran) if fmt != "mxfp4" else jq.QuantSpec(fmt)
-    x = jnp.zeros((4, 64))
-    y = jax.jit(lambda v: jq.fake_quant(v, spec))(x)
+    y, g, scale = _all_zero_results(fmt)[_zero_spec(fmt, gran)]
     assert np.all(np.asarray(y) == 0)
-    g = jax.grad(lambda v: jnp.sum(jq.fake_quant(v, spec) ** 2 + v))(x)
     assert np.all(np.isfinite(np.asarray(g)))
-    q = jq.quantize(x, spec)
-    assert np.all(np.asarray(q.scale, np.float32) == 1.0)
+    assert np.all(np.asarray(scale, np.float32) == 1.0)
 
 
 @pytest.mark.parametrize(
