@@ -104,6 +104,21 @@ def tiny(tmp_path, tiny_module):
     return tmp_path
 
 
+@pytest.fixture
+def evaluators(monkeypatch):
+    """The evaluators the sweeps of a test build, kept: the test inspects the float model
+    the sweep trained (a fresh Evaluator would train, trace and compile it again)."""
+    made: list[R.Evaluator] = []
+
+    class Kept(R.Evaluator):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            made.append(self)
+
+    monkeypatch.setattr(R, "Evaluator", Kept)
+    return made
+
+
 def sweep(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(["sweep", "--no-progress", *argv])
     out, err = capsys.readouterr()
@@ -360,7 +375,8 @@ def test_lm_data_and_model_shapes():
     assert (d["x_train"][1:, 0] == d["y_train"][:-1, -1]).all()  # windows tile the bytes
     model = ByteLM(seq=16, d=16, layers=2, heads=2, hidden=32)
 
-    params = model.init(jax.random.key(0), d["x_test"][:1])["params"]
+    # Jitted: an eager Flax init compiles op by op.
+    params = jax.jit(model.init)(jax.random.key(0), d["x_test"][:1])["params"]
     assert sorted(tasks.kernels(params, "block.*")) == sorted(
         f"block{i}/{n}"
         for i in range(2)
@@ -368,7 +384,7 @@ def test_lm_data_and_model_shapes():
     )
     assert "head" in tasks.kernels(params)
     with pytest.raises(ValueError, match="exceed seq=16"):
-        model.apply({"params": params}, np.zeros((1, 17), np.int32))
+        jax.jit(model.apply)({"params": params}, np.zeros((1, 17), np.int32))
 
 
 @pytest.mark.slow
@@ -398,7 +414,7 @@ def test_task_layers_steps_and_data_kwargs(tiny, capsys):
 
 
 @pytest.mark.slow
-def test_activation_cells(tiny, capsys):
+def test_activation_cells(tiny, capsys, evaluators):
     """grid.activations: static ranges calibrated on the weight-quantized model (PTQ);
     qat.activations: per-batch absmax in QAT. Ids of float-activation cells are unchanged."""
     toml = tiny_toml(
@@ -431,7 +447,8 @@ def test_activation_cells(tiny, capsys):
     # The PTQ activation model has static (Fixed) ranges, one per quantized layer.
     import jaxquant as jq
 
-    ev = R.Evaluator(cfg)
+    [ev] = evaluators  # the sweep's own, with the float model it trained
+    assert ev.cfg == cfg
     fl = ev.float_model(0)
     cell = next(c for c in cells if c.act == "int8" and c.mode == "ptq" and c.format == "int8")
     net, _ = ev._static_act_model(cell, fl, fl.params)

@@ -161,6 +161,21 @@ def sweep(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.fixture
+def evaluators(monkeypatch):
+    """The evaluators the sweeps of a test build, kept: the test inspects the float model
+    the sweep trained (a fresh Evaluator would train, trace and compile it again)."""
+    made: list[R.Evaluator] = []
+
+    class Kept(R.Evaluator):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            made.append(self)
+
+    monkeypatch.setattr(R, "Evaluator", Kept)
+    return made
+
+
 def rows_by(out: Path) -> dict[tuple, dict]:
     rows = R.read_rows(out / "results.jsonl")
     return {(r["format"], r["mode"], r.get("act", "none")): r for r in rows}
@@ -181,7 +196,7 @@ eval_batch = 24
 
 
 @pytest.mark.slow
-def test_resnet_batchnorm_train_flag_and_list_attribute(models, tmp_path, capsys):
+def test_resnet_batchnorm_train_flag_and_list_attribute(models, tmp_path, capsys, evaluators):
     """The published ResNet: list stage_sizes, every collection (batch_stats), train=False
     to evaluate, train=True (under vmap with axis "batch") to train; PTQ, static int8
     activations and QAT. A second run resumes; a changed config is refused."""
@@ -202,7 +217,8 @@ def test_resnet_batchnorm_train_flag_and_list_attribute(models, tmp_path, capsys
     assert int8["model_bytes"] < 0.3 * f32["model_bytes"]  # the BatchNorms' params too
     assert "ptq_acc" in rows["int8", "qat", "none"]
     # Float training ran in training mode: the BatchNorm statistics moved.
-    ev = R.Evaluator(cfg)
+    [ev] = evaluators  # the sweep's own, with the float model it trained
+    assert ev.cfg == cfg
     fl = ev.float_model(0)
     import sweep_cfg_models
 
@@ -263,7 +279,7 @@ batch = 16
 
 
 @pytest.mark.slow
-def test_nnx_transformer(models, tmp_path, capsys):
+def test_nnx_transformer(models, tmp_path, capsys, evaluators):
     """An NNX model from a factory taking the seed: its nnx.Param kernels (Linear and the
     attention's rank-3 LinearGeneral) are quantized; epochs = 0 evaluates the factory's
     weights as they are; a custom metric fills the accuracy columns."""
@@ -286,7 +302,8 @@ def test_nnx_transformer(models, tmp_path, capsys):
         assert 8.0 < int8["bits_per_weight"] < 9.0
         qat = by[seed, "int8", "qat"]
         assert qat["test_loss"] < qat["float_loss"]  # 4 QAT steps already lower the loss
-    ev = R.Evaluator(cfg)
+    [ev] = evaluators  # the sweep's own
+    assert ev.cfg == cfg
     shapes = ev.tasks.kernels(ev.float_model(0).params)
     assert sorted(shapes) == sorted(
         f"decoder/encoderdecoderblock_0/{p}"
