@@ -88,18 +88,26 @@ if __name__ == "__main__":
 def test_fp4_training_nvfp4_2509_25149():
     # The pipeline at its fast size (8 steps of a 1-block, width-32 LM): every variant
     # named trains to a finite loss, and the claims are judged from paired differences.
+    # Two variants (bf16 and the full NVFP4 recipe): each quantized variant compiles its
+    # own training step (about 8 CPU-s cold). That the random Hadamard transform changes
+    # the quantized weight gradient (which the nvfp4-rht ablation measures) is checked
+    # directly by tests/test_recipes_fp4.py::test_quantize_model_runs_the_recipes_product.
     module = _load("fp4_training")
     with jax.numpy_dtype_promotion("standard"):
-        res = module.main(fast=True, seeds=2, variants=["bf16", "nvfp4", "nvfp4-rht"])
+        res = module.main(fast=True, seeds=2, variants=["bf16", "nvfp4"])
     assert isinstance(module.markdown(res), str)
     runs = res["runs"]
     assert all("error" not in r for rs in runs.values() for r in rs), runs
-    # The transform changes the quantized wgrad product: the runs differ.
-    assert [r["val_nll"] for r in runs["nvfp4"]] != [r["val_nll"] for r in runs["nvfp4-rht"]]
+    assert all(len(rs) == 2 for rs in runs.values()), runs
+    # The quantized model trains differently from the float one.
+    assert [r["val_nll"] for r in runs["nvfp4"]] != [r["val_nll"] for r in runs["bf16"]]
     claims = {c["variant"]: c for c in res["claims"]}
-    assert set(claims) == {"nvfp4-rht", "nvfp4"}  # the claims whose variants ran
+    assert set(claims) == {"nvfp4"}  # the claims whose variants ran: NVFP4 against bf16
+    assert claims["nvfp4"]["reference"] == "bf16"
     assert claims["nvfp4"]["n"] == 2 and claims["nvfp4"]["verdict"] in (
         "pass",
         "fail",
         "unresolved at this scale",
     )
+    # The headline criterion is judged on the nvfp4 - bf16 interval.
+    assert res["passed"] == (claims["nvfp4"]["high"] <= module.NVFP4_GAP)
