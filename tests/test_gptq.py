@@ -290,6 +290,7 @@ def test_matches_algorithm_1(data, label, spec, grid, group, act_order):
     assert float(r.rtn_loss) == pytest.approx(rtn_loss, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size", [1, 7, 16, 64, 1000])
 def test_block_size_is_only_an_order_of_sums(data, block_size):
     """Lazy batches of any size (dividing the 64 inputs or not, or larger; 24 is above)
@@ -335,6 +336,7 @@ def _diagonal_problem():
     return w, h
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("spec", "act_order"),
     [
@@ -367,6 +369,7 @@ def test_diagonal_hessian_is_round_to_nearest_under_jit():
         assert same_qarray(got, jq.quantize(w, spec)), spec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "axis", "granularity", "bound", "group"),
     [
@@ -412,6 +415,7 @@ BEAT_SPECS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", BEAT_SPECS, ids=str)
 def test_beats_round_to_nearest_on_correlated_inputs(data, spec):
     """The layer's output error ||X W - X Q||^2, measured here from X, is at most 80% of
@@ -428,6 +432,7 @@ def test_beats_round_to_nearest_on_correlated_inputs(data, spec):
 # ---------------------------------------------------------------------------- damping
 
 
+@pytest.mark.slow
 def test_hessian_scale_does_not_matter(data):
     """4 H (a power of two: every step scales exactly) gives the same codes; X^T X or
     2 X^T X is the caller's choice."""
@@ -440,6 +445,7 @@ def test_hessian_scale_does_not_matter(data):
     assert float(b.loss) == pytest.approx(4 * float(a.loss), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_damping(data):
     x, w, h = data
     spec = jq.QuantSpec("int4", jq.per_channel(1))
@@ -462,6 +468,7 @@ def test_damping(data):
     assert bool(ok.ok) and float(ok.loss) < float(ok.rtn_loss)
 
 
+@pytest.mark.slow
 def test_dead_inputs(data):
     """An input that never fired: weight row set to 0, H_ii to 1 (the reference's rule)."""
     x, w, _ = data
@@ -496,6 +503,7 @@ def test_vmap_over_stacked_layers(data):
         assert mismatch(np.asarray(out[i]), one, w2[i]) <= MAX_MISMATCH
 
 
+@pytest.mark.slow
 def test_bfloat16_weight_and_stochastic_rounding(data):
     _, w, h = data
     spec = jq.QuantSpec("int4", jq.per_channel(1), rounding="stochastic")
@@ -546,6 +554,7 @@ def test_errors(data):
         gptq(w3, h, jq.QuantSpec("int4", jq.per_block(0, 2)), contract_axis=(0, 1))
 
 
+@pytest.mark.slow
 def test_median_damping_reference():
     """``damping_reference="median"`` adds ``damping * median(diag H)``: the same solve as
     the mean reference given the equivalent fraction, and robust to one huge input."""

@@ -51,6 +51,7 @@ def test_detected_fold_keeps_the_float_function():
     assert "ptq" not in v and np.array_equal(model.apply(v, X), ref)
 
 
+@pytest.mark.slow
 def test_online_transform_keeps_the_float_function():
     model, v = _block()
     res = awq(model, [X], v, rules=Rule(".*", weight=G8), fold=False, clip_search=False)
@@ -75,6 +76,7 @@ def _q_int4_groups(w, size):
     return q.reshape(w.shape)
 
 
+@pytest.mark.slow
 def test_alpha_search_equals_a_numpy_oracle():
     model = nn.Dense(8)
     v = model.init(jax.random.key(2), X)
@@ -99,6 +101,7 @@ def test_alpha_search_equals_a_numpy_oracle():
     np.testing.assert_allclose(res.variables["ptq"]["smooth"], 1 / s, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_clip_search_lowers_the_loss_and_clips():
     model, v = _block()
     plain = awq(model, [X], v, rules=Rule(".*", weight=G8), clip_search=False)
@@ -113,6 +116,7 @@ def test_clip_search_lowers_the_loss_and_clips():
     assert tensor.report["c"]["clip"].startswith("not searched")
 
 
+@pytest.mark.slow
 def test_layers_it_cannot_scale_are_skipped_by_name():
     model, v = _block()
     rules = [Rule("c", act=jq.QuantSpec("int8")), Rule(".*", weight=G8)]
@@ -121,6 +125,7 @@ def test_layers_it_cannot_scale_are_skipped_by_name():
     assert sorted(res.report) == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_a_layer_with_an_act_spec_quantizes_the_sample_in_the_search():
     model, v = _block()
     w_only = awq(model, [X], v, rules=Rule(".*", weight=G8), clip_search=False)
@@ -140,6 +145,7 @@ class NnxBlock(nnx.Module):
         return self.b(nnx.relu(self.a(self.ln(x))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pairs", [None, {"ln": ["a"]}])
 def test_nnx(pairs):
     model = NnxBlock(nnx.Rngs(0))
@@ -152,6 +158,7 @@ def test_nnx(pairs):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_given_pairs_fold_and_are_checked():
     model, v = _block()
     res = awq(

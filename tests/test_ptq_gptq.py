@@ -98,6 +98,7 @@ def test_mlp_tree_serving_and_report(jit):
     np.testing.assert_allclose(served, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mlp_codes_equal_solver_on_numpy_hessians():
     """The pipeline's codes are the array solver's on X^T X computed in numpy from the
     layers' inputs (the first layer: the data; the second: relu of the first's float
@@ -121,6 +122,7 @@ def test_mlp_codes_equal_solver_on_numpy_hessians():
         np.testing.assert_allclose(res.report[layer]["rtn_loss"], _proxy(w, rtn, h), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_act_order_and_groups():
     rules = Rule(".*", weight=jq.QuantSpec("int3", jq.per_block(0, 8)))
     res = gptq(MLP, _batches(), _mlp_vars(), rules=rules, act_order=True)
@@ -133,6 +135,7 @@ def test_act_order_and_groups():
     assert k.scale.shape == ref.scale.shape == (4, 1, 8)  # a scale per 8 inputs and output
 
 
+@pytest.mark.slow
 def test_sequential_hessian_sees_quantized_earlier_layers():
     variables = _mlp_vars()
     seq = gptq(MLP, _batches(), variables, rules=RULES, sequential=True)
@@ -155,6 +158,7 @@ def test_sequential_hessian_sees_quantized_earlier_layers():
     assert seq.report["layers_2"]["rtn_loss"] != pytest.approx(one.report["layers_2"]["rtn_loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sequential", [False, True])
 def test_online_transform_statistics_and_serving(sequential):
     """A layer with an online smoothing ('ptq' collection): its Hessian is of x * s (the
@@ -209,6 +213,7 @@ def _nnx_twin() -> NnxMLP:
     return m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sequential", [False, True])
 def test_nnx_twin_equals_linen(sequential):
     linen = gptq(MLP, _batches(), _mlp_vars(), rules=RULES, sequential=sequential)
@@ -249,6 +254,7 @@ class Mixed(nn.Module):
         return embed.attend(x)
 
 
+@pytest.mark.slow
 def test_skipped_layers_reported_and_rounded_to_nearest():
     ids = [jax.random.randint(jax.random.key(i), (4, 12), 0, 16) for i in range(3)]
     model = Mixed()
@@ -272,6 +278,7 @@ def test_skipped_layers_reported_and_rounded_to_nearest():
     assert not isinstance(p["w"], jq.QArray)
 
 
+@pytest.mark.slow
 def test_solver_failure_is_skipped_by_name():
     """A granularity GPTQ cannot follow (groups along the output axis of a 3-D kernel that
     are not contiguous in the Hessian's order) is reported, and convert rounds it."""

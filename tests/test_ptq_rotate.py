@@ -61,6 +61,7 @@ def test_rotate_rows_is_the_inverse_rotation(jit):
     np.testing.assert_allclose(got, ref, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [16, 64, 80, 96])
 def test_residual_rotation_is_orthogonal_and_keeps_the_ones_vector(d):
     rot = _residual_rotation(d, jax.random.key(3))
@@ -116,6 +117,7 @@ def test_rotate_inputs_linen_keeps_the_function_and_skips_by_name(jit):
     assert out.report["b"]["absmax_ratio"] == pytest.approx(amax.max() / np.median(amax), 1e-5)
 
 
+@pytest.mark.slow
 def test_rotate_inputs_named_layers():
     model = _Net()
     v = model.init(jax.random.key(0), X)
@@ -132,6 +134,7 @@ def test_rotate_inputs_named_layers():
     assert "already rotates" in again.skipped["b"] and "b" not in again.report
 
 
+@pytest.mark.slow
 def test_rotate_inputs_composes_after_a_smoothing():
     model = _Net()
     v = model.init(jax.random.key(0), X)
@@ -147,6 +150,7 @@ def test_rotate_inputs_composes_after_a_smoothing():
     np.testing.assert_allclose(np.asarray(got), np.asarray(model.apply(v, X)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rotate_inputs_skips_an_embedding_table():
     class Tied(nn.Module):
         @nn.compact
@@ -171,6 +175,7 @@ class _NnxNet(nnx.Module):
         return self.b(nnx.relu(self.a(x)))
 
 
+@pytest.mark.slow
 def test_rotate_inputs_nnx_in_place():
     model = _NnxNet(nnx.Rngs(0))
     ref = model(X)
@@ -195,6 +200,7 @@ def outlier_rotated():
     return v, rotate_residual(tb.MODEL, tb.calibration_batches(), v, rules=W4A4)
 
 
+@pytest.mark.slow
 def test_rotate_residual_is_exact_on_the_outlier_test_bed(outlier_rotated):
     v, out = outlier_rotated
     assert out.skipped == {}
@@ -213,6 +219,7 @@ def test_rotate_residual_is_exact_on_the_outlier_test_bed(outlier_rotated):
     assert "ptq" not in v
 
 
+@pytest.mark.slow
 def test_rotate_residual_removes_the_outlier_channels(outlier_rotated):
     v, out = outlier_rotated
     cal = tb.calibration_batches()

@@ -74,6 +74,7 @@ def test_smoothing_scales_match_the_formula():
 # ------------------------------------------------------------------ the test bed
 
 
+@pytest.mark.slow
 def test_folds_found_in_bytelm():
     v = {"params": tb.outlier_params()}
     found = norm_readers(tb.MODEL, v, tb.calibration_batches()[0])
@@ -97,6 +98,7 @@ def test_folds_found_in_bytelm():
     assert _smoothed().skipped == {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("act", ["tensor", "token"])
 def test_w8a8_on_the_outlier_model_recovers_float(act):
     f = _float_loss()
@@ -112,6 +114,7 @@ def test_w8a8_on_the_outlier_model_recovers_float(act):
             assert r["act_absmax"] > 1000 and r["act_absmax_smoothed"] < 50
 
 
+@pytest.mark.slow
 def test_online_only_recovers_float_too():
     f = _float_loss()
     result = _smoothed(fold=False)
@@ -121,6 +124,7 @@ def test_online_only_recovers_float_too():
     assert abs(sq - f) / f < 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fold", [True, False])
 def test_the_float_function_is_unchanged(fold):
     x = tb.test_batches(1)[0]
@@ -136,6 +140,7 @@ def test_the_float_function_is_unchanged(fold):
     assert "ptq" not in v
 
 
+@pytest.mark.slow
 def test_the_activations_are_really_int8():
     # Qwix's SmoothQuant leaves activations in float; here every smoothed layer runs an
     # int8 x int8 dot_general (CPU's auto mode: real int8 compute)
@@ -177,6 +182,7 @@ def test_alpha_search_never_worse_than_unsmoothed_on_its_sample():
     assert abs(sq - f) / f < 0.01
 
 
+@pytest.mark.slow
 def test_pairs_override_the_detection():
     v = {"params": tb.outlier_params()}
     pairs = {"block0/ln1": ["block0/attn/q", "block0/attn/k", "block0/attn/v"]}
@@ -190,6 +196,7 @@ def test_pairs_override_the_detection():
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_weight_only_and_unreached_layers_are_listed():
     rules = [Rule(r"block\d+/.*", weight=W8, act=ACTS["tensor"]), Rule("head", weight=W8)]
     v = {"params": tb.params()}
@@ -251,6 +258,7 @@ def test_no_fold_where_another_reader_would_change():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_layers_with_a_rotation_are_skipped_and_scales_compose():
     v = _residual_variables()
     rules = Rule(".*", weight=W8, act=ACTS["tensor"])
@@ -289,6 +297,7 @@ def _nnx_net():
     return net
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pairs", [None, {"ln": ["a"]}])
 def test_nnx(pairs):
     x = jax.random.normal(jax.random.key(5), (128, 16), jnp.float32)
