@@ -103,9 +103,11 @@ def train(model: nn.Module, d, *, seed: int, epochs: int, lr: float, batch: int 
     tx, run = _adam_trainer(model, epochs, lr, batch, x.shape[0])
     init_key, data_key = jax.random.split(jax.random.key(seed))
     with jax.numpy_dtype_promotion("standard"):
-        variables = dict(model.init(init_key, x[:1]))
+        # Jitted: eagerly each initializer op would compile its own program (same values).
+        variables = dict(jax.jit(model.init)(init_key, x[:1]))
         params = variables.pop("params")
-        params, state, _, losses = run(params, variables, tx.init(params), x, y, data_key)
+        opt_state = jax.jit(tx.init)(params)
+        params, state, _, losses = run(params, variables, opt_state, x, y, data_key)
     return {"params": params, **state}, np.asarray(losses)
 
 

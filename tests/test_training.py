@@ -44,12 +44,14 @@ def _train_digits(method, seed=0):
     tx = optax.adam(optax.cosine_decay_schedule(3e-3, epochs * 8, alpha=0.0))
     x, y = jnp.asarray(d["x_train"]), jnp.asarray(d["y_train"])
     with jax.numpy_dtype_promotion("standard"):
-        variables = dict(model.init(jax.random.key(seed), x[:1]))
+        # Jitted: eagerly each initializer op would compile its own program (same values).
+        variables = dict(jax.jit(model.init)(jax.random.key(seed), x[:1]))
         params = variables.pop("params")
         train = make_trainer(model, tx, batch=batch, epochs=epochs)
-        params, _, _, losses = train(params, variables, tx.init(params), x, y, jax.random.key(1))
+        opt_state = jax.jit(tx.init)(params)
+        params, _, _, losses = train(params, variables, opt_state, x, y, jax.random.key(1))
     logits = jax.jit(model.apply)({"params": params}, jnp.asarray(d["x_test"]))
-    acc = jnp.mean(jnp.argmax(logits, axis=-1) == jnp.asarray(d["y_test"]))
+    acc = np.mean(np.asarray(logits).argmax(-1) == d["y_test"])
     return model, params, logits, float(acc), np.asarray(losses)
 
 
@@ -83,7 +85,7 @@ def test_digits_int8_qat_learns_and_is_quantized():
     np.testing.assert_allclose(
         np.asarray(logits), np.asarray(_manual_w8a8(params, x)), rtol=1e-4, atol=1e-4
     )
-    float_logits = qmodel.module.apply({"params": params}, x)
+    float_logits = jax.jit(qmodel.module.apply)({"params": params}, x)
     assert not np.allclose(np.asarray(logits), np.asarray(float_logits), atol=1e-3)
 
 
@@ -103,7 +105,7 @@ def test_data_parallel_step_matches_single_device(recipe):
     model = quantize_model(MLP((64,), 10), jq.recipes.get(recipe).rules())
     x = jnp.asarray(d["x_train"][:64])
     y = jnp.asarray(d["y_train"][:64])
-    params = model.init(jax.random.key(0), x[:1])["params"]
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
     opt = optax.sgd(0.1)
 
     @jax.jit
@@ -189,7 +191,7 @@ class ByteLM(nnx.Module):
 @pytest.mark.slow  # ~40 training steps of a transformer under jit
 def test_lm_nnx_trains_with_delayed_fp8():
     seq, batch, steps = 32, 8, 40
-    model = ByteLM(seq=seq, rngs=nnx.Rngs(0))
+    model = nnx.jit(lambda: ByteLM(seq=seq, rngs=nnx.Rngs(0)))()  # one compile, not per op
     quantize_model(model, jq.recipes.get("fp8_delayed").rules(r"blocks/.*"))
     assert sorted(m.path for m in report(model)) == [
         f"blocks/0/{name}"
