@@ -60,8 +60,9 @@ def test_layouts_that_share_scales_across_tokens_are_refused():
 def test_decode_with_a_float_cache_equals_the_full_forward():
     lm = ByteLM(seq=12, d=32, layers=2, heads=4, hidden=64)
     tok = jax.random.randint(jax.random.key(1), (3, 12), 0, 256, dtype=jnp.int32)
-    params = lm.init(jax.random.key(0), tok)["params"]
-    full = lm.apply({"params": params}, tok)
+    # jitted: an eager init / apply of the model compiles op by op
+    params = jax.jit(lm.init)(jax.random.key(0), tok)["params"]
+    full = jax.jit(lm.apply)({"params": params}, tok)
     for rotate in (False, True):  # the rotation is orthogonal: exact in float
         step = jax.jit(
             lambda p, t, r=rotate: decode_logits(lm.clone(decode=True, kv_rotate=r), p, t)
@@ -74,20 +75,23 @@ def test_quantized_cache_on_the_trained_byte_lm():
     """The decode loop's held-out loss with the cache stored in 8 / 4 bits (per token and
     head), and 4 bits after QuaRot's Hadamard rotation of the head dimension: measured on
     the PTQ test bed (32 windows of 64 bytes), float cache +0 by construction."""
+    import _ptq_beds as beds
     import ptq_testbed as tb
 
     p = tb.params()
     x = jnp.asarray(tb.data()["x_test"][:32])
     y = jnp.asarray(tb.data()["y_test"][:32])
+    # the full-sequence model's loss, once (jitted, shared with the other PTQ files)
+    ref = optax.softmax_cross_entropy_with_integer_labels(beds.float_apply({"params": p}, x), y)
 
     def gap(spec, rotate=False):
         lm = tb.MODEL.clone(decode=True, kv_spec=spec, kv_rotate=rotate)
         logits = jax.jit(lambda p, x: decode_logits(lm, p, x))(p, x)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        ref = optax.softmax_cross_entropy_with_integer_labels(tb.MODEL.apply({"params": p}, x), y)
-        cache = lm.init(jax.random.key(0), x[:, :1])["cache"]
+        # the cache's shapes and dtypes (an eager init would compute every parameter)
+        cache = jax.eval_shape(lm.init, jax.random.key(0), x[:, :1])["cache"]
         nbytes = sum(
-            leaf.nbytes
+            leaf.nbytes if isinstance(leaf, jq.QArray) else leaf.size * leaf.dtype.itemsize
             for leaf in jax.tree_util.tree_leaves(cache, is_leaf=lambda a: isinstance(a, jq.QArray))
         )
         return float(nll - ref.mean()), nbytes
