@@ -7,6 +7,7 @@ into 3 batches of 199 (one compile per trial).
 """
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -83,7 +84,7 @@ def linen(digits):
     """(model, variables): the Linen MLP after 300 Adam steps."""
     x, y, _ = digits
     model = LinenMLP()
-    variables = model.init(jax.random.key(0), x[:1])
+    variables = jax.jit(model.init)(jax.random.key(0), x[:1])  # eagerly: a compile per op
     tx = optax.adam(3e-3)
 
     def loss(v, idx):
@@ -208,8 +209,8 @@ def test_sqnr_sensitivity(linen, digits):
     # Pooled over batches = the SQNR of the concatenated outputs.
     rule = dataclasses.replace(NF4, pattern="Dense_2")
     x = jnp.concatenate([jnp.asarray(b[0]) for b in batches])
-    ref = model.apply(variables, x)
-    out = quantize_model(model, [rule]).apply(variables, x)
+    ref = jax.jit(model.apply)(variables, x)
+    out = jax.jit(quantize_model(model, [rule]).apply)(variables, x)
     want = float(jq.metrics.sqnr(ref, out))
     assert s.layer("Dense_2").metric["nf4_g32"] == pytest.approx(want, abs=1e-3)
 
@@ -224,7 +225,7 @@ def test_loss_and_callable_metrics(sens_acc, linen, digits):
     x = jnp.concatenate([jnp.asarray(b[0]) for b in batches])
     y = jnp.concatenate([jnp.asarray(b[1]) for b in batches])
     rule = dataclasses.replace(cands["int2"], pattern="Dense_0")
-    logits = quantize_model(model, [rule]).apply(variables, x)
+    logits = jax.jit(quantize_model(model, [rule]).apply)(variables, x)
     want = float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
     assert s.layers[0].metric["int2"] == pytest.approx(want, rel=1e-5)
     assert s.layers[0].damage["int2"] == pytest.approx(want - s.baseline, rel=1e-4)
@@ -379,7 +380,7 @@ def test_float_layers_get_spec_free_rules(sens_acc, linen, digits):
     assert plan.rules[2] == Rule("Dense_2")
     # strict quantize_model accepts the spec-free rule and leaves Dense_2 in float
     q = quantize_model(model, plan)
-    q.apply(variables, digits[2][0][0])
+    jax.eval_shape(q.apply, variables, digits[2][0][0])  # traced: report() lists its layers
     assert "Dense_2" not in {m.path for m in report(q)}
 
 
@@ -449,10 +450,11 @@ def test_noise_is_twice_the_standard_error_over_half_batches(sens_acc, linen, di
     model, variables = linen
     layer = sens_acc.layer("Dense_1")
     q = quantize_model(model, dataclasses.replace(CANDIDATES["int2"], pattern="Dense_1"))
+    f_apply, q_apply = jax.jit(model.apply), jax.jit(q.apply)
     d, n = [], []
     for x, y in digits[2]:
-        hit_f = np.asarray(jnp.argmax(model.apply(variables, x), -1) == y)
-        hit_q = np.asarray(jnp.argmax(q.apply(variables, x), -1) == y)
+        hit_f = np.asarray(f_apply(variables, x)).argmax(-1) == y
+        hit_q = np.asarray(q_apply(variables, x)).argmax(-1) == y
         h = len(y) // 2
         for sl in (slice(0, h), slice(h, None)):
             n.append(len(y[sl]))
@@ -629,7 +631,7 @@ def test_sensitivity_takes_call_kwargs_per_batch_kwargs_and_batch_stats():
     model = _BNNet()
     x = jax.random.normal(jax.random.key(0), (32, 8))
     gain = jnp.linspace(0.5, 2.0, 16, dtype=jnp.float32)[None]
-    variables = model.init(jax.random.key(1), x, train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
     variables = {  # running statistics unlike the batch's, so that the flag shows
         "params": variables["params"],
         "batch_stats": {"bn": {"mean": jnp.full((16,), 0.5), "var": jnp.full((16,), 2.0)}},
@@ -640,9 +642,10 @@ def test_sensitivity_takes_call_kwargs_per_batch_kwargs_and_batch_stats():
     assert sens.paths == ("Dense_0", "Dense_1")
     # By hand: only Dense_1 quantized, called the same way.
     only = quantize_model(model, Rule("Dense_1", weight=jq.QuantSpec("int4", PC)))
-    want = model.apply(variables, x, train=False, gain=gain)
-    got = only.apply(variables, x, train=False, gain=gain)
-    damage = float(jnp.sum((want - got) ** 2) / jnp.sum(want**2))
+    want = jax.jit(functools.partial(model.apply, train=False))(variables, x, gain=gain)
+    got = jax.jit(functools.partial(only.apply, train=False))(variables, x, gain=gain)
+    want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+    damage = float(np.sum((want - got) ** 2) / np.sum(want**2))
     assert sens.layer("Dense_1").damage["int4"] == pytest.approx(damage, rel=1e-4)
     # Training mode, batch_stats mutable: the outputs are apply's first result, and the
     # batch's statistics give another damage.
