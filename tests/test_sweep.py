@@ -51,6 +51,7 @@ def tiny_toml(
     extra: str = "",
     task_extra: str = "",
     grid_extra: str = "",
+    seeds: str = "[0, 1]",
 ) -> Path:
     """A custom task (model and data by import path) with a small grid."""
     path = tmp_path / "tiny.toml"
@@ -58,7 +59,7 @@ def tiny_toml(
     path.write_text(
         textwrap.dedent(
             f"""
-            seeds = [0, 1]
+            seeds = {seeds}
             [task]
             name = "tiny"
             model = "sweep_tiny_task:Tiny"
@@ -389,7 +390,11 @@ def test_lm_data_and_model_shapes():
 
 @pytest.mark.slow
 def test_task_layers_steps_and_data_kwargs(tiny, capsys):
-    toml = tiny_toml(tiny, task_extra='layers = "Dense_1"\nsteps = 7\ndata_kwargs = { n = 300 }')
+    toml = tiny_toml(
+        tiny,
+        task_extra='layers = "Dense_1"\nsteps = 7\ndata_kwargs = { n = 300 }',
+        seeds="[0]",  # one seed: the sizes are the seed's own
+    )
     cfg = C.load(toml)
     assert cfg["task"]["layers"] == "Dense_1" and cfg["task"]["data_kwargs"] == {"n": 300}
     out = tiny / "run"
@@ -422,6 +427,7 @@ def test_activation_cells(tiny, capsys, evaluators):
         granularities=("channel",),
         grid_extra='activations = ["none", "int8", "int4"]',
         extra='activations = ["none", "int8"]\n',  # lands in [qat]
+        seeds="[0]",  # one seed: each cell calibrates and compiles its own model
     )
     cfg = C.load(toml)
     cells = G.expand(cfg)

@@ -386,8 +386,8 @@ def data(n=120):
 """
 
 
-@pytest.mark.slow  # a fresh Python process importing jax: ~10 s
-def test_modules_in_the_current_directory_and_next_to_the_config(tmp_path):
+@pytest.mark.slow  # a fresh Python process importing jax: ~5 s
+def test_modules_in_the_current_directory_and_next_to_the_config(tmp_path, capsys, monkeypatch):
     """`jaxquant sweep --config ../conf/x.toml` run from a project folder: the model's module
     sits in the current directory, the data's next to the config; no PYTHONPATH names
     either (it names only where jaxquant itself is, as an installed package would be)."""
@@ -425,11 +425,16 @@ def test_modules_in_the_current_directory_and_next_to_the_config(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = R.read_rows(project / "run" / "results.jsonl")
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
-    # The same run with the modules nowhere to be found names the key and the module.
+    # The same run with the model's module nowhere to be found names the key and the
+    # module. In this process (no second interpreter importing jax): the folders the
+    # sweep puts on sys.path are the same, and the module was never imported here.
     (project / "here_model_mod.py").rename(tmp_path / "moved.py")
-    done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    assert "task.model = 'here_model_mod:Tiny' cannot be imported" in done.stderr
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the sweep adds the two folders
+    code, _, err = sweep(capsys, "--config", "../conf/x.toml", "--out", "run2")
+    assert code == 2 and "here_model_mod" not in sys.modules
+    assert "task.model = 'here_model_mod:Tiny' cannot be imported" in err
+    assert not (project / "run2").exists()
 
 
 def test_importable_puts_folders_first_once(tmp_path, monkeypatch):
