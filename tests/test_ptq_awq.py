@@ -254,7 +254,7 @@ def test_testbed_folds_every_norm_and_keeps_the_function():
     x = tb.test_batches()[0]
     np.testing.assert_allclose(
         jax.jit(beds.served_model().apply)(res.variables, x),
-        jax.jit(tb.MODEL.apply)(v, x),
+        beds.float_apply(v, x),
         rtol=1e-4,
         atol=1e-4,
     )
@@ -263,7 +263,10 @@ def test_testbed_folds_every_norm_and_keeps_the_function():
 # Held-out loss increase over float (nats/byte), measured (CPU, jax 0.10): RTN / AWQ with
 # the clipping search. base: w4 g32 +0.0116 / +0.0105, w4 g64 +0.0140 / +0.0133, w3 g32
 # (the full grid) +0.0838 / +0.0332. Outliers: w4 g32 +0.0759 / +0.0112, w3 g32 +0.1411 /
-# +0.0454.
+# +0.0454. The outlier model at w4 g32 (AWQ with the clipping search, this model,
+# calibration and held-out windows; int4's default grid is the restricted one) is
+# papers/awq's fast mode, asserted in tests/test_papers_ptq.py (AWQ under 0.25 of RTN's
+# increase), not run twice.
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("bed", "spec", "ratio"),
@@ -271,7 +274,6 @@ def test_testbed_folds_every_norm_and_keeps_the_function():
         ("base", W4G32, 0.97),
         ("base", W4G64, 0.99),
         ("base", W3G32, 0.8),
-        ("outliers", W4G32, 0.3),
         ("outliers", W3G32, 0.5),
     ],
 )

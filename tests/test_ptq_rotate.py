@@ -292,14 +292,15 @@ def test_rotate_residual_refuses_other_models():
 def test_rotate_residual_checks_the_function_and_skips_fc2_without_a_rule():
     lm = ByteLM(seq=8, d=16, layers=1, heads=2, hidden=32)
     tok = (jnp.arange(16, dtype=jnp.int32).reshape(2, 8) * 13) % 256
-    v = lm.init(jax.random.key(0), tok)
+    # jitted inits and applies: eager ones compile op by op
+    v = jax.jit(lm.init)(jax.random.key(0), tok)
     out = rotate_residual(
         lm, [tok], v, rules=[Rule(r"block0/attn/.*|head", weight=jq.QuantSpec("int8"))]
     )
     assert "no rule matches it" in out.skipped["block0/fc2"] and "ptq" not in out.variables
     # without fc2's online rotation the function is kept too (its input is not rotated)
-    got = quantize_model(lm, FLOAT).apply(out.variables, tok)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(lm.apply(v, tok)), atol=1e-4)
+    got = jax.jit(quantize_model(lm, FLOAT).apply)(out.variables, tok)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(lm.apply)(v, tok)), atol=1e-4)
 
     class PostLN(ByteLM):  # same params, another computation: the check refuses it
         @nn.compact
@@ -310,7 +311,7 @@ def test_rotate_residual_checks_the_function_and_skips_fc2_without_a_rule():
             return nn.Dense(256, name="head")(nn.LayerNorm(name="ln_f")(x) + x)
 
     post = PostLN(seq=8, d=16, layers=0, heads=2, hidden=32)
-    pv = post.init(jax.random.key(0), tok)
+    pv = jax.jit(post.init)(jax.random.key(0), tok)
     pv = {"params": {**pv["params"], **{k: v["params"][k] for k in ("block0",)}}}
     with pytest.raises(ValueError, match=r"outputs differ.*check_tolerance"):
         rotate_residual(post, [tok], pv, rules=W4A4)

@@ -98,16 +98,14 @@ def test_folds_found_in_bytelm():
     assert _smoothed().skipped == {}
 
 
+# W8A8 on the outlier model, plain and smoothed (alpha 0.5, folded, these rules,
+# calibration and held-out windows), per tensor and per token, is papers/smoothquant's fast
+# mode, asserted in tests/test_papers_ptq.py (plain > +2 nats/byte, SmoothQuant within 0.1%
+# of float), not evaluated twice. Measured: per-tensor float 2.3266, RTN 5.4322 (+3.11),
+# SmoothQuant 2.3265; per-token RTN 5.2350 (+2.91), SmoothQuant 2.3266.
 @pytest.mark.slow
 @pytest.mark.parametrize("act", ["tensor", "token"])
-def test_w8a8_on_the_outlier_model_recovers_float(act):
-    f = _float_loss()
-    rtn = _loss(act, "outliers", False)
-    sq = _loss(act, "outliers", True)
-    # measured: per-tensor float 2.3266, RTN 5.4322 (+3.11), SmoothQuant 2.3265;
-    # per-token RTN 5.2350 (+2.91), SmoothQuant 2.3266
-    assert rtn > f + 2.5
-    assert abs(sq - f) / f < 0.01
+def test_w8a8_on_the_outlier_model_migrates_the_outliers(act):
     # the migration: the smoothed inputs have no 1000x channels left
     for r in _smoothed(act).report.values():
         if r["folded_into"] is not None:
