@@ -45,10 +45,15 @@ def assert_identical(got, want):
         np.testing.assert_array_equal(_bits(g), _bits(w))
 
 
-def _ramp(shape, lo=-3.0, hi=5.0, dtype=jnp.float32):
+def _np_ramp(shape, lo=-3.0, hi=5.0, dtype=np.float32) -> np.ndarray:
+    # Made on the host: eager jnp ops would compile a program per op and shape.
     n = int(np.prod(shape))
-    x = jnp.linspace(lo, hi, n, dtype=jnp.float32) * jnp.cos(jnp.arange(n, dtype=jnp.float32))
+    x = np.linspace(lo, hi, n, dtype=np.float32) * np.cos(np.arange(n, dtype=np.float32))
     return x.reshape(shape).astype(dtype)
+
+
+def _ramp(shape, lo=-3.0, hi=5.0, dtype=jnp.float32):
+    return jnp.asarray(_np_ramp(shape, lo, hi, dtype))
 
 
 # ---------------------------------------------------------------- bit-exact round trips
@@ -87,16 +92,17 @@ CASES = [
 
 
 def _tree_for(spec, shape, dtype=jnp.float32):
-    x = _ramp(shape, dtype=dtype)
+    x = _np_ramp(shape, dtype=dtype)
     if not spec.saturate:  # non-finite values stay Inf / NaN in the stored codes
-        x = x.at[0, :3].set(jnp.array([jnp.inf, -jnp.inf, jnp.nan], dtype))
+        x[0, :3] = [np.inf, -np.inf, np.nan]
+    x = jnp.asarray(x)
     nan_payloads = np.array([0x7FC00001, 0xFFFFFFFF, 0x3F800000, 0x80000000], np.uint32)
     return {
         "q": jq.quantize(x, spec),
         "float": {"bf16": _ramp((3, 5), dtype=jnp.bfloat16), "f32": _ramp((7,))},
         "int": jnp.arange(-4, 5, dtype=jnp.int32),
         "numpy": [nan_payloads.view(np.float32), np.arange(6, dtype=np.int16).reshape(2, 3)],
-        "fp8": jnp.asarray(_ramp((4, 4)), jnp.float8_e4m3fn),
+        "fp8": jnp.asarray(_np_ramp((4, 4), dtype=jnp.float8_e4m3fn)),
         "scalar": jnp.float32(2.5),
         "empty": jnp.zeros((0, 3), jnp.bfloat16),
         "none": None,
@@ -163,7 +169,7 @@ def test_size_report_matches_the_arrays_orbax_saved(tmp_path):
             x = nn.relu(nn.Dense(96)(x))
             return nn.Dense(10)(x)
 
-    params = MLP().init(jax.random.key(0), jnp.ones((1, 64)))
+    params = jax.jit(MLP().init)(jax.random.key(0), jnp.ones((1, 64)))
     policy = [
         (r".*Dense_0/kernel", jq.QuantSpec("int4", jq.per_block(0, 32))),
         (r".*Dense_1/kernel", jq.QuantSpec("int8", jq.per_channel(-1))),
@@ -329,7 +335,8 @@ def _quantized_net(seed: int):
         Rule("lsq", weight=int8, act=int8, ste="lsq"),
         Rule("sr", weight=jq.QuantSpec("int4", rounding="stochastic")),
     ]
-    return quantize_model(_QuantNet(seed), rules, rngs=nnx.Rngs(quant=100 + seed))
+    net = nnx.jit(lambda: _QuantNet(seed))()  # built in one compiled call, not op by op
+    return quantize_model(net, rules, rngs=nnx.Rngs(quant=100 + seed))
 
 
 @pytest.mark.slow
