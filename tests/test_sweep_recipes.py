@@ -215,7 +215,9 @@ def test_recipe_sweep_from_scratch(tmp_path, capsys):
     # Without keep_float the 10-wide head does not fit NVFP4's blocks of 16: the cell
     # fails with the layer's name and the config line that keeps it in float.
     bad = write(tmp_path, E2E, "bad.toml")
-    code, out, err = sweep(capsys, "--config", str(bad), "--quick", "--out", str(tmp_path / "a"))
+    # Plots in run b only (a recipe's rows in the four figures): each set is seconds.
+    argv = ("--quick", "--no-plots")
+    code, out, err = sweep(capsys, "--config", str(bad), *argv, "--out", str(tmp_path / "a"))
     assert code == 1
     got = rows_by_id(tmp_path / "a")
     fail = got["digits-mlp/0/recipe=nvfp4/qat"]
@@ -227,6 +229,7 @@ def test_recipe_sweep_from_scratch(tmp_path, capsys):
     run = tmp_path / "b"
     code, out, err = sweep(capsys, "--config", str(path), "--quick", "--out", str(run))
     assert code == 0, err
+    assert len(list((run / "plots").glob("*.png"))) == 4
     got = rows_by_id(run)
     assert list(got) == [
         "digits-mlp/0/recipe=nvfp4/qat",
@@ -253,7 +256,7 @@ def test_recipe_sweep_from_scratch(tmp_path, capsys):
 
     # Resuming runs nothing; a config that spells the same recipe otherwise (same cell
     # ids) is another config: its folder is refused, never mixed.
-    code, out, err = sweep(capsys, "--config", str(path), "--quick", "--out", str(run))
+    code, out, err = sweep(capsys, "--config", str(path), *argv, "--out", str(run))
     assert code == 0 and "0 run, 2 already done" in out
     other = write(
         tmp_path,
@@ -263,13 +266,13 @@ def test_recipe_sweep_from_scratch(tmp_path, capsys):
         "other.toml",
     )
     assert [c.id for c in G.expand(C.load(other, quick=True))] == list(got)
-    code, out, err = sweep(capsys, "--config", str(other), "--quick", "--out", str(run))
+    code, out, err = sweep(capsys, "--config", str(other), *argv, "--out", str(run))
     assert code == 2 and "another config" in err
 
     # From the trained float model (the default start): the rows report the quantized
     # model before training (ptq_acc) and the float model's own metrics.
     fine = write(tmp_path, E2E.replace('start = "scratch"', 'keep_float = ["Dense_2"]'), "f.toml")
-    code, out, err = sweep(capsys, "--config", str(fine), "--quick", "--out", str(tmp_path / "c"))
+    code, out, err = sweep(capsys, "--config", str(fine), *argv, "--out", str(tmp_path / "c"))
     assert code == 0, err
     nv2, fl2 = rows_by_id(tmp_path / "c").values()
     assert "ptq_acc" in nv2 and nv2["float_loss"] == fl2["float_loss"]
