@@ -38,14 +38,22 @@ from flax import nnx
 import third_party_models as tp
 
 
+def _resnet():
+    return tp.ResNet(stage_sizes=[1, 1], block_cls=tp.ResNetBlock, num_classes=4, num_filters=8)
+
+
+# One jitted init for every call (a fresh jax.jit per call traces and compiles it again).
+_resnet_init = jax.jit(
+    lambda k: _resnet().init(k, jnp.zeros((1, 16, 16, 3), jnp.float32), train=False)
+)
+
+
 def resnet(seed):
     """flax's ImageNet ResNet as the published ResNet18 builds it: stage_sizes a list
     (an unhashable Linen attribute); returns (module, variables) with batch_stats."""
-    model = tp.ResNet(stage_sizes=[1, 1], block_cls=tp.ResNetBlock, num_classes=4, num_filters=8)
-    x = jnp.zeros((1, 16, 16, 3), jnp.float32)
     with tp.lenient():
-        variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(seed))
-    return model, variables
+        variables = _resnet_init(jax.random.key(seed))
+    return _resnet(), variables  # a new module each call, as a factory builds it
 
 
 def images(n=192):
@@ -58,13 +66,17 @@ def images(n=192):
     return {"x_train": x[:k], "y_train": y[:k], "x_test": x[k:], "y_test": y[k:]}
 
 
+_LM_CONFIG = tp.TransformerConfig(
+    vocab_size=64, output_vocab_size=64, logits_via_embedding=True, emb_dim=32,
+    num_heads=2, num_layers=1, qkv_dim=32, mlp_dim=64, max_len=16,
+)
+# One compiled constructor for every seed (the seed's key an argument, not a constant).
+_lm_new = nnx.jit(lambda key: tp.TransformerLM(_LM_CONFIG, rngs=nnx.Rngs(params=key)))
+
+
 def lm(seed):
     """lm1b_nnx's TransformerLM (an nnx.Module), weights from the seed, in eval mode."""
-    config = tp.TransformerConfig(
-        vocab_size=64, output_vocab_size=64, logits_via_embedding=True, emb_dim=32,
-        num_heads=2, num_layers=1, qkv_dim=32, mlp_dim=64, max_len=16,
-    )
-    model = nnx.jit(lambda: tp.TransformerLM(config, rngs=nnx.Rngs(params=seed)))()
+    model = _lm_new(jax.random.key(seed))
     model.eval()
     return model
 
