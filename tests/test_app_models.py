@@ -1,5 +1,7 @@
 """jaxquant.app.models: the shared models, and the outlier test bed (inject_outliers)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,13 +11,16 @@ from jaxquant.app.models import CNN, MLP, ByteLM, inject_outliers
 
 LM = ByteLM(seq=16, d=32, layers=2, heads=4, hidden=64)
 TOKENS = jax.random.randint(jax.random.key(1), (4, 16), 0, 256, dtype=jnp.int32)
-PARAMS = LM.init(jax.random.key(0), TOKENS)["params"]
+PARAMS = jax.jit(LM.init)(jax.random.key(0), TOKENS)["params"]  # jitted: eager compiles op by op
 CHANNELS, SCALES = [3, 17], [100.0, 1000.0]
+
+
+_apply_capturing = jax.jit(functools.partial(LM.apply, capture_intermediates=True))
 
 
 def _norm_outputs(params):
     """Every LayerNorm's output (the input of the Dense layers it feeds), by module path."""
-    _, state = LM.apply({"params": params}, TOKENS, capture_intermediates=True)
+    _, state = _apply_capturing({"params": params}, TOKENS)
     inter = state["intermediates"]
     out = {}
 
@@ -76,4 +81,6 @@ def test_inject_outliers_bad_arguments():
 def test_digits_models_shapes():
     x = jnp.ones((2, 64), jnp.float32)
     for net in (MLP(features=(16,)), CNN(channels=(4,), hidden=8)):
-        assert net.apply(net.init(jax.random.key(0), x), x).shape == (2, 10)
+        # Traced, not run (the shapes are the property; nothing to compile).
+        out = jax.eval_shape(lambda x, net=net: net.apply(net.init(jax.random.key(0), x), x), x)
+        assert out.shape == (2, 10) and out.dtype == jnp.float32
