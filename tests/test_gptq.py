@@ -13,6 +13,10 @@ must agree to 1e-4 relative (measured: 2e-7). (The full int grid is the exceptio
 its own bounds: its scale puts a weight of every group on a rounding tie.) Where no
 compensation happens (diagonal H) the result is bit-identical to ``jq.quantize`` and
 asserted so.
+
+The edit-test loop (``-m "not slow"``, issue 13) runs the solver against Algorithm 1 on one
+spec and the argument errors; everything else here is marked slow and runs in the whole
+suite.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ def test_layouts_that_share_scales_across_tokens_are_refused():
         jq.kv_cache_init((2, 3, 8), jq.QuantSpec("int4", jq.per_channel((0, 2))), axis=2)
 
 
+@pytest.mark.slow  # two compiles of the whole decode loop (~4 s): not in the edit-test loop
 def test_decode_with_a_float_cache_equals_the_full_forward():
     lm = ByteLM(seq=12, d=32, layers=2, heads=4, hidden=64)
     tok = jax.random.randint(jax.random.key(1), (3, 12), 0, 256, dtype=jnp.int32)

@@ -1,6 +1,11 @@
 """AWQ (jaxquant/_src/ptq/awq.py): the alpha search against a numpy oracle, folding into
 LayerNorms (detected and given) or the online transform with the float function unchanged,
-clipping search, NNX, bad arguments; on the PTQ test bed (slow) AWQ beats round-to-nearest."""
+clipping search, NNX, bad arguments; on the PTQ test bed (slow) AWQ beats round-to-nearest.
+
+The edit-test loop (``-m "not slow"``, issue 13) runs AWQ of a small block (the detected
+fold keeps the function) and the bad arguments; everything else here is marked slow and runs
+in the whole suite.
+"""
 
 import functools
 

@@ -2,6 +2,10 @@
 the array solver on numpy Hessians, serving, NNX, online transforms, sequential Hessians,
 skipped layers, bad arguments; on the PTQ test bed, held-out loss against round-to-nearest
 at 3 and 4 bits, groups, full-range grids, nf4, MXFP4, the outlier model; third-party models.
+
+The edit-test loop (``-m "not slow"``, issue 13) runs GPTQ of a small MLP (the tree, the
+report, serving) and the bad arguments and models; everything else here is marked slow and
+runs in the whole suite.
 """
 
 from __future__ import annotations
@@ -401,12 +405,14 @@ def test_testbed_outliers_gptq_beats_rtn():
 
 
 # The median of diag H is not inflated by the outlier channels: at the paper's 1% damping
-# (measured 2026-12-06) w4 +0.0811 (mean) -> +0.0238 (median), w3 +0.131 -> +0.056.
+# (measured 2026-12-06) w4 +0.0811 (mean) -> +0.0238 (median), w3 +0.131 -> +0.056; w3 in
+# activation order (the spec, order and solver programs of the test above: the mean run
+# compiles nothing new) +0.118 -> +0.022 (measured 2026-12-07).
 @pytest.mark.slow
 def test_testbed_outliers_median_damping():
-    spec = jq.QuantSpec("int4", jq.per_channel())
-    mean = _tb_increase(spec, outliers=True)
-    median = _tb_increase(spec, outliers=True, damping_reference="median")
+    spec = jq.QuantSpec("int3", jq.per_channel())
+    mean = _tb_increase(spec, outliers=True, act_order=True)
+    median = _tb_increase(spec, outliers=True, act_order=True, damping_reference="median")
     assert median < 0.5 * mean, (median, mean)
 
 

@@ -2,7 +2,12 @@
 quantized (int8) activations recovers float's loss; the float function is unchanged by the
 smoothing alone (folded and online); folds are found in the traced graph (ByteLM's
 ln1 -> q, k, v / ln2 -> fc1 / ln_f -> head, GPT-2's ln_1 -> c_attn / ln_2 -> c_fc) and
-refused where another reader would change; NNX; bad arguments."""
+refused where another reader would change; NNX; bad arguments.
+
+The edit-test loop (``-m "not slow"``, issue 13) runs the scale formula, the no-fold rules
+on a small model (smooth_quant end to end, the function kept) and the bad arguments;
+everything else here is marked slow and runs in the whole suite.
+"""
 
 import functools
 
