@@ -340,7 +340,10 @@ def test_quick_lm_end_to_end(tmp_path, capsys):
     # Not CI's main job (the default preset's --quick): its grid, a third of the QAT steps.
     toml = tmp_path / "lm.toml"
     toml.write_text('preset = "stdlib-lm"\n[qat]\nsteps = 10\n')
-    code, text, err = sweep(capsys, "--config", str(toml), "--quick", "--out", str(out))
+    # No plots: test_sweep_default draws this task's rows (its labels), test_quick_digits
+    # a whole sweep's.
+    argv = ("--config", str(toml), "--quick", "--no-plots", "--out", str(out))
+    code, text, err = sweep(capsys, *argv)
     assert code == 0, err
     cfg = C.load(toml, quick=True)
     assert cfg["qat"]["steps"] == 10 and cfg["task"]["steps"] == C.QUICK_TASK["stdlib-lm"]["steps"]
