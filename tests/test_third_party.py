@@ -28,6 +28,8 @@ contraction) lands, and then flags that the pins need updating.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,14 @@ def _quantized(m: tp.ThirdPartyModel, rules=RULES):
     """A quantized copy of ``m.model`` (NNX quantizes in place: a clone of the cached one)."""
     model = nnx.clone(m.model) if tp.is_nnx(m.model) else m.model
     return jq.flax.quantize_model(model, rules)
+
+
+@functools.cache
+def _quantized_contractions(name: str) -> tuple[tp.Contraction, ...]:
+    """The contractions of the ``RULES``-quantized model's inference call: traced once per
+    process for test_quantized_today and test_every_weight_product_quantized."""
+    m = _model(name)
+    return tuple(tp.model_contractions(m, _quantized(m)))
 
 
 # ------------------------------------------------------------------- the counter itself
@@ -189,8 +199,7 @@ def test_float_model_counts(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_quantized_today(name):
     """What ``Rule(".*")`` quantizes today, exactly (update with issue 12 item 4)."""
-    m = _model(name)
-    found = tp.model_contractions(m, _quantized(m))
+    found = _quantized_contractions(name)
     got = tp.Count.of(found)
     assert got[:4] == TODAY[name], [(c.where, c.quantized) for c in found]
     missed: dict[str, int] = {}
@@ -210,7 +219,7 @@ def test_quantized_today(name):
 )
 def test_every_weight_product_quantized(name):
     m = _model(name)
-    got = tp.count(m, _quantized(m))
+    got = tp.Count.of(_quantized_contractions(name))
     assert got.weight == m.weight_contractions
     assert got.weight_quantized == got.weight, got.missed
 
