@@ -114,3 +114,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture
+def evaluators(monkeypatch):
+    """The evaluators the sweeps of a test build (``jaxquant.app.sweep.run.Evaluator``),
+    kept: a test inspects the float model its sweep trained (a fresh Evaluator would train,
+    trace and compile it again)."""
+    from jaxquant.app.sweep import run
+
+    made: list[run.Evaluator] = []
+
+    class Kept(run.Evaluator):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            made.append(self)
+
+    monkeypatch.setattr(run, "Evaluator", Kept)
+    return made

@@ -106,21 +106,6 @@ def tiny(tmp_path, tiny_module):
     return tmp_path
 
 
-@pytest.fixture
-def evaluators(monkeypatch):
-    """The evaluators the sweeps of a test build, kept: the test inspects the float model
-    the sweep trained (a fresh Evaluator would train, trace and compile it again)."""
-    made: list[R.Evaluator] = []
-
-    class Kept(R.Evaluator):
-        def __init__(self, cfg):
-            super().__init__(cfg)
-            made.append(self)
-
-    monkeypatch.setattr(R, "Evaluator", Kept)
-    return made
-
-
 def sweep(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(["sweep", "--no-progress", *argv])
     out, err = capsys.readouterr()

@@ -173,21 +173,6 @@ def sweep(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.fixture
-def evaluators(monkeypatch):
-    """The evaluators the sweeps of a test build, kept: the test inspects the float model
-    the sweep trained (a fresh Evaluator would train, trace and compile it again)."""
-    made: list[R.Evaluator] = []
-
-    class Kept(R.Evaluator):
-        def __init__(self, cfg):
-            super().__init__(cfg)
-            made.append(self)
-
-    monkeypatch.setattr(R, "Evaluator", Kept)
-    return made
-
-
 def rows_by(out: Path) -> dict[tuple, dict]:
     rows = R.read_rows(out / "results.jsonl")
     return {(r["format"], r["mode"], r.get("act", "none")): r for r in rows}
