@@ -10,7 +10,6 @@ machine. Uses ``jaxquant.app`` and the public API only.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
@@ -24,12 +23,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxquant.app import testbed  # noqa: E402
 from jaxquant.app.models import ByteLM  # noqa: E402
-from jaxquant.flax import Rule, convert, quantize_model  # noqa: E402
+from jaxquant.flax import Rule, convert  # noqa: E402
 
 # Every Dense of the blocks and the head is quantized; the embedding stays in float.
 LAYERS = r"block\d+/.*|head"
@@ -75,28 +73,16 @@ def eval_loss(apply_fn: Any, variables: Any, seq: int = 64, test_windows: int = 
     return testbed.eval_loss(apply_fn, variables, d["x_test"], d["y_test"])
 
 
-@functools.lru_cache(maxsize=16)
-def _quantized(lm: ByteLM, rules: tuple[Rule, ...]) -> Any:
-    """``quantize_model(lm, rules)``, one per (model, rules), traced once (no compute) so that
-    ``convert`` knows its contractions. A new quantized module at every call would trace and
-    compile the whole model again at each evaluation (``eval_loss`` jits one ``apply`` once);
-    this way every evaluation with the same rules (RTN, a method's result) shares one program.
-    """
-    qm = quantize_model(lm, list(rules))
-    jax.eval_shape(qm.init, jax.random.key(0), jnp.zeros((1, lm.seq), jnp.int32))
-    return qm
-
-
 def rtn_loss(lm: ByteLM, rules: list[Rule], variables: Any, test_windows: int = 64) -> float:
     """Held-out loss served with round-to-nearest weights (``convert``) and ``rules``' acts;
     ``variables`` may carry a method's folded params and its ``"ptq"`` transforms."""
-    qm = _quantized(lm, tuple(rules))
+    qm = testbed.quantized(lm, tuple(rules))
     return eval_loss(qm.apply, convert(qm, variables), lm.seq, test_windows)
 
 
 def served_loss(lm: ByteLM, rules: list[Rule], served: Any, test_windows: int = 64) -> float:
     """Held-out loss of an already converted tree (e.g. GPTQ's result)."""
-    return eval_loss(_quantized(lm, tuple(rules)).apply, served, lm.seq, test_windows)
+    return eval_loss(testbed.quantized(lm, tuple(rules)).apply, served, lm.seq, test_windows)
 
 
 def float_loss(lm: ByteLM, variables: Any, test_windows: int = 64) -> float:

@@ -19,7 +19,8 @@ import jax
 import ptq_testbed as tb
 
 from jaxquant import QuantSpec
-from jaxquant.flax import Rule, convert, quantize_model
+from jaxquant.app import testbed
+from jaxquant.flax import Rule, convert
 
 # Every Dense of the blocks and the head (the embedding stays in float).
 LAYERS = r"block\d+/.*|head"
@@ -40,14 +41,11 @@ def float_loss(outliers: bool = False) -> float:
     return tb.eval_loss(tb.MODEL.apply, {"params": params(outliers)})
 
 
-@functools.cache
 def served_model(weight: QuantSpec | None = None, act: QuantSpec | None = None) -> Any:
     """``quantize_model(tb.MODEL, [Rule(LAYERS, weight=weight, act=act)])``, one per specs
-    (no specs: every layer in float, its online transforms applied), traced once (no
-    compute) so that ``convert`` knows its contractions."""
-    qm = quantize_model(tb.MODEL, [Rule(LAYERS, weight=weight, act=act)])
-    jax.eval_shape(qm.init, jax.random.key(0), tb.calibration_batches()[0])
-    return qm
+    (no specs: every layer in float, its online transforms applied), traced once
+    (``jaxquant.app.testbed.quantized``)."""
+    return testbed.quantized(tb.MODEL, (Rule(LAYERS, weight=weight, act=act),))
 
 
 def loss(variables: Any, weight: QuantSpec | None = None, act: QuantSpec | None = None) -> float:

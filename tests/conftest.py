@@ -41,6 +41,7 @@ _FLAGS = {
     "--xla_cpu_use_fusion_emitters": "false",
 }
 _PROBED = "JAXQUANT_TEST_XLA_FLAGS"  # set once, so pytest-xdist's workers inherit it
+_CHILD = "JAXQUANT_TEST_CHILD_XLA_FLAGS"  # XLA_FLAGS for a test's child process
 
 
 # jaxlib releases checked to know every flag above (the probe below costs 2 s of a
@@ -69,6 +70,13 @@ if _PROBED not in os.environ:
     ]
     os.environ["XLA_FLAGS"] = " ".join([given, *extra]).strip()
     os.environ[_PROBED] = "1"
+    # The same flags, less the 8 fake devices, for the processes tests start (notebook
+    # kernels, sweep drivers): the faster compiles, on one CPU device.
+    os.environ[_CHILD] = " ".join(
+        f
+        for f in os.environ["XLA_FLAGS"].split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    )
 
 # The imports follow the flags: jax reads XLA_FLAGS when it initialises.
 import jax  # noqa: E402

@@ -88,13 +88,9 @@ def _kernel_env():
     env = dict(os.environ)
     # The suite's XLA flags (tests/conftest.py: LLVM -O1, the elemental fusion emitters; most
     # of a notebook's time is compiling) less its 8 fake CPU devices: the notebooks want 1.
-    flags = [
-        f
-        for f in env.pop("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    ]
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
+    env.pop("XLA_FLAGS", None)
+    if env.get("JAXQUANT_TEST_CHILD_XLA_FLAGS"):
+        env["XLA_FLAGS"] = env["JAXQUANT_TEST_CHILD_XLA_FLAGS"]
     env["JAX_PLATFORMS"] = "cpu"
     env["MPLBACKEND"] = "Agg"
     # jaxquant from this checkout, whether or not it is installed

@@ -148,11 +148,7 @@ def launch(tmp: Path, argv: list[str], log: str, **env: str) -> subprocess.Popen
     # The suite's XLA flags (tests/conftest.py: LLVM -O1, the elemental fusion emitters,
     # which compile the drivers' programs faster), every driver the same ones, less the 8
     # fake devices: one CPU device each (the cells run on one device; start-up is quicker).
-    flags = [
-        f
-        for f in os.environ.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    ]
+    flags = os.environ.get("JAXQUANT_TEST_CHILD_XLA_FLAGS", "").split()
     full = {
         **os.environ,
         "PYTHONPATH": path,

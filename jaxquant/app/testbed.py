@@ -39,6 +39,7 @@ __all__ = [
     "eval_loss",
     "held_out_batches",
     "outlier_params",
+    "quantized",
     "train_byte_lm",
 ]
 
@@ -239,6 +240,34 @@ def calibration_batches(x_train: np.ndarray, n: int = 4, size: int = 16) -> list
       [[0, 25], [50, 75]]
     """
     return _batches(x_train, n, size, max(1, len(x_train) // (n * size)))
+
+
+@functools.lru_cache(maxsize=64)
+def quantized(lm: ByteLM, rules: tuple[Any, ...]) -> Any:
+    """``jaxquant.flax.quantize_model(lm, rules)``, one per (model, rules), traced once (no
+    compute) so that ``convert`` knows its contractions.
+
+    :func:`eval_loss` jits a model's ``apply`` once per ``apply``; a new quantized module at
+    every call would trace and compile the whole model again at every evaluation. With this
+    one, every evaluation under the same rules (round-to-nearest weights, a PTQ method's
+    result) shares one compiled program.
+
+    Example:
+      >>> import jaxquant as jq
+      >>> from jaxquant.flax import Rule
+      >>> from jaxquant.app.models import ByteLM
+      >>> from jaxquant.app.testbed import quantized
+      >>> lm = ByteLM(seq=8, d=16, layers=1, heads=2, hidden=32)
+      >>> rules = (Rule("head", weight=jq.QuantSpec("int8")),)
+      >>> qm = quantized(lm, rules)
+      >>> qm is quantized(lm, rules), [m.path for m in jq.flax.report(qm)]
+      (True, ['head'])
+    """
+    from jaxquant.flax import quantize_model  # the app layer on the public API
+
+    qm = quantize_model(lm, list(rules))
+    jax.eval_shape(qm.init, jax.random.key(0), jnp.zeros((1, lm.seq), jnp.int32))
+    return qm
 
 
 def eval_loss(apply_fn: Callable[..., Any], variables: Any, x: Any, y: Any) -> float:
