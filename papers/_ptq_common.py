@@ -30,7 +30,7 @@ from jaxquant.app.models import ByteLM  # noqa: E402
 from jaxquant.flax import Rule, convert  # noqa: E402
 
 # Every Dense of the blocks and the head is quantized; the embedding stays in float.
-LAYERS = r"block\d+/.*|head"
+LAYERS = testbed.LAYERS
 # The small model (d=64) and the wider one (d=128: groups of 128 fit every layer).
 SMALL = {"seq": 64, "d": 64, "layers": 2, "heads": 4, "hidden": 256}
 WIDE = {"seq": 64, "d": 128, "layers": 2, "heads": 4, "hidden": 512}

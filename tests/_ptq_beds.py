@@ -23,7 +23,7 @@ from jaxquant.app import testbed
 from jaxquant.flax import Rule, convert
 
 # Every Dense of the blocks and the head (the embedding stays in float).
-LAYERS = r"block\d+/.*|head"
+LAYERS = testbed.LAYERS
 
 
 def params(outliers: bool = False) -> dict:

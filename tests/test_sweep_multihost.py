@@ -217,8 +217,8 @@ def test_two_processes_run_every_cell_once_and_match_one_process(tiny, capsys, m
     argv = ["--config", "tiny.toml"]
     gs = {"GS_ROOT": str(tiny / "gs")}
     procs = two_processes(tiny, "gs://bucket/two", argv, "two", **gs)
-    # The 1-process run: in this process (the drivers' XLA flags but their one device; a
-    # process less to start), while the two run.
+    # The 1-process run: in this process, while the two drivers run (a process fewer to
+    # start). Its XLA flags are the drivers' but for its 8 fake devices; a cell runs on one.
     monkeypatch.chdir(tiny)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the config's folder goes first
     try:

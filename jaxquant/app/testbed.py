@@ -32,6 +32,7 @@ from jaxquant.app.models import ByteLM, inject_outliers
 
 __all__ = [
     "CONFIG",
+    "LAYERS",
     "OUTLIERS",
     "TRAINING",
     "calibration_batches",
@@ -48,6 +49,9 @@ CONFIG: dict[str, int] = {"seq": 64, "d": 64, "layers": 2, "heads": 4, "hidden":
 #: Adam, cosine decay from ``lr`` over ``steps``; init key ``seed``, batch keys ``seed + 1``;
 #: ``max_files`` standard-library files (every 10th held out).
 TRAINING: dict[str, Any] = {"steps": 300, "batch": 32, "lr": 3e-3, "seed": 0, "max_files": 60}
+#: The layers the PTQ tests, papers and benchmarks quantize: every Dense of the blocks
+#: and the head (the embedding stays in float), as a ``Rule`` pattern.
+LAYERS = r"block\d+/.*|head"
 #: Residual channels made 60-1000x the median at every quantized layer's input.
 OUTLIERS: dict[str, list] = {"channels": [5, 17, 40, 58], "scales": [60.0, 200.0, 500.0, 1000.0]}
 

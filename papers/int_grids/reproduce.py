@@ -47,7 +47,7 @@ from jaxquant.app.models import ByteLM
 # The PTQ tests' model and training (tests/ptq_testbed.py), from jaxquant.app.testbed.
 CONFIG = testbed.CONFIG
 MODEL = ByteLM(**CONFIG)
-QUANTIZED = re.compile(r"block\d+/.*|head")
+QUANTIZED = re.compile(testbed.LAYERS)  # every Dense of the blocks and the head
 GROUP = 32  # input channels per scale for per-group
 BITS = (2, 3, 4, 8)
 GRIDS = ("restricted", "full", "asymmetric")
