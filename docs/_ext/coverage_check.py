@@ -1,28 +1,21 @@
 """A Sphinx extension that fails the build when a public name is not documented.
 
 The model is optax's ``docs/ext/coverage_check.py``: the public API is every name in the
-``__all__`` of ``jaxquant`` and of each public submodule (``jaxquant.<name>`` where
-``<name>`` has no leading underscore); each must be an object of the Python domain (an
-``auto*`` directive in ``docs/api/``), and each public submodule a documented module.
+``__all__`` of ``jaxquant`` and of each public module below it, at any depth (``public_api.py``
+says which those are); each must be an object of the Python domain (an ``auto*`` directive
+in ``docs/api/``), and each public module a documented module.
 Missing names are reported as warnings, which ``sphinx -W`` turns into a failed build.
 """
 
 import importlib
-import pkgutil
 import types
 
+from public_api import public_modules
+from public_api import public_names as module_names
 from sphinx.application import Sphinx
 from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
-
-
-def public_modules() -> list[str]:
-    """``jaxquant`` and its public submodules, sorted."""
-    import jaxquant
-
-    subs = [m.name for m in pkgutil.iter_modules(jaxquant.__path__) if not m.name.startswith("_")]
-    return ["jaxquant", *sorted(f"jaxquant.{s}" for s in subs)]
 
 
 def public_names() -> dict[str, object]:
@@ -30,7 +23,7 @@ def public_names() -> dict[str, object]:
     out = {}
     for mod_name in public_modules():
         mod = importlib.import_module(mod_name)
-        for name in mod.__all__:
+        for name in module_names(mod_name):
             out[f"{mod_name}.{name}"] = getattr(mod, name)
     return out
 

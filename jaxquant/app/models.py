@@ -264,16 +264,17 @@ def inject_outliers(
     the same function.
 
     Small models trained here do not grow the massive activations of large LMs (Sun et al.
-    2024), whose few channels hundreds to thousands of times the median make per-tensor
-    activation quantization fail and motivate SmoothQuant and rotations. This builds them
-    in by a reparametrization: for every LayerNorm (``block<i>/ln1``, ``block<i>/ln2``,
-    ``ln_f``) the scale and bias of channel ``c`` are multiplied by ``s_c`` and row ``c``
-    of every Dense kernel reading that LayerNorm (``attn/{q,k,v}``, ``fc1``, ``head``) is
-    divided by ``s_c``. The float model's outputs are unchanged (to float32 rounding); the
-    inputs of those Dense layers carry channel ``c`` ``s_c`` times larger -- the structure
-    SmoothQuant's migration (arXiv 2211.10438) exactly undoes, and that large LMs show
-    (LayerNorm weights concentrated in a few channels; Dettmers et al. 2022, arXiv
-    2208.07339).
+    2024, https://arxiv.org/abs/2402.17762), whose few channels hundreds to thousands of
+    times the median make per-tensor activation quantization fail and motivate SmoothQuant
+    and rotations. This builds them in by a reparametrization: for every LayerNorm
+    (``block<i>/ln1``, ``block<i>/ln2``, ``ln_f``) the scale and bias of channel ``c`` are
+    multiplied by ``s_c`` and row ``c`` of every Dense kernel reading that LayerNorm
+    (``attn/{q,k,v}``, ``fc1``, ``head``) is divided by ``s_c``. The float model's outputs
+    are unchanged (to float32 rounding); the inputs of those Dense layers carry channel
+    ``c`` ``s_c`` times larger -- the structure SmoothQuant's migration
+    (https://arxiv.org/abs/2211.10438) exactly undoes, and that large LMs show (LayerNorm
+    weights concentrated in a few channels; Dettmers et al. 2022,
+    https://arxiv.org/abs/2208.07339).
 
     Args:
       params: a ByteLM's ``params`` collection (``variables["params"]``).

@@ -199,8 +199,9 @@ def outlier_params(params: Any, outliers: Mapping[str, Any] | None = None) -> An
 
     :func:`jaxquant.app.models.inject_outliers` with ``outliers["channels"]`` and
     ``outliers["scales"]`` (default :data:`OUTLIERS`: 4 channels 60-1000x the median at
-    every quantized layer's input, the massive activations of large LMs that SmoothQuant,
-    arXiv:2211.10438, and rotations, arXiv:2404.00456, address).
+    every quantized layer's input, the massive activations of large LMs that SmoothQuant
+    (https://arxiv.org/abs/2211.10438) and rotations (https://arxiv.org/abs/2404.00456)
+    address).
 
     Example:
       >>> import jax, jax.numpy as jnp
