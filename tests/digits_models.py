@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from xla_options import OPTIMIZED
 
 from jaxquant.app.datasets import digits
 
@@ -93,7 +94,7 @@ def make_trainer(model: nn.Module, tx: optax.GradientTransformation, *, batch: i
         (params, state, opt_state), losses = jax.lax.scan(epoch, (params, state, opt_state), keys)
         return params, state, opt_state, losses
 
-    return jax.jit(train)
+    return jax.jit(train, compiler_options=OPTIMIZED)  # long-running: xla_options.py
 
 
 def train(model: nn.Module, d, *, seed: int, epochs: int, lr: float, batch: int = 64):
