@@ -115,9 +115,22 @@ def run_cpu(args) -> dict:
     )
     variants.append(("w8a8_int8 (mode=emulate)", jq.recipes.get("w8a8_int8")))
     variants.append(("float + adam_8bit", None))
+    # errors=True: per-layer SQNR of every product (a float GEMM beside each quantized
+    # one) and operand saturation / underflow, carried out as gradients that
+    # overwrite_with_gradient writes (README: "2-3x the CPU step").
+    variants += [(f"{n} + errors", jq.recipes.get(n)) for n in ("w8a8_int8", "fp8_current")]
+    if args.only:
+        keep = {"float", *args.only}
+        unknown = set(args.only) - {n for n, _ in variants}
+        if unknown:
+            raise SystemExit(f"--only: no variants {sorted(unknown)}; see the script's list")
+        variants = [(n, r) for n, r in variants if n in keep]
     steps = {}
     for name, recipe in variants:
         opt = jq.optax.adam_8bit(1e-3) if "adam_8bit" in name else tx
+        errors = name.endswith("+ errors")
+        if errors:  # the errors ride in the params as gradients to write, not to step on
+            opt = jq.optax.overwrite_with_gradient(opt)
         if name == "w4a16_int4":
             recipe = jq.recipes.get(name, group_size=64)
         # MX blocks of 32 need the output width to divide: the 10-class head stays float.
@@ -125,7 +138,7 @@ def run_cpu(args) -> dict:
         rules = () if recipe is None else recipe.rules(keep_float=keep)
         if "emulate" in name:  # the same numbers from a float32 dot of the int8 grid values
             rules = tuple(r.replace(mode="emulate") for r in rules)
-        model = base if recipe is None else quantize_model(base, rules)
+        model = base if recipe is None else quantize_model(base, rules, errors=errors)
         step = _make_step(model, opt, "xent")
         steps[name] = (step, _time(step, _init(model, opt, x), (x, y), iters=1, repeats=1)[1])
     # Interleaved rounds: every variant once per round, ratios taken within a round, so
@@ -274,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loss-check", nargs=2, default=["half_out", "1"])
     p.add_argument("--reference", type=int, default=1, help="time the hand-written step")
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--only", nargs="+", help="CPU: time only these variants (and the float baseline)"
+    )
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes, few steps: a smoke run")
     args = p.parse_args(argv)
