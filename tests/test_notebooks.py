@@ -86,7 +86,7 @@ def _kernel_manager(tmp_path):
 
 def _kernel_env():
     env = dict(os.environ)
-    # The suite's XLA flags (tests/conftest.py: LLVM -O1, the elemental fusion emitters; most
+    # The suite's XLA flags (tests/conftest.py: LLVM -O0, the elemental fusion emitters; most
     # of a notebook's time is compiling) less its 8 fake CPU devices: the notebooks want 1.
     env.pop("XLA_FLAGS", None)
     if env.get("JAXQUANT_TEST_CHILD_XLA_FLAGS"):

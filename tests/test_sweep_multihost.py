@@ -145,7 +145,7 @@ def free_port() -> int:
 def launch(tmp: Path, argv: list[str], log: str, **env: str) -> subprocess.Popen:
     """A driver process; its stdout and stderr go to tmp/<log>.out / .err."""
     path = os.pathsep.join(filter(None, [str(ROOT), str(tmp), os.environ.get("PYTHONPATH")]))
-    # The suite's XLA flags (tests/conftest.py: LLVM -O1, the elemental fusion emitters,
+    # The suite's XLA flags (tests/conftest.py: LLVM -O0, the elemental fusion emitters,
     # which compile the drivers' programs faster), every driver the same ones, less the 8
     # fake devices: one CPU device each (the cells run on one device; start-up is quicker).
     flags = os.environ.get("JAXQUANT_TEST_CHILD_XLA_FLAGS", "").split()
