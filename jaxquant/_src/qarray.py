@@ -363,8 +363,13 @@ def float_values(c: jax.Array, fmt: Format) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def codes(values: jax.Array, fmt: Format, shape: tuple[int, ...]) -> jax.Array:
-    """Unpacked codes of stored ``values`` of element format ``fmt`` (see QArray.codes)."""
+    """Unpacked codes of stored ``values`` of element format ``fmt`` (see QArray.codes).
+
+    Jitted: called eagerly, the unpacking's shifts and masks would each compile on their
+    own for every new shape (about 0.2 s for the first int4 call), and each later call
+    would dispatch them one by one."""
     if fmt.packed:
         n = shape[-1] if shape else 1
         c = unpack(values, fmt.bits, n).reshape(shape)
