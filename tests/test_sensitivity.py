@@ -8,6 +8,7 @@ into 3 batches of 199 (one compile per trial).
 
 import dataclasses
 import functools
+import importlib
 import itertools
 import math
 
@@ -30,9 +31,11 @@ from jaxquant._src.flax.sensitivity import (
 )
 from jaxquant.flax import Rule, quantize_model, report
 
+S = importlib.import_module("jaxquant._src.flax.sensitivity")
+
 PATHS = ("Dense_0", "Dense_1", "Dense_2")
 PC = jq.per_channel(-1)
-CANDIDATES = {  # the accuracy fixture's; other tests take subsets (each trial compiles)
+CANDIDATES = {  # the accuracy fixture's; other tests take subsets (a compilation each)
     "int8": Rule(".*", weight=jq.QuantSpec("int8", PC)),
     "int4_g32": Rule(".*", weight=jq.QuantSpec("int4", jq.per_block(0, 32))),
     "int2": Rule(".*", weight=jq.QuantSpec("int2", PC)),
@@ -175,6 +178,49 @@ def test_one_layer_trial_is_that_layer_quantized(sens_acc, linen, digits):
     got = _linen_accuracy(model, variables, [CANDIDATES["binary"]], digits[2])
     assert got == sens_acc.all_layers["binary"]
     assert _linen_accuracy(model, variables, None, digits[2]) == sens_acc.baseline
+
+
+def _traced_runs(fn):
+    """(fn's result, how many models sensitivity traced: its jitted ``run``)."""
+    names = []
+
+    def listen(event, duration, **kw):
+        del duration
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            names.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        out = fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return out, sum(n == "run" for n in names)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_one_compilation_per_candidate_and_the_per_layer_values(
+    kind, linen, nnx_model, digits, monkeypatch
+):
+    """Every layer's trial of a candidate runs one compiled model, its layers gated by
+    traced flags (the float model is one more): 3 models for 2 candidates and 3 layers, not
+    1 + 3 x 2 + 2; the values are exactly those of a model per layer (the former way,
+    still taken where layers carry online activation transforms)."""
+    model, variables = linen if kind == "linen" else (nnx_model, None)
+    cands = {k: CANDIDATES[k] for k in ("int4_g32", "int2")}
+    data = digits[2][:2]
+    gated, n_gated = _traced_runs(lambda: sensitivity(model, variables, cands, data))
+    runner = S._LinenRunner if kind == "linen" else S._NnxRunner
+    monkeypatch.setattr(runner, "gateable", lambda self: False)
+    per_layer, n_per_layer = _traced_runs(lambda: sensitivity(model, variables, cands, data))
+    assert (n_gated, n_per_layer) == (1 + len(cands), 1 + len(PATHS) * len(cands) + len(cands))
+    assert gated == per_layer
+
+
+def test_online_transforms_take_a_model_per_layer(linen):
+    _, variables = linen
+    assert S._LinenRunner(linen[0], variables, {}).gateable()
+    smoothed = {**variables, "ptq": {"Dense_1": {"smooth": jnp.ones(64)}}}
+    assert not S._LinenRunner(linen[0], smoothed, {}).gateable()
 
 
 @pytest.mark.slow

@@ -296,7 +296,7 @@ def _discovered(name: str) -> tuple[str, ...]:
     return tuple(re.findall(r"'([^']*)'", listing))
 
 
-SENS_SLOW = ("hf_gpt2", "hf_bert", "nnx_lm1b")  # a compilation per layer measured: seconds
+SENS_SLOW = ("hf_gpt2", "hf_bert", "nnx_lm1b")  # a compilation of the model per candidate: seconds
 
 
 @pytest.mark.parametrize("name", _params({}, slow=SENS_SLOW))

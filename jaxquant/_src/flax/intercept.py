@@ -45,7 +45,7 @@ from jaxquant._src.dot import probe as probe_lib
 from jaxquant._src.dot.subscripts import parse as parse_subscripts
 from jaxquant._src.flax import act_transform
 from jaxquant._src.flax.act_transform import ActTransform
-from jaxquant._src.flax.rules import Rule, _at
+from jaxquant._src.flax.rules import Rule, _at, gated
 from jaxquant._src.granularity import follows_layout
 from jaxquant._src.layout import bind, conv_layout, dot_layout
 from jaxquant._src.qarray import QArray
@@ -429,7 +429,8 @@ def _decide(call: Call, owner: Owner, inner_jit: bool = False) -> Any:
             )
             return owner.stateful(call, bound)
         assert call.quantized is not None  # else `problem` was set and returned above
-        return call.quantized(lhs_spec, rhs_spec, cfg)
+        product = call.quantized
+        return gated(owner.path, lambda: product(lhs_spec, rhs_spec, cfg), call.original)
 
 
 def _bind(

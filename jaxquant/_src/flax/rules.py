@@ -14,12 +14,16 @@ This module imports no Flax: the Linen and NNX front ends share it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import re
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 
 from jaxquant._src.checks import describe
 from jaxquant._src.config import Mode, QuantConfig, Scaling, Ste
@@ -225,6 +229,40 @@ def _at(path: str) -> Iterator[None]:
 _SHAPE_MISFITS = ("does not divide", "multiple of", "not a multiple")
 
 
+# ---------------------------------------------------------------- gated layers
+#
+# Sensitivity analysis measures one layer quantized at a time. Rather than one model (and
+# one compilation) per layer, it quantizes every layer and passes, as traced booleans,
+# which layers' products take the quantized result: one compilation per candidate, each
+# trial a call with other gates. Each gated product computes both results and selects one,
+# exactly the float product (the layer unquantized) or the quantized one.
+
+_GATES: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "jaxquant_layer_gates", default=None
+)
+
+
+@contextlib.contextmanager
+def layer_gates(gates: Mapping[str, Any]) -> Iterator[None]:
+    """While tracing inside: the product of a layer at a path in ``gates`` (a traced or
+    concrete boolean scalar per path) is the quantized one where its gate is true and the
+    float one where it is false; other layers are as their rules say."""
+    token = _GATES.set(gates)
+    try:
+        yield
+    finally:
+        _GATES.reset(token)
+
+
+def gated(path: str, quantized: Callable[[], Any], original: Callable[[], Any]) -> Any:
+    """``quantized()``, or ``where(gate, quantized(), original())`` for a gated ``path``."""
+    gates = _GATES.get()
+    if gates is None or path not in gates:
+        return quantized()
+    on = gates[path]
+    return jax.tree.map(lambda q, f: jnp.where(on, q, f), quantized(), original())
+
+
 def _spec_kwargs(r: Rule, rhs: Any = None) -> dict[str, Any]:
     """The keyword arguments every quantized op of a stateless rule takes. A QArray
     ``rhs`` (converted params, serving) is already quantized: only the activation's spec
@@ -364,19 +402,31 @@ class QuantDot:
         out_sharding: Any = None,
     ) -> Any:
         r = self.rule
+        x = lhs
         lhs = act_transform.apply_to_lhs(
             lhs, dimension_numbers[0][0], sys._getframe(1), f"layer {self.path!r}"
         )
+
+        def original() -> Any:  # the layer unquantized (sensitivity's gates)
+            kw = {} if out_sharding is None else {"out_sharding": out_sharding}
+            return jax.lax.dot_general(
+                x, rhs, dimension_numbers, precision, preferred_element_type, **kw
+            )
+
         with _at(self.path):
-            return dot_general(
-                lhs,
-                rhs,
-                dimension_numbers,
-                precision,
-                preferred_element_type,
-                **_mode_kwargs(r, rhs),
-                **_spec_kwargs(r, rhs),
-                out_sharding=out_sharding,
+            return gated(
+                self.path,
+                lambda: dot_general(
+                    lhs,
+                    rhs,
+                    dimension_numbers,
+                    precision,
+                    preferred_element_type,
+                    **_mode_kwargs(r, rhs),
+                    **_spec_kwargs(r, rhs),
+                    out_sharding=out_sharding,
+                ),
+                original,
             )
 
 
@@ -405,16 +455,26 @@ class QuantEinsum:
         r = self.rule
         la, lb, lo = parse_subscripts(subscripts, len(lhs.shape), len(rhs.shape))
         contracting = [i for i, c in enumerate(la) if c in lb and c not in lo]
+        x = lhs
         lhs = act_transform.apply_to_lhs(lhs, contracting, sys._getframe(1), f"layer {self.path!r}")
+
+        def original() -> Any:  # the layer unquantized (sensitivity's gates)
+            pet = preferred_element_type
+            return jnp.einsum(subscripts, x, rhs, precision=precision, preferred_element_type=pet)
+
         with _at(self.path):
-            return einsum(
-                subscripts,
-                lhs,
-                rhs,
-                precision=precision,
-                preferred_element_type=preferred_element_type,
-                **_mode_kwargs(r, rhs),
-                **_spec_kwargs(r, rhs),
+            return gated(
+                self.path,
+                lambda: einsum(
+                    subscripts,
+                    lhs,
+                    rhs,
+                    precision=precision,
+                    preferred_element_type=preferred_element_type,
+                    **_mode_kwargs(r, rhs),
+                    **_spec_kwargs(r, rhs),
+                ),
+                original,
             )
 
 
@@ -466,7 +526,7 @@ class QuantConv:
             if isinstance(rhs, QArray):  # served: conv kernels are small, dequantize it
                 check_served_weight(r, rhs)
                 rhs, r = rhs.dequantize(), r.replace(weight=None, grad=None)
-            return conv_general_dilated(
+            args = (
                 lhs,
                 rhs,
                 window_strides,
@@ -478,7 +538,12 @@ class QuantConv:
                 batch_group_count,
                 precision,
                 preferred_element_type,
-                **_spec_kwargs(r),  # conv rules are stateless: ste is plain or clipped
+            )
+            return gated(
+                self.path,
+                # conv rules are stateless: ste is plain or clipped
+                lambda: conv_general_dilated(*args, **_spec_kwargs(r)),
+                lambda: jax.lax.conv_general_dilated(*args),  # unquantized (sensitivity)
             )
 
 

@@ -45,7 +45,9 @@ or 4 bytes per element for float and for rules that leave the weight in float.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -56,10 +58,12 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx as flax_nnx
 
 from jaxquant._src.checks import describe
+from jaxquant._src.flax import act_transform
 from jaxquant._src.flax.calibrate import (
     Static,
     check_call_kwargs,
@@ -71,7 +75,13 @@ from jaxquant._src.flax.calibrate import (
 from jaxquant._src.flax.intercept import Contraction
 from jaxquant._src.flax.linen import quantize_linen, report_linen
 from jaxquant._src.flax.nnx import probed_contractions, quantize_nnx
-from jaxquant._src.flax.rules import Rule, as_rules, deterministic_rule, path_str
+from jaxquant._src.flax.rules import (
+    Rule,
+    as_rules,
+    deterministic_rule,
+    layer_gates,
+    path_str,
+)
 from jaxquant._src.quantize import quantize
 from jaxquant._src.spec import QuantSpec
 from jaxquant._src.types import PyTree
@@ -323,6 +333,16 @@ def sensitivity(
     model's. Each candidate is also measured with every considered layer quantized. The
     model is never modified (NNX: each trial runs on ``nnx.clone(model)``).
 
+    Compiled once per candidate, not once per layer and candidate: the model is traced with
+    every considered layer quantized, and each layer's product takes the quantized or the
+    float result by a traced flag, so a trial is a call with other flags (each product is
+    computed both ways, which costs little beside a compilation of the whole model). The
+    values are those of a model quantized at that layer alone (bit for bit on the tested
+    models at XLA's default optimization; a float op XLA fuses differently in the two
+    programs may round differently under other settings). Models whose layers
+    apply online activation transforms (``variables["ptq"]``, NNX ``ptq_*`` variables) are
+    compiled per trial instead.
+
     Candidates are evaluated as post-training quantization: stochastic rounding is
     replaced by round-to-nearest; rules with state (``scaling="delayed"``,
     ``ste="lsq"``) are rejected. The model is called as ``model.apply(variables, x,
@@ -428,7 +448,20 @@ def sensitivity(
     paths = _select(layers, [p for p, _ in found])
     modules = dict(found)
 
-    ev = _Evaluator(runner, batches, stats_fn, higher, metric if callable(metric) else None)
+    ev = _Evaluator(
+        runner, batches, stats_fn, higher, metric if callable(metric) else None, tuple(paths)
+    )
+    # One compilation per candidate: every considered layer quantized, each trial choosing
+    # by traced gates which layers take the quantized product (rules.layer_gates). Not
+    # where layers carry online activation transforms (a layer no rule matches would run
+    # without them, a gated one with them).
+    gate = runner.gateable()
+    every = {cname: tuple(_at(t, p) for p in paths) for cname, t in templates.items()}
+
+    def trial(cname: str, on: tuple[str, ...]) -> tuple[float, float, float]:
+        if gate:
+            return ev.trial(every[cname], frozenset(on))
+        return ev.trial(tuple(_at(templates[cname], p) for p in on))
 
     out_layers = []
     for path in paths:
@@ -439,15 +472,15 @@ def sensitivity(
         noise = {FLOAT: 0.0}
         for cname, t in templates.items():
             nbytes[cname] = _weight_bytes(kernel, t.weight, cname, path)
-            metrics[cname], damages[cname], noise[cname] = ev.trial((_at(t, path),))
+            metrics[cname], damages[cname], noise[cname] = trial(cname, (path,))
         out_layers.append(
             LayerSensitivity(
                 path, modules[path], tuple(kernel.shape), metrics, damages, nbytes, noise
             )
         )
     all_metric, all_damage = {}, {}
-    for cname, t in templates.items():
-        all_metric[cname], all_damage[cname], _ = ev.trial(tuple(_at(t, p) for p in paths))
+    for cname in templates:
+        all_metric[cname], all_damage[cname], _ = trial(cname, tuple(paths))
     return Sensitivity(
         metric=name,
         higher_is_better=higher,
@@ -699,12 +732,15 @@ class _Evaluator:
         stats_fn: _Stats,
         higher: bool,
         metric_fn: Callable[[Any, Any], Any] | None,
+        paths: tuple[str, ...] = (),
     ) -> None:
         self.runner, self.batches, self.higher = runner, batches, higher
+        self.paths = paths  # the considered layers: the gates of a gated trial
         self.stats_fn, self.metric_fn = stats_fn, metric_fn
         self.needs_ref = stats_fn is _sqnr_stats
         self.refs: list[Any] = [None] * len(batches)
-        self.cache: dict[tuple[Rule, ...], tuple[float, float, float]] = {}
+        self.cache: dict[Any, tuple[float, float, float]] = {}
+        self.compiled: dict[tuple[Rule, ...], Any] = {}  # gated: one per rule set
         if self.needs_ref:
             fwd = runner.compile(None, lambda out, y, ref: {"out": out, "bad": _nonfinite(out)})
             got = [fwd(b, None) for b in batches]
@@ -725,15 +761,26 @@ class _Evaluator:
             )
         self.baseline = value
 
-    def _run(self, rules: tuple[Rule, ...] | None) -> tuple[dict[str, Any], bool]:
+    def _run(
+        self, rules: tuple[Rule, ...] | None, on: frozenset[str] | None = None
+    ) -> tuple[dict[str, Any], bool]:
         """The metric's sums over all batches (``parts``: per part, ``(sum, count)``), and
-        whether any output was not finite."""
+        whether any output was not finite. ``on``: the model of ``rules`` compiled once with
+        gates, only the layers in ``on`` quantized."""
         stats_fn = self.stats_fn
 
         def post(out: Any, y: Any, ref: Any) -> dict[str, Any]:
             return {"stats": stats_fn(out, y, ref), "bad": _nonfinite(out)}
 
-        fwd = self.runner.compile(rules, post)
+        if on is None:
+            fwd = self.runner.compile(rules, post)
+        else:
+            assert rules is not None
+            if rules not in self.compiled:
+                self.compiled[rules] = self.runner.compile(rules, post, gated=True)
+            gated = self.compiled[rules]
+            gates = {p: np.bool_(p in on) for p in self.paths}  # traced: no recompilation
+            fwd = functools.partial(_call_gated, gated, gates)
         totals: dict[str, Any] = {}
         parts: list[tuple[float, float]] = []
         bad = False
@@ -754,14 +801,19 @@ class _Evaluator:
         totals["parts"] = parts
         return totals, bad
 
-    def trial(self, rules: tuple[Rule, ...]) -> tuple[float, float, float]:
-        """(metric, damage, noise) of the model quantized by ``rules`` (each set run once)."""
-        if rules not in self.cache:
-            self.cache[rules] = self._trial(rules)
-        return self.cache[rules]
+    def trial(
+        self, rules: tuple[Rule, ...], on: frozenset[str] | None = None
+    ) -> tuple[float, float, float]:
+        """(metric, damage, noise) of the model quantized by ``rules`` (each set run once);
+        ``on``: only those layers of ``rules``' model quantized, through gates."""
+        if (rules, on) not in self.cache:
+            self.cache[rules, on] = self._trial(rules, on)
+        return self.cache[rules, on]
 
-    def _trial(self, rules: tuple[Rule, ...]) -> tuple[float, float, float]:
-        t, bad = self._run(rules)
+    def _trial(
+        self, rules: tuple[Rule, ...], on: frozenset[str] | None = None
+    ) -> tuple[float, float, float]:
+        t, bad = self._run(rules, on)
         if self.needs_ref:
             sig, noise = t["signal"], t["noise"]
             if bad or math.isnan(noise):
@@ -854,19 +906,38 @@ class _LinenRunner:
             ) from None
         return jax.ShapeDtypeStruct(tuple(k.shape), k.dtype)
 
-    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats) -> _Forward:
+    def gateable(self) -> bool:
+        """Whether trials may share one compilation through gates (no layer applies an
+        online activation transform)."""
+        get = getattr(self.variables, "get", None)
+        return get is None or not get(act_transform.COLLECTION)
+
+    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats, gated: bool = False) -> Any:
+        """The jitted forward and ``post`` of the model quantized by ``rules``:
+        ``fwd(batch, ref)``, or with ``gated``, ``fwd(batch, ref, gates)``."""
         m = self.model if rules is None else quantize_linen(self.model, as_rules(rules), True)
-        jitted = jax.jit(
-            lambda v, a, static, y, ref: post(self._apply(m, v, a, static), y, ref),
-            static_argnums=2,
-        )
+
+        def run(v: PyTree, a: Any, static: Static, y: Any, ref: Any, gates: Any) -> Any:
+            with _gates(gates):
+                return post(self._apply(m, v, a, static), y, ref)
+
+        jitted = jax.jit(run, static_argnums=2)
         variables = self.variables
 
-        def fwd(b: _Batch, ref: Any) -> Any:
+        def fwd(b: _Batch, ref: Any, gates: Any = None) -> Any:
             with explain_collections("sensitivity"):
-                return jitted(variables, b.arrays, b.static, b.y, ref)
+                return jitted(variables, b.arrays, b.static, b.y, ref, gates)
 
         return fwd
+
+
+def _call_gated(gated: Any, gates: dict[str, Any], b: _Batch, ref: Any) -> Any:
+    return gated(b, ref, gates)
+
+
+def _gates(gates: Any) -> Any:
+    """:func:`~jaxquant._src.flax.rules.layer_gates` for a gated trial, else nothing."""
+    return contextlib.nullcontext() if gates is None else layer_gates(gates)
 
 
 def _weights(found: Sequence[Contraction]) -> dict[str, tuple[str | None, tuple[int, ...]]]:
@@ -893,11 +964,11 @@ class _NnxRunner:
         graphdef, state = flax_nnx.split(probe)
         call_kwargs = self.call_kwargs
 
-        def run(st: PyTree, arrays: list[Any]) -> Any:
+        def probe_call(st: PyTree, arrays: list[Any]) -> Any:
             x, kwargs = join_call(arrays, batch.static)
             return flax_nnx.merge(graphdef, st)(x, **call_kwargs, **kwargs)
 
-        jax.eval_shape(run, state, batch.arrays)
+        jax.eval_shape(probe_call, state, batch.arrays)
         found = probed_contractions(probe)
         self.weights = _weights(found)
         out: dict[str, str] = {}
@@ -920,19 +991,29 @@ class _NnxRunner:
                 return jax.ShapeDtypeStruct(tuple(k.shape), k.dtype)
         raise ValueError(f"sensitivity: no quantizable layer {path!r} in the NNX model.")
 
-    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats) -> _Forward:
+    def gateable(self) -> bool:
+        """Whether trials may share one compilation through gates (no layer applies an
+        online activation transform)."""
+        return all(
+            act_transform.of_nnx(node) is None for _, node in flax_nnx.iter_graph(self.model)
+        )
+
+    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats, gated: bool = False) -> Any:
+        """As :meth:`_LinenRunner.compile`."""
         m = flax_nnx.clone(self.model)  # never touch the caller's model
         if rules is not None:
             quantize_nnx(m, as_rules(rules), True)
         graphdef, state = flax_nnx.split(m)
         call_kwargs = self.call_kwargs
 
-        def run(st: PyTree, arrays: list[Any], static: Static, y: Any, ref: Any) -> Any:
+        def run(st: PyTree, arrays: list[Any], static: Static, y: Any, ref: Any, gates: Any) -> Any:
             x, kwargs = join_call(arrays, static)
-            return post(flax_nnx.merge(graphdef, st)(x, **call_kwargs, **kwargs), y, ref)
+            with _gates(gates):
+                out = flax_nnx.merge(graphdef, st)(x, **call_kwargs, **kwargs)
+            return post(out, y, ref)
 
         jitted = jax.jit(run, static_argnums=2)
-        return lambda b, ref: jitted(state, b.arrays, b.static, b.y, ref)
+        return lambda b, ref, gates=None: jitted(state, b.arrays, b.static, b.y, ref, gates)
 
 
 # ---------------------------------------------------------------------- mixed precision
