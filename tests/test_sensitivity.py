@@ -3,7 +3,7 @@
 A Linen MLP 64-64-64-10 trained 300 Adam steps on scikit-learn's digits, and the same MLP
 in NNX with the Linen weights copied in (module-scoped fixtures; training and each
 sensitivity run take a few seconds on 2 CPU cores). The test set, 597 images, is split
-into 3 batches of 199 (one compile per trial).
+into 3 batches of 199 (one compilation per candidate).
 """
 
 import dataclasses
@@ -21,6 +21,8 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
+from jaxquant._src.flax.act_transform import PTQVariable
+from jaxquant._src.flax.rules import layer_gates
 from jaxquant._src.flax.sensitivity import (
     Assignment,
     LayerSensitivity,
@@ -216,11 +218,22 @@ def test_one_compilation_per_candidate_and_the_per_layer_values(
     assert gated == per_layer
 
 
-def test_online_transforms_take_a_model_per_layer(linen):
+def test_a_gate_no_product_takes_is_an_error():
+    # a layer whose product bypassed the gate would be quantized in every trial, silently
+    with pytest.raises(ValueError, match=r"\['nowhere'\] were never applied"):
+        with layer_gates({"nowhere": True}):
+            pass
+
+
+def test_online_transforms_take_a_model_per_layer(linen, nnx_model):
     _, variables = linen
     assert S._LinenRunner(linen[0], variables, {}).gateable()
     smoothed = {**variables, "ptq": {"Dense_1": {"smooth": jnp.ones(64)}}}
     assert not S._LinenRunner(linen[0], smoothed, {}).gateable()
+    assert S._NnxRunner(nnx_model, {}).gateable()
+    m = nnx.clone(nnx_model)
+    m.Dense_1.ptq_smooth = PTQVariable(jnp.ones(64))
+    assert not S._NnxRunner(m, {}).gateable()
 
 
 @pytest.mark.slow

@@ -237,7 +237,7 @@ _SHAPE_MISFITS = ("does not divide", "multiple of", "not a multiple")
 # trial a call with other gates. Each gated product computes both results and selects one,
 # exactly the float product (the layer unquantized) or the quantized one.
 
-_GATES: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+_GATES: contextvars.ContextVar[tuple[Mapping[str, Any], set[str]] | None] = contextvars.ContextVar(
     "jaxquant_layer_gates", default=None
 )
 
@@ -246,19 +246,33 @@ _GATES: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVa
 def layer_gates(gates: Mapping[str, Any]) -> Iterator[None]:
     """While tracing inside: the product of a layer at a path in ``gates`` (a traced or
     concrete boolean scalar per path) is the quantized one where its gate is true and the
-    float one where it is false; other layers are as their rules say."""
-    token = _GATES.set(gates)
+    float one where it is false; other layers are as their rules say.
+
+    Raises:
+      ValueError: on exit, a gated path none of whose products took its gate (a product
+        that bypasses :func:`gated` would be quantized in every trial, silently).
+    """
+    used: set[str] = set()
+    token = _GATES.set((gates, used))
     try:
         yield
     finally:
         _GATES.reset(token)
+    missed = sorted(set(gates) - used)
+    if missed:
+        raise ValueError(
+            f"layer gates {missed} were never applied: no quantized product of those layers "
+            "was traced through jaxquant's gate."
+        )
 
 
 def gated(path: str, quantized: Callable[[], Any], original: Callable[[], Any]) -> Any:
     """``quantized()``, or ``where(gate, quantized(), original())`` for a gated ``path``."""
-    gates = _GATES.get()
-    if gates is None or path not in gates:
+    state = _GATES.get()
+    if state is None or path not in state[0]:
         return quantized()
+    gates, used = state
+    used.add(path)
     on = gates[path]
     return jax.tree.map(lambda q, f: jnp.where(on, q, f), quantized(), original())
 

@@ -637,8 +637,9 @@ def _batches(data: Any, call_kwargs: Mapping[str, Any]) -> list[_Batch]:
 # ---------------------------------------------------------------------------- metrics
 
 _Stats = Callable[[Any, Any, Any], dict[str, Any]]  # (outputs, y, ref) -> sums
-# one batch's run of a compiled model: (batch, the float model's outputs or None) -> post's
-_Forward = Callable[["_Batch", Any], dict[str, Any]]
+# one batch's run of a compiled model: (batch, the float model's outputs or None, and
+# optionally gates=) -> post's
+_Forward = Callable[..., dict[str, Any]]
 
 
 def _metric(metric: Any, higher_is_better: bool | None) -> tuple[str, bool, _Stats]:
@@ -740,7 +741,7 @@ class _Evaluator:
         self.needs_ref = stats_fn is _sqnr_stats
         self.refs: list[Any] = [None] * len(batches)
         self.cache: dict[Any, tuple[float, float, float]] = {}
-        self.compiled: dict[tuple[Rule, ...], Any] = {}  # gated: one per rule set
+        self.compiled: dict[tuple[Rule, ...], _Forward] = {}  # gated: one per rule set
         if self.needs_ref:
             fwd = runner.compile(None, lambda out, y, ref: {"out": out, "bad": _nonfinite(out)})
             got = [fwd(b, None) for b in batches]
@@ -777,10 +778,9 @@ class _Evaluator:
         else:
             assert rules is not None
             if rules not in self.compiled:
-                self.compiled[rules] = self.runner.compile(rules, post, gated=True)
-            gated = self.compiled[rules]
+                self.compiled[rules] = self.runner.compile(rules, post)
             gates = {p: np.bool_(p in on) for p in self.paths}  # traced: no recompilation
-            fwd = functools.partial(_call_gated, gated, gates)
+            fwd = functools.partial(self.compiled[rules], gates=gates)
         totals: dict[str, Any] = {}
         parts: list[tuple[float, float]] = []
         bad = False
@@ -912,9 +912,9 @@ class _LinenRunner:
         get = getattr(self.variables, "get", None)
         return get is None or not get(act_transform.COLLECTION)
 
-    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats, gated: bool = False) -> Any:
+    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats) -> _Forward:
         """The jitted forward and ``post`` of the model quantized by ``rules``:
-        ``fwd(batch, ref)``, or with ``gated``, ``fwd(batch, ref, gates)``."""
+        ``fwd(batch, ref, gates=None)``, ``gates`` as :func:`layer_gates` takes them."""
         m = self.model if rules is None else quantize_linen(self.model, as_rules(rules), True)
 
         def run(v: PyTree, a: Any, static: Static, y: Any, ref: Any, gates: Any) -> Any:
@@ -929,10 +929,6 @@ class _LinenRunner:
                 return jitted(variables, b.arrays, b.static, b.y, ref, gates)
 
         return fwd
-
-
-def _call_gated(gated: Any, gates: dict[str, Any], b: _Batch, ref: Any) -> Any:
-    return gated(b, ref, gates)
 
 
 def _gates(gates: Any) -> Any:
@@ -998,7 +994,7 @@ class _NnxRunner:
             act_transform.of_nnx(node) is None for _, node in flax_nnx.iter_graph(self.model)
         )
 
-    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats, gated: bool = False) -> Any:
+    def compile(self, rules: tuple[Rule, ...] | None, post: _Stats) -> _Forward:
         """As :meth:`_LinenRunner.compile`."""
         m = flax_nnx.clone(self.model)  # never touch the caller's model
         if rules is not None:
